@@ -1,0 +1,66 @@
+"""Shared test fixtures: the golden nanochat fixtures and tiny fresh base dirs."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def golden_dir():
+    """nanochat's golden fixtures: $NANOCHAT_FIXTURES, else ../shared/fixtures/nanochat_d2."""
+    path = os.environ.get("NANOCHAT_FIXTURES") or os.path.join(REPO, "..", "shared", "fixtures", "nanochat_d2")
+    return os.path.abspath(path)
+
+
+@pytest.fixture(scope="session")
+def golden():
+    path = golden_dir()
+    if not os.path.isfile(os.path.join(path, "golden.json")):
+        pytest.fail(f"golden fixtures not found at {path}: set NANOCHAT_FIXTURES to shared/fixtures/nanochat_d2")
+    return path
+
+
+def make_tiny_base(base_dir, depth=2, n_embd=32, n_head=2, sequence_len=128, seed=0, zero_out=False):
+    import model
+
+    model.fresh_base(str(base_dir), depth=depth, sequence_len=sequence_len, n_embd=n_embd,
+                     n_head=n_head, seed=seed, zero_out=zero_out)
+    return str(base_dir)
+
+
+@pytest.fixture
+def tiny_base(tmp_path, monkeypatch):
+    """A fresh nanochat base dir (byte tokenizer, random d2 model) as $NANOCHAT_BASE_DIR."""
+    base = make_tiny_base(tmp_path / "base")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", base)
+    return base
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(script_args, nproc=2, env=None, timeout=240, cwd=REPO):
+    """Run `torchrun --nproc_per_node=nproc` on CPU (gloo) and return the completed process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}"] + list(script_args)
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, **(env or {}))
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def run_python(script_args, env=None, timeout=240, cwd=REPO, check=True):
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, **(env or {}))
+    proc = subprocess.run([sys.executable] + list(script_args), cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"python failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc

@@ -1,0 +1,332 @@
+"""model.py against nanochat's golden fixtures, plus the pieces Chimera adds."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model
+from conftest import REPO, make_tiny_base, run_python, run_torchrun
+from common import UserError
+from model import Engine, GPT, GPTConfig, SPECIAL_TOKENS, load_model, save_checkpoint, use_calculator
+
+
+@pytest.fixture(scope="module")
+def gold(golden):
+    with open(os.path.join(golden, "golden.json")) as f:
+        g = json.load(f)
+    tensors = torch.load(os.path.join(golden, "golden_tensors.pt"), weights_only=True)
+    m, tok, meta = load_model("base", "cpu", "eval", base_dir=golden)
+    return g, tensors, m, tok, meta
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+
+def test_encode_and_special_tokens_match_nanochat(gold):
+    g, _, _, tok, _ = gold
+    for case in g["encode"]:
+        assert tok.encode(case["text"]) == case["ids"], case["text"]
+    assert {t: tok.encode_special(t) for t in SPECIAL_TOKENS} == g["special_tokens"]
+    assert tok.get_vocab_size() == g["vocab_size"]
+    assert tok.get_bos_token_id() == g["special_tokens"]["<|bos|>"]
+    # special-token strings inside text are plain text, not specials
+    assert g["special_tokens"]["<|bos|>"] not in tok.encode("<|bos|>")
+    assert tok.decode(tok.encode("Unicode: café 你好")) == "Unicode: café 你好"
+
+
+def test_render_conversation_matches_nanochat(gold):
+    g, _, _, tok, _ = gold
+    for case in g["render_conversation"]:
+        ids, mask = tok.render_conversation(case["conversation"])
+        assert ids == case["ids"]
+        assert mask == case["mask"]
+    case = g["render_conversation_truncated"]
+    assert tok.render_conversation(case["conversation"], max_tokens=case["max_tokens"]) == (case["ids"], case["mask"])
+    case = g["render_for_completion"]
+    assert tok.render_for_completion(case["conversation"]) == case["ids"]
+
+
+@pytest.mark.parametrize("conversation, message", [
+    ({"messages": []}, "no messages"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "expected 'user'"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "expected 'assistant'"),
+    ({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "x"}]}, "followed by a user"),
+    ({"messages": [{"role": "user", "content": "a"},
+                   {"role": "assistant", "content": [{"type": "image", "text": "x"}]}]}, "unknown part type"),
+    ({"messages": [{"role": "user", "content": ["not", "a", "string"]}]}, "must be a string"),
+])
+def test_bad_conversations_raise_value_error(gold, conversation, message):
+    tok = gold[3]
+    with pytest.raises(ValueError, match=message):
+        tok.render_conversation(conversation)
+
+
+def test_hostile_tokenizer_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    tok_dir = tmp_path / "tokenizer"
+    tok_dir.mkdir()
+    (tok_dir / "tokenizer.pkl").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(UserError, match="refusing to load"):
+        model.Tokenizer.from_directory(str(tok_dir))
+    assert not marker.exists()
+    # an Encoding whose state smuggles in another object is refused too
+    (tok_dir / "tokenizer.pkl").write_bytes(pickle.dumps({"not": "an encoding"}))
+    with pytest.raises(UserError, match="tiktoken Encoding"):
+        model.Tokenizer.from_directory(str(tok_dir))
+
+
+# -----------------------------------------------------------------------------
+# Model numerics
+
+
+def test_logits_and_loss_match_nanochat_bit_for_bit(gold):
+    g, t, m, _, _ = gold
+    with torch.no_grad():
+        logits = m(t["x"])
+        assert torch.equal(logits, t["logits"])
+        assert torch.allclose(m(t["x"], t["y"], loss_reduction="none"), t["loss_none"], atol=1e-6)
+        assert m(t["x"], t["y"]).item() == pytest.approx(g["loss_mean"], abs=1e-6)
+
+
+def test_greedy_decoding_matches_nanochat(gold):
+    g, _, m, tok, _ = gold
+    case = g["greedy"]
+    ids = list(case["prompt_ids"])
+    with torch.no_grad():
+        for _ in range(case["max_tokens"]):
+            ids.append(m(torch.tensor([ids]))[0, -1].argmax().item())
+    assert ids[len(case["prompt_ids"]):] == case["naive_generated"]
+    engine = Engine(m, tok)
+    got = [col[0] for col, _ in engine.generate(case["prompt_ids"], max_tokens=case["max_tokens"], temperature=0.0)]
+    assert got == case["engine_generated"]  # stops after <|assistant_end|>, which is yielded
+    seqs, _ = engine.generate_batch(case["prompt_ids"], num_samples=3, max_tokens=case["max_tokens"], temperature=0.0)
+    assert all(s[len(case["prompt_ids"]):] == case["engine_generated"][:-1] for s in seqs)
+
+
+def test_chunked_logprobs_equal_plain_path_values_and_gradients():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=64))
+    m.init_weights(zero_out=False)
+    x = torch.randint(0, 300, (3, 40))
+    y = torch.randint(0, 300, (3, 40))
+    y[0, :10] = -1
+    y[2, 25:] = -1
+
+    plain = -m(x, y, loss_reduction="none").view(3, 40)
+    plain = plain.masked_fill(y == -1, 0.0)
+    (plain * torch.linspace(0.5, 1.5, 40)).sum().backward()
+    plain_grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+
+    chunked = m.token_logprobs(x, y, chunk_numel=300 * 7)  # 7 rows a chunk: many chunks
+    (chunked * torch.linspace(0.5, 1.5, 40)).sum().backward()
+    assert torch.allclose(chunked, plain, atol=1e-5)
+    assert (chunked[y == -1] == 0).all()
+    for name, p in m.named_parameters():
+        assert torch.allclose(p.grad, plain_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(sequence_len=64, vocab_size=100, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)).eval()
+    m.init_weights(zero_out=False)
+    ids = torch.randint(0, 100, (1, 20))
+    full = m(ids)
+    kv = model.KVCache(1, 2, 8, 2, 32, "cpu", torch.float32)
+    with torch.no_grad():
+        part = torch.cat([m(ids[:, :12], kv_cache=kv), m(ids[:, 12:15], kv_cache=kv),
+                          m(ids[:, 15:16], kv_cache=kv), m(ids[:, 16:], kv_cache=kv)], dim=1)
+    assert torch.allclose(part, full, atol=1e-5)
+
+
+def test_sampling_is_seeded_and_respects_top_k(gold):
+    _, _, m, tok, _ = gold
+    prompt = gold[0]["greedy"]["prompt_ids"]
+    engine = Engine(m, tok)
+    a, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=8, temperature=1.0, top_k=5, seed=3)
+    b, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=8, temperature=1.0, top_k=5, seed=3)
+    assert a == b
+    with torch.no_grad():
+        top5 = set(m(torch.tensor([prompt]))[0, -1].topk(5).indices.tolist())
+    assert {s[len(prompt)] for s in a} <= top5
+
+
+# -----------------------------------------------------------------------------
+# Calculator tool
+
+
+def test_calculator_does_arithmetic_and_nothing_else():
+    assert use_calculator("12*7") == 84
+    assert use_calculator("1,200 + 34") == 1234
+    assert use_calculator("48/2") == 24 and str(use_calculator("48/2")) == "24"
+    assert use_calculator("(3 - 5) * 2.5") == -5
+    assert use_calculator("1/0") is None
+    assert use_calculator("2**10") is None  # powers can take forever: refused
+    assert use_calculator("__import__('os').system('true')") is None
+    assert use_calculator("open('x')") is None
+    assert use_calculator("9" * 400) is None
+
+
+def test_engine_runs_the_calculator_and_forces_its_output(gold):
+    _, _, _, tok, _ = gold
+    sp = tok.encode_special
+    script = [sp("<|python_start|>")] + tok.encode("6*7") + [sp("<|python_end|>")]
+
+    class Scripted(torch.nn.Module):
+        """Emits `script`, then <|assistant_end|>, whatever the input."""
+        config = GPTConfig(sequence_len=64, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=1, n_kv_head=1, n_embd=8)
+        cos = torch.zeros(1, 640, 1, 4)
+
+        def __init__(self):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(1, 1)
+            self.emitted = 0
+
+        def get_device(self):
+            return torch.device("cpu")
+
+        def forward(self, ids, kv_cache=None):
+            kv_cache.advance(ids.size(1))
+            nxt = script[self.emitted] if self.emitted < len(script) else sp("<|assistant_end|>")
+            self.emitted += 1
+            logits = torch.full((ids.size(0), ids.size(1), self.config.vocab_size), -1e9)
+            logits[:, -1, nxt] = 0.0
+            return logits
+
+    seqs, masks = Engine(Scripted(), tok).generate_batch([tok.get_bos_token_id()], max_tokens=40, temperature=0.0)
+    out = seqs[0][1:]
+    forced = [sp("<|output_start|>")] + tok.encode("42") + [sp("<|output_end|>")]
+    assert out[:len(script)] == script
+    assert out[len(script):len(script) + len(forced)] == forced
+    assert masks[0][1 + len(script):1 + len(script) + len(forced)] == [0] * len(forced)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+def test_save_load_round_trip_with_bf16_and_orig_mod_prefix(tmp_path):
+    base = make_tiny_base(tmp_path)
+    m, tok, meta = load_model("base", "cpu", "train", base_dir=base)
+    sd = {"_orig_mod." + k: v for k, v in m.state_dict().items()}
+    sd["_orig_mod.transformer.wte.weight"] = sd["_orig_mod.transformer.wte.weight"].bfloat16()
+    ckpt = os.path.join(base, "chatsft_checkpoints", "d2")
+    save_checkpoint(ckpt, 5, sd, None, dict(meta, step=5))
+    save_checkpoint(ckpt, 12, sd, None, dict(meta, step=12))
+    m2, tok2, meta2 = load_model("sft", "cpu", "eval", base_dir=base)
+    assert meta2["step"] == 12 and not m2.training
+    assert m2.transformer.wte.weight.dtype == torch.float32
+    assert torch.equal(m2.transformer.wte.weight, m.transformer.wte.weight.bfloat16().float())
+    assert torch.equal(m2.lm_head.weight, m.lm_head.weight)
+    assert load_model("sft", "cpu", "eval", step=5, base_dir=base)[2]["step"] == 5
+    x = torch.randint(0, tok.get_vocab_size(), (1, 10))
+    assert torch.allclose(m2(x), load_model("sft", "cpu", "eval", base_dir=base)[0](x))
+
+
+def test_load_errors_are_one_clear_line(tmp_path):
+    base = make_tiny_base(tmp_path)
+    with pytest.raises(UserError, match="no such checkpoint directory"):
+        load_model("mid", "cpu", "eval", base_dir=base)
+    with pytest.raises(UserError, match="no checkpoint for step 7"):
+        load_model("base", "cpu", "eval", step=7, base_dir=base)
+    with pytest.raises(UserError, match="unknown checkpoint source"):
+        load_model("nope", "cpu", "eval", base_dir=base)
+    meta_path = os.path.join(base, "base_checkpoints", "d2", "meta_000000.json")
+    meta = json.load(open(meta_path))
+    meta["model_config"]["vocab_size"] = 999
+    json.dump(meta, open(meta_path, "w"))
+    with pytest.raises(UserError, match="vocab_size is 999"):
+        load_model("base", "cpu", "eval", base_dir=base)
+    # the message is a single line
+    try:
+        load_model("base", "cpu", "eval", base_dir=base)
+    except UserError as e:
+        assert "\n" not in str(e)
+
+
+def test_largest_depth_tag_is_the_default(tmp_path):
+    base = make_tiny_base(tmp_path, depth=2)
+    make_tiny_base(tmp_path, depth=3)
+    m, _, meta = load_model("base", "cpu", "eval", base_dir=base)
+    assert meta["model_config"]["n_layer"] == 3
+    assert load_model("base", "cpu", "eval", model_tag="d2", base_dir=base)[2]["model_config"]["n_layer"] == 2
+
+
+KILL_DURING_SAVE = r"""
+import os, signal, sys, torch
+import model
+base = sys.argv[1]
+m, tok, meta = model.load_model("base", "cpu", "train", base_dir=base)
+real_save = torch.save
+def dying_save(obj, f, *a, **k):
+    real_save(obj, f, *a, **k)
+    f.flush()
+    f.truncate(f.tell() // 2)   # half a file on disk...
+    os.kill(os.getpid(), signal.SIGKILL)  # ...and the process dies mid-save
+torch.save = dying_save
+model.save_checkpoint(os.path.join(base, "base_checkpoints", "d2"), 1, m.state_dict(), None, dict(meta, step=1))
+"""
+
+
+def test_process_killed_mid_save_leaves_previous_checkpoint_latest(tmp_path):
+    base = make_tiny_base(tmp_path)
+    proc = run_python(["-c", KILL_DURING_SAVE, base], check=False)
+    assert proc.returncode == -signal.SIGKILL
+    ckpt = os.path.join(base, "base_checkpoints", "d2")
+    assert not os.path.exists(os.path.join(ckpt, "model_000001.pt"))
+    _, _, meta = load_model("base", "cpu", "eval", base_dir=base)
+    assert meta["step"] == 0
+
+
+# -----------------------------------------------------------------------------
+# Optimizers
+
+
+def test_setup_optimizers_groups_and_lrs():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(sequence_len=16, vocab_size=50, n_layer=2, n_head=2, n_kv_head=2, n_embd=192))
+    m.init_weights()
+    adamw, muon = m.setup_optimizers()
+    scale = (192 / 768) ** -0.5
+    assert [g["lr"] for g in adamw.param_groups] == pytest.approx([0.004 * scale, 0.2 * scale])
+    assert adamw.param_groups[0]["params"][0] is m.lm_head.weight
+    assert adamw.defaults["betas"] == (0.8, 0.95) and adamw.defaults["eps"] == 1e-10
+    assert len(muon.param_groups[0]["params"]) == 2 * 6
+    assert all(g["initial_lr"] == g["lr"] for opt in (adamw, muon) for g in opt.param_groups)
+
+
+def test_newton_schulz_orthogonalises():
+    G = torch.randn(48, 16)
+    X = model.newton_schulz5(G).float()
+    s = torch.linalg.svdvals(X)
+    assert X.shape == G.shape
+    assert s.min() > 0.5 and s.max() < 1.3  # all singular values pushed close to 1
+
+
+def test_two_processes_step_like_one(tmp_path):
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    run_python([os.path.join(REPO, "tests", "dist_optim_step.py"), str(one)])
+    run_torchrun([os.path.join(REPO, "tests", "dist_optim_step.py"), str(two)], nproc=2)
+    a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+    for name in a["grads"]:
+        assert torch.allclose(a["grads"][name], b["grads"][name], atol=1e-6, rtol=1e-5), name
+    for name, p in a["params"].items():
+        # Adam's g/sqrt(v) and Muon's bf16 Newton-Schulz amplify float-summation noise in
+        # tiny gradients, so compare the two runs' updates relative to the update itself
+        # (about 1-2% for Muon's matrices, 2e-4 for AdamW's; a rank that skips the sync is off by ~90%)
+        update = (p - a["initial"][name]).norm()
+        assert update > 0, name
+        tolerance = 5e-2 if ".h." in name else 2e-3
+        assert (p - b["params"][name]).norm() / update < tolerance, name
