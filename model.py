@@ -208,14 +208,17 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------
     # Per-token log-probs without materialising [B, T, V] float32 logits
 
-    def token_logprobs(self, idx, targets, chunk_numel=1 << 25):
+    def token_logprobs(self, idx, targets, chunk_numel=None):
         """log p(target) per position, [B, T] float32, 0 where the target is -1.
 
         Only positions with a target reach the lm_head, and they go through it in chunks
-        of about `chunk_numel` logits; each chunk is recomputed in backward (activation
-        checkpointing), so peak memory holds one chunk of logits instead of B*T*V. This
-        is the "fused cross-entropy" that SFT, DPO and eval share.
+        of about `chunk_numel` logits (default 16M on CPU, 128M on CUDA where bigger matmuls
+        pay); each chunk is recomputed in backward (activation checkpointing), so peak
+        memory holds one chunk of logits instead of B*T*V. This is the "fused
+        cross-entropy" that SFT, DPO and eval share.
         """
+        if chunk_numel is None:
+            chunk_numel = 1 << (27 if idx.device.type == "cuda" else 24)
         h = self.hidden_states(idx)
         flat_targets = targets.reshape(-1)
         rows = (flat_targets != -1).nonzero().squeeze(1)
