@@ -314,6 +314,13 @@ def shard(items, rank, world_size):
 # Training-loop pieces shared by SFT and DPO
 
 
+def step_rows(step, examples_per_step, num_rows, rank, world_size):
+    """The rows this rank trains on at `step`: the step's slice of the (cycled) training
+    order, dealt round-robin across ranks, so the global batch is the same for any N."""
+    start = step * examples_per_step
+    return [(start + i) % num_rows for i in range(rank, examples_per_step, world_size)]
+
+
 def linear_decay(step, num_iterations):
     """nanochat's SFT schedule: the lr multiplier falls linearly from 1 to 0 over the run."""
     return 1.0 - step / max(1, num_iterations)

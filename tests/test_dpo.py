@@ -1,0 +1,212 @@
+"""dpo.py: the loss, sequence log-probs, training, the reference cache, 1 vs 2 processes."""
+
+import json
+import math
+import os
+import random
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dpo
+from common import UserError
+from conftest import REPO, make_tiny_base, run_python, run_torchrun
+from model import GPT, GPTConfig, load_model, save_checkpoint
+
+TOPICS = ["stops", "sizing", "leverage", "hype", "journals", "drawdowns", "options", "fees", "crypto", "news"]
+
+
+def pairs(n, seed=0):
+    """Disciplined (chosen) vs reckless (rejected) answers: a pattern a tiny model can learn
+    from some pairs and recognise in held-out ones."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        topic = rng.choice(TOPICS)
+        out.append({"prompt": f"#{i} what about {topic}?",
+                    "chosen": f"Risk first: on {topic}, size so the stop costs 1%.",
+                    "rejected": f"Go all in on {topic} now, it will moon for sure!"})
+    return out
+
+
+def write_jsonl(path, records):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def make_sft_base(base_dir, n_pairs=96):
+    """A tiny base copied to chatsft_checkpoints (DPO's default source) plus pair data."""
+    base = make_tiny_base(base_dir)
+    m, _, meta = load_model("base", "cpu", "eval", base_dir=base)
+    save_checkpoint(os.path.join(base, "chatsft_checkpoints", "d2"), 0, m.state_dict(), None, meta)
+    write_jsonl(os.path.join(base, "datasets", "trader_dpo_data.jsonl"), pairs(n_pairs))
+    return base
+
+
+@pytest.fixture
+def sft_base(tmp_path, monkeypatch):
+    base = make_sft_base(tmp_path / "base")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", base)
+    return base
+
+
+def run_dpo(monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["dpo.py", *args])
+    dpo.main()
+
+
+FAST = ["--device_batch_size=4", "--target_examples_per_step=8", "--val_fraction=0.2", "--max_length=96"]
+
+
+# -----------------------------------------------------------------------------
+# Pure pieces
+
+
+def test_dpo_loss_matches_hand_computed_values():
+    pc, pr = torch.tensor([-10.0, -20.0]), torch.tensor([-12.0, -15.0])
+    rc, rr = torch.tensor([-11.0, -20.0]), torch.tensor([-11.0, -16.0])
+    # margins of log-ratios: (-10+12) - (-11+11) = 2 ; (-20+15) - (-20+16) = -1
+    losses, cr, rj = dpo.dpo_loss(pc, pr, rc, rr, beta=0.5)
+    assert losses.tolist() == pytest.approx([math.log(1 + math.exp(-1.0)), math.log(1 + math.exp(0.5))])
+    assert cr.tolist() == pytest.approx([0.5, 0.0]) and rj.tolist() == pytest.approx([-0.5, 0.5])
+    ls = dpo.dpo_loss(pc, pr, rc, rr, beta=0.5, label_smoothing=0.1)[0]
+    sig = lambda z: 1 / (1 + math.exp(-z))
+    assert ls[0].item() == pytest.approx(-0.9 * math.log(sig(1.0)) - 0.1 * math.log(sig(-1.0)))
+    ipo = dpo.dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="ipo")[0]
+    assert ipo.tolist() == pytest.approx([(2 - 1) ** 2, (-1 - 1) ** 2])
+
+
+def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
+    logps = torch.tensor([-3.0, -7.5, -1.25])
+    losses, cr, rj = dpo.dpo_loss(logps, logps - 1, logps, logps - 1, beta=0.1)
+    assert losses.tolist() == pytest.approx([math.log(2)] * 3)
+    assert cr.abs().max() == 0 and rj.abs().max() == 0
+
+
+def test_sequence_logps_equals_full_logits_and_hand_masking():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(sequence_len=32, vocab_size=50, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
+    m.init_weights(zero_out=False)
+    x = torch.randint(0, 50, (3, 20))
+    y = torch.randint(0, 50, (3, 20))
+    y[:, :6] = -1
+    y[1, 15:] = -1
+    got = dpo.sequence_logps(m, x, y)
+    got.sum().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    full = F.log_softmax(m(x), dim=-1)  # the plain [B, T, V] path, by hand
+    expected = torch.stack([sum(full[b, t, y[b, t]] for t in range(20) if y[b, t] != -1) for b in range(3)])
+    expected.sum().backward()
+    assert torch.allclose(got, expected, atol=1e-5)
+    for n, p in m.named_parameters():
+        assert torch.allclose(p.grad, grads[n], atol=1e-5), n
+
+
+def test_truncated_pairs_that_become_identical_are_dropped(sft_base):
+    tok = load_model("sft", "cpu", "eval")[1]
+    task = [{"prompt": "x" * 200, "chosen": "risk first", "rejected": "all in"},  # prompt fills max_len
+            {"prompt": "short", "chosen": "risk first", "rejected": "all in"}]
+    kept, dropped = dpo.render_pairs(task, tok, max_len=64)
+    assert (len(kept), dropped) == (1, 1)
+
+
+# -----------------------------------------------------------------------------
+# The training run
+
+
+def test_training_raises_held_out_reward_accuracy_and_margin(sft_base, monkeypatch):
+    run_dpo(monkeypatch, "--num_iterations=12", "--eval_every=-1", "--init_lr_frac=0.5", *FAST)
+    model, _, meta = load_model("dpo", "cpu", "eval")
+    assert meta["step"] == 12 and meta["beta"] == 0.1
+    start = meta["initial_held_out"]
+    assert start["loss"] == pytest.approx(math.log(2), abs=1e-6)  # step 0: policy == reference
+    assert start["rewards/margins"] == 0 and start["rewards/accuracies"] == 0
+    assert meta["val_reward_accuracy"] >= 0.9 and meta["val_reward_margin"] > 0.1
+    assert meta["val_loss"] < math.log(2)
+    lines = [json.loads(l) for l in open(os.path.join(sft_base, "chatdpo_checkpoints", "d2", "metrics.jsonl"))]
+    keys = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+            "logps/chosen", "logps/rejected", "lr", "tokens", "dt_ms"}
+    steps = [l for l in lines if "loss" in l]
+    assert len(steps) == 12 and all(keys <= set(l) for l in steps)
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert [l["step"] for l in lines if "eval/loss" in l] == [0, 12]
+    report = open(os.path.join(sft_base, "report", "chat-dpo.md")).read()
+    assert report.startswith("## Chat DPO\n") and "- Held-out reward accuracy:" in report
+
+
+def test_cached_reference_equals_live_and_is_reused(sft_base, monkeypatch):
+    run_dpo(monkeypatch, "--num_iterations=3", "--eval_every=-1", "--out_tag=live", *FAST)
+    run_dpo(monkeypatch, "--num_iterations=3", "--eval_every=-1", "--out_tag=cached", "--ref_cache=1", *FAST)
+    cache_dir = os.path.join(sft_base, "datasets", "ref_logps")
+    (cache_file,) = os.listdir(cache_dir)
+    live = load_model("dpo", "cpu", "eval", model_tag="live")
+    cached = load_model("dpo", "cpu", "eval", model_tag="cached")
+    assert cached[2]["val_loss"] == pytest.approx(live[2]["val_loss"], abs=1e-5)
+    for name, p in live[0].state_dict().items():
+        assert torch.allclose(p, cached[0].state_dict()[name], atol=1e-5), name
+    # second run: the reference is neither copied nor recomputed
+    mtime = os.path.getmtime(os.path.join(cache_dir, cache_file))
+    monkeypatch.setattr(dpo, "freeze", lambda m: pytest.fail("the reference was rebuilt"))
+    run_dpo(monkeypatch, "--num_iterations=1", "--eval_every=-1", "--out_tag=again", "--ref_cache=1", *FAST)
+    assert os.listdir(cache_dir) == [cache_file]
+    assert os.path.getmtime(os.path.join(cache_dir, cache_file)) == mtime
+    # another truncation length is another cache entry
+    monkeypatch.undo()
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", sft_base)
+    run_dpo(monkeypatch, "--num_iterations=1", "--eval_every=-1", "--out_tag=again", "--ref_cache=1",
+            *FAST[:-1], "--max_length=80")
+    assert len(os.listdir(cache_dir)) == 2
+
+
+def test_two_processes_train_like_one(tmp_path):
+    base = make_sft_base(tmp_path / "base")
+    env = {"NANOCHAT_BASE_DIR": base}
+    args = ["--num_iterations=3", "--eval_every=-1", "--init_lr_frac=0.5", *FAST]
+    run_python([os.path.join(REPO, "dpo.py"), *args, "--out_tag=one"], env=env)
+    run_torchrun([os.path.join(REPO, "dpo.py"), *args, "--out_tag=two"], env=env)
+    one, _, meta_one = load_model("dpo", "cpu", "eval", model_tag="one", base_dir=base)
+    two, _, meta_two = load_model("dpo", "cpu", "eval", model_tag="two", base_dir=base)
+    start = load_model("sft", "cpu", "eval", base_dir=base)[0].state_dict()
+    assert meta_one["val_loss"] == pytest.approx(meta_two["val_loss"], rel=1e-2)
+    for name, p in one.state_dict().items():
+        update = (p - start[name]).norm()
+        assert update > 0, name
+        assert (p - two.state_dict()[name]).norm() / update < (5e-2 if ".h." in name else 5e-3), name
+
+
+# -----------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--beta=0"], "--beta=0.0: must be > 0"),
+    (["--beta=-1"], "must be > 0"),
+    (["--loss_type=kto"], "--loss_type='kto'"),
+    (["--dpo_data_path=/nonexistent/pairs.jsonl"], "/nonexistent/pairs.jsonl"),
+])
+def test_bad_config_fails_before_training(sft_base, monkeypatch, args, message):
+    monkeypatch.setattr(dpo, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        run_dpo(monkeypatch, *args)
+
+
+def test_empty_after_filtering_is_a_clear_error(sft_base, monkeypatch):
+    same = [{"prompt": f"q{i}", "chosen": "same answer", "rejected": "same answer "} for i in range(20)]
+    path = os.path.join(sft_base, "datasets", "same.jsonl")
+    write_jsonl(path, same)  # differs only by trailing space: survives the file check, then
+    with pytest.raises(UserError, match="no training pairs left"):  # truncation makes them equal
+        run_dpo(monkeypatch, f"--dpo_data_path={path}", "--max_length=12")
+
+
+def test_malformed_line_names_file_and_line(sft_base):
+    path = os.path.join(sft_base, "datasets", "trader_dpo_data.jsonl")
+    with open(path, "a") as f:
+        f.write('{"prompt": "x", "chosen": "y"}\n')
+    proc = run_python([os.path.join(REPO, "dpo.py")], env={"NANOCHAT_BASE_DIR": sft_base}, check=False)
+    assert proc.returncode == 2
+    assert f"{path}:97" in proc.stderr and proc.stderr.strip().count("\n") == 0

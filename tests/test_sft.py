@@ -1,0 +1,137 @@
+"""sft.py: config checks, masking, training, checkpoints, mixture weights, 1 vs 2 processes."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import sft
+from common import UserError
+from conftest import REPO, make_tiny_base, run_python, run_torchrun
+from model import get_tokenizer, load_model
+
+SYSTEM = "You are Chimera, a disciplined trader."
+TOPICS = ["stops", "sizing", "leverage", "hype", "journals", "drawdowns", "options", "fees"]
+
+
+def trader_conversation(i):
+    topic = TOPICS[i % len(TOPICS)]
+    return {"messages": [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": f"Question {i}: how should I think about {topic}?"},
+        {"role": "assistant", "content": f"On {topic}: decide the risk first, 1% a trade, and set the stop."},
+    ]}
+
+
+def write_jsonl(path, records):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+@pytest.fixture
+def trader_base(tmp_path, monkeypatch):
+    base = make_tiny_base(tmp_path / "base")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", base)
+    write_jsonl(os.path.join(base, "datasets", "trader_sft_data.jsonl"), [trader_conversation(i) for i in range(40)])
+    return base
+
+
+def smoltalk_rows(n, tag):
+    return [{"messages": [{"role": "user", "content": f"{tag} hello {i}"},
+                          {"role": "assistant", "content": f"{tag} hi there, number {i}."}]} for i in range(n)]
+
+
+def run_sft(monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["sft.py", *args])
+    sft.main()
+
+
+FAST = ["--device_batch_size=4", "--target_examples_per_step=8", "--eval_batches=2"]
+
+
+# -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sft_dataset=foo"], "--sft_dataset='foo': expected one of mixture, trader, trader_mix"),
+    (["--sft_dataset=trader_mix", "--sft_mix_trader=0"], "--sft_mix_trader=0"),
+    (["--sft_dataset=trader_mix", "--sft_mix_smoltalk=-2"], "--sft_mix_smoltalk=-2"),
+    (["--sft_dataset=trader", "--trader_data_path=/nonexistent/x.jsonl"], "/nonexistent/x.jsonl"),
+])
+def test_bad_config_fails_before_any_model_loads(trader_base, monkeypatch, args, message):
+    monkeypatch.setattr(sft, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        run_sft(monkeypatch, *args)
+
+
+def test_bad_config_exits_2_with_one_line(trader_base):
+    proc = run_python([os.path.join(REPO, "sft.py"), "--sft_dataset=foo"], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "sft_dataset" in proc.stderr
+
+
+def test_loss_counts_only_assistant_tokens(trader_base):
+    tok = get_tokenizer()
+    task = [trader_conversation(0)]
+    inputs, targets = sft.render_batch(task, [0], tok, 512, "cpu")
+    ids, mask = tok.render_conversation(task[0])
+    answer = tok.encode(task[0]["messages"][2]["content"]) + [tok.encode_special("<|assistant_end|>")]
+    scored = targets[0][targets[0] != -1].tolist()
+    assert scored == answer  # the assistant's words and its end token, nothing of the user's
+    assert sum(mask[1:]) == len(answer)
+
+
+def test_training_lowers_loss_and_checkpoint_loads_back(trader_base, monkeypatch):
+    run_sft(monkeypatch, "--sft_dataset=trader", "--num_iterations=12", "--init_lr_frac=1.0",
+            "--eval_every=-1", *FAST)
+    ckpt = os.path.join(trader_base, "chatsft_checkpoints", "d2")
+    lines = [json.loads(l) for l in open(os.path.join(ckpt, "metrics.jsonl"))]
+    losses = [l["loss"] for l in lines if "loss" in l]
+    assert len(losses) == 12 and losses[-1] < losses[0] * 0.8
+    assert all({"step", "loss", "lr", "tokens", "dt_ms"} <= set(l) for l in lines if "loss" in l)
+    model, tok, meta = load_model("sft", "cpu", "eval")
+    assert meta["step"] == 12 and meta["user_config"]["sft_dataset"] == "trader"
+    assert meta["val_loss"] == pytest.approx(lines[-1]["val_loss/trader"])
+    assert meta["mixture"][0][1] == len(sft.tasks.TraderSFT(split="train"))
+    report = open(os.path.join(trader_base, "report", "chat-sft.md")).read()
+    assert report.startswith("## Chat SFT\n") and "- Validation loss:" in report
+
+
+def test_trader_mix_duplicates_rows_by_weight(trader_base, monkeypatch):
+    cache = os.path.join(trader_base, "task_data", "HuggingFaceTB--smol-smoltalk", "default")
+    write_jsonl(os.path.join(cache, "train.jsonl"), smoltalk_rows(30, "train"))
+    write_jsonl(os.path.join(cache, "test.jsonl"), smoltalk_rows(10, "test"))
+    run_sft(monkeypatch, "--sft_dataset=trader_mix", "--sft_mix_trader=3", "--sft_mix_smoltalk=1",
+            "--num_iterations=1", "--eval_every=-1", *FAST)
+    meta = load_model("sft", "cpu", "eval")[2]
+    trader_rows = len(sft.tasks.TraderSFT(split="train"))
+    (t_name, t_rows, t_w, t_total), (s_name, s_rows, s_w, s_total) = meta["mixture"]
+    assert (t_rows, t_w, t_total) == (trader_rows, 3, 3 * trader_rows)
+    assert (s_rows, s_w, s_total) == (30, 1, 30)
+    assert set(meta["val_losses"]) == {"trader", "smoltalk"}
+    train, _ = sft.build_datasets(sft.parse_config(sft.Config, ["--sft_dataset=trader_mix", "--sft_mix_trader=3"]))
+    firsts = [train[i]["messages"][-1]["content"] for i in range(len(train))]
+    assert len(train) == 3 * trader_rows + 30
+    assert sum(f.startswith("train hi") for f in firsts) == 30
+
+
+def test_two_processes_train_like_one(tmp_path):
+    base = make_tiny_base(tmp_path / "base")
+    write_jsonl(os.path.join(base, "datasets", "trader_sft_data.jsonl"), [trader_conversation(i) for i in range(40)])
+    env = {"NANOCHAT_BASE_DIR": base}
+    common = ["--sft_dataset=trader", "--num_iterations=3", "--eval_every=-1", "--target_examples_per_step=8",
+              "--eval_batches=1", "--init_lr_frac=1.0"]
+    run_python([os.path.join(REPO, "sft.py"), *common, "--device_batch_size=4", "--out_tag=one"], env=env)
+    run_torchrun([os.path.join(REPO, "sft.py"), *common, "--device_batch_size=4", "--out_tag=two"], env=env)
+    one = load_model("sft", "cpu", "eval", model_tag="one", base_dir=base)[0].state_dict()
+    two = load_model("sft", "cpu", "eval", model_tag="two", base_dir=base)[0].state_dict()
+    start = load_model("base", "cpu", "eval", base_dir=base)[0].state_dict()
+    for name, p in one.items():
+        update = (p - start[name]).norm()
+        assert update > 0, name
+        # see test_model.test_two_processes_step_like_one for why this is relative
+        assert (p - two[name]).norm() / update < (5e-2 if ".h." in name else 5e-3), name
