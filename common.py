@@ -305,6 +305,20 @@ def sync_gradients(model, bucket_numel=1 << 24):
             bucket, size = [], 0
 
 
+def master_first(fn):
+    """Run fn on rank 0 first (it may download and fill a cache), then on the other ranks,
+    so N processes do not fetch the same data N times."""
+    if not dist.is_initialized():
+        return fn()
+    if dist.get_rank() == 0:
+        try:
+            return fn()
+        finally:
+            dist.barrier()
+    dist.barrier()
+    return fn()
+
+
 def shard(items, rank, world_size):
     """This rank's share of a list: every world_size-th item starting at rank."""
     return items[rank::world_size]

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from common import (UserError, MetricsLog, autocast, all_reduce_sum, cleanup_dist, collate, config_dict,
-                    get_base_dir, grad_accum_steps, init_dist, linear_decay, optimizer_step, parse_config,
+                    get_base_dir, grad_accum_steps, init_dist, linear_decay, master_first, optimizer_step, parse_config,
                     plan_steps, print0, run_main, scale_initial_lr, step_rows, synchronize, write_report_section)
 from model import SOURCE_DIRS, load_model, save_checkpoint
 import tasks
@@ -115,19 +115,20 @@ def masked_logprob_sum(model, inputs, targets):
 
 
 @torch.no_grad()
-def evaluate_loss(model, task, tokenizer, c, d, max_len):
-    """Mean per-token loss on the first eval_batches * device_batch_size rows per rank."""
+def conversation_loss(model, task, tokenizer, num_rows, batch_size, d, max_len):
+    """Mean per-token loss over the assistant tokens of the first num_rows conversations,
+    sharded over ranks (eval.py reports the trader held-out loss with it too)."""
+    was_training = model.training
     model.eval()
-    n = min(len(task), c.eval_batches * c.device_batch_size * d.world_size)
-    mine = list(range(d.rank, n, d.world_size))
+    mine = list(range(d.rank, min(len(task), num_rows), d.world_size))
     total, count = 0.0, 0
-    for i in range(0, len(mine), c.device_batch_size):
-        inputs, targets = render_batch(task, mine[i:i + c.device_batch_size], tokenizer, max_len, d.device)
+    for i in range(0, len(mine), batch_size):
+        inputs, targets = render_batch(task, mine[i:i + batch_size], tokenizer, max_len, d.device)
         with autocast(d.device):
             logp, k = masked_logprob_sum(model, inputs, targets)
         total, count = total - logp.item(), count + k
     total, count = all_reduce_sum([total, count], d.device)
-    model.train()
+    model.train(was_training)
     return total / max(count, 1)
 
 
@@ -140,7 +141,7 @@ def main():
     check_config(c)
     source = c.source or default_source()
     d = init_dist(c.device_type)
-    train, vals = build_datasets(c)  # data errors (file:line) surface before the model loads
+    train, vals = master_first(lambda: build_datasets(c))  # data errors surface before the model loads
     if len(train) == 0:
         raise UserError("the training set is empty")
     model, tokenizer, meta = load_model(source, d.device, phase="train", model_tag=c.model_tag, step=c.step)
@@ -162,7 +163,9 @@ def main():
     metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
 
     def evaluate(step):
-        losses = {name: evaluate_loss(model, task, tokenizer, c, d, max_len) for name, task in vals.items() if len(task)}
+        rows = c.eval_batches * c.device_batch_size * d.world_size
+        losses = {name: conversation_loss(model, task, tokenizer, rows, c.device_batch_size, d, max_len)
+                  for name, task in vals.items() if len(task)}
         print0(f"step {step:05d} | " + " | ".join(f"val loss ({k}) {v:.4f}" for k, v in losses.items()))
         metrics.log({"step": step, **{f"val_loss/{k}": v for k, v in losses.items()}})
         return losses

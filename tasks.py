@@ -1,0 +1,1003 @@
+"""
+Chimera's datasets as Tasks: nanochat's Task API (slicing, mixtures, evaluate) over
+
+- the trader persona data gen.py writes (TraderSFT, TraderDPO), and
+- the Hugging Face datasets nanochat trains and evaluates on (ARC, MMLU, GSM8K, HumanEval,
+  SmolTalk), fetched as JSON rows from the dataset viewer API (no datasets/pyarrow) and
+  cached as JSONL under $NANOCHAT_BASE_DIR/task_data/.
+
+Conversations are rendered exactly as nanochat's tasks render them, and the evaluation
+tasks list their rows in nanochat's order, so eval numbers (also on a --max_problems
+prefix) compare with nanochat's.
+
+    python tasks.py                      # fetch and cache everything SFT and eval use
+    python tasks.py ARC-Easy GSM8K       # just these (names: see TASKS, plus SmolTalk)
+
+Offline: copy a task_data/ folder filled on a connected machine into $NANOCHAT_BASE_DIR,
+or write the rows yourself, one JSON object per line, to
+$NANOCHAT_BASE_DIR/task_data/{owner}--{name}/{config}/{split}.jsonl (see hf_rows).
+
+HumanEval runs model-written code: execute_code is a sandbox (subprocess as a throwaway
+uid, resource limits, its own session, a guard prelude), see the last part of this file.
+"""
+
+import copy
+import dataclasses
+import email.utils
+import functools
+import hashlib
+import itertools
+import json
+import math
+import numbers
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import requests
+
+from common import ProgressBar, UserError, atomic_write, get_base_dir, print0, run_main
+
+# -----------------------------------------------------------------------------
+# Task: a list of conversations with a lightweight start/stop/step view
+
+
+class Task:
+    """A dataset of conversations. Subclasses give num_examples() and get_example(i);
+    the view [start:stop:step] is applied on top, as in nanochat."""
+
+    label = "Task"  # shown in mixture compositions and logs
+
+    def __init__(self, start=0, stop=None, step=1):
+        if start < 0 or step < 1 or (stop is not None and stop < start):
+            raise ValueError(f"bad task slice start={start} stop={stop} step={step}: "
+                             "need 0 <= start <= stop and step >= 1")
+        self.start, self.stop, self.step = start, stop, step
+
+    @property
+    def eval_type(self):  # "categorical" | "generative"
+        raise NotImplementedError(f"{self.name} is not an evaluation task")
+
+    @property
+    def name(self):
+        if (self.start, self.stop, self.step) == (0, None, 1):
+            return self.label
+        stop = "" if self.stop is None else self.stop
+        step = "" if self.step == 1 else f":{self.step}"
+        return f"{self.label}[{self.start}:{stop}{step}]"
+
+    def num_examples(self):
+        raise NotImplementedError
+
+    def get_example(self, index):
+        raise NotImplementedError
+
+    def evaluate(self, conversation, completion):
+        raise NotImplementedError(f"{self.name} has no evaluation")
+
+    def __len__(self):
+        n = self.num_examples()
+        stop = n if self.stop is None else min(self.stop, n)  # a stop past the end is capped
+        return max(0, -(-(stop - self.start) // self.step))
+
+    def __getitem__(self, index):
+        if not isinstance(index, numbers.Integral) or not 0 <= index < len(self):
+            raise IndexError(f"{self.name}: index {index!r} out of range for {len(self)} examples")
+        return self.get_example(self.start + int(index) * self.step)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+class TaskMixture(Task):
+    """Tasks concatenated, each task's entries repeated `weight` times (an integer weighted
+    sampler), then shuffled with random.Random(seed). With all weights 1 and seed 42 this is
+    exactly nanochat's TaskMixture order."""
+
+    label = "mixture"
+
+    def __init__(self, tasks, weights=None, seed=42, **kwargs):
+        super().__init__(**kwargs)
+        tasks = list(tasks)
+        weights = [1] * len(tasks) if weights is None else list(weights)
+        if not tasks or len(weights) != len(tasks):
+            raise ValueError(f"a mixture needs tasks and one weight per task, got {len(tasks)} tasks "
+                             f"and weights {weights}")
+        if any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1 for w in weights):
+            raise ValueError(f"mixture weights must be positive integers, got {weights}")
+        self.tasks, self.weights = tasks, [int(w) for w in weights]
+        self.lengths = [len(task) for task in tasks]
+        self.index_map = [(t, i) for t, (n, w) in enumerate(zip(self.lengths, self.weights))
+                          for _ in range(w) for i in range(n)]
+        random.Random(seed).shuffle(self.index_map)
+
+    def num_examples(self):
+        return len(self.index_map)
+
+    def get_example(self, index):
+        t, i = self.index_map[index]
+        return self.tasks[t][i]
+
+    def composition(self):
+        """[(task name, rows before weighting, weight, rows after weighting)] for logs/meta."""
+        return [(task.name, n, w, n * w) for task, n, w in zip(self.tasks, self.lengths, self.weights)]
+
+
+# -----------------------------------------------------------------------------
+# Conversation checks shared by the persona data and SmolTalk
+
+
+def conversation_problem(record, strict=True):
+    """None if `record` is {"messages": [system?, user, assistant, user, ...]}, else what is wrong.
+    strict (our own data): contents non-empty and the last message the assistant's."""
+    if not isinstance(record, dict) or "messages" not in record:
+        return 'expected an object with "messages"'
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        return '"messages" must be a non-empty list'
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"message {i} is not an object"
+        content = message.get("content")
+        if not isinstance(content, str) or (strict and not content.strip()):
+            return f"message {i}: content must be a {'non-empty ' if strict else ''}string"
+    offset = 1 if messages[0].get("role") == "system" else 0
+    body = messages[offset:]
+    if len(body) < 2:
+        return "needs at least a user and an assistant message"
+    for i, message in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message.get("role") != expected:
+            return (f"message {i + offset} has role {message.get('role')!r}, expected {expected!r} "
+                    "(optional system, then user/assistant alternating)")
+    if strict and body[-1]["role"] != "assistant":
+        return "the last message must be the assistant's"
+    return None
+
+
+def dpo_problem(record):
+    if not isinstance(record, dict):
+        return 'expected an object {"prompt", "chosen", "rejected"}'
+    for key in ("prompt", "chosen", "rejected"):
+        if not isinstance(record.get(key), str) or not record[key].strip():
+            return f'"{key}" must be a non-empty string'
+    if record["chosen"] == record["rejected"]:
+        return '"chosen" and "rejected" are identical (no preference to learn)'
+    return None
+
+
+# -----------------------------------------------------------------------------
+# Persona data from gen.py: JSONL, validated line by line, split by a hash of each record
+
+
+def read_jsonl(path, problem_of, hint=""):
+    """Records of a JSONL file; blank lines skipped; any bad line is a UserError naming file:line."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: file not found{hint}")
+    records, lineno = [], 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                problem = problem_of(record)
+                if problem:
+                    raise UserError(f"{path}:{lineno}: {problem}")
+                records.append(record)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}:{lineno + 1}: not UTF-8 text") from None
+    if not records:
+        raise UserError(f"{path}: no records (the file is empty){hint}")
+    return records
+
+
+def hash_fraction(record):
+    """The record's place in [0, 1): sha256 of its canonical JSON. Appending lines moves nothing."""
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def split_records(records, split, val_fraction):
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be train or val, got {split!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    return [r for r in records if (hash_fraction(r) < val_fraction) == (split == "val")]
+
+
+class TraderSFT(Task):
+    """gen.py's persona conversations: {"messages": [system?, user, assistant, ...]} per line."""
+
+    def __init__(self, path=None, split="train", val_fraction=0.1, **kwargs):
+        super().__init__(**kwargs)
+        self.path = path or os.path.join(get_base_dir(), "datasets", "trader_sft_data.jsonl")
+        records = read_jsonl(self.path, conversation_problem, hint=" (gen.py writes it)")
+        self.rows = split_records(records, split, val_fraction)
+        self.split, self.label = split, f"TraderSFT/{split}"
+
+    @property
+    def eval_type(self):
+        return "generative"
+
+    def num_examples(self):
+        return len(self.rows)
+
+    def get_example(self, index):
+        return copy.deepcopy(self.rows[index])
+
+
+class TraderDPO(Task):
+    """gen.py's preference pairs: {"prompt", "chosen", "rejected"} per line, returned as they are."""
+
+    def __init__(self, path=None, split="train", val_fraction=0.05, **kwargs):
+        super().__init__(**kwargs)
+        self.path = path or os.path.join(get_base_dir(), "datasets", "trader_dpo_data.jsonl")
+        records = read_jsonl(self.path, dpo_problem, hint=" (gen.py writes it)")
+        self.rows = split_records(records, split, val_fraction)
+        self.split, self.label = split, f"TraderDPO/{split}"
+
+    def num_examples(self):
+        return len(self.rows)
+
+    def get_example(self, index):
+        return dict(self.rows[index])
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face rows through the dataset viewer API, cached as JSONL
+
+HF_ROWS_URL = "https://datasets-server.huggingface.co/rows"
+HF_PAGE = 100  # the viewer's maximum `length` per request
+HF_RETRIES = 6  # retries per page on connection errors, 429 and 5xx
+HF_BACKOFF = 1.0  # seconds before the first retry; doubles each time
+HF_MAX_WAIT = 120.0  # cap on one wait, Retry-After included
+HF_TIMEOUT = 30.0  # seconds per request
+
+
+class DataUnavailable(UserError):
+    """A dataset could not be fetched (offline, gated, missing); the message says where the
+    cache file goes so a user can supply the rows by hand."""
+
+
+class _FetchFailed(Exception):
+    pass
+
+
+def hf_cache_path(dataset, config, split, first=None):
+    """task_data/{owner}--{name}/{config}/{split}.jsonl, or {split}.first{N}.jsonl for a prefix."""
+    name = f"{split}.jsonl" if first is None else f"{split}.first{first}.jsonl"
+    return os.path.join(get_base_dir(), "task_data", dataset.replace("/", "--"), config, name)
+
+
+def _prefix_caches(dataset, config, split):
+    """{N: path} of the {split}.first{N}.jsonl files present."""
+    directory = os.path.dirname(hf_cache_path(dataset, config, split))
+    pattern = re.compile(re.escape(split) + r"\.first(\d+)\.jsonl")
+    found = {}
+    if os.path.isdir(directory):
+        for entry in os.listdir(directory):
+            m = pattern.fullmatch(entry)
+            if m:
+                found[int(m.group(1))] = os.path.join(directory, entry)
+    return found
+
+
+def _read_rows(path):
+    return read_jsonl(path, lambda r: None if isinstance(r, dict) else "expected one JSON object (a row)",
+                      hint=" (delete it to fetch again)")
+
+
+def _write_rows(path, rows):
+    def write(f):
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    atomic_write(path, write)
+
+
+def _rows_url():
+    url = (os.environ.get("CHIMERA_HF_ROWS_URL") or HF_ROWS_URL).rstrip("/")
+    return url if url.endswith("/rows") else url + "/rows"
+
+
+def _retry_after(response):
+    """Seconds asked by a Retry-After header (seconds or an HTTP date), or None."""
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def _error_text(response):
+    try:
+        return str(response.json().get("error", ""))[:200]
+    except (ValueError, AttributeError):
+        return response.text[:200]
+
+
+HF_CONNECT_RETRIES = 2  # a host we cannot connect to at all is retried only briefly
+_unreachable = set()  # endpoints that failed to connect in this process: not tried again
+
+
+def _get_page(session, url, params, headers, where, retries, backoff, timeout):
+    """One page of rows as parsed JSON; transient failures are retried with exponential
+    backoff (Retry-After honoured), anything else raises _FetchFailed at once. An endpoint
+    we cannot connect to gets a couple of quick retries, then is written off for the rest
+    of the process, so an offline eval skips each task in an instant rather than minutes."""
+    if url in _unreachable:
+        raise _FetchFailed(f"{url} was unreachable earlier in this run")
+    for attempt in range(retries + 1):
+        wait = backoff * 2**attempt
+        try:
+            response = session.get(url, params=params, headers=headers, timeout=timeout)
+        except requests.ConnectionError as e:
+            reason = f"{type(e).__name__} talking to {url}"
+            if attempt >= min(retries, HF_CONNECT_RETRIES):
+                _unreachable.add(url)
+                raise _FetchFailed(f"{reason} (gave up after {attempt + 1} tries)")
+        except requests.RequestException as e:
+            reason = f"{type(e).__name__} talking to {url}"
+        else:
+            if response.status_code == 200:
+                try:
+                    return response.json()
+                except ValueError:
+                    reason = "the response is not JSON"
+            elif response.status_code == 429 or response.status_code >= 500:
+                reason = f"HTTP {response.status_code}"
+                asked = _retry_after(response)
+                wait = wait if asked is None else asked
+            else:
+                raise _FetchFailed(f"HTTP {response.status_code} from {url}: {_error_text(response)}")
+        if attempt == retries:
+            raise _FetchFailed(f"{reason} (gave up after {retries + 1} tries)")
+        wait = min(wait, HF_MAX_WAIT)
+        print0(f"{where}: {reason}; retry {attempt + 1}/{retries} in {wait:.1f}s")
+        time.sleep(wait)
+
+
+def _fetch_rows(dataset, config, split, stop, retries, backoff, timeout):
+    """Rows [0, stop) of a split (all if stop is None) page by page. Returns (rows, total)."""
+    url, where = _rows_url(), f"{dataset} {config}/{split}"
+    token = os.environ.get("HF_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    rows, skipped, offset, target, total, bar = [], 0, 0, None, None, None
+    with requests.Session() as session:
+        while target is None or offset < target:
+            want = stop if target is None else target
+            length = HF_PAGE if want is None else min(HF_PAGE, want - offset)
+            params = {"dataset": dataset, "config": config, "split": split, "offset": offset, "length": length}
+            page = _get_page(session, url, params, headers, where, retries, backoff, timeout)
+            if not isinstance(page, dict) or not isinstance(page.get("rows"), list) \
+                    or not isinstance(page.get("num_rows_total"), int):
+                raise _FetchFailed(f"unexpected response from {url} (no rows/num_rows_total)")
+            if target is None:
+                total = page["num_rows_total"]
+                target = total if stop is None else min(stop, total)
+                if target == 0:
+                    raise _FetchFailed("the split has no rows")
+                bar = ProgressBar(target, desc=f"fetch {where}", unit="rows")
+            items = page["rows"][: target - offset]
+            if not items:
+                raise _FetchFailed(f"the server returned no rows at offset {offset} of {target}")
+            for item in items:
+                if not isinstance(item, dict) or not isinstance(item.get("row"), dict):
+                    raise _FetchFailed(f"unexpected row at offset {offset} from {url}")
+                if item.get("truncated_cells"):
+                    skipped += 1
+                else:
+                    rows.append(item["row"])
+            offset += len(items)
+            bar.update(len(items))
+    bar.close()
+    if skipped:
+        print0(f"{where}: skipped {skipped} rows with truncated cells (too large for the viewer API)")
+    return rows, total
+
+
+def _load_rows(dataset, config, split, stop, retries, backoff, timeout):
+    """(rows, cache path) -- see hf_rows for the cache rule."""
+    full = hf_cache_path(dataset, config, split)
+    if stop is not None and stop < 1:
+        return [], full
+    if os.path.exists(full):
+        return _read_rows(full)[:stop], full
+    prefixes = _prefix_caches(dataset, config, split)
+    if stop is not None:
+        usable = [n for n in prefixes if n >= stop]
+        if usable:
+            path = prefixes[min(usable)]
+            return _read_rows(path)[:stop], path
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0"):
+        raise DataUnavailable(f"{dataset} ({config}/{split}) is not cached and HF_HUB_OFFLINE is set; to supply it, "
+                              f"put its rows, one JSON object per line, in {full}")
+    retries = HF_RETRIES if retries is None else retries
+    backoff = HF_BACKOFF if backoff is None else backoff
+    timeout = HF_TIMEOUT if timeout is None else timeout
+    try:
+        rows, total = _fetch_rows(dataset, config, split, stop, retries, backoff, timeout)
+    except _FetchFailed as e:
+        raise DataUnavailable(f"{dataset} ({config}/{split}) could not be fetched: {e}. To work offline, "
+                              f"put its rows, one JSON object per line, in {full}") from None
+    complete = stop is None or stop >= total
+    path = full if complete else hf_cache_path(dataset, config, split, first=stop)
+    _write_rows(path, rows)
+    for n, old in prefixes.items():  # superseded prefixes
+        if complete or n < stop:
+            os.remove(old)
+    return rows, path
+
+
+def hf_rows(dataset, config, split, stop=None, retries=None, backoff=None, timeout=None):
+    """The rows (dicts) of a Hugging Face dataset split, the first `stop` if given.
+
+    Rows come from the dataset viewer API ($CHIMERA_HF_ROWS_URL overrides the endpoint;
+    $HF_TOKEN is sent as a bearer token), 100 per request, and are cached in
+    $NANOCHAT_BASE_DIR/task_data/{owner}--{name}/{config}/:
+
+    - {split}.jsonl holds the whole split. When it exists it is always used and nothing
+      is fetched -- it is also how tests and offline users supply data.
+    - {split}.first{N}.jsonl holds only rows [0, N), written when just a prefix was asked
+      for (e.g. SmolTalk stop=10_000); it serves any later request with stop <= N.
+      Fetching more replaces it; fetching everything writes {split}.jsonl instead.
+
+    Rows the viewer truncated (truncated_cells) are skipped and counted. Files are written
+    whole (temp file + rename). A fetch that fails after retries raises DataUnavailable.
+    """
+    return _load_rows(dataset, config, split, stop, retries, backoff, timeout)[0]
+
+
+def nanochat_order(n, seed=42):
+    """The order nanochat's tasks see a split in: datasets' .shuffle(seed=42) is the
+    permutation numpy.random.default_rng(seed).permutation(n) of the stored rows."""
+    return np.random.default_rng(seed).permutation(n).tolist()
+
+
+class HFTask(Task):
+    """A task over one Hugging Face split. Evaluation tasks (shuffle=True) load the whole
+    split in nanochat's order; others (SmolTalk) fetch only the prefix they slice."""
+
+    dataset = ""
+    shuffle = True
+
+    def __init__(self, config, split, splits, **kwargs):
+        super().__init__(**kwargs)
+        if split not in splits:
+            raise ValueError(f"{self.dataset} {config}: split must be one of {'|'.join(splits)}, got {split!r}")
+        self.config, self.split = config, split
+        rows, path = _load_rows(self.dataset, config, split, None if self.shuffle else self.stop,
+                                None, None, None)
+        rows = [self.prepare(row) for row in rows]
+        for i, row in enumerate(rows):
+            problem = self.row_problem(row)
+            if problem:
+                raise UserError(f"{path}:{i + 1}: {problem}")
+        self.rows = [rows[i] for i in nanochat_order(len(rows))] if self.shuffle else rows
+
+    def prepare(self, row):
+        return row
+
+    def row_problem(self, row):
+        return None
+
+    def num_examples(self):
+        return len(self.rows)
+
+
+def _missing(row, spec):
+    """What is wrong with a row, given {key: type}."""
+    for key, typ in spec.items():
+        if not isinstance(row.get(key), typ) or isinstance(row.get(key), bool):
+            return f"{key!r} missing or not {typ.__name__}"
+    return None
+
+
+# -----------------------------------------------------------------------------
+# Evaluation and SFT tasks with nanochat's exact renderings
+
+
+def render_mc(question, letters, choices):
+    """nanochat's multiple-choice prompt: the letter after each choice, no space before it,
+    so the prompt's letter token is the same token as the answer."""
+    query = f"Multiple Choice question: {question}\n"
+    query += "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
+    query += "\nRespond only with the letter of the correct answer."
+    return query
+
+
+class ARC(HFTask):
+    dataset = "allenai/ai2_arc"
+
+    def __init__(self, subset="ARC-Easy", split="test", **kwargs):
+        if subset not in ("ARC-Easy", "ARC-Challenge"):
+            raise ValueError(f"ARC subset must be ARC-Easy or ARC-Challenge, got {subset!r}")
+        self.label = f"{subset}/{split}"
+        super().__init__(subset, split, ("train", "validation", "test"), **kwargs)
+
+    @property
+    def eval_type(self):
+        return "categorical"
+
+    def row_problem(self, row):
+        choices = row.get("choices")
+        if not isinstance(choices, dict) or not isinstance(choices.get("text"), list) \
+                or not isinstance(choices.get("label"), list) or len(choices["text"]) != len(choices["label"]):
+            return "'choices' must be {'text': [...], 'label': [...]} of equal length"
+        if row.get("answerKey") not in choices["label"]:
+            return f"answerKey {row.get('answerKey')!r} is not one of {choices['label']}"
+        return _missing(row, {"question": str})
+
+    def get_example(self, index):
+        row = self.rows[index]
+        letters = row["choices"]["label"]
+        messages = [{"role": "user", "content": render_mc(row["question"], letters, row["choices"]["text"])},
+                    {"role": "assistant", "content": row["answerKey"]}]
+        return {"messages": messages, "letters": letters}
+
+    def evaluate(self, conversation, response):
+        return int(response == conversation["messages"][-1]["content"])
+
+
+class MMLU(HFTask):
+    dataset = "cais/mmlu"
+    letters = ("A", "B", "C", "D")
+
+    def __init__(self, subset="all", split="test", **kwargs):
+        if subset == "all":
+            splits = ("test", "validation", "dev", "auxiliary_train")
+        elif subset == "auxiliary_train":
+            splits = ("train",)
+        else:
+            raise ValueError(f"MMLU subset must be all or auxiliary_train, got {subset!r}")
+        self.label = f"MMLU/{subset}/{split}"
+        super().__init__(subset, split, splits, **kwargs)
+
+    @property
+    def eval_type(self):
+        return "categorical"
+
+    def prepare(self, row):
+        # the auxiliary_train config wraps each row in {"train": {...}}
+        return row["train"] if isinstance(row.get("train"), dict) else row
+
+    def row_problem(self, row):
+        if not isinstance(row.get("choices"), list) or len(row["choices"]) != 4:
+            return "'choices' must be a list of 4"
+        answer = row.get("answer")
+        if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer <= 3:
+            return f"'answer' must be 0-3, got {row.get('answer')!r}"
+        return _missing(row, {"question": str})
+
+    def get_example(self, index):
+        row = self.rows[index]
+        messages = [{"role": "user", "content": render_mc(row["question"], self.letters, row["choices"])},
+                    {"role": "assistant", "content": self.letters[row["answer"]]}]
+        return {"messages": messages, "subject": row.get("subject", ""), "letters": self.letters}
+
+    def evaluate(self, conversation, response):
+        return int(response == conversation["messages"][-1]["content"])
+
+
+GSM_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
+
+
+def extract_gsm8k_answer(text):
+    """The number after '#### ' with commas removed, or None."""
+    if not isinstance(text, str):
+        return None
+    m = GSM_RE.search(text)
+    return m.group(1).strip().replace(",", "") if m else None
+
+
+def gsm8k_parts(answer):
+    """A GSM8K solution as assistant parts: <<expr=result>> becomes a python call and its output."""
+    parts = []
+    for piece in re.split(r"(<<[^>]+>>)", answer):
+        if piece.startswith("<<") and piece.endswith(">>"):
+            inner = piece[2:-2]
+            expr, result = inner.rsplit("=", 1) if "=" in inner else (inner, "")
+            parts.append({"type": "python", "text": expr})
+            parts.append({"type": "python_output", "text": result})
+        else:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+class GSM8K(HFTask):
+    dataset = "openai/gsm8k"
+
+    def __init__(self, subset="main", split="test", **kwargs):
+        if subset not in ("main", "socratic"):
+            raise ValueError(f"GSM8K subset must be main or socratic, got {subset!r}")
+        self.label = f"GSM8K/{subset}/{split}"
+        super().__init__(subset, split, ("train", "test"), **kwargs)
+
+    @property
+    def eval_type(self):
+        return "generative"
+
+    def row_problem(self, row):
+        return _missing(row, {"question": str, "answer": str})
+
+    def get_example(self, index):
+        row = self.rows[index]
+        return {"messages": [{"role": "user", "content": row["question"]},
+                             {"role": "assistant", "content": gsm8k_parts(row["answer"])}]}
+
+    def evaluate(self, conversation, completion):
+        content = conversation["messages"][-1]["content"]
+        reference = content if isinstance(content, str) else "".join(p["text"] for p in content)
+        ref, pred = extract_gsm8k_answer(reference), extract_gsm8k_answer(completion)
+        return int(ref is not None and pred == ref)
+
+
+def extract_imports(prompt):
+    """The import lines at the top of a HumanEval prompt (comments skipped; stops at the
+    first code line, so a docstring line that starts with 'from ' is not taken)."""
+    imports = []
+    for line in prompt.split("\n"):
+        stripped = line.strip()
+        if stripped.startswith("import ") or stripped.startswith("from "):
+            imports.append(stripped)
+        elif stripped and not stripped.startswith("#"):
+            break
+    return "\n".join(imports)
+
+
+def extract_code(completion):
+    """The first ```python / ``` fenced block of a completion, else the whole completion."""
+    m = re.search(r"```(?:python)?\s*\n(.*?)\n```", completion, re.DOTALL)
+    return (m.group(1) if m else completion).strip()
+
+
+class HumanEval(HFTask):
+    dataset = "openai/openai_humaneval"
+
+    def __init__(self, split="test", timeout=5.0, **kwargs):
+        self.label, self.timeout = "HumanEval", timeout
+        super().__init__("openai_humaneval", split, ("test",), **kwargs)
+
+    @property
+    def eval_type(self):
+        return "generative"
+
+    def row_problem(self, row):
+        return _missing(row, {"prompt": str, "canonical_solution": str, "entry_point": str, "test": str})
+
+    def get_example(self, index):
+        row = self.rows[index]
+        messages = [{"role": "user", "content": row["prompt"]},
+                    {"role": "assistant", "content": f"{row['prompt']}\n{row['canonical_solution']}"}]
+        return {"messages": messages, "entry_point": row["entry_point"], "test": row["test"]}
+
+    def evaluate(self, conversation, completion):
+        program = (extract_imports(conversation["messages"][0]["content"]) + "\n\n"
+                   + extract_code(completion) + "\n\n" + conversation["test"] + "\n"
+                   + f"check({conversation['entry_point']})")
+        return int(execute_code(program, timeout=self.timeout).success)
+
+
+class SmolTalk(HFTask):
+    """smol-smoltalk conversations (train 460K, test 24K). Only the rows up to `stop` are
+    fetched, so the rows are in the split's stored order, not nanochat's shuffled order."""
+
+    dataset = "HuggingFaceTB/smol-smoltalk"
+    shuffle = False
+
+    def __init__(self, split="train", **kwargs):
+        self.label = f"SmolTalk/{split}"
+        super().__init__("default", split, ("train", "test"), **kwargs)
+
+    @property
+    def eval_type(self):
+        return "generative"
+
+    def row_problem(self, row):
+        return conversation_problem(row, strict=False)
+
+    def get_example(self, index):
+        return {"messages": copy.deepcopy(self.rows[index]["messages"])}
+
+
+# eval.py's default tasks: TASKS[name]() (slicing kwargs pass through)
+TASKS = {
+    "ARC-Easy": functools.partial(ARC, "ARC-Easy", "test"),
+    "ARC-Challenge": functools.partial(ARC, "ARC-Challenge", "test"),
+    "MMLU": functools.partial(MMLU, "all", "test"),
+    "GSM8K": functools.partial(GSM8K, "main", "test"),
+    "HumanEval": functools.partial(HumanEval, "test"),
+}
+
+# -----------------------------------------------------------------------------
+# Sandbox for model-written code (HumanEval)
+#
+# Layer 1, the kernel: when we are root the program runs as a throwaway uid no other
+# process uses (so it cannot touch our files, RLIMIT_NPROC caps its processes, and every
+# process it leaves behind can be found and killed), in its own session, in a fresh
+# temp dir, with RLIMIT_AS/CPU/FSIZE/NPROC/NOFILE/CORE set before the program starts, a
+# minimal environment and output going to files capped by RLIMIT_FSIZE. Not root: same,
+# minus the uid switch, and RLIMIT_NPROC=0 (no processes or threads at all).
+# Layer 2, a guard prelude: destructive and escape functions raise PermissionError.
+# The limits are set by a bootstrap inside the child rather than in preexec_fn, which
+# can deadlock when the parent has threads (eval.py runs torch).
+# Not covered: network access, and reading world-readable files.
+
+SANDBOX_FILE_BYTES = 16 << 20  # RLIMIT_FSIZE: largest file (stdout included) the program may write
+
+_GUARD = r"""
+import os, posix, shutil, subprocess, sys
+
+def _disabled(name):
+    def disabled(*args, **kwargs):
+        raise PermissionError(name + " is disabled in the sandbox")
+    return disabled
+
+_OS = ("system popen kill killpg fork forkpty setsid setpgid setuid setgid setreuid setregid "
+       "remove unlink rmdir removedirs rename renames replace truncate chmod fchmod lchmod chown "
+       "fchown lchown chroot link symlink execl execle execlp execlpe execv execve execvp execvpe "
+       "spawnl spawnle spawnlp spawnlpe spawnv spawnve spawnvp spawnvpe posix_spawn posix_spawnp").split()
+for _module, _names in ((os, _OS), (posix, _OS), (shutil, ["rmtree", "move", "chown"]),
+                        (subprocess, ["Popen", "call", "run", "check_call", "check_output",
+                                      "getoutput", "getstatusoutput", "_fork_exec"])):
+    for _name in _names:
+        if hasattr(_module, _name):
+            setattr(_module, _name, _disabled(_module.__name__ + "." + _name))
+subprocess._posixsubprocess = None
+for _name in ("ctypes", "_ctypes", "_posixsubprocess", "resource", "multiprocessing", "pty"):
+    sys.modules[_name] = None
+"""
+
+_BOOT = r"""
+import json, resource, sys
+for _name, _value in json.loads(sys.argv[1]).items():
+    _which = getattr(resource, _name)
+    _hard = resource.getrlimit(_which)[1]
+    _value = _value if _hard == resource.RLIM_INFINITY else min(_value, _hard)
+    resource.setrlimit(_which, (_value, _value))
+if sys.argv[2]:
+    exec(sys.argv[2], {})
+_path = sys.argv[3]
+with open(_path, encoding="utf-8") as _f:
+    _source = _f.read()
+sys.argv = [_path]
+exec(compile(_source, _path, "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+"""
+
+
+class SandboxUnavailable(UserError):
+    pass
+
+
+@dataclasses.dataclass
+class ExecResult:
+    success: bool  # exited 0 in time
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+    error: str = ""  # one line: why it failed
+    returncode: int | None = None
+
+
+_uid_counter = itertools.count()
+_interpreters = {}
+
+
+def _mapped(first, count, map_path):
+    """Whether ids [first, first+count) exist in this user namespace."""
+    try:
+        with open(map_path) as f:
+            ranges = [tuple(map(int, line.split())) for line in f if line.strip()]
+    except OSError:
+        return False
+    return any(inside <= first and first + count <= inside + n for inside, _, n in ranges)
+
+
+def _sandbox_identity():
+    """(uid, gid) unique to this run when we are root on Linux, else None."""
+    if os.geteuid() != 0:
+        return None
+    for first, count in ((2_000_000_000, 1_000_000), (60_000, 4_000)):
+        if _mapped(first, count, "/proc/self/uid_map") and _mapped(first, count, "/proc/self/gid_map"):
+            uid = first + (os.getpid() * 64 + next(_uid_counter) % 64) % count
+            return uid, uid
+    raise SandboxUnavailable("running as root but no free uid range to drop privileges to "
+                             "(/proc/self/uid_map); run evaluation as an ordinary user")
+
+
+def _as_user(identity):
+    if identity is None:
+        return {}
+    return dict(user=identity[0], group=identity[1], extra_groups=[], umask=0o077)
+
+
+def _sandbox_python(identity):
+    """An interpreter the sandbox user can run: sys.executable if it can (a venv under
+    /root cannot), else a system python3, or $CHIMERA_SANDBOX_PYTHON."""
+    key = identity is not None
+    if key not in _interpreters:
+        wanted = os.environ.get("CHIMERA_SANDBOX_PYTHON")
+        candidates = [wanted] if wanted else [sys.executable, "/usr/local/bin/python3", "/usr/bin/python3"]
+        probe = "import resource, sys; print(sys.version_info >= (3, 8))"
+        for exe in candidates:
+            try:
+                out = subprocess.run([exe, "-I", "-c", probe], cwd="/", env={"PATH": "/usr/bin:/bin"},
+                                     capture_output=True, text=True, timeout=60, **_as_user(identity))
+            except (OSError, subprocess.SubprocessError):
+                continue
+            if out.returncode == 0 and out.stdout.strip() == "True":
+                _interpreters[key] = exe
+                break
+        else:
+            who = f"uid {identity[0]}" if identity else "this user"
+            raise SandboxUnavailable(f"no Python {who} can run for the code sandbox (tried {', '.join(candidates)}); "
+                                     "set CHIMERA_SANDBOX_PYTHON to a python3 every user can execute")
+    return _interpreters[key]
+
+
+def _pids_of(uid):
+    """Live (non-zombie) processes whose real uid is `uid`."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        if int(status.get("Uid", "-1").split()[0]) == uid and status.get("State", "").split()[:1] not in (["Z"], ["X"]):
+            pids.append(int(entry))
+    return pids
+
+
+def _kill_leftovers(proc, identity):
+    """Kill the program's session, and with a private uid every process of that uid."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if identity is None:
+        return
+    for _ in range(200):  # a fork bomb may refill freed slots for a round or two
+        pids = _pids_of(identity[0])
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.005)
+
+
+def _remove_tree(path):
+    if os.geteuid() != 0:  # the program may have left dirs we cannot enter; we own them
+        for root, dirs, _ in os.walk(path):
+            for d in dirs:
+                p = os.path.join(root, d)
+                if not os.path.islink(p):
+                    os.chmod(p, 0o700)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_strays(uid):
+    """Files the sandbox user left in the world-writable temp dirs."""
+    for directory in ("/tmp", "/var/tmp", "/dev/shm"):
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_uid != uid:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+            except OSError:
+                pass
+
+
+def _read_capped(path, max_output):
+    with open(path, "rb") as f:
+        data = f.read(max_output + 1)
+    text = data[:max_output].decode("utf-8", errors="replace")
+    return text + ("\n[output truncated]" if len(data) > max_output else "")
+
+
+def _failure(returncode, timed_out, timeout, stderr):
+    if timed_out:
+        return f"timed out after {timeout:g}s"
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        why = {"SIGXFSZ": " (file size limit: output flood?)", "SIGXCPU": " (CPU time limit)"}.get(name, "")
+        return f"killed by {name}{why}"
+    if returncode != 0:
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        return lines[-1] if lines else f"exit code {returncode}"
+    return ""
+
+
+def execute_code(program, timeout=5.0, memory_mb=512, max_output=64 * 1024, max_procs=16, guard=True):
+    """Run a Python program in the sandbox and report what happened (never raises for the
+    program's faults). guard=False drops the prelude layer (tests of the kernel layer)."""
+    identity = _sandbox_identity()
+    python = _sandbox_python(identity)
+    workdir = tempfile.mkdtemp(prefix="chimera-sandbox-")
+    iodir = tempfile.mkdtemp(prefix="chimera-sandbox-io-")
+    try:
+        path = os.path.join(workdir, "program.py")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(program)
+        if identity:
+            os.chown(workdir, *identity)
+            os.chown(path, *identity)
+        limits = {"RLIMIT_AS": memory_mb << 20, "RLIMIT_CPU": math.ceil(timeout) + 1,
+                  "RLIMIT_FSIZE": SANDBOX_FILE_BYTES, "RLIMIT_NPROC": max_procs if identity else 0,
+                  "RLIMIT_NOFILE": 64, "RLIMIT_CORE": 0}
+        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
+        out_path, err_path = os.path.join(iodir, "stdout"), os.path.join(iodir, "stderr")
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            argv = [python, "-I", "-B", "-c", _BOOT, json.dumps(limits), _GUARD if guard else "", path]
+            proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    start_new_session=True, **_as_user(identity))
+            try:
+                proc.wait(timeout=timeout)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            _kill_leftovers(proc, identity)
+            proc.wait()
+        stdout, stderr = _read_capped(out_path, max_output), _read_capped(err_path, max_output)
+    finally:
+        _remove_tree(workdir)
+        shutil.rmtree(iodir, ignore_errors=True)
+        if identity:
+            _remove_strays(identity[0])
+    error = _failure(proc.returncode, timed_out, timeout, stderr)
+    return ExecResult(success=not error, stdout=stdout, stderr=stderr, timed_out=timed_out,
+                      error=error, returncode=proc.returncode)
+
+
+# -----------------------------------------------------------------------------
+# python tasks.py [names]: fill the caches (on a connected machine, before going offline)
+
+PREFETCH = {
+    **TASKS,
+    "ARC-Easy/train": functools.partial(ARC, "ARC-Easy", "train"),
+    "ARC-Challenge/train": functools.partial(ARC, "ARC-Challenge", "train"),
+    "GSM8K/train": functools.partial(GSM8K, "main", "train"),
+    "SmolTalk": functools.partial(SmolTalk, "train", stop=10_000),
+    "SmolTalk/test": functools.partial(SmolTalk, "test"),
+}
+
+
+def main():
+    names = sys.argv[1:] or list(PREFETCH)
+    unknown = [n for n in names if n not in PREFETCH]
+    if unknown:
+        raise UserError(f"unknown task {unknown[0]!r}; known: {', '.join(PREFETCH)}")
+    for name in names:
+        task = PREFETCH[name]()
+        print0(f"{task.name}: {len(task):,} examples")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,669 @@
+"""tasks.py: Task slicing and mixtures, the persona data, nanochat's renderings from seeded
+caches, the viewer-API row loader against a loopback server, and the code sandbox."""
+
+import http.server
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+import urllib.parse
+import uuid
+
+import pytest
+
+import tasks
+from common import UserError
+from conftest import free_port, run_python
+
+ROOT = os.geteuid() == 0
+root_only = pytest.mark.skipif(not ROOT, reason="the uid switch of the sandbox needs root")
+
+
+@pytest.fixture
+def base(tmp_path, monkeypatch):
+    path = tmp_path / "base"
+    path.mkdir()
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(path))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(tasks, "_unreachable", set())
+    return path
+
+
+def seed_cache(dataset, config, split, rows, name=None):
+    path = tasks.hf_cache_path(dataset, config, split)
+    if name:
+        path = os.path.join(os.path.dirname(path), name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Task slicing and mixtures
+
+
+class ListTask(tasks.Task):
+    def __init__(self, items, label="list", **kwargs):
+        super().__init__(**kwargs)
+        self.items, self.label = items, label
+
+    def num_examples(self):
+        return len(self.items)
+
+    def get_example(self, index):
+        return self.items[index]
+
+
+def test_task_slicing():
+    items = list(range(10))
+    assert list(ListTask(items)) == items
+    assert list(ListTask(items, start=2, stop=8, step=3)) == [2, 5]
+    assert len(ListTask(items, start=1, step=2)) == 5 and ListTask(items, start=1, step=2)[4] == 9
+    assert list(ListTask(items, start=7, stop=100)) == [7, 8, 9]  # stop past the end is capped
+    assert len(ListTask(items, start=12)) == 0
+    assert ListTask(items, start=3, stop=5).name == "list[3:5]"
+    with pytest.raises(IndexError):
+        ListTask(items, stop=3)[3]
+    for bad in (dict(start=-1), dict(step=0), dict(start=5, stop=4)):
+        with pytest.raises(ValueError):
+            ListTask(items, **bad)
+
+
+def test_mixture_weights_determinism_and_composition():
+    a = ListTask([f"a{i}" for i in range(5)], label="A")
+    b = ListTask([f"b{i}" for i in range(3)], label="B", stop=2)
+    mix = tasks.TaskMixture([a, b], weights=[2, 1])
+    seen = list(mix)
+    assert len(mix) == 12
+    assert all(seen.count(f"a{i}") == 2 for i in range(5))
+    assert seen.count("b0") == seen.count("b1") == 1 and "b2" not in seen
+    assert list(tasks.TaskMixture([a, b], weights=[2, 1])) == seen  # same seed, same order
+    assert list(tasks.TaskMixture([a, b], weights=[2, 1], seed=7)) != seen
+    assert seen[:4] != ["a0", "a1", "a2", "a3"]  # shuffled, not concatenated
+    assert mix.composition() == [("A", 5, 2, 10), ("B[0:2]", 2, 1, 2)]
+    # weights of 1 give nanochat's order: the (task, index) list shuffled by Random(42)
+    pairs = [(0, i) for i in range(5)] + [(1, i) for i in range(2)]
+    import random
+    random.Random(42).shuffle(pairs)
+    assert list(tasks.TaskMixture([a, b])) == [[a, b][t][i] for t, i in pairs]
+
+
+@pytest.mark.parametrize("weights", [[0, 1], [-1, 1], [1.5, 1], [True, 1], [1], ["2", 1]])
+def test_mixture_rejects_bad_weights(weights):
+    with pytest.raises(ValueError):
+        tasks.TaskMixture([ListTask([1]), ListTask([2])], weights=weights)
+
+
+# -----------------------------------------------------------------------------
+# Persona data
+
+
+def sft_record(i):
+    return {"messages": [{"role": "system", "content": "You are Vex, a veteran futures trader."},
+                         {"role": "user", "content": f"What about position {i}?"},
+                         {"role": "assistant", "content": f"Cut it at level {i}. Discipline first."}]}
+
+
+def write_lines(path, lines):
+    with open(path, "a") as f:
+        f.writelines(line + "\n" for line in lines)
+
+
+def test_trader_sft_split_is_deterministic_and_stable_under_appends(base):
+    path = base / "datasets" / "trader_sft_data.jsonl"
+    path.parent.mkdir()
+    write_lines(path, [json.dumps(sft_record(i)) for i in range(300)] + [""])  # a blank line is skipped
+    train, val = tasks.TraderSFT(split="train"), tasks.TraderSFT(split="val")  # default path
+    train_q = {ex["messages"][1]["content"] for ex in train}
+    val_q = {ex["messages"][1]["content"] for ex in val}
+    assert len(train_q) + len(val_q) == 300 and not train_q & val_q
+    assert 10 <= len(val_q) <= 60  # ~10%
+    assert train.eval_type == "generative" and train[0]["messages"][0]["role"] == "system"
+
+    write_lines(path, [json.dumps(sft_record(i)) for i in range(300, 400)])
+    train2 = {ex["messages"][1]["content"] for ex in tasks.TraderSFT(split="train")}
+    val2 = {ex["messages"][1]["content"] for ex in tasks.TraderSFT(split="val")}
+    assert train_q <= train2 and val_q <= val2 and len(train2) + len(val2) == 400
+
+    shuffled = base / "shuffled.jsonl"  # the split follows content, not line order
+    write_lines(shuffled, [json.dumps(sft_record(i)) for i in reversed(range(300))])
+    assert {ex["messages"][1]["content"] for ex in tasks.TraderSFT(str(shuffled), split="val")} == val_q
+
+
+@pytest.mark.parametrize("line, why", [
+    ('{"messages": [', "not valid JSON"),
+    ('{"text": "hi"}', '"messages"'),
+    ('{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "yo"}]}', "role"),
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]}', "role"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, '
+     '{"role": "system", "content": "c"}]}', "role"),
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 3}]}', "content"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, '
+     '{"role": "user", "content": "c"}]}', "assistant"),
+])
+def test_trader_sft_bad_line_names_file_and_line(tmp_path, line, why):
+    path = tmp_path / "sft.jsonl"
+    write_lines(path, [json.dumps(sft_record(0)), "", line])
+    with pytest.raises(UserError) as e:
+        tasks.TraderSFT(str(path))
+    assert f"{path}:3:" in str(e.value) and why in str(e.value)
+
+
+def test_trader_files_empty_or_missing(tmp_path, base):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    for cls in (tasks.TraderSFT, tasks.TraderDPO):
+        with pytest.raises(UserError, match="empty"):
+            cls(str(empty))
+        with pytest.raises(UserError, match="not found") as e:
+            cls()
+        assert os.path.join(str(base), "datasets") in str(e.value)
+
+
+def dpo_record(i):
+    return {"prompt": f"Should I average down on trade {i}?", "chosen": "No. Cut losers, press winners.",
+            "rejected": f"Sure, double it {i} times!"}
+
+
+def test_trader_dpo_split_and_format(base):
+    path = base / "dpo.jsonl"
+    write_lines(path, [json.dumps(dpo_record(i)) for i in range(400)])
+    train, val = tasks.TraderDPO(str(path), "train"), tasks.TraderDPO(str(path), "val")
+    assert len(train) + len(val) == 400 and 5 <= len(val) <= 45  # ~5%
+    assert set(train[0]) == {"prompt", "chosen", "rejected"}
+    old_val = [ex["prompt"] for ex in val]
+    write_lines(path, [json.dumps(dpo_record(i)) for i in range(400, 500)])
+    assert set(old_val) <= {ex["prompt"] for ex in tasks.TraderDPO(str(path), "val")}
+    assert not set(old_val) & {ex["prompt"] for ex in tasks.TraderDPO(str(path), "train")}
+
+
+@pytest.mark.parametrize("record, why", [
+    ({"prompt": "p", "chosen": "c"}, '"rejected"'),
+    ({"prompt": "", "chosen": "c", "rejected": "r"}, '"prompt"'),
+    ({"prompt": "p", "chosen": ["c"], "rejected": "r"}, '"chosen"'),
+    ({"prompt": "p", "chosen": "same", "rejected": "same"}, "identical"),
+    (["p", "c", "r"], "expected an object"),
+])
+def test_trader_dpo_bad_line(tmp_path, record, why):
+    path = tmp_path / "dpo.jsonl"
+    write_lines(path, [json.dumps(dpo_record(0)), json.dumps(record)])
+    with pytest.raises(UserError) as e:
+        tasks.TraderDPO(str(path))
+    assert f"{path}:2:" in str(e.value) and why in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# nanochat's renderings, from seeded caches
+
+ARC_ROWS = [
+    {"id": "Mercury_7220990", "question": "Which factor will most likely cause a person to develop a fever?",
+     "choices": {"text": ["a leg muscle relaxing after exercise", "a bacterial population in the bloodstream",
+                          "several viral particles on the skin", "carbohydrates being digested in the stomach"],
+                 "label": ["A", "B", "C", "D"]}, "answerKey": "B"},
+    {"id": "NYSEDREGENTS_2015_4_8", "question": "Which form of energy is produced when a rubber band vibrates?",
+     "choices": {"text": ["chemical", "light", "electrical", "sound"], "label": ["1", "2", "3", "4"]},
+     "answerKey": "4"},
+] + [{"id": f"q{i}", "question": f"Question {i}?", "choices": {"text": ["x", "y", "z"], "label": ["A", "B", "C"]},
+      "answerKey": "C"} for i in range(2, 5)]
+
+MMLU_ROW = {"question": "Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q.",
+            "subject": "abstract_algebra", "choices": ["0", "4", "2", "6"], "answer": 1}
+
+GSM8K_ROW = {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "
+                         "to her friends in May. How many clips did Natalia sell altogether in April and May?",
+             "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 "
+                       "clips altogether in April and May.\n#### 72"}
+
+HUMANEVAL_ROW = {
+    "task_id": "HumanEval/0",
+    "prompt": 'from typing import List\n\n\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n'
+              '    """ Check if in given list of numbers, are any two numbers closer to each other than\n'
+              '    given threshold.\n    >>> has_close_elements([1.0, 2.0, 3.0], 0.5)\n    False\n'
+              '    >>> has_close_elements([1.0, 2.8, 3.0, 4.0, 5.0, 2.0], 0.3)\n    True\n    """\n',
+    "canonical_solution": "    for idx, elem in enumerate(numbers):\n        for idx2, elem2 in enumerate(numbers):\n"
+                          "            if idx != idx2:\n                distance = abs(elem - elem2)\n"
+                          "                if distance < threshold:\n                    return True\n\n"
+                          "    return False\n",
+    "test": "\n\nMETADATA = {\n    'author': 'jt',\n    'dataset': 'test'\n}\n\n\ndef check(candidate):\n"
+            "    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.3) == True\n"
+            "    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.05) == False\n"
+            "    assert candidate([1.0, 2.0, 5.9, 4.0, 5.0], 0.95) == True\n"
+            "    assert candidate([1.0, 2.0, 5.9, 4.0, 5.0], 0.8) == False\n"
+            "    assert candidate([1.1, 2.2, 3.1, 4.1, 5.1], 0.5) == False\n\n",
+    "entry_point": "has_close_elements",
+}
+
+SMOLTALK_ROWS = [
+    {"messages": [{"content": "You are a helpful assistant.", "role": "system"},
+                  {"content": "Hi! Can you name a prime?", "role": "user"},
+                  {"content": "Sure: 7.", "role": "assistant"}], "source": "smol-magpie-ultra"},
+    {"messages": [{"content": "Hello", "role": "user"}, {"content": "Hi there!", "role": "assistant"},
+                  {"content": "Bye", "role": "user"}, {"content": "Goodbye!", "role": "assistant"}],
+     "source": "everyday-conversations"},
+]
+
+
+def test_arc_rendering_and_nanochat_order(base):
+    seed_cache("allenai/ai2_arc", "ARC-Easy", "test", ARC_ROWS)
+    arc = tasks.ARC("ARC-Easy", "test")
+    # datasets' .shuffle(seed=42) of 5 rows, i.e. numpy default_rng(42).permutation(5)
+    assert [ex["messages"][0]["content"] for ex in arc] == [
+        tasks.render_mc(ARC_ROWS[i]["question"], ARC_ROWS[i]["choices"]["label"], ARC_ROWS[i]["choices"]["text"])
+        for i in [4, 2, 3, 1, 0]]
+    first = arc[4]
+    assert first == {"messages": [
+        {"role": "user", "content": "Multiple Choice question: Which factor will most likely cause a person to "
+                                    "develop a fever?\n- a leg muscle relaxing after exercise=A\n- a bacterial "
+                                    "population in the bloodstream=B\n- several viral particles on the skin=C\n"
+                                    "- carbohydrates being digested in the stomach=D\n\nRespond only with the "
+                                    "letter of the correct answer."},
+        {"role": "assistant", "content": "B"}], "letters": ["A", "B", "C", "D"]}
+    assert arc.eval_type == "categorical"
+    assert arc.evaluate(first, "B") == 1 and arc.evaluate(first, "A") == 0
+    assert arc[3]["messages"][1]["content"] == "4" and "- sound=4\n" in arc[3]["messages"][0]["content"]
+    assert len(tasks.ARC("ARC-Easy", "test", stop=2)) == 2
+
+
+def test_mmlu_rendering(base):
+    seed_cache("cais/mmlu", "all", "test", [MMLU_ROW])
+    seed_cache("cais/mmlu", "auxiliary_train", "train", [{"train": dict(MMLU_ROW, subject="")}])
+    ex = tasks.MMLU()[0]
+    assert ex["messages"][0]["content"] == (
+        "Multiple Choice question: Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) "
+        "over Q.\n- 0=A\n- 4=B\n- 2=C\n- 6=D\n\nRespond only with the letter of the correct answer.")
+    assert ex["messages"][1] == {"role": "assistant", "content": "B"}
+    assert ex["subject"] == "abstract_algebra" and tuple(ex["letters"]) == ("A", "B", "C", "D")
+    assert tasks.MMLU().evaluate(ex, "B") == 1
+    aux = tasks.MMLU("auxiliary_train", "train")[0]  # the {"train": row} wrapper is removed
+    assert aux["messages"] == ex["messages"]
+
+
+def test_gsm8k_rendering_and_evaluation(base):
+    seed_cache("openai/gsm8k", "main", "test", [GSM8K_ROW])
+    gsm = tasks.GSM8K()
+    ex = gsm[0]
+    assert ex["messages"][0] == {"role": "user", "content": GSM8K_ROW["question"]}
+    assert ex["messages"][1]["content"] == [
+        {"type": "text", "text": "Natalia sold 48/2 = "},
+        {"type": "python", "text": "48/2"}, {"type": "python_output", "text": "24"},
+        {"type": "text", "text": "24 clips in May.\nNatalia sold 48+24 = "},
+        {"type": "python", "text": "48+24"}, {"type": "python_output", "text": "72"},
+        {"type": "text", "text": "72 clips altogether in April and May.\n#### 72"}]
+    assert tasks.gsm8k_parts("a <<x=y=3>> b <<noequals>>")[1:5] == [
+        {"type": "python", "text": "x=y"}, {"type": "python_output", "text": "3"}, {"type": "text", "text": " b "},
+        {"type": "python", "text": "noequals"}]
+    assert gsm.eval_type == "generative"
+    assert gsm.evaluate(ex, "She sold 24 in May, so 48+24=72.\n#### 72") == 1
+    assert gsm.evaluate(ex, "#### 71") == 0
+    assert gsm.evaluate(ex, "The answer is 72.") == 0  # no #### marker
+    assert gsm.evaluate(ex, None) == 0
+
+
+def test_gsm8k_answer_extraction():
+    assert tasks.extract_gsm8k_answer("so #### 1,234") == "1234"
+    assert tasks.extract_gsm8k_answer("#### -5 degrees") == "-5"
+    assert tasks.extract_gsm8k_answer("#### 3.50") == "3.50"
+    assert tasks.extract_gsm8k_answer("answer: 12") is None
+    assert tasks.extract_gsm8k_answer(None) is None
+
+
+def test_humaneval_rendering_and_evaluation(base):
+    seed_cache("openai/openai_humaneval", "openai_humaneval", "test", [HUMANEVAL_ROW])
+    he = tasks.TASKS["HumanEval"]()
+    ex = he[0]
+    assert ex["messages"] == [
+        {"role": "user", "content": HUMANEVAL_ROW["prompt"]},
+        {"role": "assistant", "content": HUMANEVAL_ROW["prompt"] + "\n" + HUMANEVAL_ROW["canonical_solution"]}]
+    assert ex["entry_point"] == "has_close_elements" and ex["test"] == HUMANEVAL_ROW["test"]
+    # the completion relies on List from the prompt's imports
+    correct = ("Here is the function:\n```python\ndef has_close_elements(numbers: List[float], threshold: float) "
+               "-> bool:\n    s = sorted(numbers)\n    return any(b - a < threshold for a, b in zip(s, s[1:]))\n"
+               "```\nIt sorts first.")
+    assert he.evaluate(ex, correct) == 1
+    assert he.evaluate(ex, ex["messages"][1]["content"]) == 1  # plain code, no fence
+    wrong = "```python\ndef has_close_elements(numbers, threshold):\n    return False\n```"
+    assert he.evaluate(ex, wrong) == 0
+    assert he.evaluate(ex, "I cannot write code.") == 0
+
+
+def test_extract_imports_stops_at_code():
+    prompt = 'import math\n# helper\nfrom typing import List\n\ndef f(x):\n    """\n    from the list, pick\n    """\n'
+    assert tasks.extract_imports(prompt) == "import math\nfrom typing import List"
+    assert tasks.extract_code("```\nx = 1\n```") == "x = 1"
+
+
+def test_smoltalk_prefix_and_validation(base):
+    seed_cache("HuggingFaceTB/smol-smoltalk", "default", "train", SMOLTALK_ROWS)
+    st = tasks.SmolTalk("train")
+    assert [ex["messages"] for ex in st] == [r["messages"] for r in SMOLTALK_ROWS]  # stored order, no source key
+    assert set(st[0]) == {"messages"}
+    st[0]["messages"].append("mutated")  # examples are copies
+    assert len(st[0]["messages"]) == 3
+    assert len(tasks.SmolTalk("train", stop=1)) == 1
+    bad = SMOLTALK_ROWS + [{"messages": [{"content": "a", "role": "assistant"}, {"content": "b", "role": "user"}]}]
+    path = seed_cache("HuggingFaceTB/smol-smoltalk", "default", "test", bad)
+    with pytest.raises(UserError, match=f"{path}:3: .*role"):
+        tasks.SmolTalk("test")
+
+
+def test_registry_builds_eval_tasks(base):
+    seed_cache("allenai/ai2_arc", "ARC-Easy", "test", ARC_ROWS)
+    seed_cache("allenai/ai2_arc", "ARC-Challenge", "test", ARC_ROWS[:2])
+    seed_cache("cais/mmlu", "all", "test", [MMLU_ROW])
+    seed_cache("openai/gsm8k", "main", "test", [GSM8K_ROW])
+    seed_cache("openai/openai_humaneval", "openai_humaneval", "test", [HUMANEVAL_ROW])
+    built = {name: make() for name, make in tasks.TASKS.items()}
+    assert {n: (len(t), t.eval_type) for n, t in built.items()} == {
+        "ARC-Easy": (5, "categorical"), "ARC-Challenge": (2, "categorical"), "MMLU": (1, "categorical"),
+        "GSM8K": (1, "generative"), "HumanEval": (1, "generative")}
+    assert len(tasks.TASKS["ARC-Easy"](stop=3)) == 3
+
+
+def test_bad_cache_row_names_file_and_line(base):
+    path = seed_cache("allenai/ai2_arc", "ARC-Easy", "test", [ARC_ROWS[0], dict(ARC_ROWS[0], answerKey="E")])
+    with pytest.raises(UserError, match=f"{path}:2: answerKey 'E'"):
+        tasks.ARC("ARC-Easy", "test")
+    with open(path, "a") as f:
+        f.write("{not json\n")
+    with pytest.raises(UserError, match=f"{path}:3: not valid JSON"):
+        tasks.hf_rows("allenai/ai2_arc", "ARC-Easy", "test")
+
+
+def test_prefetch_cli(base):
+    seed_cache("allenai/ai2_arc", "ARC-Easy", "test", ARC_ROWS)
+    env = {"NANOCHAT_BASE_DIR": str(base)}
+    assert "ARC-Easy/test: 5 examples" in run_python(["tasks.py", "ARC-Easy"], env=env, timeout=60).stdout
+    proc = run_python(["tasks.py", "NoSuchTask"], env=env, timeout=60, check=False)
+    assert proc.returncode == 2 and "unknown task 'NoSuchTask'" in proc.stderr
+
+
+# -----------------------------------------------------------------------------
+# The viewer-API loader against a loopback /rows server
+
+
+class RowsServer:
+    """A stand-in for datasets-server's /rows: pagination, the 100-row limit, and scripted
+    failures served before normal answers."""
+
+    def __init__(self, splits):
+        self.splits, self.requests, self.script = splits, [], []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                url = urllib.parse.urlparse(self.path)
+                params = {k: v[0] for k, v in urllib.parse.parse_qs(url.query).items()}
+                server.requests.append({"params": params, "headers": dict(self.headers), "t": time.monotonic()})
+                status, headers, body = server.answer(url.path, params)
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                data = json.dumps(body).encode()
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def answer(self, path, params):
+        if self.script:
+            return self.script.pop(0)
+        key = (params.get("dataset"), params.get("config"), params.get("split"))
+        if path != "/rows" or key not in self.splits:
+            return 404, {}, {"error": "The dataset does not exist, or is not accessible."}
+        offset, length = int(params["offset"]), int(params["length"])
+        if not 0 < length <= 100:
+            return 422, {}, {"error": "Parameter 'length' must be between 1 and 100"}
+        items = self.splits[key]
+        rows = [{"row_idx": offset + i, "row": item["row"], "truncated_cells": item.get("truncated_cells", [])}
+                for i, item in enumerate(items[offset:offset + length])]
+        return 200, {}, {"features": [], "rows": rows, "num_rows_total": len(items),
+                         "num_rows_per_page": 100, "partial": False}
+
+    def pages(self):
+        return [(int(r["params"]["offset"]), int(r["params"]["length"])) for r in self.requests]
+
+
+ROWS = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(250)]
+
+
+@pytest.fixture
+def server(base, monkeypatch):
+    srv = RowsServer({("org/data", "main", "train"): [{"row": r} for r in ROWS]})
+    monkeypatch.setenv("CHIMERA_HF_ROWS_URL", srv.url)  # base URL: /rows is appended
+    yield srv
+    srv.httpd.shutdown()
+    srv.httpd.server_close()
+
+
+def test_rows_pagination_and_cache_reuse(server, base):
+    rows = tasks.hf_rows("org/data", "main", "train", backoff=0.01)
+    assert rows == ROWS
+    assert server.pages() == [(0, 100), (100, 100), (200, 50)]
+    cache = base / "task_data" / "org--data" / "main" / "train.jsonl"
+    assert [json.loads(line) for line in cache.read_text().splitlines()] == ROWS
+    assert not [p for p in os.listdir(cache.parent) if p.endswith(".tmp")]
+    assert tasks.hf_rows("org/data", "main", "train") == ROWS and len(server.requests) == 3  # cached
+    assert tasks.hf_rows("org/data", "main", "train", stop=5) == ROWS[:5] and len(server.requests) == 3
+
+
+def test_rows_prefix_fetch(server, base):
+    folder = base / "task_data" / "org--data" / "main"
+    assert tasks.hf_rows("org/data", "main", "train", stop=150) == ROWS[:150]
+    assert server.pages() == [(0, 100), (100, 50)]
+    assert sorted(os.listdir(folder)) == ["train.first150.jsonl"]  # not mistaken for the whole split
+    assert tasks.hf_rows("org/data", "main", "train", stop=120) == ROWS[:120] and len(server.requests) == 2
+    assert tasks.hf_rows("org/data", "main", "train", stop=30) == ROWS[:30] and len(server.requests) == 2
+    assert tasks.hf_rows("org/data", "main", "train", stop=200) == ROWS[:200]  # a longer prefix is fetched
+    assert sorted(os.listdir(folder)) == ["train.first200.jsonl"]
+    assert tasks.hf_rows("org/data", "main", "train") == ROWS  # the whole split replaces prefixes
+    assert sorted(os.listdir(folder)) == ["train.jsonl"]
+    n = len(server.requests)
+    assert tasks.hf_rows("org/data", "main", "train", stop=1000) == ROWS and len(server.requests) == n
+    assert tasks.hf_rows("org/data", "main", "train", stop=7) == ROWS[:7] and len(server.requests) == n
+    shutil.rmtree(folder)
+    tasks.hf_rows("org/data", "main", "train", stop=10)
+    assert server.pages()[-1] == (0, 10)  # a small prefix asks only for what it needs
+
+
+def test_rows_stop_past_the_end_is_the_whole_split(server, base):
+    assert tasks.hf_rows("org/data", "main", "train", stop=1000) == ROWS
+    assert os.listdir(base / "task_data" / "org--data" / "main") == ["train.jsonl"]
+
+
+def test_rows_retry_500_and_429_retry_after(server, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token_123")
+    server.script = [(500, {}, {"error": "boom"}), (429, {"Retry-After": "1"}, {"error": "slow down"})]
+    assert tasks.hf_rows("org/data", "main", "train", stop=100, backoff=0.01) == ROWS[:100]
+    assert len(server.requests) == 3
+    waited = server.requests[2]["t"] - server.requests[1]["t"]
+    assert 0.9 <= waited < 5  # Retry-After honoured (backoff alone would be 0.02 s)
+    assert all(r["headers"].get("Authorization") == "Bearer hf_secret_token_123" for r in server.requests)
+    out = capsys.readouterr()
+    assert "HTTP 500" in out.out and "HTTP 429" in out.out
+    assert "hf_secret_token_123" not in out.out + out.err
+
+
+def test_rows_truncated_cells_skipped_and_counted(base, monkeypatch, capsys):
+    items = [{"row": r, "truncated_cells": ["answer"] if i in (3, 140) else []} for i, r in enumerate(ROWS[:160])]
+    srv = RowsServer({("org/big", "default", "train"): items})
+    monkeypatch.setenv("CHIMERA_HF_ROWS_URL", srv.url + "/rows")
+    try:
+        rows = tasks.hf_rows("org/big", "default", "train")
+    finally:
+        srv.httpd.shutdown()
+        srv.httpd.server_close()
+    assert rows == [r for i, r in enumerate(ROWS[:160]) if i not in (3, 140)]
+    assert "skipped 2 rows with truncated cells" in capsys.readouterr().out
+
+
+def test_rows_unavailable_names_the_cache(base, monkeypatch):
+    monkeypatch.setenv("CHIMERA_HF_ROWS_URL", f"http://127.0.0.1:{free_port()}/rows")  # nothing listens
+    t = time.time()
+    with pytest.raises(tasks.DataUnavailable) as e:
+        tasks.hf_rows("org/data", "main", "train", retries=2, backoff=0.01)
+    assert time.time() - t < 5
+    expected = os.path.join(str(base), "task_data", "org--data", "main", "train.jsonl")
+    assert "org/data (main/train)" in str(e.value) and expected in str(e.value)
+    assert isinstance(e.value, UserError) and not os.path.exists(expected)
+    # an eval task without cache or network says the same, in one line
+    monkeypatch.setattr(tasks, "HF_RETRIES", 0)
+    with pytest.raises(tasks.DataUnavailable, match="ARC-Challenge/test.*task_data.*allenai--ai2_arc"):
+        tasks.ARC("ARC-Challenge", "test")
+
+
+def test_offline_env_fails_at_once_without_a_request(server, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(tasks.DataUnavailable, match="HF_HUB_OFFLINE.*org--data"):
+        tasks.hf_rows("org/data", "main", "train")
+    assert server.requests == []
+
+
+def test_unreachable_endpoint_is_written_off_for_the_run(base, monkeypatch):
+    monkeypatch.setenv("CHIMERA_HF_ROWS_URL", f"http://127.0.0.1:{free_port()}/rows")  # nothing listens
+    with pytest.raises(tasks.DataUnavailable, match=r"gave up after 3 tries"):
+        tasks.hf_rows("org/data", "main", "train", backoff=0.01)
+    t = time.time()
+    with pytest.raises(tasks.DataUnavailable, match="unreachable earlier"):
+        tasks.hf_rows("org/other", "main", "test", backoff=10.0)  # would wait 10 s if retried
+    assert time.time() - t < 1
+
+
+def test_rows_client_errors_are_not_retried(server):
+    with pytest.raises(tasks.DataUnavailable, match="HTTP 404.*does not exist"):
+        tasks.hf_rows("org/missing", "main", "train", backoff=0.01)
+    assert len(server.requests) == 1
+
+
+# -----------------------------------------------------------------------------
+# The sandbox
+
+
+def test_sandbox_runs_code_in_a_clean_throwaway_dir(monkeypatch):
+    monkeypatch.setenv("OPENROUTER_API_KEY", "sk-or-secret")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    r = tasks.execute_code("import os, sys, json\nprint(json.dumps({'env': dict(os.environ), 'cwd': os.getcwd(), "
+                           "'path': sys.path, 'uid': os.getuid()}))")
+    assert r.success and not r.timed_out and r.error == "" and r.returncode == 0
+    seen = json.loads(r.stdout)
+    assert "sk-or-secret" not in r.stdout and "hf_secret" not in r.stdout
+    assert set(seen["env"]) <= {"PATH", "HOME", "TMPDIR", "LANG", "LC_CTYPE"}
+    assert not os.path.exists(seen["cwd"]) and seen["cwd"] != os.getcwd()
+    assert not {"", ".", os.path.dirname(os.path.abspath(tasks.__file__))} & set(seen["path"])
+    if ROOT:
+        assert seen["uid"] != 0
+
+
+def test_sandbox_limits_are_set():
+    code = ("import resource\nfor n in ('AS', 'CPU', 'FSIZE', 'NPROC', 'CORE'):\n"
+            "    print(n, resource.getrlimit(getattr(resource, 'RLIMIT_' + n)))")
+    r = tasks.execute_code(code, timeout=3.0, memory_mb=256, guard=False)
+    limits = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    assert limits["AS"] == str((256 << 20, 256 << 20)) and limits["CPU"] == "(4, 4)"
+    assert limits["FSIZE"] == str((tasks.SANDBOX_FILE_BYTES,) * 2) and limits["CORE"] == "(0, 0)"
+    assert limits["NPROC"] == ("(16, 16)" if ROOT else "(0, 0)")
+
+
+def test_sandbox_timeout_kills_an_infinite_loop():
+    t = time.time()
+    r = tasks.execute_code("while True:\n    pass", timeout=1.0)
+    assert r.timed_out and not r.success and "timed out" in r.error
+    assert time.time() - t < 4
+
+
+def test_sandbox_guard_disables_fork_and_escapes():
+    r = tasks.execute_code("import os\nwhile True:\n    os.fork()")
+    assert not r.success and "os.fork is disabled" in r.error
+    for call in ("import subprocess; subprocess.run(['true'])", "import os; os.system('true')",
+                 "import ctypes", "import os; os.kill(1, 9)"):
+        assert not tasks.execute_code(call).success, call
+
+
+def test_sandbox_fork_bomb_is_contained():
+    # kernel layer alone (guard off): RLIMIT_NPROC caps the processes; max_procs=1 means none
+    r = tasks.execute_code("import os\nos.fork()", guard=False, max_procs=1)
+    assert not r.success and ("BlockingIOError" in r.error or "Resource temporarily unavailable" in r.stderr)
+    t = time.time()
+    r = tasks.execute_code("import os\nprint(os.getuid(), flush=True)\nwhile True:\n    try:\n        os.fork()\n"
+                           "    except OSError:\n        pass", timeout=1.0, guard=False)
+    assert r.timed_out and not r.success and time.time() - t < 6
+    if ROOT:
+        assert tasks._pids_of(int(r.stdout.split()[0])) == []  # every copy was killed
+
+
+@root_only
+def test_sandbox_caps_processes_and_kills_leftovers():
+    code = ("import os, time\nprint(os.getuid(), flush=True)\nn = 0\nfor _ in range(100):\n    try:\n"
+            "        pid = os.fork()\n    except OSError:\n        break\n    if pid == 0:\n        time.sleep(60)\n"
+            "        os._exit(0)\n    n += 1\nprint(n)")
+    r = tasks.execute_code(code, guard=False, max_procs=8)
+    uid, forks = map(int, r.stdout.split())
+    assert r.success and forks == 7  # 8 processes of that uid at most
+    assert tasks._pids_of(uid) == []  # the sleeping children were killed
+
+
+def test_sandbox_output_flood_is_bounded():
+    t = time.time()
+    r = tasks.execute_code("while True:\n    print('x' * 10000)", timeout=10.0, max_output=4096)
+    assert not r.success and not r.timed_out and time.time() - t < 8  # stopped by RLIMIT_FSIZE
+    assert len(r.stdout) <= 4096 + len("\n[output truncated]") and r.stdout.endswith("[output truncated]")
+
+
+def test_sandbox_memory_hog_fails():
+    r = tasks.execute_code("x = bytearray(2 * 1024 ** 3)\nprint('allocated')", memory_mb=256)
+    assert not r.success and "MemoryError" in r.error and "allocated" not in r.stdout
+
+
+def delete_attempts(victim_file, victim_dir):
+    return (f"import os, shutil\nprint('visible', os.path.exists({victim_file!r}))\n"
+            f"for f, a in ((os.remove, {victim_file!r}), (os.unlink, {victim_file!r}), (shutil.rmtree, {victim_dir!r}),"
+            f" (os.rename, {victim_file!r})):\n"
+            "    try:\n        f(a) if f is not os.rename else f(a, a + '.moved')\n"
+            "    except Exception as e:\n        print(type(e).__name__)\n")
+
+
+def test_sandbox_guard_blocks_deleting_outside_files(tmp_path):
+    victim, victim_dir = tmp_path / "keep.txt", tmp_path / "keepdir"
+    victim.write_text("precious")
+    victim_dir.mkdir()
+    (victim_dir / "inner.txt").write_text("precious")
+    r = tasks.execute_code(delete_attempts(str(victim), str(victim_dir)))
+    assert r.stdout.count("PermissionError") == 4
+    assert victim.read_text() == "precious" and (victim_dir / "inner.txt").exists()
+
+
+@root_only
+def test_sandbox_uid_blocks_deleting_visible_files():
+    # kernel layer alone: a file the sandbox can see (0755 dir, 0644 file) but does not own
+    folder = tempfile.mkdtemp()
+    try:
+        os.chmod(folder, 0o755)
+        victim, victim_dir = os.path.join(folder, "keep.txt"), os.path.join(folder, "keepdir")
+        with open(victim, "w") as f:
+            f.write("precious")
+        os.mkdir(victim_dir)
+        os.chmod(victim_dir, 0o755)
+        open(os.path.join(victim_dir, "inner.txt"), "w").close()
+        r = tasks.execute_code(delete_attempts(victim, victim_dir), guard=False)
+        assert "visible True" in r.stdout and r.stdout.count("PermissionError") == 4
+        assert open(victim).read() == "precious" and os.path.exists(os.path.join(victim_dir, "inner.txt"))
+    finally:
+        shutil.rmtree(folder)
+
+
+@root_only
+def test_sandbox_removes_files_left_in_tmp():
+    stray = f"/tmp/chimera-test-stray-{uuid.uuid4().hex}"
+    r = tasks.execute_code(f"open({stray!r}, 'w').write('junk')\nprint('wrote')")
+    assert r.success and r.stdout == "wrote\n" and not os.path.exists(stray)
