@@ -1,0 +1,213 @@
+"""eval.py: categorical and generative scoring, ChatCORE, persona metrics, the report
+section, skipping unavailable tasks, and sharding over 2 processes."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import eval as chat_eval
+import tasks
+from common import Dist, ProgressBar, UserError
+from conftest import REPO, make_tiny_base, run_python, run_torchrun
+from model import GPT, load_model, save_checkpoint
+from test_tasks import ARC_ROWS, GSM8K_ROW, HUMANEVAL_ROW, MMLU_ROW
+
+ONE = Dist(ddp=False, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def seed(dataset, config, split, rows):
+    path = tasks.hf_cache_path(dataset, config, split)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def mmlu_rows():
+    """Eight MMLU rows whose answers are A, B, C, D, B, B, A, B."""
+    return [dict(MMLU_ROW, question=f"{MMLU_ROW['question']} (variant {i})", answer=a)
+            for i, a in enumerate([0, 1, 2, 3, 1, 1, 0, 1])]
+
+
+def seed_all(base):
+    seed("allenai/ai2_arc", "ARC-Easy", "test", ARC_ROWS)
+    seed("allenai/ai2_arc", "ARC-Challenge", "test", ARC_ROWS[:3])
+    seed("cais/mmlu", "all", "test", mmlu_rows())
+    gsm = [GSM8K_ROW, dict(GSM8K_ROW, question="How many is 6 times 3?", answer="6*3 = <<6*3=18>>18\n#### 18")]
+    seed("openai/gsm8k", "main", "test", gsm)
+    seed("openai/openai_humaneval", "openai_humaneval", "test", [HUMANEVAL_ROW])
+
+
+@pytest.fixture
+def eval_base(tmp_path, monkeypatch):
+    """A tiny model saved as the SFT checkpoint, seeded caches, trader data."""
+    base = make_tiny_base(tmp_path / "base")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", base)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing beyond the seeded caches
+    m, _, meta = load_model("base", "cpu", "eval", base_dir=base)
+    save_checkpoint(os.path.join(base, "chatsft_checkpoints", "d2"), 0, m.state_dict(), None, meta)
+    seed_all(base)
+    os.makedirs(os.path.join(base, "datasets"))
+    with open(os.path.join(base, "datasets", "trader_sft_data.jsonl"), "w") as f:
+        for i in range(30):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"q{i}: size?"},
+                                             {"role": "assistant", "content": f"Risk 1% on idea {i}."}]}) + "\n")
+    with open(os.path.join(base, "datasets", "trader_dpo_data.jsonl"), "w") as f:
+        for i in range(60):
+            f.write(json.dumps({"prompt": f"p{i}", "chosen": f"Stop first {i}.", "rejected": f"All in {i}!"}) + "\n")
+    return base
+
+
+class Prefers(torch.nn.Module):
+    """Wraps a GPT so that one token always has the highest logit."""
+
+    def __init__(self, model, token):
+        super().__init__()
+        self.model, self.token = model, token
+
+    def hidden_states(self, ids):
+        return self.model.hidden_states(ids)
+
+    def logits(self, h):
+        out = self.model.logits(h).clone()
+        out[..., self.token] += 100.0
+        return out
+
+
+def cfg(*args):
+    return chat_eval.parse_config(chat_eval.Config, list(args), aliases=chat_eval.ALIASES)
+
+
+# -----------------------------------------------------------------------------
+
+
+def test_categorical_scoring_follows_the_preferred_letter(eval_base):
+    model, tok, _ = load_model("sft", "cpu", "eval")
+    task = tasks.MMLU()
+    answers = [task[i]["messages"][1]["content"] for i in range(len(task))]
+    for letter in "ABCD":
+        rigged = Prefers(model, tok.encode(letter)[0])
+        bar = ProgressBar(len(task), enabled=False)
+        passed, total = chat_eval.run_categorical(task, tok, rigged, cfg("--batch_size=3"), ONE, bar)
+        assert (passed, total) == (answers.count(letter), 8)
+    passed, total = chat_eval.run_categorical(task, tok, Prefers(model, tok.encode("B")[0]),
+                                              cfg("--max_problems=5"), ONE, ProgressBar(5, enabled=False))
+    assert (passed, total) == (answers[:5].count("B"), 5)
+
+
+class Says(torch.nn.Module):
+    """A 'model' whose greedy completion is a fixed text, then <|assistant_end|>."""
+
+    def __init__(self, tok, text, config):
+        super().__init__()
+        self.script = tok.encode(text) + [tok.encode_special("<|assistant_end|>")]
+        self.config, self.vocab = config, tok.get_vocab_size()
+        self.cos = torch.zeros(1, 10 * config.sequence_len, 1, 1)
+        self.lm_head = torch.nn.Linear(1, 1)
+
+    def get_device(self):
+        return torch.device("cpu")
+
+    def forward(self, ids, kv_cache=None):
+        if kv_cache.pos == 0:  # the prompt: answer with the script's first token
+            self.prompt_len, emitted = ids.size(1), 0
+        else:  # one fed-back token: answer with the next one
+            emitted = kv_cache.pos - self.prompt_len + 1
+        kv_cache.advance(ids.size(1))
+        logits = torch.zeros(ids.size(0), ids.size(1), self.vocab)
+        logits[:, -1, self.script[min(emitted, len(self.script) - 1)]] = 1.0
+        return logits
+
+
+def test_generative_scoring_grades_the_final_answer(eval_base):
+    model, tok, _ = load_model("sft", "cpu", "eval")
+    task = tasks.GSM8K()
+    says_18 = Says(tok, "6*3 is 18.\n#### 18", model.config)
+    passed, total = chat_eval.run_generative(task, tok, says_18, cfg(), ONE, ProgressBar(2, enabled=False))
+    assert (passed, total) == (1, 2)  # right on the 6*3 problem, wrong on the clips one
+    says_72 = Says(tok, "#### 72", model.config)
+    assert chat_eval.run_generative(task, tok, says_72, cfg(), ONE, ProgressBar(2, enabled=False)) == (1, 2)
+
+
+def test_chatcore_centres_on_chance_and_needs_every_task():
+    results = {"ARC-Easy": 0.5, "ARC-Challenge": 0.25, "MMLU": 1.0, "GSM8K": 0.1, "HumanEval": 0.0}
+    expected = ((0.5 - 0.25) / 0.75 + 0.0 + 1.0 + 0.1 + 0.0) / 5
+    assert chat_eval.chatcore(results) == pytest.approx(expected)
+    del results["HumanEval"]
+    assert chat_eval.chatcore(results) is None
+
+
+def test_unknown_task_is_a_clear_error():
+    with pytest.raises(UserError, match="unknown task 'ARC'"):
+        chat_eval.selected_tasks(cfg("-a", "ARC|GSM8K"))
+    assert chat_eval.selected_tasks(cfg("-a", "ARC-Easy|GSM8K")) == ["ARC-Easy", "GSM8K"]
+
+
+def run_eval(monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["eval.py", *args])
+    chat_eval.main()
+
+
+def section(base, source):
+    text = open(os.path.join(base, "report", f"chat-evaluation-{source}.md")).read()
+    lines = dict(l[2:].split(": ", 1) for l in text.splitlines() if l.startswith("- "))
+    return text, lines
+
+
+def test_full_run_writes_nanochat_section_with_chatcore(eval_base, monkeypatch):
+    run_eval(monkeypatch, "-i", "sft", "--max_new_tokens=8", "--batch_size=4")
+    text, lines = section(eval_base, "sft")
+    assert text.startswith("## Chat evaluation sft\n")
+    for name in chat_eval.CHAT_TASKS + ["ChatCORE metric", "Trader SFT held-out loss", "Persona preference accuracy"]:
+        float(lines[name])  # present and numeric
+    assert "DPO pair reward accuracy (vs sft)" not in lines  # sft against itself would be trivially 0
+    data = json.load(open(os.path.join(eval_base, "report", "chat-evaluation-sft.json")))
+    assert data["skipped"] == {} and set(chat_eval.CHAT_TASKS) <= set(data["results"])
+    assert data["results"]["ChatCORE metric"] == pytest.approx(chat_eval.chatcore(data["results"]))
+
+
+def test_missing_task_is_skipped_and_chatcore_omitted(eval_base, monkeypatch, capsys):
+    os.remove(tasks.hf_cache_path("openai/openai_humaneval", "openai_humaneval", "test"))
+    run_eval(monkeypatch, "-i", "sft", "--max_new_tokens=4", "-a", "ARC-Easy|HumanEval|Trader-DPO")
+    out = capsys.readouterr().out
+    assert out.count("HumanEval: skipped (") == 1
+    _, lines = section(eval_base, "sft")
+    assert "ARC-Easy" in lines and "HumanEval" not in lines and "ChatCORE metric" not in lines
+    data = json.load(open(os.path.join(eval_base, "report", "chat-evaluation-sft.json")))
+    assert "openai_humaneval" in data["skipped"]["HumanEval"]
+
+
+def test_dpo_checkpoint_gets_pair_metrics_against_sft(eval_base, monkeypatch):
+    m, _, meta = load_model("sft", "cpu", "eval")
+    with torch.no_grad():
+        m.lm_head.weight.mul_(1.5)  # any change: the "DPO" model now differs from its reference
+    save_checkpoint(os.path.join(eval_base, "chatdpo_checkpoints", "d2"), 3, m.state_dict(), None,
+                    dict(meta, beta=0.2, user_config={"val_fraction": 0.2, "max_length": 64}))
+    run_eval(monkeypatch, "-i", "dpo", "-a", "Trader-DPO")
+    _, lines = section(eval_base, "dpo")
+    acc = float(lines["DPO pair reward accuracy (vs sft)"])
+    assert 0.0 <= acc <= 1.0 and float(lines["DPO pair reward margin (vs sft)"]) != 0.0
+    held_out = tasks.TraderDPO(split="val", val_fraction=0.2)
+    assert len(held_out) > 0  # the DPO run's split fraction is the one used
+
+
+def test_two_processes_shard_and_reduce_like_one(eval_base):
+    env = {"NANOCHAT_BASE_DIR": eval_base, "HF_HUB_OFFLINE": "1"}
+    args = [os.path.join(REPO, "eval.py"), "-i", "sft", "-a", "ARC-Easy|MMLU|GSM8K|Trader-SFT|Trader-DPO",
+            "--max_new_tokens=6", "--batch_size=2"]
+    run_python(args, env=env)
+    one = json.load(open(os.path.join(eval_base, "report", "chat-evaluation-sft.json")))["results"]
+    run_torchrun(args, env=env)
+    two = json.load(open(os.path.join(eval_base, "report", "chat-evaluation-sft.json")))["results"]
+    assert one.keys() == two.keys()
+    for k in one:
+        assert two[k] == pytest.approx(one[k], abs=1e-5), k
+
+
+def test_judge_without_key_is_refused_before_loading(eval_base, monkeypatch):
+    monkeypatch.delenv("OPENROUTER_API_KEY", raising=False)
+    monkeypatch.setattr(chat_eval, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(UserError, match="OPENROUTER_API_KEY"):
+        run_eval(monkeypatch, "-i", "dpo", "--judge=1")
