@@ -1,0 +1,128 @@
+"""report.py: nanochat-compatible assembly, the DPO column, charts, reset."""
+
+import json
+import os
+
+import pytest
+
+import report
+from common import write_report_section
+
+NANOCHAT_HEADER = """# nanochat training report
+
+Generated: 2025-11-01 10:00:00
+
+## Environment
+
+Run started: 2025-11-01 10:00:00
+
+### Bloat
+- Characters: 400,000
+- Lines: 8,000
+
+"""
+
+
+def nanochat_section(name, lines, stamp="2025-11-01 12:00:00"):
+    return f"## {name}\ntimestamp: {stamp}\n\n" + "".join(f"- {k}: {v}\n" for k, v in lines.items()) + "\n"
+
+
+@pytest.fixture
+def report_base(tmp_path, monkeypatch):
+    base = tmp_path / "base"
+    rdir = base / "report"
+    rdir.mkdir(parents=True)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    (rdir / "header.md").write_text(NANOCHAT_HEADER)
+    (rdir / "tokenizer-training.md").write_text(nanochat_section("Tokenizer training", {"vocab_size": 65536}))
+    (rdir / "base-model-evaluation.md").write_text(nanochat_section("Base model evaluation", {
+        "Model": "base_model (step 21400)", "CORE metric": "0.2219", "hellaswag": "0.2570"}))
+    (rdir / "chat-evaluation-mid.md").write_text(nanochat_section("Chat evaluation mid", {
+        "source": "mid", "ARC-Easy": "0.3561", "ARC-Challenge": "0.2875", "MMLU": "0.3111", "GSM8K": "0.0250",
+        "HumanEval": "0.0671", "ChatCORE metric": "0.0730"}))
+    rd = str(rdir)
+    write_report_section("Chat SFT", [{"Training rows": 20000, "Validation loss": 1.25}], report_dir=rd)
+    write_report_section("Chat evaluation sft", [{"source": "sft"}, {
+        "ARC-Easy": 0.3876, "ARC-Challenge": 0.2807, "MMLU": 0.3151, "GSM8K": 0.0455, "HumanEval": 0.0854,
+        "Trader SFT held-out loss": 1.1, "Persona preference accuracy": 0.62, "ChatCORE metric": 0.0884}],
+        report_dir=rd)
+    write_report_section("Chat DPO", [{"Beta": 0.1, "Held-out reward accuracy": 0.9}], report_dir=rd)
+    write_report_section("Chat evaluation dpo", [{"source": "dpo"}, {
+        "ARC-Easy": 0.3901, "ARC-Challenge": 0.2790, "MMLU": 0.3140, "GSM8K": 0.0470, "HumanEval": 0.0793,
+        "Trader SFT held-out loss": 1.2, "Persona preference accuracy": 0.81, "ChatCORE metric": 0.0871}],
+        report_dir=rd)
+    return base
+
+
+def summary_rows(text):
+    table = text.split("## Summary", 1)[1]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| ")]
+    return rows[0], {r[0]: r[1:] for r in rows[1:]}
+
+
+def test_generate_orders_sections_and_fills_the_dpo_column(report_base, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = report.generate()
+    text = open(path).read()
+    assert open(tmp_path / "report.md").read() == text  # the copy in the current directory
+    order = ["# nanochat training report", "## Chimera post-training", "## Tokenizer training",
+             "## Base model evaluation", "## Chat evaluation mid", "## Chat SFT", "## Chat evaluation sft",
+             "## Chat DPO", "## Chat evaluation dpo", "## Summary"]
+    positions = [text.index(h) for h in order]
+    assert positions == sorted(positions)
+    header, rows = summary_rows(text)
+    assert header == ["Metric", "BASE", "MID", "SFT", "DPO", "RL"]
+    assert rows["CORE"] == ["0.2219", "-", "-", "-", "-"]
+    assert rows["ARC-Easy"] == ["-", "0.3561", "0.3876", "0.3901", "-"]
+    assert rows["ChatCORE"] == ["-", "0.0730", "0.0884", "0.0871", "-"]
+    assert rows["Persona preference accuracy"] == ["-", "-", "0.6200", "0.8100", "-"]
+    assert list(rows)[-1] == "ChatCORE"
+    assert "- Characters: 400,000" in text.split("## Summary")[1]  # nanochat's bloat data carried over
+    assert "Sections not found" in text and "midtraining.md" in text
+    assert "Total wall clock time: " in text
+
+
+def test_charts_are_drawn_from_metrics(report_base):
+    for d, rows in (("chatsft_checkpoints", [{"step": s, "loss": 3 - s / 10} for s in range(1, 11)]
+                     + [{"step": 10, "val_loss/trader": 2.5}]),
+                    ("chatdpo_checkpoints", [{"step": s, "loss": 0.69 - s / 100, "rewards/margins": s / 10,
+                                              "rewards/accuracies": s / 10} for s in range(1, 6)]
+                     + [{"step": 5, "eval/loss": 0.6, "eval/rewards/margins": 0.3, "eval/rewards/accuracies": 0.8}])):
+        os.makedirs(report_base / d / "d4")
+        with open(report_base / d / "d4" / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+            f.write('{"step": 11, "lo')  # a torn last line does not break the chart
+    text = open(report.generate(out_copy=False)).read()
+    charts = text.split("## Training curves", 1)[1].split("## Summary")[0]
+    assert charts.count("<svg") == 4 and charts.count("</svg>") == 4
+    assert "SFT loss" in charts and "DPO reward margin" in charts and "val (trader)" in charts
+
+
+def test_svg_chart_handles_flat_single_and_nan_series():
+    svg = report.svg_chart("flat", {"a": [(1, 2.0)], "b": [(1, float("nan")), (2, 2.0)]})
+    assert svg.startswith("<svg") and svg.endswith("</svg>") and "nan" not in svg
+    assert report.svg_chart("empty", {"a": []}) == ""
+
+
+def test_reset_keeps_nanochat_sections_unless_all(report_base):
+    rdir = report_base / "report"
+    report.reset()
+    left = set(os.listdir(rdir))
+    assert {"header.md", "tokenizer-training.md", "base-model-evaluation.md", "chat-evaluation-mid.md"} <= left
+    assert not left & {"chat-sft.md", "chat-evaluation-sft.md", "chat-dpo.md", "chat-evaluation-dpo.md"}
+    assert "Run started: " in (rdir / "chimera-header.md").read_text()
+    report.reset(everything=True)
+    assert os.listdir(rdir) == ["chimera-header.md"]
+
+
+def test_cli_rejects_unknown_command(report_base, capsys):
+    import sys
+    from common import run_main
+    sys_argv = sys.argv
+    try:
+        sys.argv = ["report.py", "publish"]
+        with pytest.raises(SystemExit) as e:
+            run_main(report.main)
+    finally:
+        sys.argv = sys_argv
+    assert e.value.code == 2 and "usage: python report.py generate | reset" in capsys.readouterr().err
