@@ -23,7 +23,7 @@ import torch
 
 from common import (UserError, ProgressBar, all_reduce_sum, atomic_write_json, autocast, cleanup_dist,
                     config_dict, get_base_dir, init_dist, master_first, parse_config, print0, run_main, write_report_section)
-from model import Engine, load_model
+from model import Engine, checkpoint_dir_for, find_last_step, load_model
 import tasks
 
 CHAT_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval"]
@@ -48,6 +48,8 @@ class Config:
     ref_source: str = "sft"  # reference model of the DPO pair rewards
     trader_sft_path: Optional[str] = None  # SFT JSONL; None = $NANOCHAT_BASE_DIR/datasets/trader_sft_data.jsonl
     trader_dpo_path: Optional[str] = None  # pairs JSONL; None = $NANOCHAT_BASE_DIR/datasets/trader_dpo_data.jsonl
+    sft_val_fraction: float = -1.0  # held-out share of the SFT data; -1 = the SFT run's (else 0.1)
+    dpo_val_fraction: float = -1.0  # held-out share of the pairs; -1 = the DPO run's (else 0.05)
     judge: bool = False  # also ask an LLM judge (OpenRouter) whether DPO beats SFT on held-out prompts
     judge_prompts: int = 50  # held-out persona prompts the judge sees
 
@@ -143,10 +145,12 @@ def run_chat_task(name, tokenizer, model, c, d):
 # Persona and preference metrics
 
 
-def trader_sft_loss(model, tokenizer, meta, c, d):
+def trader_sft_loss(model, tokenizer, c, d):
     """Mean loss per assistant token on the held-out trader conversations (the SFT split)."""
     from sft import conversation_loss
-    fraction = meta.get("user_config", {}).get("trader_val_fraction", 0.1)
+    fraction = c.sft_val_fraction
+    if fraction < 0:  # the split the SFT run held out
+        fraction = stage_meta("sft").get("user_config", {}).get("trader_val_fraction", 0.1)
     task = tasks.TraderSFT(c.trader_sft_path, split="val", val_fraction=fraction)
     if len(task) == 0:
         raise tasks.DataUnavailable("no held-out trader conversations (the val split is empty)")
@@ -161,8 +165,8 @@ def trader_dpo_metrics(model, tokenizer, c, d):
     log-prob, no reference needed), and DPO's implicit-reward accuracy and margin against
     the reference (ref_source), with the beta and split the DPO run used."""
     import dpo
-    meta = dpo_meta(c)
-    fraction = meta.get("user_config", {}).get("val_fraction", 0.05)
+    meta = stage_meta("dpo")
+    fraction = c.dpo_val_fraction if c.dpo_val_fraction >= 0 else meta.get("user_config", {}).get("val_fraction", 0.05)
     beta = meta.get("beta", 0.1)
     max_len = min(meta.get("user_config", {}).get("max_length", 1024), model.config.sequence_len)
     task = tasks.TraderDPO(c.trader_dpo_path, split="val", val_fraction=fraction)
@@ -198,20 +202,14 @@ def trader_dpo_metrics(model, tokenizer, c, d):
     return out
 
 
-def dpo_meta(c):
-    """The latest DPO run's meta (beta, split), if there is one; defaults otherwise."""
+def stage_meta(source):
+    """The latest checkpoint meta of a stage (its split, beta, ...), or {} if none."""
     try:
-        return load_meta("dpo")
-    except UserError:
+        directory = checkpoint_dir_for(source)
+        with open(os.path.join(directory, f"meta_{find_last_step(directory):06d}.json")) as f:
+            return json.load(f)
+    except (UserError, OSError, ValueError):
         return {}
-
-
-def load_meta(source):
-    from model import checkpoint_dir_for, find_last_step
-    directory = checkpoint_dir_for(source)
-    step = find_last_step(directory)
-    with open(os.path.join(directory, f"meta_{step:06d}.json")) as f:
-        return json.load(f)
 
 
 # -----------------------------------------------------------------------------
@@ -232,7 +230,7 @@ def main():
             if name in CHAT_TASKS:
                 results[name] = run_chat_task(name, tokenizer, model, c, d)
             elif name == "Trader-SFT":
-                results.update(trader_sft_loss(model, tokenizer, meta, c, d))
+                results.update(trader_sft_loss(model, tokenizer, c, d))
             else:
                 results.update(trader_dpo_metrics(model, tokenizer, c, d))
         except tasks.DataUnavailable as e:
