@@ -518,3 +518,26 @@ def write_report_section(section, data, report_dir=None):
     out.append("\n")
     atomic_write_text(path, "".join(out))
     return path
+
+
+# -----------------------------------------------------------------------------
+# Peak memory on CPU, for the benchmarks (Linux: /proc/self)
+
+
+def reset_peak_rss():
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_mb(field="VmRSS"):
+    """Current (VmRSS) or peak since the last reset (VmHWM) resident memory, in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise OSError(f"{field} not in /proc/self/status")

@@ -10,7 +10,6 @@ checkpointed). Each mode runs in its own process so peak RSS is its own.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def measure(mode, vocab, seq, width, layers, device):
     import torch
+    from common import reset_peak_rss, rss_mb
     from model import GPT, GPTConfig
 
     torch.manual_seed(0)
@@ -35,7 +35,8 @@ def measure(mode, vocab, seq, width, layers, device):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        assert reset_peak_rss(), "needs Linux /proc/self/clear_refs"
+        base = rss_mb() * 2**20
     t0 = time.time()
     if mode == "plain":
         logp = -model(x, y, loss_reduction="none")
@@ -46,7 +47,7 @@ def measure(mode, vocab, seq, width, layers, device):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = rss_mb("VmHWM") * 2**20
     grads_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     return {"mode": mode, "peak_extra_mb": (peak - base) / 2**20, "seconds": time.time() - t0, "grads_mb": grads_mb}
 
