@@ -1,0 +1,80 @@
+"""
+Sampling throughput of the KV-cache engine: a batch of samples from one prompt, as eval.py
+samples GSM8K/HumanEval answers.
+
+    python bench/bench_sample.py                         # d4, batch 8, on CPU
+    python bench/bench_sample.py --depth 20 --device cuda
+
+Reports generated tokens/s over all rows (prefill excluded from the rate, shown apart).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from common import synchronize
+from model import SPECIAL_TOKENS, SPLIT_PATTERN, Engine, GPT, GPTConfig, Tokenizer
+
+
+def synthetic_encoding(vocab):
+    """A tiktoken Encoding of exactly `vocab` ids (bytes, then byte pairs, then the specials),
+    so the benchmark samples over a nanochat-sized vocabulary."""
+    import tiktoken
+    ranks = {bytes([i]): i for i in range(256)}
+    for a in range(256):
+        for b in range(256):
+            if len(ranks) == vocab - len(SPECIAL_TOKENS):
+                break
+            ranks[bytes([a, b])] = len(ranks)
+    special = {t: len(ranks) + i for i, t in enumerate(SPECIAL_TOKENS)}
+    return tiktoken.Encoding(name="bench", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=65536)
+    p.add_argument("--batch", type=int, default=8, help="samples per prompt")
+    p.add_argument("--prompt", type=int, default=256, help="prompt tokens")
+    p.add_argument("--tokens", type=int, default=128, help="tokens generated per row")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    width = args.depth * 64
+    heads = max(1, (width + 127) // 128)
+    config = GPTConfig(sequence_len=2048, vocab_size=args.vocab, n_layer=args.depth, n_head=heads,
+                       n_kv_head=heads, n_embd=width)
+    with torch.device(args.device):
+        model = GPT(config)
+    model.init_weights(zero_out=False)
+    model.eval()
+    tokenizer = Tokenizer(synthetic_encoding(args.vocab))
+    prompt = torch.randint(0, 255, (args.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
+    engine = Engine(model, tokenizer)
+    with torch.no_grad():  # no row may stop early: the special tokens' logits are pushed down
+        model.lm_head.weight[args.vocab - len(SPECIAL_TOKENS):] = 0.0
+
+    def run(n):
+        synchronize(args.device)
+        t0 = time.time()
+        steps = sum(1 for _ in engine.generate(prompt, num_samples=args.batch, max_tokens=n, temperature=1.0, top_k=50))
+        synchronize(args.device)
+        return steps, time.time() - t0
+
+    run(4)  # warm up
+    _, t_prefill = run(1)  # prefill + one token
+    steps, t_all = run(args.tokens)
+    rate = args.batch * (steps - 1) / (t_all - t_prefill)
+    print(f"d{args.depth} (n_embd {width}), V={args.vocab}, batch {args.batch}, prompt {args.prompt}, "
+          f"{steps} tokens per row on {args.device}")
+    print(f"prefill {t_prefill * 1000:.0f} ms; sampling {rate:,.0f} tokens/s ({rate / args.batch:,.1f} per row)")
+
+
+if __name__ == "__main__":
+    main()
