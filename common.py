@@ -185,7 +185,7 @@ def config_help(cls, aliases=None):
     helps = _field_help(cls)
     hints = typing.get_type_hints(cls)
     short = {v: k for k, v in (aliases or {}).items()}
-    lines = [f"settings (--key=value or --key value):"]
+    lines = ["settings (--key=value or --key value):"]
     for f in dataclasses.fields(cls):
         flag = f"--{f.name}" + (f", -{short[f.name]}" if f.name in short else "")
         typ = getattr(hints[f.name], "__name__", str(hints[f.name]).replace("typing.", ""))

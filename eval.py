@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from common import (UserError, ProgressBar, all_reduce_sum, atomic_write_json, autocast, cleanup_dist,
-                    config_dict, get_base_dir, init_dist, master_first, parse_config, print0, run_main, write_report_section)
+                    config_dict, init_dist, master_first, parse_config, print0, run_main, write_report_section)
 from model import Engine, checkpoint_dir_for, find_last_step, load_model
 import tasks
 

@@ -12,7 +12,6 @@ fresh base -> sampling.
 """
 
 import ast
-import copy
 import glob
 import json
 import math

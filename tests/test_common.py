@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import pytest
-import torch
 
 import common
 from common import UserError, parse_config
