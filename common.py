@@ -8,6 +8,7 @@ Nothing here knows about models or data; model.py and the stages build on it.
 
 import dataclasses
 import datetime
+import email.utils
 import inspect
 import json
 import math
@@ -89,6 +90,25 @@ def append_jsonl(path, record):
         f.write(line)
         f.flush()
         os.fsync(f.fileno())
+
+
+# -----------------------------------------------------------------------------
+# HTTP (gen.py's OpenRouter client, tasks.py's Hugging Face rows)
+
+
+def retry_after(response):
+    """Seconds asked by a Retry-After header (seconds or an HTTP date), or None."""
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
 
 
 # -----------------------------------------------------------------------------
@@ -465,7 +485,7 @@ class ProgressBar:
     def draw(self):
         if not self.enabled:
             return
-        self.last_draw = time.time()
+        self.last_draw, self.drawn = time.time(), (self.done, self.extra)
         if self.tty:
             self.stream.write("\r" + self.text() + "\033[K")
         else:
@@ -478,7 +498,7 @@ class ProgressBar:
         if self.tty:
             self.draw()
             self.stream.write("\n")
-        else:
+        elif getattr(self, "drawn", None) != (self.done, self.extra):  # a log gets no repeated last line
             self.draw()
         self.stream.flush()
 

@@ -23,7 +23,6 @@ uid, resource limits, its own session, a guard prelude), see the last part of th
 
 import copy
 import dataclasses
-import email.utils
 import functools
 import hashlib
 import itertools
@@ -43,7 +42,7 @@ import time
 import numpy as np
 import requests
 
-from common import ProgressBar, UserError, atomic_write, get_base_dir, print0, run_main
+from common import ProgressBar, UserError, atomic_write, get_base_dir, print0, retry_after, run_main
 
 # -----------------------------------------------------------------------------
 # Task: a list of conversations with a lightweight start/stop/step view
@@ -310,20 +309,6 @@ def _rows_url():
     return url if url.endswith("/rows") else url + "/rows"
 
 
-def _retry_after(response):
-    """Seconds asked by a Retry-After header (seconds or an HTTP date), or None."""
-    value = response.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
-
-
 def _error_text(response):
     try:
         return str(response.json().get("error", ""))[:200]
@@ -361,7 +346,7 @@ def _get_page(session, url, params, headers, where, retries, backoff, timeout):
                     reason = "the response is not JSON"
             elif response.status_code == 429 or response.status_code >= 500:
                 reason = f"HTTP {response.status_code}"
-                asked = _retry_after(response)
+                asked = retry_after(response)
                 wait = wait if asked is None else asked
             else:
                 raise _FetchFailed(f"HTTP {response.status_code} from {url}: {_error_text(response)}")

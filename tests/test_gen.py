@@ -1,0 +1,321 @@
+"""gen.py against a real HTTP server on 127.0.0.1 that speaks OpenRouter and injects faults."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import gen
+from tasks import conversation_problem, dpo_problem
+from openrouter_server import FakeOpenRouter
+
+KEY = "sk-or-v1-TESTSECRET-0123456789abcdef"
+
+
+@pytest.fixture
+def server():
+    s = FakeOpenRouter(cost=0.01).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch, server, capsys):
+    """run(*flags, env=None) -> (exit code, stdout, stderr) of gen.py in this process."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    monkeypatch.setenv("OPENROUTER_API_KEY", KEY)
+    monkeypatch.setenv("OPENROUTER_BASE_URL", server.url)
+    monkeypatch.delenv("OPENROUTER_MODELS", raising=False)
+
+    def _run(*flags, env=None):
+        for k, v in (env or {}).items():
+            if v is None:
+                monkeypatch.delenv(k, raising=False)
+            else:
+                monkeypatch.setenv(k, v)
+        monkeypatch.setattr(sys, "argv", ["gen.py", "--backoff=0.01", "--workers=2", *flags])
+        code = 0
+        try:
+            gen.run_main(gen.main)
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return _run
+
+
+def data(tmp_path, kind="sft"):
+    path = tmp_path / "datasets" / f"trader_{kind}_data.jsonl"
+    if not path.exists():
+        return []
+    text = path.read_text()
+    assert text == "" or text.endswith("\n"), "a partial last line"
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def summary(tmp_path):
+    return json.loads((tmp_path / "datasets" / "trader_gen_summary.json").read_text())
+
+
+def test_happy_path_counts_schema_headers_and_cost(run, server, tmp_path):
+    code, out, err = run("--sft-examples=6", "--dpo-examples=4")
+    assert code == 0, err
+    sft, dpo = data(tmp_path, "sft"), data(tmp_path, "dpo")
+    assert len(sft) == 6 and len(dpo) == 4
+    persona = gen.load_persona(gen.PERSONA_PATH)
+    for record in sft:
+        assert conversation_problem(record) is None
+        assert record["messages"][0] == {"role": "system", "content": persona["system"]}
+        assert sum(m["role"] == "user" for m in record["messages"]) >= 2  # multi-turn
+    for record in dpo:
+        assert set(record) == {"prompt", "chosen", "rejected"} and dpo_problem(record) is None
+    requests = server.chat_requests()
+    assert len(requests) == 10
+    headers = requests[0]["headers"]
+    assert headers["Authorization"] == f"Bearer {KEY}"
+    assert headers["HTTP-Referer"] and headers["X-Title"] == "Chimera"
+    body = requests[0]["body"]
+    fmt = body["response_format"]
+    assert fmt["type"] == "json_schema" and fmt["json_schema"]["strict"] is True
+    assert fmt["json_schema"]["schema"] == gen.SFT_SCHEMA
+    assert body["model"] == "openai/gpt-4o-mini"
+    assert "provider" not in body  # OpenRouter-only routing field is not sent to other servers
+    s = summary(tmp_path)
+    assert s["kinds"]["sft"]["records"] == 6 and s["kinds"]["dpo"]["records"] == 4
+    assert s["models"]["openai/gpt-4o-mini"]["requests"] == 10
+    assert s["cost_total"] == pytest.approx(0.10)
+    assert "spent $0.1000" in out
+    section = (tmp_path / "report" / "synthetic-data.md").read_text()
+    assert "- SFT conversations: 6" in section and "- DPO pairs: 4" in section
+
+
+@pytest.mark.parametrize("fault", ["429", "408", "500", "502", "503", "timeout"])
+def test_transient_http_faults_are_retried(run, server, tmp_path, fault):
+    server.faults.extend([fault] * (1 if fault == "timeout" else 2))
+    code, _, err = run("--sft-examples=2", "--dpo-examples=0", "--workers=1", "--timeout=1")
+    assert code == 0, err
+    assert len(data(tmp_path)) == 2
+    assert summary(tmp_path)["kinds"]["sft"]["this_run"]["failed"] == 0
+
+
+def test_retry_after_is_honoured(run, server, tmp_path):
+    server.retry_after = "1"
+    server.faults.append("429")
+    t0 = time.time()
+    code, _, err = run("--sft-examples=1", "--dpo-examples=0", "--workers=1")
+    assert code == 0, err
+    assert time.time() - t0 >= 1.0  # waited what the server asked, not the 0.01 s backoff
+
+
+def test_transient_faults_that_never_end_fail_the_item_and_move_on(run, server, tmp_path):
+    server.faults.extend(["503"] * 3)  # item 0: three tries, all 503
+    code, _, err = run("--sft-examples=2", "--dpo-examples=0", "--workers=1", "--http-retries=2")
+    assert code == 0, err
+    assert len(data(tmp_path)) == 2
+    assert summary(tmp_path)["kinds"]["sft"]["this_run"]["failed"] == 1
+
+
+@pytest.mark.parametrize("fault,reason", [
+    ("body_error", "error in response"), ("empty_choices", "no choices in response"),
+    ("null_content", "empty content"), ("bad_json", "content is not valid JSON"), ("schema", "schema"),
+])
+def test_unusable_answers_retry_the_item(run, server, tmp_path, fault, reason):
+    server.faults.append(fault)
+    code, _, err = run("--sft-examples=2", "--dpo-examples=0", "--workers=1")
+    assert code == 0, err
+    s = summary(tmp_path)["kinds"]["sft"]
+    assert s["records"] == 2 and s["this_run"]["failed"] == 0
+    assert s["failure_reasons"] == {reason: 1}
+
+
+def test_an_item_that_stays_unusable_is_counted_failed(run, server, tmp_path):
+    server.faults.extend(["bad_json"] * 3)
+    code, _, err = run("--sft-examples=2", "--dpo-examples=0", "--workers=1", "--item-attempts=3")
+    assert code == 0, err
+    s = summary(tmp_path)["kinds"]["sft"]
+    assert s["records"] == 2 and s["this_run"]["failed"] == 1
+    assert len(server.chat_requests()) == 5
+
+
+def test_pairs_without_preference_or_lopsided_are_not_kept(run, server, tmp_path):
+    server.faults.extend(["identical", "lopsided"])
+    code, _, err = run("--sft-examples=0", "--dpo-examples=2", "--workers=1")
+    assert code == 0, err
+    pairs = data(tmp_path, "dpo")
+    assert len(pairs) == 2 and all(p["chosen"] != p["rejected"] for p in pairs)
+    for p in pairs:
+        short, long = sorted((len(p["chosen"]), len(p["rejected"])))
+        assert long <= gen.MAX_LENGTH_RATIO * short
+    s = summary(tmp_path)["kinds"]["dpo"]
+    assert s["this_run"]["dropped"] == 1  # identical: dropped for good
+    assert s["failure_reasons"] == {"chosen and rejected lengths differ too much": 1,
+                                    '"chosen" and "rejected" are identical': 1}
+
+
+def test_exact_duplicates_are_dropped(run, server, tmp_path):
+    server.faults.extend([None, "duplicate"])
+    code, _, err = run("--sft-examples=3", "--dpo-examples=0", "--workers=1")
+    assert code == 0, err
+    records = data(tmp_path)
+    assert len(records) == 3 and len({json.dumps(r) for r in records}) == 3
+    assert summary(tmp_path)["kinds"]["sft"]["this_run"]["duplicate"] == 1
+
+
+def test_near_duplicates_are_dropped(tmp_path):
+    store = gen.Store(str(tmp_path / "d.jsonl"), dpo_problem, threshold=0.8).load()
+    words = [f"w{i % 37} x{i % 11}" for i in range(120)]
+    base = {"prompt": "How big should my position be?", "chosen": " ".join(words), "rejected": "all in"}
+    assert store.add("dpo-0-0", base) == "ok"
+    near = dict(base, chosen=" ".join(words[:-1] + ["different"]))
+    assert store.add("dpo-0-1", near) == "near_duplicate"
+    other = dict(base, prompt="Should I average down?", chosen=" ".join(reversed(words)) + " unrelated")
+    assert store.add("dpo-0-2", other) == "ok"
+    again = gen.Store(store.path, dpo_problem, threshold=0.8).load()
+    assert again.count == 2 and again.done_ids == {"dpo-0-0", "dpo-0-1", "dpo-0-2"}
+
+
+@pytest.mark.parametrize("status,words", [("401", "API key was rejected"), ("402", "out of credits"),
+                                          ("403", "forbidden"), ("400", "refused")])
+def test_errors_no_retry_fixes_stop_the_run_keeping_the_data(run, server, tmp_path, status, words):
+    code, _, err = run("--sft-examples=2", "--dpo-examples=0", "--workers=1")
+    assert code == 0, err
+    server.faults.append(status)
+    code, _, err = run("--sft-examples=5", "--dpo-examples=0", "--workers=1")
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"HTTP {status}" in errors[0] and words in errors[0]
+    assert len(data(tmp_path)) == 2
+    assert summary(tmp_path)["kinds"]["sft"]["records"] == 2
+
+
+def test_model_fallback_uses_the_first_listed_model(run, server, tmp_path):
+    server.models = ["vendor/model-b"]
+    code, _, err = run("--sft-examples=2", "--dpo-examples=0", env={"OPENROUTER_MODELS": "vendor/model-a, vendor/model-b"})
+    assert code == 0, err
+    assert {r["body"]["model"] for r in server.chat_requests()} == {"vendor/model-b"}
+
+
+def test_model_fallback_when_the_listing_fails(run, server, tmp_path):
+    server.models, server.list_status = ["vendor/model-b"], 503
+    code, out, err = run("--sft-examples=2", "--dpo-examples=0", "--workers=1",
+                         "--models=vendor/model-a,vendor/model-b")
+    assert code == 0, err
+    assert "could not list the models" in out and "falling back to vendor/model-b" in out
+    models = [r["body"]["model"] for r in server.chat_requests()]
+    assert models[0] == "vendor/model-a" and set(models[1:]) == {"vendor/model-b"}
+    assert len(data(tmp_path)) == 2
+
+
+def test_no_listed_model_is_a_clear_error(run, server, tmp_path):
+    code, _, err = run("--sft-examples=2", "--models=vendor/nope")
+    assert code == 2 and "none of the models vendor/nope" in err
+    assert data(tmp_path) == []
+
+
+def test_missing_key_writes_nothing(run, server, tmp_path):
+    code, _, err = run("--sft-examples=2", env={"OPENROUTER_API_KEY": None})
+    assert code == 2 and "OPENROUTER_API_KEY" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "datasets").exists() and not server.requests
+
+
+def test_key_never_reaches_a_file_or_the_output(run, server, tmp_path):
+    server.faults.extend(["429", "body_error", "duplicate"])
+    outputs = run("--sft-examples=3", "--dpo-examples=2")
+    server.faults.append("401")
+    outputs += run("--sft-examples=6", "--dpo-examples=2", "--workers=1")
+    assert KEY not in "".join(str(o) for o in outputs)
+    for root, _, files in os.walk(tmp_path):
+        for name in files:
+            assert KEY.encode() not in open(os.path.join(root, name), "rb").read(), name
+
+
+def test_max_cost_stops_cleanly(run, server, tmp_path):
+    code, out, err = run("--sft-examples=50", "--dpo-examples=10", "--workers=2", "--max-cost=0.05")
+    assert code == 0, err
+    assert "stopped at --max-cost" in out
+    s = summary(tmp_path)
+    assert 0.05 <= s["cost_total"] <= 0.05 + 2 * 0.01 + 1e-9  # at most the requests in flight on top
+    assert 5 <= len(data(tmp_path)) < 50 and data(tmp_path, "dpo") == []
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--sft-examples=-3"], "--sft-examples must be >= 0"),
+    (["--sft-exampels=3"], "unknown setting --sft_exampels"),
+    (["--workers=0"], "--workers must be >= 1"),
+])
+def test_bad_flags(run, server, tmp_path, flags, message):
+    code, _, err = run(*flags)
+    assert code == 2 and message in err
+    assert not (tmp_path / "datasets").exists() and not server.requests
+
+
+def test_unwritable_output_dir(run, server, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code, _, err = run("--sft-examples=2", f"--out-dir={blocker}/sub")
+    assert code == 2 and "cannot create the output directory" in err and not server.requests
+
+
+def test_a_bad_line_in_existing_data_names_file_and_line(run, server, tmp_path):
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets" / "trader_sft_data.jsonl").write_text('{"messages": []}\n')
+    code, _, err = run("--sft-examples=2")
+    assert code == 2 and "trader_sft_data.jsonl:1:" in err and not server.chat_requests()
+
+
+def test_torn_last_line_is_repaired(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}')
+    assert gen.repair_torn_line(str(path)) is False and path.read_text() == '{"a": 1}\n{"a": 2}\n'
+    path.write_text('{"a": 1}\n{"a": ')
+    assert gen.repair_torn_line(str(path)) is True and path.read_text() == '{"a": 1}\n'
+
+
+def test_resume_after_kill_9(tmp_path):
+    server = FakeOpenRouter(latency=0.05, cost=0.001).start()
+    try:
+        env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path), OPENROUTER_API_KEY=KEY,
+                   OPENROUTER_BASE_URL=server.url, PYTHONPATH=gen.__file__.rsplit("/", 1)[0])
+        cmd = [sys.executable, gen.__file__, "--sft-examples=40", "--dpo-examples=20", "--workers=4"]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sft_path = tmp_path / "datasets" / "trader_sft_data.jsonl"
+        deadline = time.time() + 60
+        while time.time() < deadline and (not sft_path.exists() or len(sft_path.read_text().splitlines()) < 10):
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        first_run = len(data(tmp_path))
+        assert 10 <= first_run < 40
+        with open(sft_path, "a") as f:  # what a kill in the middle of a write leaves behind
+            f.write('{"messages": [{"role": "us')
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "cut off a torn last line" in done.stdout
+        sft, dpo = data(tmp_path, "sft"), data(tmp_path, "dpo")
+        assert len(sft) == 40 and len(dpo) == 20
+        assert len({json.dumps(r, sort_keys=True) for r in sft}) == 40
+        assert len({json.dumps(r, sort_keys=True) for r in dpo}) == 20
+        # finished items were not asked for again: only the ones in flight at the kill are redone
+        assert len(server.chat_requests()) <= 60 + 4
+    finally:
+        server.stop()
+
+
+def test_persona_file_and_item_diversity(tmp_path):
+    persona = gen.load_persona(gen.PERSONA_PATH)
+    assert persona["name"] == "Chimera" and len(persona["topics"]) >= 20
+    specs = [gen.item_spec(persona, "sft", i, seed=0) for i in range(300)]
+    assert specs == [gen.item_spec(persona, "sft", i, seed=0) for i in range(300)]  # reproducible
+    assert specs != [gen.item_spec(persona, "sft", i, seed=1) for i in range(300)]
+    combos = {(s["topic"], s["user"], s["shape"], s["opening"]) for s in specs}
+    assert len(combos) >= 290
+    assert {s["topic"] for s in specs} == set(persona["topics"])
+    broken = tmp_path / "persona.md"
+    broken.write_text(open(gen.PERSONA_PATH).read().replace("## shapes", "## shape"))
+    with pytest.raises(gen.UserError, match="missing section '## shapes'"):
+        gen.load_persona(str(broken))
