@@ -731,6 +731,65 @@ def write_summary(path, c, persona, stores, targets, runs, spend, wall, model):
 
 
 # -----------------------------------------------------------------------------
+# An LLM judge of two answers in the persona (eval.py --judge=1 uses it)
+
+JUDGE_SCHEMA = {
+    "type": "object",
+    "properties": {"winner": {"type": "string", "enum": ["1", "2", "tie"]}},
+    "required": ["winner"], "additionalProperties": False,
+}
+
+
+def judge_prompt(persona, message, first, second):
+    name = persona["name"]
+    system = (f"You judge answers written as {name}, whose profile is:\n\n{persona['system']}\n\n"
+              f"The better answer is the one {name} would give: {persona['master']} "
+              "Judge faithfulness to the persona and helpfulness, not length or style.")
+    user = (f"Message:\n{message}\n\nAnswer 1:\n{first}\n\nAnswer 2:\n{second}\n\n"
+            'Which answer is better? Return JSON: {"winner": "1" | "2" | "tie"}.')
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def judge_once(client, persona, message, first, second, attempts=3):
+    """"1", "2" or "tie" from the judge; None if it gives no usable verdict."""
+    for _ in range(attempts):
+        try:
+            text, _, _ = client.chat(judge_prompt(persona, message, first, second), "judge_verdict",
+                                     JUDGE_SCHEMA, temperature=0.0, max_tokens=16)
+            return parse_answer(text, JUDGE_SCHEMA)["winner"]
+        except BadAnswer:
+            continue
+        except TransientFailure:
+            return None
+    return None
+
+
+def judge_both_orders(client, persona, message, a, b):
+    """+1 if the judge prefers `a` in both orders, -1 if `b` in both, None otherwise (a tie,
+    no verdict, or a verdict that flips with the order: position bias, not a preference)."""
+    forward = judge_once(client, persona, message, a, b)
+    backward = judge_once(client, persona, message, b, a)
+    if forward == "1" and backward == "2":
+        return 1
+    if forward == "2" and backward == "1":
+        return -1
+    return None
+
+
+def client_from_env(base_url="", models="", timeout=120.0, retries=6, backoff=1.0):
+    """An OpenRouter client from OPENROUTER_API_KEY / OPENROUTER_BASE_URL / OPENROUTER_MODELS,
+    with its model chosen."""
+    api_key = os.environ.get("OPENROUTER_API_KEY", "").strip()
+    if not api_key:
+        raise UserError("OPENROUTER_API_KEY is not set: create a key at https://openrouter.ai/keys and "
+                        "export OPENROUTER_API_KEY=... (nothing was written)")
+    base_url = base_url or os.environ.get("OPENROUTER_BASE_URL") or DEFAULT_BASE_URL
+    models = [m.strip() for m in (models or os.environ.get("OPENROUTER_MODELS") or DEFAULT_MODELS).split(",")
+              if m.strip()]
+    return OpenRouter(api_key, base_url, models, timeout, retries, backoff)
+
+
+# -----------------------------------------------------------------------------
 # Main
 
 
@@ -752,10 +811,7 @@ def output_dir(c):
 def main():
     c = parse_config(Config)
     check_config(c)
-    api_key = os.environ.get("OPENROUTER_API_KEY", "").strip()
-    if not api_key:
-        raise UserError("OPENROUTER_API_KEY is not set: create a key at https://openrouter.ai/keys and "
-                        "export OPENROUTER_API_KEY=... (nothing was written)")
+    client = client_from_env(c.base_url, c.models, c.timeout, c.http_retries, c.backoff)
     persona = load_persona(c.persona)
     out_dir = output_dir(c)
     targets = {"sft": c.sft_examples, "dpo": c.dpo_examples}
@@ -769,12 +825,8 @@ def main():
         print("nothing to generate: both files hold the requested counts")
         return
 
-    base_url = c.base_url or os.environ.get("OPENROUTER_BASE_URL") or DEFAULT_BASE_URL
-    models = [m.strip() for m in (c.models or os.environ.get("OPENROUTER_MODELS") or DEFAULT_MODELS).split(",")
-              if m.strip()]
-    client = OpenRouter(api_key, base_url, models, c.timeout, c.http_retries, c.backoff)
     model = client.choose_model()
-    print(f"generating with {model} at {base_url}, {c.workers} workers", flush=True)
+    print(f"generating with {model} at {client.base_url}, {c.workers} workers", flush=True)
     summary_path = os.path.join(out_dir, "trader_gen_summary.json")
     previous = {}
     if os.path.isfile(summary_path):

@@ -17,6 +17,9 @@
 #   CHIMERA_DEMO=1      run the offline demo even when a checkpoint or key is present
 #   CHIMERA_REDO=1      redo every stage instead of skipping the ones whose output exists
 #   SFT_EXAMPLES, DPO_EXAMPLES   how many conversations / pairs gen.py makes (5000 / 10000)
+#   SFT_EXTRA_ARGS, DPO_EXTRA_ARGS, EVAL_EXTRA_ARGS   more --key=value flags for a stage (they win)
+#   CHIMERA_DEMO_DEPTH  depth of the demo's fresh model (default 4)
+#   CHIMERA_PYTHON      use this Python instead of the .venv that run.sh creates
 #
 # Stages whose output exists are skipped, so after a failure a re-run resumes where it
 # stopped; the run stops at the first failing stage and names it.
@@ -30,11 +33,14 @@ die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
 # -----------------------------------------------------------------------------
 # Python environment: a venv beside the code, with the project installed into it
 
-if [ ! -x .venv/bin/python ]; then
-    say "creating .venv"
-    python3 -m venv .venv || die "could not create a virtual environment (python3 -m venv)"
+PY=${CHIMERA_PYTHON:-}
+if [ -z "$PY" ]; then
+    if [ ! -x .venv/bin/python ]; then
+        say "creating .venv"
+        python3 -m venv .venv || die "could not create a virtual environment (python3 -m venv)"
+    fi
+    PY=$ROOT/.venv/bin/python
 fi
-PY=$ROOT/.venv/bin/python
 if ! "$PY" -c "import torch, numpy, requests, tiktoken" 2>/dev/null; then
     say "installing Chimera and its dependencies into .venv"
     "$PY" -m pip install -q --disable-pip-version-check -e . || die "pip install failed"
@@ -105,7 +111,7 @@ stage() {  # stage NAME DONE_TEST COMMAND...: skip when DONE_TEST succeeds, stop
 
 if [ "$DEMO" = 1 ]; then
     # the demo's model is tiny so it trains in minutes; its settings are here, in one place
-    DEMO_DEPTH=4
+    DEMO_DEPTH=${CHIMERA_DEMO_DEPTH:-4}
     SFT_ARGS=(--sft_dataset=trader --trader_val_fraction=0.1 --num_epochs=12 --device_batch_size=4
               --target_examples_per_step=8 --init_lr_frac=1.0 --eval_every=20 --eval_batches=4)
     DPO_ARGS=(--val_fraction=0.2 --num_epochs=4 --device_batch_size=4 --target_examples_per_step=8
@@ -128,6 +134,9 @@ the two files; for the offline demo instead, run CHIMERA_DEMO=1 bash run.sh."
     stage "generate persona data (gen.py)" '[ -z "${OPENROUTER_API_KEY:-}" ]' \
         "$PY" gen.py --sft-examples "${SFT_EXAMPLES:-5000}" --dpo-examples "${DPO_EXAMPLES:-10000}"
 fi
+
+# shellcheck disable=SC2206  # the extra flags are meant to split on spaces
+SFT_ARGS+=(${SFT_EXTRA_ARGS:-}); DPO_ARGS+=(${DPO_EXTRA_ARGS:-}); EVAL_ARGS+=(${EVAL_EXTRA_ARGS:-})
 
 if ! has_model "$BASE/chatsft_checkpoints"; then
     "$PY" report.py reset  # a fresh run: clear Chimera's old sections (nanochat's stay)
