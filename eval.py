@@ -16,6 +16,7 @@ metric, as nanochat's report reads them) and chat-evaluation-{source}.json besid
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
@@ -202,6 +203,51 @@ def trader_dpo_metrics(model, tokenizer, c, d):
     return out
 
 
+def sample_answer(engine, tokenizer, prompt, c, seed):
+    ids = tokenizer.render_for_completion({"messages": [{"role": "user", "content": prompt},
+                                                        {"role": "assistant", "content": ""}]})
+    sequences, _ = engine.generate_batch(ids, num_samples=1, max_tokens=c.max_new_tokens,
+                                         temperature=c.temperature, top_k=c.top_k, seed=seed)
+    return tokenizer.decode(sequences[0][len(ids):]).strip()
+
+
+def judge_win_rate(model, tokenizer, c, d):
+    """An LLM judge (gen.py's client) compares the evaluated model's answers with the
+    reference's on held-out persona prompts, each pair in both orders; a pair counts only
+    when both orders agree, so position bias cancels out. Rank 0 only."""
+    import gen
+    if c.ref_source == c.source:
+        raise tasks.DataUnavailable(f"the judge compares -i {c.source} with --ref_source; they are the same")
+    if not d.master:
+        return {}
+    meta = stage_meta("dpo")
+    fraction = c.dpo_val_fraction if c.dpo_val_fraction >= 0 else meta.get("user_config", {}).get("val_fraction", 0.05)
+    task = tasks.TraderDPO(c.trader_dpo_path, split="val", val_fraction=fraction)
+    prompts = [task[i]["prompt"] for i in range(min(len(task), c.judge_prompts))]
+    if not prompts:
+        raise tasks.DataUnavailable("no held-out persona prompts (the DPO val split is empty)")
+    client = gen.client_from_env()
+    judge_model = client.choose_model()
+    persona = gen.load_persona(gen.PERSONA_PATH)
+    reference = load_model(c.ref_source, d.device, phase="eval")[0]
+    answers = {}
+    for name, m in (("model", model), ("reference", reference)):
+        engine, bar = Engine(m, tokenizer), ProgressBar(len(prompts), desc=f"judge: {name} answers", unit="answers")
+        answers[name] = []
+        for i, prompt in enumerate(prompts):
+            answers[name].append(sample_answer(engine, tokenizer, prompt, c, seed=42 + i))
+            bar.update(1)
+        bar.close()
+    with ThreadPoolExecutor(8) as pool:  # the judge is remote: its requests overlap
+        verdicts = list(pool.map(lambda i: gen.judge_both_orders(client, persona, prompts[i], answers["model"][i],
+                                                                 answers["reference"][i]), range(len(prompts))))
+    wins, losses = verdicts.count(1), verdicts.count(-1)
+    out = {f"Judge agreeing pairs (of {len(prompts)}, {judge_model})": wins + losses}
+    if wins + losses:
+        out[f"Judge win rate (vs {c.ref_source})"] = wins / (wins + losses)
+    return out
+
+
 def stage_meta(source):
     """The latest checkpoint meta of a stage (its split, beta, ...), or {} if none."""
     try:
@@ -239,6 +285,12 @@ def main():
             continue
         new = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k not in before)
         print0(f"{name}: {new} ({time.time() - start:.1f}s)")
+    if c.judge:
+        try:
+            results.update(judge_win_rate(model, tokenizer, c, d))
+        except (tasks.DataUnavailable, UserError) as e:  # no data, or the judge's API refused: say so, keep the rest
+            skipped["Judge"] = str(e)
+            print0(f"Judge: skipped ({e})")
     core = chatcore(results)
     if core is not None:
         results["ChatCORE metric"] = core

@@ -11,6 +11,7 @@ schema gen.py asks for with varied made-up text, and injecting faults on demand.
 import argparse
 import json
 import random
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,6 +26,18 @@ FAULTS = ("429", "408", "500", "502", "503", "400", "401", "402", "403", "404", 
           "empty_choices", "null_content", "bad_json", "schema", "identical", "lopsided", "duplicate")
 
 
+def longer_wins(message, first, second):
+    return "1" if len(first) > len(second) else "2" if len(second) > len(first) else "tie"
+
+
+JUDGE_RE = re.compile(r"Message:\n(.*)\n\nAnswer 1:\n(.*)\n\nAnswer 2:\n(.*)\n\nWhich answer is better", re.S)
+
+
+def judge_parts(body):
+    """(message, first, second) of a judge request, as gen.judge_prompt lays it out."""
+    return JUDGE_RE.search(body["messages"][-1]["content"]).groups()
+
+
 class FakeOpenRouter:
     def __init__(self, models=("openai/gpt-4o-mini",), latency=0.0, cost=0.001, port=0, seed=0,
                  list_status=200, missing_models=()):
@@ -33,6 +46,7 @@ class FakeOpenRouter:
         self.faults, self.requests, self.lock = [], [], threading.Lock()
         self.rng, self.counter, self.last_answer = random.Random(seed), 0, None
         self.retry_after = "0"
+        self.judge = longer_wins  # (message, first, second) -> "1" | "2" | "tie" for judge requests
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self.httpd.daemon_threads = True
 
@@ -140,7 +154,10 @@ class FakeOpenRouter:
                 if fault == "empty_choices":
                     return self._send(200, {"id": "gen-x", "model": model, "choices": [], "usage": usage})
                 schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("name", "")
-                content = None if fault == "null_content" else server._answer(schema, fault)
+                if schema == "judge_verdict":
+                    content = json.dumps({"winner": server.judge(*judge_parts(body))})
+                else:
+                    content = None if fault == "null_content" else server._answer(schema, fault)
                 if fault == "bad_json":
                     content = content[: len(content) // 2]
                 self._send(200, {"id": f"gen-{server.counter}", "model": model, "object": "chat.completion",

@@ -211,3 +211,50 @@ def test_judge_without_key_is_refused_before_loading(eval_base, monkeypatch):
     monkeypatch.setattr(chat_eval, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(UserError, match="OPENROUTER_API_KEY"):
         run_eval(monkeypatch, "-i", "dpo", "--judge=1")
+
+
+def test_judge_counts_only_verdicts_that_survive_swapping_the_order():
+    import gen
+    from openrouter_server import FakeOpenRouter
+    server = FakeOpenRouter().start()
+    try:
+        client = gen.OpenRouter("sk-test", server.url, ["openai/gpt-4o-mini"], backoff=0.01)
+        persona = gen.load_persona(gen.PERSONA_PATH)
+        server.judge = lambda m, a, b: "1" if "stop" in a else "2"  # a real preference
+        assert gen.judge_both_orders(client, persona, "size?", "set a stop, risk 1%", "all in") == 1
+        assert gen.judge_both_orders(client, persona, "size?", "all in", "set a stop, risk 1%") == -1
+        server.judge = lambda m, a, b: "1"  # pure position bias: no verdict
+        assert gen.judge_both_orders(client, persona, "size?", "set a stop, risk 1%", "all in") is None
+        server.judge = lambda m, a, b: "tie"
+        assert gen.judge_both_orders(client, persona, "size?", "a", "b") is None
+    finally:
+        server.stop()
+
+
+def test_judge_win_rate_of_dpo_against_sft(eval_base, monkeypatch):
+    from openrouter_server import FakeOpenRouter, judge_parts
+    m, _, meta = load_model("sft", "cpu", "eval")
+    with torch.no_grad():
+        m.lm_head.weight.mul_(3.0)
+    save_checkpoint(os.path.join(eval_base, "chatdpo_checkpoints", "d2"), 3, m.state_dict(), None,
+                    dict(meta, user_config={"val_fraction": 0.2}))
+    server = FakeOpenRouter().start()  # its judge prefers the longer answer, whatever the order
+    monkeypatch.setenv("OPENROUTER_API_KEY", "sk-test")
+    monkeypatch.setenv("OPENROUTER_BASE_URL", server.url)
+    try:
+        run_eval(monkeypatch, "-i", "dpo", "-a", "Trader-SFT", "--judge=1", "--judge_prompts=6",
+                 "--max_new_tokens=12", "--temperature=1.0")
+    finally:
+        server.stop()
+    requests = [r["body"] for r in server.chat_requests()]
+    assert len(requests) == 12  # six prompts, each judged in both orders
+    forward = {}
+    for body in requests:  # the first request of each prompt puts the DPO answer first
+        message, first, second = judge_parts(body)
+        forward.setdefault(message, (first, second))
+    wins = sum(len(a) > len(b) for a, b in forward.values())
+    losses = sum(len(a) < len(b) for a, b in forward.values())
+    _, lines = section(eval_base, "dpo")
+    assert int(lines["Judge agreeing pairs (of 6, openai/gpt-4o-mini)"]) == wins + losses
+    assert wins + losses > 0  # seeded sampling: some answers differ in length
+    assert float(lines["Judge win rate (vs sft)"]) == pytest.approx(wins / (wins + losses))
