@@ -38,7 +38,7 @@ import requests
 
 from common import (ProgressBar, UserError, append_jsonl, atomic_write_json, get_base_dir, parse_config,
                     retry_after, run_main, write_report_section)
-from tasks import conversation_problem, dpo_problem
+from tasks import conversation_problem, dpo_problem, iter_jsonl
 
 DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
 DEFAULT_MODELS = "openai/gpt-4o-mini"
@@ -524,10 +524,10 @@ class Store:
     def load(self):
         for p in (self.path, self.ledger_path):
             self.repaired += repair_torn_line(p)
-        for lineno, record in self._read(self.path, check=True):
+        for record in self.read(self.path, check=True):
             self._remember(record)
             self.count += 1
-        for _, entry in self._read(self.ledger_path, check=False):
+        for entry in self.read(self.ledger_path, check=False):
             if not isinstance(entry, dict) or "id" not in entry:
                 continue
             if entry.get("outcome") != "ok" or entry.get("hash") in self.hashes:
@@ -536,21 +536,9 @@ class Store:
                     self.ok_ids.append(entry["id"])
         return self
 
-    def _read(self, path, check):
-        if not os.path.isfile(path):
-            return
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line") from None
-                problem = self.problem_of(record) if check else None
-                if problem:
-                    raise UserError(f"{path}:{lineno}: {problem}; fix or remove that line")
-                yield lineno, record
+    def read(self, path, check):
+        if os.path.isfile(path):
+            yield from iter_jsonl(path, self.problem_of if check else None, "; fix or remove that line")
 
     def _remember(self, record, sig=None):
         self.hashes.add(record_hash(record))
@@ -692,7 +680,7 @@ def diversity(persona, kind, store, seed):
             specs.append(item_spec(persona, kind, int(i), seed))
     stats = {f"{key} covered": f"{len({s[key[:-1] if key != 'topics' else 'topic'] for s in specs})}/{len(persona[key])}"
              for key in PERSONA_LISTS} if specs else {}
-    records = [r for _, r in store._read(store.path, check=False)]
+    records = list(store.read(store.path, check=False))
     if not records:
         return stats
     if kind == "sft":

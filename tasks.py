@@ -176,11 +176,10 @@ def dpo_problem(record):
 # Persona data from gen.py: JSONL, validated line by line, split by a hash of each record
 
 
-def read_jsonl(path, problem_of, hint=""):
-    """Records of a JSONL file; blank lines skipped; any bad line is a UserError naming file:line."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: file not found{hint}")
-    records, lineno = [], 0
+def iter_jsonl(path, problem_of=None, advice=""):
+    """The records of a JSONL file, blank lines skipped; a bad line (not JSON, not UTF-8, or
+    a problem_of(record)) is a UserError naming file:line, followed by `advice`."""
+    lineno = 0
     try:
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -189,13 +188,20 @@ def read_jsonl(path, problem_of, hint=""):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                problem = problem_of(record)
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}){advice}") from None
+                problem = problem_of(record) if problem_of else None
                 if problem:
-                    raise UserError(f"{path}:{lineno}: {problem}")
-                records.append(record)
+                    raise UserError(f"{path}:{lineno}: {problem}{advice}")
+                yield record
     except UnicodeDecodeError:
-        raise UserError(f"{path}:{lineno + 1}: not UTF-8 text") from None
+        raise UserError(f"{path}:{lineno + 1}: not UTF-8 text{advice}") from None
+
+
+def read_jsonl(path, problem_of, hint=""):
+    """All records of a JSONL file, checked by problem_of; a missing or empty file is a UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: file not found{hint}")
+    records = list(iter_jsonl(path, problem_of))
     if not records:
         raise UserError(f"{path}: no records (the file is empty){hint}")
     return records
