@@ -640,16 +640,16 @@ def generate(client, persona, kind, store, target, c, spend, executor):
                 except APIStop as e:
                     stop = stop or e
                     continue
-                streak = streak + 1 if outcome == "failed" else 0
-                if streak >= give_up_after and stop is None:
-                    top = max(failure_reasons, key=failure_reasons.get) if failure_reasons else "unknown"
-                    stop = APIStop(f"the last {streak} {kind} items all failed (most common reason: {top}); "
-                                   "check the model and the server")
                 for model, usage in usages:
                     spend.add(model, usage)
                 for reason in reasons:
                     key = reason.split(" (")[0].split(":")[0]  # the kind of failure, not its details
                     failure_reasons[key] = failure_reasons.get(key, 0) + 1
+                streak = streak + 1 if outcome == "failed" else 0
+                if streak >= give_up_after and stop is None:
+                    top = max(failure_reasons, key=failure_reasons.get)
+                    stop = APIStop(f"the last {streak} {kind} items all failed (most common reason: {top}); "
+                                   "check the model and the server")
                 if outcome == "ok":
                     outcome = store.add(spec["id"], record)
                     counts["new" if outcome == "ok" else outcome] += 1
@@ -678,7 +678,7 @@ def diversity(persona, kind, store, seed):
         k, s, i = item_id.rsplit("-", 2)
         if k == kind and s == str(seed) and i.isdigit():
             specs.append(item_spec(persona, kind, int(i), seed))
-    stats = {f"{key} covered": f"{len({s[key[:-1] if key != 'topics' else 'topic'] for s in specs})}/{len(persona[key])}"
+    stats = {f"{key} covered": f"{len({s[key[:-1]] for s in specs})}/{len(persona[key])}"  # topics -> "topic"
              for key in PERSONA_LISTS} if specs else {}
     records = list(store.read(store.path, check=False))
     if not records:
@@ -697,7 +697,7 @@ def diversity(persona, kind, store, seed):
 
 
 def write_summary(path, c, persona, stores, targets, runs, spend, wall, model):
-    summary = {"base_url_model": model, "wall_seconds": round(wall, 1), "cost_total": round(spend.cost, 6),
+    summary = {"model": model, "wall_seconds": round(wall, 1), "cost_total": round(spend.cost, 6),
                "models": spend.models, "kinds": {}}
     for kind, store in stores.items():
         counts, reasons = runs.get(kind, ({}, {}))

@@ -142,6 +142,14 @@ def test_an_item_that_stays_unusable_is_counted_failed(run, server, tmp_path):
     assert len(server.chat_requests()) == 5
 
 
+def test_a_run_of_failures_stops_instead_of_spending_forever(run, server, tmp_path):
+    server.faults.extend(["bad_json"] * 30)
+    code, _, err = run("--sft-examples=3", "--dpo-examples=0", "--workers=1", "--item-attempts=1")
+    assert code == 2
+    assert "the last 25 sft items all failed (most common reason: content is not valid JSON)" in err
+    assert len(server.chat_requests()) == 25
+
+
 def test_pairs_without_preference_or_lopsided_are_not_kept(run, server, tmp_path):
     server.faults.extend(["identical", "lopsided"])
     code, _, err = run("--sft-examples=0", "--dpo-examples=2", "--workers=1")
