@@ -392,7 +392,10 @@ class OpenRouter:
             response = None
             try:
                 response = self._session().post(self.base_url + "/chat/completions", json=body, timeout=self.timeout)
-            except (requests.Timeout, requests.ConnectionError) as e:
+            except (requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema,
+                    requests.exceptions.InvalidURL) as e:
+                raise APIStop(f"bad base URL {self.base_url!r}: {self._scrub(e)}") from None
+            except requests.RequestException as e:  # timeouts, dropped connections, truncated bodies
                 reason = type(e).__name__
             else:
                 status = response.status_code

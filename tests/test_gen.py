@@ -262,6 +262,11 @@ def test_bad_flags(run, server, tmp_path, flags, message):
     assert not (tmp_path / "datasets").exists() and not server.requests
 
 
+def test_bad_base_url_is_a_clear_error(run, server, tmp_path):
+    code, out, err = run("--sft-examples=2", "--base-url=127.0.0.1:9/api/v1")
+    assert code == 2 and "bad base URL" in err and data(tmp_path) == []
+
+
 def test_unwritable_output_dir(run, server, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
