@@ -110,7 +110,6 @@ def retry_after(response):
             return None
 
 
-
 # -----------------------------------------------------------------------------
 # Configs: a dataclass per stage, overridden by --key=value / --key value
 
@@ -455,7 +454,7 @@ class ProgressBar:
         self.log_every, self.width = log_every, width
         self.done, self.start = 0, time.time()
         self.last_draw, self.extra = 0.0, ""
-        self.initial = 0
+        self.initial, self.drawn = 0, None
 
     def set_initial(self, done):
         """Count work found already done (a resumed run) without counting it in the rate."""
@@ -498,7 +497,7 @@ class ProgressBar:
         if self.tty:
             self.draw()
             self.stream.write("\n")
-        elif getattr(self, "drawn", None) != (self.done, self.extra):  # a log gets no repeated last line
+        elif self.drawn != (self.done, self.extra):  # a log gets no repeated last line
             self.draw()
         self.stream.flush()
 

@@ -160,6 +160,14 @@ def trader_sft_loss(model, tokenizer, c, d):
                                                          model.config.sequence_len)}
 
 
+def held_out_pairs(c, dpo_meta):
+    """The DPO pairs held out by the DPO run's split (or --dpo_val_fraction)."""
+    fraction = c.dpo_val_fraction
+    if fraction < 0:
+        fraction = dpo_meta.get("user_config", {}).get("val_fraction", 0.05)
+    return tasks.TraderDPO(c.trader_dpo_path, split="val", val_fraction=fraction)
+
+
 @torch.no_grad()
 def trader_dpo_metrics(model, tokenizer, c, d):
     """On the held-out pairs: how often the model prefers the Master's answer (per-token
@@ -167,10 +175,9 @@ def trader_dpo_metrics(model, tokenizer, c, d):
     the reference (ref_source), with the beta and split the DPO run used."""
     import dpo
     meta = stage_meta("dpo")
-    fraction = c.dpo_val_fraction if c.dpo_val_fraction >= 0 else meta.get("user_config", {}).get("val_fraction", 0.05)
     beta = meta.get("beta", 0.1)
     max_len = min(meta.get("user_config", {}).get("max_length", 1024), model.config.sequence_len)
-    task = tasks.TraderDPO(c.trader_dpo_path, split="val", val_fraction=fraction)
+    task = held_out_pairs(c, meta)
     pairs, _ = dpo.render_pairs(task, tokenizer, max_len)
     if c.max_problems >= 0:
         pairs = pairs[:c.max_problems]
@@ -220,9 +227,7 @@ def judge_win_rate(model, tokenizer, c, d):
         raise tasks.DataUnavailable(f"the judge compares -i {c.source} with --ref_source; they are the same")
     if not d.master:
         return {}
-    meta = stage_meta("dpo")
-    fraction = c.dpo_val_fraction if c.dpo_val_fraction >= 0 else meta.get("user_config", {}).get("val_fraction", 0.05)
-    task = tasks.TraderDPO(c.trader_dpo_path, split="val", val_fraction=fraction)
+    task = held_out_pairs(c, stage_meta("dpo"))
     prompts = [task[i]["prompt"] for i in range(min(len(task), c.judge_prompts))]
     if not prompts:
         raise tasks.DataUnavailable("no held-out persona prompts (the DPO val split is empty)")

@@ -21,7 +21,6 @@ last line left by a killed run is cut off, exact and near duplicates are dropped
 Any OpenAI-compatible server works (--base-url / OPENROUTER_BASE_URL: vLLM, llama.cpp...).
 """
 
-import hashlib
 import json
 import os
 import random
@@ -38,7 +37,7 @@ import requests
 
 from common import (ProgressBar, UserError, append_jsonl, atomic_write_json, get_base_dir, parse_config,
                     retry_after, run_main, write_report_section)
-from tasks import conversation_problem, dpo_problem, iter_jsonl
+from tasks import conversation_problem, dpo_problem, iter_jsonl, record_digest
 
 DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
 DEFAULT_MODELS = "openai/gpt-4o-mini"
@@ -462,10 +461,6 @@ def repair_torn_line(path):
             return True
 
 
-def record_hash(record):
-    return hashlib.sha256(json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
 def record_text(record):
     """The text that makes a record what it is (the shared system prompt left out)."""
     if "messages" in record:
@@ -544,12 +539,12 @@ class Store:
             yield from iter_jsonl(path, self.problem_of if check else None, "; fix or remove that line")
 
     def _remember(self, record, sig=None):
-        self.hashes.add(record_hash(record))
+        self.hashes.add(record_digest(record).hex())
         self.near.add(self.near.signature(record_text(record)) if sig is None else sig)
 
     def add(self, item_id, record):
         """Append `record` unless it duplicates an earlier one; returns the outcome."""
-        digest = record_hash(record)
+        digest = record_digest(record).hex()
         sig = self.near.signature(record_text(record))
         if digest in self.hashes:
             outcome = "duplicate"

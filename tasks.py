@@ -207,10 +207,14 @@ def read_jsonl(path, problem_of, hint=""):
     return records
 
 
+def record_digest(record):
+    """sha256 of the record's canonical JSON: its identity for splits and duplicate checks."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode("utf-8")).digest()
+
+
 def hash_fraction(record):
-    """The record's place in [0, 1): sha256 of its canonical JSON. Appending lines moves nothing."""
-    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
+    """The record's place in [0, 1), from its digest. Appending lines moves nothing."""
+    return int.from_bytes(record_digest(record)[:8], "big") / 2.0**64
 
 
 def split_records(records, split, val_fraction):
