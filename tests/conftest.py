@@ -23,11 +23,11 @@ def golden():
     return golden_dir(2025)
 
 
-def make_tiny_base(base_dir, depth=2, n_embd=32, n_head=2, sequence_len=128, seed=0, zero_out=False):
+def make_tiny_base(base_dir, depth=2, n_embd=32, n_head=2, sequence_len=128, seed=0, zero_out=False, generation=2025):
     import model
 
     model.fresh_base(str(base_dir), depth=depth, sequence_len=sequence_len, n_embd=n_embd,
-                     n_head=n_head, seed=seed, zero_out=zero_out)
+                     n_head=n_head, seed=seed, zero_out=zero_out, generation=generation)
     return str(base_dir)
 
 
