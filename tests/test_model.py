@@ -484,3 +484,38 @@ def test_two_processes_step_like_one(tmp_path):
         assert update > 0, name
         tolerance = 5e-2 if ".h." in name else 2e-3
         assert (p - b["params"][name]).norm() / update < tolerance, name
+
+
+# -----------------------------------------------------------------------------
+# The stages on a nanochat 2026 checkpoint
+
+
+def test_sft_then_dpo_on_a_2026_checkpoint_in_1_and_2_processes(tmp_path):
+    """SFT from the 2026 fixture's base and DPO from that SFT, each in 1 and 2 processes:
+    every checkpoint written is nanochat 2026 (same model_config, keys and shapes) and
+    reloads; the 2026-only parameters train too."""
+    from test_dpo import pairs
+    from test_sft import trader_conversation, write_jsonl
+
+    base, meta_path, model_path = fixture_copy(tmp_path, 2026)
+    write_jsonl(os.path.join(base, "datasets", "trader_sft_data.jsonl"), [trader_conversation(i) for i in range(24)])
+    write_jsonl(os.path.join(base, "datasets", "trader_dpo_data.jsonl"), pairs(24))
+    env = {"NANOCHAT_BASE_DIR": base}
+    fast = ["--num_iterations=2", "--eval_every=-1", "--device_batch_size=2", "--target_examples_per_step=4"]
+    sft = [os.path.join(REPO, "sft.py"), "--sft_dataset=trader", "--eval_batches=1", *fast]
+    dpo = [os.path.join(REPO, "dpo.py"), "--source=sft", "--model_tag=one", "--val_fraction=0.2", "--max_length=64", *fast]
+    for script in (sft, dpo):
+        run_python(script + ["--out_tag=one"], env=env)
+        run_torchrun(script + ["--out_tag=two"], env=env)
+    want_config = json.load(open(meta_path))["model_config"]
+    want_shapes = {k: v.shape for k, v in torch.load(model_path, weights_only=True).items()}
+    start = load_model("base", "cpu", "eval", base_dir=base)[0].state_dict()
+    for source in ("sft", "dpo"):
+        for tag in ("one", "two"):
+            m, _, meta = load_model(source, "cpu", "eval", model_tag=tag, base_dir=base)
+            assert m.config.generation == 2026 and meta["model_config"] == want_config, (source, tag)
+            ckpt = model.checkpoint_dir_for(source, tag, base)
+            saved = torch.load(os.path.join(ckpt, f"model_{meta['step']:06d}.pt"), weights_only=True)
+            assert {k: v.shape for k, v in saved.items()} == want_shapes
+            for name in ("smear_gate.weight", "x0_lambdas", "value_embeds.1.weight", "transformer.h.1.attn.ve_gate.weight"):
+                assert not torch.equal(m.state_dict()[name], start[name]), (source, tag, name)
