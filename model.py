@@ -207,15 +207,19 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------
     # Per-token log-probs without materialising [B, T, V] float32 logits
 
-    def token_logprobs(self, idx, targets, chunk_numel=None):
-        """log p(target) per position, [B, T] float32, 0 where the target is -1.
+    def token_logprobs(self, idx, targets, chunk_numel=None, reduction="none"):
+        """log p(target) per position, [B, T] float32, 0 where the target is -1; with
+        reduction="sum", their sum (a scalar) with a faster backward.
 
-        Only positions with a target reach the lm_head, and they go through it in chunks
-        of about `chunk_numel` logits (default 16M on CPU, 128M on CUDA where bigger matmuls
-        pay); each chunk is recomputed in backward (activation checkpointing), so peak
-        memory holds one chunk of logits instead of B*T*V. This is the "fused
-        cross-entropy" that SFT, DPO and eval share.
+        Only positions with a target reach the lm_head, in chunks of about `chunk_numel`
+        logits (default 16M on CPU, 128M on CUDA where bigger matmuls pay), so peak memory
+        holds one chunk of logits instead of B*T*V. "none" (SFT's eval, DPO's per-sequence
+        sums): each chunk is recomputed in backward (activation checkpointing), exact for any
+        use of the result. "sum" (SFT's loss): every token gets the same gradient, so each
+        chunk's gradient is taken in the forward while its logits exist and backward only
+        scales it (a fused linear cross-entropy: no recompute, about as fast as full logits).
         """
+        assert reduction in ("none", "sum"), reduction
         if chunk_numel is None:
             chunk_numel = 1 << (27 if idx.device.type == "cuda" else 24)
         h = self.hidden_states(idx)
@@ -223,20 +227,22 @@ class GPT(nn.Module):
         rows = (flat_targets != -1).nonzero().squeeze(1)
         h = h.reshape(-1, h.size(-1)).index_select(0, rows)
         tgt = flat_targets.index_select(0, rows)
-        chunk = max(1, chunk_numel // self.config.vocab_size)
+        chunk = max(1, chunk_numel // self.lm_head.weight.size(0))
+        params = [p for p in self.lm_head.parameters() if p.requires_grad]
+        grad = torch.is_grad_enabled() and (h.requires_grad or bool(params))
+        if reduction == "sum" and grad and rows.numel():
+            return _FusedLogprobSum.apply(self._chunk_logprobs, chunk, h, tgt, *params)
         pieces = []
         for start in range(0, rows.numel(), chunk):
             hs, ts = h[start:start + chunk], tgt[start:start + chunk]
-            if torch.is_grad_enabled() and hs.requires_grad:
-                pieces.append(checkpoint(self._chunk_logprobs, hs, ts, use_reentrant=False))
-            else:
-                pieces.append(self._chunk_logprobs(hs, ts))
+            pieces.append(checkpoint(self._chunk_logprobs, hs, ts, use_reentrant=False) if grad
+                          else self._chunk_logprobs(hs, ts))
+        # nothing to score: the empty sum keeps the graph so a backward() is still well-defined
+        logp = torch.cat(pieces) if pieces else h.sum(-1).float()
+        if reduction == "sum":
+            return logp.sum()
         out = torch.zeros(flat_targets.numel(), dtype=torch.float32, device=idx.device)
-        if pieces:
-            out = out.index_put((rows,), torch.cat(pieces))
-        else:  # nothing to score: keep the graph so a backward() is still well-defined
-            out = out + 0.0 * h.sum()
-        return out.view_as(targets)
+        return out.index_put((rows,), logp).view_as(targets)
 
     def _chunk_logprobs(self, h, targets):
         logits = self.logits(h)
@@ -306,6 +312,37 @@ class Muon(torch.optim.Optimizer):
                 g = g.lerp_(buf, group["momentum"]) if group["nesterov"] else buf
                 update = newton_schulz5(g, steps=group["ns_steps"])
                 p.add_(update, alpha=-group["lr"] * max(1, p.size(-2) / p.size(-1)) ** 0.5)
+
+
+# -----------------------------------------------------------------------------
+# The fused log-prob sum; gradient sync and the optimizer step
+
+
+class _FusedLogprobSum(torch.autograd.Function):
+    """GPT.token_logprobs(reduction="sum"): the sum of log p(target) over rows of hidden
+    states, chunk by chunk, each chunk's gradient (w.r.t. its rows and the lm_head) taken
+    while its logits exist; backward scales the stored gradients by the incoming scalar."""
+
+    @staticmethod
+    def forward(ctx, logprobs_fn, chunk, h, targets, *params):
+        total, grad_h, grad_params = 0.0, torch.empty_like(h), [None] * len(params)
+        for i in range(0, h.size(0), chunk):
+            hs = h[i:i + chunk].detach().requires_grad_()
+            with torch.enable_grad():
+                logp = logprobs_fn(hs, targets[i:i + chunk]).sum()
+                grads = torch.autograd.grad(logp, [hs, *params])
+            total = total + logp.detach()
+            grad_h[i:i + chunk] = grads[0]
+            grad_params = [g if acc is None else acc.add_(g) for acc, g in zip(grad_params, grads[1:])]
+        ctx.grads = [grad_h, *grad_params]  # not saved tensors: backward scales them in place
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads, ctx.grads = ctx.grads, None
+        assert grads is not None, "token_logprobs(reduction='sum'): backward runs once (no retain_graph)"
+        grad_h, *grad_params = (g.mul_(grad_out) for g in grads)
+        return None, None, grad_h, None, *grad_params
 
 
 # -----------------------------------------------------------------------------

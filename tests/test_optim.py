@@ -17,3 +17,38 @@ def test_newton_schulz_runs_in_float32_off_cuda():
     assert X.dtype == torch.float32 and X.shape == G.shape
     s = torch.linalg.svdvals(X)
     assert s.min() > 0.5 and s.max() < 1.3
+
+
+def _tiny(vocab=300):
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(sequence_len=64, vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, n_embd=64))
+    m.init_weights(zero_out=False)
+    return m
+
+
+def test_fused_logprob_sum_equals_plain_path_value_and_gradients():
+    m = _tiny()
+    x, y = torch.randint(0, 300, (3, 40)), torch.randint(0, 300, (3, 40))
+    y[0, :10] = -1
+    y[2, 25:] = -1
+    plain = -m(x, y, loss_reduction="none")
+    (-plain.sum() / 7).backward()
+    plain_grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad(set_to_none=True)
+
+    fused = m.token_logprobs(x, y, chunk_numel=300 * 7, reduction="sum")  # 7 rows a chunk: many chunks
+    (-fused / 7).backward()  # SFT's loss: minus the sum over its tokens, scaled
+    assert fused.shape == () and torch.allclose(fused, plain.sum(), rtol=1e-5)
+    for name, p in m.named_parameters():
+        assert torch.allclose(p.grad, plain_grads[name], atol=1e-6, rtol=1e-4), name
+    with torch.no_grad():  # no graph: the same value
+        assert torch.allclose(m.token_logprobs(x, y, reduction="sum"), fused, rtol=1e-5)
+
+
+def test_logprob_sum_with_no_target_keeps_a_graph():
+    m = _tiny()
+    x, y = torch.randint(0, 300, (2, 8)), torch.full((2, 8), -1)
+    total = m.token_logprobs(x, y, reduction="sum")
+    total.backward()
+    assert total.item() == 0.0 and m.lm_head.weight.grad is None
+    assert all(p.grad is not None and (p.grad == 0).all() for p in m.transformer.h.parameters())
