@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -208,18 +209,16 @@ class GPT(nn.Module):
     # Per-token log-probs without materialising [B, T, V] float32 logits
 
     def token_logprobs(self, idx, targets, chunk_numel=None, reduction="none"):
-        """log p(target) per position, [B, T] float32, 0 where the target is -1; with
-        reduction="sum", their sum (a scalar) with a faster backward.
+        """log p(target) per position, [B, T] float32, 0 where the target is -1; their sum
+        (a scalar) with reduction="sum".
 
         Only positions with a target reach the lm_head, in chunks of about `chunk_numel`
-        logits (default 16M on CPU, 128M on CUDA where bigger matmuls pay), so peak memory
-        holds one chunk of logits instead of B*T*V. "none" (SFT's eval, DPO's per-sequence
-        sums): each chunk is recomputed in backward (activation checkpointing), exact for any
-        use of the result. "sum" (SFT's loss): every token gets the same gradient, so each
-        chunk's gradient is taken in the forward while its logits exist and backward only
-        scales it (a fused linear cross-entropy: no recompute, about as fast as full logits).
+        logits (default 16M on CPU, 128M on CUDA), so memory holds one chunk of logits, not
+        B*T*V. "none": each chunk is recomputed in backward (activation checkpointing), exact
+        for any use (DPO's per-sequence sums). "sum": every token gets the same gradient, so
+        each chunk's gradient is taken in the forward while its logits exist and backward
+        only scales it (a fused linear cross-entropy: SFT's loss, at full-logits speed).
         """
-        assert reduction in ("none", "sum"), reduction
         if chunk_numel is None:
             chunk_numel = 1 << (27 if idx.device.type == "cuda" else 24)
         h = self.hidden_states(idx)
@@ -228,9 +227,9 @@ class GPT(nn.Module):
         h = h.reshape(-1, h.size(-1)).index_select(0, rows)
         tgt = flat_targets.index_select(0, rows)
         chunk = max(1, chunk_numel // self.lm_head.weight.size(0))
-        params = [p for p in self.lm_head.parameters() if p.requires_grad]
-        grad = torch.is_grad_enabled() and (h.requires_grad or bool(params))
+        grad = torch.is_grad_enabled() and h.requires_grad
         if reduction == "sum" and grad and rows.numel():
+            params = [p for p in self.lm_head.parameters() if p.requires_grad]
             return _FusedLogprobSum.apply(self._chunk_logprobs, chunk, h, tgt, *params)
         pieces = []
         for start in range(0, rows.numel(), chunk):
@@ -292,26 +291,34 @@ def newton_schulz5(G, steps=5):
 
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz: Nesterov momentum, then each matrix's
-    update replaced by its orthogonalised version, scaled up for tall matrices."""
+    update replaced by its orthogonalised version, scaled up for tall matrices. Under
+    torch.distributed (gradients already summed) the orthogonalisations are divided among
+    ranks, as in nanochat's DistMuon: rank r updates matrices r, r + world, ... (and keeps
+    only their momentum), and each updated matrix goes from its owner to all ranks."""
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
 
     @torch.no_grad()
     def step(self):
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        works = []
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(g)
-                buf = state["momentum_buffer"]
-                buf.lerp_(g, 1 - group["momentum"])
-                g = g.lerp_(buf, group["momentum"]) if group["nesterov"] else buf
-                update = newton_schulz5(g, steps=group["ns_steps"])
-                p.add_(update, alpha=-group["lr"] * max(1, p.size(-2) / p.size(-1)) ** 0.5)
+            for i, p in enumerate(group["params"]):
+                if i % world == rank and p.grad is not None:
+                    g = p.grad
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(g)
+                    buf = state["momentum_buffer"]
+                    buf.lerp_(g, 1 - group["momentum"])
+                    g = g.lerp_(buf, group["momentum"]) if group["nesterov"] else buf
+                    update = newton_schulz5(g, steps=group["ns_steps"])
+                    p.add_(update, alpha=-group["lr"] * max(1, p.size(-2) / p.size(-1)) ** 0.5)
+                if world > 1:
+                    works.append(dist.broadcast(p, src=i % world, async_op=True))
+        for work in works:
+            work.wait()
 
 
 # -----------------------------------------------------------------------------
@@ -319,9 +326,8 @@ class Muon(torch.optim.Optimizer):
 
 
 class _FusedLogprobSum(torch.autograd.Function):
-    """GPT.token_logprobs(reduction="sum"): the sum of log p(target) over rows of hidden
-    states, chunk by chunk, each chunk's gradient (w.r.t. its rows and the lm_head) taken
-    while its logits exist; backward scales the stored gradients by the incoming scalar."""
+    """token_logprobs(reduction="sum"): each chunk's gradient (w.r.t. its rows of hidden states
+    and the lm_head) is taken while its logits exist; backward scales them by grad_output."""
 
     @staticmethod
     def forward(ctx, logprobs_fn, chunk, h, targets, *params):
@@ -343,6 +349,60 @@ class _FusedLogprobSum(torch.autograd.Function):
         assert grads is not None, "token_logprobs(reduction='sum'): backward runs once (no retain_graph)"
         grad_h, *grad_params = (g.mul_(grad_out) for g in grads)
         return None, None, grad_h, None, *grad_params
+
+
+class GradSync:
+    """Sums gradients over ranks in buckets of all_reduce calls, no DDP wrapper (world size 1:
+    nothing). arm() before the last micro-batch's backward starts each bucket's all_reduce as
+    soon as backward has filled it, overlapping the rest of backward; optimizer_step waits.
+    Buckets go out in one order on every rank, a gradient a rank lacks (None: lm_head when it
+    scored no token) as zeros, so all ranks' collectives match."""
+
+    def __init__(self, model, bucket_numel=1 << 24):
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.buckets, self.hooked = [[]], False
+        for p in reversed([p for p in model.parameters() if p.requires_grad]):  # about backward's order
+            if sum(q.numel() for q in self.buckets[-1]) >= bucket_numel:
+                self.buckets.append([])
+            self.buckets[-1].append(p)
+        self.ready, self.sent, self.armed = set(), [], False
+
+    def arm(self):
+        if self.world > 1 and not self.hooked:
+            for p in sum(self.buckets, []):
+                p.register_post_accumulate_grad_hook(self._grad_ready)
+        self.armed = self.hooked = self.world > 1
+
+    def _grad_ready(self, p):  # only the armed backward counts: earlier ones are not final
+        self.ready.update([id(p)] if self.armed else [])
+        while self.armed and len(self.sent) < len(self.buckets) and all(id(q) in self.ready for q in self.buckets[len(self.sent)]):
+            self._send()
+
+    def _send(self):
+        flat = torch.cat([p.new_zeros(p.numel()) if p.grad is None else p.grad.reshape(-1).float()
+                          for p in self.buckets[len(self.sent)]])
+        self.sent.append((flat, dist.all_reduce(flat, async_op=True)))
+
+    def wait(self):
+        """Finish the sync (all of it, when not armed): every gradient is then the sum."""
+        while self.world > 1 and len(self.sent) < len(self.buckets):
+            self._send()
+        for bucket, (flat, work) in zip(self.buckets, self.sent):
+            work.wait()
+            for p, g in zip(bucket, flat.split([p.numel() for p in bucket])):
+                p.grad = g.view_as(p).to(p.dtype)
+        self.ready, self.sent, self.armed = set(), [], False
+
+
+def optimizer_step(model, optimizers, lr_multiplier, grad_sync=None):
+    """Sum grads over ranks (grad_sync: the step's armed GradSync; else all at once now),
+    set every group's lr from its initial_lr, step, clear grads."""
+    (grad_sync or GradSync(model)).wait()
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lr_multiplier
+        opt.step()
+    model.zero_grad(set_to_none=True)
 
 
 # -----------------------------------------------------------------------------
@@ -877,3 +937,4 @@ class Engine:
             if all(done):
                 break
         return sequences, masks
+
