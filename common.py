@@ -300,30 +300,6 @@ def all_reduce_sum(values, device):
     return t.tolist()
 
 
-def sync_gradients(model, bucket_numel=1 << 24):
-    """Sum gradients over ranks with plain all_reduce calls on flat buckets.
-
-    Stages scale their losses so that the sum over ranks is the gradient of the global
-    batch; no DDP wrapper is needed and world size 1 does nothing.
-    """
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    bucket, size = [], 0
-    for g in grads + [None]:
-        if g is not None:
-            bucket.append(g)
-            size += g.numel()
-        if bucket and (g is None or size >= bucket_numel):
-            flat = torch.cat([b.reshape(-1).float() for b in bucket])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            offset = 0
-            for b in bucket:
-                b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                offset += b.numel()
-            bucket, size = [], 0
-
-
 def master_first(fn):
     """Run fn on rank 0 first (it may download and fill a cache), then on the other ranks,
     so N processes do not fetch the same data N times."""
@@ -357,17 +333,6 @@ def step_rows(step, examples_per_step, num_rows, rank, world_size):
 def linear_decay(step, num_iterations):
     """nanochat's SFT schedule: the lr multiplier falls linearly from 1 to 0 over the run."""
     return 1.0 - step / max(1, num_iterations)
-
-
-def optimizer_step(model, optimizers, lr_multiplier, sync=True):
-    """Sum grads over ranks, set every group's lr from its initial_lr, step, clear grads."""
-    if sync:
-        sync_gradients(model)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lr_multiplier
-        opt.step()
-    model.zero_grad(set_to_none=True)
 
 
 def scale_initial_lr(optimizers, frac):

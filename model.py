@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -322,14 +323,16 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------
     # Per-token log-probs without materialising [B, T, V] float32 logits
 
-    def token_logprobs(self, idx, targets, chunk_numel=None):
-        """log p(target) per position, [B, T] float32, 0 where the target is -1.
+    def token_logprobs(self, idx, targets, chunk_numel=None, reduction="none"):
+        """log p(target) per position, [B, T] float32, 0 where the target is -1; their sum
+        (a scalar) with reduction="sum".
 
-        Only positions with a target reach the lm_head, and they go through it in chunks
-        of about `chunk_numel` logits (default 16M on CPU, 128M on CUDA where bigger matmuls
-        pay); each chunk is recomputed in backward (activation checkpointing), so peak
-        memory holds one chunk of logits instead of B*T*V. This is the "fused
-        cross-entropy" that SFT, DPO and eval share.
+        Only positions with a target reach the lm_head, in chunks of about `chunk_numel`
+        logits (default 16M on CPU, 128M on CUDA), so memory holds one chunk of logits, not
+        B*T*V. "none": each chunk is recomputed in backward (activation checkpointing), exact
+        for any use (DPO's per-sequence sums). "sum": every token gets the same gradient, so
+        each chunk's gradient is taken in the forward while its logits exist and backward
+        only scales it (a fused linear cross-entropy: SFT's loss, at full-logits speed).
         """
         if chunk_numel is None:
             chunk_numel = 1 << (27 if idx.device.type == "cuda" else 24)
@@ -338,20 +341,22 @@ class GPT(nn.Module):
         rows = (flat_targets != -1).nonzero().squeeze(1)
         h = h.reshape(-1, h.size(-1)).index_select(0, rows)
         tgt = flat_targets.index_select(0, rows)
-        chunk = max(1, chunk_numel // self.config.vocab_size)
+        chunk = max(1, chunk_numel // self.lm_head.weight.size(0))
+        grad = torch.is_grad_enabled() and h.requires_grad
+        if reduction == "sum" and grad and rows.numel():
+            params = [p for p in self.lm_head.parameters() if p.requires_grad]
+            return _FusedLogprobSum.apply(self._chunk_logprobs, chunk, h, tgt, *params)
         pieces = []
         for start in range(0, rows.numel(), chunk):
             hs, ts = h[start:start + chunk], tgt[start:start + chunk]
-            if torch.is_grad_enabled() and hs.requires_grad:
-                pieces.append(checkpoint(self._chunk_logprobs, hs, ts, use_reentrant=False))
-            else:
-                pieces.append(self._chunk_logprobs(hs, ts))
+            pieces.append(checkpoint(self._chunk_logprobs, hs, ts, use_reentrant=False) if grad
+                          else self._chunk_logprobs(hs, ts))
+        # nothing to score: the empty sum keeps the graph so a backward() is still well-defined
+        logp = torch.cat(pieces) if pieces else h.sum(-1).float()
+        if reduction == "sum":
+            return logp.sum()
         out = torch.zeros(flat_targets.numel(), dtype=torch.float32, device=idx.device)
-        if pieces:
-            out = out.index_put((rows,), torch.cat(pieces))
-        else:  # nothing to score: keep the graph so a backward() is still well-defined
-            out = out + 0.0 * h.sum()
-        return out.view_as(targets)
+        return out.index_put((rows,), logp).view_as(targets)
 
     def _chunk_logprobs(self, h, targets):
         logits = self.logits(h)
@@ -400,9 +405,10 @@ class GPT(nn.Module):
 
 def newton_schulz5(G, steps=5):
     """Approximately orthogonalise G (the nearest semi-orthogonal matrix) with a quintic
-    Newton-Schulz iteration in bf16, working on the wide orientation."""
+    Newton-Schulz iteration, working on the wide orientation. bf16 on CUDA (as nanochat);
+    float32 elsewhere, where bf16 matmuls are 10-35x slower than float32 on common CPUs."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16()
+    X = G.bfloat16() if G.device.type == "cuda" else G.float()
     tall = G.size(-2) > G.size(-1)
     if tall:
         X = X.mT
@@ -416,26 +422,118 @@ def newton_schulz5(G, steps=5):
 
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz: Nesterov momentum, then each matrix's
-    update replaced by its orthogonalised version, scaled up for tall matrices."""
+    update replaced by its orthogonalised version, scaled up for tall matrices. Under
+    torch.distributed (gradients already summed) the orthogonalisations are divided among
+    ranks, as in nanochat's DistMuon: rank r updates matrices r, r + world, ... (and keeps
+    only their momentum), and each updated matrix goes from its owner to all ranks."""
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
 
     @torch.no_grad()
     def step(self):
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        works = []
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(g)
-                buf = state["momentum_buffer"]
-                buf.lerp_(g, 1 - group["momentum"])
-                g = g.lerp_(buf, group["momentum"]) if group["nesterov"] else buf
-                update = newton_schulz5(g, steps=group["ns_steps"])
-                p.add_(update, alpha=-group["lr"] * max(1, p.size(-2) / p.size(-1)) ** 0.5)
+            for i, p in enumerate(group["params"]):
+                if i % world == rank and p.grad is not None:
+                    g = p.grad
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(g)
+                    buf = state["momentum_buffer"]
+                    buf.lerp_(g, 1 - group["momentum"])
+                    g = g.lerp_(buf, group["momentum"]) if group["nesterov"] else buf
+                    update = newton_schulz5(g, steps=group["ns_steps"])
+                    p.add_(update, alpha=-group["lr"] * max(1, p.size(-2) / p.size(-1)) ** 0.5)
+                if world > 1:
+                    works.append(dist.broadcast(p, src=i % world, async_op=True))
+        for work in works:
+            work.wait()
+
+
+# -----------------------------------------------------------------------------
+# The fused log-prob sum; gradient sync and the optimizer step
+
+
+class _FusedLogprobSum(torch.autograd.Function):
+    """token_logprobs(reduction="sum"): each chunk's gradient (w.r.t. its rows of hidden states
+    and the lm_head) is taken while its logits exist; backward scales them by grad_output."""
+
+    @staticmethod
+    def forward(ctx, logprobs_fn, chunk, h, targets, *params):
+        total, grad_h, grad_params = 0.0, torch.empty_like(h), [None] * len(params)
+        for i in range(0, h.size(0), chunk):
+            hs = h[i:i + chunk].detach().requires_grad_()
+            with torch.enable_grad():
+                logp = logprobs_fn(hs, targets[i:i + chunk]).sum()
+                grads = torch.autograd.grad(logp, [hs, *params])
+            total = total + logp.detach()
+            grad_h[i:i + chunk] = grads[0]
+            grad_params = [g if acc is None else acc.add_(g) for acc, g in zip(grad_params, grads[1:])]
+        ctx.grads = [grad_h, *grad_params]  # not saved tensors: backward scales them in place
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads, ctx.grads = ctx.grads, None
+        assert grads is not None, "token_logprobs(reduction='sum'): backward runs once (no retain_graph)"
+        grad_h, *grad_params = (g.mul_(grad_out) for g in grads)
+        return None, None, grad_h, None, *grad_params
+
+
+class GradSync:
+    """Sums gradients over ranks in buckets of all_reduce calls, no DDP wrapper (world size 1:
+    nothing). arm() before the last micro-batch's backward starts each bucket's all_reduce as
+    soon as backward has filled it, overlapping the rest of backward; optimizer_step waits.
+    Buckets go out in one order on every rank, a gradient a rank lacks (None: lm_head when it
+    scored no token) as zeros, so all ranks' collectives match."""
+
+    def __init__(self, model, bucket_numel=1 << 24):
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.buckets, self.hooked = [[]], False
+        for p in reversed([p for p in model.parameters() if p.requires_grad]):  # about backward's order
+            if sum(q.numel() for q in self.buckets[-1]) >= bucket_numel:
+                self.buckets.append([])
+            self.buckets[-1].append(p)
+        self.ready, self.sent, self.armed = set(), [], False
+
+    def arm(self):
+        if self.world > 1 and not self.hooked:
+            for p in sum(self.buckets, []):
+                p.register_post_accumulate_grad_hook(self._grad_ready)
+        self.armed = self.hooked = self.world > 1
+
+    def _grad_ready(self, p):  # only the armed backward counts: earlier ones are not final
+        self.ready.update([id(p)] if self.armed else [])
+        while self.armed and len(self.sent) < len(self.buckets) and all(id(q) in self.ready for q in self.buckets[len(self.sent)]):
+            self._send()
+
+    def _send(self):
+        flat = torch.cat([p.new_zeros(p.numel()) if p.grad is None else p.grad.reshape(-1).float()
+                          for p in self.buckets[len(self.sent)]])
+        self.sent.append((flat, dist.all_reduce(flat, async_op=True)))
+
+    def wait(self):
+        """Finish the sync (all of it, when not armed): every gradient is then the sum."""
+        while self.world > 1 and len(self.sent) < len(self.buckets):
+            self._send()
+        for bucket, (flat, work) in zip(self.buckets, self.sent):
+            work.wait()
+            for p, g in zip(bucket, flat.split([p.numel() for p in bucket])):
+                p.grad = g.view_as(p).to(p.dtype)
+        self.ready, self.sent, self.armed = set(), [], False
+
+
+def optimizer_step(model, optimizers, lr_multiplier, grad_sync=None):
+    """Sum grads over ranks (grad_sync: the step's armed GradSync; else all at once now),
+    set every group's lr from its initial_lr, step, clear grads."""
+    (grad_sync or GradSync(model)).wait()
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lr_multiplier
+        opt.step()
+    model.zero_grad(set_to_none=True)
 
 
 # -----------------------------------------------------------------------------
@@ -1064,3 +1162,4 @@ class Engine:
             if all(done):
                 break
         return sequences, masks
+

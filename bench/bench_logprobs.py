@@ -1,83 +1,122 @@
 """
-Peak memory and time of one forward+backward through the log-prob path: the plain
-full-logits path (model(x, y, loss_reduction="none")) vs model.token_logprobs (chunked,
-checkpointed). Each mode runs in its own process so peak RSS is its own.
+Time and peak memory of forward+backward through the log-prob path: the plain full-logits
+path (model(x, y, loss_reduction="none")) vs model.token_logprobs, chunked with recompute
+(reduction="none", DPO's path) and fused (reduction="sum", SFT's path).
 
-    python bench/bench_logprobs.py                       # V=65536, T=2048, C=768 on CPU
-    python bench/bench_logprobs.py --vocab 512 --seq 256 # something quick
+Times: the modes run interleaved in one process (one warm-up each, then --reps rounds),
+median per mode, so a busy machine slows them alike. Peak memory: each mode in its own
+process (a warm-up run, then the measured one), so peak RSS is its own.
+
+    python bench/bench_logprobs.py                                  # 4x1024 V=32768 and 1x2048 V=65536, C=768, CPU
+    python bench/bench_logprobs.py --batch 2 --seq 256 --vocab 512  # one quick shape
 """
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch
 
-def measure(mode, vocab, seq, width, layers, device):
-    import torch
-    from common import reset_peak_rss, rss_mb
-    from model import GPT, GPTConfig
+from common import reset_peak_rss, rss_mb, synchronize
+from model import GPT, GPTConfig
 
+SHAPES = [(4, 1024, 32768), (1, 2048, 65536)]  # (batch, seq, vocab)
+
+
+def build(batch, seq, vocab, a):
     torch.manual_seed(0)
-    config = GPTConfig(sequence_len=seq, vocab_size=vocab, n_layer=layers, n_head=width // 128,
-                       n_kv_head=width // 128, n_embd=width)
-    model = GPT(config).to(device)
+    config = GPTConfig(sequence_len=seq, vocab_size=vocab, n_layer=a.layers, n_head=a.width // 128,
+                       n_kv_head=a.width // 128, n_embd=a.width)
+    model = GPT(config).to(a.device)
     model.init_weights(zero_out=False)
-    x = torch.randint(0, vocab, (1, seq), device=device)
-    y = torch.randint(0, vocab, (1, seq), device=device)
-    cuda = device == "cuda"
+    x = torch.randint(0, vocab, (batch, seq), device=a.device)
+    y = torch.randint(0, vocab, (batch, seq), device=a.device)
+    return model, x, y
+
+
+def run(mode, model, x, y):
+    """One forward+backward from cleared gradients; returns its seconds."""
+    model.zero_grad(set_to_none=True)
+    synchronize(x.device)
+    t0 = time.perf_counter()
+    if mode == "plain":
+        total = (-model(x, y, loss_reduction="none")).sum()
+    elif mode == "chunked":
+        total = model.token_logprobs(x, y).sum()
+    else:
+        total = model.token_logprobs(x, y, reduction="sum")
+    total.backward()
+    synchronize(x.device)
+    return time.perf_counter() - t0
+
+
+def peak_mb(mode, model, x, y):
+    """Peak memory of one warm run beyond the model, its batch and nothing else."""
+    run(mode, model, x, y)
+    model.zero_grad(set_to_none=True)
+    cuda = x.device.type == "cuda"
     if cuda:
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         assert reset_peak_rss(), "needs Linux /proc/self/clear_refs"
         base = rss_mb() * 2**20
-    t0 = time.time()
-    if mode == "plain":
-        logp = -model(x, y, loss_reduction="none")
-    else:
-        logp = model.token_logprobs(x, y)
-    logp.sum().backward()
-    if cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = rss_mb("VmHWM") * 2**20
-    grads_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    return {"mode": mode, "peak_extra_mb": (peak - base) / 2**20, "seconds": time.time() - t0, "grads_mb": grads_mb}
+    run(mode, model, x, y)
+    peak = torch.cuda.max_memory_allocated() if cuda else rss_mb("VmHWM") * 2**20
+    return (peak - base) / 2**20
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--vocab", type=int, default=65536)
-    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=None, help="one shape instead of the two default ones")
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=32768)
     p.add_argument("--width", type=int, default=768)
     p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--reps", type=int, default=3, help="timed rounds after one warm-up")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--mode", default=None, help="internal: run one mode in this process")
+    p.add_argument("--modes", default="plain,chunked,fused", help="some of plain,chunked,fused")
+    p.add_argument("--probe", default=None, help="internal: print one mode's peak memory")
     a = p.parse_args()
-    if a.mode:
-        print(json.dumps(measure(a.mode, a.vocab, a.seq, a.width, a.layers, a.device)))
+    shapes = SHAPES if a.batch is None else [(a.batch, a.seq, a.vocab)]
+    modes = a.modes.split(",")
+    if a.probe:
+        print(json.dumps({"peak_mb": peak_mb(a.probe, *build(*shapes[0], a))}))
         return
-    print(f"V={a.vocab} T={a.seq} C={a.width} layers={a.layers} device={a.device}; "
-          f"full fp32 logits alone would be {a.seq * a.vocab * 4 / 2**20:.0f} MB")
-    results = {}
-    for mode in ("plain", "chunked"):
-        # large blocks through mmap: freed memory leaves RSS at once, so peak RSS = peak live
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        out = subprocess.run([sys.executable, __file__, "--mode", mode] + sys.argv[1:],
-                             capture_output=True, text=True, check=True, env=env).stdout
-        results[mode] = json.loads(out.strip().splitlines()[-1])
-        r = results[mode]
-        print(f"{mode:>8}: peak +{r['peak_extra_mb']:.0f} MB over the model (of which {r['grads_mb']:.0f} MB are "
-              f"the parameter gradients), fwd+bwd {r['seconds']:.2f} s")
-    ratio = results["chunked"]["peak_extra_mb"] / max(results["plain"]["peak_extra_mb"], 1e-9)
-    print(f"chunked / plain peak: {ratio:.2f}")
+    for batch, seq, vocab in shapes:
+        print(f"B={batch} T={seq} V={vocab} C={a.width} layers={a.layers} device={a.device} "
+              f"({torch.get_num_threads()} threads): full fp32 logits alone are {batch * seq * vocab * 4 / 2**20:.0f} MB")
+        model, x, y = build(batch, seq, vocab, a)
+        times = {mode: [] for mode in modes}
+        for rep in range(a.reps + 1):
+            for mode in modes:
+                dt = run(mode, model, x, y)
+                if rep > 0:
+                    times[mode].append(dt)
+        del model, x, y
+        peaks = {}
+        for mode in modes:
+            # large blocks through mmap: freed memory leaves RSS at once, so peak RSS = peak live
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+            args = ["--batch", str(batch), "--seq", str(seq), "--vocab", str(vocab), "--width", str(a.width),
+                    "--layers", str(a.layers), "--device", a.device, "--probe", mode]
+            out = subprocess.run([sys.executable, __file__] + args, capture_output=True, text=True,
+                                 check=True, env=env).stdout
+            peaks[mode] = json.loads(out.strip().splitlines()[-1])["peak_mb"]
+        for mode in modes:
+            med = statistics.median(times[mode])
+            line = (f"  {mode:>8}: fwd+bwd median {med:6.2f} s (runs {', '.join(f'{t:.2f}' for t in times[mode])}), "
+                    f"peak +{peaks[mode]:.0f} MB (parameter gradients included)")
+            if "plain" in times and mode != "plain":
+                line += (f"; / plain: time {med / statistics.median(times['plain']):.2f}x, "
+                         f"peak {peaks[mode] / max(peaks['plain'], 1e-9):.2f}x")
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

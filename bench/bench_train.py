@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 import dpo
-from common import autocast, collate, optimizer_step, reset_peak_rss, rss_mb, synchronize
-from model import GPT, GPTConfig
+from common import autocast, collate, reset_peak_rss, rss_mb, synchronize
+from model import GPT, GPTConfig, optimizer_step
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak, for MFU
 
@@ -73,8 +73,8 @@ def timed(fn, args):
 
 def sft_step(model, optimizers, inputs, targets):
     with autocast(inputs.device):
-        logp = model.token_logprobs(inputs, targets)
-    (-logp.sum() / (targets != -1).sum()).backward()
+        total = model.token_logprobs(inputs, targets, reduction="sum")
+    (-total / (targets != -1).sum()).backward()
     optimizer_step(model, optimizers, 1.0)
 
 

@@ -1,7 +1,11 @@
-"""Helper for test_model: one optimizer step on a fixed global batch, on 1 or N processes.
+"""Helper for test_optim: three optimizer steps on a fixed global batch, on 1 or N processes.
 
     python tests/dist_optim_step.py OUT.pt
     torchrun --nproc_per_node=2 tests/dist_optim_step.py OUT.pt
+
+Each step has two micro-batches per process. Step 0 syncs without arming GradSync (the
+fallback), steps 1 and 2 arm it before the last backward (overlapped buckets). In step 1 the
+rows of rank 1 (of 2) have no target at all, so its lm_head gradient is None.
 """
 
 import sys
@@ -9,7 +13,7 @@ import sys
 import torch
 
 import common
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, GradSync, optimizer_step
 
 out_path = sys.argv[1]
 d = common.init_dist("cpu")
@@ -18,24 +22,35 @@ model = GPT(GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_
 model.init_weights(zero_out=False)
 optimizers = model.setup_optimizers()
 initial = {k: v.clone() for k, v in model.state_dict().items()}
+grad_sync = GradSync(model, bucket_numel=3000)  # several buckets
+grads = {}  # the summed gradients of step 0, as the optimizers see them
+hook = optimizers[0].register_step_pre_hook(
+    lambda *_: grads.update({name: p.grad.clone() for name, p in model.named_parameters()}))
 
 g = torch.Generator().manual_seed(1)
-inputs = torch.randint(0, 64, (8, 16), generator=g)
-targets = torch.randint(0, 64, (8, 16), generator=g)
-targets[torch.rand(8, 16, generator=g) < 0.3] = -1  # masked positions, unevenly spread
-
-for step in range(2):
+for step in range(3):
+    inputs = torch.randint(0, 64, (8, 16), generator=g)
+    targets = torch.randint(0, 64, (8, 16), generator=g)
+    targets[torch.rand(8, 16, generator=g) < 0.3] = -1  # masked positions, unevenly spread
+    if step == 1:
+        targets[1::2] = -1  # the rows a second process gets: nothing to score there
     mine_x = common.shard(inputs, d.rank, d.world_size)
     mine_y = common.shard(targets, d.rank, d.world_size)
-    (total,) = common.all_reduce_sum([(targets != -1).sum().item() / d.world_size], d.device)
-    # two micro-batches per rank: grad accumulation and the cross-rank sum must agree
-    for x, y in ((mine_x[:2], mine_y[:2]), (mine_x[2:], mine_y[2:])):
-        loss = -model.token_logprobs(x, y, chunk_numel=64 * 5).sum() / (targets != -1).sum()
+    num_tokens = (targets != -1).sum()
+    micro_batches = ((mine_x[:2], mine_y[:2]), (mine_x[2:], mine_y[2:]))
+    for i, (x, y) in enumerate(micro_batches):
+        if step > 0 and i == len(micro_batches) - 1:
+            grad_sync.arm()
+        if i == 0:  # SFT's fused sum, then DPO's per-token path
+            loss = -model.token_logprobs(x, y, chunk_numel=64 * 5, reduction="sum") / num_tokens
+        else:
+            loss = -model.token_logprobs(x, y, chunk_numel=64 * 5).sum() / num_tokens
         loss.backward()
-    common.sync_gradients(model)
-    if step == 0:
-        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    common.optimizer_step(model, optimizers, common.linear_decay(step, 4), sync=False)
+    if step == 2 and d.world_size > 1:  # armed: every bucket went out during the last backward
+        assert len(grad_sync.sent) == len(grad_sync.buckets) > 1
+    if step == 1:
+        hook.remove()
+    optimizer_step(model, optimizers, common.linear_decay(step, 4), grad_sync if step > 0 else None)
 
 if d.master:
     torch.save({"grads": grads, "initial": initial, "params": model.state_dict()}, out_path)
