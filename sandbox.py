@@ -22,7 +22,8 @@ import time
 
 from common import UserError
 
-SANDBOX_FILE_BYTES = 16 << 20  # RLIMIT_FSIZE, /tmp size and longest reply: the most the program may write
+SANDBOX_FILE_BYTES = 16 << 20  # RLIMIT_FSIZE and /tmp size: the most the program may write
+REPLY_BYTES = 1 << 20  # longest reply the driver parses (literal_eval's tree is many times the text)
 
 # Runs first in the sandbox: isolate, limit, report, guard, run, serve. Done here rather
 # than in preexec_fn, which can deadlock when the parent has threads (eval.py runs torch).
@@ -165,7 +166,7 @@ def _sandbox_python(identity):
 def _receive(sock, reader, deadline):
     """The next JSON line from the sandbox, waiting until the deadline at most."""
     sock.settimeout(max(deadline - time.monotonic(), 1e-3))
-    line = reader.readline(SANDBOX_FILE_BYTES)
+    line = reader.readline(REPLY_BYTES)
     if not line.endswith(b"\n"):
         raise CallFailed("reply too long" if line else "the program stopped")
     return json.loads(line)
@@ -233,6 +234,7 @@ def execute_code(program, timeout=5.0, memory_mb=512, max_output=64 * 1024, guar
                                 **_as_user(identity))
         theirs.close()
         reader, deadline = ours.makefile("rb"), time.monotonic() + timeout
+        ours.settimeout(timeout)
         try:
             ours.sendall(json.dumps(program).encode() + b"\n")
             for missing in set(_receive(ours, reader, deadline)) - _warned:  # sent before the program ran
