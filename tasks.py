@@ -17,31 +17,24 @@ Offline: copy a task_data/ folder filled on a connected machine into $NANOCHAT_B
 or write the rows yourself, one JSON object per line, to
 $NANOCHAT_BASE_DIR/task_data/{owner}--{name}/{config}/{split}.jsonl (see hf_rows).
 
-HumanEval runs model-written code: execute_code is a sandbox (subprocess as a throwaway
-uid, resource limits, its own session, a guard prelude), see the last part of this file.
+HumanEval runs model-written code in sandbox.py; the tests themselves run here.
 """
 
 import copy
-import dataclasses
 import functools
 import hashlib
-import itertools
 import json
-import math
 import numbers
 import os
 import random
 import re
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 import requests
 
+import sandbox
 from common import ProgressBar, UserError, atomic_write, get_base_dir, print0, retry_after, run_main
 
 # -----------------------------------------------------------------------------
@@ -682,10 +675,19 @@ class HumanEval(HFTask):
         return {"messages": messages, "entry_point": row["entry_point"], "test": row["test"]}
 
     def evaluate(self, conversation, completion):
-        program = (extract_imports(conversation["messages"][0]["content"]) + "\n\n"
-                   + extract_code(completion) + "\n\n" + conversation["test"] + "\n"
-                   + f"check({conversation['entry_point']})")
-        return int(execute_code(program, timeout=self.timeout).success)
+        """1 if the dataset's check() passes. check runs here (with the prompt's helpers, e.g.
+        poly for find_zero) and calls the completion's function in the sandbox, which returns
+        plain values only: exiting early, hooks or tracing there cannot fake a pass."""
+        prompt = conversation["messages"][0]["content"]
+        program = extract_imports(prompt) + "\n\n" + extract_code(completion)
+        tests, state = {}, random.getstate()  # the tests may use the random module: keep ours as it was
+        try:
+            exec(prompt + "\n" + conversation["test"], tests)
+            result = sandbox.execute_code(program, timeout=self.timeout,
+                                          serve=(conversation["entry_point"], tests["check"]))
+        finally:
+            random.setstate(state)
+        return int(result.success)
 
 
 class SmolTalk(HFTask):
@@ -718,258 +720,6 @@ TASKS = {
     "GSM8K": functools.partial(GSM8K, "main", "test"),
     "HumanEval": functools.partial(HumanEval, "test"),
 }
-
-# -----------------------------------------------------------------------------
-# Sandbox for model-written code (HumanEval)
-#
-# Layer 1, the kernel: when we are root the program runs as a throwaway uid no other
-# process uses (so it cannot touch our files, RLIMIT_NPROC caps its processes, and every
-# process it leaves behind can be found and killed), in its own session, in a fresh
-# temp dir, with RLIMIT_AS/CPU/FSIZE/NPROC/NOFILE/CORE set before the program starts, a
-# minimal environment and output going to files capped by RLIMIT_FSIZE. Not root: same,
-# minus the uid switch, and RLIMIT_NPROC=0 (no processes or threads at all).
-# Layer 2, a guard prelude: destructive and escape functions raise PermissionError.
-# The limits are set by a bootstrap inside the child rather than in preexec_fn, which
-# can deadlock when the parent has threads (eval.py runs torch).
-# Not covered: network access, and reading world-readable files.
-
-SANDBOX_FILE_BYTES = 16 << 20  # RLIMIT_FSIZE: largest file (stdout included) the program may write
-
-_GUARD = r"""
-import os, posix, shutil, subprocess, sys
-
-def _disabled(name):
-    def disabled(*args, **kwargs):
-        raise PermissionError(name + " is disabled in the sandbox")
-    return disabled
-
-_OS = ("system popen kill killpg fork forkpty setsid setpgid setuid setgid setreuid setregid "
-       "remove unlink rmdir removedirs rename renames replace truncate chmod fchmod lchmod chown "
-       "fchown lchown chroot link symlink execl execle execlp execlpe execv execve execvp execvpe "
-       "spawnl spawnle spawnlp spawnlpe spawnv spawnve spawnvp spawnvpe posix_spawn posix_spawnp").split()
-for _module, _names in ((os, _OS), (posix, _OS), (shutil, ["rmtree", "move", "chown"]),
-                        (subprocess, ["Popen", "call", "run", "check_call", "check_output",
-                                      "getoutput", "getstatusoutput", "_fork_exec"])):
-    for _name in _names:
-        if hasattr(_module, _name):
-            setattr(_module, _name, _disabled(_module.__name__ + "." + _name))
-subprocess._posixsubprocess = None
-for _name in ("ctypes", "_ctypes", "_posixsubprocess", "resource", "multiprocessing", "pty"):
-    sys.modules[_name] = None
-"""
-
-_BOOT = r"""
-import json, resource, sys
-for _name, _value in json.loads(sys.argv[1]).items():
-    _which = getattr(resource, _name)
-    _hard = resource.getrlimit(_which)[1]
-    _value = _value if _hard == resource.RLIM_INFINITY else min(_value, _hard)
-    resource.setrlimit(_which, (_value, _value))
-if sys.argv[2]:
-    exec(sys.argv[2], {})
-_path = sys.argv[3]
-with open(_path, encoding="utf-8") as _f:
-    _source = _f.read()
-sys.argv = [_path]
-exec(compile(_source, _path, "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
-"""
-
-
-class SandboxUnavailable(UserError):
-    pass
-
-
-@dataclasses.dataclass
-class ExecResult:
-    success: bool  # exited 0 in time
-    stdout: str
-    stderr: str
-    timed_out: bool = False
-    error: str = ""  # one line: why it failed
-    returncode: int | None = None
-
-
-_uid_counter = itertools.count()
-_interpreters = {}
-
-
-def _mapped(first, count, map_path):
-    """Whether ids [first, first+count) exist in this user namespace."""
-    try:
-        with open(map_path) as f:
-            ranges = [tuple(map(int, line.split())) for line in f if line.strip()]
-    except OSError:
-        return False
-    return any(inside <= first and first + count <= inside + n for inside, _, n in ranges)
-
-
-def _sandbox_identity():
-    """(uid, gid) unique to this run when we are root on Linux, else None."""
-    if os.geteuid() != 0:
-        return None
-    for first, count in ((2_000_000_000, 1_000_000), (60_000, 4_000)):
-        if _mapped(first, count, "/proc/self/uid_map") and _mapped(first, count, "/proc/self/gid_map"):
-            uid = first + (os.getpid() * 64 + next(_uid_counter) % 64) % count
-            return uid, uid
-    raise SandboxUnavailable("running as root but no free uid range to drop privileges to "
-                             "(/proc/self/uid_map); run evaluation as an ordinary user")
-
-
-def _as_user(identity):
-    if identity is None:
-        return {}
-    return dict(user=identity[0], group=identity[1], extra_groups=[], umask=0o077)
-
-
-def _sandbox_python(identity):
-    """An interpreter the sandbox user can run: sys.executable if it can (a venv under
-    /root cannot), else a system python3, or $CHIMERA_SANDBOX_PYTHON."""
-    key = identity is not None
-    if key not in _interpreters:
-        wanted = os.environ.get("CHIMERA_SANDBOX_PYTHON")
-        candidates = [wanted] if wanted else [sys.executable, "/usr/local/bin/python3", "/usr/bin/python3"]
-        probe = "import resource, sys; print(sys.version_info >= (3, 8))"
-        for exe in candidates:
-            try:
-                out = subprocess.run([exe, "-I", "-c", probe], cwd="/", env={"PATH": "/usr/bin:/bin"},
-                                     capture_output=True, text=True, timeout=60, **_as_user(identity))
-            except (OSError, subprocess.SubprocessError):
-                continue
-            if out.returncode == 0 and out.stdout.strip() == "True":
-                _interpreters[key] = exe
-                break
-        else:
-            who = f"uid {identity[0]}" if identity else "this user"
-            raise SandboxUnavailable(f"no Python {who} can run for the code sandbox (tried {', '.join(candidates)}); "
-                                     "set CHIMERA_SANDBOX_PYTHON to a python3 every user can execute")
-    return _interpreters[key]
-
-
-def _pids_of(uid):
-    """Live (non-zombie) processes whose real uid is `uid`."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/status") as f:
-                status = dict(line.split(":", 1) for line in f if ":" in line)
-        except OSError:
-            continue
-        if int(status.get("Uid", "-1").split()[0]) == uid and status.get("State", "").split()[:1] not in (["Z"], ["X"]):
-            pids.append(int(entry))
-    return pids
-
-
-def _kill_leftovers(proc, identity):
-    """Kill the program's session, and with a private uid every process of that uid."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    if identity is None:
-        return
-    for _ in range(200):  # a fork bomb may refill freed slots for a round or two
-        pids = _pids_of(identity[0])
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.005)
-
-
-def _remove_tree(path):
-    if os.geteuid() != 0:  # the program may have left dirs we cannot enter; we own them
-        for root, dirs, _ in os.walk(path):
-            for d in dirs:
-                p = os.path.join(root, d)
-                if not os.path.islink(p):
-                    os.chmod(p, 0o700)
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _remove_strays(uid):
-    """Files the sandbox user left in the world-writable temp dirs."""
-    for directory in ("/tmp", "/var/tmp", "/dev/shm"):
-        try:
-            entries = list(os.scandir(directory))
-        except OSError:
-            continue
-        for entry in entries:
-            try:
-                if entry.stat(follow_symlinks=False).st_uid != uid:
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path, ignore_errors=True)
-                else:
-                    os.unlink(entry.path)
-            except OSError:
-                pass
-
-
-def _read_capped(path, max_output):
-    with open(path, "rb") as f:
-        data = f.read(max_output + 1)
-    text = data[:max_output].decode("utf-8", errors="replace")
-    return text + ("\n[output truncated]" if len(data) > max_output else "")
-
-
-def _failure(returncode, timed_out, timeout, stderr):
-    if timed_out:
-        return f"timed out after {timeout:g}s"
-    if returncode < 0:
-        name = signal.Signals(-returncode).name
-        why = {"SIGXFSZ": " (file size limit: output flood?)", "SIGXCPU": " (CPU time limit)"}.get(name, "")
-        return f"killed by {name}{why}"
-    if returncode != 0:
-        lines = [line for line in stderr.splitlines() if line.strip()]
-        return lines[-1] if lines else f"exit code {returncode}"
-    return ""
-
-
-def execute_code(program, timeout=5.0, memory_mb=512, max_output=64 * 1024, max_procs=16, guard=True):
-    """Run a Python program in the sandbox and report what happened (never raises for the
-    program's faults). guard=False drops the prelude layer (tests of the kernel layer)."""
-    identity = _sandbox_identity()
-    python = _sandbox_python(identity)
-    workdir = tempfile.mkdtemp(prefix="chimera-sandbox-")
-    iodir = tempfile.mkdtemp(prefix="chimera-sandbox-io-")
-    try:
-        path = os.path.join(workdir, "program.py")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(program)
-        if identity:
-            os.chown(workdir, *identity)
-            os.chown(path, *identity)
-        limits = {"RLIMIT_AS": memory_mb << 20, "RLIMIT_CPU": math.ceil(timeout) + 1,
-                  "RLIMIT_FSIZE": SANDBOX_FILE_BYTES, "RLIMIT_NPROC": max_procs if identity else 0,
-                  "RLIMIT_NOFILE": 64, "RLIMIT_CORE": 0}
-        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
-        out_path, err_path = os.path.join(iodir, "stdout"), os.path.join(iodir, "stderr")
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            argv = [python, "-I", "-B", "-c", _BOOT, json.dumps(limits), _GUARD if guard else "", path]
-            proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True, **_as_user(identity))
-            try:
-                proc.wait(timeout=timeout)
-                timed_out = False
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            _kill_leftovers(proc, identity)
-            proc.wait()
-        stdout, stderr = _read_capped(out_path, max_output), _read_capped(err_path, max_output)
-    finally:
-        _remove_tree(workdir)
-        shutil.rmtree(iodir, ignore_errors=True)
-        if identity:
-            _remove_strays(identity[0])
-    error = _failure(proc.returncode, timed_out, timeout, stderr)
-    return ExecResult(success=not error, stdout=stdout, stderr=stderr, timed_out=timed_out,
-                      error=error, returncode=proc.returncode)
-
 
 # -----------------------------------------------------------------------------
 # python tasks.py [names]: fill the caches (on a connected machine, before going offline)

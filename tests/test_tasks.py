@@ -1,24 +1,20 @@
 """tasks.py: Task slicing and mixtures, the persona data, nanochat's renderings from seeded
-caches, the viewer-API row loader against a loopback server, and the code sandbox."""
+caches and the viewer-API row loader against a loopback server (the code sandbox:
+test_sandbox.py)."""
 
 import http.server
 import json
 import os
 import shutil
-import tempfile
 import threading
 import time
 import urllib.parse
-import uuid
 
 import pytest
 
 import tasks
 from common import UserError
 from conftest import free_port, run_python
-
-ROOT = os.geteuid() == 0
-root_only = pytest.mark.skipif(not ROOT, reason="the uid switch of the sandbox needs root")
 
 
 @pytest.fixture
@@ -545,125 +541,3 @@ def test_rows_client_errors_are_not_retried(server):
         tasks.hf_rows("org/missing", "main", "train", backoff=0.01)
     assert len(server.requests) == 1
 
-
-# -----------------------------------------------------------------------------
-# The sandbox
-
-
-def test_sandbox_runs_code_in_a_clean_throwaway_dir(monkeypatch):
-    monkeypatch.setenv("OPENROUTER_API_KEY", "sk-or-secret")
-    monkeypatch.setenv("HF_TOKEN", "hf_secret")
-    r = tasks.execute_code("import os, sys, json\nprint(json.dumps({'env': dict(os.environ), 'cwd': os.getcwd(), "
-                           "'path': sys.path, 'uid': os.getuid()}))")
-    assert r.success and not r.timed_out and r.error == "" and r.returncode == 0
-    seen = json.loads(r.stdout)
-    assert "sk-or-secret" not in r.stdout and "hf_secret" not in r.stdout
-    assert set(seen["env"]) <= {"PATH", "HOME", "TMPDIR", "LANG", "LC_CTYPE"}
-    assert not os.path.exists(seen["cwd"]) and seen["cwd"] != os.getcwd()
-    assert not {"", ".", os.path.dirname(os.path.abspath(tasks.__file__))} & set(seen["path"])
-    if ROOT:
-        assert seen["uid"] != 0
-
-
-def test_sandbox_limits_are_set():
-    code = ("import resource\nfor n in ('AS', 'CPU', 'FSIZE', 'NPROC', 'CORE'):\n"
-            "    print(n, resource.getrlimit(getattr(resource, 'RLIMIT_' + n)))")
-    r = tasks.execute_code(code, timeout=3.0, memory_mb=256, guard=False)
-    limits = dict(line.split(" ", 1) for line in r.stdout.splitlines())
-    assert limits["AS"] == str((256 << 20, 256 << 20)) and limits["CPU"] == "(4, 4)"
-    assert limits["FSIZE"] == str((tasks.SANDBOX_FILE_BYTES,) * 2) and limits["CORE"] == "(0, 0)"
-    assert limits["NPROC"] == ("(16, 16)" if ROOT else "(0, 0)")
-
-
-def test_sandbox_timeout_kills_an_infinite_loop():
-    t = time.time()
-    r = tasks.execute_code("while True:\n    pass", timeout=1.0)
-    assert r.timed_out and not r.success and "timed out" in r.error
-    assert time.time() - t < 4
-
-
-def test_sandbox_guard_disables_fork_and_escapes():
-    r = tasks.execute_code("import os\nwhile True:\n    os.fork()")
-    assert not r.success and "os.fork is disabled" in r.error
-    for call in ("import subprocess; subprocess.run(['true'])", "import os; os.system('true')",
-                 "import ctypes", "import os; os.kill(1, 9)"):
-        assert not tasks.execute_code(call).success, call
-
-
-def test_sandbox_fork_bomb_is_contained():
-    # kernel layer alone (guard off): RLIMIT_NPROC caps the processes; max_procs=1 means none
-    r = tasks.execute_code("import os\nos.fork()", guard=False, max_procs=1)
-    assert not r.success and ("BlockingIOError" in r.error or "Resource temporarily unavailable" in r.stderr)
-    t = time.time()
-    r = tasks.execute_code("import os\nprint(os.getuid(), flush=True)\nwhile True:\n    try:\n        os.fork()\n"
-                           "    except OSError:\n        pass", timeout=1.0, guard=False)
-    assert r.timed_out and not r.success and time.time() - t < 6
-    if ROOT:
-        assert tasks._pids_of(int(r.stdout.split()[0])) == []  # every copy was killed
-
-
-@root_only
-def test_sandbox_caps_processes_and_kills_leftovers():
-    code = ("import os, time\nprint(os.getuid(), flush=True)\nn = 0\nfor _ in range(100):\n    try:\n"
-            "        pid = os.fork()\n    except OSError:\n        break\n    if pid == 0:\n        time.sleep(60)\n"
-            "        os._exit(0)\n    n += 1\nprint(n)")
-    r = tasks.execute_code(code, guard=False, max_procs=8)
-    uid, forks = map(int, r.stdout.split())
-    assert r.success and forks == 7  # 8 processes of that uid at most
-    assert tasks._pids_of(uid) == []  # the sleeping children were killed
-
-
-def test_sandbox_output_flood_is_bounded():
-    t = time.time()
-    r = tasks.execute_code("while True:\n    print('x' * 10000)", timeout=10.0, max_output=4096)
-    assert not r.success and not r.timed_out and time.time() - t < 8  # stopped by RLIMIT_FSIZE
-    assert len(r.stdout) <= 4096 + len("\n[output truncated]") and r.stdout.endswith("[output truncated]")
-
-
-def test_sandbox_memory_hog_fails():
-    r = tasks.execute_code("x = bytearray(2 * 1024 ** 3)\nprint('allocated')", memory_mb=256)
-    assert not r.success and "MemoryError" in r.error and "allocated" not in r.stdout
-
-
-def delete_attempts(victim_file, victim_dir):
-    return (f"import os, shutil\nprint('visible', os.path.exists({victim_file!r}))\n"
-            f"for f, a in ((os.remove, {victim_file!r}), (os.unlink, {victim_file!r}), (shutil.rmtree, {victim_dir!r}),"
-            f" (os.rename, {victim_file!r})):\n"
-            "    try:\n        f(a) if f is not os.rename else f(a, a + '.moved')\n"
-            "    except Exception as e:\n        print(type(e).__name__)\n")
-
-
-def test_sandbox_guard_blocks_deleting_outside_files(tmp_path):
-    victim, victim_dir = tmp_path / "keep.txt", tmp_path / "keepdir"
-    victim.write_text("precious")
-    victim_dir.mkdir()
-    (victim_dir / "inner.txt").write_text("precious")
-    r = tasks.execute_code(delete_attempts(str(victim), str(victim_dir)))
-    assert r.stdout.count("PermissionError") == 4
-    assert victim.read_text() == "precious" and (victim_dir / "inner.txt").exists()
-
-
-@root_only
-def test_sandbox_uid_blocks_deleting_visible_files():
-    # kernel layer alone: a file the sandbox can see (0755 dir, 0644 file) but does not own
-    folder = tempfile.mkdtemp()
-    try:
-        os.chmod(folder, 0o755)
-        victim, victim_dir = os.path.join(folder, "keep.txt"), os.path.join(folder, "keepdir")
-        with open(victim, "w") as f:
-            f.write("precious")
-        os.mkdir(victim_dir)
-        os.chmod(victim_dir, 0o755)
-        open(os.path.join(victim_dir, "inner.txt"), "w").close()
-        r = tasks.execute_code(delete_attempts(victim, victim_dir), guard=False)
-        assert "visible True" in r.stdout and r.stdout.count("PermissionError") == 4
-        assert open(victim).read() == "precious" and os.path.exists(os.path.join(victim_dir, "inner.txt"))
-    finally:
-        shutil.rmtree(folder)
-
-
-@root_only
-def test_sandbox_removes_files_left_in_tmp():
-    stray = f"/tmp/chimera-test-stray-{uuid.uuid4().hex}"
-    r = tasks.execute_code(f"open({stray!r}, 'w').write('junk')\nprint('wrote')")
-    assert r.success and r.stdout == "wrote\n" and not os.path.exists(stray)

@@ -1,0 +1,258 @@
+"""
+The sandbox that runs model-written code (HumanEval), Linux only; README.md (eval.py) says
+what it contains and what it does not.
+
+    execute_code(program)                        # run it: exit status, stdout, stderr
+    execute_code(program, serve=(name, driver))  # driver(call) runs here, call(*a) runs name(*a) there
+"""
+
+import ast
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from common import UserError
+
+SANDBOX_FILE_BYTES = 16 << 20  # RLIMIT_FSIZE and /tmp size: the most the program may write
+REPLY_BYTES = 1 << 20  # longest reply the driver parses (literal_eval's tree is many times the text)
+
+# Runs first in the sandbox: isolate, limit, report, guard, run, serve. Done here rather
+# than in preexec_fn, which can deadlock when the parent has threads (eval.py runs torch).
+_BOOT = r"""
+import ast, json, os, resource, signal, socket, sys
+config = json.loads(sys.argv[1])
+channel = socket.socket(fileno=config["fd"])
+reader = channel.makefile("rb")
+source = json.loads(reader.readline())
+missing, libc, isolated = [], None, False
+def check(what, result):
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, what + ": " + os.strerror(errno))
+try:  # CLONE_NEWUSER | NEWNS | NEWNET | NEWPID | NEWIPC, mapping only our own ids
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    uid, gid = os.geteuid(), os.getegid()
+    check("unshare", libc.unshare(0x10000000 | 0x20000 | 0x40000000 | 0x20000000 | 0x8000000))
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        with open("/proc/self/" + name, "w") as f:
+            f.write(text)
+    isolated = True
+except (OSError, ImportError, AttributeError) as e:
+    missing.append(f"no user namespace ({e}): the code can use the network, see and signal your processes, "
+                   "read their environment and write wherever the user running it can")
+if isolated:
+    try:  # MS_REC | MS_PRIVATE, then mount_setattr(AT_FDCWD, "/", AT_RECURSIVE, {MOUNT_ATTR_RDONLY})
+        check("private mounts", libc.mount(None, b"/", None, 0x4000 | 0x40000, None))
+        check("mount_setattr", libc.syscall(442, -100, b"/", 0x8000, (ctypes.c_uint64 * 4)(1), ctypes.c_size_t(32)))
+        # empty tmpfs over these, read-only (MS_RDONLY) but /tmp, all MS_NOSUID | MS_NODEV | MS_NOEXEC
+        for path in ("/tmp", "/var/tmp", "/dev/shm", "/run", "/proc"):
+            if os.path.isdir(path) and not os.path.islink(path):
+                options = f"size={config['tmpfs']},nr_inodes=4096,mode=1777".encode()
+                check("tmpfs on " + path, libc.mount(b"tmpfs", path.encode(), b"tmpfs", (path != "/tmp") | 14, options))
+        os.chdir("/tmp")
+    except OSError as e:
+        missing.append(f"no read-only file system with a private /tmp, /run and /proc ({e}): the code can "
+                       "write wherever the user running it can and may read other processes' environment")
+    child = os.fork()  # the first process of the new pid namespace: when it dies, all in it die
+    if child:
+        channel.close()
+        signal.signal(signal.SIGTERM, lambda *_: os.kill(child, signal.SIGKILL))
+        code = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+        if code < 0 and code != -signal.SIGKILL:  # die the same way
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code) if code < 0 else os._exit(code)
+    os.setsid()  # out of the top process's group: nothing here can signal it
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the top process
+    check("unshare", libc.unshare(0x10000000))  # a nested user namespace: no privilege over the mounts
+libc and libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+for name, value in config["limits"].items():
+    which = getattr(resource, name)
+    hard = resource.getrlimit(which)[1]  # RLIM_INFINITY is -1
+    resource.setrlimit(which, (value if hard < 0 else min(value, hard),) * 2)
+os.environ.update(HOME=os.getcwd(), TMPDIR=os.getcwd())
+channel.sendall(json.dumps(missing).encode() + b"\n")
+exec(config["guard"], {})
+exec(compile(source, "program.py", "exec"), namespace := {"__name__": "__main__"})
+if config["serve"]:
+    for line in reader:
+        try:
+            args, kwargs = ast.literal_eval(line.decode())
+            reply = ["ok", repr(namespace[config["serve"]](*args, **kwargs))]
+        except Exception as e:
+            reply = ["error", f"{type(e).__name__}: {e}"]
+        channel.sendall(json.dumps(reply).encode() + b"\n")
+"""
+
+# Defence in depth only (a program can undo it): destructive and escape functions raise.
+_GUARD = r"""
+import os, posix, shutil
+def _disabled(name):
+    def disabled(*args, **kwargs):
+        raise PermissionError(name + " is disabled in the sandbox")
+    return disabled
+for _name in ("system popen kill killpg fork forkpty setsid execv execve remove unlink rmdir removedirs rename "
+              "renames replace truncate chmod fchmod lchmod chown fchown lchown link symlink").split():
+    for _module in (os, posix):
+        hasattr(_module, _name) and setattr(_module, _name, _disabled("os." + _name))
+shutil.rmtree, shutil.move = _disabled("shutil.rmtree"), _disabled("shutil.move")
+"""
+
+
+class SandboxUnavailable(UserError):
+    pass
+
+
+class CallFailed(Exception):
+    """A call into the program raised, returned something not a plain value, or got no reply."""
+
+
+@dataclasses.dataclass
+class ExecResult:
+    success: bool  # with serve: the driver returned; else: the program exited 0 in time
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+    error: str = ""  # one line: why it failed
+    returncode: int | None = None
+
+
+_warned = set()
+
+
+def _sandbox_identity():
+    """A throwaway (uid, gid) that this user namespace maps when we are root, else None."""
+    if os.geteuid() != 0:
+        return None
+    with open("/proc/self/uid_map") as uids, open("/proc/self/gid_map") as gids:
+        maps = [[tuple(map(int, line.split())) for line in f if line.strip()] for f in (uids, gids)]
+    for first, count in ((2_000_000_000, 1_000_000), (60_000, 4_000)):
+        if all(any(inside <= first and first + count <= inside + n for inside, _, n in m) for m in maps):
+            return (first + os.getpid() % count,) * 2
+    raise SandboxUnavailable("running as root but no free uid range to drop privileges to "
+                             "(/proc/self/uid_map); run evaluation as an ordinary user")
+
+
+def _as_user(identity):
+    return {} if identity is None else dict(user=identity[0], group=identity[1], extra_groups=[], umask=0o077)
+
+
+@functools.cache
+def _sandbox_python(identity):
+    """sys.executable if the sandbox user can run it (not a venv under /root), else a system python3."""
+    wanted = os.environ.get("CHIMERA_SANDBOX_PYTHON")
+    candidates = [wanted] if wanted else [sys.executable, "/usr/local/bin/python3", "/usr/bin/python3"]
+    for exe in candidates:
+        try:
+            if subprocess.run([exe, "-I", "-c", "import sys; assert sys.version_info >= (3, 9)"], cwd="/",
+                              env={}, capture_output=True, timeout=60, **_as_user(identity)).returncode == 0:
+                return exe
+        except (OSError, subprocess.SubprocessError):
+            pass
+    who = f"uid {identity[0]}" if identity else "this user"
+    raise SandboxUnavailable(f"no Python {who} can run for the code sandbox (tried {', '.join(candidates)}); "
+                             "set CHIMERA_SANDBOX_PYTHON to a python3 (3.9+) every user can execute")
+
+
+def _receive(sock, reader, deadline):
+    """The next JSON line from the sandbox, waiting until the deadline at most."""
+    sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+    line = reader.readline(REPLY_BYTES)
+    if not line.endswith(b"\n"):
+        raise CallFailed("reply too long" if line else "the program stopped")
+    return json.loads(line)
+
+
+def _caller(sock, reader, deadline):
+    """The driver's call(*args, **kwargs): the program's function's value, as a Python literal."""
+    def call(*args, **kwargs):
+        try:
+            sock.sendall(repr((args, kwargs)).encode() + b"\n")
+            status, text = _receive(sock, reader, deadline)
+        except ConnectionError as e:
+            raise CallFailed("the program stopped") from e
+        if status != "ok":
+            raise CallFailed(text)
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
+            raise CallFailed(f"not a plain Python value: {text[:200]}") from e
+    return call
+
+
+def _read_capped(f, max_output):
+    f.seek(0)
+    data = f.read(max_output + 1)
+    return data[:max_output].decode("utf-8", "replace") + ("\n[output truncated]" if len(data) > max_output else "")
+
+
+def _failure(returncode, stderr):
+    if returncode < 0:
+        return f"killed by {signal.Signals(-returncode).name}"
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    return (lines[-1] if lines else f"exit code {returncode}") if returncode else ""
+
+
+def _stop(proc, patience):
+    """Let it end by itself (keeping its exit status), else SIGTERM (the top process then kills the
+    pid namespace's first process, and with it the rest), else SIGKILL."""
+    for stop, wait in ((lambda: None, patience), (proc.terminate, 0.5), (proc.kill, None)):
+        stop()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return proc.wait(wait)
+
+
+def execute_code(program, timeout=5.0, memory_mb=512, max_output=64 * 1024, guard=True, serve=None):
+    """Run a Python program in the sandbox and report what happened (never raises for its faults).
+    serve=(name, driver): then driver(call) runs here, call(*args) returning name(*args) as computed
+    there, as a plain value (a Python literal): only the right values make the driver pass, and
+    success means it returned. guard=False drops the prelude (tests of the OS layer)."""
+    identity = _sandbox_identity()
+    python = _sandbox_python(identity)
+    limits = {"RLIMIT_AS": memory_mb << 20, "RLIMIT_CPU": math.ceil(timeout) + 1, "RLIMIT_NPROC": 0,
+              "RLIMIT_FSIZE": SANDBOX_FILE_BYTES, "RLIMIT_NOFILE": 64, "RLIMIT_CORE": 0}
+    ours, theirs = socket.socketpair()
+    config = {"fd": theirs.fileno(), "limits": limits, "guard": _GUARD if guard else "",
+              "serve": serve[0] if serve else None, "tmpfs": SANDBOX_FILE_BYTES}
+    timed_out, verdict = False, ""
+    with (ours, theirs, tempfile.TemporaryDirectory(prefix="chimera-sandbox-", ignore_cleanup_errors=True) as workdir,
+          tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err):
+        if identity:
+            os.chown(workdir, *identity)  # its working dir where no private /tmp could be made
+        proc = subprocess.Popen([python, "-I", "-B", "-c", _BOOT, json.dumps(config)], cwd=workdir,
+                                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=err, pass_fds=[theirs.fileno()], start_new_session=True,
+                                **_as_user(identity))
+        theirs.close()
+        reader, deadline = ours.makefile("rb"), time.monotonic() + timeout
+        ours.settimeout(timeout)
+        try:
+            ours.sendall(json.dumps(program).encode() + b"\n")
+            for missing in set(_receive(ours, reader, deadline)) - _warned:  # sent before the program ran
+                _warned.add(missing)
+                print(f"warning: code sandbox: {missing}", file=sys.stderr, flush=True)
+            if serve:
+                serve[1](_caller(ours, reader, deadline))
+            else:
+                proc.wait(max(deadline - time.monotonic(), 0))
+        except (TimeoutError, subprocess.TimeoutExpired):
+            timed_out = True
+        except Exception as e:  # the driver's verdict (AssertionError, CallFailed, ...)
+            verdict = (type(e).__name__ + (f": {e}" if str(e) else "")).splitlines()[0]
+        finally:
+            reader.close()
+            ours.close()  # the program's serving loop ends
+            _stop(proc, 0 if timed_out else 0.5)
+        stdout, stderr = _read_capped(out, max_output), _read_capped(err, max_output)
+    error = verdict or ("" if serve else _failure(proc.returncode, stderr))
+    return ExecResult(success=not (error or timed_out), stdout=stdout, stderr=stderr, timed_out=timed_out,
+                      error=f"timed out after {timeout:g}s" if timed_out else error, returncode=proc.returncode)
