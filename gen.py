@@ -8,21 +8,12 @@ a fluent apprentice failing in one typed way) for DPO.
     OPENROUTER_MODELS=openai/gpt-4o-mini,anthropic/claude-3.5-haiku python gen.py --workers 32 --max-cost 5
     python gen.py --judge-pairs=1 --judge-model=anthropic/claude-3.5-sonnet   # keep only pairs a judge confirms
 
-Writes $NANOCHAT_BASE_DIR/datasets/trader_sft_data.jsonl ({"messages": [...]} per line),
-trader_dpo_data.jsonl ({"prompt", "chosen", "rejected", "failure"} per line), a ledger of
-finished items beside each, trader_gen_spend.jsonl (one line per paid request),
-trader_gen_summary.json (counts, tokens and cost per model, diversity) and the report
-section report/synthetic-data.md.
-
-The persona lives in data/persona.md: edit it to make your own. Each item draws a topic,
-a user, a conversation shape and an opening style from an RNG seeded by (seed, kind, item
-index), so items are reproducible and a re-run knows which ones are already done; the
-Apprentice's failure type goes round the persona's list by item index.
-
-Re-running tops the files up to the requested counts: finished items are skipped, a torn
-last line left by a killed run is cut off, exact and near duplicates are dropped. One
-gen.py at a time per output directory (a lock file); Ctrl-C keeps what was paid for.
-Any OpenAI-compatible server works (--base-url / OPENROUTER_BASE_URL: vLLM, llama.cpp...).
+Writes to $NANOCHAT_BASE_DIR/datasets/: trader_sft_data.jsonl ({"messages": [...]} per line),
+trader_dpo_data.jsonl ({"prompt", "chosen", "rejected", "failure"}), a ledger of finished
+items beside each, trader_gen_spend.jsonl (a line per paid request) and trader_gen_summary.json;
+and the report section report/synthetic-data.md. The persona is data/persona.md. Each item
+is drawn from an RNG seeded by (seed, kind, index), so a re-run knows which are done and tops
+the files up. One gen.py per output directory (a lock file); Ctrl-C keeps what was paid for.
 """
 
 import fcntl
@@ -93,11 +84,11 @@ def check_config(c):
 # The persona: one markdown file, a section per `## heading`
 
 PERSONA_TEXT = ("name", "system", "master", "apprentice")
-PERSONA_LISTS = ("topics", "users", "shapes")  # drawn at random per item; "failures" goes round by item index
+PERSONA_LISTS = ("topics", "users", "shapes", "openings")  # drawn at random per item; "failures" by item index
 
 
 def load_persona(path):
-    """{"name", "system", "master", "apprentice": str, "topics", "users", "shapes", "failures": [str]}."""
+    """{"name", "system", "master", "apprentice": str, "topics", "users", "shapes", "openings", "failures": [str]}."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: persona file not found")
     sections, current = {}, None
@@ -120,25 +111,10 @@ def load_persona(path):
     return persona
 
 
-# Each item's opening message style, drawn alongside the persona file's lists
-OPENINGS = [
-    "a short, casual message typed on a phone (lowercase, a typo or two)",
-    "a detailed message with concrete numbers (account size, prices, percentages)",
-    "a worried, slightly emotional message",
-    "a blunt one-line question",
-    "a confident message that assumes the answer is obvious",
-    "a polite, formal message",
-    "a message that quotes something they read online",
-    "a message that starts with background about themselves before asking",
-]
-
-
 def item_spec(persona, kind, index, seed, min_turns=2, max_turns=4):
     """The reproducible recipe of one item: who asks what, in what shape and style."""
     rng = random.Random(f"{seed}:{kind}:{index}")
-    spec = {"id": f"{kind}-{seed}-{index}", "topic": rng.choice(persona["topics"]),
-            "user": rng.choice(persona["users"]), "shape": rng.choice(persona["shapes"]),
-            "opening": rng.choice(OPENINGS)}
+    spec = {"id": f"{kind}-{seed}-{index}", **{key[:-1]: rng.choice(persona[key]) for key in PERSONA_LISTS}}
     if kind == "sft":
         spec["turns"] = rng.randint(min_turns, max_turns)
     else:  # every failure type equally often: DPO sees each way of being wrong
@@ -149,14 +125,11 @@ def item_spec(persona, kind, index, seed, min_turns=2, max_turns=4):
 # -----------------------------------------------------------------------------
 # Prompts, the JSON schemas asked of the model, and the records made of the answers
 
-SFT_SCHEMA = {
-    "type": "object",
-    "properties": {"messages": {"type": "array", "items": {
-        "type": "object",
-        "properties": {"role": {"type": "string", "enum": ["user", "assistant"]}, "content": {"type": "string"}},
-        "required": ["role", "content"], "additionalProperties": False}}},
-    "required": ["messages"], "additionalProperties": False,
-}
+MESSAGE_SCHEMA = {"type": "object", "properties": {"role": {"type": "string", "enum": ["user", "assistant"]},
+                                                  "content": {"type": "string"}},
+                  "required": ["role", "content"], "additionalProperties": False}
+SFT_SCHEMA = {"type": "object", "properties": {"messages": {"type": "array", "items": MESSAGE_SCHEMA}},
+              "required": ["messages"], "additionalProperties": False}
 PAIR_KEYS = ("prompt", "chosen", "rejected")
 DPO_SCHEMA = {"type": "object", "properties": {k: {"type": "string"} for k in PAIR_KEYS},
               "required": list(PAIR_KEYS), "additionalProperties": False}
@@ -250,36 +223,31 @@ class TransientFailure(Exception):
     """429 / 408 / 5xx / timeouts that outlasted every retry."""
 
 
-def number(x):
-    """A usage figure from the provider, or 0 when it is not a finite number."""
-    return x if isinstance(x, (int, float)) and math.isfinite(x) else 0
-
-
 class Spend:
     """Requests, tokens and cost per model, from an append-only ledger (one whole line per paid
     request, written as the answer arrives, useless answers included), so a killed run's spend
     is not lost and the summary covers every run."""
 
     def __init__(self, path=None):
-        self.path, self.models, self._lock = path, {}, threading.Lock()
+        self.path, self.models, self._lock = None, {}, threading.Lock()
         if path and os.path.isfile(path):
             repair_torn_line(path)
             for entry in iter_jsonl(path, lambda e: None if isinstance(e, dict) else "not an object"):
-                self._count(entry)
-
-    def _count(self, entry):
-        totals = self.models.setdefault(str(entry.get("model")), {"requests": 0, "prompt_tokens": 0,
-                                                                 "completion_tokens": 0, "cost": 0.0})
-        totals["requests"] += 1
-        for key in ("prompt_tokens", "completion_tokens", "cost"):
-            totals[key] += number(entry.get(key))
+                self.add(entry.get("model"), entry)
+        self.path = path
 
     def add(self, model, usage):
-        entry = {"model": model, **{k: number(usage.get(k)) for k in ("prompt_tokens", "completion_tokens", "cost")}}
+        """Count one paid request; a figure that is not a finite number (a provider's nonsense) counts 0."""
+        entry = {k: v if isinstance(v := usage.get(k), (int, float)) and math.isfinite(v) else 0
+                 for k in ("prompt_tokens", "completion_tokens", "cost")}
         with self._lock:
             if self.path:
-                append_jsonl(self.path, entry)
-            self._count(entry)
+                append_jsonl(self.path, {"model": model, **entry})
+            totals = self.models.setdefault(str(model), {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                                                         "cost": 0.0})
+            totals["requests"] += 1
+            for k, v in entry.items():
+                totals[k] += v
 
     @property
     def cost(self):
@@ -298,9 +266,6 @@ class OpenRouter:
         self.spend = spend or Spend()
         self._local, self._lock = threading.local(), threading.Lock()
 
-    def __repr__(self):
-        return f"OpenRouter({self.base_url!r}, models={self.models!r})"
-
     def _clean(self, value):
         """`value` with the key scrubbed from every string (a provider may echo the Authorization
         header back) and lone surrogates ("\\ud800", not encodable as UTF-8) replaced by U+FFFD."""
@@ -315,12 +280,9 @@ class OpenRouter:
 
     def _session(self):
         if not hasattr(self._local, "session"):  # one keep-alive connection pool per worker thread
-            self._local.session = requests.Session()
-            self._local.session.headers.update({
-                "Authorization": f"Bearer {self._key}",
-                "HTTP-Referer": "https://github.com/chimera-nanochat/chimera",  # OpenRouter's app attribution
-                "X-Title": "Chimera",
-            })
+            self._local.session = requests.Session()  # HTTP-Referer and X-Title: OpenRouter's app attribution
+            self._local.session.headers.update({"Authorization": f"Bearer {self._key}", "X-Title": "Chimera",
+                                                "HTTP-Referer": "https://github.com/chimera-nanochat/chimera"})
         return self._local.session
 
     @property
@@ -526,29 +488,19 @@ class Store:
     kill between the two appends redoes that item rather than losing or doubling it."""
 
     def __init__(self, path, problem_of, threshold):
-        self.path, self.ledger_path, self.problem_of = path, re.sub(r"(\.jsonl)?$", ".ledger.jsonl", path, 1), problem_of
-        self.hashes, self.near = set(), NearDuplicates(threshold)
-        self.count, self.done_ids, self.repaired, self.ok_ids = 0, set(), 0, []
-
-    def load(self):
-        self.repaired = repair_torn_line(self.path) + repair_torn_line(self.ledger_path)
-        for record in self.read(self.path, check=True):
-            self._remember(record)
-            self.count += 1
-        for entry in self.read(self.ledger_path, check=False):
+        self.path, self.ledger_path = path, re.sub(r"(\.jsonl)?$", ".ledger.jsonl", path, 1)
+        self.hashes, self.near, self.done_ids, self.ok_ids = set(), NearDuplicates(threshold), set(), []
+        self.repaired = repair_torn_line(path) + repair_torn_line(self.ledger_path)
+        self.records = list(iter_jsonl(path, problem_of, "; fix or remove that line")) if os.path.isfile(path) else []
+        for record in self.records:
+            self.hashes.add(record_digest(record).hex())
+            self.near.add(self.near.signature(record_text(record)))
+        ledger = iter_jsonl(self.ledger_path) if os.path.isfile(self.ledger_path) else ()
+        for entry in ledger:
             if isinstance(entry, dict) and "id" in entry and (entry.get("outcome") != "ok" or entry.get("hash") in self.hashes):
                 self.done_ids.add(entry["id"])
                 if entry.get("outcome") == "ok":
                     self.ok_ids.append(entry["id"])
-        return self
-
-    def read(self, path, check):
-        if os.path.isfile(path):
-            yield from iter_jsonl(path, self.problem_of if check else None, "; fix or remove that line")
-
-    def _remember(self, record, sig=None):
-        self.hashes.add(record_digest(record).hex())
-        self.near.add(self.near.signature(record_text(record)) if sig is None else sig)
 
     def add(self, item_id, record):
         """Append `record` unless it duplicates an earlier one; returns the outcome."""
@@ -559,8 +511,9 @@ class Store:
             return self.mark(item_id, "near_duplicate")
         append_jsonl(self.ledger_path, {"id": item_id, "outcome": "ok", "hash": digest})
         append_jsonl(self.path, record)
-        self._remember(record, sig)
-        self.count += 1
+        self.hashes.add(digest)
+        self.near.add(sig)
+        self.records.append(record)
         self.ok_ids.append(item_id)
         return "ok"
 
@@ -609,15 +562,15 @@ def generate(client, persona, kind, store, target, c, executor):
                            + (("judge_kept", "judge_rejected", "judge_no_verdict") if kind == "dpo" and c.judge_pairs
                               else ()), 0)
     failure_reasons, running, stop, streak = {}, {}, None, 0
-    if store.count >= target:
+    if len(store.records) >= target:
         return counts, failure_reasons, None
     give_up_after = max(25, 2 * c.workers)  # consecutive items without a record that mean something is wrong for good
     pending = (i for i in itertools.count() if f"{kind}-{c.seed}-{i}" not in store.done_ids)
     bar = ProgressBar(target, desc=kind, unit="rec", enabled=True)
-    bar.set_initial(store.count)
+    bar.set_initial(len(store.records))
     try:
         while True:
-            while stop is None and not STOP.is_set() and len(running) < c.workers and store.count + len(running) < target:
+            while stop is None and not STOP.is_set() and len(running) < c.workers and len(store.records) + len(running) < target:
                 spec = item_spec(persona, kind, next(pending), c.seed, c.min_turns, c.max_turns)
                 running[executor.submit(make_item, client, persona, kind, spec, c)] = spec
             if not running:
@@ -662,44 +615,42 @@ def diversity(persona, kind, store, seed, counts):
              if k == kind and s == str(seed) and i.isdigit()]
     stats = {f"{key} covered": f"{len({s[key[:-1]] for s in specs})}/{len(persona[key])}"  # topics -> "topic"
              for key in PERSONA_LISTS if specs}
-    records = list(store.read(store.path, check=False))
+    records = store.records
+    answered = sum(counts.get(k, 0) for k in ("new", "duplicate", "near_duplicate"))
+    if answered:
+        stats["near-duplicate rate (this run)"] = round((answered - counts["new"]) / answered, 4)
     if not records:
         return stats
     words = [re.findall(r"\w+", record_text(r).lower()) for r in records]
     for n in (1, 2):  # distinct-n: distinct word n-grams over all n-grams
         grams = [tuple(w[i:i + n]) for w in words for i in range(len(w) - n + 1)]
         stats[f"distinct {n}-grams"] = round(len(set(grams)) / max(1, len(grams)), 4)
-    answered = counts.get("new", 0) + counts.get("duplicate", 0) + counts.get("near_duplicate", 0)
-    if answered:
-        stats["near-duplicate rate (this run)"] = round((answered - counts["new"]) / answered, 4)
-    firsts = [r["prompt"] if kind == "dpo" else next(m["content"] for m in r["messages"] if m["role"] == "user")
-              for r in records]
-    stats["distinct first messages"] = f"{len(set(firsts))}/{len(firsts)}"
     if kind == "sft":
-        stats["mean user turns"] = float(np.mean([sum(m["role"] == "user" for m in r["messages"]) for r in records]))
-        stats["mean assistant chars"] = float(np.mean([len(m["content"]) for r in records for m in r["messages"]
-                                                       if m["role"] == "assistant"]))
-    else:
-        stats["mean chosen chars"] = float(np.mean([len(r["chosen"]) for r in records]))
-        stats["mean rejected chars"] = float(np.mean([len(r["rejected"]) for r in records]))
-        for name in sorted({f.split(":")[0].strip() for f in persona["failures"]} | {r.get("failure", "untyped")
-                                                                                       for r in records}):
-            stats[f"failure {name}"] = sum(r.get("failure", "untyped") == name for r in records)
+        turns = [[m for m in r["messages"] if m["role"] != "system"] for r in records]
+        stats["distinct first messages"] = f"{len({t[0]['content'] for t in turns})}/{len(records)}"
+        stats["mean user turns"] = sum(len(t) for t in turns) / 2 / len(records)
+        stats["mean assistant chars"] = float(np.mean([len(m["content"]) for t in turns for m in t[1::2]]))
+        return stats
+    stats["distinct first messages"] = f"{len({r['prompt'] for r in records})}/{len(records)}"
+    for key in ("chosen", "rejected"):
+        stats[f"mean {key} chars"] = float(np.mean([len(r[key]) for r in records]))
+    for name in sorted({f.split(":")[0] for f in persona["failures"]} | {r.get("failure", "untyped") for r in records}):
+        stats[f"failure {name}"] = sum(r.get("failure", "untyped") == name for r in records)
     return stats
 
 
 def write_summary(path, c, persona, stores, targets, runs, spend, wall, model):
     summary = {"model": model, "wall_seconds": round(wall, 1), "cost_total": round(spend.cost, 6),
                "models": spend.models, "kinds": {}}
-    lines = [{"Generator model": model, "SFT conversations": stores["sft"].count,
-              "DPO pairs": stores["dpo"].count, "Cost (USD, all runs)": round(spend.cost, 4),
+    lines = [{"Generator model": model, "SFT conversations": len(stores["sft"].records),
+              "DPO pairs": len(stores["dpo"].records), "Cost (USD, all runs)": round(spend.cost, 4),
               "Prompt tokens": sum(v["prompt_tokens"] for v in spend.models.values()),
               "Completion tokens": sum(v["completion_tokens"] for v in spend.models.values()),
               "Generation time (s, this run)": round(wall, 1)}]
     for kind, store in stores.items():
         counts, reasons, _ = runs.get(kind, ({}, {}, None))
         stats = diversity(persona, kind, store, c.seed, counts)
-        summary["kinds"][kind] = {"file": store.path, "requested": targets[kind], "records": store.count,
+        summary["kinds"][kind] = {"file": store.path, "requested": targets[kind], "records": len(store.records),
                                   "this_run": counts, "failure_reasons": reasons, "diversity": stats}
         lines.append({f"{kind.upper()} {k.replace('_', ' ')} (this run)": v for k, v in counts.items()})
         lines.append({f"{kind.upper()} {k}": v for k, v in stats.items()})
@@ -750,12 +701,12 @@ def main():
     with lock:
         targets = {"sft": c.sft_examples, "dpo": c.dpo_examples}
         problems = {"sft": conversation_problem, "dpo": dpo_problem}
-        stores = {kind: Store(os.path.join(out_dir, name), problems[kind], c.near_dup_threshold).load()
+        stores = {kind: Store(os.path.join(out_dir, name), problems[kind], c.near_dup_threshold)
                   for kind, (name, *_) in KINDS.items()}
         for kind, store in stores.items():
             note = " (cut off a torn last line left by a killed run)" if store.repaired else ""
-            print(f"{kind}: {store.count}/{targets[kind]} records in {store.path}{note}", flush=True)
-        if all(stores[k].count >= targets[k] for k in KINDS):
+            print(f"{kind}: {len(store.records)}/{targets[kind]} records in {store.path}{note}", flush=True)
+        if all(len(stores[k].records) >= targets[k] for k in KINDS):
             print("nothing to generate: both files hold the requested counts")
             return
         client.spend = Spend(os.path.join(out_dir, "trader_gen_spend.jsonl"))

@@ -175,7 +175,7 @@ def test_exact_duplicates_are_dropped(run, server, tmp_path):
 
 
 def test_near_duplicates_are_dropped(tmp_path):
-    store = gen.Store(str(tmp_path / "d.jsonl"), dpo_problem, threshold=0.8).load()
+    store = gen.Store(str(tmp_path / "d.jsonl"), dpo_problem, threshold=0.8)
     words = [f"w{i % 37} x{i % 11}" for i in range(120)]
     base = {"prompt": "How big should my position be?", "chosen": " ".join(words), "rejected": "all in"}
     assert store.add("dpo-0-0", base) == "ok"
@@ -183,8 +183,8 @@ def test_near_duplicates_are_dropped(tmp_path):
     assert store.add("dpo-0-1", near) == "near_duplicate"
     other = dict(base, prompt="Should I average down?", chosen=" ".join(reversed(words)) + " unrelated")
     assert store.add("dpo-0-2", other) == "ok"
-    again = gen.Store(store.path, dpo_problem, threshold=0.8).load()
-    assert again.count == 2 and again.done_ids == {"dpo-0-0", "dpo-0-1", "dpo-0-2"}
+    again = gen.Store(store.path, dpo_problem, threshold=0.8)
+    assert len(again.records) == 2 and again.done_ids == {"dpo-0-0", "dpo-0-1", "dpo-0-2"}
 
 
 @pytest.mark.parametrize("status,words", [("401", "API key was rejected"), ("402", "out of credits"),
