@@ -48,7 +48,7 @@ class Config:
     sft_examples: int = 5000  # SFT conversations the file should hold when done
     dpo_examples: int = 10000  # preference pairs the file should hold when done
     out_dir: str = ""  # where the JSONL files go; "" = $NANOCHAT_BASE_DIR/datasets
-    persona: str = PERSONA_PATH  # the persona file (sections: name, system, master, apprentice, topics, users, shapes, failures)
+    persona: str = PERSONA_PATH  # the persona file (its sections: see data/persona.md)
     base_url: str = ""  # OpenAI-compatible API; "" = $OPENROUTER_BASE_URL or https://openrouter.ai/api/v1
     models: str = ""  # comma-separated, first available wins; "" = $OPENROUTER_MODELS or openai/gpt-4o-mini
     workers: int = 16  # concurrent requests
@@ -178,7 +178,8 @@ def sft_record(persona, spec, value):
     """The SFT line for an answer: the persona's system message, then the generated turns
     (tasks.conversation_problem checks the shape, as it does when SFT reads the file)."""
     turns = value.get("messages") if isinstance(value, dict) else None
-    record = {"messages": [{"role": "system", "content": persona["system"]}] + (turns if isinstance(turns, list) else [])}
+    turns = turns if isinstance(turns, list) else []
+    record = {"messages": [{"role": "system", "content": persona["system"]}] + turns}
     problem = conversation_problem(record)
     if problem:
         raise BadAnswer(f"schema: {problem}")
@@ -205,9 +206,9 @@ def dpo_record(persona, spec, value):
     return dict(record, failure=spec["failure"].split(":")[0].strip())
 
 
-KINDS = {  # kind -> (file name, prompt builder, record builder, schema name, schema)
-    "sft": ("trader_sft_data.jsonl", sft_prompt, sft_record, "persona_conversation", SFT_SCHEMA),
-    "dpo": ("trader_dpo_data.jsonl", dpo_prompt, dpo_record, "preference_pair", DPO_SCHEMA),
+KINDS = {  # kind -> (file name, prompt builder, record builder, schema name, schema, the line check SFT/DPO use)
+    "sft": ("trader_sft_data.jsonl", sft_prompt, sft_record, "persona_conversation", SFT_SCHEMA, conversation_problem),
+    "dpo": ("trader_dpo_data.jsonl", dpo_prompt, dpo_record, "preference_pair", DPO_SCHEMA, dpo_problem),
 }
 
 
@@ -294,19 +295,16 @@ class OpenRouter:
         and keep them all, to be tried in order."""
         try:
             response = self._session().get(self.base_url + "/models", timeout=self.timeout)
-            listed = {m.get("id") for m in response.json()["data"]} if response.status_code == 200 else None
-            reason = None if listed is not None else f"HTTP {response.status_code}"
+            response.raise_for_status()
+            listed = {m.get("id") for m in response.json()["data"]}
         except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError) as e:
-            listed, reason = None, type(e).__name__
-        if listed is None:
-            print(f"could not list the models at {self.base_url}/models ({reason}); "
+            print(f"could not list the models at {self.base_url}/models ({type(e).__name__}); "
                   f"trying {', '.join(self.models)} in order", flush=True)
             return self.model
-        available = [m for m in self.models if m in listed]
-        if not available:
+        if not listed.intersection(self.models):
             raise APIStop(f"none of the models {', '.join(self.models)} is offered by {self.base_url} "
                           "(set OPENROUTER_MODELS or --models)")
-        self.models, self.model_index, self.verified = available, 0, True
+        self.models, self.model_index, self.verified = [m for m in self.models if m in listed], 0, True
         return self.model
 
     def _next_model(self, failed, why, pinned):
@@ -451,13 +449,13 @@ def record_text(record):
 
 
 class NearDuplicates:
-    """MinHash over word trigrams with banded LSH: finds an earlier record whose estimated
-    Jaccard similarity reaches `threshold` without comparing against every record."""
+    """MinHash over word trigrams: the share of equal signature slots estimates the Jaccard
+    similarity of two records; a new record is compared with every earlier one at once."""
 
-    def __init__(self, threshold, num_perm=64, bands=16, seed=1234):
-        self.threshold, self.bands, self.rows = threshold, bands, num_perm // bands
+    def __init__(self, threshold, num_perm=64, seed=1234):
+        self.threshold, self.n = threshold, 0
         self.seeds = np.random.default_rng(seed).integers(0, 2**63, num_perm, dtype=np.uint64)
-        self.signatures, self.buckets = [], {}
+        self.signatures = np.zeros((1024, num_perm), dtype=np.uint64)
 
     def signature(self, text):
         words = re.findall(r"\w+", text.lower())
@@ -467,19 +465,14 @@ class NearDuplicates:
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)  # uint64): one independent hash per seed
         return (z ^ (z >> np.uint64(31))).min(axis=0)
 
-    def _keys(self, sig):
-        return [(band, sig[band * self.rows:(band + 1) * self.rows].tobytes()) for band in range(self.bands)]
-
-    def find(self, sig):
-        """The best similarity to an earlier record if it reaches the threshold, else None."""
-        best = max((float(np.mean(self.signatures[j] == sig)) for key in self._keys(sig)
-                    for j in self.buckets.get(key, ())), default=0.0)
-        return best if best >= self.threshold else None
+    def is_near(self, sig):
+        return self.n > 0 and float((self.signatures[:self.n] == sig).mean(axis=1).max()) >= self.threshold
 
     def add(self, sig):
-        for key in self._keys(sig):
-            self.buckets.setdefault(key, []).append(len(self.signatures))
-        self.signatures.append(sig)
+        if self.n == len(self.signatures):  # room for twice as many
+            self.signatures = np.concatenate([self.signatures, np.zeros_like(self.signatures)])
+        self.signatures[self.n] = sig
+        self.n += 1
 
 
 class Store:
@@ -497,17 +490,17 @@ class Store:
             self.near.add(self.near.signature(record_text(record)))
         ledger = iter_jsonl(self.ledger_path) if os.path.isfile(self.ledger_path) else ()
         for entry in ledger:
-            if isinstance(entry, dict) and "id" in entry and (entry.get("outcome") != "ok" or entry.get("hash") in self.hashes):
+            ok = isinstance(entry, dict) and entry.get("outcome") == "ok"
+            if isinstance(entry, dict) and "id" in entry and (not ok or entry.get("hash") in self.hashes):
                 self.done_ids.add(entry["id"])
-                if entry.get("outcome") == "ok":
-                    self.ok_ids.append(entry["id"])
+                self.ok_ids += [entry["id"]] if ok else []
 
     def add(self, item_id, record):
         """Append `record` unless it duplicates an earlier one; returns the outcome."""
         digest, sig = record_digest(record).hex(), self.near.signature(record_text(record))
         if digest in self.hashes:
             return self.mark(item_id, "duplicate")
-        if self.near.find(sig) is not None:
+        if self.near.is_near(sig):
             return self.mark(item_id, "near_duplicate")
         append_jsonl(self.ledger_path, {"id": item_id, "outcome": "ok", "hash": digest})
         append_jsonl(self.path, record)
@@ -532,7 +525,7 @@ STOP = threading.Event()  # set by Ctrl-C: no new item or attempt starts, the on
 
 def make_item(client, persona, kind, spec, c):
     """(record or None, outcome, [failure reasons]) for one item."""
-    _, build_prompt, build_record, schema_name, schema = KINDS[kind]
+    _, build_prompt, build_record, schema_name, schema, _ = KINDS[kind]
     reasons = []
     for _ in range(c.item_attempts):
         if STOP.is_set():
@@ -558,19 +551,16 @@ def make_item(client, persona, kind, spec, c):
 def generate(client, persona, kind, store, target, c, executor):
     """Top `store` up to `target` records; returns this run's (counts, failure reasons, stop):
     stop is None, "max_cost", "interrupted" or the APIStop, after the requests in flight came back."""
-    counts = dict.fromkeys(("new", "failed", "duplicate", "near_duplicate", "dropped")
-                           + (("judge_kept", "judge_rejected", "judge_no_verdict") if kind == "dpo" and c.judge_pairs
-                              else ()), 0)
+    judged = ("judge_kept", "judge_rejected", "judge_no_verdict") if kind == "dpo" and c.judge_pairs else ()
+    counts = dict.fromkeys(("new", "failed", "duplicate", "near_duplicate", "dropped") + judged, 0)
     failure_reasons, running, stop, streak = {}, {}, None, 0
-    if len(store.records) >= target:
-        return counts, failure_reasons, None
     give_up_after = max(25, 2 * c.workers)  # consecutive items without a record that mean something is wrong for good
     pending = (i for i in itertools.count() if f"{kind}-{c.seed}-{i}" not in store.done_ids)
-    bar = ProgressBar(target, desc=kind, unit="rec", enabled=True)
+    bar = ProgressBar(target, desc=kind, unit="rec", enabled=len(store.records) < target)
     bar.set_initial(len(store.records))
     try:
         while True:
-            while stop is None and not STOP.is_set() and len(running) < c.workers and len(store.records) + len(running) < target:
+            while stop is None and not STOP.is_set() and len(running) < min(c.workers, target - len(store.records)):
                 spec = item_spec(persona, kind, next(pending), c.seed, c.min_turns, c.max_turns)
                 running[executor.submit(make_item, client, persona, kind, spec, c)] = spec
             if not running:
@@ -585,7 +575,7 @@ def generate(client, persona, kind, store, target, c, executor):
                 for reason in reasons:
                     key = reason.split(" (")[0].split(":")[0]  # the kind of failure, not its details
                     failure_reasons[key] = failure_reasons.get(key, 0) + 1
-                if outcome == "ok" and "judge_kept" in counts:
+                if outcome == "ok" and judged:
                     counts["judge_kept"] += 1
                 if outcome == "ok":
                     outcome = store.add(spec["id"], record)
@@ -639,7 +629,8 @@ def diversity(persona, kind, store, seed, counts):
     return stats
 
 
-def write_summary(path, c, persona, stores, targets, runs, spend, wall, model):
+def write_summary(out_dir, c, persona, stores, targets, runs, spend, wall, model):
+    """trader_gen_summary.json, the report section and the closing line."""
     summary = {"model": model, "wall_seconds": round(wall, 1), "cost_total": round(spend.cost, 6),
                "models": spend.models, "kinds": {}}
     lines = [{"Generator model": model, "SFT conversations": len(stores["sft"].records),
@@ -654,9 +645,11 @@ def write_summary(path, c, persona, stores, targets, runs, spend, wall, model):
                                   "this_run": counts, "failure_reasons": reasons, "diversity": stats}
         lines.append({f"{kind.upper()} {k.replace('_', ' ')} (this run)": v for k, v in counts.items()})
         lines.append({f"{kind.upper()} {k}": v for k, v in stats.items()})
+    path = os.path.join(out_dir, "trader_gen_summary.json")
     atomic_write_json(path, summary)
     write_report_section("Synthetic data", lines)
-    return summary
+    print(f"spent ${spend.cost:.4f} in all runs; " + ", ".join(f"{k}: {len(stores[k].records)}/{targets[k]}"
+                                                              for k in stores) + f"; summary: {path}", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -669,17 +662,15 @@ def open_output(c):
     out_dir = c.out_dir or os.path.join(get_base_dir(), "datasets")
     try:
         os.makedirs(out_dir, exist_ok=True)
-        for name in [k[0] for k in KINDS.values()] + ["trader_gen_summary.json", "trader_gen_spend.jsonl"]:
-            path = os.path.join(out_dir, name)
-            if os.path.exists(path) and not os.access(path, os.W_OK):
-                raise UserError(f"{path} is not writable")
         lock = open(os.path.join(out_dir, "trader_gen.lock"), "w")
     except OSError as e:
-        raise UserError(f"cannot create the output directory {out_dir}: {e.strerror}") from None
+        raise UserError(f"cannot create the output directory {out_dir} or write in it: {e.strerror}") from None
+    for name in [k[0] for k in KINDS.values()] + ["trader_gen_summary.json", "trader_gen_spend.jsonl"]:
+        if os.path.exists(os.path.join(out_dir, name)) and not os.access(os.path.join(out_dir, name), os.W_OK):
+            raise UserError(f"{os.path.join(out_dir, name)} is not writable")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        lock.close()
         raise UserError(f"another gen.py is writing to {out_dir} (it holds {lock.name}); "
                         "wait for it to finish, or use another --out-dir") from None
     return out_dir, lock
@@ -700,36 +691,27 @@ def main():
     out_dir, lock = open_output(c)
     with lock:
         targets = {"sft": c.sft_examples, "dpo": c.dpo_examples}
-        problems = {"sft": conversation_problem, "dpo": dpo_problem}
-        stores = {kind: Store(os.path.join(out_dir, name), problems[kind], c.near_dup_threshold)
-                  for kind, (name, *_) in KINDS.items()}
+        stores = {kind: Store(os.path.join(out_dir, name), problem_of, c.near_dup_threshold)
+                  for kind, (name, *_, problem_of) in KINDS.items()}
         for kind, store in stores.items():
             note = " (cut off a torn last line left by a killed run)" if store.repaired else ""
             print(f"{kind}: {len(store.records)}/{targets[kind]} records in {store.path}{note}", flush=True)
         if all(len(stores[k].records) >= targets[k] for k in KINDS):
-            print("nothing to generate: both files hold the requested counts")
-            return
+            return print("nothing to generate: both files hold the requested counts")
         client.spend = Spend(os.path.join(out_dir, "trader_gen_spend.jsonl"))
-        model = client.choose_model()
-        print(f"generating with {model} at {client.base_url}, {c.workers} workers", flush=True)
+        print(f"generating with {client.choose_model()} at {client.base_url}, {c.workers} workers", flush=True)
         runs, stop, t0 = {}, None, time.time()
         STOP.clear()
         previous_handler = signal.signal(signal.SIGINT, on_sigint)
         try:
             with ThreadPoolExecutor(c.workers) as executor:
                 for kind in KINDS:
-                    runs[kind] = generate(client, persona, kind, stores[kind], targets[kind], c, executor)
-                    stop = runs[kind][2]
-                    if stop is not None:
-                        break
+                    if stop is None:
+                        runs[kind] = generate(client, persona, kind, stores[kind], targets[kind], c, executor)
+                        stop = runs[kind][2]
         finally:
             signal.signal(signal.SIGINT, previous_handler)
-        summary_path = os.path.join(out_dir, "trader_gen_summary.json")
-        summary = write_summary(summary_path, c, persona, stores, targets, runs, client.spend, time.time() - t0,
-                                client.model)
-    print(f"spent ${client.spend.cost:.4f} in all runs; "
-          + ", ".join(f"{k}: {d['records']}/{d['requested']}" for k, d in summary["kinds"].items())
-          + f"; summary: {summary_path}", flush=True)
+        write_summary(out_dir, c, persona, stores, targets, runs, client.spend, time.time() - t0, client.model)
     if isinstance(stop, APIStop):
         raise UserError(f"stopped: {stop} (everything finished so far is kept; re-run to continue)")
     if stop == "interrupted":
