@@ -1,22 +1,21 @@
 """
 Synthetic persona data through OpenRouter: multi-turn SFT conversations in the persona's
 voice, and Master/Apprentice preference pairs (chosen = the disciplined persona, rejected =
-a fluent apprentice failing in one typed way) for DPO.
+a fluent apprentice failing in one typed way) for DPO. The persona is data/persona.md.
 
     export OPENROUTER_API_KEY=sk-or-...
     python gen.py --sft-examples 5000 --dpo-examples 10000
     OPENROUTER_MODELS=openai/gpt-4o-mini,anthropic/claude-3.5-haiku python gen.py --workers 32 --max-cost 5
     python gen.py --judge-pairs=1 --judge-model=anthropic/claude-3.5-sonnet   # keep only pairs a judge confirms
 
-Writes to $NANOCHAT_BASE_DIR/datasets/: trader_sft_data.jsonl ({"messages": [...]} per line),
-trader_dpo_data.jsonl ({"prompt", "chosen", "rejected", "failure"}), a ledger of finished
-items beside each, trader_gen_spend.jsonl (a line per paid request) and trader_gen_summary.json;
-and the report section report/synthetic-data.md. The persona is data/persona.md. Each item
-is drawn from an RNG seeded by (seed, kind, index), so a re-run knows which are done and tops
-the files up. One gen.py per output directory (a lock file); Ctrl-C keeps what was paid for.
+Writes to $NANOCHAT_BASE_DIR/datasets/: trader_sft_data.jsonl, trader_dpo_data.jsonl, a ledger
+of finished items beside each, trader_gen_spend.jsonl (a line per paid request) and
+trader_gen_summary.json; and report/synthetic-data.md. Items are drawn from RNGs seeded by
+(seed, kind, index), so a re-run tops the files up. One gen.py per output directory at a time.
 """
 
 import fcntl
+import functools
 import itertools
 import json
 import math
@@ -27,6 +26,7 @@ import signal
 import threading
 import time
 import zlib
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -68,20 +68,21 @@ class Config:
 
 
 def check_config(c):
-    rules = {"--sft-examples must be >= 0": c.sft_examples >= 0, "--dpo-examples must be >= 0": c.dpo_examples >= 0,
-             "--workers must be >= 1": c.workers >= 1,
-             "--item-attempts must be >= 1 and --http-retries >= 0": c.item_attempts >= 1 and c.http_retries >= 0,
-             "--timeout and --max-tokens must be > 0; --backoff and --max-cost >= 0":
-                 c.timeout > 0 and c.max_tokens >= 1 and c.backoff >= 0 and c.max_cost >= 0,
-             "--near-dup-threshold must be in (0, 1]": 0.0 < c.near_dup_threshold <= 1.0,
-             "need 1 <= --min-turns <= --max-turns": 1 <= c.min_turns <= c.max_turns}
-    for message, ok in rules.items():
+    for message, ok in {
+            "--sft-examples must be >= 0": c.sft_examples >= 0, "--dpo-examples must be >= 0": c.dpo_examples >= 0,
+            "--workers must be >= 1": c.workers >= 1, "need 1 <= --min-turns <= --max-turns":
+                1 <= c.min_turns <= c.max_turns,
+            "--item-attempts must be >= 1 and --http-retries >= 0": c.item_attempts >= 1 and c.http_retries >= 0,
+            "--timeout and --max-tokens must be > 0; --backoff and --max-cost >= 0":
+                c.timeout > 0 and c.max_tokens >= 1 and c.backoff >= 0 and c.max_cost >= 0,
+            "--near-dup-threshold must be in (0, 1]": 0.0 < c.near_dup_threshold <= 1.0}.items():
         if not ok:
             raise UserError(message)
 
 
 # -----------------------------------------------------------------------------
-# The persona: one markdown file, a section per `## heading`
+# The persona (one markdown file, a section per `## heading`), the prompts and JSON schemas
+# asked of the model, and the records made of the answers
 
 PERSONA_TEXT = ("name", "system", "master", "apprentice")
 PERSONA_LISTS = ("topics", "users", "shapes", "openings")  # drawn at random per item; "failures" by item index
@@ -91,21 +92,14 @@ def load_persona(path):
     """{"name", "system", "master", "apprentice": str, "topics", "users", "shapes", "openings", "failures": [str]}."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: persona file not found")
-    sections, current = {}, None
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            heading = re.match(r"^##\s+(\w+)\s*$", line)
-            if heading:
-                current = heading.group(1).lower()
-                sections[current] = []
-            elif current is not None:
-                sections[current].append(line.strip())
-    persona = {}
+        parts = re.split(r"^##[ \t]+(\w+)[ \t]*$", f.read(), flags=re.M)
+    sections, persona = {name.lower(): body.strip() for name, body in zip(parts[1::2], parts[2::2])}, {}
     for key in PERSONA_TEXT + PERSONA_LISTS + ("failures",):
         if key not in sections:
             raise UserError(f"{path}: missing section '## {key}'")
-        items = [l[2:].strip() for l in sections[key] if l.startswith("- ") and l[2:].strip()]
-        persona[key] = "\n".join(sections[key]).strip() if key in PERSONA_TEXT else items
+        items = [l.strip()[2:].strip() for l in sections[key].splitlines() if l.strip().startswith("- ")]
+        persona[key] = sections[key] if key in PERSONA_TEXT else [item for item in items if item]
         if not persona[key]:
             raise UserError(f"{path}: section '## {key}' is empty")
     return persona
@@ -121,15 +115,10 @@ def item_spec(persona, kind, index, seed, min_turns=2, max_turns=4):
         spec["failure"] = persona["failures"][index % len(persona["failures"])]
     return spec
 
-
-# -----------------------------------------------------------------------------
-# Prompts, the JSON schemas asked of the model, and the records made of the answers
-
-MESSAGE_SCHEMA = {"type": "object", "properties": {"role": {"type": "string", "enum": ["user", "assistant"]},
-                                                  "content": {"type": "string"}},
-                  "required": ["role", "content"], "additionalProperties": False}
-SFT_SCHEMA = {"type": "object", "properties": {"messages": {"type": "array", "items": MESSAGE_SCHEMA}},
-              "required": ["messages"], "additionalProperties": False}
+SFT_SCHEMA = {"type": "object", "required": ["messages"], "additionalProperties": False, "properties": {
+    "messages": {"type": "array", "items": {
+        "type": "object", "required": ["role", "content"], "additionalProperties": False,
+        "properties": {"role": {"type": "string", "enum": ["user", "assistant"]}, "content": {"type": "string"}}}}}}
 PAIR_KEYS = ("prompt", "chosen", "rejected")
 DPO_SCHEMA = {"type": "object", "properties": {k: {"type": "string"} for k in PAIR_KEYS},
               "required": list(PAIR_KEYS), "additionalProperties": False}
@@ -175,10 +164,8 @@ class Dropped(Exception):
 
 
 def sft_record(persona, spec, value):
-    """The SFT line for an answer: the persona's system message, then the generated turns
-    (tasks.conversation_problem checks the shape, as it does when SFT reads the file)."""
-    turns = value.get("messages") if isinstance(value, dict) else None
-    turns = turns if isinstance(turns, list) else []
+    """The SFT line for an answer: the persona's system message, then the generated turns."""
+    turns = value["messages"] if isinstance(value, dict) and isinstance(value.get("messages"), list) else []
     record = {"messages": [{"role": "system", "content": persona["system"]}] + turns}
     problem = conversation_problem(record)
     if problem:
@@ -220,17 +207,13 @@ class APIStop(UserError):
     """An error no retry fixes (bad key, no credits, refused request): the run stops, keeping its output."""
 
 
-class TransientFailure(Exception):
-    """429 / 408 / 5xx / timeouts that outlasted every retry."""
-
-
 class Spend:
     """Requests, tokens and cost per model, from an append-only ledger (one whole line per paid
     request, written as the answer arrives, useless answers included), so a killed run's spend
     is not lost and the summary covers every run."""
 
     def __init__(self, path=None):
-        self.path, self.models, self._lock = None, {}, threading.Lock()
+        self.path, self.models, self.cost, self._lock = None, {}, 0.0, threading.Lock()
         if path and os.path.isfile(path):
             repair_torn_line(path)
             for entry in iter_jsonl(path, lambda e: None if isinstance(e, dict) else "not an object"):
@@ -244,15 +227,10 @@ class Spend:
         with self._lock:
             if self.path:
                 append_jsonl(self.path, {"model": model, **entry})
-            totals = self.models.setdefault(str(model), {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                                                         "cost": 0.0})
-            totals["requests"] += 1
-            for k, v in entry.items():
+            self.cost += entry["cost"]
+            totals = self.models.setdefault(str(model), dict.fromkeys(("requests", *entry), 0))
+            for k, v in {"requests": 1, **entry}.items():
                 totals[k] += v
-
-    @property
-    def cost(self):
-        return sum(v["cost"] for v in self.models.values())
 
 
 class OpenRouter:
@@ -261,7 +239,7 @@ class OpenRouter:
     def __init__(self, api_key, base_url, models, timeout=120.0, retries=6, backoff=1.0, max_wait=300.0, spend=None):
         self._key = api_key  # sent in a header, never stored or printed: everything read back goes through _clean
         self.base_url = base_url.rstrip("/")
-        self.models, self.model_index, self.verified = list(models), 0, False
+        self.models, self.model, self.verified = list(models), models[0], False
         self.timeout, self.retries, self.backoff, self.max_wait = timeout, retries, backoff, max_wait
         self.openrouter = urlparse(self.base_url).hostname in ("openrouter.ai", "www.openrouter.ai")
         self.spend = spend or Spend()
@@ -286,13 +264,8 @@ class OpenRouter:
                                                 "HTTP-Referer": "https://github.com/chimera-nanochat/chimera"})
         return self._local.session
 
-    @property
-    def model(self):
-        return self.models[self.model_index]
-
     def choose_model(self):
-        """Use the first configured model that GET /models lists; if the listing fails, say so
-        and keep them all, to be tried in order."""
+        """The first configured model GET /models lists; if the listing fails, all, tried in order."""
         try:
             response = self._session().get(self.base_url + "/models", timeout=self.timeout)
             response.raise_for_status()
@@ -304,7 +277,8 @@ class OpenRouter:
         if not listed.intersection(self.models):
             raise APIStop(f"none of the models {', '.join(self.models)} is offered by {self.base_url} "
                           "(set OPENROUTER_MODELS or --models)")
-        self.models, self.model_index, self.verified = [m for m in self.models if m in listed], 0, True
+        self.models, self.verified = [m for m in self.models if m in listed], True
+        self.model = self.models[0]
         return self.model
 
     def _next_model(self, failed, why, pinned):
@@ -313,13 +287,13 @@ class OpenRouter:
             if pinned or self.verified or failed == self.models[-1]:
                 raise APIStop(f"model {failed} is not available at {self.base_url}: {why}")
             if self.model == failed:
-                self.model_index += 1
+                self.model = self.models[self.models.index(failed) + 1]
                 print(f"model {failed} is not available ({why}); falling back to {self.model}", flush=True)
 
     def chat(self, messages, schema_name, schema, temperature=1.0, max_tokens=2048, model=None):
         """One chat completion asking for JSON that follows `schema` (from `model`, default the
         generator's). Returns (the parsed answer, model), cleaned by _clean. Raises BadAnswer for an
-        unusable answer, TransientFailure when retries run out, APIStop when nothing can succeed."""
+        unusable answer, HTTPGaveUp when retries run out, APIStop when nothing can succeed."""
         while True:
             use = model or self.model
             body = {"model": use, "messages": messages, "temperature": temperature, "max_tokens": max_tokens,
@@ -327,12 +301,10 @@ class OpenRouter:
                                         "json_schema": {"name": schema_name, "strict": True, "schema": schema}}}
             if self.openrouter:
                 body["provider"] = {"require_parameters": True}  # only route to providers that honour the schema
-            url = self.base_url + "/chat/completions"
-            try:
-                response = http_retry(lambda: self._session().post(url, json=body, timeout=self.timeout),
-                                      self.retries, self.backoff, self.max_wait)
-            except HTTPGaveUp as e:
-                raise TransientFailure(str(e)) from None
+            post = functools.partial(self._session().post, self.base_url + "/chat/completions", json=body,
+                                     timeout=self.timeout)
+            try:  # raises HTTPGaveUp when 429 / 408 / 5xx / timeouts outlast every retry
+                response = http_retry(post, self.retries, self.backoff, self.max_wait)
             except requests.RequestException as e:  # http_retry lets only a malformed URL through
                 raise APIStop(f"bad base URL {self.base_url!r}: {self._clean(str(e))}") from None
             status = response.status_code
@@ -359,12 +331,11 @@ class OpenRouter:
         if data.get("error"):  # OpenRouter reports some failures inside an HTTP 200 body
             raise BadAnswer(f"error in response: {self._clean(error_text(response, 200))}")
         choices = data.get("choices")
-        message = choices[0].get("message") if choices and isinstance(choices, list) and isinstance(choices[0], dict) \
+        message = choices[0].get("message") if isinstance(choices, list) and choices and isinstance(choices[0], dict) \
             else None
         if not isinstance(message, dict):
             raise BadAnswer("no choices in response")
-        text = message.get("content")
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text := message.get("content"), str) or not text.strip():
             raise BadAnswer("empty content")
         fenced = re.match(r"^```(?:json)?\s*(.*?)\s*```$", text.strip(), re.S)  # some models wrap JSON in a fence
         try:
@@ -381,7 +352,7 @@ def client_from_env(base_url="", models="", timeout=120.0, retries=6, backoff=1.
                         "export OPENROUTER_API_KEY=... (nothing was written)")
     base_url = base_url or os.environ.get("OPENROUTER_BASE_URL") or DEFAULT_BASE_URL
     models = [m.strip() for m in (models or os.environ.get("OPENROUTER_MODELS") or DEFAULT_MODELS).split(",")
-              if m.strip()]
+              if m.strip()] or [DEFAULT_MODELS]
     return OpenRouter(api_key, base_url, models, timeout, retries, backoff)
 
 
@@ -392,49 +363,46 @@ JUDGE_SCHEMA = {"type": "object", "properties": {"winner": {"type": "string", "e
                 "required": ["winner"], "additionalProperties": False}
 
 
-def judge_prompt(persona, message, first, second):
+def judge_both_orders(client, persona, message, a, b, model=None, attempts=3):
+    """+1 if the judge prefers `a` in both orders, -1 if `b` in both, None otherwise (a tie,
+    no verdict, or a verdict that flips with the order: position bias, not a preference)."""
     name = persona["name"]
     system = (f"You judge answers written as {name}, whose profile is:\n\n{persona['system']}\n\n"
               f"The better answer is the one {name} would give: {persona['master']} "
               "Judge faithfulness to the persona and helpfulness, not length or style.")
-    user = (f"Message:\n{message}\n\nAnswer 1:\n{first}\n\nAnswer 2:\n{second}\n\n"
-            'Which answer is better? Return JSON: {"winner": "1" | "2" | "tie"}.')
-    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
-
-def judge_both_orders(client, persona, message, a, b, model=None, attempts=3):
-    """+1 if the judge prefers `a` in both orders, -1 if `b` in both, None otherwise (a tie,
-    no verdict, or a verdict that flips with the order: position bias, not a preference)."""
     def verdict(first, second):
+        user = (f"Message:\n{message}\n\nAnswer 1:\n{first}\n\nAnswer 2:\n{second}\n\n"
+                'Which answer is better? Return JSON: {"winner": "1" | "2" | "tie"}.')
         for _ in range(attempts):
             try:
-                value, _ = client.chat(judge_prompt(persona, message, first, second), "judge_verdict", JUDGE_SCHEMA,
-                                       temperature=0.0, max_tokens=16, model=model)
+                value, _ = client.chat([{"role": "system", "content": system}, {"role": "user", "content": user}],
+                                       "judge_verdict", JUDGE_SCHEMA, temperature=0.0, max_tokens=16, model=model)
                 return value.get("winner") if isinstance(value, dict) else None
             except BadAnswer:
                 continue
-            except TransientFailure:
+            except HTTPGaveUp:
                 return None
-        return None
     return {("1", "2"): 1, ("2", "1"): -1}.get((verdict(a, b), verdict(b, a)))
 
 
 # -----------------------------------------------------------------------------
-# Output files: whole-line appends, a ledger of finished items, exact and near duplicates
+# Output files (whole-line appends, a ledger of finished items, exact and near duplicates) and
+# making items: one request per item, asked again while the answer is unusable
 
 
 def repair_torn_line(path):
-    """Cut off a last line without its newline (a run killed mid-write); True if one was cut."""
-    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+    """Cut off a last line without its newline (a run killed mid-write); True if one was cut.
+    A complete record that only lacks its newline gets one."""
+    if not os.path.isfile(path):
         return False
     with open(path, "rb+") as f:
         data = f.read()
-        if data.endswith(b"\n"):
-            return False
         keep = data.rfind(b"\n") + 1
-        try:  # a complete record that only lacks its newline is kept
-            json.loads(data[keep:])
-            f.write(b"\n")
+        try:
+            if keep < len(data):
+                json.loads(data[keep:])
+                f.write(b"\n")
             return False
         except ValueError:
             f.truncate(keep)
@@ -443,9 +411,8 @@ def repair_torn_line(path):
 
 def record_text(record):
     """The text that makes a record what it is (the shared system prompt left out)."""
-    if "messages" in record:
-        return "\n".join(m["content"] for m in record["messages"] if m["role"] != "system")
-    return record["prompt"] + "\n" + record["chosen"]
+    messages = record.get("messages") or [{"role": "user", "content": record[k]} for k in ("prompt", "chosen")]
+    return "\n".join(m["content"] for m in messages if m["role"] != "system")
 
 
 class NearDuplicates:
@@ -488,8 +455,7 @@ class Store:
         for record in self.records:
             self.hashes.add(record_digest(record).hex())
             self.near.add(self.near.signature(record_text(record)))
-        ledger = iter_jsonl(self.ledger_path) if os.path.isfile(self.ledger_path) else ()
-        for entry in ledger:
+        for entry in iter_jsonl(self.ledger_path) if os.path.isfile(self.ledger_path) else ():
             ok = isinstance(entry, dict) and entry.get("outcome") == "ok"
             if isinstance(entry, dict) and "id" in entry and (not ok or entry.get("hash") in self.hashes):
                 self.done_ids.add(entry["id"])
@@ -517,9 +483,6 @@ class Store:
         return outcome
 
 
-# -----------------------------------------------------------------------------
-# Making items: one request per item, retried while the answer is unusable
-
 STOP = threading.Event()  # set by Ctrl-C: no new item or attempt starts, the ones in flight finish
 
 
@@ -536,7 +499,7 @@ def make_item(client, persona, kind, spec, c):
         except BadAnswer as e:
             reasons.append(str(e))
             continue
-        except (Dropped, TransientFailure) as e:
+        except (Dropped, HTTPGaveUp) as e:
             return None, "dropped" if isinstance(e, Dropped) else "failed", reasons + [str(e)]
         if kind == "dpo" and c.judge_pairs:  # the judge must prefer chosen whichever answer it reads first
             verdict = judge_both_orders(client, persona, record["prompt"], record["chosen"], record["rejected"],
@@ -553,7 +516,7 @@ def generate(client, persona, kind, store, target, c, executor):
     stop is None, "max_cost", "interrupted" or the APIStop, after the requests in flight came back."""
     judged = ("judge_kept", "judge_rejected", "judge_no_verdict") if kind == "dpo" and c.judge_pairs else ()
     counts = dict.fromkeys(("new", "failed", "duplicate", "near_duplicate", "dropped") + judged, 0)
-    failure_reasons, running, stop, streak = {}, {}, None, 0
+    failure_reasons, running, stop, streak = Counter(), {}, None, 0
     give_up_after = max(25, 2 * c.workers)  # consecutive items without a record that mean something is wrong for good
     pending = (i for i in itertools.count() if f"{kind}-{c.seed}-{i}" not in store.done_ids)
     bar = ProgressBar(target, desc=kind, unit="rec", enabled=len(store.records) < target)
@@ -572,9 +535,7 @@ def generate(client, persona, kind, store, target, c, executor):
                 except APIStop as e:
                     stop = stop or e
                     continue
-                for reason in reasons:
-                    key = reason.split(" (")[0].split(":")[0]  # the kind of failure, not its details
-                    failure_reasons[key] = failure_reasons.get(key, 0) + 1
+                failure_reasons.update(r.split(" (")[0].split(":")[0] for r in reasons)  # the kind, not the details
                 if outcome == "ok" and judged:
                     counts["judge_kept"] += 1
                 if outcome == "ok":
@@ -617,11 +578,9 @@ def diversity(persona, kind, store, seed, counts):
         stats[f"distinct {n}-grams"] = round(len(set(grams)) / max(1, len(grams)), 4)
     if kind == "sft":
         turns = [[m for m in r["messages"] if m["role"] != "system"] for r in records]
-        stats["distinct first messages"] = f"{len({t[0]['content'] for t in turns})}/{len(records)}"
         stats["mean user turns"] = sum(len(t) for t in turns) / 2 / len(records)
         stats["mean assistant chars"] = float(np.mean([len(m["content"]) for t in turns for m in t[1::2]]))
         return stats
-    stats["distinct first messages"] = f"{len({r['prompt'] for r in records})}/{len(records)}"
     for key in ("chosen", "rejected"):
         stats[f"mean {key} chars"] = float(np.mean([len(r[key]) for r in records]))
     for name in sorted({f.split(":")[0] for f in persona["failures"]} | {r.get("failure", "untyped") for r in records}):
@@ -635,9 +594,8 @@ def write_summary(out_dir, c, persona, stores, targets, runs, spend, wall, model
                "models": spend.models, "kinds": {}}
     lines = [{"Generator model": model, "SFT conversations": len(stores["sft"].records),
               "DPO pairs": len(stores["dpo"].records), "Cost (USD, all runs)": round(spend.cost, 4),
-              "Prompt tokens": sum(v["prompt_tokens"] for v in spend.models.values()),
-              "Completion tokens": sum(v["completion_tokens"] for v in spend.models.values()),
-              "Generation time (s, this run)": round(wall, 1)}]
+              **{f"{k.split('_')[0].capitalize()} tokens": sum(v[k] for v in spend.models.values())
+                 for k in ("prompt_tokens", "completion_tokens")}, "Generation time (s, this run)": round(wall, 1)}]
     for kind, store in stores.items():
         counts, reasons, _ = runs.get(kind, ({}, {}, None))
         stats = diversity(persona, kind, store, c.seed, counts)
@@ -657,30 +615,22 @@ def write_summary(out_dir, c, persona, stores, targets, runs, spend, wall, model
 
 
 def open_output(c):
-    """The output directory, checked writable, and its lock file held: two gen.py on the same
-    files would generate every item twice."""
+    """The output directory, checked writable, with its lock held (two gen.py would make every item twice)."""
     out_dir = c.out_dir or os.path.join(get_base_dir(), "datasets")
     try:
         os.makedirs(out_dir, exist_ok=True)
         lock = open(os.path.join(out_dir, "trader_gen.lock"), "w")
     except OSError as e:
         raise UserError(f"cannot create the output directory {out_dir} or write in it: {e.strerror}") from None
-    for name in [k[0] for k in KINDS.values()] + ["trader_gen_summary.json", "trader_gen_spend.jsonl"]:
-        if os.path.exists(os.path.join(out_dir, name)) and not os.access(os.path.join(out_dir, name), os.W_OK):
-            raise UserError(f"{os.path.join(out_dir, name)} is not writable")
+    for path in [os.path.join(out_dir, name) for name in os.listdir(out_dir) if name.startswith("trader_")]:
+        if not os.access(path, os.W_OK):
+            raise UserError(f"{path} is not writable")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         raise UserError(f"another gen.py is writing to {out_dir} (it holds {lock.name}); "
                         "wait for it to finish, or use another --out-dir") from None
     return out_dir, lock
-
-
-def on_sigint(*_):
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C aborts at once
-    print("\ninterrupted: finishing the requests in flight, then writing the summary (Ctrl-C again to abort)",
-          flush=True)
-    STOP.set()
 
 
 def main():
@@ -701,6 +651,11 @@ def main():
         client.spend = Spend(os.path.join(out_dir, "trader_gen_spend.jsonl"))
         print(f"generating with {client.choose_model()} at {client.base_url}, {c.workers} workers", flush=True)
         runs, stop, t0 = {}, None, time.time()
+        def on_sigint(*_):
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C aborts at once
+            print("\ninterrupted: finishing the requests in flight, then writing the summary (Ctrl-C again to abort)",
+                  flush=True)
+            STOP.set()
         STOP.clear()
         previous_handler = signal.signal(signal.SIGINT, on_sigint)
         try:

@@ -37,7 +37,7 @@ JUDGE_RE = re.compile(r"Message:\n(.*)\n\nAnswer 1:\n(.*)\n\nAnswer 2:\n(.*)\n\n
 
 
 def judge_parts(body):
-    """(message, first, second) of a judge request, as gen.judge_prompt lays it out."""
+    """(message, first, second) of a judge request, as gen.judge_both_orders lays it out."""
     return JUDGE_RE.search(body["messages"][-1]["content"]).groups()
 
 
