@@ -102,23 +102,11 @@ class HTTPGaveUp(Exception):
     """Transient failures (408, 429, 5xx, timeouts, dropped connections) outlasted every retry."""
 
 
-def retry_after(response):
-    """Seconds asked by a Retry-After header (seconds or an HTTP date), or None."""
-    value = response.headers.get("Retry-After")
-    try:
-        return max(0.0, float(value))
-    except (TypeError, ValueError):
-        try:
-            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
-
-
 def http_retry(send, retries, backoff, max_wait=120.0, log=None, connect_retries=None):
     """send() -> requests.Response, retried on 408, 429, 5xx, timeouts and dropped connections
     (at most connect_retries times when nothing answers) with exponential backoff and jitter,
-    Retry-After honoured. Returns any other response: the caller decides what its status means.
-    A malformed URL raises at once; HTTPGaveUp(reason) when the retries run out."""
+    Retry-After (seconds or an HTTP date) honoured. Returns any other response: the caller decides
+    what its status means. A malformed URL raises at once; HTTPGaveUp(reason) when retries run out."""
     for attempt in range(retries + 1):
         response = None
         try:
@@ -134,9 +122,15 @@ def http_retry(send, retries, backoff, max_wait=120.0, log=None, connect_retries
                 raise HTTPGaveUp(f"{reason} (gave up after {attempt + 1} tries)") from e
         if attempt == retries:
             raise HTTPGaveUp(f"{reason} (gave up after {retries + 1} tries)")
-        asked = retry_after(response) if response is not None else None
-        wait = min(max_wait, backoff * 2**attempt * random.uniform(0.5, 1.0) if asked is None else asked)
-        if log:  # jitter above spreads the herd of workers that failed together
+        wait = backoff * 2**attempt * random.uniform(0.5, 1.0)  # jitter spreads the herd that failed together
+        asked = response.headers.get("Retry-After", "") if response is not None else ""
+        try:
+            wait = float(asked) if asked.strip().replace(".", "", 1).isdigit() else \
+                email.utils.parsedate_to_datetime(asked).timestamp() - time.time()
+        except (TypeError, ValueError):
+            pass  # no Retry-After, or one that is neither seconds nor a date
+        wait = min(max_wait, max(0.0, wait))
+        if log:
             log(f"{reason}; retry {attempt + 1}/{retries} in {wait:.1f}s")
         time.sleep(wait)
 

@@ -112,6 +112,16 @@ def test_retry_after_is_honoured(run, server, tmp_path):
     assert time.time() - t0 >= 1.0  # waited what the server asked, not the 0.01 s backoff
 
 
+def test_retry_after_as_an_http_date_is_honoured(run, server, tmp_path):
+    import email.utils
+    server.retry_after = email.utils.formatdate(time.time() + 2, usegmt=True)  # whole seconds: 1 to 2 s from now
+    server.faults.append("429")
+    t0 = time.time()
+    code, _, err = run("--sft-examples=1", "--dpo-examples=0", "--workers=1")
+    assert code == 0, err
+    assert time.time() - t0 >= 0.9
+
+
 def test_transient_faults_that_never_end_fail_the_item_and_move_on(run, server, tmp_path):
     server.faults.extend(["503"] * 3)  # item 0: three tries, all 503
     code, _, err = run("--sft-examples=2", "--dpo-examples=0", "--workers=1", "--http-retries=2")
