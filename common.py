@@ -13,6 +13,7 @@ import inspect
 import json
 import math
 import os
+import random
 import re
 import sys
 import tempfile
@@ -20,6 +21,7 @@ import time
 import typing
 from contextlib import nullcontext
 
+import requests
 import torch
 import torch.distributed as dist
 
@@ -93,21 +95,54 @@ def append_jsonl(path, record):
 
 
 # -----------------------------------------------------------------------------
-# HTTP (gen.py's OpenRouter client, tasks.py's Hugging Face rows)
+# HTTP with retries (gen.py's OpenRouter client, tasks.py's Hugging Face rows)
 
 
-def retry_after(response):
-    """Seconds asked by a Retry-After header (seconds or an HTTP date), or None."""
-    value = response.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
+class HTTPGaveUp(Exception):
+    """Transient failures (408, 429, 5xx, timeouts, dropped connections) outlasted every retry."""
+
+
+def http_retry(send, retries, backoff, max_wait=120.0, log=None, connect_retries=None):
+    """send() -> requests.Response, retried on 408, 429, 5xx, timeouts and dropped connections
+    (at most connect_retries times when nothing answers) with exponential backoff and jitter,
+    Retry-After (seconds or an HTTP date) honoured. Returns any other response: the caller decides
+    what its status means. A malformed URL raises at once; HTTPGaveUp(reason) when retries run out."""
+    for attempt in range(retries + 1):
+        response = None
         try:
-            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+            response = send()
+            if response.status_code not in (408, 429) and response.status_code < 500:
+                return response
+            reason = f"HTTP {response.status_code}"
+        except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema):
+            raise
+        except requests.RequestException as e:
+            reason = type(e).__name__
+            if isinstance(e, requests.ConnectionError) and attempt >= min(retries, connect_retries or retries):
+                raise HTTPGaveUp(f"{reason} (gave up after {attempt + 1} tries)") from e
+        if attempt == retries:
+            raise HTTPGaveUp(f"{reason} (gave up after {retries + 1} tries)")
+        wait = backoff * 2**attempt * random.uniform(0.5, 1.0)  # jitter spreads the herd that failed together
+        asked = response.headers.get("Retry-After", "") if response is not None else ""
+        try:
+            wait = float(asked) if asked.strip().replace(".", "", 1).isdigit() else \
+                email.utils.parsedate_to_datetime(asked).timestamp() - time.time()
         except (TypeError, ValueError):
-            return None
+            pass  # no Retry-After, or one that is neither seconds nor a date
+        wait = min(max_wait, max(0.0, wait))
+        if log:
+            log(f"{reason}; retry {attempt + 1}/{retries} in {wait:.1f}s")
+        time.sleep(wait)
+
+
+def error_text(response, limit=300):
+    """The error message of an API response ({"error": {"message": ...}} or {"error": ...}) or its body."""
+    try:
+        error = response.json().get("error", "")
+        error = error.get("message", error) if isinstance(error, dict) else error
+    except (ValueError, AttributeError):
+        error = response.text
+    return str(error)[:limit]
 
 
 # -----------------------------------------------------------------------------

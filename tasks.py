@@ -35,7 +35,8 @@ import numpy as np
 import requests
 
 import sandbox
-from common import ProgressBar, UserError, atomic_write, get_base_dir, print0, retry_after, run_main
+from common import (HTTPGaveUp, ProgressBar, UserError, atomic_write, error_text, get_base_dir, http_retry, print0,
+                    run_main)
 
 # -----------------------------------------------------------------------------
 # Task: a list of conversations with a lightweight start/stop/step view
@@ -312,52 +313,29 @@ def _rows_url():
     return url if url.endswith("/rows") else url + "/rows"
 
 
-def _error_text(response):
-    try:
-        return str(response.json().get("error", ""))[:200]
-    except (ValueError, AttributeError):
-        return response.text[:200]
-
-
 HF_CONNECT_RETRIES = 2  # a host we cannot connect to at all is retried only briefly
 _unreachable = set()  # endpoints that failed to connect in this process: not tried again
 
 
 def _get_page(session, url, params, headers, where, retries, backoff, timeout):
-    """One page of rows as parsed JSON; transient failures are retried with exponential
-    backoff (Retry-After honoured), anything else raises _FetchFailed at once. An endpoint
-    we cannot connect to gets a couple of quick retries, then is written off for the rest
-    of the process, so an offline eval skips each task in an instant rather than minutes."""
+    """One page of rows as parsed JSON, through common.http_retry; anything but 200 raises
+    _FetchFailed. An endpoint we cannot connect to gets a couple of quick retries, then is
+    written off for the rest of the process, so an offline eval skips each task at once."""
     if url in _unreachable:
         raise _FetchFailed(f"{url} was unreachable earlier in this run")
-    for attempt in range(retries + 1):
-        wait = backoff * 2**attempt
-        try:
-            response = session.get(url, params=params, headers=headers, timeout=timeout)
-        except requests.ConnectionError as e:
-            reason = f"{type(e).__name__} talking to {url}"
-            if attempt >= min(retries, HF_CONNECT_RETRIES):
-                _unreachable.add(url)
-                raise _FetchFailed(f"{reason} (gave up after {attempt + 1} tries)")
-        except requests.RequestException as e:
-            reason = f"{type(e).__name__} talking to {url}"
-        else:
-            if response.status_code == 200:
-                try:
-                    return response.json()
-                except ValueError:
-                    reason = "the response is not JSON"
-            elif response.status_code == 429 or response.status_code >= 500:
-                reason = f"HTTP {response.status_code}"
-                asked = retry_after(response)
-                wait = wait if asked is None else asked
-            else:
-                raise _FetchFailed(f"HTTP {response.status_code} from {url}: {_error_text(response)}")
-        if attempt == retries:
-            raise _FetchFailed(f"{reason} (gave up after {retries + 1} tries)")
-        wait = min(wait, HF_MAX_WAIT)
-        print0(f"{where}: {reason}; retry {attempt + 1}/{retries} in {wait:.1f}s")
-        time.sleep(wait)
+    try:
+        response = http_retry(lambda: session.get(url, params=params, headers=headers, timeout=timeout), retries,
+                              backoff, HF_MAX_WAIT, lambda m: print0(f"{where}: {m}"), HF_CONNECT_RETRIES)
+    except HTTPGaveUp as e:
+        if isinstance(e.__cause__, requests.ConnectionError):
+            _unreachable.add(url)
+        raise _FetchFailed(f"talking to {url}: {e}") from None
+    if response.status_code != 200:
+        raise _FetchFailed(f"HTTP {response.status_code} from {url}: {error_text(response, 200)}")
+    try:
+        return response.json()
+    except ValueError:
+        raise _FetchFailed(f"the response from {url} is not JSON") from None
 
 
 def _fetch_rows(dataset, config, split, stop, retries, backoff, timeout):

@@ -24,7 +24,9 @@ WORDS = ("risk stop size entry exit plan loss gain account market trade price le
 
 # fault name -> what the next chat request gets
 FAULTS = ("429", "408", "500", "502", "503", "400", "401", "402", "403", "404", "timeout", "body_error",
-          "empty_choices", "null_content", "bad_json", "schema", "identical", "lopsided", "duplicate")
+          "empty_choices", "null_content", "bad_json", "schema", "identical", "lopsided", "duplicate",
+          "echo_key",  # a hostile provider: the Authorization header back in `model`, the key inside the content
+          "surrogate")  # an escaped lone surrogate ("\\ud800") inside the answer
 
 
 def longer_wins(message, first, second):
@@ -35,7 +37,7 @@ JUDGE_RE = re.compile(r"Message:\n(.*)\n\nAnswer 1:\n(.*)\n\nAnswer 2:\n(.*)\n\n
 
 
 def judge_parts(body):
-    """(message, first, second) of a judge request, as gen.judge_prompt lays it out."""
+    """(message, first, second) of a judge request, as gen.judge_both_orders lays it out."""
     return JUDGE_RE.search(body["messages"][-1]["content"]).groups()
 
 
@@ -166,6 +168,13 @@ class FakeOpenRouter:
                     content = None if fault == "null_content" else server._answer(schema, fault)
                 if fault == "bad_json":
                     content = content[: len(content) // 2]
+                key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                if fault == "echo_key" and key:  # the key plain in a message and \u-escaped (JSON) in another
+                    content = content.replace('"content": "', f'"content": "my key is {key} ', 1)
+                    content = content.replace('"content": "', '"content": "\\u%04x%s ' % (ord(key[0]), key[1:]), 2)
+                    model = self.headers["Authorization"]
+                if fault == "surrogate":  # at the end of the answer's last string
+                    content = content[:content.rindex('"')] + "\\ud800" + content[content.rindex('"'):]
                 self._send(200, {"id": f"gen-{server.counter}", "model": model, "object": "chat.completion",
                                  "choices": [{"index": 0, "finish_reason": "stop",
                                               "message": {"role": "assistant", "content": content}}],

@@ -73,7 +73,7 @@ def test_happy_path_counts_schema_headers_and_cost(run, server, tmp_path):
         assert record["messages"][0] == {"role": "system", "content": persona["system"]}
         assert sum(m["role"] == "user" for m in record["messages"]) >= 2  # multi-turn
     for record in dpo:
-        assert set(record) == {"prompt", "chosen", "rejected"} and dpo_problem(record) is None
+        assert set(record) == {"prompt", "chosen", "rejected", "failure"} and dpo_problem(record) is None
     requests = server.chat_requests()
     assert len(requests) == 10
     headers = requests[0]["headers"]
@@ -110,6 +110,16 @@ def test_retry_after_is_honoured(run, server, tmp_path):
     code, _, err = run("--sft-examples=1", "--dpo-examples=0", "--workers=1")
     assert code == 0, err
     assert time.time() - t0 >= 1.0  # waited what the server asked, not the 0.01 s backoff
+
+
+def test_retry_after_as_an_http_date_is_honoured(run, server, tmp_path):
+    import email.utils
+    server.retry_after = email.utils.formatdate(time.time() + 2, usegmt=True)  # whole seconds: 1 to 2 s from now
+    server.faults.append("429")
+    t0 = time.time()
+    code, _, err = run("--sft-examples=1", "--dpo-examples=0", "--workers=1")
+    assert code == 0, err
+    assert time.time() - t0 >= 0.9
 
 
 def test_transient_faults_that_never_end_fail_the_item_and_move_on(run, server, tmp_path):
@@ -175,7 +185,7 @@ def test_exact_duplicates_are_dropped(run, server, tmp_path):
 
 
 def test_near_duplicates_are_dropped(tmp_path):
-    store = gen.Store(str(tmp_path / "d.jsonl"), dpo_problem, threshold=0.8).load()
+    store = gen.Store(str(tmp_path / "d.jsonl"), dpo_problem, threshold=0.8)
     words = [f"w{i % 37} x{i % 11}" for i in range(120)]
     base = {"prompt": "How big should my position be?", "chosen": " ".join(words), "rejected": "all in"}
     assert store.add("dpo-0-0", base) == "ok"
@@ -183,8 +193,8 @@ def test_near_duplicates_are_dropped(tmp_path):
     assert store.add("dpo-0-1", near) == "near_duplicate"
     other = dict(base, prompt="Should I average down?", chosen=" ".join(reversed(words)) + " unrelated")
     assert store.add("dpo-0-2", other) == "ok"
-    again = gen.Store(store.path, dpo_problem, threshold=0.8).load()
-    assert again.count == 2 and again.done_ids == {"dpo-0-0", "dpo-0-1", "dpo-0-2"}
+    again = gen.Store(store.path, dpo_problem, threshold=0.8)
+    assert len(again.records) == 2 and again.done_ids == {"dpo-0-0", "dpo-0-1", "dpo-0-2"}
 
 
 @pytest.mark.parametrize("status,words", [("401", "API key was rejected"), ("402", "out of credits"),
@@ -314,7 +324,10 @@ def test_resume_after_kill_9(tmp_path):
         assert len({json.dumps(r, sort_keys=True) for r in sft}) == 40
         assert len({json.dumps(r, sort_keys=True) for r in dpo}) == 20
         # finished items were not asked for again: only the ones in flight at the kill are redone
-        assert len(server.chat_requests()) <= 60 + 4
+        served = len(server.chat_requests())
+        assert served <= 60 + 4
+        # the spend of the killed run is in the summary (all but the answers in flight at the kill)
+        assert served - 4 <= summary(tmp_path)["models"]["openai/gpt-4o-mini"]["requests"] <= served
     finally:
         server.stop()
 
@@ -332,3 +345,110 @@ def test_persona_file_and_item_diversity(tmp_path):
     broken.write_text(open(gen.PERSONA_PATH).read().replace("## shapes", "## shape"))
     with pytest.raises(gen.UserError, match="missing section '## shapes'"):
         gen.load_persona(str(broken))
+
+
+def test_a_provider_echoing_the_key_leaks_it_nowhere(run, server, tmp_path):
+    server.faults.extend(["echo_key"] * 4)  # the key back in `model` and inside the answers (plain and \u-escaped)
+    code, out, err = run("--sft-examples=2", "--dpo-examples=2", "--workers=1")
+    assert code == 0, err
+    assert KEY not in out + err and KEY[1:] not in out + err
+    for root, _, files in os.walk(tmp_path):
+        for name in files:
+            text = open(os.path.join(root, name), "rb").read().decode("utf-8")
+            assert KEY[1:] not in text and KEY[1:] not in json.dumps(text), name  # not even \u-escaped
+    assert len(data(tmp_path)) == 2 and "***" in json.dumps(data(tmp_path))
+
+
+def test_a_lone_surrogate_in_an_answer_is_cleaned_not_fatal(run, server, tmp_path):
+    server.faults.extend(["surrogate", None, "surrogate"])
+    code, _, err = run("--sft-examples=2", "--dpo-examples=1", "--workers=1")
+    assert code == 0, err
+    for kind in ("sft", "dpo"):
+        raw = (tmp_path / "datasets" / f"trader_{kind}_data.jsonl").read_bytes().decode("utf-8")  # strict UTF-8
+        assert not any(0xD800 <= ord(ch) <= 0xDFFF for ch in json.dumps(data(tmp_path, kind), ensure_ascii=False))
+        assert "\ufffd" in raw
+    assert len(data(tmp_path)) == 2 and len(data(tmp_path, "dpo")) == 1
+
+
+def test_a_second_gen_on_the_same_files_refuses(run, server, tmp_path):
+    import fcntl
+    (tmp_path / "datasets").mkdir()
+    with open(tmp_path / "datasets" / "trader_gen.lock", "w") as held:  # what a running gen.py holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        code, _, err = run("--sft-examples=2", "--dpo-examples=0")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "another gen.py is writing to" in err
+    assert not server.chat_requests() and data(tmp_path) == []
+    code, _, err = run("--sft-examples=2", "--dpo-examples=0")  # released: runs
+    assert code == 0 and len(data(tmp_path)) == 2, err
+
+
+def gen_subprocess(tmp_path, server, *flags):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path), OPENROUTER_API_KEY=KEY, OPENROUTER_BASE_URL=server.url)
+    env.pop("OPENROUTER_MODELS", None)
+    cmd = [sys.executable, gen.__file__, *flags]
+    return cmd, env
+
+
+def wait_for_records(tmp_path, n, timeout=60):
+    path = tmp_path / "datasets" / "trader_sft_data.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and (not path.exists() or len(path.read_text().splitlines()) < n):
+        time.sleep(0.02)
+
+
+def test_ctrl_c_keeps_paid_answers_and_writes_the_summary(tmp_path):
+    server = FakeOpenRouter(latency=0.3, cost=0.001).start()
+    try:
+        cmd, env = gen_subprocess(tmp_path, server, "--sft-examples=40", "--dpo-examples=0", "--workers=4")
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for_records(tmp_path, 4)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith("error: interrupted"), err
+        served = len(server.chat_requests())
+        assert 4 <= len(data(tmp_path)) == served < 40  # every answer paid for is in the file, nothing new started
+        s = summary(tmp_path)
+        assert s["models"]["openai/gpt-4o-mini"]["requests"] == served and s["kinds"]["sft"]["records"] == served
+    finally:
+        server.stop()
+
+
+def test_judge_pairs_failure_types_and_diversity(run, server, tmp_path):
+    import itertools
+    # pair by pair (chosen is Answer 1 in the first order): agrees chosen wins, agrees it loses, flips with the order
+    verdicts = itertools.cycle(["1", "2", "2", "1", "1", "1"])
+    server.judge = lambda message, first, second: next(verdicts)
+    server.models.append("judge/model")
+    code, _, err = run("--sft-examples=0", "--dpo-examples=6", "--workers=1", "--judge-pairs=1",
+                       "--judge-model=judge/model")
+    assert code == 0, err
+    pairs = data(tmp_path, "dpo")
+    run_counts = summary(tmp_path)["kinds"]["dpo"]["this_run"]
+    assert len(pairs) == 6 and run_counts["new"] == 6
+    assert (run_counts["judge_kept"], run_counts["judge_rejected"], run_counts["judge_no_verdict"]) == (6, 5, 5)
+    requests = server.chat_requests()
+    judged = [r for r in requests if r["body"]["response_format"]["json_schema"]["name"] == "judge_verdict"]
+    assert {r["body"]["model"] for r in judged} == {"judge/model"}
+    assert len(judged) == 2 * (len(requests) - len(judged))  # both orders of every pair
+    s = summary(tmp_path)
+    assert s["models"]["judge/model"]["requests"] == len(judged)
+    failures = [f.split(":")[0] for f in gen.load_persona(gen.PERSONA_PATH)["failures"]]
+    assert {p["failure"] for p in pairs} <= set(failures)
+    stats = s["kinds"]["dpo"]["diversity"]
+    assert [stats[f"failure {f}"] for f in failures] == [sum(p["failure"] == f for p in pairs) for f in failures]
+    assert 0 < stats["distinct 2-grams"] <= 1 and 0 < stats["distinct 1-grams"] < stats["distinct 2-grams"]
+    assert stats["near-duplicate rate (this run)"] == 0
+    section = (tmp_path / "report" / "synthetic-data.md").read_text()
+    assert "- DPO judge rejected (this run):" in section and "- DPO failure overconfident:" in section
+
+
+def test_failure_types_go_round_evenly_and_reach_the_prompt(run, server, tmp_path):
+    code, _, err = run("--sft-examples=0", "--dpo-examples=10", "--workers=1")
+    assert code == 0, err
+    persona = gen.load_persona(gen.PERSONA_PATH)
+    names = [f.split(":")[0] for f in persona["failures"]]
+    assert sorted(p["failure"] for p in data(tmp_path, "dpo")) == sorted(names * 2)
+    prompts = [r["body"]["messages"][-1]["content"] for r in server.chat_requests()]
+    assert all(any(f in p for f in persona["failures"]) for p in prompts)
