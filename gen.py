@@ -653,9 +653,8 @@ def main():
         runs, stop, t0 = {}, None, time.time()
         def on_sigint(*_):
             signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C aborts at once
-            print("\ninterrupted: finishing the requests in flight, then writing the summary (Ctrl-C again to abort)",
-                  flush=True)
-            STOP.set()
+            STOP.set()  # os.write: print() here could re-enter a write the handler interrupted
+            os.write(2, b"\ninterrupted: finishing the requests in flight, then the summary (Ctrl-C again to abort)\n")
         STOP.clear()
         previous_handler = signal.signal(signal.SIGINT, on_sigint)
         try:
