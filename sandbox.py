@@ -51,18 +51,19 @@ except (OSError, ImportError, AttributeError) as e:
     missing.append(f"no user namespace ({e}): the code can use the network, see and signal your processes, "
                    "read their environment and write wherever the user running it can")
 if isolated:
-    try:  # MS_REC | MS_PRIVATE, then mount_setattr(AT_FDCWD, "/", AT_RECURSIVE, {MOUNT_ATTR_RDONLY})
+    try:  # MS_REC | MS_PRIVATE, then mount_setattr (442, Linux 5.12+) with AT_RECURSIVE, MOUNT_ATTR_RDONLY
         check("private mounts", libc.mount(None, b"/", None, 0x4000 | 0x40000, None))
         check("mount_setattr", libc.syscall(442, -100, b"/", 0x8000, (ctypes.c_uint64 * 4)(1), ctypes.c_size_t(32)))
-        # empty tmpfs over these, read-only (MS_RDONLY) but /tmp, all MS_NOSUID | MS_NODEV | MS_NOEXEC
+    except OSError as e:
+        missing.append(f"no read-only file system ({e}): the code can write wherever the user running it can")
+    try:  # empty tmpfs over these, read-only (MS_RDONLY) but /tmp, all MS_NOSUID | MS_NODEV | MS_NOEXEC
         for path in ("/tmp", "/var/tmp", "/dev/shm", "/run", "/proc"):
             if os.path.isdir(path) and not os.path.islink(path):
                 options = f"size={config['tmpfs']},nr_inodes=4096,mode=1777".encode()
                 check("tmpfs on " + path, libc.mount(b"tmpfs", path.encode(), b"tmpfs", (path != "/tmp") | 14, options))
         os.chdir("/tmp")
     except OSError as e:
-        missing.append(f"no read-only file system with a private /tmp, /run and /proc ({e}): the code can "
-                       "write wherever the user running it can and may read other processes' environment")
+        missing.append(f"no private /tmp, /run and /proc ({e}): the code may read other processes' environment")
     child = os.fork()  # the first process of the new pid namespace: when it dies, all in it die
     if child:
         channel.close()
@@ -79,7 +80,6 @@ for name, value in config["limits"].items():
     which = getattr(resource, name)
     hard = resource.getrlimit(which)[1]  # RLIM_INFINITY is -1
     resource.setrlimit(which, (value if hard < 0 else min(value, hard),) * 2)
-os.environ.update(HOME=os.getcwd(), TMPDIR=os.getcwd())
 channel.sendall(json.dumps(missing).encode() + b"\n")
 exec(config["guard"], {})
 exec(compile(source, "program.py", "exec"), namespace := {"__name__": "__main__"})
@@ -229,9 +229,9 @@ def execute_code(program, timeout=5.0, memory_mb=512, max_output=64 * 1024, guar
         if identity:
             os.chown(workdir, *identity)  # its working dir where no private /tmp could be made
         proc = subprocess.Popen([python, "-I", "-B", "-c", _BOOT, json.dumps(config)], cwd=workdir,
-                                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=err, pass_fds=[theirs.fileno()], start_new_session=True,
-                                **_as_user(identity))
+                                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp", "TMPDIR": "/tmp"},
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=err, pass_fds=[theirs.fileno()],
+                                start_new_session=True, **_as_user(identity))
         theirs.close()
         reader, deadline = ours.makefile("rb"), time.monotonic() + timeout
         ours.settimeout(timeout)
