@@ -307,8 +307,7 @@ class GPT(nn.Module):
     def logits(self, x):
         """lm_head (padded rows cut off) + softcap, in float32 (the softcap is a tanh:
         precision matters there)."""
-        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
-        return SOFTCAP * torch.tanh(logits / SOFTCAP)
+        return softcap(self.lm_head(x)[..., :self.config.vocab_size].float())
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         """The plain path: logits [B, T, V], or the cross-entropy loss when targets are given
@@ -966,16 +965,21 @@ def use_calculator(expr, max_len=200, time_limit=0.1):
     return result
 
 
+def softcap(logits):
+    return SOFTCAP * torch.tanh(logits / SOFTCAP)
+
+
 @torch.inference_mode()
-def sample_next_token(logits, rng, temperature=1.0, top_k=None):
-    """[B, V] logits -> [B, 1] ids; temperature 0 is greedy."""
+def sample_next_token(logits, rng, temperature=1.0, top_k=None, capped=True):
+    """[B, V] logits -> [B, 1] ids; temperature 0 is greedy. capped=False: raw logits, capped
+    here after top-k (the cap keeps their order), which saves a tanh over the vocab."""
+    if top_k is not None and top_k > 0 and temperature != 0.0:
+        vals, idx = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
+        probs = F.softmax((vals if capped else softcap(vals)) / temperature, dim=-1)
+        return idx.gather(1, torch.multinomial(probs, 1, generator=rng))
+    logits = logits if capped else softcap(logits)
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
-    if top_k is not None and top_k > 0:
-        k = min(top_k, logits.size(-1))
-        vals, idx = torch.topk(logits, k, dim=-1)
-        probs = F.softmax(vals / temperature, dim=-1)
-        return idx.gather(1, torch.multinomial(probs, 1, generator=rng))
     probs = F.softmax(logits / temperature, dim=-1)
     return torch.multinomial(probs, 1, generator=rng)
 
@@ -1012,14 +1016,22 @@ class Engine:
         limit = model.config.sequence_len if max_tokens is None else max_tokens
         max_len = min(len(tokens) + limit, model.cos.size(1))
         cache = KVCache.for_model(model, num_samples, max_len)
-        with autocast(device):  # prefill once, then every row starts from the prompt's cache
-            logits = model(torch.tensor([tokens], dtype=torch.long, device=device), kv_cache=cache.row(0))[:, -1, :]
+        capped = not isinstance(model, GPT)  # a GPT: only the last position meets the lm_head, uncapped
+
+        def last_logits(ids, cache):
+            with autocast(device):
+                if capped:
+                    return model(ids, kv_cache=cache)[:, -1, :]
+                return model.lm_head(model.hidden_states(ids, cache)[:, -1])[:, :model.config.vocab_size].float()
+
+        # prefill once, then every row starts from the prompt's cache
+        logits = last_logits(torch.tensor([tokens], dtype=torch.long, device=device), cache.row(0))
         cache.copy_row_to_all(0)
         logits = logits.expand(num_samples, -1)
         rows = [_Row() for _ in range(num_samples)]
         generated = 0
         while True:
-            ids = sample_next_token(logits, rng, temperature, top_k)
+            ids = sample_next_token(logits, rng, temperature, top_k, capped)
             column, masks = ids[:, 0].tolist(), [1] * num_samples
             for i, row in enumerate(rows):
                 if row.forced:
@@ -1032,8 +1044,7 @@ class Engine:
                 return
             if 0 in masks:  # a tool-forced token replaces the sampled one
                 ids = torch.tensor(column, dtype=torch.long, device=device)[:, None]
-            with autocast(device):
-                logits = model(ids, kv_cache=cache)[:, -1, :]
+            logits = last_logits(ids, cache)
 
     def _track_tool(self, row, token, py_start, py_end, out_start, out_end):
         if token == py_start:
