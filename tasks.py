@@ -656,13 +656,17 @@ class HumanEval(HFTask):
         """1 if the dataset's check() passes. check runs here (with the prompt's helpers, e.g.
         poly for find_zero) and calls the completion's function in the sandbox, which returns
         plain values only: exiting early, hooks or tracing there cannot fake a pass."""
-        prompt = conversation["messages"][0]["content"]
+        prompt, name = conversation["messages"][0]["content"], conversation["entry_point"]
         program = extract_imports(prompt) + "\n\n" + extract_code(completion)
         tests, state = {}, random.getstate()  # the tests may use the random module: keep ours as it was
+
+        def check(call):
+            tests[name] = call  # HumanEval/33's test also calls the function by its name
+            tests["check"](call)
+
         try:
             exec(prompt + "\n" + conversation["test"], tests)
-            result = sandbox.execute_code(program, timeout=self.timeout,
-                                          serve=(conversation["entry_point"], tests["check"]))
+            result = sandbox.execute_code(program, timeout=self.timeout, serve=(name, check))
         finally:
             random.setstate(state)
         return int(result.success)

@@ -228,12 +228,14 @@ def test_humaneval_passes_only_when_check_returns():
         assert evaluate(HUMANEVAL, CONVERSATION, attack) == 0, name
 
 
-def test_humaneval_tests_see_the_prompts_helpers():
-    # like HumanEval/32: check calls poly, which the prompt defines and the completion need not repeat
+def test_humaneval_tests_see_the_prompts_helpers_and_the_function_by_name():
+    # like HumanEval/32: check calls poly, which the prompt defines and the completion need not
+    # repeat; like HumanEval/33: check also calls the function by its name
     prompt = ("import math\n\ndef poly(xs, x):\n    return sum(c * x ** i for i, c in enumerate(xs))\n\n"
               "def find_zero(xs):\n    \"\"\"A zero of the line xs.\"\"\"\n")
     test = ("def check(candidate):\n    import random\n    rng = random.Random(42)\n    for _ in range(20):\n"
-            "        xs = [rng.randint(1, 5), rng.randint(1, 5)]\n        assert math.fabs(poly(xs, candidate(xs))) < 1e-4\n")
+            "        xs = [rng.randint(1, 5), rng.randint(1, 5)]\n        assert math.fabs(poly(xs, candidate(xs))) < 1e-4\n"
+            "        assert candidate(xs) == find_zero(xs)\n")
     conversation = {"messages": [{"role": "user", "content": prompt}], "entry_point": "find_zero", "test": test}
     assert tasks.HumanEval.evaluate(HUMANEVAL, conversation, "def find_zero(xs):\n    return -xs[0] / xs[1]") == 1
     assert tasks.HumanEval.evaluate(HUMANEVAL, conversation, "def find_zero(xs):\n    return 0.5") == 0
