@@ -43,6 +43,7 @@ import numpy as np
 import requests
 
 from common import ProgressBar, UserError, atomic_write, get_base_dir, print0, retry_after, run_main
+from model import _check_messages
 
 # -----------------------------------------------------------------------------
 # Task: a list of conversations with a lightweight start/stop/step view
@@ -60,9 +61,7 @@ class Task:
                              "need 0 <= start <= stop and step >= 1")
         self.start, self.stop, self.step = start, stop, step
 
-    @property
-    def eval_type(self):  # "categorical" | "generative"
-        raise NotImplementedError(f"{self.name} is not an evaluation task")
+    eval_type = None  # evaluation tasks: "categorical" (pick a letter) or "generative" (sample)
 
     @property
     def name(self):
@@ -134,29 +133,18 @@ class TaskMixture(Task):
 
 
 def conversation_problem(record, strict=True):
-    """None if `record` is {"messages": [system?, user, assistant, user, ...]}, else what is wrong.
-    strict (our own data): contents non-empty and the last message the assistant's."""
-    if not isinstance(record, dict) or "messages" not in record:
-        return 'expected an object with "messages"'
-    messages = record["messages"]
-    if not isinstance(messages, list) or not messages:
-        return '"messages" must be a non-empty list'
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            return f"message {i} is not an object"
-        content = message.get("content")
-        if not isinstance(content, str) or (strict and not content.strip()):
-            return f"message {i}: content must be a {'non-empty ' if strict else ''}string"
-    offset = 1 if messages[0].get("role") == "system" else 0
-    body = messages[offset:]
-    if len(body) < 2:
+    """None if `record` is a conversation model.py can render (its check, one for the whole
+    project), else what is wrong. strict (our own data): every content non-empty text, at
+    least one exchange, and the last message the assistant's."""
+    try:
+        messages = _check_messages(record)
+    except ValueError as e:
+        return str(e)
+    if len(messages) < 2:
         return "needs at least a user and an assistant message"
-    for i, message in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message.get("role") != expected:
-            return (f"message {i + offset} has role {message.get('role')!r}, expected {expected!r} "
-                    "(optional system, then user/assistant alternating)")
-    if strict and body[-1]["role"] != "assistant":
+    if strict and any(not isinstance(m["content"], str) or not m["content"].strip() for m in record["messages"]):
+        return "every message needs non-empty text content"
+    if strict and messages[-1]["role"] != "assistant":
         return "the last message must be the assistant's"
     return None
 
@@ -177,24 +165,28 @@ def dpo_problem(record):
 
 
 def iter_jsonl(path, problem_of=None, advice=""):
-    """The records of a JSONL file, blank lines skipped; a bad line (not JSON, not UTF-8, or
-    a problem_of(record)) is a UserError naming file:line, followed by `advice`."""
-    lineno = 0
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+    """The records of a JSONL file, blank lines skipped; a bad line (not UTF-8, not JSON,
+    nested too deep, a number too long, or a problem_of(record)) is a UserError naming
+    file:line, followed by `advice`. Lines are decoded one by one so the line is right."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
                 if not line.strip():
                     continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}){advice}") from None
-                problem = problem_of(record) if problem_of else None
-                if problem:
-                    raise UserError(f"{path}:{lineno}: {problem}{advice}")
-                yield record
-    except UnicodeDecodeError:
-        raise UserError(f"{path}:{lineno + 1}: not UTF-8 text{advice}") from None
+                record = json.loads(line)
+            except UnicodeDecodeError:
+                raise UserError(f"{where}: not UTF-8 text{advice}") from None
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: not valid JSON ({e.msg}){advice}") from None
+            except (RecursionError, ValueError) as e:  # Python's own limits: nesting, digits of an int
+                raise UserError(f"{where}: JSON beyond what Python parses ({str(e)[:80] or 'nested too deep'})"
+                                f"{advice}") from None
+            problem = problem_of(record) if problem_of else None
+            if problem:
+                raise UserError(f"{where}: {problem}{advice}")
+            yield record
 
 
 def read_jsonl(path, problem_of, hint=""):
@@ -225,19 +217,18 @@ def split_records(records, split, val_fraction):
     return [r for r in records if (hash_fraction(r) < val_fraction) == (split == "val")]
 
 
-class TraderSFT(Task):
-    """gen.py's persona conversations: {"messages": [system?, user, assistant, ...]} per line."""
+class TraderData(Task):
+    """A gen.py JSONL file split by record hash; rows returned as copies."""
 
-    def __init__(self, path=None, split="train", val_fraction=0.1, **kwargs):
+    file, problem_of, default_val_fraction = "", None, 0.0
+
+    def __init__(self, path=None, split="train", val_fraction=None, **kwargs):
         super().__init__(**kwargs)
-        self.path = path or os.path.join(get_base_dir(), "datasets", "trader_sft_data.jsonl")
-        records = read_jsonl(self.path, conversation_problem, hint=" (gen.py writes it)")
-        self.rows = split_records(records, split, val_fraction)
-        self.split, self.label = split, f"TraderSFT/{split}"
-
-    @property
-    def eval_type(self):
-        return "generative"
+        self.path = path or os.path.join(get_base_dir(), "datasets", self.file)
+        records = read_jsonl(self.path, type(self).problem_of, hint=" (gen.py writes it)")
+        fraction = self.default_val_fraction if val_fraction is None else val_fraction
+        self.rows = split_records(records, split, fraction)
+        self.split, self.label = split, f"{type(self).__name__}/{split}"
 
     def num_examples(self):
         return len(self.rows)
@@ -246,21 +237,17 @@ class TraderSFT(Task):
         return copy.deepcopy(self.rows[index])
 
 
-class TraderDPO(Task):
-    """gen.py's preference pairs: {"prompt", "chosen", "rejected"} per line, returned as they are."""
+class TraderSFT(TraderData):
+    """gen.py's persona conversations: {"messages": [system?, user, assistant, ...]} per line."""
 
-    def __init__(self, path=None, split="train", val_fraction=0.05, **kwargs):
-        super().__init__(**kwargs)
-        self.path = path or os.path.join(get_base_dir(), "datasets", "trader_dpo_data.jsonl")
-        records = read_jsonl(self.path, dpo_problem, hint=" (gen.py writes it)")
-        self.rows = split_records(records, split, val_fraction)
-        self.split, self.label = split, f"TraderDPO/{split}"
+    file, problem_of, default_val_fraction = "trader_sft_data.jsonl", conversation_problem, 0.1
+    eval_type = "generative"
 
-    def num_examples(self):
-        return len(self.rows)
 
-    def get_example(self, index):
-        return dict(self.rows[index])
+class TraderDPO(TraderData):
+    """gen.py's preference pairs: {"prompt", "chosen", "rejected"} per line."""
+
+    file, problem_of, default_val_fraction = "trader_dpo_data.jsonl", dpo_problem, 0.05
 
 
 # -----------------------------------------------------------------------------
@@ -406,7 +393,7 @@ def _fetch_rows(dataset, config, split, stop, retries, backoff, timeout):
     return rows, total
 
 
-def _load_rows(dataset, config, split, stop, retries, backoff, timeout):
+def _load_rows(dataset, config, split, stop):
     """(rows, cache path) -- see hf_rows for the cache rule."""
     full = hf_cache_path(dataset, config, split)
     if stop is not None and stop < 1:
@@ -422,11 +409,8 @@ def _load_rows(dataset, config, split, stop, retries, backoff, timeout):
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0"):
         raise DataUnavailable(f"{dataset} ({config}/{split}) is not cached and HF_HUB_OFFLINE is set; to supply it, "
                               f"put its rows, one JSON object per line, in {full}")
-    retries = HF_RETRIES if retries is None else retries
-    backoff = HF_BACKOFF if backoff is None else backoff
-    timeout = HF_TIMEOUT if timeout is None else timeout
     try:
-        rows, total = _fetch_rows(dataset, config, split, stop, retries, backoff, timeout)
+        rows, total = _fetch_rows(dataset, config, split, stop, HF_RETRIES, HF_BACKOFF, HF_TIMEOUT)
     except _FetchFailed as e:
         raise DataUnavailable(f"{dataset} ({config}/{split}) could not be fetched: {e}. To work offline, "
                               f"put its rows, one JSON object per line, in {full}") from None
@@ -439,7 +423,7 @@ def _load_rows(dataset, config, split, stop, retries, backoff, timeout):
     return rows, path
 
 
-def hf_rows(dataset, config, split, stop=None, retries=None, backoff=None, timeout=None):
+def hf_rows(dataset, config, split, stop=None):
     """The rows (dicts) of a Hugging Face dataset split, the first `stop` if given.
 
     Rows come from the dataset viewer API ($CHIMERA_HF_ROWS_URL overrides the endpoint;
@@ -455,7 +439,7 @@ def hf_rows(dataset, config, split, stop=None, retries=None, backoff=None, timeo
     Rows the viewer truncated (truncated_cells) are skipped and counted. Files are written
     whole (temp file + rename). A fetch that fails after retries raises DataUnavailable.
     """
-    return _load_rows(dataset, config, split, stop, retries, backoff, timeout)[0]
+    return _load_rows(dataset, config, split, stop)[0]
 
 
 def nanochat_order(n, seed=42):
@@ -476,8 +460,7 @@ class HFTask(Task):
         if split not in splits:
             raise ValueError(f"{self.dataset} {config}: split must be one of {'|'.join(splits)}, got {split!r}")
         self.config, self.split = config, split
-        rows, path = _load_rows(self.dataset, config, split, None if self.shuffle else self.stop,
-                                None, None, None)
+        rows, path = _load_rows(self.dataset, config, split, None if self.shuffle else self.stop)
         rows = [self.prepare(row) for row in rows]
         for i, row in enumerate(rows):
             problem = self.row_problem(row)
@@ -525,9 +508,7 @@ class ARC(HFTask):
         self.label = f"{subset}/{split}"
         super().__init__(subset, split, ("train", "validation", "test"), **kwargs)
 
-    @property
-    def eval_type(self):
-        return "categorical"
+    eval_type = "categorical"
 
     def row_problem(self, row):
         choices = row.get("choices")
@@ -563,9 +544,7 @@ class MMLU(HFTask):
         self.label = f"MMLU/{subset}/{split}"
         super().__init__(subset, split, splits, **kwargs)
 
-    @property
-    def eval_type(self):
-        return "categorical"
+    eval_type = "categorical"
 
     def prepare(self, row):
         # the auxiliary_train config wraps each row in {"train": {...}}
@@ -623,9 +602,7 @@ class GSM8K(HFTask):
         self.label = f"GSM8K/{subset}/{split}"
         super().__init__(subset, split, ("train", "test"), **kwargs)
 
-    @property
-    def eval_type(self):
-        return "generative"
+    eval_type = "generative"
 
     def row_problem(self, row):
         return _missing(row, {"question": str, "answer": str})
@@ -668,9 +645,7 @@ class HumanEval(HFTask):
         self.label, self.timeout = "HumanEval", timeout
         super().__init__("openai_humaneval", split, ("test",), **kwargs)
 
-    @property
-    def eval_type(self):
-        return "generative"
+    eval_type = "generative"
 
     def row_problem(self, row):
         return _missing(row, {"prompt": str, "canonical_solution": str, "entry_point": str, "test": str})
@@ -699,9 +674,7 @@ class SmolTalk(HFTask):
         self.label = f"SmolTalk/{split}"
         super().__init__("default", split, ("train", "test"), **kwargs)
 
-    @property
-    def eval_type(self):
-        return "generative"
+    eval_type = "generative"
 
     def row_problem(self, row):
         return conversation_problem(row, strict=False)

@@ -29,6 +29,7 @@ def base(tmp_path, monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(tasks, "HF_BACKOFF", 0.01)  # retries in a blink
     monkeypatch.setattr(tasks, "_unreachable", set())
     return path
 
@@ -152,6 +153,20 @@ def test_trader_sft_bad_line_names_file_and_line(tmp_path, line, why):
     with pytest.raises(UserError) as e:
         tasks.TraderSFT(str(path))
     assert f"{path}:3:" in str(e.value) and why in str(e.value)
+
+
+@pytest.mark.parametrize("raw, why", [
+    (b"[" * 100_000 + b"]" * 100_000, "beyond what Python parses"),  # RecursionError inside json
+    (b'{"messages": ' + b"9" * 5000 + b"}", None),  # Python >= 3.11: an int of 5,000 digits is refused
+    (b'{"messages": "caf\xe9"}', "not UTF-8"),  # Latin-1, not UTF-8
+])
+def test_hostile_line_is_one_clear_error_on_its_own_line(tmp_path, raw, why):
+    path = tmp_path / "sft.jsonl"
+    good = json.dumps(sft_record(0)).encode()
+    path.write_bytes(b"\n".join([good] * 3000 + [raw, good]) + b"\n")  # past the decoder's first chunk
+    with pytest.raises(UserError) as e:
+        tasks.TraderSFT(str(path))
+    assert str(e.value).startswith(f"{path}:3001:") and (why is None or why in str(e.value))
 
 
 def test_trader_files_empty_or_missing(tmp_path, base):
@@ -448,7 +463,7 @@ def server(base, monkeypatch):
 
 
 def test_rows_pagination_and_cache_reuse(server, base):
-    rows = tasks.hf_rows("org/data", "main", "train", backoff=0.01)
+    rows = tasks.hf_rows("org/data", "main", "train")
     assert rows == ROWS
     assert server.pages() == [(0, 100), (100, 100), (200, 50)]
     cache = base / "task_data" / "org--data" / "main" / "train.jsonl"
@@ -485,7 +500,7 @@ def test_rows_stop_past_the_end_is_the_whole_split(server, base):
 def test_rows_retry_500_and_429_retry_after(server, monkeypatch, capsys):
     monkeypatch.setenv("HF_TOKEN", "hf_secret_token_123")
     server.script = [(500, {}, {"error": "boom"}), (429, {"Retry-After": "1"}, {"error": "slow down"})]
-    assert tasks.hf_rows("org/data", "main", "train", stop=100, backoff=0.01) == ROWS[:100]
+    assert tasks.hf_rows("org/data", "main", "train", stop=100) == ROWS[:100]
     assert len(server.requests) == 3
     waited = server.requests[2]["t"] - server.requests[1]["t"]
     assert 0.9 <= waited < 5  # Retry-After honoured (backoff alone would be 0.02 s)
@@ -512,7 +527,8 @@ def test_rows_unavailable_names_the_cache(base, monkeypatch):
     monkeypatch.setenv("CHIMERA_HF_ROWS_URL", f"http://127.0.0.1:{free_port()}/rows")  # nothing listens
     t = time.time()
     with pytest.raises(tasks.DataUnavailable) as e:
-        tasks.hf_rows("org/data", "main", "train", retries=2, backoff=0.01)
+        monkeypatch.setattr(tasks, "HF_RETRIES", 2)
+        tasks.hf_rows("org/data", "main", "train")
     assert time.time() - t < 5
     expected = os.path.join(str(base), "task_data", "org--data", "main", "train.jsonl")
     assert "org/data (main/train)" in str(e.value) and expected in str(e.value)
@@ -533,16 +549,17 @@ def test_offline_env_fails_at_once_without_a_request(server, monkeypatch):
 def test_unreachable_endpoint_is_written_off_for_the_run(base, monkeypatch):
     monkeypatch.setenv("CHIMERA_HF_ROWS_URL", f"http://127.0.0.1:{free_port()}/rows")  # nothing listens
     with pytest.raises(tasks.DataUnavailable, match=r"gave up after 3 tries"):
-        tasks.hf_rows("org/data", "main", "train", backoff=0.01)
+        tasks.hf_rows("org/data", "main", "train")
     t = time.time()
     with pytest.raises(tasks.DataUnavailable, match="unreachable earlier"):
-        tasks.hf_rows("org/other", "main", "test", backoff=10.0)  # would wait 10 s if retried
+        monkeypatch.setattr(tasks, "HF_BACKOFF", 10.0)  # would wait 10 s if retried
+        tasks.hf_rows("org/other", "main", "test")
     assert time.time() - t < 1
 
 
 def test_rows_client_errors_are_not_retried(server):
     with pytest.raises(tasks.DataUnavailable, match="HTTP 404.*does not exist"):
-        tasks.hf_rows("org/missing", "main", "train", backoff=0.01)
+        tasks.hf_rows("org/missing", "main", "train")
     assert len(server.requests) == 1
 
 
