@@ -8,16 +8,18 @@ The training report card, nanochat-compatible, with a DPO column.
 Each stage writes one section to $NANOCHAT_BASE_DIR/report/<slug>.md (nanochat's format:
 `## Title`, `timestamp: ...`, `- key: value` lines). `generate` puts them in nanochat's
 order with Chimera's synthetic-data, DPO and DPO-evaluation sections after SFT, adds a
-header (git commit, hardware, versions), small SVG charts drawn from the stages'
-metrics.jsonl, and a summary table with columns BASE, MID, SFT, DPO, RL.
+header (git commit, hardware, versions), SVG charts of the stages' metrics.jsonl (files
+beside report.md, linked as images), and a summary table with columns BASE, MID, SFT, DPO,
+RL. Section text goes in with its `<` escaped, so no raw HTML from a section reaches report.md.
 """
 
 import datetime
+import html
 import json
+import math
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -37,8 +39,11 @@ CHIMERA_HEADER = "chimera-header.md"  # ours: when the Chimera run started
 STAGES = ["base", "mid", "sft", "dpo", "rl"]
 STAGE_SECTIONS = {"base": "base-model-evaluation.md", "mid": "chat-evaluation-mid.md",
                   "sft": "chat-evaluation-sft.md", "dpo": "chat-evaluation-dpo.md", "rl": "chat-evaluation-rl.md"}
-CHAT_METRICS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
-PERSONA_METRICS = ["Trader SFT held-out loss", "Persona preference accuracy"]
+CHAT_METRICS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
+# eval.py's persona rows, each without and with the persona's system message
+PERSONA_METRICS = [f"{name} ({cond})" for name in ("Trader SFT held-out loss", "Persona preference accuracy",
+                                                   "DPO reward accuracy", "DPO reward margin", "Judge win rate")
+                   for cond in ("no system", "with system")] + ["Identity probe score"]
 
 
 @dataclass
@@ -80,7 +85,8 @@ def section_timestamp(text, prefix):
 
 
 def summary_table(metrics):
-    """Markdown table: one row per metric, one column per stage, '-' where missing."""
+    """Markdown table: one row per metric, one column per stage, '-' where missing; then
+    which tasks each stage's ChatCORE averaged (nanochat computes it only when all ran)."""
     rows = [m for m in ["CORE"] + CHAT_METRICS[:-1] + PERSONA_METRICS + ["ChatCORE"]
             if any(m in metrics.get(stage, {}) for stage in STAGES)]
     width = max([len("Metric")] + [len(r) for r in rows])
@@ -90,7 +96,10 @@ def summary_table(metrics):
     for r in rows:
         values = [str(metrics.get(s, {}).get(r, "-")).ljust(cell) for s in STAGES]
         lines.append("| " + r.ljust(width) + " | " + " | ".join(values) + " |")
-    return "\n".join(lines) + "\n"
+    averaged = [f"{s.upper()}: {', '.join(m for m in CHAT_METRICS[:-1] if m in metrics[s])}"
+                for s in STAGES if "ChatCORE" in metrics.get(s, {})]
+    note = f"\nChatCORE averaged the tasks shown: {'; '.join(averaged)}.\n" if averaged else ""
+    return "\n".join(lines) + "\n" + note
 
 
 # -----------------------------------------------------------------------------
@@ -163,7 +172,8 @@ def _fmt(v):
 
 def svg_chart(title, series, width=460, height=220):
     """series: {label: [(x, y), ...]} -> an <svg> line chart with min/max axis labels."""
-    series = {k: [(float(x), float(y)) for x, y in v if y == y] for k, v in series.items()}  # drop NaN
+    series = {k: [(float(x), float(y)) for x, y in v if math.isfinite(x) and math.isfinite(y)]  # no NaN/inf
+              for k, v in series.items()}
     series = {k: v for k, v in series.items() if v}
     if not series:
         return ""
@@ -183,7 +193,7 @@ def svg_chart(title, series, width=460, height=220):
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
              f'<rect width="{width}" height="{height}" fill="white"/>',
-             f'<text x="{left}" y="16" font-size="13">{title}</text>',
+             f'<text x="{left}" y="16" font-size="13">{html.escape(title)}</text>',
              f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#444"/>',
              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#444"/>',
              f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{_fmt(y1)}</text>',
@@ -200,7 +210,7 @@ def svg_chart(title, series, width=460, height=220):
                   for x, y in points if len(points) <= 40]
         # legend in the title row, right-aligned, so it never covers the curves
         parts.append(f'<text x="{width - right - 90 * (len(series) - 1 - i)}" y="16" text-anchor="end" '
-                     f'fill="{color}">{label}</text>')
+                     f'fill="{color}">{html.escape(label)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -228,26 +238,30 @@ def read_metrics(source_dir):
 
 
 def series(rows, key):
-    return [(r["step"], r[key]) for r in rows if key in r and isinstance(r[key], (int, float))]
+    return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and isinstance(r["step"], (int, float))]
 
 
-def charts():
-    """Markdown with inline SVG charts of SFT and DPO training, or '' without metrics."""
-    out = []
+def charts(directory):
+    """Write the SFT and DPO training charts as .svg files into `directory`; the Markdown
+    that shows them (image links, which every Markdown viewer renders), or ''."""
+    out = {}
     sft = read_metrics("chatsft_checkpoints")
     if sft:
         val = {k: series(sft, k) for k in sorted({k for r in sft for k in r if k.startswith("val_loss/")})}
-        out.append(svg_chart("SFT loss", {"train": series(sft, "loss"),
-                                          **{f"val ({k.split('/')[1]})": v for k, v in val.items()}}))
+        out["SFT loss"] = svg_chart("SFT loss", {"train": series(sft, "loss"),
+                                                 **{f"val ({k.split('/')[1]})": v for k, v in val.items()}})
     dpo = read_metrics("chatdpo_checkpoints")
-    if dpo:
-        out.append(svg_chart("DPO loss", {"train": series(dpo, "loss"), "held-out": series(dpo, "eval/loss")}))
-        out.append(svg_chart("DPO reward margin", {"train": series(dpo, "rewards/margins"),
-                                                   "held-out": series(dpo, "eval/rewards/margins")}))
-        out.append(svg_chart("DPO reward accuracy", {"train": series(dpo, "rewards/accuracies"),
-                                                     "held-out": series(dpo, "eval/rewards/accuracies")}))
-    out = [c for c in out if c]
-    return ("## Training curves\n\n" + "\n\n".join(out) + "\n\n") if out else ""
+    for title, key in (("DPO loss", "loss"), ("DPO reward margin", "rewards/margins"),
+                       ("DPO reward accuracy", "rewards/accuracies")):
+        if dpo:
+            out[title] = svg_chart(title, {"train": series(dpo, key), "held-out": series(dpo, f"eval/{key}")})
+    links = []
+    for title, svg in out.items():
+        if svg:
+            name = title.lower().replace(" ", "-") + ".svg"
+            atomic_write_text(os.path.join(directory, name), svg + "\n")
+            links.append(f"![{title}]({name})")
+    return ("## Training curves\n\n" + "\n\n".join(links) + "\n\n") if links else ""
 
 
 # -----------------------------------------------------------------------------
@@ -262,7 +276,7 @@ def generate(out_copy=True):
     header_path = os.path.join(directory, HEADER)
     bloat = ""
     if os.path.exists(header_path):  # nanochat's own header, as it is
-        text = open(header_path, encoding="utf-8").read()
+        text = open(header_path, encoding="utf-8").read().replace("<", "&lt;")
         parts.append(text.rstrip() + "\n\n")
         start = section_timestamp(text, "Run started:")
         m = re.search(r"### Bloat\n(.*?)\n\n", text, re.DOTALL)
@@ -281,7 +295,7 @@ def generate(out_copy=True):
         if not os.path.exists(path):
             notes.append(name)
             continue
-        text = open(path, encoding="utf-8").read()
+        text = open(path, encoding="utf-8").read().replace("<", "&lt;")  # Markdown, never raw HTML
         if name not in RL_FILES:  # nanochat leaves experimental RL out of the wall clock too
             end = section_timestamp(text, "timestamp:") or end
         for stage, section_file in STAGE_SECTIONS.items():
@@ -289,7 +303,7 @@ def generate(out_copy=True):
                 wanted = ["CORE"] if stage == "base" else CHAT_METRICS + PERSONA_METRICS
                 metrics[stage] = section_metrics(text, wanted)
         parts.append(text.rstrip() + "\n\n")
-    parts.append(charts())
+    parts.append(charts(directory))
     summary = ["## Summary\n\n"]
     if bloat:
         summary.append(bloat + "\n\n")
@@ -306,7 +320,9 @@ def generate(out_copy=True):
     atomic_write_text(report_file, text)
     print(f"wrote {report_file}" + (f" ({len(notes)} sections missing: {', '.join(notes)})" if notes else ""))
     if out_copy and os.path.abspath(os.getcwd()) != os.path.abspath(directory):
-        shutil.copy(report_file, "report.md")
+        here = os.path.relpath(directory)  # the copy's chart links point into the report directory
+        atomic_write_text("report.md", re.sub(r"^!\[(.*?)\]\((.*?\.svg)\)$", lambda m: f"![{m.group(1)}]("
+                                              f"{os.path.join(here, m.group(2))})", text, flags=re.M))
         print("copied report.md to the current directory")
     return report_file
 
@@ -318,6 +334,7 @@ def reset(everything=False):
     names = CHIMERA_FILES + ["chat-evaluation-sft.json", "chat-evaluation-dpo.json", "report.md", CHIMERA_HEADER]
     if everything:
         names += NANOCHAT_FILES + RL_FILES + [HEADER, "chat-evaluation-mid.json"]
+    names += [n for n in os.listdir(directory) if n.endswith(".svg")]  # the charts
     removed = [n for n in names if os.path.exists(os.path.join(directory, n))]
     for n in removed:
         os.remove(os.path.join(directory, n))

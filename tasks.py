@@ -34,6 +34,7 @@ import random
 import re
 import shutil
 import signal
+import string
 import subprocess
 import sys
 import tempfile
@@ -393,6 +394,10 @@ def _fetch_rows(dataset, config, split, stop, retries, backoff, timeout):
     return rows, total
 
 
+def offline():
+    return any(os.environ.get(v, "0") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
 def _load_rows(dataset, config, split, stop):
     """(rows, cache path) -- see hf_rows for the cache rule."""
     full = hf_cache_path(dataset, config, split)
@@ -406,7 +411,7 @@ def _load_rows(dataset, config, split, stop):
         if usable:
             path = prefixes[min(usable)]
             return _read_rows(path)[:stop], path
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0"):
+    if offline():
         raise DataUnavailable(f"{dataset} ({config}/{split}) is not cached and HF_HUB_OFFLINE is set; to supply it, "
                               f"put its rows, one JSON object per line, in {full}")
     try:
@@ -683,6 +688,145 @@ class SmolTalk(HFTask):
         return {"messages": copy.deepcopy(self.rows[index]["messages"])}
 
 
+# -----------------------------------------------------------------------------
+# nanochat's identity conversations and spelling tasks (as of 885a4f2): files fetched once
+
+IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
+WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
+
+
+def cached_file(url):
+    """A file nanochat downloads into its base dir: used from there when a nanochat run left
+    it, else from task_data/, where it is fetched to once."""
+    name = url.rsplit("/", 1)[-1]
+    path = os.path.join(get_base_dir(), "task_data", name)
+    for found in (os.path.join(get_base_dir(), name), path):
+        if os.path.exists(found):
+            return found
+    why = "HF_HUB_OFFLINE is set"
+    if not offline():
+        try:
+            response = requests.get(url, timeout=HF_TIMEOUT)
+            response.raise_for_status()
+            atomic_write(path, lambda f: f.write(response.content), binary=True)
+            return path
+        except requests.RequestException as e:
+            why = f"{type(e).__name__} fetching {url}"
+    raise DataUnavailable(f"{name} is not cached ({why}); to work offline, put {url} at {path}")
+
+
+class IdentityConversations(Task):
+    """nanochat's synthetic identity conversations: one JSON list of messages per line."""
+
+    label = "Identity"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.rows = read_jsonl(cached_file(IDENTITY_URL), lambda r: conversation_problem({"messages": r}, strict=False)
+                               if isinstance(r, list) else "expected a JSON list of messages", " (delete it to fetch again)")
+
+    def num_examples(self):
+        return len(self.rows)
+
+    def get_example(self, index):
+        return {"messages": copy.deepcopy(self.rows[index])}
+
+
+@functools.lru_cache(maxsize=None)
+def read_words(path):
+    with open(path, encoding="utf-8") as f:
+        return tuple(line.strip() for line in f)
+
+
+SPELLING_TEST_OFFSET = 10_000_000  # test example i is drawn with seed offset + i, past every train seed
+SPELLING_TEMPLATES = [  # nanochat's user messages, verbatim: the same seeds give the same conversations
+    "How many {letter} are in the word {word}", "How many {letter} are in {word}", "Count the number of {letter} in {word}",
+    "How many times does {letter} appear in {word}", "What's the count of {letter} in {word}",
+    "In the word {word}, how many {letter} are there", "How many letter {letter} are in the word {word}",
+    "Count how many {letter} appear in {word}", "Tell me the number of {letter} in {word}",
+    "How many occurrences of {letter} are in {word}", "Find the count of {letter} in {word}",
+    "Can you count the {letter} letters in {word}", "What is the frequency of {letter} in {word}",
+    "How many {letter}s are in {word}", "How many {letter}'s are in {word}", "Count all the {letter} in {word}",
+    "How many times is {letter} in {word}", "Number of {letter} in {word}", "Total count of {letter} in {word}",
+    "How many {letter} does {word} have", "How many {letter} does {word} contain", "What's the number of {letter} in {word}",
+    "{word} has how many {letter}", "In {word}, count the {letter}", "How many {letter} appear in {word}",
+    "Count the {letter} in {word}", "Give me the count of {letter} in {word}", "How many instances of {letter} in {word}",
+    "Show me how many {letter} are in {word}", "Calculate the number of {letter} in {word}",
+    "¿Cuántas {letter} hay en {word}?", "¿Cuántas veces aparece {letter} en {word}?", "Cuenta las {letter} en {word}",
+    "¿Cuántas letras {letter} tiene {word}?", "{word}中有多少个{letter}", "{word}里有几个{letter}", "数一下{word}中的{letter}",
+    "{word}这个词里有多少{letter}", "{word}에 {letter}가 몇 개 있나요", "{word}에서 {letter}의 개수는",
+    "{word}에 {letter}가 몇 번 나오나요", "{word}라는 단어에 {letter}가 몇 개", "Combien de {letter} dans {word}",
+    "Combien de fois {letter} apparaît dans {word}", "Compte les {letter} dans {word}", "Wie viele {letter} sind in {word}",
+    "Wie oft kommt {letter} in {word} vor", "Zähle die {letter} in {word}", "{word}に{letter}は何個ありますか",
+    "{word}の中に{letter}がいくつ", "{word}に{letter}が何回出てくる",
+]
+
+
+class SpellingTask(Task):
+    """Synthetic examples over nanochat's word list: example i comes from random.Random(i)."""
+
+    eval_type = "generative"
+
+    def __init__(self, size=1000, split="train", **kwargs):
+        super().__init__(**kwargs)
+        if split not in ("train", "test"):
+            raise ValueError(f"{type(self).__name__}: split must be train or test, got {split!r}")
+        self.size, self.split, self.label = size, split, f"{type(self).__name__}/{split}"
+        self.words = read_words(cached_file(WORD_LIST_URL))
+
+    def num_examples(self):
+        return self.size
+
+    def rng(self, index):
+        return random.Random(index if self.split == "train" else SPELLING_TEST_OFFSET + index)
+
+
+class SimpleSpelling(SpellingTask):
+    """'Spell the word: apple' -> 'apple:a,p,p,l,e'."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.words = list(self.words)
+        random.Random(42).shuffle(self.words)  # another word order than SpellingBee's
+
+    def get_example(self, index):
+        word = self.rng(index).choice(self.words)
+        return {"messages": [{"role": "user", "content": f"Spell the word: {word}"},
+                             {"role": "assistant", "content": f"{word}:{','.join(word)}"}]}
+
+
+class SpellingBee(SpellingTask):
+    """'How many r are in strawberry?': spelled out and counted by hand, checked with the
+    calculator tool, answered after '#### ' (graded like GSM8K)."""
+
+    def get_example(self, index):
+        rng = self.rng(index)
+        word = rng.choice(self.words)
+        letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(string.ascii_lowercase)
+        template = rng.choice(SPELLING_TEMPLATES)
+        template = template.lower() if rng.random() < 0.3 else template
+        letter_quote, word_quote = rng.choice(["", "'", '"']), rng.choice(["", "'", '"'])
+        question = template.format(letter=f"{letter_quote}{letter}{letter_quote}", word=f"{word_quote}{word}{word_quote}")
+        question += "?" if rng.random() < 0.5 else ""
+        manual = (f"We are asked to find the number '{letter}' in the word '{word}'. Let me try a manual approach "
+                  f"first.\n\nFirst spell the word out:\n{word}:{','.join(word)}\n\nThen count the occurrences of "
+                  f"'{letter}':\n")
+        count = 0
+        for i, char in enumerate(word, 1):
+            count += char == letter
+            manual += f"{i}:{char} hit! count={count}\n" if char == letter else f"{i}:{char}\n"
+        parts = [{"type": "text", "text": manual + f"\nThis gives us {count}."},
+                 {"type": "text", "text": "\n\nLet me double check this using Python:\n\n"},
+                 {"type": "python", "text": f"'{word}'.count('{letter}')"},
+                 {"type": "python_output", "text": str(count)},
+                 {"type": "text", "text": f"\n\nPython gives us {count}.\n\nMy final answer is:\n\n#### {count}"}]
+        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]}
+
+    def evaluate(self, conversation, completion):
+        reference = extract_gsm8k_answer(conversation["messages"][-1]["content"][-1]["text"])
+        return int(extract_gsm8k_answer(completion) == reference)
+
+
 # eval.py's default tasks: TASKS[name]() (slicing kwargs pass through)
 TASKS = {
     "ARC-Easy": functools.partial(ARC, "ARC-Easy", "test"),
@@ -690,6 +834,7 @@ TASKS = {
     "MMLU": functools.partial(MMLU, "all", "test"),
     "GSM8K": functools.partial(GSM8K, "main", "test"),
     "HumanEval": functools.partial(HumanEval, "test"),
+    "SpellingBee": functools.partial(SpellingBee, 256, "test"),
 }
 
 # -----------------------------------------------------------------------------
@@ -954,6 +1099,7 @@ PREFETCH = {
     "GSM8K/train": functools.partial(GSM8K, "main", "train"),
     "SmolTalk": functools.partial(SmolTalk, "train", stop=10_000),
     "SmolTalk/test": functools.partial(SmolTalk, "test"),
+    "Identity": IdentityConversations,
 }
 
 

@@ -366,7 +366,54 @@ def test_smoltalk_prefix_and_validation(base):
         tasks.SmolTalk("test")
 
 
+def seed_words(base, words=("strawberry", "apple", "banana", "kiwi")):
+    (base / "task_data").mkdir(exist_ok=True)
+    (base / "task_data" / "words_alpha.txt").write_text("".join(w + "\r\n" for w in words))  # the file's CRLF
+
+
+def test_spelling_tasks_render_and_grade_like_nanochat(base):
+    seed_words(base)
+    bee, test_bee = tasks.SpellingBee(size=50, split="train"), tasks.SpellingBee(size=50, split="test")
+    assert len(bee) == 50 and bee[7] == tasks.SpellingBee(size=50)[7]  # example i is a function of i
+    assert [bee[i] for i in range(10)] != [test_bee[i] for i in range(10)]  # test seeds are apart from train's
+    for i in range(50):
+        user, assistant = bee[i]["messages"]
+        python = [p["text"] for p in assistant["content"] if p["type"] == "python"][0]
+        word, letter = python.split("'")[1], python.split("'")[3]
+        assert word in ("strawberry", "apple", "banana", "kiwi") and word in user["content"]
+        answer = str(word.count(letter))
+        assert assistant["content"][-1]["text"].endswith(f"#### {answer}")
+        assert [p["text"] for p in assistant["content"] if p["type"] == "python_output"] == [answer]
+        assert bee.evaluate(bee[i], f"so #### {answer}") == 1 and bee.evaluate(bee[i], "#### 99") == 0
+    spell = tasks.SimpleSpelling(size=5)
+    word = spell[0]["messages"][0]["content"].removeprefix("Spell the word: ")
+    assert spell[0]["messages"][1]["content"] == f"{word}:{','.join(word)}"
+
+
+def test_mixture_is_nanochat_885a4f2s_and_says_where_missing_files_go(base, monkeypatch):
+    import sft
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    seed_cache("allenai/ai2_arc", "ARC-Easy", "train", ARC_ROWS)
+    seed_cache("allenai/ai2_arc", "ARC-Challenge", "train", ARC_ROWS[:2])
+    seed_cache("openai/gsm8k", "main", "train", [GSM8K_ROW])
+    seed_cache("HuggingFaceTB/smol-smoltalk", "default", "train", SMOLTALK_ROWS)
+    seed_cache("HuggingFaceTB/smol-smoltalk", "default", "test", SMOLTALK_ROWS)
+    seed_words(base)
+    config = sft.parse_config(sft.Config, ["--sft_dataset=mixture"])
+    with pytest.raises(tasks.DataUnavailable) as e:  # offline, no identity conversations anywhere
+        sft.build_datasets(config)
+    assert str(base / "task_data" / "identity_conversations.jsonl") in str(e.value) and tasks.IDENTITY_URL in str(e.value)
+    identity = [[{"role": "user", "content": "who are you?"}, {"role": "assistant", "content": "nanochat"}]] * 3
+    (base / "identity_conversations.jsonl").write_text("".join(json.dumps(m) + "\n" for m in identity))  # nanochat's place
+    train, _ = sft.build_datasets(config)
+    assert [(name, rows) for name, rows, _, _ in train.composition()] == [
+        ("ARC-Easy/train", 5), ("ARC-Challenge/train", 2), ("GSM8K/main/train", 1), ("SmolTalk/train[0:10000]", 2),
+        ("Identity", 3), ("SimpleSpelling/train", 300), ("SpellingBee/train", 300)]
+    assert len(train) == 613
+
+
 def test_registry_builds_eval_tasks(base):
+    seed_words(base)
     seed_cache("allenai/ai2_arc", "ARC-Easy", "test", ARC_ROWS)
     seed_cache("allenai/ai2_arc", "ARC-Challenge", "test", ARC_ROWS[:2])
     seed_cache("cais/mmlu", "all", "test", [MMLU_ROW])
@@ -375,7 +422,7 @@ def test_registry_builds_eval_tasks(base):
     built = {name: make() for name, make in tasks.TASKS.items()}
     assert {n: (len(t), t.eval_type) for n, t in built.items()} == {
         "ARC-Easy": (5, "categorical"), "ARC-Challenge": (2, "categorical"), "MMLU": (1, "categorical"),
-        "GSM8K": (1, "generative"), "HumanEval": (1, "generative")}
+        "GSM8K": (1, "generative"), "HumanEval": (1, "generative"), "SpellingBee": (256, "generative")}
     assert len(tasks.TASKS["ARC-Easy"](stop=3)) == 3
 
 
