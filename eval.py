@@ -1,9 +1,8 @@
 """
-Chat evaluation of an SFT/DPO checkpoint: nanochat's tasks (ARC-Easy, ARC-Challenge, MMLU,
-GSM8K, HumanEval, SpellingBee and their ChatCORE), plus the persona metrics nothing else
-reports, each with and without the persona's system message: held-out trader loss, how
-often the model prefers the Master's answer, DPO's implicit-reward accuracy and margin
-against the reference, an LLM judge's win rate over the reference; and the identity probes.
+Chat evaluation of an SFT/DPO checkpoint: nanochat's tasks and their ChatCORE, the identity
+probes, and the persona metrics with and without the persona's system message (held-out
+trader loss, preference for the Master's answers, DPO reward accuracy and margin against
+the reference, an LLM judge's win rate over the reference's answers).
 
     python eval.py -i sft                        # everything, one process
     python eval.py -i dpo -a "ARC-Easy|GSM8K" --max_problems=100
@@ -16,7 +15,6 @@ metric, as nanochat's report reads them) and chat-evaluation-{source}.json besid
 
 import functools
 import json
-import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,8 +32,8 @@ import tasks
 # nanochat 885a4f2's chat_eval task set; ChatCORE centres each accuracy on its chance level
 CHAT_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
-PERSONA_TASKS = ["Trader-SFT", "Trader-DPO", "Identity"]
 CONDITIONS = ("no system", "with system")  # the persona metrics without / with the persona's system message
+PROBE_KEYS = ("prompt", "persona_answer", "generic_answer")  # one identity probe per line of its JSONL
 IDENTITY_PROBES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "identity_probes.jsonl")
 
 
@@ -67,17 +65,16 @@ ALIASES = {"i": "source", "a": "task_name"}
 
 def check_config(c):
     """Settings that would run and report nonsense stop here, one line each."""
-    for name in ("batch_size", "num_samples", "max_new_tokens", "top_k", "judge_prompts"):
-        if getattr(c, name) < 1:
-            raise UserError(f"--{name}={getattr(c, name)}: must be at least 1")
+    small = [k for k in ("batch_size", "num_samples", "max_new_tokens", "top_k", "judge_prompts") if getattr(c, k) < 1]
+    if small:
+        raise UserError(f"--{small[0]}={getattr(c, small[0])}: must be at least 1")
     if c.max_problems == 0 or c.max_problems < -1:
         raise UserError(f"--max_problems={c.max_problems}: must be -1 (all) or at least 1")
-    if not (math.isfinite(c.temperature) and c.temperature >= 0):
+    if not 0 <= c.temperature < float("inf"):  # NaN fails too
         raise UserError(f"--temperature={c.temperature}: must be a finite number >= 0")
-    for name in ("sft_val_fraction", "dpo_val_fraction"):
-        value = getattr(c, name)
-        if value != -1 and not 0 <= value < 1:
-            raise UserError(f"--{name}={value}: must be -1 (the training run's) or in [0, 1)")
+    odd = [k for k in ("sft_val_fraction", "dpo_val_fraction") if getattr(c, k) != -1 and not 0 <= getattr(c, k) < 1]
+    if odd:
+        raise UserError(f"--{odd[0]}={getattr(c, odd[0])}: must be -1 (the training run's) or in [0, 1)")
     if c.judge not in (-1, 0, 1):
         raise UserError(f"--judge={c.judge}: expected 1 (on), 0 (off) or -1 (on when OPENROUTER_API_KEY is set)")
     if c.judge == 1 and not os.environ.get("OPENROUTER_API_KEY"):
@@ -85,12 +82,11 @@ def check_config(c):
 
 
 def selected_tasks(c):
-    if not c.task_name:
-        return CHAT_TASKS + PERSONA_TASKS
-    names = [n.strip() for n in c.task_name.split("|") if n.strip()]
-    unknown = [n for n in names if n not in CHAT_TASKS + PERSONA_TASKS]
+    known = [name for name in RUNS if name != "Judge"]  # the judge joins by --judge, not by name
+    names = [n.strip() for n in c.task_name.split("|") if n.strip()] or known
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise UserError(f"-a: unknown task {unknown[0]!r}; known: {'|'.join(CHAT_TASKS + PERSONA_TASKS)}")
+        raise UserError(f"-a: unknown task {unknown[0]!r}; known: {'|'.join(known)}")
     return names
 
 
@@ -106,7 +102,7 @@ def my_share(n, d):
     return range(d.rank, n, d.world_size)
 
 
-def problems(task, c):
+def problems(task, c):  # how many of a task's problems to evaluate
     return len(task) if c.max_problems < 0 else min(len(task), c.max_problems)
 
 
@@ -120,7 +116,7 @@ def run_categorical(task, tokenizer, model, c, d, bar):
     follows <|assistant_start|>; batches of prompts padded on the right, sharded by rank."""
     n = problems(task, c)
     bos = tokenizer.get_bos_token_id()
-    letter_id = {}
+    letter_id = functools.lru_cache(maxsize=None)(lambda letter: tokenizer.encode(letter))  # one token each (render_mc)
     passed = total = 0
     for b in my_share(-(-n // c.batch_size), d):
         conversations = [task[i] for i in range(b * c.batch_size, min((b + 1) * c.batch_size, n))]
@@ -133,12 +129,7 @@ def run_categorical(task, tokenizer, model, c, d, bar):
             logits = model.logits(h)  # only the answer positions go through the lm_head
         for row, conv in enumerate(conversations):
             letters = conv["letters"]
-            for letter in letters:
-                if letter not in letter_id:
-                    encoded = tokenizer.encode(letter)
-                    assert len(encoded) == 1, f"answer letter {letter!r} is not one token"
-                    letter_id[letter] = encoded[0]
-            choice = logits[row, [letter_id[l] for l in letters]].argmax().item()
+            choice = logits[row, [letter_id(l)[0] for l in letters]].argmax().item()
             passed += int(task.evaluate(conv, letters[choice]))
             total += 1
             bar.update(1)
@@ -163,14 +154,14 @@ def run_generative(task, tokenizer, model, c, d, bar):
     return passed, total
 
 
-def run_chat_task(name, tokenizer, model, c, d):
+def run_chat_task(name, model, tokenizer, c, d, meta):
     task = master_first(tasks.TASKS[name])
     bar = ProgressBar(len(my_share(problems(task, c), d)), desc=name, unit="problems")
     run = run_categorical if task.eval_type == "categorical" else run_generative
     passed, total = run(task, tokenizer, model, c, d, bar)
     bar.close()
     passed, total = all_reduce_sum([passed, total], d.device)
-    return passed / max(total, 1)
+    return {name: passed / max(total, 1)}
 
 
 # -----------------------------------------------------------------------------
@@ -193,14 +184,12 @@ def stage_meta(source, c, loaded_meta):
 @functools.lru_cache(maxsize=None)
 def persona_system(sft_path):
     """The persona's system message: the SFT data's (what SFT trained with), else data/persona.md's."""
-    try:
-        for record in tasks.TraderSFT(sft_path, split="train", val_fraction=0.0):
-            if record["messages"][0]["role"] == "system":
-                return record["messages"][0]["content"]
-    except UserError:
-        pass
     import gen
-    return gen.load_persona(gen.PERSONA_PATH)["system"]
+    try:
+        return next(r["messages"][0]["content"] for r in tasks.TraderSFT(sft_path, "train", val_fraction=0.0)
+                    if r["messages"][0]["role"] == "system")
+    except (UserError, StopIteration):
+        return gen.load_persona(gen.PERSONA_PATH)["system"]
 
 
 def conditioned(conversation, system):
@@ -213,16 +202,10 @@ def system_of(condition, c):
     return persona_system(c.trader_sft_path) if condition == "with system" else None
 
 
-_references = {}
-
-
-def reference_model(c, d):
+@functools.lru_cache(maxsize=None)
+def reference_model(ref_source, source, device):
     """The reference of the pair rewards and the judge (loaded once), or None when it is the evaluated model."""
-    if not c.ref_source or c.ref_source == c.source:
-        return None
-    if c.ref_source not in _references:
-        _references[c.ref_source] = load_model(c.ref_source, d.device, phase="eval")[0]
-    return _references[c.ref_source]
+    return load_model(ref_source, device, phase="eval")[0] if ref_source not in ("", source) else None
 
 
 def trader_sft_loss(model, tokenizer, c, d, meta):
@@ -235,12 +218,9 @@ def trader_sft_loss(model, tokenizer, c, d, meta):
     if len(task) == 0:
         raise tasks.DataUnavailable("no held-out trader conversations (the val split is empty)")
     rows = [task[i] for i in range(problems(task, c))]
-    out = {}
-    for cond in CONDITIONS:
-        conversations = [conditioned(r, system_of(cond, c)) for r in rows]
-        out[f"Trader SFT held-out loss ({cond})"] = conversation_loss(
-            model, conversations, tokenizer, len(conversations), c.batch_size, d, model.config.sequence_len)
-    return out
+    return {f"Trader SFT held-out loss ({cond})": conversation_loss(
+        model, [conditioned(r, system_of(cond, c)) for r in rows], tokenizer, len(rows), c.batch_size, d,
+        model.config.sequence_len) for cond in CONDITIONS}
 
 
 def held_out_pairs(c, dpo_meta):
@@ -251,46 +231,33 @@ def held_out_pairs(c, dpo_meta):
     return tasks.TraderDPO(c.trader_dpo_path, split="val", val_fraction=fraction)
 
 
-def with_prompt_system(pairs, system):
-    """Pairs whose prompt carries `system` exactly as a system message renders (merged into
-    the first user turn with a blank line, model.py / nanochat)."""
-    return [dict(p, prompt=f"{system}\n\n{p['prompt']}") if system else p for p in pairs]
-
-
 @torch.no_grad()
 def prefers_share(model, pairs, pad, c, d):
-    """Share of rendered pairs whose first answer has the higher mean log-prob per token
-    than the second (no reference needed)."""
+    """Share of rendered pairs whose first answer has a higher mean log-prob per token than the second."""
     import dpo
     mine, wins = list(my_share(len(pairs), d)), 0
     for i in range(0, len(mine), c.batch_size):
         idx = mine[i:i + c.batch_size]
         first, second, _ = dpo.batch_logps(model, pairs, idx, pad, d.device)
-        n_first = torch.tensor([sum(pairs[j][0][1][1:]) for j in idx], device=first.device)
-        n_second = torch.tensor([sum(pairs[j][1][1][1:]) for j in idx], device=first.device)
-        wins += (first / n_first > second / n_second).sum().item()
+        n = torch.tensor([[sum(pairs[j][k][1][1:]) for k in (0, 1)] for j in idx], device=first.device)  # scored tokens
+        wins += (first / n[:, 0] > second / n[:, 1]).sum().item()
     wins, n = all_reduce_sum([wins, len(mine)], d.device)
     return wins / n
 
 
 def trader_dpo_metrics(model, tokenizer, c, d, meta):
-    """On the held-out pairs: how often the model prefers the Master's answer, and DPO's
-    implicit-reward accuracy and margin against the reference (dpo.py's own held-out
-    evaluation, with the beta and split of the DPO run)."""
+    """On the held-out pairs: how often the model prefers the Master's answer, and the reward
+    accuracy and margin against the reference by dpo.py's held-out evaluation (the DPO run's beta, split)."""
     import dpo
     dpo_meta = stage_meta("dpo", c, meta)
-    settings = dpo_meta.get("user_config", {})
-    run = SimpleNamespace(beta=dpo_meta.get("beta", settings.get("beta", 0.1)), device_batch_size=c.batch_size,
-                          loss_type=settings.get("loss_type", "sigmoid"),
-                          label_smoothing=settings.get("label_smoothing", 0.0))
-    max_len = min(settings.get("max_length", 1024), model.config.sequence_len)
-    task = held_out_pairs(c, dpo_meta)
-    rows = [task[i] for i in range(problems(task, c))]
-    pad = tokenizer.encode_special("<|assistant_end|>")
-    reference = reference_model(c, d)
-    out = {}
+    run = SimpleNamespace(**{"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "max_length": 1024,
+                             **dpo_meta.get("user_config", {}), "device_batch_size": c.batch_size})
+    task, pad, out = held_out_pairs(c, dpo_meta), tokenizer.encode_special("<|assistant_end|>"), {}
+    rows, reference = [task[i] for i in range(problems(task, c))], reference_model(c.ref_source, c.source, d.device)
     for cond in CONDITIONS:
-        pairs, _ = dpo.render_pairs(with_prompt_system(rows, system_of(cond, c)), tokenizer, max_len)
+        system = system_of(cond, c)  # in the prompt exactly as a system message renders: merged, a blank line
+        pairs, _ = dpo.render_pairs([dict(r, prompt=f"{system}\n\n{r['prompt']}") if system else r for r in rows],
+                                    tokenizer, min(run.max_length, model.config.sequence_len))
         if not pairs:
             raise tasks.DataUnavailable("no held-out DPO pairs (the val split is empty)")
         out[f"Persona preference accuracy ({cond})"] = prefers_share(model, pairs, pad, c, d)
@@ -315,26 +282,27 @@ def judge_client():
     """(client, its model, the persona) for gen.judge_both_orders."""
     import gen
     client = gen.client_from_env()
-    return client, client.choose_model(), gen.load_persona(gen.PERSONA_PATH)
+    try:
+        return client, client.choose_model(), gen.load_persona(gen.PERSONA_PATH)
+    except UserError as e:  # the API refused (key, credits, ...): the judged metrics are skipped, the rest stays
+        raise tasks.DataUnavailable(f"the judge is unavailable: {e}") from None
 
 
-def sample_answers(model, tokenizer, prompts, system, c, desc):
-    engine, bar, answers = Engine(model, tokenizer), ProgressBar(len(prompts), desc=desc, unit="answers"), []
+def sample_answers(model, tokenizer, prompts, system, c):
+    """The model's answer to each prompt (after `system`, if any), seeded per prompt."""
+    engine, answers = Engine(model, tokenizer), []
     for i, prompt in enumerate(prompts):
-        conversation = conditioned({"messages": [{"role": "user", "content": prompt},
-                                                 {"role": "assistant", "content": ""}]}, system)
-        ids = tokenizer.render_for_completion(conversation)
+        ids = tokenizer.render_for_completion(conditioned({"messages": [
+            {"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]}, system))
         sequences, _ = engine.generate_batch(ids, num_samples=1, max_tokens=c.max_new_tokens,
                                              temperature=c.temperature, top_k=c.top_k, seed=42 + i)
         answers.append(tokenizer.decode(sequences[0][len(ids):]).strip())
-        bar.update(1)
-    bar.close()
     return answers
 
 
 def judge_verdicts(prompts, answers, others):
-    """+1 / -1 / None per prompt: answers vs others in both orders, counted only when both
-    orders agree (position bias cancels out). The judge is remote: requests overlap."""
+    """+1 / -1 / None per prompt: answers[i] against others[i], judged in both orders and
+    counted only when both agree (position bias cancels out). Requests overlap."""
     import gen
     client, _, persona = judge_client()
     with ThreadPoolExecutor(8) as pool:
@@ -343,23 +311,18 @@ def judge_verdicts(prompts, answers, others):
 
 
 def judge_win_rate(model, tokenizer, c, d, meta):
-    """The judge compares the model's answers with the reference's on held-out persona
-    prompts. Rank 0 only."""
-    reference = reference_model(c, d)
+    """The judge compares the model's answers with the reference's on held-out persona prompts (rank 0)."""
+    reference = reference_model(c.ref_source, c.source, d.device)
     if reference is None:
         raise tasks.DataUnavailable(f"the judge compares -i {c.source} with a reference (--ref_source); none here")
-    if not d.master:
-        return {}
     task = held_out_pairs(c, stage_meta("dpo", c, meta))
     prompts = [task[i]["prompt"] for i in range(min(len(task), c.judge_prompts))]
     if not prompts:
         raise tasks.DataUnavailable("no held-out persona prompts (the DPO val split is empty)")
     out = {}
-    for cond in CONDITIONS:
-        system = system_of(cond, c)
-        mine = sample_answers(model, tokenizer, prompts, system, c, f"judge ({cond}): {c.source} answers")
-        theirs = sample_answers(reference, tokenizer, prompts, system, c, f"judge ({cond}): {c.ref_source} answers")
-        verdicts = judge_verdicts(prompts, mine, theirs)
+    for cond in CONDITIONS if d.master else ():
+        verdicts = judge_verdicts(prompts, *(sample_answers(m, tokenizer, prompts, system_of(cond, c), c)
+                                             for m in (model, reference)))
         wins, losses = verdicts.count(1), verdicts.count(-1)
         out[f"Judge agreeing pairs ({cond})"] = wins + losses
         if wins + losses:
@@ -367,33 +330,30 @@ def judge_win_rate(model, tokenizer, c, d, meta):
     return out
 
 
-def probe_problem(record):
-    if not isinstance(record, dict) or any(not isinstance(record.get(k), str) or not record[k].strip()
-                                           for k in ("prompt", "persona_answer", "generic_answer")):
-        return 'expected {"prompt", "persona_answer", "generic_answer"}, each a non-empty string'
-    return None
+def probe_problem(r):
+    ok = isinstance(r, dict) and all(isinstance(r.get(k), str) and r[k].strip() for k in PROBE_KEYS)
+    return None if ok else 'expected {"prompt", "persona_answer", "generic_answer"}, each a non-empty string'
 
 
 def identity_probes(model, tokenizer, c, d, meta):
-    """Who the model is, asked with no system message: with the judge, the share of probes
-    where the model's own answer beats a generic assistant's in both orders; without it,
-    the share where the model gives the persona's answer a higher log-prob per token than
-    the generic answer."""
+    """Who the model is, asked with no system message: the share of probes where the judge
+    prefers its own answer to a generic assistant's in both orders, or, with no judge, where
+    it gives the persona's answer a higher log-prob per token than the generic one."""
     import dpo
     probes = tasks.read_jsonl(c.identity_path, probe_problem)[:c.max_problems if c.max_problems > 0 else None]
-    if judging(c):
-        if not d.master:
-            return {}
-        prompts = [p["prompt"] for p in probes]
-        answers = sample_answers(model, tokenizer, prompts, None, c, "identity probes")
-        verdicts = judge_verdicts(prompts, answers, [p["generic_answer"] for p in probes])
-        return {"Identity probe score": verdicts.count(1) / len(probes)}
+    prompts = [p["prompt"] for p in probes]
+    if judging(c):  # rank 0 asks the judge
+        answers = sample_answers(model, tokenizer, prompts, None, c) if d.master else []
+        return {"Identity probe score": judge_verdicts(prompts, answers, [p["generic_answer"] for p in probes])
+                .count(1) / len(probes)} if d.master else {}
     pairs, _ = dpo.render_pairs([{"prompt": p["prompt"], "chosen": p["persona_answer"], "rejected": p["generic_answer"]}
                                  for p in probes], tokenizer, model.config.sequence_len)
     return {"Identity probe score": prefers_share(model, pairs, tokenizer.encode_special("<|assistant_end|>"), c, d)}
 
 
-PERSONA_RUNS = {"Trader-SFT": trader_sft_loss, "Trader-DPO": trader_dpo_metrics, "Identity": identity_probes}
+RUNS = {**{name: functools.partial(run_chat_task, name) for name in CHAT_TASKS},
+        "Trader-SFT": trader_sft_loss, "Trader-DPO": trader_dpo_metrics, "Identity": identity_probes,
+        "Judge": judge_win_rate}
 
 
 # -----------------------------------------------------------------------------
@@ -403,21 +363,18 @@ def main():
     c = parse_config(Config, aliases=ALIASES)
     check_config(c)
     names = selected_tasks(c)
+    for cache in (reference_model, persona_system, judge_client):  # per run (tests call main() again)
+        cache.cache_clear()
     d = init_dist(c.device_type)
     model, tokenizer, meta = load_model(c.source, d.device, phase="eval", model_tag=c.model_tag, step=c.step)
-    # the reference: what this checkpoint was trained from (nanochat's own checkpoints say nothing)
-    c.ref_source = c.ref_source or meta.get("source") or ("sft" if c.source == "dpo" else "")
+    c.ref_source = c.ref_source or meta.get("source") or ("sft" if c.source == "dpo" else "")  # trained from
     print0(f"evaluating {c.source} step {meta.get('step')} on {', '.join(names)} (reference: {c.ref_source or 'none'})")
     results, skipped, t0 = {}, {}, time.time()
-    runs = [(n, None) for n in names] + ([("Judge", judge_win_rate)] if judging(c) else [])
-    for name, run in runs:
+    for name in names + (["Judge"] if judging(c) else []):
         start, before = time.time(), set(results)
         try:
-            if name in CHAT_TASKS:
-                results[name] = run_chat_task(name, tokenizer, model, c, d)
-            else:
-                results.update((run or PERSONA_RUNS[name])(model, tokenizer, c, d, meta))
-        except (tasks.DataUnavailable, UserError) as e:  # no data, or the judge's API refused: say so, keep the rest
+            results.update(RUNS[name](model, tokenizer, c, d, meta))
+        except tasks.DataUnavailable as e:  # no data, or no judge: say so, keep the rest
             skipped[name] = str(e)
             print0(f"{name}: skipped ({e})")
             continue
@@ -426,12 +383,11 @@ def main():
     core = chatcore(results)
     if core is not None:
         results["ChatCORE metric"] = core
-    for k, v in results.items():
-        print0(f"{k}: {v:.4f}")
     if d.master:
+        judged = judge_client.cache_info().currsize  # a judge answered
         info = {"Skipped tasks": len(skipped), "Evaluation time (s)": round(time.time() - t0, 1),
                 "Persona reference": c.ref_source or "none",
-                "Judge": f"{judge_client()[1]} (both orders)" if judging(c) else "off (identity probes by log-likelihood)"}
+                "Judge": f"{judge_client()[1]} (both orders)" if judged else "none (identity probes by log-likelihood)"}
         section_path = write_report_section(f"Chat evaluation {c.source}", [
             {k: v for k, v in config_dict(c).items() if k != "task_name"}, results, info])
         atomic_write_json(section_path[:-3] + ".json", {

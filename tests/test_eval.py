@@ -304,5 +304,5 @@ def test_identity_probes_by_log_likelihood(eval_base, monkeypatch, tmp_path):
         run_eval(monkeypatch, "-i", "sft", "-a", "Identity", "--identity_path", path)
         _, lines = section(eval_base, "sft")
         scores.append(float(lines["Identity probe score"]))
-        assert lines["Judge"].startswith("off")
+        assert lines["Judge"].startswith("none")
     assert scores[0] + scores[1] == pytest.approx(1.0)
