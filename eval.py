@@ -169,8 +169,7 @@ def run_chat_task(name, model, tokenizer, c, d, meta):
 
 
 def stage_meta(source, c, loaded_meta):
-    """The meta of a stage's checkpoint (its split, beta, ...): the loaded one for the
-    evaluated source, else the latest of the stage's default model directory; {} if none."""
+    """A stage's checkpoint meta (split, beta, ...): the loaded one, else its default directory's latest; {} if none."""
     if source == c.source:
         return loaded_meta
     try:
@@ -218,16 +217,15 @@ def trader_sft_loss(model, tokenizer, c, d, meta):
     if len(task) == 0:
         raise tasks.DataUnavailable("no held-out trader conversations (the val split is empty)")
     rows = [task[i] for i in range(problems(task, c))]
-    return {f"Trader SFT held-out loss ({cond})": conversation_loss(
+    losses = {f"Trader SFT held-out loss ({cond})": conversation_loss(
         model, [conditioned(r, system_of(cond, c)) for r in rows], tokenizer, len(rows), c.batch_size, d,
         model.config.sequence_len) for cond in CONDITIONS}
+    return {k: v for k, v in losses.items() if v > 0}  # 0: truncation left no answer token to score
 
 
 def held_out_pairs(c, dpo_meta):
     """The DPO pairs held out by the DPO run's split (or --dpo_val_fraction)."""
-    fraction = c.dpo_val_fraction
-    if fraction < 0:
-        fraction = dpo_meta.get("user_config", {}).get("val_fraction", 0.05)
+    fraction = c.dpo_val_fraction if c.dpo_val_fraction >= 0 else dpo_meta.get("user_config", {}).get("val_fraction", 0.05)
     return tasks.TraderDPO(c.trader_dpo_path, split="val", val_fraction=fraction)
 
 
@@ -258,14 +256,16 @@ def trader_dpo_metrics(model, tokenizer, c, d, meta):
         system = system_of(cond, c)  # in the prompt exactly as a system message renders: merged, a blank line
         pairs, _ = dpo.render_pairs([dict(r, prompt=f"{system}\n\n{r['prompt']}") if system else r for r in rows],
                                     tokenizer, min(run.max_length, model.config.sequence_len))
-        if not pairs:
-            raise tasks.DataUnavailable("no held-out DPO pairs (the val split is empty)")
+        if not pairs:  # the val split is empty, or with the system message no answer fits in max_length
+            continue
         out[f"Persona preference accuracy ({cond})"] = prefers_share(model, pairs, pad, c, d)
         if reference is not None:
             stats = dpo.evaluate(model, dpo.Reference(model=reference), pairs, 0, pad, run, d)
             model.eval()
             out[f"DPO reward accuracy ({cond})"] = stats["rewards/accuracies"]
             out[f"DPO reward margin ({cond})"] = stats["rewards/margins"]
+    if not out:
+        raise tasks.DataUnavailable("no held-out DPO pairs (the val split is empty)")
     return out
 
 
@@ -312,8 +312,7 @@ def judge_verdicts(prompts, answers, others):
 
 def judge_win_rate(model, tokenizer, c, d, meta):
     """The judge compares the model's answers with the reference's on held-out persona prompts (rank 0)."""
-    reference = reference_model(c.ref_source, c.source, d.device)
-    if reference is None:
+    if (reference := reference_model(c.ref_source, c.source, d.device)) is None:
         raise tasks.DataUnavailable(f"the judge compares -i {c.source} with a reference (--ref_source); none here")
     task = held_out_pairs(c, stage_meta("dpo", c, meta))
     prompts = [task[i]["prompt"] for i in range(min(len(task), c.judge_prompts))]

@@ -1,21 +1,15 @@
 """
-Chimera's datasets as Tasks: nanochat's Task API (slicing, mixtures, evaluate) over
-
-- the trader persona data gen.py writes (TraderSFT, TraderDPO), and
-- the Hugging Face datasets nanochat trains and evaluates on (ARC, MMLU, GSM8K, HumanEval,
-  SmolTalk), fetched as JSON rows from the dataset viewer API (no datasets/pyarrow) and
-  cached as JSONL under $NANOCHAT_BASE_DIR/task_data/.
-
-Conversations are rendered exactly as nanochat's tasks render them, and the evaluation
-tasks list their rows in nanochat's order, so eval numbers (also on a --max_problems
-prefix) compare with nanochat's.
+Chimera's datasets as nanochat Tasks (slicing, mixtures, evaluate): the persona data gen.py
+writes (TraderSFT, TraderDPO); the Hugging Face datasets nanochat uses (ARC, MMLU, GSM8K,
+HumanEval, SmolTalk) as JSON rows from the dataset viewer API, cached as JSONL under
+$NANOCHAT_BASE_DIR/task_data/; nanochat's identity conversations and spelling tasks. All
+render, order and grade as nanochat's do, so numbers compare (also on a --max_problems prefix).
 
     python tasks.py                      # fetch and cache everything SFT and eval use
-    python tasks.py ARC-Easy GSM8K       # just these (names: see TASKS, plus SmolTalk)
+    python tasks.py ARC-Easy GSM8K       # just these (names: see PREFETCH)
 
-Offline: copy a task_data/ folder filled on a connected machine into $NANOCHAT_BASE_DIR,
-or write the rows yourself, one JSON object per line, to
-$NANOCHAT_BASE_DIR/task_data/{owner}--{name}/{config}/{split}.jsonl (see hf_rows).
+Offline: copy a filled task_data/ into $NANOCHAT_BASE_DIR, or write the rows yourself, one
+JSON object per line, to task_data/{owner}--{name}/{config}/{split}.jsonl (see hf_rows).
 
 HumanEval runs model-written code: execute_code is a sandbox (subprocess as a throwaway
 uid, resource limits, its own session, a guard prelude), see the last part of this file.
@@ -24,6 +18,7 @@ uid, resource limits, its own session, a guard prelude), see the last part of th
 import copy
 import dataclasses
 import functools
+import glob
 import hashlib
 import itertools
 import json
@@ -51,18 +46,16 @@ from model import _check_messages
 
 
 class Task:
-    """A dataset of conversations. Subclasses give num_examples() and get_example(i);
-    the view [start:stop:step] is applied on top, as in nanochat."""
+    """A dataset of conversations: num_examples() and get_example(i) (by default over a list
+    self.rows, examples returned as copies), seen through [start:stop:step] as in nanochat."""
 
     label = "Task"  # shown in mixture compositions and logs
+    eval_type = None  # evaluation tasks: "categorical" (pick a letter) or "generative" (sample)
 
     def __init__(self, start=0, stop=None, step=1):
         if start < 0 or step < 1 or (stop is not None and stop < start):
-            raise ValueError(f"bad task slice start={start} stop={stop} step={step}: "
-                             "need 0 <= start <= stop and step >= 1")
+            raise ValueError(f"bad task slice [{start}:{stop}:{step}]: need 0 <= start <= stop and step >= 1")
         self.start, self.stop, self.step = start, stop, step
-
-    eval_type = None  # evaluation tasks: "categorical" (pick a letter) or "generative" (sample)
 
     @property
     def name(self):
@@ -73,10 +66,10 @@ class Task:
         return f"{self.label}[{self.start}:{stop}{step}]"
 
     def num_examples(self):
-        raise NotImplementedError
+        return len(self.rows)
 
     def get_example(self, index):
-        raise NotImplementedError
+        return copy.deepcopy(self.rows[index])
 
     def evaluate(self, conversation, completion):
         raise NotImplementedError(f"{self.name} has no evaluation")
@@ -106,12 +99,9 @@ class TaskMixture(Task):
         super().__init__(**kwargs)
         tasks = list(tasks)
         weights = [1] * len(tasks) if weights is None else list(weights)
-        if not tasks or len(weights) != len(tasks):
-            raise ValueError(f"a mixture needs tasks and one weight per task, got {len(tasks)} tasks "
-                             f"and weights {weights}")
-        if any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1 for w in weights):
-            raise ValueError(f"mixture weights must be positive integers, got {weights}")
-        self.tasks, self.weights = tasks, [int(w) for w in weights]
+        if not tasks or len(weights) != len(tasks) or any(type(w) is not int or w < 1 for w in weights):
+            raise ValueError(f"a mixture needs tasks and a positive integer weight each, got {weights}")
+        self.tasks, self.weights = tasks, weights
         self.lengths = [len(task) for task in tasks]
         self.index_map = [(t, i) for t, (n, w) in enumerate(zip(self.lengths, self.weights))
                           for _ in range(w) for i in range(n)]
@@ -211,10 +201,7 @@ def hash_fraction(record):
 
 
 def split_records(records, split, val_fraction):
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be train or val, got {split!r}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    assert split in ("train", "val") and 0.0 <= val_fraction < 1.0, (split, val_fraction)  # checked by the stages
     return [r for r in records if (hash_fraction(r) < val_fraction) == (split == "val")]
 
 
@@ -230,12 +217,6 @@ class TraderData(Task):
         fraction = self.default_val_fraction if val_fraction is None else val_fraction
         self.rows = split_records(records, split, fraction)
         self.split, self.label = split, f"{type(self).__name__}/{split}"
-
-    def num_examples(self):
-        return len(self.rows)
-
-    def get_example(self, index):
-        return copy.deepcopy(self.rows[index])
 
 
 class TraderSFT(TraderData):
@@ -279,15 +260,8 @@ def hf_cache_path(dataset, config, split, first=None):
 
 def _prefix_caches(dataset, config, split):
     """{N: path} of the {split}.first{N}.jsonl files present."""
-    directory = os.path.dirname(hf_cache_path(dataset, config, split))
-    pattern = re.compile(re.escape(split) + r"\.first(\d+)\.jsonl")
-    found = {}
-    if os.path.isdir(directory):
-        for entry in os.listdir(directory):
-            m = pattern.fullmatch(entry)
-            if m:
-                found[int(m.group(1))] = os.path.join(directory, entry)
-    return found
+    paths = glob.glob(glob.escape(hf_cache_path(dataset, config, split, first="@")).replace("@", "*"))
+    return {int(m[1]): p for p in paths if (m := re.search(r"\.first(\d+)\.jsonl$", p))}
 
 
 def _read_rows(path):
@@ -296,10 +270,7 @@ def _read_rows(path):
 
 
 def _write_rows(path, rows):
-    def write(f):
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    atomic_write(path, write)
+    atomic_write(path, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _rows_url():
@@ -429,21 +400,12 @@ def _load_rows(dataset, config, split, stop):
 
 
 def hf_rows(dataset, config, split, stop=None):
-    """The rows (dicts) of a Hugging Face dataset split, the first `stop` if given.
-
-    Rows come from the dataset viewer API ($CHIMERA_HF_ROWS_URL overrides the endpoint;
-    $HF_TOKEN is sent as a bearer token), 100 per request, and are cached in
-    $NANOCHAT_BASE_DIR/task_data/{owner}--{name}/{config}/:
-
-    - {split}.jsonl holds the whole split. When it exists it is always used and nothing
-      is fetched -- it is also how tests and offline users supply data.
-    - {split}.first{N}.jsonl holds only rows [0, N), written when just a prefix was asked
-      for (e.g. SmolTalk stop=10_000); it serves any later request with stop <= N.
-      Fetching more replaces it; fetching everything writes {split}.jsonl instead.
-
-    Rows the viewer truncated (truncated_cells) are skipped and counted. Files are written
-    whole (temp file + rename). A fetch that fails after retries raises DataUnavailable.
-    """
+    """The rows (dicts) of a Hugging Face split, the first `stop` if given, from the dataset
+    viewer API ($CHIMERA_HF_ROWS_URL, $HF_TOKEN) cached in task_data/{owner}--{name}/{config}/:
+    {split}.jsonl, the whole split, is always used when present (how offline users and tests
+    supply rows); {split}.first{N}.jsonl, rows [0, N) of a prefix fetch (SmolTalk), serves
+    any stop <= N and is replaced by a longer fetch. Rows the viewer truncated are skipped
+    and counted; files are written whole; a failed fetch raises DataUnavailable."""
     return _load_rows(dataset, config, split, stop)[0]
 
 
@@ -479,9 +441,6 @@ class HFTask(Task):
     def row_problem(self, row):
         return None
 
-    def num_examples(self):
-        return len(self.rows)
-
 
 def _missing(row, spec):
     """What is wrong with a row, given {key: type}."""
@@ -507,9 +466,7 @@ def render_mc(question, letters, choices):
 class ARC(HFTask):
     dataset = "allenai/ai2_arc"
 
-    def __init__(self, subset="ARC-Easy", split="test", **kwargs):
-        if subset not in ("ARC-Easy", "ARC-Challenge"):
-            raise ValueError(f"ARC subset must be ARC-Easy or ARC-Challenge, got {subset!r}")
+    def __init__(self, subset="ARC-Easy", split="test", **kwargs):  # subset: ARC-Easy | ARC-Challenge
         self.label = f"{subset}/{split}"
         super().__init__(subset, split, ("train", "validation", "test"), **kwargs)
 
@@ -539,14 +496,9 @@ class MMLU(HFTask):
     dataset = "cais/mmlu"
     letters = ("A", "B", "C", "D")
 
-    def __init__(self, subset="all", split="test", **kwargs):
-        if subset == "all":
-            splits = ("test", "validation", "dev", "auxiliary_train")
-        elif subset == "auxiliary_train":
-            splits = ("train",)
-        else:
-            raise ValueError(f"MMLU subset must be all or auxiliary_train, got {subset!r}")
+    def __init__(self, subset="all", split="test", **kwargs):  # subset: all | auxiliary_train
         self.label = f"MMLU/{subset}/{split}"
+        splits = ("train",) if subset == "auxiliary_train" else ("test", "validation", "dev", "auxiliary_train")
         super().__init__(subset, split, splits, **kwargs)
 
     eval_type = "categorical"
@@ -601,9 +553,7 @@ def gsm8k_parts(answer):
 class GSM8K(HFTask):
     dataset = "openai/gsm8k"
 
-    def __init__(self, subset="main", split="test", **kwargs):
-        if subset not in ("main", "socratic"):
-            raise ValueError(f"GSM8K subset must be main or socratic, got {subset!r}")
+    def __init__(self, subset="main", split="test", **kwargs):  # subset: main | socratic
         self.label = f"GSM8K/{subset}/{split}"
         super().__init__(subset, split, ("train", "test"), **kwargs)
 
@@ -722,14 +672,8 @@ class IdentityConversations(Task):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.rows = read_jsonl(cached_file(IDENTITY_URL), lambda r: conversation_problem({"messages": r}, strict=False)
-                               if isinstance(r, list) else "expected a JSON list of messages", " (delete it to fetch again)")
-
-    def num_examples(self):
-        return len(self.rows)
-
-    def get_example(self, index):
-        return {"messages": copy.deepcopy(self.rows[index])}
+        self.rows = [{"messages": m} for m in read_jsonl(cached_file(IDENTITY_URL), lambda r: conversation_problem(
+            {"messages": r}, strict=False) if isinstance(r, list) else "expected a JSON list of messages")]
 
 
 @functools.lru_cache(maxsize=None)
@@ -739,27 +683,8 @@ def read_words(path):
 
 
 SPELLING_TEST_OFFSET = 10_000_000  # test example i is drawn with seed offset + i, past every train seed
-SPELLING_TEMPLATES = [  # nanochat's user messages, verbatim: the same seeds give the same conversations
-    "How many {letter} are in the word {word}", "How many {letter} are in {word}", "Count the number of {letter} in {word}",
-    "How many times does {letter} appear in {word}", "What's the count of {letter} in {word}",
-    "In the word {word}, how many {letter} are there", "How many letter {letter} are in the word {word}",
-    "Count how many {letter} appear in {word}", "Tell me the number of {letter} in {word}",
-    "How many occurrences of {letter} are in {word}", "Find the count of {letter} in {word}",
-    "Can you count the {letter} letters in {word}", "What is the frequency of {letter} in {word}",
-    "How many {letter}s are in {word}", "How many {letter}'s are in {word}", "Count all the {letter} in {word}",
-    "How many times is {letter} in {word}", "Number of {letter} in {word}", "Total count of {letter} in {word}",
-    "How many {letter} does {word} have", "How many {letter} does {word} contain", "What's the number of {letter} in {word}",
-    "{word} has how many {letter}", "In {word}, count the {letter}", "How many {letter} appear in {word}",
-    "Count the {letter} in {word}", "Give me the count of {letter} in {word}", "How many instances of {letter} in {word}",
-    "Show me how many {letter} are in {word}", "Calculate the number of {letter} in {word}",
-    "¿Cuántas {letter} hay en {word}?", "¿Cuántas veces aparece {letter} en {word}?", "Cuenta las {letter} en {word}",
-    "¿Cuántas letras {letter} tiene {word}?", "{word}中有多少个{letter}", "{word}里有几个{letter}", "数一下{word}中的{letter}",
-    "{word}这个词里有多少{letter}", "{word}에 {letter}가 몇 개 있나요", "{word}에서 {letter}의 개수는",
-    "{word}에 {letter}가 몇 번 나오나요", "{word}라는 단어에 {letter}가 몇 개", "Combien de {letter} dans {word}",
-    "Combien de fois {letter} apparaît dans {word}", "Compte les {letter} dans {word}", "Wie viele {letter} sind in {word}",
-    "Wie oft kommt {letter} in {word} vor", "Zähle die {letter} in {word}", "{word}に{letter}は何個ありますか",
-    "{word}の中に{letter}がいくつ", "{word}に{letter}が何回出てくる",
-]
+# nanochat's SpellingBee user messages, verbatim, one per line: the same seeds give the same conversations
+SPELLING_TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "spellingbee_templates.txt")
 
 
 class SpellingTask(Task):
@@ -803,7 +728,7 @@ class SpellingBee(SpellingTask):
         rng = self.rng(index)
         word = rng.choice(self.words)
         letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(string.ascii_lowercase)
-        template = rng.choice(SPELLING_TEMPLATES)
+        template = rng.choice(read_words(SPELLING_TEMPLATES))
         template = template.lower() if rng.random() < 0.3 else template
         letter_quote, word_quote = rng.choice(["", "'", '"']), rng.choice(["", "'", '"'])
         question = template.format(letter=f"{letter_quote}{letter}{letter_quote}", word=f"{word_quote}{word}{word_quote}")
