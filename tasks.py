@@ -409,12 +409,6 @@ def hf_rows(dataset, config, split, stop=None):
     return _load_rows(dataset, config, split, stop)[0]
 
 
-def nanochat_order(n, seed=42):
-    """The order nanochat's tasks see a split in: datasets' .shuffle(seed=42) is the
-    permutation numpy.random.default_rng(seed).permutation(n) of the stored rows."""
-    return np.random.default_rng(seed).permutation(n).tolist()
-
-
 class HFTask(Task):
     """A task over one Hugging Face split. Evaluation tasks (shuffle=True) load the whole
     split in nanochat's order; others (SmolTalk) fetch only the prefix they slice."""
@@ -422,10 +416,8 @@ class HFTask(Task):
     dataset = ""
     shuffle = True
 
-    def __init__(self, config, split, splits, **kwargs):
+    def __init__(self, config, split, **kwargs):
         super().__init__(**kwargs)
-        if split not in splits:
-            raise ValueError(f"{self.dataset} {config}: split must be one of {'|'.join(splits)}, got {split!r}")
         self.config, self.split = config, split
         rows, path = _load_rows(self.dataset, config, split, None if self.shuffle else self.stop)
         rows = [self.prepare(row) for row in rows]
@@ -433,7 +425,8 @@ class HFTask(Task):
             problem = self.row_problem(row)
             if problem:
                 raise UserError(f"{path}:{i + 1}: {problem}")
-        self.rows = [rows[i] for i in nanochat_order(len(rows))] if self.shuffle else rows
+        # nanochat's order: datasets' .shuffle(seed=42) is numpy's default_rng(42).permutation of the rows
+        self.rows = [rows[i] for i in np.random.default_rng(42).permutation(len(rows))] if self.shuffle else rows
 
     def prepare(self, row):
         return row
@@ -468,7 +461,7 @@ class ARC(HFTask):
 
     def __init__(self, subset="ARC-Easy", split="test", **kwargs):  # subset: ARC-Easy | ARC-Challenge
         self.label = f"{subset}/{split}"
-        super().__init__(subset, split, ("train", "validation", "test"), **kwargs)
+        super().__init__(subset, split, **kwargs)
 
     eval_type = "categorical"
 
@@ -498,8 +491,7 @@ class MMLU(HFTask):
 
     def __init__(self, subset="all", split="test", **kwargs):  # subset: all | auxiliary_train
         self.label = f"MMLU/{subset}/{split}"
-        splits = ("train",) if subset == "auxiliary_train" else ("test", "validation", "dev", "auxiliary_train")
-        super().__init__(subset, split, splits, **kwargs)
+        super().__init__(subset, split, **kwargs)
 
     eval_type = "categorical"
 
@@ -555,7 +547,7 @@ class GSM8K(HFTask):
 
     def __init__(self, subset="main", split="test", **kwargs):  # subset: main | socratic
         self.label = f"GSM8K/{subset}/{split}"
-        super().__init__(subset, split, ("train", "test"), **kwargs)
+        super().__init__(subset, split, **kwargs)
 
     eval_type = "generative"
 
@@ -598,7 +590,7 @@ class HumanEval(HFTask):
 
     def __init__(self, split="test", timeout=5.0, **kwargs):
         self.label, self.timeout = "HumanEval", timeout
-        super().__init__("openai_humaneval", split, ("test",), **kwargs)
+        super().__init__("openai_humaneval", split, **kwargs)
 
     eval_type = "generative"
 
@@ -627,7 +619,7 @@ class SmolTalk(HFTask):
 
     def __init__(self, split="train", **kwargs):
         self.label = f"SmolTalk/{split}"
-        super().__init__("default", split, ("train", "test"), **kwargs)
+        super().__init__("default", split, **kwargs)
 
     eval_type = "generative"
 
