@@ -669,7 +669,7 @@ class IdentityConversations(Task):
 
 
 @functools.lru_cache(maxsize=None)
-def read_words(path):
+def read_lines(path):
     with open(path, encoding="utf-8") as f:
         return tuple(line.strip() for line in f)
 
@@ -689,7 +689,7 @@ class SpellingTask(Task):
         if split not in ("train", "test"):
             raise ValueError(f"{type(self).__name__}: split must be train or test, got {split!r}")
         self.size, self.split, self.label = size, split, f"{type(self).__name__}/{split}"
-        self.words = read_words(cached_file(WORD_LIST_URL))
+        self.words = read_lines(cached_file(WORD_LIST_URL))
 
     def num_examples(self):
         return self.size
@@ -720,7 +720,7 @@ class SpellingBee(SpellingTask):
         rng = self.rng(index)
         word = rng.choice(self.words)
         letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(string.ascii_lowercase)
-        template = rng.choice(read_words(SPELLING_TEMPLATES))
+        template = rng.choice(read_lines(SPELLING_TEMPLATES))
         template = template.lower() if rng.random() < 0.3 else template
         letter_quote, word_quote = rng.choice(["", "'", '"']), rng.choice(["", "'", '"'])
         question = template.format(letter=f"{letter_quote}{letter}{letter_quote}", word=f"{word_quote}{word}{word_quote}")
