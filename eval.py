@@ -1,23 +1,25 @@
 """
-Chat evaluation of an SFT/DPO checkpoint: nanochat's tasks (ARC-Easy, ARC-Challenge, MMLU,
-GSM8K, HumanEval and their ChatCORE), plus the persona and preference metrics nothing else
-reports (held-out trader loss, held-out DPO pair accuracy and margin against the SFT
-reference, and optionally an LLM judge's win rate of DPO over SFT answers).
+Chat evaluation of an SFT/DPO checkpoint: nanochat's tasks and their ChatCORE, the identity
+probes, and the persona metrics with and without the persona's system message (held-out
+trader loss, preference for the Master's answers, DPO reward accuracy and margin against
+the reference, an LLM judge's win rate over the reference's answers).
 
     python eval.py -i sft                        # everything, one process
     python eval.py -i dpo -a "ARC-Easy|GSM8K" --max_problems=100
     torchrun --standalone --nproc_per_node=8 eval.py -i dpo
-    OPENROUTER_API_KEY=... python eval.py -i dpo -a Trader-DPO --judge=1
+    OPENROUTER_API_KEY=... python eval.py -i dpo -a "Trader-DPO|Identity"   # the judge joins in
 
 Writes $NANOCHAT_BASE_DIR/report/chat-evaluation-{source}.md (one `- Task: value` line per
 metric, as nanochat's report reads them) and chat-evaluation-{source}.json beside it.
 """
 
+import functools
 import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -27,16 +29,18 @@ from common import (UserError, ProgressBar, all_reduce_sum, atomic_write_json, a
 from model import Engine, checkpoint_dir_for, find_last_step, load_model
 import tasks
 
-CHAT_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval"]
-PERSONA_TASKS = ["Trader-SFT", "Trader-DPO"]
-# ChatCORE centres each accuracy on its chance level: 1 in 4 for multiple choice
-BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}
+# nanochat 885a4f2's chat_eval task set; ChatCORE centres each accuracy on its chance level
+CHAT_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
+BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
+CONDITIONS = ("no system", "with system")  # the persona metrics without / with the persona's system message
+PROBE_KEYS = ("prompt", "persona_answer", "generic_answer")  # one identity probe per line of its JSONL
+IDENTITY_PROBES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "identity_probes.jsonl")
 
 
 @dataclass
 class Config:
     source: str = "sft"  # checkpoint to evaluate: sft|dpo|mid|base|rl (-i)
-    model_tag: Optional[str] = None  # d<N> directory; None = the largest
+    model_tag: Optional[str] = None  # model directory; None = Chimera's chimera_d<N>, else the largest d<N>
     step: Optional[int] = None  # checkpoint step; None = the latest
     device_type: str = ""  # cuda|mps|cpu; "" = autodetect
     task_name: str = ""  # tasks separated by |, e.g. "ARC-Easy|GSM8K" (-a); "" = all chat and persona tasks
@@ -46,25 +50,43 @@ class Config:
     top_k: int = 50  # sample among the k most likely tokens
     num_samples: int = 1  # samples per generative problem; a problem passes if any sample does
     max_new_tokens: int = 512  # longest completion sampled
-    ref_source: str = "sft"  # reference model of the DPO pair rewards
+    ref_source: str = ""  # reference of the pair rewards and the judge; "" = the checkpoint this one was trained from
     trader_sft_path: Optional[str] = None  # SFT JSONL; None = $NANOCHAT_BASE_DIR/datasets/trader_sft_data.jsonl
     trader_dpo_path: Optional[str] = None  # pairs JSONL; None = $NANOCHAT_BASE_DIR/datasets/trader_dpo_data.jsonl
+    identity_path: str = IDENTITY_PROBES  # identity probes JSONL: {"prompt", "persona_answer", "generic_answer"}
     sft_val_fraction: float = -1.0  # held-out share of the SFT data; -1 = the SFT run's (else 0.1)
     dpo_val_fraction: float = -1.0  # held-out share of the pairs; -1 = the DPO run's (else 0.05)
-    judge: bool = False  # also ask an LLM judge (OpenRouter) whether DPO beats SFT on held-out prompts
+    judge: int = -1  # LLM judge (OpenRouter): 1 = on (needs OPENROUTER_API_KEY), 0 = off, -1 = on when the key is set
     judge_prompts: int = 50  # held-out persona prompts the judge sees
 
 
 ALIASES = {"i": "source", "a": "task_name"}
 
 
+def check_config(c):
+    """Settings that would run and report nonsense stop here, one line each."""
+    small = [k for k in ("batch_size", "num_samples", "max_new_tokens", "top_k", "judge_prompts") if getattr(c, k) < 1]
+    if small:
+        raise UserError(f"--{small[0]}={getattr(c, small[0])}: must be at least 1")
+    if c.max_problems == 0 or c.max_problems < -1:
+        raise UserError(f"--max_problems={c.max_problems}: must be -1 (all) or at least 1")
+    if not 0 <= c.temperature < float("inf"):  # NaN fails too
+        raise UserError(f"--temperature={c.temperature}: must be a finite number >= 0")
+    odd = [k for k in ("sft_val_fraction", "dpo_val_fraction") if getattr(c, k) != -1 and not 0 <= getattr(c, k) < 1]
+    if odd:
+        raise UserError(f"--{odd[0]}={getattr(c, odd[0])}: must be -1 (the training run's) or in [0, 1)")
+    if c.judge not in (-1, 0, 1):
+        raise UserError(f"--judge={c.judge}: expected 1 (on), 0 (off) or -1 (on when OPENROUTER_API_KEY is set)")
+    if c.judge == 1 and not os.environ.get("OPENROUTER_API_KEY"):
+        raise UserError("--judge=1 needs OPENROUTER_API_KEY in the environment")
+
+
 def selected_tasks(c):
-    if not c.task_name:
-        return CHAT_TASKS + PERSONA_TASKS
-    names = [n.strip() for n in c.task_name.split("|") if n.strip()]
-    unknown = [n for n in names if n not in CHAT_TASKS + PERSONA_TASKS]
+    known = [name for name in RUNS if name != "Judge"]  # the judge joins by --judge, not by name
+    names = [n.strip() for n in c.task_name.split("|") if n.strip()] or known
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise UserError(f"-a: unknown task {unknown[0]!r}; known: {'|'.join(CHAT_TASKS + PERSONA_TASKS)}")
+        raise UserError(f"-a: unknown task {unknown[0]!r}; known: {'|'.join(known)}")
     return names
 
 
@@ -75,6 +97,15 @@ def chatcore(results):
     return sum((results[n] - BASELINES[n]) / (1.0 - BASELINES[n]) for n in CHAT_TASKS) / len(CHAT_TASKS)
 
 
+def my_share(n, d):
+    """The indices of n items this rank works on (every world_size-th); results are summed over ranks."""
+    return range(d.rank, n, d.world_size)
+
+
+def problems(task, c):  # how many of a task's problems to evaluate
+    return len(task) if c.max_problems < 0 else min(len(task), c.max_problems)
+
+
 # -----------------------------------------------------------------------------
 # nanochat's chat tasks
 
@@ -83,13 +114,12 @@ def chatcore(results):
 def run_categorical(task, tokenizer, model, c, d, bar):
     """Multiple choice: the answer is the letter whose logit is highest at the position that
     follows <|assistant_start|>; batches of prompts padded on the right, sharded by rank."""
-    n = len(task) if c.max_problems < 0 else min(len(task), c.max_problems)
+    n = problems(task, c)
     bos = tokenizer.get_bos_token_id()
-    letter_id = {}
+    letter_id = functools.lru_cache(maxsize=None)(lambda letter: tokenizer.encode(letter))  # one token each (render_mc)
     passed = total = 0
-    batches = list(range(0, n, c.batch_size))
-    for start in batches[d.rank::d.world_size]:
-        conversations = [task[i] for i in range(start, min(start + c.batch_size, n))]
+    for b in my_share(-(-n // c.batch_size), d):
+        conversations = [task[i] for i in range(b * c.batch_size, min((b + 1) * c.batch_size, n))]
         prompts = [tokenizer.render_for_completion(conv) for conv in conversations]
         width = max(len(p) for p in prompts)
         ids = torch.tensor([p + [bos] * (width - len(p)) for p in prompts], dtype=torch.long, device=d.device)
@@ -99,12 +129,7 @@ def run_categorical(task, tokenizer, model, c, d, bar):
             logits = model.logits(h)  # only the answer positions go through the lm_head
         for row, conv in enumerate(conversations):
             letters = conv["letters"]
-            for letter in letters:
-                if letter not in letter_id:
-                    encoded = tokenizer.encode(letter)
-                    assert len(encoded) == 1, f"answer letter {letter!r} is not one token"
-                    letter_id[letter] = encoded[0]
-            choice = logits[row, [letter_id[l] for l in letters]].argmax().item()
+            choice = logits[row, [letter_id(l)[0] for l in letters]].argmax().item()
             passed += int(task.evaluate(conv, letters[choice]))
             total += 1
             bar.update(1)
@@ -115,10 +140,9 @@ def run_categorical(task, tokenizer, model, c, d, bar):
 def run_generative(task, tokenizer, model, c, d, bar):
     """Sample num_samples completions per problem with the KV-cache engine (the calculator
     tool included); a problem passes when any sample passes."""
-    n = len(task) if c.max_problems < 0 else min(len(task), c.max_problems)
     engine = Engine(model, tokenizer)
     passed = total = 0
-    for i in range(d.rank, n, d.world_size):
+    for i in my_share(problems(task, c), d):
         conv = task[i]
         prompt = tokenizer.render_for_completion(conv)
         sequences, _ = engine.generate_batch(prompt, num_samples=c.num_samples, max_tokens=c.max_new_tokens,
@@ -130,131 +154,24 @@ def run_generative(task, tokenizer, model, c, d, bar):
     return passed, total
 
 
-def run_chat_task(name, tokenizer, model, c, d):
+def run_chat_task(name, model, tokenizer, c, d, meta):
     task = master_first(tasks.TASKS[name])
-    n = len(task) if c.max_problems < 0 else min(len(task), c.max_problems)
-    mine = len(range(d.rank, n, d.world_size))
-    bar = ProgressBar(mine, desc=name, unit="problems")
+    bar = ProgressBar(len(my_share(problems(task, c), d)), desc=name, unit="problems")
     run = run_categorical if task.eval_type == "categorical" else run_generative
     passed, total = run(task, tokenizer, model, c, d, bar)
     bar.close()
     passed, total = all_reduce_sum([passed, total], d.device)
-    return passed / max(total, 1)
+    return {name: passed / max(total, 1)}
 
 
 # -----------------------------------------------------------------------------
-# Persona and preference metrics
+# Persona metrics, each without and with the persona's system message
 
 
-def trader_sft_loss(model, tokenizer, c, d):
-    """Mean loss per assistant token on the held-out trader conversations (the SFT split)."""
-    from sft import conversation_loss
-    fraction = c.sft_val_fraction
-    if fraction < 0:  # the split the SFT run held out
-        fraction = stage_meta("sft").get("user_config", {}).get("trader_val_fraction", 0.1)
-    task = tasks.TraderSFT(c.trader_sft_path, split="val", val_fraction=fraction)
-    if len(task) == 0:
-        raise tasks.DataUnavailable("no held-out trader conversations (the val split is empty)")
-    rows = len(task) if c.max_problems < 0 else c.max_problems
-    return {"Trader SFT held-out loss": conversation_loss(model, task, tokenizer, rows, c.batch_size, d,
-                                                         model.config.sequence_len)}
-
-
-def held_out_pairs(c, dpo_meta):
-    """The DPO pairs held out by the DPO run's split (or --dpo_val_fraction)."""
-    fraction = c.dpo_val_fraction
-    if fraction < 0:
-        fraction = dpo_meta.get("user_config", {}).get("val_fraction", 0.05)
-    return tasks.TraderDPO(c.trader_dpo_path, split="val", val_fraction=fraction)
-
-
-@torch.no_grad()
-def trader_dpo_metrics(model, tokenizer, c, d):
-    """On the held-out pairs: how often the model prefers the Master's answer (per-token
-    log-prob, no reference needed), and DPO's implicit-reward accuracy and margin against
-    the reference (ref_source), with the beta and split the DPO run used."""
-    import dpo
-    meta = stage_meta("dpo")
-    beta = meta.get("beta", 0.1)
-    max_len = min(meta.get("user_config", {}).get("max_length", 1024), model.config.sequence_len)
-    task = held_out_pairs(c, meta)
-    pairs, _ = dpo.render_pairs(task, tokenizer, max_len)
-    if c.max_problems >= 0:
-        pairs = pairs[:c.max_problems]
-    if not pairs:
-        raise tasks.DataUnavailable("no held-out DPO pairs (the val split is empty)")
-    reference = None
-    if c.ref_source != c.source:
-        reference = load_model(c.ref_source, d.device, phase="eval")[0]
-    pad = tokenizer.encode_special("<|assistant_end|>")
-    mine = list(range(d.rank, len(pairs), d.world_size))
-    sums = {"prefers_chosen": 0.0, "accuracy": 0.0, "margin": 0.0}
-    for i in range(0, len(mine), c.batch_size):
-        idx = mine[i:i + c.batch_size]
-        pc, pr, _ = dpo.batch_logps(model, pairs, idx, pad, d.device)
-        n_c = torch.tensor([sum(pairs[j][0][1][1:]) for j in idx], device=pc.device)
-        n_r = torch.tensor([sum(pairs[j][1][1][1:]) for j in idx], device=pc.device)
-        sums["prefers_chosen"] += (pc / n_c > pr / n_r).float().sum().item()
-        if reference is not None:
-            rc, rr, _ = dpo.batch_logps(reference, pairs, idx, pad, d.device)
-            _, chosen_r, rejected_r = dpo.dpo_loss(pc, pr, rc, rr, beta)
-            sums["accuracy"] += (chosen_r > rejected_r).float().sum().item()
-            sums["margin"] += (chosen_r - rejected_r).sum().item()
-    keys = list(sums)
-    totals = all_reduce_sum([sums[k] for k in keys] + [len(mine)], d.device)
-    n = totals[-1]
-    out = {"Persona preference accuracy": totals[0] / n}
-    if reference is not None:
-        out[f"DPO pair reward accuracy (vs {c.ref_source})"] = totals[1] / n
-        out[f"DPO pair reward margin (vs {c.ref_source})"] = totals[2] / n
-    return out
-
-
-def sample_answer(engine, tokenizer, prompt, c, seed):
-    ids = tokenizer.render_for_completion({"messages": [{"role": "user", "content": prompt},
-                                                        {"role": "assistant", "content": ""}]})
-    sequences, _ = engine.generate_batch(ids, num_samples=1, max_tokens=c.max_new_tokens,
-                                         temperature=c.temperature, top_k=c.top_k, seed=seed)
-    return tokenizer.decode(sequences[0][len(ids):]).strip()
-
-
-def judge_win_rate(model, tokenizer, c, d):
-    """An LLM judge (gen.py's client) compares the evaluated model's answers with the
-    reference's on held-out persona prompts, each pair in both orders; a pair counts only
-    when both orders agree, so position bias cancels out. Rank 0 only."""
-    import gen
-    if c.ref_source == c.source:
-        raise tasks.DataUnavailable(f"the judge compares -i {c.source} with --ref_source; they are the same")
-    if not d.master:
-        return {}
-    task = held_out_pairs(c, stage_meta("dpo"))
-    prompts = [task[i]["prompt"] for i in range(min(len(task), c.judge_prompts))]
-    if not prompts:
-        raise tasks.DataUnavailable("no held-out persona prompts (the DPO val split is empty)")
-    client = gen.client_from_env()
-    judge_model = client.choose_model()
-    persona = gen.load_persona(gen.PERSONA_PATH)
-    reference = load_model(c.ref_source, d.device, phase="eval")[0]
-    answers = {}
-    for name, m in (("model", model), ("reference", reference)):
-        engine, bar = Engine(m, tokenizer), ProgressBar(len(prompts), desc=f"judge: {name} answers", unit="answers")
-        answers[name] = []
-        for i, prompt in enumerate(prompts):
-            answers[name].append(sample_answer(engine, tokenizer, prompt, c, seed=42 + i))
-            bar.update(1)
-        bar.close()
-    with ThreadPoolExecutor(8) as pool:  # the judge is remote: its requests overlap
-        verdicts = list(pool.map(lambda i: gen.judge_both_orders(client, persona, prompts[i], answers["model"][i],
-                                                                 answers["reference"][i]), range(len(prompts))))
-    wins, losses = verdicts.count(1), verdicts.count(-1)
-    out = {f"Judge agreeing pairs (of {len(prompts)}, {judge_model})": wins + losses}
-    if wins + losses:
-        out[f"Judge win rate (vs {c.ref_source})"] = wins / (wins + losses)
-    return out
-
-
-def stage_meta(source):
-    """The latest checkpoint meta of a stage (its split, beta, ...), or {} if none."""
+def stage_meta(source, c, loaded_meta):
+    """A stage's checkpoint meta (split, beta, ...): the loaded one, else its default directory's latest; {} if none."""
+    if source == c.source:
+        return loaded_meta
     try:
         directory = checkpoint_dir_for(source)
         with open(os.path.join(directory, f"meta_{find_last_step(directory):06d}.json")) as f:
@@ -263,48 +180,215 @@ def stage_meta(source):
         return {}
 
 
+@functools.lru_cache(maxsize=None)
+def persona_system(sft_path):
+    """The persona's system message: the SFT data's (what SFT trained with), else data/persona.md's."""
+    import gen
+    try:
+        return next(r["messages"][0]["content"] for r in tasks.TraderSFT(sft_path, "train", val_fraction=0.0)
+                    if r["messages"][0]["role"] == "system")
+    except (UserError, StopIteration):
+        return gen.load_persona(gen.PERSONA_PATH)["system"]
+
+
+def conditioned(conversation, system):
+    """The conversation with its system message replaced by `system`, or dropped (None)."""
+    messages = [m for m in conversation["messages"] if m["role"] != "system"]
+    return dict(conversation, messages=([{"role": "system", "content": system}] if system else []) + messages)
+
+
+def system_of(condition, c):
+    return persona_system(c.trader_sft_path) if condition == "with system" else None
+
+
+@functools.lru_cache(maxsize=None)
+def reference_model(ref_source, source, device):
+    """The reference of the pair rewards and the judge (loaded once), or None when it is the evaluated model."""
+    return load_model(ref_source, device, phase="eval")[0] if ref_source not in ("", source) else None
+
+
+def trader_sft_loss(model, tokenizer, c, d, meta):
+    """Mean loss per assistant token on the held-out trader conversations (the SFT split)."""
+    from sft import conversation_loss
+    fraction = c.sft_val_fraction
+    if fraction < 0:  # the split the SFT run held out
+        fraction = stage_meta("sft", c, meta).get("user_config", {}).get("trader_val_fraction", 0.1)
+    task = tasks.TraderSFT(c.trader_sft_path, split="val", val_fraction=fraction)
+    if len(task) == 0:
+        raise tasks.DataUnavailable("no held-out trader conversations (the val split is empty)")
+    rows = [task[i] for i in range(problems(task, c))]
+    losses = {f"Trader SFT held-out loss ({cond})": conversation_loss(
+        model, [conditioned(r, system_of(cond, c)) for r in rows], tokenizer, len(rows), c.batch_size, d,
+        model.config.sequence_len) for cond in CONDITIONS}
+    return {k: v for k, v in losses.items() if v > 0}  # 0: truncation left no answer token to score
+
+
+def held_out_pairs(c, dpo_meta):
+    """The DPO pairs held out by the DPO run's split (or --dpo_val_fraction)."""
+    fraction = c.dpo_val_fraction if c.dpo_val_fraction >= 0 else dpo_meta.get("user_config", {}).get("val_fraction", 0.05)
+    return tasks.TraderDPO(c.trader_dpo_path, split="val", val_fraction=fraction)
+
+
+@torch.no_grad()
+def prefers_share(model, pairs, pad, c, d):
+    """Share of rendered pairs whose first answer has a higher mean log-prob per token than the second."""
+    import dpo
+    mine, wins = list(my_share(len(pairs), d)), 0
+    for i in range(0, len(mine), c.batch_size):
+        idx = mine[i:i + c.batch_size]
+        first, second, _ = dpo.batch_logps(model, pairs, idx, pad, d.device)
+        n = torch.tensor([[sum(pairs[j][k][1][1:]) for k in (0, 1)] for j in idx], device=first.device)  # scored tokens
+        wins += (first / n[:, 0] > second / n[:, 1]).sum().item()
+    wins, n = all_reduce_sum([wins, len(mine)], d.device)
+    return wins / n
+
+
+def trader_dpo_metrics(model, tokenizer, c, d, meta):
+    """On the held-out pairs: how often the model prefers the Master's answer, and the reward
+    accuracy and margin against the reference by dpo.py's held-out evaluation (the DPO run's beta, split)."""
+    import dpo
+    dpo_meta = stage_meta("dpo", c, meta)
+    run = SimpleNamespace(**{"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "max_length": 1024,
+                             **dpo_meta.get("user_config", {}), "device_batch_size": c.batch_size})
+    task, pad, out = held_out_pairs(c, dpo_meta), tokenizer.encode_special("<|assistant_end|>"), {}
+    rows, reference = [task[i] for i in range(problems(task, c))], reference_model(c.ref_source, c.source, d.device)
+    for cond in CONDITIONS:
+        system = system_of(cond, c)  # in the prompt exactly as a system message renders: merged, a blank line
+        pairs, _ = dpo.render_pairs([dict(r, prompt=f"{system}\n\n{r['prompt']}") if system else r for r in rows],
+                                    tokenizer, min(run.max_length, model.config.sequence_len))
+        if not pairs:  # the val split is empty, or with the system message no answer fits in max_length
+            continue
+        out[f"Persona preference accuracy ({cond})"] = prefers_share(model, pairs, pad, c, d)
+        if reference is not None:
+            stats = dpo.evaluate(model, dpo.Reference(model=reference), pairs, 0, pad, run, d)
+            model.eval()
+            out[f"DPO reward accuracy ({cond})"] = stats["rewards/accuracies"]
+            out[f"DPO reward margin ({cond})"] = stats["rewards/margins"]
+    if not out:
+        raise tasks.DataUnavailable("no held-out DPO pairs (the val split is empty)")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The LLM judge (gen.py's client), and the identity probes
+
+
+def judging(c):
+    return c.judge == 1 or (c.judge == -1 and bool(os.environ.get("OPENROUTER_API_KEY")))
+
+
+@functools.lru_cache(maxsize=None)
+def judge_client():
+    """(client, its model, the persona) for gen.judge_both_orders."""
+    import gen
+    client = gen.client_from_env()
+    try:
+        return client, client.choose_model(), gen.load_persona(gen.PERSONA_PATH)
+    except UserError as e:  # the API refused (key, credits, ...): the judged metrics are skipped, the rest stays
+        raise tasks.DataUnavailable(f"the judge is unavailable: {e}") from None
+
+
+def sample_answers(model, tokenizer, prompts, system, c):
+    """The model's answer to each prompt (after `system`, if any), seeded per prompt."""
+    engine, answers = Engine(model, tokenizer), []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer.render_for_completion(conditioned({"messages": [
+            {"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]}, system))
+        sequences, _ = engine.generate_batch(ids, num_samples=1, max_tokens=c.max_new_tokens,
+                                             temperature=c.temperature, top_k=c.top_k, seed=42 + i)
+        answers.append(tokenizer.decode(sequences[0][len(ids):]).strip())
+    return answers
+
+
+def judge_verdicts(prompts, answers, others):
+    """+1 / -1 / None per prompt: answers[i] against others[i], judged in both orders and
+    counted only when both agree (position bias cancels out). Requests overlap."""
+    import gen
+    client, _, persona = judge_client()
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda i: gen.judge_both_orders(client, persona, prompts[i], answers[i], others[i]),
+                             range(len(prompts))))
+
+
+def judge_win_rate(model, tokenizer, c, d, meta):
+    """The judge compares the model's answers with the reference's on held-out persona prompts (rank 0)."""
+    if (reference := reference_model(c.ref_source, c.source, d.device)) is None:
+        raise tasks.DataUnavailable(f"the judge compares -i {c.source} with a reference (--ref_source); none here")
+    task = held_out_pairs(c, stage_meta("dpo", c, meta))
+    prompts = [task[i]["prompt"] for i in range(min(len(task), c.judge_prompts))]
+    if not prompts:
+        raise tasks.DataUnavailable("no held-out persona prompts (the DPO val split is empty)")
+    out = {}
+    for cond in CONDITIONS if d.master else ():
+        verdicts = judge_verdicts(prompts, *(sample_answers(m, tokenizer, prompts, system_of(cond, c), c)
+                                             for m in (model, reference)))
+        wins, losses = verdicts.count(1), verdicts.count(-1)
+        out[f"Judge agreeing pairs ({cond})"] = wins + losses
+        if wins + losses:
+            out[f"Judge win rate ({cond})"] = wins / (wins + losses)
+    return out
+
+
+def probe_problem(r):
+    ok = isinstance(r, dict) and all(isinstance(r.get(k), str) and r[k].strip() for k in PROBE_KEYS)
+    return None if ok else 'expected {"prompt", "persona_answer", "generic_answer"}, each a non-empty string'
+
+
+def identity_probes(model, tokenizer, c, d, meta):
+    """Who the model is, asked with no system message: the share of probes where the judge
+    prefers its own answer to a generic assistant's in both orders, or, with no judge, where
+    it gives the persona's answer a higher log-prob per token than the generic one."""
+    import dpo
+    probes = tasks.read_jsonl(c.identity_path, probe_problem)[:c.max_problems if c.max_problems > 0 else None]
+    prompts = [p["prompt"] for p in probes]
+    if judging(c):  # rank 0 asks the judge
+        answers = sample_answers(model, tokenizer, prompts, None, c) if d.master else []
+        return {"Identity probe score": judge_verdicts(prompts, answers, [p["generic_answer"] for p in probes])
+                .count(1) / len(probes)} if d.master else {}
+    pairs, _ = dpo.render_pairs([{"prompt": p["prompt"], "chosen": p["persona_answer"], "rejected": p["generic_answer"]}
+                                 for p in probes], tokenizer, model.config.sequence_len)
+    return {"Identity probe score": prefers_share(model, pairs, tokenizer.encode_special("<|assistant_end|>"), c, d)}
+
+
+RUNS = {**{name: functools.partial(run_chat_task, name) for name in CHAT_TASKS},
+        "Trader-SFT": trader_sft_loss, "Trader-DPO": trader_dpo_metrics, "Identity": identity_probes,
+        "Judge": judge_win_rate}
+
+
 # -----------------------------------------------------------------------------
 
 
 def main():
     c = parse_config(Config, aliases=ALIASES)
+    check_config(c)
     names = selected_tasks(c)
-    if c.judge and not os.environ.get("OPENROUTER_API_KEY"):
-        raise UserError("--judge=1 needs OPENROUTER_API_KEY in the environment")
+    for cache in (reference_model, persona_system, judge_client):  # per run (tests call main() again)
+        cache.cache_clear()
     d = init_dist(c.device_type)
     model, tokenizer, meta = load_model(c.source, d.device, phase="eval", model_tag=c.model_tag, step=c.step)
-    print0(f"evaluating {c.source} step {meta.get('step')} on {', '.join(names)}")
+    c.ref_source = c.ref_source or meta.get("source") or ("sft" if c.source == "dpo" else "")  # trained from
+    print0(f"evaluating {c.source} step {meta.get('step')} on {', '.join(names)} (reference: {c.ref_source or 'none'})")
     results, skipped, t0 = {}, {}, time.time()
-    for name in names:
+    for name in names + (["Judge"] if judging(c) else []):
         start, before = time.time(), set(results)
         try:
-            if name in CHAT_TASKS:
-                results[name] = run_chat_task(name, tokenizer, model, c, d)
-            elif name == "Trader-SFT":
-                results.update(trader_sft_loss(model, tokenizer, c, d))
-            else:
-                results.update(trader_dpo_metrics(model, tokenizer, c, d))
-        except tasks.DataUnavailable as e:
+            results.update(RUNS[name](model, tokenizer, c, d, meta))
+        except tasks.DataUnavailable as e:  # no data, or no judge: say so, keep the rest
             skipped[name] = str(e)
             print0(f"{name}: skipped ({e})")
             continue
         new = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k not in before)
         print0(f"{name}: {new} ({time.time() - start:.1f}s)")
-    if c.judge:
-        try:
-            results.update(judge_win_rate(model, tokenizer, c, d))
-        except (tasks.DataUnavailable, UserError) as e:  # no data, or the judge's API refused: say so, keep the rest
-            skipped["Judge"] = str(e)
-            print0(f"Judge: skipped ({e})")
     core = chatcore(results)
     if core is not None:
         results["ChatCORE metric"] = core
-    for k, v in results.items():
-        print0(f"{k}: {v:.4f}")
     if d.master:
+        judged = judge_client.cache_info().currsize  # a judge answered
+        info = {"Skipped tasks": len(skipped), "Evaluation time (s)": round(time.time() - t0, 1),
+                "Persona reference": c.ref_source or "none",
+                "Judge": f"{judge_client()[1]} (both orders)" if judged else "none (identity probes by log-likelihood)"}
         section_path = write_report_section(f"Chat evaluation {c.source}", [
-            {k: v for k, v in config_dict(c).items() if k != "task_name"}, results,
-            {"Skipped tasks": len(skipped), "Evaluation time (s)": round(time.time() - t0, 1)}])
+            {k: v for k, v in config_dict(c).items() if k != "task_name"}, results, info])
         atomic_write_json(section_path[:-3] + ".json", {
             "source": c.source, "step": meta.get("step"), "results": results, "skipped": skipped,
             "config": config_dict(c)})

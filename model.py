@@ -638,34 +638,39 @@ PART_TYPES = ("text", "python", "python_output")
 
 
 def _check_messages(conversation):
-    """Validate a conversation and return its messages with a leading system message merged
-    into the first user message (as nanochat does)."""
+    """The one conversation check (tasks.py validates data files with it too): optional
+    system, then user/assistant alternating, user text, assistant text or parts. Returns the
+    messages with a leading system message merged into the first user message (as nanochat
+    does); raises ValueError naming the message (its index in the original list)."""
     messages = conversation.get("messages") if isinstance(conversation, dict) else None
-    if not messages:
-        raise ValueError("conversation has no messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError('conversation has no messages (expected {"messages": [...]})')
+    if not all(isinstance(m, dict) for m in messages):
+        raise ValueError("every message must be an object {\"role\", \"content\"}")
+    offset = 0
     if messages[0].get("role") == "system":
         if len(messages) < 2 or messages[1].get("role") != "user":
             raise ValueError("a system message must be followed by a user message")
         if not isinstance(messages[0].get("content"), str) or not isinstance(messages[1].get("content"), str):
             raise ValueError("system and user contents must be strings")
         merged = dict(messages[1], content=messages[0]["content"] + "\n\n" + messages[1]["content"])
-        messages = [merged] + list(messages[2:])
+        messages, offset = [merged] + list(messages[2:]), 1
     for i, message in enumerate(messages):
-        expected = "user" if i % 2 == 0 else "assistant"
+        expected, at = ("user" if i % 2 == 0 else "assistant"), i + offset
         if message.get("role") != expected:
-            raise ValueError(f"message {i} has role {message.get('role')!r}, expected {expected!r} "
-                             "(roles must alternate user, assistant, ...)")
+            raise ValueError(f"message {at} has role {message.get('role')!r}, expected {expected!r} "
+                             "(optional system, then user, assistant, ... alternating)")
         content = message.get("content")
         if expected == "user" and not isinstance(content, str):
-            raise ValueError(f"message {i}: user content must be a string")
+            raise ValueError(f"message {at}: user content must be a string")
         if isinstance(content, list):
             for part in content:
                 if not isinstance(part, dict) or part.get("type") not in PART_TYPES:
-                    raise ValueError(f"message {i}: unknown part type {part.get('type') if isinstance(part, dict) else part!r}")
+                    raise ValueError(f"message {at}: unknown part type {part.get('type') if isinstance(part, dict) else part!r}")
                 if not isinstance(part.get("text"), str):
-                    raise ValueError(f"message {i}: part text must be a string")
+                    raise ValueError(f"message {at}: part text must be a string")
         elif not isinstance(content, str):
-            raise ValueError(f"message {i}: content must be a string or a list of parts")
+            raise ValueError(f"message {at}: content must be a string or a list of parts")
     return messages
 
 

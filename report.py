@@ -5,30 +5,28 @@ The training report card, nanochat-compatible, with a DPO column.
     python report.py reset --all     # also clear nanochat's sections (tokenizer, base, mid, ...)
     python report.py generate        # assemble report/*.md into report.md (+ a copy in the cwd)
 
-Each stage writes one section to $NANOCHAT_BASE_DIR/report/<slug>.md (nanochat's format:
-`## Title`, `timestamp: ...`, `- key: value` lines). `generate` puts them in nanochat's
-order with Chimera's synthetic-data, DPO and DPO-evaluation sections after SFT, adds a
-header (git commit, hardware, versions), small SVG charts drawn from the stages'
-metrics.jsonl, and a summary table with columns BASE, MID, SFT, DPO, RL.
+Each stage writes $NANOCHAT_BASE_DIR/report/<slug>.md (nanochat's `## Title`, `timestamp:`,
+`- key: value` lines). `generate` orders them as nanochat does, Chimera's after SFT, with a
+header (git, hardware, versions), training charts (.svg files beside report.md, linked as
+images) and a summary table BASE/MID/SFT/DPO/RL. A section's `<` is escaped: no raw HTML.
 """
 
 import datetime
+import html
 import json
+import math
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 
-from common import UserError, atomic_write_text, get_base_dir, parse_config, run_main
+from common import UserError, atomic_write_text, get_base_dir, run_main
 
 # nanochat's sections in its order, with Chimera's inserted after the SFT ones
 NANOCHAT_FILES = ["tokenizer-training.md", "tokenizer-evaluation.md", "base-model-training.md",
                   "base-model-loss.md", "base-model-evaluation.md", "midtraining.md", "chat-evaluation-mid.md"]
-CHIMERA_FILES = ["synthetic-data.md", "chat-sft.md", "chat-evaluation-sft.md", "chat-dpo.md",
-                 "chat-evaluation-dpo.md"]
+CHIMERA_FILES = ["synthetic-data.md", "chat-sft.md", "chat-evaluation-sft.md", "chat-dpo.md", "chat-evaluation-dpo.md"]
 RL_FILES = ["chat-rl.md", "chat-evaluation-rl.md"]
 EXPECTED_FILES = NANOCHAT_FILES + CHIMERA_FILES + RL_FILES
 HEADER = "header.md"  # nanochat's run header (written by nanochat's `report reset`)
@@ -37,17 +35,11 @@ CHIMERA_HEADER = "chimera-header.md"  # ours: when the Chimera run started
 STAGES = ["base", "mid", "sft", "dpo", "rl"]
 STAGE_SECTIONS = {"base": "base-model-evaluation.md", "mid": "chat-evaluation-mid.md",
                   "sft": "chat-evaluation-sft.md", "dpo": "chat-evaluation-dpo.md", "rl": "chat-evaluation-rl.md"}
-CHAT_METRICS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
-PERSONA_METRICS = ["Trader SFT held-out loss", "Persona preference accuracy"]
-
-
-@dataclass
-class Config:
-    all: bool = False  # reset: also clear nanochat's own sections
-
-
-def report_dir():
-    return os.path.join(get_base_dir(), "report")
+CHAT_METRICS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
+# eval.py's persona rows, each without and with the persona's system message
+PERSONA_METRICS = [f"{name} ({cond})" for name in ("Trader SFT held-out loss", "Persona preference accuracy",
+                                                   "DPO reward accuracy", "DPO reward margin", "Judge win rate")
+                   for cond in ("no system", "with system")] + ["Identity probe score"]
 
 
 # -----------------------------------------------------------------------------
@@ -58,94 +50,64 @@ def section_metrics(text, names):
     """{name: value} for `- name: value` lines (also `name metric`/`name accuracy`, as
     nanochat labels CORE and ChatCORE); the last line wins, as in nanochat."""
     out = {}
-    for line in text.splitlines():
-        m = re.match(r"^-\s+(.+?):\s*(.*)$", line)
-        if not m:
-            continue
-        key, value = m.group(1).strip(), m.group(2).strip()
-        for name in names:
-            if key in (name, f"{name} metric", f"{name} accuracy"):
-                out[name] = value
+    for key, value in re.findall(r"^-\s+(.+?):[ \t]*(.*)$", text, flags=re.M):
+        out.update({name: value.strip() for name in names if key.strip() in (name, f"{name} metric", f"{name} accuracy")})
     return out
 
 
 def section_timestamp(text, prefix):
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            try:
-                return datetime.datetime.strptime(line[len(prefix):].strip(), "%Y-%m-%d %H:%M:%S")
-            except ValueError:
-                return None
-    return None
+    m = re.search(f"^{re.escape(prefix)}(.*)$", text, flags=re.M)
+    try:
+        return datetime.datetime.strptime(m[1].strip(), "%Y-%m-%d %H:%M:%S") if m else None
+    except ValueError:
+        return None
 
 
 def summary_table(metrics):
-    """Markdown table: one row per metric, one column per stage, '-' where missing."""
+    """Markdown table: one row per metric, one column per stage, '-' where missing; then
+    which tasks each stage's ChatCORE averaged (nanochat computes it only when all ran)."""
     rows = [m for m in ["CORE"] + CHAT_METRICS[:-1] + PERSONA_METRICS + ["ChatCORE"]
             if any(m in metrics.get(stage, {}) for stage in STAGES)]
-    width = max([len("Metric")] + [len(r) for r in rows])
-    cell = max([8] + [len(str(v)) for s in metrics.values() for v in s.values()])
-    lines = ["| " + "Metric".ljust(width) + " | " + " | ".join(s.upper().ljust(cell) for s in STAGES) + " |",
-             "|" + "-" * (width + 2) + "|" + "|".join("-" * (cell + 2) for _ in STAGES) + "|"]
-    for r in rows:
-        values = [str(metrics.get(s, {}).get(r, "-")).ljust(cell) for s in STAGES]
-        lines.append("| " + r.ljust(width) + " | " + " | ".join(values) + " |")
-    return "\n".join(lines) + "\n"
+    table = [["Metric"] + [s.upper() for s in STAGES]] + [[r] + [str(metrics.get(s, {}).get(r, "-")) for s in STAGES]
+                                                          for r in rows]
+    widths = [max(8, *(len(row[i]) for row in table)) for i in range(len(STAGES) + 1)]
+    lines = ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in table]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    averaged = [f"{s.upper()}: {', '.join(m for m in CHAT_METRICS[:-1] if m in metrics[s])}"
+                for s in STAGES if "ChatCORE" in metrics.get(s, {})]
+    note = f"\nChatCORE averaged the tasks shown: {'; '.join(averaged)}.\n" if averaged else ""
+    return "\n".join(lines) + "\n" + note
 
 
 # -----------------------------------------------------------------------------
 # Header: git, hardware, versions
 
 
-def git_info():
-    here = os.path.dirname(os.path.abspath(__file__))
+def git(*args):
+    try:
+        return subprocess.run(["git", *args], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                              text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    return {"Chimera commit": commit + (" (with local changes)" if dirty else ""),
+
+def header_info():
+    """(code, hardware, software) facts for the header."""
+    import torch
+    dirty = " (with local changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
+    code = {"Chimera commit": (git("rev-parse", "--short", "HEAD") or "unknown") + dirty,
             "Branch": git("rev-parse", "--abbrev-ref", "HEAD") or "unknown"}
-
-
-def hardware_info():
-    info = {"Platform": f"{platform.system()} {platform.machine()}", "CPUs": os.cpu_count()}
-    try:
-        with open("/proc/meminfo") as f:
-            kb = int(next(l for l in f if l.startswith("MemTotal")).split()[1])
-        info["Memory"] = f"{kb / 2**20:.1f} GiB"
-    except (OSError, StopIteration, ValueError):
-        pass
-    try:
-        import torch
-        if torch.cuda.is_available():
-            names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-            info["GPUs"] = f"{len(names)} x {names[0]}"
-        else:
-            info["GPUs"] = "none"
-    except ImportError:
-        pass
-    return info
-
-
-def software_info():
-    info = {"Python": platform.python_version()}
-    for name in ("torch", "numpy", "tiktoken", "requests"):
-        try:
-            info[name] = __import__(name).__version__
-        except (ImportError, AttributeError):
-            info[name] = "missing"
-    return info
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    memory = f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB"  # Linux, macOS
+    hardware = {"Platform": f"{platform.system()} {platform.machine()}", "CPUs": os.cpu_count(), "Memory": memory,
+                "GPUs": f"{len(gpus)} x {gpus[0]}" if gpus else "none"}
+    return code, hardware, {"Python": platform.python_version(),
+                            **{name: __import__(name).__version__ for name in ("torch", "numpy", "tiktoken", "requests")}}
 
 
 def chimera_header(started):
-    lines = ["## Chimera post-training", ""]
-    if started:
-        lines += [f"Run started: {started}", ""]
-    for title, info in (("Code", git_info()), ("Hardware", hardware_info()), ("Software", software_info())):
+    lines = ["## Chimera post-training", ""] + ([f"Run started: {started}", ""] if started else [])
+    for title, info in zip(("Code", "Hardware", "Software"), header_info()):
         lines += [f"### {title}"] + [f"- {k}: {v}" for k, v in info.items()] + [""]
     return "\n".join(lines) + "\n"
 
@@ -157,14 +119,10 @@ def chimera_header(started):
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
 
 
-def _fmt(v):
-    return f"{v:.3g}"
-
-
 def svg_chart(title, series, width=460, height=220):
     """series: {label: [(x, y), ...]} -> an <svg> line chart with min/max axis labels."""
-    series = {k: [(float(x), float(y)) for x, y in v if y == y] for k, v in series.items()}  # drop NaN
-    series = {k: v for k, v in series.items() if v}
+    series = {k: p for k, v in series.items()  # NaN and infinities are not drawn
+              if (p := [(float(x), float(y)) for x, y in v if math.isfinite(x) and math.isfinite(y)])}
     if not series:
         return ""
     xs = [x for v in series.values() for x, _ in v]
@@ -174,150 +132,134 @@ def svg_chart(title, series, width=460, height=220):
     left, right, top, bottom = 52, 12, 28, 34
     pw, ph = width - left - right, height - top - bottom
 
-    def px(x):
-        return left + (x - x0) / (x1 - x0) * pw
-
-    def py(y):
-        return top + (1 - (y - y0) / (y1 - y0)) * ph
+    def xy(x, y):  # data to pixels
+        return f"{left + (x - x0) / (x1 - x0) * pw:.1f}", f"{top + (1 - (y - y0) / (y1 - y0)) * ph:.1f}"
 
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
              f'<rect width="{width}" height="{height}" fill="white"/>',
-             f'<text x="{left}" y="16" font-size="13">{title}</text>',
+             f'<text x="{left}" y="16" font-size="13">{html.escape(title)}</text>',
              f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#444"/>',
              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#444"/>',
-             f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{_fmt(y1)}</text>',
-             f'<text x="{left - 4}" y="{top + ph}" text-anchor="end">{_fmt(y0)}</text>',
-             f'<text x="{left}" y="{top + ph + 14}" text-anchor="middle">{_fmt(x0)}</text>',
-             f'<text x="{left + pw}" y="{top + ph + 14}" text-anchor="middle">{_fmt(x1)}</text>',
-             f'<text x="{left + pw / 2}" y="{height - 4}" text-anchor="middle">step</text>']
+             *(f'<text x="{x}" y="{y}" text-anchor="{anchor}">{text}</text>' for x, y, anchor, text in (
+                 (left - 4, top + 4, "end", f"{y1:.3g}"), (left - 4, top + ph, "end", f"{y0:.3g}"),
+                 (left, top + ph + 14, "middle", f"{x0:.3g}"), (left + pw, top + ph + 14, "middle", f"{x1:.3g}"),
+                 (left + pw / 2, height - 4, "middle", "step")))]
     for i, (label, points) in enumerate(series.items()):
         color = COLORS[i % len(COLORS)]
-        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
+        path = " ".join(",".join(xy(x, y)) for x, y in points)
         if len(points) > 1:
             parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{path}"/>')
-        parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2" fill="{color}"/>'
+        parts += ['<circle cx="{}" cy="{}" r="2" fill="{}"/>'.format(*xy(x, y), color)
                   for x, y in points if len(points) <= 40]
         # legend in the title row, right-aligned, so it never covers the curves
         parts.append(f'<text x="{width - right - 90 * (len(series) - 1 - i)}" y="16" text-anchor="end" '
-                     f'fill="{color}">{label}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+                     f'fill="{color}">{html.escape(label)}</text>')
+    return "".join(parts) + "</svg>"
 
 
 def read_metrics(source_dir):
-    """The rows of metrics.jsonl in the largest model tag of a checkpoints directory."""
-    root = os.path.join(get_base_dir(), source_dir)
-    if not os.path.isdir(root):
-        return []
+    """The rows of metrics.jsonl in a checkpoints directory's default model directory, [] if
+    none; a torn last line from a killed run is skipped, the rest still charts."""
     from model import find_largest_model
+    root = os.path.join(get_base_dir(), source_dir)
     try:
-        path = os.path.join(root, find_largest_model(root), "metrics.jsonl")
-    except UserError:
+        with open(os.path.join(root, find_largest_model(root), "metrics.jsonl"), encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (UserError, OSError):
         return []
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a torn last line from a killed run: the rest still charts
-    return rows
+    return [row for row in map(parse_json, lines) if isinstance(row, dict)]
+
+
+def parse_json(line):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 def series(rows, key):
-    return [(r["step"], r[key]) for r in rows if key in r and isinstance(r[key], (int, float))]
+    return [(r.get("step"), r[key]) for r in rows if isinstance(r.get(key), (int, float))
+            and isinstance(r.get("step"), (int, float))]
 
 
-def charts():
-    """Markdown with inline SVG charts of SFT and DPO training, or '' without metrics."""
-    out = []
-    sft = read_metrics("chatsft_checkpoints")
-    if sft:
-        val = {k: series(sft, k) for k in sorted({k for r in sft for k in r if k.startswith("val_loss/")})}
-        out.append(svg_chart("SFT loss", {"train": series(sft, "loss"),
-                                          **{f"val ({k.split('/')[1]})": v for k, v in val.items()}}))
-    dpo = read_metrics("chatdpo_checkpoints")
-    if dpo:
-        out.append(svg_chart("DPO loss", {"train": series(dpo, "loss"), "held-out": series(dpo, "eval/loss")}))
-        out.append(svg_chart("DPO reward margin", {"train": series(dpo, "rewards/margins"),
-                                                   "held-out": series(dpo, "eval/rewards/margins")}))
-        out.append(svg_chart("DPO reward accuracy", {"train": series(dpo, "rewards/accuracies"),
-                                                     "held-out": series(dpo, "eval/rewards/accuracies")}))
-    out = [c for c in out if c]
-    return ("## Training curves\n\n" + "\n\n".join(out) + "\n\n") if out else ""
+def charts(directory):
+    """Write the SFT and DPO training charts as .svg files into `directory`; return their image links."""
+    sft, dpo = read_metrics("chatsft_checkpoints"), read_metrics("chatdpo_checkpoints")
+    val = sorted({k for r in sft for k in r if k.startswith("val_loss/")})
+    lines = {"SFT loss": {"train": series(sft, "loss"), **{f"val ({k.split('/')[1]})": series(sft, k) for k in val}}}
+    for title, key in (("DPO loss", "loss"), ("DPO reward margin", "rewards/margins"),
+                       ("DPO reward accuracy", "rewards/accuracies")):
+        lines[title] = {"train": series(dpo, key), "held-out": series(dpo, f"eval/{key}")}
+    links = []
+    for title, svg in ((t, svg_chart(t, s)) for t, s in lines.items()):
+        if svg:  # '' when there is nothing to draw
+            name = title.lower().replace(" ", "-") + ".svg"
+            atomic_write_text(os.path.join(directory, name), svg + "\n")
+            links.append(f"![{title}]({name})")
+    return ("## Training curves\n\n" + "\n\n".join(links) + "\n\n") if links else ""
 
 
 # -----------------------------------------------------------------------------
 # Commands
 
 
+def read_section(path):
+    """A section's text with `<` escaped: Markdown goes in, raw HTML (a <script>) never does."""
+    with open(path, encoding="utf-8") as f:
+        return f.read().replace("<", "&lt;")
+
+
 def generate(out_copy=True):
-    directory = report_dir()
+    directory = os.path.join(get_base_dir(), "report")
     os.makedirs(directory, exist_ok=True)
-    parts, metrics, notes = [], {}, []
-    start = end = None
-    header_path = os.path.join(directory, HEADER)
-    bloat = ""
-    if os.path.exists(header_path):  # nanochat's own header, as it is
-        text = open(header_path, encoding="utf-8").read()
+    parts, metrics, notes, start, end, bloat = [], {}, [], None, None, ""
+    if os.path.exists(os.path.join(directory, HEADER)):  # nanochat's own header, as it is
+        text = read_section(os.path.join(directory, HEADER))
         parts.append(text.rstrip() + "\n\n")
         start = section_timestamp(text, "Run started:")
-        m = re.search(r"### Bloat\n(.*?)\n\n", text, re.DOTALL)
-        bloat = m.group(1) if m else ""
-    ours = os.path.join(directory, CHIMERA_HEADER)
+        bloat = (re.search(r"### Bloat\n(.*?)\n\n", text, re.DOTALL) or [None, ""])[1]
     started = None
-    if os.path.exists(ours):
-        started_at = section_timestamp(open(ours, encoding="utf-8").read(), "Run started:")
-        started = started_at.strftime("%Y-%m-%d %H:%M:%S") if started_at else None
-        start = start or started_at
-    if not parts:
-        parts.append("# Chimera training report\n\n")
-    parts.append(chimera_header(started))
+    if os.path.exists(os.path.join(directory, CHIMERA_HEADER)):
+        started = section_timestamp(read_section(os.path.join(directory, CHIMERA_HEADER)), "Run started:")
+        start = start or started
+    parts = parts or ["# Chimera training report\n\n"]
+    parts.append(chimera_header(started and started.strftime("%Y-%m-%d %H:%M:%S")))
     for name in EXPECTED_FILES:
-        path = os.path.join(directory, name)
-        if not os.path.exists(path):
+        if not os.path.exists(os.path.join(directory, name)):
             notes.append(name)
             continue
-        text = open(path, encoding="utf-8").read()
+        text = read_section(os.path.join(directory, name))
         if name not in RL_FILES:  # nanochat leaves experimental RL out of the wall clock too
             end = section_timestamp(text, "timestamp:") or end
-        for stage, section_file in STAGE_SECTIONS.items():
-            if name == section_file:
-                wanted = ["CORE"] if stage == "base" else CHAT_METRICS + PERSONA_METRICS
-                metrics[stage] = section_metrics(text, wanted)
+        for stage in [s for s, f in STAGE_SECTIONS.items() if f == name]:
+            metrics[stage] = section_metrics(text, ["CORE"] if stage == "base" else CHAT_METRICS + PERSONA_METRICS)
         parts.append(text.rstrip() + "\n\n")
-    parts.append(charts())
-    summary = ["## Summary\n\n"]
-    if bloat:
-        summary.append(bloat + "\n\n")
-    summary.append(summary_table(metrics) + "\n")
-    if start and end and end >= start:
-        seconds = int((end - start).total_seconds())
-        summary.append(f"Total wall clock time: {seconds // 3600}h{(seconds % 3600) // 60}m\n")
-    else:
-        summary.append("Total wall clock time: unknown\n")
+    parts += [charts(directory), "## Summary\n\n", bloat + "\n\n" if bloat else "", summary_table(metrics) + "\n"]
+    seconds = int((end - start).total_seconds()) if start and end and end >= start else None
+    parts.append(f"Total wall clock time: {seconds // 3600}h{(seconds % 3600) // 60}m\n" if seconds is not None
+                 else "Total wall clock time: unknown\n")
     if notes:
-        summary.append("\nSections not found (stage not run, skipped): " + ", ".join(notes) + "\n")
-    text = "".join(parts + summary)
-    report_file = os.path.join(directory, "report.md")
+        parts.append("\nSections not found (stage not run, skipped): " + ", ".join(notes) + "\n")
+    text, report_file = "".join(parts), os.path.join(directory, "report.md")
     atomic_write_text(report_file, text)
     print(f"wrote {report_file}" + (f" ({len(notes)} sections missing: {', '.join(notes)})" if notes else ""))
     if out_copy and os.path.abspath(os.getcwd()) != os.path.abspath(directory):
-        shutil.copy(report_file, "report.md")
+        here = os.path.relpath(directory)  # the copy's chart links point into the report directory
+        atomic_write_text("report.md", re.sub(r"^(!\[.*?\]\()(.*?\.svg\))$", lambda m: m[1] + os.path.join(here, m[2]),
+                                              text, flags=re.M))
         print("copied report.md to the current directory")
     return report_file
 
 
 def reset(everything=False):
     """Clear Chimera's sections (all sections with everything=True) and note the start."""
-    directory = report_dir()
+    directory = os.path.join(get_base_dir(), "report")
     os.makedirs(directory, exist_ok=True)
     names = CHIMERA_FILES + ["chat-evaluation-sft.json", "chat-evaluation-dpo.json", "report.md", CHIMERA_HEADER]
     if everything:
         names += NANOCHAT_FILES + RL_FILES + [HEADER, "chat-evaluation-mid.json"]
+    names += [n for n in os.listdir(directory) if n.endswith(".svg")]  # the charts
     removed = [n for n in names if os.path.exists(os.path.join(directory, n))]
     for n in removed:
         os.remove(os.path.join(directory, n))
@@ -328,13 +270,9 @@ def reset(everything=False):
 
 def main():
     argv = sys.argv[1:]
-    if not argv or argv[0] not in ("generate", "reset"):
+    if argv not in (["generate"], ["reset"], ["reset", "--all"]):
         raise UserError("usage: python report.py generate | reset [--all]")
-    c = parse_config(Config, argv[1:])
-    if argv[0] == "generate":
-        generate()
-    else:
-        reset(c.all)
+    generate() if argv[0] == "generate" else reset(everything=argv[1:] == ["--all"])
 
 
 if __name__ == "__main__":

@@ -91,6 +91,9 @@ def build_datasets(c):
             tasks.ARC(subset="ARC-Challenge", split="train"),
             tasks.GSM8K(subset="main", split="train"),
             tasks.SmolTalk(split="train", stop=c.smoltalk_rows),
+            tasks.IdentityConversations(),
+            tasks.SimpleSpelling(size=300, split="train"),
+            tasks.SpellingBee(size=300, split="train"),
         ], seed=c.seed)
         return train, {"smoltalk": tasks.SmolTalk(split="test", stop=c.val_rows)}
     trader_train = tasks.TraderSFT(c.trader_data_path, split="train", val_fraction=c.trader_val_fraction)

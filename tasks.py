@@ -1,33 +1,29 @@
 """
-Chimera's datasets as Tasks: nanochat's Task API (slicing, mixtures, evaluate) over
-
-- the trader persona data gen.py writes (TraderSFT, TraderDPO), and
-- the Hugging Face datasets nanochat trains and evaluates on (ARC, MMLU, GSM8K, HumanEval,
-  SmolTalk), fetched as JSON rows from the dataset viewer API (no datasets/pyarrow) and
-  cached as JSONL under $NANOCHAT_BASE_DIR/task_data/.
-
-Conversations are rendered exactly as nanochat's tasks render them, and the evaluation
-tasks list their rows in nanochat's order, so eval numbers (also on a --max_problems
-prefix) compare with nanochat's.
+Chimera's datasets as nanochat Tasks (slicing, mixtures, evaluate): the persona data gen.py
+writes (TraderSFT, TraderDPO); the Hugging Face datasets nanochat uses (ARC, MMLU, GSM8K,
+HumanEval, SmolTalk) as JSON rows from the dataset viewer API, cached as JSONL under
+$NANOCHAT_BASE_DIR/task_data/; nanochat's identity conversations and spelling tasks. All
+render, order and grade as nanochat's do, so numbers compare (also on a --max_problems prefix).
 
     python tasks.py                      # fetch and cache everything SFT and eval use
-    python tasks.py ARC-Easy GSM8K       # just these (names: see TASKS, plus SmolTalk)
+    python tasks.py ARC-Easy GSM8K       # just these (names: see PREFETCH)
 
-Offline: copy a task_data/ folder filled on a connected machine into $NANOCHAT_BASE_DIR,
-or write the rows yourself, one JSON object per line, to
-$NANOCHAT_BASE_DIR/task_data/{owner}--{name}/{config}/{split}.jsonl (see hf_rows).
+Offline: copy a filled task_data/ into $NANOCHAT_BASE_DIR, or write the rows yourself, one
+JSON object per line, to task_data/{owner}--{name}/{config}/{split}.jsonl (see hf_rows).
 
 HumanEval runs model-written code in sandbox.py; the tests themselves run here.
 """
 
 import copy
 import functools
+import glob
 import hashlib
 import json
 import numbers
 import os
 import random
 import re
+import string
 import sys
 import time
 
@@ -37,26 +33,23 @@ import requests
 import sandbox
 from common import (HTTPGaveUp, ProgressBar, UserError, atomic_write, error_text, get_base_dir, http_retry, print0,
                     run_main)
+from model import _check_messages
 
 # -----------------------------------------------------------------------------
 # Task: a list of conversations with a lightweight start/stop/step view
 
 
 class Task:
-    """A dataset of conversations. Subclasses give num_examples() and get_example(i);
-    the view [start:stop:step] is applied on top, as in nanochat."""
+    """A dataset of conversations: num_examples() and get_example(i) (by default over a list
+    self.rows, examples returned as copies), seen through [start:stop:step] as in nanochat."""
 
     label = "Task"  # shown in mixture compositions and logs
+    eval_type = None  # evaluation tasks: "categorical" (pick a letter) or "generative" (sample)
 
     def __init__(self, start=0, stop=None, step=1):
         if start < 0 or step < 1 or (stop is not None and stop < start):
-            raise ValueError(f"bad task slice start={start} stop={stop} step={step}: "
-                             "need 0 <= start <= stop and step >= 1")
+            raise ValueError(f"bad task slice [{start}:{stop}:{step}]: need 0 <= start <= stop and step >= 1")
         self.start, self.stop, self.step = start, stop, step
-
-    @property
-    def eval_type(self):  # "categorical" | "generative"
-        raise NotImplementedError(f"{self.name} is not an evaluation task")
 
     @property
     def name(self):
@@ -67,10 +60,10 @@ class Task:
         return f"{self.label}[{self.start}:{stop}{step}]"
 
     def num_examples(self):
-        raise NotImplementedError
+        return len(self.rows)
 
     def get_example(self, index):
-        raise NotImplementedError
+        return copy.deepcopy(self.rows[index])
 
     def evaluate(self, conversation, completion):
         raise NotImplementedError(f"{self.name} has no evaluation")
@@ -100,12 +93,9 @@ class TaskMixture(Task):
         super().__init__(**kwargs)
         tasks = list(tasks)
         weights = [1] * len(tasks) if weights is None else list(weights)
-        if not tasks or len(weights) != len(tasks):
-            raise ValueError(f"a mixture needs tasks and one weight per task, got {len(tasks)} tasks "
-                             f"and weights {weights}")
-        if any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1 for w in weights):
-            raise ValueError(f"mixture weights must be positive integers, got {weights}")
-        self.tasks, self.weights = tasks, [int(w) for w in weights]
+        if not tasks or len(weights) != len(tasks) or any(type(w) is not int or w < 1 for w in weights):
+            raise ValueError(f"a mixture needs tasks and a positive integer weight each, got {weights}")
+        self.tasks, self.weights = tasks, weights
         self.lengths = [len(task) for task in tasks]
         self.index_map = [(t, i) for t, (n, w) in enumerate(zip(self.lengths, self.weights))
                           for _ in range(w) for i in range(n)]
@@ -128,29 +118,18 @@ class TaskMixture(Task):
 
 
 def conversation_problem(record, strict=True):
-    """None if `record` is {"messages": [system?, user, assistant, user, ...]}, else what is wrong.
-    strict (our own data): contents non-empty and the last message the assistant's."""
-    if not isinstance(record, dict) or "messages" not in record:
-        return 'expected an object with "messages"'
-    messages = record["messages"]
-    if not isinstance(messages, list) or not messages:
-        return '"messages" must be a non-empty list'
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            return f"message {i} is not an object"
-        content = message.get("content")
-        if not isinstance(content, str) or (strict and not content.strip()):
-            return f"message {i}: content must be a {'non-empty ' if strict else ''}string"
-    offset = 1 if messages[0].get("role") == "system" else 0
-    body = messages[offset:]
-    if len(body) < 2:
+    """None if `record` is a conversation model.py can render (its check, one for the whole
+    project), else what is wrong. strict (our own data): every content non-empty text, at
+    least one exchange, and the last message the assistant's."""
+    try:
+        messages = _check_messages(record)
+    except ValueError as e:
+        return str(e)
+    if len(messages) < 2:
         return "needs at least a user and an assistant message"
-    for i, message in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message.get("role") != expected:
-            return (f"message {i + offset} has role {message.get('role')!r}, expected {expected!r} "
-                    "(optional system, then user/assistant alternating)")
-    if strict and body[-1]["role"] != "assistant":
+    if strict and any(not isinstance(m["content"], str) or not m["content"].strip() for m in record["messages"]):
+        return "every message needs non-empty text content"
+    if strict and messages[-1]["role"] != "assistant":
         return "the last message must be the assistant's"
     return None
 
@@ -171,24 +150,28 @@ def dpo_problem(record):
 
 
 def iter_jsonl(path, problem_of=None, advice=""):
-    """The records of a JSONL file, blank lines skipped; a bad line (not JSON, not UTF-8, or
-    a problem_of(record)) is a UserError naming file:line, followed by `advice`."""
-    lineno = 0
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+    """The records of a JSONL file, blank lines skipped; a bad line (not UTF-8, not JSON,
+    nested too deep, a number too long, or a problem_of(record)) is a UserError naming
+    file:line, followed by `advice`. Lines are decoded one by one so the line is right."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
                 if not line.strip():
                     continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}){advice}") from None
-                problem = problem_of(record) if problem_of else None
-                if problem:
-                    raise UserError(f"{path}:{lineno}: {problem}{advice}")
-                yield record
-    except UnicodeDecodeError:
-        raise UserError(f"{path}:{lineno + 1}: not UTF-8 text{advice}") from None
+                record = json.loads(line)
+            except UnicodeDecodeError:
+                raise UserError(f"{where}: not UTF-8 text{advice}") from None
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: not valid JSON ({e.msg}){advice}") from None
+            except (RecursionError, ValueError) as e:  # Python's own limits: nesting, digits of an int
+                raise UserError(f"{where}: JSON beyond what Python parses ({str(e)[:80] or 'nested too deep'})"
+                                f"{advice}") from None
+            problem = problem_of(record) if problem_of else None
+            if problem:
+                raise UserError(f"{where}: {problem}{advice}")
+            yield record
 
 
 def read_jsonl(path, problem_of, hint=""):
@@ -212,49 +195,35 @@ def hash_fraction(record):
 
 
 def split_records(records, split, val_fraction):
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be train or val, got {split!r}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    assert split in ("train", "val") and 0.0 <= val_fraction < 1.0, (split, val_fraction)  # checked by the stages
     return [r for r in records if (hash_fraction(r) < val_fraction) == (split == "val")]
 
 
-class TraderSFT(Task):
+class TraderData(Task):
+    """A gen.py JSONL file split by record hash; rows returned as copies."""
+
+    file, problem_of, default_val_fraction = "", None, 0.0
+
+    def __init__(self, path=None, split="train", val_fraction=None, **kwargs):
+        super().__init__(**kwargs)
+        self.path = path or os.path.join(get_base_dir(), "datasets", self.file)
+        records = read_jsonl(self.path, type(self).problem_of, hint=" (gen.py writes it)")
+        fraction = self.default_val_fraction if val_fraction is None else val_fraction
+        self.rows = split_records(records, split, fraction)
+        self.split, self.label = split, f"{type(self).__name__}/{split}"
+
+
+class TraderSFT(TraderData):
     """gen.py's persona conversations: {"messages": [system?, user, assistant, ...]} per line."""
 
-    def __init__(self, path=None, split="train", val_fraction=0.1, **kwargs):
-        super().__init__(**kwargs)
-        self.path = path or os.path.join(get_base_dir(), "datasets", "trader_sft_data.jsonl")
-        records = read_jsonl(self.path, conversation_problem, hint=" (gen.py writes it)")
-        self.rows = split_records(records, split, val_fraction)
-        self.split, self.label = split, f"TraderSFT/{split}"
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.rows)
-
-    def get_example(self, index):
-        return copy.deepcopy(self.rows[index])
+    file, problem_of, default_val_fraction = "trader_sft_data.jsonl", conversation_problem, 0.1
+    eval_type = "generative"
 
 
-class TraderDPO(Task):
-    """gen.py's preference pairs: {"prompt", "chosen", "rejected"} per line, returned as they are."""
+class TraderDPO(TraderData):
+    """gen.py's preference pairs: {"prompt", "chosen", "rejected"} per line."""
 
-    def __init__(self, path=None, split="train", val_fraction=0.05, **kwargs):
-        super().__init__(**kwargs)
-        self.path = path or os.path.join(get_base_dir(), "datasets", "trader_dpo_data.jsonl")
-        records = read_jsonl(self.path, dpo_problem, hint=" (gen.py writes it)")
-        self.rows = split_records(records, split, val_fraction)
-        self.split, self.label = split, f"TraderDPO/{split}"
-
-    def num_examples(self):
-        return len(self.rows)
-
-    def get_example(self, index):
-        return dict(self.rows[index])
+    file, problem_of, default_val_fraction = "trader_dpo_data.jsonl", dpo_problem, 0.05
 
 
 # -----------------------------------------------------------------------------
@@ -285,15 +254,8 @@ def hf_cache_path(dataset, config, split, first=None):
 
 def _prefix_caches(dataset, config, split):
     """{N: path} of the {split}.first{N}.jsonl files present."""
-    directory = os.path.dirname(hf_cache_path(dataset, config, split))
-    pattern = re.compile(re.escape(split) + r"\.first(\d+)\.jsonl")
-    found = {}
-    if os.path.isdir(directory):
-        for entry in os.listdir(directory):
-            m = pattern.fullmatch(entry)
-            if m:
-                found[int(m.group(1))] = os.path.join(directory, entry)
-    return found
+    paths = glob.glob(glob.escape(hf_cache_path(dataset, config, split, first="@")).replace("@", "*"))
+    return {int(m[1]): p for p in paths if (m := re.search(r"\.first(\d+)\.jsonl$", p))}
 
 
 def _read_rows(path):
@@ -302,10 +264,7 @@ def _read_rows(path):
 
 
 def _write_rows(path, rows):
-    def write(f):
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    atomic_write(path, write)
+    atomic_write(path, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _rows_url():
@@ -317,15 +276,15 @@ HF_CONNECT_RETRIES = 2  # a host we cannot connect to at all is retried only bri
 _unreachable = set()  # endpoints that failed to connect in this process: not tried again
 
 
-def _get_page(session, url, params, headers, where, retries, backoff, timeout):
+def _get_page(session, url, params, headers, where):
     """One page of rows as parsed JSON, through common.http_retry; anything but 200 raises
     _FetchFailed. An endpoint we cannot connect to gets a couple of quick retries, then is
     written off for the rest of the process, so an offline eval skips each task at once."""
     if url in _unreachable:
         raise _FetchFailed(f"{url} was unreachable earlier in this run")
     try:
-        response = http_retry(lambda: session.get(url, params=params, headers=headers, timeout=timeout), retries,
-                              backoff, HF_MAX_WAIT, lambda m: print0(f"{where}: {m}"), HF_CONNECT_RETRIES)
+        response = http_retry(lambda: session.get(url, params=params, headers=headers, timeout=HF_TIMEOUT),
+                              HF_RETRIES, HF_BACKOFF, HF_MAX_WAIT, lambda m: print0(f"{where}: {m}"), HF_CONNECT_RETRIES)
     except HTTPGaveUp as e:
         if isinstance(e.__cause__, requests.ConnectionError):
             _unreachable.add(url)
@@ -338,7 +297,7 @@ def _get_page(session, url, params, headers, where, retries, backoff, timeout):
         raise _FetchFailed(f"the response from {url} is not JSON") from None
 
 
-def _fetch_rows(dataset, config, split, stop, retries, backoff, timeout):
+def _fetch_rows(dataset, config, split, stop):
     """Rows [0, stop) of a split (all if stop is None) page by page. Returns (rows, total)."""
     url, where = _rows_url(), f"{dataset} {config}/{split}"
     token = os.environ.get("HF_TOKEN")
@@ -349,7 +308,7 @@ def _fetch_rows(dataset, config, split, stop, retries, backoff, timeout):
             want = stop if target is None else target
             length = HF_PAGE if want is None else min(HF_PAGE, want - offset)
             params = {"dataset": dataset, "config": config, "split": split, "offset": offset, "length": length}
-            page = _get_page(session, url, params, headers, where, retries, backoff, timeout)
+            page = _get_page(session, url, params, headers, where)
             if not isinstance(page, dict) or not isinstance(page.get("rows"), list) \
                     or not isinstance(page.get("num_rows_total"), int):
                 raise _FetchFailed(f"unexpected response from {url} (no rows/num_rows_total)")
@@ -377,7 +336,11 @@ def _fetch_rows(dataset, config, split, stop, retries, backoff, timeout):
     return rows, total
 
 
-def _load_rows(dataset, config, split, stop, retries, backoff, timeout):
+def offline():
+    return any(os.environ.get(v, "0") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _load_rows(dataset, config, split, stop):
     """(rows, cache path) -- see hf_rows for the cache rule."""
     full = hf_cache_path(dataset, config, split)
     if stop is not None and stop < 1:
@@ -390,14 +353,11 @@ def _load_rows(dataset, config, split, stop, retries, backoff, timeout):
         if usable:
             path = prefixes[min(usable)]
             return _read_rows(path)[:stop], path
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0"):
+    if offline():
         raise DataUnavailable(f"{dataset} ({config}/{split}) is not cached and HF_HUB_OFFLINE is set; to supply it, "
                               f"put its rows, one JSON object per line, in {full}")
-    retries = HF_RETRIES if retries is None else retries
-    backoff = HF_BACKOFF if backoff is None else backoff
-    timeout = HF_TIMEOUT if timeout is None else timeout
     try:
-        rows, total = _fetch_rows(dataset, config, split, stop, retries, backoff, timeout)
+        rows, total = _fetch_rows(dataset, config, split, stop)
     except _FetchFailed as e:
         raise DataUnavailable(f"{dataset} ({config}/{split}) could not be fetched: {e}. To work offline, "
                               f"put its rows, one JSON object per line, in {full}") from None
@@ -410,29 +370,14 @@ def _load_rows(dataset, config, split, stop, retries, backoff, timeout):
     return rows, path
 
 
-def hf_rows(dataset, config, split, stop=None, retries=None, backoff=None, timeout=None):
-    """The rows (dicts) of a Hugging Face dataset split, the first `stop` if given.
-
-    Rows come from the dataset viewer API ($CHIMERA_HF_ROWS_URL overrides the endpoint;
-    $HF_TOKEN is sent as a bearer token), 100 per request, and are cached in
-    $NANOCHAT_BASE_DIR/task_data/{owner}--{name}/{config}/:
-
-    - {split}.jsonl holds the whole split. When it exists it is always used and nothing
-      is fetched -- it is also how tests and offline users supply data.
-    - {split}.first{N}.jsonl holds only rows [0, N), written when just a prefix was asked
-      for (e.g. SmolTalk stop=10_000); it serves any later request with stop <= N.
-      Fetching more replaces it; fetching everything writes {split}.jsonl instead.
-
-    Rows the viewer truncated (truncated_cells) are skipped and counted. Files are written
-    whole (temp file + rename). A fetch that fails after retries raises DataUnavailable.
-    """
-    return _load_rows(dataset, config, split, stop, retries, backoff, timeout)[0]
-
-
-def nanochat_order(n, seed=42):
-    """The order nanochat's tasks see a split in: datasets' .shuffle(seed=42) is the
-    permutation numpy.random.default_rng(seed).permutation(n) of the stored rows."""
-    return np.random.default_rng(seed).permutation(n).tolist()
+def hf_rows(dataset, config, split, stop=None):
+    """The rows (dicts) of a Hugging Face split, the first `stop` if given, from the dataset
+    viewer API ($CHIMERA_HF_ROWS_URL, $HF_TOKEN) cached in task_data/{owner}--{name}/{config}/:
+    {split}.jsonl, the whole split, is always used when present (how offline users and tests
+    supply rows); {split}.first{N}.jsonl, rows [0, N) of a prefix fetch (SmolTalk), serves
+    any stop <= N and is replaced by a longer fetch. Rows the viewer truncated are skipped
+    and counted; files are written whole; a failed fetch raises DataUnavailable."""
+    return _load_rows(dataset, config, split, stop)[0]
 
 
 class HFTask(Task):
@@ -442,28 +387,23 @@ class HFTask(Task):
     dataset = ""
     shuffle = True
 
-    def __init__(self, config, split, splits, **kwargs):
+    def __init__(self, config, split, **kwargs):
         super().__init__(**kwargs)
-        if split not in splits:
-            raise ValueError(f"{self.dataset} {config}: split must be one of {'|'.join(splits)}, got {split!r}")
         self.config, self.split = config, split
-        rows, path = _load_rows(self.dataset, config, split, None if self.shuffle else self.stop,
-                                None, None, None)
+        rows, path = _load_rows(self.dataset, config, split, None if self.shuffle else self.stop)
         rows = [self.prepare(row) for row in rows]
         for i, row in enumerate(rows):
             problem = self.row_problem(row)
             if problem:
                 raise UserError(f"{path}:{i + 1}: {problem}")
-        self.rows = [rows[i] for i in nanochat_order(len(rows))] if self.shuffle else rows
+        # nanochat's order: datasets' .shuffle(seed=42) is numpy's default_rng(42).permutation of the rows
+        self.rows = [rows[i] for i in np.random.default_rng(42).permutation(len(rows))] if self.shuffle else rows
 
     def prepare(self, row):
         return row
 
     def row_problem(self, row):
         return None
-
-    def num_examples(self):
-        return len(self.rows)
 
 
 def _missing(row, spec):
@@ -490,15 +430,11 @@ def render_mc(question, letters, choices):
 class ARC(HFTask):
     dataset = "allenai/ai2_arc"
 
-    def __init__(self, subset="ARC-Easy", split="test", **kwargs):
-        if subset not in ("ARC-Easy", "ARC-Challenge"):
-            raise ValueError(f"ARC subset must be ARC-Easy or ARC-Challenge, got {subset!r}")
+    def __init__(self, subset="ARC-Easy", split="test", **kwargs):  # subset: ARC-Easy | ARC-Challenge
         self.label = f"{subset}/{split}"
-        super().__init__(subset, split, ("train", "validation", "test"), **kwargs)
+        super().__init__(subset, split, **kwargs)
 
-    @property
-    def eval_type(self):
-        return "categorical"
+    eval_type = "categorical"
 
     def row_problem(self, row):
         choices = row.get("choices")
@@ -524,19 +460,11 @@ class MMLU(HFTask):
     dataset = "cais/mmlu"
     letters = ("A", "B", "C", "D")
 
-    def __init__(self, subset="all", split="test", **kwargs):
-        if subset == "all":
-            splits = ("test", "validation", "dev", "auxiliary_train")
-        elif subset == "auxiliary_train":
-            splits = ("train",)
-        else:
-            raise ValueError(f"MMLU subset must be all or auxiliary_train, got {subset!r}")
+    def __init__(self, subset="all", split="test", **kwargs):  # subset: all | auxiliary_train
         self.label = f"MMLU/{subset}/{split}"
-        super().__init__(subset, split, splits, **kwargs)
+        super().__init__(subset, split, **kwargs)
 
-    @property
-    def eval_type(self):
-        return "categorical"
+    eval_type = "categorical"
 
     def prepare(self, row):
         # the auxiliary_train config wraps each row in {"train": {...}}
@@ -588,15 +516,11 @@ def gsm8k_parts(answer):
 class GSM8K(HFTask):
     dataset = "openai/gsm8k"
 
-    def __init__(self, subset="main", split="test", **kwargs):
-        if subset not in ("main", "socratic"):
-            raise ValueError(f"GSM8K subset must be main or socratic, got {subset!r}")
+    def __init__(self, subset="main", split="test", **kwargs):  # subset: main | socratic
         self.label = f"GSM8K/{subset}/{split}"
-        super().__init__(subset, split, ("train", "test"), **kwargs)
+        super().__init__(subset, split, **kwargs)
 
-    @property
-    def eval_type(self):
-        return "generative"
+    eval_type = "generative"
 
     def row_problem(self, row):
         return _missing(row, {"question": str, "answer": str})
@@ -637,11 +561,9 @@ class HumanEval(HFTask):
 
     def __init__(self, split="test", timeout=5.0, **kwargs):
         self.label, self.timeout = "HumanEval", timeout
-        super().__init__("openai_humaneval", split, ("test",), **kwargs)
+        super().__init__("openai_humaneval", split, **kwargs)
 
-    @property
-    def eval_type(self):
-        return "generative"
+    eval_type = "generative"
 
     def row_problem(self, row):
         return _missing(row, {"prompt": str, "canonical_solution": str, "entry_point": str, "test": str})
@@ -681,17 +603,129 @@ class SmolTalk(HFTask):
 
     def __init__(self, split="train", **kwargs):
         self.label = f"SmolTalk/{split}"
-        super().__init__("default", split, ("train", "test"), **kwargs)
+        super().__init__("default", split, **kwargs)
 
-    @property
-    def eval_type(self):
-        return "generative"
+    eval_type = "generative"
 
     def row_problem(self, row):
         return conversation_problem(row, strict=False)
 
     def get_example(self, index):
         return {"messages": copy.deepcopy(self.rows[index]["messages"])}
+
+
+# -----------------------------------------------------------------------------
+# nanochat's identity conversations and spelling tasks (as of 885a4f2): files fetched once
+
+IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
+WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
+
+
+def cached_file(url):
+    """A file nanochat downloads into its base dir: used from there when a nanochat run left
+    it, else from task_data/, where it is fetched to once."""
+    name = url.rsplit("/", 1)[-1]
+    path = os.path.join(get_base_dir(), "task_data", name)
+    for found in (os.path.join(get_base_dir(), name), path):
+        if os.path.exists(found):
+            return found
+    why = "HF_HUB_OFFLINE is set"
+    if not offline():
+        try:
+            response = requests.get(url, timeout=HF_TIMEOUT)
+            response.raise_for_status()
+            atomic_write(path, lambda f: f.write(response.content), binary=True)
+            return path
+        except requests.RequestException as e:
+            why = f"{type(e).__name__} fetching {url}"
+    raise DataUnavailable(f"{name} is not cached ({why}); to work offline, put {url} at {path}")
+
+
+class IdentityConversations(Task):
+    """nanochat's synthetic identity conversations: one JSON list of messages per line."""
+
+    label = "Identity"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.rows = [{"messages": m} for m in read_jsonl(cached_file(IDENTITY_URL), lambda r: conversation_problem(
+            {"messages": r}, strict=False) if isinstance(r, list) else "expected a JSON list of messages")]
+
+
+@functools.lru_cache(maxsize=None)
+def read_lines(path):
+    with open(path, encoding="utf-8") as f:
+        return tuple(line.strip() for line in f)
+
+
+SPELLING_TEST_OFFSET = 10_000_000  # test example i is drawn with seed offset + i, past every train seed
+# nanochat's SpellingBee user messages, verbatim, one per line: the same seeds give the same conversations
+SPELLING_TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "spellingbee_templates.txt")
+
+
+class SpellingTask(Task):
+    """Synthetic examples over nanochat's word list: example i comes from random.Random(i)."""
+
+    eval_type = "generative"
+
+    def __init__(self, size=1000, split="train", **kwargs):
+        super().__init__(**kwargs)
+        if split not in ("train", "test"):
+            raise ValueError(f"{type(self).__name__}: split must be train or test, got {split!r}")
+        self.size, self.split, self.label = size, split, f"{type(self).__name__}/{split}"
+        self.words = read_lines(cached_file(WORD_LIST_URL))
+
+    def num_examples(self):
+        return self.size
+
+    def rng(self, index):
+        return random.Random(index if self.split == "train" else SPELLING_TEST_OFFSET + index)
+
+
+class SimpleSpelling(SpellingTask):
+    """'Spell the word: apple' -> 'apple:a,p,p,l,e'."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.words = list(self.words)
+        random.Random(42).shuffle(self.words)  # another word order than SpellingBee's
+
+    def get_example(self, index):
+        word = self.rng(index).choice(self.words)
+        return {"messages": [{"role": "user", "content": f"Spell the word: {word}"},
+                             {"role": "assistant", "content": f"{word}:{','.join(word)}"}]}
+
+
+class SpellingBee(SpellingTask):
+    """'How many r are in strawberry?': spelled out and counted by hand, checked with the
+    calculator tool, answered after '#### ' (graded like GSM8K)."""
+
+    def get_example(self, index):
+        rng = self.rng(index)
+        word = rng.choice(self.words)
+        letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(string.ascii_lowercase)
+        template = rng.choice(read_lines(SPELLING_TEMPLATES))
+        template = template.lower() if rng.random() < 0.3 else template
+        letter_quote, word_quote = rng.choice(["", "'", '"']), rng.choice(["", "'", '"'])
+        question = template.format(letter=f"{letter_quote}{letter}{letter_quote}", word=f"{word_quote}{word}{word_quote}")
+        question += "?" if rng.random() < 0.5 else ""
+        manual = (f"We are asked to find the number '{letter}' in the word '{word}'. Let me try a manual approach "
+                  f"first.\n\nFirst spell the word out:\n{word}:{','.join(word)}\n\nThen count the occurrences of "
+                  f"'{letter}':\n")
+        count = 0
+        for i, char in enumerate(word, 1):
+            count += char == letter
+            manual += f"{i}:{char} hit! count={count}\n" if char == letter else f"{i}:{char}\n"
+        parts = [{"type": "text", "text": manual + f"\nThis gives us {count}."},
+                 {"type": "text", "text": "\n\nLet me double check this using Python:\n\n"},
+                 {"type": "python", "text": f"'{word}'.count('{letter}')"},
+                 {"type": "python_output", "text": str(count)},
+                 {"type": "text", "text": f"\n\nPython gives us {count}.\n\nMy final answer is:\n\n#### {count}"}]
+        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]}
+
+    def evaluate(self, conversation, completion):
+        reference = extract_gsm8k_answer(conversation["messages"][-1]["content"][-1]["text"])
+        return int(extract_gsm8k_answer(completion) == reference)
 
 
 # eval.py's default tasks: TASKS[name]() (slicing kwargs pass through)
@@ -701,6 +735,7 @@ TASKS = {
     "MMLU": functools.partial(MMLU, "all", "test"),
     "GSM8K": functools.partial(GSM8K, "main", "test"),
     "HumanEval": functools.partial(HumanEval, "test"),
+    "SpellingBee": functools.partial(SpellingBee, 256, "test"),
 }
 
 # -----------------------------------------------------------------------------
@@ -713,6 +748,7 @@ PREFETCH = {
     "GSM8K/train": functools.partial(GSM8K, "main", "train"),
     "SmolTalk": functools.partial(SmolTalk, "train", stop=10_000),
     "SmolTalk/test": functools.partial(SmolTalk, "test"),
+    "Identity": IdentityConversations,
 }
 
 

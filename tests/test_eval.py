@@ -38,6 +38,8 @@ def seed_all(base):
     gsm = [GSM8K_ROW, dict(GSM8K_ROW, question="How many is 6 times 3?", answer="6*3 = <<6*3=18>>18\n#### 18")]
     seed("openai/gsm8k", "main", "test", gsm)
     seed("openai/openai_humaneval", "openai_humaneval", "test", [HUMANEVAL_ROW])
+    with open(os.path.join(base, "task_data", "words_alpha.txt"), "w") as f:  # SpellingBee's word list
+        f.write("strawberry\napple\nbanana\n")
 
 
 @pytest.fixture
@@ -46,13 +48,15 @@ def eval_base(tmp_path, monkeypatch):
     base = make_tiny_base(tmp_path / "base")
     monkeypatch.setenv("NANOCHAT_BASE_DIR", base)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing beyond the seeded caches
+    monkeypatch.delenv("OPENROUTER_API_KEY", raising=False)  # no judge unless a test asks
     m, _, meta = load_model("base", "cpu", "eval", base_dir=base)
-    save_checkpoint(os.path.join(base, "chatsft_checkpoints", "d2"), 0, m.state_dict(), None, meta)
+    save_checkpoint(os.path.join(base, "chatsft_checkpoints", "d2"), 0, m.state_dict(), None, dict(meta, source="base"))
     seed_all(base)
     os.makedirs(os.path.join(base, "datasets"))
     with open(os.path.join(base, "datasets", "trader_sft_data.jsonl"), "w") as f:
         for i in range(30):
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"q{i}: size?"},
+            f.write(json.dumps({"messages": [{"role": "system", "content": "You are Vex, a cautious trader."},
+                                             {"role": "user", "content": f"q{i}: size?"},
                                              {"role": "assistant", "content": f"Risk 1% on idea {i}."}]}) + "\n")
     with open(os.path.join(base, "datasets", "trader_dpo_data.jsonl"), "w") as f:
         for i in range(60):
@@ -132,8 +136,8 @@ def test_generative_scoring_grades_the_final_answer(eval_base):
 
 
 def test_chatcore_centres_on_chance_and_needs_every_task():
-    results = {"ARC-Easy": 0.5, "ARC-Challenge": 0.25, "MMLU": 1.0, "GSM8K": 0.1, "HumanEval": 0.0}
-    expected = ((0.5 - 0.25) / 0.75 + 0.0 + 1.0 + 0.1 + 0.0) / 5
+    results = {"ARC-Easy": 0.5, "ARC-Challenge": 0.25, "MMLU": 1.0, "GSM8K": 0.1, "HumanEval": 0.0, "SpellingBee": 0.3}
+    expected = ((0.5 - 0.25) / 0.75 + 0.0 + 1.0 + 0.1 + 0.0 + 0.3) / 6  # nanochat's six tasks
     assert chat_eval.chatcore(results) == pytest.approx(expected)
     del results["HumanEval"]
     assert chat_eval.chatcore(results) is None
@@ -157,12 +161,16 @@ def section(base, source):
 
 
 def test_full_run_writes_nanochat_section_with_chatcore(eval_base, monkeypatch):
-    run_eval(monkeypatch, "-i", "sft", "--max_new_tokens=8", "--batch_size=4")
+    run_eval(monkeypatch, "-i", "sft", "--max_new_tokens=8", "--batch_size=4", "--max_problems=8")
     text, lines = section(eval_base, "sft")
     assert text.startswith("## Chat evaluation sft\n")
-    for name in chat_eval.CHAT_TASKS + ["ChatCORE metric", "Trader SFT held-out loss", "Persona preference accuracy"]:
+    persona = [f"{m} ({cond})" for m in ("Trader SFT held-out loss", "Persona preference accuracy",
+                                         "DPO reward accuracy", "DPO reward margin") for cond in chat_eval.CONDITIONS]
+    for name in chat_eval.CHAT_TASKS + ["ChatCORE metric", "Identity probe score"] + persona:
         float(lines[name])  # present and numeric
-    assert "DPO pair reward accuracy (vs sft)" not in lines  # sft against itself would be trivially 0
+    assert lines["Persona reference"] == "base"  # what the SFT checkpoint was trained from
+    # the persona's system message changes what the model sees, so the two conditions differ
+    assert lines["Trader SFT held-out loss (no system)"] != lines["Trader SFT held-out loss (with system)"]
     data = json.load(open(os.path.join(eval_base, "report", "chat-evaluation-sft.json")))
     assert data["skipped"] == {} and set(chat_eval.CHAT_TASKS) <= set(data["results"])
     assert data["results"]["ChatCORE metric"] == pytest.approx(chat_eval.chatcore(data["results"]))
@@ -184,11 +192,13 @@ def test_dpo_checkpoint_gets_pair_metrics_against_sft(eval_base, monkeypatch):
     with torch.no_grad():
         m.lm_head.weight.mul_(1.5)  # any change: the "DPO" model now differs from its reference
     save_checkpoint(os.path.join(eval_base, "chatdpo_checkpoints", "d2"), 3, m.state_dict(), None,
-                    dict(meta, beta=0.2, user_config={"val_fraction": 0.2, "max_length": 64}))
+                    dict(meta, source="sft", beta=0.2, user_config={"val_fraction": 0.2, "max_length": 64}))
     run_eval(monkeypatch, "-i", "dpo", "-a", "Trader-DPO")
     _, lines = section(eval_base, "dpo")
-    acc = float(lines["DPO pair reward accuracy (vs sft)"])
-    assert 0.0 <= acc <= 1.0 and float(lines["DPO pair reward margin (vs sft)"]) != 0.0
+    for cond in chat_eval.CONDITIONS:
+        acc = float(lines[f"DPO reward accuracy ({cond})"])
+        assert 0.0 <= acc <= 1.0 and float(lines[f"DPO reward margin ({cond})"]) != 0.0
+    assert lines["Persona reference"] == "sft"
     held_out = tasks.TraderDPO(split="val", val_fraction=0.2)
     assert len(held_out) > 0  # the DPO run's split fraction is the one used
 
@@ -237,24 +247,62 @@ def test_judge_win_rate_of_dpo_against_sft(eval_base, monkeypatch):
     with torch.no_grad():
         m.lm_head.weight.mul_(3.0)
     save_checkpoint(os.path.join(eval_base, "chatdpo_checkpoints", "d2"), 3, m.state_dict(), None,
-                    dict(meta, user_config={"val_fraction": 0.2}))
+                    dict(meta, source="sft", user_config={"val_fraction": 0.2}))
     server = FakeOpenRouter().start()  # its judge prefers the longer answer, whatever the order
     monkeypatch.setenv("OPENROUTER_API_KEY", "sk-test")
     monkeypatch.setenv("OPENROUTER_BASE_URL", server.url)
     try:
-        run_eval(monkeypatch, "-i", "dpo", "-a", "Trader-SFT", "--judge=1", "--judge_prompts=6",
-                 "--max_new_tokens=12", "--temperature=1.0")
+        probes = os.path.join(eval_base, "probes.jsonl")
+        with open(probes, "w") as f:  # the generic answers are long: the fake judge prefers them
+            f.writelines(json.dumps({"prompt": f"Who are you {i}?", "persona_answer": "Vex.",
+                                     "generic_answer": "I am a helpful assistant. " * 20}) + "\n" for i in range(3))
+        run_eval(monkeypatch, "-i", "dpo", "-a", "Trader-SFT|Identity", "--judge_prompts=6", "--identity_path",
+                 probes, "--max_new_tokens=12", "--temperature=1.0")  # the key is set: the judge is on
     finally:
         server.stop()
     requests = [r["body"] for r in server.chat_requests()]
-    assert len(requests) == 12  # six prompts, each judged in both orders
+    assert len(requests) == 3 * 2 + 6 * 2 * 2  # probes, then six prompts x both orders x both conditions
+    _, lines = section(eval_base, "dpo")
+    assert float(lines["Identity probe score"]) == 0.0 and "openai/gpt-4o-mini" in lines["Judge"]
+    requests = requests[6:6 + 12]  # the no-system condition
     forward = {}
     for body in requests:  # the first request of each prompt puts the DPO answer first
         message, first, second = judge_parts(body)
         forward.setdefault(message, (first, second))
     wins = sum(len(a) > len(b) for a, b in forward.values())
     losses = sum(len(a) < len(b) for a, b in forward.values())
-    _, lines = section(eval_base, "dpo")
-    assert int(lines["Judge agreeing pairs (of 6, openai/gpt-4o-mini)"]) == wins + losses
+    assert int(lines["Judge agreeing pairs (no system)"]) == wins + losses
     assert wins + losses > 0  # seeded sampling: some answers differ in length
-    assert float(lines["Judge win rate (vs sft)"]) == pytest.approx(wins / (wins + losses))
+    assert float(lines["Judge win rate (no system)"]) == pytest.approx(wins / (wins + losses))
+    assert 0.0 <= float(lines.get("Judge win rate (with system)", 0.0)) <= 1.0
+
+
+@pytest.mark.parametrize("flag", ["--max_problems=0", "--temperature=-1", "--temperature=nan", "--batch_size=0",
+                                  "--num_samples=0", "--max_new_tokens=0", "--sft_val_fraction=1.5", "--judge=2"])
+def test_nonsense_settings_are_refused_naming_the_flag(flag):
+    with pytest.raises(UserError) as e:
+        chat_eval.check_config(cfg(flag))
+    assert str(e.value).startswith(flag.split("=")[0] + "=") and "\n" not in str(e.value)
+
+
+def test_nonsense_setting_exits_2_before_loading(eval_base):
+    r = run_python([os.path.join(REPO, "eval.py"), "-i", "sft", "--max_problems=0"],
+                   env={"NANOCHAT_BASE_DIR": eval_base}, check=False)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --max_problems=0: must be -1 (all) or at least 1"
+
+
+def test_identity_probes_by_log_likelihood(eval_base, monkeypatch, tmp_path):
+    """Without a judge, the score is the share of probes whose persona answer the model finds
+    likelier per token; swapping the answers turns it into its complement."""
+    probes = tasks.read_jsonl(chat_eval.IDENTITY_PROBES, chat_eval.probe_problem)
+    assert len(probes) >= 15 and all(p["persona_answer"] != p["generic_answer"] for p in probes)
+    swapped = tmp_path / "swapped.jsonl"
+    swapped.write_text("".join(json.dumps(dict(p, persona_answer=p["generic_answer"], generic_answer=p["persona_answer"]))
+                               + "\n" for p in probes))
+    scores = []
+    for path in (chat_eval.IDENTITY_PROBES, str(swapped)):
+        run_eval(monkeypatch, "-i", "sft", "-a", "Identity", "--identity_path", path)
+        _, lines = section(eval_base, "sft")
+        scores.append(float(lines["Identity probe score"]))
+        assert lines["Judge"].startswith("none")
+    assert scores[0] + scores[1] == pytest.approx(1.0)

@@ -44,12 +44,15 @@ def report_base(tmp_path, monkeypatch):
     write_report_section("Chat SFT", [{"Training rows": 20000, "Validation loss": 1.25}], report_dir=rd)
     write_report_section("Chat evaluation sft", [{"source": "sft"}, {
         "ARC-Easy": 0.3876, "ARC-Challenge": 0.2807, "MMLU": 0.3151, "GSM8K": 0.0455, "HumanEval": 0.0854,
-        "Trader SFT held-out loss": 1.1, "Persona preference accuracy": 0.62, "ChatCORE metric": 0.0884}],
+        "SpellingBee": 0.5, "Trader SFT held-out loss (no system)": 1.1, "Persona preference accuracy (no system)": 0.62,
+        "Persona preference accuracy (with system)": 0.7, "Identity probe score": 0.4, "ChatCORE metric": 0.0884}],
         report_dir=rd)
     write_report_section("Chat DPO", [{"Beta": 0.1, "Held-out reward accuracy": 0.9}], report_dir=rd)
     write_report_section("Chat evaluation dpo", [{"source": "dpo"}, {
         "ARC-Easy": 0.3901, "ARC-Challenge": 0.2790, "MMLU": 0.3140, "GSM8K": 0.0470, "HumanEval": 0.0793,
-        "Trader SFT held-out loss": 1.2, "Persona preference accuracy": 0.81, "ChatCORE metric": 0.0871}],
+        "SpellingBee": 0.52, "Trader SFT held-out loss (no system)": 1.2, "Persona preference accuracy (no system)": 0.81,
+        "DPO reward accuracy (no system)": 0.9, "DPO reward margin (with system)": 0.35,
+        "Judge win rate (no system)": 0.6, "Identity probe score": 0.55, "ChatCORE metric": 0.0871}],
         report_dir=rd)
     return base
 
@@ -75,8 +78,15 @@ def test_generate_orders_sections_and_fills_the_dpo_column(report_base, tmp_path
     assert rows["CORE"] == ["0.2219", "-", "-", "-", "-"]
     assert rows["ARC-Easy"] == ["-", "0.3561", "0.3876", "0.3901", "-"]
     assert rows["ChatCORE"] == ["-", "0.0730", "0.0884", "0.0871", "-"]
-    assert rows["Persona preference accuracy"] == ["-", "-", "0.6200", "0.8100", "-"]
+    assert rows["Persona preference accuracy (no system)"] == ["-", "-", "0.6200", "0.8100", "-"]
+    assert rows["Persona preference accuracy (with system)"] == ["-", "-", "0.7000", "-", "-"]
+    for row, dpo in (("DPO reward accuracy (no system)", "0.9000"), ("DPO reward margin (with system)", "0.3500"),
+                     ("Judge win rate (no system)", "0.6000"), ("Identity probe score", "0.5500")):
+        assert rows[row][3] == dpo
     assert list(rows)[-1] == "ChatCORE"
+    # which tasks each ChatCORE averaged: nanochat's mid run here had no SpellingBee
+    assert ("MID: ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval; SFT: ARC-Easy, ARC-Challenge, MMLU, GSM8K, "
+            "HumanEval, SpellingBee") in text
     assert "- Characters: 400,000" in text.split("## Summary")[1]  # nanochat's bloat data carried over
     assert "Sections not found" in text and "midtraining.md" in text
     assert "Total wall clock time: " in text
@@ -94,8 +104,39 @@ def test_charts_are_drawn_from_metrics(report_base):
             f.write('{"step": 11, "lo')  # a torn last line does not break the chart
     text = open(report.generate(out_copy=False)).read()
     charts = text.split("## Training curves", 1)[1].split("## Summary")[0]
-    assert charts.count("<svg") == 4 and charts.count("</svg>") == 4
-    assert "SFT loss" in charts and "DPO reward margin" in charts and "val (trader)" in charts
+    assert "<svg" not in text  # Markdown viewers strip inline SVG: the charts are image files
+    names = ["sft-loss.svg", "dpo-loss.svg", "dpo-reward-margin.svg", "dpo-reward-accuracy.svg"]
+    assert [line for line in charts.splitlines() if line] == [
+        "![SFT loss](sft-loss.svg)", "![DPO loss](dpo-loss.svg)", "![DPO reward margin](dpo-reward-margin.svg)",
+        "![DPO reward accuracy](dpo-reward-accuracy.svg)"]
+    svgs = [(report_base / "report" / n).read_text() for n in names]
+    assert all(s.startswith("<svg") and s.rstrip().endswith("</svg>") for s in svgs)
+    assert "val (trader)" in svgs[0]
+    report.reset()
+    assert not [n for n in os.listdir(report_base / "report") if n.endswith(".svg")]
+
+
+def test_copy_in_the_current_directory_links_the_charts(report_base, tmp_path, monkeypatch):
+    os.makedirs(report_base / "chatsft_checkpoints" / "d4")
+    (report_base / "chatsft_checkpoints" / "d4" / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": 3 - s / 10}) + "\n" for s in range(1, 4)))
+    monkeypatch.chdir(tmp_path)
+    report.generate()
+    link = next(l for l in open(tmp_path / "report.md") if l.startswith("![SFT loss]("))
+    assert os.path.isfile(tmp_path / link[len("![SFT loss]("):].strip().rstrip(")"))
+
+
+def test_section_html_is_escaped_and_infinity_is_not_charted(report_base):
+    write_report_section("Chat SFT", [{"Note": "<script>alert(1)</script> <img src=x onerror=alert(2)>"}],
+                         report_dir=str(report_base / "report"))
+    os.makedirs(report_base / "chatsft_checkpoints" / "d4")
+    (report_base / "chatsft_checkpoints" / "d4" / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": Infinity}\n{"step": 3, "loss": -Infinity}\n'
+        '{"step": 4, "loss": NaN}\n{"step": 5, "loss": 1.5}\n')
+    text = open(report.generate(out_copy=False)).read()
+    assert "<script" not in text and "<img" not in text and "&lt;script>alert(1)&lt;/script>" in text
+    svg = (report_base / "report" / "sft-loss.svg").read_text()
+    assert "nan" not in svg and "inf" not in svg.lower() and svg.count("<circle") == 2
 
 
 def test_svg_chart_handles_flat_single_and_nan_series():

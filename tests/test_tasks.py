@@ -25,6 +25,7 @@ def base(tmp_path, monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(tasks, "HF_BACKOFF", 0.01)  # retries in a blink
     monkeypatch.setattr(tasks, "_unreachable", set())
     return path
 
@@ -148,6 +149,20 @@ def test_trader_sft_bad_line_names_file_and_line(tmp_path, line, why):
     with pytest.raises(UserError) as e:
         tasks.TraderSFT(str(path))
     assert f"{path}:3:" in str(e.value) and why in str(e.value)
+
+
+@pytest.mark.parametrize("raw, why", [
+    (b"[" * 100_000 + b"]" * 100_000, "beyond what Python parses"),  # RecursionError inside json
+    (b'{"messages": ' + b"9" * 5000 + b"}", None),  # Python >= 3.11: an int of 5,000 digits is refused
+    (b'{"messages": "caf\xe9"}', "not UTF-8"),  # Latin-1, not UTF-8
+])
+def test_hostile_line_is_one_clear_error_on_its_own_line(tmp_path, raw, why):
+    path = tmp_path / "sft.jsonl"
+    good = json.dumps(sft_record(0)).encode()
+    path.write_bytes(b"\n".join([good] * 3000 + [raw, good]) + b"\n")  # past the decoder's first chunk
+    with pytest.raises(UserError) as e:
+        tasks.TraderSFT(str(path))
+    assert str(e.value).startswith(f"{path}:3001:") and (why is None or why in str(e.value))
 
 
 def test_trader_files_empty_or_missing(tmp_path, base):
@@ -347,7 +362,54 @@ def test_smoltalk_prefix_and_validation(base):
         tasks.SmolTalk("test")
 
 
+def seed_words(base, words=("strawberry", "apple", "banana", "kiwi")):
+    (base / "task_data").mkdir(exist_ok=True)
+    (base / "task_data" / "words_alpha.txt").write_text("".join(w + "\r\n" for w in words))  # the file's CRLF
+
+
+def test_spelling_tasks_render_and_grade_like_nanochat(base):
+    seed_words(base)
+    bee, test_bee = tasks.SpellingBee(size=50, split="train"), tasks.SpellingBee(size=50, split="test")
+    assert len(bee) == 50 and bee[7] == tasks.SpellingBee(size=50)[7]  # example i is a function of i
+    assert [bee[i] for i in range(10)] != [test_bee[i] for i in range(10)]  # test seeds are apart from train's
+    for i in range(50):
+        user, assistant = bee[i]["messages"]
+        python = [p["text"] for p in assistant["content"] if p["type"] == "python"][0]
+        word, letter = python.split("'")[1], python.split("'")[3]
+        assert word in ("strawberry", "apple", "banana", "kiwi") and word in user["content"]
+        answer = str(word.count(letter))
+        assert assistant["content"][-1]["text"].endswith(f"#### {answer}")
+        assert [p["text"] for p in assistant["content"] if p["type"] == "python_output"] == [answer]
+        assert bee.evaluate(bee[i], f"so #### {answer}") == 1 and bee.evaluate(bee[i], "#### 99") == 0
+    spell = tasks.SimpleSpelling(size=5)
+    word = spell[0]["messages"][0]["content"].removeprefix("Spell the word: ")
+    assert spell[0]["messages"][1]["content"] == f"{word}:{','.join(word)}"
+
+
+def test_mixture_is_nanochat_885a4f2s_and_says_where_missing_files_go(base, monkeypatch):
+    import sft
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    seed_cache("allenai/ai2_arc", "ARC-Easy", "train", ARC_ROWS)
+    seed_cache("allenai/ai2_arc", "ARC-Challenge", "train", ARC_ROWS[:2])
+    seed_cache("openai/gsm8k", "main", "train", [GSM8K_ROW])
+    seed_cache("HuggingFaceTB/smol-smoltalk", "default", "train", SMOLTALK_ROWS)
+    seed_cache("HuggingFaceTB/smol-smoltalk", "default", "test", SMOLTALK_ROWS)
+    seed_words(base)
+    config = sft.parse_config(sft.Config, ["--sft_dataset=mixture"])
+    with pytest.raises(tasks.DataUnavailable) as e:  # offline, no identity conversations anywhere
+        sft.build_datasets(config)
+    assert str(base / "task_data" / "identity_conversations.jsonl") in str(e.value) and tasks.IDENTITY_URL in str(e.value)
+    identity = [[{"role": "user", "content": "who are you?"}, {"role": "assistant", "content": "nanochat"}]] * 3
+    (base / "identity_conversations.jsonl").write_text("".join(json.dumps(m) + "\n" for m in identity))  # nanochat's place
+    train, _ = sft.build_datasets(config)
+    assert [(name, rows) for name, rows, _, _ in train.composition()] == [
+        ("ARC-Easy/train", 5), ("ARC-Challenge/train", 2), ("GSM8K/main/train", 1), ("SmolTalk/train[0:10000]", 2),
+        ("Identity", 3), ("SimpleSpelling/train", 300), ("SpellingBee/train", 300)]
+    assert len(train) == 613
+
+
 def test_registry_builds_eval_tasks(base):
+    seed_words(base)
     seed_cache("allenai/ai2_arc", "ARC-Easy", "test", ARC_ROWS)
     seed_cache("allenai/ai2_arc", "ARC-Challenge", "test", ARC_ROWS[:2])
     seed_cache("cais/mmlu", "all", "test", [MMLU_ROW])
@@ -356,7 +418,7 @@ def test_registry_builds_eval_tasks(base):
     built = {name: make() for name, make in tasks.TASKS.items()}
     assert {n: (len(t), t.eval_type) for n, t in built.items()} == {
         "ARC-Easy": (5, "categorical"), "ARC-Challenge": (2, "categorical"), "MMLU": (1, "categorical"),
-        "GSM8K": (1, "generative"), "HumanEval": (1, "generative")}
+        "GSM8K": (1, "generative"), "HumanEval": (1, "generative"), "SpellingBee": (256, "generative")}
     assert len(tasks.TASKS["ARC-Easy"](stop=3)) == 3
 
 
@@ -444,7 +506,7 @@ def server(base, monkeypatch):
 
 
 def test_rows_pagination_and_cache_reuse(server, base):
-    rows = tasks.hf_rows("org/data", "main", "train", backoff=0.01)
+    rows = tasks.hf_rows("org/data", "main", "train")
     assert rows == ROWS
     assert server.pages() == [(0, 100), (100, 100), (200, 50)]
     cache = base / "task_data" / "org--data" / "main" / "train.jsonl"
@@ -481,7 +543,7 @@ def test_rows_stop_past_the_end_is_the_whole_split(server, base):
 def test_rows_retry_500_and_429_retry_after(server, monkeypatch, capsys):
     monkeypatch.setenv("HF_TOKEN", "hf_secret_token_123")
     server.script = [(500, {}, {"error": "boom"}), (429, {"Retry-After": "1"}, {"error": "slow down"})]
-    assert tasks.hf_rows("org/data", "main", "train", stop=100, backoff=0.01) == ROWS[:100]
+    assert tasks.hf_rows("org/data", "main", "train", stop=100) == ROWS[:100]
     assert len(server.requests) == 3
     waited = server.requests[2]["t"] - server.requests[1]["t"]
     assert 0.9 <= waited < 5  # Retry-After honoured (backoff alone would be 0.02 s)
@@ -508,7 +570,8 @@ def test_rows_unavailable_names_the_cache(base, monkeypatch):
     monkeypatch.setenv("CHIMERA_HF_ROWS_URL", f"http://127.0.0.1:{free_port()}/rows")  # nothing listens
     t = time.time()
     with pytest.raises(tasks.DataUnavailable) as e:
-        tasks.hf_rows("org/data", "main", "train", retries=2, backoff=0.01)
+        monkeypatch.setattr(tasks, "HF_RETRIES", 2)
+        tasks.hf_rows("org/data", "main", "train")
     assert time.time() - t < 5
     expected = os.path.join(str(base), "task_data", "org--data", "main", "train.jsonl")
     assert "org/data (main/train)" in str(e.value) and expected in str(e.value)
@@ -529,15 +592,16 @@ def test_offline_env_fails_at_once_without_a_request(server, monkeypatch):
 def test_unreachable_endpoint_is_written_off_for_the_run(base, monkeypatch):
     monkeypatch.setenv("CHIMERA_HF_ROWS_URL", f"http://127.0.0.1:{free_port()}/rows")  # nothing listens
     with pytest.raises(tasks.DataUnavailable, match=r"gave up after 3 tries"):
-        tasks.hf_rows("org/data", "main", "train", backoff=0.01)
+        tasks.hf_rows("org/data", "main", "train")
     t = time.time()
     with pytest.raises(tasks.DataUnavailable, match="unreachable earlier"):
-        tasks.hf_rows("org/other", "main", "test", backoff=10.0)  # would wait 10 s if retried
+        monkeypatch.setattr(tasks, "HF_BACKOFF", 10.0)  # would wait 10 s if retried
+        tasks.hf_rows("org/other", "main", "test")
     assert time.time() - t < 1
 
 
 def test_rows_client_errors_are_not_retried(server):
     with pytest.raises(tasks.DataUnavailable, match="HTTP 404.*does not exist"):
-        tasks.hf_rows("org/missing", "main", "train", backoff=0.01)
+        tasks.hf_rows("org/missing", "main", "train")
     assert len(server.requests) == 1
 
