@@ -17,9 +17,27 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def reset_peak_rss():
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_mb(field="VmRSS"):
+    """Current (VmRSS) or peak since the last reset (VmHWM) resident memory, in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise OSError(f"{field} not in /proc/self/status")
+
+
 def measure(mode, vocab, seq, width, layers, device):
     import torch
-    from common import reset_peak_rss, rss_mb
     from model import GPT, GPTConfig
 
     torch.manual_seed(0)

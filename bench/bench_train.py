@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 import dpo
-from common import autocast, collate, optimizer_step, reset_peak_rss, rss_mb, synchronize
-from model import GPT, GPTConfig
+from bench_logprobs import reset_peak_rss, rss_mb
+from common import autocast, optimizer_step, synchronize
+from model import GPT, GPTConfig, collate
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak, for MFU
 

@@ -9,7 +9,7 @@ import pytest
 import sft
 from common import UserError
 from conftest import REPO, make_tiny_base, run_python, run_torchrun
-from model import get_tokenizer, load_model
+from model import collate, get_tokenizer, load_model
 
 SYSTEM = "You are Chimera, a disciplined trader."
 TOPICS = ["stops", "sizing", "leverage", "hype", "journals", "drawdowns", "options", "fees"]
@@ -76,7 +76,7 @@ def test_bad_config_exits_2_with_one_line(trader_base):
 def test_loss_counts_only_assistant_tokens(trader_base):
     tok = get_tokenizer()
     task = [trader_conversation(0)]
-    inputs, targets = sft.render_batch(task, [0], tok, 512, "cpu")
+    inputs, targets = collate(sft.render(task, tok, 512), tok.encode_special("<|assistant_end|>"), "cpu")
     ids, mask = tok.render_conversation(task[0])
     answer = tok.encode(task[0]["messages"][2]["content"]) + [tok.encode_special("<|assistant_end|>")]
     scored = targets[0][targets[0] != -1].tolist()
@@ -87,7 +87,7 @@ def test_loss_counts_only_assistant_tokens(trader_base):
 def test_training_lowers_loss_and_checkpoint_loads_back(trader_base, monkeypatch):
     run_sft(monkeypatch, "--sft_dataset=trader", "--num_iterations=12", "--init_lr_frac=1.0",
             "--eval_every=-1", *FAST)
-    ckpt = os.path.join(trader_base, "chatsft_checkpoints", "d2")
+    ckpt = os.path.join(trader_base, "chatsft_checkpoints", "chimera_d2")
     lines = [json.loads(l) for l in open(os.path.join(ckpt, "metrics.jsonl"))]
     losses = [l["loss"] for l in lines if "loss" in l]
     assert len(losses) == 12 and losses[-1] < losses[0] * 0.8
