@@ -92,13 +92,11 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, los
              label_smoothing=0.0):
     """Per-pair losses and the implicit rewards beta * (log pi - log pi_ref)."""
     logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    assert loss_type in LOSS_TYPES, loss_type
     if loss_type == "sigmoid":
-        losses = (-F.logsigmoid(beta * logits) * (1 - label_smoothing)
-                  - F.logsigmoid(-beta * logits) * label_smoothing)
-    elif loss_type == "ipo":
-        losses = (logits - 1 / (2 * beta)) ** 2
+        losses = -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
     else:
-        raise ValueError(f"unknown loss_type {loss_type!r}")
+        losses = (logits - 1 / (2 * beta)) ** 2
     chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
     rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
     return losses, chosen_rewards, rejected_rewards
@@ -155,19 +153,6 @@ def freeze(model):
     return ref
 
 
-@torch.no_grad()
-def reference_logps(ref, pairs, pad_id, c, d):
-    """[N, 2] (chosen, rejected) reference log-probs of all pairs, the work shared by ranks."""
-    out = torch.zeros(len(pairs), 2, dtype=torch.float64, device=d.device)
-    for idx in my_batches(pairs, c.device_batch_size, d):
-        chosen, rejected, _ = batch_logps(ref, pairs, idx, pad_id, d.device)
-        out[idx, 0], out[idx, 1] = chosen.double(), rejected.double()
-    if d.world_size > 1:  # one rank filled each pair
-        out = out.cpu() if torch.distributed.get_backend() == "gloo" else out
-        torch.distributed.all_reduce(out)
-    return out.cpu()
-
-
 def file_sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -185,6 +170,7 @@ def ref_cache_path(data_path, checkpoint_dir, step, max_len):
     return os.path.join(os.path.dirname(os.path.abspath(data_path)), "ref_logps", f"{os.path.basename(data_path)}.{key}.pt")
 
 
+@torch.no_grad()
 def load_or_compute_ref_cache(path, policy, pairs, pad_id, c, d):
     """{pair digest: (chosen, rejected) reference log-probs}: looked up by the pair, never by
     its position, so another split or order of the same pairs reads the right values."""
@@ -195,25 +181,16 @@ def load_or_compute_ref_cache(path, policy, pairs, pad_id, c, d):
             print0(f"reference log-probs: reusing {path}")
             return table
     print0(f"reference log-probs: computing {len(pairs)} pairs once -> {path}")
-    logps, keys = reference_logps(freeze(policy), pairs, pad_id, c, d), [key for _, _, key in pairs]
+    ref, logps = freeze(policy), torch.zeros(len(pairs), 2, dtype=torch.float64, device=d.device)
+    for idx in my_batches(pairs, c.device_batch_size, d):  # each rank its share, then summed over ranks
+        logps[idx] = torch.stack(batch_logps(ref, pairs, idx, pad_id, d.device)[:2], dim=1).double()
+    if d.world_size > 1:
+        logps = logps.cpu() if torch.distributed.get_backend() == "gloo" else logps
+        torch.distributed.all_reduce(logps)
+    keys, logps = [key for _, _, key in pairs], logps.cpu()
     if d.master:
         atomic_write(path, lambda f: torch.save({"keys": keys, "logps": logps}, f), binary=True)
     return dict(zip(keys, logps))
-
-
-class Reference:
-    """Where reference log-probs come from: a frozen model (live) or the cached table."""
-
-    def __init__(self, model=None, table=None):
-        self.model, self.table = model, table
-
-    def logps(self, pairs, indices, pad_id, device, bucket):
-        if self.table is not None:
-            rows = torch.stack([self.table[pairs[i][2]] for i in indices]).to(device=device, dtype=torch.float32)
-            return rows[:, 0], rows[:, 1]
-        with torch.no_grad():
-            chosen, rejected, _ = batch_logps(self.model, pairs, indices, pad_id, device, bucket)
-        return chosen, rejected
 
 
 # -----------------------------------------------------------------------------
@@ -238,12 +215,12 @@ def reduce_stats(stat_list, count, device):
 
 @torch.no_grad()
 def evaluate(model, reference, val_pairs, pad_id, c, d, bucket=False):
-    """Held-out DPO loss, reward accuracy and margin."""
+    """Held-out DPO loss, reward accuracy and margin; reference(pairs, indices) gives its log-probs."""
     model.eval()
     stats, count = [], 0
     for idx in my_batches(val_pairs, c.device_batch_size, d):
         pc, pr, _ = batch_logps(model, val_pairs, idx, pad_id, d.device, bucket)
-        rc, rr = reference.logps(val_pairs, idx, pad_id, d.device, bucket)
+        rc, rr = reference(val_pairs, idx)
         stats.append(pair_stats(*dpo_loss(pc, pr, rc, rr, c.beta, c.loss_type, c.label_smoothing), pc, pr))
         count += len(idx)
     model.train()
@@ -251,10 +228,8 @@ def evaluate(model, reference, val_pairs, pad_id, c, d, bucket=False):
 
 
 def load_pairs(data_path, c, tokenizer, max_len):
-    train_task = tasks.TraderDPO(data_path, split="train", val_fraction=c.val_fraction)
-    val_task = tasks.TraderDPO(data_path, split="val", val_fraction=c.val_fraction)
-    train, dropped_train = render_pairs(train_task, tokenizer, max_len)
-    val, dropped_val = render_pairs(val_task, tokenizer, max_len)
+    (train, dropped_train), (val, dropped_val) = (render_pairs(tasks.TraderDPO(
+        data_path, split=split, val_fraction=c.val_fraction), tokenizer, max_len) for split in ("train", "val"))
     if not train:
         raise UserError(f"no training pairs left after filtering ({dropped_train} dropped as identical or "
                         f"empty after truncation to {max_len} tokens)")
@@ -278,17 +253,16 @@ def main():
            f"({dropped} dropped), beta {c.beta}, {c.loss_type}, {steps} steps of "
            f"{c.target_examples_per_step} pairs in micro-batches of {c.device_batch_size} per process")
 
-    if c.ref_cache:
+    ref = None if c.ref_cache else freeze(model)  # a frozen copy: no grads, so its passes build no graph
+    if c.ref_cache:  # the reference's log-probs computed once, looked up by pair digest
         checkpoint_dir = checkpoint_dir_for(c.source, c.model_tag)
-        step = c.step if c.step is not None else find_last_step(checkpoint_dir)
-        path = ref_cache_path(data_path, checkpoint_dir, step, max_len)
-        reference = Reference(table=load_or_compute_ref_cache(path, model, train + val, pad_id, c, d))
+        path = ref_cache_path(data_path, checkpoint_dir, find_last_step(checkpoint_dir) if c.step is None else c.step, max_len)
+        table = load_or_compute_ref_cache(path, model, train + val, pad_id, c, d)
+        reference = lambda pairs, idx: torch.stack([table[pairs[i][2]] for i in idx]).to(d.device, torch.float32).unbind(1)
     else:
-        reference = Reference(model=freeze(model))
-        if bucket:
-            compile_model(reference.model)
-    if bucket:
-        compile_model(model)
+        reference = lambda pairs, idx: batch_logps(ref, pairs, idx, pad_id, d.device, bucket)[:2]
+    for m in filter(None, (model, ref) if bucket else ()):
+        compile_model(m)
     optimizers = model.setup_optimizers(unembedding_lr=c.unembedding_lr, embedding_lr=c.embedding_lr,
                                         matrix_lr=c.matrix_lr, weight_decay=c.weight_decay)
     run = RunDir("dpo", c.out_tag or f"d{model.config.n_layer}", d.master)
@@ -321,7 +295,7 @@ def main():
         stats, count, real, positions = [], 0, 0, 0
         for idx in schedule.micro_batches(step, d.rank):
             pc, pr, (n_real, n_positions) = batch_logps(model, train, idx, pad_id, d.device, bucket)
-            rc, rr = reference.logps(train, idx, pad_id, d.device, bucket)
+            rc, rr = reference(train, idx)
             losses, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, c.beta, c.loss_type, c.label_smoothing)
             # a fixed number of pairs per step: divide by it and N processes match one
             (losses.sum() / c.target_examples_per_step).backward()
