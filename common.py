@@ -124,7 +124,11 @@ def parse_config(cls, argv=None, aliases=None):
     comment. An unknown key or a bad value is a one-line UserError."""
     argv = [re.sub(r"^--[\w-]+", lambda m: "--" + m[0][2:].replace("-", "_"), a)
             for a in (sys.argv[1:] if argv is None else argv)]
-    comments = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # no source file (python -c ...): --help without the comments
+        source = ""
+    comments = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", source, re.M))
     short = {v: k for k, v in (aliases or {}).items()}
     parser = argparse.ArgumentParser(allow_abbrev=False, exit_on_error=False, description="settings (--key=value or --key value):")
     for f in dataclasses.fields(cls):

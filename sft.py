@@ -64,23 +64,15 @@ def check_config(c):
     """Reject a bad config before anything heavy is loaded."""
     if c.sft_dataset not in DATASETS:
         raise UserError(f"--sft_dataset={c.sft_dataset!r}: expected one of {', '.join(DATASETS)}")
-    for key in (k for k in ("sft_mix_trader", "sft_mix_smoltalk") if getattr(c, k) < 1):
-        raise UserError(f"--{key}={getattr(c, key)}: mixture weights are positive integers (copies per row)")
     if not (0.0 <= c.trader_val_fraction < 1.0 and 0.0 <= c.system_prompt_frac <= 1.0):
         raise UserError(f"--trader_val_fraction={c.trader_val_fraction} must be in [0, 1) and "
                         f"--system_prompt_frac={c.system_prompt_frac} in [0, 1]")
-    check_settings(c, at_least_1=("device_batch_size", "target_examples_per_step", "num_epochs", "eval_batches",
-                                  "smoltalk_rows"), positive=("init_lr_frac",), steps=("num_iterations",),
+    check_settings(c, at_least_1=("sft_mix_trader", "sft_mix_smoltalk", "device_batch_size", "target_examples_per_step",
+                                  "num_epochs", "eval_batches", "smoltalk_rows"), positive=("init_lr_frac",), steps=("num_iterations",),
                    not_negative=("max_seq_len", "unembedding_lr", "embedding_lr", "matrix_lr", "weight_decay"),
                    tags=("model_tag", "out_tag"))
     if c.source and c.source not in SOURCE_DIRS:
         raise UserError(f"--source={c.source!r}: expected one of {', '.join(SOURCE_DIRS)}")
-
-
-def default_source():
-    """nanochat's SFT starts from the midtrained model; without one, from the base model."""
-    mid = os.path.join(get_base_dir(), SOURCE_DIRS["mid"])
-    return "mid" if os.path.isdir(mid) and os.listdir(mid) else "base"
 
 
 # -----------------------------------------------------------------------------
@@ -111,10 +103,10 @@ def render(task, tokenizer, max_len, system_prompt_frac=1.0, num_rows=None):
     assistant token is left to learn (dropped, never trained on as a zero loss). A trader
     conversation keeps its system message with probability system_prompt_frac, drawn by a
     hash of its content (salted: independent of the held-out split)."""
-    out = []
+    out, trader = [], isinstance(task, tasks.TraderSFT) and system_prompt_frac < 1
     for conversation in (task[i] for i in range(min(len(task), num_rows or len(task)))):
-        draw = hashlib.sha256(b"system prompt:" + tasks.record_digest(conversation)).digest()
-        if isinstance(task, tasks.TraderSFT) and int.from_bytes(draw[:8], "big") / 2.0**64 >= system_prompt_frac:
+        draw = trader and hashlib.sha256(b"system prompt:" + tasks.record_digest(conversation)).digest()
+        if trader and int.from_bytes(draw[:8], "big") / 2.0**64 >= system_prompt_frac:
             conversation = dict(conversation, messages=[m for m in conversation["messages"] if m["role"] != "system"])
         ids, mask = tokenizer.render_conversation(conversation, max_tokens=max_len + 1)
         out.append((torch.tensor(ids, dtype=torch.int32), torch.tensor(mask)) if any(mask[1:]) else None)
@@ -148,7 +140,8 @@ def conversation_loss(model, task, tokenizer, num_rows, batch_size, d, max_len, 
 def main():
     c = parse_config(Config)
     check_config(c)
-    source = c.source or default_source()
+    mid = os.path.join(get_base_dir(), SOURCE_DIRS["mid"])  # nanochat's SFT starts from mid, else from base
+    source = c.source or ("mid" if os.path.isdir(mid) and os.listdir(mid) else "base")
     d = init_dist(c.device_type)
     train, vals = master_first(lambda: build_datasets(c))  # data errors surface before the model loads
     model, tokenizer, meta = load_model(source, d.device, phase="train", model_tag=c.model_tag, step=c.step)

@@ -28,6 +28,7 @@ def test_both_flag_forms_dashes_and_types():
     c = parse_config(Cfg, ["--beta=0.5", "--num-iterations", "7", "--model_tag", "d4", "--ref-cache"])
     assert c == Cfg(beta=0.5, num_iterations=7, model_tag="d4", ref_cache=True)
     c = parse_config(Cfg, ["--ref_cache=0", "--model-tag=none", "-i", "dpo"], aliases={"i": "source"})
+    assert parse_config(Cfg, ["-i=mid"], aliases={"i": "source"}).source == "mid"
     assert c.ref_cache is False and c.model_tag is None and c.source == "dpo"
     assert parse_config(Cfg, ["--num_iterations", "-1"]).num_iterations == -1
 

@@ -58,7 +58,7 @@ FAST = ["--device_batch_size=4", "--target_examples_per_step=8", "--eval_batches
 
 @pytest.mark.parametrize("args, message", [
     (["--sft_dataset=foo"], "--sft_dataset='foo': expected one of mixture, trader, trader_mix"),
-    (["--sft_dataset=trader_mix", "--sft_mix_trader=0"], "--sft_mix_trader=0"),
+    (["--sft_dataset=trader_mix", "--sft_mix_trader=0"], "--sft_mix_trader=0: must be at least 1"),
     (["--sft_dataset=trader_mix", "--sft_mix_smoltalk=-2"], "--sft_mix_smoltalk=-2"),
     (["--sft_dataset=trader", "--trader_data_path=/nonexistent/x.jsonl"], "/nonexistent/x.jsonl"),
 ])
