@@ -83,8 +83,7 @@ def check_config(c):
 
 
 def sequence_logps(model, inputs, targets):
-    """[B] sum of log p(target) over the positions whose target is not -1, through the
-    chunked log-prob path (the full [B, T, V] float32 logits never exist)."""
+    """[B] sum of log p(target) where the target is not -1 (chunked: no [B, T, V] logits)."""
     return model.token_logprobs(inputs, targets).sum(dim=-1)
 
 
@@ -249,9 +248,8 @@ def main():
     schedule = Schedule([max(len(ch[0]), len(rj[0])) for ch, rj, _ in train], c.target_examples_per_step,
                         c.device_batch_size, d.world_size, c.num_epochs, c.num_iterations)
     steps, bucket = schedule.num_iterations, d.device.type == "cuda" if c.compile is None else c.compile
-    print0(f"DPO on {c.source} step {meta.get('step')}: {len(train)} train / {len(val)} held-out pairs "
-           f"({dropped} dropped), beta {c.beta}, {c.loss_type}, {steps} steps of "
-           f"{c.target_examples_per_step} pairs in micro-batches of {c.device_batch_size} per process")
+    print0(f"DPO on {c.source} step {meta.get('step')}: {len(train)} train / {len(val)} held-out pairs ({dropped} "
+           f"dropped), beta {c.beta}, {c.loss_type}, {steps} steps of {c.target_examples_per_step} pairs")
 
     ref = None if c.ref_cache else freeze(model)  # a frozen copy: no grads, so its passes build no graph
     if c.ref_cache:  # the reference's log-probs computed once, looked up by pair digest
@@ -292,16 +290,16 @@ def main():
             held_out = run_eval(step)
         synchronize(d.device)
         t0 = time.time()
-        stats, count, real, positions = [], 0, 0, 0
-        for idx in schedule.micro_batches(step, d.rank):
+        stats, micro, real, positions = [], schedule.micro_batches(step, d.rank), 0, 0
+        for idx in micro:
             pc, pr, (n_real, n_positions) = batch_logps(model, train, idx, pad_id, d.device, bucket)
             rc, rr = reference(train, idx)
             losses, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, c.beta, c.loss_type, c.label_smoothing)
             # a fixed number of pairs per step: divide by it and N processes match one
             (losses.sum() / c.target_examples_per_step).backward()
             stats.append(pair_stats(losses, chosen_r, rejected_r, pc, pr))
-            count, real, positions = count + len(idx), real + n_real, positions + n_positions
-        logged = reduce_stats(stats, count, d.device)
+            real, positions = real + n_real, positions + n_positions
+        logged = reduce_stats(stats, sum(map(len, micro)), d.device)
         if not math.isfinite(logged["loss"]):
             raise UserError(f"step {step + 1}: the DPO loss is {logged['loss']}; stopped, nothing saved")
         lrm = schedule.lr_multiplier(step)
