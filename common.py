@@ -130,7 +130,8 @@ def parse_config(cls, argv=None, aliases=None):
         source = ""
     comments = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", source, re.M))
     short = {v: k for k, v in (aliases or {}).items()}
-    parser = argparse.ArgumentParser(allow_abbrev=False, exit_on_error=False, description="settings (--key=value or --key value):")
+    parser = argparse.ArgumentParser(allow_abbrev=False, exit_on_error=False,
+                                     description="settings (--key=value or --key value):")
     for f in dataclasses.fields(cls):
         typ = typing.get_type_hints(cls)[f.name]
         base = next(t for t in typing.get_args(typ) or [typ] if t is not type(None))  # Optional[X] -> X
@@ -155,7 +156,7 @@ def check_settings(c, at_least_1=(), positive=(), not_negative=(), steps=(), tag
     for keys, bad, need in ((at_least_1, lambda v: v < 1, "must be at least 1"), (positive, lambda v: v <= 0, "must be > 0"),
                             (not_negative, lambda v: v < 0, "must be >= 0"),
                             (steps, lambda v: v == 0 or v < -1, "expected a number of steps, or -1 for num_epochs' worth"),
-                            (tags, lambda v: v is not None and v in ("", ".", "..") or os.path.basename(v or "") != (v or ""),
+                            (tags, lambda v: v is not None and (v in ("", ".", "..") or os.path.basename(v) != v),
                              "a tag is a plain directory name")):
         for key in (k for k in keys if bad(getattr(c, k))):
             raise UserError(f"--{key}={getattr(c, key)!r}: {need}")

@@ -34,7 +34,7 @@ class Config:
     sft_dataset: str = "mixture"  # mixture (nanochat's) | trader | trader_mix
     trader_data_path: Optional[str] = None  # SFT JSONL; None = $NANOCHAT_BASE_DIR/datasets/trader_sft_data.jsonl
     trader_val_fraction: float = 0.1  # share of trader conversations held out (by content hash)
-    system_prompt_frac: float = 0.2  # share of trader conversations that keep the persona's system message (by content hash); the rest teach the persona without one
+    system_prompt_frac: float = 0.2  # share of trader conversations that keep their system message (by content hash)
     sft_mix_trader: int = 1  # trader_mix: copies of each trader conversation
     sft_mix_smoltalk: int = 1  # trader_mix: copies of each SmolTalk conversation
     smoltalk_rows: int = 10_000  # SmolTalk conversations used by trader_mix and mixture
