@@ -1,11 +1,8 @@
-"""
-The small layer every Chimera stage shares: where files live, `--key=value` configs,
-torch.distributed setup, rank-0 printing, bf16 autocast, a progress bar, atomic writes,
-report sections and the bits of a training loop that SFT and DPO both need.
+"""The small layer every Chimera stage shares: errors, files, `--key=value` configs,
+torch.distributed, rank-0 printing, bf16 autocast, a progress bar and report sections.
+Nothing here knows about models or data; model.py and the stages build on it."""
 
-Nothing here knows about models or data; model.py and the stages build on it.
-"""
-
+import argparse
 import dataclasses
 import datetime
 import email.utils
@@ -16,7 +13,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import time
 import typing
 from contextlib import nullcontext
@@ -26,30 +22,21 @@ import torch
 import torch.distributed as dist
 
 # -----------------------------------------------------------------------------
-# Errors a user can cause end in one line and exit code 2
+# Errors a user can cause (one line, exit code 2), paths and files
 
 
 class UserError(Exception):
     """A problem with the user's input (a flag, a file, a missing key): shown as one line."""
 
 
-def die(message, code=2):
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
 def run_main(main):
-    """Run a stage's main(): a UserError becomes one line on stderr and exit code 2."""
+    """Run a stage's main(): a UserError becomes `error: ...` on stderr and exit code 2."""
     try:
         main()
-    except UserError as e:
-        die(str(e))
-    except KeyboardInterrupt:
-        die("interrupted", code=130)
-
-
-# -----------------------------------------------------------------------------
-# Paths and files
+    except (UserError, KeyboardInterrupt) as e:
+        stopped = isinstance(e, KeyboardInterrupt)
+        print(f"error: {'interrupted' if stopped else e}", file=sys.stderr, flush=True)
+        sys.exit(130 if stopped else 2)
 
 
 def get_base_dir():
@@ -60,20 +47,20 @@ def get_base_dir():
 
 
 def atomic_write(path, write_fn, binary=False):
-    """Write a file through a temp file in the same directory and rename it into place,
-    so a killed process leaves either the old file or the new one, never half of one."""
-    directory = os.path.dirname(os.path.abspath(path))
+    """Write through `.{name}.{pid}.tmp` beside the file and a rename, so a killed process
+    leaves the old file or the new one, never half of one. The file follows the umask."""
+    directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
-        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        os.remove(tmp)
         raise
 
 
@@ -87,9 +74,8 @@ def atomic_write_json(path, obj):
 
 def append_jsonl(path, record):
     """Append one record as one whole line (a single write), flushed to disk."""
-    line = json.dumps(record, ensure_ascii=False) + "\n"
     with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -146,109 +132,69 @@ def error_text(response, limit=300):
 
 
 # -----------------------------------------------------------------------------
-# Configs: a dataclass per stage, overridden by --key=value / --key value
+# Configs: a dataclass per stage whose fields are its flags (argparse underneath)
 
 
-def _field_help(cls):
-    """The end-of-line comment of each field in the dataclass source, used as --help text."""
-    helps = {}
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return helps
-    for line in source.splitlines():
-        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
-        if m:
-            helps[m.group(1)] = m.group(2).strip()
-    return helps
+def _converter(key, typ, base):
+    """Command-line text -> the field's type ("none" for an Optional), else a UserError."""
+    bools = dict.fromkeys(("1", "true", "yes", "on"), True) | dict.fromkeys(("0", "false", "no", "off"), False)
 
-
-def _parse_value(key, text, typ):
-    """Turn a command-line string into the field's declared type, or raise UserError."""
-    optional = typing.get_origin(typ) is typing.Union and type(None) in typing.get_args(typ)
-    if optional:
-        if text.lower() in ("none", "null", ""):
+    def convert(text):
+        if base is not typ and text.lower() in ("none", "null", ""):
             return None
-        typ = next(t for t in typing.get_args(typ) if t is not type(None))
-    try:
-        if typ is bool:
-            low = text.lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if typ is int:
-            return int(text)
-        if typ is float:
-            return float(text)
-        if typ is str:
-            return text
-    except ValueError:
-        pass
-    else:
-        raise UserError(f"--{key}: unsupported config type {typ}")
-    name = getattr(typ, "__name__", str(typ))
-    raise UserError(f"--{key}={text!r} is not a valid {name}")
+        try:
+            value = bools[text.lower()] if base is bool else base(text)
+        except (KeyError, ValueError):
+            raise UserError(f"--{key}={text!r} is not a valid {base.__name__}") from None
+        if base is float and not math.isfinite(value):  # no setting means NaN or infinity
+            raise UserError(f"--{key}={text}: must be a finite number")
+        return value
+    return convert
 
 
 def parse_config(cls, argv=None, aliases=None):
-    """Build the dataclass `cls` from its defaults and command-line overrides.
-
-    Accepts `--key=value`, `--key value`, dashes or underscores in keys, a bare `--flag`
-    for booleans, and short aliases such as {"i": "source"} for `-i sft`. An unknown key
-    or a value of the wrong type raises UserError listing what is valid.
-    """
-    argv = sys.argv[1:] if argv is None else list(argv)
-    aliases = aliases or {}
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    values = {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            print(config_help(cls, aliases))
-            sys.exit(0)
-        if arg.startswith("--"):
-            key, eq, text = arg[2:].partition("=")
-        elif arg.startswith("-") and len(arg) > 1 and not arg[1].isdigit():
-            key, eq, text = arg[1:].partition("=")
-            key = aliases.get(key, "\0" + key)
-        else:
-            raise UserError(f"unexpected argument {arg!r}; settings look like --key=value")
-        key = key.replace("-", "_")
-        if key not in hints:
-            shown = key.lstrip("\0")
-            raise UserError(f"unknown setting --{shown}; valid settings: " + ", ".join(names))
-        if not eq:
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if hints[key] is bool and (nxt is None or nxt.startswith("-")):
-                text = "1"
-            elif nxt is None:
-                raise UserError(f"--{key} needs a value")
-            else:
-                text = nxt
-                i += 1
-        values[key] = _parse_value(key, text, hints[key])
-        i += 1
-    return cls(**values)
-
-
-def config_help(cls, aliases=None):
-    helps = _field_help(cls)
-    hints = typing.get_type_hints(cls)
+    """The dataclass `cls` from its defaults and the command line: `--key=value` or `--key
+    value`, dashes or underscores, a bare `--flag` for booleans, short aliases such as
+    {"i": "source"} for `-i sft`; --help lists each field, its default and its end-of-line
+    comment. An unknown key or a bad value is a one-line UserError."""
+    argv = [re.sub(r"^--[\w-]+", lambda m: "--" + m[0][2:].replace("-", "_"), a)
+            for a in (sys.argv[1:] if argv is None else argv)]
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # no source file (python -c ...): --help without the comments
+        source = ""
+    comments = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", source, re.M))
     short = {v: k for k, v in (aliases or {}).items()}
-    lines = ["settings (--key=value or --key value):"]
+    parser = argparse.ArgumentParser(allow_abbrev=False, exit_on_error=False,
+                                     description="settings (--key=value or --key value):")
     for f in dataclasses.fields(cls):
-        flag = f"--{f.name}" + (f", -{short[f.name]}" if f.name in short else "")
-        typ = getattr(hints[f.name], "__name__", str(hints[f.name]).replace("typing.", ""))
-        lines.append(f"  {flag:<28} {typ:<14} default {f.default!r:<12} {helps.get(f.name, '')}")
-    return "\n".join(lines)
+        typ = typing.get_type_hints(cls)[f.name]
+        base = next(t for t in typing.get_args(typ) or [typ] if t is not type(None))  # Optional[X] -> X
+        parser.add_argument(f"--{f.name}", *(["-" + short[f.name]] if f.name in short else []), dest=f.name,
+                            default=f.default, type=_converter(f.name, typ, base), nargs="?" if typ is bool else None,
+                            const=True if typ is bool else None, metavar=base.__name__,
+                            help=f"{comments.get(f.name, '')} (default {f.default!r})".replace("%", "%%"))
+    try:
+        values, extra = parser.parse_known_args(argv)
+    except argparse.ArgumentError as e:
+        raise UserError(str(e)) from None
+    if extra and not extra[0].startswith("-"):
+        raise UserError(f"unexpected argument {extra[0]!r}; settings look like --key=value")
+    if extra:
+        raise UserError(f"unknown setting --{extra[0].lstrip('-').partition('=')[0]}; valid settings: "
+                        + ", ".join(f.name for f in dataclasses.fields(cls)))
+    return cls(**vars(values))
 
 
-def config_dict(config):
-    return dataclasses.asdict(config)
+def check_settings(c, at_least_1=(), positive=(), not_negative=(), steps=(), tags=()):
+    """The range checks stages share, each failure one line naming the flag."""
+    for keys, bad, need in ((at_least_1, lambda v: v < 1, "must be at least 1"), (positive, lambda v: v <= 0, "must be > 0"),
+                            (not_negative, lambda v: v < 0, "must be >= 0"),
+                            (steps, lambda v: v == 0 or v < -1, "expected a number of steps, or -1 for num_epochs' worth"),
+                            (tags, lambda v: v is not None and (v in ("", ".", "..") or os.path.basename(v) != v),
+                             "a tag is a plain directory name")):
+        for key in (k for k in keys if bad(getattr(c, k))):
+            raise UserError(f"--{key}={getattr(c, key)!r}: {need}")
 
 
 # -----------------------------------------------------------------------------
@@ -257,45 +203,27 @@ def config_dict(config):
 
 @dataclasses.dataclass
 class Dist:
-    ddp: bool  # launched by torchrun with a process group
     rank: int
-    local_rank: int
     world_size: int
     device: torch.device
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-
-def autodetect_device_type():
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    master = property(lambda self: self.rank == 0)
 
 
 def init_dist(device_type=""):
-    """Set up the device and, under torchrun, the process group (nccl on CUDA, gloo else)."""
-    device_type = device_type or autodetect_device_type()
-    if device_type not in ("cuda", "mps", "cpu"):
-        raise UserError(f"--device_type={device_type!r}: expected cuda, mps or cpu")
-    ddp = int(os.environ.get("RANK", -1)) != -1 and int(os.environ.get("WORLD_SIZE", 1)) >= 1
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if device_type == "cuda":
-        device = torch.device("cuda", local_rank)
+    """The device and, under torchrun, the process group (nccl on CUDA, gloo else)."""
+    have = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    device_type = device_type or next(k for k, ok in have.items() if ok)
+    if not have.get(device_type):
+        raise UserError(f"--device_type={device_type!r}: " + ("no such device on this machine"
+                                                             if device_type in have else "expected cuda, mps or cpu"))
+    cuda = device_type == "cuda"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device(device_type)
+    if cuda:
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device(device_type)
-    if ddp and not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
-    return Dist(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), device)
 
 
 def cleanup_dist():
@@ -315,9 +243,8 @@ def print0(*args, **kwargs):
 
 def autocast(device):
     """bf16 autocast on CUDA; full float32 elsewhere (CPU bf16 is slow and not what users run)."""
-    if torch.device(device).type == "cuda":
-        return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    cuda = torch.device(device).type == "cuda"
+    return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
 
 def synchronize(device):
@@ -329,132 +256,37 @@ def all_reduce_sum(values, device):
     """Sum a list of numbers over ranks (a no-op on one process)."""
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     if dist.is_initialized():
-        if t.device.type != "cpu" and dist.get_backend() == "gloo":
-            t = t.cpu()
+        t = t.cpu() if dist.get_backend() == "gloo" else t
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
 
 
 def master_first(fn):
-    """Run fn on rank 0 first (it may download and fill a cache), then on the other ranks,
-    so N processes do not fetch the same data N times."""
-    if not dist.is_initialized():
-        return fn()
-    if dist.get_rank() == 0:
-        try:
+    """fn() on rank 0 first (it may fill a download cache), then on the other ranks."""
+    try:
+        if is_master():
             return fn()
-        finally:
+    finally:
+        if dist.is_initialized():
             dist.barrier()
-    dist.barrier()
     return fn()
 
 
-def shard(items, rank, world_size):
-    """This rank's share of a list: every world_size-th item starting at rank."""
-    return items[rank::world_size]
-
-
 # -----------------------------------------------------------------------------
-# Training-loop pieces shared by SFT and DPO
-
-
-def step_rows(step, examples_per_step, num_rows, rank, world_size):
-    """The rows this rank trains on at `step`: the step's slice of the (cycled) training
-    order, dealt round-robin across ranks, so the global batch is the same for any N."""
-    start = step * examples_per_step
-    return [(start + i) % num_rows for i in range(rank, examples_per_step, world_size)]
-
-
-def linear_decay(step, num_iterations):
-    """nanochat's SFT schedule: the lr multiplier falls linearly from 1 to 0 over the run."""
-    return 1.0 - step / max(1, num_iterations)
-
-
-def scale_initial_lr(optimizers, frac):
-    """nanochat's init_lr_frac: every group starts at a fraction of its default lr."""
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["lr"] * frac
-            group["initial_lr"] = group["lr"]
-
-
-def plan_steps(num_examples, examples_per_step, num_epochs, num_iterations):
-    """Steps in the run: num_iterations if given (> 0), else enough for num_epochs."""
-    if num_iterations > 0:
-        return num_iterations
-    return max(1, (num_examples * num_epochs) // examples_per_step)
-
-
-def grad_accum_steps(target_examples_per_step, device_batch_size, world_size, what="examples"):
-    per_pass = device_batch_size * world_size
-    if target_examples_per_step % per_pass != 0:
-        raise UserError(
-            f"--target_examples_per_step={target_examples_per_step} must be a multiple of "
-            f"device_batch_size*world_size = {device_batch_size}*{world_size} = {per_pass} {what}")
-    return target_examples_per_step // per_pass
-
-
-class MetricsLog:
-    """metrics.jsonl beside the checkpoints: one JSON object per step, rank 0 only."""
-
-    def __init__(self, path, fresh=True):
-        self.path = path
-        if is_master():
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            if fresh and os.path.exists(path):
-                os.remove(path)
-
-    def log(self, record):
-        if is_master():
-            append_jsonl(self.path, record)
-
-
-def collate(rows, pad_id, device=None):
-    """Pad rendered conversations into a batch.
-
-    rows: list of (ids, mask). Returns inputs [B, T-1] and targets [B, T-1] where a target
-    is -1 wherever the mask of the predicted token is 0 or the row is padding.
-    """
-    width = max(len(ids) for ids, _ in rows) - 1
-    inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    targets = torch.full((len(rows), width), -1, dtype=torch.long)
-    for i, (ids, mask) in enumerate(rows):
-        n = len(ids) - 1
-        ids_t = torch.tensor(ids, dtype=torch.long)
-        mask_t = torch.tensor(mask[1:], dtype=torch.bool)
-        inputs[i, :n] = ids_t[:-1]
-        targets[i, :n] = torch.where(mask_t, ids_t[1:], torch.full_like(ids_t[1:], -1))
-    if device is not None:
-        inputs, targets = inputs.to(device), targets.to(device)
-    return inputs, targets
-
-
-# -----------------------------------------------------------------------------
-# Progress bar (rank 0, stderr): done/total, rate, ETA and whatever the caller adds
-
-
-def _fmt_seconds(s):
-    if s is None or math.isinf(s) or math.isnan(s):
-        return "?"
-    s = int(s)
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
+# Progress bar and report sections (rank 0)
 
 
 class ProgressBar:
-    """A small progress bar. On a terminal it redraws one line; in a log file it prints a
-    line every `log_every` seconds so CI logs stay readable."""
+    """done/total, rate, ETA and the caller's extras on stderr: redrawn in place on a terminal,
+    one line every `log_every` seconds in a log file (so CI logs stay readable)."""
 
-    def __init__(self, total, desc="", unit="it", stream=None, enabled=None, log_every=10.0, width=24):
-        self.total, self.desc, self.unit = total, desc, unit
+    def __init__(self, total, desc="", unit="it", stream=None, enabled=None, log_every=10.0):
+        self.total, self.desc, self.unit, self.log_every = total, desc, unit, log_every
         self.stream = stream or sys.stderr
         self.enabled = is_master() if enabled is None else enabled
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.log_every, self.width = log_every, width
-        self.done, self.start = 0, time.time()
-        self.last_draw, self.extra = 0.0, ""
-        self.initial, self.drawn = 0, None
+        self.done = self.initial = 0
+        self.start, self.last_draw, self.extra, self.drawn = time.time(), 0.0, "", None
 
     def set_initial(self, done):
         """Count work found already done (a resumed run) without counting it in the rate."""
@@ -462,101 +294,40 @@ class ProgressBar:
 
     def update(self, n=1, **extra):
         self.done += n
-        if extra:
-            self.extra = "  ".join(f"{k} {v}" for k, v in extra.items())
-        now = time.time()
-        if now - self.last_draw >= (0.1 if self.tty else self.log_every) or self.done >= self.total:
+        self.extra = "  ".join(f"{k} {v}" for k, v in extra.items()) or self.extra
+        if time.time() - self.last_draw >= (0.1 if self.tty else self.log_every) or self.done >= self.total:
             self.draw()
-
-    def text(self):
-        elapsed = max(time.time() - self.start, 1e-9)
-        rate = (self.done - self.initial) / elapsed
-        left = (self.total - self.done) / rate if rate > 0 else float("inf")
-        frac = min(1.0, self.done / self.total) if self.total else 1.0
-        filled = int(frac * self.width)
-        bar = "#" * filled + "-" * (self.width - filled)
-        parts = [self.desc, f"[{bar}]", f"{self.done}/{self.total}", f"{rate:.2f} {self.unit}/s",
-                 f"ETA {_fmt_seconds(left)}"]
-        if self.extra:
-            parts.append(self.extra)
-        return " ".join(p for p in parts if p)
 
     def draw(self):
         if not self.enabled:
             return
-        self.last_draw, self.drawn = time.time(), (self.done, self.extra)
-        if self.tty:
-            self.stream.write("\r" + self.text() + "\033[K")
-        else:
-            self.stream.write(self.text() + "\n")
+        rate = (self.done - self.initial) / max(time.time() - self.start, 1e-9)
+        left = int((self.total - self.done) / rate) if rate > 0 else None
+        eta = "?" if left is None else f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}".removeprefix("0:")
+        filled = int(24 * min(1.0, self.done / self.total)) if self.total else 24
+        text = " ".join(p for p in (self.desc, f"[{'#' * filled}{'-' * (24 - filled)}]", f"{self.done}/{self.total}",
+                                    f"{rate:.2f} {self.unit}/s", f"ETA {eta}", self.extra) if p)
+        self.stream.write("\r" + text + "\033[K" if self.tty else text + "\n")
         self.stream.flush()
+        self.last_draw, self.drawn = time.time(), (self.done, self.extra)
 
     def close(self):
-        if not self.enabled:
-            return
-        if self.tty:
+        if self.tty or self.drawn != (self.done, self.extra):  # a log gets no repeated last line
             self.draw()
+        if self.enabled and self.tty:
             self.stream.write("\n")
-        elif self.drawn != (self.done, self.extra):  # a log gets no repeated last line
-            self.draw()
-        self.stream.flush()
-
-
-# -----------------------------------------------------------------------------
-# Report sections, in nanochat's format (report/<slug>.md)
-
-
-def slugify(text):
-    return text.lower().replace(" ", "-")
-
-
-def format_value(v):
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    if isinstance(v, int) and not isinstance(v, bool) and v >= 10000:
-        return f"{v:,.0f}"
-    return str(v)
 
 
 def write_report_section(section, data, report_dir=None):
-    """Write `## section`, a timestamp and one `- key: value` line per item, as nanochat's
-    Report.log does, so nanochat's report and ours both read it. `data` is a list of
-    dicts (one line per key) and strings (written as they are)."""
+    """report/<slug>.md as nanochat's Report.log writes it (`## section`, a timestamp, one
+    `- key: value` line per item), so both reports read it. `data`: dicts and strings."""
     if not is_master():
         return None
-    report_dir = report_dir or os.path.join(get_base_dir(), "report")
-    path = os.path.join(report_dir, slugify(section) + ".md")
+    fmt = lambda v: (f"{v:.4f}" if isinstance(v, float) else f"{v:,.0f}"
+                     if isinstance(v, int) and not isinstance(v, bool) and v >= 10000 else str(v))
     out = [f"## {section}\n", f"timestamp: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}\n\n"]
-    for item in data:
-        if not item:
-            continue
-        if isinstance(item, str):
-            out.append(item)
-        else:
-            out.extend(f"- {k}: {format_value(v)}\n" for k, v in item.items())
-    out.append("\n")
-    atomic_write_text(path, "".join(out))
+    for item in filter(None, data):
+        out += [item] if isinstance(item, str) else [f"- {k}: {fmt(v)}\n" for k, v in item.items()]
+    path = os.path.join(report_dir or os.path.join(get_base_dir(), "report"), section.lower().replace(" ", "-") + ".md")
+    atomic_write_text(path, "".join(out) + "\n")
     return path
-
-
-# -----------------------------------------------------------------------------
-# Peak memory on CPU, for the benchmarks (Linux: /proc/self)
-
-
-def reset_peak_rss():
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def rss_mb(field="VmRSS"):
-    """Current (VmRSS) or peak since the last reset (VmHWM) resident memory, in MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise OSError(f"{field} not in /proc/self/status")

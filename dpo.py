@@ -18,18 +18,19 @@ DPO of Mitchell (2023).
 
 import copy
 import hashlib
+import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from common import (UserError, MetricsLog, all_reduce_sum, atomic_write, autocast, cleanup_dist, collate, config_dict,
-                    get_base_dir, grad_accum_steps, init_dist, linear_decay, optimizer_step, parse_config,
-                    plan_steps, print0, run_main, scale_initial_lr, step_rows, synchronize, write_report_section)
-from model import SOURCE_DIRS, checkpoint_dir_for, find_last_step, load_model, save_checkpoint
+from common import (UserError, all_reduce_sum, atomic_write, autocast, check_settings, cleanup_dist, get_base_dir,
+                    init_dist, parse_config, print0, run_main, synchronize, write_report_section)
+from model import (GradSync, RunDir, Schedule, checkpoint_dir_for, collate, compile_model, find_last_step, load_model,
+                   optimizer_step)
 import tasks
 
 
@@ -57,15 +58,14 @@ class Config:
     init_lr_frac: float = 0.01  # DPO moves gently: every lr starts at this fraction, then decays to 0
     eval_every: int = 50  # steps between held-out evaluations (and at the end); -1 = only at the end
     save_every: int = -1  # steps between checkpoints; -1 = only at the end
-    out_tag: Optional[str] = None  # output directory name; None = the source's model tag
+    compile: Optional[bool] = None  # torch.compile policy and reference (lengths padded to a few buckets); None = on for CUDA
+    out_tag: Optional[str] = None  # output directory name; None = d{depth}
 
 
 LOSS_TYPES = ("sigmoid", "ipo")
 
 
 def check_config(c):
-    if not c.beta > 0:
-        raise UserError(f"--beta={c.beta}: must be > 0")
     if c.loss_type not in LOSS_TYPES:
         raise UserError(f"--loss_type={c.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
     if not 0.0 <= c.label_smoothing < 0.5:
@@ -74,9 +74,9 @@ def check_config(c):
         raise UserError("--label_smoothing only applies to --loss_type=sigmoid")
     if not 0.0 <= c.val_fraction < 1.0:
         raise UserError(f"--val_fraction={c.val_fraction}: expected a fraction in [0, 1)")
-    for key in ("max_length", "device_batch_size", "target_examples_per_step", "num_epochs"):
-        if getattr(c, key) < 1:
-            raise UserError(f"--{key}={getattr(c, key)}: must be at least 1")
+    check_settings(c, at_least_1=("max_length", "device_batch_size", "target_examples_per_step", "num_epochs"),
+                   positive=("beta", "init_lr_frac"), steps=("num_iterations",), tags=("model_tag", "out_tag"),
+                   not_negative=("unembedding_lr", "embedding_lr", "matrix_lr", "weight_decay"))
 
 
 # -----------------------------------------------------------------------------
@@ -84,8 +84,7 @@ def check_config(c):
 
 
 def sequence_logps(model, inputs, targets):
-    """[B] sum of log p(target) over the positions whose target is not -1, through the
-    chunked log-prob path (the full [B, T, V] float32 logits never exist)."""
+    """[B] sum of log p(target) where the target is not -1 (chunked: no [B, T, V] logits)."""
     return model.token_logprobs(inputs, targets).sum(dim=-1)
 
 
@@ -93,13 +92,11 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, los
              label_smoothing=0.0):
     """Per-pair losses and the implicit rewards beta * (log pi - log pi_ref)."""
     logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    assert loss_type in LOSS_TYPES, loss_type
     if loss_type == "sigmoid":
-        losses = (-F.logsigmoid(beta * logits) * (1 - label_smoothing)
-                  - F.logsigmoid(-beta * logits) * label_smoothing)
-    elif loss_type == "ipo":
-        losses = (logits - 1 / (2 * beta)) ** 2
+        losses = -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
     else:
-        raise ValueError(f"unknown loss_type {loss_type!r}")
+        losses = (logits - 1 / (2 * beta)) ** 2
     chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
     rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
     return losses, chosen_rewards, rejected_rewards
@@ -110,43 +107,42 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, los
 
 
 def render_pairs(task, tokenizer, max_len):
-    """[(chosen (ids, mask), rejected (ids, mask))] for every pair still a real preference
-    after truncation, and how many were dropped."""
+    """[(chosen (ids, mask), rejected (ids, mask), the pair's digest)] for every pair still a
+    real preference after truncation, and how many were dropped. The pairs are rendered as
+    a user talks to the model, without a system message (the chat condition)."""
     kept, dropped = [], 0
-    for i in range(len(task)):
-        pair = task[i]
-        rendered = []
-        for answer in (pair["chosen"], pair["rejected"]):
-            conversation = {"messages": [{"role": "user", "content": pair["prompt"]},
-                                         {"role": "assistant", "content": answer}]}
-            rendered.append(tokenizer.render_conversation(conversation, max_tokens=max_len + 1))
+    for pair in task:
+        rendered = [tokenizer.render_conversation({"messages": [{"role": "user", "content": pair["prompt"]},
+                                                                {"role": "assistant", "content": answer}]},
+                                                  max_tokens=max_len + 1) for answer in (pair["chosen"], pair["rejected"])]
         (c_ids, c_mask), (r_ids, r_mask) = rendered
         # the shifted mask (what collate turns into targets) decides what is scored
         if c_ids == r_ids or not any(c_mask[1:]) or not any(r_mask[1:]):
             dropped += 1
             continue
-        kept.append((rendered[0], rendered[1]))
+        chosen, rejected = ((torch.tensor(ids, dtype=torch.int32), torch.tensor(mask)) for ids, mask in rendered)
+        kept.append((chosen, rejected, tasks.record_digest(pair).hex()))
     return kept, dropped
 
 
-def pair_batch(pairs, indices, pad_id, device):
-    """One concatenated batch: the chosen conversations, then the rejected ones."""
+def batch_logps(model, pairs, indices, pad_id, device, bucket=False):
+    """(chosen logps [B], rejected logps [B], (real tokens, positions computed)) in one forward
+    pass over the chosen conversations, then the rejected ones."""
     rows = [pairs[i][0] for i in indices] + [pairs[i][1] for i in indices]
-    return collate(rows, pad_id, device)
-
-
-def batch_logps(model, pairs, indices, pad_id, device):
-    """(chosen logps [B], rejected logps [B], non-pad tokens) in one forward pass."""
-    inputs, targets = pair_batch(pairs, indices, pad_id, device)
+    inputs, targets = collate(rows, pad_id, device, bucket)
     with autocast(device):
         logps = sequence_logps(model, inputs, targets)
-    n = len(indices)
-    tokens = sum(len(pairs[i][0][0]) + len(pairs[i][1][0]) for i in indices)
-    return logps[:n], logps[n:], tokens
+    return logps[:len(indices)], logps[len(indices):], (sum(len(ids) - 1 for ids, _ in rows), inputs.numel())
+
+
+def my_batches(pairs, batch_size, d):
+    """This rank's share of all pairs in batches of similar length (little padding)."""
+    order = sorted(range(len(pairs)), key=lambda i: max(len(pairs[i][0][0]), len(pairs[i][1][0])))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)][d.rank::d.world_size]
 
 
 # -----------------------------------------------------------------------------
-# Reference log-probs: live from a frozen copy, or computed once and cached to disk
+# Reference log-probs: live from a frozen model, or computed once and cached to disk
 
 
 def freeze(model):
@@ -155,23 +151,6 @@ def freeze(model):
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref
-
-
-@torch.no_grad()
-def reference_logps(ref, pairs, pad_id, batch_size, d):
-    """[N, 2] (chosen, rejected) reference log-probs for all pairs, sharded over ranks."""
-    out = torch.zeros(len(pairs), 2, dtype=torch.float64)
-    mine = list(range(d.rank, len(pairs), d.world_size))
-    for i in range(0, len(mine), batch_size):
-        idx = mine[i:i + batch_size]
-        chosen, rejected, _ = batch_logps(ref, pairs, idx, pad_id, d.device)
-        out[idx, 0], out[idx, 1] = chosen.double().cpu(), rejected.double().cpu()
-    if d.world_size > 1:
-        import torch.distributed as dist
-        flat = out.to(d.device) if d.device.type == "cuda" else out
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # each pair was filled by exactly one rank
-        out = flat.cpu()
-    return out
 
 
 def file_sha256(path):
@@ -183,87 +162,74 @@ def file_sha256(path):
 
 
 def ref_cache_path(data_path, checkpoint_dir, step, max_len):
-    """Cache file beside the data, named by what the log-probs depend on: the reference
-    weights (content hash), the data file (content hash) and the truncation length."""
-    weights = file_sha256(os.path.join(checkpoint_dir, f"model_{step:06d}.pt"))
-    key = hashlib.sha256(f"{weights}:{file_sha256(data_path)}:{max_len}".encode()).hexdigest()[:16]
+    """Cache file beside the data, named by everything the log-probs depend on: the reference
+    weights, the tokenizer, the data (content hashes), the truncation and the rendering."""
+    parts = [file_sha256(os.path.join(checkpoint_dir, f"model_{step:06d}.pt")), file_sha256(data_path), str(max_len),
+             file_sha256(os.path.join(get_base_dir(), "tokenizer", "tokenizer.pkl")), "user+assistant, no system"]
+    key = hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
     return os.path.join(os.path.dirname(os.path.abspath(data_path)), "ref_logps", f"{os.path.basename(data_path)}.{key}.pt")
 
 
+@torch.no_grad()
 def load_or_compute_ref_cache(path, policy, pairs, pad_id, c, d):
+    """{pair digest: (chosen, rejected) reference log-probs}: looked up by the pair, never by
+    its position, so another split or order of the same pairs reads the right values."""
     if os.path.exists(path):
         cached = torch.load(path, weights_only=True)
-        if cached.shape == (len(pairs), 2):
+        table = dict(zip(cached["keys"], cached["logps"]))
+        if all(key in table for _, _, key in pairs):
             print0(f"reference log-probs: reusing {path}")
-            return cached
+            return table
     print0(f"reference log-probs: computing {len(pairs)} pairs once -> {path}")
-    ref = freeze(policy)
-    logps = reference_logps(ref, pairs, pad_id, c.device_batch_size, d)
-    del ref
+    ref, logps = freeze(policy), torch.zeros(len(pairs), 2, dtype=torch.float64, device=d.device)
+    for idx in my_batches(pairs, c.device_batch_size, d):  # each rank its share, then summed over ranks
+        logps[idx] = torch.stack(batch_logps(ref, pairs, idx, pad_id, d.device)[:2], dim=1).double()
+    if d.world_size > 1:
+        logps = logps.cpu() if torch.distributed.get_backend() == "gloo" else logps
+        torch.distributed.all_reduce(logps)
+    keys, logps = [key for _, _, key in pairs], logps.cpu()
     if d.master:
-        atomic_write(path, lambda f: torch.save(logps, f), binary=True)
-    return logps
+        atomic_write(path, lambda f: torch.save({"keys": keys, "logps": logps}, f), binary=True)
+    return dict(zip(keys, logps))
 
 
 # -----------------------------------------------------------------------------
 # Training and evaluation
 
+STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+         "logps/rejected")
+
 
 def pair_stats(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected):
-    """Sums over the pairs of a batch, to be reduced over micro-batches and ranks."""
-    return {
-        "loss": losses.detach().sum().item(),
-        "rewards/chosen": chosen_rewards.sum().item(),
-        "rewards/rejected": rejected_rewards.sum().item(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).sum().item(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum().item(),
-        "logps/chosen": policy_chosen.detach().sum().item(),
-        "logps/rejected": policy_rejected.detach().sum().item(),
-    }
+    """Sums over the pairs of a batch (in STATS order), to be reduced over micro-batches and ranks."""
+    return [losses.detach().sum().item(), chosen_rewards.sum().item(), rejected_rewards.sum().item(),
+            (chosen_rewards - rejected_rewards).sum().item(), (chosen_rewards > rejected_rewards).float().sum().item(),
+            policy_chosen.detach().sum().item(), policy_rejected.detach().sum().item()]
 
 
 def reduce_stats(stat_list, count, device):
-    keys = list(stat_list[0].keys()) if stat_list else []
-    totals = all_reduce_sum([sum(s[k] for s in stat_list) for k in keys] + [count], device)
-    n = max(totals[-1], 1)
-    return {k: v / n for k, v in zip(keys, totals[:-1])}
-
-
-class Reference:
-    """Where reference log-probs come from: a frozen model (live) or the cached table."""
-
-    def __init__(self, model=None, table=None):
-        self.model, self.table = model, table
-
-    def logps(self, pairs_offset, pairs, indices, pad_id, device):
-        if self.table is not None:
-            rows = self.table[[pairs_offset + i for i in indices]].to(device=device, dtype=torch.float32)
-            return rows[:, 0], rows[:, 1]
-        with torch.no_grad():
-            chosen, rejected, _ = batch_logps(self.model, pairs, indices, pad_id, device)
-        return chosen, rejected
+    """Means over all ranks' pairs; the same fixed-size reduce on every rank, even one with no pairs."""
+    totals = all_reduce_sum([sum(s[k] for s in stat_list) for k in range(len(STATS))] + [count], device)
+    return {k: v / max(totals[-1], 1) for k, v in zip(STATS, totals)}
 
 
 @torch.no_grad()
-def evaluate(model, reference, val_pairs, val_offset, pad_id, c, d):
-    """Held-out DPO loss, reward accuracy and margin."""
+def evaluate(model, reference, val_pairs, pad_id, c, d, bucket=False):
+    """Held-out DPO loss, reward accuracy and margin; reference(pairs, indices) gives its log-probs."""
     model.eval()
-    mine = list(range(d.rank, len(val_pairs), d.world_size))
-    stats = []
-    for i in range(0, len(mine), c.device_batch_size):
-        idx = mine[i:i + c.device_batch_size]
-        pc, pr, _ = batch_logps(model, val_pairs, idx, pad_id, d.device)
-        rc, rr = reference.logps(val_offset, val_pairs, idx, pad_id, d.device)
+    stats, count = [], 0
+    for idx in my_batches(val_pairs, c.device_batch_size, d):
+        pc, pr, _ = batch_logps(model, val_pairs, idx, pad_id, d.device, bucket)
+        rc, rr = reference(val_pairs, idx)
         stats.append(pair_stats(*dpo_loss(pc, pr, rc, rr, c.beta, c.loss_type, c.label_smoothing), pc, pr))
+        count += len(idx)
     model.train()
-    return reduce_stats(stats, len(mine), d.device)
+    return reduce_stats(stats, count, d.device)
 
 
 def load_pairs(data_path, c, tokenizer, max_len):
-    train_task = tasks.TraderDPO(data_path, split="train", val_fraction=c.val_fraction)
-    val_task = tasks.TraderDPO(data_path, split="val", val_fraction=c.val_fraction)
-    train, dropped_train = render_pairs(train_task, tokenizer, max_len)
-    val, dropped_val = render_pairs(val_task, tokenizer, max_len)
+    (train, dropped_train), (val, dropped_val) = (render_pairs(tasks.TraderDPO(
+        data_path, split=split, val_fraction=c.val_fraction), tokenizer, max_len) for split in ("train", "val"))
     if not train:
         raise UserError(f"no training pairs left after filtering ({dropped_train} dropped as identical or "
                         f"empty after truncation to {max_len} tokens)")
@@ -280,91 +246,93 @@ def main():
     max_len = min(c.max_length, model.config.sequence_len)
     train, val, dropped = load_pairs(data_path, c, tokenizer, max_len)
     pad_id = tokenizer.encode_special("<|assistant_end|>")
-    accum = grad_accum_steps(c.target_examples_per_step, c.device_batch_size, d.world_size, what="pairs")
-    num_iterations = plan_steps(len(train), c.target_examples_per_step, c.num_epochs, c.num_iterations)
-    print0(f"DPO on {c.source} step {meta.get('step')}: {len(train)} train / {len(val)} held-out pairs "
-           f"({dropped} dropped), beta {c.beta}, {c.loss_type}, {num_iterations} steps of "
-           f"{c.target_examples_per_step} pairs ({accum} micro-batches of {c.device_batch_size} per process)")
+    schedule = Schedule([max(len(ch[0]), len(rj[0])) for ch, rj, _ in train], c.target_examples_per_step,
+                        c.device_batch_size, d.world_size, c.num_epochs, c.num_iterations)
+    steps, bucket = schedule.num_iterations, d.device.type == "cuda" if c.compile is None else c.compile
+    print0(f"DPO on {c.source} step {meta.get('step')}: {len(train)} train / {len(val)} held-out pairs ({dropped} "
+           f"dropped), beta {c.beta}, {c.loss_type}, {steps} steps of {c.target_examples_per_step} pairs")
 
-    if c.ref_cache:
+    ref = None if c.ref_cache else freeze(model)  # a frozen copy: no grads, so its passes build no graph
+    if c.ref_cache:  # the reference's log-probs computed once, looked up by pair digest
         checkpoint_dir = checkpoint_dir_for(c.source, c.model_tag)
-        step = c.step if c.step is not None else find_last_step(checkpoint_dir)
-        path = ref_cache_path(data_path, checkpoint_dir, step, max_len)
-        reference = Reference(table=load_or_compute_ref_cache(path, model, train + val, pad_id, c, d))
+        path = ref_cache_path(data_path, checkpoint_dir, find_last_step(checkpoint_dir) if c.step is None else c.step, max_len)
+        table = load_or_compute_ref_cache(path, model, train + val, pad_id, c, d)
+        reference = lambda pairs, idx: torch.stack([table[pairs[i][2]] for i in idx]).to(d.device, torch.float32).unbind(1)
     else:
-        reference = Reference(model=freeze(model))
-    val_offset = len(train)  # the cached table holds train pairs, then held-out pairs
-
+        reference = lambda pairs, idx: batch_logps(ref, pairs, idx, pad_id, d.device, bucket)[:2]
+    for m in filter(None, (model, ref) if bucket else ()):
+        compile_model(m)
     optimizers = model.setup_optimizers(unembedding_lr=c.unembedding_lr, embedding_lr=c.embedding_lr,
                                         matrix_lr=c.matrix_lr, weight_decay=c.weight_decay)
-    scale_initial_lr(optimizers, c.init_lr_frac)
-    out_dir = os.path.join(get_base_dir(), SOURCE_DIRS["dpo"], c.out_tag or f"d{model.config.n_layer}")
-    metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
+    grad_sync = GradSync(model)
+    run = RunDir("dpo", c.out_tag or f"d{model.config.n_layer}", d.master)
 
     def run_eval(step):
         if not val:
             return {}
-        held_out = evaluate(model, reference, val, val_offset, pad_id, c, d)
+        held_out = evaluate(model, reference, val, pad_id, c, d, bucket)
         print0(f"step {step:05d} | held-out loss {held_out['loss']:.4f} | reward accuracy "
                f"{held_out['rewards/accuracies']:.3f} | margin {held_out['rewards/margins']:.4f}")
-        metrics.log({"step": step, **{f"eval/{k}": v for k, v in held_out.items()}})
+        run.log({"step": step, **{f"eval/{k}": v for k, v in held_out.items()}})
         return held_out
 
     def save(step, held_out):
-        if d.master:
-            save_checkpoint(out_dir, step, model.state_dict(), None, {
-                "step": step, "model_config": meta["model_config"], "user_config": config_dict(c),
-                "beta": c.beta, "loss_type": c.loss_type, "source": c.source, "source_step": meta.get("step"),
-                "train_pairs": len(train), "val_pairs": len(val), "dropped_pairs": dropped,
-                "val_loss": held_out.get("loss"), "val_reward_accuracy": held_out.get("rewards/accuracies"),
-                "val_reward_margin": held_out.get("rewards/margins"), "initial_held_out": initial,
-            })
+        run.save(step, model, {
+            "step": step, "model_config": meta["model_config"], "user_config": asdict(c),
+            "beta": c.beta, "loss_type": c.loss_type, "source": c.source, "source_step": meta.get("step"),
+            "train_pairs": len(train), "val_pairs": len(val), "dropped_pairs": dropped, "conditioning": "no system message",
+            "val_loss": held_out.get("loss"), "val_reward_accuracy": held_out.get("rewards/accuracies"),
+            "val_reward_margin": held_out.get("rewards/margins"), "initial_held_out": initial,
+            "real_token_frac": real_total / max(positions_total, 1)})
 
     initial = run_eval(0)
-    held_out, t_start = initial, time.time()
-    for step in range(num_iterations):
+    held_out, t_start, real_total, positions_total = initial, time.time(), 0, 0
+    for step in range(steps):
         if step > 0 and c.eval_every > 0 and step % c.eval_every == 0:
             held_out = run_eval(step)
         synchronize(d.device)
         t0 = time.time()
-        mine = step_rows(step, c.target_examples_per_step, len(train), d.rank, d.world_size)
-        stats, tokens = [], 0
-        for i in range(0, len(mine), c.device_batch_size):
-            idx = mine[i:i + c.device_batch_size]
-            pc, pr, n_tokens = batch_logps(model, train, idx, pad_id, d.device)
-            rc, rr = reference.logps(0, train, idx, pad_id, d.device)
+        stats, micro, real, positions = [], schedule.micro_batches(step, d.rank), 0, 0
+        for i, idx in enumerate(micro):
+            pc, pr, (n_real, n_positions) = batch_logps(model, train, idx, pad_id, d.device, bucket)
+            rc, rr = reference(train, idx)
             losses, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, c.beta, c.loss_type, c.label_smoothing)
             # a fixed number of pairs per step: divide by it and N processes match one
+            if i == len(micro) - 1:
+                grad_sync.arm()  # the last backward all-reduces each bucket as soon as it is ready
             (losses.sum() / c.target_examples_per_step).backward()
             stats.append(pair_stats(losses, chosen_r, rejected_r, pc, pr))
-            tokens += n_tokens
-        lrm = linear_decay(step, num_iterations)
-        optimizer_step(model, optimizers, lrm)
+            real, positions = real + n_real, positions + n_positions
+        logged = reduce_stats(stats, sum(map(len, micro)), d.device)
+        if not math.isfinite(logged["loss"]):
+            raise UserError(f"step {step + 1}: the DPO loss is {logged['loss']}; stopped, nothing saved")
+        lrm = schedule.lr_multiplier(step)
+        optimizer_step(model, optimizers, c.init_lr_frac * lrm, grad_sync)
         synchronize(d.device)
         dt = time.time() - t0
-        logged = reduce_stats(stats, len(mine), d.device)
-        (tokens,) = all_reduce_sum([tokens], d.device)
-        eta = (time.time() - t_start) / (step + 1) * (num_iterations - step - 1)
-        print0(f"step {step + 1:05d}/{num_iterations:05d} | loss {logged['loss']:.4f} | acc "
-               f"{logged['rewards/accuracies']:.2f} | margin {logged['rewards/margins']:.3f} | "
-               f"{tokens / dt:,.0f} tok/s | dt {dt * 1000:.0f}ms | ETA {eta:.0f}s")
-        metrics.log({"step": step + 1, **logged, "lr": optimizers[1].param_groups[0]["lr"],
-                     "lr_multiplier": lrm, "tokens": int(tokens), "dt_ms": dt * 1000})
-        if c.save_every > 0 and (step + 1) % c.save_every == 0 and step + 1 < num_iterations:
+        real, positions = all_reduce_sum([real, positions], d.device)
+        real_total, positions_total = real_total + real, positions_total + positions
+        eta = (time.time() - t_start) / (step + 1) * (steps - step - 1)
+        print0(f"step {step + 1:05d}/{steps:05d} | loss {logged['loss']:.4f} | acc "
+               f"{logged['rewards/accuracies']:.2f} | margin {logged['rewards/margins']:.3f} | real {real / positions:.0%} | "
+               f"{real / dt:,.0f} tok/s | dt {dt * 1000:.0f}ms | ETA {eta:.0f}s")
+        run.log({"step": step + 1, **logged, "lr": optimizers[1].param_groups[0]["lr"], "lr_multiplier": lrm,
+                 "tokens": int(real), "real_token_frac": real / positions, "dt_ms": dt * 1000})
+        if c.save_every > 0 and (step + 1) % c.save_every == 0 and step + 1 < steps:
             save(step + 1, held_out)
 
-    held_out = run_eval(num_iterations)
-    save(num_iterations, held_out)
-    print0(f"saved {out_dir}/model_{num_iterations:06d}.pt")
-    write_report_section("Chat DPO", [config_dict(c), {
+    held_out = run_eval(steps)
+    save(steps, held_out)
+    print0(f"saved {run.path}/model_{steps:06d}.pt")
+    write_report_section("Chat DPO", [asdict(c), {
         "Source": f"{c.source} step {meta.get('step')}", "Training pairs": len(train), "Held-out pairs": len(val),
-        "Dropped pairs": dropped, "Number of iterations": num_iterations, "Beta": c.beta, "Loss type": c.loss_type,
-        "Reference": "cached" if c.ref_cache else "live",
-        "Held-out loss (start)": initial.get("loss", float("nan")),
-        "Held-out loss": held_out.get("loss", float("nan")),
-        "Held-out reward accuracy (start)": initial.get("rewards/accuracies", float("nan")),
-        "Held-out reward accuracy": held_out.get("rewards/accuracies", float("nan")),
-        "Held-out reward margin": held_out.get("rewards/margins", float("nan")),
+        "Dropped pairs": dropped, "Number of iterations": steps, "Beta": c.beta, "Loss type": c.loss_type,
+        "Reference": "cached" if c.ref_cache else "live", "Conditioning": "no system message (the chat condition)",
+        "Real-token fraction": real_total / positions_total,
+        **({"Held-out loss (start)": initial["loss"], "Held-out loss": held_out["loss"],
+            "Held-out reward accuracy (start)": initial["rewards/accuracies"],
+            "Held-out reward accuracy": held_out["rewards/accuracies"],
+            "Held-out reward margin": held_out["rewards/margins"]} if val else {}),
         "Training time (s)": round(time.time() - t_start, 1),
     }])
     cleanup_dist()

@@ -14,6 +14,7 @@ metric, as nanochat's report reads them) and chat-evaluation-{source}.json besid
 """
 
 import functools
+import dataclasses
 import json
 import os
 import time
@@ -25,7 +26,7 @@ from typing import Optional
 import torch
 
 from common import (UserError, ProgressBar, all_reduce_sum, atomic_write_json, autocast, cleanup_dist,
-                    config_dict, init_dist, master_first, parse_config, print0, run_main, write_report_section)
+                    init_dist, master_first, parse_config, print0, run_main, write_report_section)
 from model import Engine, checkpoint_dir_for, find_last_step, load_model
 import tasks
 
@@ -388,10 +389,10 @@ def main():
                 "Persona reference": c.ref_source or "none",
                 "Judge": f"{judge_client()[1]} (both orders)" if judged else "none (identity probes by log-likelihood)"}
         section_path = write_report_section(f"Chat evaluation {c.source}", [
-            {k: v for k, v in config_dict(c).items() if k != "task_name"}, results, info])
+            {k: v for k, v in dataclasses.asdict(c).items() if k != "task_name"}, results, info])
         atomic_write_json(section_path[:-3] + ".json", {
             "source": c.source, "step": meta.get("step"), "results": results, "skipped": skipped,
-            "config": config_dict(c)})
+            "config": dataclasses.asdict(c)})
     cleanup_dist()
 
 

@@ -1098,3 +1098,95 @@ class Engine:
                 break
         return sequences, masks
 
+
+
+# -----------------------------------------------------------------------------
+# Training: batches and schedule shared by SFT and DPO
+
+WINDOW_STEPS = 16  # steps whose rows are sorted by length together (see Schedule)
+
+
+def collate(rows, pad_id, device, bucket=False):
+    """Pad rendered conversations [(ids, mask)] into inputs and targets [B, W] (a target is
+    -1 where nothing is learned), W the longest row - 1; with bucket, W is rounded up to one
+    of four widths per doubling (64, 80, 96, 112, 128, 160, ...): a compiled model sees few shapes."""
+    width = max(len(ids) for ids, _ in rows) - 1
+    step = max(16, 1 << max(0, (width - 1).bit_length() - 3))
+    width = max(64, -(-width // step) * step) if bucket else width
+    inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, (ids, mask) in enumerate(rows):
+        ids, mask = torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(mask, dtype=torch.bool)
+        inputs[i, :len(ids) - 1] = ids[:-1]
+        targets[i, :len(ids) - 1] = ids[1:].masked_fill(~mask[1:], -1)
+    return inputs.to(device), targets.to(device)
+
+
+def compile_model(model):
+    """torch.compile the transformer (the chunked lm_head stays eager) for fixed shapes."""
+    torch._dynamo.config.recompile_limit = 64  # one graph per bucketed width and batch size
+    model.hidden_states = torch.compile(model.hidden_states, dynamic=False)
+
+
+class Schedule:
+    """A run's steps: rows are taken in order, cycling (each once per epoch), `per_step` to a
+    step. The rows of each window of WINDOW_STEPS steps are sorted by length and cut into
+    micro-batches (similar lengths, little padding), which are shuffled over the window's steps
+    and dealt round-robin to the ranks: a step's global batch is the same for any number of
+    processes. The lr multiplier falls linearly from 1 to 0 (nanochat's SFT)."""
+
+    def __init__(self, lengths, per_step, batch_size, world_size, num_epochs, num_iterations):
+        if per_step % (batch_size * world_size):
+            raise UserError(f"--target_examples_per_step={per_step} must be a multiple of device_batch_size"
+                            f"*world_size = {batch_size}*{world_size} = {batch_size * world_size}")
+        self.lengths, self.per_step, self.batch_size, self.world_size = lengths, per_step, batch_size, world_size
+        self.num_iterations = num_iterations if num_iterations > 0 else max(1, len(lengths) * num_epochs // per_step)
+        self.window, self.cached = max(1, min(WINDOW_STEPS, len(lengths) // per_step)), (None, None)
+
+    def micro_batches(self, step, rank):
+        """This rank's micro-batches at `step`, each a list of row indices."""
+        w, size, bs = step // self.window, self.window * self.per_step, self.batch_size
+        if self.cached[0] != w:
+            rows = sorted(((w * size + i) % len(self.lengths) for i in range(size)), key=self.lengths.__getitem__)
+            order = torch.randperm(size // bs, generator=torch.Generator().manual_seed(w)).tolist()
+            self.cached = (w, [rows[i * bs:(i + 1) * bs] for i in order])
+        per = self.per_step // bs
+        return self.cached[1][(step % self.window) * per:][:per][rank::self.world_size]
+
+    def lr_multiplier(self, step):
+        return 1.0 - step / self.num_iterations
+
+
+class RunDir:
+    """A stage's output directory holds one run: a new run removes the earlier Chimera run's
+    files (and a killed save's .tmp files) and refuses checkpoints Chimera did not write."""
+
+    def __init__(self, stage, tag, master):
+        self.path, self.stage, self.master = os.path.join(get_base_dir(), SOURCE_DIRS[stage], tag), stage, master
+        old = [f for pattern in ("model_*.pt", "optim_*.pt", "meta_*.json", "metrics.jsonl", ".*.tmp")
+               for f in glob.glob(os.path.join(self.path, pattern))]
+        for meta in {re.sub(r"(model|optim)_(\d+)\.pt$", r"meta_\2.json", f) for f in old if f.endswith(("pt", "json"))}:
+            try:
+                marked = "chimera" in json.load(open(meta, encoding="utf-8"))
+            except (OSError, ValueError):
+                marked = False
+            if not marked:
+                raise UserError(f"{self.path}: {os.path.basename(meta)} is not a Chimera checkpoint; use another --out_tag")
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank has looked before rank 0 removes
+        for f in old if master else []:
+            os.remove(f)
+        os.makedirs(self.path, exist_ok=True)
+
+    def log(self, record):
+        if self.master:
+            with open(os.path.join(self.path, "metrics.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save(self, step, model, meta):
+        """model_/meta_{step:06d} marked as this stage's; non-finite weights are never saved."""
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise UserError(f"step {step}: the weights are not finite (NaN or inf); nothing saved")
+        if self.master:
+            save_checkpoint(self.path, step, model.state_dict(), None, {**meta, "chimera": {"stage": self.stage}})
+

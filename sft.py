@@ -6,21 +6,22 @@ trader data mixed with SmolTalk, or nanochat's general SFT mixture.
     torchrun --standalone --nproc_per_node=8 sft.py --sft_dataset=trader_mix --sft_mix_trader=1 --sft_mix_smoltalk=1
 
 Reads $NANOCHAT_BASE_DIR/{mid,base}_checkpoints, writes
-$NANOCHAT_BASE_DIR/chatsft_checkpoints/d{depth}/model_{step:06d}.pt + meta + metrics.jsonl,
-and the report section report/chat-sft.md.
+$NANOCHAT_BASE_DIR/chatsft_checkpoints/chimera_d{depth}/model_{step:06d}.pt + meta + metrics.jsonl
+(nanochat's own SFT keeps chatsft_checkpoints/d{depth}) and the report section report/chat-sft.md.
 """
 
+import hashlib
+import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 
-from common import (UserError, MetricsLog, autocast, all_reduce_sum, cleanup_dist, collate, config_dict,
-                    get_base_dir, grad_accum_steps, init_dist, linear_decay, master_first, optimizer_step, parse_config,
-                    plan_steps, print0, run_main, scale_initial_lr, step_rows, synchronize, write_report_section)
-from model import SOURCE_DIRS, load_model, save_checkpoint
+from common import (UserError, all_reduce_sum, autocast, check_settings, cleanup_dist, get_base_dir, init_dist,
+                    master_first, parse_config, print0, run_main, synchronize, write_report_section)
+from model import SOURCE_DIRS, GradSync, RunDir, Schedule, collate, compile_model, load_model, optimizer_step
 import tasks
 
 
@@ -33,6 +34,7 @@ class Config:
     sft_dataset: str = "mixture"  # mixture (nanochat's) | trader | trader_mix
     trader_data_path: Optional[str] = None  # SFT JSONL; None = $NANOCHAT_BASE_DIR/datasets/trader_sft_data.jsonl
     trader_val_fraction: float = 0.1  # share of trader conversations held out (by content hash)
+    system_prompt_frac: float = 0.2  # share of trader conversations that keep their system message (by content hash)
     sft_mix_trader: int = 1  # trader_mix: copies of each trader conversation
     sft_mix_smoltalk: int = 1  # trader_mix: copies of each SmolTalk conversation
     smoltalk_rows: int = 10_000  # SmolTalk conversations used by trader_mix and mixture
@@ -46,12 +48,13 @@ class Config:
     embedding_lr: float = 0.2  # AdamW lr of the token embedding
     matrix_lr: float = 0.02  # Muon lr of the transformer matrices
     weight_decay: float = 0.0  # AdamW weight decay
-    init_lr_frac: float = 0.02  # start every lr at this fraction of the above (nanochat's SFT)
+    init_lr_frac: float = 0.02  # start every lr at this fraction of the above (nanochat's SFT), then decay to 0
     eval_every: int = 100  # steps between val-loss evaluations (and at the end); -1 = only at the end
     eval_batches: int = 25  # val batches per evaluation, per process
     save_every: int = -1  # steps between checkpoints; -1 = only at the end
     seed: int = 42  # shuffling of the training mixture
-    out_tag: Optional[str] = None  # output directory name; None = the source's model tag
+    compile: Optional[bool] = None  # torch.compile the model (lengths padded to a few buckets); None = on for CUDA
+    out_tag: Optional[str] = None  # output directory name; None = chimera_d{depth}
 
 
 DATASETS = ("mixture", "trader", "trader_mix")
@@ -61,22 +64,15 @@ def check_config(c):
     """Reject a bad config before anything heavy is loaded."""
     if c.sft_dataset not in DATASETS:
         raise UserError(f"--sft_dataset={c.sft_dataset!r}: expected one of {', '.join(DATASETS)}")
-    for key in ("sft_mix_trader", "sft_mix_smoltalk"):
-        if getattr(c, key) < 1:
-            raise UserError(f"--{key}={getattr(c, key)}: mixture weights are positive integers (copies per row)")
-    if not 0.0 <= c.trader_val_fraction < 1.0:
-        raise UserError(f"--trader_val_fraction={c.trader_val_fraction}: expected a fraction in [0, 1)")
-    for key in ("device_batch_size", "target_examples_per_step", "num_epochs", "eval_batches", "smoltalk_rows"):
-        if getattr(c, key) < 1:
-            raise UserError(f"--{key}={getattr(c, key)}: must be at least 1")
+    if not (0.0 <= c.trader_val_fraction < 1.0 and 0.0 <= c.system_prompt_frac <= 1.0):
+        raise UserError(f"--trader_val_fraction={c.trader_val_fraction} must be in [0, 1) and "
+                        f"--system_prompt_frac={c.system_prompt_frac} in [0, 1]")
+    check_settings(c, at_least_1=("sft_mix_trader", "sft_mix_smoltalk", "device_batch_size", "target_examples_per_step",
+                                  "num_epochs", "eval_batches", "smoltalk_rows"), positive=("init_lr_frac",), steps=("num_iterations",),
+                   not_negative=("max_seq_len", "unembedding_lr", "embedding_lr", "matrix_lr", "weight_decay"),
+                   tags=("model_tag", "out_tag"))
     if c.source and c.source not in SOURCE_DIRS:
         raise UserError(f"--source={c.source!r}: expected one of {', '.join(SOURCE_DIRS)}")
-
-
-def default_source():
-    """nanochat's SFT starts from the midtrained model; without one, from the base model."""
-    mid = os.path.join(get_base_dir(), SOURCE_DIRS["mid"])
-    return "mid" if os.path.isdir(mid) and os.listdir(mid) else "base"
 
 
 # -----------------------------------------------------------------------------
@@ -84,7 +80,7 @@ def default_source():
 
 
 def build_datasets(c):
-    """(train task, {name: val task}) for the chosen dataset mode."""
+    """(train mixture, {name: val task}) for the chosen dataset mode."""
     if c.sft_dataset == "mixture":  # nanochat's general SFT mixture
         train = tasks.TaskMixture([
             tasks.ARC(subset="ARC-Easy", split="train"),
@@ -105,34 +101,39 @@ def build_datasets(c):
     return train, {"trader": trader_val, "smoltalk": tasks.SmolTalk(split="test", stop=c.val_rows)}
 
 
-def render_batch(task, indices, tokenizer, max_len, device):
-    """Render conversations with their assistant masks and pad them into (inputs, targets)."""
-    rows = [tokenizer.render_conversation(task[i], max_tokens=max_len + 1) for i in indices]
-    pad = tokenizer.encode_special("<|assistant_end|>")
-    return collate(rows, pad, device)
-
-
-def masked_logprob_sum(model, inputs, targets):
-    """Sum of log p over the assistant tokens, and how many there were."""
-    return model.token_logprobs(inputs, targets).sum(), int((targets != -1).sum())
+def render(task, tokenizer, max_len, system_prompt_frac=1.0, num_rows=None):
+    """(ids, mask) per conversation, truncated to max_len + 1 tokens, or None where no
+    assistant token is left to learn (dropped, never trained on as a zero loss). A trader
+    conversation keeps its system message with probability system_prompt_frac, drawn by a
+    hash of its content (salted: independent of the held-out split)."""
+    out, trader = [], isinstance(task, tasks.TraderSFT) and system_prompt_frac < 1
+    for conversation in (task[i] for i in range(min(len(task), num_rows or len(task)))):
+        draw = trader and hashlib.sha256(b"system prompt:" + tasks.record_digest(conversation)).digest()
+        if trader and int.from_bytes(draw[:8], "big") / 2.0**64 >= system_prompt_frac:
+            conversation = dict(conversation, messages=[m for m in conversation["messages"] if m["role"] != "system"])
+        ids, mask = tokenizer.render_conversation(conversation, max_tokens=max_len + 1)
+        out.append((torch.tensor(ids, dtype=torch.int32), torch.tensor(mask)) if any(mask[1:]) else None)
+    return out
 
 
 @torch.no_grad()
-def conversation_loss(model, task, tokenizer, num_rows, batch_size, d, max_len):
-    """Mean per-token loss over the assistant tokens of the first num_rows conversations,
-    sharded over ranks (eval.py reports the trader held-out loss with it too)."""
-    was_training = model.training
+def conversation_loss(model, task, tokenizer, num_rows, batch_size, d, max_len, system_prompt_frac=1.0, bucket=False):
+    """Mean loss per assistant token over the first num_rows conversations (similar lengths
+    batched together, batches dealt over ranks); eval.py reports the trader held-out loss
+    with it too. DataUnavailable when no assistant token is left after truncation."""
+    rows = sorted(filter(None, render(task, tokenizer, max_len, system_prompt_frac, num_rows)), key=lambda r: len(r[0]))
+    was_training, total, count = model.training, 0.0, 0
     model.eval()
-    mine = list(range(d.rank, min(len(task), num_rows), d.world_size))
-    total, count = 0.0, 0
-    for i in range(0, len(mine), batch_size):
-        inputs, targets = render_batch(task, mine[i:i + batch_size], tokenizer, max_len, d.device)
+    for i in range(d.rank * batch_size, len(rows), batch_size * d.world_size):
+        inputs, targets = collate(rows[i:i + batch_size], tokenizer.encode_special("<|assistant_end|>"), d.device, bucket)
         with autocast(d.device):
-            logp, k = masked_logprob_sum(model, inputs, targets)
-        total, count = total - logp.item(), count + k
+            total -= model.token_logprobs(inputs, targets).sum().item()
+        count += int((targets != -1).sum())
     total, count = all_reduce_sum([total, count], d.device)
     model.train(was_training)
-    return total / max(count, 1)
+    if count == 0:
+        raise tasks.DataUnavailable(f"{task.name}: no assistant token within {max_len} tokens")
+    return total / count
 
 
 # -----------------------------------------------------------------------------
@@ -142,91 +143,101 @@ def conversation_loss(model, task, tokenizer, num_rows, batch_size, d, max_len):
 def main():
     c = parse_config(Config)
     check_config(c)
-    source = c.source or default_source()
+    mid = os.path.join(get_base_dir(), SOURCE_DIRS["mid"])  # nanochat's SFT starts from mid, else from base
+    source = c.source or ("mid" if os.path.isdir(mid) and os.listdir(mid) else "base")
     d = init_dist(c.device_type)
     train, vals = master_first(lambda: build_datasets(c))  # data errors surface before the model loads
-    if len(train) == 0:
-        raise UserError("the training set is empty")
     model, tokenizer, meta = load_model(source, d.device, phase="train", model_tag=c.model_tag, step=c.step)
-    max_len = c.max_seq_len or model.config.sequence_len
-    accum = grad_accum_steps(c.target_examples_per_step, c.device_batch_size, d.world_size)
-    num_iterations = plan_steps(len(train), c.target_examples_per_step, c.num_epochs, c.num_iterations)
+    max_len = min(c.max_seq_len or model.config.sequence_len, model.config.sequence_len)
+    rendered = [render(task, tokenizer, max_len, c.system_prompt_frac) for task in train.tasks]
+    rows = [rendered[t][i] for t, i in train.index_map if rendered[t][i] is not None]  # the mixture's order
+    dropped = sum(r.count(None) for r in rendered)
+    if not rows:
+        raise UserError(f"no training conversation has an assistant token within {max_len} tokens (--max_seq_len)"
+                        + f"; all {dropped} have nothing to learn" * bool(dropped))
+    schedule = Schedule([len(ids) for ids, _ in rows], c.target_examples_per_step, c.device_batch_size,
+                        d.world_size, c.num_epochs, c.num_iterations)
+    steps, bucket = schedule.num_iterations, d.device.type == "cuda" if c.compile is None else c.compile
     composition = train.composition()
-    print0(f"SFT from {source} ({meta.get('model_config')}), dataset {c.sft_dataset}, {d.world_size} process(es)")
-    for name, rows, weight, weighted in composition:
-        print0(f"  {name:<24} {rows:>7} rows x{weight} = {weighted:>7}")
-    print0(f"  {'total':<24} {len(train):>7} rows; {num_iterations} steps of {c.target_examples_per_step} "
-           f"({accum} micro-batches of {c.device_batch_size} per process)")
-
+    print0(f"SFT from {source} ({meta.get('model_config')}), dataset {c.sft_dataset}, {d.world_size} process(es)\n"
+           + "".join(f"  {name:<24} {n:>7} rows x{w} = {nw:>7}\n" for name, n, w, nw in composition)
+           + f"  {len(rows)} rows ({dropped} dropped: nothing to learn within {max_len} tokens); {steps} steps of "
+           f"{c.target_examples_per_step} in micro-batches of {c.device_batch_size} per process")
+    if bucket:
+        compile_model(model)
     optimizers = model.setup_optimizers(unembedding_lr=c.unembedding_lr, embedding_lr=c.embedding_lr,
                                         matrix_lr=c.matrix_lr, weight_decay=c.weight_decay)
-    scale_initial_lr(optimizers, c.init_lr_frac)
-    depth = model.config.n_layer
-    out_dir = os.path.join(get_base_dir(), SOURCE_DIRS["sft"], c.out_tag or f"d{depth}")
-    metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
+    grad_sync = GradSync(model)
+    run = RunDir("sft", c.out_tag or f"chimera_d{model.config.n_layer}", d.master)
+    pad = tokenizer.encode_special("<|assistant_end|>")
 
     def evaluate(step):
-        rows = c.eval_batches * c.device_batch_size * d.world_size
-        losses = {name: conversation_loss(model, task, tokenizer, rows, c.device_batch_size, d, max_len)
-                  for name, task in vals.items() if len(task)}
+        losses, n = {}, c.eval_batches * c.device_batch_size * d.world_size
+        for name, task in vals.items():
+            try:
+                losses[name] = conversation_loss(model, task, tokenizer, n, c.device_batch_size, d, max_len,
+                                                 c.system_prompt_frac, bucket)
+            except tasks.DataUnavailable as e:
+                print0(f"val loss ({name}) skipped: {e}")
         print0(f"step {step:05d} | " + " | ".join(f"val loss ({k}) {v:.4f}" for k, v in losses.items()))
-        metrics.log({"step": step, **{f"val_loss/{k}": v for k, v in losses.items()}})
+        run.log({"step": step, **{f"val_loss/{k}": v for k, v in losses.items()}})
         return losses
 
-    def save(step, val_losses, train_loss):
-        if not d.master:
-            return
-        val_loss = next(iter(val_losses.values()), None)  # trader's when there is trader data
-        save_checkpoint(out_dir, step, model.state_dict(), None, {
-            "step": step, "val_loss": val_loss, "val_losses": val_losses, "train_loss": train_loss,
-            "model_config": meta["model_config"], "user_config": config_dict(c), "source": source,
-            "source_step": meta.get("step"), "mixture": [list(row) for row in composition],
-        })
+    def save(step):
+        run.save(step, model, {
+            "step": step, "val_loss": next(iter(val_losses.values()), None), "val_losses": val_losses,
+            "train_loss": train_loss, "model_config": meta["model_config"], "user_config": asdict(c), "source": source,
+            "source_step": meta.get("step"), "mixture": [list(row) for row in composition], "dropped_rows": dropped,
+            "system_prompt_frac": c.system_prompt_frac, "real_token_frac": real_total / max(positions_total, 1)})
 
-    val_losses, train_loss, t_start = {}, float("nan"), time.time()
-    for step in range(num_iterations):
+    val_losses, train_loss, t_start, real_total, positions_total = {}, float("nan"), time.time(), 0, 0
+    for step in range(steps):
         if c.eval_every > 0 and step % c.eval_every == 0:
             val_losses = evaluate(step)
         synchronize(d.device)
         t0 = time.time()
-        mine = step_rows(step, c.target_examples_per_step, len(train), d.rank, d.world_size)
-        batches = [render_batch(train, mine[i:i + c.device_batch_size], tokenizer, max_len, d.device)
-                   for i in range(0, len(mine), c.device_batch_size)]
+        micro = [[rows[i] for i in mb] for mb in schedule.micro_batches(step, d.rank)]
+        batches = [collate(mb, pad, d.device, bucket) for mb in micro]
         # normalise by the step's assistant tokens over all ranks, so N processes take the
         # same step as one process on the same global batch
-        (num_tokens,) = all_reduce_sum([sum(int((y != -1).sum()) for _, y in batches)], d.device)
+        num_tokens, real, positions = all_reduce_sum([sum(int((y != -1).sum()) for _, y in batches),
+                                                      sum(len(ids) - 1 for mb in micro for ids, _ in mb),
+                                                      sum(x.numel() for x, _ in batches)], d.device)
         step_loss = 0.0
-        for inputs, targets in batches:
+        for i, (inputs, targets) in enumerate(batches):
             with autocast(d.device):
-                logp, _ = masked_logprob_sum(model, inputs, targets)
-            loss = -logp / max(num_tokens, 1)
+                loss = -model.token_logprobs(inputs, targets, reduction="sum") / num_tokens
+            if i == len(batches) - 1:
+                grad_sync.arm()  # the last backward all-reduces each bucket as soon as it is ready
             loss.backward()
             step_loss += loss.item()
-        lrm = linear_decay(step, num_iterations)
-        optimizer_step(model, optimizers, lrm)
+        (train_loss,) = all_reduce_sum([step_loss], d.device)
+        if not math.isfinite(train_loss):
+            raise UserError(f"step {step + 1}: the training loss is {train_loss}; stopped, nothing saved")
+        lrm = schedule.lr_multiplier(step)
+        optimizer_step(model, optimizers, c.init_lr_frac * lrm, grad_sync)
         synchronize(d.device)
         dt = time.time() - t0
-        (train_loss,) = all_reduce_sum([step_loss], d.device)
-        eta = (time.time() - t_start) / (step + 1) * (num_iterations - step - 1)
-        print0(f"step {step + 1:05d}/{num_iterations:05d} | loss {train_loss:.4f} | lrm {lrm:.3f} | "
-               f"tokens {int(num_tokens)} | {num_tokens / dt:,.0f} tok/s | dt {dt * 1000:.0f}ms | ETA {eta:.0f}s")
-        metrics.log({"step": step + 1, "loss": train_loss, "lr_multiplier": lrm,
-                     "lr": optimizers[1].param_groups[0]["lr"], "tokens": int(num_tokens), "dt_ms": dt * 1000})
-        if c.save_every > 0 and (step + 1) % c.save_every == 0 and step + 1 < num_iterations:
-            save(step + 1, val_losses, train_loss)
+        real_total, positions_total = real_total + real, positions_total + positions
+        eta = (time.time() - t_start) / (step + 1) * (steps - step - 1)
+        print0(f"step {step + 1:05d}/{steps:05d} | loss {train_loss:.4f} | lrm {lrm:.3f} | tokens {int(num_tokens)} | "
+               f"real {real / positions:.0%} | {num_tokens / dt:,.0f} tok/s | dt {dt * 1000:.0f}ms | ETA {eta:.0f}s")
+        run.log({"step": step + 1, "loss": train_loss, "lr_multiplier": lrm, "lr": optimizers[1].param_groups[0]["lr"],
+                 "tokens": int(num_tokens), "real_token_frac": real / positions, "dt_ms": dt * 1000})
+        if c.save_every > 0 and (step + 1) % c.save_every == 0 and step + 1 < steps:
+            save(step + 1)
 
-    val_losses = evaluate(num_iterations)
-    save(num_iterations, val_losses, train_loss)
-    print0(f"saved {out_dir}/model_{num_iterations:06d}.pt")
-    write_report_section("Chat SFT", [config_dict(c), {
-        "Source": source, "Dataset": c.sft_dataset,
-        "Mixture": ", ".join(f"{n} {w}x{r}" for n, r, w, _ in composition),
-        "Training rows": len(train), "Number of iterations": num_iterations,
-        "Training loss": train_loss,
+    val_losses = evaluate(steps)
+    save(steps)
+    print0(f"saved {run.path}/model_{steps:06d}.pt")
+    write_report_section("Chat SFT", [asdict(c), {
+        "Source": source, "Dataset": c.sft_dataset, "Mixture": ", ".join(f"{n} {w}x{r}" for n, r, w, _ in composition),
+        "Training rows": len(rows), "Dropped conversations (nothing to learn)": dropped,
+        "System prompt kept (share of trader conversations)": c.system_prompt_frac, "Number of iterations": steps,
+        "Real-token fraction": real_total / positions_total, "Training loss": train_loss,
         **{f"Validation loss ({k})": v for k, v in val_losses.items()},
-        "Validation loss": next(iter(val_losses.values()), float("nan")),
-        "Training time (s)": round(time.time() - t_start, 1),
-    }])
+        **({"Validation loss": next(iter(val_losses.values()))} if val_losses else {}),
+        "Training time (s)": round(time.time() - t_start, 1)}])
     cleanup_dist()
 
 

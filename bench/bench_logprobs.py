@@ -23,8 +23,28 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-from common import reset_peak_rss, rss_mb, synchronize
+from common import synchronize
 from model import GPT, GPTConfig
+
+
+def reset_peak_rss():
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_mb(field="VmRSS"):
+    """Current (VmRSS) or peak since the last reset (VmHWM) resident memory, in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise OSError(f"{field} not in /proc/self/status")
+
 
 SHAPES = [(4, 1024, 32768), (1, 2048, 65536)]  # (batch, seq, vocab)
 

@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 import dpo
-from common import autocast, collate, reset_peak_rss, rss_mb, synchronize
-from model import GPT, GPTConfig, optimizer_step
+from bench_logprobs import reset_peak_rss, rss_mb
+from common import autocast, synchronize
+from model import GPT, GPTConfig, collate, optimizer_step
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak, for MFU
 

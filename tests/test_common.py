@@ -1,13 +1,17 @@
-"""common.py: configs, atomic writes, collate, report sections, progress bar."""
+"""common.py: configs, atomic writes, report sections, progress bar; model.py's training batches and schedule."""
 
 import io
+import math
 import os
+import random
+import stat
 from dataclasses import dataclass
 from typing import Optional
 
 import pytest
 
 import common
+import model
 from common import UserError, parse_config
 
 
@@ -24,6 +28,7 @@ def test_both_flag_forms_dashes_and_types():
     c = parse_config(Cfg, ["--beta=0.5", "--num-iterations", "7", "--model_tag", "d4", "--ref-cache"])
     assert c == Cfg(beta=0.5, num_iterations=7, model_tag="d4", ref_cache=True)
     c = parse_config(Cfg, ["--ref_cache=0", "--model-tag=none", "-i", "dpo"], aliases={"i": "source"})
+    assert parse_config(Cfg, ["-i=mid"], aliases={"i": "source"}).source == "mid"
     assert c.ref_cache is False and c.model_tag is None and c.source == "dpo"
     assert parse_config(Cfg, ["--num_iterations", "-1"]).num_iterations == -1
 
@@ -33,7 +38,9 @@ def test_both_flag_forms_dashes_and_types():
     (["--beta=high"], "--beta='high' is not a valid float"),
     (["--num_iterations=2.5"], "is not a valid int"),
     (["--ref_cache=maybe"], "is not a valid bool"),
-    (["--beta"], "--beta needs a value"),
+    (["--beta"], "argument --beta: expected one argument"),
+    (["--beta=nan"], "--beta=nan: must be a finite number"),
+    (["--beta", "inf"], "--beta=inf: must be a finite number"),
     (["stray"], "unexpected argument"),
     (["-x", "1"], "unknown setting --x"),
 ])
@@ -73,11 +80,24 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert os.listdir(tmp_path) == ["f.json"]  # no temp files left behind
 
 
+def test_atomic_write_follows_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        common.atomic_write_text(str(tmp_path / "f.txt"), "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "f.txt").st_mode) == 0o644
+
+
 def test_collate_pads_and_masks_targets():
     rows = [([1, 2, 3, 4], [0, 0, 1, 1]), ([5, 6], [0, 1])]
-    x, y = common.collate(rows, pad_id=9)
+    x, y = model.collate(rows, 9, "cpu")
     assert x.tolist() == [[1, 2, 3], [5, 9, 9]]
     assert y.tolist() == [[-1, 3, 4], [6, -1, -1]]
+    x, y = model.collate(rows, 9, "cpu", bucket=True)  # compiled models see a few widths only
+    assert x.shape == (2, 64) and y[:, 3:].eq(-1).all()
+    widths = {model.collate([([0] * n, [1] * n)], 0, "cpu", bucket=True)[0].shape[1] for n in range(2, 2050)}
+    assert len(widths) <= 22 and all(w >= n - 1 for n in range(2, 2050) for w in [min(x for x in widths if x >= n - 1)])
 
 
 def test_report_section_is_nanochat_format(tmp_path):
@@ -100,10 +120,54 @@ def test_progress_bar_shows_done_total_rate_eta():
     assert "gen" in text and "4/10" in text and "/s" in text and "ETA" in text and "failed 0" in text
 
 
-def test_linear_decay_and_plan_steps():
-    assert common.linear_decay(0, 10) == 1.0 and common.linear_decay(5, 10) == 0.5
-    assert common.plan_steps(100, 8, 2, -1) == 25
-    assert common.plan_steps(100, 8, 2, 7) == 7
-    assert common.grad_accum_steps(32, 4, 2) == 4
+def lognormal_lengths(n, seed=0):
+    """A long-tailed set: lognormal lengths between 50 and 2,000 tokens."""
+    rng = random.Random(seed)
+    return [min(2000, max(50, int(rng.lognormvariate(math.log(300), 0.9)))) for _ in range(n)]
+
+
+def test_schedule_sees_every_row_once_per_epoch_and_wastes_few_positions():
+    lengths = lognormal_lengths(1024)
+    s = model.Schedule(lengths, per_step=32, batch_size=4, world_size=1, num_epochs=2, num_iterations=-1)
+    assert s.num_iterations == 64 and s.lr_multiplier(0) == 1.0 and s.lr_multiplier(32) == 0.5
+    for epoch in range(2):
+        seen = [i for step in range(32 * epoch, 32 * (epoch + 1)) for mb in s.micro_batches(step, 0) for i in mb]
+        assert sorted(seen) == list(range(1024))
+    real = computed = 0
+    for step in range(32):
+        for mb in s.micro_batches(step, 0):
+            real += sum(lengths[i] for i in mb)
+            computed += len(mb) * max(lengths[i] for i in mb)
+    assert real / computed >= 0.9
+
+
+def test_schedule_global_batch_does_not_depend_on_processes():
+    lengths = lognormal_lengths(200, seed=1)
+    one = model.Schedule(lengths, 16, 2, 1, 1, 5)
+    two = model.Schedule(lengths, 16, 2, 2, 1, 5)
+    for step in range(5):
+        mine = [two.micro_batches(step, rank) for rank in (0, 1)]
+        assert sorted(map(sorted, mine[0] + mine[1])) == sorted(map(sorted, one.micro_batches(step, 0)))
+        assert len(mine[0]) == len(mine[1]) == 4
     with pytest.raises(UserError, match="multiple of"):
-        common.grad_accum_steps(30, 4, 2)
+        model.Schedule(lengths, 30, 4, 2, 1, -1)
+
+
+def test_check_settings_one_line_per_bad_value():
+    @dataclass
+    class C:
+        num_iterations: int = -1
+        out_tag: Optional[str] = None
+        beta: float = 0.1
+    for value, ok in ((-1, True), (3, True), (0, False), (-2, False)):
+        if ok:
+            common.check_settings(C(num_iterations=value), steps=("num_iterations",))
+        else:
+            with pytest.raises(UserError, match=f"--num_iterations={value}"):
+                common.check_settings(C(num_iterations=value), steps=("num_iterations",))
+    for tag in ("../..", "a/b", "..", ""):
+        with pytest.raises(UserError, match="plain directory name"):
+            common.check_settings(C(out_tag=tag), tags=("out_tag",))
+    common.check_settings(C(out_tag="chimera_d4"), tags=("out_tag",))
+    with pytest.raises(UserError, match="--beta=0.0: must be > 0"):
+        common.check_settings(C(beta=0.0), positive=("beta",))

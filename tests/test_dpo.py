@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import dpo
+import tasks
 from common import UserError
 from conftest import REPO, make_tiny_base, run_python, run_torchrun
 from model import GPT, GPTConfig, load_model, save_checkpoint
@@ -210,3 +211,38 @@ def test_malformed_line_names_file_and_line(sft_base):
     proc = run_python([os.path.join(REPO, "dpo.py")], env={"NANOCHAT_BASE_DIR": sft_base}, check=False)
     assert proc.returncode == 2
     assert f"{path}:97" in proc.stderr and proc.stderr.strip().count("\n") == 0
+
+
+# -----------------------------------------------------------------------------
+# Reference cache by pair identity, several processes, nothing non-finite
+
+
+def test_cached_reference_follows_the_pairs_not_their_positions(sft_base, monkeypatch):
+    args = ["--num_iterations=1", "--eval_every=-1", "--ref_cache=1", "--device_batch_size=4",
+            "--target_examples_per_step=8", "--max_length=96"]
+    run_dpo(monkeypatch, *args, "--val_fraction=0.2", "--out_tag=a")
+    run_dpo(monkeypatch, *args, "--val_fraction=0.5", "--out_tag=b")  # same cache file, another split
+    assert len(os.listdir(os.path.join(sft_base, "datasets", "ref_logps"))) == 1
+    meta = load_model("dpo", "cpu", "eval", model_tag="b")[2]
+    assert meta["initial_held_out"]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference
+    assert meta["chimera"] == {"stage": "dpo"} and meta["conditioning"] == "no system message"
+
+
+@pytest.mark.parametrize("flag", ["--beta=inf", "--beta=nan", "--init_lr_frac=nan", "--num_iterations=0",
+                                  "--out_tag=../.."])
+def test_non_finite_or_nonsense_settings_are_refused(sft_base, monkeypatch, flag):
+    monkeypatch.setattr(dpo, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(UserError, match=flag.split("=")[0]):
+        run_dpo(monkeypatch, flag)
+
+
+def test_two_processes_with_fewer_held_out_pairs_than_processes(tmp_path):
+    base = make_sft_base(tmp_path / "base")
+    records = pairs(96)
+    fractions = sorted(tasks.hash_fraction(r) for r in records)
+    val_fraction = (fractions[0] + fractions[1]) / 2  # exactly one held-out pair for two processes
+    args = ["--num_iterations=2", "--eval_every=-1", f"--val_fraction={val_fraction}", "--device_batch_size=2",
+            "--target_examples_per_step=4", "--max_length=96"]
+    run_torchrun([os.path.join(REPO, "dpo.py"), *args], env={"NANOCHAT_BASE_DIR": base}, timeout=120)
+    meta = load_model("dpo", "cpu", "eval", base_dir=base)[2]
+    assert meta["val_pairs"] == 1 and meta["initial_held_out"]["loss"] == pytest.approx(math.log(2), abs=1e-5)

@@ -15,7 +15,7 @@ from conftest import REPO, make_tiny_base, run_python, run_torchrun
 from model import load_model, save_checkpoint
 from test_tasks import ARC_ROWS, GSM8K_ROW, HUMANEVAL_ROW, MMLU_ROW
 
-ONE = Dist(ddp=False, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+ONE = Dist(rank=0, world_size=1, device=torch.device("cpu"))
 
 
 def seed(dataset, config, split, rows):

@@ -5,11 +5,12 @@ import os
 import sys
 
 import pytest
+import torch
 
 import sft
 from common import UserError
 from conftest import REPO, make_tiny_base, run_python, run_torchrun
-from model import get_tokenizer, load_model
+from model import collate, get_tokenizer, load_model, save_checkpoint
 
 SYSTEM = "You are Chimera, a disciplined trader."
 TOPICS = ["stops", "sizing", "leverage", "hype", "journals", "drawdowns", "options", "fees"]
@@ -57,7 +58,7 @@ FAST = ["--device_batch_size=4", "--target_examples_per_step=8", "--eval_batches
 
 @pytest.mark.parametrize("args, message", [
     (["--sft_dataset=foo"], "--sft_dataset='foo': expected one of mixture, trader, trader_mix"),
-    (["--sft_dataset=trader_mix", "--sft_mix_trader=0"], "--sft_mix_trader=0"),
+    (["--sft_dataset=trader_mix", "--sft_mix_trader=0"], "--sft_mix_trader=0: must be at least 1"),
     (["--sft_dataset=trader_mix", "--sft_mix_smoltalk=-2"], "--sft_mix_smoltalk=-2"),
     (["--sft_dataset=trader", "--trader_data_path=/nonexistent/x.jsonl"], "/nonexistent/x.jsonl"),
 ])
@@ -76,7 +77,7 @@ def test_bad_config_exits_2_with_one_line(trader_base):
 def test_loss_counts_only_assistant_tokens(trader_base):
     tok = get_tokenizer()
     task = [trader_conversation(0)]
-    inputs, targets = sft.render_batch(task, [0], tok, 512, "cpu")
+    inputs, targets = collate(sft.render(task, tok, 512), tok.encode_special("<|assistant_end|>"), "cpu")
     ids, mask = tok.render_conversation(task[0])
     answer = tok.encode(task[0]["messages"][2]["content"]) + [tok.encode_special("<|assistant_end|>")]
     scored = targets[0][targets[0] != -1].tolist()
@@ -87,7 +88,7 @@ def test_loss_counts_only_assistant_tokens(trader_base):
 def test_training_lowers_loss_and_checkpoint_loads_back(trader_base, monkeypatch):
     run_sft(monkeypatch, "--sft_dataset=trader", "--num_iterations=12", "--init_lr_frac=1.0",
             "--eval_every=-1", *FAST)
-    ckpt = os.path.join(trader_base, "chatsft_checkpoints", "d2")
+    ckpt = os.path.join(trader_base, "chatsft_checkpoints", "chimera_d2")
     lines = [json.loads(l) for l in open(os.path.join(ckpt, "metrics.jsonl"))]
     losses = [l["loss"] for l in lines if "loss" in l]
     assert len(losses) == 12 and losses[-1] < losses[0] * 0.8
@@ -134,3 +135,102 @@ def test_two_processes_train_like_one(tmp_path):
         assert update > 0, name
         # see test_model.test_two_processes_step_like_one for why this is relative
         assert (p - two[name]).norm() / update < (5e-2 if ".h." in name else 5e-3), name
+
+
+# -----------------------------------------------------------------------------
+# Nothing silent: empty rows, non-finite losses, one run per directory, bad settings
+
+LONG_SYSTEM = "You are Chimera. " * 8  # > 64 tokens: at --max_seq_len=120 no assistant token is left
+
+
+def write_half_long(base, n=40):
+    """Conversations, every other one with a system prompt that fills --max_seq_len=120."""
+    records = [trader_conversation(i) for i in range(n)]
+    for r in records[::2]:
+        r["messages"][0]["content"] = LONG_SYSTEM
+    write_jsonl(os.path.join(base, "datasets", "trader_sft_data.jsonl"), records)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num_iterations=0"], "--num_iterations=0"), (["--num_iterations=-3"], "--num_iterations=-3"),
+    (["--max_seq_len=-1"], "--max_seq_len=-1: must be >= 0"), (["--init_lr_frac=0"], "--init_lr_frac=0.0"),
+    (["--init_lr_frac=nan"], "finite"), (["--matrix_lr=inf"], "finite"), (["--matrix_lr=-0.1"], "must be >= 0"),
+    (["--out_tag=../.."], "plain directory name"), (["--system_prompt_frac=1.5"], "--system_prompt_frac=1.5"),
+])
+def test_nonsense_settings_fail_before_any_model_loads(trader_base, monkeypatch, args, message):
+    monkeypatch.setattr(sft, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        run_sft(monkeypatch, "--sft_dataset=trader", *args)
+
+
+def test_cuda_without_a_gpu_is_a_user_error(trader_base, monkeypatch):
+    monkeypatch.setattr(sft.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="--device_type='cuda': no such device"):
+        run_sft(monkeypatch, "--sft_dataset=trader", "--device_type=cuda")
+
+
+def test_rows_with_nothing_to_learn_are_dropped_and_counted(trader_base, monkeypatch):
+    write_half_long(trader_base)
+    run_sft(monkeypatch, "--sft_dataset=trader", "--max_seq_len=120", "--system_prompt_frac=1", "--num_iterations=2",
+            "--eval_every=-1", *FAST)
+    meta = load_model("sft", "cpu", "eval")[2]
+    train = sft.tasks.TraderSFT(split="train")
+    assert meta["dropped_rows"] == sum(r["messages"][0]["content"] == LONG_SYSTEM for r in train) > 0
+    report = open(os.path.join(trader_base, "report", "chat-sft.md")).read()
+    assert f"- Dropped conversations (nothing to learn): {meta['dropped_rows']}" in report
+    with pytest.raises(UserError, match="no training conversation has an assistant token within 16 tokens"):
+        run_sft(monkeypatch, "--sft_dataset=trader", "--max_seq_len=16", "--num_iterations=1", *FAST)
+
+
+def test_a_non_finite_loss_stops_the_run_and_saves_nothing(trader_base, monkeypatch):
+    real = sft.load_model
+
+    def poisoned(*a, **k):
+        model, tok, meta = real(*a, **k)
+        with torch.no_grad():
+            model.lm_head.weight.fill_(float("nan"))
+        return model, tok, meta
+    monkeypatch.setattr(sft, "load_model", poisoned)
+    with pytest.raises(UserError, match="step 1: the training loss is nan"):
+        run_sft(monkeypatch, "--sft_dataset=trader", "--num_iterations=2", "--eval_every=-1", *FAST)
+    out = os.path.join(trader_base, "chatsft_checkpoints", "chimera_d2")
+    assert not [f for f in os.listdir(out) if f.startswith("model_")]
+
+
+def test_a_directory_holds_one_run(trader_base, monkeypatch):
+    out = os.path.join(trader_base, "chatsft_checkpoints", "chimera_d2")
+    run_sft(monkeypatch, "--sft_dataset=trader", "--num_iterations=3", "--save_every=1", "--eval_every=-1", *FAST)
+    assert sorted(f for f in os.listdir(out) if f.startswith("model_")) == [f"model_00000{i}.pt" for i in (1, 2, 3)]
+    open(os.path.join(out, ".model_000009.pt.12345.tmp"), "w").write("a killed save")
+    run_sft(monkeypatch, "--sft_dataset=trader", "--num_iterations=1", "--eval_every=-1", *FAST)
+    assert sorted(os.listdir(out)) == ["meta_000001.json", "metrics.jsonl", "model_000001.pt"]
+    meta = load_model("sft", "cpu", "eval")[2]
+    assert meta["step"] == 1 and meta["chimera"] == {"stage": "sft"}
+    foreign = os.path.join(trader_base, "chatsft_checkpoints", "d2")  # nanochat's own SFT
+    m, _, base_meta = load_model("base", "cpu", "eval")
+    save_checkpoint(foreign, 700, m.state_dict(), None, base_meta)
+    with pytest.raises(UserError, match="meta_000700.json is not a Chimera checkpoint"):
+        run_sft(monkeypatch, "--sft_dataset=trader", "--num_iterations=1", "--out_tag=d2", *FAST)
+    assert sorted(os.listdir(foreign)) == ["meta_000700.json", "model_000700.pt"]
+
+
+def test_system_prompt_share_is_a_setting(trader_base):
+    tok = get_tokenizer()
+    task = sft.tasks.TraderSFT(split="train")
+
+    def with_system(frac, rows=task):
+        return sum(SYSTEM in tok.decode(r[0].tolist()) for r in sft.render(rows, tok, 128, frac))
+    assert with_system(1.0) == len(task) and with_system(0.0) == 0
+    assert 0 < with_system(0.5) < len(task)
+    assert with_system(0.5) == with_system(0.5)  # deterministic, by content
+    assert with_system(0.0, list(task)) == len(task)  # only trader conversations are drawn (not SmolTalk's)
+
+
+def test_two_processes_survive_rows_with_nothing_to_learn(tmp_path):
+    base = make_tiny_base(tmp_path / "base")
+    write_half_long(base)
+    args = ["--sft_dataset=trader", "--num_iterations=3", "--eval_every=-1", "--max_seq_len=120",
+            "--system_prompt_frac=1", "--device_batch_size=1", "--target_examples_per_step=2", "--eval_batches=1"]
+    proc = run_torchrun([os.path.join(REPO, "sft.py"), *args], env={"NANOCHAT_BASE_DIR": base}, timeout=120)
+    assert "dropped" in proc.stdout
+    assert load_model("sft", "cpu", "eval", base_dir=base)[2]["step"] == 3
