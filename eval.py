@@ -13,8 +13,8 @@ Writes $NANOCHAT_BASE_DIR/report/chat-evaluation-{source}.md (one `- Task: value
 metric, as nanochat's report reads them) and chat-evaluation-{source}.json beside it.
 """
 
-import functools
 import dataclasses
+import functools
 import json
 import os
 import time
