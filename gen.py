@@ -23,6 +23,7 @@ import os
 import random
 import re
 import signal
+import sys
 import threading
 import time
 import zlib
@@ -34,7 +35,7 @@ from urllib.parse import urlparse
 import numpy as np
 import requests
 
-from common import (HTTPGaveUp, ProgressBar, UserError, append_jsonl, atomic_write_json, die, error_text,
+from common import (HTTPGaveUp, ProgressBar, UserError, append_jsonl, atomic_write_json, error_text,
                     get_base_dir, http_retry, parse_config, run_main, write_report_section)
 from tasks import conversation_problem, dpo_problem, iter_jsonl, record_digest
 
@@ -669,8 +670,9 @@ def main():
     if isinstance(stop, APIStop):
         raise UserError(f"stopped: {stop} (everything finished so far is kept; re-run to continue)")
     if stop == "interrupted":
-        die("interrupted: the answers already received are kept and the summary is written; re-run to continue",
-            code=130)
+        print("error: interrupted: the answers already received are kept and the summary is written; re-run to "
+              "continue", file=sys.stderr, flush=True)
+        sys.exit(130)
     if stop == "max_cost":
         print(f"stopped at --max-cost={c.max_cost}: re-run with a higher limit to top the files up")
 
