@@ -22,6 +22,7 @@ import re
 import sys
 from collections import deque
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -160,6 +161,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config, self.gen2026 = config, config.window_pattern is not None
         L, C = config.n_layer, config.n_embd
+        self.backout_layer = L // 2 if self.gen2026 else None  # 2026: its output is subtracted at the end
         # 2026 pads the vocab to a multiple of 64 and cuts the logits back to vocab_size
         self.padded_vocab = -(-config.vocab_size // 64) * 64 if self.gen2026 else config.vocab_size
         # 2026: value embeddings in every other layer, always including the last
@@ -174,7 +176,6 @@ class GPT(nn.Module):
             self.resid_lambdas, self.x0_lambdas = nn.Parameter(torch.ones(L)), nn.Parameter(torch.zeros(L))
             self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
             self.smear_lambda, self.backout_lambda = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
-            self.backout_layer = L // 2
         self.register_buffer("cos", None, persistent=False)
         self.register_buffer("sin", None, persistent=False)
         self.init_rotary()
@@ -253,8 +254,7 @@ class GPT(nn.Module):
                 x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos_sin, kv_cache)
-            if self.gen2026 and i == self.backout_layer:
-                xb = x
+            xb = x if i == self.backout_layer else xb
         x = x if xb is None else x - self.backout_lambda.to(x.dtype) * xb
         if kv_cache is not None:
             kv_cache.advance(T)
@@ -263,12 +263,11 @@ class GPT(nn.Module):
     def _smear(self, x, kv_cache):
         """x[t] += smear_lambda * sigmoid(gate . x[t][:24]) * x[t-1], on the unsmeared
         embeddings; a cached row's first new token smears with the row's last cached one."""
-        prev = torch.zeros_like(x[:, :1]) if kv_cache is None else kv_cache.prev[:, None].to(x.dtype)
-        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
-        smeared = x + gate * torch.cat([prev, x[:, :-1]], dim=1)
+        prev = torch.zeros_like(x[:, :1]) if kv_cache is None else kv_cache.prev[:, None].to(x.dtype, copy=True)
         if kv_cache is not None:
             kv_cache.prev.copy_(x[:, -1])
-        return smeared
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+        return x + gate * torch.cat([prev, x[:, :-1]], dim=1)
 
     def logits(self, x):
         """lm_head (padded rows cut off) + softcap, in float32 (the softcap is a tanh:
@@ -331,13 +330,8 @@ class GPT(nn.Module):
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5):
         """[AdamW for the embeddings, lm_head and scalars, Muon for every matrix in the
-        blocks], with the groups nanochat of the model's generation uses (2026: 92d63d4's
-        per-group betas and decays; weight_decay goes to Muon there, to AdamW in 2025).
-
-        Under torch.distributed every rank holds the full optimizer state and steps on
-        gradients that common.sync_gradients has already summed, so one class serves 1 or
-        N processes.
-        """
+        blocks], in the groups nanochat of the model's generation uses (2026: 92d63d4's
+        per-group betas and decays; weight_decay goes to Muon there, to AdamW in 2025)."""
         a = (self.config.n_embd / 768) ** -0.5  # embedding lrs were tuned at width 768
         matrices = list(self.transformer.h.parameters())
         if self.gen2026:
@@ -503,13 +497,8 @@ def optimizer_step(model, optimizers, lr_multiplier, grad_sync=None):
 # -----------------------------------------------------------------------------
 # Tokenizer: a tiktoken Encoding, loaded without trusting the pickle
 
-SPECIAL_TOKENS = [
-    "<|bos|>",
-    "<|user_start|>", "<|user_end|>",
-    "<|assistant_start|>", "<|assistant_end|>",
-    "<|python_start|>", "<|python_end|>",
-    "<|output_start|>", "<|output_end|>",
-]
+SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                  "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
 
 # nanochat's split pattern (GPT-4's, with numbers split into groups of 1-2 digits)
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -523,8 +512,7 @@ class _EncodingState:
 
 
 class _TokenizerUnpickler(pickle.Unpickler):
-    """Admits exactly one global, tiktoken's Encoding, and maps it to _EncodingState so no
-    code of the pickle's choosing runs; anything else is refused."""
+    """Admits one global, tiktoken's Encoding, as _EncodingState: no code of the pickle's choosing runs."""
 
     def find_class(self, module, name):
         if (module, name) == ("tiktoken.core", "Encoding"):
@@ -542,13 +530,11 @@ def _load_encoding(path):
         raise UserError(f"{path}: no tokenizer here (train one with nanochat, or make a fresh base)") from None
     except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
         raise UserError(f"{path}: not a tokenizer pickle nanochat wrote ({e})") from None
-    state = getattr(obj, "state", None)
-    ok = (isinstance(obj, _EncodingState) and isinstance(state, dict)
-          and isinstance(state.get("name"), str) and isinstance(state.get("pat_str"), str)
-          and isinstance(state.get("mergeable_ranks"), dict) and isinstance(state.get("special_tokens"), dict)
-          and all(isinstance(k, bytes) and isinstance(v, int) for k, v in state["mergeable_ranks"].items())
-          and all(isinstance(k, str) and isinstance(v, int) for k, v in state["special_tokens"].items()))
-    if not ok:
+    state = getattr(obj, "state", None) if isinstance(obj, _EncodingState) else None
+    types = {"name": str, "pat_str": str, "mergeable_ranks": (bytes, int), "special_tokens": (str, int)}
+    if not isinstance(state, dict) or not all(
+            isinstance(state.get(key), t) if t is str else isinstance(state.get(key), dict) and all(
+                isinstance(k, t[0]) and isinstance(v, t[1]) for k, v in state[key].items()) for key, t in types.items()):
         raise UserError(f"{path}: not a tiktoken Encoding with name, pat_str, mergeable_ranks and special_tokens")
     return tiktoken.Encoding(name=state["name"], pat_str=state["pat_str"],
                              mergeable_ranks=state["mergeable_ranks"], special_tokens=state["special_tokens"])
@@ -559,8 +545,7 @@ class Tokenizer:
 
     def __init__(self, enc):
         self.enc = enc
-        missing = [t for t in SPECIAL_TOKENS if t not in enc.special_tokens_set]
-        if missing:
+        if missing := [t for t in SPECIAL_TOKENS if t not in enc.special_tokens_set]:
             raise UserError(f"tokenizer lacks special tokens {missing}")
         self.bos_token_id = self.encode_special("<|bos|>")
 
@@ -593,34 +578,24 @@ class Tokenizer:
 
         def add(tokens, m):
             tokens = [tokens] if isinstance(tokens, int) else tokens
-            ids.extend(tokens)
-            mask.extend([m] * len(tokens))
+            ids.extend(tokens), mask.extend([m] * len(tokens))
 
         sp = self.encode_special
         add(self.bos_token_id, 0)
         for message in messages:
             content = message["content"]
             if message["role"] == "user":
-                add(sp("<|user_start|>"), 0)
-                add(self.encode(content), 0)
-                add(sp("<|user_end|>"), 0)
+                add([sp("<|user_start|>")] + self.encode(content) + [sp("<|user_end|>")], 0)
                 continue
             add(sp("<|assistant_start|>"), 0)
-            if isinstance(content, str):
-                add(self.encode(content), 1)
-            else:
-                for part in content:
-                    text_ids = self.encode(part["text"])
-                    if part["type"] == "text":
-                        add(text_ids, 1)
-                    elif part["type"] == "python":  # the model writes the tool call: learn it
-                        add(sp("<|python_start|>"), 1)
-                        add(text_ids, 1)
-                        add(sp("<|python_end|>"), 1)
-                    else:  # python_output comes from the tool at run time: never learn it
-                        add(sp("<|output_start|>"), 0)
-                        add(text_ids, 0)
-                        add(sp("<|output_end|>"), 0)
+            for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+                text_ids = self.encode(part["text"])
+                if part["type"] == "text":
+                    add(text_ids, 1)
+                elif part["type"] == "python":  # the model writes the tool call: learn it
+                    add([sp("<|python_start|>")] + text_ids + [sp("<|python_end|>")], 1)
+                else:  # python_output comes from the tool at run time: never learn it
+                    add([sp("<|output_start|>")] + text_ids + [sp("<|output_end|>")], 0)
             add(sp("<|assistant_end|>"), 1)
         return ids[:max_tokens], mask[:max_tokens]
 
@@ -686,10 +661,9 @@ def byte_level_encoding():
 def save_tokenizer(enc, tokenizer_dir):
     """tokenizer.pkl and token_bytes.pt as nanochat writes them."""
     atomic_write(os.path.join(tokenizer_dir, "tokenizer.pkl"), lambda f: pickle.dump(enc, f), binary=True)
-    lengths = [0] * enc.n_vocab
-    for token, rank in enc._mergeable_ranks.items():
-        lengths[rank] = len(token)  # special tokens stay 0: they count for no bytes in bpb
-    token_bytes = torch.tensor(lengths, dtype=torch.int32)
+    lengths = dict((rank, len(token)) for token, rank in enc._mergeable_ranks.items())
+    # special tokens count 0 bytes in bpb
+    token_bytes = torch.tensor([lengths.get(i, 0) for i in range(enc.n_vocab)], dtype=torch.int32)
     atomic_write(os.path.join(tokenizer_dir, "token_bytes.pt"), lambda f: torch.save(token_bytes, f), binary=True)
 
 
@@ -700,21 +674,14 @@ def get_tokenizer(base_dir=None):
 # -----------------------------------------------------------------------------
 # Checkpoints: model_{step:06d}.pt + meta_{step:06d}.json (+ optim_{step:06d}.pt)
 
-SOURCE_DIRS = {
-    "base": "base_checkpoints",
-    "mid": "mid_checkpoints",
-    "sft": "chatsft_checkpoints",
-    "dpo": "chatdpo_checkpoints",
-    "rl": "chatrl_checkpoints",
-}
+SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
+               "dpo": "chatdpo_checkpoints", "rl": "chatrl_checkpoints"}
 
 
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data):
-    """Write meta, then optimizer, then model, each through a temp file and a rename.
-
-    The model file lands last, and the latest step is found by model files, so a process
-    killed mid-save leaves nothing that looks like a newer checkpoint than the last whole one.
-    """
+    """Write meta, then optimizer, then model, each through a temp file and a rename: the
+    latest step is found by model files, so a process killed mid-save leaves nothing that
+    looks like a newer checkpoint than the last whole one."""
     os.makedirs(checkpoint_dir, exist_ok=True)
     atomic_write_json(os.path.join(checkpoint_dir, f"meta_{step:06d}.json"), meta_data)
     if optimizer_data is not None:
@@ -775,9 +742,9 @@ def config_from_checkpoint(model_config, model_data, where):
     model_config = model_config if isinstance(model_config, dict) else {}
     missing = [k for k in CONFIG_KEYS if k not in model_config]
     extra = sorted(set(model_config) - set(CONFIG_KEYS) - {"window_pattern"})
-    if missing or extra:
-        what = f"lacks {', '.join(missing)}" if missing else f"has unknown keys {', '.join(extra)}"
-        raise UserError(f"{where}: the meta's model_config {what}: neither nanochat generation (Nov 2025, 2026) writes that")
+    if missing or extra:  # neither generation's
+        raise UserError(f"{where}: the meta's model_config " + (f"lacks {', '.join(missing)}" if missing else
+                        f"has unknown keys {', '.join(extra)}") + ": neither nanochat generation (Nov 2025, 2026) writes that")
     new_keys = [k for k in model_data if k in KEYS_2026 or k.startswith("value_embeds.") or k.endswith(".ve_gate.weight")]
     pattern = model_config.get("window_pattern")
     if pattern is not None and not new_keys:
@@ -804,8 +771,8 @@ def check_state_dict(model, model_data, where):
     problems += [f"{k} is {list(model_data[k].shape)}, expected {list(s)}"
                  for k, s in expected.items() if k in model_data and tuple(model_data[k].shape) != s][:2]
     if problems:
-        gen = "nanochat 2026" if model.gen2026 else "nanochat Nov 2025"
-        raise UserError(f"{where} does not match its model_config ({gen} model): {'; '.join(problems)}")
+        raise UserError(f"{where} does not match its model_config (nanochat {'2026' if model.gen2026 else 'Nov 2025'} "
+                        f"model): {'; '.join(problems)}")
 
 
 def build_model(checkpoint_dir, step, device, phase, tokenizer=None):
@@ -860,21 +827,16 @@ def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
 
 def fresh_base(base_dir, depth=2, sequence_len=512, n_embd=None, n_head=None, seed=0, zero_out=True,
                generation=2025):
-    """Write tokenizer/ and base_checkpoints/d{depth}/model_000000.pt into base_dir, a model
-    of the given nanochat generation (2026: window pattern SSSL).
-
-    Shapes follow nanochat's base training (width = 64 * depth, one head per 128 wide);
-    n_embd/n_head override them for tests. zero_out=False gives non-zero logits from the
-    start, which tests of the log-prob and DPO paths want.
-    """
+    """Write tokenizer/ and base_checkpoints/d{depth}/model_000000.pt into base_dir, a model of
+    the given nanochat generation (2026: window pattern SSSL). Shapes follow nanochat's base
+    training (width 64 * depth, one head per 128 wide); n_embd/n_head override them for
+    tests. zero_out=False gives non-zero logits from the start, as log-prob/DPO tests want."""
     assert generation in (2025, 2026), generation
     enc = byte_level_encoding()
     save_tokenizer(enc, os.path.join(base_dir, "tokenizer"))
     n_embd = n_embd or depth * 64
     n_head = n_head or max(1, (n_embd + 127) // 128)
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=enc.n_vocab, n_layer=depth,
-                       n_head=n_head, n_kv_head=n_head, n_embd=n_embd,
-                       window_pattern="SSSL" if generation == 2026 else None)
+    config = GPTConfig(sequence_len, enc.n_vocab, depth, n_head, n_head, n_embd, "SSSL" if generation == 2026 else None)
     torch.manual_seed(seed)
     model = GPT(config)
     model.init_weights(zero_out=zero_out)
@@ -917,8 +879,7 @@ class KVCache:
         return KVCache(self.k[:, i:i + 1], self.v[:, i:i + 1], self.pos[i:i + 1], self.prev[i:i + 1])
 
     def reset(self, i):
-        self.pos[i] = 0
-        self.prev[i] = 0
+        self.pos[i], self.prev[i] = 0, 0
 
     def copy_row_to_all(self, i):
         """Every row becomes a copy of row i (one prompt prefilled once, sampled many times)."""
@@ -927,8 +888,8 @@ class KVCache:
         self.pos[:], self.prev[:] = n, self.prev[i:i + 1]
 
     def begin(self, T, cos, sin):
-        """Plan a forward of T new tokens per row; returns its rotary tables. When every row
-        is at the same position (the Engine's case) slices do; otherwise per-row indices."""
+        """Plan a forward of T new tokens per row; returns its rotary tables. Rows all at one
+        position (the Engine's case) use slices, else per-row indices."""
         start = self.pos.tolist()
         self.end = max(start) + T
         if self.end > self.k.size(3) or self.end > cos.size(1):
@@ -1006,14 +967,6 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, capped=True):
     return torch.multinomial(probs, 1, generator=rng)
 
 
-class _Row:
-    def __init__(self):
-        self.forced = deque()  # tokens the tool injects, emitted before sampling resumes
-        self.in_python = False
-        self.python_tokens = []
-        self.done = False
-
-
 class Engine:
     """Sample several continuations of one prompt at once with a KV cache, running the
     calculator between <|python_start|> and <|python_end|> and forcing its result back
@@ -1027,16 +980,12 @@ class Engine:
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """Yields (token_column, mask_column) per step: one token per row, mask 0 for tokens
         the tool forced. Finished rows keep receiving tokens that callers should ignore."""
-        model, tok = self.model, self.tokenizer
-        device = model.get_device()
-        rng = torch.Generator(device=device)
-        rng.manual_seed(seed)
-        sp = tok.encode_special
-        py_start, py_end = sp("<|python_start|>"), sp("<|python_end|>")
-        out_start, out_end = sp("<|output_start|>"), sp("<|output_end|>")
-        stops = {sp("<|assistant_end|>"), tok.get_bos_token_id()}
-        limit = model.config.sequence_len if max_tokens is None else max_tokens
-        max_len = min(len(tokens) + limit, model.cos.size(1))
+        model, tok, device = self.model, self.tokenizer, self.model.get_device()
+        rng = torch.Generator(device=device).manual_seed(seed)
+        py_start, py_end, out_start, out_end = (tok.encode_special(f"<|{t}|>") for t in
+                                                ("python_start", "python_end", "output_start", "output_end"))
+        stops = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
+        max_len = min(len(tokens) + (model.config.sequence_len if max_tokens is None else max_tokens), model.cos.size(1))
         cache = KVCache.for_model(model, num_samples, max_len)
         capped = not isinstance(model, GPT)  # a GPT: only the last position meets the lm_head, uncapped
 
@@ -1050,7 +999,8 @@ class Engine:
         logits = last_logits(torch.tensor([tokens], dtype=torch.long, device=device), cache.row(0))
         cache.copy_row_to_all(0)
         logits = logits.expand(num_samples, -1)
-        rows = [_Row() for _ in range(num_samples)]
+        # per row: tokens the tool forces (emitted before sampling resumes), the tool call being read
+        rows = [SimpleNamespace(forced=deque(), in_python=False, python_tokens=[], done=False) for _ in range(num_samples)]
         generated = 0
         while True:
             ids = sample_next_token(logits, rng, temperature, top_k, capped)
@@ -1087,13 +1037,9 @@ class Engine:
         stops = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()}
         for column, mask_column in self.generate(tokens, num_samples, **kwargs):
             for i, (token, m) in enumerate(zip(column, mask_column)):
-                if done[i]:
-                    continue
-                if token in stops:
-                    done[i] = True
-                else:
-                    sequences[i].append(token)
-                    masks[i].append(m)
+                done[i] = done[i] or token in stops
+                if not done[i]:
+                    sequences[i].append(token), masks[i].append(m)
             if all(done):
                 break
         return sequences, masks
