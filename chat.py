@@ -56,14 +56,14 @@ ALIASES = {"i": "source", "p": "prompt"}
 
 
 @dataclass
-class Sampling:
+class Sampling:  # one request's settings; top_k 0 = off, seed None = random, n replies to one prompt
     temperature: float = 1.0
-    top_k: int = 0  # 0 = off
+    top_k: int = 0
     top_p: float = 1.0
     max_tokens: int = 512
-    stop: list = field(default_factory=list)  # strings that end a reply (not included)
-    seed: Optional[int] = None  # None = random
-    n: int = 1  # replies to the same prompt
+    stop: list = field(default_factory=list)  # strings that end a reply (left out of it)
+    seed: Optional[int] = None
+    n: int = 1
 
 
 def sample(logits, s, rng):
@@ -93,24 +93,19 @@ def prompt_ids(tokenizer, messages):
 
 
 class Completion:
-    """One request: n rows under one Sampling. The scheduler puts (choice index, text delta,
-    finish_reason or None) on `events`; finish_reason is "stop", "length" or "error"."""
+    """One request: n rows under one Sampling, with its own random generator. The scheduler
+    puts (choice index, text delta, finish_reason or None) on `events`; a finish_reason is
+    "stop", "length" or "error"."""
 
     def __init__(self, prompt, s, device):
-        self.prompt, self.s = prompt, s
-        self.events = queue.Queue()
+        self.prompt, self.s, self.events, self.cancelled, self.completion_tokens = prompt, s, queue.Queue(), False, 0
         self.rng = torch.Generator(device=device)
         self.rng.manual_seed(s.seed if s.seed is not None else int.from_bytes(uuid.uuid4().bytes[:6], "big"))
-        self.cancelled = False
-        self.completion_tokens = 0
 
 
-class _Slot:
-    """A row being decoded: its tokens, tool state, how much text went out, next logits."""
-
+class _Slot:  # a row being decoded: its tokens, tool state, text sent so far, next logits
     def __init__(self, req, index):
-        self.req, self.index = req, index
-        self.ids, self.tool, self.sent, self.logits = [], _Row(), 0, None
+        self.req, self.index, self.ids, self.tool, self.sent, self.logits = req, index, [], _Row(), 0, None
 
 
 class Scheduler:
@@ -120,8 +115,7 @@ class Scheduler:
 
     def __init__(self, model, tokenizer, max_batch=8):
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
-        self.device = model.get_device()
-        self.max_len = model.config.sequence_len
+        self.device, self.max_len = model.get_device(), model.config.sequence_len
         self.engine = Engine(model, tokenizer)  # for its calculator-tool logic
         sp = tokenizer.encode_special
         self.tool_ids = [sp(t) for t in ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")]
@@ -155,66 +149,49 @@ class Scheduler:
                 self.cond.wait_for(lambda: self.closed or self.waiting or any(self.slots))
                 if self.closed:
                     return
-                joining = self._admit()
+                joining = []
+                while self.waiting and (self.waiting[0].cancelled or self.slots.count(None) >= self.waiting[0].s.n):
+                    req = self.waiting.popleft()  # oldest first, while it fits in the free rows
+                    free = [i for i, slot in enumerate(self.slots) if slot is None and not req.cancelled]
+                    for index, row in zip(range(req.s.n), free):
+                        self.slots[row] = _Slot(req, index)
+                        joining.append(row)
             try:
-                for slot in joining:
-                    self._prefill(slot)
+                for row in joining:
+                    self._prefill(row)
                 self._step()
             except Exception as e:  # a failing model ends the requests in flight, not the server
                 print(f"error while decoding: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-                for i, slot in enumerate(self.slots):
+                for row, slot in enumerate(self.slots):
                     if slot:
                         slot.req.events.put((slot.index, "", "error"))
-                        self._free(i)
+                        self.slots[row] = None
 
-    def _admit(self):
-        """Move waiting requests, oldest first, into free rows while they fit."""
-        joining = []
-        while self.waiting:
-            req = self.waiting[0]
-            free = [i for i, s in enumerate(self.slots) if s is None]
-            if req.cancelled:
-                self.waiting.popleft()
-            elif len(free) >= req.s.n:
-                self.waiting.popleft()
-                for index, row in zip(range(req.s.n), free):
-                    self.slots[row] = _Slot(req, index)
-                    joining.append(self.slots[row])
-            else:
-                break
-        return joining
+    def _forward(self, ids, cache):
+        with autocast(self.device):
+            return self.model(torch.tensor(ids, dtype=torch.long, device=self.device), kv_cache=cache)[:, -1].float()
 
-    def _prefill(self, slot):
-        row = self.slots.index(slot)
+    def _prefill(self, row):
         c = self.model.config
         self.caches[row] = KVCache(1, c.n_kv_head, c.n_embd // c.n_head, c.n_layer, self.max_len,
                                    self.device, torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        with autocast(self.device):
-            ids = torch.tensor([slot.req.prompt], dtype=torch.long, device=self.device)
-            slot.logits = self.model(ids, kv_cache=self.caches[row])[0, -1].float()
-
-    def _free(self, row):
-        self.slots[row], self.caches[row] = None, None
+        self.slots[row].logits = self._forward([self.slots[row].req.prompt], self.caches[row])[0]
 
     def _step(self):
         advancing = []
         for row, slot in enumerate(self.slots):
-            if slot is None:
-                continue
-            if slot.req.cancelled:
-                self._free(row)
+            if slot is None or slot.req.cancelled:
+                self.slots[row] = None
                 continue
             forced = slot.tool.forced
             token = forced.popleft() if forced else sample(slot.logits, slot.req.s, slot.req.rng)
             self.engine._track_tool(slot.tool, token, *self.tool_ids)
             if self._emit(slot, token, len(slot.req.prompt) + len(slot.ids) + 1 >= self.max_len):
-                self._free(row)
+                self.slots[row] = None
             else:
                 advancing.append((row, token))
         for row, token in advancing:  # one row at a time until the per-row-position cache lands
-            with autocast(self.device):
-                ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
-                self.slots[row].logits = self.model(ids, kv_cache=self.caches[row])[0, -1].float()
+            self.slots[row].logits = self._forward([[token]], self.caches[row])[0]
 
     def _emit(self, slot, token, full):
         """Account for a new token; send the text that can no longer turn into a stop string.
@@ -243,17 +220,16 @@ class Scheduler:
 
 def stream_reply(req, on_delta, client_gone=lambda: False):
     """Wait for a request's events, calling on_delta(index, text, finish); returns the finish
-    reasons per choice. Raises ConnectionError when client_gone() turns true."""
+    reasons per choice. Raises ConnectionError as soon as client_gone() is true."""
     finishes = [None] * req.s.n
     while None in finishes:
+        if client_gone():
+            raise ConnectionError("client disconnected")
         try:
-            index, text, finish = req.events.get(timeout=0.25)
+            index, text, finishes[index] = event = req.events.get(timeout=0.25)
+            on_delta(*event)
         except queue.Empty:
-            if client_gone():
-                raise ConnectionError("client disconnected") from None
-            continue
-        finishes[index] = finish
-        on_delta(index, text, finish)
+            pass
     return finishes
 
 
@@ -312,51 +288,47 @@ class APIError(Exception):
         self.status, self.param, self.code, self.kind = status, param, code, kind
 
 
+FIELDS = {  # name: (type, low, high) of the fields read; others (response_format, ...) are ignored
+    "temperature": (float, 0, 2), "top_p": (float, 0, 1), "top_k": (int, 0, 1 << 30), "max_tokens": (int, 1, 1 << 30),
+    "max_completion_tokens": (int, 1, 1 << 30), "n": (int, 1, None), "seed": (int, -(1 << 63), 1 << 64),
+    "stream": (bool,), "model": (str,), "stream_options": (dict,), "messages": (list,), "stop": ((str, list),)}
+
+
 def parse_request(body, defaults, max_n):
     """A chat-completions body -> (messages, Sampling, stream, include_usage); APIError 400
-    naming the field otherwise. Fields the model cannot honour (response_format, ...) are ignored."""
+    naming the first bad field."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
-
-    def number(name, lo, hi, default, integer=False):
-        v = body.get(name)
-        if v is None:
-            return default
-        if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or not lo <= v <= hi:
-            raise APIError(400, f"'{name}' must be {'an integer' if integer else 'a number'} from {lo} to {hi}", name)
-        return v
-
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+    for name, (typ, *bounds) in FIELDS.items():
+        v, lo, hi = body.get(name), *(bounds or (None, None))
+        hi = max_n if name == "n" else hi
+        ok = v is None or (isinstance(v, int if typ is int else (int, float) if typ is float else typ)
+                           and (typ is bool or not isinstance(v, bool)) and (lo is None or lo <= v <= hi))
+        if not ok:
+            kind = {int: "an integer", float: "a number"}.get(typ, "of type " + getattr(typ, "__name__", "string or list"))
+            raise APIError(400, f"'{name}' must be {kind}" + (f" from {lo} to {hi}" if lo is not None else ""), name)
+    messages, stop = body.get("messages"), body.get("stop")
     plain = []
-    for i, m in enumerate(messages):
+    for i, m in enumerate(messages or []):
         content = m.get("content") if isinstance(m, dict) else None
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
             content = "".join(str(p.get("text", "")) for p in content)  # OpenAI's text parts
         role = {"developer": "system"}.get(m.get("role"), m.get("role")) if isinstance(m, dict) else None
         if role not in ("system", "user", "assistant") or not isinstance(content, str):
-            raise APIError(400, f"messages[{i}] must have a role (system, user, assistant) and string content", "messages")
+            raise APIError(400, f"'messages'[{i}] needs a role (system, user, assistant) and string content", "messages")
         plain.append({"role": role, "content": content})
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else ([] if stop is None else stop)
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
+    if not plain:
+        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+    stop = [stop] if isinstance(stop, str) else stop or []
+    if len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
         raise APIError(400, "'stop' must be a non-empty string or a list of up to 4 of them", "stop")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise APIError(400, "'seed' must be an integer", "seed")
-    for name in ("stream", "model", "stream_options"):
-        if body.get(name) is not None and not isinstance(body[name], {"stream": bool, "model": str, "stream_options": dict}[name]):
-            raise APIError(400, f"'{name}' has the wrong type", name)
-    max_tokens = number("max_completion_tokens", 1, 1 << 30, defaults.max_tokens, integer=True)
-    s = Sampling(temperature=number("temperature", 0, 2, defaults.temperature), top_p=number("top_p", 0, 1, 1.0),
-                 top_k=number("top_k", 0, 1 << 30, defaults.top_k, integer=True), stop=stop, seed=seed,
-                 max_tokens=number("max_tokens", 1, 1 << 30, max_tokens, integer=True),
-                 n=number("n", 1, max_n, 1, integer=True))
+    get = lambda name, default: default if body.get(name) is None else body[name]
+    s = Sampling(temperature=get("temperature", defaults.temperature), top_p=get("top_p", 1.0), stop=stop,
+                 top_k=get("top_k", defaults.top_k), seed=body.get("seed"), n=get("n", 1),
+                 max_tokens=get("max_tokens", get("max_completion_tokens", defaults.max_tokens)))
     if s.top_p == 0:
         s = replace(s, temperature=0.0)  # nothing but the most likely token
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    return plain, s, bool(body.get("stream")), include_usage
+    return plain, s, bool(body.get("stream")), bool((body.get("stream_options") or {}).get("include_usage"))
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -413,11 +385,6 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         self._route("POST")
-
-    def do_PUT(self):
-        self._route("PUT")
-
-    do_DELETE = do_PATCH = do_PUT
 
     def _client_gone(self):
         try:
