@@ -332,59 +332,48 @@ def parse_request(body, defaults, max_n):
 
 
 class Handler(BaseHTTPRequestHandler):
-    server_version = "chimera-chat"
+    ROUTES = {"/": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST"}
 
-    def log_message(self, *args):  # one line per request comes from _log instead
+    def log_message(self, *args):  # the server prints its own line per request
         pass
 
-    def _log(self, status, tokens=""):
-        print(f"{self.command} {self.path} {status}{tokens}", flush=True)
-
-    def _send(self, status, obj, content_type="application/json"):
+    def _send(self, status, obj, content_type="application/json", log=""):
         data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         if status == 405:
-            self.send_header("Allow", "POST" if self.path.startswith("/v1/chat") else "GET")
+            self.send_header("Allow", self.ROUTES[self.path.split("?")[0]])
         self.end_headers()
         self.wfile.write(data)
+        print(f"{self.command} {self.path} {status}{log}", flush=True)
 
-    def _error(self, e):
-        self._send(e.status, {"error": {"message": str(e), "type": e.kind, "param": e.param, "code": e.code}})
-        self._log(e.status)
+    def do_GET(self):
+        self._route()
 
-    def _route(self, method):
-        path = self.path.split("?")[0]
-        routes = {"/": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST"}
+    do_POST = do_GET
+
+    def _route(self):
+        path, srv = self.path.split("?")[0], self.server
         try:
-            if path not in routes:
-                raise APIError(404, f"no route {method} {path}", code="not_found")
-            if routes[path] != method:
-                raise APIError(405, f"{path} takes {routes[path]}, not {method}", code="method_not_allowed")
-            key = self.server.api_key
-            sent = self.headers.get("Authorization", "")
-            if key and path != "/" and not hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
+            if path not in self.ROUTES:
+                raise APIError(404, f"no route {self.command} {path}", code="not_found")
+            if self.ROUTES[path] != self.command:
+                raise APIError(405, f"{path} takes {self.ROUTES[path]}, not {self.command}", code="method_not_allowed")
+            sent = self.headers.get("Authorization", "").encode()
+            if srv.api_key and path != "/" and not hmac.compare_digest(sent, f"Bearer {srv.api_key}".encode()):
                 raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key")
             if path == "/":
                 self._send(200, PAGE.encode(), "text/html; charset=utf-8")
-                self._log(200)
             elif path == "/v1/models":
                 self._send(200, {"object": "list", "data": [
-                    {"id": self.server.model_name, "object": "model", "created": self.server.created, "owned_by": "chimera"}]})
-                self._log(200)
+                    {"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "chimera"}]})
             else:
-                self._complete()
+                self._complete(srv, time.time())
         except APIError as e:
-            self._error(e)
-        except (BrokenPipeError, ConnectionError):
-            self._log(499, " (client disconnected)")
-
-    def do_GET(self):
-        self._route("GET")
-
-    def do_POST(self):
-        self._route("POST")
+            self._send(e.status, {"error": {"message": str(e), "type": e.kind, "param": e.param, "code": e.code}})
+        except ConnectionError:  # BrokenPipeError included
+            print(f"{self.command} {self.path} client disconnected", flush=True)
 
     def _client_gone(self):
         try:
@@ -393,12 +382,15 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             return True
 
-    def _complete(self):
-        srv, t0 = self.server, time.time()
+    def _event(self, obj):
+        self.wfile.write(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
+        self.wfile.flush()
+
+    def _complete(self, srv, t0):
         try:
             length = int(self.headers.get("Content-Length", 0))
             body = json.loads(self.rfile.read(length)) if 0 < length <= 1 << 24 else None
-        except (ValueError, UnicodeDecodeError):
+        except ValueError:
             raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
         messages, s, stream, include_usage = parse_request(body, srv.defaults, srv.sched.max_batch)
         try:
@@ -408,43 +400,37 @@ class Handler(BaseHTTPRequestHandler):
         if len(prompt) >= srv.sched.max_len:
             raise APIError(400, f"the prompt is {len(prompt)} tokens; the model's context is {srv.sched.max_len}",
                            "messages", "context_length_exceeded")
-        req = srv.sched.submit(prompt, s)
+        req, texts = srv.sched.submit(prompt, s), [""] * s.n
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(t0), "model": srv.model_name}
-        texts = [""] * s.n
+        chunk = dict(head, object="chat.completion.chunk")
         try:
             if stream:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Cache-Control", "no-cache")
                 self.end_headers()
-                chunk = dict(head, object="chat.completion.chunk")
-
-                def event(obj):
-                    self.wfile.write(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
-                    self.wfile.flush()
-
                 for i in range(s.n):
-                    event(dict(chunk, choices=[{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]))
-                finishes = stream_reply(req, lambda i, t, f: event(dict(chunk, choices=[
+                    self._event(dict(chunk, choices=[
+                        {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]))
+                finishes = stream_reply(req, lambda i, t, f: self._event(dict(chunk, choices=[
                     {"index": i, "delta": {"content": t} if t else {}, "finish_reason": f}])), self._client_gone)
-                if include_usage:
-                    event(dict(chunk, choices=[], usage=usage(prompt, req)))
-                event(b"[DONE]")
             else:
                 finishes = stream_reply(req, lambda i, t, f: texts.__setitem__(i, texts[i] + t), self._client_gone)
-                self._send(200, dict(head, object="chat.completion", usage=usage(prompt, req), choices=[
-                    {"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
-                     "finish_reason": finishes[i]} for i in range(s.n)]))
         finally:
             srv.sched.cancel(req)  # a no-op when it finished; frees the rows of a client that left
-        dt = time.time() - t0
-        self._log(200, f" {len(prompt)} prompt + {req.completion_tokens} completion tokens in {dt:.2f}s "
-                       f"({req.completion_tokens / dt:.1f} tokens/s){' ERROR' if 'error' in finishes else ''}")
-
-
-def usage(prompt, req):
-    return {"prompt_tokens": len(prompt), "completion_tokens": req.completion_tokens,
-            "total_tokens": len(prompt) + req.completion_tokens}
+        dt, done = time.time() - t0, req.completion_tokens
+        log = f" {len(prompt)} prompt + {done} completion tokens in {dt:.2f}s ({done / dt:.1f} tokens/s)"
+        usage = {"prompt_tokens": len(prompt), "completion_tokens": done, "total_tokens": len(prompt) + done}
+        if stream:
+            if include_usage:
+                self._event(dict(chunk, choices=[], usage=usage))
+            self._event(b"[DONE]")
+            print(f"{self.command} {self.path} 200{log}", flush=True)
+        elif "error" in finishes:
+            raise APIError(500, "the model failed while decoding (see the server's log)", kind="server_error")
+        else:
+            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
+                        "finish_reason": finishes[i]} for i in range(s.n)]
+            self._send(200, dict(head, object="chat.completion", usage=usage, choices=choices), log=log)
 
 
 def make_server(sched, model_name, defaults, host="127.0.0.1", port=8000, api_key=""):
