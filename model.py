@@ -1,8 +1,9 @@
 """
-The nanochat model stack, rebuilt from scratch and kept bit-compatible with nanochat's
-on-disk format (see NANOCHAT_FORMAT.md): the GPT, a chunked log-prob path, the
-AdamW + Muon optimizers, the tokenizer and conversation rendering, checkpoints, a fresh
-offline base, and sampling with a KV cache and the calculator tool.
+The nanochat model stack, rebuilt from scratch and kept compatible with both generations of
+nanochat's on-disk format (Nov 2025, commit 885a4f2, and 2026, commit 92d63d4): the GPT, a
+chunked log-prob path, the AdamW + Muon optimizers, the tokenizer and conversation
+rendering, checkpoints, a fresh offline base, and sampling with a KV cache and the
+calculator tool. Which generation a checkpoint is comes from what is on disk.
 
     from model import load_model
     model, tokenizer, meta = load_model("sft", device, phase="eval")
@@ -18,6 +19,7 @@ import math
 import os
 import pickle
 import re
+import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -30,7 +32,9 @@ from torch.utils.checkpoint import checkpoint
 from common import UserError, atomic_write, atomic_write_json, autocast, get_base_dir
 
 # -----------------------------------------------------------------------------
-# The GPT
+# The GPT, both generations: window_pattern None is Nov 2025's model; a pattern of S/L
+# switches on 2026's value embeddings, residual/x0 scalars, smear, backout, sliding windows,
+# padded vocab, rotary base 100000 and the x1.2 q/k scale.
 
 
 @dataclass
@@ -41,6 +45,22 @@ class GPTConfig:
     n_head: int = 6  # query heads
     n_kv_head: int = 6  # key/value heads (GQA when fewer than n_head)
     n_embd: int = 768
+    window_pattern: str = None  # 2026 only: S (short) / L (long) window per layer, cycled
+
+    @property
+    def generation(self):
+        return 2025 if self.window_pattern is None else 2026
+
+    def to_meta(self):
+        """model_config as nanochat of this generation writes it (Nov 2025: six keys)."""
+        d = asdict(self)
+        if self.window_pattern is None:
+            del d["window_pattern"]
+        return d
+
+
+SOFTCAP = 15.0
+SMEAR_CHANNELS, VE_GATE_CHANNELS = 24, 12  # 2026: the gates read this many leading channels
 
 
 def norm(x):
@@ -49,7 +69,7 @@ def norm(x):
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate the two halves of each head: x is [B, T, H, D], cos/sin are [1, T, 1, D/2]."""
+    """Rotate the two halves of each head: x is [B, T, H, D], cos/sin are [1 or B, T, 1, D/2]."""
     d = x.shape[3] // 2
     x1, x2 = x[..., :d], x[..., d:]
     y1 = x1 * cos + x2 * sin
@@ -57,10 +77,24 @@ def apply_rotary(x, cos, sin):
     return torch.cat([y1, y2], 3).to(x.dtype)
 
 
+def window_mask(q_pos, k_pos, window):
+    """Key j is visible to query i iff 0 <= i - j <= window (positions are absolute)."""
+    d = q_pos[..., :, None] - k_pos[..., None, :]
+    return d >= 0 if window is None else (d >= 0) & (d <= window)
+
+
+def attend(q, k, v, mask):
+    """SDPA over [B, H, T, D]; mask: "causal", None (every key) or a boolean tensor."""
+    gqa = q.size(1) != k.size(1)
+    if isinstance(mask, str):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config, layer_idx):
+    def __init__(self, config, layer_idx, window, value_embed):
         super().__init__()
-        self.layer_idx = layer_idx
+        self.layer_idx, self.window = layer_idx, window  # window None: unlimited (2025)
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
         assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
@@ -68,28 +102,34 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.gen2026 = config.generation == 2026
+        if value_embed:
+            self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False)
 
-    def forward(self, x, cos_sin, kv_cache):
+    def forward(self, x, ve, cos_sin, kv_cache):
         B, T, C = x.size()
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # value embedding, mixed in by a per-head gate in (0, 3)
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         cos, sin = cos_sin
+        if self.gen2026:  # 2026 rotates in the compute dtype
+            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k = norm(q), norm(k)  # QK norm comes after rotary, as in nanochat
+        if self.gen2026:
+            q, k = q * 1.2, k * 1.2
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         if kv_cache is not None:
-            k, v = kv_cache.insert(self.layer_idx, k, v)
-        Tq, Tk = q.size(2), k.size(2)
-        gqa = self.n_head != self.n_kv_head
-        if Tq == Tk:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif Tq == 1:  # one new token attends to everything cached
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=gqa)
-        else:  # a chunk of new tokens: all of the prefix, causal within the chunk
-            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        y = y.transpose(1, 2).contiguous().view(B, T, -1)
+            k, v, mask = kv_cache.insert(self.layer_idx, k, v, self.window)
+        elif self.window is None or self.window >= T - 1:
+            mask = "causal"
+        else:
+            pos = torch.arange(T, device=x.device)
+            mask = window_mask(pos, pos, self.window)
+        y = attend(q, k, v, mask).transpose(1, 2).contiguous().view(B, T, -1)
         return self.c_proj(y)
 
 
@@ -104,42 +144,68 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config, layer_idx):
+    def __init__(self, config, layer_idx, window, value_embed):
         super().__init__()
-        self.attn = CausalSelfAttention(config, layer_idx)
+        self.attn = CausalSelfAttention(config, layer_idx, window, value_embed)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos_sin, kv_cache):
-        x = x + self.attn(norm(x), cos_sin, kv_cache)
+    def forward(self, x, ve, cos_sin, kv_cache):
+        x = x + self.attn(norm(x), ve, cos_sin, kv_cache)
         return x + self.mlp(norm(x))
 
 
-SOFTCAP = 15.0
+def layer_windows(config):
+    """Left attention window per layer (None: unlimited). 2026: S is a quarter of
+    sequence_len rounded up to a multiple of 128, L is sequence_len, the last layer is L."""
+    if config.generation == 2025:
+        return [None] * config.n_layer
+    pattern = config.window_pattern.upper()
+    short = 128 * -(-config.sequence_len // 512)
+    windows = [short if pattern[i % len(pattern)] == "S" else config.sequence_len for i in range(config.n_layer)]
+    windows[-1] = config.sequence_len
+    return windows
 
 
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.gen2026 = config.generation == 2026
+        L, C = config.n_layer, config.n_embd
+        # 2026 pads the vocab to a multiple of 64 and cuts the logits back to vocab_size
+        self.padded_vocab = -(-config.vocab_size // 64) * 64 if self.gen2026 else config.vocab_size
+        # 2026: value embeddings in every other layer, always including the last
+        ve_layers = [i for i in range(L) if self.gen2026 and i % 2 == (L - 1) % 2]
+        windows = layer_windows(config)
         self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(config.vocab_size, config.n_embd),
-            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            "wte": nn.Embedding(self.padded_vocab, C),
+            "h": nn.ModuleList([Block(config, i, windows[i], i in ve_layers) for i in range(L)]),
         })
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(C, self.padded_vocab, bias=False)
+        kv_dim = config.n_kv_head * (C // config.n_head)
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(self.padded_vocab, kv_dim) for i in ve_layers})
+        if self.gen2026:
+            self.resid_lambdas = nn.Parameter(torch.ones(L))
+            self.x0_lambdas = nn.Parameter(torch.zeros(L))
+            self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+            self.backout_lambda = nn.Parameter(torch.zeros(1))
+            self.backout_layer = L // 2
         # rotary tables cover 10x the training length so sampling can run past it
         self.rotary_seq_len = config.sequence_len * 10
         cos, sin = self._rotary_tables(self.rotary_seq_len)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def _rotary_tables(self, seq_len, base=10000, device=None):
+    def _rotary_tables(self, seq_len, device=None):
         head_dim = self.config.n_embd // self.config.n_head
         channels = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
-        inv_freq = 1.0 / (base ** (channels / head_dim))
+        inv_freq = 1.0 / ((100000 if self.gen2026 else 10000) ** (channels / head_dim))
         t = torch.arange(seq_len, dtype=torch.float32, device=device)
         freqs = torch.outer(t, inv_freq)
-        # nanochat keeps the tables in bf16 and rotates with them; so do we, to match its numbers
-        cos, sin = freqs.cos().bfloat16(), freqs.sin().bfloat16()
+        cos, sin = freqs.cos(), freqs.sin()
+        if not self.gen2026:  # Nov 2025 nanochat rotates with bf16 tables; so do we, to match its numbers
+            cos, sin = cos.bfloat16(), sin.bfloat16()
         return cos[None, :, None, :], sin[None, :, None, :]
 
     def init_rotary(self):
@@ -148,51 +214,100 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, zero_out=True):
-        """nanochat's init: N(0, 1) embedding, fan-in scaled linears, and (zero_out) a zero
-        lm_head and zero residual projections so every block starts as the identity."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                fan_out, fan_in = module.weight.shape
-                std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
-                module.weight.normal_(0.0, std)
-            elif isinstance(module, nn.Embedding):
-                module.weight.normal_(0.0, 1.0)
-        if zero_out:
-            self.lm_head.weight.zero_()
-            for block in self.transformer.h:
-                block.mlp.c_proj.weight.zero_()
-                block.attn.c_proj.weight.zero_()
+        """nanochat's init for the model's generation; zero_out=False gives random residual
+        projections and lm_head instead of zero/tiny ones, so logits differ from the start."""
+        if self.gen2026:
+            self._init_2026(zero_out)
+        else:  # N(0, 1) embedding, fan-in scaled linears, zero lm_head and residual projections
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    fan_out, fan_in = module.weight.shape
+                    module.weight.normal_(0.0, 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in)))
+                elif isinstance(module, nn.Embedding):
+                    module.weight.normal_(0.0, 1.0)
+            if zero_out:
+                self.lm_head.weight.zero_()
+                for block in self.transformer.h:
+                    block.mlp.c_proj.weight.zero_()
+                    block.attn.c_proj.weight.zero_()
         self.init_rotary()
-        if self.lm_head.weight.device.type == "cuda":
-            self.transformer.wte.to(dtype=torch.bfloat16)  # as nanochat: saves memory, stored so
+        if self.lm_head.weight.device.type == "cuda":  # as nanochat: saves memory, stored so
+            self.transformer.wte.to(dtype=torch.bfloat16)
+            self.value_embeds.to(dtype=torch.bfloat16)
+
+    def _init_2026(self, zero_out):
+        L, s = self.config.n_layer, math.sqrt(3) / math.sqrt(self.config.n_embd)
+        self.transformer.wte.weight.normal_(0.0, 0.8)
+        self.lm_head.weight.normal_(0.0, 0.001) if zero_out else self.lm_head.weight.uniform_(-s, s)
+        for block in self.transformer.h:
+            for w in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+                w.weight.uniform_(-s, s)
+            block.mlp.c_fc.weight.uniform_(-0.4 * s, 0.4 * s)
+            for w in (block.attn.c_proj, block.mlp.c_proj):
+                w.weight.zero_() if zero_out else w.weight.uniform_(-s, s)
+            if hasattr(block.attn, "ve_gate"):
+                block.attn.ve_gate.weight.uniform_(0.0, 0.02)
+        for ve in self.value_embeds.values():
+            ve.weight.uniform_(-s, s)
+        frac = torch.arange(L, dtype=torch.float32) / max(L - 1, 1)
+        self.resid_lambdas.copy_(1.15 - 0.10 * frac)
+        self.x0_lambdas.copy_(0.20 - 0.15 * frac)
+        self.smear_lambda.zero_()
+        self.backout_lambda.fill_(0.2)
+        self.smear_gate.weight.uniform_(0.0, 0.02)
 
     def get_device(self):
         return self.transformer.wte.weight.device
 
     def num_flops_per_token(self):
-        """Training FLOPs per token: 6 per non-embedding parameter plus attention."""
+        """Training FLOPs per token: 6 per non-embedding parameter plus attention (over each
+        layer's window)."""
         n_params = sum(p.numel() for p in self.parameters())
-        n_embed = self.transformer.wte.weight.numel()
+        n_embed = self.transformer.wte.weight.numel() + sum(p.numel() for p in self.value_embeds.parameters())
         c = self.config
-        head_dim = c.n_embd // c.n_head
-        return 6 * (n_params - n_embed) + 12 * c.n_layer * c.n_head * head_dim * c.sequence_len
+        span = sum(min(w or c.sequence_len, c.sequence_len) for w in layer_windows(c))
+        return 6 * (n_params - n_embed) + 12 * c.n_head * (c.n_embd // c.n_head) * span
 
     def hidden_states(self, idx, kv_cache=None):
-        """The final normalised residual stream [B, T, C], before the lm_head."""
+        """The final normalised residual stream [B, T, C], before the lm_head. With a cache,
+        the T tokens go after each row's cached ones (kv_cache.pos)."""
         B, T = idx.size()
-        T0 = 0 if kv_cache is None else kv_cache.pos
-        assert T0 + T <= self.cos.size(1), f"sequence of {T0 + T} exceeds the rotary cache"
-        cos_sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
+        if kv_cache is None:
+            assert T <= self.cos.size(1), f"sequence of {T} exceeds the rotary cache"
+            cos_sin = self.cos[:, :T], self.sin[:, :T]
+        else:
+            cos_sin = kv_cache.begin(T, self.cos, self.sin)
         x = norm(self.transformer.wte(idx))
-        for block in self.transformer.h:
-            x = block(x, cos_sin, kv_cache)
+        if self.gen2026:
+            x0 = x = self._smear(x, kv_cache)
+        xb = None
+        for i, block in enumerate(self.transformer.h):
+            if self.gen2026:
+                x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos_sin, kv_cache)
+            if self.gen2026 and i == self.backout_layer:
+                xb = x
+        if xb is not None:
+            x = x - self.backout_lambda.to(x.dtype) * xb
         if kv_cache is not None:
             kv_cache.advance(T)
         return norm(x)
 
+    def _smear(self, x, kv_cache):
+        """x[t] += smear_lambda * sigmoid(gate . x[t][:24]) * x[t-1], on the unsmeared
+        embeddings; a cached row's first new token smears with the row's last cached one."""
+        prev = torch.zeros_like(x[:, :1]) if kv_cache is None else kv_cache.prev[:, None].to(x.dtype)
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+        smeared = x + gate * torch.cat([prev, x[:, :-1]], dim=1)
+        if kv_cache is not None:
+            kv_cache.prev.copy_(x[:, -1])
+        return smeared
+
     def logits(self, x):
-        """lm_head + softcap, in float32 (the softcap is a tanh: precision matters there)."""
-        logits = self.lm_head(x).float()
+        """lm_head (padded rows cut off) + softcap, in float32 (the softcap is a tanh:
+        precision matters there)."""
+        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
         return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
@@ -245,21 +360,37 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------
     # Optimizers
 
-    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0):
-        """[AdamW for lm_head and wte, Muon for the block matrices], as nanochat sets them up.
+    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5):
+        """[AdamW for the embeddings, lm_head and scalars, Muon for every matrix in the
+        blocks], with the groups nanochat of the model's generation uses (2026: 92d63d4's
+        per-group betas and decays; weight_decay goes to Muon there, to AdamW in 2025).
 
         Under torch.distributed every rank holds the full optimizer state and steps on
         gradients that common.sync_gradients has already summed, so one class serves 1 or
         N processes.
         """
-        scale = (self.config.n_embd / 768) ** -0.5  # AdamW lrs were tuned at width 768
-        adam_groups = [
-            dict(params=list(self.lm_head.parameters()), lr=unembedding_lr * scale),
-            dict(params=list(self.transformer.wte.parameters()), lr=embedding_lr * scale),
-        ]
+        a = (self.config.n_embd / 768) ** -0.5  # embedding lrs were tuned at width 768
+        matrices = list(self.transformer.h.parameters())
+        if self.gen2026:
+            adam_groups = [
+                dict(params=[self.lm_head.weight], lr=unembedding_lr * a, betas=(0.8, 0.96), weight_decay=0.01),
+                dict(params=[self.transformer.wte.weight], lr=embedding_lr * a, betas=(0.8, 0.995), weight_decay=0.001),
+                dict(params=list(self.value_embeds.parameters()), lr=embedding_lr * a * 0.5, betas=(0.8, 0.995),
+                     weight_decay=0.01),
+                dict(params=[self.resid_lambdas], lr=scalar_lr * 0.01, betas=(0.8, 0.95), weight_decay=0.05),
+                dict(params=[self.x0_lambdas], lr=scalar_lr, betas=(0.96, 0.95), weight_decay=0.0),
+                dict(params=[self.smear_gate.weight, self.smear_lambda, self.backout_lambda], lr=0.2,
+                     betas=(0.8, 0.95), weight_decay=0.0),
+            ]
+            muon_groups = [dict(params=[p for p in matrices if p.shape == shape], weight_decay=weight_decay)
+                           for shape in sorted({tuple(p.shape) for p in matrices})]
+        else:
+            adam_groups = [dict(params=[self.lm_head.weight], lr=unembedding_lr * a, weight_decay=weight_decay),
+                           dict(params=[self.transformer.wte.weight], lr=embedding_lr * a, weight_decay=weight_decay)]
+            muon_groups = [dict(params=matrices)]
         fused = self.get_device().type == "cuda"
-        adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay, fused=fused)
-        muon = Muon(list(self.transformer.h.parameters()), lr=matrix_lr, momentum=0.95)
+        adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, fused=fused)
+        muon = Muon(muon_groups, lr=matrix_lr, momentum=0.95)
         optimizers = [adamw, muon]
         for opt in optimizers:
             for group in opt.param_groups:
@@ -381,24 +512,12 @@ class Tokenizer:
     def get_bos_token_id(self):
         return self.bos_token_id
 
-    def get_special_tokens(self):
-        return set(self.enc.special_tokens_set)
-
     def encode_special(self, text):
         return self.enc.encode_single_token(text)
 
-    def encode(self, text, prepend=None, append=None):
-        """Text to ids with special-token strings treated as plain text; a list of texts
-        gives a list of id lists. prepend/append: a special token (str) or an id."""
-        def special(t):
-            return t if isinstance(t, int) else self.encode_special(t)
-
-        def one(ids):
-            return ([special(prepend)] if prepend is not None else []) + ids + ([special(append)] if append is not None else [])
-
-        if isinstance(text, str):
-            return one(self.enc.encode_ordinary(text))
-        return [one(ids) for ids in self.enc.encode_ordinary_batch(list(text))]
+    def encode(self, text):
+        """Text to ids, with special-token strings treated as plain text."""
+        return self.enc.encode_ordinary(text)
 
     def decode(self, ids):
         return self.enc.decode(ids)
@@ -539,15 +658,17 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data)
 
 
 def find_largest_model(checkpoints_dir):
-    """The model tag to use: the largest d<N>, else the newest directory."""
+    """The model tag to use: Chimera's largest chimera_d<N>, else the largest d<N>, else the
+    newest directory."""
     if not os.path.isdir(checkpoints_dir):
         raise UserError(f"{checkpoints_dir}: no such checkpoint directory")
     tags = [d for d in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, d))]
     if not tags:
         raise UserError(f"{checkpoints_dir}: no model directories in it")
-    depths = [(int(m.group(1)), t) for t in tags if (m := re.fullmatch(r"d(\d+)", t))]
-    if depths:
-        return max(depths)[1]
+    for pattern in (r"chimera_d(\d+)", r"d(\d+)"):
+        depths = [(int(m.group(1)), t) for t in tags if (m := re.fullmatch(pattern, t))]
+        if depths:
+            return max(depths)[1]
     return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
 
 
@@ -579,29 +700,83 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False):
     return model_data, optimizer_data, meta
 
 
+CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+KEYS_2026 = ("resid_lambdas", "x0_lambdas", "smear_gate.weight", "smear_lambda", "backout_lambda")
+
+
+def config_from_checkpoint(model_config, model_data, where):
+    """The GPTConfig of a checkpoint, its generation told by what is on disk: 2026 has
+    window_pattern in model_config and its extra tensors in the state dict; Nov 2025 has
+    neither. Applies nanochat 92d63d4's own two loading patches to a 2026 state dict, and
+    refuses a meta and a state dict of different generations."""
+    if not isinstance(model_config, dict):
+        raise UserError(f"{where}: the meta has no model_config")
+    missing = [k for k in CONFIG_KEYS if k not in model_config]
+    extra = sorted(set(model_config) - set(CONFIG_KEYS) - {"window_pattern"})
+    if missing or extra:
+        what = f"lacks {', '.join(missing)}" if missing else f"has unknown keys {', '.join(extra)}"
+        raise UserError(f"{where}: model_config {what}: neither nanochat generation (Nov 2025, 2026) writes that")
+    new_keys = [k for k in model_data if k in KEYS_2026 or k.startswith("value_embeds.") or k.endswith(".ve_gate.weight")]
+    pattern = model_config.get("window_pattern")
+    if pattern is not None and not new_keys:
+        raise UserError(f"{where}: model_config is nanochat 2026's (it has window_pattern) but the state dict is "
+                        f"Nov 2025's (no {', '.join(KEYS_2026)}, value_embeds): meta and weights do not belong together")
+    if new_keys and pattern is None:  # an intermediate 2026 commit: nanochat reads it as all-long windows
+        print(f"note: {where}: 2026 weights with no window_pattern in model_config: using \"L\" as nanochat does",
+              file=sys.stderr)
+        pattern = "L"
+    if pattern is not None and not (isinstance(pattern, str) and re.fullmatch(r"[SLsl]+", pattern)):
+        raise UserError(f"{where}: model_config window_pattern {pattern!r} is not a string of S and L")
+    if new_keys:  # nanochat 92d63d4 adds these two when absent (checkpoints from before them)
+        n_layer, device = model_config["n_layer"], model_data[new_keys[0]].device
+        model_data.setdefault("resid_lambdas", torch.ones(n_layer, device=device))
+        model_data.setdefault("x0_lambdas", torch.zeros(n_layer, device=device))
+    try:
+        return GPTConfig(**dict(model_config, window_pattern=pattern))
+    except TypeError as e:
+        raise UserError(f"{where}: bad model_config ({e})") from None
+
+
+def check_state_dict(model, model_data, where):
+    """Every key the model has, none it lacks, each of its shape; else one line naming them."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in model_data]
+    extra = [k for k in model_data if k not in expected]
+    shapes = [f"{k} is {list(model_data[k].shape)}, expected {list(s)}"
+              for k, s in expected.items() if k in model_data and tuple(model_data[k].shape) != s]
+
+    def some(keys):
+        return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+    problems = ([f"missing {some(missing)}"] if missing else []) + ([f"unexpected {some(extra)}"] if extra else []) + shapes[:2]
+    if problems:
+        gen = "nanochat 2026" if model.gen2026 else "nanochat Nov 2025"
+        raise UserError(f"{where} does not match its model_config ({gen} model): {'; '.join(problems)}")
+
+
 def build_model(checkpoint_dir, step, device, phase, tokenizer=None):
-    """Load a checkpoint into a GPT on `device`; phase "train" or "eval"."""
+    """Load a checkpoint of either nanochat generation into a GPT on `device`; phase
+    "train" or "eval"."""
     assert phase in ("train", "eval"), phase
     device = torch.device(device)
     model_data, _, meta = load_checkpoint(checkpoint_dir, step, device)
+    where = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
+    if not isinstance(model_data, dict) or not all(isinstance(v, torch.Tensor) for v in model_data.values()):
+        raise UserError(f"{where}: not a state dict of tensors")
     # a compiled model's state dict carries _orig_mod.; bf16 is only kept on CUDA
     model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
     if device.type != "cuda":
         model_data = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_data.items()}
-    if "model_config" not in meta:
-        raise UserError(f"{checkpoint_dir}: meta_{step:06d}.json has no model_config")
-    config = GPTConfig(**meta["model_config"])
+    config = config_from_checkpoint(meta.get("model_config"), model_data, where)
     if tokenizer is not None and tokenizer.get_vocab_size() != config.vocab_size:
         raise UserError(f"{checkpoint_dir}: the model's vocab_size is {config.vocab_size} but the tokenizer "
                         f"has {tokenizer.get_vocab_size()} tokens (wrong tokenizer for this checkpoint?)")
     with torch.device("meta"):
         model = GPT(config)
+    check_state_dict(model, model_data, where)
     model.to_empty(device=device)
     model.init_rotary()
-    try:
-        model.load_state_dict(model_data, strict=True, assign=True)
-    except RuntimeError as e:
-        raise UserError(f"{checkpoint_dir}: model_{step:06d}.pt does not match its model_config ({str(e).splitlines()[0]})") from None
+    model.load_state_dict(model_data, strict=True, assign=True)
     model.train() if phase == "train" else model.eval()
     return model, meta
 
@@ -625,31 +800,33 @@ def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
     return model, tokenizer, meta
 
 
-def model_config_dict(model):
-    return asdict(model.config)
-
-
 # -----------------------------------------------------------------------------
 # A fresh base directory: byte-level tokenizer + random model, no download needed
 
 
-def fresh_base(base_dir, depth=2, sequence_len=512, n_embd=None, n_head=None, seed=0, zero_out=True):
-    """Write tokenizer/ and base_checkpoints/d{depth}/model_000000.pt into base_dir.
+def fresh_base(base_dir, depth=2, sequence_len=512, n_embd=None, n_head=None, seed=0, zero_out=True,
+               generation=2025):
+    """Write tokenizer/ and base_checkpoints/d{depth}/model_000000.pt into base_dir, a model
+    of the given nanochat generation (2026: window pattern SSSL).
 
     Shapes follow nanochat's base training (width = 64 * depth, one head per 128 wide);
     n_embd/n_head override them for tests. zero_out=False gives non-zero logits from the
     start, which tests of the log-prob and DPO paths want.
     """
+    if generation not in (2025, 2026):
+        raise UserError(f"generation must be 2025 or 2026, not {generation!r}")
     enc = byte_level_encoding()
     save_tokenizer(enc, os.path.join(base_dir, "tokenizer"))
     n_embd = n_embd or depth * 64
     n_head = n_head or max(1, (n_embd + 127) // 128)
     config = GPTConfig(sequence_len=sequence_len, vocab_size=enc.n_vocab, n_layer=depth,
-                       n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
+                       n_head=n_head, n_kv_head=n_head, n_embd=n_embd,
+                       window_pattern="SSSL" if generation == 2026 else None)
     torch.manual_seed(seed)
     model = GPT(config)
     model.init_weights(zero_out=zero_out)
-    meta = {"step": 0, "model_config": asdict(config), "user_config": {"depth": depth, "fresh": True, "seed": seed}}
+    meta = {"step": 0, "model_config": config.to_meta(), "chimera": {"stage": "base"},
+            "user_config": {"depth": depth, "fresh": True, "seed": seed}}
     checkpoint_dir = os.path.join(base_dir, "base_checkpoints", f"d{depth}")
     save_checkpoint(checkpoint_dir, 0, model.state_dict(), None, meta)
     return checkpoint_dir
@@ -660,33 +837,84 @@ def fresh_base(base_dir, depth=2, sequence_len=512, n_embd=None, n_head=None, se
 
 
 class KVCache:
-    """Keys and values per layer, [B, H_kv, max_len, D], filled left to right."""
+    """Keys and values per layer, [layers, B, H_kv, max_len, D], where each row holds one
+    sequence with its own length: `pos`, a CPU LongTensor [B]. A forward appends T tokens to
+    every row at that row's position (rotary, windows and smear per row), so independent
+    requests can decode together. `prev` is each row's last normalised token embedding,
+    which the 2026 smear of its next token reads.
 
-    def __init__(self, batch_size, num_heads, head_dim, num_layers, max_len, device, dtype):
-        shape = (num_layers, batch_size, num_heads, max_len, head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.pos = 0
+        cache = KVCache.for_model(model, batch_size, max_len)
+        model(prompt[None], kv_cache=cache.row(i))  # prefill one row (a view of the cache)
+        model(ids, kv_cache=cache)                  # ids [B, T]: T more tokens for every row
+        cache.reset(i)                              # row i empty again
+    """
 
-    def insert(self, layer, k, v):
-        T = k.size(2)
-        if self.pos + T > self.k.size(3):
-            raise RuntimeError("KV cache is full")
-        self.k[layer, :, :, self.pos:self.pos + T] = k
-        self.v[layer, :, :, self.pos:self.pos + T] = v
-        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+    def __init__(self, k, v, pos, prev):
+        self.k, self.v, self.pos, self.prev = k, v, pos, prev
+
+    @classmethod
+    def for_model(cls, model, batch_size, max_len):
+        c, device = model.config, model.get_device()
+        dtype = model.lm_head.weight.dtype if device.type != "cuda" else torch.bfloat16
+        shape = (c.n_layer, batch_size, c.n_kv_head, max_len, c.n_embd // c.n_head)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+                   torch.zeros(batch_size, dtype=torch.long), torch.zeros(batch_size, c.n_embd, device=device))
+
+    def row(self, i):
+        return KVCache(self.k[:, i:i + 1], self.v[:, i:i + 1], self.pos[i:i + 1], self.prev[i:i + 1])
+
+    def reset(self, i):
+        self.pos[i] = 0
+        self.prev[i] = 0
+
+    def copy_row_to_all(self, i):
+        """Every row becomes a copy of row i (one prompt prefilled once, sampled many times)."""
+        n = int(self.pos[i])
+        self.k[:, :, :, :n] = self.k[:, i:i + 1, :, :n]
+        self.v[:, :, :, :n] = self.v[:, i:i + 1, :, :n]
+        self.pos[:], self.prev[:] = self.pos[i].item(), self.prev[i:i + 1]
+
+    def begin(self, T, cos, sin):
+        """Plan a forward of T new tokens per row; returns its rotary tables. When every row
+        is at the same position (the Engine's case) slices do; otherwise per-row indices."""
+        start = self.pos.tolist()
+        self.end = max(start) + T
+        if self.end > self.k.size(3) or self.end > cos.size(1):
+            raise RuntimeError(f"KV cache is full ({min(self.k.size(3), cos.size(1))} positions)")
+        self.masks = {}
+        if min(start) == max(start):
+            self.p0, self.q_pos = start[0], None
+            return cos[:, self.p0:self.end], sin[:, self.p0:self.end]
+        self.q_pos = (self.pos[:, None] + torch.arange(T)).to(cos.device)
+        return cos[0, self.q_pos], sin[0, self.q_pos]  # [B, T, 1, D/2]
+
+    def insert(self, layer, k, v, window):
+        """Store the new k, v [B, H, T, D]; return the keys and values to attend to and the
+        mask for them (windows per layer)."""
+        T, device = k.size(2), k.device
+        if self.q_pos is None:
+            p0 = self.p0
+            self.k[layer, :, :, p0:self.end] = k
+            self.v[layer, :, :, p0:self.end] = v
+            lo = 0 if window is None else max(0, p0 - window)  # the oldest key any new token sees
+            if window not in self.masks:
+                if T == 1:
+                    self.masks[window] = None
+                elif p0 == 0 and (window is None or window >= T - 1):
+                    self.masks[window] = "causal"
+                else:
+                    self.masks[window] = window_mask(torch.arange(p0, self.end, device=device),
+                                                     torch.arange(lo, self.end, device=device), window)
+            return self.k[layer, :, :, lo:self.end], self.v[layer, :, :, lo:self.end], self.masks[window]
+        rows = torch.arange(k.size(0), device=device)[:, None]
+        self.k[layer, rows, :, self.q_pos] = k.transpose(1, 2)
+        self.v[layer, rows, :, self.q_pos] = v.transpose(1, 2)
+        if window not in self.masks:
+            self.masks[window] = window_mask(self.q_pos, torch.arange(self.end, device=device), window)[:, None]
+        return self.k[layer, :, :, :self.end], self.v[layer, :, :, :self.end], self.masks[window]
 
     def advance(self, T):
-        self.pos += T
-
-    def expand(self, batch_size, max_len):
-        """A batch_size-row cache whose first rows all start from this one-row cache."""
-        layers, _, heads, _, dim = self.k.shape
-        new = KVCache(batch_size, heads, dim, layers, max_len, self.k.device, self.k.dtype)
-        new.k[:, :, :, :self.pos] = self.k[:, :, :, :self.pos]
-        new.v[:, :, :, :self.pos] = self.v[:, :, :, :self.pos]
-        new.pos = self.pos
-        return new
+        self.pos += T  # in place: a row view moves its parent's row
 
 
 _CALC_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Constant, ast.Add, ast.Sub, ast.Mult,
@@ -781,34 +1009,31 @@ class Engine:
         py_start, py_end = sp("<|python_start|>"), sp("<|python_end|>")
         out_start, out_end = sp("<|output_start|>"), sp("<|output_end|>")
         stops = {sp("<|assistant_end|>"), tok.get_bos_token_id()}
-        c = model.config
-        max_len = len(tokens) + (max_tokens if max_tokens is not None else c.sequence_len)
-        max_len = min(max_len, model.cos.size(1))
-        dtype = model.lm_head.weight.dtype if device.type != "cuda" else torch.bfloat16
-        kv = KVCache(1, c.n_kv_head, c.n_embd // c.n_head, c.n_layer, max_len, device, dtype)
-        with autocast(device):
-            logits = model(torch.tensor([tokens], dtype=torch.long, device=device), kv_cache=kv)[:, -1, :]
-        kv = kv.expand(num_samples, max_len)  # prefill once, then share the prompt's cache
+        limit = model.config.sequence_len if max_tokens is None else max_tokens
+        max_len = min(len(tokens) + limit, model.cos.size(1))
+        cache = KVCache.for_model(model, num_samples, max_len)
+        with autocast(device):  # prefill once, then every row starts from the prompt's cache
+            logits = model(torch.tensor([tokens], dtype=torch.long, device=device), kv_cache=cache.row(0))[:, -1, :]
+        cache.copy_row_to_all(0)
         logits = logits.expand(num_samples, -1)
         rows = [_Row() for _ in range(num_samples)]
         generated = 0
         while True:
-            sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()
-            column, masks = [], []
-            for row, token in zip(rows, sampled):
-                forced = bool(row.forced)
-                token = row.forced.popleft() if forced else token
-                column.append(token)
-                masks.append(0 if forced else 1)
-                self._track_tool(row, token, py_start, py_end, out_start, out_end)
-                row.done = row.done or token in stops
+            ids = sample_next_token(logits, rng, temperature, top_k)
+            column, masks = ids[:, 0].tolist(), [1] * num_samples
+            for i, row in enumerate(rows):
+                if row.forced:
+                    column[i], masks[i] = row.forced.popleft(), 0
+                self._track_tool(row, column[i], py_start, py_end, out_start, out_end)
+                row.done = row.done or column[i] in stops
             yield column, masks
             generated += 1
-            if all(r.done for r in rows) or generated == max_tokens or kv.pos >= max_len:
+            if all(r.done for r in rows) or generated == max_tokens or len(tokens) + generated >= max_len:
                 return
-            ids = torch.tensor(column, dtype=torch.long, device=device)[:, None]
+            if 0 in masks:  # a tool-forced token replaces the sampled one
+                ids = torch.tensor(column, dtype=torch.long, device=device)[:, None]
             with autocast(device):
-                logits = model(ids, kv_cache=kv)[:, -1, :]
+                logits = model(ids, kv_cache=cache)[:, -1, :]
 
     def _track_tool(self, row, token, py_start, py_end, out_start, out_end):
         if token == py_start:

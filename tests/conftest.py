@@ -8,27 +8,26 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(REPO, "tests", "fixtures")
+GENERATIONS = {2025: "nanochat_d2", 2026: "nanochat2026_d2"}
 
 
-def golden_dir():
-    """nanochat's golden fixtures: $NANOCHAT_FIXTURES, else ../shared/fixtures/nanochat_d2."""
-    path = os.environ.get("NANOCHAT_FIXTURES") or os.path.join(REPO, "..", "shared", "fixtures", "nanochat_d2")
-    return os.path.abspath(path)
+def golden_dir(generation=2025):
+    """A nanochat base dir with golden outputs made by that generation of nanochat's own code
+    (tests/fixtures/; see its golden.json)."""
+    return os.path.join(FIXTURES, GENERATIONS[generation])
 
 
 @pytest.fixture(scope="session")
 def golden():
-    path = golden_dir()
-    if not os.path.isfile(os.path.join(path, "golden.json")):
-        pytest.fail(f"golden fixtures not found at {path}: set NANOCHAT_FIXTURES to shared/fixtures/nanochat_d2")
-    return path
+    return golden_dir(2025)
 
 
-def make_tiny_base(base_dir, depth=2, n_embd=32, n_head=2, sequence_len=128, seed=0, zero_out=False):
+def make_tiny_base(base_dir, depth=2, n_embd=32, n_head=2, sequence_len=128, seed=0, zero_out=False, generation=2025):
     import model
 
     model.fresh_base(str(base_dir), depth=depth, sequence_len=sequence_len, n_embd=n_embd,
-                     n_head=n_head, seed=seed, zero_out=zero_out)
+                     n_head=n_head, seed=seed, zero_out=zero_out, generation=generation)
     return str(base_dir)
 
 

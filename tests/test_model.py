@@ -9,17 +9,20 @@ import pytest
 import torch
 
 import model
-from conftest import REPO, make_tiny_base, run_python, run_torchrun
+from conftest import REPO, golden_dir, make_tiny_base, run_python, run_torchrun
 from common import UserError
-from model import Engine, GPT, GPTConfig, SPECIAL_TOKENS, load_model, save_checkpoint, use_calculator
+from model import Engine, GPT, GPTConfig, KVCache, SPECIAL_TOKENS, load_model, save_checkpoint, use_calculator
 
 
-@pytest.fixture(scope="module")
-def gold(golden):
-    with open(os.path.join(golden, "golden.json")) as f:
+@pytest.fixture(scope="module", params=[2025, 2026])
+def gold(request):
+    """(golden.json, golden tensors, model, tokenizer, meta) of one nanochat generation's fixture."""
+    path = golden_dir(request.param)
+    with open(os.path.join(path, "golden.json")) as f:
         g = json.load(f)
-    tensors = torch.load(os.path.join(golden, "golden_tensors.pt"), weights_only=True)
-    m, tok, meta = load_model("base", "cpu", "eval", base_dir=golden)
+    tensors = torch.load(os.path.join(path, "golden_tensors.pt"), weights_only=True)
+    m, tok, meta = load_model("base", "cpu", "eval", base_dir=path)
+    assert m.config.generation == request.param
     return g, tensors, m, tok, meta
 
 
@@ -89,18 +92,32 @@ def test_hostile_tokenizer_pickle_is_refused_and_never_runs(tmp_path):
 # Model numerics
 
 
-def test_logits_and_loss_match_nanochat_bit_for_bit(gold):
+def test_logits_and_loss_match_nanochat(gold):
     g, t, m, _, _ = gold
     with torch.no_grad():
         logits = m(t["x"])
-        assert torch.equal(logits, t["logits"])
-        assert torch.allclose(m(t["x"], t["y"], loss_reduction="none"), t["loss_none"], atol=1e-6)
-        assert m(t["x"], t["y"]).item() == pytest.approx(g["loss_mean"], abs=1e-6)
+        assert logits.shape == t["logits"].shape
+        assert (logits - t["logits"]).abs().max().item() < 1e-5  # float32 noise on any CPU
+        assert torch.allclose(m(t["x"], t["y"], loss_reduction="none"), t["loss_none"], atol=1e-4)
+        assert m(t["x"], t["y"]).item() == pytest.approx(g["loss_mean"], abs=1e-4)
+        assert torch.allclose(m.token_logprobs(t["x"], t["y"]).view(-1), -t["loss_none"], atol=1e-4)
 
 
-def test_greedy_decoding_matches_nanochat(gold):
+def test_2026_structure_matches_nanochat():
+    with open(os.path.join(golden_dir(2026), "golden.json")) as f:
+        g = json.load(f)
+    m = load_model("base", "cpu", "eval", base_dir=golden_dir(2026))[0]
+    assert {k: list(v.shape) for k, v in m.state_dict().items()} == {k: v["shape"] for k, v in g["state_dict"].items()}
+    assert [[b.attn.window, 0] for b in m.transformer.h] == g["window_sizes"]
+    assert [int(i) for i in m.value_embeds] == g["value_embed_layers"] and m.backout_layer == g["backout_layer"]
+
+
+@pytest.mark.parametrize("case", ["greedy", "greedy_long"])
+def test_greedy_decoding_matches_nanochat(gold, case):
     g, _, m, tok, _ = gold
-    case = g["greedy"]
+    if case not in g:
+        pytest.skip("the Nov 2025 fixture has no long-prompt decode")
+    case = g[case]
     ids = list(case["prompt_ids"])
     with torch.no_grad():
         for _ in range(case["max_tokens"]):
@@ -110,7 +127,8 @@ def test_greedy_decoding_matches_nanochat(gold):
     got = [col[0] for col, _ in engine.generate(case["prompt_ids"], max_tokens=case["max_tokens"], temperature=0.0)]
     assert got == case["engine_generated"]  # stops after <|assistant_end|>, which is yielded
     seqs, _ = engine.generate_batch(case["prompt_ids"], num_samples=3, max_tokens=case["max_tokens"], temperature=0.0)
-    assert all(s[len(case["prompt_ids"]):] == case["engine_generated"][:-1] for s in seqs)
+    end = [t for t in case["engine_generated"] if t != tok.encode_special("<|assistant_end|>")]
+    assert all(s[len(case["prompt_ids"]):] == end for s in seqs)
 
 
 def test_chunked_logprobs_equal_plain_path_values_and_gradients():
@@ -136,17 +154,37 @@ def test_chunked_logprobs_equal_plain_path_values_and_gradients():
         assert torch.allclose(p.grad, plain_grads[name], atol=1e-5, rtol=1e-4), name
 
 
-def test_kv_cache_decoding_equals_full_forward():
+@pytest.mark.parametrize("pattern", [None, "SL"])
+def test_kv_cache_decoding_equals_full_forward(pattern):
+    """Chunked prefill and one-token steps through the cache give the full forward's logits,
+    past the short window (2026, sequence_len 64: windows 128 > 64 would not bite, so the
+    layers here are given narrow windows)."""
     torch.manual_seed(0)
-    m = GPT(GPTConfig(sequence_len=64, vocab_size=100, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)).eval()
+    m = GPT(GPTConfig(sequence_len=64, vocab_size=100, n_layer=3, n_head=4, n_kv_head=2, n_embd=32,
+                      window_pattern=pattern)).eval()
     m.init_weights(zero_out=False)
-    ids = torch.randint(0, 100, (1, 20))
-    full = m(ids)
-    kv = model.KVCache(1, 2, 8, 2, 32, "cpu", torch.float32)
+    ids = torch.randint(0, 100, (2, 30))
     with torch.no_grad():
+        if pattern:
+            for block, w in zip(m.transformer.h, (5, 9, 64)):
+                block.attn.window = w
+            m.smear_lambda.fill_(0.7)
+        full = m(ids)
+        kv = KVCache.for_model(m, 2, 40)
         part = torch.cat([m(ids[:, :12], kv_cache=kv), m(ids[:, 12:15], kv_cache=kv),
-                          m(ids[:, 15:16], kv_cache=kv), m(ids[:, 16:], kv_cache=kv)], dim=1)
-    assert torch.allclose(part, full, atol=1e-5)
+                          m(ids[:, 15:16], kv_cache=kv)] + [m(ids[:, t:t + 1], kv_cache=kv) for t in range(16, 30)], dim=1)
+        assert torch.allclose(part, full, atol=1e-5)
+        assert kv.pos.tolist() == [30, 30]
+        # rows at different positions decode independently: row 1 restarts, gets its 12-token
+        # prompt alone (a row view), then both rows take one token per forward together
+        kv.reset(1)
+        m(ids[1:, :12], kv_cache=kv.row(1))
+        assert kv.pos.tolist() == [30, 12]
+        steps = [m(torch.tensor([[7], [ids[1, t].item()]]), kv_cache=kv) for t in range(12, 20)]
+        row1 = torch.cat([s[1:] for s in steps], dim=1)
+        assert torch.allclose(row1, full[1:, 12:20], atol=1e-5)
+        row0 = torch.cat([s[:1] for s in steps], dim=1)
+        assert torch.allclose(row0, m(torch.cat([ids[:1], torch.full((1, 8), 7)], dim=1))[:, 30:], atol=1e-5)
 
 
 def test_sampling_is_seeded_and_respects_top_k(gold):
