@@ -109,19 +109,20 @@ class _Slot:  # a row being decoded: its tokens, tool state, text sent so far, n
 
 
 class Scheduler:
-    """Owns the model in one thread. Waiting requests join free rows between steps (their
-    prompt prefilled into those rows); each step samples one token per active row and
-    advances them all; a finished or cancelled request frees its rows at once."""
+    """Owns the model and one KV cache of max_batch rows in one thread. Waiting requests join
+    free rows between steps (each row prefilled on its own); a step samples one token per
+    active row and runs one forward pass for all of them, each row at its own position; a
+    finished or cancelled request frees its rows at once."""
 
     def __init__(self, model, tokenizer, max_batch=8):
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.device, self.max_len = model.get_device(), model.config.sequence_len
+        self.cache = KVCache.for_model(model, max_batch, self.max_len)
         self.engine = Engine(model, tokenizer)  # for its calculator-tool logic
         sp = tokenizer.encode_special
         self.tool_ids = [sp(t) for t in ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")]
         self.stops = {sp("<|assistant_end|>"), tokenizer.get_bos_token_id()}
-        self.slots, self.caches = [None] * max_batch, [None] * max_batch
-        self.waiting, self.cond, self.closed = deque(), threading.Condition(), False
+        self.slots, self.waiting, self.cond, self.closed = [None] * max_batch, deque(), threading.Condition(), False
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
 
@@ -151,14 +152,15 @@ class Scheduler:
                     return
                 joining = []
                 while self.waiting and (self.waiting[0].cancelled or self.slots.count(None) >= self.waiting[0].s.n):
-                    req = self.waiting.popleft()  # oldest first, while it fits in the free rows
+                    req = self.waiting.popleft()  # oldest first, into the lowest free rows, while it fits
                     free = [i for i, slot in enumerate(self.slots) if slot is None and not req.cancelled]
                     for index, row in zip(range(req.s.n), free):
                         self.slots[row] = _Slot(req, index)
                         joining.append(row)
             try:
                 for row in joining:
-                    self._prefill(row)
+                    self.cache.reset(row)
+                    self.slots[row].logits = self._forward([self.slots[row].req.prompt], self.cache.row(row))[0]
                 self._step()
             except Exception as e:  # a failing model ends the requests in flight, not the server
                 print(f"error while decoding: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
@@ -171,27 +173,25 @@ class Scheduler:
         with autocast(self.device):
             return self.model(torch.tensor(ids, dtype=torch.long, device=self.device), kv_cache=cache)[:, -1].float()
 
-    def _prefill(self, row):
-        c = self.model.config
-        self.caches[row] = KVCache(1, c.n_kv_head, c.n_embd // c.n_head, c.n_layer, self.max_len,
-                                   self.device, torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.slots[row].logits = self._forward([self.slots[row].req.prompt], self.caches[row])[0]
-
     def _step(self):
-        advancing = []
+        tokens = [0] * self.max_batch  # free rows decode a dummy token and are reset after
         for row, slot in enumerate(self.slots):
-            if slot is None or slot.req.cancelled:
-                self.slots[row] = None
-                continue
-            forced = slot.tool.forced
-            token = forced.popleft() if forced else sample(slot.logits, slot.req.s, slot.req.rng)
-            self.engine._track_tool(slot.tool, token, *self.tool_ids)
-            if self._emit(slot, token, len(slot.req.prompt) + len(slot.ids) + 1 >= self.max_len):
-                self.slots[row] = None
-            else:
-                advancing.append((row, token))
-        for row, token in advancing:  # one row at a time until the per-row-position cache lands
-            self.slots[row].logits = self._forward([[token]], self.caches[row])[0]
+            if slot and not slot.req.cancelled:
+                forced = slot.tool.forced
+                tokens[row] = forced.popleft() if forced else sample(slot.logits, slot.req.s, slot.req.rng)
+                self.engine._track_tool(slot.tool, tokens[row], *self.tool_ids)
+                if not self._emit(slot, tokens[row], int(self.cache.pos[row]) + 1 >= self.max_len):
+                    continue
+            self.slots[row] = None
+        if any(self.slots):  # the rows up to the last active one: a view of the cache, one forward pass
+            m = max(row for row, slot in enumerate(self.slots) if slot) + 1
+            c = self.cache
+            logits = self._forward([[t] for t in tokens[:m]], KVCache(c.k[:, :m], c.v[:, :m], c.pos[:m], c.prev[:m]))
+            for row in range(m):
+                if self.slots[row]:
+                    self.slots[row].logits = logits[row]
+                else:
+                    self.cache.reset(row)
 
     def _emit(self, slot, token, full):
         """Account for a new token; send the text that can no longer turn into a stop string.
@@ -441,41 +441,34 @@ def make_server(sched, model_name, defaults, host="127.0.0.1", port=8000, api_ke
     return server
 
 
-PAGE = """<!doctype html><meta charset="utf-8"><title>Chimera chat</title>
-<style>body{font:15px system-ui,sans-serif;max-width:46em;margin:auto;padding:1em}
-#log div{white-space:pre-wrap;margin:.5em 0;padding:.6em;border-radius:6px}.user{background:#e6edfb}
-.assistant{background:#f1f1f1}.error{color:#a00}textarea{width:100%;box-sizing:border-box}</style>
-<div id="log"></div><textarea id="input" rows="3" placeholder="Message (Enter sends, Shift+Enter is a new line)"></textarea>
-<button id="send">Send</button> <button id="new">New chat</button>
-<script>
+PAGE = """<!doctype html><meta charset="utf-8"><title>Chimera chat</title><style>
+body{font:15px system-ui,sans-serif;max-width:46em;margin:auto;padding:1em}textarea{width:100%;box-sizing:border-box}
+#log div{white-space:pre-wrap;margin:.5em 0;padding:.6em;border-radius:6px}.user{background:#e6edfb}.assistant{background:#eee}
+</style><div id="log"></div><textarea id="input" rows="3" placeholder="Enter sends, Shift+Enter is a new line"></textarea>
+<button id="send">Send</button> <button id="new">New chat</button><script>
 let messages = [], key = "";
 const $ = id => document.getElementById(id), input = $("input");
-function add(cls, text) { const d = document.createElement("div"); d.className = cls; d.textContent = text; $("log").append(d); return d; }
+const add = (cls, text) => $("log").appendChild(Object.assign(document.createElement("div"), {className: cls, textContent: text}));
 const post = () => fetch("/v1/chat/completions", {method: "POST", body: JSON.stringify({messages, stream: true}),
   headers: Object.assign({"Content-Type": "application/json"}, key ? {Authorization: "Bearer " + key} : {})});
 async function send() {
   const text = input.value.trim();
   if (!text || $("send").disabled) return;
-  input.value = ""; $("send").disabled = true;
-  messages.push({role: "user", content: text}); add("user", text);
+  input.value = ""; $("send").disabled = true; messages.push({role: "user", content: text}); add("user", text);
   const out = add("assistant", ""); let reply = "", buf = "";
   try {
     let r = await post();
     if (r.status == 401 && (key = prompt("API key") || "")) r = await post();
     if (!r.ok) throw new Error((await r.json()).error.message);
-    const reader = r.body.getReader(), dec = new TextDecoder();
-    for (;;) {
+    for (const reader = r.body.getReader(), dec = new TextDecoder();;) {
       const {done, value} = await reader.read();
       if (done) break;
       const events = (buf += dec.decode(value, {stream: true})).split("\\n\\n"); buf = events.pop();
-      for (const e of events) {
-        const data = e.replace(/^data: /, "");
-        const delta = data == "[DONE]" ? "" : JSON.parse(data).choices[0]?.delta?.content;
-        if (delta) out.textContent = (reply += delta);
-      }
+      for (const e of events.map(e => e.slice(6)).filter(e => e != "[DONE]"))
+        out.textContent = (reply += JSON.parse(e).choices[0]?.delta?.content || "");
     }
     messages.push({role: "assistant", content: reply});
-  } catch (e) { messages.pop(); out.className = "error"; out.textContent = String(e.message || e); }
+  } catch (e) { messages.pop(); out.textContent = "error: " + e.message; }
   $("send").disabled = false; input.focus();
 }
 $("send").onclick = send;

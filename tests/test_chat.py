@@ -241,6 +241,27 @@ def disconnect_midway(served):
     assert not any(served.sched.slots) and req.cancelled and req.completion_tokens < 1000
 
 
+def test_2026_generation_decodes_together_as_the_engine_alone(tmp_path):
+    served = Served(make_tiny_base(tmp_path / "base", sequence_len=256, generation=2026))
+    try:
+        prompts = ["a", "a longer question?", "mid"]
+        expected = [served.engine_text(user(p), max_tokens=40) for p in prompts]
+        got = [None] * 3
+
+        def ask(i):
+            got[i] = [c["message"]["content"] for c in served.post({"messages": user(prompts[i]), "max_tokens": 40,
+                                                                    "n": 2}).json()["choices"]]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == [[e, e] for e in expected]
+    finally:
+        served.close()
+
+
 # -----------------------------------------------------------------------------
 # The page in a real headless browser, driven over the DevTools protocol on a pipe
 
