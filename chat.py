@@ -1,15 +1,15 @@
 """
-Talk to a checkpoint: an interactive terminal chat, a one-shot answer for scripts, or an
-OpenAI-compatible HTTP server (chat completions, streaming, a small chat page at /).
+Talk to a checkpoint: a terminal chat, a one-shot answer for scripts, or an OpenAI-compatible
+HTTP server (chat completions with streaming, and a small chat page at /).
 
     python chat.py -i dpo                            # terminal chat; type `clear` or `quit`
     python chat.py -i sft -p "What is a stop-loss?"  # one answer, then exit
     python chat.py -i dpo --persona                  # open with data/persona.md's system message
     python chat.py -i dpo --serve --port 8000        # http://127.0.0.1:8000/ and /v1/chat/completions
 
-One Scheduler thread owns the model and decodes every request in flight together, each in
-its own KV-cache row with its own sampling settings; the calculator tool runs as in
-nanochat's engine (model.Engine's tool logic).
+One Scheduler thread decodes every request in flight together (one forward pass per token,
+each request in its own KV-cache rows with its own sampling settings), running the
+calculator tool as nanochat's engine does.
 """
 
 import hmac
@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
@@ -35,28 +35,28 @@ from model import Engine, KVCache, _Row, checkpoint_dir_for, load_model
 @dataclass
 class Config:
     source: str = "sft"  # checkpoint to talk to: base|mid|sft|dpo|rl (-i)
-    model_tag: Optional[str] = None  # d<N> directory; None = the default tag
+    model_tag: Optional[str] = None  # model directory (d<N>, chimera_d<N>); None = the default
     step: Optional[int] = None  # checkpoint step; None = the latest
     device_type: str = ""  # cuda|mps|cpu; "" = autodetect
     prompt: str = ""  # answer this one prompt and exit (-p)
-    system: str = ""  # system message opening every conversation of the terminal chat
-    persona: bool = False  # use data/persona.md's system message (when --system is empty)
-    temperature: float = 0.6  # sampling temperature; 0 = greedy (the server's default too)
-    top_k: int = 50  # sample among the k most likely tokens; 0 = all (the server's default too)
-    max_tokens: int = 512  # longest reply (the server's default too)
+    system: str = ""  # system message opening each conversation of the terminal chat
+    persona: bool = False  # open with data/persona.md's system message (when --system is empty)
+    temperature: float = 0.6  # sampling temperature, 0 = greedy (also the server's default)
+    top_k: int = 50  # sample among the k most likely tokens, 0 = all (also the server's default)
+    max_tokens: int = 512  # longest reply (also the server's default)
     seed: int = -1  # terminal chat's sampling seed; -1 = a fresh one per reply
     serve: bool = False  # run the HTTP server instead of the terminal chat
     host: str = "127.0.0.1"  # address the server binds
     port: int = 8000  # port the server listens on
     api_key: str = ""  # when set, /v1/ requests need "Authorization: Bearer <key>"
-    max_batch: int = 8  # KV-cache rows: completions decoded together
+    max_batch: int = 8  # KV-cache rows: the most replies decoded together
 
 
 ALIASES = {"i": "source", "p": "prompt"}
 
 
 @dataclass
-class Sampling:  # one request's settings; top_k 0 = off, seed None = random, n replies to one prompt
+class Sampling:  # one request's settings: top_k 0 = all, seed None = random, n replies
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -72,13 +72,10 @@ def sample(logits, s, rng):
         return int(logits.argmax())
     logits = logits / s.temperature
     if s.top_k:
-        kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if s.top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > s.top_p  # the mass before a token already covers top_p
-        logits = logits.index_fill(0, order[drop], float("-inf"))
+        logits = logits.masked_fill(logits < torch.topk(logits, min(s.top_k, logits.numel())).values[-1], -float("inf"))
+    if s.top_p < 1.0:  # drop the tokens whose more likely ones already cover top_p (0: only the top one)
+        probs, order = logits.softmax(-1).sort(descending=True)
+        logits = logits.index_fill(0, order[probs.cumsum(-1) - probs > s.top_p], -float("inf"))
     return int(torch.multinomial(logits.softmax(-1), 1, generator=rng))
 
 
@@ -93,9 +90,8 @@ def prompt_ids(tokenizer, messages):
 
 
 class Completion:
-    """One request: n rows under one Sampling, with its own random generator. The scheduler
-    puts (choice index, text delta, finish_reason or None) on `events`; a finish_reason is
-    "stop", "length" or "error"."""
+    """One request: n rows under one Sampling and random generator. The scheduler puts (choice
+    index, text delta, finish_reason or None) on `events`; finish_reason: stop|length|error."""
 
     def __init__(self, prompt, s, device):
         self.prompt, self.s, self.events, self.cancelled, self.completion_tokens = prompt, s, queue.Queue(), False, 0
@@ -109,10 +105,10 @@ class _Slot:  # a row being decoded: its tokens, tool state, text sent so far, n
 
 
 class Scheduler:
-    """Owns the model and one KV cache of max_batch rows in one thread. Waiting requests join
-    free rows between steps (each row prefilled on its own); a step samples one token per
-    active row and runs one forward pass for all of them, each row at its own position; a
-    finished or cancelled request frees its rows at once."""
+    """Owns the model and a KV cache of max_batch rows in one thread. Waiting requests join free
+    rows between steps (each row prefilled on its own); a step samples a token per active row,
+    then one forward pass advances them all, each at its own position. A finished or
+    cancelled request frees its rows at once."""
 
     def __init__(self, model, tokenizer, max_batch=8):
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
@@ -128,11 +124,10 @@ class Scheduler:
 
     def submit(self, prompt, s):
         assert 1 <= s.n <= self.max_batch and len(prompt) < self.max_len
-        req = Completion(prompt, s, self.device)
         with self.cond:
-            self.waiting.append(req)
+            self.waiting.append(Completion(prompt, s, self.device))
             self.cond.notify()
-        return req
+            return self.waiting[-1]
 
     def cancel(self, req):
         req.cancelled = True  # the loop frees its rows before the next step
@@ -184,8 +179,7 @@ class Scheduler:
                     continue
             self.slots[row] = None
         if any(self.slots):  # the rows up to the last active one: a view of the cache, one forward pass
-            m = max(row for row, slot in enumerate(self.slots) if slot) + 1
-            c = self.cache
+            m, c = max(row for row, slot in enumerate(self.slots) if slot) + 1, self.cache
             logits = self._forward([[t] for t in tokens[:m]], KVCache(c.k[:, :m], c.v[:, :m], c.pos[:m], c.prev[:m]))
             for row in range(m):
                 if self.slots[row]:
@@ -194,24 +188,20 @@ class Scheduler:
                     self.cache.reset(row)
 
     def _emit(self, slot, token, full):
-        """Account for a new token; send the text that can no longer turn into a stop string.
-        Returns the finish reason, or None while the row goes on."""
+        """Account for a new token and send the text that can no longer become a stop string
+        (nor the start of a split UTF-8 character); returns the finish reason or None."""
         req, s = slot.req, slot.req.s
         req.completion_tokens += 1
         finish = "stop" if token in self.stops else None
-        if not finish:
-            slot.ids.append(token)
+        slot.ids += [] if finish else [token]
         text = self.tokenizer.decode(slot.ids)
-        cuts = [p for p in (text.find(x) for x in s.stop) if p >= 0]
-        if cuts:
-            text, finish = text[:min(cuts)], "stop"
-        elif not finish and (len(slot.ids) >= s.max_tokens or full):
-            finish = "length"
-        end = len(text)
-        if not finish:  # hold back a possible stop-string prefix and a split UTF-8 character
-            end -= max([len(x) - 1 for x in s.stop] + [0])
-            while end > slot.sent and text[end - 1] == "\ufffd":
-                end -= 1
+        cut = min([p for p in map(text.find, s.stop) if p >= 0], default=-1)
+        if cut >= 0:
+            text, finish = text[:cut], "stop"
+        finish = finish or ("length" if len(slot.ids) >= s.max_tokens or full else None)
+        end = len(text) if finish else len(text) - max([len(x) - 1 for x in s.stop], default=0)
+        while not finish and end > slot.sent and text[end - 1] == "\ufffd":
+            end -= 1
         if end > slot.sent or finish:
             req.events.put((slot.index, text[slot.sent:max(end, slot.sent)], finish))
             slot.sent = max(end, slot.sent)
@@ -238,30 +228,16 @@ def stream_reply(req, on_delta, client_gone=lambda: False):
 
 
 def chat_cli(sched, c, read=input, out=sys.stdout):
-    system = c.system
-    if not system and c.persona:
+    if c.persona and not c.system:
         from gen import PERSONA_PATH, load_persona
-        system = load_persona(PERSONA_PATH)["system"]
+        c.system = load_persona(PERSONA_PATH)["system"]
     s = Sampling(temperature=c.temperature, top_k=c.top_k, max_tokens=c.max_tokens, seed=None if c.seed < 0 else c.seed)
-    history = []
-
-    def reply(text):
-        history.append({"role": "user", "content": text})
-        messages = ([{"role": "system", "content": system}] if system else []) + history
-        ids = prompt_ids(sched.tokenizer, messages)
-        if len(ids) >= sched.max_len:
-            raise UserError(f"the conversation is {len(ids)} tokens, the model's context is {sched.max_len}")
-        parts = []
-        stream_reply(sched.submit(ids, s), lambda i, t, f: (parts.append(t), out.write(t), out.flush()))
-        out.write("\n")
-        history.append({"role": "assistant", "content": "".join(parts)})
-
-    if c.prompt:
-        return reply(c.prompt)
-    out.write("Chat with the model: `clear` starts a new conversation, `quit` (or Ctrl-D) ends.\n")
+    history, text = [], c.prompt
+    if not c.prompt:
+        out.write("Chat with the model: `clear` starts a new conversation, `quit` (or Ctrl-D) ends.\n")
     while True:
         try:
-            text = read("\nUser: ").strip()
+            text = text or read("\nUser: ").strip()
         except EOFError:
             return
         if text in ("quit", "exit"):
@@ -270,12 +246,18 @@ def chat_cli(sched, c, read=input, out=sys.stdout):
             history.clear()
             out.write("(new conversation)\n")
         elif text:
-            out.write("Assistant: ")
-            try:
-                reply(text)
-            except UserError as e:  # a conversation past the context: say so, keep the chat going
-                history.pop()
-                out.write(f"{e}; `clear` to start over\n")
+            messages = [{"role": "system", "content": c.system}] * bool(c.system) + history
+            ids, parts = prompt_ids(sched.tokenizer, messages + [{"role": "user", "content": text}]), []
+            if len(ids) >= sched.max_len:
+                out.write(f"(the conversation is {len(ids)} tokens, the context {sched.max_len}: `clear`)\n")
+            else:
+                out.write("" if c.prompt else "Assistant: ")
+                stream_reply(sched.submit(ids, s), lambda i, t, f: (parts.append(t), out.write(t), out.flush()))
+                out.write("\n")
+                history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(parts)}]
+        if c.prompt:
+            return
+        text = ""
 
 
 # -----------------------------------------------------------------------------
@@ -288,47 +270,38 @@ class APIError(Exception):
         self.status, self.param, self.code, self.kind = status, param, code, kind
 
 
-FIELDS = {  # name: (type, low, high) of the fields read; others (response_format, ...) are ignored
+FIELDS = {  # name: (type, low, high) of each field used; others (response_format, ...) are ignored
     "temperature": (float, 0, 2), "top_p": (float, 0, 1), "top_k": (int, 0, 1 << 30), "max_tokens": (int, 1, 1 << 30),
     "max_completion_tokens": (int, 1, 1 << 30), "n": (int, 1, None), "seed": (int, -(1 << 63), 1 << 64),
     "stream": (bool,), "model": (str,), "stream_options": (dict,), "messages": (list,), "stop": ((str, list),)}
 
 
-def parse_request(body, defaults, max_n):
-    """A chat-completions body -> (messages, Sampling, stream, include_usage); APIError 400
-    naming the first bad field."""
+def parse_request(body, defaults, tokenizer, max_n):
+    """A chat-completions body -> (prompt ids, Sampling, stream, include_usage), or an
+    APIError 400 naming the first bad field."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     for name, (typ, *bounds) in FIELDS.items():
         v, lo, hi = body.get(name), *(bounds or (None, None))
         hi = max_n if name == "n" else hi
-        ok = v is None or (isinstance(v, int if typ is int else (int, float) if typ is float else typ)
-                           and (typ is bool or not isinstance(v, bool)) and (lo is None or lo <= v <= hi))
-        if not ok:
+        if not (v is None or (isinstance(v, {int: int, float: (int, float)}.get(typ, typ)) and (typ is bool or not
+                isinstance(v, bool)) and (lo is None or lo <= v <= hi))):
             kind = {int: "an integer", float: "a number"}.get(typ, "of type " + getattr(typ, "__name__", "string or list"))
             raise APIError(400, f"'{name}' must be {kind}" + (f" from {lo} to {hi}" if lo is not None else ""), name)
-    messages, stop = body.get("messages"), body.get("stop")
-    plain = []
-    for i, m in enumerate(messages or []):
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-            content = "".join(str(p.get("text", "")) for p in content)  # OpenAI's text parts
-        role = {"developer": "system"}.get(m.get("role"), m.get("role")) if isinstance(m, dict) else None
-        if role not in ("system", "user", "assistant") or not isinstance(content, str):
-            raise APIError(400, f"'messages'[{i}] needs a role (system, user, assistant) and string content", "messages")
-        plain.append({"role": role, "content": content})
-    if not plain:
-        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
-    stop = [stop] if isinstance(stop, str) else stop or []
+    stop = [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or []
     if len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
         raise APIError(400, "'stop' must be a non-empty string or a list of up to 4 of them", "stop")
+    text = lambda c: "".join(p.get("text", "") for p in c if isinstance(p, dict)) if isinstance(c, list) else c
+    try:  # OpenAI's content parts become plain text; the roles must alternate as nanochat renders them
+        prompt = prompt_ids(tokenizer, [dict(m, content=text(m.get("content"))) for m in body.get("messages") or []])
+    except (ValueError, AttributeError, TypeError) as e:
+        raise APIError(400, f"'messages' must be system?, user, assistant, user, ... with string contents ({e})",
+                       "messages") from None
     get = lambda name, default: default if body.get(name) is None else body[name]
     s = Sampling(temperature=get("temperature", defaults.temperature), top_p=get("top_p", 1.0), stop=stop,
                  top_k=get("top_k", defaults.top_k), seed=body.get("seed"), n=get("n", 1),
                  max_tokens=get("max_tokens", get("max_completion_tokens", defaults.max_tokens)))
-    if s.top_p == 0:
-        s = replace(s, temperature=0.0)  # nothing but the most likely token
-    return plain, s, bool(body.get("stream")), bool((body.get("stream_options") or {}).get("include_usage"))
+    return prompt, s, bool(body.get("stream")), bool((body.get("stream_options") or {}).get("include_usage"))
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -349,11 +322,6 @@ class Handler(BaseHTTPRequestHandler):
         print(f"{self.command} {self.path} {status}{log}", flush=True)
 
     def do_GET(self):
-        self._route()
-
-    do_POST = do_GET
-
-    def _route(self):
         path, srv = self.path.split("?")[0], self.server
         try:
             if path not in self.ROUTES:
@@ -375,6 +343,8 @@ class Handler(BaseHTTPRequestHandler):
         except ConnectionError:  # BrokenPipeError included
             print(f"{self.command} {self.path} client disconnected", flush=True)
 
+    do_POST = do_GET
+
     def _client_gone(self):
         try:
             readable, _, _ = select.select([self.connection], [], [], 0)
@@ -382,36 +352,29 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             return True
 
-    def _event(self, obj):
-        self.wfile.write(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
-        self.wfile.flush()
-
     def _complete(self, srv, t0):
         try:
             length = int(self.headers.get("Content-Length", 0))
             body = json.loads(self.rfile.read(length)) if 0 < length <= 1 << 24 else None
         except ValueError:
             raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
-        messages, s, stream, include_usage = parse_request(body, srv.defaults, srv.sched.max_batch)
-        try:
-            prompt = prompt_ids(srv.sched.tokenizer, messages)
-        except ValueError as e:
-            raise APIError(400, f"messages: {e}", "messages") from None
+        prompt, s, stream, include_usage = parse_request(body, srv.defaults, srv.sched.tokenizer, srv.sched.max_batch)
         if len(prompt) >= srv.sched.max_len:
             raise APIError(400, f"the prompt is {len(prompt)} tokens; the model's context is {srv.sched.max_len}",
                            "messages", "context_length_exceeded")
         req, texts = srv.sched.submit(prompt, s), [""] * s.n
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(t0), "model": srv.model_name}
         chunk = dict(head, object="chat.completion.chunk")
+        event = lambda obj: (self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n"), self.wfile.flush())
         try:
             if stream:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()
                 for i in range(s.n):
-                    self._event(dict(chunk, choices=[
+                    event(dict(chunk, choices=[
                         {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]))
-                finishes = stream_reply(req, lambda i, t, f: self._event(dict(chunk, choices=[
+                finishes = stream_reply(req, lambda i, t, f: event(dict(chunk, choices=[
                     {"index": i, "delta": {"content": t} if t else {}, "finish_reason": f}])), self._client_gone)
             else:
                 finishes = stream_reply(req, lambda i, t, f: texts.__setitem__(i, texts[i] + t), self._client_gone)
@@ -422,8 +385,8 @@ class Handler(BaseHTTPRequestHandler):
         usage = {"prompt_tokens": len(prompt), "completion_tokens": done, "total_tokens": len(prompt) + done}
         if stream:
             if include_usage:
-                self._event(dict(chunk, choices=[], usage=usage))
-            self._event(b"[DONE]")
+                event(dict(chunk, choices=[], usage=usage))
+            self.wfile.write(b"data: [DONE]\n\n")
             print(f"{self.command} {self.path} 200{log}", flush=True)
         elif "error" in finishes:
             raise APIError(500, "the model failed while decoding (see the server's log)", kind="server_error")
@@ -441,14 +404,14 @@ def make_server(sched, model_name, defaults, host="127.0.0.1", port=8000, api_ke
     return server
 
 
-PAGE = """<!doctype html><meta charset="utf-8"><title>Chimera chat</title><style>
-body{font:15px system-ui,sans-serif;max-width:46em;margin:auto;padding:1em}textarea{width:100%;box-sizing:border-box}
-#log div{white-space:pre-wrap;margin:.5em 0;padding:.6em;border-radius:6px}.user{background:#e6edfb}.assistant{background:#eee}
-</style><div id="log"></div><textarea id="input" rows="3" placeholder="Enter sends, Shift+Enter is a new line"></textarea>
+PAGE = """<!doctype html><meta charset="utf-8"><title>Chimera chat</title><style>body{font:15px sans-serif;
+max-width:46em;margin:auto}textarea{width:100%}#log div{white-space:pre-wrap;padding:.5em}.user{background:#e6edfb}</style>
+<div id="log"></div><textarea id="input" rows="3" placeholder="Enter sends, Shift+Enter is a new line"></textarea>
 <button id="send">Send</button> <button id="new">New chat</button><script>
 let messages = [], key = "";
 const $ = id => document.getElementById(id), input = $("input");
-const add = (cls, text) => $("log").appendChild(Object.assign(document.createElement("div"), {className: cls, textContent: text}));
+const add = (cls, text) => $("log").appendChild(Object.assign(document.createElement("div"),
+  {className: cls, textContent: text}));
 const post = () => fetch("/v1/chat/completions", {method: "POST", body: JSON.stringify({messages, stream: true}),
   headers: Object.assign({"Content-Type": "application/json"}, key ? {Authorization: "Bearer " + key} : {})});
 async function send() {
@@ -460,10 +423,8 @@ async function send() {
     let r = await post();
     if (r.status == 401 && (key = prompt("API key") || "")) r = await post();
     if (!r.ok) throw new Error((await r.json()).error.message);
-    for (const reader = r.body.getReader(), dec = new TextDecoder();;) {
-      const {done, value} = await reader.read();
-      if (done) break;
-      const events = (buf += dec.decode(value, {stream: true})).split("\\n\\n"); buf = events.pop();
+    for (let reader = r.body.getReader(), dec = new TextDecoder(), c; !(c = await reader.read()).done;) {
+      const events = (buf += dec.decode(c.value, {stream: true})).split("\\n\\n"); buf = events.pop();
       for (const e of events.map(e => e.slice(6)).filter(e => e != "[DONE]"))
         out.textContent = (reply += JSON.parse(e).choices[0]?.delta?.content || "");
     }
@@ -487,21 +448,20 @@ def main():
         raise UserError("--max_batch and --max_tokens must be positive, --temperature and --top_k not negative")
     shown = dict(config_dict(c), api_key="***" if c.api_key else "")  # the key never reaches a log
     print(", ".join(f"{k}={v}" for k, v in shown.items() if v not in (None, "")), file=sys.stderr)
-    device = torch.device(c.device_type or autodetect_device_type())
-    model, tokenizer, meta = load_model(c.source, device, phase="eval", model_tag=c.model_tag, step=c.step)
-    tag = checkpoint_dir_for(c.source, c.model_tag).rstrip("/").split("/")[-1]
-    name = f"{c.source}/{tag}"
+    model, tokenizer, meta = load_model(c.source, torch.device(c.device_type or autodetect_device_type()), "eval",
+                                        model_tag=c.model_tag, step=c.step)
+    name = f"{c.source}/{checkpoint_dir_for(c.source, c.model_tag).rstrip('/').split('/')[-1]}"
     sched = Scheduler(model, tokenizer, c.max_batch)
-    defaults = Sampling(temperature=c.temperature, top_k=c.top_k, max_tokens=c.max_tokens)
     try:
         if not c.serve:
             return chat_cli(sched, c)
         try:
-            server = make_server(sched, name, defaults, c.host, c.port, c.api_key)
+            server = make_server(sched, name, Sampling(c.temperature, c.top_k, max_tokens=c.max_tokens), c.host, c.port,
+                                 c.api_key)
         except OSError as e:
             raise UserError(f"--host={c.host} --port={c.port}: cannot listen there ({e.strerror})") from None
-        print(f"serving {name} (step {meta.get('step')}) at http://{c.host}:{server.server_port}/ "
-              f"(OpenAI API: http://{c.host}:{server.server_port}/v1)", flush=True)
+        url = f"http://{c.host}:{server.server_port}"
+        print(f"serving {name} (step {meta.get('step')}) at {url}/ (OpenAI API: {url}/v1)", flush=True)
         server.serve_forever()
     finally:
         sched.close()  # the decoding thread ends before the interpreter does

@@ -311,7 +311,8 @@ class DevTools:
 
 @pytest.mark.skipif(BROWSER is None, reason="no chromium installed")
 def test_the_page_streams_a_reply_in_a_headless_browser(served, tmp_path):
-    browser = DevTools(BROWSER, tmp_path / "profile")
+    browser, forward = DevTools(BROWSER, tmp_path / "profile"), served.sched._forward
+    served.sched._forward = lambda ids, cache: (time.sleep(0.02), forward(ids, cache))[1]  # a model slow enough to watch
     try:
         target = browser.call("Target.createTarget", url=served.url + "/")["targetId"]
         browser.session = browser.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
@@ -335,4 +336,5 @@ def test_the_page_streams_a_reply_in_a_headless_browser(served, tmp_path):
         browser.js("document.getElementById('new').click()")
         assert browser.js("document.getElementById('log').children.length") == 0
     finally:
+        served.sched._forward = forward
         browser.close()
