@@ -6,14 +6,11 @@ HTTP server (chat completions with streaming, and a small chat page at /).
     python chat.py -i sft -p "What is a stop-loss?"  # one answer, then exit
     python chat.py -i dpo --persona                  # open with data/persona.md's system message
     python chat.py -i dpo --serve --port 8000        # http://127.0.0.1:8000/ and /v1/chat/completions
-
-One Scheduler thread decodes every request in flight together (one forward pass per token,
-each request in its own KV-cache rows with its own sampling settings), running the
-calculator tool as nanochat's engine does.
 """
 
 import hmac
 import json
+import os
 import queue
 import select
 import socket
@@ -29,7 +26,7 @@ from typing import Optional
 import torch
 
 from common import UserError, autocast, autodetect_device_type, config_dict, parse_config, run_main
-from model import Engine, KVCache, _Row, checkpoint_dir_for, load_model
+from model import Engine, KVCache, _Row, checkpoint_dir_for, load_model, sample_next_token
 
 
 @dataclass
@@ -44,7 +41,6 @@ class Config:
     temperature: float = 0.6  # sampling temperature, 0 = greedy (also the server's default)
     top_k: int = 50  # sample among the k most likely tokens, 0 = all (also the server's default)
     max_tokens: int = 512  # longest reply (also the server's default)
-    seed: int = -1  # terminal chat's sampling seed; -1 = a fresh one per reply
     serve: bool = False  # run the HTTP server instead of the terminal chat
     host: str = "127.0.0.1"  # address the server binds
     port: int = 8000  # port the server listens on
@@ -67,21 +63,16 @@ class Sampling:  # one request's settings: top_k 0 = all, seed None = random, n 
 
 
 def sample(logits, s, rng):
-    """One token id from [V] float logits under a request's temperature, top_k and top_p."""
-    if s.temperature == 0:
-        return int(logits.argmax())
-    logits = logits / s.temperature
-    if s.top_k:
-        logits = logits.masked_fill(logits < torch.topk(logits, min(s.top_k, logits.numel())).values[-1], -float("inf"))
-    if s.top_p < 1.0:  # drop the tokens whose more likely ones already cover top_p (0: only the top one)
-        probs, order = logits.softmax(-1).sort(descending=True)
+    """One token id from [V] float logits: top_p drops the tokens whose more likely ones
+    already cover it (0: only the top one), then the engine's sampler."""
+    if s.top_p < 1.0 and s.temperature > 0:
+        probs, order = (logits / s.temperature).softmax(-1).sort(descending=True)
         logits = logits.index_fill(0, order[probs.cumsum(-1) - probs > s.top_p], -float("inf"))
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=rng))
+    return int(sample_next_token(logits[None], rng, s.temperature, s.top_k)[0, 0])
 
 
 def prompt_ids(tokenizer, messages):
-    """A conversation ending with a user message, rendered as nanochat renders it for
-    sampling the assistant's reply (ValueError when the roles are not system?, user, ...)."""
+    """system?, user, assistant, ..., user rendered as nanochat renders it for sampling the reply."""
     return tokenizer.render_for_completion({"messages": list(messages) + [{"role": "assistant", "content": ""}]})
 
 
@@ -231,33 +222,30 @@ def chat_cli(sched, c, read=input, out=sys.stdout):
     if c.persona and not c.system:
         from gen import PERSONA_PATH, load_persona
         c.system = load_persona(PERSONA_PATH)["system"]
-    s = Sampling(temperature=c.temperature, top_k=c.top_k, max_tokens=c.max_tokens, seed=None if c.seed < 0 else c.seed)
-    history, text = [], c.prompt
-    if not c.prompt:
-        out.write("Chat with the model: `clear` starts a new conversation, `quit` (or Ctrl-D) ends.\n")
+    s, history = Sampling(c.temperature, c.top_k, max_tokens=c.max_tokens), [{"role": "system", "content": c.system}]
+    out.write("" if c.prompt else "Chat with the model: `clear` starts a new conversation, `quit` (or Ctrl-D) ends.\n")
     while True:
         try:
-            text = text or read("\nUser: ").strip()
+            text = c.prompt or read("\nUser: ").strip()
         except EOFError:
             return
-        if text in ("quit", "exit"):
-            return
         if text == "clear":
-            history.clear()
+            del history[1:]
             out.write("(new conversation)\n")
+        elif text in ("quit", "exit"):
+            return
         elif text:
-            messages = [{"role": "system", "content": c.system}] * bool(c.system) + history
-            ids, parts = prompt_ids(sched.tokenizer, messages + [{"role": "user", "content": text}]), []
+            messages, parts = history[not c.system:] + [{"role": "user", "content": text}], []
+            ids = prompt_ids(sched.tokenizer, messages)
             if len(ids) >= sched.max_len:
                 out.write(f"(the conversation is {len(ids)} tokens, the context {sched.max_len}: `clear`)\n")
-            else:
-                out.write("" if c.prompt else "Assistant: ")
-                stream_reply(sched.submit(ids, s), lambda i, t, f: (parts.append(t), out.write(t), out.flush()))
-                out.write("\n")
-                history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(parts)}]
+                continue
+            out.write("" if c.prompt else "Assistant: ")
+            stream_reply(sched.submit(ids, s), lambda i, t, f: (parts.append(t), out.write(t), out.flush()))
+            out.write("\n")
+            history += [messages[-1], {"role": "assistant", "content": "".join(parts)}]
         if c.prompt:
             return
-        text = ""
 
 
 # -----------------------------------------------------------------------------
@@ -345,10 +333,9 @@ class Handler(BaseHTTPRequestHandler):
 
     do_POST = do_GET
 
-    def _client_gone(self):
+    def _client_gone(self):  # readable with nothing to read: the client closed its end
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            return bool(select.select([self.connection], [], [], 0)[0]) and not self.connection.recv(1, socket.MSG_PEEK)
         except OSError:
             return True
 
@@ -362,22 +349,20 @@ class Handler(BaseHTTPRequestHandler):
         if len(prompt) >= srv.sched.max_len:
             raise APIError(400, f"the prompt is {len(prompt)} tokens; the model's context is {srv.sched.max_len}",
                            "messages", "context_length_exceeded")
-        req, texts = srv.sched.submit(prompt, s), [""] * s.n
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(t0), "model": srv.model_name}
-        chunk = dict(head, object="chat.completion.chunk")
+        chunk, texts = dict(head, object="chat.completion.chunk"), [""] * s.n
         event = lambda obj: (self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n"), self.wfile.flush())
+        delta = lambda i, d, f: event(dict(chunk, choices=[{"index": i, "delta": d, "finish_reason": f}]))
+        if stream:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for i in range(s.n):
+                delta(i, {"role": "assistant", "content": ""}, None)
+        req = srv.sched.submit(prompt, s)
         try:
-            if stream:
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.end_headers()
-                for i in range(s.n):
-                    event(dict(chunk, choices=[
-                        {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]))
-                finishes = stream_reply(req, lambda i, t, f: event(dict(chunk, choices=[
-                    {"index": i, "delta": {"content": t} if t else {}, "finish_reason": f}])), self._client_gone)
-            else:
-                finishes = stream_reply(req, lambda i, t, f: texts.__setitem__(i, texts[i] + t), self._client_gone)
+            finishes = stream_reply(req, lambda i, t, f: delta(i, {"content": t} if t else {}, f) if stream else
+                                    texts.__setitem__(i, texts[i] + t), self._client_gone)
         finally:
             srv.sched.cancel(req)  # a no-op when it finished; frees the rows of a client that left
         dt, done = time.time() - t0, req.completion_tokens
@@ -450,21 +435,21 @@ def main():
     print(", ".join(f"{k}={v}" for k, v in shown.items() if v not in (None, "")), file=sys.stderr)
     model, tokenizer, meta = load_model(c.source, torch.device(c.device_type or autodetect_device_type()), "eval",
                                         model_tag=c.model_tag, step=c.step)
-    name = f"{c.source}/{checkpoint_dir_for(c.source, c.model_tag).rstrip('/').split('/')[-1]}"
-    sched = Scheduler(model, tokenizer, c.max_batch)
+    name, sched = f"{c.source}/{os.path.basename(checkpoint_dir_for(c.source, c.model_tag))}", None
     try:
+        server = c.serve and make_server(None, name, Sampling(c.temperature, c.top_k, max_tokens=c.max_tokens),
+                                         c.host, c.port, c.api_key)
+    except OSError as e:
+        raise UserError(f"--host={c.host} --port={c.port}: cannot listen there ({e.strerror})") from None
+    try:
+        sched = Scheduler(model, tokenizer, c.max_batch)
         if not c.serve:
             return chat_cli(sched, c)
-        try:
-            server = make_server(sched, name, Sampling(c.temperature, c.top_k, max_tokens=c.max_tokens), c.host, c.port,
-                                 c.api_key)
-        except OSError as e:
-            raise UserError(f"--host={c.host} --port={c.port}: cannot listen there ({e.strerror})") from None
-        url = f"http://{c.host}:{server.server_port}"
+        server.sched, url = sched, f"http://{c.host}:{server.server_port}"
         print(f"serving {name} (step {meta.get('step')}) at {url}/ (OpenAI API: {url}/v1)", flush=True)
         server.serve_forever()
     finally:
-        sched.close()  # the decoding thread ends before the interpreter does
+        sched and sched.close()  # the decoding thread ends before the interpreter does
 
 
 if __name__ == "__main__":

@@ -234,6 +234,8 @@ def disconnect_midway(served):
         received = b""
         while b"data: " not in received:
             received += sock.recv(4096)
+    while len(served.submitted) < 2:  # the role chunk goes out before the request reaches the scheduler
+        time.sleep(0.01)
     req = served.submitted[-1]
     deadline = time.time() + 30
     while not (req.cancelled and not any(served.sched.slots)) and time.time() < deadline:
