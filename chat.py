@@ -1,6 +1,5 @@
 """
-Talk to a checkpoint: a terminal chat, a one-shot answer for scripts, or an OpenAI-compatible
-HTTP server (chat completions with streaming, and a small chat page at /).
+Talk to a checkpoint: a terminal chat, a one-shot answer, or an OpenAI-compatible server with a chat page.
 
     python chat.py -i dpo                            # terminal chat; type `clear` or `quit`
     python chat.py -i sft -p "What is a stop-loss?"  # one answer, then exit
@@ -19,12 +18,15 @@ import threading
 import time
 import uuid
 from collections import deque
+from contextlib import suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
 
+from gen import PERSONA_PATH, load_persona
 from common import UserError, autocast, autodetect_device_type, config_dict, parse_config, run_main
 from model import Engine, KVCache, _Row, checkpoint_dir_for, load_model, sample_next_token
 
@@ -48,9 +50,6 @@ class Config:
     max_batch: int = 8  # KV-cache rows: the most replies decoded together
 
 
-ALIASES = {"i": "source", "p": "prompt"}
-
-
 @dataclass
 class Sampling:  # one request's settings: top_k 0 = all, seed None = random, n replies
     temperature: float = 1.0
@@ -63,21 +62,14 @@ class Sampling:  # one request's settings: top_k 0 = all, seed None = random, n 
 
 
 def sample(logits, s, rng):
-    """One token id from [V] float logits: top_p drops the tokens whose more likely ones
-    already cover it (0: only the top one), then the engine's sampler."""
+    """A token id from [V] logits: top_p (0: only the top token) on top of the engine's sampler."""
     if s.top_p < 1.0 and s.temperature > 0:
         probs, order = (logits / s.temperature).softmax(-1).sort(descending=True)
         logits = logits.index_fill(0, order[probs.cumsum(-1) - probs > s.top_p], -float("inf"))
     return int(sample_next_token(logits[None], rng, s.temperature, s.top_k)[0, 0])
 
 
-def prompt_ids(tokenizer, messages):
-    """system?, user, assistant, ..., user rendered as nanochat renders it for sampling the reply."""
-    return tokenizer.render_for_completion({"messages": list(messages) + [{"role": "assistant", "content": ""}]})
-
-
-# -----------------------------------------------------------------------------
-# The scheduler: all requests in flight decode together
+# --- The scheduler: all requests in flight decode together -------------------
 
 
 class Completion:
@@ -86,20 +78,28 @@ class Completion:
 
     def __init__(self, prompt, s, device):
         self.prompt, self.s, self.events, self.cancelled, self.completion_tokens = prompt, s, queue.Queue(), False, 0
-        self.rng = torch.Generator(device=device)
-        self.rng.manual_seed(s.seed if s.seed is not None else int.from_bytes(uuid.uuid4().bytes[:6], "big"))
+        self.rng = torch.Generator(device)
+        self.rng.seed() if s.seed is None else self.rng.manual_seed(s.seed)
 
-
-class _Slot:  # a row being decoded: its tokens, tool state, text sent so far, next logits
-    def __init__(self, req, index):
-        self.req, self.index, self.ids, self.tool, self.sent, self.logits = req, index, [], _Row(), 0, None
+    def wait(self, on_delta, client_gone=lambda: False):
+        """on_delta(index, text, finish) per event until all choices finish; their finish reasons."""
+        finishes = [None] * self.s.n
+        try:
+            while None in finishes:
+                if client_gone():
+                    raise ConnectionError("client disconnected")
+                with suppress(queue.Empty):
+                    index, text, finishes[index] = event = self.events.get(timeout=0.25)
+                    on_delta(*event)
+            return finishes
+        finally:
+            self.cancelled = True  # a no-op once finished; else the scheduler frees its rows before its next step
 
 
 class Scheduler:
     """Owns the model and a KV cache of max_batch rows in one thread. Waiting requests join free
     rows between steps (each row prefilled on its own); a step samples a token per active row,
-    then one forward pass advances them all, each at its own position. A finished or
-    cancelled request frees its rows at once."""
+    then one forward pass advances them all, each at its own position."""
 
     def __init__(self, model, tokenizer, max_batch=8):
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
@@ -109,19 +109,16 @@ class Scheduler:
         sp = tokenizer.encode_special
         self.tool_ids = [sp(t) for t in ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")]
         self.stops = {sp("<|assistant_end|>"), tokenizer.get_bos_token_id()}
-        self.slots, self.waiting, self.cond, self.closed = [None] * max_batch, deque(), threading.Condition(), False
+        self.slots, self.logits = [None] * max_batch, [None] * max_batch  # a row's request and next-token logits
+        self.waiting, self.cond, self.closed = deque(), threading.Condition(), False
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
 
     def submit(self, prompt, s):
-        assert 1 <= s.n <= self.max_batch and len(prompt) < self.max_len
         with self.cond:
             self.waiting.append(Completion(prompt, s, self.device))
             self.cond.notify()
             return self.waiting[-1]
-
-    def cancel(self, req):
-        req.cancelled = True  # the loop frees its rows before the next step
 
     def close(self):
         with self.cond:
@@ -141,19 +138,18 @@ class Scheduler:
                     req = self.waiting.popleft()  # oldest first, into the lowest free rows, while it fits
                     free = [i for i, slot in enumerate(self.slots) if slot is None and not req.cancelled]
                     for index, row in zip(range(req.s.n), free):
-                        self.slots[row] = _Slot(req, index)
+                        self.slots[row] = SimpleNamespace(req=req, index=index, ids=[], tool=_Row(), sent=0)
                         joining.append(row)
             try:
                 for row in joining:
                     self.cache.reset(row)
-                    self.slots[row].logits = self._forward([self.slots[row].req.prompt], self.cache.row(row))[0]
+                    self.logits[row] = self._forward([self.slots[row].req.prompt], self.cache.row(row))[0]
                 self._step()
             except Exception as e:  # a failing model ends the requests in flight, not the server
                 print(f"error while decoding: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-                for row, slot in enumerate(self.slots):
-                    if slot:
-                        slot.req.events.put((slot.index, "", "error"))
-                        self.slots[row] = None
+                for slot in filter(None, self.slots):
+                    slot.req.events.put((slot.index, "", "error"))
+                self.slots = [None] * self.max_batch
 
     def _forward(self, ids, cache):
         with autocast(self.device):
@@ -164,7 +160,7 @@ class Scheduler:
         for row, slot in enumerate(self.slots):
             if slot and not slot.req.cancelled:
                 forced = slot.tool.forced
-                tokens[row] = forced.popleft() if forced else sample(slot.logits, slot.req.s, slot.req.rng)
+                tokens[row] = forced.popleft() if forced else sample(self.logits[row], slot.req.s, slot.req.rng)
                 self.engine._track_tool(slot.tool, tokens[row], *self.tool_ids)
                 if not self._emit(slot, tokens[row], int(self.cache.pos[row]) + 1 >= self.max_len):
                     continue
@@ -172,23 +168,19 @@ class Scheduler:
         if any(self.slots):  # the rows up to the last active one: a view of the cache, one forward pass
             m, c = max(row for row, slot in enumerate(self.slots) if slot) + 1, self.cache
             logits = self._forward([[t] for t in tokens[:m]], KVCache(c.k[:, :m], c.v[:, :m], c.pos[:m], c.prev[:m]))
-            for row in range(m):
-                if self.slots[row]:
-                    self.slots[row].logits = logits[row]
-                else:
-                    self.cache.reset(row)
+            self.logits[:m] = logits.unbind(0)
+        for row in (r for r in range(self.max_batch) if self.slots[r] is None):  # free rows start over
+            self.cache.reset(row)
 
     def _emit(self, slot, token, full):
-        """Account for a new token and send the text that can no longer become a stop string
-        (nor the start of a split UTF-8 character); returns the finish reason or None."""
+        """Count a token; send the text that can no longer become a stop string (or split a character)."""
         req, s = slot.req, slot.req.s
         req.completion_tokens += 1
         finish = "stop" if token in self.stops else None
         slot.ids += [] if finish else [token]
         text = self.tokenizer.decode(slot.ids)
         cut = min([p for p in map(text.find, s.stop) if p >= 0], default=-1)
-        if cut >= 0:
-            text, finish = text[:cut], "stop"
+        text, finish = (text[:cut], "stop") if cut >= 0 else (text, finish)
         finish = finish or ("length" if len(slot.ids) >= s.max_tokens or full else None)
         end = len(text) if finish else len(text) - max([len(x) - 1 for x in s.stop], default=0)
         while not finish and end > slot.sent and text[end - 1] == "\ufffd":
@@ -199,28 +191,11 @@ class Scheduler:
         return finish
 
 
-def stream_reply(req, on_delta, client_gone=lambda: False):
-    """Wait for a request's events, calling on_delta(index, text, finish); returns the finish
-    reasons per choice. Raises ConnectionError as soon as client_gone() is true."""
-    finishes = [None] * req.s.n
-    while None in finishes:
-        if client_gone():
-            raise ConnectionError("client disconnected")
-        try:
-            index, text, finishes[index] = event = req.events.get(timeout=0.25)
-            on_delta(*event)
-        except queue.Empty:
-            pass
-    return finishes
-
-
-# -----------------------------------------------------------------------------
-# Terminal chat
+# --- Terminal chat -----------------------------------------------------------
 
 
 def chat_cli(sched, c, read=input, out=sys.stdout):
     if c.persona and not c.system:
-        from gen import PERSONA_PATH, load_persona
         c.system = load_persona(PERSONA_PATH)["system"]
     s, history = Sampling(c.temperature, c.top_k, max_tokens=c.max_tokens), [{"role": "system", "content": c.system}]
     out.write("" if c.prompt else "Chat with the model: `clear` starts a new conversation, `quit` (or Ctrl-D) ends.\n")
@@ -236,20 +211,22 @@ def chat_cli(sched, c, read=input, out=sys.stdout):
             return
         elif text:
             messages, parts = history[not c.system:] + [{"role": "user", "content": text}], []
-            ids = prompt_ids(sched.tokenizer, messages)
-            if len(ids) >= sched.max_len:
-                out.write(f"(the conversation is {len(ids)} tokens, the context {sched.max_len}: `clear`)\n")
+            ids = sched.tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
+            if len(ids) >= sched.max_len:  # -p: an error; the chat goes on
+                too_long = f"the conversation is {len(ids)} tokens; the model's context is {sched.max_len}"
+                if c.prompt:
+                    raise UserError(too_long)
+                out.write(f"({too_long}: `clear` starts over)\n")
                 continue
             out.write("" if c.prompt else "Assistant: ")
-            stream_reply(sched.submit(ids, s), lambda i, t, f: (parts.append(t), out.write(t), out.flush()))
+            sched.submit(ids, s).wait(lambda i, t, f: (parts.append(t), out.write(t), out.flush()))
             out.write("\n")
             history += [messages[-1], {"role": "assistant", "content": "".join(parts)}]
         if c.prompt:
             return
 
 
-# -----------------------------------------------------------------------------
-# The OpenAI-compatible server
+# --- The OpenAI-compatible server --------------------------------------------
 
 
 class APIError(Exception):
@@ -274,14 +251,15 @@ def parse_request(body, defaults, tokenizer, max_n):
         hi = max_n if name == "n" else hi
         if not (v is None or (isinstance(v, {int: int, float: (int, float)}.get(typ, typ)) and (typ is bool or not
                 isinstance(v, bool)) and (lo is None or lo <= v <= hi))):
-            kind = {int: "an integer", float: "a number"}.get(typ, "of type " + getattr(typ, "__name__", "string or list"))
-            raise APIError(400, f"'{name}' must be {kind}" + (f" from {lo} to {hi}" if lo is not None else ""), name)
+            kind = {int: "an integer", float: "a number"}.get(typ, getattr(typ, "__name__", "a string or a list"))
+            raise APIError(400, f"'{name}' must be {kind}" + (f" from {lo} to {hi}" * (lo is not None)), name)
     stop = [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or []
     if len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
         raise APIError(400, "'stop' must be a non-empty string or a list of up to 4 of them", "stop")
     text = lambda c: "".join(p.get("text", "") for p in c if isinstance(p, dict)) if isinstance(c, list) else c
     try:  # OpenAI's content parts become plain text; the roles must alternate as nanochat renders them
-        prompt = prompt_ids(tokenizer, [dict(m, content=text(m.get("content"))) for m in body.get("messages") or []])
+        messages = [dict(m, content=text(m.get("content"))) for m in body.get("messages") or []]
+        prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
     except (ValueError, AttributeError, TypeError) as e:
         raise APIError(400, f"'messages' must be system?, user, assistant, user, ... with string contents ({e})",
                        "messages") from None
@@ -295,16 +273,13 @@ def parse_request(body, defaults, tokenizer, max_n):
 class Handler(BaseHTTPRequestHandler):
     ROUTES = {"/": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST"}
 
-    def log_message(self, *args):  # the server prints its own line per request
-        pass
+    log_message = lambda self, *args: None  # the server prints its own line per request
 
     def _send(self, status, obj, content_type="application/json", log=""):
         data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
-        if status == 405:
-            self.send_header("Allow", self.ROUTES[self.path.split("?")[0]])
         self.end_headers()
         self.wfile.write(data)
         print(f"{self.command} {self.path} {status}{log}", flush=True)
@@ -334,15 +309,13 @@ class Handler(BaseHTTPRequestHandler):
     do_POST = do_GET
 
     def _client_gone(self):  # readable with nothing to read: the client closed its end
-        try:
+        with suppress(OSError):
             return bool(select.select([self.connection], [], [], 0)[0]) and not self.connection.recv(1, socket.MSG_PEEK)
-        except OSError:
-            return True
+        return True
 
     def _complete(self, srv, t0):
         try:
-            length = int(self.headers.get("Content-Length", 0))
-            body = json.loads(self.rfile.read(length)) if 0 < length <= 1 << 24 else None
+            body = json.loads(self.rfile.read(min(int(self.headers.get("Content-Length", 0)), 1 << 24)) or b"null")
         except ValueError:
             raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
         prompt, s, stream, include_usage = parse_request(body, srv.defaults, srv.sched.tokenizer, srv.sched.max_batch)
@@ -360,11 +333,8 @@ class Handler(BaseHTTPRequestHandler):
             for i in range(s.n):
                 delta(i, {"role": "assistant", "content": ""}, None)
         req = srv.sched.submit(prompt, s)
-        try:
-            finishes = stream_reply(req, lambda i, t, f: delta(i, {"content": t} if t else {}, f) if stream else
-                                    texts.__setitem__(i, texts[i] + t), self._client_gone)
-        finally:
-            srv.sched.cancel(req)  # a no-op when it finished; frees the rows of a client that left
+        finishes = req.wait(lambda i, t, f: delta(i, {"content": t} if t else {}, f) if stream else
+                            texts.__setitem__(i, texts[i] + t), self._client_gone)
         dt, done = time.time() - t0, req.completion_tokens
         log = f" {len(prompt)} prompt + {done} completion tokens in {dt:.2f}s ({done / dt:.1f} tokens/s)"
         usage = {"prompt_tokens": len(prompt), "completion_tokens": done, "total_tokens": len(prompt) + done}
@@ -383,30 +353,25 @@ class Handler(BaseHTTPRequestHandler):
 
 def make_server(sched, model_name, defaults, host="127.0.0.1", port=8000, api_key=""):
     server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
+    server.daemon_threads, server.created = True, int(time.time())
     server.sched, server.model_name, server.defaults, server.api_key = sched, model_name, defaults, api_key
-    server.created = int(time.time())
     return server
 
 
-PAGE = """<!doctype html><meta charset="utf-8"><title>Chimera chat</title><style>body{font:15px sans-serif;
-max-width:46em;margin:auto}textarea{width:100%}#log div{white-space:pre-wrap;padding:.5em}.user{background:#e6edfb}</style>
+PAGE = """<!doctype html><meta charset="utf-8"><title>Chat</title><style>body{font:15px sans-serif;max-width:46em;
+margin:auto}textarea{width:100%}#log div{white-space:pre-wrap;padding:.5em}.user{background:#e6edfb}</style>
 <div id="log"></div><textarea id="input" rows="3" placeholder="Enter sends, Shift+Enter is a new line"></textarea>
 <button id="send">Send</button> <button id="new">New chat</button><script>
-let messages = [], key = "";
-const $ = id => document.getElementById(id), input = $("input");
+let messages = []; const $ = id => document.getElementById(id), input = $("input");
 const add = (cls, text) => $("log").appendChild(Object.assign(document.createElement("div"),
-  {className: cls, textContent: text}));
-const post = () => fetch("/v1/chat/completions", {method: "POST", body: JSON.stringify({messages, stream: true}),
-  headers: Object.assign({"Content-Type": "application/json"}, key ? {Authorization: "Bearer " + key} : {})});
+                                                               {className: cls, textContent: text}));
 async function send() {
-  const text = input.value.trim();
-  if (!text || $("send").disabled) return;
-  input.value = ""; $("send").disabled = true; messages.push({role: "user", content: text}); add("user", text);
-  const out = add("assistant", ""); let reply = "", buf = "";
-  try {
-    let r = await post();
-    if (r.status == 401 && (key = prompt("API key") || "")) r = await post();
+  const text = input.value.trim(), out = text && !$("send").disabled && (add("user", text), add("assistant", ""));
+  if (!out) return;
+  input.value = ""; $("send").disabled = true; messages.push({role: "user", content: text});
+  let reply = "", buf = "";
+  try {  // the reply streams in as server-sent events: "data: {chunk}" blocks, then "data: [DONE]"
+    const r = await fetch("/v1/chat/completions", {method: "POST", body: JSON.stringify({messages, stream: true})});
     if (!r.ok) throw new Error((await r.json()).error.message);
     for (let reader = r.body.getReader(), dec = new TextDecoder(), c; !(c = await reader.read()).done;) {
       const events = (buf += dec.decode(c.value, {stream: true})).split("\\n\\n"); buf = events.pop();
@@ -417,8 +382,7 @@ async function send() {
   } catch (e) { messages.pop(); out.textContent = "error: " + e.message; }
   $("send").disabled = false; input.focus();
 }
-$("send").onclick = send;
-$("new").onclick = () => { messages = []; $("log").textContent = ""; input.focus(); };
+$("send").onclick = send; $("new").onclick = () => { messages = []; $("log").textContent = ""; input.focus(); };
 input.onkeydown = e => { if (e.key == "Enter" && !e.shiftKey) { e.preventDefault(); send(); } };
 </script>
 """
@@ -428,28 +392,28 @@ input.onkeydown = e => { if (e.key == "Enter" && !e.shiftKey) { e.preventDefault
 
 
 def main():
-    c = parse_config(Config, aliases=ALIASES)
+    c = parse_config(Config, aliases={"i": "source", "p": "prompt"})
     if c.max_batch < 1 or c.max_tokens < 1 or c.temperature < 0 or c.top_k < 0:
         raise UserError("--max_batch and --max_tokens must be positive, --temperature and --top_k not negative")
     shown = dict(config_dict(c), api_key="***" if c.api_key else "")  # the key never reaches a log
     print(", ".join(f"{k}={v}" for k, v in shown.items() if v not in (None, "")), file=sys.stderr)
     model, tokenizer, meta = load_model(c.source, torch.device(c.device_type or autodetect_device_type()), "eval",
                                         model_tag=c.model_tag, step=c.step)
-    name, sched = f"{c.source}/{os.path.basename(checkpoint_dir_for(c.source, c.model_tag))}", None
+    name = f"{c.source}/{os.path.basename(checkpoint_dir_for(c.source, c.model_tag))}"
+    sched = Scheduler(model, tokenizer, c.max_batch)
     try:
-        server = c.serve and make_server(None, name, Sampling(c.temperature, c.top_k, max_tokens=c.max_tokens),
-                                         c.host, c.port, c.api_key)
-    except OSError as e:
-        raise UserError(f"--host={c.host} --port={c.port}: cannot listen there ({e.strerror})") from None
-    try:
-        sched = Scheduler(model, tokenizer, c.max_batch)
         if not c.serve:
             return chat_cli(sched, c)
-        server.sched, url = sched, f"http://{c.host}:{server.server_port}"
+        try:
+            server = make_server(sched, name, Sampling(c.temperature, c.top_k, max_tokens=c.max_tokens), c.host, c.port,
+                                 c.api_key)
+        except OSError as e:
+            raise UserError(f"--host={c.host} --port={c.port}: cannot listen there ({e.strerror})") from None
+        url = f"http://{c.host}:{server.server_port}"
         print(f"serving {name} (step {meta.get('step')}) at {url}/ (OpenAI API: {url}/v1)", flush=True)
         server.serve_forever()
     finally:
-        sched and sched.close()  # the decoding thread ends before the interpreter does
+        sched.close()  # the decoding thread ends before the interpreter does
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ class Served:
         return requests.post((url or self.url) + "/v1/chat/completions", json=body, timeout=60, **kw)
 
     def engine_text(self, messages, max_tokens=24):
-        prompt = chat.prompt_ids(self.tok, messages)
+        prompt = prompt_ids(self.tok, messages)
         seqs, _ = Engine(self.model, self.tok).generate_batch(prompt, max_tokens=max_tokens, temperature=0.0)
         return self.tok.decode(seqs[0][len(prompt):])
 
@@ -55,6 +55,10 @@ def served(tmp_path_factory):
     s = Served(base)
     yield s
     s.close()
+
+
+def prompt_ids(tok, messages):
+    return tok.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
 
 
 def user(text):
@@ -76,7 +80,7 @@ def test_prompt_answers_once_through_a_tiny_model(tmp_path, served):
     proc = run_python(["chat.py", "-i", "base", "-p", "What is a stop?", "--temperature=0", "--max_tokens=12"],
                       env={"NANOCHAT_BASE_DIR": base, "PYTHONIOENCODING": "utf-8"})
     model, tok, _ = load_model("base", "cpu", "eval", base_dir=base)
-    prompt = chat.prompt_ids(tok, user("What is a stop?"))
+    prompt = prompt_ids(tok, user("What is a stop?"))
     seqs, _ = Engine(model, tok).generate_batch(prompt, max_tokens=12, temperature=0.0)
     expected = tok.decode(seqs[0][len(prompt):])
     assert expected and proc.stdout == expected + "\n"
@@ -110,7 +114,7 @@ def test_reply_and_stream_parse_as_openai_and_greedy_equals_the_engine(served):
     assert body["object"] == "chat.completion" and body["model"] == "base/d2" and body["id"].startswith("chatcmpl-")
     choice = body["choices"][0]
     assert choice["message"] == {"role": "assistant", "content": expected} and choice["finish_reason"] == "length"
-    prompt_len = len(chat.prompt_ids(served.tok, messages))
+    prompt_len = len(prompt_ids(served.tok, messages))
     assert body["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": 24, "total_tokens": prompt_len + 24}
 
     r = served.post({"messages": messages, "stream": True, "stream_options": {"include_usage": True}})
@@ -171,7 +175,7 @@ def test_error_statuses(served):
     r = requests.get(served.url + "/v2/nothing", timeout=30)
     assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     r = requests.get(served.url + "/v1/chat/completions", timeout=30)
-    assert r.status_code == 405 and r.headers["Allow"] == "POST" and r.json()["error"]["message"]
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
     assert requests.post(served.url + "/v1/models", timeout=30).status_code == 405
     assert served.post({"messages": user("hi")}, url=served.key_url).status_code == 401
     wrong = served.post({"messages": user("hi")}, url=served.key_url, headers={"Authorization": "Bearer nope"})
