@@ -151,6 +151,15 @@ def test_stop_strings_end_the_reply_before_them(served):
         assert text == full[:full.find(stop)] and finish == "stop"
 
 
+def test_the_calculator_tool_runs_and_its_result_is_forced_back(served, monkeypatch):
+    sp = served.tok.encode_special
+    script = [sp("<|python_start|>")] + served.tok.encode("12*3") + [sp("<|python_end|>"), sp("<|assistant_end|>")]
+    monkeypatch.setattr(chat, "sample", lambda logits, s, rng: script.pop(0))  # the model "writes" a tool call
+    r = served.post({"messages": user("What is 12*3?")}).json()
+    assert r["choices"][0]["message"]["content"] == "<|python_start|>12*3<|python_end|><|output_start|>36<|output_end|>"
+    assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == 11 and not script
+
+
 @pytest.mark.parametrize("body, param", [
     (b"{not json", None), ({"messages": user("hi"), "temperature": "hot"}, "temperature"),
     ({"messages": user("hi"), "n": 0}, "n"), ({"messages": user("hi"), "n": 9}, "n"),
