@@ -20,9 +20,9 @@ import os
 import pickle
 import re
 import sys
-import time
 from collections import deque
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -53,10 +53,7 @@ class GPTConfig:
 
     def to_meta(self):
         """model_config as nanochat of this generation writes it (Nov 2025: six keys)."""
-        d = asdict(self)
-        if self.window_pattern is None:
-            del d["window_pattern"]
-        return d
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 SOFTCAP = 15.0
@@ -70,11 +67,8 @@ def norm(x):
 
 def apply_rotary(x, cos, sin):
     """Rotate the two halves of each head: x is [B, T, H, D], cos/sin are [1 or B, T, 1, D/2]."""
-    d = x.shape[3] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    y1 = x1 * cos + x2 * sin
-    y2 = x1 * (-sin) + x2 * cos
-    return torch.cat([y1, y2], 3).to(x.dtype)
+    x1, x2 = x.chunk(2, dim=3)
+    return torch.cat([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], 3).to(x.dtype)
 
 
 def window_mask(q_pos, k_pos, window):
@@ -85,10 +79,9 @@ def window_mask(q_pos, k_pos, window):
 
 def attend(q, k, v, mask):
     """SDPA over [B, H, T, D]; mask: "causal", None (every key) or a boolean tensor."""
-    gqa = q.size(1) != k.size(1)
-    if isinstance(mask, str):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    causal = isinstance(mask, str)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
+                                          enable_gqa=q.size(1) != k.size(1))
 
 
 class CausalSelfAttention(nn.Module):
@@ -102,7 +95,7 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.gen2026 = config.generation == 2026
+        self.gen2026 = config.window_pattern is not None
         if value_embed:
             self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False)
 
@@ -124,11 +117,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         if kv_cache is not None:
             k, v, mask = kv_cache.insert(self.layer_idx, k, v, self.window)
-        elif self.window is None or self.window >= T - 1:
-            mask = "causal"
         else:
             pos = torch.arange(T, device=x.device)
-            mask = window_mask(pos, pos, self.window)
+            mask = "causal" if self.window is None or self.window >= T - 1 else window_mask(pos, pos, self.window)
         y = attend(q, k, v, mask).transpose(1, 2).contiguous().view(B, T, -1)
         return self.c_proj(y)
 
@@ -157,60 +148,46 @@ class Block(nn.Module):
 def layer_windows(config):
     """Left attention window per layer (None: unlimited). 2026: S is a quarter of
     sequence_len rounded up to a multiple of 128, L is sequence_len, the last layer is L."""
-    if config.generation == 2025:
-        return [None] * config.n_layer
-    pattern = config.window_pattern.upper()
-    short = 128 * -(-config.sequence_len // 512)
-    windows = [short if pattern[i % len(pattern)] == "S" else config.sequence_len for i in range(config.n_layer)]
-    windows[-1] = config.sequence_len
-    return windows
+    pattern, n, long = config.window_pattern, config.n_layer, config.sequence_len
+    if pattern is None:
+        return [None] * n
+    short = 128 * -(-long // 512)
+    return [short if pattern.upper()[i % len(pattern)] == "S" and i < n - 1 else long for i in range(n)]
 
 
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config = config
-        self.gen2026 = config.generation == 2026
+        self.config, self.gen2026 = config, config.window_pattern is not None
         L, C = config.n_layer, config.n_embd
+        self.backout_layer = L // 2 if self.gen2026 else None  # 2026: its output is subtracted at the end
         # 2026 pads the vocab to a multiple of 64 and cuts the logits back to vocab_size
         self.padded_vocab = -(-config.vocab_size // 64) * 64 if self.gen2026 else config.vocab_size
         # 2026: value embeddings in every other layer, always including the last
         ve_layers = [i for i in range(L) if self.gen2026 and i % 2 == (L - 1) % 2]
         windows = layer_windows(config)
-        self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(self.padded_vocab, C),
-            "h": nn.ModuleList([Block(config, i, windows[i], i in ve_layers) for i in range(L)]),
-        })
+        self.transformer = nn.ModuleDict({"wte": nn.Embedding(self.padded_vocab, C), "h": nn.ModuleList(
+            [Block(config, i, windows[i], i in ve_layers) for i in range(L)])})
         self.lm_head = nn.Linear(C, self.padded_vocab, bias=False)
         kv_dim = config.n_kv_head * (C // config.n_head)
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(self.padded_vocab, kv_dim) for i in ve_layers})
         if self.gen2026:
-            self.resid_lambdas = nn.Parameter(torch.ones(L))
-            self.x0_lambdas = nn.Parameter(torch.zeros(L))
+            self.resid_lambdas, self.x0_lambdas = nn.Parameter(torch.ones(L)), nn.Parameter(torch.zeros(L))
             self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
-            self.smear_lambda = nn.Parameter(torch.zeros(1))
-            self.backout_lambda = nn.Parameter(torch.zeros(1))
-            self.backout_layer = L // 2
-        # rotary tables cover 10x the training length so sampling can run past it
-        self.rotary_seq_len = config.sequence_len * 10
-        cos, sin = self._rotary_tables(self.rotary_seq_len)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
-
-    def _rotary_tables(self, seq_len, device=None):
-        head_dim = self.config.n_embd // self.config.n_head
-        channels = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
-        inv_freq = 1.0 / ((100000 if self.gen2026 else 10000) ** (channels / head_dim))
-        t = torch.arange(seq_len, dtype=torch.float32, device=device)
-        freqs = torch.outer(t, inv_freq)
-        cos, sin = freqs.cos(), freqs.sin()
-        if not self.gen2026:  # Nov 2025 nanochat rotates with bf16 tables; so do we, to match its numbers
-            cos, sin = cos.bfloat16(), sin.bfloat16()
-        return cos[None, :, None, :], sin[None, :, None, :]
+            self.smear_lambda, self.backout_lambda = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+        self.register_buffer("cos", None, persistent=False)
+        self.register_buffer("sin", None, persistent=False)
+        self.init_rotary()
 
     def init_rotary(self):
-        """Recompute the (non-persistent) rotary tables, e.g. after building on the meta device."""
-        self.cos, self.sin = self._rotary_tables(self.rotary_seq_len, device=self.lm_head.weight.device)
+        """(Re)compute the non-persistent rotary tables, e.g. after building on the meta device.
+        They cover 10x the training length so sampling can run past it."""
+        device, D = self.lm_head.weight.device, self.config.n_embd // self.config.n_head
+        inv_freq = 1.0 / ((100000 if self.gen2026 else 10000) ** (torch.arange(0, D, 2, device=device).float() / D))
+        freqs = torch.outer(torch.arange(self.config.sequence_len * 10, dtype=torch.float32, device=device), inv_freq)
+        cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+        # Nov 2025 nanochat rotates with bf16 tables; so do we, to match its numbers
+        self.cos, self.sin = (cos, sin) if self.gen2026 else (cos.bfloat16(), sin.bfloat16())
 
     @torch.no_grad()
     def init_weights(self, zero_out=True):
@@ -225,11 +202,8 @@ class GPT(nn.Module):
                     module.weight.normal_(0.0, 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in)))
                 elif isinstance(module, nn.Embedding):
                     module.weight.normal_(0.0, 1.0)
-            if zero_out:
-                self.lm_head.weight.zero_()
-                for block in self.transformer.h:
-                    block.mlp.c_proj.weight.zero_()
-                    block.attn.c_proj.weight.zero_()
+            for w in [self.lm_head] + [m for b in self.transformer.h for m in (b.mlp.c_proj, b.attn.c_proj)]:
+                w.weight.mul_(0.0 if zero_out else 1.0)
         self.init_rotary()
         if self.lm_head.weight.device.type == "cuda":  # as nanochat: saves memory, stored so
             self.transformer.wte.to(dtype=torch.bfloat16)
@@ -250,11 +224,8 @@ class GPT(nn.Module):
         for ve in self.value_embeds.values():
             ve.weight.uniform_(-s, s)
         frac = torch.arange(L, dtype=torch.float32) / max(L - 1, 1)
-        self.resid_lambdas.copy_(1.15 - 0.10 * frac)
-        self.x0_lambdas.copy_(0.20 - 0.15 * frac)
-        self.smear_lambda.zero_()
-        self.backout_lambda.fill_(0.2)
-        self.smear_gate.weight.uniform_(0.0, 0.02)
+        self.resid_lambdas.copy_(1.15 - 0.10 * frac), self.x0_lambdas.copy_(0.20 - 0.15 * frac)
+        self.smear_lambda.zero_(), self.backout_lambda.fill_(0.2), self.smear_gate.weight.uniform_(0.0, 0.02)
 
     def get_device(self):
         return self.transformer.wte.weight.device
@@ -262,21 +233,17 @@ class GPT(nn.Module):
     def num_flops_per_token(self):
         """Training FLOPs per token: 6 per non-embedding parameter plus attention (over each
         layer's window)."""
-        n_params = sum(p.numel() for p in self.parameters())
+        c, n_params = self.config, sum(p.numel() for p in self.parameters())
         n_embed = self.transformer.wte.weight.numel() + sum(p.numel() for p in self.value_embeds.parameters())
-        c = self.config
         span = sum(min(w or c.sequence_len, c.sequence_len) for w in layer_windows(c))
-        return 6 * (n_params - n_embed) + 12 * c.n_head * (c.n_embd // c.n_head) * span
+        return 6 * (n_params - n_embed) + 12 * c.n_embd * span
 
     def hidden_states(self, idx, kv_cache=None):
         """The final normalised residual stream [B, T, C], before the lm_head. With a cache,
         the T tokens go after each row's cached ones (kv_cache.pos)."""
-        B, T = idx.size()
-        if kv_cache is None:
-            assert T <= self.cos.size(1), f"sequence of {T} exceeds the rotary cache"
-            cos_sin = self.cos[:, :T], self.sin[:, :T]
-        else:
-            cos_sin = kv_cache.begin(T, self.cos, self.sin)
+        T = idx.size(1)
+        assert kv_cache is not None or T <= self.cos.size(1), f"sequence of {T} exceeds the rotary cache"
+        cos_sin = (self.cos[:, :T], self.sin[:, :T]) if kv_cache is None else kv_cache.begin(T, self.cos, self.sin)
         x = norm(self.transformer.wte(idx))
         if self.gen2026:
             x0 = x = self._smear(x, kv_cache)
@@ -286,10 +253,8 @@ class GPT(nn.Module):
                 x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos_sin, kv_cache)
-            if self.gen2026 and i == self.backout_layer:
-                xb = x
-        if xb is not None:
-            x = x - self.backout_lambda.to(x.dtype) * xb
+            xb = x if i == self.backout_layer else xb
+        x = x if xb is None else x - self.backout_lambda.to(x.dtype) * xb
         if kv_cache is not None:
             kv_cache.advance(T)
         return norm(x)
@@ -297,18 +262,16 @@ class GPT(nn.Module):
     def _smear(self, x, kv_cache):
         """x[t] += smear_lambda * sigmoid(gate . x[t][:24]) * x[t-1], on the unsmeared
         embeddings; a cached row's first new token smears with the row's last cached one."""
-        prev = torch.zeros_like(x[:, :1]) if kv_cache is None else kv_cache.prev[:, None].to(x.dtype)
-        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
-        smeared = x + gate * torch.cat([prev, x[:, :-1]], dim=1)
+        prev = torch.zeros_like(x[:, :1]) if kv_cache is None else kv_cache.prev[:, None].to(x.dtype, copy=True)
         if kv_cache is not None:
             kv_cache.prev.copy_(x[:, -1])
-        return smeared
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+        return x + gate * torch.cat([prev, x[:, :-1]], dim=1)
 
     def logits(self, x):
         """lm_head (padded rows cut off) + softcap, in float32 (the softcap is a tanh:
         precision matters there)."""
-        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
-        return SOFTCAP * torch.tanh(logits / SOFTCAP)
+        return softcap(self.lm_head(x)[..., :self.config.vocab_size].float())
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         """The plain path: logits [B, T, V], or the cross-entropy loss when targets are given
@@ -362,13 +325,8 @@ class GPT(nn.Module):
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5):
         """[AdamW for the embeddings, lm_head and scalars, Muon for every matrix in the
-        blocks], with the groups nanochat of the model's generation uses (2026: 92d63d4's
-        per-group betas and decays; weight_decay goes to Muon there, to AdamW in 2025).
-
-        Under torch.distributed every rank holds the full optimizer state and steps on
-        gradients that common.sync_gradients has already summed, so one class serves 1 or
-        N processes.
-        """
+        blocks], in the groups nanochat of the model's generation uses (2026: 92d63d4's
+        per-group betas and decays; weight_decay goes to Muon there, to AdamW in 2025)."""
         a = (self.config.n_embd / 768) ** -0.5  # embedding lrs were tuned at width 768
         matrices = list(self.transformer.h.parameters())
         if self.gen2026:
@@ -441,13 +399,8 @@ class Muon(torch.optim.Optimizer):
 # -----------------------------------------------------------------------------
 # Tokenizer: a tiktoken Encoding, loaded without trusting the pickle
 
-SPECIAL_TOKENS = [
-    "<|bos|>",
-    "<|user_start|>", "<|user_end|>",
-    "<|assistant_start|>", "<|assistant_end|>",
-    "<|python_start|>", "<|python_end|>",
-    "<|output_start|>", "<|output_end|>",
-]
+SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                  "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
 
 # nanochat's split pattern (GPT-4's, with numbers split into groups of 1-2 digits)
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -461,8 +414,7 @@ class _EncodingState:
 
 
 class _TokenizerUnpickler(pickle.Unpickler):
-    """Admits exactly one global, tiktoken's Encoding, and maps it to _EncodingState so no
-    code of the pickle's choosing runs; anything else is refused."""
+    """Admits one global, tiktoken's Encoding, as _EncodingState: no code of the pickle's choosing runs."""
 
     def find_class(self, module, name):
         if (module, name) == ("tiktoken.core", "Encoding"):
@@ -480,13 +432,11 @@ def _load_encoding(path):
         raise UserError(f"{path}: no tokenizer here (train one with nanochat, or make a fresh base)") from None
     except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
         raise UserError(f"{path}: not a tokenizer pickle nanochat wrote ({e})") from None
-    state = getattr(obj, "state", None)
-    ok = (isinstance(obj, _EncodingState) and isinstance(state, dict)
-          and isinstance(state.get("name"), str) and isinstance(state.get("pat_str"), str)
-          and isinstance(state.get("mergeable_ranks"), dict) and isinstance(state.get("special_tokens"), dict)
-          and all(isinstance(k, bytes) and isinstance(v, int) for k, v in state["mergeable_ranks"].items())
-          and all(isinstance(k, str) and isinstance(v, int) for k, v in state["special_tokens"].items()))
-    if not ok:
+    state = getattr(obj, "state", None) if isinstance(obj, _EncodingState) else None
+    types = {"name": str, "pat_str": str, "mergeable_ranks": (bytes, int), "special_tokens": (str, int)}
+    if not isinstance(state, dict) or not all(
+            isinstance(state.get(key), t) if t is str else isinstance(state.get(key), dict) and all(
+                isinstance(k, t[0]) and isinstance(v, t[1]) for k, v in state[key].items()) for key, t in types.items()):
         raise UserError(f"{path}: not a tiktoken Encoding with name, pat_str, mergeable_ranks and special_tokens")
     return tiktoken.Encoding(name=state["name"], pat_str=state["pat_str"],
                              mergeable_ranks=state["mergeable_ranks"], special_tokens=state["special_tokens"])
@@ -497,8 +447,7 @@ class Tokenizer:
 
     def __init__(self, enc):
         self.enc = enc
-        missing = [t for t in SPECIAL_TOKENS if t not in enc.special_tokens_set]
-        if missing:
+        if missing := [t for t in SPECIAL_TOKENS if t not in enc.special_tokens_set]:
             raise UserError(f"tokenizer lacks special tokens {missing}")
         self.bos_token_id = self.encode_special("<|bos|>")
 
@@ -531,34 +480,24 @@ class Tokenizer:
 
         def add(tokens, m):
             tokens = [tokens] if isinstance(tokens, int) else tokens
-            ids.extend(tokens)
-            mask.extend([m] * len(tokens))
+            ids.extend(tokens), mask.extend([m] * len(tokens))
 
         sp = self.encode_special
         add(self.bos_token_id, 0)
         for message in messages:
             content = message["content"]
             if message["role"] == "user":
-                add(sp("<|user_start|>"), 0)
-                add(self.encode(content), 0)
-                add(sp("<|user_end|>"), 0)
+                add([sp("<|user_start|>")] + self.encode(content) + [sp("<|user_end|>")], 0)
                 continue
             add(sp("<|assistant_start|>"), 0)
-            if isinstance(content, str):
-                add(self.encode(content), 1)
-            else:
-                for part in content:
-                    text_ids = self.encode(part["text"])
-                    if part["type"] == "text":
-                        add(text_ids, 1)
-                    elif part["type"] == "python":  # the model writes the tool call: learn it
-                        add(sp("<|python_start|>"), 1)
-                        add(text_ids, 1)
-                        add(sp("<|python_end|>"), 1)
-                    else:  # python_output comes from the tool at run time: never learn it
-                        add(sp("<|output_start|>"), 0)
-                        add(text_ids, 0)
-                        add(sp("<|output_end|>"), 0)
+            for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+                text_ids = self.encode(part["text"])
+                if part["type"] == "text":
+                    add(text_ids, 1)
+                elif part["type"] == "python":  # the model writes the tool call: learn it
+                    add([sp("<|python_start|>")] + text_ids + [sp("<|python_end|>")], 1)
+                else:  # python_output comes from the tool at run time: never learn it
+                    add([sp("<|output_start|>")] + text_ids + [sp("<|output_end|>")], 0)
             add(sp("<|assistant_end|>"), 1)
         return ids[:max_tokens], mask[:max_tokens]
 
@@ -619,10 +558,9 @@ def byte_level_encoding():
 def save_tokenizer(enc, tokenizer_dir):
     """tokenizer.pkl and token_bytes.pt as nanochat writes them."""
     atomic_write(os.path.join(tokenizer_dir, "tokenizer.pkl"), lambda f: pickle.dump(enc, f), binary=True)
-    lengths = [0] * enc.n_vocab
-    for token, rank in enc._mergeable_ranks.items():
-        lengths[rank] = len(token)  # special tokens stay 0: they count for no bytes in bpb
-    token_bytes = torch.tensor(lengths, dtype=torch.int32)
+    lengths = dict((rank, len(token)) for token, rank in enc._mergeable_ranks.items())
+    # special tokens count 0 bytes in bpb
+    token_bytes = torch.tensor([lengths.get(i, 0) for i in range(enc.n_vocab)], dtype=torch.int32)
     atomic_write(os.path.join(tokenizer_dir, "token_bytes.pt"), lambda f: torch.save(token_bytes, f), binary=True)
 
 
@@ -633,21 +571,14 @@ def get_tokenizer(base_dir=None):
 # -----------------------------------------------------------------------------
 # Checkpoints: model_{step:06d}.pt + meta_{step:06d}.json (+ optim_{step:06d}.pt)
 
-SOURCE_DIRS = {
-    "base": "base_checkpoints",
-    "mid": "mid_checkpoints",
-    "sft": "chatsft_checkpoints",
-    "dpo": "chatdpo_checkpoints",
-    "rl": "chatrl_checkpoints",
-}
+SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
+               "dpo": "chatdpo_checkpoints", "rl": "chatrl_checkpoints"}
 
 
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data):
-    """Write meta, then optimizer, then model, each through a temp file and a rename.
-
-    The model file lands last, and the latest step is found by model files, so a process
-    killed mid-save leaves nothing that looks like a newer checkpoint than the last whole one.
-    """
+    """Write meta, then optimizer, then model, each through a temp file and a rename: the
+    latest step is found by model files, so a process killed mid-save leaves nothing that
+    looks like a newer checkpoint than the last whole one."""
     os.makedirs(checkpoint_dir, exist_ok=True)
     atomic_write_json(os.path.join(checkpoint_dir, f"meta_{step:06d}.json"), meta_data)
     if optimizer_data is not None:
@@ -680,16 +611,12 @@ def find_last_step(checkpoint_dir):
     return max(steps)
 
 
-def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False):
+def load_checkpoint(checkpoint_dir, step, device):
     model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
     meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
     if not os.path.exists(model_path):
         raise UserError(f"{model_path}: no checkpoint for step {step}")
     model_data = torch.load(model_path, map_location=device, weights_only=True)
-    optimizer_data = None
-    if load_optimizer:
-        optim_path = os.path.join(checkpoint_dir, f"optim_{step:06d}.pt")
-        optimizer_data = torch.load(optim_path, map_location=device, weights_only=True)
     try:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
@@ -697,7 +624,7 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False):
         raise UserError(f"{meta_path}: missing (the checkpoint has a model file but no meta)") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{meta_path}: not valid JSON ({e})") from None
-    return model_data, optimizer_data, meta
+    return model_data, meta
 
 
 CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
@@ -709,21 +636,19 @@ def config_from_checkpoint(model_config, model_data, where):
     window_pattern in model_config and its extra tensors in the state dict; Nov 2025 has
     neither. Applies nanochat 92d63d4's own two loading patches to a 2026 state dict, and
     refuses a meta and a state dict of different generations."""
-    if not isinstance(model_config, dict):
-        raise UserError(f"{where}: the meta has no model_config")
+    model_config = model_config if isinstance(model_config, dict) else {}
     missing = [k for k in CONFIG_KEYS if k not in model_config]
     extra = sorted(set(model_config) - set(CONFIG_KEYS) - {"window_pattern"})
-    if missing or extra:
-        what = f"lacks {', '.join(missing)}" if missing else f"has unknown keys {', '.join(extra)}"
-        raise UserError(f"{where}: model_config {what}: neither nanochat generation (Nov 2025, 2026) writes that")
+    if missing or extra:  # neither generation's
+        raise UserError(f"{where}: the meta's model_config " + (f"lacks {', '.join(missing)}" if missing else
+                        f"has unknown keys {', '.join(extra)}") + ": neither nanochat generation (Nov 2025, 2026) writes that")
     new_keys = [k for k in model_data if k in KEYS_2026 or k.startswith("value_embeds.") or k.endswith(".ve_gate.weight")]
     pattern = model_config.get("window_pattern")
     if pattern is not None and not new_keys:
         raise UserError(f"{where}: model_config is nanochat 2026's (it has window_pattern) but the state dict is "
                         f"Nov 2025's (no {', '.join(KEYS_2026)}, value_embeds): meta and weights do not belong together")
     if new_keys and pattern is None:  # an intermediate 2026 commit: nanochat reads it as all-long windows
-        print(f"note: {where}: 2026 weights with no window_pattern in model_config: using \"L\" as nanochat does",
-              file=sys.stderr)
+        print(f"note: {where}: 2026 weights, no window_pattern: using \"L\" as nanochat does", file=sys.stderr)
         pattern = "L"
     if pattern is not None and not (isinstance(pattern, str) and re.fullmatch(r"[SLsl]+", pattern)):
         raise UserError(f"{where}: model_config window_pattern {pattern!r} is not a string of S and L")
@@ -731,27 +656,20 @@ def config_from_checkpoint(model_config, model_data, where):
         n_layer, device = model_config["n_layer"], model_data[new_keys[0]].device
         model_data.setdefault("resid_lambdas", torch.ones(n_layer, device=device))
         model_data.setdefault("x0_lambdas", torch.zeros(n_layer, device=device))
-    try:
-        return GPTConfig(**dict(model_config, window_pattern=pattern))
-    except TypeError as e:
-        raise UserError(f"{where}: bad model_config ({e})") from None
+    return GPTConfig(**dict(model_config, window_pattern=pattern))
 
 
 def check_state_dict(model, model_data, where):
     """Every key the model has, none it lacks, each of its shape; else one line naming them."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in model_data]
-    extra = [k for k in model_data if k not in expected]
-    shapes = [f"{k} is {list(model_data[k].shape)}, expected {list(s)}"
-              for k, s in expected.items() if k in model_data and tuple(model_data[k].shape) != s]
-
-    def some(keys):
-        return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
-
-    problems = ([f"missing {some(missing)}"] if missing else []) + ([f"unexpected {some(extra)}"] if extra else []) + shapes[:2]
+    problems = [f"{what} {', '.join(keys[:4])}{f' and {len(keys) - 4} more' if len(keys) > 4 else ''}"
+                for what, keys in (("missing", [k for k in expected if k not in model_data]),
+                                   ("unexpected", [k for k in model_data if k not in expected])) if keys]
+    problems += [f"{k} is {list(model_data[k].shape)}, expected {list(s)}"
+                 for k, s in expected.items() if k in model_data and tuple(model_data[k].shape) != s][:2]
     if problems:
-        gen = "nanochat 2026" if model.gen2026 else "nanochat Nov 2025"
-        raise UserError(f"{where} does not match its model_config ({gen} model): {'; '.join(problems)}")
+        raise UserError(f"{where} does not match its model_config (nanochat {'2026' if model.gen2026 else 'Nov 2025'} "
+                        f"model): {'; '.join(problems)}")
 
 
 def build_model(checkpoint_dir, step, device, phase, tokenizer=None):
@@ -759,7 +677,7 @@ def build_model(checkpoint_dir, step, device, phase, tokenizer=None):
     "train" or "eval"."""
     assert phase in ("train", "eval"), phase
     device = torch.device(device)
-    model_data, _, meta = load_checkpoint(checkpoint_dir, step, device)
+    model_data, meta = load_checkpoint(checkpoint_dir, step, device)
     where = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
     if not isinstance(model_data, dict) or not all(isinstance(v, torch.Tensor) for v in model_data.values()):
         raise UserError(f"{where}: not a state dict of tensors")
@@ -806,22 +724,16 @@ def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
 
 def fresh_base(base_dir, depth=2, sequence_len=512, n_embd=None, n_head=None, seed=0, zero_out=True,
                generation=2025):
-    """Write tokenizer/ and base_checkpoints/d{depth}/model_000000.pt into base_dir, a model
-    of the given nanochat generation (2026: window pattern SSSL).
-
-    Shapes follow nanochat's base training (width = 64 * depth, one head per 128 wide);
-    n_embd/n_head override them for tests. zero_out=False gives non-zero logits from the
-    start, which tests of the log-prob and DPO paths want.
-    """
-    if generation not in (2025, 2026):
-        raise UserError(f"generation must be 2025 or 2026, not {generation!r}")
+    """Write tokenizer/ and base_checkpoints/d{depth}/model_000000.pt into base_dir, a model of
+    the given nanochat generation (2026: window pattern SSSL). Shapes follow nanochat's base
+    training (width 64 * depth, one head per 128 wide); n_embd/n_head override them for
+    tests. zero_out=False gives non-zero logits from the start, as log-prob/DPO tests want."""
+    assert generation in (2025, 2026), generation
     enc = byte_level_encoding()
     save_tokenizer(enc, os.path.join(base_dir, "tokenizer"))
     n_embd = n_embd or depth * 64
     n_head = n_head or max(1, (n_embd + 127) // 128)
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=enc.n_vocab, n_layer=depth,
-                       n_head=n_head, n_kv_head=n_head, n_embd=n_embd,
-                       window_pattern="SSSL" if generation == 2026 else None)
+    config = GPTConfig(sequence_len, enc.n_vocab, depth, n_head, n_head, n_embd, "SSSL" if generation == 2026 else None)
     torch.manual_seed(seed)
     model = GPT(config)
     model.init_weights(zero_out=zero_out)
@@ -864,26 +776,24 @@ class KVCache:
         return KVCache(self.k[:, i:i + 1], self.v[:, i:i + 1], self.pos[i:i + 1], self.prev[i:i + 1])
 
     def reset(self, i):
-        self.pos[i] = 0
-        self.prev[i] = 0
+        self.pos[i], self.prev[i] = 0, 0
 
     def copy_row_to_all(self, i):
         """Every row becomes a copy of row i (one prompt prefilled once, sampled many times)."""
         n = int(self.pos[i])
-        self.k[:, :, :, :n] = self.k[:, i:i + 1, :, :n]
-        self.v[:, :, :, :n] = self.v[:, i:i + 1, :, :n]
-        self.pos[:], self.prev[:] = self.pos[i].item(), self.prev[i:i + 1]
+        self.k[:, :, :, :n], self.v[:, :, :, :n] = self.k[:, i:i + 1, :, :n], self.v[:, i:i + 1, :, :n]
+        self.pos[:], self.prev[:] = n, self.prev[i:i + 1]
 
     def begin(self, T, cos, sin):
-        """Plan a forward of T new tokens per row; returns its rotary tables. When every row
-        is at the same position (the Engine's case) slices do; otherwise per-row indices."""
+        """Plan a forward of T new tokens per row; returns its rotary tables. Rows all at one
+        position (the Engine's case) use slices, else per-row indices."""
         start = self.pos.tolist()
         self.end = max(start) + T
         if self.end > self.k.size(3) or self.end > cos.size(1):
             raise RuntimeError(f"KV cache is full ({min(self.k.size(3), cos.size(1))} positions)")
         self.masks = {}
+        self.p0, self.q_pos = start[0], None
         if min(start) == max(start):
-            self.p0, self.q_pos = start[0], None
             return cos[:, self.p0:self.end], sin[:, self.p0:self.end]
         self.q_pos = (self.pos[:, None] + torch.arange(T)).to(cos.device)
         return cos[0, self.q_pos], sin[0, self.q_pos]  # [B, T, 1, D/2]
@@ -891,27 +801,19 @@ class KVCache:
     def insert(self, layer, k, v, window):
         """Store the new k, v [B, H, T, D]; return the keys and values to attend to and the
         mask for them (windows per layer)."""
-        T, device = k.size(2), k.device
+        T, p0, end, device = k.size(2), self.p0, self.end, k.device
         if self.q_pos is None:
-            p0 = self.p0
-            self.k[layer, :, :, p0:self.end] = k
-            self.v[layer, :, :, p0:self.end] = v
+            self.k[layer, :, :, p0:end], self.v[layer, :, :, p0:end] = k, v
             lo = 0 if window is None else max(0, p0 - window)  # the oldest key any new token sees
-            if window not in self.masks:
-                if T == 1:
-                    self.masks[window] = None
-                elif p0 == 0 and (window is None or window >= T - 1):
-                    self.masks[window] = "causal"
-                else:
-                    self.masks[window] = window_mask(torch.arange(p0, self.end, device=device),
-                                                     torch.arange(lo, self.end, device=device), window)
-            return self.k[layer, :, :, lo:self.end], self.v[layer, :, :, lo:self.end], self.masks[window]
+            if window not in self.masks:  # one new token sees every key from lo on
+                self.masks[window] = None if T == 1 else "causal" if p0 == 0 and (window or T) >= T - 1 else \
+                    window_mask(torch.arange(p0, end, device=device), torch.arange(lo, end, device=device), window)
+            return self.k[layer, :, :, lo:end], self.v[layer, :, :, lo:end], self.masks[window]
         rows = torch.arange(k.size(0), device=device)[:, None]
-        self.k[layer, rows, :, self.q_pos] = k.transpose(1, 2)
-        self.v[layer, rows, :, self.q_pos] = v.transpose(1, 2)
+        self.k[layer, rows, :, self.q_pos], self.v[layer, rows, :, self.q_pos] = k.transpose(1, 2), v.transpose(1, 2)
         if window not in self.masks:
-            self.masks[window] = window_mask(self.q_pos, torch.arange(self.end, device=device), window)[:, None]
-        return self.k[layer, :, :, :self.end], self.v[layer, :, :, :self.end], self.masks[window]
+            self.masks[window] = window_mask(self.q_pos, torch.arange(end, device=device), window)[:, None]
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], self.masks[window]
 
     def advance(self, T):
         self.pos += T  # in place: a row view moves its parent's row
@@ -921,71 +823,45 @@ _CALC_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Constant, ast.Add, as
                ast.Div, ast.FloorDiv, ast.Mod, ast.USub, ast.UAdd)
 
 
-def use_calculator(expr, max_len=200, time_limit=0.1):
-    """Evaluate plain arithmetic (digits, + - * / // %, parentheses) safely: no names, no
-    calls, no powers, bounded length, intermediate size and time. None if not arithmetic."""
+def use_calculator(expr, max_len=200):
+    """Evaluate plain arithmetic (numbers, + - * / // %, parentheses): its syntax tree is
+    checked to hold nothing else (no names, calls, attributes or powers) before it runs, and
+    its length is bounded, so neither a result nor the time to reach one can explode. None
+    if it is not such arithmetic or has no finite result."""
     expr = expr.replace(",", "").strip()
-    if not expr or len(expr) > max_len:
-        return None
     try:
         tree = ast.parse(expr, mode="eval")
-    except (SyntaxError, ValueError):
+        nodes = list(ast.walk(tree))
+        if len(expr) > max_len or not all(isinstance(n, _CALC_NODES) for n in nodes) or \
+                any(isinstance(n, ast.Constant) and type(n.value) not in (int, float) for n in nodes):
+            return None
+        result = eval(compile(tree, "<calculator>", "eval"), {"__builtins__": {}})
+    except (SyntaxError, ValueError, ArithmeticError):
         return None
-    if not all(isinstance(node, _CALC_NODES) for node in ast.walk(tree)):
+    if not abs(result) <= 1e30:  # also NaN
         return None
-    deadline = time.monotonic() + time_limit
-
-    def ev(node):
-        if time.monotonic() > deadline:
-            raise ArithmeticError("calculator time limit")
-        if isinstance(node, ast.Expression):
-            return ev(node.body)
-        if isinstance(node, ast.Constant):
-            if not isinstance(node.value, (int, float)) or isinstance(node.value, bool):
-                raise ArithmeticError("not a number")
-            return node.value
-        if isinstance(node, ast.UnaryOp):
-            v = ev(node.operand)
-            return -v if isinstance(node.op, ast.USub) else v
-        a, b = ev(node.left), ev(node.right)
-        ops = {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: a * b,
-               ast.Div: lambda: a / b, ast.FloorDiv: lambda: a // b, ast.Mod: lambda: a % b}
-        result = ops[type(node.op)]()
-        if abs(result) > 1e30:
-            raise ArithmeticError("too large")
-        return result
-
-    try:
-        result = ev(tree)
-    except (ArithmeticError, ZeroDivisionError, OverflowError):
-        return None
-    if isinstance(result, float) and result.is_integer():
-        result = int(result)  # "24", as GSM8K's answers write it, not "24.0"
-    elif isinstance(result, float):
-        result = round(result, 6)
+    if isinstance(result, float):  # "24", as GSM8K's answers write it, not "24.0"
+        result = int(result) if result.is_integer() else round(result, 6)
     return result
 
 
+def softcap(logits):
+    return SOFTCAP * torch.tanh(logits / SOFTCAP)
+
+
 @torch.inference_mode()
-def sample_next_token(logits, rng, temperature=1.0, top_k=None):
-    """[B, V] logits -> [B, 1] ids; temperature 0 is greedy."""
+def sample_next_token(logits, rng, temperature=1.0, top_k=None, capped=True):
+    """[B, V] logits -> [B, 1] ids; temperature 0 is greedy. capped=False: raw logits, capped
+    here after top-k (the cap keeps their order), which saves a tanh over the vocab."""
+    if top_k is not None and top_k > 0 and temperature != 0.0:
+        vals, idx = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
+        probs = F.softmax((vals if capped else softcap(vals)) / temperature, dim=-1)
+        return idx.gather(1, torch.multinomial(probs, 1, generator=rng))
+    logits = logits if capped else softcap(logits)
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
-    if top_k is not None and top_k > 0:
-        k = min(top_k, logits.size(-1))
-        vals, idx = torch.topk(logits, k, dim=-1)
-        probs = F.softmax(vals / temperature, dim=-1)
-        return idx.gather(1, torch.multinomial(probs, 1, generator=rng))
     probs = F.softmax(logits / temperature, dim=-1)
     return torch.multinomial(probs, 1, generator=rng)
-
-
-class _Row:
-    def __init__(self):
-        self.forced = deque()  # tokens the tool injects, emitted before sampling resumes
-        self.in_python = False
-        self.python_tokens = []
-        self.done = False
 
 
 class Engine:
@@ -1001,25 +877,30 @@ class Engine:
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """Yields (token_column, mask_column) per step: one token per row, mask 0 for tokens
         the tool forced. Finished rows keep receiving tokens that callers should ignore."""
-        model, tok = self.model, self.tokenizer
-        device = model.get_device()
-        rng = torch.Generator(device=device)
-        rng.manual_seed(seed)
-        sp = tok.encode_special
-        py_start, py_end = sp("<|python_start|>"), sp("<|python_end|>")
-        out_start, out_end = sp("<|output_start|>"), sp("<|output_end|>")
-        stops = {sp("<|assistant_end|>"), tok.get_bos_token_id()}
-        limit = model.config.sequence_len if max_tokens is None else max_tokens
-        max_len = min(len(tokens) + limit, model.cos.size(1))
+        model, tok, device = self.model, self.tokenizer, self.model.get_device()
+        rng = torch.Generator(device=device).manual_seed(seed)
+        py_start, py_end, out_start, out_end = (tok.encode_special(f"<|{t}|>") for t in
+                                                ("python_start", "python_end", "output_start", "output_end"))
+        stops = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
+        max_len = min(len(tokens) + (model.config.sequence_len if max_tokens is None else max_tokens), model.cos.size(1))
         cache = KVCache.for_model(model, num_samples, max_len)
-        with autocast(device):  # prefill once, then every row starts from the prompt's cache
-            logits = model(torch.tensor([tokens], dtype=torch.long, device=device), kv_cache=cache.row(0))[:, -1, :]
+        capped = not isinstance(model, GPT)  # a GPT: only the last position meets the lm_head, uncapped
+
+        def last_logits(ids, cache):
+            with autocast(device):
+                if capped:
+                    return model(ids, kv_cache=cache)[:, -1, :]
+                return model.lm_head(model.hidden_states(ids, cache)[:, -1])[:, :model.config.vocab_size].float()
+
+        # prefill once, then every row starts from the prompt's cache
+        logits = last_logits(torch.tensor([tokens], dtype=torch.long, device=device), cache.row(0))
         cache.copy_row_to_all(0)
         logits = logits.expand(num_samples, -1)
-        rows = [_Row() for _ in range(num_samples)]
+        # per row: tokens the tool forces (emitted before sampling resumes), the tool call being read
+        rows = [SimpleNamespace(forced=deque(), in_python=False, python_tokens=[], done=False) for _ in range(num_samples)]
         generated = 0
         while True:
-            ids = sample_next_token(logits, rng, temperature, top_k)
+            ids = sample_next_token(logits, rng, temperature, top_k, capped)
             column, masks = ids[:, 0].tolist(), [1] * num_samples
             for i, row in enumerate(rows):
                 if row.forced:
@@ -1032,8 +913,7 @@ class Engine:
                 return
             if 0 in masks:  # a tool-forced token replaces the sampled one
                 ids = torch.tensor(column, dtype=torch.long, device=device)[:, None]
-            with autocast(device):
-                logits = model(ids, kv_cache=cache)[:, -1, :]
+            logits = last_logits(ids, cache)
 
     def _track_tool(self, row, token, py_start, py_end, out_start, out_end):
         if token == py_start:
@@ -1054,13 +934,9 @@ class Engine:
         stops = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()}
         for column, mask_column in self.generate(tokens, num_samples, **kwargs):
             for i, (token, m) in enumerate(zip(column, mask_column)):
-                if done[i]:
-                    continue
-                if token in stops:
-                    done[i] = True
-                else:
-                    sequences[i].append(token)
-                    masks[i].append(m)
+                done[i] = done[i] or token in stops
+                if not done[i]:
+                    sequences[i].append(token), masks[i].append(m)
             if all(done):
                 break
         return sequences, masks

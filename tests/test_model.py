@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import shutil
 import signal
 
 import pytest
@@ -253,6 +254,90 @@ def test_engine_runs_the_calculator_and_forces_its_output(gold):
 # Checkpoints
 
 
+def fixture_copy(tmp_path, generation):
+    """A writable copy of a nanochat fixture base dir, and its checkpoint's (dir, meta path, model path)."""
+    base = str(tmp_path / f"nanochat{generation}")
+    shutil.copytree(golden_dir(generation), base)
+    ckpt = os.path.join(base, "base_checkpoints", "d2")
+    step = model.find_last_step(ckpt)
+    return base, os.path.join(ckpt, f"meta_{step:06d}.json"), os.path.join(ckpt, f"model_{step:06d}.pt")
+
+
+@pytest.mark.parametrize("generation", [2025, 2026])
+def test_save_then_load_round_trip_keeps_the_generation(tmp_path, generation):
+    """What Chimera saves from a nanochat checkpoint is that generation's format: the same
+    model_config keys, state-dict keys and shapes, and the same logits once reloaded."""
+    base, meta_path, model_path = fixture_copy(tmp_path, generation)
+    m, tok, meta = load_model("base", "cpu", "train", base_dir=base)
+    out = os.path.join(base, "chatsft_checkpoints", "chimera_d2")
+    save_checkpoint(out, 3, m.state_dict(), None, dict(meta, step=3, chimera={"stage": "sft"}))
+    m2, _, meta2 = load_model("sft", "cpu", "eval", base_dir=base)
+    assert m2.config == m.config and meta2["chimera"] == {"stage": "sft"}
+    assert meta2["model_config"] == json.load(open(meta_path))["model_config"]
+    theirs = torch.load(model_path, weights_only=True)
+    ours = torch.load(os.path.join(out, "model_000003.pt"), weights_only=True)
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    x = torch.randint(0, tok.get_vocab_size(), (2, 40))
+    with torch.no_grad():
+        assert torch.equal(m2(x), m.eval()(x))
+
+
+@pytest.mark.parametrize("generation, change, message", [
+    (2025, lambda sd, meta: sd.pop("lm_head.weight"), "missing lm_head.weight"),
+    (2026, lambda sd, meta: sd.pop("smear_lambda"), "missing smear_lambda"),
+    (2026, lambda sd, meta: sd.pop("value_embeds.1.weight"), "missing value_embeds.1.weight"),
+    (2025, lambda sd, meta: sd.update(extra=torch.zeros(1)), "unexpected extra"),
+    (2026, lambda sd, meta: sd.update({"transformer.h.0.attn.ve_gate.weight": torch.zeros(4, 12)}),
+     "unexpected transformer.h.0.attn.ve_gate.weight"),
+    (2026, lambda sd, meta: sd.update({"lm_head.weight": sd["lm_head.weight"][:350]}),
+     r"lm_head.weight is \[350, 64\], expected \[384, 64\]"),
+    # a Nov 2025 state dict under a 2026 meta
+    (2025, lambda sd, meta: meta["model_config"].update(window_pattern="SSSL"),
+     "model_config is nanochat 2026's .* the state dict is Nov 2025's"),
+    (2026, lambda sd, meta: meta["model_config"].update(window_pattern="SXL"), "not a string of S and L"),
+    (2026, lambda sd, meta: meta["model_config"].update(rope_base=10000), "unknown keys rope_base"),
+    (2025, lambda sd, meta: meta["model_config"].pop("n_kv_head"), "lacks n_kv_head"),
+])
+def test_checkpoints_that_fit_neither_generation_fail_with_one_line(tmp_path, generation, change, message):
+    base, meta_path, model_path = fixture_copy(tmp_path, generation)
+    sd, meta = torch.load(model_path, weights_only=True), json.load(open(meta_path))
+    change(sd, meta)
+    torch.save(sd, model_path)
+    json.dump(meta, open(meta_path, "w"))
+    with pytest.raises(UserError, match=message) as e:
+        load_model("base", "cpu", "eval", base_dir=base)
+    assert "\n" not in str(e.value) and "base_checkpoints" in str(e.value)
+
+
+def test_2026_weights_under_a_nov_2025_meta(tmp_path, capsys):
+    """nanochat 92d63d4 reads a 2026 checkpoint whose model_config lacks window_pattern as all-long
+    windows, and adds resid/x0 lambdas (1, 0) when absent: Chimera does the same, saying so."""
+    base, meta_path, model_path = fixture_copy(tmp_path, 2026)
+    meta = json.load(open(meta_path))
+    del meta["model_config"]["window_pattern"]
+    json.dump(meta, open(meta_path, "w"))
+    sd = torch.load(model_path, weights_only=True)
+    del sd["resid_lambdas"]
+    torch.save(sd, model_path)
+    m = load_model("base", "cpu", "eval", base_dir=base)[0]
+    assert m.config.window_pattern == "L" and "window_pattern" in capsys.readouterr().err
+    assert [b.attn.window for b in m.transformer.h] == [256, 256] and torch.equal(m.resid_lambdas, torch.ones(2))
+
+
+def test_fresh_2026_base_is_nanochat_2026(tmp_path):
+    base = make_tiny_base(tmp_path, generation=2026, n_embd=64, n_head=4, sequence_len=256)
+    m, tok, meta = load_model("base", "cpu", "eval", base_dir=base)
+    assert meta["chimera"] == {"stage": "base"} and meta["model_config"]["window_pattern"] == "SSSL"
+    assert m.transformer.wte.weight.shape == (320, 64) and tok.get_vocab_size() == 265  # padded to 64
+    assert [b.attn.window for b in m.transformer.h] == [128, 256] and list(m.value_embeds) == ["1"]
+    assert torch.allclose(m.resid_lambdas, torch.tensor([1.15, 1.05])) and torch.allclose(m.x0_lambdas, torch.tensor([0.2, 0.05]))
+    assert m.smear_lambda.item() == 0 and m.backout_lambda.item() == pytest.approx(0.2)
+    seqs, _ = Engine(m, tok).generate_batch(tok.encode("hello"), num_samples=2, max_tokens=5, temperature=0.0)
+    assert len(seqs) == 2 and seqs[0] == seqs[1]
+    m25 = load_model("base", "cpu", "eval", base_dir=make_tiny_base(tmp_path / "old"))[2]
+    assert "window_pattern" not in m25["model_config"] and m25["chimera"] == {"stage": "base"}
+
+
 def test_save_load_round_trip_with_bf16_and_orig_mod_prefix(tmp_path):
     base = make_tiny_base(tmp_path)
     m, tok, meta = load_model("base", "cpu", "train", base_dir=base)
@@ -300,6 +385,19 @@ def test_largest_depth_tag_is_the_default(tmp_path):
     assert load_model("base", "cpu", "eval", model_tag="d2", base_dir=base)[2]["model_config"]["n_layer"] == 2
 
 
+def test_default_tag_prefers_chimera_then_depth_then_newest(tmp_path):
+    for tag in ("zeta", "newest"):
+        (tmp_path / tag).mkdir()
+        os.utime(tmp_path / tag, (1, 1) if tag == "zeta" else None)
+    assert model.find_largest_model(str(tmp_path)) == "newest"
+    for tag in ("d3", "d20"):
+        (tmp_path / tag).mkdir()
+    assert model.find_largest_model(str(tmp_path)) == "d20"
+    for tag in ("chimera_d2", "chimera_d12"):
+        (tmp_path / tag).mkdir()
+    assert model.find_largest_model(str(tmp_path)) == "chimera_d12"
+
+
 KILL_DURING_SAVE = r"""
 import os, signal, sys, torch
 import model
@@ -343,6 +441,26 @@ def test_setup_optimizers_groups_and_lrs():
     assert all(g["initial_lr"] == g["lr"] for opt in (adamw, muon) for g in opt.param_groups)
 
 
+def test_2026_optimizer_groups_match_nanochat():
+    """Every parameter is in the optimizer group, with the hyperparameters, nanochat 92d63d4
+    gives it (so SFT/DPO never train a 2026 scalar or embedding with the wrong optimizer)."""
+    with open(os.path.join(golden_dir(2026), "golden.json")) as f:
+        golden_groups = json.load(f)["optimizer_groups_default"]
+    m = load_model("base", "cpu", "train", base_dir=golden_dir(2026))[0]
+    names = {p: n for n, p in m.named_parameters()}
+    ours = {names[p]: (kind, g) for kind, opt in zip(("adamw", "muon"), m.setup_optimizers()) for g in opt.param_groups
+            for p in g["params"]}
+    assert set(ours) == set(names.values())
+    for want in golden_groups:
+        for name in want["params"]:
+            kind, group = ours[name]
+            assert kind == want["kind"], name
+            keys = ("lr", "initial_lr", "eps", "weight_decay") if kind == "adamw" else ("lr", "initial_lr", "momentum", "weight_decay")
+            assert {k: group[k] for k in keys} == pytest.approx({k: want[k] for k in keys}), name
+            assert kind == "muon" or list(group["betas"]) == want["betas"], name
+    assert sum(len(g["params"]) for g in golden_groups) == len(ours)
+
+
 def test_newton_schulz_orthogonalises():
     G = torch.randn(48, 16)
     X = model.newton_schulz5(G).float()
@@ -366,3 +484,38 @@ def test_two_processes_step_like_one(tmp_path):
         assert update > 0, name
         tolerance = 5e-2 if ".h." in name else 2e-3
         assert (p - b["params"][name]).norm() / update < tolerance, name
+
+
+# -----------------------------------------------------------------------------
+# The stages on a nanochat 2026 checkpoint
+
+
+def test_sft_then_dpo_on_a_2026_checkpoint_in_1_and_2_processes(tmp_path):
+    """SFT from the 2026 fixture's base and DPO from that SFT, each in 1 and 2 processes:
+    every checkpoint written is nanochat 2026 (same model_config, keys and shapes) and
+    reloads; the 2026-only parameters train too."""
+    from test_dpo import pairs
+    from test_sft import trader_conversation, write_jsonl
+
+    base, meta_path, model_path = fixture_copy(tmp_path, 2026)
+    write_jsonl(os.path.join(base, "datasets", "trader_sft_data.jsonl"), [trader_conversation(i) for i in range(24)])
+    write_jsonl(os.path.join(base, "datasets", "trader_dpo_data.jsonl"), pairs(24))
+    env = {"NANOCHAT_BASE_DIR": base}
+    fast = ["--num_iterations=2", "--eval_every=-1", "--device_batch_size=2", "--target_examples_per_step=4"]
+    sft = [os.path.join(REPO, "sft.py"), "--sft_dataset=trader", "--eval_batches=1", *fast]
+    dpo = [os.path.join(REPO, "dpo.py"), "--source=sft", "--model_tag=one", "--val_fraction=0.2", "--max_length=64", *fast]
+    for script in (sft, dpo):
+        run_python(script + ["--out_tag=one"], env=env)
+        run_torchrun(script + ["--out_tag=two"], env=env)
+    want_config = json.load(open(meta_path))["model_config"]
+    want_shapes = {k: v.shape for k, v in torch.load(model_path, weights_only=True).items()}
+    start = load_model("base", "cpu", "eval", base_dir=base)[0].state_dict()
+    for source in ("sft", "dpo"):
+        for tag in ("one", "two"):
+            m, _, meta = load_model(source, "cpu", "eval", model_tag=tag, base_dir=base)
+            assert m.config.generation == 2026 and meta["model_config"] == want_config, (source, tag)
+            ckpt = model.checkpoint_dir_for(source, tag, base)
+            saved = torch.load(os.path.join(ckpt, f"model_{meta['step']:06d}.pt"), weights_only=True)
+            assert {k: v.shape for k, v in saved.items()} == want_shapes
+            for name in ("smear_gate.weight", "x0_lambdas", "value_embeds.1.weight", "transformer.h.1.attn.ve_gate.weight"):
+                assert not torch.equal(m.state_dict()[name], start[name]), (source, tag, name)
