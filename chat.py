@@ -28,7 +28,7 @@ import torch
 
 from gen import PERSONA_PATH, load_persona
 from common import UserError, autocast, autodetect_device_type, config_dict, parse_config, run_main
-from model import Engine, KVCache, _Row, checkpoint_dir_for, load_model, sample_next_token
+from model import Engine, KVCache, checkpoint_dir_for, load_model, sample_next_token
 
 
 @dataclass
@@ -106,9 +106,9 @@ class Scheduler:
         self.device, self.max_len = model.get_device(), model.config.sequence_len
         self.cache = KVCache.for_model(model, max_batch, self.max_len)
         self.engine = Engine(model, tokenizer)  # for its calculator-tool logic
-        sp = tokenizer.encode_special
-        self.tool_ids = [sp(t) for t in ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")]
-        self.stops = {sp("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+        self.tool_ids = [tokenizer.encode_special(f"<|{t}|>") for t in ("python_start", "python_end", "output_start",
+                                                                        "output_end")]
+        self.stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
         self.slots, self.logits = [None] * max_batch, [None] * max_batch  # a row's request and next-token logits
         self.waiting, self.cond, self.closed = deque(), threading.Condition(), False
         self.thread = threading.Thread(target=self._loop, daemon=True)
@@ -138,7 +138,8 @@ class Scheduler:
                     req = self.waiting.popleft()  # oldest first, into the lowest free rows, while it fits
                     free = [i for i, slot in enumerate(self.slots) if slot is None and not req.cancelled]
                     for index, row in zip(range(req.s.n), free):
-                        self.slots[row] = SimpleNamespace(req=req, index=index, ids=[], tool=_Row(), sent=0)
+                        self.slots[row] = SimpleNamespace(req=req, index=index, ids=[], sent=0, forced=deque(),
+                                                          in_python=False, python_tokens=[])  # + the tool's state
                         joining.append(row)
             try:
                 for row in joining:
@@ -151,17 +152,17 @@ class Scheduler:
                     slot.req.events.put((slot.index, "", "error"))
                 self.slots = [None] * self.max_batch
 
-    def _forward(self, ids, cache):
+    def _forward(self, ids, cache):  # the last position's logits: only it meets the lm_head
         with autocast(self.device):
-            return self.model(torch.tensor(ids, dtype=torch.long, device=self.device), kv_cache=cache)[:, -1].float()
+            return self.model.logits(self.model.hidden_states(torch.tensor(ids, device=self.device), cache)[:, -1])
 
     def _step(self):
         tokens = [0] * self.max_batch  # free rows decode a dummy token and are reset after
         for row, slot in enumerate(self.slots):
             if slot and not slot.req.cancelled:
-                forced = slot.tool.forced
-                tokens[row] = forced.popleft() if forced else sample(self.logits[row], slot.req.s, slot.req.rng)
-                self.engine._track_tool(slot.tool, tokens[row], *self.tool_ids)
+                req = slot.req
+                tokens[row] = slot.forced.popleft() if slot.forced else sample(self.logits[row], req.s, req.rng)
+                self.engine._track_tool(slot, tokens[row], *self.tool_ids)
                 if not self._emit(slot, tokens[row], int(self.cache.pos[row]) + 1 >= self.max_len):
                     continue
             self.slots[row] = None
@@ -386,9 +387,6 @@ $("send").onclick = send; $("new").onclick = () => { messages = []; $("log").tex
 input.onkeydown = e => { if (e.key == "Enter" && !e.shiftKey) { e.preventDefault(); send(); } };
 </script>
 """
-
-
-# -----------------------------------------------------------------------------
 
 
 def main():
