@@ -15,6 +15,7 @@ import torch
 
 import chat
 import gen
+from common import UserError
 from conftest import free_port, make_tiny_base, run_python
 from model import Engine, load_model
 
@@ -75,7 +76,7 @@ def sse_events(response):
 # Terminal chat
 
 
-def test_prompt_answers_once_through_a_tiny_model(tmp_path, served):
+def test_prompt_answers_once_through_a_tiny_model(tmp_path):
     base = make_tiny_base(tmp_path / "base")
     proc = run_python(["chat.py", "-i", "base", "-p", "What is a stop?", "--temperature=0", "--max_tokens=12"],
                       env={"NANOCHAT_BASE_DIR": base, "PYTHONIOENCODING": "utf-8"})
@@ -93,11 +94,24 @@ def test_history_is_rendered_as_nanochat_renders_a_conversation(served):
     chat.chat_cli(served.sched, c, read=lambda _: next(lines), out=io.StringIO())
     prompts = [r.prompt for r in served.submitted[n0:]]
     reply = served.engine_text([{"role": "system", "content": "Be brief."}] + user("hi"), max_tokens=6)
-    U, E, A, AE, bos = sp("<|user_start|>"), sp("<|user_end|>"), sp("<|assistant_start|>"), sp("<|assistant_end|>"), tok.get_bos_token_id()
+    U, E, A, AE = (sp(f"<|{t}|>") for t in ("user_start", "user_end", "assistant_start", "assistant_end"))
+    bos = tok.get_bos_token_id()
     assert prompts[0] == [bos, U] + tok.encode("Be brief.\n\nhi") + [E, A]
     assert prompts[1] == prompts[0] + tok.encode(reply) + [AE, U] + tok.encode("how are you") + [E, A]
     assert prompts[2] == [bos, U] + tok.encode("Be brief.\n\nagain") + [E, A]  # `clear` started over
     assert len(prompts) == 3
+
+
+def test_persona_system_message_and_a_prompt_past_the_context(served):
+    """data/persona.md's system message (about 1,100 bytes) opens the conversation; on the
+    1,024-token byte-level model that is too long, which -p reports as an error."""
+    system = gen.load_persona(gen.PERSONA_PATH)["system"]
+    expected = len(prompt_ids(served.tok, [{"role": "system", "content": system}] + user("hi")))
+    with pytest.raises(UserError, match=f"conversation is {expected} tokens; the model's context is 1024"):
+        chat.chat_cli(served.sched, chat.Config(prompt="hi", persona=True), out=io.StringIO())
+    out = io.StringIO()  # the terminal chat says so and goes on
+    chat.chat_cli(served.sched, chat.Config(persona=True), read=lambda _, lines=iter(["hi", "quit"]): next(lines), out=out)
+    assert f"conversation is {expected} tokens" in out.getvalue()
 
 
 # -----------------------------------------------------------------------------
@@ -291,7 +305,8 @@ class DevTools:
     def __init__(self, browser, profile):
         cmd_r, self.cmd_w = os.pipe()
         self.out_r, out_w = os.pipe()
-        script = f"exec {browser} --headless --no-sandbox --disable-gpu --user-data-dir={profile} --remote-debugging-pipe 3<&{cmd_r} 4>&{out_w}"
+        script = (f"exec {browser} --headless --no-sandbox --disable-gpu --user-data-dir={profile} "
+                  f"--remote-debugging-pipe 3<&{cmd_r} 4>&{out_w}")
         self.proc = subprocess.Popen(["bash", "-c", script], pass_fds=(cmd_r, out_w), stderr=subprocess.DEVNULL)
         os.close(cmd_r)
         os.close(out_w)
@@ -315,7 +330,8 @@ class DevTools:
                 return reply["result"]
 
     def js(self, expression):
-        return self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)["result"].get("value")
+        reply = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        return reply["result"].get("value")
 
     def close(self):
         self.proc.kill()
