@@ -5,6 +5,7 @@ import os
 import pickle
 import shutil
 import signal
+import sys
 
 import pytest
 import torch
@@ -490,23 +491,25 @@ def test_two_processes_step_like_one(tmp_path):
 # The stages on a nanochat 2026 checkpoint
 
 
-def test_sft_then_dpo_on_a_2026_checkpoint_in_1_and_2_processes(tmp_path):
+def test_sft_then_dpo_on_a_2026_checkpoint_in_1_and_2_processes(tmp_path, monkeypatch):
     """SFT from the 2026 fixture's base and DPO from that SFT, each in 1 and 2 processes:
     every checkpoint written is nanochat 2026 (same model_config, keys and shapes) and
     reloads; the 2026-only parameters train too."""
+    import dpo
+    import sft
     from test_dpo import pairs
     from test_sft import trader_conversation, write_jsonl
 
     base, meta_path, model_path = fixture_copy(tmp_path, 2026)
     write_jsonl(os.path.join(base, "datasets", "trader_sft_data.jsonl"), [trader_conversation(i) for i in range(24)])
     write_jsonl(os.path.join(base, "datasets", "trader_dpo_data.jsonl"), pairs(24))
-    env = {"NANOCHAT_BASE_DIR": base}
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", base)
     fast = ["--num_iterations=2", "--eval_every=-1", "--device_batch_size=2", "--target_examples_per_step=4"]
-    sft = [os.path.join(REPO, "sft.py"), "--sft_dataset=trader", "--eval_batches=1", *fast]
-    dpo = [os.path.join(REPO, "dpo.py"), "--source=sft", "--model_tag=one", "--val_fraction=0.2", "--max_length=64", *fast]
-    for script in (sft, dpo):
-        run_python(script + ["--out_tag=one"], env=env)
-        run_torchrun(script + ["--out_tag=two"], env=env)
+    for stage, args in ((sft, ["--sft_dataset=trader", "--eval_batches=1"]),
+                        (dpo, ["--source=sft", "--model_tag=one", "--val_fraction=0.2", "--max_length=64"])):
+        monkeypatch.setattr(sys, "argv", [stage.__file__, *args, *fast, "--out_tag=one"])
+        stage.main()  # one process, in this one
+        run_torchrun([stage.__file__, *args, *fast, "--out_tag=two"], env={"NANOCHAT_BASE_DIR": base})
     want_config = json.load(open(meta_path))["model_config"]
     want_shapes = {k: v.shape for k, v in torch.load(model_path, weights_only=True).items()}
     start = load_model("base", "cpu", "eval", base_dir=base)[0].state_dict()
