@@ -1008,7 +1008,7 @@ class Engine:
             for i, row in enumerate(rows):
                 if row.forced:
                     column[i], masks[i] = row.forced.popleft(), 0
-                self._track_tool(row, column[i], py_start, py_end, out_start, out_end)
+                self.track_tool(row, column[i], py_start, py_end, out_start, out_end)
                 row.done = row.done or column[i] in stops
             yield column, masks
             generated += 1
@@ -1018,7 +1018,7 @@ class Engine:
                 ids = torch.tensor(column, dtype=torch.long, device=device)[:, None]
             logits = last_logits(ids, cache)
 
-    def _track_tool(self, row, token, py_start, py_end, out_start, out_end):
+    def track_tool(self, row, token, py_start, py_end, out_start, out_end):
         if token == py_start:
             row.in_python, row.python_tokens = True, []
         elif token == py_end and row.in_python:

@@ -1,0 +1,418 @@
+"""
+Talk to a checkpoint: a terminal chat, a one-shot answer, or an OpenAI-compatible server with a chat page.
+
+    python chat.py -i dpo                            # terminal chat; type `clear` or `quit`
+    python chat.py -i sft -p "What is a stop-loss?"  # one answer, then exit
+    python chat.py -i dpo --persona                  # open with data/persona.md's system message
+    python chat.py -i dpo --serve --port 8000        # http://127.0.0.1:8000/ and /v1/chat/completions
+"""
+
+import hmac
+import json
+import os
+import queue
+import select
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from contextlib import suppress
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+
+from gen import PERSONA_PATH, load_persona
+from common import UserError, autocast, autodetect_device_type, config_dict, parse_config, run_main
+from model import Engine, KVCache, checkpoint_dir_for, load_model, sample_next_token
+
+
+@dataclass
+class Config:
+    source: str = "sft"  # checkpoint to talk to: base|mid|sft|dpo|rl (-i)
+    model_tag: Optional[str] = None  # model directory (d<N>, chimera_d<N>); None = the default
+    step: Optional[int] = None  # checkpoint step; None = the latest
+    device_type: str = ""  # cuda|mps|cpu; "" = autodetect
+    prompt: str = ""  # answer this one prompt and exit (-p)
+    system: str = ""  # system message opening each conversation of the terminal chat
+    persona: bool = False  # open with data/persona.md's system message (when --system is empty)
+    temperature: float = 0.6  # sampling temperature, 0 = greedy (also the server's default)
+    top_k: int = 50  # sample among the k most likely tokens, 0 = all (also the server's default)
+    max_tokens: int = 512  # longest reply (also the server's default)
+    serve: bool = False  # run the HTTP server instead of the terminal chat
+    host: str = "127.0.0.1"  # address the server binds
+    port: int = 8000  # port the server listens on
+    api_key: str = ""  # when set, /v1/ requests need "Authorization: Bearer <key>"
+    max_batch: int = 8  # KV-cache rows: the most replies decoded together
+
+
+@dataclass
+class Sampling:  # one request's settings: top_k 0 = all, seed None = random, n replies
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_tokens: int = 512
+    stop: list = field(default_factory=list)  # strings that end a reply (left out of it)
+    seed: Optional[int] = None
+    n: int = 1
+
+
+def sample(logits, s, rng):
+    """A token id from [V] logits: top_p (0: only the top token) on top of the engine's sampler."""
+    if s.top_p < 1.0 and s.temperature > 0:
+        probs, order = (logits / s.temperature).softmax(-1).sort(descending=True)
+        logits = logits.index_fill(0, order[probs.cumsum(-1) - probs > s.top_p], -float("inf"))
+    return int(sample_next_token(logits[None], rng, s.temperature, s.top_k)[0, 0])
+
+
+# --- The scheduler: all requests in flight decode together -------------------
+
+
+class Completion:
+    """One request: n rows under one Sampling and random generator. The scheduler puts (choice
+    index, text delta, finish_reason or None) on `events`; finish_reason: stop|length|error."""
+
+    def __init__(self, prompt, s, device):
+        self.prompt, self.s, self.events, self.cancelled, self.completion_tokens = prompt, s, queue.Queue(), False, 0
+        self.rng = torch.Generator(device)
+        self.rng.seed() if s.seed is None else self.rng.manual_seed(s.seed)
+
+    def wait(self, on_delta, client_gone=lambda: False):
+        """on_delta(index, text, finish) per event until all choices finish; their finish reasons."""
+        finishes = [None] * self.s.n
+        try:
+            while None in finishes:
+                if client_gone():
+                    raise ConnectionError("client disconnected")
+                with suppress(queue.Empty):
+                    index, text, finishes[index] = event = self.events.get(timeout=0.25)
+                    on_delta(*event)
+            return finishes
+        finally:
+            self.cancelled = True  # a no-op once finished; else the scheduler frees its rows before its next step
+
+
+class Scheduler:
+    """Owns the model and a KV cache of max_batch rows in one thread. Waiting requests join free
+    rows between steps (each row prefilled on its own); a step samples a token per active row,
+    then one forward pass advances them all, each at its own position."""
+
+    def __init__(self, model, tokenizer, max_batch=8):
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.device, self.max_len = model.get_device(), model.config.sequence_len
+        self.cache = KVCache.for_model(model, max_batch, self.max_len)
+        self.engine = Engine(model, tokenizer)  # for its calculator-tool logic
+        self.tool_ids = [tokenizer.encode_special(f"<|{t}|>") for t in ("python_start", "python_end", "output_start",
+                                                                        "output_end")]
+        self.stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+        self.slots, self.logits = [None] * max_batch, [None] * max_batch  # a row's request and next-token logits
+        self.waiting, self.cond, self.closed = deque(), threading.Condition(), False
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def submit(self, prompt, s):
+        with self.cond:
+            self.waiting.append(Completion(prompt, s, self.device))
+            self.cond.notify()
+            return self.waiting[-1]
+
+    def close(self):
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        self.thread.join()
+
+    @torch.inference_mode()
+    def _loop(self):
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.closed or self.waiting or any(self.slots))
+                if self.closed:
+                    return
+                joining = []
+                while self.waiting and (self.waiting[0].cancelled or self.slots.count(None) >= self.waiting[0].s.n):
+                    req = self.waiting.popleft()  # oldest first, into the lowest free rows, while it fits
+                    free = [i for i, slot in enumerate(self.slots) if slot is None and not req.cancelled]
+                    for index, row in zip(range(req.s.n), free):
+                        self.slots[row] = SimpleNamespace(req=req, index=index, ids=[], sent=0, forced=deque(),
+                                                          in_python=False, python_tokens=[])  # + the tool's state
+                        joining.append(row)
+            try:
+                for row in joining:
+                    self.cache.reset(row)
+                    self.logits[row] = self._forward([self.slots[row].req.prompt], self.cache.row(row))[0]
+                self._step()
+            except Exception as e:  # a failing model ends the requests in flight, not the server
+                print(f"error while decoding: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                for slot in filter(None, self.slots):
+                    slot.req.events.put((slot.index, "", "error"))
+                self.slots = [None] * self.max_batch
+
+    def _forward(self, ids, cache):  # the last position's logits: only it meets the lm_head
+        with autocast(self.device):
+            return self.model.logits(self.model.hidden_states(torch.tensor(ids, device=self.device), cache)[:, -1])
+
+    def _step(self):
+        tokens = [0] * self.max_batch  # free rows decode a dummy token and are reset after
+        for row, slot in enumerate(self.slots):
+            if slot and not slot.req.cancelled:
+                req = slot.req
+                tokens[row] = slot.forced.popleft() if slot.forced else sample(self.logits[row], req.s, req.rng)
+                self.engine.track_tool(slot, tokens[row], *self.tool_ids)
+                if not self._emit(slot, tokens[row], int(self.cache.pos[row]) + 1 >= self.max_len):
+                    continue
+            self.slots[row] = None
+        if any(self.slots):  # the rows up to the last active one: a view of the cache, one forward pass
+            m, c = max(row for row, slot in enumerate(self.slots) if slot) + 1, self.cache
+            logits = self._forward([[t] for t in tokens[:m]], KVCache(c.k[:, :m], c.v[:, :m], c.pos[:m], c.prev[:m]))
+            self.logits[:m] = logits.unbind(0)
+        for row in (r for r in range(self.max_batch) if self.slots[r] is None):  # free rows start over
+            self.cache.reset(row)
+
+    def _emit(self, slot, token, full):
+        """Count a token; send the text that can no longer become a stop string (or split a character)."""
+        req, s = slot.req, slot.req.s
+        req.completion_tokens += 1
+        finish = "stop" if token in self.stops else None
+        slot.ids += [] if finish else [token]
+        text = self.tokenizer.decode(slot.ids)
+        cut = min([p for p in map(text.find, s.stop) if p >= 0], default=-1)
+        text, finish = (text[:cut], "stop") if cut >= 0 else (text, finish)
+        finish = finish or ("length" if len(slot.ids) >= s.max_tokens or full else None)
+        end = len(text) if finish else len(text) - max([len(x) - 1 for x in s.stop], default=0)
+        while not finish and end > slot.sent and text[end - 1] == "\ufffd":
+            end -= 1
+        if end > slot.sent or finish:
+            req.events.put((slot.index, text[slot.sent:max(end, slot.sent)], finish))
+            slot.sent = max(end, slot.sent)
+        return finish
+
+
+# --- Terminal chat -----------------------------------------------------------
+
+
+def chat_cli(sched, c, read=input, out=sys.stdout):
+    if c.persona and not c.system:
+        c.system = load_persona(PERSONA_PATH)["system"]
+    s, history = Sampling(c.temperature, c.top_k, max_tokens=c.max_tokens), [{"role": "system", "content": c.system}]
+    out.write("" if c.prompt else "Chat with the model: `clear` starts a new conversation, `quit` (or Ctrl-D) ends.\n")
+    while True:
+        try:
+            text = c.prompt or read("\nUser: ").strip()
+        except EOFError:
+            return
+        if text == "clear":
+            del history[1:]
+            out.write("(new conversation)\n")
+        elif text in ("quit", "exit"):
+            return
+        elif text:
+            messages, parts = history[not c.system:] + [{"role": "user", "content": text}], []
+            ids = sched.tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
+            if len(ids) >= sched.max_len:  # -p: an error; the chat goes on
+                too_long = f"the conversation is {len(ids)} tokens; the model's context is {sched.max_len}"
+                if c.prompt:
+                    raise UserError(too_long)
+                out.write(f"({too_long}: `clear` starts over)\n")
+                continue
+            out.write("" if c.prompt else "Assistant: ")
+            sched.submit(ids, s).wait(lambda i, t, f: (parts.append(t), out.write(t), out.flush()))
+            out.write("\n")
+            history += [messages[-1], {"role": "assistant", "content": "".join(parts)}]
+        if c.prompt:
+            return
+
+
+# --- The OpenAI-compatible server --------------------------------------------
+
+
+class APIError(Exception):
+    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+
+FIELDS = {  # name: (type, low, high) of each field used; others (response_format, ...) are ignored
+    "temperature": (float, 0, 2), "top_p": (float, 0, 1), "top_k": (int, 0, 1 << 30), "max_tokens": (int, 1, 1 << 30),
+    "max_completion_tokens": (int, 1, 1 << 30), "n": (int, 1, None), "seed": (int, -(1 << 63), 1 << 64),
+    "stream": (bool,), "model": (str,), "stream_options": (dict,), "messages": (list,), "stop": ((str, list),)}
+
+
+def parse_request(body, defaults, tokenizer, max_n):
+    """A chat-completions body -> (prompt ids, Sampling, stream, include_usage), or an
+    APIError 400 naming the first bad field."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    for name, (typ, *bounds) in FIELDS.items():
+        v, lo, hi = body.get(name), *(bounds or (None, None))
+        hi = max_n if name == "n" else hi
+        if not (v is None or (isinstance(v, {int: int, float: (int, float)}.get(typ, typ)) and (typ is bool or not
+                isinstance(v, bool)) and (lo is None or lo <= v <= hi))):
+            kind = {int: "an integer", float: "a number"}.get(typ, getattr(typ, "__name__", "a string or a list"))
+            raise APIError(400, f"'{name}' must be {kind}" + (f" from {lo} to {hi}" * (lo is not None)), name)
+    stop = [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or []
+    if len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
+        raise APIError(400, "'stop' must be a non-empty string or a list of up to 4 of them", "stop")
+    text = lambda c: "".join(p.get("text", "") for p in c if isinstance(p, dict)) if isinstance(c, list) else c
+    try:  # OpenAI's content parts become plain text; the roles must alternate as nanochat renders them
+        messages = [dict(m, content=text(m.get("content"))) for m in body.get("messages") or []]
+        prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
+    except (ValueError, AttributeError, TypeError) as e:
+        raise APIError(400, f"'messages' must be system?, user, assistant, user, ... with string contents ({e})",
+                       "messages") from None
+    get = lambda name, default: default if body.get(name) is None else body[name]
+    s = Sampling(temperature=get("temperature", defaults.temperature), top_p=get("top_p", 1.0), stop=stop,
+                 top_k=get("top_k", defaults.top_k), seed=body.get("seed"), n=get("n", 1),
+                 max_tokens=get("max_tokens", get("max_completion_tokens", defaults.max_tokens)))
+    return prompt, s, bool(body.get("stream")), bool((body.get("stream_options") or {}).get("include_usage"))
+
+
+class Handler(BaseHTTPRequestHandler):
+    ROUTES = {"/": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST"}
+
+    log_message = lambda self, *args: None  # the server prints its own line per request
+
+    def _send(self, status, obj, content_type="application/json", log=""):
+        data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        print(f"{self.command} {self.path} {status}{log}", flush=True)
+
+    def do_GET(self):
+        path, srv = self.path.split("?")[0], self.server
+        try:
+            if path not in self.ROUTES:
+                raise APIError(404, f"no route {self.command} {path}", code="not_found")
+            if self.ROUTES[path] != self.command:
+                raise APIError(405, f"{path} takes {self.ROUTES[path]}, not {self.command}", code="method_not_allowed")
+            sent = self.headers.get("Authorization", "").encode()
+            if srv.api_key and path != "/" and not hmac.compare_digest(sent, f"Bearer {srv.api_key}".encode()):
+                raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key")
+            if path == "/":
+                self._send(200, PAGE.encode(), "text/html; charset=utf-8")
+            elif path == "/v1/models":
+                self._send(200, {"object": "list", "data": [
+                    {"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "chimera"}]})
+            else:
+                self._complete(srv, time.time())
+        except APIError as e:
+            self._send(e.status, {"error": {"message": str(e), "type": e.kind, "param": e.param, "code": e.code}})
+        except ConnectionError:  # BrokenPipeError included
+            print(f"{self.command} {self.path} client disconnected", flush=True)
+
+    do_POST = do_GET
+
+    def _client_gone(self):  # readable with nothing to read: the client closed its end
+        with suppress(OSError):
+            return bool(select.select([self.connection], [], [], 0)[0]) and not self.connection.recv(1, socket.MSG_PEEK)
+        return True
+
+    def _complete(self, srv, t0):
+        try:
+            body = json.loads(self.rfile.read(min(int(self.headers.get("Content-Length", 0)), 1 << 24)) or b"null")
+        except ValueError:
+            raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+        prompt, s, stream, include_usage = parse_request(body, srv.defaults, srv.sched.tokenizer, srv.sched.max_batch)
+        if len(prompt) >= srv.sched.max_len:
+            raise APIError(400, f"the prompt is {len(prompt)} tokens; the model's context is {srv.sched.max_len}",
+                           "messages", "context_length_exceeded")
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(t0), "model": srv.model_name}
+        chunk, texts = dict(head, object="chat.completion.chunk"), [""] * s.n
+        event = lambda obj: (self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n"), self.wfile.flush())
+        delta = lambda i, d, f: event(dict(chunk, choices=[{"index": i, "delta": d, "finish_reason": f}]))
+        if stream:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for i in range(s.n):
+                delta(i, {"role": "assistant", "content": ""}, None)
+        req = srv.sched.submit(prompt, s)
+        finishes = req.wait(lambda i, t, f: delta(i, {"content": t} if t else {}, f) if stream else
+                            texts.__setitem__(i, texts[i] + t), self._client_gone)
+        dt, done = time.time() - t0, req.completion_tokens
+        log = f" {len(prompt)} prompt + {done} completion tokens in {dt:.2f}s ({done / dt:.1f} tokens/s)"
+        usage = {"prompt_tokens": len(prompt), "completion_tokens": done, "total_tokens": len(prompt) + done}
+        if stream:
+            if include_usage:
+                event(dict(chunk, choices=[], usage=usage))
+            self.wfile.write(b"data: [DONE]\n\n")
+            print(f"{self.command} {self.path} 200{log}", flush=True)
+        elif "error" in finishes:
+            raise APIError(500, "the model failed while decoding (see the server's log)", kind="server_error")
+        else:
+            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
+                        "finish_reason": finishes[i]} for i in range(s.n)]
+            self._send(200, dict(head, object="chat.completion", usage=usage, choices=choices), log=log)
+
+
+def make_server(sched, model_name, defaults, host="127.0.0.1", port=8000, api_key=""):
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads, server.created = True, int(time.time())
+    server.sched, server.model_name, server.defaults, server.api_key = sched, model_name, defaults, api_key
+    return server
+
+
+PAGE = """<!doctype html><meta charset="utf-8"><title>Chat</title><style>body{font:15px sans-serif;max-width:46em;
+margin:auto}textarea{width:100%}#log div{white-space:pre-wrap;padding:.5em}.user{background:#e6edfb}</style>
+<div id="log"></div><textarea id="input" rows="3" placeholder="Enter sends, Shift+Enter is a new line"></textarea>
+<button id="send">Send</button> <button id="new">New chat</button><script>
+let messages = []; const $ = id => document.getElementById(id), input = $("input");
+const add = (cls, text) => $("log").appendChild(Object.assign(document.createElement("div"),
+                                                               {className: cls, textContent: text}));
+async function send() {
+  const text = input.value.trim(), out = text && !$("send").disabled && (add("user", text), add("assistant", ""));
+  if (!out) return;
+  input.value = ""; $("send").disabled = true; messages.push({role: "user", content: text});
+  let reply = "", buf = "";
+  try {  // the reply streams in as server-sent events: "data: {chunk}" blocks, then "data: [DONE]"
+    const r = await fetch("/v1/chat/completions", {method: "POST", body: JSON.stringify({messages, stream: true})});
+    if (!r.ok) throw new Error((await r.json()).error.message);
+    for (let reader = r.body.getReader(), dec = new TextDecoder(), c; !(c = await reader.read()).done;) {
+      const events = (buf += dec.decode(c.value, {stream: true})).split("\\n\\n"); buf = events.pop();
+      for (const e of events.map(e => e.slice(6)).filter(e => e != "[DONE]"))
+        out.textContent = (reply += JSON.parse(e).choices[0]?.delta?.content || "");
+    }
+    messages.push({role: "assistant", content: reply});
+  } catch (e) { messages.pop(); out.textContent = "error: " + e.message; }
+  $("send").disabled = false; input.focus();
+}
+$("send").onclick = send; $("new").onclick = () => { messages = []; $("log").textContent = ""; input.focus(); };
+input.onkeydown = e => { if (e.key == "Enter" && !e.shiftKey) { e.preventDefault(); send(); } };
+</script>
+"""
+
+
+def main():
+    c = parse_config(Config, aliases={"i": "source", "p": "prompt"})
+    if c.max_batch < 1 or c.max_tokens < 1 or c.temperature < 0 or c.top_k < 0:
+        raise UserError("--max_batch and --max_tokens must be positive, --temperature and --top_k not negative")
+    shown = dict(config_dict(c), api_key="***" if c.api_key else "")  # the key never reaches a log
+    print(", ".join(f"{k}={v}" for k, v in shown.items() if v not in (None, "")), file=sys.stderr)
+    model, tokenizer, meta = load_model(c.source, torch.device(c.device_type or autodetect_device_type()), "eval",
+                                        model_tag=c.model_tag, step=c.step)
+    name = f"{c.source}/{os.path.basename(checkpoint_dir_for(c.source, c.model_tag))}"
+    sched = Scheduler(model, tokenizer, c.max_batch)
+    try:
+        if not c.serve:
+            return chat_cli(sched, c)
+        try:
+            server = make_server(sched, name, Sampling(c.temperature, c.top_k, max_tokens=c.max_tokens), c.host, c.port,
+                                 c.api_key)
+        except OSError as e:
+            raise UserError(f"--host={c.host} --port={c.port}: cannot listen there ({e.strerror})") from None
+        url = f"http://{c.host}:{server.server_port}"
+        print(f"serving {name} (step {meta.get('step')}) at {url}/ (OpenAI API: {url}/v1)", flush=True)
+        server.serve_forever()
+    finally:
+        sched.close()  # the decoding thread ends before the interpreter does
+
+
+if __name__ == "__main__":
+    run_main(main)
