@@ -8,6 +8,7 @@ Talk to a checkpoint: a terminal chat, a one-shot answer, or an OpenAI-compatibl
 """
 
 import hmac
+import dataclasses
 import json
 import os
 import queue
@@ -27,7 +28,7 @@ from typing import Optional
 import torch
 
 from gen import PERSONA_PATH, load_persona
-from common import UserError, autocast, autodetect_device_type, config_dict, parse_config, run_main
+from common import UserError, autocast, init_dist, parse_config, run_main
 from model import Engine, KVCache, checkpoint_dir_for, load_model, sample_next_token
 
 
@@ -393,9 +394,9 @@ def main():
     c = parse_config(Config, aliases={"i": "source", "p": "prompt"})
     if c.max_batch < 1 or c.max_tokens < 1 or c.temperature < 0 or c.top_k < 0:
         raise UserError("--max_batch and --max_tokens must be positive, --temperature and --top_k not negative")
-    shown = dict(config_dict(c), api_key="***" if c.api_key else "")  # the key never reaches a log
+    shown = dict(dataclasses.asdict(c), api_key="***" if c.api_key else "")  # the key never reaches a log
     print(", ".join(f"{k}={v}" for k, v in shown.items() if v not in (None, "")), file=sys.stderr)
-    model, tokenizer, meta = load_model(c.source, torch.device(c.device_type or autodetect_device_type()), "eval",
+    model, tokenizer, meta = load_model(c.source, init_dist(c.device_type).device, "eval",
                                         model_tag=c.model_tag, step=c.step)
     name = f"{c.source}/{os.path.basename(checkpoint_dir_for(c.source, c.model_tag))}"
     sched = Scheduler(model, tokenizer, c.max_batch)
