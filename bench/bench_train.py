@@ -129,6 +129,7 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--memory", type=int, default=1, help="also probe a DPO step's peak memory (0: skip)")
     p.add_argument("--probe", default=None, help="internal: chunked|full memory probe")
     args = p.parse_args()
     if args.probe:
@@ -162,6 +163,8 @@ def main():
         print(f"MFU (bf16 peak {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s): SFT {flops / t_sft / H100_BF16_FLOPS:.1%}, "
               f"DPO cached {flops / t_cached / H100_BF16_FLOPS:.1%}")
 
+    if not args.memory:
+        return
     peaks = {}
     for probe in ("chunked", "full"):
         # large blocks through mmap so that freed memory leaves RSS at once: peak RSS = peak live
