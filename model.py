@@ -287,16 +287,13 @@ class GPT(nn.Module):
     # Per-token log-probs without materialising [B, T, V] float32 logits
 
     def token_logprobs(self, idx, targets, chunk_numel=None, reduction="none"):
-        """log p(target) per position, [B, T] float32, 0 where the target is -1; their sum
-        (a scalar) with reduction="sum".
-
-        Only positions with a target reach the lm_head, in chunks of about `chunk_numel`
-        logits (default 16M on CPU, 128M on CUDA), so memory holds one chunk of logits, not
-        B*T*V. "none": each chunk is recomputed in backward (activation checkpointing), exact
-        for any use (DPO's per-sequence sums). "sum": every token gets the same gradient, so
-        each chunk's gradient is taken in the forward while its logits exist and backward
-        only scales it (a fused linear cross-entropy: SFT's loss, at full-logits speed).
-        """
+        """log p(target) per position, [B, T] float32, 0 where the target is -1 (reduction
+        "sum": their sum). Only positions with a target reach the lm_head, in chunks of about
+        `chunk_numel` logits (16M on CPU, 128M on CUDA): memory holds one chunk, not B*T*V.
+        "none" recomputes each chunk in backward (checkpointing): exact for any use (DPO's
+        per-sequence sums). "sum" (SFT's loss) gives every token the same gradient, so each
+        chunk's gradient is taken in the forward and backward only scales it: a fused linear
+        cross-entropy, about as fast as full logits."""
         if chunk_numel is None:
             chunk_numel = 1 << (27 if idx.device.type == "cuda" else 24)
         h = self.hidden_states(idx)
@@ -363,10 +360,12 @@ class GPT(nn.Module):
 
 def newton_schulz5(G, steps=5):
     """Approximately orthogonalise G (the nearest semi-orthogonal matrix) with a quintic
-    Newton-Schulz iteration, working on the wide orientation. bf16 on CUDA (as nanochat);
-    float32 elsewhere, where bf16 matmuls are 10-35x slower than float32 on common CPUs."""
+    Newton-Schulz iteration, working on the wide orientation, in bf16 where its matmuls are
+    fast: CUDA (as nanochat) and CPUs with AVX512-BF16 (2-3x faster than float32 there);
+    float32 elsewhere (CPUs without bf16 units run bf16 matmuls 10-35x slower, MPS)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16() if G.device.type == "cuda" else G.float()
+    cpu_bf16 = G.device.type == "cpu" and getattr(torch.cpu, "_is_avx512_bf16_supported", bool)()
+    X = G.bfloat16() if G.device.type == "cuda" or cpu_bf16 else G.float()
     tall = G.size(-2) > G.size(-1)
     if tall:
         X = X.mT
@@ -380,10 +379,9 @@ def newton_schulz5(G, steps=5):
 
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz: Nesterov momentum, then each matrix's
-    update replaced by its orthogonalised version, scaled up for tall matrices. Under
-    torch.distributed (gradients already summed) the orthogonalisations are divided among
-    ranks, as in nanochat's DistMuon: rank r updates matrices r, r + world, ... (and keeps
-    only their momentum), and each updated matrix goes from its owner to all ranks."""
+    update replaced by its orthogonalised version, scaled up for tall matrices. Ranks share
+    the work (as nanochat's DistMuon): rank r updates matrices r, r + world, ... and keeps
+    their momentum; each updated matrix then goes from its owner to all ranks."""
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
@@ -484,8 +482,7 @@ class GradSync:
 
 
 def optimizer_step(model, optimizers, lr_multiplier, grad_sync=None):
-    """Sum grads over ranks (grad_sync: the step's armed GradSync; else all at once now),
-    set every group's lr from its initial_lr, step, clear grads."""
+    """Sum grads over ranks (via the step's armed GradSync, else now), set lrs, step, clear grads."""
     (grad_sync or GradSync(model)).wait()
     for opt in optimizers:
         for group in opt.param_groups:
