@@ -117,7 +117,8 @@ def last_meta(directory):
 
 @pytest.fixture(scope="module")
 def speedrun(tmp_path_factory):
-    """run.sh three times on a speedrun base dir: fresh, again unchanged, after the DPO data changed."""
+    """run.sh on a speedrun base dir: fresh, again unchanged, after the DPO data changed, after
+    a file Chimera wrote was removed."""
     base = str(tmp_path_factory.mktemp("speedrun"))
     speedrun_base_dir(base)
     before = file_hashes(base)
@@ -130,7 +131,9 @@ def speedrun(tmp_path_factory):
     lines = open(dpo_data).readlines()
     open(dpo_data, "w").writelines(lines[:-1])  # one pair fewer
     third = run_sh(env)
-    return dict(base=base, before=before, after_first=after_first, runs=(first, second, third))
+    os.remove(os.path.join(base, "report", "chat-evaluation-dpo.md"))
+    fourth = run_sh(env)
+    return dict(base=base, before=before, after_first=after_first, runs=(first, second, third, fourth))
 
 
 def test_beside_a_speedrun_chimera_runs_its_own_stages(speedrun):
@@ -159,7 +162,7 @@ def test_beside_a_speedrun_nanochat_report_sections_are_untouched(speedrun):
 
 
 def test_beside_a_speedrun_rerun_skips_by_stamps_and_redoes_what_changed(speedrun):
-    _, second, third = speedrun["runs"]
+    _, second, third, _ = speedrun["runs"]
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count(", skipped") == 4  # sft, eval sft, dpo, eval dpo
     assert third.returncode == 0, third.stderr[-3000:]
@@ -168,16 +171,12 @@ def test_beside_a_speedrun_rerun_skips_by_stamps_and_redoes_what_changed(speedru
     assert "=== DPO (dpo.py) ===" in third.stdout
 
 
-def test_a_stage_whose_output_changed_is_redone(tmp_path):
+def test_beside_a_speedrun_a_stage_whose_output_changed_is_redone(speedrun):
     """A stamp alone is not enough: the files Chimera wrote must still be what it wrote."""
-    base = str(tmp_path)
-    speedrun_base_dir(base)
-    env = {"NANOCHAT_BASE_DIR": base, **REAL_OFFLINE}
-    assert run_sh(env).returncode == 0
-    os.remove(os.path.join(base, "report", "chat-evaluation-dpo.md"))
-    again = run_sh(env)
-    assert again.returncode == 0 and again.stdout.count(", skipped") == 3
-    assert "=== evaluate DPO (eval.py -i dpo) ===" in again.stdout
+    fourth = speedrun["runs"][3]
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    assert fourth.stdout.count(", skipped") == 3
+    assert "=== evaluate DPO (eval.py -i dpo) ===" in fourth.stdout
 
 
 @pytest.mark.parametrize("layout, start, expected", [
