@@ -21,7 +21,7 @@
 #   CHIMERA_REDO=1      redo every stage instead of skipping the ones Chimera finished
 #   SFT_EXAMPLES, DPO_EXAMPLES   how many conversations / pairs gen.py makes (5000 / 10000)
 #   SFT_EXTRA_ARGS, DPO_EXTRA_ARGS, EVAL_EXTRA_ARGS   more --key=value flags for a stage (they win)
-#   CHIMERA_DEMO_DEPTH  depth of the demo's fresh model (default 4)
+#   CHIMERA_DEMO_DEPTH  depth of the demo's fresh model (default 2, 128 wide)
 #   CHIMERA_PYTHON      use this Python instead of the .venv that run.sh creates
 #
 # A stage is skipped only if Chimera's stamp of it (chimera/<stage>.stamp: command line, sha256
@@ -75,9 +75,9 @@ fi
 
 if [ "$DEMO" = 1 ]; then
     BASE=${CHIMERA_DEMO_DIR:-$HOME/.cache/chimera-demo}
-    DEMO_DEPTH=${CHIMERA_DEMO_DEPTH:-4}
+    DEMO_DEPTH=${CHIMERA_DEMO_DEPTH:-2}
     START=base START_DIR=$BASE/base_checkpoints TAG=d$DEMO_DEPTH
-    printf '\n%s\n' "OFFLINE DEMO: no nanochat checkpoint and no OPENROUTER_API_KEY, so the whole pipeline runs" \
+    printf '\n%s\n%s\n%s\n' "OFFLINE DEMO: no nanochat checkpoint and no OPENROUTER_API_KEY, so the whole pipeline runs" \
         "on a tiny fresh model (byte-level tokenizer, random init) and the hand-written persona data in" \
         "data/, in its own base dir $BASE. Your checkpoints are not touched; a real run: README.md."
     export HF_HUB_OFFLINE=1  # the demo never fetches datasets: the chat benchmarks are skipped
@@ -131,11 +131,11 @@ stage() {  # stage NAME INPUT_FILE... -- OUTPUT_DIR... -- COMMAND...: skip it wh
 
 SFT_ARGS=(--source="$START" --model_tag="$TAG" --out_tag="$SFT_TAG") DPO_ARGS=() EVAL_ARGS=()
 if [ "$DEMO" = 1 ]; then
-    # the demo's model is tiny so it trains in minutes; its settings are here, in one place
-    SFT_ARGS+=(--sft_dataset=trader --trader_val_fraction=0.1 --num_epochs=12 --device_batch_size=4
-               --target_examples_per_step=8 --init_lr_frac=1.0 --eval_every=20 --eval_batches=4)
+    # the demo's settings, in one place: a tiny model, a short SFT, a strong DPO (cached reference)
+    SFT_ARGS+=(--sft_dataset=trader --trader_val_fraction=0.1 --num_epochs=2 --device_batch_size=4
+               --target_examples_per_step=8 --init_lr_frac=1.0 --eval_every=-1)
     DPO_ARGS+=(--val_fraction=0.2 --num_epochs=4 --device_batch_size=4 --target_examples_per_step=8
-              --init_lr_frac=0.1 --eval_every=10)
+              --init_lr_frac=0.6 --ref_cache=1 --eval_every=-1)
     EVAL_ARGS+=(--max_new_tokens=64 --dpo_val_fraction=0.2)
     # a new demo model starts a new report (the demo's base dir is Chimera's own)
     stage "demo base model" -- "$START_DIR/$TAG" -- "$PY" -c \
