@@ -86,7 +86,8 @@ def nanochat_checkpoint(base, source, tag="d2"):
     src, dst = os.path.join(base, "base_checkpoints", "d2"), os.path.join(base, f"{source}_checkpoints", tag)
     os.makedirs(dst, exist_ok=True)
     for name in os.listdir(src):
-        shutil.copy(os.path.join(src, name), dst)
+        if src != dst:
+            shutil.copy(os.path.join(src, name), dst)
         if name.startswith("meta_"):
             meta = json.load(open(os.path.join(dst, name)))
             meta.pop("chimera", None)
@@ -98,6 +99,7 @@ def speedrun_base_dir(base):
     """A base dir as nanochat's (2025) speedrun leaves it: tokenizer, base, mid and its own SFT
     checkpoints, its report sections; plus the persona data a real run would generate."""
     make_tiny_base(base)
+    nanochat_checkpoint(base, "base")  # as nanochat's own base training left it
     nanochat_checkpoint(base, "mid")
     nanochat_checkpoint(base, "chatsft")
     os.makedirs(os.path.join(base, "report"))
