@@ -218,10 +218,17 @@ def trader_sft_loss(model, tokenizer, c, d, meta):
     if len(task) == 0:
         raise tasks.DataUnavailable("no held-out trader conversations (the val split is empty)")
     rows = [task[i] for i in range(problems(task, c))]
-    losses = {f"Trader SFT held-out loss ({cond})": conversation_loss(
-        model, [conditioned(r, system_of(cond, c)) for r in rows], tokenizer, len(rows), c.batch_size, d,
-        model.config.sequence_len) for cond in CONDITIONS}
-    return {k: v for k, v in losses.items() if v > 0}  # 0: truncation left no answer token to score
+    losses = {}
+    for cond in CONDITIONS:
+        try:
+            losses[f"Trader SFT held-out loss ({cond})"] = conversation_loss(
+                model, [conditioned(r, system_of(cond, c)) for r in rows], tokenizer, len(rows), c.batch_size, d,
+                model.config.sequence_len)
+        except tasks.DataUnavailable:  # truncation left no answer token to score in this condition
+            continue
+    if not losses:
+        raise tasks.DataUnavailable("no held-out trader conversation has an answer token within the context")
+    return losses
 
 
 def held_out_pairs(c, dpo_meta):
