@@ -15,7 +15,6 @@ trader_gen_summary.json; and report/synthetic-data.md. Items are drawn from RNGs
 """
 
 import fcntl
-import functools
 import itertools
 import json
 import math
@@ -237,14 +236,13 @@ class Spend:
 class OpenRouter:
     """A small client for OpenRouter's OpenAI-compatible API, safe to share between threads."""
 
-    def __init__(self, api_key, base_url, models, timeout=120.0, retries=6, backoff=1.0, max_wait=300.0, spend=None):
+    def __init__(self, api_key, base_url, models, timeout=120.0, retries=6, backoff=1.0):
         self._key = api_key  # sent in a header, never stored or printed: everything read back goes through _clean
         self.base_url = base_url.rstrip("/")
         self.models, self.model, self.verified = list(models), models[0], False
-        self.timeout, self.retries, self.backoff, self.max_wait = timeout, retries, backoff, max_wait
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.openrouter = urlparse(self.base_url).hostname in ("openrouter.ai", "www.openrouter.ai")
-        self.spend = spend or Spend()
-        self._local, self._lock = threading.local(), threading.Lock()
+        self.spend, self._local, self._lock = Spend(), threading.local(), threading.Lock()
 
     def _clean(self, value):
         """`value` with the key scrubbed from every string (a provider may echo the Authorization
@@ -302,10 +300,9 @@ class OpenRouter:
                                         "json_schema": {"name": schema_name, "strict": True, "schema": schema}}}
             if self.openrouter:
                 body["provider"] = {"require_parameters": True}  # only route to providers that honour the schema
-            post = functools.partial(self._session().post, self.base_url + "/chat/completions", json=body,
-                                     timeout=self.timeout)
+            post = lambda: self._session().post(self.base_url + "/chat/completions", json=body, timeout=self.timeout)
             try:  # raises HTTPGaveUp when 429 / 408 / 5xx / timeouts outlast every retry
-                response = http_retry(post, self.retries, self.backoff, self.max_wait)
+                response = http_retry(post, self.retries, self.backoff, max_wait=300.0)
             except requests.RequestException as e:  # http_retry lets only a malformed URL through
                 raise APIStop(f"bad base URL {self.base_url!r}: {self._clean(str(e))}") from None
             status = response.status_code
@@ -331,12 +328,11 @@ class OpenRouter:
         self.spend.add(model, data["usage"] if isinstance(data.get("usage"), dict) else {})  # paid, useful or not
         if data.get("error"):  # OpenRouter reports some failures inside an HTTP 200 body
             raise BadAnswer(f"error in response: {self._clean(error_text(response, 200))}")
-        choices = data.get("choices")
-        message = choices[0].get("message") if isinstance(choices, list) and choices and isinstance(choices[0], dict) \
-            else None
-        if not isinstance(message, dict):
-            raise BadAnswer("no choices in response")
-        if not isinstance(text := message.get("content"), str) or not text.strip():
+        try:
+            text = data["choices"][0]["message"].get("content")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise BadAnswer("no choices in response") from None
+        if not isinstance(text, str) or not text.strip():
             raise BadAnswer("empty content")
         fenced = re.match(r"^```(?:json)?\s*(.*?)\s*```$", text.strip(), re.S)  # some models wrap JSON in a fence
         try:
@@ -422,16 +418,14 @@ class NearDuplicates:
 
     def __init__(self, threshold, num_perm=64, seed=1234):
         self.threshold, self.n = threshold, 0
-        self.seeds = np.random.default_rng(seed).integers(0, 2**63, num_perm, dtype=np.uint64)
+        self.a, self.b = np.random.default_rng(seed).integers(1, 2**31 - 1, (2, num_perm), dtype=np.uint64)
         self.signatures = np.zeros((1024, num_perm), dtype=np.uint64)
 
     def signature(self, text):
         words = re.findall(r"\w+", text.lower())
         grams = {" ".join(words[i:i + 3]) for i in range(max(1, len(words) - 2))}
-        z = np.array([zlib.crc32(g.encode("utf-8")) for g in grams], dtype=np.uint64)[:, None] ^ self.seeds[None, :]
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)  # splitmix64's finaliser (wrapping
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)  # uint64): one independent hash per seed
-        return (z ^ (z >> np.uint64(31))).min(axis=0)
+        x = np.array([zlib.crc32(g.encode("utf-8")) for g in grams], dtype=np.uint64)[:, None]
+        return ((x * self.a + self.b) % np.uint64(2**31 - 1)).min(axis=0)  # a hash (a*x+b) mod p per slot; < 2**64
 
     def is_near(self, sig):
         return self.n > 0 and float((self.signatures[:self.n] == sig).mean(axis=1).max()) >= self.threshold
