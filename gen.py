@@ -167,8 +167,7 @@ def sft_record(persona, spec, value):
     """The SFT line for an answer: the persona's system message, then the generated turns."""
     turns = value["messages"] if isinstance(value, dict) and isinstance(value.get("messages"), list) else []
     record = {"messages": [{"role": "system", "content": persona["system"]}] + turns}
-    problem = conversation_problem(record)
-    if problem:
+    if problem := conversation_problem(record):
         raise BadAnswer(f"schema: {problem}")
     record["messages"] = [{"role": m["role"], "content": m["content"].strip()} for m in record["messages"]]
     user_turns = sum(m["role"] == "user" for m in record["messages"])
@@ -183,8 +182,7 @@ def dpo_record(persona, spec, value):
     record = {k: value[k].strip() for k in PAIR_KEYS}
     if not record["prompt"]:
         raise BadAnswer("empty prompt")
-    problem = dpo_problem(record)
-    if problem:
+    if problem := dpo_problem(record):
         raise Dropped(problem)
     short, long = sorted((len(record["chosen"]), len(record["rejected"])))
     if long > MAX_LENGTH_RATIO * short:
@@ -228,9 +226,7 @@ class Spend:
             if self.path:
                 append_jsonl(self.path, {"model": model, **entry})
             self.cost += entry["cost"]
-            totals = self.models.setdefault(str(model), dict.fromkeys(("requests", *entry), 0))
-            for k, v in {"requests": 1, **entry}.items():
-                totals[k] += v
+            self.models.setdefault(str(model), Counter()).update({"requests": 1, **entry})
 
 
 class OpenRouter:
@@ -280,18 +276,9 @@ class OpenRouter:
         self.model = self.models[0]
         return self.model
 
-    def _next_model(self, failed, why, pinned):
-        """A model the server does not know: move on to the next configured one."""
-        with self._lock:
-            if pinned or self.verified or failed == self.models[-1]:
-                raise APIStop(f"model {failed} is not available at {self.base_url}: {why}")
-            if self.model == failed:
-                self.model = self.models[self.models.index(failed) + 1]
-                print(f"model {failed} is not available ({why}); falling back to {self.model}", flush=True)
-
     def chat(self, messages, schema_name, schema, temperature=1.0, max_tokens=2048, model=None):
         """One chat completion asking for JSON that follows `schema` (from `model`, default the
-        generator's). Returns (the parsed answer, model), cleaned by _clean. Raises BadAnswer for an
+        generator's). Returns the parsed answer, cleaned by _clean. Raises BadAnswer for an
         unusable answer, HTTPGaveUp when retries run out, APIStop when nothing can succeed."""
         while True:
             use = model or self.model
@@ -310,7 +297,13 @@ class OpenRouter:
                 return self._answer(response, use)
             message = self._clean(error_text(response))
             if status == 404 or (status == 400 and not self.verified and "model" in message.lower()):
-                self._next_model(use, f"HTTP {status}: {message}", pinned=model is not None)
+                why = f"HTTP {status}: {message}"
+                with self._lock:  # a model the server does not know: move on to the next configured one
+                    if model or self.verified or use == self.models[-1]:
+                        raise APIStop(f"model {use} is not available at {self.base_url}: {why}")
+                    if self.model == use:
+                        self.model = self.models[self.models.index(use) + 1]
+                        print(f"model {use} is not available ({why}); falling back to {self.model}", flush=True)
                 continue
             what = {400: "the request was refused", 401: "the API key was rejected (check OPENROUTER_API_KEY)",
                     402: "out of credits: add credits at https://openrouter.ai/settings/credits",
@@ -336,7 +329,7 @@ class OpenRouter:
             raise BadAnswer("empty content")
         fenced = re.match(r"^```(?:json)?\s*(.*?)\s*```$", text.strip(), re.S)  # some models wrap JSON in a fence
         try:
-            return self._clean(json.loads(fenced.group(1) if fenced else text)), model
+            return self._clean(json.loads(fenced.group(1) if fenced else text))
         except json.JSONDecodeError:
             raise BadAnswer("content is not valid JSON") from None
 
@@ -373,8 +366,8 @@ def judge_both_orders(client, persona, message, a, b, model=None, attempts=3):
                 'Which answer is better? Return JSON: {"winner": "1" | "2" | "tie"}.')
         for _ in range(attempts):
             try:
-                value, _ = client.chat([{"role": "system", "content": system}, {"role": "user", "content": user}],
-                                       "judge_verdict", JUDGE_SCHEMA, temperature=0.0, max_tokens=16, model=model)
+                value = client.chat([{"role": "system", "content": system}, {"role": "user", "content": user}],
+                                    "judge_verdict", JUDGE_SCHEMA, temperature=0.0, max_tokens=16, model=model)
                 return value.get("winner") if isinstance(value, dict) else None
             except BadAnswer:
                 continue
@@ -489,7 +482,7 @@ def make_item(client, persona, kind, spec, c):
         if STOP.is_set():
             break
         try:
-            value, _ = client.chat(build_prompt(persona, spec), schema_name, schema, c.temperature, c.max_tokens)
+            value = client.chat(build_prompt(persona, spec), schema_name, schema, c.temperature, c.max_tokens)
             record = build_record(persona, spec, value)
         except BadAnswer as e:
             reasons.append(str(e))
