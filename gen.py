@@ -405,62 +405,54 @@ def record_text(record):
     return "\n".join(m["content"] for m in messages if m["role"] != "system")
 
 
-class NearDuplicates:
-    """MinHash over word trigrams: the share of equal signature slots estimates the Jaccard
-    similarity of two records; a new record is compared with every earlier one at once."""
+MINHASH = np.random.default_rng(1234).integers(1, 2**31 - 1, (2, 64), dtype=np.uint64)  # 64 hashes (a*x+b) mod p
 
-    def __init__(self, threshold, num_perm=64, seed=1234):
-        self.threshold, self.n = threshold, 0
-        self.a, self.b = np.random.default_rng(seed).integers(1, 2**31 - 1, (2, num_perm), dtype=np.uint64)
-        self.signatures = np.zeros((1024, num_perm), dtype=np.uint64)
 
-    def signature(self, text):
-        words = re.findall(r"\w+", text.lower())
-        grams = {" ".join(words[i:i + 3]) for i in range(max(1, len(words) - 2))}
-        x = np.array([zlib.crc32(g.encode("utf-8")) for g in grams], dtype=np.uint64)[:, None]
-        return ((x * self.a + self.b) % np.uint64(2**31 - 1)).min(axis=0)  # a hash (a*x+b) mod p per slot; < 2**64
-
-    def is_near(self, sig):
-        return self.n > 0 and float((self.signatures[:self.n] == sig).mean(axis=1).max()) >= self.threshold
-
-    def add(self, sig):
-        if self.n == len(self.signatures):  # room for twice as many
-            self.signatures = np.concatenate([self.signatures, np.zeros_like(self.signatures)])
-        self.signatures[self.n] = sig
-        self.n += 1
+def minhash(record):
+    """MinHash over the record's word trigrams: the share of equal slots of two signatures
+    estimates the Jaccard similarity of the two records."""
+    words = re.findall(r"\w+", record_text(record).lower())
+    grams = {" ".join(words[i:i + 3]) for i in range(max(1, len(words) - 2))}
+    x = np.array([zlib.crc32(g.encode("utf-8")) for g in grams], dtype=np.uint64)[:, None]
+    return ((x * MINHASH[0] + MINHASH[1]) % np.uint64(2**31 - 1)).min(axis=0)  # x, a, b < 2**32: no wrap-around
 
 
 class Store:
     """One output JSONL and its ledger (`<name>.ledger.jsonl`: one line per finished item id).
     The data file is the truth: a ledger "ok" counts only if its record is in the data, so a
-    kill between the two appends redoes that item rather than losing or doubling it."""
+    kill between the two appends redoes that item rather than losing or doubling it. A new
+    record is compared with every earlier one at once, by digest and by MinHash signature."""
 
     def __init__(self, path, problem_of, threshold):
         self.path, self.ledger_path = path, re.sub(r"(\.jsonl)?$", ".ledger.jsonl", path, 1)
-        self.hashes, self.near, self.done_ids, self.ok_ids = set(), NearDuplicates(threshold), set(), []
+        self.threshold, self.hashes, self.done_ids, self.ok_ids, self.records = threshold, set(), set(), [], []
+        self.signatures = np.zeros((1024, MINHASH.shape[1]), dtype=np.uint64)
         self.repaired = repair_torn_line(path) + repair_torn_line(self.ledger_path)
-        self.records = list(iter_jsonl(path, problem_of, "; fix or remove that line")) if os.path.isfile(path) else []
-        for record in self.records:
-            self.hashes.add(record_digest(record).hex())
-            self.near.add(self.near.signature(record_text(record)))
+        for record in iter_jsonl(path, problem_of, "; fix or remove that line") if os.path.isfile(path) else ():
+            self.keep(record, record_digest(record).hex(), minhash(record))
         for entry in iter_jsonl(self.ledger_path) if os.path.isfile(self.ledger_path) else ():
             ok = isinstance(entry, dict) and entry.get("outcome") == "ok"
             if isinstance(entry, dict) and "id" in entry and (not ok or entry.get("hash") in self.hashes):
                 self.done_ids.add(entry["id"])
                 self.ok_ids += [entry["id"]] if ok else []
 
+    def keep(self, record, digest, signature):
+        if len(self.records) == len(self.signatures):  # room for twice as many
+            self.signatures = np.concatenate([self.signatures, np.zeros_like(self.signatures)])
+        self.signatures[len(self.records)] = signature
+        self.hashes.add(digest)
+        self.records.append(record)
+
     def add(self, item_id, record):
         """Append `record` unless it duplicates an earlier one; returns the outcome."""
-        digest, sig = record_digest(record).hex(), self.near.signature(record_text(record))
+        digest, signature = record_digest(record).hex(), minhash(record)
         if digest in self.hashes:
             return self.mark(item_id, "duplicate")
-        if self.near.is_near(sig):
+        if self.records and (self.signatures[:len(self.records)] == signature).mean(axis=1).max() >= self.threshold:
             return self.mark(item_id, "near_duplicate")
         append_jsonl(self.ledger_path, {"id": item_id, "outcome": "ok", "hash": digest})
         append_jsonl(self.path, record)
-        self.hashes.add(digest)
-        self.near.add(sig)
-        self.records.append(record)
+        self.keep(record, digest, signature)
         self.ok_ids.append(item_id)
         return "ok"
 
