@@ -38,8 +38,6 @@ from common import (HTTPGaveUp, ProgressBar, UserError, append_jsonl, atomic_wri
                     get_base_dir, http_retry, parse_config, run_main, write_report_section)
 from tasks import conversation_problem, dpo_problem, iter_jsonl, record_digest
 
-DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
-DEFAULT_MODELS = "openai/gpt-4o-mini"
 PERSONA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "persona.md")
 
 
@@ -340,10 +338,9 @@ def client_from_env(base_url="", models="", timeout=120.0, retries=6, backoff=1.
     if not api_key:
         raise UserError("OPENROUTER_API_KEY is not set: create a key at https://openrouter.ai/keys and "
                         "export OPENROUTER_API_KEY=... (nothing was written)")
-    base_url = base_url or os.environ.get("OPENROUTER_BASE_URL") or DEFAULT_BASE_URL
-    models = [m.strip() for m in (models or os.environ.get("OPENROUTER_MODELS") or DEFAULT_MODELS).split(",")
-              if m.strip()] or [DEFAULT_MODELS]
-    return OpenRouter(api_key, base_url, models, timeout, retries, backoff)
+    base_url = base_url or os.environ.get("OPENROUTER_BASE_URL") or "https://openrouter.ai/api/v1"
+    models = [m.strip() for m in (models or os.environ.get("OPENROUTER_MODELS") or "").split(",") if m.strip()]
+    return OpenRouter(api_key, base_url, models or ["openai/gpt-4o-mini"], timeout, retries, backoff)
 
 
 # -----------------------------------------------------------------------------
@@ -482,8 +479,7 @@ def make_item(client, persona, kind, spec, c):
         except (Dropped, HTTPGaveUp) as e:
             return None, "dropped" if isinstance(e, Dropped) else "failed", reasons + [str(e)]
         if kind == "dpo" and c.judge_pairs:  # the judge must prefer chosen whichever answer it reads first
-            verdict = judge_both_orders(client, persona, record["prompt"], record["chosen"], record["rejected"],
-                                        c.judge_model or None)
+            verdict = judge_both_orders(client, persona, *(record[k] for k in PAIR_KEYS), c.judge_model)
             if verdict != 1:
                 outcome = "judge_rejected" if verdict == -1 else "judge_no_verdict"
                 return None, outcome, reasons + [outcome.replace("_", " ")]
@@ -497,7 +493,6 @@ def generate(client, persona, kind, store, target, c, executor):
     judged = ("judge_kept", "judge_rejected", "judge_no_verdict") if kind == "dpo" and c.judge_pairs else ()
     counts = dict.fromkeys(("new", "failed", "duplicate", "near_duplicate", "dropped") + judged, 0)
     failure_reasons, running, stop, streak = Counter(), {}, None, 0
-    give_up_after = max(25, 2 * c.workers)  # consecutive items without a record that mean something is wrong for good
     pending = (i for i in itertools.count() if f"{kind}-{c.seed}-{i}" not in store.done_ids)
     bar = ProgressBar(target, desc=kind, unit="rec", enabled=len(store.records) < target)
     bar.set_initial(len(store.records))
@@ -525,7 +520,7 @@ def generate(client, persona, kind, store, target, c, executor):
                 counts["new" if outcome == "ok" else outcome] += 1
                 bar.update(int(outcome == "ok"), failed=counts["failed"], spend=f"${client.spend.cost:.4f}")
                 streak = 0 if outcome == "ok" else streak + 1
-                if streak >= give_up_after and stop is None:
+                if streak >= max(25, 2 * c.workers) and stop is None:  # something is wrong for good
                     top = max(failure_reasons, key=failure_reasons.get) if failure_reasons else outcome
                     stop = APIStop(f"the last {streak} {kind} items all failed (most common reason: {top}); "
                                    "check the model and the server")
