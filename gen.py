@@ -96,8 +96,7 @@ def load_persona(path):
     for key in PERSONA_TEXT + PERSONA_LISTS + ("failures",):
         if key not in sections:
             raise UserError(f"{path}: missing section '## {key}'")
-        items = [l.strip()[2:].strip() for l in sections[key].splitlines() if l.strip().startswith("- ")]
-        persona[key] = sections[key] if key in PERSONA_TEXT else [item for item in items if item]
+        persona[key] = sections[key] if key in PERSONA_TEXT else re.findall(r"^\s*- [ \t]*(.*\S)", sections[key], re.M)
         if not persona[key]:
             raise UserError(f"{path}: section '## {key}' is empty")
     return persona
