@@ -234,7 +234,6 @@ class OpenRouter:
         self.base_url = base_url.rstrip("/")
         self.models, self.model, self.verified = list(models), models[0], False
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
-        self.openrouter = urlparse(self.base_url).hostname in ("openrouter.ai", "www.openrouter.ai")
         self.spend, self._local, self._lock = Spend(), threading.local(), threading.Lock()
 
     def _clean(self, value):
@@ -282,7 +281,7 @@ class OpenRouter:
             body = {"model": use, "messages": messages, "temperature": temperature, "max_tokens": max_tokens,
                     "response_format": {"type": "json_schema",
                                         "json_schema": {"name": schema_name, "strict": True, "schema": schema}}}
-            if self.openrouter:
+            if urlparse(self.base_url).hostname in ("openrouter.ai", "www.openrouter.ai"):  # OpenRouter's own field:
                 body["provider"] = {"require_parameters": True}  # only route to providers that honour the schema
             post = lambda: self._session().post(self.base_url + "/chat/completions", json=body, timeout=self.timeout)
             try:  # raises HTTPGaveUp when 429 / 408 / 5xx / timeouts outlast every retry
