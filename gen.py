@@ -238,15 +238,11 @@ class OpenRouter:
 
     def _clean(self, value):
         """`value` with the key scrubbed from every string (a provider may echo the Authorization
-        header back) and lone surrogates ("\\ud800", not encodable as UTF-8) replaced by U+FFFD."""
-        if isinstance(value, dict):
-            return {self._clean(k): self._clean(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self._clean(v) for v in value]
-        if isinstance(value, str):
-            value = value.replace(self._key, "***") if self._key else value
-            return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-        return value
+        header back) and lone surrogates ("\\ud800", not encodable as UTF-8) replaced by U+FFFD, by way of
+        its JSON text (a key has no character JSON escapes)."""
+        text = json.dumps(value, ensure_ascii=False)
+        text = text.replace(self._key, "***") if self._key else text
+        return json.loads(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
 
     def _session(self):
         if not hasattr(self._local, "session"):  # one keep-alive connection pool per worker thread
