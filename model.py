@@ -1,15 +1,12 @@
 """
-The nanochat model stack, rebuilt from scratch and kept compatible with both generations of
-nanochat's on-disk format (Nov 2025, commit 885a4f2, and 2026, commit 92d63d4): the GPT, a
-chunked log-prob path, the AdamW + Muon optimizers, the tokenizer and conversation
-rendering, checkpoints, a fresh offline base, and sampling with a KV cache and the
-calculator tool. Which generation a checkpoint is comes from what is on disk.
+The nanochat model stack, rebuilt from scratch for both generations of nanochat's on-disk
+format (Nov 2025, commit 885a4f2, and 2026, commit 92d63d4; told apart by what is on disk).
+Top to bottom: the GPT -> chunked log-probs -> AdamW + Muon -> tokenizer and conversation
+rendering -> checkpoints -> a fresh offline base -> sampling (KV cache, calculator tool) ->
+what the training stages share (batches, schedule, run directory).
 
     from model import load_model
     model, tokenizer, meta = load_model("sft", device, phase="eval")
-
-Read top to bottom: model -> log-probs -> optimizers -> tokenizer -> checkpoints ->
-fresh base -> sampling.
 """
 
 import ast
@@ -52,10 +49,6 @@ class GPTConfig:
     def generation(self):
         return 2025 if self.window_pattern is None else 2026
 
-    def to_meta(self):
-        """model_config as nanochat of this generation writes it (Nov 2025: six keys)."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
 
 SOFTCAP = 15.0
 SMEAR_CHANNELS, VE_GATE_CHANNELS = 24, 12  # 2026: the gates read this many leading channels
@@ -78,13 +71,6 @@ def window_mask(q_pos, k_pos, window):
     return d >= 0 if window is None else (d >= 0) & (d <= window)
 
 
-def attend(q, k, v, mask):
-    """SDPA over [B, H, T, D]; mask: "causal", None (every key) or a boolean tensor."""
-    causal = isinstance(mask, str)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
-                                          enable_gqa=q.size(1) != k.size(1))
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx, window, value_embed):
         super().__init__()
@@ -96,7 +82,7 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.gen2026 = config.window_pattern is not None
+        self.qk_scale = 1.2 if config.window_pattern is not None else 1.0  # 2026 scales q and k up
         if value_embed:
             self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False)
 
@@ -108,21 +94,20 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:  # value embedding, mixed in by a per-head gate in (0, 3)
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
-        cos, sin = cos_sin
-        if self.gen2026:  # 2026 rotates in the compute dtype
-            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        # rotary in the compute dtype (2025's bf16 tables would be promoted to it anyway)
+        cos, sin = (t.to(q.dtype) for t in cos_sin)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k = norm(q), norm(k)  # QK norm comes after rotary, as in nanochat
-        if self.gen2026:
-            q, k = q * 1.2, k * 1.2
+        q, k = norm(q) * self.qk_scale, norm(k) * self.qk_scale  # QK norm comes after rotary, as in nanochat
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         if kv_cache is not None:
             k, v, mask = kv_cache.insert(self.layer_idx, k, v, self.window)
         else:
             pos = torch.arange(T, device=x.device)
             mask = "causal" if self.window is None or self.window >= T - 1 else window_mask(pos, pos, self.window)
-        y = attend(q, k, v, mask).transpose(1, 2).contiguous().view(B, T, -1)
-        return self.c_proj(y)
+        causal = isinstance(mask, str)  # mask: "causal", None (every key) or a boolean tensor
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
+                                           enable_gqa=self.n_head != self.n_kv_head)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -288,15 +273,11 @@ class GPT(nn.Module):
 
     def token_logprobs(self, idx, targets, chunk_numel=None, reduction="none"):
         """log p(target) per position, [B, T] float32, 0 where the target is -1; their sum
-        (a scalar) with reduction="sum".
-
-        Only positions with a target reach the lm_head, in chunks of about `chunk_numel`
-        logits (default 16M on CPU, 128M on CUDA), so memory holds one chunk of logits, not
-        B*T*V. "none": each chunk is recomputed in backward (activation checkpointing), exact
-        for any use (DPO's per-sequence sums). "sum": every token gets the same gradient, so
-        each chunk's gradient is taken in the forward while its logits exist and backward
-        only scales it (a fused linear cross-entropy: SFT's loss, at full-logits speed).
-        """
+        (a scalar) with reduction="sum". Only positions with a target reach the lm_head, in
+        chunks of about `chunk_numel` logits (default 16M on CPU, 128M on CUDA), never B*T*V.
+        "none": each chunk is recomputed in backward (activation checkpointing: DPO's sums).
+        "sum": every token gets the same gradient, so each chunk's gradient is taken in the
+        forward while its logits exist (a fused linear cross-entropy: SFT's loss)."""
         if chunk_numel is None:
             chunk_numel = 1 << (27 if idx.device.type == "cuda" else 24)
         h = self.hidden_states(idx)
@@ -351,17 +332,14 @@ class GPT(nn.Module):
             adam_groups = [dict(params=[self.lm_head.weight], lr=unembedding_lr * a, weight_decay=weight_decay),
                            dict(params=[self.transformer.wte.weight], lr=embedding_lr * a, weight_decay=weight_decay)]
             muon_groups = [dict(params=matrices)]
-        fused = self.get_device().type == "cuda"
-        adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, fused=fused)
+        adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, fused=self.get_device().type == "cuda")
         muon = Muon(muon_groups, lr=matrix_lr, momentum=0.95)
-        optimizers = [adamw, muon]
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["initial_lr"] = group["lr"]
-        return optimizers
+        for group in adamw.param_groups + muon.param_groups:
+            group["initial_lr"] = group["lr"]
+        return [adamw, muon]
 
 
-def newton_schulz5(G, steps=5):
+def newton_schulz5(G):
     """Approximately orthogonalise G (the nearest semi-orthogonal matrix) with a quintic
     Newton-Schulz iteration, working on the wide orientation. bf16 on CUDA (as nanochat);
     float32 elsewhere, where bf16 matmuls are 10-35x slower than float32 on common CPUs."""
@@ -371,7 +349,7 @@ def newton_schulz5(G, steps=5):
     if tall:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    for _ in range(5):
         A = X @ X.mT
         B = b * A + c * A @ A
         X = a * X + B @ X
@@ -385,8 +363,8 @@ class Muon(torch.optim.Optimizer):
     ranks, as in nanochat's DistMuon: rank r updates matrices r, r + world, ... (and keeps
     only their momentum), and each updated matrix goes from its owner to all ranks."""
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+    def __init__(self, params, lr=0.02, momentum=0.95):
+        super().__init__(params, dict(lr=lr, momentum=momentum))
 
     @torch.no_grad()
     def step(self):
@@ -395,14 +373,11 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             for i, p in enumerate(group["params"]):
                 if i % world == rank and p.grad is not None:
-                    g = p.grad
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(g)
-                    buf = state["momentum_buffer"]
-                    buf.lerp_(g, 1 - group["momentum"])
-                    g = g.lerp_(buf, group["momentum"]) if group["nesterov"] else buf
-                    update = newton_schulz5(g, steps=group["ns_steps"])
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+                    buf = self.state[p]["momentum_buffer"]
+                    buf.lerp_(p.grad, 1 - group["momentum"])
+                    update = newton_schulz5(p.grad.lerp_(buf, group["momentum"]))  # Nesterov
                     p.add_(update, alpha=-group["lr"] * max(1, p.size(-2) / p.size(-1)) ** 0.5)
                 if world > 1:
                     works.append(dist.broadcast(p, src=i % world, async_op=True))
@@ -504,19 +479,13 @@ SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_star
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
 
-class _EncodingState:
-    """Stands in for tiktoken.core.Encoding while unpickling: it only records the state."""
-
-    def __setstate__(self, state):
-        self.state = state
-
-
 class _TokenizerUnpickler(pickle.Unpickler):
-    """Admits one global, tiktoken's Encoding, as _EncodingState: no code of the pickle's choosing runs."""
+    """Admits one global, tiktoken's Encoding, as a SimpleNamespace that only records its
+    state: no code of the pickle's choosing runs."""
 
     def find_class(self, module, name):
         if (module, name) == ("tiktoken.core", "Encoding"):
-            return _EncodingState
+            return SimpleNamespace
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only a tiktoken Encoding is allowed")
 
 
@@ -530,7 +499,7 @@ def _load_encoding(path):
         raise UserError(f"{path}: no tokenizer here (train one with nanochat, or make a fresh base)") from None
     except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
         raise UserError(f"{path}: not a tokenizer pickle nanochat wrote ({e})") from None
-    state = getattr(obj, "state", None) if isinstance(obj, _EncodingState) else None
+    state = vars(obj) if isinstance(obj, SimpleNamespace) else None
     types = {"name": str, "pat_str": str, "mergeable_ranks": (bytes, int), "special_tokens": (str, int)}
     if not isinstance(state, dict) or not all(
             isinstance(state.get(key), t) if t is str else isinstance(state.get(key), dict) and all(
@@ -609,9 +578,6 @@ class Tokenizer:
         return ids + [self.encode_special("<|assistant_start|>")]
 
 
-PART_TYPES = ("text", "python", "python_output")
-
-
 def _check_messages(conversation):
     """The one conversation check (tasks.py validates data files with it too): optional
     system, then user/assistant alternating, user text, assistant text or parts. Returns the
@@ -640,8 +606,9 @@ def _check_messages(conversation):
             raise ValueError(f"message {at}: user content must be a string")
         if isinstance(content, list):
             for part in content:
-                if not isinstance(part, dict) or part.get("type") not in PART_TYPES:
-                    raise ValueError(f"message {at}: unknown part type {part.get('type') if isinstance(part, dict) else part!r}")
+                if not isinstance(part, dict) or part.get("type") not in ("text", "python", "python_output"):
+                    kind = part.get("type") if isinstance(part, dict) else part
+                    raise ValueError(f"message {at}: unknown part type {kind!r}")
                 if not isinstance(part.get("text"), str):
                     raise ValueError(f"message {at}: part text must be a string")
         elif not isinstance(content, str):
@@ -715,11 +682,15 @@ def find_last_step(checkpoint_dir):
 
 
 def load_checkpoint(checkpoint_dir, step, device):
+    """(state dict, meta) of one step; the state dict without a compiled model's _orig_mod.
+    prefix, its bf16 tensors kept on CUDA only."""
     model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
     meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
     if not os.path.exists(model_path):
         raise UserError(f"{model_path}: no checkpoint for step {step}")
     model_data = torch.load(model_path, map_location=device, weights_only=True)
+    if not isinstance(model_data, dict) or not all(isinstance(v, torch.Tensor) for v in model_data.values()):
+        raise UserError(f"{model_path}: not a state dict of tensors")
     try:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
@@ -727,7 +698,9 @@ def load_checkpoint(checkpoint_dir, step, device):
         raise UserError(f"{meta_path}: missing (the checkpoint has a model file but no meta)") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{meta_path}: not valid JSON ({e})") from None
-    return model_data, meta
+    bf16 = device.type == "cuda"
+    return {k.removeprefix("_orig_mod."): v if bf16 or v.dtype != torch.bfloat16 else v.float()
+            for k, v in model_data.items()}, meta
 
 
 CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
@@ -743,13 +716,15 @@ def config_from_checkpoint(model_config, model_data, where):
     missing = [k for k in CONFIG_KEYS if k not in model_config]
     extra = sorted(set(model_config) - set(CONFIG_KEYS) - {"window_pattern"})
     if missing or extra:  # neither generation's
-        raise UserError(f"{where}: the meta's model_config " + (f"lacks {', '.join(missing)}" if missing else
-                        f"has unknown keys {', '.join(extra)}") + ": neither nanochat generation (Nov 2025, 2026) writes that")
-    new_keys = [k for k in model_data if k in KEYS_2026 or k.startswith("value_embeds.") or k.endswith(".ve_gate.weight")]
+        problem = f"lacks {', '.join(missing)}" if missing else f"has unknown keys {', '.join(extra)}"
+        raise UserError(f"{where}: the meta's model_config {problem}: "
+                        "neither nanochat generation (Nov 2025, 2026) writes that")
+    new_keys = [k for k in model_data
+                if k in KEYS_2026 or k.startswith("value_embeds.") or k.endswith(".ve_gate.weight")]
     pattern = model_config.get("window_pattern")
     if pattern is not None and not new_keys:
-        raise UserError(f"{where}: model_config is nanochat 2026's (it has window_pattern) but the state dict is "
-                        f"Nov 2025's (no {', '.join(KEYS_2026)}, value_embeds): meta and weights do not belong together")
+        raise UserError(f"{where}: model_config is nanochat 2026's (it has window_pattern) but the state dict is Nov "
+                        f"2025's (no {', '.join(KEYS_2026)}, value_embeds): meta and weights do not belong together")
     if new_keys and pattern is None:  # an intermediate 2026 commit: nanochat reads it as all-long windows
         print(f"note: {where}: 2026 weights, no window_pattern: using \"L\" as nanochat does", file=sys.stderr)
         pattern = "L"
@@ -775,21 +750,27 @@ def check_state_dict(model, model_data, where):
                         f"model): {'; '.join(problems)}")
 
 
-def build_model(checkpoint_dir, step, device, phase, tokenizer=None):
-    """Load a checkpoint of either nanochat generation into a GPT on `device`; phase
-    "train" or "eval"."""
+def checkpoint_dir_for(source, model_tag=None, base_dir=None):
+    if source not in SOURCE_DIRS:
+        raise UserError(f"unknown checkpoint source {source!r}; expected one of {', '.join(SOURCE_DIRS)}")
+    root = os.path.join(base_dir or get_base_dir(), SOURCE_DIRS[source])
+    return os.path.join(root, model_tag or find_largest_model(root))
+
+
+def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
+    """(model, tokenizer, meta) from $NANOCHAT_BASE_DIR/<source's directory>/<tag>/, a GPT
+    of the checkpoint's nanochat generation on `device`; the tag defaults to
+    find_largest_model's pick, the step to the latest; phase "train" or "eval"."""
     assert phase in ("train", "eval"), phase
-    device = torch.device(device)
+    checkpoint_dir, device = checkpoint_dir_for(source, model_tag, base_dir), torch.device(device)
+    if not os.path.isdir(checkpoint_dir):
+        raise UserError(f"{checkpoint_dir}: no such checkpoint directory")
+    step = find_last_step(checkpoint_dir) if step is None else step
+    tokenizer = get_tokenizer(base_dir)
     model_data, meta = load_checkpoint(checkpoint_dir, step, device)
     where = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
-    if not isinstance(model_data, dict) or not all(isinstance(v, torch.Tensor) for v in model_data.values()):
-        raise UserError(f"{where}: not a state dict of tensors")
-    # a compiled model's state dict carries _orig_mod.; bf16 is only kept on CUDA
-    model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
-    if device.type != "cuda":
-        model_data = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_data.items()}
     config = config_from_checkpoint(meta.get("model_config"), model_data, where)
-    if tokenizer is not None and tokenizer.get_vocab_size() != config.vocab_size:
+    if tokenizer.get_vocab_size() != config.vocab_size:
         raise UserError(f"{checkpoint_dir}: the model's vocab_size is {config.vocab_size} but the tokenizer "
                         f"has {tokenizer.get_vocab_size()} tokens (wrong tokenizer for this checkpoint?)")
     with torch.device("meta"):
@@ -799,25 +780,6 @@ def build_model(checkpoint_dir, step, device, phase, tokenizer=None):
     model.init_rotary()
     model.load_state_dict(model_data, strict=True, assign=True)
     model.train() if phase == "train" else model.eval()
-    return model, meta
-
-
-def checkpoint_dir_for(source, model_tag=None, base_dir=None):
-    if source not in SOURCE_DIRS:
-        raise UserError(f"unknown checkpoint source {source!r}; expected one of {', '.join(SOURCE_DIRS)}")
-    root = os.path.join(base_dir or get_base_dir(), SOURCE_DIRS[source])
-    return os.path.join(root, model_tag or find_largest_model(root))
-
-
-def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
-    """(model, tokenizer, meta) from $NANOCHAT_BASE_DIR/<source's directory>/<tag>/, with the
-    tag defaulting to the largest d<N> and the step to the latest."""
-    checkpoint_dir = checkpoint_dir_for(source, model_tag, base_dir)
-    if not os.path.isdir(checkpoint_dir):
-        raise UserError(f"{checkpoint_dir}: no such checkpoint directory")
-    step = find_last_step(checkpoint_dir) if step is None else step
-    tokenizer = get_tokenizer(base_dir)
-    model, meta = build_model(checkpoint_dir, step, device, phase, tokenizer)
     return model, tokenizer, meta
 
 
@@ -840,7 +802,9 @@ def fresh_base(base_dir, depth=2, sequence_len=512, n_embd=None, n_head=None, se
     torch.manual_seed(seed)
     model = GPT(config)
     model.init_weights(zero_out=zero_out)
-    meta = {"step": 0, "model_config": config.to_meta(), "chimera": {"stage": "base"},
+    # model_config as nanochat of this generation writes it (Nov 2025: no window_pattern)
+    meta = {"step": 0, "model_config": {k: v for k, v in asdict(config).items() if v is not None},
+            "chimera": {"stage": "base"},
             "user_config": {"depth": depth, "fresh": True, "seed": seed}}
     checkpoint_dir = os.path.join(base_dir, "base_checkpoints", f"d{depth}")
     save_checkpoint(checkpoint_dir, 0, model.state_dict(), None, meta)
@@ -956,15 +920,14 @@ def softcap(logits):
 def sample_next_token(logits, rng, temperature=1.0, top_k=None, capped=True):
     """[B, V] logits -> [B, 1] ids; temperature 0 is greedy. capped=False: raw logits, capped
     here after top-k (the cap keeps their order), which saves a tanh over the vocab."""
+    idx = None
     if top_k is not None and top_k > 0 and temperature != 0.0:
-        vals, idx = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
-        probs = F.softmax((vals if capped else softcap(vals)) / temperature, dim=-1)
-        return idx.gather(1, torch.multinomial(probs, 1, generator=rng))
+        logits, idx = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
     logits = logits if capped else softcap(logits)
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
-    probs = F.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=rng)
+    choice = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
+    return choice if idx is None else idx.gather(1, choice)
 
 
 class Engine:
@@ -975,6 +938,7 @@ class Engine:
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
+        self.stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
@@ -984,8 +948,8 @@ class Engine:
         rng = torch.Generator(device=device).manual_seed(seed)
         py_start, py_end, out_start, out_end = (tok.encode_special(f"<|{t}|>") for t in
                                                 ("python_start", "python_end", "output_start", "output_end"))
-        stops = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
-        max_len = min(len(tokens) + (model.config.sequence_len if max_tokens is None else max_tokens), model.cos.size(1))
+        max_new = model.config.sequence_len if max_tokens is None else max_tokens
+        max_len = min(len(tokens) + max_new, model.cos.size(1))
         cache = KVCache.for_model(model, num_samples, max_len)
         capped = not isinstance(model, GPT)  # a GPT: only the last position meets the lm_head, uncapped
 
@@ -1000,7 +964,8 @@ class Engine:
         cache.copy_row_to_all(0)
         logits = logits.expand(num_samples, -1)
         # per row: tokens the tool forces (emitted before sampling resumes), the tool call being read
-        rows = [SimpleNamespace(forced=deque(), in_python=False, python_tokens=[], done=False) for _ in range(num_samples)]
+        rows = [SimpleNamespace(forced=deque(), in_python=False, python_tokens=[], done=False)
+                for _ in range(num_samples)]
         generated = 0
         while True:
             ids = sample_next_token(logits, rng, temperature, top_k, capped)
@@ -1009,7 +974,7 @@ class Engine:
                 if row.forced:
                     column[i], masks[i] = row.forced.popleft(), 0
                 self.track_tool(row, column[i], py_start, py_end, out_start, out_end)
-                row.done = row.done or column[i] in stops
+                row.done = row.done or column[i] in self.stops
             yield column, masks
             generated += 1
             if all(r.done for r in rows) or generated == max_tokens or len(tokens) + generated >= max_len:
@@ -1031,19 +996,14 @@ class Engine:
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """Whole sequences (prompt + completion, stop token excluded) and their masks."""
-        sequences = [list(tokens) for _ in range(num_samples)]
-        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        sequences, masks = [list(tokens) for _ in range(num_samples)], [[0] * len(tokens) for _ in range(num_samples)]
         done = [False] * num_samples
-        stops = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()}
-        for column, mask_column in self.generate(tokens, num_samples, **kwargs):
+        for column, mask_column in self.generate(tokens, num_samples, **kwargs):  # ends when every row is done
             for i, (token, m) in enumerate(zip(column, mask_column)):
-                done[i] = done[i] or token in stops
+                done[i] = done[i] or token in self.stops
                 if not done[i]:
                     sequences[i].append(token), masks[i].append(m)
-            if all(done):
-                break
         return sequences, masks
-
 
 
 # -----------------------------------------------------------------------------
