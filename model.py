@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
+import tiktoken
 import torch
 import torch.nn as nn
 import torch.distributed as dist
@@ -50,13 +51,15 @@ class GPTConfig:
         return 2025 if self.window_pattern is None else 2026
 
 
-SOFTCAP = 15.0
 SMEAR_CHANNELS, VE_GATE_CHANNELS = 24, 12  # 2026: the gates read this many leading channels
 
 
-def norm(x):
-    # parameter-free RMSNorm
+def norm(x):  # parameter-free RMSNorm
     return F.rms_norm(x, (x.size(-1),))
+
+
+def softcap(logits):
+    return 15.0 * torch.tanh(logits / 15.0)
 
 
 def apply_rotary(x, cos, sin):
@@ -166,8 +169,7 @@ class GPT(nn.Module):
         self.init_rotary()
 
     def init_rotary(self):
-        """(Re)compute the non-persistent rotary tables, e.g. after building on the meta device.
-        They cover 10x the training length so sampling can run past it."""
+        """(Re)compute the rotary tables (not saved), 10x the training length so sampling can run past it."""
         device, D = self.lm_head.weight.device, self.config.n_embd // self.config.n_head
         inv_freq = 1.0 / ((100000 if self.gen2026 else 10000) ** (torch.arange(0, D, 2, device=device).float() / D))
         freqs = torch.outer(torch.arange(self.config.sequence_len * 10, dtype=torch.float32, device=device), inv_freq)
@@ -179,9 +181,8 @@ class GPT(nn.Module):
     def init_weights(self, zero_out=True):
         """nanochat's init for the model's generation; zero_out=False gives random residual
         projections and lm_head instead of zero/tiny ones, so logits differ from the start."""
-        if self.gen2026:
-            self._init_2026(zero_out)
-        else:  # N(0, 1) embedding, fan-in scaled linears, zero lm_head and residual projections
+        L, s = self.config.n_layer, math.sqrt(3) / math.sqrt(self.config.n_embd)
+        if not self.gen2026:  # N(0, 1) embedding, fan-in scaled linears, zero lm_head and residual projections
             for module in self.modules():
                 if isinstance(module, nn.Linear):
                     fan_out, fan_in = module.weight.shape
@@ -190,35 +191,32 @@ class GPT(nn.Module):
                     module.weight.normal_(0.0, 1.0)
             for w in [self.lm_head] + [m for b in self.transformer.h for m in (b.mlp.c_proj, b.attn.c_proj)]:
                 w.weight.mul_(0.0 if zero_out else 1.0)
+        else:
+            self.transformer.wte.weight.normal_(0.0, 0.8)
+            self.lm_head.weight.normal_(0.0, 0.001) if zero_out else self.lm_head.weight.uniform_(-s, s)
+            for block in self.transformer.h:
+                for w in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+                    w.weight.uniform_(-s, s)
+                block.mlp.c_fc.weight.uniform_(-0.4 * s, 0.4 * s)
+                for w in (block.attn.c_proj, block.mlp.c_proj):
+                    w.weight.zero_() if zero_out else w.weight.uniform_(-s, s)
+                if hasattr(block.attn, "ve_gate"):
+                    block.attn.ve_gate.weight.uniform_(0.0, 0.02)
+            for ve in self.value_embeds.values():
+                ve.weight.uniform_(-s, s)
+            frac = torch.arange(L, dtype=torch.float32) / max(L - 1, 1)
+            self.resid_lambdas.copy_(1.15 - 0.10 * frac), self.x0_lambdas.copy_(0.20 - 0.15 * frac)
+            self.smear_lambda.zero_(), self.backout_lambda.fill_(0.2), self.smear_gate.weight.uniform_(0.0, 0.02)
         self.init_rotary()
         if self.lm_head.weight.device.type == "cuda":  # as nanochat: saves memory, stored so
             self.transformer.wte.to(dtype=torch.bfloat16)
             self.value_embeds.to(dtype=torch.bfloat16)
 
-    def _init_2026(self, zero_out):
-        L, s = self.config.n_layer, math.sqrt(3) / math.sqrt(self.config.n_embd)
-        self.transformer.wte.weight.normal_(0.0, 0.8)
-        self.lm_head.weight.normal_(0.0, 0.001) if zero_out else self.lm_head.weight.uniform_(-s, s)
-        for block in self.transformer.h:
-            for w in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
-                w.weight.uniform_(-s, s)
-            block.mlp.c_fc.weight.uniform_(-0.4 * s, 0.4 * s)
-            for w in (block.attn.c_proj, block.mlp.c_proj):
-                w.weight.zero_() if zero_out else w.weight.uniform_(-s, s)
-            if hasattr(block.attn, "ve_gate"):
-                block.attn.ve_gate.weight.uniform_(0.0, 0.02)
-        for ve in self.value_embeds.values():
-            ve.weight.uniform_(-s, s)
-        frac = torch.arange(L, dtype=torch.float32) / max(L - 1, 1)
-        self.resid_lambdas.copy_(1.15 - 0.10 * frac), self.x0_lambdas.copy_(0.20 - 0.15 * frac)
-        self.smear_lambda.zero_(), self.backout_lambda.fill_(0.2), self.smear_gate.weight.uniform_(0.0, 0.02)
-
     def get_device(self):
         return self.transformer.wte.weight.device
 
     def num_flops_per_token(self):
-        """Training FLOPs per token: 6 per non-embedding parameter plus attention (over each
-        layer's window)."""
+        """Training FLOPs per token: 6 per non-embedding parameter plus attention (per window)."""
         c, n_params = self.config, sum(p.numel() for p in self.parameters())
         n_embed = self.transformer.wte.weight.numel() + sum(p.numel() for p in self.value_embeds.parameters())
         span = sum(min(w or c.sequence_len, c.sequence_len) for w in layer_windows(c))
@@ -231,8 +229,13 @@ class GPT(nn.Module):
         assert kv_cache is not None or T <= self.cos.size(1), f"sequence of {T} exceeds the rotary cache"
         cos_sin = (self.cos[:, :T], self.sin[:, :T]) if kv_cache is None else kv_cache.begin(T, self.cos, self.sin)
         x = norm(self.transformer.wte(idx))
-        if self.gen2026:
-            x0 = x = self._smear(x, kv_cache)
+        if self.gen2026:  # smear: x[t] += smear_lambda * sigmoid(gate . x[t][:24]) * x[t-1], on the unsmeared
+            # embeddings; a cached row's first new token smears with the row's last cached one
+            prev = torch.zeros_like(x[:, :1]) if kv_cache is None else kv_cache.prev[:, None].to(x.dtype, copy=True)
+            if kv_cache is not None:
+                kv_cache.prev.copy_(x[:, -1])
+            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+            x0 = x = x + gate * torch.cat([prev, x[:, :-1]], dim=1)
         xb = None
         for i, block in enumerate(self.transformer.h):
             if self.gen2026:
@@ -245,18 +248,8 @@ class GPT(nn.Module):
             kv_cache.advance(T)
         return norm(x)
 
-    def _smear(self, x, kv_cache):
-        """x[t] += smear_lambda * sigmoid(gate . x[t][:24]) * x[t-1], on the unsmeared
-        embeddings; a cached row's first new token smears with the row's last cached one."""
-        prev = torch.zeros_like(x[:, :1]) if kv_cache is None else kv_cache.prev[:, None].to(x.dtype, copy=True)
-        if kv_cache is not None:
-            kv_cache.prev.copy_(x[:, -1])
-        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
-        return x + gate * torch.cat([prev, x[:, :-1]], dim=1)
-
     def logits(self, x):
-        """lm_head (padded rows cut off) + softcap, in float32 (the softcap is a tanh:
-        precision matters there)."""
+        """lm_head (padded rows cut off) + softcap, in float32 (a tanh: precision matters)."""
         return softcap(self.lm_head(x)[..., :self.config.vocab_size].float())
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
@@ -357,11 +350,10 @@ def newton_schulz5(G):
 
 
 class Muon(torch.optim.Optimizer):
-    """MomentUm Orthogonalized by Newton-Schulz: Nesterov momentum, then each matrix's
-    update replaced by its orthogonalised version, scaled up for tall matrices. Under
-    torch.distributed (gradients already summed) the orthogonalisations are divided among
-    ranks, as in nanochat's DistMuon: rank r updates matrices r, r + world, ... (and keeps
-    only their momentum), and each updated matrix goes from its owner to all ranks."""
+    """MomentUm Orthogonalized by Newton-Schulz: each matrix's Nesterov momentum update is
+    orthogonalised, scaled up for tall matrices. Distributed (grads already summed), as
+    nanochat's DistMuon: rank r updates (and keeps the momentum of) matrices r, r + world, ...
+    and broadcasts them."""
 
     def __init__(self, params, lr=0.02, momentum=0.95):
         super().__init__(params, dict(lr=lr, momentum=momentum))
@@ -390,8 +382,7 @@ class Muon(torch.optim.Optimizer):
 
 
 class _FusedLogprobSum(torch.autograd.Function):
-    """token_logprobs(reduction="sum"): each chunk's gradient (w.r.t. its rows of hidden states
-    and the lm_head) is taken while its logits exist; backward scales them by grad_output."""
+    """token_logprobs(reduction="sum"): each chunk's gradient is taken while its logits exist."""
 
     @staticmethod
     def forward(ctx, logprobs_fn, chunk, h, targets, *params):
@@ -418,9 +409,8 @@ class _FusedLogprobSum(torch.autograd.Function):
 class GradSync:
     """Sums gradients over ranks in buckets of all_reduce calls, no DDP wrapper (world size 1:
     nothing). arm() before the last micro-batch's backward starts each bucket's all_reduce as
-    soon as backward has filled it, overlapping the rest of backward; optimizer_step waits.
-    Buckets go out in one order on every rank, a gradient a rank lacks (None: lm_head when it
-    scored no token) as zeros, so all ranks' collectives match."""
+    soon as backward has filled it; optimizer_step waits. Buckets go out in one order on every
+    rank, a missing gradient (lm_head that scored no token) as zeros, so collectives match."""
 
     def __init__(self, model, bucket_numel=1 << 24):
         self.world = dist.get_world_size() if dist.is_initialized() else 1
@@ -439,7 +429,8 @@ class GradSync:
 
     def _grad_ready(self, p):  # only the armed backward counts: earlier ones are not final
         self.ready.update([id(p)] if self.armed else [])
-        while self.armed and len(self.sent) < len(self.buckets) and all(id(q) in self.ready for q in self.buckets[len(self.sent)]):
+        while self.armed and len(self.sent) < len(self.buckets) and \
+                all(id(q) in self.ready for q in self.buckets[len(self.sent)]):
             self._send()
 
     def _send(self):
@@ -489,26 +480,6 @@ class _TokenizerUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only a tiktoken Encoding is allowed")
 
 
-def _load_encoding(path):
-    import tiktoken
-
-    try:
-        with open(path, "rb") as f:
-            obj = _TokenizerUnpickler(f).load()
-    except FileNotFoundError:
-        raise UserError(f"{path}: no tokenizer here (train one with nanochat, or make a fresh base)") from None
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
-        raise UserError(f"{path}: not a tokenizer pickle nanochat wrote ({e})") from None
-    state = vars(obj) if isinstance(obj, SimpleNamespace) else None
-    types = {"name": str, "pat_str": str, "mergeable_ranks": (bytes, int), "special_tokens": (str, int)}
-    if not isinstance(state, dict) or not all(
-            isinstance(state.get(key), t) if t is str else isinstance(state.get(key), dict) and all(
-                isinstance(k, t[0]) and isinstance(v, t[1]) for k, v in state[key].items()) for key, t in types.items()):
-        raise UserError(f"{path}: not a tiktoken Encoding with name, pat_str, mergeable_ranks and special_tokens")
-    return tiktoken.Encoding(name=state["name"], pat_str=state["pat_str"],
-                             mergeable_ranks=state["mergeable_ranks"], special_tokens=state["special_tokens"])
-
-
 class Tokenizer:
     """nanochat's tokenizer interface over a tiktoken Encoding."""
 
@@ -516,27 +487,32 @@ class Tokenizer:
         self.enc = enc
         if missing := [t for t in SPECIAL_TOKENS if t not in enc.special_tokens_set]:
             raise UserError(f"tokenizer lacks special tokens {missing}")
+        # nanochat's names for the Encoding's methods; encode reads special-token strings as plain text
+        self.encode_special, self.encode, self.decode = enc.encode_single_token, enc.encode_ordinary, enc.decode
         self.bos_token_id = self.encode_special("<|bos|>")
 
     @classmethod
     def from_directory(cls, tokenizer_dir):
-        return cls(_load_encoding(os.path.join(tokenizer_dir, "tokenizer.pkl")))
+        path = os.path.join(tokenizer_dir, "tokenizer.pkl")
+        try:
+            with open(path, "rb") as f:
+                obj = _TokenizerUnpickler(f).load()
+        except FileNotFoundError:
+            raise UserError(f"{path}: no tokenizer here (train one with nanochat, or make a fresh base)") from None
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
+            raise UserError(f"{path}: not a tokenizer pickle nanochat wrote ({e})") from None
+        state = vars(obj) if isinstance(obj, SimpleNamespace) else {}
+        if not (isinstance(state.get("name"), str) and isinstance(state.get("pat_str"), str) and all(
+                isinstance(d, dict) and all(isinstance(k, key_type) and isinstance(v, int) for k, v in d.items())
+                for d, key_type in ((state.get("mergeable_ranks"), bytes), (state.get("special_tokens"), str)))):
+            raise UserError(f"{path}: not a tiktoken Encoding with name, pat_str, mergeable_ranks and special_tokens")
+        return cls(tiktoken.Encoding(**{k: state[k] for k in ("name", "pat_str", "mergeable_ranks", "special_tokens")}))
 
     def get_vocab_size(self):
         return self.enc.n_vocab
 
     def get_bos_token_id(self):
         return self.bos_token_id
-
-    def encode_special(self, text):
-        return self.enc.encode_single_token(text)
-
-    def encode(self, text):
-        """Text to ids, with special-token strings treated as plain text."""
-        return self.enc.encode_ordinary(text)
-
-    def decode(self, ids):
-        return self.enc.decode(ids)
 
     def render_conversation(self, conversation, max_tokens=2048):
         """Token ids and a training mask (1 = the assistant's tokens to learn) for one
@@ -546,17 +522,16 @@ class Tokenizer:
         ids, mask = [], []
 
         def add(tokens, m):
-            tokens = [tokens] if isinstance(tokens, int) else tokens
             ids.extend(tokens), mask.extend([m] * len(tokens))
 
         sp = self.encode_special
-        add(self.bos_token_id, 0)
+        add([self.bos_token_id], 0)
         for message in messages:
             content = message["content"]
             if message["role"] == "user":
                 add([sp("<|user_start|>")] + self.encode(content) + [sp("<|user_end|>")], 0)
                 continue
-            add(sp("<|assistant_start|>"), 0)
+            add([sp("<|assistant_start|>")], 0)
             for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
                 text_ids = self.encode(part["text"])
                 if part["type"] == "text":
@@ -565,7 +540,7 @@ class Tokenizer:
                     add([sp("<|python_start|>")] + text_ids + [sp("<|python_end|>")], 1)
                 else:  # python_output comes from the tool at run time: never learn it
                     add([sp("<|output_start|>")] + text_ids + [sp("<|output_end|>")], 0)
-            add(sp("<|assistant_end|>"), 1)
+            add([sp("<|assistant_end|>")], 1)
         return ids[:max_tokens], mask[:max_tokens]
 
     def render_for_completion(self, conversation):
@@ -579,10 +554,9 @@ class Tokenizer:
 
 
 def _check_messages(conversation):
-    """The one conversation check (tasks.py validates data files with it too): optional
-    system, then user/assistant alternating, user text, assistant text or parts. Returns the
-    messages with a leading system message merged into the first user message (as nanochat
-    does); raises ValueError naming the message (its index in the original list)."""
+    """The one conversation check (tasks.py's too): optional system, then user (text) and
+    assistant (text or parts) alternating; ValueError names the message's index. Returns the
+    messages with a system message merged into the first user message (as nanochat does)."""
     messages = conversation.get("messages") if isinstance(conversation, dict) else None
     if not isinstance(messages, list) or not messages:
         raise ValueError('conversation has no messages (expected {"messages": [...]})')
@@ -618,20 +592,9 @@ def _check_messages(conversation):
 
 def byte_level_encoding():
     """A tokenizer with no merges: the 256 bytes plus the 9 special tokens (vocab 265)."""
-    import tiktoken
-
     ranks = {bytes([i]): i for i in range(256)}
     special = {tok: 256 + i for i, tok in enumerate(SPECIAL_TOKENS)}
     return tiktoken.Encoding(name="chimera-bytes", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special)
-
-
-def save_tokenizer(enc, tokenizer_dir):
-    """tokenizer.pkl and token_bytes.pt as nanochat writes them."""
-    atomic_write(os.path.join(tokenizer_dir, "tokenizer.pkl"), lambda f: pickle.dump(enc, f), binary=True)
-    lengths = dict((rank, len(token)) for token, rank in enc._mergeable_ranks.items())
-    # special tokens count 0 bytes in bpb
-    token_bytes = torch.tensor([lengths.get(i, 0) for i in range(enc.n_vocab)], dtype=torch.int32)
-    atomic_write(os.path.join(tokenizer_dir, "token_bytes.pt"), lambda f: torch.save(token_bytes, f), binary=True)
 
 
 def get_tokenizer(base_dir=None):
@@ -659,8 +622,7 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data)
 
 
 def find_largest_model(checkpoints_dir):
-    """The model tag to use: Chimera's largest chimera_d<N>, else the largest d<N>, else the
-    newest directory."""
+    """The default model tag: the largest chimera_d<N>, else the largest d<N>, else the newest."""
     if not os.path.isdir(checkpoints_dir):
         raise UserError(f"{checkpoints_dir}: no such checkpoint directory")
     tags = [d for d in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, d))]
@@ -708,10 +670,8 @@ KEYS_2026 = ("resid_lambdas", "x0_lambdas", "smear_gate.weight", "smear_lambda",
 
 
 def config_from_checkpoint(model_config, model_data, where):
-    """The GPTConfig of a checkpoint, its generation told by what is on disk: 2026 has
-    window_pattern in model_config and its extra tensors in the state dict; Nov 2025 has
-    neither. Applies nanochat 92d63d4's own two loading patches to a 2026 state dict, and
-    refuses a meta and a state dict of different generations."""
+    """The GPTConfig of a checkpoint; 2026 has window_pattern and its extra tensors, Nov 2025
+    neither, and a mix is refused. Applies nanochat 92d63d4's two loading patches to 2026's."""
     model_config = model_config if isinstance(model_config, dict) else {}
     missing = [k for k in CONFIG_KEYS if k not in model_config]
     extra = sorted(set(model_config) - set(CONFIG_KEYS) - {"window_pattern"})
@@ -789,13 +749,15 @@ def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
 
 def fresh_base(base_dir, depth=2, sequence_len=512, n_embd=None, n_head=None, seed=0, zero_out=True,
                generation=2025):
-    """Write tokenizer/ and base_checkpoints/d{depth}/model_000000.pt into base_dir, a model of
-    the given nanochat generation (2026: window pattern SSSL). Shapes follow nanochat's base
-    training (width 64 * depth, one head per 128 wide); n_embd/n_head override them for
-    tests. zero_out=False gives non-zero logits from the start, as log-prob/DPO tests want."""
+    """Write tokenizer/ and base_checkpoints/d{depth}/model_000000.pt (nanochat's shapes: width
+    64 * depth, a head per 128; 2026: windows SSSL) into base_dir; n_embd/n_head override the
+    shapes, zero_out=False gives non-zero logits from the start (log-prob/DPO tests)."""
     assert generation in (2025, 2026), generation
-    enc = byte_level_encoding()
-    save_tokenizer(enc, os.path.join(base_dir, "tokenizer"))
+    enc, tokenizer_dir = byte_level_encoding(), os.path.join(base_dir, "tokenizer")
+    # tokenizer.pkl and token_bytes.pt as nanochat writes them: a byte is 1 byte, a special token 0 (in bpb)
+    atomic_write(os.path.join(tokenizer_dir, "tokenizer.pkl"), lambda f: pickle.dump(enc, f), binary=True)
+    token_bytes = torch.tensor([1] * 256 + [0] * len(SPECIAL_TOKENS), dtype=torch.int32)
+    atomic_write(os.path.join(tokenizer_dir, "token_bytes.pt"), lambda f: torch.save(token_bytes, f), binary=True)
     n_embd = n_embd or depth * 64
     n_head = n_head or max(1, (n_embd + 127) // 128)
     config = GPTConfig(sequence_len, enc.n_vocab, depth, n_head, n_head, n_embd, "SSSL" if generation == 2026 else None)
@@ -804,8 +766,7 @@ def fresh_base(base_dir, depth=2, sequence_len=512, n_embd=None, n_head=None, se
     model.init_weights(zero_out=zero_out)
     # model_config as nanochat of this generation writes it (Nov 2025: no window_pattern)
     meta = {"step": 0, "model_config": {k: v for k, v in asdict(config).items() if v is not None},
-            "chimera": {"stage": "base"},
-            "user_config": {"depth": depth, "fresh": True, "seed": seed}}
+            "chimera": {"stage": "base"}, "user_config": {"depth": depth, "fresh": True, "seed": seed}}
     checkpoint_dir = os.path.join(base_dir, "base_checkpoints", f"d{depth}")
     save_checkpoint(checkpoint_dir, 0, model.state_dict(), None, meta)
     return checkpoint_dir
@@ -816,11 +777,9 @@ def fresh_base(base_dir, depth=2, sequence_len=512, n_embd=None, n_head=None, se
 
 
 class KVCache:
-    """Keys and values per layer, [layers, B, H_kv, max_len, D], where each row holds one
-    sequence with its own length: `pos`, a CPU LongTensor [B]. A forward appends T tokens to
-    every row at that row's position (rotary, windows and smear per row), so independent
-    requests can decode together. `prev` is each row's last normalised token embedding,
-    which the 2026 smear of its next token reads.
+    """Keys and values per layer, [layers, B, H_kv, max_len, D]; each row is one sequence with
+    its own length `pos` (a CPU LongTensor [B]), so independent requests decode together.
+    `prev`: each row's last normalised token embedding, for the 2026 smear.
 
         cache = KVCache.for_model(model, batch_size, max_len)
         model(prompt[None], kv_cache=cache.row(i))  # prefill one row (a view of the cache)
@@ -858,8 +817,7 @@ class KVCache:
         self.end = max(start) + T
         if self.end > self.k.size(3) or self.end > cos.size(1):
             raise RuntimeError(f"KV cache is full ({min(self.k.size(3), cos.size(1))} positions)")
-        self.masks = {}
-        self.p0, self.q_pos = start[0], None
+        self.masks, self.p0, self.q_pos = {}, start[0], None
         if min(start) == max(start):
             return cos[:, self.p0:self.end], sin[:, self.p0:self.end]
         self.q_pos = (self.pos[:, None] + torch.arange(T)).to(cos.device)
@@ -891,10 +849,9 @@ _CALC_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Constant, ast.Add, as
 
 
 def use_calculator(expr, max_len=200):
-    """Evaluate plain arithmetic (numbers, + - * / // %, parentheses): its syntax tree is
-    checked to hold nothing else (no names, calls, attributes or powers) before it runs, and
-    its length is bounded, so neither a result nor the time to reach one can explode. None
-    if it is not such arithmetic or has no finite result."""
+    """Evaluate plain arithmetic (numbers, + - * / // %, parentheses; no names, calls or
+    powers, checked on the syntax tree before it runs; length bounded, so neither a result
+    nor its time can explode). None if it is not such arithmetic or has no finite result."""
     expr = expr.replace(",", "").strip()
     try:
         tree = ast.parse(expr, mode="eval")
@@ -912,10 +869,6 @@ def use_calculator(expr, max_len=200):
     return result
 
 
-def softcap(logits):
-    return SOFTCAP * torch.tanh(logits / SOFTCAP)
-
-
 @torch.inference_mode()
 def sample_next_token(logits, rng, temperature=1.0, top_k=None, capped=True):
     """[B, V] logits -> [B, 1] ids; temperature 0 is greedy. capped=False: raw logits, capped
@@ -931,10 +884,9 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, capped=True):
 
 
 class Engine:
-    """Sample several continuations of one prompt at once with a KV cache, running the
-    calculator between <|python_start|> and <|python_end|> and forcing its result back
-    between <|output_start|> and <|output_end|>. A row stops after emitting
-    <|assistant_end|> or <|bos|> (the stop token is yielded)."""
+    """Samples several continuations of one prompt with a KV cache, running the calculator on
+    <|python_start|>...<|python_end|> and forcing its result as <|output_start|>...<|output_end|>.
+    A row stops after emitting <|assistant_end|> or <|bos|> (the stop token is yielded)."""
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
@@ -1035,11 +987,10 @@ def compile_model(model):
 
 
 class Schedule:
-    """A run's steps: rows are taken in order, cycling (each once per epoch), `per_step` to a
-    step. The rows of each window of WINDOW_STEPS steps are sorted by length and cut into
-    micro-batches (similar lengths, little padding), which are shuffled over the window's steps
-    and dealt round-robin to the ranks: a step's global batch is the same for any number of
-    processes. The lr multiplier falls linearly from 1 to 0 (nanochat's SFT)."""
+    """A run's steps: rows in order, cycling (once per epoch), `per_step` to a step. Each
+    window of WINDOW_STEPS steps sorts its rows by length into micro-batches (little padding),
+    shuffled over its steps and dealt round-robin to the ranks: a step's global batch is the
+    same for any number of processes. The lr multiplier falls linearly from 1 to 0 (nanochat)."""
 
     def __init__(self, lengths, per_step, batch_size, world_size, num_epochs, num_iterations):
         if per_step % (batch_size * world_size):
