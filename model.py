@@ -1,9 +1,8 @@
 """
-The nanochat model stack, rebuilt from scratch for both generations of nanochat's on-disk
-format (Nov 2025, commit 885a4f2, and 2026, commit 92d63d4; told apart by what is on disk).
-Top to bottom: the GPT -> chunked log-probs -> AdamW + Muon -> tokenizer and conversation
-rendering -> checkpoints -> a fresh offline base -> sampling (KV cache, calculator tool) ->
-what the training stages share (batches, schedule, run directory).
+The nanochat model stack, from scratch, for both generations of nanochat's on-disk format
+(Nov 2025, commit 885a4f2, and 2026, commit 92d63d4; told apart by what is on disk): the GPT,
+chunked log-probs, AdamW + Muon, tokenizer, checkpoints, a fresh offline base, sampling (KV
+cache, calculator tool), and what the training stages share (batches, schedule, run directory).
 
     from model import load_model
     model, tokenizer, meta = load_model("sft", device, phase="eval")
@@ -19,6 +18,7 @@ import re
 import sys
 from collections import deque
 from dataclasses import asdict, dataclass
+from functools import partial
 from types import SimpleNamespace
 
 import tiktoken
@@ -78,25 +78,21 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx, window, value_embed):
         super().__init__()
         self.layer_idx, self.window = layer_idx, window  # window None: unlimited (2025)
-        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
-        self.head_dim = config.n_embd // config.n_head
+        self.head_dim, self.gqa = config.n_embd // config.n_head, config.n_head != config.n_kv_head
         assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
-        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
-        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        kv_dim = config.n_kv_head * self.head_dim
+        self.c_q, self.c_k, self.c_v, self.c_proj = (nn.Linear(config.n_embd, n, bias=False)
+                                                     for n in (config.n_embd, kv_dim, kv_dim, config.n_embd))
         self.qk_scale = 1.2 if config.window_pattern is not None else 1.0  # 2026 scales q and k up
         if value_embed:
-            self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False)
+            self.ve_gate = nn.Linear(VE_GATE_CHANNELS, config.n_kv_head, bias=False)
 
     def forward(self, x, ve, cos_sin, kv_cache):
         B, T, C = x.size()
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k, v = (c(x).view(B, T, -1, self.head_dim) for c in (self.c_q, self.c_k, self.c_v))
         if ve is not None:  # value embedding, mixed in by a per-head gate in (0, 3)
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
-            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+            v = v + gate.unsqueeze(-1) * ve.view_as(v)
         # rotary in the compute dtype (2025's bf16 tables would be promoted to it anyway)
         cos, sin = (t.to(q.dtype) for t in cos_sin)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -109,7 +105,7 @@ class CausalSelfAttention(nn.Module):
             mask = "causal" if self.window is None or self.window >= T - 1 else window_mask(pos, pos, self.window)
         causal = isinstance(mask, str)  # mask: "causal", None (every key) or a boolean tensor
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
-                                           enable_gqa=self.n_head != self.n_kv_head)
+                                           enable_gqa=self.gqa)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, -1))
 
 
@@ -154,9 +150,8 @@ class GPT(nn.Module):
         self.padded_vocab = -(-config.vocab_size // 64) * 64 if self.gen2026 else config.vocab_size
         # 2026: value embeddings in every other layer, always including the last
         ve_layers = [i for i in range(L) if self.gen2026 and i % 2 == (L - 1) % 2]
-        windows = layer_windows(config)
         self.transformer = nn.ModuleDict({"wte": nn.Embedding(self.padded_vocab, C), "h": nn.ModuleList(
-            [Block(config, i, windows[i], i in ve_layers) for i in range(L)])})
+            [Block(config, i, w, i in ve_layers) for i, w in enumerate(layer_windows(config))])})
         self.lm_head = nn.Linear(C, self.padded_vocab, bias=False)
         kv_dim = config.n_kv_head * (C // config.n_head)
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(self.padded_vocab, kv_dim) for i in ve_layers})
@@ -179,8 +174,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, zero_out=True):
-        """nanochat's init for the model's generation; zero_out=False gives random residual
-        projections and lm_head instead of zero/tiny ones, so logits differ from the start."""
+        """nanochat's init; zero_out=False: random (not zero/tiny) residual projections and lm_head."""
         L, s = self.config.n_layer, math.sqrt(3) / math.sqrt(self.config.n_embd)
         if not self.gen2026:  # N(0, 1) embedding, fan-in scaled linears, zero lm_head and residual projections
             for module in self.modules():
@@ -223,8 +217,7 @@ class GPT(nn.Module):
         return 6 * (n_params - n_embed) + 12 * c.n_embd * span
 
     def hidden_states(self, idx, kv_cache=None):
-        """The final normalised residual stream [B, T, C], before the lm_head. With a cache,
-        the T tokens go after each row's cached ones (kv_cache.pos)."""
+        """The final normalised residual stream [B, T, C]; with a cache, after each row's cached tokens."""
         T = idx.size(1)
         assert kv_cache is not None or T <= self.cos.size(1), f"sequence of {T} exceeds the rotary cache"
         cos_sin = (self.cos[:, :T], self.sin[:, :T]) if kv_cache is None else kv_cache.begin(T, self.cos, self.sin)
@@ -253,72 +246,57 @@ class GPT(nn.Module):
         return softcap(self.lm_head(x)[..., :self.config.vocab_size].float())
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
-        """The plain path: logits [B, T, V], or the cross-entropy loss when targets are given
-        (ignore_index -1; reduction "mean" or "none" -> [B*T])."""
+        """Logits [B, T, V], or with targets the cross-entropy (ignore_index -1; "none" -> [B*T])."""
         logits = self.logits(self.hidden_states(idx, kv_cache))
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
                                ignore_index=-1, reduction=loss_reduction)
 
-    # -------------------------------------------------------------------------
     # Per-token log-probs without materialising [B, T, V] float32 logits
 
     def token_logprobs(self, idx, targets, chunk_numel=None, reduction="none"):
-        """log p(target) per position, [B, T] float32, 0 where the target is -1; their sum
-        (a scalar) with reduction="sum". Only positions with a target reach the lm_head, in
-        chunks of about `chunk_numel` logits (default 16M on CPU, 128M on CUDA), never B*T*V.
-        "none": each chunk is recomputed in backward (activation checkpointing: DPO's sums).
-        "sum": every token gets the same gradient, so each chunk's gradient is taken in the
-        forward while its logits exist (a fused linear cross-entropy: SFT's loss)."""
-        if chunk_numel is None:
-            chunk_numel = 1 << (27 if idx.device.type == "cuda" else 24)
-        h = self.hidden_states(idx)
+        """log p(target) per position, [B, T] float32, 0 where the target is -1 (reduction="sum": their
+        sum). Only targets reach the lm_head, in chunks of about `chunk_numel` logits (default 16M on
+        CPU, 128M on CUDA), never B*T*V. "none": chunks are recomputed in backward (checkpointing:
+        DPO). "sum": each token has the same gradient, taken per chunk in the forward (fused CE: SFT)."""
+        chunk_numel = chunk_numel or 1 << (27 if idx.device.type == "cuda" else 24)
         flat_targets = targets.reshape(-1)
         rows = (flat_targets != -1).nonzero().squeeze(1)
-        h = h.reshape(-1, h.size(-1)).index_select(0, rows)
+        h = self.hidden_states(idx).flatten(0, 1).index_select(0, rows)
         tgt = flat_targets.index_select(0, rows)
         chunk = max(1, chunk_numel // self.lm_head.weight.size(0))
         grad = torch.is_grad_enabled() and h.requires_grad
         if reduction == "sum" and grad and rows.numel():
             params = [p for p in self.lm_head.parameters() if p.requires_grad]
             return _FusedLogprobSum.apply(self._chunk_logprobs, chunk, h, tgt, *params)
-        pieces = []
-        for start in range(0, rows.numel(), chunk):
-            hs, ts = h[start:start + chunk], tgt[start:start + chunk]
-            pieces.append(checkpoint(self._chunk_logprobs, hs, ts, use_reentrant=False) if grad
-                          else self._chunk_logprobs(hs, ts))
+        chunk_fn = partial(checkpoint, self._chunk_logprobs, use_reentrant=False) if grad else self._chunk_logprobs
+        pieces = [chunk_fn(h[i:i + chunk], tgt[i:i + chunk]) for i in range(0, rows.numel(), chunk)]
         # nothing to score: the empty sum keeps the graph so a backward() is still well-defined
         logp = torch.cat(pieces) if pieces else h.sum(-1).float()
         if reduction == "sum":
             return logp.sum()
-        out = torch.zeros(flat_targets.numel(), dtype=torch.float32, device=idx.device)
-        return out.index_put((rows,), logp).view_as(targets)
+        return logp.new_zeros(flat_targets.numel()).index_put((rows,), logp).view_as(targets)
 
     def _chunk_logprobs(self, h, targets):
         logits = self.logits(h)
         return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
-    # -------------------------------------------------------------------------
     # Optimizers
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5):
-        """[AdamW for the embeddings, lm_head and scalars, Muon for every matrix in the
-        blocks], in the groups nanochat of the model's generation uses (2026: 92d63d4's
-        per-group betas and decays; weight_decay goes to Muon there, to AdamW in 2025)."""
+        """[AdamW (embeddings, lm_head, scalars), Muon (the blocks' matrices)] in the groups of the
+        model's nanochat generation (weight_decay goes to Muon in 2026, to AdamW in 2025)."""
         a = (self.config.n_embd / 768) ** -0.5  # embedding lrs were tuned at width 768
         matrices = list(self.transformer.h.parameters())
         if self.gen2026:
-            adam_groups = [
-                dict(params=[self.lm_head.weight], lr=unembedding_lr * a, betas=(0.8, 0.96), weight_decay=0.01),
-                dict(params=[self.transformer.wte.weight], lr=embedding_lr * a, betas=(0.8, 0.995), weight_decay=0.001),
-                dict(params=list(self.value_embeds.parameters()), lr=embedding_lr * a * 0.5, betas=(0.8, 0.995),
-                     weight_decay=0.01),
-                dict(params=[self.resid_lambdas], lr=scalar_lr * 0.01, betas=(0.8, 0.95), weight_decay=0.05),
-                dict(params=[self.x0_lambdas], lr=scalar_lr, betas=(0.96, 0.95), weight_decay=0.0),
-                dict(params=[self.smear_gate.weight, self.smear_lambda, self.backout_lambda], lr=0.2,
-                     betas=(0.8, 0.95), weight_decay=0.0),
-            ]
+            adam_groups = [dict(params=params, lr=lr, betas=betas, weight_decay=decay) for params, lr, betas, decay in [
+                ([self.lm_head.weight], unembedding_lr * a, (0.8, 0.96), 0.01),
+                ([self.transformer.wte.weight], embedding_lr * a, (0.8, 0.995), 0.001),
+                (list(self.value_embeds.parameters()), embedding_lr * a * 0.5, (0.8, 0.995), 0.01),
+                ([self.resid_lambdas], scalar_lr * 0.01, (0.8, 0.95), 0.05),
+                ([self.x0_lambdas], scalar_lr, (0.96, 0.95), 0.0),
+                ([self.smear_gate.weight, self.smear_lambda, self.backout_lambda], 0.2, (0.8, 0.95), 0.0)]]
             muon_groups = [dict(params=[p for p in matrices if p.shape == shape], weight_decay=weight_decay)
                            for shape in sorted({tuple(p.shape) for p in matrices})]
         else:
@@ -326,21 +304,19 @@ class GPT(nn.Module):
                            dict(params=[self.transformer.wte.weight], lr=embedding_lr * a, weight_decay=weight_decay)]
             muon_groups = [dict(params=matrices)]
         adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, fused=self.get_device().type == "cuda")
-        muon = Muon(muon_groups, lr=matrix_lr, momentum=0.95)
+        muon = Muon(muon_groups, dict(lr=matrix_lr, momentum=0.95))  # torch's Optimizer(params, defaults)
         for group in adamw.param_groups + muon.param_groups:
             group["initial_lr"] = group["lr"]
         return [adamw, muon]
 
 
 def newton_schulz5(G):
-    """Approximately orthogonalise G (the nearest semi-orthogonal matrix) with a quintic
-    Newton-Schulz iteration, working on the wide orientation. bf16 on CUDA (as nanochat);
-    float32 elsewhere, where bf16 matmuls are 10-35x slower than float32 on common CPUs."""
+    """Approximately orthogonalise G with a quintic Newton-Schulz iteration on the wide
+    orientation; bf16 on CUDA (as nanochat), float32 on CPUs (bf16 matmuls are 10-35x slower)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.bfloat16() if G.device.type == "cuda" else G.float()
     tall = G.size(-2) > G.size(-1)
-    if tall:
-        X = X.mT
+    X = X.mT if tall else X
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(5):
         A = X @ X.mT
@@ -351,12 +327,8 @@ def newton_schulz5(G):
 
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz: each matrix's Nesterov momentum update is
-    orthogonalised, scaled up for tall matrices. Distributed (grads already summed), as
-    nanochat's DistMuon: rank r updates (and keeps the momentum of) matrices r, r + world, ...
-    and broadcasts them."""
-
-    def __init__(self, params, lr=0.02, momentum=0.95):
-        super().__init__(params, dict(lr=lr, momentum=momentum))
+    orthogonalised (scaled up if tall). Distributed as nanochat's DistMuon: rank r updates (and
+    keeps the momentum of) matrices r, r + world, ... and broadcasts them."""
 
     @torch.no_grad()
     def step(self):
@@ -407,10 +379,9 @@ class _FusedLogprobSum(torch.autograd.Function):
 
 
 class GradSync:
-    """Sums gradients over ranks in buckets of all_reduce calls, no DDP wrapper (world size 1:
-    nothing). arm() before the last micro-batch's backward starts each bucket's all_reduce as
-    soon as backward has filled it; optimizer_step waits. Buckets go out in one order on every
-    rank, a missing gradient (lm_head that scored no token) as zeros, so collectives match."""
+    """Sums gradients over ranks in buckets of all_reduce (world size 1: nothing). arm() before the
+    last micro-batch's backward sends each bucket as soon as backward fills it; optimizer_step waits.
+    Buckets go in one order, a missing gradient (lm_head with no token) as zeros: collectives match."""
 
     def __init__(self, model, bucket_numel=1 << 24):
         self.world = dist.get_world_size() if dist.is_initialized() else 1
@@ -450,8 +421,7 @@ class GradSync:
 
 
 def optimizer_step(model, optimizers, lr_multiplier, grad_sync=None):
-    """Sum grads over ranks (grad_sync: the step's armed GradSync; else all at once now),
-    set every group's lr from its initial_lr, step, clear grads."""
+    """Sum grads over ranks (the step's armed GradSync, else all now), set lrs, step, clear grads."""
     (grad_sync or GradSync(model)).wait()
     for opt in optimizers:
         for group in opt.param_groups:
@@ -471,8 +441,7 @@ SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| 
 
 
 class _TokenizerUnpickler(pickle.Unpickler):
-    """Admits one global, tiktoken's Encoding, as a SimpleNamespace that only records its
-    state: no code of the pickle's choosing runs."""
+    """Admits only tiktoken's Encoding, as a SimpleNamespace holding its state: no pickled code runs."""
 
     def find_class(self, module, name):
         if (module, name) == ("tiktoken.core", "Encoding"):
@@ -515,9 +484,8 @@ class Tokenizer:
         return self.bos_token_id
 
     def render_conversation(self, conversation, max_tokens=2048):
-        """Token ids and a training mask (1 = the assistant's tokens to learn) for one
-        conversation {"messages": [...]}, truncated to max_tokens. Raises ValueError on a
-        conversation that is not system?, user, assistant, user, ..."""
+        """Token ids and a training mask (1 = the assistant's tokens to learn) of a conversation
+        {"messages": [...]}, truncated to max_tokens; ValueError if not system?, user, assistant, ..."""
         messages = _check_messages(conversation)
         ids, mask = [], []
 
@@ -544,8 +512,7 @@ class Tokenizer:
         return ids[:max_tokens], mask[:max_tokens]
 
     def render_for_completion(self, conversation):
-        """The prompt for sampling the last assistant message: it is dropped, the rest
-        rendered, and <|assistant_start|> appended."""
+        """The prompt to sample the last assistant message: the rest, then <|assistant_start|>."""
         messages = conversation["messages"]
         if not messages or messages[-1]["role"] != "assistant":
             raise ValueError("render_for_completion needs a conversation that ends with an assistant message")
@@ -554,9 +521,8 @@ class Tokenizer:
 
 
 def _check_messages(conversation):
-    """The one conversation check (tasks.py's too): optional system, then user (text) and
-    assistant (text or parts) alternating; ValueError names the message's index. Returns the
-    messages with a system message merged into the first user message (as nanochat does)."""
+    """The one conversation check (tasks.py's too): system?, then user (text) and assistant (text or
+    parts) alternating, else ValueError naming the message; a system message is merged into the next."""
     messages = conversation.get("messages") if isinstance(conversation, dict) else None
     if not isinstance(messages, list) or not messages:
         raise ValueError('conversation has no messages (expected {"messages": [...]})')
@@ -592,9 +558,9 @@ def _check_messages(conversation):
 
 def byte_level_encoding():
     """A tokenizer with no merges: the 256 bytes plus the 9 special tokens (vocab 265)."""
-    ranks = {bytes([i]): i for i in range(256)}
-    special = {tok: 256 + i for i, tok in enumerate(SPECIAL_TOKENS)}
-    return tiktoken.Encoding(name="chimera-bytes", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+    return tiktoken.Encoding(name="chimera-bytes", pat_str=SPLIT_PATTERN,
+                             mergeable_ranks={bytes([i]): i for i in range(256)},
+                             special_tokens={tok: 256 + i for i, tok in enumerate(SPECIAL_TOKENS)})
 
 
 def get_tokenizer(base_dir=None):
@@ -609,16 +575,14 @@ SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "cha
 
 
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data):
-    """Write meta, then optimizer, then model, each through a temp file and a rename: the
-    latest step is found by model files, so a process killed mid-save leaves nothing that
-    looks like a newer checkpoint than the last whole one."""
+    """Meta, optimizer, then model, each through a temp file and a rename: the latest step is
+    found by model files, so a save killed midway never looks like a newer whole checkpoint."""
     os.makedirs(checkpoint_dir, exist_ok=True)
     atomic_write_json(os.path.join(checkpoint_dir, f"meta_{step:06d}.json"), meta_data)
-    if optimizer_data is not None:
-        path = os.path.join(checkpoint_dir, f"optim_{step:06d}.pt")
-        atomic_write(path, lambda f: torch.save(optimizer_data, f), binary=True)
-    path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
-    atomic_write(path, lambda f: torch.save(model_data, f), binary=True)
+    for name, data in (("optim", optimizer_data), ("model", model_data)):
+        if data is not None:
+            path = os.path.join(checkpoint_dir, f"{name}_{step:06d}.pt")
+            atomic_write(path, lambda f: torch.save(data, f), binary=True)
 
 
 def find_largest_model(checkpoints_dir):
@@ -644,8 +608,7 @@ def find_last_step(checkpoint_dir):
 
 
 def load_checkpoint(checkpoint_dir, step, device):
-    """(state dict, meta) of one step; the state dict without a compiled model's _orig_mod.
-    prefix, its bf16 tensors kept on CUDA only."""
+    """(state dict, meta) of a step; a compiled model's _orig_mod. prefix dropped, bf16 on CUDA only."""
     model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
     meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
     if not os.path.exists(model_path):
@@ -697,19 +660,6 @@ def config_from_checkpoint(model_config, model_data, where):
     return GPTConfig(**dict(model_config, window_pattern=pattern))
 
 
-def check_state_dict(model, model_data, where):
-    """Every key the model has, none it lacks, each of its shape; else one line naming them."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problems = [f"{what} {', '.join(keys[:4])}{f' and {len(keys) - 4} more' if len(keys) > 4 else ''}"
-                for what, keys in (("missing", [k for k in expected if k not in model_data]),
-                                   ("unexpected", [k for k in model_data if k not in expected])) if keys]
-    problems += [f"{k} is {list(model_data[k].shape)}, expected {list(s)}"
-                 for k, s in expected.items() if k in model_data and tuple(model_data[k].shape) != s][:2]
-    if problems:
-        raise UserError(f"{where} does not match its model_config (nanochat {'2026' if model.gen2026 else 'Nov 2025'} "
-                        f"model): {'; '.join(problems)}")
-
-
 def checkpoint_dir_for(source, model_tag=None, base_dir=None):
     if source not in SOURCE_DIRS:
         raise UserError(f"unknown checkpoint source {source!r}; expected one of {', '.join(SOURCE_DIRS)}")
@@ -718,9 +668,8 @@ def checkpoint_dir_for(source, model_tag=None, base_dir=None):
 
 
 def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
-    """(model, tokenizer, meta) from $NANOCHAT_BASE_DIR/<source's directory>/<tag>/, a GPT
-    of the checkpoint's nanochat generation on `device`; the tag defaults to
-    find_largest_model's pick, the step to the latest; phase "train" or "eval"."""
+    """(model, tokenizer, meta) from $NANOCHAT_BASE_DIR/<source's directory>/<tag>/ (tag: by default
+    find_largest_model's, step: the latest), phase "train" or "eval"."""
     assert phase in ("train", "eval"), phase
     checkpoint_dir, device = checkpoint_dir_for(source, model_tag, base_dir), torch.device(device)
     if not os.path.isdir(checkpoint_dir):
@@ -735,7 +684,16 @@ def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
                         f"has {tokenizer.get_vocab_size()} tokens (wrong tokenizer for this checkpoint?)")
     with torch.device("meta"):
         model = GPT(config)
-    check_state_dict(model, model_data, where)
+    # every key the model has, none it lacks, each of its shape; else one line naming them
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = [f"{what} {', '.join(keys[:4])}{f' and {len(keys) - 4} more' if len(keys) > 4 else ''}"
+                for what, keys in (("missing", [k for k in expected if k not in model_data]),
+                                   ("unexpected", [k for k in model_data if k not in expected])) if keys]
+    problems += [f"{k} is {list(model_data[k].shape)}, expected {list(s)}"
+                 for k, s in expected.items() if k in model_data and tuple(model_data[k].shape) != s][:2]
+    if problems:
+        raise UserError(f"{where} does not match its model_config (nanochat {'2026' if model.gen2026 else 'Nov 2025'} "
+                        f"model): {'; '.join(problems)}")
     model.to_empty(device=device)
     model.init_rotary()
     model.load_state_dict(model_data, strict=True, assign=True)
@@ -747,11 +705,9 @@ def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
 # A fresh base directory: byte-level tokenizer + random model, no download needed
 
 
-def fresh_base(base_dir, depth=2, sequence_len=512, n_embd=None, n_head=None, seed=0, zero_out=True,
-               generation=2025):
-    """Write tokenizer/ and base_checkpoints/d{depth}/model_000000.pt (nanochat's shapes: width
-    64 * depth, a head per 128; 2026: windows SSSL) into base_dir; n_embd/n_head override the
-    shapes, zero_out=False gives non-zero logits from the start (log-prob/DPO tests)."""
+def fresh_base(base_dir, depth=2, sequence_len=512, n_embd=None, n_head=None, seed=0, zero_out=True, generation=2025):
+    """Write tokenizer/ and base_checkpoints/d{depth}/model_000000.pt (width 64 * depth, a head per
+    128, 2026: windows SSSL; n_embd/n_head override) into base_dir; zero_out=False: non-zero logits."""
     assert generation in (2025, 2026), generation
     enc, tokenizer_dir = byte_level_encoding(), os.path.join(base_dir, "tokenizer")
     # tokenizer.pkl and token_bytes.pt as nanochat writes them: a byte is 1 byte, a special token 0 (in bpb)
@@ -777,9 +733,8 @@ def fresh_base(base_dir, depth=2, sequence_len=512, n_embd=None, n_head=None, se
 
 
 class KVCache:
-    """Keys and values per layer, [layers, B, H_kv, max_len, D]; each row is one sequence with
-    its own length `pos` (a CPU LongTensor [B]), so independent requests decode together.
-    `prev`: each row's last normalised token embedding, for the 2026 smear.
+    """Keys and values [layers, B, H_kv, max_len, D]; each row is a sequence of its own length `pos`
+    (CPU LongTensor [B]) and last normalised embedding `prev` (2026's smear): requests decode together.
 
         cache = KVCache.for_model(model, batch_size, max_len)
         model(prompt[None], kv_cache=cache.row(i))  # prefill one row (a view of the cache)
@@ -811,21 +766,18 @@ class KVCache:
         self.pos[:], self.prev[:] = n, self.prev[i:i + 1]
 
     def begin(self, T, cos, sin):
-        """Plan a forward of T new tokens per row; returns its rotary tables. Rows all at one
-        position (the Engine's case) use slices, else per-row indices."""
+        """Plan a forward of T new tokens per row; its rotary tables (sliced if rows are level)."""
         start = self.pos.tolist()
-        self.end = max(start) + T
+        self.masks, self.p0, self.q_pos, self.end = {}, start[0], None, max(start) + T
         if self.end > self.k.size(3) or self.end > cos.size(1):
             raise RuntimeError(f"KV cache is full ({min(self.k.size(3), cos.size(1))} positions)")
-        self.masks, self.p0, self.q_pos = {}, start[0], None
         if min(start) == max(start):
             return cos[:, self.p0:self.end], sin[:, self.p0:self.end]
         self.q_pos = (self.pos[:, None] + torch.arange(T)).to(cos.device)
         return cos[0, self.q_pos], sin[0, self.q_pos]  # [B, T, 1, D/2]
 
     def insert(self, layer, k, v, window):
-        """Store the new k, v [B, H, T, D]; return the keys and values to attend to and the
-        mask for them (windows per layer)."""
+        """Store the new k, v [B, H, T, D]; the keys, values and mask to attend with (per window)."""
         T, p0, end, device = k.size(2), self.p0, self.end, k.device
         if self.q_pos is None:
             self.k[layer, :, :, p0:end], self.v[layer, :, :, p0:end] = k, v
@@ -849,9 +801,8 @@ _CALC_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Constant, ast.Add, as
 
 
 def use_calculator(expr, max_len=200):
-    """Evaluate plain arithmetic (numbers, + - * / // %, parentheses; no names, calls or
-    powers, checked on the syntax tree before it runs; length bounded, so neither a result
-    nor its time can explode). None if it is not such arithmetic or has no finite result."""
+    """Plain arithmetic (numbers, + - * / // %, parentheses: no powers, names or calls, checked on
+    the syntax tree; length bounded, so neither result nor time explodes), else None."""
     expr = expr.replace(",", "").strip()
     try:
         tree = ast.parse(expr, mode="eval")
@@ -871,8 +822,8 @@ def use_calculator(expr, max_len=200):
 
 @torch.inference_mode()
 def sample_next_token(logits, rng, temperature=1.0, top_k=None, capped=True):
-    """[B, V] logits -> [B, 1] ids; temperature 0 is greedy. capped=False: raw logits, capped
-    here after top-k (the cap keeps their order), which saves a tanh over the vocab."""
+    """[B, V] logits -> [B, 1] ids (temperature 0: greedy). capped=False: raw logits, softcapped here
+    after top-k (the cap keeps their order), which saves a tanh over the vocab."""
     idx = None
     if top_k is not None and top_k > 0 and temperature != 0.0:
         logits, idx = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
@@ -884,9 +835,8 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, capped=True):
 
 
 class Engine:
-    """Samples several continuations of one prompt with a KV cache, running the calculator on
-    <|python_start|>...<|python_end|> and forcing its result as <|output_start|>...<|output_end|>.
-    A row stops after emitting <|assistant_end|> or <|bos|> (the stop token is yielded)."""
+    """Samples continuations of one prompt, forcing the calculator's result on <|python_start|>...
+    <|python_end|> as <|output_start|>...<|output_end|>; a row stops after <|assistant_end|> or <|bos|>."""
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
@@ -894,8 +844,7 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
-        """Yields (token_column, mask_column) per step: one token per row, mask 0 for tokens
-        the tool forced. Finished rows keep receiving tokens that callers should ignore."""
+        """Yields a (tokens, masks) column per step (mask 0: tool-forced); finished rows get junk tokens."""
         model, tok, device = self.model, self.tokenizer, self.model.get_device()
         rng = torch.Generator(device=device).manual_seed(seed)
         py_start, py_end, out_start, out_end = (tok.encode_special(f"<|{t}|>") for t in
@@ -913,8 +862,8 @@ class Engine:
 
         # prefill once, then every row starts from the prompt's cache
         logits = last_logits(torch.tensor([tokens], dtype=torch.long, device=device), cache.row(0))
-        cache.copy_row_to_all(0)
         logits = logits.expand(num_samples, -1)
+        cache.copy_row_to_all(0)
         # per row: tokens the tool forces (emitted before sampling resumes), the tool call being read
         rows = [SimpleNamespace(forced=deque(), in_python=False, python_tokens=[], done=False)
                 for _ in range(num_samples)]
@@ -965,9 +914,8 @@ WINDOW_STEPS = 16  # steps whose rows are sorted by length together (see Schedul
 
 
 def collate(rows, pad_id, device, bucket=False):
-    """Pad rendered conversations [(ids, mask)] into inputs and targets [B, W] (a target is
-    -1 where nothing is learned), W the longest row - 1; with bucket, W is rounded up to one
-    of four widths per doubling (64, 80, 96, 112, 128, 160, ...): a compiled model sees few shapes."""
+    """Pad rendered conversations [(ids, mask)] into inputs and targets [B, W] (-1: not learned), W the
+    longest row - 1; bucket rounds W up to 4 widths per doubling (64, 80, ...): few compiled shapes."""
     width = max(len(ids) for ids, _ in rows) - 1
     step = max(16, 1 << max(0, (width - 1).bit_length() - 3))
     width = max(64, -(-width // step) * step) if bucket else width
@@ -987,10 +935,9 @@ def compile_model(model):
 
 
 class Schedule:
-    """A run's steps: rows in order, cycling (once per epoch), `per_step` to a step. Each
-    window of WINDOW_STEPS steps sorts its rows by length into micro-batches (little padding),
-    shuffled over its steps and dealt round-robin to the ranks: a step's global batch is the
-    same for any number of processes. The lr multiplier falls linearly from 1 to 0 (nanochat)."""
+    """A run's steps: rows in order, cycling, `per_step` to a step. Each window of WINDOW_STEPS steps
+    sorts its rows by length into micro-batches (little padding), shuffled over its steps and dealt
+    round-robin to the ranks (the same global batch for any number of processes); lr falls 1 -> 0."""
 
     def __init__(self, lengths, per_step, batch_size, world_size, num_epochs, num_iterations):
         if per_step % (batch_size * world_size):
@@ -1022,13 +969,15 @@ class RunDir:
         self.path, self.stage, self.master = os.path.join(get_base_dir(), SOURCE_DIRS[stage], tag), stage, master
         old = [f for pattern in ("model_*.pt", "optim_*.pt", "meta_*.json", "metrics.jsonl", ".*.tmp")
                for f in glob.glob(os.path.join(self.path, pattern))]
-        for meta in {re.sub(r"(model|optim)_(\d+)\.pt$", r"meta_\2.json", f) for f in old if f.endswith(("pt", "json"))}:
+        metas = {re.sub(r"(model|optim)_(\d+)\.pt$", r"meta_\2.json", f) for f in old if f.endswith(("pt", "json"))}
+        for meta in metas:
             try:
                 marked = "chimera" in json.load(open(meta, encoding="utf-8"))
             except (OSError, ValueError):
                 marked = False
             if not marked:
-                raise UserError(f"{self.path}: {os.path.basename(meta)} is not a Chimera checkpoint; use another --out_tag")
+                raise UserError(f"{self.path}: {os.path.basename(meta)} is not a Chimera checkpoint; "
+                                "use another --out_tag")
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # every rank has looked before rank 0 removes
         for f in old if master else []:
