@@ -175,7 +175,6 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self, zero_out=True):
         """nanochat's init; zero_out=False: random (not zero/tiny) residual projections and lm_head."""
-        L, s = self.config.n_layer, math.sqrt(3) / math.sqrt(self.config.n_embd)
         if not self.gen2026:  # N(0, 1) embedding, fan-in scaled linears, zero lm_head and residual projections
             for module in self.modules():
                 if isinstance(module, nn.Linear):
@@ -186,6 +185,7 @@ class GPT(nn.Module):
             for w in [self.lm_head] + [m for b in self.transformer.h for m in (b.mlp.c_proj, b.attn.c_proj)]:
                 w.weight.mul_(0.0 if zero_out else 1.0)
         else:
+            L, s = self.config.n_layer, math.sqrt(3) / math.sqrt(self.config.n_embd)
             self.transformer.wte.weight.normal_(0.0, 0.8)
             self.lm_head.weight.normal_(0.0, 0.001) if zero_out else self.lm_head.weight.uniform_(-s, s)
             for block in self.transformer.h:
