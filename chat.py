@@ -8,11 +8,9 @@ Talk to a checkpoint: a terminal chat, a one-shot answer, or an OpenAI-compatibl
 """
 
 import hmac
-import dataclasses
 import json
 import os
 import queue
-import select
 import socket
 import sys
 import threading
@@ -20,7 +18,7 @@ import time
 import uuid
 from collections import deque
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from typing import Optional
@@ -28,7 +26,7 @@ from typing import Optional
 import torch
 
 from gen import PERSONA_PATH, load_persona
-from common import UserError, autocast, init_dist, parse_config, run_main
+from common import UserError, autocast, check_settings, init_dist, parse_config, run_main
 from model import Engine, KVCache, checkpoint_dir_for, load_model, sample_next_token
 
 
@@ -134,18 +132,14 @@ class Scheduler:
                 self.cond.wait_for(lambda: self.closed or self.waiting or any(self.slots))
                 if self.closed:
                     return
-                joining = []
                 while self.waiting and (self.waiting[0].cancelled or self.slots.count(None) >= self.waiting[0].s.n):
                     req = self.waiting.popleft()  # oldest first, into the lowest free rows, while it fits
                     free = [i for i, slot in enumerate(self.slots) if slot is None and not req.cancelled]
                     for index, row in zip(range(req.s.n), free):
                         self.slots[row] = SimpleNamespace(req=req, index=index, ids=[], sent=0, forced=deque(),
                                                           in_python=False, python_tokens=[])  # + the tool's state
-                        joining.append(row)
+                        self.logits[row] = None  # prefilled at the start of the next step
             try:
-                for row in joining:
-                    self.cache.reset(row)
-                    self.logits[row] = self._forward([self.slots[row].req.prompt], self.cache.row(row))[0]
                 self._step()
             except Exception as e:  # a failing model ends the requests in flight, not the server
                 print(f"error while decoding: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
@@ -158,23 +152,24 @@ class Scheduler:
             return self.model.logits(self.model.hidden_states(torch.tensor(ids, device=self.device), cache)[:, -1])
 
     def _step(self):
-        tokens = [0] * self.max_batch  # free rows decode a dummy token and are reset after
+        for row in [r for r, slot in enumerate(self.slots) if slot and self.logits[r] is None]:  # joined rows
+            self.cache.reset(row)
+            self.logits[row] = self._forward([self.slots[row].req.prompt], self.cache.row(row))[0]
+        tokens = [0] * self.max_batch  # free rows decode a dummy token, each step from position 0
         for row, slot in enumerate(self.slots):
             if slot and not slot.req.cancelled:
                 req = slot.req
                 tokens[row] = slot.forced.popleft() if slot.forced else sample(self.logits[row], req.s, req.rng)
                 self.engine.track_tool(slot, tokens[row], *self.tool_ids)
-                if not self._emit(slot, tokens[row], int(self.cache.pos[row]) + 1 >= self.max_len):
-                    continue
-            self.slots[row] = None
+            if not slot or slot.req.cancelled or self._emit(slot, tokens[row], int(self.cache.pos[row]) + 1):
+                self.slots[row] = None
+                self.cache.reset(row)
         if any(self.slots):  # the rows up to the last active one: a view of the cache, one forward pass
             m, c = max(row for row, slot in enumerate(self.slots) if slot) + 1, self.cache
             logits = self._forward([[t] for t in tokens[:m]], KVCache(c.k[:, :m], c.v[:, :m], c.pos[:m], c.prev[:m]))
             self.logits[:m] = logits.unbind(0)
-        for row in (r for r in range(self.max_batch) if self.slots[r] is None):  # free rows start over
-            self.cache.reset(row)
 
-    def _emit(self, slot, token, full):
+    def _emit(self, slot, token, length):  # length: the row's, prompt included
         """Count a token; send the text that can no longer become a stop string (or split a character)."""
         req, s = slot.req, slot.req.s
         req.completion_tokens += 1
@@ -183,7 +178,7 @@ class Scheduler:
         text = self.tokenizer.decode(slot.ids)
         cut = min([p for p in map(text.find, s.stop) if p >= 0], default=-1)
         text, finish = (text[:cut], "stop") if cut >= 0 else (text, finish)
-        finish = finish or ("length" if len(slot.ids) >= s.max_tokens or full else None)
+        finish = finish or ("length" if len(slot.ids) >= s.max_tokens or length >= self.max_len else None)
         end = len(text) if finish else len(text) - max([len(x) - 1 for x in s.stop], default=0)
         while not finish and end > slot.sent and text[end - 1] == "\ufffd":
             end -= 1
@@ -274,7 +269,6 @@ def parse_request(body, defaults, tokenizer, max_n):
 
 class Handler(BaseHTTPRequestHandler):
     ROUTES = {"/": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST"}
-
     log_message = lambda self, *args: None  # the server prints its own line per request
 
     def _send(self, status, obj, content_type="application/json", log=""):
@@ -310,10 +304,9 @@ class Handler(BaseHTTPRequestHandler):
 
     do_POST = do_GET
 
-    def _client_gone(self):  # readable with nothing to read: the client closed its end
-        with suppress(OSError):
-            return bool(select.select([self.connection], [], [], 0)[0]) and not self.connection.recv(1, socket.MSG_PEEK)
-        return True
+    def _client_gone(self):  # a peek that cannot block reads nothing: the client closed its end
+        with suppress(BlockingIOError):  # no data yet: still there (a reset connection raises ConnectionError)
+            return not self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
     def _complete(self, srv, t0):
         try:
@@ -353,10 +346,9 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, dict(head, object="chat.completion", usage=usage, choices=choices), log=log)
 
 
-def make_server(sched, model_name, defaults, host="127.0.0.1", port=8000, api_key=""):
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads, server.created = True, int(time.time())
-    server.sched, server.model_name, server.defaults, server.api_key = sched, model_name, defaults, api_key
+def make_server(sched, name, defaults, host="127.0.0.1", port=8000, api_key=""):
+    server = ThreadingHTTPServer((host, port), Handler)  # its handler threads are daemons
+    vars(server).update(sched=sched, model_name=name, defaults=defaults, api_key=api_key, created=int(time.time()))
     return server
 
 
@@ -392,9 +384,8 @@ input.onkeydown = e => { if (e.key == "Enter" && !e.shiftKey) { e.preventDefault
 
 def main():
     c = parse_config(Config, aliases={"i": "source", "p": "prompt"})
-    if c.max_batch < 1 or c.max_tokens < 1 or c.temperature < 0 or c.top_k < 0:
-        raise UserError("--max_batch and --max_tokens must be positive, --temperature and --top_k not negative")
-    shown = dict(dataclasses.asdict(c), api_key="***" if c.api_key else "")  # the key never reaches a log
+    check_settings(c, at_least_1=("max_batch", "max_tokens"), not_negative=("temperature", "top_k"))
+    shown = dict(asdict(c), api_key="***" if c.api_key else "")  # the key never reaches a log
     print(", ".join(f"{k}={v}" for k, v in shown.items() if v not in (None, "")), file=sys.stderr)
     model, tokenizer, meta = load_model(c.source, init_dist(c.device_type).device, "eval",
                                         model_tag=c.model_tag, step=c.step)
@@ -403,9 +394,8 @@ def main():
     try:
         if not c.serve:
             return chat_cli(sched, c)
-        try:
-            server = make_server(sched, name, Sampling(c.temperature, c.top_k, max_tokens=c.max_tokens), c.host, c.port,
-                                 c.api_key)
+        try:  # the config's temperature, top_k and max_tokens are the requests' defaults
+            server = make_server(sched, name, c, c.host, c.port, c.api_key)
         except OSError as e:
             raise UserError(f"--host={c.host} --port={c.port}: cannot listen there ({e.strerror})") from None
         url = f"http://{c.host}:{server.server_port}"
