@@ -173,18 +173,16 @@ class Scheduler:
         """Count a token; send the text that can no longer become a stop string (or split a character)."""
         req, s = slot.req, slot.req.s
         req.completion_tokens += 1
-        finish = "stop" if token in self.stops else None
-        slot.ids += [] if finish else [token]
+        slot.ids += [] if token in self.stops else [token]
         text = self.tokenizer.decode(slot.ids)
-        cut = min([p for p in map(text.find, s.stop) if p >= 0], default=-1)
-        text, finish = (text[:cut], "stop") if cut >= 0 else (text, finish)
-        finish = finish or ("length" if len(slot.ids) >= s.max_tokens or length >= self.max_len else None)
-        end = len(text) if finish else len(text) - max([len(x) - 1 for x in s.stop], default=0)
-        while not finish and end > slot.sent and text[end - 1] == "\ufffd":
-            end -= 1
-        if end > slot.sent or finish:
-            req.events.put((slot.index, text[slot.sent:max(end, slot.sent)], finish))
-            slot.sent = max(end, slot.sent)
+        cut = min([p for p in map(text.find, s.stop) if p >= 0], default=len(text))
+        finish = "stop" if token in self.stops or cut < len(text) else (
+            "length" if len(slot.ids) >= s.max_tokens or length >= self.max_len else None)
+        hold = max([len(x) - 1 for x in s.stop], default=0)  # where a stop string may be starting
+        text = text[:cut] if finish else text[:max(0, cut - hold)].rstrip("\ufffd")  # (or a character)
+        if len(text) > slot.sent or finish:
+            req.events.put((slot.index, text[slot.sent:], finish))
+            slot.sent = max(len(text), slot.sent)
         return finish
 
 
@@ -204,9 +202,7 @@ def chat_cli(sched, c, read=input, out=sys.stdout):
         if text == "clear":
             del history[1:]
             out.write("(new conversation)\n")
-        elif text in ("quit", "exit"):
-            return
-        elif text:
+        elif text and text not in ("quit", "exit"):
             messages, parts = history[not c.system:] + [{"role": "user", "content": text}], []
             ids = sched.tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
             if len(ids) >= sched.max_len:  # -p: an error; the chat goes on
@@ -219,7 +215,7 @@ def chat_cli(sched, c, read=input, out=sys.stdout):
             sched.submit(ids, s).wait(lambda i, t, f: (parts.append(t), out.write(t), out.flush()))
             out.write("\n")
             history += [messages[-1], {"role": "assistant", "content": "".join(parts)}]
-        if c.prompt:
+        if c.prompt or text in ("quit", "exit"):
             return
 
 
@@ -234,7 +230,7 @@ class APIError(Exception):
 
 FIELDS = {  # name: (type, low, high) of each field used; others (response_format, ...) are ignored
     "temperature": (float, 0, 2), "top_p": (float, 0, 1), "top_k": (int, 0, 1 << 30), "max_tokens": (int, 1, 1 << 30),
-    "max_completion_tokens": (int, 1, 1 << 30), "n": (int, 1, None), "seed": (int, -(1 << 63), 1 << 64),
+    "max_completion_tokens": (int, 1, 1 << 30), "seed": (int, -(1 << 63), 1 << 64),
     "stream": (bool,), "model": (str,), "stream_options": (dict,), "messages": (list,), "stop": ((str, list),)}
 
 
@@ -243,9 +239,8 @@ def parse_request(body, defaults, tokenizer, max_n):
     APIError 400 naming the first bad field."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
-    for name, (typ, *bounds) in FIELDS.items():
+    for name, (typ, *bounds) in dict(FIELDS, n=(int, 1, max_n)).items():
         v, lo, hi = body.get(name), *(bounds or (None, None))
-        hi = max_n if name == "n" else hi
         if not (v is None or (isinstance(v, {int: int, float: (int, float)}.get(typ, typ)) and (typ is bool or not
                 isinstance(v, bool)) and (lo is None or lo <= v <= hi))):
             kind = {int: "an integer", float: "a number"}.get(typ, getattr(typ, "__name__", "a string or a list"))
