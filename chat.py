@@ -71,30 +71,6 @@ def sample(logits, s, rng):
 # --- The scheduler: all requests in flight decode together -------------------
 
 
-class Completion:
-    """One request: n rows under one Sampling and random generator. The scheduler puts (choice
-    index, text delta, finish_reason or None) on `events`; finish_reason: stop|length|error."""
-
-    def __init__(self, prompt, s, device):
-        self.prompt, self.s, self.events, self.cancelled, self.completion_tokens = prompt, s, queue.Queue(), False, 0
-        self.rng = torch.Generator(device)
-        self.rng.seed() if s.seed is None else self.rng.manual_seed(s.seed)
-
-    def wait(self, on_delta, client_gone=lambda: False):
-        """on_delta(index, text, finish) per event until all choices finish; their finish reasons."""
-        finishes = [None] * self.s.n
-        try:
-            while None in finishes:
-                if client_gone():
-                    raise ConnectionError("client disconnected")
-                with suppress(queue.Empty):
-                    index, text, finishes[index] = event = self.events.get(timeout=0.25)
-                    on_delta(*event)
-            return finishes
-        finally:
-            self.cancelled = True  # a no-op once finished; else the scheduler frees its rows before its next step
-
-
 class Scheduler:
     """Owns the model and a KV cache of max_batch rows in one thread. Waiting requests join free
     rows between steps (each row prefilled on its own); a step samples a token per active row,
@@ -105,8 +81,7 @@ class Scheduler:
         self.device, self.max_len = model.get_device(), model.config.sequence_len
         self.cache = KVCache.for_model(model, max_batch, self.max_len)
         self.engine = Engine(model, tokenizer)  # for its calculator-tool logic
-        self.tool_ids = [tokenizer.encode_special(f"<|{t}|>") for t in ("python_start", "python_end", "output_start",
-                                                                        "output_end")]
+        self.tools = [tokenizer.encode_special(f"<|{t}_{e}|>") for t in ("python", "output") for e in ("start", "end")]
         self.stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
         self.slots, self.logits = [None] * max_batch, [None] * max_batch  # a row's request and next-token logits
         self.waiting, self.cond, self.closed = deque(), threading.Condition(), False
@@ -114,10 +89,30 @@ class Scheduler:
         self.thread.start()
 
     def submit(self, prompt, s):
+        """A request of n rows under one Sampling and random generator; the scheduler puts (choice
+        index, text delta, finish_reason or None) on its `events`; finish_reason: stop|length|error."""
+        rng = torch.Generator(self.device)
+        rng.seed() if s.seed is None else rng.manual_seed(s.seed)
+        req = SimpleNamespace(prompt=prompt, s=s, rng=rng, events=queue.Queue(), cancelled=False, completion_tokens=0)
         with self.cond:
-            self.waiting.append(Completion(prompt, s, self.device))
+            self.waiting.append(req)
             self.cond.notify()
-            return self.waiting[-1]
+        return req
+
+    @staticmethod
+    def wait(req, on_delta, client_gone=lambda: False):
+        """on_delta(index, text, finish) per event until all choices finish; their finish reasons."""
+        finishes = [None] * req.s.n
+        try:
+            while None in finishes:
+                if client_gone():
+                    raise ConnectionError("client disconnected")
+                with suppress(queue.Empty):
+                    index, text, finishes[index] = event = req.events.get(timeout=0.25)
+                    on_delta(*event)
+            return finishes
+        finally:
+            req.cancelled = True  # a no-op once finished; else the scheduler frees its rows before its next step
 
     def close(self):
         with self.cond:
@@ -160,7 +155,7 @@ class Scheduler:
             if slot and not slot.req.cancelled:
                 req = slot.req
                 tokens[row] = slot.forced.popleft() if slot.forced else sample(self.logits[row], req.s, req.rng)
-                self.engine.track_tool(slot, tokens[row], *self.tool_ids)
+                self.engine.track_tool(slot, tokens[row], *self.tools)
             if not slot or slot.req.cancelled or self._emit(slot, tokens[row], int(self.cache.pos[row]) + 1):
                 self.slots[row] = None
                 self.cache.reset(row)
@@ -212,7 +207,7 @@ def chat_cli(sched, c, read=input, out=sys.stdout):
                 out.write(f"({too_long}: `clear` starts over)\n")
                 continue
             out.write("" if c.prompt else "Assistant: ")
-            sched.submit(ids, s).wait(lambda i, t, f: (parts.append(t), out.write(t), out.flush()))
+            sched.wait(sched.submit(ids, s), lambda i, t, f: (parts.append(t), out.write(t), out.flush()))
             out.write("\n")
             history += [messages[-1], {"role": "assistant", "content": "".join(parts)}]
         if c.prompt or text in ("quit", "exit"):
@@ -323,8 +318,8 @@ class Handler(BaseHTTPRequestHandler):
             for i in range(s.n):
                 delta(i, {"role": "assistant", "content": ""}, None)
         req = srv.sched.submit(prompt, s)
-        finishes = req.wait(lambda i, t, f: delta(i, {"content": t} if t else {}, f) if stream else
-                            texts.__setitem__(i, texts[i] + t), self._client_gone)
+        finishes = srv.sched.wait(req, lambda i, t, f: delta(i, {"content": t} if t else {}, f) if stream else
+                                  texts.__setitem__(i, texts[i] + t), self._client_gone)
         dt, done = time.time() - t0, req.completion_tokens
         log = f" {len(prompt)} prompt + {done} completion tokens in {dt:.2f}s ({done / dt:.1f} tokens/s)"
         usage = {"prompt_tokens": len(prompt), "completion_tokens": done, "total_tokens": len(prompt) + done}
