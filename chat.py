@@ -346,9 +346,8 @@ PAGE = """<!doctype html><meta charset="utf-8"><title>Chat</title><style>body{fo
 margin:auto}textarea{width:100%}#log div{white-space:pre-wrap;padding:.5em}.user{background:#e6edfb}</style>
 <div id="log"></div><textarea id="input" rows="3" placeholder="Enter sends, Shift+Enter is a new line"></textarea>
 <button id="send">Send</button> <button id="new">New chat</button><script>
-let messages = []; const $ = id => document.getElementById(id), input = $("input");
-const add = (cls, text) => $("log").appendChild(Object.assign(document.createElement("div"),
-                                                               {className: cls, textContent: text}));
+let messages = []; const $ = id => document.getElementById(id), input = $("input"), log = $("log");
+const add = (c, t) => log.appendChild(Object.assign(document.createElement("div"), {className: c, textContent: t}));
 async function send() {
   const text = input.value.trim(), out = text && !$("send").disabled && (add("user", text), add("assistant", ""));
   if (!out) return;
@@ -366,7 +365,7 @@ async function send() {
   } catch (e) { messages.pop(); out.textContent = "error: " + e.message; }
   $("send").disabled = false; input.focus();
 }
-$("send").onclick = send; $("new").onclick = () => { messages = []; $("log").textContent = ""; input.focus(); };
+$("send").onclick = send; $("new").onclick = () => { messages = []; log.textContent = ""; input.focus(); };
 input.onkeydown = e => { if (e.key == "Enter" && !e.shiftKey) { e.preventDefault(); send(); } };
 </script>
 """
@@ -377,8 +376,7 @@ def main():
     check_settings(c, at_least_1=("max_batch", "max_tokens"), not_negative=("temperature", "top_k"))
     shown = dict(asdict(c), api_key="***" if c.api_key else "")  # the key never reaches a log
     print(", ".join(f"{k}={v}" for k, v in shown.items() if v not in (None, "")), file=sys.stderr)
-    model, tokenizer, meta = load_model(c.source, init_dist(c.device_type).device, "eval",
-                                        model_tag=c.model_tag, step=c.step)
+    model, tokenizer, meta = load_model(c.source, init_dist(c.device_type).device, "eval", c.model_tag, c.step)
     name = f"{c.source}/{os.path.basename(checkpoint_dir_for(c.source, c.model_tag))}"
     sched = Scheduler(model, tokenizer, c.max_batch)
     try:
