@@ -91,8 +91,7 @@ class Scheduler:
     def submit(self, prompt, s):
         """A request of n rows under one Sampling and random generator; the scheduler puts (choice
         index, text delta, finish_reason or None) on its `events`; finish_reason: stop|length|error."""
-        rng = torch.Generator(self.device)
-        rng.seed() if s.seed is None else rng.manual_seed(s.seed)
+        rng = None if s.seed is None else torch.Generator(self.device).manual_seed(s.seed)  # None: torch's own
         req = SimpleNamespace(prompt=prompt, s=s, rng=rng, events=queue.Queue(), cancelled=False, completion_tokens=0)
         with self.cond:
             self.waiting.append(req)
@@ -223,18 +222,16 @@ class APIError(Exception):
         self.status, self.param, self.code, self.kind = status, param, code, kind
 
 
-FIELDS = {  # name: (type, low, high) of each field used; others (response_format, ...) are ignored
-    "temperature": (float, 0, 2), "top_p": (float, 0, 1), "top_k": (int, 0, 1 << 30), "max_tokens": (int, 1, 1 << 30),
-    "max_completion_tokens": (int, 1, 1 << 30), "seed": (int, -(1 << 63), 1 << 64),
-    "stream": (bool,), "model": (str,), "stream_options": (dict,), "messages": (list,), "stop": ((str, list),)}
-
-
 def parse_request(body, defaults, tokenizer, max_n):
     """A chat-completions body -> (prompt ids, Sampling, stream, include_usage), or an
     APIError 400 naming the first bad field."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
-    for name, (typ, *bounds) in dict(FIELDS, n=(int, 1, max_n)).items():
+    fields = {  # name: (type, low, high) of each field used; others (response_format, ...) are ignored
+        "temperature": (float, 0, 2), "top_p": (float, 0, 1), "top_k": (int, 0, 1 << 30), "n": (int, 1, max_n),
+        "max_tokens": (int, 1, 1 << 30), "max_completion_tokens": (int, 1, 1 << 30), "seed": (int, -(1 << 63), 1 << 64),
+        "stream": (bool,), "model": (str,), "stream_options": (dict,), "stop": ((str, list),)}  # messages: rendered
+    for name, (typ, *bounds) in fields.items():
         v, lo, hi = body.get(name), *(bounds or (None, None))
         if not (v is None or (isinstance(v, {int: int, float: (int, float)}.get(typ, typ)) and (typ is bool or not
                 isinstance(v, bool)) and (lo is None or lo <= v <= hi))):
