@@ -21,7 +21,6 @@ from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
-from typing import Optional
 
 import torch
 
@@ -33,8 +32,8 @@ from model import Engine, KVCache, checkpoint_dir_for, load_model, sample_next_t
 @dataclass
 class Config:
     source: str = "sft"  # checkpoint to talk to: base|mid|sft|dpo|rl (-i)
-    model_tag: Optional[str] = None  # model directory (d<N>, chimera_d<N>); None = the default
-    step: Optional[int] = None  # checkpoint step; None = the latest
+    model_tag: str | None = None  # model directory (d<N>, chimera_d<N>); None = the default
+    step: int | None = None  # checkpoint step; None = the latest
     device_type: str = ""  # cuda|mps|cpu; "" = autodetect
     prompt: str = ""  # answer this one prompt and exit (-p)
     system: str = ""  # system message opening each conversation of the terminal chat
@@ -56,7 +55,7 @@ class Sampling:  # one request's settings: top_k 0 = all, seed None = random, n 
     top_p: float = 1.0
     max_tokens: int = 512
     stop: list = field(default_factory=list)  # strings that end a reply (left out of it)
-    seed: Optional[int] = None
+    seed: int | None = None
     n: int = 1
 
 
@@ -98,8 +97,7 @@ class Scheduler:
             self.cond.notify()
         return req
 
-    @staticmethod
-    def wait(req, on_delta, client_gone=lambda: False):
+    def wait(self, req, on_delta, client_gone=lambda: False):
         """on_delta(index, text, finish) per event until all choices finish; their finish reasons."""
         finishes = [None] * req.s.n
         try:
