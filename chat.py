@@ -149,11 +149,7 @@ class Scheduler:
             self.logits[row] = self._forward([self.slots[row].req.prompt], self.cache.row(row))[0]
         tokens = [0] * self.max_batch  # free rows decode a dummy token, each step from position 0
         for row, slot in enumerate(self.slots):
-            if slot and not slot.req.cancelled:
-                req = slot.req
-                tokens[row] = slot.forced.popleft() if slot.forced else sample(self.logits[row], req.s, req.rng)
-                self.engine.track_tool(slot, tokens[row], *self.tools)
-            if not slot or slot.req.cancelled or self._emit(slot, tokens[row], int(self.cache.pos[row]) + 1):
+            if not slot or slot.req.cancelled or self._advance(row, slot, tokens):
                 self.slots[row] = None
                 self.cache.reset(row)
         if any(self.slots):  # the rows up to the last active one: a view of the cache, one forward pass
@@ -161,15 +157,18 @@ class Scheduler:
             logits = self._forward([[t] for t in tokens[:m]], KVCache(c.k[:, :m], c.v[:, :m], c.pos[:m], c.prev[:m]))
             self.logits[:m] = logits.unbind(0)
 
-    def _emit(self, slot, token, length):  # length: the row's, prompt included
-        """Count a token; send the text that can no longer become a stop string (or split a character)."""
+    def _advance(self, row, slot, tokens):
+        """Sample (or take the tool's) next token of a row into tokens[row]; send the text that can no
+        longer become a stop string (or split a character); return the finish reason, or None."""
         req, s = slot.req, slot.req.s
+        token = tokens[row] = slot.forced.popleft() if slot.forced else sample(self.logits[row], s, req.rng)
+        self.engine.track_tool(slot, token, *self.tools)
         req.completion_tokens += 1
         slot.ids += [] if token in self.stops else [token]
         text = self.tokenizer.decode(slot.ids)
         cut = min([p for p in map(text.find, s.stop) if p >= 0], default=len(text))
         finish = "stop" if token in self.stops or cut < len(text) else (
-            "length" if len(slot.ids) >= s.max_tokens or length >= self.max_len else None)
+            "length" if len(slot.ids) >= s.max_tokens or int(self.cache.pos[row]) + 1 >= self.max_len else None)
         hold = max([len(x) - 1 for x in s.stop], default=0)  # where a stop string may be starting
         text = text[:cut] if finish else text[:max(0, cut - hold)].rstrip("\ufffd")  # (or a character)
         if len(text) > slot.sent or finish:
