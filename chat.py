@@ -112,16 +112,14 @@ class Scheduler:
             req.cancelled = True  # a no-op once finished; else the scheduler frees its rows before its next step
 
     def close(self):
-        with self.cond:
-            self.closed = True
-            self.cond.notify()
+        self.closed = True  # the loop sees it within 0.25 s
         self.thread.join()
 
     @torch.inference_mode()
     def _loop(self):
         while True:
             with self.cond:
-                self.cond.wait_for(lambda: self.closed or self.waiting or any(self.slots))
+                self.cond.wait_for(lambda: self.closed or self.waiting or any(self.slots), timeout=0.25)
                 if self.closed:
                     return
                 while self.waiting and (self.waiting[0].cancelled or self.slots.count(None) >= self.waiting[0].s.n):
@@ -213,10 +211,9 @@ def chat_cli(sched, c, read=input, out=sys.stdout):
 # --- The OpenAI-compatible server --------------------------------------------
 
 
-class APIError(Exception):
+class APIError(Exception):  # its body is OpenAI's error object
     def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
-        super().__init__(message)
-        self.status, self.param, self.code, self.kind = status, param, code, kind
+        self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def parse_request(body, defaults, tokenizer, max_n):
@@ -244,10 +241,9 @@ def parse_request(body, defaults, tokenizer, max_n):
     except (ValueError, AttributeError, TypeError) as e:
         raise APIError(400, f"'messages' must be system?, user, assistant, user, ... with string contents ({e})",
                        "messages") from None
-    get = lambda name, default: default if body.get(name) is None else body[name]
-    s = Sampling(temperature=get("temperature", defaults.temperature), top_p=get("top_p", 1.0), stop=stop,
-                 top_k=get("top_k", defaults.top_k), seed=body.get("seed"), n=get("n", 1),
-                 max_tokens=get("max_tokens", get("max_completion_tokens", defaults.max_tokens)))
+    get = lambda name, default=None: default if body.get(name) is None else body[name]
+    s = Sampling(get("temperature", defaults.temperature), get("top_k", defaults.top_k), get("top_p", 1.0),
+                 get("max_tokens", get("max_completion_tokens", defaults.max_tokens)), stop, get("seed"), get("n", 1))
     return prompt, s, bool(body.get("stream")), bool((body.get("stream_options") or {}).get("include_usage"))
 
 
@@ -282,7 +278,7 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 self._complete(srv, time.time())
         except APIError as e:
-            self._send(e.status, {"error": {"message": str(e), "type": e.kind, "param": e.param, "code": e.code}})
+            self._send(e.status, e.body)
         except ConnectionError:  # BrokenPipeError included
             print(f"{self.command} {self.path} client disconnected", flush=True)
 
