@@ -18,6 +18,7 @@ import time
 import uuid
 from collections import deque
 from contextlib import suppress
+from itertools import takewhile
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
@@ -183,15 +184,13 @@ def chat_cli(sched, c, read=input, out=sys.stdout):
         c.system = load_persona(PERSONA_PATH)["system"]
     s, history = Sampling(c.temperature, c.top_k, max_tokens=c.max_tokens), [{"role": "system", "content": c.system}]
     out.write("" if c.prompt else "Chat with the model: `clear` starts a new conversation, `quit` (or Ctrl-D) ends.\n")
-    while True:
-        try:
-            text = c.prompt or read("\nUser: ").strip()
-        except EOFError:
-            return
-        if text == "clear":
-            del history[1:]
-            out.write("(new conversation)\n")
-        elif text and text not in ("quit", "exit"):
+    lines = takewhile(lambda text: text not in ("quit", "exit"), iter(lambda: read("\nUser: ").strip(), None))
+    with suppress(EOFError):  # Ctrl-D ends the chat too
+        for text in filter(None, [c.prompt] if c.prompt else lines):
+            if text == "clear":
+                del history[1:]
+                out.write("(new conversation)\n")
+                continue
             messages, parts = history[not c.system:] + [{"role": "user", "content": text}], []
             ids = sched.tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
             if len(ids) >= sched.max_len:  # -p: an error; the chat goes on
@@ -204,8 +203,6 @@ def chat_cli(sched, c, read=input, out=sys.stdout):
             sched.wait(sched.submit(ids, s), lambda i, t, f: (parts.append(t), out.write(t), out.flush()))
             out.write("\n")
             history += [messages[-1], {"role": "assistant", "content": "".join(parts)}]
-        if c.prompt or text in ("quit", "exit"):
-            return
 
 
 # --- The OpenAI-compatible server --------------------------------------------
