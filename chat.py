@@ -89,8 +89,7 @@ class Scheduler:
         self.thread.start()
 
     def submit(self, prompt, s):
-        """A request of n rows under one Sampling and random generator; the scheduler puts (choice
-        index, text delta, finish_reason or None) on its `events`; finish_reason: stop|length|error."""
+        """A request of n rows; the scheduler puts (choice index, text delta, stop|length|error|None) on its events."""
         rng = None if s.seed is None else torch.Generator(self.device).manual_seed(s.seed)  # None: torch's own
         req = SimpleNamespace(prompt=prompt, s=s, rng=rng, events=queue.Queue(), cancelled=False, completion_tokens=0)
         with self.cond:
@@ -157,8 +156,7 @@ class Scheduler:
             self.logits[:m] = logits.unbind(0)
 
     def _advance(self, row, slot, tokens):
-        """Sample (or take the tool's) next token of a row into tokens[row]; send the text that can no
-        longer become a stop string (or split a character); return the finish reason, or None."""
+        """tokens[row] = the row's next token (sampled, or the tool's); send its settled text; the finish or None."""
         req, s = slot.req, slot.req.s
         token = tokens[row] = slot.forced.popleft() if slot.forced else sample(self.logits[row], s, req.rng)
         self.engine.track_tool(slot, token, *self.tools)
@@ -168,8 +166,8 @@ class Scheduler:
         cut = min([p for p in map(text.find, s.stop) if p >= 0], default=len(text))
         finish = "stop" if token in self.stops or cut < len(text) else (
             "length" if len(slot.ids) >= s.max_tokens or int(self.cache.pos[row]) + 1 >= self.max_len else None)
-        hold = max([len(x) - 1 for x in s.stop], default=0)  # where a stop string may be starting
-        text = text[:cut] if finish else text[:max(0, cut - hold)].rstrip("\ufffd")  # (or a character)
+        hold = max([len(x) - 1 for x in s.stop], default=0)  # unsettled: the tail may begin a stop string
+        text = text[:cut] if finish else text[:max(0, cut - hold)].rstrip("\ufffd")  # or end in half a character
         if len(text) > slot.sent or finish:
             req.events.put((slot.index, text[slot.sent:], finish))
             slot.sent = max(len(text), slot.sent)
@@ -180,9 +178,8 @@ class Scheduler:
 
 
 def chat_cli(sched, c, read=input, out=sys.stdout):
-    if c.persona and not c.system:
-        c.system = load_persona(PERSONA_PATH)["system"]
-    s, history = Sampling(c.temperature, c.top_k, max_tokens=c.max_tokens), [{"role": "system", "content": c.system}]
+    system = c.system or (load_persona(PERSONA_PATH)["system"] if c.persona else "")
+    s, history = Sampling(c.temperature, c.top_k, max_tokens=c.max_tokens), [{"role": "system", "content": system}]
     out.write("" if c.prompt else "Chat with the model: `clear` starts a new conversation, `quit` (or Ctrl-D) ends.\n")
     lines = takewhile(lambda text: text not in ("quit", "exit"), iter(lambda: read("\nUser: ").strip(), None))
     with suppress(EOFError):  # Ctrl-D ends the chat too
@@ -191,7 +188,7 @@ def chat_cli(sched, c, read=input, out=sys.stdout):
                 del history[1:]
                 out.write("(new conversation)\n")
                 continue
-            messages, parts = history[not c.system:] + [{"role": "user", "content": text}], []
+            messages, parts = history[not system:] + [{"role": "user", "content": text}], []
             ids = sched.tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
             if len(ids) >= sched.max_len:  # -p: an error; the chat goes on
                 too_long = f"the conversation is {len(ids)} tokens; the model's context is {sched.max_len}"
@@ -214,8 +211,7 @@ class APIError(Exception):  # its body is OpenAI's error object
 
 
 def parse_request(body, defaults, tokenizer, max_n):
-    """A chat-completions body -> (prompt ids, Sampling, stream, include_usage), or an
-    APIError 400 naming the first bad field."""
+    """A chat-completions body -> (prompt ids, Sampling, stream, include_usage), or an APIError 400 naming a field."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     fields = {  # name: (type, low, high) of each field used; others (response_format, ...) are ignored
