@@ -112,16 +112,15 @@ class Scheduler:
             req.cancelled = True  # a no-op once finished; else the scheduler frees its rows before its next step
 
     def close(self):
-        self.closed = True  # the loop sees it within 0.25 s
+        self.closed = True  # the loop ends after its current step
         self.thread.join()
 
     @torch.inference_mode()
     def _loop(self):
-        while True:
+        while not self.closed:
             with self.cond:
-                self.cond.wait_for(lambda: self.closed or self.waiting or any(self.slots), timeout=0.25)
-                if self.closed:
-                    return
+                if not self.cond.wait_for(lambda: self.waiting or any(self.slots), timeout=0.25):
+                    continue  # idle: no step, and close() is seen within 0.25 s
                 while self.waiting and (self.waiting[0].cancelled or self.slots.count(None) >= self.waiting[0].s.n):
                     req = self.waiting.popleft()  # oldest first, into the lowest free rows, while it fits
                     free = [i for i, slot in enumerate(self.slots) if slot is None and not req.cancelled]
