@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import model
-from conftest import REPO, golden_dir, make_tiny_base, run_python, run_torchrun
+from conftest import golden_dir, make_tiny_base, run_python, run_torchrun
 from common import UserError
 from model import Engine, GPT, GPTConfig, KVCache, SPECIAL_TOKENS, load_model, save_checkpoint, use_calculator
 
