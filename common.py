@@ -1,23 +1,21 @@
 """The small layer every Chimera stage shares: errors, files, `--key=value` configs,
 torch.distributed, rank-0 printing, bf16 autocast, a progress bar and report sections.
-Nothing here knows about models or data; model.py and the stages build on it."""
+Nothing here knows about models or data; model.py and the stages build on it (HTTP with
+retries and JSONL files live in tasks.py, beside the datasets that use them most)."""
 
 import argparse
 import dataclasses
 import datetime
-import email.utils
 import inspect
 import json
 import math
 import os
-import random
 import re
 import sys
 import time
 import typing
 from contextlib import nullcontext
 
-import requests
 import torch
 import torch.distributed as dist
 
@@ -52,9 +50,9 @@ def atomic_write(path, write_fn, binary=False):
     directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    f = open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8")  # mode 0o666 less the umask
     try:
-        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as f:
+        with f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
@@ -70,65 +68,6 @@ def atomic_write_text(path, text):
 
 def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def append_jsonl(path, record):
-    """Append one record as one whole line (a single write), flushed to disk."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-# -----------------------------------------------------------------------------
-# HTTP with retries (gen.py's OpenRouter client, tasks.py's Hugging Face rows)
-
-
-class HTTPGaveUp(Exception):
-    """Transient failures (408, 429, 5xx, timeouts, dropped connections) outlasted every retry."""
-
-
-def http_retry(send, retries, backoff, max_wait=120.0, log=None, connect_retries=None):
-    """send() -> requests.Response, retried on 408, 429, 5xx, timeouts and dropped connections
-    (at most connect_retries times when nothing answers) with exponential backoff and jitter,
-    Retry-After (seconds or an HTTP date) honoured. Returns any other response: the caller decides
-    what its status means. A malformed URL raises at once; HTTPGaveUp(reason) when retries run out."""
-    for attempt in range(retries + 1):
-        response = None
-        try:
-            response = send()
-            if response.status_code not in (408, 429) and response.status_code < 500:
-                return response
-            reason = f"HTTP {response.status_code}"
-        except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema):
-            raise
-        except requests.RequestException as e:
-            reason = type(e).__name__
-            if isinstance(e, requests.ConnectionError) and attempt >= min(retries, connect_retries or retries):
-                raise HTTPGaveUp(f"{reason} (gave up after {attempt + 1} tries)") from e
-        if attempt == retries:
-            raise HTTPGaveUp(f"{reason} (gave up after {retries + 1} tries)")
-        wait = backoff * 2**attempt * random.uniform(0.5, 1.0)  # jitter spreads the herd that failed together
-        asked = response.headers.get("Retry-After", "") if response is not None else ""
-        try:
-            wait = float(asked) if asked.strip().replace(".", "", 1).isdigit() else \
-                email.utils.parsedate_to_datetime(asked).timestamp() - time.time()
-        except (TypeError, ValueError):
-            pass  # no Retry-After, or one that is neither seconds nor a date
-        wait = min(max_wait, max(0.0, wait))
-        if log:
-            log(f"{reason}; retry {attempt + 1}/{retries} in {wait:.1f}s")
-        time.sleep(wait)
-
-
-def error_text(response, limit=300):
-    """The error message of an API response ({"error": {"message": ...}} or {"error": ...}) or its body."""
-    try:
-        error = response.json().get("error", "")
-        error = error.get("message", error) if isinstance(error, dict) else error
-    except (ValueError, AttributeError):
-        error = response.text
-    return str(error)[:limit]
 
 
 # -----------------------------------------------------------------------------

@@ -35,9 +35,9 @@ from urllib.parse import urlparse
 import numpy as np
 import requests
 
-from common import (HTTPGaveUp, ProgressBar, UserError, append_jsonl, atomic_write_json, error_text,
-                    get_base_dir, http_retry, parse_config, run_main, write_report_section)
-from tasks import conversation_problem, dpo_problem, iter_jsonl, record_digest
+from common import ProgressBar, UserError, atomic_write_json, get_base_dir, parse_config, run_main, write_report_section
+from tasks import (HTTPGaveUp, append_jsonl, conversation_problem, dpo_problem, error_text, http_retry, iter_jsonl,
+                   record_digest)
 
 DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
 DEFAULT_MODELS = "openai/gpt-4o-mini"

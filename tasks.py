@@ -15,6 +15,7 @@ HumanEval runs model-written code in sandbox.py; the tests themselves run here.
 """
 
 import copy
+import email.utils
 import functools
 import glob
 import hashlib
@@ -31,8 +32,7 @@ import numpy as np
 import requests
 
 import sandbox
-from common import (HTTPGaveUp, ProgressBar, UserError, atomic_write, error_text, get_base_dir, http_retry, print0,
-                    run_main)
+from common import ProgressBar, UserError, atomic_write, get_base_dir, print0, run_main
 from model import _check_messages
 
 # -----------------------------------------------------------------------------
@@ -174,6 +174,15 @@ def iter_jsonl(path, problem_of=None, advice=""):
             yield record
 
 
+def append_jsonl(path, record):
+    """Append one record as one whole line (a single write), flushed to disk."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+
 def read_jsonl(path, problem_of, hint=""):
     """All records of a JSONL file, checked by problem_of; a missing or empty file is a UserError."""
     if not os.path.isfile(path):
@@ -224,6 +233,57 @@ class TraderDPO(TraderData):
     """gen.py's preference pairs: {"prompt", "chosen", "rejected"} per line."""
 
     file, problem_of, default_val_fraction = "trader_dpo_data.jsonl", dpo_problem, 0.05
+
+
+# -----------------------------------------------------------------------------
+# HTTP with retries (gen.py's OpenRouter client, tasks.py's Hugging Face rows)
+
+
+class HTTPGaveUp(Exception):
+    """Transient failures (408, 429, 5xx, timeouts, dropped connections) outlasted every retry."""
+
+
+def http_retry(send, retries, backoff, max_wait=120.0, log=None, connect_retries=None):
+    """send() -> requests.Response, retried on 408, 429, 5xx, timeouts and dropped connections
+    (at most connect_retries times when nothing answers) with exponential backoff and jitter,
+    Retry-After (seconds or an HTTP date) honoured. Returns any other response: the caller decides
+    what its status means. A malformed URL raises at once; HTTPGaveUp(reason) when retries run out."""
+    for attempt in range(retries + 1):
+        response = None
+        try:
+            response = send()
+            if response.status_code not in (408, 429) and response.status_code < 500:
+                return response
+            reason = f"HTTP {response.status_code}"
+        except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema):
+            raise
+        except requests.RequestException as e:
+            reason = type(e).__name__
+            if isinstance(e, requests.ConnectionError) and attempt >= min(retries, connect_retries or retries):
+                raise HTTPGaveUp(f"{reason} (gave up after {attempt + 1} tries)") from e
+        if attempt == retries:
+            raise HTTPGaveUp(f"{reason} (gave up after {retries + 1} tries)")
+        wait = backoff * 2**attempt * random.uniform(0.5, 1.0)  # jitter spreads the herd that failed together
+        asked = response.headers.get("Retry-After", "") if response is not None else ""
+        try:
+            wait = float(asked) if asked.strip().replace(".", "", 1).isdigit() else \
+                email.utils.parsedate_to_datetime(asked).timestamp() - time.time()
+        except (TypeError, ValueError):
+            pass  # no Retry-After, or one that is neither seconds nor a date
+        wait = min(max_wait, max(0.0, wait))
+        if log:
+            log(f"{reason}; retry {attempt + 1}/{retries} in {wait:.1f}s")
+        time.sleep(wait)
+
+
+def error_text(response, limit=300):
+    """The error message of an API response ({"error": {"message": ...}} or {"error": ...}) or its body."""
+    try:
+        error = response.json().get("error", "")
+        error = error.get("message", error) if isinstance(error, dict) else error
+    except (ValueError, AttributeError):
+        error = response.text
+    return str(error)[:limit]
 
 
 # -----------------------------------------------------------------------------
