@@ -4,6 +4,7 @@ writes (TraderSFT, TraderDPO); the Hugging Face datasets nanochat uses (ARC, MML
 HumanEval, SmolTalk) as JSON rows from the dataset viewer API, cached as JSONL under
 $NANOCHAT_BASE_DIR/task_data/; nanochat's identity conversations and spelling tasks. All
 render, order and grade as nanochat's do, so numbers compare (also on a --max_problems prefix).
+Also the JSONL and HTTP-with-retries helpers gen.py shares.
 
     python tasks.py                      # fetch and cache everything SFT and eval use
     python tasks.py ARC-Easy GSM8K       # just these (names: see PREFETCH)
@@ -17,10 +18,9 @@ HumanEval runs model-written code in sandbox.py; the tests themselves run here.
 import copy
 import email.utils
 import functools
-import glob
 import hashlib
+import itertools
 import json
-import numbers
 import os
 import random
 import re
@@ -74,9 +74,9 @@ class Task:
         return max(0, -(-(stop - self.start) // self.step))
 
     def __getitem__(self, index):
-        if not isinstance(index, numbers.Integral) or not 0 <= index < len(self):
+        if not 0 <= index < len(self):
             raise IndexError(f"{self.name}: index {index!r} out of range for {len(self)} examples")
-        return self.get_example(self.start + int(index) * self.step)
+        return self.get_example(self.start + index * self.step)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -149,28 +149,27 @@ def dpo_problem(record):
 # Persona data from gen.py: JSONL, validated line by line, split by a hash of each record
 
 
-def iter_jsonl(path, problem_of=None, advice=""):
+def iter_jsonl(path, problem_of=lambda record: None, advice=""):
     """The records of a JSONL file, blank lines skipped; a bad line (not UTF-8, not JSON,
     nested too deep, a number too long, or a problem_of(record)) is a UserError naming
     file:line, followed by `advice`. Lines are decoded one by one so the line is right."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
+            problem = None
             try:
                 line = raw.decode("utf-8")
                 if not line.strip():
                     continue
                 record = json.loads(line)
             except UnicodeDecodeError:
-                raise UserError(f"{where}: not UTF-8 text{advice}") from None
+                problem = "not UTF-8 text"
             except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg}){advice}") from None
+                problem = f"not valid JSON ({e.msg})"
             except (RecursionError, ValueError) as e:  # Python's own limits: nesting, digits of an int
-                raise UserError(f"{where}: JSON beyond what Python parses ({str(e)[:80] or 'nested too deep'})"
-                                f"{advice}") from None
-            problem = problem_of(record) if problem_of else None
+                problem = f"JSON beyond what Python parses ({str(e)[:80] or 'nested too deep'})"
+            problem = problem or problem_of(record)
             if problem:
-                raise UserError(f"{where}: {problem}{advice}")
+                raise UserError(f"{path}:{lineno}: {problem}{advice}")
             yield record
 
 
@@ -182,12 +181,12 @@ def append_jsonl(path, record):
         os.fsync(f.fileno())
 
 
-
-def read_jsonl(path, problem_of, hint=""):
-    """All records of a JSONL file, checked by problem_of; a missing or empty file is a UserError."""
+def read_jsonl(path, problem_of, hint="", stop=None):
+    """The records of a JSONL file (the first `stop`), checked by problem_of; a missing or empty
+    file is a UserError."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: file not found{hint}")
-    records = list(iter_jsonl(path, problem_of))
+    records = list(itertools.islice(iter_jsonl(path, problem_of), stop))
     if not records:
         raise UserError(f"{path}: no records (the file is empty){hint}")
     return records
@@ -203,11 +202,6 @@ def hash_fraction(record):
     return int.from_bytes(record_digest(record)[:8], "big") / 2.0**64
 
 
-def split_records(records, split, val_fraction):
-    assert split in ("train", "val") and 0.0 <= val_fraction < 1.0, (split, val_fraction)  # checked by the stages
-    return [r for r in records if (hash_fraction(r) < val_fraction) == (split == "val")]
-
-
 class TraderData(Task):
     """A gen.py JSONL file split by record hash; rows returned as copies."""
 
@@ -216,9 +210,10 @@ class TraderData(Task):
     def __init__(self, path=None, split="train", val_fraction=None, **kwargs):
         super().__init__(**kwargs)
         self.path = path or os.path.join(get_base_dir(), "datasets", self.file)
-        records = read_jsonl(self.path, type(self).problem_of, hint=" (gen.py writes it)")
         fraction = self.default_val_fraction if val_fraction is None else val_fraction
-        self.rows = split_records(records, split, fraction)
+        assert split in ("train", "val") and 0.0 <= fraction < 1.0, (split, fraction)  # checked by the stages
+        self.rows = [r for r in read_jsonl(self.path, type(self).problem_of, hint=" (gen.py writes it)")
+                     if (hash_fraction(r) < fraction) == (split == "val")]
         self.split, self.label = split, f"{type(self).__name__}/{split}"
 
 
@@ -236,7 +231,7 @@ class TraderDPO(TraderData):
 
 
 # -----------------------------------------------------------------------------
-# HTTP with retries (gen.py's OpenRouter client, tasks.py's Hugging Face rows)
+# HTTP with retries (gen.py's OpenRouter client, the Hugging Face rows below)
 
 
 class HTTPGaveUp(Exception):
@@ -249,7 +244,7 @@ def http_retry(send, retries, backoff, max_wait=120.0, log=None, connect_retries
     Retry-After (seconds or an HTTP date) honoured. Returns any other response: the caller decides
     what its status means. A malformed URL raises at once; HTTPGaveUp(reason) when retries run out."""
     for attempt in range(retries + 1):
-        response = None
+        response = error = None
         try:
             response = send()
             if response.status_code not in (408, 429) and response.status_code < 500:
@@ -258,11 +253,10 @@ def http_retry(send, retries, backoff, max_wait=120.0, log=None, connect_retries
         except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema):
             raise
         except requests.RequestException as e:
-            reason = type(e).__name__
-            if isinstance(e, requests.ConnectionError) and attempt >= min(retries, connect_retries or retries):
-                raise HTTPGaveUp(f"{reason} (gave up after {attempt + 1} tries)") from e
-        if attempt == retries:
-            raise HTTPGaveUp(f"{reason} (gave up after {retries + 1} tries)")
+            reason, error = type(e).__name__, e
+        unreachable = isinstance(error, requests.ConnectionError) and attempt >= (connect_retries or retries)
+        if attempt == retries or unreachable:
+            raise HTTPGaveUp(f"{reason} (gave up after {attempt + 1} tries)") from error
         wait = backoff * 2**attempt * random.uniform(0.5, 1.0)  # jitter spreads the herd that failed together
         asked = response.headers.get("Retry-After", "") if response is not None else ""
         try:
@@ -292,9 +286,11 @@ def error_text(response, limit=300):
 HF_ROWS_URL = "https://datasets-server.huggingface.co/rows"
 HF_PAGE = 100  # the viewer's maximum `length` per request
 HF_RETRIES = 6  # retries per page on connection errors, 429 and 5xx
+HF_CONNECT_RETRIES = 2  # a host we cannot connect to at all is retried only briefly
 HF_BACKOFF = 1.0  # seconds before the first retry; doubles each time
 HF_MAX_WAIT = 120.0  # cap on one wait, Retry-After included
 HF_TIMEOUT = 30.0  # seconds per request
+_unreachable = set()  # endpoints that failed to connect in this process: not tried again
 
 
 class DataUnavailable(UserError):
@@ -312,83 +308,50 @@ def hf_cache_path(dataset, config, split, first=None):
     return os.path.join(get_base_dir(), "task_data", dataset.replace("/", "--"), config, name)
 
 
-def _prefix_caches(dataset, config, split):
-    """{N: path} of the {split}.first{N}.jsonl files present."""
-    paths = glob.glob(glob.escape(hf_cache_path(dataset, config, split, first="@")).replace("@", "*"))
-    return {int(m[1]): p for p in paths if (m := re.search(r"\.first(\d+)\.jsonl$", p))}
-
-
-def _read_rows(path):
-    return read_jsonl(path, lambda r: None if isinstance(r, dict) else "expected one JSON object (a row)",
-                      hint=" (delete it to fetch again)")
-
-
-def _write_rows(path, rows):
-    atomic_write(path, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
-def _rows_url():
-    url = (os.environ.get("CHIMERA_HF_ROWS_URL") or HF_ROWS_URL).rstrip("/")
-    return url if url.endswith("/rows") else url + "/rows"
-
-
-HF_CONNECT_RETRIES = 2  # a host we cannot connect to at all is retried only briefly
-_unreachable = set()  # endpoints that failed to connect in this process: not tried again
-
-
-def _get_page(session, url, params, headers, where):
-    """One page of rows as parsed JSON, through common.http_retry; anything but 200 raises
-    _FetchFailed. An endpoint we cannot connect to gets a couple of quick retries, then is
-    written off for the rest of the process, so an offline eval skips each task at once."""
-    if url in _unreachable:
-        raise _FetchFailed(f"{url} was unreachable earlier in this run")
-    try:
-        response = http_retry(lambda: session.get(url, params=params, headers=headers, timeout=HF_TIMEOUT),
-                              HF_RETRIES, HF_BACKOFF, HF_MAX_WAIT, lambda m: print0(f"{where}: {m}"), HF_CONNECT_RETRIES)
-    except HTTPGaveUp as e:
-        if isinstance(e.__cause__, requests.ConnectionError):
-            _unreachable.add(url)
-        raise _FetchFailed(f"talking to {url}: {e}") from None
-    if response.status_code != 200:
-        raise _FetchFailed(f"HTTP {response.status_code} from {url}: {error_text(response, 200)}")
-    try:
-        return response.json()
-    except ValueError:
-        raise _FetchFailed(f"the response from {url} is not JSON") from None
+def offline():
+    return any(os.environ.get(v, "0") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def _fetch_rows(dataset, config, split, stop):
-    """Rows [0, stop) of a split (all if stop is None) page by page. Returns (rows, total)."""
-    url, where = _rows_url(), f"{dataset} {config}/{split}"
-    token = os.environ.get("HF_TOKEN")
+    """Rows [0, stop) of a split (all if stop is None), page by page: (rows, total). Anything but
+    a page of rows raises _FetchFailed. An endpoint we cannot connect to gets a couple of quick
+    retries, then is written off for the rest of the process, so an offline eval skips each task at once."""
+    url = (os.environ.get("CHIMERA_HF_ROWS_URL") or HF_ROWS_URL).rstrip("/")
+    url = url if url.endswith("/rows") else url + "/rows"
+    where, token = f"{dataset} {config}/{split}", os.environ.get("HF_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    rows, skipped, offset, target, total, bar = [], 0, 0, None, None, None
+    rows, skipped, offset, target, bar = [], 0, 0, stop, None
     with requests.Session() as session:
-        while target is None or offset < target:
-            want = stop if target is None else target
-            length = HF_PAGE if want is None else min(HF_PAGE, want - offset)
-            params = {"dataset": dataset, "config": config, "split": split, "offset": offset, "length": length}
-            page = _get_page(session, url, params, headers, where)
-            if not isinstance(page, dict) or not isinstance(page.get("rows"), list) \
-                    or not isinstance(page.get("num_rows_total"), int):
-                raise _FetchFailed(f"unexpected response from {url} (no rows/num_rows_total)")
-            if target is None:
-                total = page["num_rows_total"]
-                target = total if stop is None else min(stop, total)
-                if target == 0:
-                    raise _FetchFailed("the split has no rows")
-                bar = ProgressBar(target, desc=f"fetch {where}", unit="rows")
-            items = page["rows"][: target - offset]
+        while bar is None or offset < target:
+            if url in _unreachable:
+                raise _FetchFailed(f"{url} was unreachable earlier in this run")
+            params = {"dataset": dataset, "config": config, "split": split, "offset": offset,
+                      "length": HF_PAGE if target is None else min(HF_PAGE, target - offset)}
+            try:
+                response = http_retry(lambda: session.get(url, params=params, headers=headers, timeout=HF_TIMEOUT),
+                                      HF_RETRIES, HF_BACKOFF, HF_MAX_WAIT, lambda m: print0(f"{where}: {m}"),
+                                      HF_CONNECT_RETRIES)
+            except HTTPGaveUp as e:
+                if isinstance(e.__cause__, requests.ConnectionError):
+                    _unreachable.add(url)
+                raise _FetchFailed(f"talking to {url}: {e}") from None
+            if response.status_code != 200:
+                raise _FetchFailed(f"HTTP {response.status_code} from {url}: {error_text(response, 200)}")
+            try:
+                page = response.json()
+                if bar is None:
+                    total = page["num_rows_total"]
+                    target = total if stop is None else min(stop, total)
+                    bar = ProgressBar(target, desc=f"fetch {where}", unit="rows")
+                items = page["rows"][: target - offset]
+                kept = [item["row"] for item in items if not item.get("truncated_cells")]
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise _FetchFailed(f"unexpected response from {url} (not JSON with rows and num_rows_total)") from None
             if not items:
-                raise _FetchFailed(f"the server returned no rows at offset {offset} of {target}")
-            for item in items:
-                if not isinstance(item, dict) or not isinstance(item.get("row"), dict):
-                    raise _FetchFailed(f"unexpected row at offset {offset} from {url}")
-                if item.get("truncated_cells"):
-                    skipped += 1
-                else:
-                    rows.append(item["row"])
-            offset += len(items)
+                raise _FetchFailed(f"the server returned no rows at offset {offset} of {target}" if target
+                                   else "the split has no rows")
+            rows += kept
+            skipped, offset = skipped + len(items) - len(kept), offset + len(items)
             bar.update(len(items))
     bar.close()
     if skipped:
@@ -396,74 +359,61 @@ def _fetch_rows(dataset, config, split, stop):
     return rows, total
 
 
-def offline():
-    return any(os.environ.get(v, "0") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
-def _load_rows(dataset, config, split, stop):
-    """(rows, cache path) -- see hf_rows for the cache rule."""
-    full = hf_cache_path(dataset, config, split)
-    if stop is not None and stop < 1:
-        return [], full
-    if os.path.exists(full):
-        return _read_rows(full)[:stop], full
-    prefixes = _prefix_caches(dataset, config, split)
-    if stop is not None:
-        usable = [n for n in prefixes if n >= stop]
-        if usable:
-            path = prefixes[min(usable)]
-            return _read_rows(path)[:stop], path
-    if offline():
-        raise DataUnavailable(f"{dataset} ({config}/{split}) is not cached and HF_HUB_OFFLINE is set; to supply it, "
-                              f"put its rows, one JSON object per line, in {full}")
-    try:
-        rows, total = _fetch_rows(dataset, config, split, stop)
-    except _FetchFailed as e:
-        raise DataUnavailable(f"{dataset} ({config}/{split}) could not be fetched: {e}. To work offline, "
-                              f"put its rows, one JSON object per line, in {full}") from None
-    complete = stop is None or stop >= total
-    path = full if complete else hf_cache_path(dataset, config, split, first=stop)
-    _write_rows(path, rows)
-    for n, old in prefixes.items():  # superseded prefixes
-        if complete or n < stop:
-            os.remove(old)
-    return rows, path
-
-
-def hf_rows(dataset, config, split, stop=None):
+def hf_rows(dataset, config, split, stop=None, problem_of=lambda row: None):
     """The rows (dicts) of a Hugging Face split, the first `stop` if given, from the dataset
     viewer API ($CHIMERA_HF_ROWS_URL, $HF_TOKEN) cached in task_data/{owner}--{name}/{config}/:
     {split}.jsonl, the whole split, is always used when present (how offline users and tests
     supply rows); {split}.first{N}.jsonl, rows [0, N) of a prefix fetch (SmolTalk), serves
     any stop <= N and is replaced by a longer fetch. Rows the viewer truncated are skipped
-    and counted; files are written whole; a failed fetch raises DataUnavailable."""
-    return _load_rows(dataset, config, split, stop)[0]
+    and counted; files are written whole; a failed fetch raises DataUnavailable. Rows are
+    always read back from the cache file, so a problem_of(row) names its file:line."""
+    if stop is not None and stop < 1:
+        return []
+    full = hf_cache_path(dataset, config, split)
+    folder = os.path.dirname(full)
+    prefixes = {int(m[1]): os.path.join(folder, name) for name in (os.listdir(folder) if os.path.isdir(folder) else ())
+                if (m := re.fullmatch(re.escape(split) + r"\.first(\d+)\.jsonl", name))}
+    usable = [n for n in prefixes if stop is not None and n >= stop]
+    path = full if os.path.exists(full) else prefixes[min(usable)] if usable else None
+    if path is None:
+        supply = f"put its rows, one JSON object per line, in {full}"
+        if offline():
+            raise DataUnavailable(f"{dataset} ({config}/{split}) is not cached and HF_HUB_OFFLINE is set; to supply "
+                                  f"it, {supply}")
+        try:
+            rows, total = _fetch_rows(dataset, config, split, stop)
+        except _FetchFailed as e:
+            raise DataUnavailable(f"{dataset} ({config}/{split}) could not be fetched: {e}. To work offline, "
+                                  f"{supply}") from None
+        complete = stop is None or stop >= total
+        path = full if complete else hf_cache_path(dataset, config, split, first=stop)
+        atomic_write(path, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        for n, old in prefixes.items():  # superseded prefixes
+            if complete or n < stop:
+                os.remove(old)
+    return read_jsonl(path, lambda r: problem_of(r) if isinstance(r, dict) else "expected one JSON object (a row)",
+                      hint=" (delete it to fetch again)", stop=stop)
 
 
 class HFTask(Task):
-    """A task over one Hugging Face split. Evaluation tasks (shuffle=True) load the whole
-    split in nanochat's order; others (SmolTalk) fetch only the prefix they slice."""
+    """A task over one Hugging Face split (config `subset`), labelled by `title`. Evaluation tasks
+    (shuffle=True) load the whole split in nanochat's order; others (SmolTalk) fetch only the
+    prefix they slice."""
 
-    dataset = ""
-    shuffle = True
+    dataset, subset, title, shuffle = "", "", "{subset}/{split}", True
 
-    def __init__(self, config, split, **kwargs):
+    def __init__(self, subset=None, split="test", **kwargs):
         super().__init__(**kwargs)
-        self.config, self.split = config, split
-        rows, path = _load_rows(self.dataset, config, split, None if self.shuffle else self.stop)
+        self.subset, self.split = subset or self.subset, split
+        self.label = self.title.format(subset=self.subset, split=split)
+        rows = hf_rows(self.dataset, self.subset, split, None if self.shuffle else self.stop,
+                       lambda row: self.row_problem(self.prepare(row)))
         rows = [self.prepare(row) for row in rows]
-        for i, row in enumerate(rows):
-            problem = self.row_problem(row)
-            if problem:
-                raise UserError(f"{path}:{i + 1}: {problem}")
         # nanochat's order: datasets' .shuffle(seed=42) is numpy's default_rng(42).permutation of the rows
         self.rows = [rows[i] for i in np.random.default_rng(42).permutation(len(rows))] if self.shuffle else rows
 
     def prepare(self, row):
         return row
-
-    def row_problem(self, row):
-        return None
 
 
 def _missing(row, spec):
@@ -488,13 +438,7 @@ def render_mc(question, letters, choices):
 
 
 class ARC(HFTask):
-    dataset = "allenai/ai2_arc"
-
-    def __init__(self, subset="ARC-Easy", split="test", **kwargs):  # subset: ARC-Easy | ARC-Challenge
-        self.label = f"{subset}/{split}"
-        super().__init__(subset, split, **kwargs)
-
-    eval_type = "categorical"
+    dataset, subset, eval_type = "allenai/ai2_arc", "ARC-Easy", "categorical"  # subset: ARC-Easy | ARC-Challenge
 
     def row_problem(self, row):
         choices = row.get("choices")
@@ -517,14 +461,8 @@ class ARC(HFTask):
 
 
 class MMLU(HFTask):
-    dataset = "cais/mmlu"
+    dataset, subset, title, eval_type = "cais/mmlu", "all", "MMLU/{subset}/{split}", "categorical"  # or auxiliary_train
     letters = ("A", "B", "C", "D")
-
-    def __init__(self, subset="all", split="test", **kwargs):  # subset: all | auxiliary_train
-        self.label = f"MMLU/{subset}/{split}"
-        super().__init__(subset, split, **kwargs)
-
-    eval_type = "categorical"
 
     def prepare(self, row):
         # the auxiliary_train config wraps each row in {"train": {...}}
@@ -548,14 +486,11 @@ class MMLU(HFTask):
         return int(response == conversation["messages"][-1]["content"])
 
 
-GSM_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
-
-
 def extract_gsm8k_answer(text):
     """The number after '#### ' with commas removed, or None."""
     if not isinstance(text, str):
         return None
-    m = GSM_RE.search(text)
+    m = re.search(r"#### (\-?[0-9\.\,]+)", text)
     return m.group(1).strip().replace(",", "") if m else None
 
 
@@ -574,13 +509,7 @@ def gsm8k_parts(answer):
 
 
 class GSM8K(HFTask):
-    dataset = "openai/gsm8k"
-
-    def __init__(self, subset="main", split="test", **kwargs):  # subset: main | socratic
-        self.label = f"GSM8K/{subset}/{split}"
-        super().__init__(subset, split, **kwargs)
-
-    eval_type = "generative"
+    dataset, subset, title, eval_type = "openai/gsm8k", "main", "GSM8K/{subset}/{split}", "generative"  # or socratic
 
     def row_problem(self, row):
         return _missing(row, {"question": str, "answer": str})
@@ -617,13 +546,11 @@ def extract_code(completion):
 
 
 class HumanEval(HFTask):
-    dataset = "openai/openai_humaneval"
+    dataset, subset, title, eval_type = "openai/openai_humaneval", "openai_humaneval", "HumanEval", "generative"
 
     def __init__(self, split="test", timeout=5.0, **kwargs):
-        self.label, self.timeout = "HumanEval", timeout
-        super().__init__("openai_humaneval", split, **kwargs)
-
-    eval_type = "generative"
+        self.timeout = timeout
+        super().__init__(None, split, **kwargs)
 
     def row_problem(self, row):
         return _missing(row, {"prompt": str, "canonical_solution": str, "entry_point": str, "test": str})
@@ -658,14 +585,10 @@ class SmolTalk(HFTask):
     """smol-smoltalk conversations (train 460K, test 24K). Only the rows up to `stop` are
     fetched, so the rows are in the split's stored order, not nanochat's shuffled order."""
 
-    dataset = "HuggingFaceTB/smol-smoltalk"
-    shuffle = False
+    dataset, subset, title, shuffle = "HuggingFaceTB/smol-smoltalk", "default", "SmolTalk/{split}", False
 
     def __init__(self, split="train", **kwargs):
-        self.label = f"SmolTalk/{split}"
-        super().__init__("default", split, **kwargs)
-
-    eval_type = "generative"
+        super().__init__(None, split, **kwargs)
 
     def row_problem(self, row):
         return conversation_problem(row, strict=False)
