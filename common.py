@@ -1,11 +1,11 @@
 """The small layer every Chimera stage shares: errors, files, `--key=value` configs,
 torch.distributed, rank-0 printing, bf16 autocast, a progress bar and report sections.
-Nothing here knows about models or data; model.py and the stages build on it (HTTP with
-retries and JSONL files live in tasks.py, beside the datasets that use them most)."""
+Nothing here knows about models or data (JSONL files and HTTP with retries live in tasks.py)."""
 
 import argparse
 import dataclasses
 import datetime
+import functools
 import inspect
 import json
 import math
@@ -74,21 +74,18 @@ def atomic_write_json(path, obj):
 # Configs: a dataclass per stage whose fields are its flags (argparse underneath)
 
 
-def _converter(key, typ, base):
+def _convert(key, typ, base, text):
     """Command-line text -> the field's type ("none" for an Optional), else a UserError."""
+    if base is not typ and text.lower() in ("none", "null", ""):
+        return None
     bools = dict.fromkeys(("1", "true", "yes", "on"), True) | dict.fromkeys(("0", "false", "no", "off"), False)
-
-    def convert(text):
-        if base is not typ and text.lower() in ("none", "null", ""):
-            return None
-        try:
-            value = bools[text.lower()] if base is bool else base(text)
-        except (KeyError, ValueError):
-            raise UserError(f"--{key}={text!r} is not a valid {base.__name__}") from None
-        if base is float and not math.isfinite(value):  # no setting means NaN or infinity
-            raise UserError(f"--{key}={text}: must be a finite number")
-        return value
-    return convert
+    try:
+        value = bools[text.lower()] if base is bool else base(text)
+    except (KeyError, ValueError):
+        raise UserError(f"--{key}={text!r} is not a valid {base.__name__}") from None
+    if base is float and not math.isfinite(value):  # no setting means NaN or infinity
+        raise UserError(f"--{key}={text}: must be a finite number")
+    return value
 
 
 def parse_config(cls, argv=None, aliases=None):
@@ -103,14 +100,15 @@ def parse_config(cls, argv=None, aliases=None):
     except (OSError, TypeError):  # no source file (python -c ...): --help without the comments
         source = ""
     comments = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", source, re.M))
-    short = {v: k for k, v in (aliases or {}).items()}
+    short, hints = {v: k for k, v in (aliases or {}).items()}, typing.get_type_hints(cls)
     parser = argparse.ArgumentParser(allow_abbrev=False, exit_on_error=False,
                                      description="settings (--key=value or --key value):")
     for f in dataclasses.fields(cls):
-        typ = typing.get_type_hints(cls)[f.name]
+        typ = hints[f.name]
         base = next(t for t in typing.get_args(typ) or [typ] if t is not type(None))  # Optional[X] -> X
         parser.add_argument(f"--{f.name}", *(["-" + short[f.name]] if f.name in short else []), dest=f.name,
-                            default=f.default, type=_converter(f.name, typ, base), nargs="?" if typ is bool else None,
+                            default=f.default, type=functools.partial(_convert, f.name, typ, base),
+                            nargs="?" if typ is bool else None,
                             const=True if typ is bool else None, metavar=base.__name__,
                             help=f"{comments.get(f.name, '')} (default {f.default!r})".replace("%", "%%"))
     try:
@@ -182,8 +180,7 @@ def print0(*args, **kwargs):
 
 def autocast(device):
     """bf16 autocast on CUDA; full float32 elsewhere (CPU bf16 is slow and not what users run)."""
-    cuda = torch.device(device).type == "cuda"
-    return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    return torch.amp.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
 
 
 def synchronize(device):
@@ -200,17 +197,6 @@ def all_reduce_sum(values, device):
     return t.tolist()
 
 
-def master_first(fn):
-    """fn() on rank 0 first (it may fill a download cache), then on the other ranks."""
-    try:
-        if is_master():
-            return fn()
-    finally:
-        if dist.is_initialized():
-            dist.barrier()
-    return fn()
-
-
 # -----------------------------------------------------------------------------
 # Progress bar and report sections (rank 0)
 
@@ -221,10 +207,8 @@ class ProgressBar:
 
     def __init__(self, total, desc="", unit="it", stream=None, enabled=None, log_every=10.0):
         self.total, self.desc, self.unit, self.log_every = total, desc, unit, log_every
-        self.stream = stream or sys.stderr
-        self.enabled = is_master() if enabled is None else enabled
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.done = self.initial = 0
+        self.stream, self.enabled = stream or sys.stderr, is_master() if enabled is None else enabled
+        self.tty, self.done, self.initial = self.stream.isatty(), 0, 0
         self.start, self.last_draw, self.extra, self.drawn = time.time(), 0.0, "", None
 
     def set_initial(self, done):

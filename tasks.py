@@ -1,20 +1,18 @@
-"""
-Chimera's datasets as nanochat Tasks (slicing, mixtures, evaluate): the persona data gen.py
+"""Chimera's datasets as nanochat Tasks (slicing, mixtures, evaluate): the persona data gen.py
 writes (TraderSFT, TraderDPO); the Hugging Face datasets nanochat uses (ARC, MMLU, GSM8K,
 HumanEval, SmolTalk) as JSON rows from the dataset viewer API, cached as JSONL under
 $NANOCHAT_BASE_DIR/task_data/; nanochat's identity conversations and spelling tasks. All
 render, order and grade as nanochat's do, so numbers compare (also on a --max_problems prefix).
-Also the JSONL and HTTP-with-retries helpers gen.py shares.
+HumanEval runs model-written code in sandbox.py. gen.py shares the JSONL and HTTP helpers.
 
     python tasks.py                      # fetch and cache everything SFT and eval use
     python tasks.py ARC-Easy GSM8K       # just these (names: see PREFETCH)
 
 Offline: copy a filled task_data/ into $NANOCHAT_BASE_DIR, or write the rows yourself, one
 JSON object per line, to task_data/{owner}--{name}/{config}/{split}.jsonl (see hf_rows).
-
-HumanEval runs model-written code in sandbox.py; the tests themselves run here.
 """
 
+import contextlib
 import copy
 import email.utils
 import functools
@@ -30,9 +28,10 @@ import time
 
 import numpy as np
 import requests
+import torch.distributed as dist
 
 import sandbox
-from common import ProgressBar, UserError, atomic_write, get_base_dir, print0, run_main
+from common import ProgressBar, UserError, atomic_write, get_base_dir, is_master, print0, run_main
 from model import _check_messages
 
 # -----------------------------------------------------------------------------
@@ -53,20 +52,15 @@ class Task:
 
     @property
     def name(self):
-        if (self.start, self.stop, self.step) == (0, None, 1):
-            return self.label
-        stop = "" if self.stop is None else self.stop
         step = "" if self.step == 1 else f":{self.step}"
-        return f"{self.label}[{self.start}:{stop}{step}]"
+        bounds = f"[{self.start}:{'' if self.stop is None else self.stop}{step}]"
+        return self.label if bounds == "[0:]" else self.label + bounds
 
     def num_examples(self):
         return len(self.rows)
 
     def get_example(self, index):
         return copy.deepcopy(self.rows[index])
-
-    def evaluate(self, conversation, completion):
-        raise NotImplementedError(f"{self.name} has no evaluation")
 
     def __len__(self):
         n = self.num_examples()
@@ -76,10 +70,7 @@ class Task:
     def __getitem__(self, index):
         if not 0 <= index < len(self):
             raise IndexError(f"{self.name}: index {index!r} out of range for {len(self)} examples")
-        return self.get_example(self.start + index * self.step)
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
+        return self.get_example(self.start + index * self.step)  # IndexError ends iteration: a Task is a sequence
 
 
 class TaskMixture(Task):
@@ -259,11 +250,9 @@ def http_retry(send, retries, backoff, max_wait=120.0, log=None, connect_retries
             raise HTTPGaveUp(f"{reason} (gave up after {attempt + 1} tries)") from error
         wait = backoff * 2**attempt * random.uniform(0.5, 1.0)  # jitter spreads the herd that failed together
         asked = response.headers.get("Retry-After", "") if response is not None else ""
-        try:
+        with contextlib.suppress(TypeError, ValueError):  # no Retry-After, or one neither seconds nor a date
             wait = float(asked) if asked.strip().replace(".", "", 1).isdigit() else \
                 email.utils.parsedate_to_datetime(asked).timestamp() - time.time()
-        except (TypeError, ValueError):
-            pass  # no Retry-After, or one that is neither seconds nor a date
         wait = min(max_wait, max(0.0, wait))
         if log:
             log(f"{reason}; retry {attempt + 1}/{retries} in {wait:.1f}s")
@@ -298,10 +287,6 @@ class DataUnavailable(UserError):
     cache file goes so a user can supply the rows by hand."""
 
 
-class _FetchFailed(Exception):
-    pass
-
-
 def hf_cache_path(dataset, config, split, first=None):
     """task_data/{owner}--{name}/{config}/{split}.jsonl, or {split}.first{N}.jsonl for a prefix."""
     name = f"{split}.jsonl" if first is None else f"{split}.first{first}.jsonl"
@@ -312,19 +297,32 @@ def offline():
     return any(os.environ.get(v, "0") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
+def master_first(fn):
+    """fn() on rank 0 first (it may fill a download cache), then on the other ranks."""
+    try:
+        if is_master():
+            return fn()
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+    return fn()
+
+
 def _fetch_rows(dataset, config, split, stop):
     """Rows [0, stop) of a split (all if stop is None), page by page: (rows, total). Anything but
-    a page of rows raises _FetchFailed. An endpoint we cannot connect to gets a couple of quick
-    retries, then is written off for the rest of the process, so an offline eval skips each task at once."""
+    a page of rows raises DataUnavailable(why). An endpoint we cannot connect to gets a couple of
+    quick retries, then is written off for the rest of the process, so an offline eval skips each task at once."""
     url = (os.environ.get("CHIMERA_HF_ROWS_URL") or HF_ROWS_URL).rstrip("/")
     url = url if url.endswith("/rows") else url + "/rows"
+    if offline():
+        raise DataUnavailable("HF_HUB_OFFLINE is set")
+    if url in _unreachable:
+        raise DataUnavailable(f"{url} was unreachable earlier in this run")
     where, token = f"{dataset} {config}/{split}", os.environ.get("HF_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     rows, skipped, offset, target, bar = [], 0, 0, stop, None
     with requests.Session() as session:
         while bar is None or offset < target:
-            if url in _unreachable:
-                raise _FetchFailed(f"{url} was unreachable earlier in this run")
             params = {"dataset": dataset, "config": config, "split": split, "offset": offset,
                       "length": HF_PAGE if target is None else min(HF_PAGE, target - offset)}
             try:
@@ -334,9 +332,9 @@ def _fetch_rows(dataset, config, split, stop):
             except HTTPGaveUp as e:
                 if isinstance(e.__cause__, requests.ConnectionError):
                     _unreachable.add(url)
-                raise _FetchFailed(f"talking to {url}: {e}") from None
+                raise DataUnavailable(f"talking to {url}: {e}") from None
             if response.status_code != 200:
-                raise _FetchFailed(f"HTTP {response.status_code} from {url}: {error_text(response, 200)}")
+                raise DataUnavailable(f"HTTP {response.status_code} from {url}: {error_text(response, 200)}")
             try:
                 page = response.json()
                 if bar is None:
@@ -346,9 +344,9 @@ def _fetch_rows(dataset, config, split, stop):
                 items = page["rows"][: target - offset]
                 kept = [item["row"] for item in items if not item.get("truncated_cells")]
             except (ValueError, KeyError, TypeError, AttributeError):
-                raise _FetchFailed(f"unexpected response from {url} (not JSON with rows and num_rows_total)") from None
+                raise DataUnavailable(f"unexpected response from {url} (no rows/num_rows_total)") from None
             if not items:
-                raise _FetchFailed(f"the server returned no rows at offset {offset} of {target}" if target
+                raise DataUnavailable(f"the server returned no rows at offset {offset} of {target}" if target
                                    else "the split has no rows")
             rows += kept
             skipped, offset = skipped + len(items) - len(kept), offset + len(items)
@@ -376,15 +374,11 @@ def hf_rows(dataset, config, split, stop=None, problem_of=lambda row: None):
     usable = [n for n in prefixes if stop is not None and n >= stop]
     path = full if os.path.exists(full) else prefixes[min(usable)] if usable else None
     if path is None:
-        supply = f"put its rows, one JSON object per line, in {full}"
-        if offline():
-            raise DataUnavailable(f"{dataset} ({config}/{split}) is not cached and HF_HUB_OFFLINE is set; to supply "
-                                  f"it, {supply}")
         try:
             rows, total = _fetch_rows(dataset, config, split, stop)
-        except _FetchFailed as e:
-            raise DataUnavailable(f"{dataset} ({config}/{split}) could not be fetched: {e}. To work offline, "
-                                  f"{supply}") from None
+        except DataUnavailable as e:
+            raise DataUnavailable(f"{dataset} ({config}/{split}) is not cached and could not be fetched: {e}. To work "
+                                  f"offline, put its rows, one JSON object per line, in {full}") from None
         complete = stop is None or stop >= total
         path = full if complete else hf_cache_path(dataset, config, split, first=stop)
         atomic_write(path, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
@@ -414,6 +408,9 @@ class HFTask(Task):
 
     def prepare(self, row):
         return row
+
+    def evaluate(self, conversation, response):  # the categorical tasks' grading: the letter picked is the answer
+        return int(response == conversation["messages"][-1]["content"])
 
 
 def _missing(row, spec):
@@ -456,9 +453,6 @@ class ARC(HFTask):
                     {"role": "assistant", "content": row["answerKey"]}]
         return {"messages": messages, "letters": letters}
 
-    def evaluate(self, conversation, response):
-        return int(response == conversation["messages"][-1]["content"])
-
 
 class MMLU(HFTask):
     dataset, subset, title, eval_type = "cais/mmlu", "all", "MMLU/{subset}/{split}", "categorical"  # or auxiliary_train
@@ -482,9 +476,6 @@ class MMLU(HFTask):
                     {"role": "assistant", "content": self.letters[row["answer"]]}]
         return {"messages": messages, "subject": row.get("subject", ""), "letters": self.letters}
 
-    def evaluate(self, conversation, response):
-        return int(response == conversation["messages"][-1]["content"])
-
 
 def extract_gsm8k_answer(text):
     """The number after '#### ' with commas removed, or None."""
@@ -501,8 +492,7 @@ def gsm8k_parts(answer):
         if piece.startswith("<<") and piece.endswith(">>"):
             inner = piece[2:-2]
             expr, result = inner.rsplit("=", 1) if "=" in inner else (inner, "")
-            parts.append({"type": "python", "text": expr})
-            parts.append({"type": "python_output", "text": result})
+            parts += [{"type": "python", "text": expr}, {"type": "python_output", "text": result}]
         else:
             parts.append({"type": "text", "text": piece})
     return parts
@@ -519,22 +509,19 @@ class GSM8K(HFTask):
         return {"messages": [{"role": "user", "content": row["question"]},
                              {"role": "assistant", "content": gsm8k_parts(row["answer"])}]}
 
-    def evaluate(self, conversation, completion):
-        content = conversation["messages"][-1]["content"]
-        reference = content if isinstance(content, str) else "".join(p["text"] for p in content)
-        ref, pred = extract_gsm8k_answer(reference), extract_gsm8k_answer(completion)
-        return int(ref is not None and pred == ref)
+    def evaluate(self, conversation, completion):  # SpellingBee's grading too
+        ref = extract_gsm8k_answer("".join(part["text"] for part in conversation["messages"][-1]["content"]))
+        return int(ref is not None and extract_gsm8k_answer(completion) == ref)
 
 
 def extract_imports(prompt):
     """The import lines at the top of a HumanEval prompt (comments skipped; stops at the
     first code line, so a docstring line that starts with 'from ' is not taken)."""
     imports = []
-    for line in prompt.split("\n"):
-        stripped = line.strip()
-        if stripped.startswith("import ") or stripped.startswith("from "):
-            imports.append(stripped)
-        elif stripped and not stripped.startswith("#"):
+    for line in map(str.strip, prompt.split("\n")):
+        if line.startswith(("import ", "from ")):
+            imports.append(line)
+        elif line and not line.startswith("#"):
             break
     return "\n".join(imports)
 
@@ -547,10 +534,7 @@ def extract_code(completion):
 
 class HumanEval(HFTask):
     dataset, subset, title, eval_type = "openai/openai_humaneval", "openai_humaneval", "HumanEval", "generative"
-
-    def __init__(self, split="test", timeout=5.0, **kwargs):
-        self.timeout = timeout
-        super().__init__(None, split, **kwargs)
+    timeout = 5.0  # seconds per program in the sandbox
 
     def row_problem(self, row):
         return _missing(row, {"prompt": str, "canonical_solution": str, "entry_point": str, "test": str})
@@ -653,8 +637,6 @@ class SpellingTask(Task):
 
     def __init__(self, size=1000, split="train", **kwargs):
         super().__init__(**kwargs)
-        if split not in ("train", "test"):
-            raise ValueError(f"{type(self).__name__}: split must be train or test, got {split!r}")
         self.size, self.split, self.label = size, split, f"{type(self).__name__}/{split}"
         self.words = read_lines(cached_file(WORD_LIST_URL))
 
@@ -706,9 +688,7 @@ class SpellingBee(SpellingTask):
                  {"type": "text", "text": f"\n\nPython gives us {count}.\n\nMy final answer is:\n\n#### {count}"}]
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]}
 
-    def evaluate(self, conversation, completion):
-        reference = extract_gsm8k_answer(conversation["messages"][-1]["content"][-1]["text"])
-        return int(extract_gsm8k_answer(completion) == reference)
+    evaluate = GSM8K.evaluate
 
 
 # eval.py's default tasks: TASKS[name]() (slicing kwargs pass through)
@@ -717,7 +697,7 @@ TASKS = {
     "ARC-Challenge": functools.partial(ARC, "ARC-Challenge", "test"),
     "MMLU": functools.partial(MMLU, "all", "test"),
     "GSM8K": functools.partial(GSM8K, "main", "test"),
-    "HumanEval": functools.partial(HumanEval, "test"),
+    "HumanEval": HumanEval,
     "SpellingBee": functools.partial(SpellingBee, 256, "test"),
 }
 
