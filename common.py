@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 # -----------------------------------------------------------------------------
-# Errors a user can cause (one line, exit code 2), paths and files
+# Errors a user can cause (one line, exit code 2), files, and configs: a dataclass per stage
+# whose fields are its flags (argparse underneath)
 
 
 class UserError(Exception):
@@ -70,10 +71,6 @@ def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-# -----------------------------------------------------------------------------
-# Configs: a dataclass per stage whose fields are its flags (argparse underneath)
-
-
 def _convert(key, typ, base, text):
     """Command-line text -> the field's type ("none" for an Optional), else a UserError."""
     if base is not typ and text.lower() in ("none", "null", ""):
@@ -89,10 +86,9 @@ def _convert(key, typ, base, text):
 
 
 def parse_config(cls, argv=None, aliases=None):
-    """The dataclass `cls` from its defaults and the command line: `--key=value` or `--key
-    value`, dashes or underscores, a bare `--flag` for booleans, short aliases such as
-    {"i": "source"} for `-i sft`; --help lists each field, its default and its end-of-line
-    comment. An unknown key or a bad value is a one-line UserError."""
+    """The dataclass `cls` from its defaults and the command line: `--key=value` or `--key value`,
+    dashes or underscores, a bare `--flag` for booleans, short aliases ({"i": "source"}: `-i sft`);
+    --help lists each field, its default and its end-of-line comment. Bad input: a one-line UserError."""
     argv = [re.sub(r"^--[\w-]+", lambda m: "--" + m[0][2:].replace("-", "_"), a)
             for a in (sys.argv[1:] if argv is None else argv)]
     try:
@@ -106,10 +102,9 @@ def parse_config(cls, argv=None, aliases=None):
     for f in dataclasses.fields(cls):
         typ = hints[f.name]
         base = next(t for t in typing.get_args(typ) or [typ] if t is not type(None))  # Optional[X] -> X
-        parser.add_argument(f"--{f.name}", *(["-" + short[f.name]] if f.name in short else []), dest=f.name,
+        parser.add_argument(f"--{f.name}", *(["-" + short[f.name]] if f.name in short else []), metavar=base.__name__,
                             default=f.default, type=functools.partial(_convert, f.name, typ, base),
-                            nargs="?" if typ is bool else None,
-                            const=True if typ is bool else None, metavar=base.__name__,
+                            nargs="?" if typ is bool else None, const=True if typ is bool else None,
                             help=f"{comments.get(f.name, '')} (default {f.default!r})".replace("%", "%%"))
     try:
         values, extra = parser.parse_known_args(argv)
@@ -225,11 +220,10 @@ class ProgressBar:
         if not self.enabled:
             return
         rate = (self.done - self.initial) / max(time.time() - self.start, 1e-9)
-        left = int((self.total - self.done) / rate) if rate > 0 else None
-        eta = "?" if left is None else f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}".removeprefix("0:")
+        eta = str(datetime.timedelta(seconds=int((self.total - self.done) / rate))) if rate > 0 else "?"
         filled = int(24 * min(1.0, self.done / self.total)) if self.total else 24
         text = " ".join(p for p in (self.desc, f"[{'#' * filled}{'-' * (24 - filled)}]", f"{self.done}/{self.total}",
-                                    f"{rate:.2f} {self.unit}/s", f"ETA {eta}", self.extra) if p)
+                                    f"{rate:.2f} {self.unit}/s", f"ETA {eta.removeprefix('0:')}", self.extra) if p)
         self.stream.write("\r" + text + "\033[K" if self.tty else text + "\n")
         self.stream.flush()
         self.last_draw, self.drawn = time.time(), (self.done, self.extra)
