@@ -105,7 +105,8 @@ class TaskMixture(Task):
 
 
 # -----------------------------------------------------------------------------
-# Conversation checks shared by the persona data and SmolTalk
+# Persona data from gen.py: JSONL, validated line by line (conversation checks shared with
+# SmolTalk), split by a hash of each record
 
 
 def conversation_problem(record, strict=True):
@@ -134,10 +135,6 @@ def dpo_problem(record):
     if record["chosen"] == record["rejected"]:
         return '"chosen" and "rejected" are identical (no preference to learn)'
     return None
-
-
-# -----------------------------------------------------------------------------
-# Persona data from gen.py: JSONL, validated line by line, split by a hash of each record
 
 
 def iter_jsonl(path, problem_of=lambda record: None, advice=""):
@@ -358,13 +355,12 @@ def _fetch_rows(dataset, config, split, stop):
 
 
 def hf_rows(dataset, config, split, stop=None, problem_of=lambda row: None):
-    """The rows (dicts) of a Hugging Face split, the first `stop` if given, from the dataset
-    viewer API ($CHIMERA_HF_ROWS_URL, $HF_TOKEN) cached in task_data/{owner}--{name}/{config}/:
-    {split}.jsonl, the whole split, is always used when present (how offline users and tests
-    supply rows); {split}.first{N}.jsonl, rows [0, N) of a prefix fetch (SmolTalk), serves
-    any stop <= N and is replaced by a longer fetch. Rows the viewer truncated are skipped
-    and counted; files are written whole; a failed fetch raises DataUnavailable. Rows are
-    always read back from the cache file, so a problem_of(row) names its file:line."""
+    """The rows (dicts) of a Hugging Face split, the first `stop` if given, from the dataset viewer
+    API ($CHIMERA_HF_ROWS_URL, $HF_TOKEN) cached in task_data/{owner}--{name}/{config}/: {split}.jsonl,
+    the whole split, is always used when present (how offline users and tests supply rows);
+    {split}.first{N}.jsonl, rows [0, N) of a prefix fetch (SmolTalk), serves any stop <= N until a
+    longer fetch replaces it. Rows the viewer truncated are skipped and counted; files are written
+    whole, then read back, so a problem_of(row) names file:line; a failed fetch raises DataUnavailable."""
     if stop is not None and stop < 1:
         return []
     full = hf_cache_path(dataset, config, split)
@@ -391,8 +387,7 @@ def hf_rows(dataset, config, split, stop=None, problem_of=lambda row: None):
 
 class HFTask(Task):
     """A task over one Hugging Face split (config `subset`), labelled by `title`. Evaluation tasks
-    (shuffle=True) load the whole split in nanochat's order; others (SmolTalk) fetch only the
-    prefix they slice."""
+    (shuffle=True) load the whole split in nanochat's order; SmolTalk fetches only the prefix it slices."""
 
     dataset, subset, title, shuffle = "", "", "{subset}/{split}", True
 
