@@ -208,8 +208,7 @@ class TraderData(Task):
 class TraderSFT(TraderData):
     """gen.py's persona conversations: {"messages": [system?, user, assistant, ...]} per line."""
 
-    file, problem_of, default_val_fraction = "trader_sft_data.jsonl", conversation_problem, 0.1
-    eval_type = "generative"
+    file, problem_of, default_val_fraction, eval_type = "trader_sft_data.jsonl", conversation_problem, 0.1, "generative"
 
 
 class TraderDPO(TraderData):
