@@ -1,28 +1,27 @@
 """The small layer every Chimera stage shares: errors, files, `--key=value` configs,
 torch.distributed, rank-0 printing, bf16 autocast, a progress bar and report sections.
-Nothing here knows about models or data; model.py and the stages build on it."""
+Nothing here knows about models or data (JSONL files and HTTP with retries live in tasks.py)."""
 
 import argparse
 import dataclasses
 import datetime
-import email.utils
+import functools
 import inspect
 import json
 import math
 import os
-import random
 import re
 import sys
 import time
 import typing
 from contextlib import nullcontext
 
-import requests
 import torch
 import torch.distributed as dist
 
 # -----------------------------------------------------------------------------
-# Errors a user can cause (one line, exit code 2), paths and files
+# Errors a user can cause (one line, exit code 2), files, and configs: a dataclass per stage
+# whose fields are its flags (argparse underneath)
 
 
 class UserError(Exception):
@@ -52,9 +51,9 @@ def atomic_write(path, write_fn, binary=False):
     directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    f = open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8")  # mode 0o666 less the umask
     try:
-        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as f:
+        with f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
@@ -72,91 +71,24 @@ def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def append_jsonl(path, record):
-    """Append one record as one whole line (a single write), flushed to disk."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-# -----------------------------------------------------------------------------
-# HTTP with retries (gen.py's OpenRouter client, tasks.py's Hugging Face rows)
-
-
-class HTTPGaveUp(Exception):
-    """Transient failures (408, 429, 5xx, timeouts, dropped connections) outlasted every retry."""
-
-
-def http_retry(send, retries, backoff, max_wait=120.0, log=None, connect_retries=None):
-    """send() -> requests.Response, retried on 408, 429, 5xx, timeouts and dropped connections
-    (at most connect_retries times when nothing answers) with exponential backoff and jitter,
-    Retry-After (seconds or an HTTP date) honoured. Returns any other response: the caller decides
-    what its status means. A malformed URL raises at once; HTTPGaveUp(reason) when retries run out."""
-    for attempt in range(retries + 1):
-        response = None
-        try:
-            response = send()
-            if response.status_code not in (408, 429) and response.status_code < 500:
-                return response
-            reason = f"HTTP {response.status_code}"
-        except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema):
-            raise
-        except requests.RequestException as e:
-            reason = type(e).__name__
-            if isinstance(e, requests.ConnectionError) and attempt >= min(retries, connect_retries or retries):
-                raise HTTPGaveUp(f"{reason} (gave up after {attempt + 1} tries)") from e
-        if attempt == retries:
-            raise HTTPGaveUp(f"{reason} (gave up after {retries + 1} tries)")
-        wait = backoff * 2**attempt * random.uniform(0.5, 1.0)  # jitter spreads the herd that failed together
-        asked = response.headers.get("Retry-After", "") if response is not None else ""
-        try:
-            wait = float(asked) if asked.strip().replace(".", "", 1).isdigit() else \
-                email.utils.parsedate_to_datetime(asked).timestamp() - time.time()
-        except (TypeError, ValueError):
-            pass  # no Retry-After, or one that is neither seconds nor a date
-        wait = min(max_wait, max(0.0, wait))
-        if log:
-            log(f"{reason}; retry {attempt + 1}/{retries} in {wait:.1f}s")
-        time.sleep(wait)
-
-
-def error_text(response, limit=300):
-    """The error message of an API response ({"error": {"message": ...}} or {"error": ...}) or its body."""
-    try:
-        error = response.json().get("error", "")
-        error = error.get("message", error) if isinstance(error, dict) else error
-    except (ValueError, AttributeError):
-        error = response.text
-    return str(error)[:limit]
-
-
-# -----------------------------------------------------------------------------
-# Configs: a dataclass per stage whose fields are its flags (argparse underneath)
-
-
-def _converter(key, typ, base):
+def _convert(key, typ, base, text):
     """Command-line text -> the field's type ("none" for an Optional), else a UserError."""
+    if base is not typ and text.lower() in ("none", "null", ""):
+        return None
     bools = dict.fromkeys(("1", "true", "yes", "on"), True) | dict.fromkeys(("0", "false", "no", "off"), False)
-
-    def convert(text):
-        if base is not typ and text.lower() in ("none", "null", ""):
-            return None
-        try:
-            value = bools[text.lower()] if base is bool else base(text)
-        except (KeyError, ValueError):
-            raise UserError(f"--{key}={text!r} is not a valid {base.__name__}") from None
-        if base is float and not math.isfinite(value):  # no setting means NaN or infinity
-            raise UserError(f"--{key}={text}: must be a finite number")
-        return value
-    return convert
+    try:
+        value = bools[text.lower()] if base is bool else base(text)
+    except (KeyError, ValueError):
+        raise UserError(f"--{key}={text!r} is not a valid {base.__name__}") from None
+    if base is float and not math.isfinite(value):  # no setting means NaN or infinity
+        raise UserError(f"--{key}={text}: must be a finite number")
+    return value
 
 
 def parse_config(cls, argv=None, aliases=None):
-    """The dataclass `cls` from its defaults and the command line: `--key=value` or `--key
-    value`, dashes or underscores, a bare `--flag` for booleans, short aliases such as
-    {"i": "source"} for `-i sft`; --help lists each field, its default and its end-of-line
-    comment. An unknown key or a bad value is a one-line UserError."""
+    """The dataclass `cls` from its defaults and the command line: `--key=value` or `--key value`,
+    dashes or underscores, a bare `--flag` for booleans, short aliases ({"i": "source"}: `-i sft`);
+    --help lists each field, its default and its end-of-line comment. Bad input: a one-line UserError."""
     argv = [re.sub(r"^--[\w-]+", lambda m: "--" + m[0][2:].replace("-", "_"), a)
             for a in (sys.argv[1:] if argv is None else argv)]
     try:
@@ -164,15 +96,15 @@ def parse_config(cls, argv=None, aliases=None):
     except (OSError, TypeError):  # no source file (python -c ...): --help without the comments
         source = ""
     comments = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", source, re.M))
-    short = {v: k for k, v in (aliases or {}).items()}
+    short, hints = {v: k for k, v in (aliases or {}).items()}, typing.get_type_hints(cls)
     parser = argparse.ArgumentParser(allow_abbrev=False, exit_on_error=False,
                                      description="settings (--key=value or --key value):")
     for f in dataclasses.fields(cls):
-        typ = typing.get_type_hints(cls)[f.name]
+        typ = hints[f.name]
         base = next(t for t in typing.get_args(typ) or [typ] if t is not type(None))  # Optional[X] -> X
-        parser.add_argument(f"--{f.name}", *(["-" + short[f.name]] if f.name in short else []), dest=f.name,
-                            default=f.default, type=_converter(f.name, typ, base), nargs="?" if typ is bool else None,
-                            const=True if typ is bool else None, metavar=base.__name__,
+        parser.add_argument(f"--{f.name}", *(["-" + short[f.name]] if f.name in short else []), metavar=base.__name__,
+                            default=f.default, type=functools.partial(_convert, f.name, typ, base),
+                            nargs="?" if typ is bool else None, const=True if typ is bool else None,
                             help=f"{comments.get(f.name, '')} (default {f.default!r})".replace("%", "%%"))
     try:
         values, extra = parser.parse_known_args(argv)
@@ -243,8 +175,7 @@ def print0(*args, **kwargs):
 
 def autocast(device):
     """bf16 autocast on CUDA; full float32 elsewhere (CPU bf16 is slow and not what users run)."""
-    cuda = torch.device(device).type == "cuda"
-    return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    return torch.amp.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
 
 
 def synchronize(device):
@@ -261,17 +192,6 @@ def all_reduce_sum(values, device):
     return t.tolist()
 
 
-def master_first(fn):
-    """fn() on rank 0 first (it may fill a download cache), then on the other ranks."""
-    try:
-        if is_master():
-            return fn()
-    finally:
-        if dist.is_initialized():
-            dist.barrier()
-    return fn()
-
-
 # -----------------------------------------------------------------------------
 # Progress bar and report sections (rank 0)
 
@@ -282,10 +202,8 @@ class ProgressBar:
 
     def __init__(self, total, desc="", unit="it", stream=None, enabled=None, log_every=10.0):
         self.total, self.desc, self.unit, self.log_every = total, desc, unit, log_every
-        self.stream = stream or sys.stderr
-        self.enabled = is_master() if enabled is None else enabled
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.done = self.initial = 0
+        self.stream, self.enabled = stream or sys.stderr, is_master() if enabled is None else enabled
+        self.tty, self.done, self.initial = self.stream.isatty(), 0, 0
         self.start, self.last_draw, self.extra, self.drawn = time.time(), 0.0, "", None
 
     def set_initial(self, done):
@@ -302,11 +220,10 @@ class ProgressBar:
         if not self.enabled:
             return
         rate = (self.done - self.initial) / max(time.time() - self.start, 1e-9)
-        left = int((self.total - self.done) / rate) if rate > 0 else None
-        eta = "?" if left is None else f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}".removeprefix("0:")
+        eta = str(datetime.timedelta(seconds=int((self.total - self.done) / rate))) if rate > 0 else "?"
         filled = int(24 * min(1.0, self.done / self.total)) if self.total else 24
         text = " ".join(p for p in (self.desc, f"[{'#' * filled}{'-' * (24 - filled)}]", f"{self.done}/{self.total}",
-                                    f"{rate:.2f} {self.unit}/s", f"ETA {eta}", self.extra) if p)
+                                    f"{rate:.2f} {self.unit}/s", f"ETA {eta.removeprefix('0:')}", self.extra) if p)
         self.stream.write("\r" + text + "\033[K" if self.tty else text + "\n")
         self.stream.flush()
         self.last_draw, self.drawn = time.time(), (self.done, self.extra)

@@ -26,9 +26,10 @@ from typing import Optional
 import torch
 
 from common import (UserError, ProgressBar, all_reduce_sum, atomic_write_json, autocast, cleanup_dist,
-                    init_dist, master_first, parse_config, print0, run_main, write_report_section)
+                    init_dist, parse_config, print0, run_main, write_report_section)
 from model import Engine, checkpoint_dir_for, find_last_step, load_model
 import tasks
+from tasks import master_first
 
 # nanochat 885a4f2's chat_eval task set; ChatCORE centres each accuracy on its chance level
 CHAT_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]

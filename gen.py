@@ -34,9 +34,9 @@ from urllib.parse import urlparse
 import numpy as np
 import requests
 
-from common import (HTTPGaveUp, ProgressBar, UserError, append_jsonl, atomic_write_json, error_text,
-                    get_base_dir, http_retry, parse_config, run_main, write_report_section)
-from tasks import conversation_problem, dpo_problem, iter_jsonl, record_digest
+from common import ProgressBar, UserError, atomic_write_json, get_base_dir, parse_config, run_main, write_report_section
+from tasks import (HTTPGaveUp, append_jsonl, conversation_problem, dpo_problem, error_text, http_retry, iter_jsonl,
+                   record_digest)
 
 PERSONA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "persona.md")
 

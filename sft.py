@@ -20,9 +20,10 @@ from typing import Optional
 import torch
 
 from common import (UserError, all_reduce_sum, autocast, check_settings, cleanup_dist, get_base_dir, init_dist,
-                    master_first, parse_config, print0, run_main, synchronize, write_report_section)
+                    parse_config, print0, run_main, synchronize, write_report_section)
 from model import SOURCE_DIRS, GradSync, RunDir, Schedule, collate, compile_model, load_model, optimizer_step
 import tasks
+from tasks import master_first
 
 
 @dataclass

@@ -1,25 +1,24 @@
-"""
-Chimera's datasets as nanochat Tasks (slicing, mixtures, evaluate): the persona data gen.py
+"""Chimera's datasets as nanochat Tasks (slicing, mixtures, evaluate): the persona data gen.py
 writes (TraderSFT, TraderDPO); the Hugging Face datasets nanochat uses (ARC, MMLU, GSM8K,
 HumanEval, SmolTalk) as JSON rows from the dataset viewer API, cached as JSONL under
 $NANOCHAT_BASE_DIR/task_data/; nanochat's identity conversations and spelling tasks. All
 render, order and grade as nanochat's do, so numbers compare (also on a --max_problems prefix).
+HumanEval runs model-written code in sandbox.py. gen.py shares the JSONL and HTTP helpers.
 
     python tasks.py                      # fetch and cache everything SFT and eval use
     python tasks.py ARC-Easy GSM8K       # just these (names: see PREFETCH)
 
 Offline: copy a filled task_data/ into $NANOCHAT_BASE_DIR, or write the rows yourself, one
 JSON object per line, to task_data/{owner}--{name}/{config}/{split}.jsonl (see hf_rows).
-
-HumanEval runs model-written code in sandbox.py; the tests themselves run here.
 """
 
+import contextlib
 import copy
+import email.utils
 import functools
-import glob
 import hashlib
+import itertools
 import json
-import numbers
 import os
 import random
 import re
@@ -29,10 +28,10 @@ import time
 
 import numpy as np
 import requests
+import torch.distributed as dist
 
 import sandbox
-from common import (HTTPGaveUp, ProgressBar, UserError, atomic_write, error_text, get_base_dir, http_retry, print0,
-                    run_main)
+from common import ProgressBar, UserError, atomic_write, get_base_dir, is_master, print0, run_main
 from model import _check_messages
 
 # -----------------------------------------------------------------------------
@@ -53,11 +52,9 @@ class Task:
 
     @property
     def name(self):
-        if (self.start, self.stop, self.step) == (0, None, 1):
-            return self.label
-        stop = "" if self.stop is None else self.stop
         step = "" if self.step == 1 else f":{self.step}"
-        return f"{self.label}[{self.start}:{stop}{step}]"
+        bounds = f"[{self.start}:{'' if self.stop is None else self.stop}{step}]"
+        return self.label if bounds == "[0:]" else self.label + bounds
 
     def num_examples(self):
         return len(self.rows)
@@ -65,21 +62,15 @@ class Task:
     def get_example(self, index):
         return copy.deepcopy(self.rows[index])
 
-    def evaluate(self, conversation, completion):
-        raise NotImplementedError(f"{self.name} has no evaluation")
-
     def __len__(self):
         n = self.num_examples()
         stop = n if self.stop is None else min(self.stop, n)  # a stop past the end is capped
         return max(0, -(-(stop - self.start) // self.step))
 
     def __getitem__(self, index):
-        if not isinstance(index, numbers.Integral) or not 0 <= index < len(self):
+        if not 0 <= index < len(self):
             raise IndexError(f"{self.name}: index {index!r} out of range for {len(self)} examples")
-        return self.get_example(self.start + int(index) * self.step)
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
+        return self.get_example(self.start + index * self.step)  # IndexError ends iteration: a Task is a sequence
 
 
 class TaskMixture(Task):
@@ -114,7 +105,8 @@ class TaskMixture(Task):
 
 
 # -----------------------------------------------------------------------------
-# Conversation checks shared by the persona data and SmolTalk
+# Persona data from gen.py: JSONL, validated line by line (conversation checks shared with
+# SmolTalk), split by a hash of each record
 
 
 def conversation_problem(record, strict=True):
@@ -145,40 +137,44 @@ def dpo_problem(record):
     return None
 
 
-# -----------------------------------------------------------------------------
-# Persona data from gen.py: JSONL, validated line by line, split by a hash of each record
-
-
-def iter_jsonl(path, problem_of=None, advice=""):
+def iter_jsonl(path, problem_of=lambda record: None, advice=""):
     """The records of a JSONL file, blank lines skipped; a bad line (not UTF-8, not JSON,
     nested too deep, a number too long, or a problem_of(record)) is a UserError naming
     file:line, followed by `advice`. Lines are decoded one by one so the line is right."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
+            problem = None
             try:
                 line = raw.decode("utf-8")
                 if not line.strip():
                     continue
                 record = json.loads(line)
             except UnicodeDecodeError:
-                raise UserError(f"{where}: not UTF-8 text{advice}") from None
+                problem = "not UTF-8 text"
             except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg}){advice}") from None
+                problem = f"not valid JSON ({e.msg})"
             except (RecursionError, ValueError) as e:  # Python's own limits: nesting, digits of an int
-                raise UserError(f"{where}: JSON beyond what Python parses ({str(e)[:80] or 'nested too deep'})"
-                                f"{advice}") from None
-            problem = problem_of(record) if problem_of else None
+                problem = f"JSON beyond what Python parses ({str(e)[:80] or 'nested too deep'})"
+            problem = problem or problem_of(record)
             if problem:
-                raise UserError(f"{where}: {problem}{advice}")
+                raise UserError(f"{path}:{lineno}: {problem}{advice}")
             yield record
 
 
-def read_jsonl(path, problem_of, hint=""):
-    """All records of a JSONL file, checked by problem_of; a missing or empty file is a UserError."""
+def append_jsonl(path, record):
+    """Append one record as one whole line (a single write), flushed to disk."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path, problem_of, hint="", stop=None):
+    """The records of a JSONL file (the first `stop`), checked by problem_of; a missing or empty
+    file is a UserError."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: file not found{hint}")
-    records = list(iter_jsonl(path, problem_of))
+    records = list(itertools.islice(iter_jsonl(path, problem_of), stop))
     if not records:
         raise UserError(f"{path}: no records (the file is empty){hint}")
     return records
@@ -194,11 +190,6 @@ def hash_fraction(record):
     return int.from_bytes(record_digest(record)[:8], "big") / 2.0**64
 
 
-def split_records(records, split, val_fraction):
-    assert split in ("train", "val") and 0.0 <= val_fraction < 1.0, (split, val_fraction)  # checked by the stages
-    return [r for r in records if (hash_fraction(r) < val_fraction) == (split == "val")]
-
-
 class TraderData(Task):
     """A gen.py JSONL file split by record hash; rows returned as copies."""
 
@@ -207,17 +198,17 @@ class TraderData(Task):
     def __init__(self, path=None, split="train", val_fraction=None, **kwargs):
         super().__init__(**kwargs)
         self.path = path or os.path.join(get_base_dir(), "datasets", self.file)
-        records = read_jsonl(self.path, type(self).problem_of, hint=" (gen.py writes it)")
         fraction = self.default_val_fraction if val_fraction is None else val_fraction
-        self.rows = split_records(records, split, fraction)
+        assert split in ("train", "val") and 0.0 <= fraction < 1.0, (split, fraction)  # checked by the stages
+        self.rows = [r for r in read_jsonl(self.path, type(self).problem_of, hint=" (gen.py writes it)")
+                     if (hash_fraction(r) < fraction) == (split == "val")]
         self.split, self.label = split, f"{type(self).__name__}/{split}"
 
 
 class TraderSFT(TraderData):
     """gen.py's persona conversations: {"messages": [system?, user, assistant, ...]} per line."""
 
-    file, problem_of, default_val_fraction = "trader_sft_data.jsonl", conversation_problem, 0.1
-    eval_type = "generative"
+    file, problem_of, default_val_fraction, eval_type = "trader_sft_data.jsonl", conversation_problem, 0.1, "generative"
 
 
 class TraderDPO(TraderData):
@@ -227,23 +218,69 @@ class TraderDPO(TraderData):
 
 
 # -----------------------------------------------------------------------------
+# HTTP with retries (gen.py's OpenRouter client, the Hugging Face rows below)
+
+
+class HTTPGaveUp(Exception):
+    """Transient failures (408, 429, 5xx, timeouts, dropped connections) outlasted every retry."""
+
+
+def http_retry(send, retries, backoff, max_wait=120.0, log=None, connect_retries=None):
+    """send() -> requests.Response, retried on 408, 429, 5xx, timeouts and dropped connections
+    (at most connect_retries times when nothing answers) with exponential backoff and jitter,
+    Retry-After (seconds or an HTTP date) honoured. Returns any other response: the caller decides
+    what its status means. A malformed URL raises at once; HTTPGaveUp(reason) when retries run out."""
+    for attempt in range(retries + 1):
+        response = error = None
+        try:
+            response = send()
+            if response.status_code not in (408, 429) and response.status_code < 500:
+                return response
+            reason = f"HTTP {response.status_code}"
+        except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema):
+            raise
+        except requests.RequestException as e:
+            reason, error = type(e).__name__, e
+        unreachable = isinstance(error, requests.ConnectionError) and attempt >= (connect_retries or retries)
+        if attempt == retries or unreachable:
+            raise HTTPGaveUp(f"{reason} (gave up after {attempt + 1} tries)") from error
+        wait = backoff * 2**attempt * random.uniform(0.5, 1.0)  # jitter spreads the herd that failed together
+        asked = response.headers.get("Retry-After", "") if response is not None else ""
+        with contextlib.suppress(TypeError, ValueError):  # no Retry-After, or one neither seconds nor a date
+            wait = float(asked) if asked.strip().replace(".", "", 1).isdigit() else \
+                email.utils.parsedate_to_datetime(asked).timestamp() - time.time()
+        wait = min(max_wait, max(0.0, wait))
+        if log:
+            log(f"{reason}; retry {attempt + 1}/{retries} in {wait:.1f}s")
+        time.sleep(wait)
+
+
+def error_text(response, limit=300):
+    """The error message of an API response ({"error": {"message": ...}} or {"error": ...}) or its body."""
+    try:
+        error = response.json().get("error", "")
+        error = error.get("message", error) if isinstance(error, dict) else error
+    except (ValueError, AttributeError):
+        error = response.text
+    return str(error)[:limit]
+
+
+# -----------------------------------------------------------------------------
 # Hugging Face rows through the dataset viewer API, cached as JSONL
 
 HF_ROWS_URL = "https://datasets-server.huggingface.co/rows"
 HF_PAGE = 100  # the viewer's maximum `length` per request
 HF_RETRIES = 6  # retries per page on connection errors, 429 and 5xx
+HF_CONNECT_RETRIES = 2  # a host we cannot connect to at all is retried only briefly
 HF_BACKOFF = 1.0  # seconds before the first retry; doubles each time
 HF_MAX_WAIT = 120.0  # cap on one wait, Retry-After included
 HF_TIMEOUT = 30.0  # seconds per request
+_unreachable = set()  # endpoints that failed to connect in this process: not tried again
 
 
 class DataUnavailable(UserError):
     """A dataset could not be fetched (offline, gated, missing); the message says where the
     cache file goes so a user can supply the rows by hand."""
-
-
-class _FetchFailed(Exception):
-    pass
 
 
 def hf_cache_path(dataset, config, split, first=None):
@@ -252,83 +289,63 @@ def hf_cache_path(dataset, config, split, first=None):
     return os.path.join(get_base_dir(), "task_data", dataset.replace("/", "--"), config, name)
 
 
-def _prefix_caches(dataset, config, split):
-    """{N: path} of the {split}.first{N}.jsonl files present."""
-    paths = glob.glob(glob.escape(hf_cache_path(dataset, config, split, first="@")).replace("@", "*"))
-    return {int(m[1]): p for p in paths if (m := re.search(r"\.first(\d+)\.jsonl$", p))}
+def offline():
+    return any(os.environ.get(v, "0") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def _read_rows(path):
-    return read_jsonl(path, lambda r: None if isinstance(r, dict) else "expected one JSON object (a row)",
-                      hint=" (delete it to fetch again)")
-
-
-def _write_rows(path, rows):
-    atomic_write(path, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
-def _rows_url():
-    url = (os.environ.get("CHIMERA_HF_ROWS_URL") or HF_ROWS_URL).rstrip("/")
-    return url if url.endswith("/rows") else url + "/rows"
-
-
-HF_CONNECT_RETRIES = 2  # a host we cannot connect to at all is retried only briefly
-_unreachable = set()  # endpoints that failed to connect in this process: not tried again
-
-
-def _get_page(session, url, params, headers, where):
-    """One page of rows as parsed JSON, through common.http_retry; anything but 200 raises
-    _FetchFailed. An endpoint we cannot connect to gets a couple of quick retries, then is
-    written off for the rest of the process, so an offline eval skips each task at once."""
-    if url in _unreachable:
-        raise _FetchFailed(f"{url} was unreachable earlier in this run")
+def master_first(fn):
+    """fn() on rank 0 first (it may fill a download cache), then on the other ranks."""
     try:
-        response = http_retry(lambda: session.get(url, params=params, headers=headers, timeout=HF_TIMEOUT),
-                              HF_RETRIES, HF_BACKOFF, HF_MAX_WAIT, lambda m: print0(f"{where}: {m}"), HF_CONNECT_RETRIES)
-    except HTTPGaveUp as e:
-        if isinstance(e.__cause__, requests.ConnectionError):
-            _unreachable.add(url)
-        raise _FetchFailed(f"talking to {url}: {e}") from None
-    if response.status_code != 200:
-        raise _FetchFailed(f"HTTP {response.status_code} from {url}: {error_text(response, 200)}")
-    try:
-        return response.json()
-    except ValueError:
-        raise _FetchFailed(f"the response from {url} is not JSON") from None
+        if is_master():
+            return fn()
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+    return fn()
 
 
 def _fetch_rows(dataset, config, split, stop):
-    """Rows [0, stop) of a split (all if stop is None) page by page. Returns (rows, total)."""
-    url, where = _rows_url(), f"{dataset} {config}/{split}"
-    token = os.environ.get("HF_TOKEN")
+    """Rows [0, stop) of a split (all if stop is None), page by page: (rows, total). Anything but
+    a page of rows raises DataUnavailable(why). An endpoint we cannot connect to gets a couple of
+    quick retries, then is written off for the rest of the process, so an offline eval skips each task at once."""
+    url = (os.environ.get("CHIMERA_HF_ROWS_URL") or HF_ROWS_URL).rstrip("/")
+    url = url if url.endswith("/rows") else url + "/rows"
+    if offline():
+        raise DataUnavailable("HF_HUB_OFFLINE is set")
+    if url in _unreachable:
+        raise DataUnavailable(f"{url} was unreachable earlier in this run")
+    where, token = f"{dataset} {config}/{split}", os.environ.get("HF_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    rows, skipped, offset, target, total, bar = [], 0, 0, None, None, None
+    rows, skipped, offset, target, bar = [], 0, 0, stop, None
     with requests.Session() as session:
-        while target is None or offset < target:
-            want = stop if target is None else target
-            length = HF_PAGE if want is None else min(HF_PAGE, want - offset)
-            params = {"dataset": dataset, "config": config, "split": split, "offset": offset, "length": length}
-            page = _get_page(session, url, params, headers, where)
-            if not isinstance(page, dict) or not isinstance(page.get("rows"), list) \
-                    or not isinstance(page.get("num_rows_total"), int):
-                raise _FetchFailed(f"unexpected response from {url} (no rows/num_rows_total)")
-            if target is None:
-                total = page["num_rows_total"]
-                target = total if stop is None else min(stop, total)
-                if target == 0:
-                    raise _FetchFailed("the split has no rows")
-                bar = ProgressBar(target, desc=f"fetch {where}", unit="rows")
-            items = page["rows"][: target - offset]
+        while bar is None or offset < target:
+            params = {"dataset": dataset, "config": config, "split": split, "offset": offset,
+                      "length": HF_PAGE if target is None else min(HF_PAGE, target - offset)}
+            try:
+                response = http_retry(lambda: session.get(url, params=params, headers=headers, timeout=HF_TIMEOUT),
+                                      HF_RETRIES, HF_BACKOFF, HF_MAX_WAIT, lambda m: print0(f"{where}: {m}"),
+                                      HF_CONNECT_RETRIES)
+            except HTTPGaveUp as e:
+                if isinstance(e.__cause__, requests.ConnectionError):
+                    _unreachable.add(url)
+                raise DataUnavailable(f"talking to {url}: {e}") from None
+            if response.status_code != 200:
+                raise DataUnavailable(f"HTTP {response.status_code} from {url}: {error_text(response, 200)}")
+            try:
+                page = response.json()
+                if bar is None:
+                    total = page["num_rows_total"]
+                    target = total if stop is None else min(stop, total)
+                    bar = ProgressBar(target, desc=f"fetch {where}", unit="rows")
+                items = page["rows"][: target - offset]
+                kept = [item["row"] for item in items if not item.get("truncated_cells")]
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise DataUnavailable(f"unexpected response from {url} (no rows/num_rows_total)") from None
             if not items:
-                raise _FetchFailed(f"the server returned no rows at offset {offset} of {target}")
-            for item in items:
-                if not isinstance(item, dict) or not isinstance(item.get("row"), dict):
-                    raise _FetchFailed(f"unexpected row at offset {offset} from {url}")
-                if item.get("truncated_cells"):
-                    skipped += 1
-                else:
-                    rows.append(item["row"])
-            offset += len(items)
+                raise DataUnavailable(f"the server returned no rows at offset {offset} of {target}" if target
+                                   else "the split has no rows")
+            rows += kept
+            skipped, offset = skipped + len(items) - len(kept), offset + len(items)
             bar.update(len(items))
     bar.close()
     if skipped:
@@ -336,74 +353,58 @@ def _fetch_rows(dataset, config, split, stop):
     return rows, total
 
 
-def offline():
-    return any(os.environ.get(v, "0") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
-def _load_rows(dataset, config, split, stop):
-    """(rows, cache path) -- see hf_rows for the cache rule."""
-    full = hf_cache_path(dataset, config, split)
+def hf_rows(dataset, config, split, stop=None, problem_of=lambda row: None):
+    """The rows (dicts) of a Hugging Face split, the first `stop` if given, from the dataset viewer
+    API ($CHIMERA_HF_ROWS_URL, $HF_TOKEN) cached in task_data/{owner}--{name}/{config}/: {split}.jsonl,
+    the whole split, is always used when present (how offline users and tests supply rows);
+    {split}.first{N}.jsonl, rows [0, N) of a prefix fetch (SmolTalk), serves any stop <= N until a
+    longer fetch replaces it. Rows the viewer truncated are skipped and counted; files are written
+    whole, then read back, so a problem_of(row) names file:line; a failed fetch raises DataUnavailable."""
     if stop is not None and stop < 1:
-        return [], full
-    if os.path.exists(full):
-        return _read_rows(full)[:stop], full
-    prefixes = _prefix_caches(dataset, config, split)
-    if stop is not None:
-        usable = [n for n in prefixes if n >= stop]
-        if usable:
-            path = prefixes[min(usable)]
-            return _read_rows(path)[:stop], path
-    if offline():
-        raise DataUnavailable(f"{dataset} ({config}/{split}) is not cached and HF_HUB_OFFLINE is set; to supply it, "
-                              f"put its rows, one JSON object per line, in {full}")
-    try:
-        rows, total = _fetch_rows(dataset, config, split, stop)
-    except _FetchFailed as e:
-        raise DataUnavailable(f"{dataset} ({config}/{split}) could not be fetched: {e}. To work offline, "
-                              f"put its rows, one JSON object per line, in {full}") from None
-    complete = stop is None or stop >= total
-    path = full if complete else hf_cache_path(dataset, config, split, first=stop)
-    _write_rows(path, rows)
-    for n, old in prefixes.items():  # superseded prefixes
-        if complete or n < stop:
-            os.remove(old)
-    return rows, path
-
-
-def hf_rows(dataset, config, split, stop=None):
-    """The rows (dicts) of a Hugging Face split, the first `stop` if given, from the dataset
-    viewer API ($CHIMERA_HF_ROWS_URL, $HF_TOKEN) cached in task_data/{owner}--{name}/{config}/:
-    {split}.jsonl, the whole split, is always used when present (how offline users and tests
-    supply rows); {split}.first{N}.jsonl, rows [0, N) of a prefix fetch (SmolTalk), serves
-    any stop <= N and is replaced by a longer fetch. Rows the viewer truncated are skipped
-    and counted; files are written whole; a failed fetch raises DataUnavailable."""
-    return _load_rows(dataset, config, split, stop)[0]
+        return []
+    full = hf_cache_path(dataset, config, split)
+    folder = os.path.dirname(full)
+    prefixes = {int(m[1]): os.path.join(folder, name) for name in (os.listdir(folder) if os.path.isdir(folder) else ())
+                if (m := re.fullmatch(re.escape(split) + r"\.first(\d+)\.jsonl", name))}
+    usable = [n for n in prefixes if stop is not None and n >= stop]
+    path = full if os.path.exists(full) else prefixes[min(usable)] if usable else None
+    if path is None:
+        try:
+            rows, total = _fetch_rows(dataset, config, split, stop)
+        except DataUnavailable as e:
+            raise DataUnavailable(f"{dataset} ({config}/{split}) is not cached and could not be fetched: {e}. To work "
+                                  f"offline, put its rows, one JSON object per line, in {full}") from None
+        complete = stop is None or stop >= total
+        path = full if complete else hf_cache_path(dataset, config, split, first=stop)
+        atomic_write(path, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        for n, old in prefixes.items():  # superseded prefixes
+            if complete or n < stop:
+                os.remove(old)
+    return read_jsonl(path, lambda r: problem_of(r) if isinstance(r, dict) else "expected one JSON object (a row)",
+                      hint=" (delete it to fetch again)", stop=stop)
 
 
 class HFTask(Task):
-    """A task over one Hugging Face split. Evaluation tasks (shuffle=True) load the whole
-    split in nanochat's order; others (SmolTalk) fetch only the prefix they slice."""
+    """A task over one Hugging Face split (config `subset`), labelled by `title`. Evaluation tasks
+    (shuffle=True) load the whole split in nanochat's order; SmolTalk fetches only the prefix it slices."""
 
-    dataset = ""
-    shuffle = True
+    dataset, subset, title, shuffle = "", "", "{subset}/{split}", True
 
-    def __init__(self, config, split, **kwargs):
+    def __init__(self, subset=None, split="test", **kwargs):
         super().__init__(**kwargs)
-        self.config, self.split = config, split
-        rows, path = _load_rows(self.dataset, config, split, None if self.shuffle else self.stop)
+        self.subset, self.split = subset or self.subset, split
+        self.label = self.title.format(subset=self.subset, split=split)
+        rows = hf_rows(self.dataset, self.subset, split, None if self.shuffle else self.stop,
+                       lambda row: self.row_problem(self.prepare(row)))
         rows = [self.prepare(row) for row in rows]
-        for i, row in enumerate(rows):
-            problem = self.row_problem(row)
-            if problem:
-                raise UserError(f"{path}:{i + 1}: {problem}")
         # nanochat's order: datasets' .shuffle(seed=42) is numpy's default_rng(42).permutation of the rows
         self.rows = [rows[i] for i in np.random.default_rng(42).permutation(len(rows))] if self.shuffle else rows
 
     def prepare(self, row):
         return row
 
-    def row_problem(self, row):
-        return None
+    def evaluate(self, conversation, response):  # the categorical tasks' grading: the letter picked is the answer
+        return int(response == conversation["messages"][-1]["content"])
 
 
 def _missing(row, spec):
@@ -428,13 +429,7 @@ def render_mc(question, letters, choices):
 
 
 class ARC(HFTask):
-    dataset = "allenai/ai2_arc"
-
-    def __init__(self, subset="ARC-Easy", split="test", **kwargs):  # subset: ARC-Easy | ARC-Challenge
-        self.label = f"{subset}/{split}"
-        super().__init__(subset, split, **kwargs)
-
-    eval_type = "categorical"
+    dataset, subset, eval_type = "allenai/ai2_arc", "ARC-Easy", "categorical"  # subset: ARC-Easy | ARC-Challenge
 
     def row_problem(self, row):
         choices = row.get("choices")
@@ -452,19 +447,10 @@ class ARC(HFTask):
                     {"role": "assistant", "content": row["answerKey"]}]
         return {"messages": messages, "letters": letters}
 
-    def evaluate(self, conversation, response):
-        return int(response == conversation["messages"][-1]["content"])
-
 
 class MMLU(HFTask):
-    dataset = "cais/mmlu"
+    dataset, subset, title, eval_type = "cais/mmlu", "all", "MMLU/{subset}/{split}", "categorical"  # or auxiliary_train
     letters = ("A", "B", "C", "D")
-
-    def __init__(self, subset="all", split="test", **kwargs):  # subset: all | auxiliary_train
-        self.label = f"MMLU/{subset}/{split}"
-        super().__init__(subset, split, **kwargs)
-
-    eval_type = "categorical"
 
     def prepare(self, row):
         # the auxiliary_train config wraps each row in {"train": {...}}
@@ -484,18 +470,12 @@ class MMLU(HFTask):
                     {"role": "assistant", "content": self.letters[row["answer"]]}]
         return {"messages": messages, "subject": row.get("subject", ""), "letters": self.letters}
 
-    def evaluate(self, conversation, response):
-        return int(response == conversation["messages"][-1]["content"])
-
-
-GSM_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
-
 
 def extract_gsm8k_answer(text):
     """The number after '#### ' with commas removed, or None."""
     if not isinstance(text, str):
         return None
-    m = GSM_RE.search(text)
+    m = re.search(r"#### (\-?[0-9\.\,]+)", text)
     return m.group(1).strip().replace(",", "") if m else None
 
 
@@ -506,21 +486,14 @@ def gsm8k_parts(answer):
         if piece.startswith("<<") and piece.endswith(">>"):
             inner = piece[2:-2]
             expr, result = inner.rsplit("=", 1) if "=" in inner else (inner, "")
-            parts.append({"type": "python", "text": expr})
-            parts.append({"type": "python_output", "text": result})
+            parts += [{"type": "python", "text": expr}, {"type": "python_output", "text": result}]
         else:
             parts.append({"type": "text", "text": piece})
     return parts
 
 
 class GSM8K(HFTask):
-    dataset = "openai/gsm8k"
-
-    def __init__(self, subset="main", split="test", **kwargs):  # subset: main | socratic
-        self.label = f"GSM8K/{subset}/{split}"
-        super().__init__(subset, split, **kwargs)
-
-    eval_type = "generative"
+    dataset, subset, title, eval_type = "openai/gsm8k", "main", "GSM8K/{subset}/{split}", "generative"  # or socratic
 
     def row_problem(self, row):
         return _missing(row, {"question": str, "answer": str})
@@ -530,22 +503,19 @@ class GSM8K(HFTask):
         return {"messages": [{"role": "user", "content": row["question"]},
                              {"role": "assistant", "content": gsm8k_parts(row["answer"])}]}
 
-    def evaluate(self, conversation, completion):
-        content = conversation["messages"][-1]["content"]
-        reference = content if isinstance(content, str) else "".join(p["text"] for p in content)
-        ref, pred = extract_gsm8k_answer(reference), extract_gsm8k_answer(completion)
-        return int(ref is not None and pred == ref)
+    def evaluate(self, conversation, completion):  # SpellingBee's grading too
+        ref = extract_gsm8k_answer("".join(part["text"] for part in conversation["messages"][-1]["content"]))
+        return int(ref is not None and extract_gsm8k_answer(completion) == ref)
 
 
 def extract_imports(prompt):
     """The import lines at the top of a HumanEval prompt (comments skipped; stops at the
     first code line, so a docstring line that starts with 'from ' is not taken)."""
     imports = []
-    for line in prompt.split("\n"):
-        stripped = line.strip()
-        if stripped.startswith("import ") or stripped.startswith("from "):
-            imports.append(stripped)
-        elif stripped and not stripped.startswith("#"):
+    for line in map(str.strip, prompt.split("\n")):
+        if line.startswith(("import ", "from ")):
+            imports.append(line)
+        elif line and not line.startswith("#"):
             break
     return "\n".join(imports)
 
@@ -557,13 +527,8 @@ def extract_code(completion):
 
 
 class HumanEval(HFTask):
-    dataset = "openai/openai_humaneval"
-
-    def __init__(self, split="test", timeout=5.0, **kwargs):
-        self.label, self.timeout = "HumanEval", timeout
-        super().__init__("openai_humaneval", split, **kwargs)
-
-    eval_type = "generative"
+    dataset, subset, title, eval_type = "openai/openai_humaneval", "openai_humaneval", "HumanEval", "generative"
+    timeout = 5.0  # seconds per program in the sandbox
 
     def row_problem(self, row):
         return _missing(row, {"prompt": str, "canonical_solution": str, "entry_point": str, "test": str})
@@ -598,14 +563,10 @@ class SmolTalk(HFTask):
     """smol-smoltalk conversations (train 460K, test 24K). Only the rows up to `stop` are
     fetched, so the rows are in the split's stored order, not nanochat's shuffled order."""
 
-    dataset = "HuggingFaceTB/smol-smoltalk"
-    shuffle = False
+    dataset, subset, title, shuffle = "HuggingFaceTB/smol-smoltalk", "default", "SmolTalk/{split}", False
 
     def __init__(self, split="train", **kwargs):
-        self.label = f"SmolTalk/{split}"
-        super().__init__("default", split, **kwargs)
-
-    eval_type = "generative"
+        super().__init__(None, split, **kwargs)
 
     def row_problem(self, row):
         return conversation_problem(row, strict=False)
@@ -670,8 +631,6 @@ class SpellingTask(Task):
 
     def __init__(self, size=1000, split="train", **kwargs):
         super().__init__(**kwargs)
-        if split not in ("train", "test"):
-            raise ValueError(f"{type(self).__name__}: split must be train or test, got {split!r}")
         self.size, self.split, self.label = size, split, f"{type(self).__name__}/{split}"
         self.words = read_lines(cached_file(WORD_LIST_URL))
 
@@ -723,9 +682,7 @@ class SpellingBee(SpellingTask):
                  {"type": "text", "text": f"\n\nPython gives us {count}.\n\nMy final answer is:\n\n#### {count}"}]
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]}
 
-    def evaluate(self, conversation, completion):
-        reference = extract_gsm8k_answer(conversation["messages"][-1]["content"][-1]["text"])
-        return int(extract_gsm8k_answer(completion) == reference)
+    evaluate = GSM8K.evaluate
 
 
 # eval.py's default tasks: TASKS[name]() (slicing kwargs pass through)
@@ -734,7 +691,7 @@ TASKS = {
     "ARC-Challenge": functools.partial(ARC, "ARC-Challenge", "test"),
     "MMLU": functools.partial(MMLU, "all", "test"),
     "GSM8K": functools.partial(GSM8K, "main", "test"),
-    "HumanEval": functools.partial(HumanEval, "test"),
+    "HumanEval": HumanEval,
     "SpellingBee": functools.partial(SpellingBee, 256, "test"),
 }
 

@@ -605,3 +605,17 @@ def test_rows_client_errors_are_not_retried(server):
         tasks.hf_rows("org/missing", "main", "train")
     assert len(server.requests) == 1
 
+
+
+@pytest.mark.parametrize("body, why", [
+    (["not", "a", "page"], "unexpected response"),
+    ({"rows": [{"row": {"q": 1}}]}, "unexpected response"),  # no num_rows_total
+    ({"rows": "nope", "num_rows_total": 3}, "unexpected response"),
+    ({"rows": [], "num_rows_total": 0}, "the split has no rows"),
+    ({"rows": [], "num_rows_total": 5}, "no rows at offset 0 of 5"),
+])
+def test_malformed_page_is_unavailable_and_caches_nothing(server, base, body, why):
+    server.script = [(200, {}, body)]
+    with pytest.raises(tasks.DataUnavailable, match=why):
+        tasks.hf_rows("org/data", "main", "train")
+    assert not os.path.exists(tasks.hf_cache_path("org/data", "main", "train"))
