@@ -195,7 +195,7 @@ KINDS = {  # kind -> (file name, prompt builder, record builder, schema name, sc
 
 
 # -----------------------------------------------------------------------------
-# The OpenRouter client: chat completions over common.http_retry, with OpenRouter's error contract
+# The OpenRouter client: chat completions over tasks.http_retry, with OpenRouter's error contract
 
 
 class APIStop(UserError):
