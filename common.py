@@ -236,15 +236,15 @@ class ProgressBar:
 
 
 def write_report_section(section, data, report_dir=None):
-    """report/<slug>.md as nanochat's Report.log writes it (`## section`, a timestamp, one
-    `- key: value` line per item), so both reports read it. `data`: dicts and strings."""
+    """report/chimera-<slug>.md in nanochat's Report.log format (`## section`, a timestamp, `- key: value`
+    lines), so both reports read it; the prefix keeps nanochat's own files untouched. `data`: dicts, strings."""
     if not is_master():
         return None
-    fmt = lambda v: (f"{v:.4f}" if isinstance(v, float) else f"{v:,.0f}"
-                     if isinstance(v, int) and not isinstance(v, bool) and v >= 10000 else str(v))
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else f"{v:,}" if type(v) is int and v >= 10000 else str(v)
     out = [f"## {section}\n", f"timestamp: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}\n\n"]
     for item in filter(None, data):
         out += [item] if isinstance(item, str) else [f"- {k}: {fmt(v)}\n" for k, v in item.items()]
-    path = os.path.join(report_dir or os.path.join(get_base_dir(), "report"), section.lower().replace(" ", "-") + ".md")
+    name = "chimera-" + section.lower().replace(" ", "-") + ".md"
+    path = os.path.join(report_dir or os.path.join(get_base_dir(), "report"), name)
     atomic_write_text(path, "".join(out) + "\n")
     return path

@@ -104,7 +104,7 @@ def test_report_section_is_nanochat_format(tmp_path):
     path = common.write_report_section("Chat DPO", [{"beta": 0.1, "pairs": 12000, "steps": 3}, "extra text\n"],
                                        report_dir=str(tmp_path))
     text = open(path).read()
-    assert os.path.basename(path) == "chat-dpo.md"
+    assert os.path.basename(path) == "chimera-chat-dpo.md"
     lines = text.splitlines()
     assert lines[0] == "## Chat DPO" and lines[1].startswith("timestamp: ")
     assert "- beta: 0.1000" in lines and "- pairs: 12,000" in lines and "- steps: 3" in lines

@@ -136,7 +136,7 @@ def test_training_raises_held_out_reward_accuracy_and_margin(sft_base, monkeypat
     assert len(steps) == 12 and all(keys <= set(l) for l in steps)
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert [l["step"] for l in lines if "eval/loss" in l] == [0, 12]
-    report = open(os.path.join(sft_base, "report", "chat-dpo.md")).read()
+    report = open(os.path.join(sft_base, "report", "chimera-chat-dpo.md")).read()
     assert report.startswith("## Chat DPO\n") and "- Held-out reward accuracy:" in report
 
 

@@ -90,7 +90,7 @@ def test_happy_path_counts_schema_headers_and_cost(run, server, tmp_path):
     assert s["models"]["openai/gpt-4o-mini"]["requests"] == 10
     assert s["cost_total"] == pytest.approx(0.10)
     assert "spent $0.1000" in out
-    section = (tmp_path / "report" / "synthetic-data.md").read_text()
+    section = (tmp_path / "report" / "chimera-synthetic-data.md").read_text()
     assert "- SFT conversations: 6" in section and "- DPO pairs: 4" in section
 
 
@@ -440,7 +440,7 @@ def test_judge_pairs_failure_types_and_diversity(run, server, tmp_path):
     assert [stats[f"failure {f}"] for f in failures] == [sum(p["failure"] == f for p in pairs) for f in failures]
     assert 0 < stats["distinct 2-grams"] <= 1 and 0 < stats["distinct 1-grams"] < stats["distinct 2-grams"]
     assert stats["near-duplicate rate (this run)"] == 0
-    section = (tmp_path / "report" / "synthetic-data.md").read_text()
+    section = (tmp_path / "report" / "chimera-synthetic-data.md").read_text()
     assert "- DPO judge rejected (this run):" in section and "- DPO failure overconfident:" in section
 
 

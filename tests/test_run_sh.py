@@ -133,7 +133,7 @@ def speedrun(tmp_path_factory):
     lines = open(dpo_data).readlines()
     open(dpo_data, "w").writelines(lines[:-1])  # one pair fewer
     third = run_sh(env)
-    os.remove(os.path.join(base, "report", "chat-evaluation-dpo.md"))
+    os.remove(os.path.join(base, "report", "chimera-chat-evaluation-dpo.md"))
     fourth = run_sh(env)
     return dict(base=base, before=before, after_first=after_first, runs=(first, second, third, fourth))
 
@@ -146,7 +146,7 @@ def test_beside_a_speedrun_chimera_runs_its_own_stages(speedrun):
     dpo_meta = last_meta(os.path.join(base, "chatdpo_checkpoints", "d2"))
     assert dpo_meta["source"] == "sft" and dpo_meta["user_config"]["model_tag"] == "chimera_d2"  # Chimera's SFT
     for source in ("sft", "dpo"):
-        assert os.path.exists(os.path.join(base, "report", f"chat-evaluation-{source}.json"))
+        assert os.path.exists(os.path.join(base, "report", f"chimera-chat-evaluation-{source}.json"))
 
 
 def test_beside_a_speedrun_nanochat_checkpoints_are_untouched(speedrun):
@@ -155,8 +155,6 @@ def test_beside_a_speedrun_nanochat_checkpoints_are_untouched(speedrun):
     assert {p: after.get(p) for p in kept} == kept
 
 
-@pytest.mark.xfail(strict=True, reason="sft.py and eval.py write report/chat-sft.md and chat-evaluation-sft.md, "
-                                       "the names of nanochat's own sections (coordinator: eval.py/report.py)")
 def test_beside_a_speedrun_nanochat_report_sections_are_untouched(speedrun):
     before, after = speedrun["before"], speedrun["after_first"]
     kept = {p: h for p, h in before.items() if p.startswith("report")}

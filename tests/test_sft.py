@@ -97,7 +97,7 @@ def test_training_lowers_loss_and_checkpoint_loads_back(trader_base, monkeypatch
     assert meta["step"] == 12 and meta["user_config"]["sft_dataset"] == "trader"
     assert meta["val_loss"] == pytest.approx(lines[-1]["val_loss/trader"])
     assert meta["mixture"][0][1] == len(sft.tasks.TraderSFT(split="train"))
-    report = open(os.path.join(trader_base, "report", "chat-sft.md")).read()
+    report = open(os.path.join(trader_base, "report", "chimera-chat-sft.md")).read()
     assert report.startswith("## Chat SFT\n") and "- Validation loss:" in report
 
 
@@ -176,7 +176,7 @@ def test_rows_with_nothing_to_learn_are_dropped_and_counted(trader_base, monkeyp
     meta = load_model("sft", "cpu", "eval")[2]
     train = sft.tasks.TraderSFT(split="train")
     assert meta["dropped_rows"] == sum(r["messages"][0]["content"] == LONG_SYSTEM for r in train) > 0
-    report = open(os.path.join(trader_base, "report", "chat-sft.md")).read()
+    report = open(os.path.join(trader_base, "report", "chimera-chat-sft.md")).read()
     assert f"- Dropped conversations (nothing to learn): {meta['dropped_rows']}" in report
     with pytest.raises(UserError, match="no training conversation has an assistant token within 16 tokens"):
         run_sft(monkeypatch, "--sft_dataset=trader", "--max_seq_len=16", "--num_iterations=1", *FAST)
