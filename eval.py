@@ -249,8 +249,8 @@ def trader_dpo_metrics(model, tokenizer, c, d, meta):
     accuracy and margin against the reference by dpo.py's held-out evaluation (the DPO run's beta, split)."""
     import dpo
     dpo_meta = stage_meta("dpo", c, meta)
-    run = SimpleNamespace(**{"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "max_length": 1024,
-                             **dpo_meta.get("user_config", {}), "device_batch_size": c.batch_size})
+    run = SimpleNamespace(**{**dataclasses.asdict(dpo.Config()), **dpo_meta.get("user_config", {}),
+                             "device_batch_size": c.batch_size})
     task, pad, out = held_out_pairs(c, dpo_meta), tokenizer.encode_special("<|assistant_end|>"), {}
     rows, reference = [task[i] for i in range(problems(task, c))], reference_model(c.ref_source, c.source, d.device)
     for cond in CONDITIONS:
@@ -261,8 +261,9 @@ def trader_dpo_metrics(model, tokenizer, c, d, meta):
             continue
         out[f"Persona preference accuracy ({cond})"] = prefers_share(model, pairs, pad, c, d)
         if reference is not None:
-            stats = dpo.evaluate(model, dpo.Reference(model=reference), pairs, 0, pad, run, d)
-            model.eval()
+            stats = dpo.evaluate(model, lambda p, idx: dpo.batch_logps(reference, p, idx, pad, d.device)[:2],
+                                 pairs, pad, run, d)
+            model.eval()  # evaluate leaves the model in train mode
             out[f"DPO reward accuracy ({cond})"] = stats["rewards/accuracies"]
             out[f"DPO reward margin ({cond})"] = stats["rewards/margins"]
     if not out:
