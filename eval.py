@@ -25,8 +25,8 @@ from typing import Optional
 
 import torch
 
-from common import (UserError, ProgressBar, all_reduce_sum, atomic_write_json, autocast, cleanup_dist,
-                    init_dist, master_first, parse_config, print0, run_main, write_report_section)
+from common import (UserError, ProgressBar, all_reduce_sum, atomic_write_json, autocast, check_settings,
+                    cleanup_dist, init_dist, master_first, parse_config, print0, run_main, write_report_section)
 from model import Engine, checkpoint_dir_for, find_last_step, load_model
 import tasks
 
@@ -66,9 +66,7 @@ ALIASES = {"i": "source", "a": "task_name"}
 
 def check_config(c):
     """Settings that would run and report nonsense stop here, one line each."""
-    small = [k for k in ("batch_size", "num_samples", "max_new_tokens", "top_k", "judge_prompts") if getattr(c, k) < 1]
-    if small:
-        raise UserError(f"--{small[0]}={getattr(c, small[0])}: must be at least 1")
+    check_settings(c, at_least_1=("batch_size", "num_samples", "max_new_tokens", "top_k", "judge_prompts"))
     if c.max_problems == 0 or c.max_problems < -1:
         raise UserError(f"--max_problems={c.max_problems}: must be -1 (all) or at least 1")
     if not 0 <= c.temperature < float("inf"):  # NaN fails too
@@ -98,11 +96,6 @@ def chatcore(results):
     return sum((results[n] - BASELINES[n]) / (1.0 - BASELINES[n]) for n in CHAT_TASKS) / len(CHAT_TASKS)
 
 
-def my_share(n, d):
-    """The indices of n items this rank works on (every world_size-th); results are summed over ranks."""
-    return range(d.rank, n, d.world_size)
-
-
 def problems(task, c):  # how many of a task's problems to evaluate
     return len(task) if c.max_problems < 0 else min(len(task), c.max_problems)
 
@@ -117,9 +110,8 @@ def run_categorical(task, tokenizer, model, c, d, bar):
     follows <|assistant_start|>; batches of prompts padded on the right, sharded by rank."""
     n = problems(task, c)
     bos = tokenizer.get_bos_token_id()
-    letter_id = functools.lru_cache(maxsize=None)(lambda letter: tokenizer.encode(letter))  # one token each (render_mc)
     passed = total = 0
-    for b in my_share(-(-n // c.batch_size), d):
+    for b in range(d.rank, -(-n // c.batch_size), d.world_size):  # every world_size-th batch; summed over ranks
         conversations = [task[i] for i in range(b * c.batch_size, min((b + 1) * c.batch_size, n))]
         prompts = [tokenizer.render_for_completion(conv) for conv in conversations]
         width = max(len(p) for p in prompts)
@@ -130,7 +122,7 @@ def run_categorical(task, tokenizer, model, c, d, bar):
             logits = model.logits(h)  # only the answer positions go through the lm_head
         for row, conv in enumerate(conversations):
             letters = conv["letters"]
-            choice = logits[row, [letter_id(l)[0] for l in letters]].argmax().item()
+            choice = logits[row, [tokenizer.encode(l)[0] for l in letters]].argmax().item()  # one token each
             passed += int(task.evaluate(conv, letters[choice]))
             total += 1
             bar.update(1)
@@ -143,7 +135,7 @@ def run_generative(task, tokenizer, model, c, d, bar):
     tool included); a problem passes when any sample passes."""
     engine = Engine(model, tokenizer)
     passed = total = 0
-    for i in my_share(problems(task, c), d):
+    for i in range(d.rank, problems(task, c), d.world_size):
         conv = task[i]
         prompt = tokenizer.render_for_completion(conv)
         sequences, _ = engine.generate_batch(prompt, num_samples=c.num_samples, max_tokens=c.max_new_tokens,
@@ -157,7 +149,7 @@ def run_generative(task, tokenizer, model, c, d, bar):
 
 def run_chat_task(name, model, tokenizer, c, d, meta):
     task = master_first(tasks.TASKS[name])
-    bar = ProgressBar(len(my_share(problems(task, c), d)), desc=name, unit="problems")
+    bar = ProgressBar(len(range(d.rank, problems(task, c), d.world_size)), desc=name, unit="problems")
     run = run_categorical if task.eval_type == "categorical" else run_generative
     passed, total = run(task, tokenizer, model, c, d, bar)
     bar.close()
@@ -234,14 +226,13 @@ def held_out_pairs(c, dpo_meta):
 def prefers_share(model, pairs, pad, c, d):
     """Share of rendered pairs whose first answer has a higher mean log-prob per token than the second."""
     import dpo
-    mine, wins = list(my_share(len(pairs), d)), 0
-    for i in range(0, len(mine), c.batch_size):
-        idx = mine[i:i + c.batch_size]
+    wins = count = 0
+    for idx in dpo.my_batches(pairs, c.batch_size, d):
         first, second, _ = dpo.batch_logps(model, pairs, idx, pad, d.device)
         n = torch.tensor([[sum(pairs[j][k][1][1:]) for k in (0, 1)] for j in idx], device=first.device)  # scored tokens
-        wins += (first / n[:, 0] > second / n[:, 1]).sum().item()
-    wins, n = all_reduce_sum([wins, len(mine)], d.device)
-    return wins / n
+        wins, count = wins + (first / n[:, 0] > second / n[:, 1]).sum().item(), count + len(idx)
+    wins, count = all_reduce_sum([wins, count], d.device)
+    return wins / count
 
 
 def trader_dpo_metrics(model, tokenizer, c, d, meta):
