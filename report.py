@@ -32,9 +32,9 @@ EXPECTED_FILES = NANOCHAT_FILES + CHIMERA_FILES + RL_FILES
 HEADER = "header.md"  # nanochat's run header (written by nanochat's `report reset`)
 CHIMERA_HEADER = "chimera-header.md"  # ours: when the Chimera run started
 
-STAGES = ["base", "mid", "sft", "dpo", "rl"]
-STAGE_SECTIONS = {"base": "base-model-evaluation.md", "mid": "chat-evaluation-mid.md",
-                  "sft": "chat-evaluation-sft.md", "dpo": "chat-evaluation-dpo.md", "rl": "chat-evaluation-rl.md"}
+# the summary table's columns, each read from one section
+STAGE_SECTIONS = {"base": "base-model-evaluation.md", **{s: f"chat-evaluation-{s}.md" for s in ("mid", "sft", "dpo", "rl")}}
+STAGES = list(STAGE_SECTIONS)
 CHAT_METRICS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
 # eval.py's persona rows, each without and with the persona's system message
 PERSONA_METRICS = [f"{name} ({cond})" for name in ("Trader SFT held-out loss", "Persona preference accuracy",
@@ -91,23 +91,20 @@ def git(*args):
         return ""
 
 
-def header_info():
-    """(code, hardware, software) facts for the header."""
+def chimera_header(started):
+    """Our header: when the Chimera run started (a datetime or None), code, hardware, versions."""
     import torch
     dirty = " (with local changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
-    code = {"Chimera commit": (git("rev-parse", "--short", "HEAD") or "unknown") + dirty,
-            "Branch": git("rev-parse", "--abbrev-ref", "HEAD") or "unknown"}
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     memory = f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB"  # Linux, macOS
-    hardware = {"Platform": f"{platform.system()} {platform.machine()}", "CPUs": os.cpu_count(), "Memory": memory,
-                "GPUs": f"{len(gpus)} x {gpus[0]}" if gpus else "none"}
-    return code, hardware, {"Python": platform.python_version(),
-                            **{name: __import__(name).__version__ for name in ("torch", "numpy", "tiktoken", "requests")}}
-
-
-def chimera_header(started):
-    lines = ["## Chimera post-training", ""] + ([f"Run started: {started}", ""] if started else [])
-    for title, info in zip(("Code", "Hardware", "Software"), header_info()):
+    facts = {"Code": {"Chimera commit": (git("rev-parse", "--short", "HEAD") or "unknown") + dirty,
+                      "Branch": git("rev-parse", "--abbrev-ref", "HEAD") or "unknown"},
+             "Hardware": {"Platform": f"{platform.system()} {platform.machine()}", "CPUs": os.cpu_count(),
+                          "Memory": memory, "GPUs": f"{len(gpus)} x {gpus[0]}" if gpus else "none"},
+             "Software": {"Python": platform.python_version(), **{
+                 name: __import__(name).__version__ for name in ("torch", "numpy", "tiktoken", "requests")}}}
+    lines = ["## Chimera post-training", ""] + ([f"Run started: {started:%Y-%m-%d %H:%M:%S}", ""] if started else [])
+    for title, info in facts.items():
         lines += [f"### {title}"] + [f"- {k}: {v}" for k, v in info.items()] + [""]
     return "\n".join(lines) + "\n"
 
@@ -168,14 +165,13 @@ def read_metrics(source_dir):
             lines = f.read().splitlines()
     except (UserError, OSError):
         return []
-    return [row for row in map(parse_json, lines) if isinstance(row, dict)]
-
-
-def parse_json(line):
-    try:
-        return json.loads(line)
-    except ValueError:
-        return None
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return [row for row in rows if isinstance(row, dict)]
 
 
 def series(rows, key):
@@ -204,32 +200,28 @@ def charts(directory):
 # Commands
 
 
-def read_section(path):
-    """A section's text with `<` escaped: Markdown goes in, raw HTML (a <script>) never does."""
-    with open(path, encoding="utf-8") as f:
-        return f.read().replace("<", "&lt;")
+def read_section(directory, name):
+    """A section's text with `<` escaped (Markdown goes in, raw HTML never does); None if missing."""
+    if os.path.exists(os.path.join(directory, name)):
+        with open(os.path.join(directory, name), encoding="utf-8") as f:
+            return f.read().replace("<", "&lt;")
+    return None
 
 
 def generate(out_copy=True):
     directory = os.path.join(get_base_dir(), "report")
     os.makedirs(directory, exist_ok=True)
-    parts, metrics, notes, start, end, bloat = [], {}, [], None, None, ""
-    if os.path.exists(os.path.join(directory, HEADER)):  # nanochat's own header, as it is
-        text = read_section(os.path.join(directory, HEADER))
-        parts.append(text.rstrip() + "\n\n")
-        start = section_timestamp(text, "Run started:")
-        bloat = (re.search(r"### Bloat\n(.*?)\n\n", text, re.DOTALL) or [None, ""])[1]
-    started = None
-    if os.path.exists(os.path.join(directory, CHIMERA_HEADER)):
-        started = section_timestamp(read_section(os.path.join(directory, CHIMERA_HEADER)), "Run started:")
-        start = start or started
-    parts = parts or ["# Chimera training report\n\n"]
-    parts.append(chimera_header(started and started.strftime("%Y-%m-%d %H:%M:%S")))
+    nanochat = read_section(directory, HEADER) or ""  # nanochat's own header, as it is
+    started = section_timestamp(read_section(directory, CHIMERA_HEADER) or "", "Run started:")
+    start, end = section_timestamp(nanochat, "Run started:") or started, None
+    bloat = (re.search(r"### Bloat\n(.*?)\n\n", nanochat, re.DOTALL) or [None, ""])[1]
+    parts = [nanochat.rstrip() + "\n\n" if nanochat else "# Chimera training report\n\n", chimera_header(started)]
+    metrics, notes = {}, []
     for name in EXPECTED_FILES:
-        if not os.path.exists(os.path.join(directory, name)):
+        text = read_section(directory, name)
+        if text is None:
             notes.append(name)
             continue
-        text = read_section(os.path.join(directory, name))
         if name not in RL_FILES:  # nanochat leaves experimental RL out of the wall clock too
             end = section_timestamp(text, "timestamp:") or end
         for stage in [s for s, f in STAGE_SECTIONS.items() if f == name]:
