@@ -218,7 +218,9 @@ def trader_sft_loss(model, tokenizer, c, d, meta):
 
 def held_out_pairs(c, dpo_meta):
     """The DPO pairs held out by the DPO run's split (or --dpo_val_fraction)."""
-    fraction = c.dpo_val_fraction if c.dpo_val_fraction >= 0 else dpo_meta.get("user_config", {}).get("val_fraction", 0.05)
+    fraction = c.dpo_val_fraction
+    if fraction < 0:  # the split the DPO run held out
+        fraction = dpo_meta.get("user_config", {}).get("val_fraction", 0.05)
     return tasks.TraderDPO(c.trader_dpo_path, split="val", val_fraction=fraction)
 
 

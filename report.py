@@ -32,9 +32,8 @@ EXPECTED_FILES = NANOCHAT_FILES + CHIMERA_FILES + RL_FILES
 HEADER = "header.md"  # nanochat's run header (written by nanochat's `report reset`)
 CHIMERA_HEADER = "chimera-header.md"  # ours: when the Chimera run started
 
-# the summary table's columns, each read from one section
-STAGE_SECTIONS = {"base": "base-model-evaluation.md", **{s: f"chat-evaluation-{s}.md" for s in ("mid", "sft", "dpo", "rl")}}
-STAGES = list(STAGE_SECTIONS)
+STAGES = ["base", "mid", "sft", "dpo", "rl"]  # the summary table's columns, each read from one section
+STAGE_SECTIONS = {s: f"chat-evaluation-{s}.md" for s in STAGES} | {"base": "base-model-evaluation.md"}
 CHAT_METRICS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
 # eval.py's persona rows, each without and with the persona's system message
 PERSONA_METRICS = [f"{name} ({cond})" for name in ("Trader SFT held-out loss", "Persona preference accuracy",
@@ -50,8 +49,8 @@ def section_metrics(text, names):
     """{name: value} for `- name: value` lines (also `name metric`/`name accuracy`, as
     nanochat labels CORE and ChatCORE); the last line wins, as in nanochat."""
     out = {}
-    for key, value in re.findall(r"^-\s+(.+?):[ \t]*(.*)$", text, flags=re.M):
-        out.update({name: value.strip() for name in names if key.strip() in (name, f"{name} metric", f"{name} accuracy")})
+    for key, value in re.findall(r"^-\s+(.+?)[ \t]*:[ \t]*(.*)$", text, flags=re.M):
+        out.update({name: value.strip() for name in names if key in (name, f"{name} metric", f"{name} accuracy")})
     return out
 
 
@@ -122,8 +121,7 @@ def svg_chart(title, series, width=460, height=220):
               if (p := [(float(x), float(y)) for x, y in v if math.isfinite(x) and math.isfinite(y)])}
     if not series:
         return ""
-    xs = [x for v in series.values() for x, _ in v]
-    ys = [y for v in series.values() for _, y in v]
+    xs, ys = zip(*(p for v in series.values() for p in v))
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
     y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
     left, right, top, bottom = 52, 12, 28, 34
@@ -136,22 +134,19 @@ def svg_chart(title, series, width=460, height=220):
              f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
              f'<rect width="{width}" height="{height}" fill="white"/>',
              f'<text x="{left}" y="16" font-size="13">{html.escape(title)}</text>',
-             f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#444"/>',
-             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#444"/>',
+             f'<polyline points="{left},{top} {left},{top + ph} {left + pw},{top + ph}" fill="none" stroke="#444"/>',
              *(f'<text x="{x}" y="{y}" text-anchor="{anchor}">{text}</text>' for x, y, anchor, text in (
                  (left - 4, top + 4, "end", f"{y1:.3g}"), (left - 4, top + ph, "end", f"{y0:.3g}"),
                  (left, top + ph + 14, "middle", f"{x0:.3g}"), (left + pw, top + ph + 14, "middle", f"{x1:.3g}"),
                  (left + pw / 2, height - 4, "middle", "step")))]
     for i, (label, points) in enumerate(series.items()):
-        color = COLORS[i % len(COLORS)]
-        path = " ".join(",".join(xy(x, y)) for x, y in points)
-        if len(points) > 1:
-            parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{path}"/>')
-        parts += ['<circle cx="{}" cy="{}" r="2" fill="{}"/>'.format(*xy(x, y), color)
-                  for x, y in points if len(points) <= 40]
-        # legend in the title row, right-aligned, so it never covers the curves
-        parts.append(f'<text x="{width - right - 90 * (len(series) - 1 - i)}" y="16" text-anchor="end" '
-                     f'fill="{color}">{html.escape(label)}</text>')
+        color, pixels = COLORS[i % len(COLORS)], [xy(x, y) for x, y in points]
+        path = " ".join(map(",".join, pixels))
+        # a one-point polyline draws nothing; the legend sits in the title row, so it never covers the curves
+        parts += [f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{path}"/>',
+                  f'<text x="{width - right - 90 * (len(series) - 1 - i)}" y="16" text-anchor="end" '
+                  f'fill="{color}">{html.escape(label)}</text>']
+        parts += [f'<circle cx="{x}" cy="{y}" r="2" fill="{color}"/>' for x, y in pixels if len(pixels) <= 40]
     return "".join(parts) + "</svg>"
 
 
