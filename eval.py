@@ -13,6 +13,7 @@ Writes $NANOCHAT_BASE_DIR/report/chat-evaluation-{source}.md (one `- Task: value
 metric, as nanochat's report reads them) and chat-evaluation-{source}.json beside it.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -108,8 +109,7 @@ def problems(task, c):  # how many of a task's problems to evaluate
 def run_categorical(task, tokenizer, model, c, d, bar):
     """Multiple choice: the answer is the letter whose logit is highest at the position that
     follows <|assistant_start|>; batches of prompts padded on the right, sharded by rank."""
-    n = problems(task, c)
-    bos = tokenizer.get_bos_token_id()
+    n, bos = problems(task, c), tokenizer.get_bos_token_id()
     passed = total = 0
     for b in range(d.rank, -(-n // c.batch_size), d.world_size):  # every world_size-th batch; summed over ranks
         conversations = [task[i] for i in range(b * c.batch_size, min((b + 1) * c.batch_size, n))]
@@ -121,11 +121,10 @@ def run_categorical(task, tokenizer, model, c, d, bar):
             h = model.hidden_states(ids)[torch.arange(len(prompts), device=d.device), answer_pos]
             logits = model.logits(h)  # only the answer positions go through the lm_head
         for row, conv in enumerate(conversations):
-            letters = conv["letters"]
-            choice = logits[row, [tokenizer.encode(l)[0] for l in letters]].argmax().item()  # one token each
-            passed += int(task.evaluate(conv, letters[choice]))
-            total += 1
-            bar.update(1)
+            choice = logits[row, [tokenizer.encode(l)[0] for l in conv["letters"]]].argmax().item()  # one token each
+            passed += int(task.evaluate(conv, conv["letters"][choice]))
+        total += len(conversations)
+        bar.update(len(conversations))
     return passed, total
 
 
@@ -140,8 +139,7 @@ def run_generative(task, tokenizer, model, c, d, bar):
         prompt = tokenizer.render_for_completion(conv)
         sequences, _ = engine.generate_batch(prompt, num_samples=c.num_samples, max_tokens=c.max_new_tokens,
                                              temperature=c.temperature, top_k=c.top_k, seed=42 + i)
-        completions = [tokenizer.decode(s[len(prompt):]) for s in sequences]
-        passed += int(any(task.evaluate(conv, completion) for completion in completions))
+        passed += int(any(task.evaluate(conv, tokenizer.decode(s[len(prompt):])) for s in sequences))
         total += 1
         bar.update(1, passed=passed)
     return passed, total
@@ -203,25 +201,16 @@ def reference_model(ref_source, source, device):
 def trader_sft_loss(model, tokenizer, c, d, meta):
     """Mean loss per assistant token on the held-out trader conversations (the SFT split)."""
     from sft import conversation_loss
-    fraction = c.sft_val_fraction
-    if fraction < 0:  # the split the SFT run held out
-        fraction = stage_meta("sft", c, meta).get("user_config", {}).get("trader_val_fraction", 0.1)
-    task = tasks.TraderSFT(c.trader_sft_path, split="val", val_fraction=fraction)
-    if len(task) == 0:
-        raise tasks.DataUnavailable("no held-out trader conversations (the val split is empty)")
-    rows = [task[i] for i in range(problems(task, c))]
-    losses = {f"Trader SFT held-out loss ({cond})": conversation_loss(
-        model, [conditioned(r, system_of(cond, c)) for r in rows], tokenizer, len(rows), c.batch_size, d,
-        model.config.sequence_len) for cond in CONDITIONS}
-    return {k: v for k, v in losses.items() if v > 0}  # 0: truncation left no answer token to score
-
-
-def held_out_pairs(c, dpo_meta):
-    """The DPO pairs held out by the DPO run's split (or --dpo_val_fraction)."""
-    fraction = c.dpo_val_fraction
-    if fraction < 0:  # the split the DPO run held out
-        fraction = dpo_meta.get("user_config", {}).get("val_fraction", 0.05)
-    return tasks.TraderDPO(c.trader_dpo_path, split="val", val_fraction=fraction)
+    task, out = tasks.TraderSFT(c.trader_sft_path, split="val", val_fraction=c.sft_val_fraction), {}
+    held_out = task.rows[:problems(task, c)]
+    for cond in CONDITIONS:
+        task.rows = [conditioned(r, system_of(cond, c)) for r in held_out]  # conversation_loss reads a task
+        with contextlib.suppress(tasks.DataUnavailable):  # no answer token left after truncation: condition left out
+            out[f"Trader SFT held-out loss ({cond})"] = conversation_loss(
+                model, task, tokenizer, len(task), c.batch_size, d, model.config.sequence_len)
+    if not out:
+        raise tasks.DataUnavailable("no held-out trader conversation to score (the val split is empty or truncated)")
+    return out
 
 
 @torch.no_grad()
@@ -244,7 +233,8 @@ def trader_dpo_metrics(model, tokenizer, c, d, meta):
     dpo_meta = stage_meta("dpo", c, meta)
     run = SimpleNamespace(**{**dataclasses.asdict(dpo.Config()), **dpo_meta.get("user_config", {}),
                              "device_batch_size": c.batch_size})
-    task, pad, out = held_out_pairs(c, dpo_meta), tokenizer.encode_special("<|assistant_end|>"), {}
+    task = tasks.TraderDPO(c.trader_dpo_path, split="val", val_fraction=c.dpo_val_fraction)
+    pad, out = tokenizer.encode_special("<|assistant_end|>"), {}
     rows, reference = [task[i] for i in range(problems(task, c))], reference_model(c.ref_source, c.source, d.device)
     for cond in CONDITIONS:
         system = system_of(cond, c)  # in the prompt exactly as a system message renders: merged, a blank line
@@ -266,10 +256,6 @@ def trader_dpo_metrics(model, tokenizer, c, d, meta):
 
 # -----------------------------------------------------------------------------
 # The LLM judge (gen.py's client), and the identity probes
-
-
-def judging(c):
-    return c.judge == 1 or (c.judge == -1 and bool(os.environ.get("OPENROUTER_API_KEY")))
 
 
 @functools.lru_cache(maxsize=None)
@@ -309,7 +295,7 @@ def judge_win_rate(model, tokenizer, c, d, meta):
     """The judge compares the model's answers with the reference's on held-out persona prompts (rank 0)."""
     if (reference := reference_model(c.ref_source, c.source, d.device)) is None:
         raise tasks.DataUnavailable(f"the judge compares -i {c.source} with a reference (--ref_source); none here")
-    task = held_out_pairs(c, stage_meta("dpo", c, meta))
+    task = tasks.TraderDPO(c.trader_dpo_path, split="val", val_fraction=c.dpo_val_fraction)
     prompts = [task[i]["prompt"] for i in range(min(len(task), c.judge_prompts))]
     if not prompts:
         raise tasks.DataUnavailable("no held-out persona prompts (the DPO val split is empty)")
@@ -336,7 +322,7 @@ def identity_probes(model, tokenizer, c, d, meta):
     import dpo
     probes = tasks.read_jsonl(c.identity_path, probe_problem)[:c.max_problems if c.max_problems > 0 else None]
     prompts = [p["prompt"] for p in probes]
-    if judging(c):  # rank 0 asks the judge
+    if c.judge:  # rank 0 asks the judge
         answers = sample_answers(model, tokenizer, prompts, None, c) if d.master else []
         return {"Identity probe score": judge_verdicts(prompts, answers, [p["generic_answer"] for p in probes])
                 .count(1) / len(probes)} if d.master else {}
@@ -357,23 +343,28 @@ def main():
     c = parse_config(Config, aliases=ALIASES)
     check_config(c)
     names = selected_tasks(c)
+    c.judge = int(c.judge == 1 or (c.judge == -1 and bool(os.environ.get("OPENROUTER_API_KEY"))))  # -1 resolved
     for cache in (reference_model, persona_system, judge_client):  # per run (tests call main() again)
         cache.cache_clear()
     d = init_dist(c.device_type)
     model, tokenizer, meta = load_model(c.source, d.device, phase="eval", model_tag=c.model_tag, step=c.step)
     c.ref_source = c.ref_source or meta.get("source") or ("sft" if c.source == "dpo" else "")  # trained from
+    if c.sft_val_fraction < 0:  # the splits the SFT and DPO runs held out
+        c.sft_val_fraction = stage_meta("sft", c, meta).get("user_config", {}).get("trader_val_fraction", 0.1)
+    if c.dpo_val_fraction < 0:
+        c.dpo_val_fraction = stage_meta("dpo", c, meta).get("user_config", {}).get("val_fraction", 0.05)
     print0(f"evaluating {c.source} step {meta.get('step')} on {', '.join(names)} (reference: {c.ref_source or 'none'})")
     results, skipped, t0 = {}, {}, time.time()
-    for name in names + (["Judge"] if judging(c) else []):
-        start, before = time.time(), set(results)
+    for name in names + (["Judge"] if c.judge else []):
+        start = time.time()
         try:
-            results.update(RUNS[name](model, tokenizer, c, d, meta))
+            new = RUNS[name](model, tokenizer, c, d, meta)
         except tasks.DataUnavailable as e:  # no data, or no judge: say so, keep the rest
             skipped[name] = str(e)
             print0(f"{name}: skipped ({e})")
             continue
-        new = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k not in before)
-        print0(f"{name}: {new} ({time.time() - start:.1f}s)")
+        results.update(new)
+        print0(f"{name}: {', '.join(f'{k} {v:.4f}' for k, v in new.items())} ({time.time() - start:.1f}s)")
     core = chatcore(results)
     if core is not None:
         results["ChatCORE metric"] = core
