@@ -1,8 +1,7 @@
 """
-Chat evaluation of an SFT/DPO checkpoint: nanochat's tasks and their ChatCORE, the identity
-probes, and the persona metrics with and without the persona's system message (held-out
-trader loss, preference for the Master's answers, DPO reward accuracy and margin against
-the reference, an LLM judge's win rate over the reference's answers).
+Chat evaluation of an SFT/DPO checkpoint: nanochat's tasks and their ChatCORE, identity probes, and
+persona metrics with and without the persona's system message (held-out trader loss, preference for
+the Master's answers, DPO reward accuracy and margin, an LLM judge's win rate, all against the reference).
 
     python eval.py -i sft                        # everything, one process
     python eval.py -i dpo -a "ARC-Easy|GSM8K" --max_problems=100
@@ -20,7 +19,6 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Optional
 
@@ -39,7 +37,7 @@ PROBE_KEYS = ("prompt", "persona_answer", "generic_answer")  # one identity prob
 IDENTITY_PROBES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "identity_probes.jsonl")
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     source: str = "sft"  # checkpoint to evaluate: sft|dpo|mid|base|rl (-i)
     model_tag: Optional[str] = None  # model directory; None = Chimera's chimera_d<N>, else the largest d<N>
@@ -323,9 +321,9 @@ def identity_probes(model, tokenizer, c, d, meta):
     probes = tasks.read_jsonl(c.identity_path, probe_problem)[:c.max_problems if c.max_problems > 0 else None]
     prompts = [p["prompt"] for p in probes]
     if c.judge:  # rank 0 asks the judge
-        answers = sample_answers(model, tokenizer, prompts, None, c) if d.master else []
-        return {"Identity probe score": judge_verdicts(prompts, answers, [p["generic_answer"] for p in probes])
-                .count(1) / len(probes)} if d.master else {}
+        verdicts = judge_verdicts(prompts, sample_answers(model, tokenizer, prompts, None, c),
+                                  [p["generic_answer"] for p in probes]) if d.master else []
+        return {"Identity probe score": verdicts.count(1) / len(probes)} if d.master else {}
     pairs, _ = dpo.render_pairs([{"prompt": p["prompt"], "chosen": p["persona_answer"], "rejected": p["generic_answer"]}
                                  for p in probes], tokenizer, model.config.sequence_len)
     return {"Identity probe score": prefers_share(model, pairs, tokenizer.encode_special("<|assistant_end|>"), c, d)}

@@ -5,12 +5,13 @@ The training report card, nanochat-compatible, with a DPO column.
     python report.py reset --all     # also clear nanochat's sections (tokenizer, base, mid, ...)
     python report.py generate        # assemble report/*.md into report.md (+ a copy in the cwd)
 
-Each stage writes $NANOCHAT_BASE_DIR/report/<slug>.md (nanochat's `## Title`, `timestamp:`,
-`- key: value` lines). `generate` orders them as nanochat does, Chimera's after SFT, with a
-header (git, hardware, versions), training charts (.svg files beside report.md, linked as
-images) and a summary table BASE/MID/SFT/DPO/RL. A section's `<` is escaped: no raw HTML.
+Each stage writes $NANOCHAT_BASE_DIR/report/<slug>.md (nanochat's `## Title`, `timestamp:`, `- key: value`
+lines). `generate` orders them as nanochat does, Chimera's after SFT, with a header (git, hardware, versions),
+training charts (.svg files beside report.md, linked as images) and a summary table BASE/MID/SFT/DPO/RL.
+A section's `<` is escaped: no raw HTML.
 """
 
+import contextlib
 import datetime
 import html
 import json
@@ -155,17 +156,14 @@ def read_metrics(source_dir):
     none; a torn last line from a killed run is skipped, the rest still charts."""
     from model import find_largest_model
     root = os.path.join(get_base_dir(), source_dir)
+    rows = []
     try:
         with open(os.path.join(root, find_largest_model(root), "metrics.jsonl"), encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    rows.append(json.loads(line))
     except (UserError, OSError):
         return []
-    rows = []
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
     return [row for row in rows if isinstance(row, dict)]
 
 
@@ -222,10 +220,10 @@ def generate(out_copy=True):
         for stage in [s for s, f in STAGE_SECTIONS.items() if f == name]:
             metrics[stage] = section_metrics(text, ["CORE"] if stage == "base" else CHAT_METRICS + PERSONA_METRICS)
         parts.append(text.rstrip() + "\n\n")
-    parts += [charts(directory), "## Summary\n\n", bloat + "\n\n" if bloat else "", summary_table(metrics) + "\n"]
     seconds = int((end - start).total_seconds()) if start and end and end >= start else None
-    parts.append(f"Total wall clock time: {seconds // 3600}h{(seconds % 3600) // 60}m\n" if seconds is not None
-                 else "Total wall clock time: unknown\n")
+    clock = f"{seconds // 3600}h{seconds % 3600 // 60}m" if seconds is not None else "unknown"
+    parts += [charts(directory), "## Summary\n\n", bloat + "\n\n" if bloat else "", summary_table(metrics) + "\n",
+              f"Total wall clock time: {clock}\n"]
     if notes:
         parts.append("\nSections not found (stage not run, skipped): " + ", ".join(notes) + "\n")
     text, report_file = "".join(parts), os.path.join(directory, "report.md")
