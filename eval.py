@@ -228,8 +228,7 @@ def trader_dpo_metrics(model, tokenizer, c, d, meta):
     """On the held-out pairs: how often the model prefers the Master's answer, and the reward
     accuracy and margin against the reference by dpo.py's held-out evaluation (the DPO run's beta, split)."""
     import dpo
-    dpo_meta = stage_meta("dpo", c, meta)
-    run = SimpleNamespace(**{**dataclasses.asdict(dpo.Config()), **dpo_meta.get("user_config", {}),
+    run = SimpleNamespace(**{**dataclasses.asdict(dpo.Config()), **stage_meta("dpo", c, meta).get("user_config", {}),
                              "device_batch_size": c.batch_size})
     task = tasks.TraderDPO(c.trader_dpo_path, split="val", val_fraction=c.dpo_val_fraction)
     pad, out = tokenizer.encode_special("<|assistant_end|>"), {}
@@ -363,8 +362,7 @@ def main():
             continue
         results.update(new)
         print0(f"{name}: {', '.join(f'{k} {v:.4f}' for k, v in new.items())} ({time.time() - start:.1f}s)")
-    core = chatcore(results)
-    if core is not None:
+    if (core := chatcore(results)) is not None:
         results["ChatCORE metric"] = core
     if d.master:
         judged = judge_client.cache_info().currsize  # a judge answered
