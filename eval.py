@@ -82,8 +82,7 @@ def check_config(c):
 def selected_tasks(c):
     known = [name for name in RUNS if name != "Judge"]  # the judge joins by --judge, not by name
     names = [n.strip() for n in c.task_name.split("|") if n.strip()] or known
-    unknown = [n for n in names if n not in known]
-    if unknown:
+    if unknown := [n for n in names if n not in known]:
         raise UserError(f"-a: unknown task {unknown[0]!r}; known: {'|'.join(known)}")
     return names
 
