@@ -34,6 +34,7 @@ CHAT_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "Spelli
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
 CONDITIONS = ("no system", "with system")  # the persona metrics without / with the persona's system message
 PROBE_KEYS = ("prompt", "persona_answer", "generic_answer")  # one identity probe per line of its JSONL
+ALIASES = {"i": "source", "a": "task_name"}  # -i, -a as in nanochat's chat_eval
 IDENTITY_PROBES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "identity_probes.jsonl")
 
 
@@ -58,9 +59,6 @@ class Config:
     dpo_val_fraction: float = -1.0  # held-out share of the pairs; -1 = the DPO run's (else 0.05)
     judge: int = -1  # LLM judge (OpenRouter): 1 = on (needs OPENROUTER_API_KEY), 0 = off, -1 = on when the key is set
     judge_prompts: int = 50  # held-out persona prompts the judge sees
-
-
-ALIASES = {"i": "source", "a": "task_name"}
 
 
 def check_config(c):

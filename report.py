@@ -40,6 +40,7 @@ CHAT_METRICS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "Spel
 PERSONA_METRICS = [f"{name} ({cond})" for name in ("Trader SFT held-out loss", "Persona preference accuracy",
                                                    "DPO reward accuracy", "DPO reward margin", "Judge win rate")
                    for cond in ("no system", "with system")] + ["Identity probe score"]
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]  # the charts' lines, in order
 
 
 # -----------------------------------------------------------------------------
@@ -111,9 +112,6 @@ def chimera_header(started):
 
 # -----------------------------------------------------------------------------
 # SVG charts, hand-written: a few lines on shared axes
-
-
-COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
 
 
 def svg_chart(title, series, width=460, height=220):
