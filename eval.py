@@ -212,13 +212,12 @@ def trader_sft_loss(model, tokenizer, c, d, meta):
 def prefers_share(model, pairs, pad, c, d):
     """Share of rendered pairs whose first answer has a higher mean log-prob per token than the second."""
     import dpo
-    wins = count = 0
-    for idx in dpo.my_batches(pairs, c.batch_size, d):
+    wins = 0
+    for idx in dpo.my_batches(pairs, c.batch_size, d):  # the ranks' batches cover every pair once
         first, second, _ = dpo.batch_logps(model, pairs, idx, pad, d.device)
         n = torch.tensor([[sum(pairs[j][k][1][1:]) for k in (0, 1)] for j in idx], device=first.device)  # scored tokens
-        wins, count = wins + (first / n[:, 0] > second / n[:, 1]).sum().item(), count + len(idx)
-    wins, count = all_reduce_sum([wins, count], d.device)
-    return wins / count
+        wins += (first / n[:, 0] > second / n[:, 1]).sum().item()
+    return all_reduce_sum([wins], d.device)[0] / len(pairs)
 
 
 def trader_dpo_metrics(model, tokenizer, c, d, meta):
