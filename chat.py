@@ -8,11 +8,9 @@ Talk to a checkpoint: a terminal chat, a one-shot answer, or an OpenAI-compatibl
 """
 
 import hmac
-import dataclasses
 import json
 import os
 import queue
-import select
 import socket
 import sys
 import threading
@@ -20,23 +18,23 @@ import time
 import uuid
 from collections import deque
 from contextlib import suppress
-from dataclasses import dataclass, field
+from itertools import takewhile
+from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
-from typing import Optional
 
 import torch
 
 from gen import PERSONA_PATH, load_persona
-from common import UserError, autocast, init_dist, parse_config, run_main
+from common import UserError, autocast, check_settings, init_dist, parse_config, run_main
 from model import Engine, KVCache, checkpoint_dir_for, load_model, sample_next_token
 
 
 @dataclass
 class Config:
     source: str = "sft"  # checkpoint to talk to: base|mid|sft|dpo|rl (-i)
-    model_tag: Optional[str] = None  # model directory (d<N>, chimera_d<N>); None = the default
-    step: Optional[int] = None  # checkpoint step; None = the latest
+    model_tag: str | None = None  # model directory (d<N>, chimera_d<N>); None = the default
+    step: int | None = None  # checkpoint step; None = the latest
     device_type: str = ""  # cuda|mps|cpu; "" = autodetect
     prompt: str = ""  # answer this one prompt and exit (-p)
     system: str = ""  # system message opening each conversation of the terminal chat
@@ -58,7 +56,7 @@ class Sampling:  # one request's settings: top_k 0 = all, seed None = random, n 
     top_p: float = 1.0
     max_tokens: int = 512
     stop: list = field(default_factory=list)  # strings that end a reply (left out of it)
-    seed: Optional[int] = None
+    seed: int | None = None
     n: int = 1
 
 
@@ -73,30 +71,6 @@ def sample(logits, s, rng):
 # --- The scheduler: all requests in flight decode together -------------------
 
 
-class Completion:
-    """One request: n rows under one Sampling and random generator. The scheduler puts (choice
-    index, text delta, finish_reason or None) on `events`; finish_reason: stop|length|error."""
-
-    def __init__(self, prompt, s, device):
-        self.prompt, self.s, self.events, self.cancelled, self.completion_tokens = prompt, s, queue.Queue(), False, 0
-        self.rng = torch.Generator(device)
-        self.rng.seed() if s.seed is None else self.rng.manual_seed(s.seed)
-
-    def wait(self, on_delta, client_gone=lambda: False):
-        """on_delta(index, text, finish) per event until all choices finish; their finish reasons."""
-        finishes = [None] * self.s.n
-        try:
-            while None in finishes:
-                if client_gone():
-                    raise ConnectionError("client disconnected")
-                with suppress(queue.Empty):
-                    index, text, finishes[index] = event = self.events.get(timeout=0.25)
-                    on_delta(*event)
-            return finishes
-        finally:
-            self.cancelled = True  # a no-op once finished; else the scheduler frees its rows before its next step
-
-
 class Scheduler:
     """Owns the model and a KV cache of max_batch rows in one thread. Waiting requests join free
     rows between steps (each row prefilled on its own); a step samples a token per active row,
@@ -107,8 +81,7 @@ class Scheduler:
         self.device, self.max_len = model.get_device(), model.config.sequence_len
         self.cache = KVCache.for_model(model, max_batch, self.max_len)
         self.engine = Engine(model, tokenizer)  # for its calculator-tool logic
-        self.tool_ids = [tokenizer.encode_special(f"<|{t}|>") for t in ("python_start", "python_end", "output_start",
-                                                                        "output_end")]
+        self.tools = [tokenizer.encode_special(f"<|{t}_{e}|>") for t in ("python", "output") for e in ("start", "end")]
         self.stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
         self.slots, self.logits = [None] * max_batch, [None] * max_batch  # a row's request and next-token logits
         self.waiting, self.cond, self.closed = deque(), threading.Condition(), False
@@ -116,36 +89,46 @@ class Scheduler:
         self.thread.start()
 
     def submit(self, prompt, s):
+        """A request of n rows; the scheduler puts (choice index, text delta, stop|length|error|None) on its events."""
+        rng = None if s.seed is None else torch.Generator(self.device).manual_seed(s.seed)  # None: torch's own
+        req = SimpleNamespace(prompt=prompt, s=s, rng=rng, events=queue.Queue(), cancelled=False, completion_tokens=0)
         with self.cond:
-            self.waiting.append(Completion(prompt, s, self.device))
+            self.waiting.append(req)
             self.cond.notify()
-            return self.waiting[-1]
+        return req
+
+    def wait(self, req, on_delta, client_gone=lambda: False):
+        """on_delta(index, text, finish) per event until all choices finish; their finish reasons."""
+        finishes = [None] * req.s.n
+        try:
+            while None in finishes:
+                if client_gone():
+                    raise ConnectionError("client disconnected")
+                with suppress(queue.Empty):
+                    index, text, finishes[index] = event = req.events.get(timeout=0.25)
+                    on_delta(*event)
+            return finishes
+        finally:
+            req.cancelled = True  # a no-op once finished; else the scheduler frees its rows before its next step
 
     def close(self):
-        with self.cond:
-            self.closed = True
-            self.cond.notify()
+        self.closed = True  # the loop ends after its current step
         self.thread.join()
 
     @torch.inference_mode()
     def _loop(self):
-        while True:
+        while not self.closed:
             with self.cond:
-                self.cond.wait_for(lambda: self.closed or self.waiting or any(self.slots))
-                if self.closed:
-                    return
-                joining = []
+                if not self.cond.wait_for(lambda: self.waiting or any(self.slots), timeout=0.25):
+                    continue  # idle: no step, and close() is seen within 0.25 s
                 while self.waiting and (self.waiting[0].cancelled or self.slots.count(None) >= self.waiting[0].s.n):
                     req = self.waiting.popleft()  # oldest first, into the lowest free rows, while it fits
                     free = [i for i, slot in enumerate(self.slots) if slot is None and not req.cancelled]
                     for index, row in zip(range(req.s.n), free):
                         self.slots[row] = SimpleNamespace(req=req, index=index, ids=[], sent=0, forced=deque(),
                                                           in_python=False, python_tokens=[])  # + the tool's state
-                        joining.append(row)
+                        self.logits[row] = None  # prefilled at the start of the next step
             try:
-                for row in joining:
-                    self.cache.reset(row)
-                    self.logits[row] = self._forward([self.slots[row].req.prompt], self.cache.row(row))[0]
                 self._step()
             except Exception as e:  # a failing model ends the requests in flight, not the server
                 print(f"error while decoding: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
@@ -158,38 +141,35 @@ class Scheduler:
             return self.model.logits(self.model.hidden_states(torch.tensor(ids, device=self.device), cache)[:, -1])
 
     def _step(self):
-        tokens = [0] * self.max_batch  # free rows decode a dummy token and are reset after
+        for row in [r for r, slot in enumerate(self.slots) if slot and self.logits[r] is None]:  # joined rows
+            self.cache.reset(row)
+            self.logits[row] = self._forward([self.slots[row].req.prompt], self.cache.row(row))[0]
+        tokens = [0] * self.max_batch  # free rows decode a dummy token, each step from position 0
         for row, slot in enumerate(self.slots):
-            if slot and not slot.req.cancelled:
-                req = slot.req
-                tokens[row] = slot.forced.popleft() if slot.forced else sample(self.logits[row], req.s, req.rng)
-                self.engine.track_tool(slot, tokens[row], *self.tool_ids)
-                if not self._emit(slot, tokens[row], int(self.cache.pos[row]) + 1 >= self.max_len):
-                    continue
-            self.slots[row] = None
+            if not slot or slot.req.cancelled or self._advance(row, slot, tokens):
+                self.slots[row] = None
+                self.cache.reset(row)
         if any(self.slots):  # the rows up to the last active one: a view of the cache, one forward pass
             m, c = max(row for row, slot in enumerate(self.slots) if slot) + 1, self.cache
             logits = self._forward([[t] for t in tokens[:m]], KVCache(c.k[:, :m], c.v[:, :m], c.pos[:m], c.prev[:m]))
             self.logits[:m] = logits.unbind(0)
-        for row in (r for r in range(self.max_batch) if self.slots[r] is None):  # free rows start over
-            self.cache.reset(row)
 
-    def _emit(self, slot, token, full):
-        """Count a token; send the text that can no longer become a stop string (or split a character)."""
+    def _advance(self, row, slot, tokens):
+        """tokens[row] = the row's next token (sampled, or the tool's); send its settled text; the finish or None."""
         req, s = slot.req, slot.req.s
+        token = tokens[row] = slot.forced.popleft() if slot.forced else sample(self.logits[row], s, req.rng)
+        self.engine.track_tool(slot, token, *self.tools)
         req.completion_tokens += 1
-        finish = "stop" if token in self.stops else None
-        slot.ids += [] if finish else [token]
+        slot.ids += [] if token in self.stops else [token]
         text = self.tokenizer.decode(slot.ids)
-        cut = min([p for p in map(text.find, s.stop) if p >= 0], default=-1)
-        text, finish = (text[:cut], "stop") if cut >= 0 else (text, finish)
-        finish = finish or ("length" if len(slot.ids) >= s.max_tokens or full else None)
-        end = len(text) if finish else len(text) - max([len(x) - 1 for x in s.stop], default=0)
-        while not finish and end > slot.sent and text[end - 1] == "\ufffd":
-            end -= 1
-        if end > slot.sent or finish:
-            req.events.put((slot.index, text[slot.sent:max(end, slot.sent)], finish))
-            slot.sent = max(end, slot.sent)
+        cut = min([p for p in map(text.find, s.stop) if p >= 0], default=len(text))
+        finish = "stop" if token in self.stops or cut < len(text) else (
+            "length" if len(slot.ids) >= s.max_tokens or int(self.cache.pos[row]) + 1 >= self.max_len else None)
+        hold = max([len(x) - 1 for x in s.stop], default=0)  # unsettled: the tail may begin a stop string
+        text = text[:cut] if finish else text[:max(0, cut - hold)].rstrip("\ufffd")  # or end in half a character
+        if len(text) > slot.sent or finish:
+            req.events.put((slot.index, text[slot.sent:], finish))
+            slot.sent = max(len(text), slot.sent)
         return finish
 
 
@@ -197,22 +177,17 @@ class Scheduler:
 
 
 def chat_cli(sched, c, read=input, out=sys.stdout):
-    if c.persona and not c.system:
-        c.system = load_persona(PERSONA_PATH)["system"]
-    s, history = Sampling(c.temperature, c.top_k, max_tokens=c.max_tokens), [{"role": "system", "content": c.system}]
+    system = c.system or (load_persona(PERSONA_PATH)["system"] if c.persona else "")
+    s, history = Sampling(c.temperature, c.top_k, max_tokens=c.max_tokens), [{"role": "system", "content": system}]
     out.write("" if c.prompt else "Chat with the model: `clear` starts a new conversation, `quit` (or Ctrl-D) ends.\n")
-    while True:
-        try:
-            text = c.prompt or read("\nUser: ").strip()
-        except EOFError:
-            return
-        if text == "clear":
-            del history[1:]
-            out.write("(new conversation)\n")
-        elif text in ("quit", "exit"):
-            return
-        elif text:
-            messages, parts = history[not c.system:] + [{"role": "user", "content": text}], []
+    lines = takewhile(lambda text: text not in ("quit", "exit"), iter(lambda: read("\nUser: ").strip(), None))
+    with suppress(EOFError):  # Ctrl-D ends the chat too
+        for text in filter(None, [c.prompt] if c.prompt else lines):
+            if text == "clear":
+                del history[1:]
+                out.write("(new conversation)\n")
+                continue
+            messages, parts = history[not system:] + [{"role": "user", "content": text}], []
             ids = sched.tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
             if len(ids) >= sched.max_len:  # -p: an error; the chat goes on
                 too_long = f"the conversation is {len(ids)} tokens; the model's context is {sched.max_len}"
@@ -221,36 +196,29 @@ def chat_cli(sched, c, read=input, out=sys.stdout):
                 out.write(f"({too_long}: `clear` starts over)\n")
                 continue
             out.write("" if c.prompt else "Assistant: ")
-            sched.submit(ids, s).wait(lambda i, t, f: (parts.append(t), out.write(t), out.flush()))
+            sched.wait(sched.submit(ids, s), lambda i, t, f: (parts.append(t), out.write(t), out.flush()))
             out.write("\n")
             history += [messages[-1], {"role": "assistant", "content": "".join(parts)}]
-        if c.prompt:
-            return
 
 
 # --- The OpenAI-compatible server --------------------------------------------
 
 
-class APIError(Exception):
+class APIError(Exception):  # its body is OpenAI's error object
     def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
-        super().__init__(message)
-        self.status, self.param, self.code, self.kind = status, param, code, kind
-
-
-FIELDS = {  # name: (type, low, high) of each field used; others (response_format, ...) are ignored
-    "temperature": (float, 0, 2), "top_p": (float, 0, 1), "top_k": (int, 0, 1 << 30), "max_tokens": (int, 1, 1 << 30),
-    "max_completion_tokens": (int, 1, 1 << 30), "n": (int, 1, None), "seed": (int, -(1 << 63), 1 << 64),
-    "stream": (bool,), "model": (str,), "stream_options": (dict,), "messages": (list,), "stop": ((str, list),)}
+        self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def parse_request(body, defaults, tokenizer, max_n):
-    """A chat-completions body -> (prompt ids, Sampling, stream, include_usage), or an
-    APIError 400 naming the first bad field."""
+    """A chat-completions body -> (prompt ids, Sampling, stream, include_usage), or an APIError 400 naming a field."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
-    for name, (typ, *bounds) in FIELDS.items():
+    fields = {  # name: (type, low, high) of each field used; others (response_format, ...) are ignored
+        "temperature": (float, 0, 2), "top_p": (float, 0, 1), "top_k": (int, 0, 1 << 30), "n": (int, 1, max_n),
+        "max_tokens": (int, 1, 1 << 30), "max_completion_tokens": (int, 1, 1 << 30), "seed": (int, -(1 << 63), 1 << 64),
+        "stream": (bool,), "model": (str,), "stream_options": (dict,), "stop": ((str, list),)}  # messages: rendered
+    for name, (typ, *bounds) in fields.items():
         v, lo, hi = body.get(name), *(bounds or (None, None))
-        hi = max_n if name == "n" else hi
         if not (v is None or (isinstance(v, {int: int, float: (int, float)}.get(typ, typ)) and (typ is bool or not
                 isinstance(v, bool)) and (lo is None or lo <= v <= hi))):
             kind = {int: "an integer", float: "a number"}.get(typ, getattr(typ, "__name__", "a string or a list"))
@@ -265,16 +233,14 @@ def parse_request(body, defaults, tokenizer, max_n):
     except (ValueError, AttributeError, TypeError) as e:
         raise APIError(400, f"'messages' must be system?, user, assistant, user, ... with string contents ({e})",
                        "messages") from None
-    get = lambda name, default: default if body.get(name) is None else body[name]
-    s = Sampling(temperature=get("temperature", defaults.temperature), top_p=get("top_p", 1.0), stop=stop,
-                 top_k=get("top_k", defaults.top_k), seed=body.get("seed"), n=get("n", 1),
-                 max_tokens=get("max_tokens", get("max_completion_tokens", defaults.max_tokens)))
+    get = lambda name, default=None: default if body.get(name) is None else body[name]
+    s = Sampling(get("temperature", defaults.temperature), get("top_k", defaults.top_k), get("top_p", 1.0),
+                 get("max_tokens", get("max_completion_tokens", defaults.max_tokens)), stop, get("seed"), get("n", 1))
     return prompt, s, bool(body.get("stream")), bool((body.get("stream_options") or {}).get("include_usage"))
 
 
 class Handler(BaseHTTPRequestHandler):
     ROUTES = {"/": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST"}
-
     log_message = lambda self, *args: None  # the server prints its own line per request
 
     def _send(self, status, obj, content_type="application/json", log=""):
@@ -304,16 +270,15 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 self._complete(srv, time.time())
         except APIError as e:
-            self._send(e.status, {"error": {"message": str(e), "type": e.kind, "param": e.param, "code": e.code}})
+            self._send(e.status, e.body)
         except ConnectionError:  # BrokenPipeError included
             print(f"{self.command} {self.path} client disconnected", flush=True)
 
     do_POST = do_GET
 
-    def _client_gone(self):  # readable with nothing to read: the client closed its end
-        with suppress(OSError):
-            return bool(select.select([self.connection], [], [], 0)[0]) and not self.connection.recv(1, socket.MSG_PEEK)
-        return True
+    def _client_gone(self):  # a peek that cannot block reads nothing: the client closed its end
+        with suppress(BlockingIOError):  # no data yet: still there (a reset connection raises ConnectionError)
+            return not self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
     def _complete(self, srv, t0):
         try:
@@ -335,8 +300,8 @@ class Handler(BaseHTTPRequestHandler):
             for i in range(s.n):
                 delta(i, {"role": "assistant", "content": ""}, None)
         req = srv.sched.submit(prompt, s)
-        finishes = req.wait(lambda i, t, f: delta(i, {"content": t} if t else {}, f) if stream else
-                            texts.__setitem__(i, texts[i] + t), self._client_gone)
+        finishes = srv.sched.wait(req, lambda i, t, f: delta(i, {"content": t} if t else {}, f) if stream else
+                                  texts.__setitem__(i, texts[i] + t), self._client_gone)
         dt, done = time.time() - t0, req.completion_tokens
         log = f" {len(prompt)} prompt + {done} completion tokens in {dt:.2f}s ({done / dt:.1f} tokens/s)"
         usage = {"prompt_tokens": len(prompt), "completion_tokens": done, "total_tokens": len(prompt) + done}
@@ -353,10 +318,9 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, dict(head, object="chat.completion", usage=usage, choices=choices), log=log)
 
 
-def make_server(sched, model_name, defaults, host="127.0.0.1", port=8000, api_key=""):
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads, server.created = True, int(time.time())
-    server.sched, server.model_name, server.defaults, server.api_key = sched, model_name, defaults, api_key
+def make_server(sched, name, defaults, host="127.0.0.1", port=8000, api_key=""):
+    server = ThreadingHTTPServer((host, port), Handler)  # its handler threads are daemons
+    vars(server).update(sched=sched, model_name=name, defaults=defaults, api_key=api_key, created=int(time.time()))
     return server
 
 
@@ -364,9 +328,8 @@ PAGE = """<!doctype html><meta charset="utf-8"><title>Chat</title><style>body{fo
 margin:auto}textarea{width:100%}#log div{white-space:pre-wrap;padding:.5em}.user{background:#e6edfb}</style>
 <div id="log"></div><textarea id="input" rows="3" placeholder="Enter sends, Shift+Enter is a new line"></textarea>
 <button id="send">Send</button> <button id="new">New chat</button><script>
-let messages = []; const $ = id => document.getElementById(id), input = $("input");
-const add = (cls, text) => $("log").appendChild(Object.assign(document.createElement("div"),
-                                                               {className: cls, textContent: text}));
+let messages = []; const $ = id => document.getElementById(id), input = $("input"), log = $("log");
+const add = (c, t) => log.appendChild(Object.assign(document.createElement("div"), {className: c, textContent: t}));
 async function send() {
   const text = input.value.trim(), out = text && !$("send").disabled && (add("user", text), add("assistant", ""));
   if (!out) return;
@@ -384,7 +347,7 @@ async function send() {
   } catch (e) { messages.pop(); out.textContent = "error: " + e.message; }
   $("send").disabled = false; input.focus();
 }
-$("send").onclick = send; $("new").onclick = () => { messages = []; $("log").textContent = ""; input.focus(); };
+$("send").onclick = send; $("new").onclick = () => { messages = []; log.textContent = ""; input.focus(); };
 input.onkeydown = e => { if (e.key == "Enter" && !e.shiftKey) { e.preventDefault(); send(); } };
 </script>
 """
@@ -392,20 +355,17 @@ input.onkeydown = e => { if (e.key == "Enter" && !e.shiftKey) { e.preventDefault
 
 def main():
     c = parse_config(Config, aliases={"i": "source", "p": "prompt"})
-    if c.max_batch < 1 or c.max_tokens < 1 or c.temperature < 0 or c.top_k < 0:
-        raise UserError("--max_batch and --max_tokens must be positive, --temperature and --top_k not negative")
-    shown = dict(dataclasses.asdict(c), api_key="***" if c.api_key else "")  # the key never reaches a log
+    check_settings(c, at_least_1=("max_batch", "max_tokens"), not_negative=("temperature", "top_k"))
+    shown = dict(asdict(c), api_key="***" if c.api_key else "")  # the key never reaches a log
     print(", ".join(f"{k}={v}" for k, v in shown.items() if v not in (None, "")), file=sys.stderr)
-    model, tokenizer, meta = load_model(c.source, init_dist(c.device_type).device, "eval",
-                                        model_tag=c.model_tag, step=c.step)
+    model, tokenizer, meta = load_model(c.source, init_dist(c.device_type).device, "eval", c.model_tag, c.step)
     name = f"{c.source}/{os.path.basename(checkpoint_dir_for(c.source, c.model_tag))}"
     sched = Scheduler(model, tokenizer, c.max_batch)
     try:
         if not c.serve:
             return chat_cli(sched, c)
-        try:
-            server = make_server(sched, name, Sampling(c.temperature, c.top_k, max_tokens=c.max_tokens), c.host, c.port,
-                                 c.api_key)
+        try:  # the config's temperature, top_k and max_tokens are the requests' defaults
+            server = make_server(sched, name, c, c.host, c.port, c.api_key)
         except OSError as e:
             raise UserError(f"--host={c.host} --port={c.port}: cannot listen there ({e.strerror})") from None
         url = f"http://{c.host}:{server.server_port}"

@@ -197,12 +197,12 @@ def trader_sft_loss(model, tokenizer, c, d, meta):
     """Mean loss per assistant token on the held-out trader conversations (the SFT split)."""
     from sft import conversation_loss
     task, out = tasks.TraderSFT(c.trader_sft_path, split="val", val_fraction=c.sft_val_fraction), {}
-    held_out = task.rows[:problems(task, c)]
+    rows = [task[i] for i in range(problems(task, c))]
     for cond in CONDITIONS:
-        task.rows = [conditioned(r, system_of(cond, c)) for r in held_out]  # conversation_loss reads a task
         with contextlib.suppress(tasks.DataUnavailable):  # no answer token left after truncation: condition left out
             out[f"Trader SFT held-out loss ({cond})"] = conversation_loss(
-                model, task, tokenizer, len(task), c.batch_size, d, model.config.sequence_len)
+                model, [conditioned(r, system_of(cond, c)) for r in rows], tokenizer, len(rows), c.batch_size, d,
+                model.config.sequence_len)
     if not out:
         raise tasks.DataUnavailable("no held-out trader conversation to score (the val split is empty or truncated)")
     return out

@@ -15,7 +15,6 @@ trader_gen_summary.json; and report/synthetic-data.md. Items are drawn from RNGs
 """
 
 import fcntl
-import functools
 import itertools
 import json
 import math
@@ -39,8 +38,6 @@ from common import (HTTPGaveUp, ProgressBar, UserError, append_jsonl, atomic_wri
                     get_base_dir, http_retry, parse_config, run_main, write_report_section)
 from tasks import conversation_problem, dpo_problem, iter_jsonl, record_digest
 
-DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
-DEFAULT_MODELS = "openai/gpt-4o-mini"
 PERSONA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "persona.md")
 
 
@@ -99,8 +96,7 @@ def load_persona(path):
     for key in PERSONA_TEXT + PERSONA_LISTS + ("failures",):
         if key not in sections:
             raise UserError(f"{path}: missing section '## {key}'")
-        items = [l.strip()[2:].strip() for l in sections[key].splitlines() if l.strip().startswith("- ")]
-        persona[key] = sections[key] if key in PERSONA_TEXT else [item for item in items if item]
+        persona[key] = sections[key] if key in PERSONA_TEXT else re.findall(r"^\s*- [ \t]*(.*\S)", sections[key], re.M)
         if not persona[key]:
             raise UserError(f"{path}: section '## {key}' is empty")
     return persona
@@ -168,8 +164,7 @@ def sft_record(persona, spec, value):
     """The SFT line for an answer: the persona's system message, then the generated turns."""
     turns = value["messages"] if isinstance(value, dict) and isinstance(value.get("messages"), list) else []
     record = {"messages": [{"role": "system", "content": persona["system"]}] + turns}
-    problem = conversation_problem(record)
-    if problem:
+    if problem := conversation_problem(record):
         raise BadAnswer(f"schema: {problem}")
     record["messages"] = [{"role": m["role"], "content": m["content"].strip()} for m in record["messages"]]
     user_turns = sum(m["role"] == "user" for m in record["messages"])
@@ -184,8 +179,7 @@ def dpo_record(persona, spec, value):
     record = {k: value[k].strip() for k in PAIR_KEYS}
     if not record["prompt"]:
         raise BadAnswer("empty prompt")
-    problem = dpo_problem(record)
-    if problem:
+    if problem := dpo_problem(record):
         raise Dropped(problem)
     short, long = sorted((len(record["chosen"]), len(record["rejected"])))
     if long > MAX_LENGTH_RATIO * short:
@@ -229,34 +223,26 @@ class Spend:
             if self.path:
                 append_jsonl(self.path, {"model": model, **entry})
             self.cost += entry["cost"]
-            totals = self.models.setdefault(str(model), dict.fromkeys(("requests", *entry), 0))
-            for k, v in {"requests": 1, **entry}.items():
-                totals[k] += v
+            self.models.setdefault(str(model), Counter()).update({"requests": 1, **entry})
 
 
 class OpenRouter:
     """A small client for OpenRouter's OpenAI-compatible API, safe to share between threads."""
 
-    def __init__(self, api_key, base_url, models, timeout=120.0, retries=6, backoff=1.0, max_wait=300.0, spend=None):
+    def __init__(self, api_key, base_url, models, timeout=120.0, retries=6, backoff=1.0):
         self._key = api_key  # sent in a header, never stored or printed: everything read back goes through _clean
         self.base_url = base_url.rstrip("/")
         self.models, self.model, self.verified = list(models), models[0], False
-        self.timeout, self.retries, self.backoff, self.max_wait = timeout, retries, backoff, max_wait
-        self.openrouter = urlparse(self.base_url).hostname in ("openrouter.ai", "www.openrouter.ai")
-        self.spend = spend or Spend()
-        self._local, self._lock = threading.local(), threading.Lock()
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.spend, self._local, self._lock = Spend(), threading.local(), threading.Lock()
 
     def _clean(self, value):
         """`value` with the key scrubbed from every string (a provider may echo the Authorization
-        header back) and lone surrogates ("\\ud800", not encodable as UTF-8) replaced by U+FFFD."""
-        if isinstance(value, dict):
-            return {self._clean(k): self._clean(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self._clean(v) for v in value]
-        if isinstance(value, str):
-            value = value.replace(self._key, "***") if self._key else value
-            return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-        return value
+        header back) and lone surrogates ("\\ud800", not encodable as UTF-8) replaced by U+FFFD, by way of
+        its JSON text (a key has no character JSON escapes)."""
+        text = json.dumps(value, ensure_ascii=False)
+        text = text.replace(self._key, "***") if self._key else text
+        return json.loads(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
 
     def _session(self):
         if not hasattr(self._local, "session"):  # one keep-alive connection pool per worker thread
@@ -282,30 +268,20 @@ class OpenRouter:
         self.model = self.models[0]
         return self.model
 
-    def _next_model(self, failed, why, pinned):
-        """A model the server does not know: move on to the next configured one."""
-        with self._lock:
-            if pinned or self.verified or failed == self.models[-1]:
-                raise APIStop(f"model {failed} is not available at {self.base_url}: {why}")
-            if self.model == failed:
-                self.model = self.models[self.models.index(failed) + 1]
-                print(f"model {failed} is not available ({why}); falling back to {self.model}", flush=True)
-
     def chat(self, messages, schema_name, schema, temperature=1.0, max_tokens=2048, model=None):
         """One chat completion asking for JSON that follows `schema` (from `model`, default the
-        generator's). Returns (the parsed answer, model), cleaned by _clean. Raises BadAnswer for an
+        generator's). Returns the parsed answer, cleaned by _clean. Raises BadAnswer for an
         unusable answer, HTTPGaveUp when retries run out, APIStop when nothing can succeed."""
         while True:
             use = model or self.model
             body = {"model": use, "messages": messages, "temperature": temperature, "max_tokens": max_tokens,
                     "response_format": {"type": "json_schema",
                                         "json_schema": {"name": schema_name, "strict": True, "schema": schema}}}
-            if self.openrouter:
+            if urlparse(self.base_url).hostname in ("openrouter.ai", "www.openrouter.ai"):  # OpenRouter's own field:
                 body["provider"] = {"require_parameters": True}  # only route to providers that honour the schema
-            post = functools.partial(self._session().post, self.base_url + "/chat/completions", json=body,
-                                     timeout=self.timeout)
+            post = lambda: self._session().post(self.base_url + "/chat/completions", json=body, timeout=self.timeout)
             try:  # raises HTTPGaveUp when 429 / 408 / 5xx / timeouts outlast every retry
-                response = http_retry(post, self.retries, self.backoff, self.max_wait)
+                response = http_retry(post, self.retries, self.backoff, max_wait=300.0)
             except requests.RequestException as e:  # http_retry lets only a malformed URL through
                 raise APIStop(f"bad base URL {self.base_url!r}: {self._clean(str(e))}") from None
             status = response.status_code
@@ -313,7 +289,13 @@ class OpenRouter:
                 return self._answer(response, use)
             message = self._clean(error_text(response))
             if status == 404 or (status == 400 and not self.verified and "model" in message.lower()):
-                self._next_model(use, f"HTTP {status}: {message}", pinned=model is not None)
+                why = f"HTTP {status}: {message}"
+                with self._lock:  # a model the server does not know: move on to the next configured one
+                    if model or self.verified or use == self.models[-1]:
+                        raise APIStop(f"model {use} is not available at {self.base_url}: {why}")
+                    if self.model == use:
+                        self.model = self.models[self.models.index(use) + 1]
+                        print(f"model {use} is not available ({why}); falling back to {self.model}", flush=True)
                 continue
             what = {400: "the request was refused", 401: "the API key was rejected (check OPENROUTER_API_KEY)",
                     402: "out of credits: add credits at https://openrouter.ai/settings/credits",
@@ -331,16 +313,15 @@ class OpenRouter:
         self.spend.add(model, data["usage"] if isinstance(data.get("usage"), dict) else {})  # paid, useful or not
         if data.get("error"):  # OpenRouter reports some failures inside an HTTP 200 body
             raise BadAnswer(f"error in response: {self._clean(error_text(response, 200))}")
-        choices = data.get("choices")
-        message = choices[0].get("message") if isinstance(choices, list) and choices and isinstance(choices[0], dict) \
-            else None
-        if not isinstance(message, dict):
-            raise BadAnswer("no choices in response")
-        if not isinstance(text := message.get("content"), str) or not text.strip():
+        try:
+            text = data["choices"][0]["message"].get("content")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise BadAnswer("no choices in response") from None
+        if not isinstance(text, str) or not text.strip():
             raise BadAnswer("empty content")
         fenced = re.match(r"^```(?:json)?\s*(.*?)\s*```$", text.strip(), re.S)  # some models wrap JSON in a fence
         try:
-            return self._clean(json.loads(fenced.group(1) if fenced else text)), model
+            return self._clean(json.loads(fenced.group(1) if fenced else text))
         except json.JSONDecodeError:
             raise BadAnswer("content is not valid JSON") from None
 
@@ -351,10 +332,9 @@ def client_from_env(base_url="", models="", timeout=120.0, retries=6, backoff=1.
     if not api_key:
         raise UserError("OPENROUTER_API_KEY is not set: create a key at https://openrouter.ai/keys and "
                         "export OPENROUTER_API_KEY=... (nothing was written)")
-    base_url = base_url or os.environ.get("OPENROUTER_BASE_URL") or DEFAULT_BASE_URL
-    models = [m.strip() for m in (models or os.environ.get("OPENROUTER_MODELS") or DEFAULT_MODELS).split(",")
-              if m.strip()] or [DEFAULT_MODELS]
-    return OpenRouter(api_key, base_url, models, timeout, retries, backoff)
+    base_url = base_url or os.environ.get("OPENROUTER_BASE_URL") or "https://openrouter.ai/api/v1"
+    models = [m.strip() for m in (models or os.environ.get("OPENROUTER_MODELS") or "").split(",") if m.strip()]
+    return OpenRouter(api_key, base_url, models or ["openai/gpt-4o-mini"], timeout, retries, backoff)
 
 
 # -----------------------------------------------------------------------------
@@ -377,8 +357,8 @@ def judge_both_orders(client, persona, message, a, b, model=None, attempts=3):
                 'Which answer is better? Return JSON: {"winner": "1" | "2" | "tie"}.')
         for _ in range(attempts):
             try:
-                value, _ = client.chat([{"role": "system", "content": system}, {"role": "user", "content": user}],
-                                       "judge_verdict", JUDGE_SCHEMA, temperature=0.0, max_tokens=16, model=model)
+                value = client.chat([{"role": "system", "content": system}, {"role": "user", "content": user}],
+                                    "judge_verdict", JUDGE_SCHEMA, temperature=0.0, max_tokens=16, model=model)
                 return value.get("winner") if isinstance(value, dict) else None
             except BadAnswer:
                 continue
@@ -416,64 +396,54 @@ def record_text(record):
     return "\n".join(m["content"] for m in messages if m["role"] != "system")
 
 
-class NearDuplicates:
-    """MinHash over word trigrams: the share of equal signature slots estimates the Jaccard
-    similarity of two records; a new record is compared with every earlier one at once."""
+MINHASH = np.random.default_rng(1234).integers(1, 2**31 - 1, (2, 64), dtype=np.uint64)  # 64 hashes (a*x+b) mod p
 
-    def __init__(self, threshold, num_perm=64, seed=1234):
-        self.threshold, self.n = threshold, 0
-        self.seeds = np.random.default_rng(seed).integers(0, 2**63, num_perm, dtype=np.uint64)
-        self.signatures = np.zeros((1024, num_perm), dtype=np.uint64)
 
-    def signature(self, text):
-        words = re.findall(r"\w+", text.lower())
-        grams = {" ".join(words[i:i + 3]) for i in range(max(1, len(words) - 2))}
-        z = np.array([zlib.crc32(g.encode("utf-8")) for g in grams], dtype=np.uint64)[:, None] ^ self.seeds[None, :]
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)  # splitmix64's finaliser (wrapping
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)  # uint64): one independent hash per seed
-        return (z ^ (z >> np.uint64(31))).min(axis=0)
-
-    def is_near(self, sig):
-        return self.n > 0 and float((self.signatures[:self.n] == sig).mean(axis=1).max()) >= self.threshold
-
-    def add(self, sig):
-        if self.n == len(self.signatures):  # room for twice as many
-            self.signatures = np.concatenate([self.signatures, np.zeros_like(self.signatures)])
-        self.signatures[self.n] = sig
-        self.n += 1
+def minhash(record):
+    """MinHash over the record's word trigrams: the share of equal slots of two signatures
+    estimates the Jaccard similarity of the two records."""
+    words = re.findall(r"\w+", record_text(record).lower())
+    grams = {" ".join(words[i:i + 3]) for i in range(max(1, len(words) - 2))}
+    x = np.array([zlib.crc32(g.encode("utf-8")) for g in grams], dtype=np.uint64)[:, None]
+    return ((x * MINHASH[0] + MINHASH[1]) % np.uint64(2**31 - 1)).min(axis=0)  # x, a, b < 2**32: no wrap-around
 
 
 class Store:
     """One output JSONL and its ledger (`<name>.ledger.jsonl`: one line per finished item id).
     The data file is the truth: a ledger "ok" counts only if its record is in the data, so a
-    kill between the two appends redoes that item rather than losing or doubling it."""
+    kill between the two appends redoes that item rather than losing or doubling it. A new
+    record is compared with every earlier one at once, by digest and by MinHash signature."""
 
     def __init__(self, path, problem_of, threshold):
         self.path, self.ledger_path = path, re.sub(r"(\.jsonl)?$", ".ledger.jsonl", path, 1)
-        self.hashes, self.near, self.done_ids, self.ok_ids = set(), NearDuplicates(threshold), set(), []
+        self.threshold, self.hashes, self.done_ids, self.ok_ids, self.records = threshold, set(), set(), [], []
+        self.signatures = np.zeros((1024, MINHASH.shape[1]), dtype=np.uint64)
         self.repaired = repair_torn_line(path) + repair_torn_line(self.ledger_path)
-        self.records = list(iter_jsonl(path, problem_of, "; fix or remove that line")) if os.path.isfile(path) else []
-        for record in self.records:
-            self.hashes.add(record_digest(record).hex())
-            self.near.add(self.near.signature(record_text(record)))
+        for record in iter_jsonl(path, problem_of, "; fix or remove that line") if os.path.isfile(path) else ():
+            self.keep(record, record_digest(record).hex(), minhash(record))
         for entry in iter_jsonl(self.ledger_path) if os.path.isfile(self.ledger_path) else ():
             ok = isinstance(entry, dict) and entry.get("outcome") == "ok"
             if isinstance(entry, dict) and "id" in entry and (not ok or entry.get("hash") in self.hashes):
                 self.done_ids.add(entry["id"])
                 self.ok_ids += [entry["id"]] if ok else []
 
+    def keep(self, record, digest, signature):
+        if len(self.records) == len(self.signatures):  # room for twice as many
+            self.signatures = np.concatenate([self.signatures, np.zeros_like(self.signatures)])
+        self.signatures[len(self.records)] = signature
+        self.hashes.add(digest)
+        self.records.append(record)
+
     def add(self, item_id, record):
         """Append `record` unless it duplicates an earlier one; returns the outcome."""
-        digest, sig = record_digest(record).hex(), self.near.signature(record_text(record))
+        digest, signature = record_digest(record).hex(), minhash(record)
         if digest in self.hashes:
             return self.mark(item_id, "duplicate")
-        if self.near.is_near(sig):
+        if self.records and (self.signatures[:len(self.records)] == signature).mean(axis=1).max() >= self.threshold:
             return self.mark(item_id, "near_duplicate")
         append_jsonl(self.ledger_path, {"id": item_id, "outcome": "ok", "hash": digest})
         append_jsonl(self.path, record)
-        self.hashes.add(digest)
-        self.near.add(sig)
-        self.records.append(record)
+        self.keep(record, digest, signature)
         self.ok_ids.append(item_id)
         return "ok"
 
@@ -495,7 +465,7 @@ def make_item(client, persona, kind, spec, c):
         if STOP.is_set():
             break
         try:
-            value, _ = client.chat(build_prompt(persona, spec), schema_name, schema, c.temperature, c.max_tokens)
+            value = client.chat(build_prompt(persona, spec), schema_name, schema, c.temperature, c.max_tokens)
             record = build_record(persona, spec, value)
         except BadAnswer as e:
             reasons.append(str(e))
@@ -503,8 +473,7 @@ def make_item(client, persona, kind, spec, c):
         except (Dropped, HTTPGaveUp) as e:
             return None, "dropped" if isinstance(e, Dropped) else "failed", reasons + [str(e)]
         if kind == "dpo" and c.judge_pairs:  # the judge must prefer chosen whichever answer it reads first
-            verdict = judge_both_orders(client, persona, record["prompt"], record["chosen"], record["rejected"],
-                                        c.judge_model or None)
+            verdict = judge_both_orders(client, persona, *(record[k] for k in PAIR_KEYS), c.judge_model)
             if verdict != 1:
                 outcome = "judge_rejected" if verdict == -1 else "judge_no_verdict"
                 return None, outcome, reasons + [outcome.replace("_", " ")]
@@ -518,7 +487,6 @@ def generate(client, persona, kind, store, target, c, executor):
     judged = ("judge_kept", "judge_rejected", "judge_no_verdict") if kind == "dpo" and c.judge_pairs else ()
     counts = dict.fromkeys(("new", "failed", "duplicate", "near_duplicate", "dropped") + judged, 0)
     failure_reasons, running, stop, streak = Counter(), {}, None, 0
-    give_up_after = max(25, 2 * c.workers)  # consecutive items without a record that mean something is wrong for good
     pending = (i for i in itertools.count() if f"{kind}-{c.seed}-{i}" not in store.done_ids)
     bar = ProgressBar(target, desc=kind, unit="rec", enabled=len(store.records) < target)
     bar.set_initial(len(store.records))
@@ -546,7 +514,7 @@ def generate(client, persona, kind, store, target, c, executor):
                 counts["new" if outcome == "ok" else outcome] += 1
                 bar.update(int(outcome == "ok"), failed=counts["failed"], spend=f"${client.spend.cost:.4f}")
                 streak = 0 if outcome == "ok" else streak + 1
-                if streak >= give_up_after and stop is None:
+                if streak >= max(25, 2 * c.workers) and stop is None:  # something is wrong for good
                     top = max(failure_reasons, key=failure_reasons.get) if failure_reasons else outcome
                     stop = APIStop(f"the last {streak} {kind} items all failed (most common reason: {top}); "
                                    "check the model and the server")

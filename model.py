@@ -1,15 +1,11 @@
 """
-The nanochat model stack, rebuilt from scratch and kept compatible with both generations of
-nanochat's on-disk format (Nov 2025, commit 885a4f2, and 2026, commit 92d63d4): the GPT, a
-chunked log-prob path, the AdamW + Muon optimizers, the tokenizer and conversation
-rendering, checkpoints, a fresh offline base, and sampling with a KV cache and the
-calculator tool. Which generation a checkpoint is comes from what is on disk.
+The nanochat model stack, from scratch, for both generations of nanochat's on-disk format
+(Nov 2025, commit 885a4f2, and 2026, commit 92d63d4; told apart by what is on disk): the GPT,
+chunked log-probs, AdamW + Muon, tokenizer, checkpoints, a fresh offline base, sampling (KV
+cache, calculator tool), and what the training stages share (batches, schedule, run directory).
 
     from model import load_model
     model, tokenizer, meta = load_model("sft", device, phase="eval")
-
-Read top to bottom: model -> log-probs -> optimizers -> tokenizer -> checkpoints ->
-fresh base -> sampling.
 """
 
 import ast
@@ -22,8 +18,10 @@ import re
 import sys
 from collections import deque
 from dataclasses import asdict, dataclass
+from functools import partial
 from types import SimpleNamespace
 
+import tiktoken
 import torch
 import torch.nn as nn
 import torch.distributed as dist
@@ -52,18 +50,16 @@ class GPTConfig:
     def generation(self):
         return 2025 if self.window_pattern is None else 2026
 
-    def to_meta(self):
-        """model_config as nanochat of this generation writes it (Nov 2025: six keys)."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
 
-
-SOFTCAP = 15.0
 SMEAR_CHANNELS, VE_GATE_CHANNELS = 24, 12  # 2026: the gates read this many leading channels
 
 
-def norm(x):
-    # parameter-free RMSNorm
+def norm(x):  # parameter-free RMSNorm
     return F.rms_norm(x, (x.size(-1),))
+
+
+def softcap(logits):
+    return 15.0 * torch.tanh(logits / 15.0)
 
 
 def apply_rotary(x, cos, sin):
@@ -78,51 +74,39 @@ def window_mask(q_pos, k_pos, window):
     return d >= 0 if window is None else (d >= 0) & (d <= window)
 
 
-def attend(q, k, v, mask):
-    """SDPA over [B, H, T, D]; mask: "causal", None (every key) or a boolean tensor."""
-    causal = isinstance(mask, str)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
-                                          enable_gqa=q.size(1) != k.size(1))
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx, window, value_embed):
         super().__init__()
         self.layer_idx, self.window = layer_idx, window  # window None: unlimited (2025)
-        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
-        self.head_dim = config.n_embd // config.n_head
+        self.head_dim, self.gqa = config.n_embd // config.n_head, config.n_head != config.n_kv_head
         assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
-        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
-        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.gen2026 = config.window_pattern is not None
+        kv_dim = config.n_kv_head * self.head_dim
+        self.c_q, self.c_k, self.c_v, self.c_proj = (nn.Linear(config.n_embd, n, bias=False)
+                                                     for n in (config.n_embd, kv_dim, kv_dim, config.n_embd))
+        self.qk_scale = 1.2 if config.window_pattern is not None else 1.0  # 2026 scales q and k up
         if value_embed:
-            self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False)
+            self.ve_gate = nn.Linear(VE_GATE_CHANNELS, config.n_kv_head, bias=False)
 
     def forward(self, x, ve, cos_sin, kv_cache):
         B, T, C = x.size()
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k, v = (c(x).view(B, T, -1, self.head_dim) for c in (self.c_q, self.c_k, self.c_v))
         if ve is not None:  # value embedding, mixed in by a per-head gate in (0, 3)
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
-            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
-        cos, sin = cos_sin
-        if self.gen2026:  # 2026 rotates in the compute dtype
-            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+            v = v + gate.unsqueeze(-1) * ve.view_as(v)
+        # rotary in the compute dtype (2025's bf16 tables would be promoted to it anyway)
+        cos, sin = (t.to(q.dtype) for t in cos_sin)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k = norm(q), norm(k)  # QK norm comes after rotary, as in nanochat
-        if self.gen2026:
-            q, k = q * 1.2, k * 1.2
+        q, k = norm(q) * self.qk_scale, norm(k) * self.qk_scale  # QK norm comes after rotary, as in nanochat
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         if kv_cache is not None:
             k, v, mask = kv_cache.insert(self.layer_idx, k, v, self.window)
         else:
             pos = torch.arange(T, device=x.device)
             mask = "causal" if self.window is None or self.window >= T - 1 else window_mask(pos, pos, self.window)
-        y = attend(q, k, v, mask).transpose(1, 2).contiguous().view(B, T, -1)
-        return self.c_proj(y)
+        causal = isinstance(mask, str)  # mask: "causal", None (every key) or a boolean tensor
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
+                                           enable_gqa=self.gqa)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -166,9 +150,8 @@ class GPT(nn.Module):
         self.padded_vocab = -(-config.vocab_size // 64) * 64 if self.gen2026 else config.vocab_size
         # 2026: value embeddings in every other layer, always including the last
         ve_layers = [i for i in range(L) if self.gen2026 and i % 2 == (L - 1) % 2]
-        windows = layer_windows(config)
         self.transformer = nn.ModuleDict({"wte": nn.Embedding(self.padded_vocab, C), "h": nn.ModuleList(
-            [Block(config, i, windows[i], i in ve_layers) for i in range(L)])})
+            [Block(config, i, w, i in ve_layers) for i, w in enumerate(layer_windows(config))])})
         self.lm_head = nn.Linear(C, self.padded_vocab, bias=False)
         kv_dim = config.n_kv_head * (C // config.n_head)
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(self.padded_vocab, kv_dim) for i in ve_layers})
@@ -181,8 +164,7 @@ class GPT(nn.Module):
         self.init_rotary()
 
     def init_rotary(self):
-        """(Re)compute the non-persistent rotary tables, e.g. after building on the meta device.
-        They cover 10x the training length so sampling can run past it."""
+        """(Re)compute the rotary tables (not saved), 10x the training length so sampling can run past it."""
         device, D = self.lm_head.weight.device, self.config.n_embd // self.config.n_head
         inv_freq = 1.0 / ((100000 if self.gen2026 else 10000) ** (torch.arange(0, D, 2, device=device).float() / D))
         freqs = torch.outer(torch.arange(self.config.sequence_len * 10, dtype=torch.float32, device=device), inv_freq)
@@ -192,11 +174,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, zero_out=True):
-        """nanochat's init for the model's generation; zero_out=False gives random residual
-        projections and lm_head instead of zero/tiny ones, so logits differ from the start."""
-        if self.gen2026:
-            self._init_2026(zero_out)
-        else:  # N(0, 1) embedding, fan-in scaled linears, zero lm_head and residual projections
+        """nanochat's init; zero_out=False: random (not zero/tiny) residual projections and lm_head."""
+        if not self.gen2026:  # N(0, 1) embedding, fan-in scaled linears, zero lm_head and residual projections
             for module in self.modules():
                 if isinstance(module, nn.Linear):
                     fan_out, fan_in = module.weight.shape
@@ -205,49 +184,51 @@ class GPT(nn.Module):
                     module.weight.normal_(0.0, 1.0)
             for w in [self.lm_head] + [m for b in self.transformer.h for m in (b.mlp.c_proj, b.attn.c_proj)]:
                 w.weight.mul_(0.0 if zero_out else 1.0)
+        else:
+            L, s = self.config.n_layer, math.sqrt(3) / math.sqrt(self.config.n_embd)
+            self.transformer.wte.weight.normal_(0.0, 0.8)
+            self.lm_head.weight.normal_(0.0, 0.001) if zero_out else self.lm_head.weight.uniform_(-s, s)
+            for block in self.transformer.h:
+                for w in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+                    w.weight.uniform_(-s, s)
+                block.mlp.c_fc.weight.uniform_(-0.4 * s, 0.4 * s)
+                for w in (block.attn.c_proj, block.mlp.c_proj):
+                    w.weight.zero_() if zero_out else w.weight.uniform_(-s, s)
+                if hasattr(block.attn, "ve_gate"):
+                    block.attn.ve_gate.weight.uniform_(0.0, 0.02)
+            for ve in self.value_embeds.values():
+                ve.weight.uniform_(-s, s)
+            frac = torch.arange(L, dtype=torch.float32) / max(L - 1, 1)
+            self.resid_lambdas.copy_(1.15 - 0.10 * frac), self.x0_lambdas.copy_(0.20 - 0.15 * frac)
+            self.smear_lambda.zero_(), self.backout_lambda.fill_(0.2), self.smear_gate.weight.uniform_(0.0, 0.02)
         self.init_rotary()
         if self.lm_head.weight.device.type == "cuda":  # as nanochat: saves memory, stored so
             self.transformer.wte.to(dtype=torch.bfloat16)
             self.value_embeds.to(dtype=torch.bfloat16)
 
-    def _init_2026(self, zero_out):
-        L, s = self.config.n_layer, math.sqrt(3) / math.sqrt(self.config.n_embd)
-        self.transformer.wte.weight.normal_(0.0, 0.8)
-        self.lm_head.weight.normal_(0.0, 0.001) if zero_out else self.lm_head.weight.uniform_(-s, s)
-        for block in self.transformer.h:
-            for w in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
-                w.weight.uniform_(-s, s)
-            block.mlp.c_fc.weight.uniform_(-0.4 * s, 0.4 * s)
-            for w in (block.attn.c_proj, block.mlp.c_proj):
-                w.weight.zero_() if zero_out else w.weight.uniform_(-s, s)
-            if hasattr(block.attn, "ve_gate"):
-                block.attn.ve_gate.weight.uniform_(0.0, 0.02)
-        for ve in self.value_embeds.values():
-            ve.weight.uniform_(-s, s)
-        frac = torch.arange(L, dtype=torch.float32) / max(L - 1, 1)
-        self.resid_lambdas.copy_(1.15 - 0.10 * frac), self.x0_lambdas.copy_(0.20 - 0.15 * frac)
-        self.smear_lambda.zero_(), self.backout_lambda.fill_(0.2), self.smear_gate.weight.uniform_(0.0, 0.02)
-
     def get_device(self):
         return self.transformer.wte.weight.device
 
     def num_flops_per_token(self):
-        """Training FLOPs per token: 6 per non-embedding parameter plus attention (over each
-        layer's window)."""
+        """Training FLOPs per token: 6 per non-embedding parameter plus attention (per window)."""
         c, n_params = self.config, sum(p.numel() for p in self.parameters())
         n_embed = self.transformer.wte.weight.numel() + sum(p.numel() for p in self.value_embeds.parameters())
         span = sum(min(w or c.sequence_len, c.sequence_len) for w in layer_windows(c))
         return 6 * (n_params - n_embed) + 12 * c.n_embd * span
 
     def hidden_states(self, idx, kv_cache=None):
-        """The final normalised residual stream [B, T, C], before the lm_head. With a cache,
-        the T tokens go after each row's cached ones (kv_cache.pos)."""
+        """The final normalised residual stream [B, T, C]; with a cache, after each row's cached tokens."""
         T = idx.size(1)
         assert kv_cache is not None or T <= self.cos.size(1), f"sequence of {T} exceeds the rotary cache"
         cos_sin = (self.cos[:, :T], self.sin[:, :T]) if kv_cache is None else kv_cache.begin(T, self.cos, self.sin)
         x = norm(self.transformer.wte(idx))
-        if self.gen2026:
-            x0 = x = self._smear(x, kv_cache)
+        if self.gen2026:  # smear: x[t] += smear_lambda * sigmoid(gate . x[t][:24]) * x[t-1], on the unsmeared
+            # embeddings; a cached row's first new token smears with the row's last cached one
+            prev = torch.zeros_like(x[:, :1]) if kv_cache is None else kv_cache.prev[:, None].to(x.dtype, copy=True)
+            if kv_cache is not None:
+                kv_cache.prev.copy_(x[:, -1])
+            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+            x0 = x = x + gate * torch.cat([prev, x[:, :-1]], dim=1)
         xb = None
         for i, block in enumerate(self.transformer.h):
             if self.gen2026:
@@ -260,118 +241,86 @@ class GPT(nn.Module):
             kv_cache.advance(T)
         return norm(x)
 
-    def _smear(self, x, kv_cache):
-        """x[t] += smear_lambda * sigmoid(gate . x[t][:24]) * x[t-1], on the unsmeared
-        embeddings; a cached row's first new token smears with the row's last cached one."""
-        prev = torch.zeros_like(x[:, :1]) if kv_cache is None else kv_cache.prev[:, None].to(x.dtype, copy=True)
-        if kv_cache is not None:
-            kv_cache.prev.copy_(x[:, -1])
-        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
-        return x + gate * torch.cat([prev, x[:, :-1]], dim=1)
-
     def logits(self, x):
-        """lm_head (padded rows cut off) + softcap, in float32 (the softcap is a tanh:
-        precision matters there)."""
+        """lm_head (padded rows cut off) + softcap, in float32 (a tanh: precision matters)."""
         return softcap(self.lm_head(x)[..., :self.config.vocab_size].float())
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
-        """The plain path: logits [B, T, V], or the cross-entropy loss when targets are given
-        (ignore_index -1; reduction "mean" or "none" -> [B*T])."""
+        """Logits [B, T, V], or with targets the cross-entropy (ignore_index -1; "none" -> [B*T])."""
         logits = self.logits(self.hidden_states(idx, kv_cache))
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
                                ignore_index=-1, reduction=loss_reduction)
 
-    # -------------------------------------------------------------------------
     # Per-token log-probs without materialising [B, T, V] float32 logits
 
     def token_logprobs(self, idx, targets, chunk_numel=None, reduction="none"):
-        """log p(target) per position, [B, T] float32, 0 where the target is -1; their sum
-        (a scalar) with reduction="sum".
-
-        Only positions with a target reach the lm_head, in chunks of about `chunk_numel`
-        logits (default 16M on CPU, 128M on CUDA), so memory holds one chunk of logits, not
-        B*T*V. "none": each chunk is recomputed in backward (activation checkpointing), exact
-        for any use (DPO's per-sequence sums). "sum": every token gets the same gradient, so
-        each chunk's gradient is taken in the forward while its logits exist and backward
-        only scales it (a fused linear cross-entropy: SFT's loss, at full-logits speed).
-        """
-        if chunk_numel is None:
-            chunk_numel = 1 << (27 if idx.device.type == "cuda" else 24)
-        h = self.hidden_states(idx)
+        """log p(target) per position, [B, T] float32, 0 where the target is -1 (reduction="sum": their
+        sum). Only targets reach the lm_head, in chunks of about `chunk_numel` logits (default 16M on
+        CPU, 128M on CUDA), never B*T*V. "none": chunks are recomputed in backward (checkpointing:
+        DPO). "sum": each token has the same gradient, taken per chunk in the forward (fused CE: SFT)."""
+        chunk_numel = chunk_numel or 1 << (27 if idx.device.type == "cuda" else 24)
         flat_targets = targets.reshape(-1)
         rows = (flat_targets != -1).nonzero().squeeze(1)
-        h = h.reshape(-1, h.size(-1)).index_select(0, rows)
+        h = self.hidden_states(idx).flatten(0, 1).index_select(0, rows)
         tgt = flat_targets.index_select(0, rows)
         chunk = max(1, chunk_numel // self.lm_head.weight.size(0))
         grad = torch.is_grad_enabled() and h.requires_grad
         if reduction == "sum" and grad and rows.numel():
             params = [p for p in self.lm_head.parameters() if p.requires_grad]
             return _FusedLogprobSum.apply(self._chunk_logprobs, chunk, h, tgt, *params)
-        pieces = []
-        for start in range(0, rows.numel(), chunk):
-            hs, ts = h[start:start + chunk], tgt[start:start + chunk]
-            pieces.append(checkpoint(self._chunk_logprobs, hs, ts, use_reentrant=False) if grad
-                          else self._chunk_logprobs(hs, ts))
+        chunk_fn = partial(checkpoint, self._chunk_logprobs, use_reentrant=False) if grad else self._chunk_logprobs
+        pieces = [chunk_fn(h[i:i + chunk], tgt[i:i + chunk]) for i in range(0, rows.numel(), chunk)]
         # nothing to score: the empty sum keeps the graph so a backward() is still well-defined
         logp = torch.cat(pieces) if pieces else h.sum(-1).float()
         if reduction == "sum":
             return logp.sum()
-        out = torch.zeros(flat_targets.numel(), dtype=torch.float32, device=idx.device)
-        return out.index_put((rows,), logp).view_as(targets)
+        return logp.new_zeros(flat_targets.numel()).index_put((rows,), logp).view_as(targets)
 
     def _chunk_logprobs(self, h, targets):
         logits = self.logits(h)
         return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
-    # -------------------------------------------------------------------------
     # Optimizers
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5):
-        """[AdamW for the embeddings, lm_head and scalars, Muon for every matrix in the
-        blocks], in the groups nanochat of the model's generation uses (2026: 92d63d4's
-        per-group betas and decays; weight_decay goes to Muon there, to AdamW in 2025)."""
+        """[AdamW (embeddings, lm_head, scalars), Muon (the blocks' matrices)] in the groups of the
+        model's nanochat generation (weight_decay goes to Muon in 2026, to AdamW in 2025)."""
         a = (self.config.n_embd / 768) ** -0.5  # embedding lrs were tuned at width 768
         matrices = list(self.transformer.h.parameters())
         if self.gen2026:
-            adam_groups = [
-                dict(params=[self.lm_head.weight], lr=unembedding_lr * a, betas=(0.8, 0.96), weight_decay=0.01),
-                dict(params=[self.transformer.wte.weight], lr=embedding_lr * a, betas=(0.8, 0.995), weight_decay=0.001),
-                dict(params=list(self.value_embeds.parameters()), lr=embedding_lr * a * 0.5, betas=(0.8, 0.995),
-                     weight_decay=0.01),
-                dict(params=[self.resid_lambdas], lr=scalar_lr * 0.01, betas=(0.8, 0.95), weight_decay=0.05),
-                dict(params=[self.x0_lambdas], lr=scalar_lr, betas=(0.96, 0.95), weight_decay=0.0),
-                dict(params=[self.smear_gate.weight, self.smear_lambda, self.backout_lambda], lr=0.2,
-                     betas=(0.8, 0.95), weight_decay=0.0),
-            ]
+            adam_groups = [dict(params=params, lr=lr, betas=betas, weight_decay=decay) for params, lr, betas, decay in [
+                ([self.lm_head.weight], unembedding_lr * a, (0.8, 0.96), 0.01),
+                ([self.transformer.wte.weight], embedding_lr * a, (0.8, 0.995), 0.001),
+                (list(self.value_embeds.parameters()), embedding_lr * a * 0.5, (0.8, 0.995), 0.01),
+                ([self.resid_lambdas], scalar_lr * 0.01, (0.8, 0.95), 0.05),
+                ([self.x0_lambdas], scalar_lr, (0.96, 0.95), 0.0),
+                ([self.smear_gate.weight, self.smear_lambda, self.backout_lambda], 0.2, (0.8, 0.95), 0.0)]]
             muon_groups = [dict(params=[p for p in matrices if p.shape == shape], weight_decay=weight_decay)
                            for shape in sorted({tuple(p.shape) for p in matrices})]
         else:
             adam_groups = [dict(params=[self.lm_head.weight], lr=unembedding_lr * a, weight_decay=weight_decay),
                            dict(params=[self.transformer.wte.weight], lr=embedding_lr * a, weight_decay=weight_decay)]
             muon_groups = [dict(params=matrices)]
-        fused = self.get_device().type == "cuda"
-        adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, fused=fused)
-        muon = Muon(muon_groups, lr=matrix_lr, momentum=0.95)
-        optimizers = [adamw, muon]
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["initial_lr"] = group["lr"]
-        return optimizers
+        adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, fused=self.get_device().type == "cuda")
+        muon = Muon(muon_groups, dict(lr=matrix_lr, momentum=0.95))  # torch's Optimizer(params, defaults)
+        for group in adamw.param_groups + muon.param_groups:
+            group["initial_lr"] = group["lr"]
+        return [adamw, muon]
 
 
-def newton_schulz5(G, steps=5):
-    """Approximately orthogonalise G (the nearest semi-orthogonal matrix) with a quintic
-    Newton-Schulz iteration, working on the wide orientation. bf16 on CUDA (as nanochat);
-    float32 elsewhere, where bf16 matmuls are 10-35x slower than float32 on common CPUs."""
+def newton_schulz5(G):
+    """Approximately orthogonalise G with a quintic Newton-Schulz iteration on the wide
+    orientation, in bf16 where its matmuls are fast: CUDA (as nanochat) and CPUs with
+    AVX512-BF16; float32 elsewhere (CPUs without bf16 units run bf16 matmuls 10-35x slower)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16() if G.device.type == "cuda" else G.float()
+    cpu_bf16 = G.device.type == "cpu" and getattr(torch.cpu, "_is_avx512_bf16_supported", bool)()
+    X = G.bfloat16() if G.device.type == "cuda" or cpu_bf16 else G.float()
     tall = G.size(-2) > G.size(-1)
-    if tall:
-        X = X.mT
+    X = X.mT if tall else X
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    for _ in range(5):
         A = X @ X.mT
         B = b * A + c * A @ A
         X = a * X + B @ X
@@ -379,14 +328,9 @@ def newton_schulz5(G, steps=5):
 
 
 class Muon(torch.optim.Optimizer):
-    """MomentUm Orthogonalized by Newton-Schulz: Nesterov momentum, then each matrix's
-    update replaced by its orthogonalised version, scaled up for tall matrices. Under
-    torch.distributed (gradients already summed) the orthogonalisations are divided among
-    ranks, as in nanochat's DistMuon: rank r updates matrices r, r + world, ... (and keeps
-    only their momentum), and each updated matrix goes from its owner to all ranks."""
-
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+    """MomentUm Orthogonalized by Newton-Schulz: each matrix's Nesterov momentum update is
+    orthogonalised (scaled up if tall). Distributed as nanochat's DistMuon: rank r updates (and
+    keeps the momentum of) matrices r, r + world, ... and broadcasts them."""
 
     @torch.no_grad()
     def step(self):
@@ -395,14 +339,11 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             for i, p in enumerate(group["params"]):
                 if i % world == rank and p.grad is not None:
-                    g = p.grad
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(g)
-                    buf = state["momentum_buffer"]
-                    buf.lerp_(g, 1 - group["momentum"])
-                    g = g.lerp_(buf, group["momentum"]) if group["nesterov"] else buf
-                    update = newton_schulz5(g, steps=group["ns_steps"])
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+                    buf = self.state[p]["momentum_buffer"]
+                    buf.lerp_(p.grad, 1 - group["momentum"])
+                    update = newton_schulz5(p.grad.lerp_(buf, group["momentum"]))  # Nesterov
                     p.add_(update, alpha=-group["lr"] * max(1, p.size(-2) / p.size(-1)) ** 0.5)
                 if world > 1:
                     works.append(dist.broadcast(p, src=i % world, async_op=True))
@@ -415,8 +356,7 @@ class Muon(torch.optim.Optimizer):
 
 
 class _FusedLogprobSum(torch.autograd.Function):
-    """token_logprobs(reduction="sum"): each chunk's gradient (w.r.t. its rows of hidden states
-    and the lm_head) is taken while its logits exist; backward scales them by grad_output."""
+    """token_logprobs(reduction="sum"): each chunk's gradient is taken while its logits exist."""
 
     @staticmethod
     def forward(ctx, logprobs_fn, chunk, h, targets, *params):
@@ -441,11 +381,9 @@ class _FusedLogprobSum(torch.autograd.Function):
 
 
 class GradSync:
-    """Sums gradients over ranks in buckets of all_reduce calls, no DDP wrapper (world size 1:
-    nothing). arm() before the last micro-batch's backward starts each bucket's all_reduce as
-    soon as backward has filled it, overlapping the rest of backward; optimizer_step waits.
-    Buckets go out in one order on every rank, a gradient a rank lacks (None: lm_head when it
-    scored no token) as zeros, so all ranks' collectives match."""
+    """Sums gradients over ranks in buckets of all_reduce (world size 1: nothing). arm() before the
+    last micro-batch's backward sends each bucket as soon as backward fills it; optimizer_step waits.
+    Buckets go in one order, a missing gradient (lm_head with no token) as zeros: collectives match."""
 
     def __init__(self, model, bucket_numel=1 << 24):
         self.world = dist.get_world_size() if dist.is_initialized() else 1
@@ -464,7 +402,8 @@ class GradSync:
 
     def _grad_ready(self, p):  # only the armed backward counts: earlier ones are not final
         self.ready.update([id(p)] if self.armed else [])
-        while self.armed and len(self.sent) < len(self.buckets) and all(id(q) in self.ready for q in self.buckets[len(self.sent)]):
+        while self.armed and len(self.sent) < len(self.buckets) and \
+                all(id(q) in self.ready for q in self.buckets[len(self.sent)]):
             self._send()
 
     def _send(self):
@@ -484,8 +423,7 @@ class GradSync:
 
 
 def optimizer_step(model, optimizers, lr_multiplier, grad_sync=None):
-    """Sum grads over ranks (grad_sync: the step's armed GradSync; else all at once now),
-    set every group's lr from its initial_lr, step, clear grads."""
+    """Sum grads over ranks (the step's armed GradSync, else all now), set lrs, step, clear grads."""
     (grad_sync or GradSync(model)).wait()
     for opt in optimizers:
         for group in opt.param_groups:
@@ -504,40 +442,13 @@ SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_star
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
 
-class _EncodingState:
-    """Stands in for tiktoken.core.Encoding while unpickling: it only records the state."""
-
-    def __setstate__(self, state):
-        self.state = state
-
-
 class _TokenizerUnpickler(pickle.Unpickler):
-    """Admits one global, tiktoken's Encoding, as _EncodingState: no code of the pickle's choosing runs."""
+    """Admits only tiktoken's Encoding, as a SimpleNamespace holding its state: no pickled code runs."""
 
     def find_class(self, module, name):
         if (module, name) == ("tiktoken.core", "Encoding"):
-            return _EncodingState
+            return SimpleNamespace
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only a tiktoken Encoding is allowed")
-
-
-def _load_encoding(path):
-    import tiktoken
-
-    try:
-        with open(path, "rb") as f:
-            obj = _TokenizerUnpickler(f).load()
-    except FileNotFoundError:
-        raise UserError(f"{path}: no tokenizer here (train one with nanochat, or make a fresh base)") from None
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
-        raise UserError(f"{path}: not a tokenizer pickle nanochat wrote ({e})") from None
-    state = getattr(obj, "state", None) if isinstance(obj, _EncodingState) else None
-    types = {"name": str, "pat_str": str, "mergeable_ranks": (bytes, int), "special_tokens": (str, int)}
-    if not isinstance(state, dict) or not all(
-            isinstance(state.get(key), t) if t is str else isinstance(state.get(key), dict) and all(
-                isinstance(k, t[0]) and isinstance(v, t[1]) for k, v in state[key].items()) for key, t in types.items()):
-        raise UserError(f"{path}: not a tiktoken Encoding with name, pat_str, mergeable_ranks and special_tokens")
-    return tiktoken.Encoding(name=state["name"], pat_str=state["pat_str"],
-                             mergeable_ranks=state["mergeable_ranks"], special_tokens=state["special_tokens"])
 
 
 class Tokenizer:
@@ -547,11 +458,26 @@ class Tokenizer:
         self.enc = enc
         if missing := [t for t in SPECIAL_TOKENS if t not in enc.special_tokens_set]:
             raise UserError(f"tokenizer lacks special tokens {missing}")
+        # nanochat's names for the Encoding's methods; encode reads special-token strings as plain text
+        self.encode_special, self.encode, self.decode = enc.encode_single_token, enc.encode_ordinary, enc.decode
         self.bos_token_id = self.encode_special("<|bos|>")
 
     @classmethod
     def from_directory(cls, tokenizer_dir):
-        return cls(_load_encoding(os.path.join(tokenizer_dir, "tokenizer.pkl")))
+        path = os.path.join(tokenizer_dir, "tokenizer.pkl")
+        try:
+            with open(path, "rb") as f:
+                obj = _TokenizerUnpickler(f).load()
+        except FileNotFoundError:
+            raise UserError(f"{path}: no tokenizer here (train one with nanochat, or make a fresh base)") from None
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
+            raise UserError(f"{path}: not a tokenizer pickle nanochat wrote ({e})") from None
+        state = vars(obj) if isinstance(obj, SimpleNamespace) else {}
+        if not (isinstance(state.get("name"), str) and isinstance(state.get("pat_str"), str) and all(
+                isinstance(d, dict) and all(isinstance(k, key_type) and isinstance(v, int) for k, v in d.items())
+                for d, key_type in ((state.get("mergeable_ranks"), bytes), (state.get("special_tokens"), str)))):
+            raise UserError(f"{path}: not a tiktoken Encoding with name, pat_str, mergeable_ranks and special_tokens")
+        return cls(tiktoken.Encoding(**{k: state[k] for k in ("name", "pat_str", "mergeable_ranks", "special_tokens")}))
 
     def get_vocab_size(self):
         return self.enc.n_vocab
@@ -559,35 +485,23 @@ class Tokenizer:
     def get_bos_token_id(self):
         return self.bos_token_id
 
-    def encode_special(self, text):
-        return self.enc.encode_single_token(text)
-
-    def encode(self, text):
-        """Text to ids, with special-token strings treated as plain text."""
-        return self.enc.encode_ordinary(text)
-
-    def decode(self, ids):
-        return self.enc.decode(ids)
-
     def render_conversation(self, conversation, max_tokens=2048):
-        """Token ids and a training mask (1 = the assistant's tokens to learn) for one
-        conversation {"messages": [...]}, truncated to max_tokens. Raises ValueError on a
-        conversation that is not system?, user, assistant, user, ..."""
+        """Token ids and a training mask (1 = the assistant's tokens to learn) of a conversation
+        {"messages": [...]}, truncated to max_tokens; ValueError if not system?, user, assistant, ..."""
         messages = _check_messages(conversation)
         ids, mask = [], []
 
         def add(tokens, m):
-            tokens = [tokens] if isinstance(tokens, int) else tokens
             ids.extend(tokens), mask.extend([m] * len(tokens))
 
         sp = self.encode_special
-        add(self.bos_token_id, 0)
+        add([self.bos_token_id], 0)
         for message in messages:
             content = message["content"]
             if message["role"] == "user":
                 add([sp("<|user_start|>")] + self.encode(content) + [sp("<|user_end|>")], 0)
                 continue
-            add(sp("<|assistant_start|>"), 0)
+            add([sp("<|assistant_start|>")], 0)
             for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
                 text_ids = self.encode(part["text"])
                 if part["type"] == "text":
@@ -596,12 +510,11 @@ class Tokenizer:
                     add([sp("<|python_start|>")] + text_ids + [sp("<|python_end|>")], 1)
                 else:  # python_output comes from the tool at run time: never learn it
                     add([sp("<|output_start|>")] + text_ids + [sp("<|output_end|>")], 0)
-            add(sp("<|assistant_end|>"), 1)
+            add([sp("<|assistant_end|>")], 1)
         return ids[:max_tokens], mask[:max_tokens]
 
     def render_for_completion(self, conversation):
-        """The prompt for sampling the last assistant message: it is dropped, the rest
-        rendered, and <|assistant_start|> appended."""
+        """The prompt to sample the last assistant message: the rest, then <|assistant_start|>."""
         messages = conversation["messages"]
         if not messages or messages[-1]["role"] != "assistant":
             raise ValueError("render_for_completion needs a conversation that ends with an assistant message")
@@ -609,14 +522,9 @@ class Tokenizer:
         return ids + [self.encode_special("<|assistant_start|>")]
 
 
-PART_TYPES = ("text", "python", "python_output")
-
-
 def _check_messages(conversation):
-    """The one conversation check (tasks.py validates data files with it too): optional
-    system, then user/assistant alternating, user text, assistant text or parts. Returns the
-    messages with a leading system message merged into the first user message (as nanochat
-    does); raises ValueError naming the message (its index in the original list)."""
+    """The one conversation check (tasks.py's too): system?, then user (text) and assistant (text or
+    parts) alternating, else ValueError naming the message; a system message is merged into the next."""
     messages = conversation.get("messages") if isinstance(conversation, dict) else None
     if not isinstance(messages, list) or not messages:
         raise ValueError('conversation has no messages (expected {"messages": [...]})')
@@ -640,8 +548,9 @@ def _check_messages(conversation):
             raise ValueError(f"message {at}: user content must be a string")
         if isinstance(content, list):
             for part in content:
-                if not isinstance(part, dict) or part.get("type") not in PART_TYPES:
-                    raise ValueError(f"message {at}: unknown part type {part.get('type') if isinstance(part, dict) else part!r}")
+                if not isinstance(part, dict) or part.get("type") not in ("text", "python", "python_output"):
+                    kind = part.get("type") if isinstance(part, dict) else part
+                    raise ValueError(f"message {at}: unknown part type {kind!r}")
                 if not isinstance(part.get("text"), str):
                     raise ValueError(f"message {at}: part text must be a string")
         elif not isinstance(content, str):
@@ -651,20 +560,9 @@ def _check_messages(conversation):
 
 def byte_level_encoding():
     """A tokenizer with no merges: the 256 bytes plus the 9 special tokens (vocab 265)."""
-    import tiktoken
-
-    ranks = {bytes([i]): i for i in range(256)}
-    special = {tok: 256 + i for i, tok in enumerate(SPECIAL_TOKENS)}
-    return tiktoken.Encoding(name="chimera-bytes", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special)
-
-
-def save_tokenizer(enc, tokenizer_dir):
-    """tokenizer.pkl and token_bytes.pt as nanochat writes them."""
-    atomic_write(os.path.join(tokenizer_dir, "tokenizer.pkl"), lambda f: pickle.dump(enc, f), binary=True)
-    lengths = dict((rank, len(token)) for token, rank in enc._mergeable_ranks.items())
-    # special tokens count 0 bytes in bpb
-    token_bytes = torch.tensor([lengths.get(i, 0) for i in range(enc.n_vocab)], dtype=torch.int32)
-    atomic_write(os.path.join(tokenizer_dir, "token_bytes.pt"), lambda f: torch.save(token_bytes, f), binary=True)
+    return tiktoken.Encoding(name="chimera-bytes", pat_str=SPLIT_PATTERN,
+                             mergeable_ranks={bytes([i]): i for i in range(256)},
+                             special_tokens={tok: 256 + i for i, tok in enumerate(SPECIAL_TOKENS)})
 
 
 def get_tokenizer(base_dir=None):
@@ -679,21 +577,18 @@ SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "cha
 
 
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data):
-    """Write meta, then optimizer, then model, each through a temp file and a rename: the
-    latest step is found by model files, so a process killed mid-save leaves nothing that
-    looks like a newer checkpoint than the last whole one."""
+    """Meta, optimizer, then model, each through a temp file and a rename: the latest step is
+    found by model files, so a save killed midway never looks like a newer whole checkpoint."""
     os.makedirs(checkpoint_dir, exist_ok=True)
     atomic_write_json(os.path.join(checkpoint_dir, f"meta_{step:06d}.json"), meta_data)
-    if optimizer_data is not None:
-        path = os.path.join(checkpoint_dir, f"optim_{step:06d}.pt")
-        atomic_write(path, lambda f: torch.save(optimizer_data, f), binary=True)
-    path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
-    atomic_write(path, lambda f: torch.save(model_data, f), binary=True)
+    for name, data in (("optim", optimizer_data), ("model", model_data)):
+        if data is not None:
+            path = os.path.join(checkpoint_dir, f"{name}_{step:06d}.pt")
+            atomic_write(path, lambda f: torch.save(data, f), binary=True)
 
 
 def find_largest_model(checkpoints_dir):
-    """The model tag to use: Chimera's largest chimera_d<N>, else the largest d<N>, else the
-    newest directory."""
+    """The default model tag: the largest chimera_d<N>, else the largest d<N>, else the newest."""
     if not os.path.isdir(checkpoints_dir):
         raise UserError(f"{checkpoints_dir}: no such checkpoint directory")
     tags = [d for d in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, d))]
@@ -715,11 +610,14 @@ def find_last_step(checkpoint_dir):
 
 
 def load_checkpoint(checkpoint_dir, step, device):
+    """(state dict, meta) of a step; a compiled model's _orig_mod. prefix dropped, bf16 on CUDA only."""
     model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
     meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
     if not os.path.exists(model_path):
         raise UserError(f"{model_path}: no checkpoint for step {step}")
     model_data = torch.load(model_path, map_location=device, weights_only=True)
+    if not isinstance(model_data, dict) or not all(isinstance(v, torch.Tensor) for v in model_data.values()):
+        raise UserError(f"{model_path}: not a state dict of tensors")
     try:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
@@ -727,7 +625,9 @@ def load_checkpoint(checkpoint_dir, step, device):
         raise UserError(f"{meta_path}: missing (the checkpoint has a model file but no meta)") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{meta_path}: not valid JSON ({e})") from None
-    return model_data, meta
+    bf16 = device.type == "cuda"
+    return {k.removeprefix("_orig_mod."): v if bf16 or v.dtype != torch.bfloat16 else v.float()
+            for k, v in model_data.items()}, meta
 
 
 CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
@@ -735,21 +635,21 @@ KEYS_2026 = ("resid_lambdas", "x0_lambdas", "smear_gate.weight", "smear_lambda",
 
 
 def config_from_checkpoint(model_config, model_data, where):
-    """The GPTConfig of a checkpoint, its generation told by what is on disk: 2026 has
-    window_pattern in model_config and its extra tensors in the state dict; Nov 2025 has
-    neither. Applies nanochat 92d63d4's own two loading patches to a 2026 state dict, and
-    refuses a meta and a state dict of different generations."""
+    """The GPTConfig of a checkpoint; 2026 has window_pattern and its extra tensors, Nov 2025
+    neither, and a mix is refused. Applies nanochat 92d63d4's two loading patches to 2026's."""
     model_config = model_config if isinstance(model_config, dict) else {}
     missing = [k for k in CONFIG_KEYS if k not in model_config]
     extra = sorted(set(model_config) - set(CONFIG_KEYS) - {"window_pattern"})
     if missing or extra:  # neither generation's
-        raise UserError(f"{where}: the meta's model_config " + (f"lacks {', '.join(missing)}" if missing else
-                        f"has unknown keys {', '.join(extra)}") + ": neither nanochat generation (Nov 2025, 2026) writes that")
-    new_keys = [k for k in model_data if k in KEYS_2026 or k.startswith("value_embeds.") or k.endswith(".ve_gate.weight")]
+        problem = f"lacks {', '.join(missing)}" if missing else f"has unknown keys {', '.join(extra)}"
+        raise UserError(f"{where}: the meta's model_config {problem}: "
+                        "neither nanochat generation (Nov 2025, 2026) writes that")
+    new_keys = [k for k in model_data
+                if k in KEYS_2026 or k.startswith("value_embeds.") or k.endswith(".ve_gate.weight")]
     pattern = model_config.get("window_pattern")
     if pattern is not None and not new_keys:
-        raise UserError(f"{where}: model_config is nanochat 2026's (it has window_pattern) but the state dict is "
-                        f"Nov 2025's (no {', '.join(KEYS_2026)}, value_embeds): meta and weights do not belong together")
+        raise UserError(f"{where}: model_config is nanochat 2026's (it has window_pattern) but the state dict is Nov "
+                        f"2025's (no {', '.join(KEYS_2026)}, value_embeds): meta and weights do not belong together")
     if new_keys and pattern is None:  # an intermediate 2026 commit: nanochat reads it as all-long windows
         print(f"note: {where}: 2026 weights, no window_pattern: using \"L\" as nanochat does", file=sys.stderr)
         pattern = "L"
@@ -762,8 +662,31 @@ def config_from_checkpoint(model_config, model_data, where):
     return GPTConfig(**dict(model_config, window_pattern=pattern))
 
 
-def check_state_dict(model, model_data, where):
-    """Every key the model has, none it lacks, each of its shape; else one line naming them."""
+def checkpoint_dir_for(source, model_tag=None, base_dir=None):
+    if source not in SOURCE_DIRS:
+        raise UserError(f"unknown checkpoint source {source!r}; expected one of {', '.join(SOURCE_DIRS)}")
+    root = os.path.join(base_dir or get_base_dir(), SOURCE_DIRS[source])
+    return os.path.join(root, model_tag or find_largest_model(root))
+
+
+def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
+    """(model, tokenizer, meta) from $NANOCHAT_BASE_DIR/<source's directory>/<tag>/ (tag: by default
+    find_largest_model's, step: the latest), phase "train" or "eval"."""
+    assert phase in ("train", "eval"), phase
+    checkpoint_dir, device = checkpoint_dir_for(source, model_tag, base_dir), torch.device(device)
+    if not os.path.isdir(checkpoint_dir):
+        raise UserError(f"{checkpoint_dir}: no such checkpoint directory")
+    step = find_last_step(checkpoint_dir) if step is None else step
+    tokenizer = get_tokenizer(base_dir)
+    model_data, meta = load_checkpoint(checkpoint_dir, step, device)
+    where = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
+    config = config_from_checkpoint(meta.get("model_config"), model_data, where)
+    if tokenizer.get_vocab_size() != config.vocab_size:
+        raise UserError(f"{checkpoint_dir}: the model's vocab_size is {config.vocab_size} but the tokenizer "
+                        f"has {tokenizer.get_vocab_size()} tokens (wrong tokenizer for this checkpoint?)")
+    with torch.device("meta"):
+        model = GPT(config)
+    # every key the model has, none it lacks, each of its shape; else one line naming them
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     problems = [f"{what} {', '.join(keys[:4])}{f' and {len(keys) - 4} more' if len(keys) > 4 else ''}"
                 for what, keys in (("missing", [k for k in expected if k not in model_data]),
@@ -773,51 +696,10 @@ def check_state_dict(model, model_data, where):
     if problems:
         raise UserError(f"{where} does not match its model_config (nanochat {'2026' if model.gen2026 else 'Nov 2025'} "
                         f"model): {'; '.join(problems)}")
-
-
-def build_model(checkpoint_dir, step, device, phase, tokenizer=None):
-    """Load a checkpoint of either nanochat generation into a GPT on `device`; phase
-    "train" or "eval"."""
-    assert phase in ("train", "eval"), phase
-    device = torch.device(device)
-    model_data, meta = load_checkpoint(checkpoint_dir, step, device)
-    where = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
-    if not isinstance(model_data, dict) or not all(isinstance(v, torch.Tensor) for v in model_data.values()):
-        raise UserError(f"{where}: not a state dict of tensors")
-    # a compiled model's state dict carries _orig_mod.; bf16 is only kept on CUDA
-    model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
-    if device.type != "cuda":
-        model_data = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_data.items()}
-    config = config_from_checkpoint(meta.get("model_config"), model_data, where)
-    if tokenizer is not None and tokenizer.get_vocab_size() != config.vocab_size:
-        raise UserError(f"{checkpoint_dir}: the model's vocab_size is {config.vocab_size} but the tokenizer "
-                        f"has {tokenizer.get_vocab_size()} tokens (wrong tokenizer for this checkpoint?)")
-    with torch.device("meta"):
-        model = GPT(config)
-    check_state_dict(model, model_data, where)
     model.to_empty(device=device)
     model.init_rotary()
     model.load_state_dict(model_data, strict=True, assign=True)
     model.train() if phase == "train" else model.eval()
-    return model, meta
-
-
-def checkpoint_dir_for(source, model_tag=None, base_dir=None):
-    if source not in SOURCE_DIRS:
-        raise UserError(f"unknown checkpoint source {source!r}; expected one of {', '.join(SOURCE_DIRS)}")
-    root = os.path.join(base_dir or get_base_dir(), SOURCE_DIRS[source])
-    return os.path.join(root, model_tag or find_largest_model(root))
-
-
-def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
-    """(model, tokenizer, meta) from $NANOCHAT_BASE_DIR/<source's directory>/<tag>/, with the
-    tag defaulting to the largest d<N> and the step to the latest."""
-    checkpoint_dir = checkpoint_dir_for(source, model_tag, base_dir)
-    if not os.path.isdir(checkpoint_dir):
-        raise UserError(f"{checkpoint_dir}: no such checkpoint directory")
-    step = find_last_step(checkpoint_dir) if step is None else step
-    tokenizer = get_tokenizer(base_dir)
-    model, meta = build_model(checkpoint_dir, step, device, phase, tokenizer)
     return model, tokenizer, meta
 
 
@@ -825,23 +707,24 @@ def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
 # A fresh base directory: byte-level tokenizer + random model, no download needed
 
 
-def fresh_base(base_dir, depth=2, sequence_len=512, n_embd=None, n_head=None, seed=0, zero_out=True,
-               generation=2025):
-    """Write tokenizer/ and base_checkpoints/d{depth}/model_000000.pt into base_dir, a model of
-    the given nanochat generation (2026: window pattern SSSL). Shapes follow nanochat's base
-    training (width 64 * depth, one head per 128 wide); n_embd/n_head override them for
-    tests. zero_out=False gives non-zero logits from the start, as log-prob/DPO tests want."""
+def fresh_base(base_dir, depth=2, sequence_len=512, n_embd=None, n_head=None, seed=0, zero_out=True, generation=2025):
+    """Write tokenizer/ and base_checkpoints/d{depth}/model_000000.pt (width 64 * depth, a head per
+    128, 2026: windows SSSL; n_embd/n_head override) into base_dir; zero_out=False: non-zero logits."""
     assert generation in (2025, 2026), generation
-    enc = byte_level_encoding()
-    save_tokenizer(enc, os.path.join(base_dir, "tokenizer"))
+    enc, tokenizer_dir = byte_level_encoding(), os.path.join(base_dir, "tokenizer")
+    # tokenizer.pkl and token_bytes.pt as nanochat writes them: a byte is 1 byte, a special token 0 (in bpb)
+    atomic_write(os.path.join(tokenizer_dir, "tokenizer.pkl"), lambda f: pickle.dump(enc, f), binary=True)
+    token_bytes = torch.tensor([1] * 256 + [0] * len(SPECIAL_TOKENS), dtype=torch.int32)
+    atomic_write(os.path.join(tokenizer_dir, "token_bytes.pt"), lambda f: torch.save(token_bytes, f), binary=True)
     n_embd = n_embd or depth * 64
     n_head = n_head or max(1, (n_embd + 127) // 128)
     config = GPTConfig(sequence_len, enc.n_vocab, depth, n_head, n_head, n_embd, "SSSL" if generation == 2026 else None)
     torch.manual_seed(seed)
     model = GPT(config)
     model.init_weights(zero_out=zero_out)
-    meta = {"step": 0, "model_config": config.to_meta(), "chimera": {"stage": "base"},
-            "user_config": {"depth": depth, "fresh": True, "seed": seed}}
+    # model_config as nanochat of this generation writes it (Nov 2025: no window_pattern)
+    meta = {"step": 0, "model_config": {k: v for k, v in asdict(config).items() if v is not None},
+            "chimera": {"stage": "base"}, "user_config": {"depth": depth, "fresh": True, "seed": seed}}
     checkpoint_dir = os.path.join(base_dir, "base_checkpoints", f"d{depth}")
     save_checkpoint(checkpoint_dir, 0, model.state_dict(), None, meta)
     return checkpoint_dir
@@ -852,11 +735,8 @@ def fresh_base(base_dir, depth=2, sequence_len=512, n_embd=None, n_head=None, se
 
 
 class KVCache:
-    """Keys and values per layer, [layers, B, H_kv, max_len, D], where each row holds one
-    sequence with its own length: `pos`, a CPU LongTensor [B]. A forward appends T tokens to
-    every row at that row's position (rotary, windows and smear per row), so independent
-    requests can decode together. `prev` is each row's last normalised token embedding,
-    which the 2026 smear of its next token reads.
+    """Keys and values [layers, B, H_kv, max_len, D]; each row is a sequence of its own length `pos`
+    (CPU LongTensor [B]) and last normalised embedding `prev` (2026's smear): requests decode together.
 
         cache = KVCache.for_model(model, batch_size, max_len)
         model(prompt[None], kv_cache=cache.row(i))  # prefill one row (a view of the cache)
@@ -888,22 +768,18 @@ class KVCache:
         self.pos[:], self.prev[:] = n, self.prev[i:i + 1]
 
     def begin(self, T, cos, sin):
-        """Plan a forward of T new tokens per row; returns its rotary tables. Rows all at one
-        position (the Engine's case) use slices, else per-row indices."""
+        """Plan a forward of T new tokens per row; its rotary tables (sliced if rows are level)."""
         start = self.pos.tolist()
-        self.end = max(start) + T
+        self.masks, self.p0, self.q_pos, self.end = {}, start[0], None, max(start) + T
         if self.end > self.k.size(3) or self.end > cos.size(1):
             raise RuntimeError(f"KV cache is full ({min(self.k.size(3), cos.size(1))} positions)")
-        self.masks = {}
-        self.p0, self.q_pos = start[0], None
         if min(start) == max(start):
             return cos[:, self.p0:self.end], sin[:, self.p0:self.end]
         self.q_pos = (self.pos[:, None] + torch.arange(T)).to(cos.device)
         return cos[0, self.q_pos], sin[0, self.q_pos]  # [B, T, 1, D/2]
 
     def insert(self, layer, k, v, window):
-        """Store the new k, v [B, H, T, D]; return the keys and values to attend to and the
-        mask for them (windows per layer)."""
+        """Store the new k, v [B, H, T, D]; the keys, values and mask to attend with (per window)."""
         T, p0, end, device = k.size(2), self.p0, self.end, k.device
         if self.q_pos is None:
             self.k[layer, :, :, p0:end], self.v[layer, :, :, p0:end] = k, v
@@ -927,10 +803,8 @@ _CALC_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Constant, ast.Add, as
 
 
 def use_calculator(expr, max_len=200):
-    """Evaluate plain arithmetic (numbers, + - * / // %, parentheses): its syntax tree is
-    checked to hold nothing else (no names, calls, attributes or powers) before it runs, and
-    its length is bounded, so neither a result nor the time to reach one can explode. None
-    if it is not such arithmetic or has no finite result."""
+    """Plain arithmetic (numbers, + - * / // %, parentheses: no powers, names or calls, checked on
+    the syntax tree; length bounded, so neither result nor time explodes), else None."""
     expr = expr.replace(",", "").strip()
     try:
         tree = ast.parse(expr, mode="eval")
@@ -948,44 +822,37 @@ def use_calculator(expr, max_len=200):
     return result
 
 
-def softcap(logits):
-    return SOFTCAP * torch.tanh(logits / SOFTCAP)
-
-
 @torch.inference_mode()
 def sample_next_token(logits, rng, temperature=1.0, top_k=None, capped=True):
-    """[B, V] logits -> [B, 1] ids; temperature 0 is greedy. capped=False: raw logits, capped
-    here after top-k (the cap keeps their order), which saves a tanh over the vocab."""
+    """[B, V] logits -> [B, 1] ids (temperature 0: greedy). capped=False: raw logits, softcapped here
+    after top-k (the cap keeps their order), which saves a tanh over the vocab."""
+    idx = None
     if top_k is not None and top_k > 0 and temperature != 0.0:
-        vals, idx = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
-        probs = F.softmax((vals if capped else softcap(vals)) / temperature, dim=-1)
-        return idx.gather(1, torch.multinomial(probs, 1, generator=rng))
+        logits, idx = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
     logits = logits if capped else softcap(logits)
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
-    probs = F.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=rng)
+    choice = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
+    return choice if idx is None else idx.gather(1, choice)
 
 
 class Engine:
-    """Sample several continuations of one prompt at once with a KV cache, running the
-    calculator between <|python_start|> and <|python_end|> and forcing its result back
-    between <|output_start|> and <|output_end|>. A row stops after emitting
-    <|assistant_end|> or <|bos|> (the stop token is yielded)."""
+    """Samples continuations of one prompt, forcing the calculator's result on <|python_start|>...
+    <|python_end|> as <|output_start|>...<|output_end|>; a row stops after <|assistant_end|> or <|bos|>."""
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
+        self.stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
-        """Yields (token_column, mask_column) per step: one token per row, mask 0 for tokens
-        the tool forced. Finished rows keep receiving tokens that callers should ignore."""
+        """Yields a (tokens, masks) column per step (mask 0: tool-forced); finished rows get junk tokens."""
         model, tok, device = self.model, self.tokenizer, self.model.get_device()
         rng = torch.Generator(device=device).manual_seed(seed)
         py_start, py_end, out_start, out_end = (tok.encode_special(f"<|{t}|>") for t in
                                                 ("python_start", "python_end", "output_start", "output_end"))
-        stops = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
-        max_len = min(len(tokens) + (model.config.sequence_len if max_tokens is None else max_tokens), model.cos.size(1))
+        max_new = model.config.sequence_len if max_tokens is None else max_tokens
+        max_len = min(len(tokens) + max_new, model.cos.size(1))
         cache = KVCache.for_model(model, num_samples, max_len)
         capped = not isinstance(model, GPT)  # a GPT: only the last position meets the lm_head, uncapped
 
@@ -997,10 +864,11 @@ class Engine:
 
         # prefill once, then every row starts from the prompt's cache
         logits = last_logits(torch.tensor([tokens], dtype=torch.long, device=device), cache.row(0))
-        cache.copy_row_to_all(0)
         logits = logits.expand(num_samples, -1)
+        cache.copy_row_to_all(0)
         # per row: tokens the tool forces (emitted before sampling resumes), the tool call being read
-        rows = [SimpleNamespace(forced=deque(), in_python=False, python_tokens=[], done=False) for _ in range(num_samples)]
+        rows = [SimpleNamespace(forced=deque(), in_python=False, python_tokens=[], done=False)
+                for _ in range(num_samples)]
         generated = 0
         while True:
             ids = sample_next_token(logits, rng, temperature, top_k, capped)
@@ -1009,7 +877,7 @@ class Engine:
                 if row.forced:
                     column[i], masks[i] = row.forced.popleft(), 0
                 self.track_tool(row, column[i], py_start, py_end, out_start, out_end)
-                row.done = row.done or column[i] in stops
+                row.done = row.done or column[i] in self.stops
             yield column, masks
             generated += 1
             if all(r.done for r in rows) or generated == max_tokens or len(tokens) + generated >= max_len:
@@ -1031,19 +899,14 @@ class Engine:
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """Whole sequences (prompt + completion, stop token excluded) and their masks."""
-        sequences = [list(tokens) for _ in range(num_samples)]
-        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        sequences, masks = [list(tokens) for _ in range(num_samples)], [[0] * len(tokens) for _ in range(num_samples)]
         done = [False] * num_samples
-        stops = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()}
-        for column, mask_column in self.generate(tokens, num_samples, **kwargs):
+        for column, mask_column in self.generate(tokens, num_samples, **kwargs):  # ends when every row is done
             for i, (token, m) in enumerate(zip(column, mask_column)):
-                done[i] = done[i] or token in stops
+                done[i] = done[i] or token in self.stops
                 if not done[i]:
                     sequences[i].append(token), masks[i].append(m)
-            if all(done):
-                break
         return sequences, masks
-
 
 
 # -----------------------------------------------------------------------------
@@ -1053,9 +916,8 @@ WINDOW_STEPS = 16  # steps whose rows are sorted by length together (see Schedul
 
 
 def collate(rows, pad_id, device, bucket=False):
-    """Pad rendered conversations [(ids, mask)] into inputs and targets [B, W] (a target is
-    -1 where nothing is learned), W the longest row - 1; with bucket, W is rounded up to one
-    of four widths per doubling (64, 80, 96, 112, 128, 160, ...): a compiled model sees few shapes."""
+    """Pad rendered conversations [(ids, mask)] into inputs and targets [B, W] (-1: not learned), W the
+    longest row - 1; bucket rounds W up to 4 widths per doubling (64, 80, ...): few compiled shapes."""
     width = max(len(ids) for ids, _ in rows) - 1
     step = max(16, 1 << max(0, (width - 1).bit_length() - 3))
     width = max(64, -(-width // step) * step) if bucket else width
@@ -1075,11 +937,9 @@ def compile_model(model):
 
 
 class Schedule:
-    """A run's steps: rows are taken in order, cycling (each once per epoch), `per_step` to a
-    step. The rows of each window of WINDOW_STEPS steps are sorted by length and cut into
-    micro-batches (similar lengths, little padding), which are shuffled over the window's steps
-    and dealt round-robin to the ranks: a step's global batch is the same for any number of
-    processes. The lr multiplier falls linearly from 1 to 0 (nanochat's SFT)."""
+    """A run's steps: rows in order, cycling, `per_step` to a step. Each window of WINDOW_STEPS steps
+    sorts its rows by length into micro-batches (little padding), shuffled over its steps and dealt
+    round-robin to the ranks (the same global batch for any number of processes); lr falls 1 -> 0."""
 
     def __init__(self, lengths, per_step, batch_size, world_size, num_epochs, num_iterations):
         if per_step % (batch_size * world_size):
@@ -1111,13 +971,15 @@ class RunDir:
         self.path, self.stage, self.master = os.path.join(get_base_dir(), SOURCE_DIRS[stage], tag), stage, master
         old = [f for pattern in ("model_*.pt", "optim_*.pt", "meta_*.json", "metrics.jsonl", ".*.tmp")
                for f in glob.glob(os.path.join(self.path, pattern))]
-        for meta in {re.sub(r"(model|optim)_(\d+)\.pt$", r"meta_\2.json", f) for f in old if f.endswith(("pt", "json"))}:
+        metas = {re.sub(r"(model|optim)_(\d+)\.pt$", r"meta_\2.json", f) for f in old if f.endswith(("pt", "json"))}
+        for meta in metas:
             try:
                 marked = "chimera" in json.load(open(meta, encoding="utf-8"))
             except (OSError, ValueError):
                 marked = False
             if not marked:
-                raise UserError(f"{self.path}: {os.path.basename(meta)} is not a Chimera checkpoint; use another --out_tag")
+                raise UserError(f"{self.path}: {os.path.basename(meta)} is not a Chimera checkpoint; "
+                                "use another --out_tag")
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # every rank has looked before rank 0 removes
         for f in old if master else []:

@@ -132,7 +132,7 @@ def conversation_loss(model, task, tokenizer, num_rows, batch_size, d, max_len, 
     total, count = all_reduce_sum([total, count], d.device)
     model.train(was_training)
     if count == 0:
-        raise tasks.DataUnavailable(f"{task.name}: no assistant token within {max_len} tokens")
+        raise tasks.DataUnavailable(f"no assistant token within {max_len} tokens")
     return total / count
 
 

@@ -4,12 +4,15 @@ Training-step benchmarks on one model and one batch of preference pairs:
 - SFT tokens/s (the chosen and rejected answers trained on as plain conversations),
 - DPO step time / SFT step time over the same tokens, with the live frozen reference and
   with cached reference log-probs (goals: <= 1.40 and <= 1.08),
-- peak memory of a DPO step through the chunked log-prob path vs full [B, T, V] logits.
+- peak memory of a DPO step through the chunked log-prob path vs full [B, T, V] logits,
+- Muon's step alone (momentum + Newton-Schulz of every block matrix).
 
     python bench/bench_train.py                      # d4 on CPU
+    python bench/bench_train.py --depth 2 --width 768  # d12's width, 2 layers
     python bench/bench_train.py --depth 20 --device cuda --batch 8 --seq 2048   # d20 on a GPU
 
-Step times are medians over --steps timed steps after --warmup steps.
+Step times are medians over --steps timed steps after --warmup steps, the three kinds
+of step interleaved.
 """
 
 import argparse
@@ -35,7 +38,7 @@ H100_BF16_FLOPS = 989e12  # dense bf16 peak, for MFU
 
 def build(args):
     torch.manual_seed(0)
-    width = args.depth * 64
+    width = args.width or args.depth * 64
     heads = max(1, (width + 127) // 128)
     config = GPTConfig(sequence_len=args.seq, vocab_size=args.vocab, n_layer=args.depth, n_head=heads,
                        n_kv_head=heads, n_embd=width)
@@ -60,16 +63,18 @@ def make_pairs(args):
     return pairs
 
 
-def timed(fn, args):
-    times = []
+def timed(fns, args):
+    """Median seconds of each named function, run interleaved so a busy machine slows all alike."""
+    times = {name: [] for name in fns}
     for i in range(args.warmup + args.steps):
-        synchronize(args.device)
-        t0 = time.time()
-        fn()
-        synchronize(args.device)
-        if i >= args.warmup:
-            times.append(time.time() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            synchronize(args.device)
+            t0 = time.time()
+            fn()
+            synchronize(args.device)
+            if i >= args.warmup:
+                times[name].append(time.time() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def sft_step(model, optimizers, inputs, targets):
@@ -118,12 +123,14 @@ def memory_probe(args):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--width", type=int, default=0, help="n_embd (default 64 * depth, as nanochat)")
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=4, help="pairs per step (2x conversations)")
     p.add_argument("--vocab", type=int, default=65536)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--memory", type=int, default=1, help="also probe a DPO step's peak memory (0: skip)")
     p.add_argument("--probe", default=None, help="internal: chunked|full memory probe")
     args = p.parse_args()
     if args.probe:
@@ -141,17 +148,24 @@ def main():
     print(f"d{args.depth} (n_embd {model.config.n_embd}), V={args.vocab}, {2 * args.batch} x {args.seq} tokens "
           f"per step on {args.device} ({torch.get_num_threads()} threads)")
 
-    t_sft = timed(lambda: sft_step(model, optimizers, inputs, targets), args)
-    t_live = timed(lambda: dpo_step(model, optimizers, inputs, targets, reference=reference), args)
-    t_cached = timed(lambda: dpo_step(model, optimizers, inputs, targets, table=table), args)
+    t = timed({"sft": lambda: sft_step(model, optimizers, inputs, targets),
+               "live": lambda: dpo_step(model, optimizers, inputs, targets, reference=reference),
+               "cached": lambda: dpo_step(model, optimizers, inputs, targets, table=table)}, args)
+    t_sft, t_live, t_cached = t["sft"], t["live"], t["cached"]
     flops = model.num_flops_per_token() * tokens
     print(f"SFT step         {t_sft * 1000:8.1f} ms  {tokens / t_sft:10,.0f} tok/s")
     print(f"DPO step, live   {t_live * 1000:8.1f} ms  {tokens / t_live:10,.0f} tok/s  ratio to SFT {t_live / t_sft:.3f}")
     print(f"DPO step, cached {t_cached * 1000:8.1f} ms  {tokens / t_cached:10,.0f} tok/s  ratio to SFT {t_cached / t_sft:.3f}")
+    for p in model.transformer.h.parameters():
+        p.grad = torch.randn_like(p)
+    t_muon = timed({"muon": optimizers[1].step}, args)["muon"]
+    print(f"Muon step        {t_muon * 1000:8.1f} ms")
     if args.device == "cuda":
         print(f"MFU (bf16 peak {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s): SFT {flops / t_sft / H100_BF16_FLOPS:.1%}, "
               f"DPO cached {flops / t_cached / H100_BF16_FLOPS:.1%}")
 
+    if not args.memory:
+        return
     peaks = {}
     for probe in ("chunked", "full"):
         # large blocks through mmap so that freed memory leaves RSS at once: peak RSS = peak live

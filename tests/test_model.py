@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import model
-from conftest import REPO, golden_dir, make_tiny_base, run_python, run_torchrun
+from conftest import golden_dir, make_tiny_base, run_python, run_torchrun
 from common import UserError
 from model import Engine, GPT, GPTConfig, KVCache, SPECIAL_TOKENS, load_model, save_checkpoint, use_calculator
 
@@ -468,23 +468,6 @@ def test_newton_schulz_orthogonalises():
     s = torch.linalg.svdvals(X)
     assert X.shape == G.shape
     assert s.min() > 0.5 and s.max() < 1.3  # all singular values pushed close to 1
-
-
-def test_two_processes_step_like_one(tmp_path):
-    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    run_python([os.path.join(REPO, "tests", "dist_optim_step.py"), str(one)])
-    run_torchrun([os.path.join(REPO, "tests", "dist_optim_step.py"), str(two)], nproc=2)
-    a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
-    for name in a["grads"]:
-        assert torch.allclose(a["grads"][name], b["grads"][name], atol=1e-6, rtol=1e-5), name
-    for name, p in a["params"].items():
-        # Adam's g/sqrt(v) and Muon's bf16 Newton-Schulz amplify float-summation noise in
-        # tiny gradients, so compare the two runs' updates relative to the update itself
-        # (about 1-2% for Muon's matrices, 2e-4 for AdamW's; a rank that skips the sync is off by ~90%)
-        update = (p - a["initial"][name]).norm()
-        assert update > 0, name
-        tolerance = 5e-2 if ".h." in name else 2e-3
-        assert (p - b["params"][name]).norm() / update < tolerance, name
 
 
 # -----------------------------------------------------------------------------

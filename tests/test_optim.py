@@ -10,13 +10,15 @@ from conftest import REPO, run_python, run_torchrun
 from model import GPT, GPTConfig
 
 
-def test_newton_schulz_runs_in_float32_off_cuda():
-    # bf16 matmuls are emulated (10-35x slower) on CPUs without bf16 units; float32 is exact enough
+def test_newton_schulz_precision_follows_the_cpu(monkeypatch):
+    # bf16 matmuls are emulated (10-35x slower) on CPUs without bf16 units: float32 there
     G = torch.randn(40, 24)
-    X = model.newton_schulz5(G)
-    assert X.dtype == torch.float32 and X.shape == G.shape
-    s = torch.linalg.svdvals(X)
-    assert s.min() > 0.5 and s.max() < 1.3
+    for has_bf16, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_bf16)
+        X = model.newton_schulz5(G)
+        assert X.dtype == dtype and X.shape == G.shape
+        s = torch.linalg.svdvals(X.float())
+        assert s.min() > 0.5 and s.max() < 1.3
 
 
 def _tiny(vocab=300):
