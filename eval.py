@@ -1,8 +1,7 @@
 """
-Chat evaluation of an SFT/DPO checkpoint: nanochat's tasks and their ChatCORE, the identity
-probes, and the persona metrics with and without the persona's system message (held-out
-trader loss, preference for the Master's answers, DPO reward accuracy and margin against
-the reference, an LLM judge's win rate over the reference's answers).
+Chat evaluation of an SFT/DPO checkpoint: nanochat's tasks and their ChatCORE, identity probes, and
+persona metrics with and without the persona's system message (held-out trader loss, preference for
+the Master's answers, DPO reward accuracy and margin, an LLM judge's win rate, all against the reference).
 
     python eval.py -i sft                        # everything, one process
     python eval.py -i dpo -a "ARC-Easy|GSM8K" --max_problems=100
@@ -13,20 +12,20 @@ Writes $NANOCHAT_BASE_DIR/report/chat-evaluation-{source}.md (one `- Task: value
 metric, as nanochat's report reads them) and chat-evaluation-{source}.json beside it.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Optional
 
 import torch
 
-from common import (UserError, ProgressBar, all_reduce_sum, atomic_write_json, autocast, cleanup_dist,
-                    init_dist, parse_config, print0, run_main, write_report_section)
+from common import (UserError, ProgressBar, all_reduce_sum, atomic_write_json, autocast, check_settings,
+                    cleanup_dist, init_dist, parse_config, print0, run_main, write_report_section)
 from model import Engine, checkpoint_dir_for, find_last_step, load_model
 import tasks
 from tasks import master_first
@@ -36,10 +35,11 @@ CHAT_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "Spelli
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
 CONDITIONS = ("no system", "with system")  # the persona metrics without / with the persona's system message
 PROBE_KEYS = ("prompt", "persona_answer", "generic_answer")  # one identity probe per line of its JSONL
+ALIASES = {"i": "source", "a": "task_name"}  # -i, -a as in nanochat's chat_eval
 IDENTITY_PROBES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "identity_probes.jsonl")
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     source: str = "sft"  # checkpoint to evaluate: sft|dpo|mid|base|rl (-i)
     model_tag: Optional[str] = None  # model directory; None = Chimera's chimera_d<N>, else the largest d<N>
@@ -62,14 +62,9 @@ class Config:
     judge_prompts: int = 50  # held-out persona prompts the judge sees
 
 
-ALIASES = {"i": "source", "a": "task_name"}
-
-
 def check_config(c):
     """Settings that would run and report nonsense stop here, one line each."""
-    small = [k for k in ("batch_size", "num_samples", "max_new_tokens", "top_k", "judge_prompts") if getattr(c, k) < 1]
-    if small:
-        raise UserError(f"--{small[0]}={getattr(c, small[0])}: must be at least 1")
+    check_settings(c, at_least_1=("batch_size", "num_samples", "max_new_tokens", "top_k", "judge_prompts"))
     if c.max_problems == 0 or c.max_problems < -1:
         raise UserError(f"--max_problems={c.max_problems}: must be -1 (all) or at least 1")
     if not 0 <= c.temperature < float("inf"):  # NaN fails too
@@ -86,8 +81,7 @@ def check_config(c):
 def selected_tasks(c):
     known = [name for name in RUNS if name != "Judge"]  # the judge joins by --judge, not by name
     names = [n.strip() for n in c.task_name.split("|") if n.strip()] or known
-    unknown = [n for n in names if n not in known]
-    if unknown:
+    if unknown := [n for n in names if n not in known]:
         raise UserError(f"-a: unknown task {unknown[0]!r}; known: {'|'.join(known)}")
     return names
 
@@ -97,11 +91,6 @@ def chatcore(results):
     if not all(isinstance(results.get(name), float) for name in CHAT_TASKS):
         return None
     return sum((results[n] - BASELINES[n]) / (1.0 - BASELINES[n]) for n in CHAT_TASKS) / len(CHAT_TASKS)
-
-
-def my_share(n, d):
-    """The indices of n items this rank works on (every world_size-th); results are summed over ranks."""
-    return range(d.rank, n, d.world_size)
 
 
 def problems(task, c):  # how many of a task's problems to evaluate
@@ -116,11 +105,9 @@ def problems(task, c):  # how many of a task's problems to evaluate
 def run_categorical(task, tokenizer, model, c, d, bar):
     """Multiple choice: the answer is the letter whose logit is highest at the position that
     follows <|assistant_start|>; batches of prompts padded on the right, sharded by rank."""
-    n = problems(task, c)
-    bos = tokenizer.get_bos_token_id()
-    letter_id = functools.lru_cache(maxsize=None)(lambda letter: tokenizer.encode(letter))  # one token each (render_mc)
+    n, bos = problems(task, c), tokenizer.get_bos_token_id()
     passed = total = 0
-    for b in my_share(-(-n // c.batch_size), d):
+    for b in range(d.rank, -(-n // c.batch_size), d.world_size):  # every world_size-th batch; summed over ranks
         conversations = [task[i] for i in range(b * c.batch_size, min((b + 1) * c.batch_size, n))]
         prompts = [tokenizer.render_for_completion(conv) for conv in conversations]
         width = max(len(p) for p in prompts)
@@ -130,11 +117,10 @@ def run_categorical(task, tokenizer, model, c, d, bar):
             h = model.hidden_states(ids)[torch.arange(len(prompts), device=d.device), answer_pos]
             logits = model.logits(h)  # only the answer positions go through the lm_head
         for row, conv in enumerate(conversations):
-            letters = conv["letters"]
-            choice = logits[row, [letter_id(l)[0] for l in letters]].argmax().item()
-            passed += int(task.evaluate(conv, letters[choice]))
-            total += 1
-            bar.update(1)
+            choice = logits[row, [tokenizer.encode(l)[0] for l in conv["letters"]]].argmax().item()  # one token each
+            passed += int(task.evaluate(conv, conv["letters"][choice]))
+        total += len(conversations)
+        bar.update(len(conversations))
     return passed, total
 
 
@@ -144,13 +130,12 @@ def run_generative(task, tokenizer, model, c, d, bar):
     tool included); a problem passes when any sample passes."""
     engine = Engine(model, tokenizer)
     passed = total = 0
-    for i in my_share(problems(task, c), d):
+    for i in range(d.rank, problems(task, c), d.world_size):
         conv = task[i]
         prompt = tokenizer.render_for_completion(conv)
         sequences, _ = engine.generate_batch(prompt, num_samples=c.num_samples, max_tokens=c.max_new_tokens,
                                              temperature=c.temperature, top_k=c.top_k, seed=42 + i)
-        completions = [tokenizer.decode(s[len(prompt):]) for s in sequences]
-        passed += int(any(task.evaluate(conv, completion) for completion in completions))
+        passed += int(any(task.evaluate(conv, tokenizer.decode(s[len(prompt):])) for s in sequences))
         total += 1
         bar.update(1, passed=passed)
     return passed, total
@@ -158,7 +143,7 @@ def run_generative(task, tokenizer, model, c, d, bar):
 
 def run_chat_task(name, model, tokenizer, c, d, meta):
     task = master_first(tasks.TASKS[name])
-    bar = ProgressBar(len(my_share(problems(task, c), d)), desc=name, unit="problems")
+    bar = ProgressBar(len(range(d.rank, problems(task, c), d.world_size)), desc=name, unit="problems")
     run = run_categorical if task.eval_type == "categorical" else run_generative
     passed, total = run(task, tokenizer, model, c, d, bar)
     bar.close()
@@ -212,54 +197,38 @@ def reference_model(ref_source, source, device):
 def trader_sft_loss(model, tokenizer, c, d, meta):
     """Mean loss per assistant token on the held-out trader conversations (the SFT split)."""
     from sft import conversation_loss
-    fraction = c.sft_val_fraction
-    if fraction < 0:  # the split the SFT run held out
-        fraction = stage_meta("sft", c, meta).get("user_config", {}).get("trader_val_fraction", 0.1)
-    task = tasks.TraderSFT(c.trader_sft_path, split="val", val_fraction=fraction)
-    if len(task) == 0:
-        raise tasks.DataUnavailable("no held-out trader conversations (the val split is empty)")
+    task, out = tasks.TraderSFT(c.trader_sft_path, split="val", val_fraction=c.sft_val_fraction), {}
     rows = [task[i] for i in range(problems(task, c))]
-    losses = {}
     for cond in CONDITIONS:
-        try:
-            losses[f"Trader SFT held-out loss ({cond})"] = conversation_loss(
+        with contextlib.suppress(tasks.DataUnavailable):  # no answer token left after truncation: condition left out
+            out[f"Trader SFT held-out loss ({cond})"] = conversation_loss(
                 model, [conditioned(r, system_of(cond, c)) for r in rows], tokenizer, len(rows), c.batch_size, d,
                 model.config.sequence_len)
-        except tasks.DataUnavailable:  # truncation left no answer token to score in this condition
-            continue
-    if not losses:
-        raise tasks.DataUnavailable("no held-out trader conversation has an answer token within the context")
-    return losses
-
-
-def held_out_pairs(c, dpo_meta):
-    """The DPO pairs held out by the DPO run's split (or --dpo_val_fraction)."""
-    fraction = c.dpo_val_fraction if c.dpo_val_fraction >= 0 else dpo_meta.get("user_config", {}).get("val_fraction", 0.05)
-    return tasks.TraderDPO(c.trader_dpo_path, split="val", val_fraction=fraction)
+    if not out:
+        raise tasks.DataUnavailable("no held-out trader conversation to score (the val split is empty or truncated)")
+    return out
 
 
 @torch.no_grad()
 def prefers_share(model, pairs, pad, c, d):
     """Share of rendered pairs whose first answer has a higher mean log-prob per token than the second."""
     import dpo
-    mine, wins = list(my_share(len(pairs), d)), 0
-    for i in range(0, len(mine), c.batch_size):
-        idx = mine[i:i + c.batch_size]
+    wins = 0
+    for idx in dpo.my_batches(pairs, c.batch_size, d):  # the ranks' batches cover every pair once
         first, second, _ = dpo.batch_logps(model, pairs, idx, pad, d.device)
         n = torch.tensor([[sum(pairs[j][k][1][1:]) for k in (0, 1)] for j in idx], device=first.device)  # scored tokens
         wins += (first / n[:, 0] > second / n[:, 1]).sum().item()
-    wins, n = all_reduce_sum([wins, len(mine)], d.device)
-    return wins / n
+    return all_reduce_sum([wins], d.device)[0] / len(pairs)
 
 
 def trader_dpo_metrics(model, tokenizer, c, d, meta):
     """On the held-out pairs: how often the model prefers the Master's answer, and the reward
     accuracy and margin against the reference by dpo.py's held-out evaluation (the DPO run's beta, split)."""
     import dpo
-    dpo_meta = stage_meta("dpo", c, meta)
-    run = SimpleNamespace(**{"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "max_length": 1024,
-                             **dpo_meta.get("user_config", {}), "device_batch_size": c.batch_size})
-    task, pad, out = held_out_pairs(c, dpo_meta), tokenizer.encode_special("<|assistant_end|>"), {}
+    run = SimpleNamespace(**{**dataclasses.asdict(dpo.Config()), **stage_meta("dpo", c, meta).get("user_config", {}),
+                             "device_batch_size": c.batch_size})
+    task = tasks.TraderDPO(c.trader_dpo_path, split="val", val_fraction=c.dpo_val_fraction)
+    pad, out = tokenizer.encode_special("<|assistant_end|>"), {}
     rows, reference = [task[i] for i in range(problems(task, c))], reference_model(c.ref_source, c.source, d.device)
     for cond in CONDITIONS:
         system = system_of(cond, c)  # in the prompt exactly as a system message renders: merged, a blank line
@@ -269,9 +238,9 @@ def trader_dpo_metrics(model, tokenizer, c, d, meta):
             continue
         out[f"Persona preference accuracy ({cond})"] = prefers_share(model, pairs, pad, c, d)
         if reference is not None:
-            ref_logps = lambda p, idx: dpo.batch_logps(reference, p, idx, pad, d.device)[:2]
-            stats = dpo.evaluate(model, ref_logps, pairs, pad, run, d)
-            model.eval()
+            stats = dpo.evaluate(model, lambda p, idx: dpo.batch_logps(reference, p, idx, pad, d.device)[:2],
+                                 pairs, pad, run, d)
+            model.eval()  # evaluate leaves the model in train mode
             out[f"DPO reward accuracy ({cond})"] = stats["rewards/accuracies"]
             out[f"DPO reward margin ({cond})"] = stats["rewards/margins"]
     if not out:
@@ -281,10 +250,6 @@ def trader_dpo_metrics(model, tokenizer, c, d, meta):
 
 # -----------------------------------------------------------------------------
 # The LLM judge (gen.py's client), and the identity probes
-
-
-def judging(c):
-    return c.judge == 1 or (c.judge == -1 and bool(os.environ.get("OPENROUTER_API_KEY")))
 
 
 @functools.lru_cache(maxsize=None)
@@ -324,7 +289,7 @@ def judge_win_rate(model, tokenizer, c, d, meta):
     """The judge compares the model's answers with the reference's on held-out persona prompts (rank 0)."""
     if (reference := reference_model(c.ref_source, c.source, d.device)) is None:
         raise tasks.DataUnavailable(f"the judge compares -i {c.source} with a reference (--ref_source); none here")
-    task = held_out_pairs(c, stage_meta("dpo", c, meta))
+    task = tasks.TraderDPO(c.trader_dpo_path, split="val", val_fraction=c.dpo_val_fraction)
     prompts = [task[i]["prompt"] for i in range(min(len(task), c.judge_prompts))]
     if not prompts:
         raise tasks.DataUnavailable("no held-out persona prompts (the DPO val split is empty)")
@@ -351,10 +316,10 @@ def identity_probes(model, tokenizer, c, d, meta):
     import dpo
     probes = tasks.read_jsonl(c.identity_path, probe_problem)[:c.max_problems if c.max_problems > 0 else None]
     prompts = [p["prompt"] for p in probes]
-    if judging(c):  # rank 0 asks the judge
-        answers = sample_answers(model, tokenizer, prompts, None, c) if d.master else []
-        return {"Identity probe score": judge_verdicts(prompts, answers, [p["generic_answer"] for p in probes])
-                .count(1) / len(probes)} if d.master else {}
+    if c.judge:  # rank 0 asks the judge
+        verdicts = judge_verdicts(prompts, sample_answers(model, tokenizer, prompts, None, c),
+                                  [p["generic_answer"] for p in probes]) if d.master else []
+        return {"Identity probe score": verdicts.count(1) / len(probes)} if d.master else {}
     pairs, _ = dpo.render_pairs([{"prompt": p["prompt"], "chosen": p["persona_answer"], "rejected": p["generic_answer"]}
                                  for p in probes], tokenizer, model.config.sequence_len)
     return {"Identity probe score": prefers_share(model, pairs, tokenizer.encode_special("<|assistant_end|>"), c, d)}
@@ -372,25 +337,29 @@ def main():
     c = parse_config(Config, aliases=ALIASES)
     check_config(c)
     names = selected_tasks(c)
+    c.judge = int(c.judge == 1 or (c.judge == -1 and bool(os.environ.get("OPENROUTER_API_KEY"))))  # -1 resolved
     for cache in (reference_model, persona_system, judge_client):  # per run (tests call main() again)
         cache.cache_clear()
     d = init_dist(c.device_type)
     model, tokenizer, meta = load_model(c.source, d.device, phase="eval", model_tag=c.model_tag, step=c.step)
     c.ref_source = c.ref_source or meta.get("source") or ("sft" if c.source == "dpo" else "")  # trained from
+    if c.sft_val_fraction < 0:  # the splits the SFT and DPO runs held out
+        c.sft_val_fraction = stage_meta("sft", c, meta).get("user_config", {}).get("trader_val_fraction", 0.1)
+    if c.dpo_val_fraction < 0:
+        c.dpo_val_fraction = stage_meta("dpo", c, meta).get("user_config", {}).get("val_fraction", 0.05)
     print0(f"evaluating {c.source} step {meta.get('step')} on {', '.join(names)} (reference: {c.ref_source or 'none'})")
     results, skipped, t0 = {}, {}, time.time()
-    for name in names + (["Judge"] if judging(c) else []):
-        start, before = time.time(), set(results)
+    for name in names + (["Judge"] if c.judge else []):
+        start = time.time()
         try:
-            results.update(RUNS[name](model, tokenizer, c, d, meta))
+            new = RUNS[name](model, tokenizer, c, d, meta)
         except tasks.DataUnavailable as e:  # no data, or no judge: say so, keep the rest
             skipped[name] = str(e)
             print0(f"{name}: skipped ({e})")
             continue
-        new = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k not in before)
-        print0(f"{name}: {new} ({time.time() - start:.1f}s)")
-    core = chatcore(results)
-    if core is not None:
+        results.update(new)
+        print0(f"{name}: {', '.join(f'{k} {v:.4f}' for k, v in new.items())} ({time.time() - start:.1f}s)")
+    if (core := chatcore(results)) is not None:
         results["ChatCORE metric"] = core
     if d.master:
         judged = judge_client.cache_info().currsize  # a judge answered

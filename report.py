@@ -5,12 +5,13 @@ The training report card, nanochat-compatible, with a DPO column.
     python report.py reset --all     # also clear nanochat's sections (tokenizer, base, mid, ...)
     python report.py generate        # assemble report/*.md into report.md (+ a copy in the cwd)
 
-Each stage writes $NANOCHAT_BASE_DIR/report/<slug>.md (nanochat's `## Title`, `timestamp:`,
-`- key: value` lines). `generate` orders them as nanochat does, Chimera's after SFT, with a
-header (git, hardware, versions), training charts (.svg files beside report.md, linked as
-images) and a summary table BASE/MID/SFT/DPO/RL. A section's `<` is escaped: no raw HTML.
+Each stage writes $NANOCHAT_BASE_DIR/report/<slug>.md (nanochat's `## Title`, `timestamp:`, `- key: value`
+lines). `generate` orders them as nanochat does, Chimera's after SFT, with a header (git, hardware, versions),
+training charts (.svg files beside report.md, linked as images) and a summary table BASE/MID/SFT/DPO/RL.
+A section's `<` is escaped: no raw HTML.
 """
 
+import contextlib
 import datetime
 import html
 import json
@@ -32,14 +33,14 @@ EXPECTED_FILES = NANOCHAT_FILES + CHIMERA_FILES + RL_FILES
 HEADER = "header.md"  # nanochat's run header (written by nanochat's `report reset`)
 CHIMERA_HEADER = "chimera-header.md"  # ours: when the Chimera run started
 
-STAGES = ["base", "mid", "sft", "dpo", "rl"]
-STAGE_SECTIONS = {"base": "base-model-evaluation.md", "mid": "chat-evaluation-mid.md",
-                  "sft": "chat-evaluation-sft.md", "dpo": "chat-evaluation-dpo.md", "rl": "chat-evaluation-rl.md"}
+STAGES = ["base", "mid", "sft", "dpo", "rl"]  # the summary table's columns, each read from one section
+STAGE_SECTIONS = {s: f"chat-evaluation-{s}.md" for s in STAGES} | {"base": "base-model-evaluation.md"}
 CHAT_METRICS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
 # eval.py's persona rows, each without and with the persona's system message
 PERSONA_METRICS = [f"{name} ({cond})" for name in ("Trader SFT held-out loss", "Persona preference accuracy",
                                                    "DPO reward accuracy", "DPO reward margin", "Judge win rate")
                    for cond in ("no system", "with system")] + ["Identity probe score"]
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]  # the charts' lines, in order
 
 
 # -----------------------------------------------------------------------------
@@ -50,8 +51,8 @@ def section_metrics(text, names):
     """{name: value} for `- name: value` lines (also `name metric`/`name accuracy`, as
     nanochat labels CORE and ChatCORE); the last line wins, as in nanochat."""
     out = {}
-    for key, value in re.findall(r"^-\s+(.+?):[ \t]*(.*)$", text, flags=re.M):
-        out.update({name: value.strip() for name in names if key.strip() in (name, f"{name} metric", f"{name} accuracy")})
+    for key, value in re.findall(r"^-\s+(.+?)[ \t]*:[ \t]*(.*)$", text, flags=re.M):
+        out.update({name: value.strip() for name in names if key in (name, f"{name} metric", f"{name} accuracy")})
     return out
 
 
@@ -91,23 +92,20 @@ def git(*args):
         return ""
 
 
-def header_info():
-    """(code, hardware, software) facts for the header."""
+def chimera_header(started):
+    """Our header: when the Chimera run started (a datetime or None), code, hardware, versions."""
     import torch
     dirty = " (with local changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
-    code = {"Chimera commit": (git("rev-parse", "--short", "HEAD") or "unknown") + dirty,
-            "Branch": git("rev-parse", "--abbrev-ref", "HEAD") or "unknown"}
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     memory = f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB"  # Linux, macOS
-    hardware = {"Platform": f"{platform.system()} {platform.machine()}", "CPUs": os.cpu_count(), "Memory": memory,
-                "GPUs": f"{len(gpus)} x {gpus[0]}" if gpus else "none"}
-    return code, hardware, {"Python": platform.python_version(),
-                            **{name: __import__(name).__version__ for name in ("torch", "numpy", "tiktoken", "requests")}}
-
-
-def chimera_header(started):
-    lines = ["## Chimera post-training", ""] + ([f"Run started: {started}", ""] if started else [])
-    for title, info in zip(("Code", "Hardware", "Software"), header_info()):
+    facts = {"Code": {"Chimera commit": (git("rev-parse", "--short", "HEAD") or "unknown") + dirty,
+                      "Branch": git("rev-parse", "--abbrev-ref", "HEAD") or "unknown"},
+             "Hardware": {"Platform": f"{platform.system()} {platform.machine()}", "CPUs": os.cpu_count(),
+                          "Memory": memory, "GPUs": f"{len(gpus)} x {gpus[0]}" if gpus else "none"},
+             "Software": {"Python": platform.python_version(), **{
+                 name: __import__(name).__version__ for name in ("torch", "numpy", "tiktoken", "requests")}}}
+    lines = ["## Chimera post-training", ""] + ([f"Run started: {started:%Y-%m-%d %H:%M:%S}", ""] if started else [])
+    for title, info in facts.items():
         lines += [f"### {title}"] + [f"- {k}: {v}" for k, v in info.items()] + [""]
     return "\n".join(lines) + "\n"
 
@@ -116,17 +114,13 @@ def chimera_header(started):
 # SVG charts, hand-written: a few lines on shared axes
 
 
-COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
-
-
 def svg_chart(title, series, width=460, height=220):
     """series: {label: [(x, y), ...]} -> an <svg> line chart with min/max axis labels."""
     series = {k: p for k, v in series.items()  # NaN and infinities are not drawn
               if (p := [(float(x), float(y)) for x, y in v if math.isfinite(x) and math.isfinite(y)])}
     if not series:
         return ""
-    xs = [x for v in series.values() for x, _ in v]
-    ys = [y for v in series.values() for _, y in v]
+    xs, ys = zip(*(p for v in series.values() for p in v))
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
     y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
     left, right, top, bottom = 52, 12, 28, 34
@@ -139,22 +133,19 @@ def svg_chart(title, series, width=460, height=220):
              f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
              f'<rect width="{width}" height="{height}" fill="white"/>',
              f'<text x="{left}" y="16" font-size="13">{html.escape(title)}</text>',
-             f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#444"/>',
-             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#444"/>',
+             f'<polyline points="{left},{top} {left},{top + ph} {left + pw},{top + ph}" fill="none" stroke="#444"/>',
              *(f'<text x="{x}" y="{y}" text-anchor="{anchor}">{text}</text>' for x, y, anchor, text in (
                  (left - 4, top + 4, "end", f"{y1:.3g}"), (left - 4, top + ph, "end", f"{y0:.3g}"),
                  (left, top + ph + 14, "middle", f"{x0:.3g}"), (left + pw, top + ph + 14, "middle", f"{x1:.3g}"),
                  (left + pw / 2, height - 4, "middle", "step")))]
     for i, (label, points) in enumerate(series.items()):
-        color = COLORS[i % len(COLORS)]
-        path = " ".join(",".join(xy(x, y)) for x, y in points)
-        if len(points) > 1:
-            parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{path}"/>')
-        parts += ['<circle cx="{}" cy="{}" r="2" fill="{}"/>'.format(*xy(x, y), color)
-                  for x, y in points if len(points) <= 40]
-        # legend in the title row, right-aligned, so it never covers the curves
-        parts.append(f'<text x="{width - right - 90 * (len(series) - 1 - i)}" y="16" text-anchor="end" '
-                     f'fill="{color}">{html.escape(label)}</text>')
+        color, pixels = COLORS[i % len(COLORS)], [xy(x, y) for x, y in points]
+        path = " ".join(map(",".join, pixels))
+        # a one-point polyline draws nothing; the legend sits in the title row, so it never covers the curves
+        parts += [f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{path}"/>',
+                  f'<text x="{width - right - 90 * (len(series) - 1 - i)}" y="16" text-anchor="end" '
+                  f'fill="{color}">{html.escape(label)}</text>']
+        parts += [f'<circle cx="{x}" cy="{y}" r="2" fill="{color}"/>' for x, y in pixels if len(pixels) <= 40]
     return "".join(parts) + "</svg>"
 
 
@@ -163,19 +154,15 @@ def read_metrics(source_dir):
     none; a torn last line from a killed run is skipped, the rest still charts."""
     from model import find_largest_model
     root = os.path.join(get_base_dir(), source_dir)
+    rows = []
     try:
         with open(os.path.join(root, find_largest_model(root), "metrics.jsonl"), encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    rows.append(json.loads(line))
     except (UserError, OSError):
         return []
-    return [row for row in map(parse_json, lines) if isinstance(row, dict)]
-
-
-def parse_json(line):
-    try:
-        return json.loads(line)
-    except ValueError:
-        return None
+    return [row for row in rows if isinstance(row, dict)]
 
 
 def series(rows, key):
@@ -204,41 +191,37 @@ def charts(directory):
 # Commands
 
 
-def read_section(path):
-    """A section's text with `<` escaped: Markdown goes in, raw HTML (a <script>) never does."""
-    with open(path, encoding="utf-8") as f:
-        return f.read().replace("<", "&lt;")
+def read_section(directory, name):
+    """A section's text with `<` escaped (Markdown goes in, raw HTML never does); None if missing."""
+    if os.path.exists(os.path.join(directory, name)):
+        with open(os.path.join(directory, name), encoding="utf-8") as f:
+            return f.read().replace("<", "&lt;")
+    return None
 
 
 def generate(out_copy=True):
     directory = os.path.join(get_base_dir(), "report")
     os.makedirs(directory, exist_ok=True)
-    parts, metrics, notes, start, end, bloat = [], {}, [], None, None, ""
-    if os.path.exists(os.path.join(directory, HEADER)):  # nanochat's own header, as it is
-        text = read_section(os.path.join(directory, HEADER))
-        parts.append(text.rstrip() + "\n\n")
-        start = section_timestamp(text, "Run started:")
-        bloat = (re.search(r"### Bloat\n(.*?)\n\n", text, re.DOTALL) or [None, ""])[1]
-    started = None
-    if os.path.exists(os.path.join(directory, CHIMERA_HEADER)):
-        started = section_timestamp(read_section(os.path.join(directory, CHIMERA_HEADER)), "Run started:")
-        start = start or started
-    parts = parts or ["# Chimera training report\n\n"]
-    parts.append(chimera_header(started and started.strftime("%Y-%m-%d %H:%M:%S")))
+    nanochat = read_section(directory, HEADER) or ""  # nanochat's own header, as it is
+    started = section_timestamp(read_section(directory, CHIMERA_HEADER) or "", "Run started:")
+    start, end = section_timestamp(nanochat, "Run started:") or started, None
+    bloat = (re.search(r"### Bloat\n(.*?)\n\n", nanochat, re.DOTALL) or [None, ""])[1]
+    parts = [nanochat.rstrip() + "\n\n" if nanochat else "# Chimera training report\n\n", chimera_header(started)]
+    metrics, notes = {}, []
     for name in EXPECTED_FILES:
-        if not os.path.exists(os.path.join(directory, name)):
+        text = read_section(directory, name)
+        if text is None:
             notes.append(name)
             continue
-        text = read_section(os.path.join(directory, name))
         if name not in RL_FILES:  # nanochat leaves experimental RL out of the wall clock too
             end = section_timestamp(text, "timestamp:") or end
         for stage in [s for s, f in STAGE_SECTIONS.items() if f == name]:
             metrics[stage] = section_metrics(text, ["CORE"] if stage == "base" else CHAT_METRICS + PERSONA_METRICS)
         parts.append(text.rstrip() + "\n\n")
-    parts += [charts(directory), "## Summary\n\n", bloat + "\n\n" if bloat else "", summary_table(metrics) + "\n"]
     seconds = int((end - start).total_seconds()) if start and end and end >= start else None
-    parts.append(f"Total wall clock time: {seconds // 3600}h{(seconds % 3600) // 60}m\n" if seconds is not None
-                 else "Total wall clock time: unknown\n")
+    clock = f"{seconds // 3600}h{seconds % 3600 // 60}m" if seconds is not None else "unknown"
+    parts += [charts(directory), "## Summary\n\n", bloat + "\n\n" if bloat else "", summary_table(metrics) + "\n",
+              f"Total wall clock time: {clock}\n"]
     if notes:
         parts.append("\nSections not found (stage not run, skipped): " + ", ".join(notes) + "\n")
     text, report_file = "".join(parts), os.path.join(directory, "report.md")

@@ -187,6 +187,20 @@ def test_missing_task_is_skipped_and_chatcore_omitted(eval_base, monkeypatch, ca
     assert "openai_humaneval" in data["skipped"]["HumanEval"]
 
 
+def test_condition_truncated_away_is_left_out_not_the_task(eval_base, monkeypatch):
+    """A persona system message longer than the context leaves no answer token to score: the
+    with-system loss is left out (never reported as 0), the no-system loss stays."""
+    with open(os.path.join(eval_base, "datasets", "trader_sft_data.jsonl"), "w") as f:
+        for i in range(30):
+            f.write(json.dumps({"messages": [{"role": "system", "content": "You are Vex. " * 40},
+                                             {"role": "user", "content": f"q{i}: size?"},
+                                             {"role": "assistant", "content": f"Risk 1% on idea {i}."}]}) + "\n")
+    run_eval(monkeypatch, "-i", "sft", "-a", "Trader-SFT")
+    _, lines = section(eval_base, "sft")
+    assert float(lines["Trader SFT held-out loss (no system)"]) > 0
+    assert "Trader SFT held-out loss (with system)" not in lines and lines["Skipped tasks"] == "0"
+
+
 def test_dpo_checkpoint_gets_pair_metrics_against_sft(eval_base, monkeypatch):
     m, _, meta = load_model("sft", "cpu", "eval")
     with torch.no_grad():
