@@ -261,7 +261,8 @@ def trader_dpo_metrics(model, tokenizer, c, d, meta):
             continue
         out[f"Persona preference accuracy ({cond})"] = prefers_share(model, pairs, pad, c, d)
         if reference is not None:
-            stats = dpo.evaluate(model, dpo.Reference(model=reference), pairs, 0, pad, run, d)
+            live = lambda p, idx: dpo.batch_logps(reference, p, idx, pad, d.device)[:2]  # the reference's log-probs
+            stats = dpo.evaluate(model, live, pairs, pad, run, d)
             model.eval()
             out[f"DPO reward accuracy ({cond})"] = stats["rewards/accuracies"]
             out[f"DPO reward margin ({cond})"] = stats["rewards/margins"]

@@ -10,7 +10,6 @@ $NANOCHAT_BASE_DIR/chatsft_checkpoints/chimera_d{depth}/model_{step:06d}.pt + me
 (nanochat's own SFT keeps chatsft_checkpoints/d{depth}) and the report section report/chat-sft.md.
 """
 
-import hashlib
 import math
 import os
 import time
@@ -57,13 +56,10 @@ class Config:
     out_tag: Optional[str] = None  # output directory name; None = chimera_d{depth}
 
 
-DATASETS = ("mixture", "trader", "trader_mix")
-
-
 def check_config(c):
     """Reject a bad config before anything heavy is loaded."""
-    if c.sft_dataset not in DATASETS:
-        raise UserError(f"--sft_dataset={c.sft_dataset!r}: expected one of {', '.join(DATASETS)}")
+    if c.sft_dataset not in ("mixture", "trader", "trader_mix"):
+        raise UserError(f"--sft_dataset={c.sft_dataset!r}: expected one of mixture, trader, trader_mix")
     if not (0.0 <= c.trader_val_fraction < 1.0 and 0.0 <= c.system_prompt_frac <= 1.0):
         raise UserError(f"--trader_val_fraction={c.trader_val_fraction} must be in [0, 1) and "
                         f"--system_prompt_frac={c.system_prompt_frac} in [0, 1]")
@@ -108,8 +104,7 @@ def render(task, tokenizer, max_len, system_prompt_frac=1.0, num_rows=None):
     hash of its content (salted: independent of the held-out split)."""
     out, trader = [], isinstance(task, tasks.TraderSFT) and system_prompt_frac < 1
     for conversation in (task[i] for i in range(min(len(task), num_rows or len(task)))):
-        draw = trader and hashlib.sha256(b"system prompt:" + tasks.record_digest(conversation)).digest()
-        if trader and int.from_bytes(draw[:8], "big") / 2.0**64 >= system_prompt_frac:
+        if trader and tasks.hash_fraction({"system prompt": conversation}) >= system_prompt_frac:
             conversation = dict(conversation, messages=[m for m in conversation["messages"] if m["role"] != "system"])
         ids, mask = tokenizer.render_conversation(conversation, max_tokens=max_len + 1)
         out.append((torch.tensor(ids, dtype=torch.int32), torch.tensor(mask)) if any(mask[1:]) else None)
@@ -132,7 +127,7 @@ def conversation_loss(model, task, tokenizer, num_rows, batch_size, d, max_len, 
     total, count = all_reduce_sum([total, count], d.device)
     model.train(was_training)
     if count == 0:
-        raise tasks.DataUnavailable(f"{task.name}: no assistant token within {max_len} tokens")
+        raise tasks.DataUnavailable(f"no assistant token within {max_len} tokens")
     return total / count
 
 
@@ -194,8 +189,7 @@ def main():
     for step in range(steps):
         if c.eval_every > 0 and step % c.eval_every == 0:
             val_losses = evaluate(step)
-        synchronize(d.device)
-        t0 = time.time()
+        t0 = time.time()  # the device is idle: the last step ended with a synchronize, evaluation with a reduce
         micro = [[rows[i] for i in mb] for mb in schedule.micro_batches(step, d.rank)]
         batches = [collate(mb, pad, d.device, bucket) for mb in micro]
         # normalise by the step's assistant tokens over all ranks, so N processes take the
