@@ -65,10 +65,9 @@ class Config:
 def check_config(c):
     if c.loss_type not in ("sigmoid", "ipo"):
         raise UserError(f"--loss_type={c.loss_type!r}: expected one of sigmoid, ipo")
-    if not 0.0 <= c.label_smoothing < 0.5:
-        raise UserError(f"--label_smoothing={c.label_smoothing}: expected a value in [0, 0.5)")
-    if c.label_smoothing and c.loss_type != "sigmoid":
-        raise UserError("--label_smoothing only applies to --loss_type=sigmoid")
+    if not 0.0 <= c.label_smoothing < 0.5 or (c.label_smoothing and c.loss_type != "sigmoid"):
+        raise UserError(f"--label_smoothing={c.label_smoothing}: expected a value in [0, 0.5), and only with "
+                        "--loss_type=sigmoid")
     if not 0.0 <= c.val_fraction < 1.0:
         raise UserError(f"--val_fraction={c.val_fraction}: expected a fraction in [0, 1)")
     check_settings(c, at_least_1=("max_length", "device_batch_size", "target_examples_per_step", "num_epochs"),
@@ -77,11 +76,10 @@ def check_config(c):
 
 
 # -----------------------------------------------------------------------------
-# The loss: a small pure function, importable
+# The loss (a small pure function), and the pairs: two rendered conversations sharing the prompt
 
 
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type="sigmoid",
-             label_smoothing=0.0):
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type="sigmoid", label_smoothing=0.0):
     """Per-pair losses and the implicit rewards beta * (log pi - log pi_ref)."""
     logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
     if loss_type == "sigmoid":
@@ -89,10 +87,6 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, los
     else:
         losses = (logits - 1 / (2 * beta)) ** 2
     return losses, beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
-
-
-# -----------------------------------------------------------------------------
-# Data: each pair becomes two rendered conversations sharing the prompt
 
 
 def render_pairs(task, tokenizer, max_len):
@@ -113,9 +107,8 @@ def render_pairs(task, tokenizer, max_len):
 
 
 def batch_logps(model, pairs, indices, pad_id, device, bucket=False):
-    """(chosen logps [B], rejected logps [B], (real tokens, positions computed)): each the sum
-    over the answer's tokens, in one forward pass over the chosen conversations, then the
-    rejected ones (the chunked lm_head: no [B, T, V] logits)."""
+    """(chosen logps [B], rejected logps [B], (real tokens, positions computed)): sums over the
+    answers' tokens, in one forward pass over the chosen conversations, then the rejected ones."""
     rows = [pairs[i][0] for i in indices] + [pairs[i][1] for i in indices]
     inputs, targets = collate(rows, pad_id, device, bucket)
     with autocast(device):
@@ -157,12 +150,11 @@ def reference_table(data_path, max_len, policy, pairs, pad_id, c, d):
              file_sha256(os.path.join(get_base_dir(), "tokenizer", "tokenizer.pkl")), "user+assistant, no system"]
     tag = hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
     path = os.path.join(os.path.dirname(os.path.abspath(data_path)), "ref_logps", f"{os.path.basename(data_path)}.{tag}.pt")
-    if os.path.exists(path):
-        cached = torch.load(path, weights_only=True)
-        table = dict(zip(cached["keys"], cached["logps"]))
-        if all(key in table for _, _, key in pairs):
-            print0(f"reference log-probs: reusing {path}")
-            return table
+    cached = torch.load(path, weights_only=True) if os.path.exists(path) else {"keys": [], "logps": []}
+    table = dict(zip(cached["keys"], cached["logps"]))
+    if all(key in table for _, _, key in pairs):
+        print0(f"reference log-probs: reusing {path}")
+        return table
     print0(f"reference log-probs: computing {len(pairs)} pairs once -> {path}")
     ref, logps = freeze(policy), torch.zeros(len(pairs), 2, dtype=torch.float64, device=d.device)
     for idx in my_batches(pairs, c.device_batch_size, d):  # each rank its share, then summed over ranks
@@ -192,8 +184,7 @@ def pair_losses(model, reference, pairs, indices, pad_id, c, d, bucket=False):
 
 
 def reduce_stats(stat_list, device):
-    """(means over all ranks' pairs, real tokens, positions): the same fixed-size reduce on
-    every rank, even one with no pairs."""
+    """(means over all ranks' pairs, real tokens, positions): the same reduce on every rank, even one with no pairs."""
     *sums, pairs, real, positions = all_reduce_sum(map(sum, zip([0] * (len(STATS) + 3), *stat_list)), device)
     return {k: v / max(pairs, 1) for k, v in zip(STATS, sums)}, real, positions
 
@@ -212,9 +203,8 @@ def main():
     c = parse_config(Config)
     check_config(c)
     d = init_dist(c.device_type)
-    data_path = c.dpo_data_path or os.path.join(get_base_dir(), "datasets", "trader_dpo_data.jsonl")
     # bad data fails before the model loads
-    splits = [tasks.TraderDPO(data_path, split=s, val_fraction=c.val_fraction) for s in ("train", "val")]
+    splits = [tasks.TraderDPO(c.dpo_data_path, split=s, val_fraction=c.val_fraction) for s in ("train", "val")]
     model, tokenizer, meta = load_model(c.source, d.device, phase="train", model_tag=c.model_tag, step=c.step)
     max_len = min(c.max_length, model.config.sequence_len)
     (train, dropped), (val, dropped_val) = (render_pairs(task, tokenizer, max_len) for task in splits)
@@ -228,17 +218,15 @@ def main():
     steps, bucket = schedule.num_iterations, d.device.type == "cuda" if c.compile is None else c.compile
     print0(f"DPO on {c.source} step {meta.get('step')}: {len(train)} train / {len(val)} held-out pairs ({dropped} "
            f"dropped), beta {c.beta}, {c.loss_type}, {steps} steps of {c.target_examples_per_step} pairs")
-
     ref = None if c.ref_cache else freeze(model)  # a frozen copy: no grads, so its passes build no graph
     if c.ref_cache:  # the reference's log-probs computed once, looked up by pair digest
-        table = reference_table(data_path, max_len, model, train + val, pad_id, c, d)
+        table = reference_table(splits[0].path, max_len, model, train + val, pad_id, c, d)
         reference = lambda pairs, idx: torch.stack([table[pairs[i][2]] for i in idx]).to(d.device, torch.float32).unbind(1)
     else:
         reference = lambda pairs, idx: batch_logps(ref, pairs, idx, pad_id, d.device, bucket)[:2]
     for m in filter(None, (model, ref) if bucket else ()):
         compile_model(m)
-    optimizers = model.setup_optimizers(unembedding_lr=c.unembedding_lr, embedding_lr=c.embedding_lr,
-                                        matrix_lr=c.matrix_lr, weight_decay=c.weight_decay)
+    optimizers = model.setup_optimizers(c.unembedding_lr, c.embedding_lr, c.matrix_lr, c.weight_decay)
     grad_sync = GradSync(model)
     run = RunDir("dpo", c.out_tag or f"d{model.config.n_layer}", d.master)
 
@@ -282,10 +270,9 @@ def main():
         synchronize(d.device)
         dt = time.time() - t0
         real_total, positions_total = real_total + real, positions_total + positions
-        eta = (time.time() - t_start) / (step + 1) * (steps - step - 1)
-        print0(f"step {step + 1:05d}/{steps:05d} | loss {logged['loss']:.4f} | acc "
-               f"{logged['rewards/accuracies']:.2f} | margin {logged['rewards/margins']:.3f} | real {real / positions:.0%} | "
-               f"{real / dt:,.0f} tok/s | dt {dt * 1000:.0f}ms | ETA {eta:.0f}s")
+        print0(f"step {step + 1:05d}/{steps:05d} | loss {logged['loss']:.4f} | acc {logged['rewards/accuracies']:.2f} "
+               f"| margin {logged['rewards/margins']:.3f} | real {real / positions:.0%} | {real / dt:,.0f} tok/s | "
+               f"dt {dt * 1000:.0f}ms | ETA {(time.time() - t_start) / (step + 1) * (steps - step - 1):.0f}s")
         run.log({"step": step + 1, **logged, "lr": optimizers[1].param_groups[0]["lr"], "lr_multiplier": lrm,
                  "tokens": int(real), "real_token_frac": real / positions, "dt_ms": dt * 1000})
         if c.save_every > 0 and (step + 1) % c.save_every == 0 and step + 1 < steps:
