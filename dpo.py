@@ -254,7 +254,7 @@ def main():
         if step > 0 and c.eval_every > 0 and step % c.eval_every == 0:
             held_out = run_eval(step)
         t0 = time.time()  # the device is idle: the last step ended with a synchronize, evaluation with a reduce
-        stats, micro = [], schedule.micro_batches(step, d.rank)
+        stats, micro, lrm = [], schedule.micro_batches(step, d.rank), schedule.lr_multiplier(step)
         for i, idx in enumerate(micro):
             losses, sums = pair_losses(model, reference, train, idx, pad_id, c, d, bucket)
             if i == len(micro) - 1:
@@ -265,7 +265,6 @@ def main():
         logged, real, positions = reduce_stats(stats, d.device)
         if not math.isfinite(logged["loss"]):
             raise UserError(f"step {step + 1}: the DPO loss is {logged['loss']}; stopped, nothing saved")
-        lrm = schedule.lr_multiplier(step)
         optimizer_step(model, optimizers, c.init_lr_frac * lrm, grad_sync)
         synchronize(d.device)
         dt = time.time() - t0
