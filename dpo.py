@@ -62,16 +62,12 @@ class Config:
     out_tag: Optional[str] = None  # output directory name; None = d{depth}
 
 
-LOSS_TYPES = ("sigmoid", "ipo")
-
-
 def check_config(c):
-    if c.loss_type not in LOSS_TYPES:
-        raise UserError(f"--loss_type={c.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
-    if not 0.0 <= c.label_smoothing < 0.5:
-        raise UserError(f"--label_smoothing={c.label_smoothing}: expected a value in [0, 0.5)")
-    if c.label_smoothing and c.loss_type != "sigmoid":
-        raise UserError("--label_smoothing only applies to --loss_type=sigmoid")
+    if c.loss_type not in ("sigmoid", "ipo"):
+        raise UserError(f"--loss_type={c.loss_type!r}: expected one of sigmoid, ipo")
+    if not 0.0 <= c.label_smoothing < 0.5 or (c.label_smoothing and c.loss_type != "sigmoid"):
+        raise UserError(f"--label_smoothing={c.label_smoothing}: expected a value in [0, 0.5), and only with "
+                        "--loss_type=sigmoid")
     if not 0.0 <= c.val_fraction < 1.0:
         raise UserError(f"--val_fraction={c.val_fraction}: expected a fraction in [0, 1)")
     check_settings(c, at_least_1=("max_length", "device_batch_size", "target_examples_per_step", "num_epochs"),
@@ -80,58 +76,43 @@ def check_config(c):
 
 
 # -----------------------------------------------------------------------------
-# The loss and the log-probs: small pure functions, importable
+# The loss (a small pure function), and the pairs: two rendered conversations sharing the prompt
 
 
-def sequence_logps(model, inputs, targets):
-    """[B] sum of log p(target) where the target is not -1 (chunked: no [B, T, V] logits)."""
-    return model.token_logprobs(inputs, targets).sum(dim=-1)
-
-
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type="sigmoid",
-             label_smoothing=0.0):
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type="sigmoid", label_smoothing=0.0):
     """Per-pair losses and the implicit rewards beta * (log pi - log pi_ref)."""
     logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
-    assert loss_type in LOSS_TYPES, loss_type
     if loss_type == "sigmoid":
         losses = -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
     else:
         losses = (logits - 1 / (2 * beta)) ** 2
-    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
-    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
-    return losses, chosen_rewards, rejected_rewards
-
-
-# -----------------------------------------------------------------------------
-# Data: each pair becomes two rendered conversations sharing the prompt
+    return losses, beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
 
 
 def render_pairs(task, tokenizer, max_len):
     """[(chosen (ids, mask), rejected (ids, mask), the pair's digest)] for every pair still a
     real preference after truncation, and how many were dropped. The pairs are rendered as
     a user talks to the model, without a system message (the chat condition)."""
-    kept, dropped = [], 0
+    kept = []
     for pair in task:
         rendered = [tokenizer.render_conversation({"messages": [{"role": "user", "content": pair["prompt"]},
                                                                 {"role": "assistant", "content": answer}]},
                                                   max_tokens=max_len + 1) for answer in (pair["chosen"], pair["rejected"])]
         (c_ids, c_mask), (r_ids, r_mask) = rendered
         # the shifted mask (what collate turns into targets) decides what is scored
-        if c_ids == r_ids or not any(c_mask[1:]) or not any(r_mask[1:]):
-            dropped += 1
-            continue
-        chosen, rejected = ((torch.tensor(ids, dtype=torch.int32), torch.tensor(mask)) for ids, mask in rendered)
-        kept.append((chosen, rejected, tasks.record_digest(pair).hex()))
-    return kept, dropped
+        if c_ids != r_ids and any(c_mask[1:]) and any(r_mask[1:]):
+            chosen, rejected = ((torch.tensor(ids, dtype=torch.int32), torch.tensor(mask)) for ids, mask in rendered)
+            kept.append((chosen, rejected, tasks.record_digest(pair).hex()))
+    return kept, len(task) - len(kept)
 
 
 def batch_logps(model, pairs, indices, pad_id, device, bucket=False):
-    """(chosen logps [B], rejected logps [B], (real tokens, positions computed)) in one forward
-    pass over the chosen conversations, then the rejected ones."""
+    """(chosen logps [B], rejected logps [B], (real tokens, positions computed)): sums over the
+    answers' tokens, in one forward pass over the chosen conversations, then the rejected ones."""
     rows = [pairs[i][0] for i in indices] + [pairs[i][1] for i in indices]
     inputs, targets = collate(rows, pad_id, device, bucket)
     with autocast(device):
-        logps = sequence_logps(model, inputs, targets)
+        logps = model.token_logprobs(inputs, targets).sum(dim=-1)
     return logps[:len(indices)], logps[len(indices):], (sum(len(ids) - 1 for ids, _ in rows), inputs.numel())
 
 
@@ -146,11 +127,7 @@ def my_batches(pairs, batch_size, d):
 
 
 def freeze(model):
-    ref = copy.deepcopy(model)
-    ref.eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
+    return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 def file_sha256(path):
@@ -161,33 +138,29 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def ref_cache_path(data_path, checkpoint_dir, step, max_len):
-    """Cache file beside the data, named by everything the log-probs depend on: the reference
-    weights, the tokenizer, the data (content hashes), the truncation and the rendering."""
+@torch.no_grad()
+def reference_table(data_path, max_len, policy, pairs, pad_id, c, d):
+    """{pair digest: (chosen, rejected) reference log-probs}, computed once and cached beside the
+    data in a file named by everything they depend on: the reference weights, the tokenizer,
+    the data (content hashes), the truncation and the rendering. Looked up by the pair, never by
+    its position, so another split or order of the same pairs reads the right values."""
+    checkpoint_dir = checkpoint_dir_for(c.source, c.model_tag)
+    step = find_last_step(checkpoint_dir) if c.step is None else c.step
     parts = [file_sha256(os.path.join(checkpoint_dir, f"model_{step:06d}.pt")), file_sha256(data_path), str(max_len),
              file_sha256(os.path.join(get_base_dir(), "tokenizer", "tokenizer.pkl")), "user+assistant, no system"]
-    key = hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
-    return os.path.join(os.path.dirname(os.path.abspath(data_path)), "ref_logps", f"{os.path.basename(data_path)}.{key}.pt")
-
-
-@torch.no_grad()
-def load_or_compute_ref_cache(path, policy, pairs, pad_id, c, d):
-    """{pair digest: (chosen, rejected) reference log-probs}: looked up by the pair, never by
-    its position, so another split or order of the same pairs reads the right values."""
-    if os.path.exists(path):
-        cached = torch.load(path, weights_only=True)
-        table = dict(zip(cached["keys"], cached["logps"]))
-        if all(key in table for _, _, key in pairs):
-            print0(f"reference log-probs: reusing {path}")
-            return table
+    tag = hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
+    path = os.path.join(os.path.dirname(os.path.abspath(data_path)), "ref_logps", f"{os.path.basename(data_path)}.{tag}.pt")
+    cached = torch.load(path, weights_only=True) if os.path.exists(path) else {"keys": [], "logps": []}
+    table = dict(zip(cached["keys"], cached["logps"]))
+    if all(key in table for _, _, key in pairs):
+        print0(f"reference log-probs: reusing {path}")
+        return table
     print0(f"reference log-probs: computing {len(pairs)} pairs once -> {path}")
     ref, logps = freeze(policy), torch.zeros(len(pairs), 2, dtype=torch.float64, device=d.device)
     for idx in my_batches(pairs, c.device_batch_size, d):  # each rank its share, then summed over ranks
         logps[idx] = torch.stack(batch_logps(ref, pairs, idx, pad_id, d.device)[:2], dim=1).double()
-    if d.world_size > 1:
-        logps = logps.cpu() if torch.distributed.get_backend() == "gloo" else logps
-        torch.distributed.all_reduce(logps)
-    keys, logps = [key for _, _, key in pairs], logps.cpu()
+    logps = torch.tensor(all_reduce_sum(logps.view(-1).tolist(), d.device), dtype=torch.float64).view(-1, 2)
+    keys = [key for _, _, key in pairs]
     if d.master:
         atomic_write(path, lambda f: torch.save({"keys": keys, "logps": logps}, f), binary=True)
     return dict(zip(keys, logps))
@@ -200,70 +173,60 @@ STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewar
          "logps/rejected")
 
 
-def pair_stats(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected):
-    """Sums over the pairs of a batch (in STATS order), to be reduced over micro-batches and ranks."""
-    return [losses.detach().sum().item(), chosen_rewards.sum().item(), rejected_rewards.sum().item(),
-            (chosen_rewards - rejected_rewards).sum().item(), (chosen_rewards > rejected_rewards).float().sum().item(),
-            policy_chosen.detach().sum().item(), policy_rejected.detach().sum().item()]
+def pair_losses(model, reference, pairs, indices, pad_id, c, d, bucket=False):
+    """A batch's per-pair losses and its sums to be added over micro-batches and ranks: STATS'
+    in order, then its pairs, real tokens and positions computed."""
+    pc, pr, counts = batch_logps(model, pairs, indices, pad_id, d.device, bucket)
+    losses, chosen, rejected = dpo_loss(pc, pr, *reference(pairs, indices), c.beta, c.loss_type, c.label_smoothing)
+    margins = chosen - rejected
+    sums = torch.stack([losses, chosen, rejected, margins, (margins > 0).float(), pc, pr]).detach().double().sum(dim=1)
+    return losses, sums.tolist() + [len(indices), *counts]
 
 
-def reduce_stats(stat_list, count, device):
-    """Means over all ranks' pairs; the same fixed-size reduce on every rank, even one with no pairs."""
-    totals = all_reduce_sum([sum(s[k] for s in stat_list) for k in range(len(STATS))] + [count], device)
-    return {k: v / max(totals[-1], 1) for k, v in zip(STATS, totals)}
+def reduce_stats(stat_list, device):
+    """(means over all ranks' pairs, real tokens, positions): the same reduce on every rank, even one with no pairs."""
+    *sums, pairs, real, positions = all_reduce_sum(map(sum, zip([0] * (len(STATS) + 3), *stat_list)), device)
+    return {k: v / max(pairs, 1) for k, v in zip(STATS, sums)}, real, positions
 
 
 @torch.no_grad()
 def evaluate(model, reference, val_pairs, pad_id, c, d, bucket=False):
     """Held-out DPO loss, reward accuracy and margin; reference(pairs, indices) gives its log-probs."""
     model.eval()
-    stats, count = [], 0
-    for idx in my_batches(val_pairs, c.device_batch_size, d):
-        pc, pr, _ = batch_logps(model, val_pairs, idx, pad_id, d.device, bucket)
-        rc, rr = reference(val_pairs, idx)
-        stats.append(pair_stats(*dpo_loss(pc, pr, rc, rr, c.beta, c.loss_type, c.label_smoothing), pc, pr))
-        count += len(idx)
+    stats = [pair_losses(model, reference, val_pairs, idx, pad_id, c, d, bucket)[1]
+             for idx in my_batches(val_pairs, c.device_batch_size, d)]
     model.train()
-    return reduce_stats(stats, count, d.device)
-
-
-def load_pairs(data_path, c, tokenizer, max_len):
-    (train, dropped_train), (val, dropped_val) = (render_pairs(tasks.TraderDPO(
-        data_path, split=split, val_fraction=c.val_fraction), tokenizer, max_len) for split in ("train", "val"))
-    if not train:
-        raise UserError(f"no training pairs left after filtering ({dropped_train} dropped as identical or "
-                        f"empty after truncation to {max_len} tokens)")
-    return train, val, dropped_train + dropped_val
+    return reduce_stats(stats, d.device)[0]
 
 
 def main():
     c = parse_config(Config)
     check_config(c)
     d = init_dist(c.device_type)
-    data_path = c.dpo_data_path or os.path.join(get_base_dir(), "datasets", "trader_dpo_data.jsonl")
-    tasks.TraderDPO(data_path, split="train", val_fraction=c.val_fraction)  # bad data fails before the model loads
+    # bad data fails before the model loads
+    splits = [tasks.TraderDPO(c.dpo_data_path, split=s, val_fraction=c.val_fraction) for s in ("train", "val")]
     model, tokenizer, meta = load_model(c.source, d.device, phase="train", model_tag=c.model_tag, step=c.step)
     max_len = min(c.max_length, model.config.sequence_len)
-    train, val, dropped = load_pairs(data_path, c, tokenizer, max_len)
+    (train, dropped), (val, dropped_val) = (render_pairs(task, tokenizer, max_len) for task in splits)
+    if not train:
+        raise UserError(f"no training pairs left after filtering ({dropped} dropped as identical or "
+                        f"empty after truncation to {max_len} tokens)")
+    dropped += dropped_val
     pad_id = tokenizer.encode_special("<|assistant_end|>")
     schedule = Schedule([max(len(ch[0]), len(rj[0])) for ch, rj, _ in train], c.target_examples_per_step,
                         c.device_batch_size, d.world_size, c.num_epochs, c.num_iterations)
     steps, bucket = schedule.num_iterations, d.device.type == "cuda" if c.compile is None else c.compile
     print0(f"DPO on {c.source} step {meta.get('step')}: {len(train)} train / {len(val)} held-out pairs ({dropped} "
            f"dropped), beta {c.beta}, {c.loss_type}, {steps} steps of {c.target_examples_per_step} pairs")
-
     ref = None if c.ref_cache else freeze(model)  # a frozen copy: no grads, so its passes build no graph
     if c.ref_cache:  # the reference's log-probs computed once, looked up by pair digest
-        checkpoint_dir = checkpoint_dir_for(c.source, c.model_tag)
-        path = ref_cache_path(data_path, checkpoint_dir, find_last_step(checkpoint_dir) if c.step is None else c.step, max_len)
-        table = load_or_compute_ref_cache(path, model, train + val, pad_id, c, d)
+        table = reference_table(splits[0].path, max_len, model, train + val, pad_id, c, d)
         reference = lambda pairs, idx: torch.stack([table[pairs[i][2]] for i in idx]).to(d.device, torch.float32).unbind(1)
     else:
         reference = lambda pairs, idx: batch_logps(ref, pairs, idx, pad_id, d.device, bucket)[:2]
     for m in filter(None, (model, ref) if bucket else ()):
         compile_model(m)
-    optimizers = model.setup_optimizers(unembedding_lr=c.unembedding_lr, embedding_lr=c.embedding_lr,
-                                        matrix_lr=c.matrix_lr, weight_decay=c.weight_decay)
+    optimizers = model.setup_optimizers(c.unembedding_lr, c.embedding_lr, c.matrix_lr, c.weight_decay)
     grad_sync = GradSync(model)
     run = RunDir("dpo", c.out_tag or f"d{model.config.n_layer}", d.master)
 
@@ -290,32 +253,25 @@ def main():
     for step in range(steps):
         if step > 0 and c.eval_every > 0 and step % c.eval_every == 0:
             held_out = run_eval(step)
-        synchronize(d.device)
-        t0 = time.time()
-        stats, micro, real, positions = [], schedule.micro_batches(step, d.rank), 0, 0
+        t0 = time.time()  # the device is idle: the last step ended with a synchronize, evaluation with a reduce
+        stats, micro, lrm = [], schedule.micro_batches(step, d.rank), schedule.lr_multiplier(step)
         for i, idx in enumerate(micro):
-            pc, pr, (n_real, n_positions) = batch_logps(model, train, idx, pad_id, d.device, bucket)
-            rc, rr = reference(train, idx)
-            losses, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, c.beta, c.loss_type, c.label_smoothing)
-            # a fixed number of pairs per step: divide by it and N processes match one
+            losses, sums = pair_losses(model, reference, train, idx, pad_id, c, d, bucket)
             if i == len(micro) - 1:
                 grad_sync.arm()  # the last backward all-reduces each bucket as soon as it is ready
+            # a fixed number of pairs per step: divide by it and N processes match one
             (losses.sum() / c.target_examples_per_step).backward()
-            stats.append(pair_stats(losses, chosen_r, rejected_r, pc, pr))
-            real, positions = real + n_real, positions + n_positions
-        logged = reduce_stats(stats, sum(map(len, micro)), d.device)
+            stats.append(sums)
+        logged, real, positions = reduce_stats(stats, d.device)
         if not math.isfinite(logged["loss"]):
             raise UserError(f"step {step + 1}: the DPO loss is {logged['loss']}; stopped, nothing saved")
-        lrm = schedule.lr_multiplier(step)
         optimizer_step(model, optimizers, c.init_lr_frac * lrm, grad_sync)
         synchronize(d.device)
         dt = time.time() - t0
-        real, positions = all_reduce_sum([real, positions], d.device)
         real_total, positions_total = real_total + real, positions_total + positions
-        eta = (time.time() - t_start) / (step + 1) * (steps - step - 1)
-        print0(f"step {step + 1:05d}/{steps:05d} | loss {logged['loss']:.4f} | acc "
-               f"{logged['rewards/accuracies']:.2f} | margin {logged['rewards/margins']:.3f} | real {real / positions:.0%} | "
-               f"{real / dt:,.0f} tok/s | dt {dt * 1000:.0f}ms | ETA {eta:.0f}s")
+        print0(f"step {step + 1:05d}/{steps:05d} | loss {logged['loss']:.4f} | acc {logged['rewards/accuracies']:.2f} "
+               f"| margin {logged['rewards/margins']:.3f} | real {real / positions:.0%} | {real / dt:,.0f} tok/s | "
+               f"dt {dt * 1000:.0f}ms | ETA {(time.time() - t_start) / (step + 1) * (steps - step - 1):.0f}s")
         run.log({"step": step + 1, **logged, "lr": optimizers[1].param_groups[0]["lr"], "lr_multiplier": lrm,
                  "tokens": int(real), "real_token_frac": real / positions, "dt_ms": dt * 1000})
         if c.save_every > 0 and (step + 1) % c.save_every == 0 and step + 1 < steps:
@@ -330,11 +286,9 @@ def main():
         "Reference": "cached" if c.ref_cache else "live", "Conditioning": "no system message (the chat condition)",
         "Real-token fraction": real_total / positions_total,
         **({"Held-out loss (start)": initial["loss"], "Held-out loss": held_out["loss"],
-            "Held-out reward accuracy (start)": initial["rewards/accuracies"],
-            "Held-out reward accuracy": held_out["rewards/accuracies"],
-            "Held-out reward margin": held_out["rewards/margins"]} if val else {}),
-        "Training time (s)": round(time.time() - t_start, 1),
-    }])
+            "Held-out reward accuracy (start)": initial["rewards/accuracies"], "Held-out reward accuracy":
+            held_out["rewards/accuracies"], "Held-out reward margin": held_out["rewards/margins"]} if val else {}),
+        "Training time (s)": round(time.time() - t_start, 1)}])
     cleanup_dist()
 
 

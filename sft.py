@@ -10,7 +10,6 @@ $NANOCHAT_BASE_DIR/chatsft_checkpoints/chimera_d{depth}/model_{step:06d}.pt + me
 (nanochat's own SFT keeps chatsft_checkpoints/d{depth}) and the report section report/chat-sft.md.
 """
 
-import hashlib
 import math
 import os
 import time
@@ -58,20 +57,16 @@ class Config:
     out_tag: Optional[str] = None  # output directory name; None = chimera_d{depth}
 
 
-DATASETS = ("mixture", "trader", "trader_mix")
-
-
-def check_config(c):
-    """Reject a bad config before anything heavy is loaded."""
-    if c.sft_dataset not in DATASETS:
-        raise UserError(f"--sft_dataset={c.sft_dataset!r}: expected one of {', '.join(DATASETS)}")
+def check_config(c):  # before anything heavy is loaded
+    if c.sft_dataset not in ("mixture", "trader", "trader_mix"):
+        raise UserError(f"--sft_dataset={c.sft_dataset!r}: expected one of mixture, trader, trader_mix")
     if not (0.0 <= c.trader_val_fraction < 1.0 and 0.0 <= c.system_prompt_frac <= 1.0):
         raise UserError(f"--trader_val_fraction={c.trader_val_fraction} must be in [0, 1) and "
                         f"--system_prompt_frac={c.system_prompt_frac} in [0, 1]")
     check_settings(c, at_least_1=("sft_mix_trader", "sft_mix_smoltalk", "device_batch_size", "target_examples_per_step",
-                                  "num_epochs", "eval_batches", "smoltalk_rows"), positive=("init_lr_frac",), steps=("num_iterations",),
+                                  "num_epochs", "eval_batches", "smoltalk_rows"), positive=("init_lr_frac",),
                    not_negative=("max_seq_len", "unembedding_lr", "embedding_lr", "matrix_lr", "weight_decay"),
-                   tags=("model_tag", "out_tag"))
+                   steps=("num_iterations",), tags=("model_tag", "out_tag"))
     if c.source and c.source not in SOURCE_DIRS:
         raise UserError(f"--source={c.source!r}: expected one of {', '.join(SOURCE_DIRS)}")
 
@@ -103,14 +98,12 @@ def build_datasets(c):
 
 
 def render(task, tokenizer, max_len, system_prompt_frac=1.0, num_rows=None):
-    """(ids, mask) per conversation, truncated to max_len + 1 tokens, or None where no
-    assistant token is left to learn (dropped, never trained on as a zero loss). A trader
-    conversation keeps its system message with probability system_prompt_frac, drawn by a
-    hash of its content (salted: independent of the held-out split)."""
+    """(ids, mask) per conversation, truncated to max_len + 1 tokens, or None where no assistant token
+    is left to learn (dropped, never trained on as a zero loss). A trader conversation keeps its system
+    message with probability system_prompt_frac, by a salted hash of its content (not the split's)."""
     out, trader = [], isinstance(task, tasks.TraderSFT) and system_prompt_frac < 1
     for conversation in (task[i] for i in range(min(len(task), num_rows or len(task)))):
-        draw = trader and hashlib.sha256(b"system prompt:" + tasks.record_digest(conversation)).digest()
-        if trader and int.from_bytes(draw[:8], "big") / 2.0**64 >= system_prompt_frac:
+        if trader and tasks.hash_fraction({"system prompt": conversation}) >= system_prompt_frac:
             conversation = dict(conversation, messages=[m for m in conversation["messages"] if m["role"] != "system"])
         ids, mask = tokenizer.render_conversation(conversation, max_tokens=max_len + 1)
         out.append((torch.tensor(ids, dtype=torch.int32), torch.tensor(mask)) if any(mask[1:]) else None)
@@ -119,9 +112,8 @@ def render(task, tokenizer, max_len, system_prompt_frac=1.0, num_rows=None):
 
 @torch.no_grad()
 def conversation_loss(model, task, tokenizer, num_rows, batch_size, d, max_len, system_prompt_frac=1.0, bucket=False):
-    """Mean loss per assistant token over the first num_rows conversations (similar lengths
-    batched together, batches dealt over ranks); eval.py reports the trader held-out loss
-    with it too. DataUnavailable when no assistant token is left after truncation."""
+    """Mean loss per assistant token over the first num_rows conversations (similar lengths batched
+    together, batches dealt over ranks); DataUnavailable when truncation leaves no assistant token."""
     rows = sorted(filter(None, render(task, tokenizer, max_len, system_prompt_frac, num_rows)), key=lambda r: len(r[0]))
     was_training, total, count = model.training, 0.0, 0
     model.eval()
@@ -166,11 +158,9 @@ def main():
            f"{c.target_examples_per_step} in micro-batches of {c.device_batch_size} per process")
     if bucket:
         compile_model(model)
-    optimizers = model.setup_optimizers(unembedding_lr=c.unembedding_lr, embedding_lr=c.embedding_lr,
-                                        matrix_lr=c.matrix_lr, weight_decay=c.weight_decay)
+    optimizers = model.setup_optimizers(c.unembedding_lr, c.embedding_lr, c.matrix_lr, c.weight_decay)
     grad_sync = GradSync(model)
     run = RunDir("sft", c.out_tag or f"chimera_d{model.config.n_layer}", d.master)
-    pad = tokenizer.encode_special("<|assistant_end|>")
 
     def evaluate(step):
         losses, n = {}, c.eval_batches * c.device_batch_size * d.world_size
@@ -195,12 +185,10 @@ def main():
     for step in range(steps):
         if c.eval_every > 0 and step % c.eval_every == 0:
             val_losses = evaluate(step)
-        synchronize(d.device)
-        t0 = time.time()
+        t0 = time.time()  # the device is idle: the last step ended with a synchronize, evaluation with a reduce
         micro = [[rows[i] for i in mb] for mb in schedule.micro_batches(step, d.rank)]
-        batches = [collate(mb, pad, d.device, bucket) for mb in micro]
-        # normalise by the step's assistant tokens over all ranks, so N processes take the
-        # same step as one process on the same global batch
+        batches = [collate(mb, tokenizer.encode_special("<|assistant_end|>"), d.device, bucket) for mb in micro]
+        # normalise by the step's assistant tokens on all ranks: N processes step like one on the same batch
         num_tokens, real, positions = all_reduce_sum([sum(int((y != -1).sum()) for _, y in batches),
                                                       sum(len(ids) - 1 for mb in micro for ids, _ in mb),
                                                       sum(x.numel() for x, _ in batches)], d.device)

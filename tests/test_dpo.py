@@ -88,7 +88,8 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
     assert cr.abs().max() == 0 and rj.abs().max() == 0
 
 
-def test_sequence_logps_equals_full_logits_and_hand_masking():
+def test_answer_logps_equal_full_logits_and_hand_masking():
+    """DPO's per-sequence log-probs (summed over the chunked lm_head) match the plain path."""
     torch.manual_seed(0)
     m = GPT(GPTConfig(sequence_len=32, vocab_size=50, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
     m.init_weights(zero_out=False)
@@ -96,7 +97,7 @@ def test_sequence_logps_equals_full_logits_and_hand_masking():
     y = torch.randint(0, 50, (3, 20))
     y[:, :6] = -1
     y[1, 15:] = -1
-    got = dpo.sequence_logps(m, x, y)
+    got = m.token_logprobs(x, y).sum(dim=-1)  # what dpo.batch_logps sums
     got.sum().backward()
     grads = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()
