@@ -8,7 +8,7 @@ the Master (chosen) / Apprentice (rejected) pairs that gen.py writes.
 
 Reads $NANOCHAT_BASE_DIR/chatsft_checkpoints and datasets/trader_dpo_data.jsonl, writes
 $NANOCHAT_BASE_DIR/chatdpo_checkpoints/d{depth}/model_{step:06d}.pt + meta + metrics.jsonl
-and the report section report/chat-dpo.md.
+and the report section report/chimera-chat-dpo.md.
 
 The loss (Rafailov et al., 2023): with r = beta * (log pi(y|x) - log pi_ref(y|x)) summed over
 the answer's tokens, loss = -log sigmoid(r_chosen - r_rejected); `ipo` (Azar et al., 2023)

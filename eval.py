@@ -8,8 +8,8 @@ the Master's answers, DPO reward accuracy and margin, an LLM judge's win rate, a
     torchrun --standalone --nproc_per_node=8 eval.py -i dpo
     OPENROUTER_API_KEY=... python eval.py -i dpo -a "Trader-DPO|Identity"   # the judge joins in
 
-Writes $NANOCHAT_BASE_DIR/report/chat-evaluation-{source}.md (one `- Task: value` line per
-metric, as nanochat's report reads them) and chat-evaluation-{source}.json beside it.
+Writes $NANOCHAT_BASE_DIR/report/chimera-chat-evaluation-{source}.md (one `- Task: value` line
+per metric, as nanochat's report reads them) and chimera-chat-evaluation-{source}.json beside it.
 """
 
 import contextlib

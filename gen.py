@@ -10,7 +10,7 @@ a fluent apprentice failing in one typed way) for DPO. The persona is data/perso
 
 Writes to $NANOCHAT_BASE_DIR/datasets/: trader_sft_data.jsonl, trader_dpo_data.jsonl, a ledger
 of finished items beside each, trader_gen_spend.jsonl (a line per paid request) and
-trader_gen_summary.json; and report/synthetic-data.md. Items are drawn from RNGs seeded by
+trader_gen_summary.json; and report/chimera-synthetic-data.md. Items are drawn from RNGs seeded by
 (seed, kind, index), so a re-run tops the files up. One gen.py per output directory at a time.
 """
 

@@ -3,11 +3,12 @@ The training report card, nanochat-compatible, with a DPO column.
 
     python report.py reset           # start a run: clear Chimera's sections, note the start time
     python report.py reset --all     # also clear nanochat's sections (tokenizer, base, mid, ...)
-    python report.py generate        # assemble report/*.md into report.md (+ a copy in the cwd)
+    python report.py generate        # assemble report/*.md into report/chimera-report.md (+ report.md in the cwd)
 
-Each stage writes $NANOCHAT_BASE_DIR/report/<slug>.md (nanochat's `## Title`, `timestamp:`, `- key: value`
-lines). `generate` orders them as nanochat does, Chimera's after SFT, with a header (git, hardware, versions),
-training charts (.svg files beside report.md, linked as images) and a summary table BASE/MID/SFT/DPO/RL.
+Each Chimera stage writes $NANOCHAT_BASE_DIR/report/chimera-<slug>.md (nanochat's `## Title`, `timestamp:`,
+`- key: value` lines; the prefix keeps nanochat's own files untouched). `generate` orders them as nanochat does,
+Chimera's after SFT, with a header (git, hardware, versions), training charts (.svg files beside the report,
+linked as images) and a summary table BASE/MID/SFT/DPO/RL.
 A section's `<` is escaped: no raw HTML.
 """
 
@@ -24,17 +25,22 @@ import sys
 
 from common import UserError, atomic_write_text, get_base_dir, run_main
 
-# nanochat's sections in its order, with Chimera's inserted after the SFT ones
-NANOCHAT_FILES = ["tokenizer-training.md", "tokenizer-evaluation.md", "base-model-training.md",
-                  "base-model-loss.md", "base-model-evaluation.md", "midtraining.md", "chat-evaluation-mid.md"]
-CHIMERA_FILES = ["synthetic-data.md", "chat-sft.md", "chat-evaluation-sft.md", "chat-dpo.md", "chat-evaluation-dpo.md"]
+# nanochat's sections in its order (its own SFT's included, as they are), then Chimera's, which carry a
+# chimera- prefix so that nanochat's files of the same stage are never overwritten
+NANOCHAT_FILES = ["tokenizer-training.md", "tokenizer-evaluation.md", "base-model-training.md", "base-model-loss.md",
+                  "base-model-evaluation.md", "midtraining.md", "chat-evaluation-mid.md", "chat-sft.md",
+                  "chat-evaluation-sft.md"]
+CHIMERA_FILES = ["chimera-" + n for n in ("synthetic-data.md", "chat-sft.md", "chat-evaluation-sft.md", "chat-dpo.md",
+                                          "chat-evaluation-dpo.md")]
 RL_FILES = ["chat-rl.md", "chat-evaluation-rl.md"]
 EXPECTED_FILES = NANOCHAT_FILES + CHIMERA_FILES + RL_FILES
 HEADER = "header.md"  # nanochat's run header (written by nanochat's `report reset`)
 CHIMERA_HEADER = "chimera-header.md"  # ours: when the Chimera run started
 
-STAGES = ["base", "mid", "sft", "dpo", "rl"]  # the summary table's columns, each read from one section
-STAGE_SECTIONS = {s: f"chat-evaluation-{s}.md" for s in STAGES} | {"base": "base-model-evaluation.md"}
+STAGES = ["base", "mid", "sft", "dpo", "rl"]  # the summary table's columns, read from these sections; a later
+SECTION_STAGE = {"base-model-evaluation.md": "base", "chat-evaluation-mid.md": "mid",  # one wins: Chimera's SFT
+                 "chat-evaluation-sft.md": "sft", "chimera-chat-evaluation-sft.md": "sft",  # over nanochat's
+                 "chimera-chat-evaluation-dpo.md": "dpo", "chat-evaluation-rl.md": "rl"}
 CHAT_METRICS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
 # eval.py's persona rows, each without and with the persona's system message
 PERSONA_METRICS = [f"{name} ({cond})" for name in ("Trader SFT held-out loss", "Persona preference accuracy",
@@ -215,7 +221,7 @@ def generate(out_copy=True):
             continue
         if name not in RL_FILES:  # nanochat leaves experimental RL out of the wall clock too
             end = section_timestamp(text, "timestamp:") or end
-        for stage in [s for s, f in STAGE_SECTIONS.items() if f == name]:
+        if stage := SECTION_STAGE.get(name):
             metrics[stage] = section_metrics(text, ["CORE"] if stage == "base" else CHAT_METRICS + PERSONA_METRICS)
         parts.append(text.rstrip() + "\n\n")
     seconds = int((end - start).total_seconds()) if start and end and end >= start else None
@@ -224,7 +230,7 @@ def generate(out_copy=True):
               f"Total wall clock time: {clock}\n"]
     if notes:
         parts.append("\nSections not found (stage not run, skipped): " + ", ".join(notes) + "\n")
-    text, report_file = "".join(parts), os.path.join(directory, "report.md")
+    text, report_file = "".join(parts), os.path.join(directory, "chimera-report.md")
     atomic_write_text(report_file, text)
     print(f"wrote {report_file}" + (f" ({len(notes)} sections missing: {', '.join(notes)})" if notes else ""))
     if out_copy and os.path.abspath(os.getcwd()) != os.path.abspath(directory):
@@ -239,7 +245,8 @@ def reset(everything=False):
     """Clear Chimera's sections (all sections with everything=True) and note the start."""
     directory = os.path.join(get_base_dir(), "report")
     os.makedirs(directory, exist_ok=True)
-    names = CHIMERA_FILES + ["chat-evaluation-sft.json", "chat-evaluation-dpo.json", "report.md", CHIMERA_HEADER]
+    names = CHIMERA_FILES + [f"chimera-chat-evaluation-{s}.json" for s in ("sft", "dpo")] + ["chimera-report.md",
+                                                                                        CHIMERA_HEADER]
     if everything:
         names += NANOCHAT_FILES + RL_FILES + [HEADER, "chat-evaluation-mid.json"]
     names += [n for n in os.listdir(directory) if n.endswith(".svg")]  # the charts

@@ -167,4 +167,4 @@ stage "evaluate DPO (eval.py -i dpo)" "$SFT_DATA" "$DPO_DATA" "$(latest "$SFT_DI
     launch eval.py -i dpo --model_tag="$TAG" "${EVAL_ARGS[@]}"
 step "report (report.py generate)" "$PY" report.py generate
 
-say "done: $BASE/report/report.md (and ./report.md)"
+say "done: $BASE/report/chimera-report.md (and ./report.md)"

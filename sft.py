@@ -7,7 +7,7 @@ trader data mixed with SmolTalk, or nanochat's general SFT mixture.
 
 Reads $NANOCHAT_BASE_DIR/{mid,base}_checkpoints, writes
 $NANOCHAT_BASE_DIR/chatsft_checkpoints/chimera_d{depth}/model_{step:06d}.pt + meta + metrics.jsonl
-(nanochat's own SFT keeps chatsft_checkpoints/d{depth}) and the report section report/chat-sft.md.
+(nanochat's own SFT keeps chatsft_checkpoints/d{depth}) and the report section report/chimera-chat-sft.md.
 """
 
 import math

@@ -91,12 +91,12 @@ def dpo_step(model, optimizers, inputs, targets, reference=None, table=None, ful
             logp = F.log_softmax(model(inputs), dim=-1).gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
             logps = (logp * (targets != -1)).sum(-1)
         else:
-            logps = dpo.sequence_logps(model, inputs, targets)
+            logps = model.token_logprobs(inputs, targets).sum(dim=-1)
         if table is not None:
             ref = table
         else:
             with torch.no_grad():
-                ref = dpo.sequence_logps(reference, inputs, targets)
+                ref = reference.token_logprobs(inputs, targets).sum(dim=-1)
     losses, _, _ = dpo.dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta=0.1)
     losses.mean().backward()
     optimizer_step(model, optimizers, 1.0)
@@ -143,7 +143,7 @@ def main():
     # chosen rows then rejected rows, as dpo.py batches them
     inputs, targets = collate([p[0] for p in pairs] + [p[1] for p in pairs], 0, args.device)
     with torch.no_grad(), autocast(args.device):
-        table = dpo.sequence_logps(reference, inputs, targets)
+        table = reference.token_logprobs(inputs, targets).sum(dim=-1)
     tokens = inputs.numel()
     print(f"d{args.depth} (n_embd {model.config.n_embd}), V={args.vocab}, {2 * args.batch} x {args.seq} tokens "
           f"per step on {args.device} ({torch.get_num_threads()} threads)")

@@ -155,7 +155,7 @@ def run_eval(monkeypatch, *args):
 
 
 def section(base, source):
-    text = open(os.path.join(base, "report", f"chat-evaluation-{source}.md")).read()
+    text = open(os.path.join(base, "report", f"chimera-chat-evaluation-{source}.md")).read()
     lines = dict(l[2:].split(": ", 1) for l in text.splitlines() if l.startswith("- "))
     return text, lines
 
@@ -171,7 +171,7 @@ def test_full_run_writes_nanochat_section_with_chatcore(eval_base, monkeypatch):
     assert lines["Persona reference"] == "base"  # what the SFT checkpoint was trained from
     # the persona's system message changes what the model sees, so the two conditions differ
     assert lines["Trader SFT held-out loss (no system)"] != lines["Trader SFT held-out loss (with system)"]
-    data = json.load(open(os.path.join(eval_base, "report", "chat-evaluation-sft.json")))
+    data = json.load(open(os.path.join(eval_base, "report", "chimera-chat-evaluation-sft.json")))
     assert data["skipped"] == {} and set(chat_eval.CHAT_TASKS) <= set(data["results"])
     assert data["results"]["ChatCORE metric"] == pytest.approx(chat_eval.chatcore(data["results"]))
 
@@ -183,7 +183,7 @@ def test_missing_task_is_skipped_and_chatcore_omitted(eval_base, monkeypatch, ca
     assert out.count("HumanEval: skipped (") == 1
     _, lines = section(eval_base, "sft")
     assert "ARC-Easy" in lines and "HumanEval" not in lines and "ChatCORE metric" not in lines
-    data = json.load(open(os.path.join(eval_base, "report", "chat-evaluation-sft.json")))
+    data = json.load(open(os.path.join(eval_base, "report", "chimera-chat-evaluation-sft.json")))
     assert "openai_humaneval" in data["skipped"]["HumanEval"]
 
 
@@ -222,9 +222,9 @@ def test_two_processes_shard_and_reduce_like_one(eval_base):
     args = [os.path.join(REPO, "eval.py"), "-i", "sft", "-a", "ARC-Easy|MMLU|GSM8K|Trader-SFT|Trader-DPO",
             "--max_new_tokens=6", "--batch_size=2"]
     run_python(args, env=env)
-    one = json.load(open(os.path.join(eval_base, "report", "chat-evaluation-sft.json")))["results"]
+    one = json.load(open(os.path.join(eval_base, "report", "chimera-chat-evaluation-sft.json")))["results"]
     run_torchrun(args, env=env)
-    two = json.load(open(os.path.join(eval_base, "report", "chat-evaluation-sft.json")))["results"]
+    two = json.load(open(os.path.join(eval_base, "report", "chimera-chat-evaluation-sft.json")))["results"]
     assert one.keys() == two.keys()
     for k in one:
         assert two[k] == pytest.approx(one[k], abs=1e-5), k

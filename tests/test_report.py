@@ -40,6 +40,8 @@ def report_base(tmp_path, monkeypatch):
     (rdir / "chat-evaluation-mid.md").write_text(nanochat_section("Chat evaluation mid", {
         "source": "mid", "ARC-Easy": "0.3561", "ARC-Challenge": "0.2875", "MMLU": "0.3111", "GSM8K": "0.0250",
         "HumanEval": "0.0671", "ChatCORE metric": "0.0730"}))
+    # nanochat's own SFT evaluation: kept as it is, while the SFT column shows Chimera's SFT
+    (rdir / "chat-evaluation-sft.md").write_text(nanochat_section("Chat evaluation sft", {"ARC-Easy": "0.3500"}))
     rd = str(rdir)
     write_report_section("Chat SFT", [{"Training rows": 20000, "Validation loss": 1.25}], report_dir=rd)
     write_report_section("Chat evaluation sft", [{"source": "sft"}, {
@@ -69,8 +71,8 @@ def test_generate_orders_sections_and_fills_the_dpo_column(report_base, tmp_path
     text = open(path).read()
     assert open(tmp_path / "report.md").read() == text  # the copy in the current directory
     order = ["# nanochat training report", "## Chimera post-training", "## Tokenizer training",
-             "## Base model evaluation", "## Chat evaluation mid", "## Chat SFT", "## Chat evaluation sft",
-             "## Chat DPO", "## Chat evaluation dpo", "## Summary"]
+             "## Base model evaluation", "## Chat evaluation mid", "## Chat evaluation sft",  # nanochat's own
+             "## Chat SFT", "## Chat DPO", "## Chat evaluation dpo", "## Summary"]
     positions = [text.index(h) for h in order]
     assert positions == sorted(positions)
     header, rows = summary_rows(text)
@@ -149,8 +151,10 @@ def test_reset_keeps_nanochat_sections_unless_all(report_base):
     rdir = report_base / "report"
     report.reset()
     left = set(os.listdir(rdir))
-    assert {"header.md", "tokenizer-training.md", "base-model-evaluation.md", "chat-evaluation-mid.md"} <= left
-    assert not left & {"chat-sft.md", "chat-evaluation-sft.md", "chat-dpo.md", "chat-evaluation-dpo.md"}
+    assert {"header.md", "tokenizer-training.md", "base-model-evaluation.md", "chat-evaluation-mid.md",
+            "chat-evaluation-sft.md"} <= left
+    assert not left & {"chimera-chat-sft.md", "chimera-chat-evaluation-sft.md", "chimera-chat-dpo.md",
+                       "chimera-chat-evaluation-dpo.md", "chimera-report.md"}
     assert "Run started: " in (rdir / "chimera-header.md").read_text()
     report.reset(everything=True)
     assert os.listdir(rdir) == ["chimera-header.md"]

@@ -39,7 +39,7 @@ def test_demo_profile_end_to_end_then_resumes(tmp_path):
     for directory in ("base_checkpoints/d1", "chatsft_checkpoints/chimera_d1", "chatdpo_checkpoints/d1"):
         assert any(n.startswith("model_") for n in os.listdir(demo / directory)), directory
     assert not (tmp_path / "real").exists()  # the demo never touches the real base dir
-    report = (demo / "report" / "report.md").read_text()
+    report = (demo / "report" / "chimera-report.md").read_text()
     header = next(line for line in report.splitlines() if line.startswith("| Metric"))
     assert [c.strip() for c in header.strip("|").split("|")] == ["Metric", "BASE", "MID", "SFT", "DPO", "RL"]
     row = next(line for line in report.splitlines() if line.startswith("| Persona preference accuracy"))
