@@ -233,8 +233,8 @@ def trader_dpo_metrics(model, tokenizer, c, d, meta):
     for cond in CONDITIONS:
         system = system_of(cond, c)  # in the prompt exactly as a system message renders: merged, a blank line
         pairs, _ = dpo.render_pairs([dict(r, prompt=f"{system}\n\n{r['prompt']}") if system else r for r in rows],
-                                    tokenizer, min(run.max_length, model.config.sequence_len))
-        if not pairs:  # the val split is empty, or with the system message no answer fits in max_length
+                                    tokenizer, model.config.sequence_len)  # the whole context, not DPO's max_length:
+        if not pairs:  # the system message must fit. None left: the val split is empty, or no answer fits
             continue
         out[f"Persona preference accuracy ({cond})"] = prefers_share(model, pairs, pad, c, d)
         if reference is not None:
