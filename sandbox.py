@@ -195,22 +195,6 @@ def _read_capped(f, max_output):
     return data[:max_output].decode("utf-8", "replace") + ("\n[output truncated]" if len(data) > max_output else "")
 
 
-def _failure(returncode, stderr):
-    if returncode < 0:
-        return f"killed by {signal.Signals(-returncode).name}"
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    return (lines[-1] if lines else f"exit code {returncode}") if returncode else ""
-
-
-def _stop(proc, patience):
-    """Let it end by itself (keeping its exit status), else SIGTERM (the top process then kills the
-    pid namespace's first process, and with it the rest), else SIGKILL."""
-    for stop, wait in ((lambda: None, patience), (proc.terminate, 0.5), (proc.kill, None)):
-        stop()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            return proc.wait(wait)
-
-
 def execute_code(program, timeout=5.0, memory_mb=512, max_output=64 * 1024, guard=True, serve=None):
     """Run a Python program in the sandbox and report what happened (never raises for its faults).
     serve=(name, driver): then driver(call) runs here, call(*args) returning name(*args) as computed
@@ -251,8 +235,17 @@ def execute_code(program, timeout=5.0, memory_mb=512, max_output=64 * 1024, guar
         finally:
             reader.close()
             ours.close()  # the program's serving loop ends
-            _stop(proc, 0 if timed_out else 0.5)
+            # let it end by itself (keeping its exit status), else SIGTERM (the top process then kills
+            # the pid namespace's first process, and with it the rest), else SIGKILL
+            for stop, wait in ((lambda: None, 0 if timed_out else 0.5), (proc.terminate, 0.5), (proc.kill, None)):
+                stop()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(wait)
+                    break
         stdout, stderr = _read_capped(out, max_output), _read_capped(err, max_output)
-    error = verdict or ("" if serve else _failure(proc.returncode, stderr))
+    lines = [line for line in stderr.splitlines() if line.strip()] or [f"exit code {proc.returncode}"]
+    if proc.returncode < 0:
+        lines.append(f"killed by {signal.Signals(-proc.returncode).name}")
+    error = verdict or ("" if serve or not proc.returncode else lines[-1])
     return ExecResult(success=not (error or timed_out), stdout=stdout, stderr=stderr, timed_out=timed_out,
                       error=f"timed out after {timeout:g}s" if timed_out else error, returncode=proc.returncode)
