@@ -24,6 +24,7 @@ from common import UserError
 
 SANDBOX_FILE_BYTES = 16 << 20  # RLIMIT_FSIZE and /tmp size: the most the program may write
 REPLY_BYTES = 1 << 20  # longest reply the driver parses (literal_eval's tree is many times the text)
+_warned = set()  # the sandbox's warnings already printed: each once per process
 
 # Runs first in the sandbox: isolate, limit, report, guard, run, serve. Done here rather
 # than in preexec_fn, which can deadlock when the parent has threads (eval.py runs torch).
@@ -126,9 +127,6 @@ class ExecResult:
     returncode: int | None = None
 
 
-_warned = set()
-
-
 def _sandbox_identity():
     """A throwaway (uid, gid) that this user namespace maps when we are root, else None."""
     if os.geteuid() != 0:
@@ -172,23 +170,6 @@ def _receive(sock, reader, deadline):
     return json.loads(line)
 
 
-def _caller(sock, reader, deadline):
-    """The driver's call(*args, **kwargs): the program's function's value, as a Python literal."""
-    def call(*args, **kwargs):
-        try:
-            sock.sendall(repr((args, kwargs)).encode() + b"\n")
-            status, text = _receive(sock, reader, deadline)
-        except ConnectionError as e:
-            raise CallFailed("the program stopped") from e
-        if status != "ok":
-            raise CallFailed(text)
-        try:
-            return ast.literal_eval(text)
-        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
-            raise CallFailed(f"not a plain Python value: {text[:200]}") from e
-    return call
-
-
 def _read_capped(f, max_output):
     f.seek(0)
     data = f.read(max_output + 1)
@@ -197,9 +178,8 @@ def _read_capped(f, max_output):
 
 def execute_code(program, timeout=5.0, memory_mb=512, max_output=64 * 1024, guard=True, serve=None):
     """Run a Python program in the sandbox and report what happened (never raises for its faults).
-    serve=(name, driver): then driver(call) runs here, call(*args) returning name(*args) as computed
-    there, as a plain value (a Python literal): only the right values make the driver pass, and
-    success means it returned. guard=False drops the prelude (tests of the OS layer)."""
+    serve=(name, driver): driver(call) runs here, call(*args) returning name(*args) computed there as a
+    plain value, so only the right values pass; success: it returned. guard=False: no prelude (OS tests)."""
     identity = _sandbox_identity()
     python = _sandbox_python(identity)
     limits = {"RLIMIT_AS": memory_mb << 20, "RLIMIT_CPU": math.ceil(timeout) + 1, "RLIMIT_NPROC": 0,
@@ -219,13 +199,27 @@ def execute_code(program, timeout=5.0, memory_mb=512, max_output=64 * 1024, guar
         theirs.close()
         reader, deadline = ours.makefile("rb"), time.monotonic() + timeout
         ours.settimeout(timeout)
+
+        def call(*args, **kwargs):
+            """The driver's call: the program's function's value, as a Python literal."""
+            try:
+                ours.sendall(repr((args, kwargs)).encode() + b"\n")
+                status, text = _receive(ours, reader, deadline)
+            except ConnectionError as e:
+                raise CallFailed("the program stopped") from e
+            if status != "ok":
+                raise CallFailed(text)
+            try:
+                return ast.literal_eval(text)
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
+                raise CallFailed(f"not a plain Python value: {text[:200]}") from e
         try:
             ours.sendall(json.dumps(program).encode() + b"\n")
             for missing in set(_receive(ours, reader, deadline)) - _warned:  # sent before the program ran
                 _warned.add(missing)
                 print(f"warning: code sandbox: {missing}", file=sys.stderr, flush=True)
             if serve:
-                serve[1](_caller(ours, reader, deadline))
+                serve[1](call)
             else:
                 proc.wait(max(deadline - time.monotonic(), 0))
         except (TimeoutError, subprocess.TimeoutExpired):
