@@ -34,11 +34,10 @@ config = json.loads(sys.argv[1])
 channel = socket.socket(fileno=config["fd"])
 reader = channel.makefile("rb")
 source = json.loads(reader.readline())
-missing, libc, isolated = [], None, False
+missing, libc = [], None
 def check(what, result):
     if result != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, what + ": " + os.strerror(errno))
+        raise OSError(errno := ctypes.get_errno(), what + ": " + os.strerror(errno))
 try:  # CLONE_NEWUSER | NEWNS | NEWNET | NEWPID | NEWIPC, mapping only our own ids
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
@@ -47,11 +46,10 @@ try:  # CLONE_NEWUSER | NEWNS | NEWNET | NEWPID | NEWIPC, mapping only our own i
     for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
         with open("/proc/self/" + name, "w") as f:
             f.write(text)
-    isolated = True
 except (OSError, ImportError, AttributeError) as e:
     missing.append(f"no user namespace ({e}): the code can use the network, see and signal your processes, "
                    "read their environment and write wherever the user running it can")
-if isolated:
+else:
     try:  # MS_REC | MS_PRIVATE, then mount_setattr (442, Linux 5.12+) with AT_RECURSIVE, MOUNT_ATTR_RDONLY
         check("private mounts", libc.mount(None, b"/", None, 0x4000 | 0x40000, None))
         check("mount_setattr", libc.syscall(442, -100, b"/", 0x8000, (ctypes.c_uint64 * 4)(1), ctypes.c_size_t(32)))
@@ -161,8 +159,7 @@ def _sandbox_python(identity):
                              "set CHIMERA_SANDBOX_PYTHON to a python3 (3.9+) every user can execute")
 
 
-def _receive(sock, reader, deadline):
-    """The next JSON line from the sandbox, waiting until the deadline at most."""
+def _receive(sock, reader, deadline):  # the next JSON line from the sandbox, waiting until the deadline at most
     sock.settimeout(max(deadline - time.monotonic(), 1e-3))
     line = reader.readline(REPLY_BYTES)
     if not line.endswith(b"\n"):
@@ -181,7 +178,6 @@ def execute_code(program, timeout=5.0, memory_mb=512, max_output=64 * 1024, guar
     serve=(name, driver): driver(call) runs here, call(*args) returning name(*args) computed there as a
     plain value, so only the right values pass; success: it returned. guard=False: no prelude (OS tests)."""
     identity = _sandbox_identity()
-    python = _sandbox_python(identity)
     limits = {"RLIMIT_AS": memory_mb << 20, "RLIMIT_CPU": math.ceil(timeout) + 1, "RLIMIT_NPROC": 0,
               "RLIMIT_FSIZE": SANDBOX_FILE_BYTES, "RLIMIT_NOFILE": 64, "RLIMIT_CORE": 0}
     ours, theirs = socket.socketpair()
@@ -192,7 +188,7 @@ def execute_code(program, timeout=5.0, memory_mb=512, max_output=64 * 1024, guar
           tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err):
         if identity:
             os.chown(workdir, *identity)  # its working dir where no private /tmp could be made
-        proc = subprocess.Popen([python, "-I", "-B", "-c", _BOOT, json.dumps(config)], cwd=workdir,
+        proc = subprocess.Popen([_sandbox_python(identity), "-I", "-B", "-c", _BOOT, json.dumps(config)], cwd=workdir,
                                 env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp", "TMPDIR": "/tmp"},
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, pass_fds=[theirs.fileno()],
                                 start_new_session=True, **_as_user(identity))
