@@ -3,20 +3,18 @@
 #
 #   bash run.sh
 #
-# With a nanochat checkpoint in $NANOCHAT_BASE_DIR (default ~/.cache/nanochat): gen.py (needs
-# OPENROUTER_API_KEY unless both data files exist) -> SFT on trader + SmolTalk from mid (2025
-# nanochat) if there is one, else base (2026 nanochat has no mid) -> eval sft -> DPO -> eval dpo
-# -> report.md. Chimera writes chatsft_checkpoints/chimera_<tag>, chatdpo_checkpoints/<tag>,
-# its report sections and its stamps (chimera/); nanochat's own checkpoints are only read.
-# With no checkpoint and no OPENROUTER_API_KEY: an offline demo of the same pipeline on a tiny
-# fresh model and the persona data in data/, in $CHIMERA_DEMO_DIR (default ~/.cache/chimera-demo).
+# With a nanochat checkpoint in $NANOCHAT_BASE_DIR (default ~/.cache/nanochat): gen.py (needs OPENROUTER_API_KEY
+# unless both data files exist) -> SFT on trader + SmolTalk from mid (2025 nanochat) if there is one, else base
+# (2026 nanochat has no mid) -> eval sft -> DPO -> eval dpo -> report.md. Chimera writes its report sections,
+# chatsft_checkpoints/chimera_<tag>, chatdpo_checkpoints/<tag> and stamps (chimera/); nanochat's are only read.
+# With no checkpoint and no OPENROUTER_API_KEY: an offline demo of the same pipeline on a tiny fresh model and
+# the persona data in data/, in $CHIMERA_DEMO_DIR (default ~/.cache/chimera-demo).
 #
 # Environment:
 #   NANOCHAT_BASE_DIR   nanochat's base dir (checkpoints, tokenizer, datasets, report)
 #   OPENROUTER_API_KEY  for gen.py; OPENROUTER_MODELS picks the model(s)
 #   NPROC_PER_NODE      processes per stage (default: the number of GPUs, 1 on CPU)
-#   CHIMERA_START       mid|base|sft: SFT's start (default mid if present, else base; sft = your
-#                       own nanochat SFT model, chatsft_checkpoints/d<N>)
+#   CHIMERA_START       mid|base|sft: SFT's start (default mid if present, else base; sft: chatsft_checkpoints/d<N>)
 #   CHIMERA_DEMO=1      run the offline demo even when a checkpoint or key is present
 #   CHIMERA_REDO=1      redo every stage instead of skipping the ones Chimera finished
 #   SFT_EXAMPLES, DPO_EXAMPLES   how many conversations / pairs gen.py makes (5000 / 10000)
@@ -24,16 +22,15 @@
 #   CHIMERA_DEMO_DEPTH  depth of the demo's fresh model (default 2, 128 wide)
 #   CHIMERA_PYTHON      use this Python instead of the .venv that run.sh creates
 #
-# A stage is skipped only if Chimera's stamp of it (chimera/<stage>.stamp: command line, sha256
-# of its inputs and of the files it wrote) matches the command, the inputs and the files now.
-# So a re-run resumes after a failure, and a changed setting or input redoes what depends on it.
+# A stage is skipped only if Chimera's stamp of it (chimera/<stage>.stamp: command line, sha256 of its inputs and
+# of the files it wrote) matches the command, the inputs and the files now. So a re-run resumes after a failure,
+# and a changed setting or input redoes what depends on it.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 say() { printf '\n=== %s ===\n' "$*"; }
 die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
 
-# -----------------------------------------------------------------------------
 # Python environment: a venv beside the code, with the project installed into it
 
 PY=${CHIMERA_PYTHON:-$PWD/.venv/bin/python}
@@ -46,14 +43,11 @@ if ! "$PY" -c "import torch, numpy, requests, tiktoken" 2>/dev/null; then
     "$PY" -m pip install -q --disable-pip-version-check -e . || die "pip install failed"
 fi
 
-# -----------------------------------------------------------------------------
 # Which run: real (a nanochat checkpoint is there) or the offline demo
 
 BASE=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
-# latest DIR: the newest step's model file in a checkpoint directory; largest_tag DIR: the
-# model tag nanochat defaults to there, the largest d<N> holding a model (never chimera_*)
-latest() { { compgen -G "$1/model_*.pt" || true; } | sort | tail -n 1; }
-largest_tag() {
+latest() { { compgen -G "$1/model_*.pt" || true; } | sort | tail -n 1; }  # latest DIR: its newest step's model
+largest_tag() {  # largest_tag DIR: nanochat's default tag there, the largest d<N> with a model (never chimera_*)
     { compgen -G "$1/d*/model_*.pt" || true; } | sed -nE 's|.*/d([0-9]+)/model_[^/]*$|d\1|p' | sort -k1.2n | tail -n 1
 }
 START=${CHIMERA_START:-}
@@ -65,17 +59,15 @@ esac
 START_DIR=$BASE/${START/sft/chatsft}_checkpoints
 TAG=$(largest_tag "$START_DIR")
 
-DEMO=0
-if [ "${CHIMERA_DEMO:-0}" = 1 ]; then DEMO=1
-elif [ -z "$TAG" ] && [ -z "${OPENROUTER_API_KEY:-}" ] && [ -z "${CHIMERA_START:-}" ]; then DEMO=1
-elif [ -z "$TAG" ]; then
+DEMO=${CHIMERA_DEMO:-0}
+if [ "$DEMO" != 1 ] && [ -z "$TAG" ] && [ -n "${OPENROUTER_API_KEY:-}${CHIMERA_START:-}" ]; then
     die "no nanochat checkpoint in $START_DIR/d<N>. Train one with nanochat's speedrun.sh (or put a
 published one there), set NANOCHAT_BASE_DIR to its base dir, or run the offline demo with CHIMERA_DEMO=1."
+elif [ -z "$TAG" ]; then DEMO=1
 fi
 
 if [ "$DEMO" = 1 ]; then
-    BASE=${CHIMERA_DEMO_DIR:-$HOME/.cache/chimera-demo}
-    DEMO_DEPTH=${CHIMERA_DEMO_DEPTH:-2}
+    BASE=${CHIMERA_DEMO_DIR:-$HOME/.cache/chimera-demo} DEMO_DEPTH=${CHIMERA_DEMO_DEPTH:-2}
     START=base START_DIR=$BASE/base_checkpoints TAG=d$DEMO_DEPTH
     printf '\n%s\n%s\n%s\n' "OFFLINE DEMO: no nanochat checkpoint and no OPENROUTER_API_KEY, so the whole pipeline runs" \
         "on a tiny fresh model (byte-level tokenizer, random init) and the hand-written persona data in" \
@@ -92,41 +84,33 @@ STAMPS=$BASE/chimera  # Chimera's record of the stages it finished
 
 NPROC_PER_NODE=${NPROC_PER_NODE:-$("$PY" -c "import torch; print(max(1, torch.cuda.device_count()))")}
 launch() {  # launch SCRIPT ARGS...: torchrun over the GPUs, plain python on one process
-    if [ "$NPROC_PER_NODE" -gt 1 ]; then
-        set -- -m torch.distributed.run --standalone --nproc_per_node="$NPROC_PER_NODE" "$@"
-    fi
+    [ "$NPROC_PER_NODE" -gt 1 ] && set -- -m torch.distributed.run --standalone --nproc_per_node="$NPROC_PER_NODE" "$@"
     "$PY" "$@"
 }
 if command -v sha256sum >/dev/null; then SHA=(sha256sum); else SHA=(shasum -a 256); fi
-hashes() {  # hashes FILE...: one sha256 line per file (missing ones say so)
-    local f; for f in "$@"; do if [ -f "$f" ]; then "${SHA[@]}" "$f"; else echo "missing $f"; fi; done
-}
-written() {  # written MARK DIR...: sha256 lines of the files under DIR written after MARK
-    local mark=$1 f; shift
-    { find "$@" -type f -newer "$mark" ! -name 'optim_*' 2>/dev/null || true; } | sort |
-        while IFS= read -r f; do "${SHA[@]}" "$f"; done
-}
 step() {  # step NAME COMMAND...: run it, time it, stop the run if it fails
     local name=$1 t0=$SECONDS; shift; say "$name"
     "$@" || die "stage '$name' failed (exit $?). Fix the cause and run 'bash run.sh' again: finished stages are skipped."
     printf '%s done in %ss\n' "$name" $((SECONDS - t0))
 }
 stage() {  # stage NAME INPUT_FILE... -- OUTPUT_DIR... -- COMMAND...: skip it when Chimera's stamp matches
-    local name=$1 ins=() outs=() stamp key; shift
+    local name=$1 ins=() outs=() stamp key f; shift
     while [ "$1" != -- ]; do ins+=("$1"); shift; done; shift
     while [ "$1" != -- ]; do outs+=("$1"); shift; done; shift
     stamp=$STAMPS/$(printf %s "${name%% (*}" | tr -c 'A-Za-z0-9' _).stamp
-    key=$(printf 'command:'; printf ' %q' "$@"; echo; hashes ${ins[@]+"${ins[@]}"})
+    key=$(printf 'command:'; printf ' %q' "$@"; echo  # then a sha256 line per input file (missing ones say so)
+          for f in ${ins[@]+"${ins[@]}"}; do if [ -f "$f" ]; then "${SHA[@]}" "$f"; else echo "missing $f"; fi; done)
     if [ "${CHIMERA_REDO:-0}" != 1 ] && [ -s "$stamp" ] && [ "$(sed '/^outputs:$/,$d' "$stamp")" = "$key" ] &&
         sed '1,/^outputs:$/d' "$stamp" | "${SHA[@]}" -c --status 2>/dev/null; then
         say "$name: finished before with these settings and inputs, skipped (CHIMERA_REDO=1 to redo)"; return
     fi
     mkdir -p "$STAMPS" && rm -f "$stamp" && touch "$STAMPS/started"
     step "$name" "$@"
-    { printf '%s\noutputs:\n' "$key"; written "$STAMPS/started" "${outs[@]}"; } >"$stamp.tmp" && mv "$stamp.tmp" "$stamp"
+    { printf '%s\noutputs:\n' "$key"  # then a sha256 line per file the stage wrote (but optimizer states)
+      { find "${outs[@]}" -type f -newer "$STAMPS/started" ! -name 'optim_*' -print0 2>/dev/null || true; } |
+          sort -z | xargs -0 -r "${SHA[@]}"; } >"$stamp.tmp" && mv "$stamp.tmp" "$stamp"
 }
 
-# -----------------------------------------------------------------------------
 # The stages
 
 SFT_ARGS=(--source="$START" --model_tag="$TAG" --out_tag="$SFT_TAG") DPO_ARGS=() EVAL_ARGS=()
@@ -156,15 +140,13 @@ fi
 
 # shellcheck disable=SC2206  # the extra flags are meant to split on spaces
 SFT_ARGS+=(${SFT_EXTRA_ARGS:-}); DPO_ARGS+=(${DPO_EXTRA_ARGS:-}); EVAL_ARGS+=(${EVAL_EXTRA_ARGS:-})
-stage "SFT (sft.py)" "$SFT_DATA" "$(latest "$START_DIR/$TAG")" -- "$SFT_DIR" "$R" -- \
-    launch sft.py "${SFT_ARGS[@]}"
+stage "SFT (sft.py)" "$SFT_DATA" "$(latest "$START_DIR/$TAG")" -- "$SFT_DIR" "$R" -- launch sft.py "${SFT_ARGS[@]}"
 stage "evaluate SFT (eval.py -i sft)" "$SFT_DATA" "$DPO_DATA" "$(latest "$SFT_DIR")" -- "$R" -- \
     launch eval.py -i sft --model_tag="$SFT_TAG" "${EVAL_ARGS[@]}"
 stage "DPO (dpo.py)" "$DPO_DATA" "$(latest "$SFT_DIR")" -- "$DPO_DIR" "$R" -- \
     launch dpo.py --source=sft --model_tag="$SFT_TAG" --out_tag="$TAG" "${DPO_ARGS[@]}"
 stage "evaluate DPO (eval.py -i dpo)" "$SFT_DATA" "$DPO_DATA" "$(latest "$SFT_DIR")" "$(latest "$DPO_DIR")" \
-    -- "$R" -- \
-    launch eval.py -i dpo --model_tag="$TAG" "${EVAL_ARGS[@]}"
+    -- "$R" -- launch eval.py -i dpo --model_tag="$TAG" "${EVAL_ARGS[@]}"
 step "report (report.py generate)" "$PY" report.py generate
 
 say "done: $BASE/report/chimera-report.md (and ./report.md)"

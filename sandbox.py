@@ -24,6 +24,7 @@ from common import UserError
 
 SANDBOX_FILE_BYTES = 16 << 20  # RLIMIT_FSIZE and /tmp size: the most the program may write
 REPLY_BYTES = 1 << 20  # longest reply the driver parses (literal_eval's tree is many times the text)
+_warned = set()  # the sandbox's warnings already printed: each once per process
 
 # Runs first in the sandbox: isolate, limit, report, guard, run, serve. Done here rather
 # than in preexec_fn, which can deadlock when the parent has threads (eval.py runs torch).
@@ -33,11 +34,10 @@ config = json.loads(sys.argv[1])
 channel = socket.socket(fileno=config["fd"])
 reader = channel.makefile("rb")
 source = json.loads(reader.readline())
-missing, libc, isolated = [], None, False
+missing, libc = [], None
 def check(what, result):
     if result != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, what + ": " + os.strerror(errno))
+        raise OSError(errno := ctypes.get_errno(), what + ": " + os.strerror(errno))
 try:  # CLONE_NEWUSER | NEWNS | NEWNET | NEWPID | NEWIPC, mapping only our own ids
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
@@ -46,11 +46,10 @@ try:  # CLONE_NEWUSER | NEWNS | NEWNET | NEWPID | NEWIPC, mapping only our own i
     for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
         with open("/proc/self/" + name, "w") as f:
             f.write(text)
-    isolated = True
 except (OSError, ImportError, AttributeError) as e:
     missing.append(f"no user namespace ({e}): the code can use the network, see and signal your processes, "
                    "read their environment and write wherever the user running it can")
-if isolated:
+else:
     try:  # MS_REC | MS_PRIVATE, then mount_setattr (442, Linux 5.12+) with AT_RECURSIVE, MOUNT_ATTR_RDONLY
         check("private mounts", libc.mount(None, b"/", None, 0x4000 | 0x40000, None))
         check("mount_setattr", libc.syscall(442, -100, b"/", 0x8000, (ctypes.c_uint64 * 4)(1), ctypes.c_size_t(32)))
@@ -126,9 +125,6 @@ class ExecResult:
     returncode: int | None = None
 
 
-_warned = set()
-
-
 def _sandbox_identity():
     """A throwaway (uid, gid) that this user namespace maps when we are root, else None."""
     if os.geteuid() != 0:
@@ -163,30 +159,12 @@ def _sandbox_python(identity):
                              "set CHIMERA_SANDBOX_PYTHON to a python3 (3.9+) every user can execute")
 
 
-def _receive(sock, reader, deadline):
-    """The next JSON line from the sandbox, waiting until the deadline at most."""
+def _receive(sock, reader, deadline):  # the next JSON line from the sandbox, waiting until the deadline at most
     sock.settimeout(max(deadline - time.monotonic(), 1e-3))
     line = reader.readline(REPLY_BYTES)
     if not line.endswith(b"\n"):
         raise CallFailed("reply too long" if line else "the program stopped")
     return json.loads(line)
-
-
-def _caller(sock, reader, deadline):
-    """The driver's call(*args, **kwargs): the program's function's value, as a Python literal."""
-    def call(*args, **kwargs):
-        try:
-            sock.sendall(repr((args, kwargs)).encode() + b"\n")
-            status, text = _receive(sock, reader, deadline)
-        except ConnectionError as e:
-            raise CallFailed("the program stopped") from e
-        if status != "ok":
-            raise CallFailed(text)
-        try:
-            return ast.literal_eval(text)
-        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
-            raise CallFailed(f"not a plain Python value: {text[:200]}") from e
-    return call
 
 
 def _read_capped(f, max_output):
@@ -195,29 +173,11 @@ def _read_capped(f, max_output):
     return data[:max_output].decode("utf-8", "replace") + ("\n[output truncated]" if len(data) > max_output else "")
 
 
-def _failure(returncode, stderr):
-    if returncode < 0:
-        return f"killed by {signal.Signals(-returncode).name}"
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    return (lines[-1] if lines else f"exit code {returncode}") if returncode else ""
-
-
-def _stop(proc, patience):
-    """Let it end by itself (keeping its exit status), else SIGTERM (the top process then kills the
-    pid namespace's first process, and with it the rest), else SIGKILL."""
-    for stop, wait in ((lambda: None, patience), (proc.terminate, 0.5), (proc.kill, None)):
-        stop()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            return proc.wait(wait)
-
-
 def execute_code(program, timeout=5.0, memory_mb=512, max_output=64 * 1024, guard=True, serve=None):
     """Run a Python program in the sandbox and report what happened (never raises for its faults).
-    serve=(name, driver): then driver(call) runs here, call(*args) returning name(*args) as computed
-    there, as a plain value (a Python literal): only the right values make the driver pass, and
-    success means it returned. guard=False drops the prelude (tests of the OS layer)."""
+    serve=(name, driver): driver(call) runs here, call(*args) returning name(*args) computed there as a
+    plain value, so only the right values pass; success: it returned. guard=False: no prelude (OS tests)."""
     identity = _sandbox_identity()
-    python = _sandbox_python(identity)
     limits = {"RLIMIT_AS": memory_mb << 20, "RLIMIT_CPU": math.ceil(timeout) + 1, "RLIMIT_NPROC": 0,
               "RLIMIT_FSIZE": SANDBOX_FILE_BYTES, "RLIMIT_NOFILE": 64, "RLIMIT_CORE": 0}
     ours, theirs = socket.socketpair()
@@ -228,20 +188,34 @@ def execute_code(program, timeout=5.0, memory_mb=512, max_output=64 * 1024, guar
           tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err):
         if identity:
             os.chown(workdir, *identity)  # its working dir where no private /tmp could be made
-        proc = subprocess.Popen([python, "-I", "-B", "-c", _BOOT, json.dumps(config)], cwd=workdir,
+        proc = subprocess.Popen([_sandbox_python(identity), "-I", "-B", "-c", _BOOT, json.dumps(config)], cwd=workdir,
                                 env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp", "TMPDIR": "/tmp"},
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, pass_fds=[theirs.fileno()],
                                 start_new_session=True, **_as_user(identity))
         theirs.close()
         reader, deadline = ours.makefile("rb"), time.monotonic() + timeout
         ours.settimeout(timeout)
+
+        def call(*args, **kwargs):
+            """The driver's call: the program's function's value, as a Python literal."""
+            try:
+                ours.sendall(repr((args, kwargs)).encode() + b"\n")
+                status, text = _receive(ours, reader, deadline)
+            except ConnectionError as e:
+                raise CallFailed("the program stopped") from e
+            if status != "ok":
+                raise CallFailed(text)
+            try:
+                return ast.literal_eval(text)
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
+                raise CallFailed(f"not a plain Python value: {text[:200]}") from e
         try:
             ours.sendall(json.dumps(program).encode() + b"\n")
             for missing in set(_receive(ours, reader, deadline)) - _warned:  # sent before the program ran
                 _warned.add(missing)
                 print(f"warning: code sandbox: {missing}", file=sys.stderr, flush=True)
             if serve:
-                serve[1](_caller(ours, reader, deadline))
+                serve[1](call)
             else:
                 proc.wait(max(deadline - time.monotonic(), 0))
         except (TimeoutError, subprocess.TimeoutExpired):
@@ -251,8 +225,17 @@ def execute_code(program, timeout=5.0, memory_mb=512, max_output=64 * 1024, guar
         finally:
             reader.close()
             ours.close()  # the program's serving loop ends
-            _stop(proc, 0 if timed_out else 0.5)
+            # let it end by itself (keeping its exit status), else SIGTERM (the top process then kills
+            # the pid namespace's first process, and with it the rest), else SIGKILL
+            for stop, wait in ((lambda: None, 0 if timed_out else 0.5), (proc.terminate, 0.5), (proc.kill, None)):
+                stop()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(wait)
+                    break
         stdout, stderr = _read_capped(out, max_output), _read_capped(err, max_output)
-    error = verdict or ("" if serve else _failure(proc.returncode, stderr))
+    lines = [line for line in stderr.splitlines() if line.strip()] or [f"exit code {proc.returncode}"]
+    if proc.returncode < 0:
+        lines.append(f"killed by {signal.Signals(-proc.returncode).name}")
+    error = verdict or ("" if serve or not proc.returncode else lines[-1])
     return ExecResult(success=not (error or timed_out), stdout=stdout, stderr=stderr, timed_out=timed_out,
                       error=f"timed out after {timeout:g}s" if timed_out else error, returncode=proc.returncode)
