@@ -81,7 +81,6 @@ def check_config(c):
 # -----------------------------------------------------------------------------
 # The persona (one markdown file, a section per `## heading`), the prompts and JSON schemas
 # asked of the model, and the records made of the answers
-
 PERSONA_TEXT = ("name", "system", "master", "apprentice")
 PERSONA_LISTS = ("topics", "users", "shapes", "openings")  # drawn at random per item; "failures" by item index
 
@@ -161,7 +160,6 @@ class Dropped(Exception):
 
 
 def sft_record(persona, spec, value):
-    """The SFT line for an answer: the persona's system message, then the generated turns."""
     turns = value["messages"] if isinstance(value, dict) and isinstance(value.get("messages"), list) else []
     record = {"messages": [{"role": "system", "content": persona["system"]}] + turns}
     if problem := conversation_problem(record):
@@ -196,16 +194,13 @@ KINDS = {  # kind -> (file name, prompt builder, record builder, schema name, sc
 
 # -----------------------------------------------------------------------------
 # The OpenRouter client: chat completions over tasks.http_retry, with OpenRouter's error contract
-
-
 class APIStop(UserError):
     """An error no retry fixes (bad key, no credits, refused request): the run stops, keeping its output."""
 
 
 class Spend:
-    """Requests, tokens and cost per model, from an append-only ledger (one whole line per paid
-    request, written as the answer arrives, useless answers included), so a killed run's spend
-    is not lost and the summary covers every run."""
+    """Requests, tokens and cost per model, from an append-only ledger (a line per paid request, useless
+    answers included, written as it arrives): a killed run's spend is not lost; the summary covers all runs."""
 
     def __init__(self, path=None):
         self.path, self.models, self.cost, self._lock = None, {}, 0.0, threading.Lock()
@@ -237,9 +232,8 @@ class OpenRouter:
         self.spend, self._local, self._lock = Spend(), threading.local(), threading.Lock()
 
     def _clean(self, value):
-        """`value` with the key scrubbed from every string (a provider may echo the Authorization
-        header back) and lone surrogates ("\\ud800", not encodable as UTF-8) replaced by U+FFFD, by way of
-        its JSON text (a key has no character JSON escapes)."""
+        """`value` with the key scrubbed (a provider may echo the Authorization header) and lone surrogates
+        (not encodable as UTF-8) made U+FFFD, by way of its JSON text (a key has no character JSON escapes)."""
         text = json.dumps(value, ensure_ascii=False)
         text = text.replace(self._key, "***") if self._key else text
         return json.loads(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
@@ -269,9 +263,8 @@ class OpenRouter:
         return self.model
 
     def chat(self, messages, schema_name, schema, temperature=1.0, max_tokens=2048, model=None):
-        """One chat completion asking for JSON that follows `schema` (from `model`, default the
-        generator's). Returns the parsed answer, cleaned by _clean. Raises BadAnswer for an
-        unusable answer, HTTPGaveUp when retries run out, APIStop when nothing can succeed."""
+        """The parsed, _clean'ed JSON answer following `schema` from `model` (default the generator). Raises
+        BadAnswer for an unusable answer, HTTPGaveUp when retries run out, APIStop when nothing can succeed."""
         while True:
             use = model or self.model
             body = {"model": use, "messages": messages, "temperature": temperature, "max_tokens": max_tokens,
@@ -339,7 +332,6 @@ def client_from_env(base_url="", models="", timeout=120.0, retries=6, backoff=1.
 
 # -----------------------------------------------------------------------------
 # An LLM judge of two answers in the persona (--judge-pairs here, eval.py --judge=1)
-
 JUDGE_SCHEMA = {"type": "object", "properties": {"winner": {"type": "string", "enum": ["1", "2", "tie"]}},
                 "required": ["winner"], "additionalProperties": False}
 
@@ -370,11 +362,8 @@ def judge_both_orders(client, persona, message, a, b, model=None, attempts=3):
 # -----------------------------------------------------------------------------
 # Output files (whole-line appends, a ledger of finished items, exact and near duplicates) and
 # making items: one request per item, asked again while the answer is unusable
-
-
 def repair_torn_line(path):
-    """Cut off a last line without its newline (a run killed mid-write); True if one was cut.
-    A complete record that only lacks its newline gets one."""
+    """Cut off a torn last line (a run killed mid-write; True if cut); a complete one gets its newline."""
     if not os.path.isfile(path):
         return False
     with open(path, "rb+") as f:
@@ -400,8 +389,7 @@ MINHASH = np.random.default_rng(1234).integers(1, 2**31 - 1, (2, 64), dtype=np.u
 
 
 def minhash(record):
-    """MinHash over the record's word trigrams: the share of equal slots of two signatures
-    estimates the Jaccard similarity of the two records."""
+    """MinHash of the word trigrams: the share of equal slots of two signatures estimates Jaccard similarity."""
     words = re.findall(r"\w+", record_text(record).lower())
     grams = {" ".join(words[i:i + 3]) for i in range(max(1, len(words) - 2))}
     x = np.array([zlib.crc32(g.encode("utf-8")) for g in grams], dtype=np.uint64)[:, None]
@@ -409,10 +397,9 @@ def minhash(record):
 
 
 class Store:
-    """One output JSONL and its ledger (`<name>.ledger.jsonl`: one line per finished item id).
-    The data file is the truth: a ledger "ok" counts only if its record is in the data, so a
-    kill between the two appends redoes that item rather than losing or doubling it. A new
-    record is compared with every earlier one at once, by digest and by MinHash signature."""
+    """One output JSONL and its ledger (`<name>.ledger.jsonl`, a line per finished item id). The data file is
+    the truth: a ledger "ok" counts only if its record is in the data, so a kill between the two appends
+    redoes that item rather than losing or doubling it. New records are checked by digest and MinHash."""
 
     def __init__(self, path, problem_of, threshold):
         self.path, self.ledger_path = path, re.sub(r"(\.jsonl)?$", ".ledger.jsonl", path, 1)
@@ -527,8 +514,6 @@ def generate(client, persona, kind, store, target, c, executor):
 
 # -----------------------------------------------------------------------------
 # Summary: counts, spend and diversity, as JSON beside the data and as a report section
-
-
 def diversity(persona, kind, store, seed, counts):
     """How much of the persona's variety the finished items cover, and how varied their text is."""
     specs = [item_spec(persona, kind, int(i), seed) for k, s, i in (x.rsplit("-", 2) for x in store.ok_ids)
@@ -581,8 +566,6 @@ def write_summary(out_dir, c, persona, stores, targets, runs, spend, wall, model
 
 # -----------------------------------------------------------------------------
 # Main
-
-
 def open_output(c):
     """The output directory, checked writable, with its lock held (two gen.py would make every item twice)."""
     out_dir = c.out_dir or os.path.join(get_base_dir(), "datasets")
