@@ -65,22 +65,8 @@ class Config:
     judge_model: str = ""  # the judge of --judge-pairs; "" = the generator model
 
 
-def check_config(c):
-    for message, ok in {
-            "--sft-examples must be >= 0": c.sft_examples >= 0, "--dpo-examples must be >= 0": c.dpo_examples >= 0,
-            "--workers must be >= 1": c.workers >= 1, "need 1 <= --min-turns <= --max-turns":
-                1 <= c.min_turns <= c.max_turns,
-            "--item-attempts must be >= 1 and --http-retries >= 0": c.item_attempts >= 1 and c.http_retries >= 0,
-            "--timeout and --max-tokens must be > 0; --backoff and --max-cost >= 0":
-                c.timeout > 0 and c.max_tokens >= 1 and c.backoff >= 0 and c.max_cost >= 0,
-            "--near-dup-threshold must be in (0, 1]": 0.0 < c.near_dup_threshold <= 1.0}.items():
-        if not ok:
-            raise UserError(message)
-
-
 # -----------------------------------------------------------------------------
-# The persona (one markdown file, a section per `## heading`), the prompts and JSON schemas
-# asked of the model, and the records made of the answers
+# The persona (data/persona.md, a section per `## heading`), the prompts and schemas, the records made
 PERSONA_TEXT = ("name", "system", "master", "apprentice")
 PERSONA_LISTS = ("topics", "users", "shapes", "openings")  # drawn at random per item; "failures" by item index
 
@@ -360,8 +346,11 @@ def judge_both_orders(client, persona, message, a, b, model=None, attempts=3):
 
 
 # -----------------------------------------------------------------------------
-# Output files (whole-line appends, a ledger of finished items, exact and near duplicates) and
-# making items: one request per item, asked again while the answer is unusable
+# Output files (whole-line appends, a ledger, exact and near duplicates); items, asked again while unusable
+MINHASH = np.random.default_rng(1234).integers(1, 2**31 - 1, (2, 64), dtype=np.uint64)  # 64 hashes (a*x+b) mod p
+STOP = threading.Event()  # set by Ctrl-C: no new item or attempt starts, the ones in flight finish
+
+
 def repair_torn_line(path):
     """Cut off a torn last line (a run killed mid-write; True if cut); a complete one gets its newline."""
     if not os.path.isfile(path):
@@ -383,9 +372,6 @@ def record_text(record):
     """The text that makes a record what it is (the shared system prompt left out)."""
     messages = record.get("messages") or [{"role": "user", "content": record[k]} for k in ("prompt", "chosen")]
     return "\n".join(m["content"] for m in messages if m["role"] != "system")
-
-
-MINHASH = np.random.default_rng(1234).integers(1, 2**31 - 1, (2, 64), dtype=np.uint64)  # 64 hashes (a*x+b) mod p
 
 
 def minhash(record):
@@ -439,9 +425,6 @@ class Store:
         append_jsonl(self.ledger_path, {"id": item_id, "outcome": outcome})
         self.done_ids.add(item_id)
         return outcome
-
-
-STOP = threading.Event()  # set by Ctrl-C: no new item or attempt starts, the ones in flight finish
 
 
 def make_item(client, persona, kind, spec, c):
@@ -564,8 +547,6 @@ def write_summary(out_dir, c, persona, stores, targets, runs, spend, wall, model
                                                               for k in stores) + f"; summary: {path}", flush=True)
 
 
-# -----------------------------------------------------------------------------
-# Main
 def open_output(c):
     """The output directory, checked writable, with its lock held (two gen.py would make every item twice)."""
     out_dir = c.out_dir or os.path.join(get_base_dir(), "datasets")
@@ -587,7 +568,16 @@ def open_output(c):
 
 def main():
     c = parse_config(Config)
-    check_config(c)
+    for message, ok in {
+            "--sft-examples must be >= 0": c.sft_examples >= 0, "--dpo-examples must be >= 0": c.dpo_examples >= 0,
+            "--workers must be >= 1": c.workers >= 1, "need 1 <= --min-turns <= --max-turns":
+                1 <= c.min_turns <= c.max_turns,
+            "--item-attempts must be >= 1 and --http-retries >= 0": c.item_attempts >= 1 and c.http_retries >= 0,
+            "--timeout and --max-tokens must be > 0; --backoff and --max-cost >= 0":
+                c.timeout > 0 and c.max_tokens >= 1 and c.backoff >= 0 and c.max_cost >= 0,
+            "--near-dup-threshold must be in (0, 1]": 0.0 < c.near_dup_threshold <= 1.0}.items():
+        if not ok:
+            raise UserError(message)
     client = client_from_env(c.base_url, c.models, c.timeout, c.http_retries, c.backoff)
     persona = load_persona(c.persona)
     out_dir, lock = open_output(c)
