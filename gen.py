@@ -547,25 +547,6 @@ def write_summary(out_dir, c, persona, stores, targets, runs, spend, wall, model
                                                               for k in stores) + f"; summary: {path}", flush=True)
 
 
-def open_output(c):
-    """The output directory, checked writable, with its lock held (two gen.py would make every item twice)."""
-    out_dir = c.out_dir or os.path.join(get_base_dir(), "datasets")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        lock = open(os.path.join(out_dir, "trader_gen.lock"), "w")
-    except OSError as e:
-        raise UserError(f"cannot create the output directory {out_dir} or write in it: {e.strerror}") from None
-    for path in [os.path.join(out_dir, name) for name in os.listdir(out_dir) if name.startswith("trader_")]:
-        if not os.access(path, os.W_OK):
-            raise UserError(f"{path} is not writable")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise UserError(f"another gen.py is writing to {out_dir} (it holds {lock.name}); "
-                        "wait for it to finish, or use another --out-dir") from None
-    return out_dir, lock
-
-
 def main():
     c = parse_config(Config)
     for message, ok in {
@@ -580,7 +561,21 @@ def main():
             raise UserError(message)
     client = client_from_env(c.base_url, c.models, c.timeout, c.http_retries, c.backoff)
     persona = load_persona(c.persona)
-    out_dir, lock = open_output(c)
+    # the output directory, checked writable, locked (two gen.py would make every item twice)
+    out_dir = c.out_dir or os.path.join(get_base_dir(), "datasets")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(os.path.join(out_dir, "trader_gen.lock"), "w")
+    except OSError as e:
+        raise UserError(f"cannot create the output directory {out_dir} or write in it: {e.strerror}") from None
+    for path in [os.path.join(out_dir, name) for name in os.listdir(out_dir) if name.startswith("trader_")]:
+        if not os.access(path, os.W_OK):
+            raise UserError(f"{path} is not writable")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise UserError(f"another gen.py is writing to {out_dir} (it holds {lock.name}); "
+                        "wait for it to finish, or use another --out-dir") from None
     with lock:
         targets = {"sft": c.sft_examples, "dpo": c.dpo_examples}
         stores = {kind: Store(os.path.join(out_dir, name), problem_of, c.near_dup_threshold)
