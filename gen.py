@@ -65,7 +65,6 @@ class Config:
     judge_model: str = ""  # the judge of --judge-pairs; "" = the generator model
 
 
-# -----------------------------------------------------------------------------
 # The persona (data/persona.md, a section per `## heading`), the prompts and schemas, the records made
 PERSONA_TEXT = ("name", "system", "master", "apprentice")
 PERSONA_LISTS = ("topics", "users", "shapes", "openings")  # drawn at random per item; "failures" by item index
@@ -88,7 +87,6 @@ def load_persona(path):
 
 
 def item_spec(persona, kind, index, seed, min_turns=2, max_turns=4):
-    """The reproducible recipe of one item: who asks what, in what shape and style."""
     rng = random.Random(f"{seed}:{kind}:{index}")
     spec = {"id": f"{kind}-{seed}-{index}", **{key[:-1]: rng.choice(persona[key]) for key in PERSONA_LISTS}}
     if kind == "sft":
@@ -178,7 +176,6 @@ KINDS = {  # kind -> (file name, prompt builder, record builder, schema name, sc
 }
 
 
-# -----------------------------------------------------------------------------
 # The OpenRouter client: chat completions over tasks.http_retry, with OpenRouter's error contract
 class APIStop(UserError):
     """An error no retry fixes (bad key, no credits, refused request): the run stops, keeping its output."""
@@ -212,8 +209,7 @@ class OpenRouter:
 
     def __init__(self, api_key, base_url, models, timeout=120.0, retries=6, backoff=1.0):
         self._key = api_key  # sent in a header, never stored or printed: everything read back goes through _clean
-        self.base_url = base_url.rstrip("/")
-        self.models, self.model, self.verified = list(models), models[0], False
+        self.base_url, self.models, self.model, self.verified = base_url.rstrip("/"), list(models), models[0], False
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.spend, self._local, self._lock = Spend(), threading.local(), threading.Lock()
 
@@ -316,7 +312,6 @@ def client_from_env(base_url="", models="", timeout=120.0, retries=6, backoff=1.
     return OpenRouter(api_key, base_url, models or ["openai/gpt-4o-mini"], timeout, retries, backoff)
 
 
-# -----------------------------------------------------------------------------
 # An LLM judge of two answers in the persona (--judge-pairs here, eval.py --judge=1)
 JUDGE_SCHEMA = {"type": "object", "properties": {"winner": {"type": "string", "enum": ["1", "2", "tie"]}},
                 "required": ["winner"], "additionalProperties": False}
@@ -345,7 +340,6 @@ def judge_both_orders(client, persona, message, a, b, model=None, attempts=3):
     return {("1", "2"): 1, ("2", "1"): -1}.get((verdict(a, b), verdict(b, a)))
 
 
-# -----------------------------------------------------------------------------
 # Output files (whole-line appends, a ledger, exact and near duplicates); items, asked again while unusable
 MINHASH = np.random.default_rng(1234).integers(1, 2**31 - 1, (2, 64), dtype=np.uint64)  # 64 hashes (a*x+b) mod p
 STOP = threading.Event()  # set by Ctrl-C: no new item or attempt starts, the ones in flight finish
@@ -408,7 +402,6 @@ class Store:
         self.records.append(record)
 
     def add(self, item_id, record):
-        """Append `record` unless it duplicates an earlier one; returns the outcome."""
         digest, signature = record_digest(record).hex(), minhash(record)
         if digest in self.hashes:
             return self.mark(item_id, "duplicate")
@@ -495,7 +488,6 @@ def generate(client, persona, kind, store, target, c, executor):
     return counts, failure_reasons, stop or ("interrupted" if STOP.is_set() else None)
 
 
-# -----------------------------------------------------------------------------
 # Summary: counts, spend and diversity, as JSON beside the data and as a report section
 def diversity(persona, kind, store, seed, counts):
     """How much of the persona's variety the finished items cover, and how varied their text is."""
