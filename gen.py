@@ -65,23 +65,7 @@ class Config:
     judge_model: str = ""  # the judge of --judge-pairs; "" = the generator model
 
 
-def check_config(c):
-    for message, ok in {
-            "--sft-examples must be >= 0": c.sft_examples >= 0, "--dpo-examples must be >= 0": c.dpo_examples >= 0,
-            "--workers must be >= 1": c.workers >= 1, "need 1 <= --min-turns <= --max-turns":
-                1 <= c.min_turns <= c.max_turns,
-            "--item-attempts must be >= 1 and --http-retries >= 0": c.item_attempts >= 1 and c.http_retries >= 0,
-            "--timeout and --max-tokens must be > 0; --backoff and --max-cost >= 0":
-                c.timeout > 0 and c.max_tokens >= 1 and c.backoff >= 0 and c.max_cost >= 0,
-            "--near-dup-threshold must be in (0, 1]": 0.0 < c.near_dup_threshold <= 1.0}.items():
-        if not ok:
-            raise UserError(message)
-
-
-# -----------------------------------------------------------------------------
-# The persona (one markdown file, a section per `## heading`), the prompts and JSON schemas
-# asked of the model, and the records made of the answers
-
+# The persona (data/persona.md, a section per `## heading`), the prompts and schemas, the records made
 PERSONA_TEXT = ("name", "system", "master", "apprentice")
 PERSONA_LISTS = ("topics", "users", "shapes", "openings")  # drawn at random per item; "failures" by item index
 
@@ -103,7 +87,6 @@ def load_persona(path):
 
 
 def item_spec(persona, kind, index, seed, min_turns=2, max_turns=4):
-    """The reproducible recipe of one item: who asks what, in what shape and style."""
     rng = random.Random(f"{seed}:{kind}:{index}")
     spec = {"id": f"{kind}-{seed}-{index}", **{key[:-1]: rng.choice(persona[key]) for key in PERSONA_LISTS}}
     if kind == "sft":
@@ -161,7 +144,6 @@ class Dropped(Exception):
 
 
 def sft_record(persona, spec, value):
-    """The SFT line for an answer: the persona's system message, then the generated turns."""
     turns = value["messages"] if isinstance(value, dict) and isinstance(value.get("messages"), list) else []
     record = {"messages": [{"role": "system", "content": persona["system"]}] + turns}
     if problem := conversation_problem(record):
@@ -194,18 +176,14 @@ KINDS = {  # kind -> (file name, prompt builder, record builder, schema name, sc
 }
 
 
-# -----------------------------------------------------------------------------
 # The OpenRouter client: chat completions over tasks.http_retry, with OpenRouter's error contract
-
-
 class APIStop(UserError):
     """An error no retry fixes (bad key, no credits, refused request): the run stops, keeping its output."""
 
 
 class Spend:
-    """Requests, tokens and cost per model, from an append-only ledger (one whole line per paid
-    request, written as the answer arrives, useless answers included), so a killed run's spend
-    is not lost and the summary covers every run."""
+    """Requests, tokens and cost per model, from an append-only ledger (a line per paid request, useless
+    answers included, written as it arrives): a killed run's spend is not lost; the summary covers all runs."""
 
     def __init__(self, path=None):
         self.path, self.models, self.cost, self._lock = None, {}, 0.0, threading.Lock()
@@ -231,15 +209,13 @@ class OpenRouter:
 
     def __init__(self, api_key, base_url, models, timeout=120.0, retries=6, backoff=1.0):
         self._key = api_key  # sent in a header, never stored or printed: everything read back goes through _clean
-        self.base_url = base_url.rstrip("/")
-        self.models, self.model, self.verified = list(models), models[0], False
+        self.base_url, self.models, self.model, self.verified = base_url.rstrip("/"), list(models), models[0], False
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.spend, self._local, self._lock = Spend(), threading.local(), threading.Lock()
 
     def _clean(self, value):
-        """`value` with the key scrubbed from every string (a provider may echo the Authorization
-        header back) and lone surrogates ("\\ud800", not encodable as UTF-8) replaced by U+FFFD, by way of
-        its JSON text (a key has no character JSON escapes)."""
+        """`value` with the key scrubbed (a provider may echo the Authorization header) and lone surrogates
+        (not encodable as UTF-8) made U+FFFD, by way of its JSON text (a key has no character JSON escapes)."""
         text = json.dumps(value, ensure_ascii=False)
         text = text.replace(self._key, "***") if self._key else text
         return json.loads(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
@@ -269,9 +245,8 @@ class OpenRouter:
         return self.model
 
     def chat(self, messages, schema_name, schema, temperature=1.0, max_tokens=2048, model=None):
-        """One chat completion asking for JSON that follows `schema` (from `model`, default the
-        generator's). Returns the parsed answer, cleaned by _clean. Raises BadAnswer for an
-        unusable answer, HTTPGaveUp when retries run out, APIStop when nothing can succeed."""
+        """The parsed, _clean'ed JSON answer following `schema` from `model` (default the generator). Raises
+        BadAnswer for an unusable answer, HTTPGaveUp when retries run out, APIStop when nothing can succeed."""
         while True:
             use = model or self.model
             body = {"model": use, "messages": messages, "temperature": temperature, "max_tokens": max_tokens,
@@ -337,9 +312,7 @@ def client_from_env(base_url="", models="", timeout=120.0, retries=6, backoff=1.
     return OpenRouter(api_key, base_url, models or ["openai/gpt-4o-mini"], timeout, retries, backoff)
 
 
-# -----------------------------------------------------------------------------
 # An LLM judge of two answers in the persona (--judge-pairs here, eval.py --judge=1)
-
 JUDGE_SCHEMA = {"type": "object", "properties": {"winner": {"type": "string", "enum": ["1", "2", "tie"]}},
                 "required": ["winner"], "additionalProperties": False}
 
@@ -367,14 +340,13 @@ def judge_both_orders(client, persona, message, a, b, model=None, attempts=3):
     return {("1", "2"): 1, ("2", "1"): -1}.get((verdict(a, b), verdict(b, a)))
 
 
-# -----------------------------------------------------------------------------
-# Output files (whole-line appends, a ledger of finished items, exact and near duplicates) and
-# making items: one request per item, asked again while the answer is unusable
+# Output files (whole-line appends, a ledger, exact and near duplicates); items, asked again while unusable
+MINHASH = np.random.default_rng(1234).integers(1, 2**31 - 1, (2, 64), dtype=np.uint64)  # 64 hashes (a*x+b) mod p
+STOP = threading.Event()  # set by Ctrl-C: no new item or attempt starts, the ones in flight finish
 
 
 def repair_torn_line(path):
-    """Cut off a last line without its newline (a run killed mid-write); True if one was cut.
-    A complete record that only lacks its newline gets one."""
+    """Cut off a torn last line (a run killed mid-write; True if cut); a complete one gets its newline."""
     if not os.path.isfile(path):
         return False
     with open(path, "rb+") as f:
@@ -396,12 +368,8 @@ def record_text(record):
     return "\n".join(m["content"] for m in messages if m["role"] != "system")
 
 
-MINHASH = np.random.default_rng(1234).integers(1, 2**31 - 1, (2, 64), dtype=np.uint64)  # 64 hashes (a*x+b) mod p
-
-
 def minhash(record):
-    """MinHash over the record's word trigrams: the share of equal slots of two signatures
-    estimates the Jaccard similarity of the two records."""
+    """MinHash of the word trigrams: the share of equal slots of two signatures estimates Jaccard similarity."""
     words = re.findall(r"\w+", record_text(record).lower())
     grams = {" ".join(words[i:i + 3]) for i in range(max(1, len(words) - 2))}
     x = np.array([zlib.crc32(g.encode("utf-8")) for g in grams], dtype=np.uint64)[:, None]
@@ -409,10 +377,9 @@ def minhash(record):
 
 
 class Store:
-    """One output JSONL and its ledger (`<name>.ledger.jsonl`: one line per finished item id).
-    The data file is the truth: a ledger "ok" counts only if its record is in the data, so a
-    kill between the two appends redoes that item rather than losing or doubling it. A new
-    record is compared with every earlier one at once, by digest and by MinHash signature."""
+    """One output JSONL and its ledger (`<name>.ledger.jsonl`, a line per finished item id). The data file is
+    the truth: a ledger "ok" counts only if its record is in the data, so a kill between the two appends
+    redoes that item rather than losing or doubling it. New records are checked by digest and MinHash."""
 
     def __init__(self, path, problem_of, threshold):
         self.path, self.ledger_path = path, re.sub(r"(\.jsonl)?$", ".ledger.jsonl", path, 1)
@@ -435,7 +402,6 @@ class Store:
         self.records.append(record)
 
     def add(self, item_id, record):
-        """Append `record` unless it duplicates an earlier one; returns the outcome."""
         digest, signature = record_digest(record).hex(), minhash(record)
         if digest in self.hashes:
             return self.mark(item_id, "duplicate")
@@ -452,9 +418,6 @@ class Store:
         append_jsonl(self.ledger_path, {"id": item_id, "outcome": outcome})
         self.done_ids.add(item_id)
         return outcome
-
-
-STOP = threading.Event()  # set by Ctrl-C: no new item or attempt starts, the ones in flight finish
 
 
 def make_item(client, persona, kind, spec, c):
@@ -525,10 +488,7 @@ def generate(client, persona, kind, store, target, c, executor):
     return counts, failure_reasons, stop or ("interrupted" if STOP.is_set() else None)
 
 
-# -----------------------------------------------------------------------------
 # Summary: counts, spend and diversity, as JSON beside the data and as a report section
-
-
 def diversity(persona, kind, store, seed, counts):
     """How much of the persona's variety the finished items cover, and how varied their text is."""
     specs = [item_spec(persona, kind, int(i), seed) for k, s, i in (x.rsplit("-", 2) for x in store.ok_ids)
@@ -579,12 +539,21 @@ def write_summary(out_dir, c, persona, stores, targets, runs, spend, wall, model
                                                               for k in stores) + f"; summary: {path}", flush=True)
 
 
-# -----------------------------------------------------------------------------
-# Main
-
-
-def open_output(c):
-    """The output directory, checked writable, with its lock held (two gen.py would make every item twice)."""
+def main():
+    c = parse_config(Config)
+    for message, ok in {
+            "--sft-examples must be >= 0": c.sft_examples >= 0, "--dpo-examples must be >= 0": c.dpo_examples >= 0,
+            "--workers must be >= 1": c.workers >= 1, "need 1 <= --min-turns <= --max-turns":
+                1 <= c.min_turns <= c.max_turns,
+            "--item-attempts must be >= 1 and --http-retries >= 0": c.item_attempts >= 1 and c.http_retries >= 0,
+            "--timeout and --max-tokens must be > 0; --backoff and --max-cost >= 0":
+                c.timeout > 0 and c.max_tokens >= 1 and c.backoff >= 0 and c.max_cost >= 0,
+            "--near-dup-threshold must be in (0, 1]": 0.0 < c.near_dup_threshold <= 1.0}.items():
+        if not ok:
+            raise UserError(message)
+    client = client_from_env(c.base_url, c.models, c.timeout, c.http_retries, c.backoff)
+    persona = load_persona(c.persona)
+    # the output directory, checked writable, locked (two gen.py would make every item twice)
     out_dir = c.out_dir or os.path.join(get_base_dir(), "datasets")
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -599,15 +568,6 @@ def open_output(c):
     except OSError:
         raise UserError(f"another gen.py is writing to {out_dir} (it holds {lock.name}); "
                         "wait for it to finish, or use another --out-dir") from None
-    return out_dir, lock
-
-
-def main():
-    c = parse_config(Config)
-    check_config(c)
-    client = client_from_env(c.base_url, c.models, c.timeout, c.http_retries, c.backoff)
-    persona = load_persona(c.persona)
-    out_dir, lock = open_output(c)
     with lock:
         targets = {"sft": c.sft_examples, "dpo": c.dpo_examples}
         stores = {kind: Store(os.path.join(out_dir, name), problem_of, c.near_dup_threshold)
