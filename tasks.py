@@ -1,9 +1,7 @@
-"""Chimera's datasets as nanochat Tasks (slicing, mixtures, evaluate): the persona data gen.py
-writes (TraderSFT, TraderDPO); the Hugging Face datasets nanochat uses (ARC, MMLU, GSM8K,
-HumanEval, SmolTalk) as JSON rows from the dataset viewer API, cached as JSONL under
-$NANOCHAT_BASE_DIR/task_data/; nanochat's identity conversations and spelling tasks. All
-render, order and grade as nanochat's do, so numbers compare (also on a --max_problems prefix).
-HumanEval runs model-written code in sandbox.py. gen.py shares the JSONL and HTTP helpers.
+"""Chimera's datasets as nanochat Tasks: gen.py's persona data (TraderSFT, TraderDPO), the Hugging Face
+datasets nanochat uses (ARC, MMLU, GSM8K, HumanEval, SmolTalk; rows from the dataset viewer API cached as JSONL
+under $NANOCHAT_BASE_DIR/task_data/), nanochat's identity and spelling tasks. All render, order and grade as
+nanochat's do, so numbers compare (also on a --max_problems prefix). gen.py shares the JSONL and HTTP helpers.
 
     python tasks.py                      # fetch and cache everything SFT and eval use
     python tasks.py ARC-Easy GSM8K       # just these (names: see PREFETCH)
@@ -39,8 +37,7 @@ from model import _check_messages
 
 
 class Task:
-    """A dataset of conversations: num_examples() and get_example(i) (by default over a list
-    self.rows, examples returned as copies), seen through [start:stop:step] as in nanochat."""
+    """Conversations num_examples() / get_example(i) (default: copies from self.rows) seen through [start:stop:step]."""
 
     label = "Task"  # shown in mixture compositions and logs
     eval_type = None  # evaluation tasks: "categorical" (pick a letter) or "generative" (sample)
@@ -74,9 +71,8 @@ class Task:
 
 
 class TaskMixture(Task):
-    """Tasks concatenated, each task's entries repeated `weight` times (an integer weighted
-    sampler), then shuffled with random.Random(seed). With all weights 1 and seed 42 this is
-    exactly nanochat's TaskMixture order."""
+    """Tasks concatenated, each repeated `weight` times, shuffled with random.Random(seed): with all
+    weights 1 and seed 42 exactly nanochat's TaskMixture order."""
 
     label = "mixture"
 
@@ -105,14 +101,12 @@ class TaskMixture(Task):
 
 
 # -----------------------------------------------------------------------------
-# Persona data from gen.py: JSONL, validated line by line (conversation checks shared with
-# SmolTalk), split by a hash of each record
+# Persona data from gen.py: JSONL validated line by line, split by a hash of each record
 
 
 def conversation_problem(record, strict=True):
-    """None if `record` is a conversation model.py can render (its check, one for the whole
-    project), else what is wrong. strict (our own data): every content non-empty text, at
-    least one exchange, and the last message the assistant's."""
+    """None if model.py can render `record` (its check: one for the project), else what is wrong. strict
+    (our own data): every content non-empty text, and the last message the assistant's."""
     try:
         messages = _check_messages(record)
     except ValueError as e:
@@ -138,9 +132,8 @@ def dpo_problem(record):
 
 
 def iter_jsonl(path, problem_of=lambda record: None, advice=""):
-    """The records of a JSONL file, blank lines skipped; a bad line (not UTF-8, not JSON,
-    nested too deep, a number too long, or a problem_of(record)) is a UserError naming
-    file:line, followed by `advice`. Lines are decoded one by one so the line is right."""
+    """The records of a JSONL file, blank lines skipped; a bad line (not UTF-8 or JSON, beyond Python's limits,
+    or a problem_of(record)) is a UserError naming file:line, then `advice`. Decoded per line so the line is right."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             problem = None
@@ -170,8 +163,7 @@ def append_jsonl(path, record):
 
 
 def read_jsonl(path, problem_of, hint="", stop=None):
-    """The records of a JSONL file (the first `stop`), checked by problem_of; a missing or empty
-    file is a UserError."""
+    """The (first `stop`) records of a JSONL file, checked by problem_of; a missing or empty file is a UserError."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: file not found{hint}")
     records = list(itertools.islice(iter_jsonl(path, problem_of), stop))
@@ -226,10 +218,9 @@ class HTTPGaveUp(Exception):
 
 
 def http_retry(send, retries, backoff, max_wait=120.0, log=None, connect_retries=None):
-    """send() -> requests.Response, retried on 408, 429, 5xx, timeouts and dropped connections
-    (at most connect_retries times when nothing answers) with exponential backoff and jitter,
-    Retry-After (seconds or an HTTP date) honoured. Returns any other response: the caller decides
-    what its status means. A malformed URL raises at once; HTTPGaveUp(reason) when retries run out."""
+    """send() -> requests.Response, retried on 408, 429, 5xx, timeouts and dropped connections (at most
+    connect_retries times when nothing answers) with exponential backoff, jitter and Retry-After (seconds or a date).
+    Any other response is returned for the caller to judge; a malformed URL raises at once; else HTTPGaveUp."""
     for attempt in range(retries + 1):
         response = error = None
         try:
@@ -273,14 +264,12 @@ HF_PAGE = 100  # the viewer's maximum `length` per request
 HF_RETRIES = 6  # retries per page on connection errors, 429 and 5xx
 HF_CONNECT_RETRIES = 2  # a host we cannot connect to at all is retried only briefly
 HF_BACKOFF = 1.0  # seconds before the first retry; doubles each time
-HF_MAX_WAIT = 120.0  # cap on one wait, Retry-After included
 HF_TIMEOUT = 30.0  # seconds per request
 _unreachable = set()  # endpoints that failed to connect in this process: not tried again
 
 
 class DataUnavailable(UserError):
-    """A dataset could not be fetched (offline, gated, missing); the message says where the
-    cache file goes so a user can supply the rows by hand."""
+    """A dataset could not be fetched; the message says where its cache file goes, to supply the rows by hand."""
 
 
 def hf_cache_path(dataset, config, split, first=None):
@@ -305,9 +294,8 @@ def master_first(fn):
 
 
 def _fetch_rows(dataset, config, split, stop):
-    """Rows [0, stop) of a split (all if stop is None), page by page: (rows, total). Anything but
-    a page of rows raises DataUnavailable(why). An endpoint we cannot connect to gets a couple of
-    quick retries, then is written off for the rest of the process, so an offline eval skips each task at once."""
+    """(rows [0, stop) of a split (all if stop is None), total), page by page; else DataUnavailable(why). An endpoint
+    that never connects is written off for the process after quick retries, so an offline eval skips tasks at once."""
     url = (os.environ.get("CHIMERA_HF_ROWS_URL") or HF_ROWS_URL).rstrip("/")
     url = url if url.endswith("/rows") else url + "/rows"
     if offline():
@@ -323,8 +311,8 @@ def _fetch_rows(dataset, config, split, stop):
                       "length": HF_PAGE if target is None else min(HF_PAGE, target - offset)}
             try:
                 response = http_retry(lambda: session.get(url, params=params, headers=headers, timeout=HF_TIMEOUT),
-                                      HF_RETRIES, HF_BACKOFF, HF_MAX_WAIT, lambda m: print0(f"{where}: {m}"),
-                                      HF_CONNECT_RETRIES)
+                                      HF_RETRIES, HF_BACKOFF, log=lambda m: print0(f"{where}: {m}"),
+                                      connect_retries=HF_CONNECT_RETRIES)
             except HTTPGaveUp as e:
                 if isinstance(e.__cause__, requests.ConnectionError):
                     _unreachable.add(url)
@@ -354,12 +342,10 @@ def _fetch_rows(dataset, config, split, stop):
 
 
 def hf_rows(dataset, config, split, stop=None, problem_of=lambda row: None):
-    """The rows (dicts) of a Hugging Face split, the first `stop` if given, from the dataset viewer
-    API ($CHIMERA_HF_ROWS_URL, $HF_TOKEN) cached in task_data/{owner}--{name}/{config}/: {split}.jsonl,
-    the whole split, is always used when present (how offline users and tests supply rows);
-    {split}.first{N}.jsonl, rows [0, N) of a prefix fetch (SmolTalk), serves any stop <= N until a
-    longer fetch replaces it. Rows the viewer truncated are skipped and counted; files are written
-    whole, then read back, so a problem_of(row) names file:line; a failed fetch raises DataUnavailable."""
+    """The (first `stop`) rows of a Hugging Face split from the viewer API ($CHIMERA_HF_ROWS_URL, $HF_TOKEN), cached
+    in task_data/{owner}--{name}/{config}/: {split}.jsonl, the whole split, is used when present (how offline users
+    and tests supply rows); {split}.first{N}.jsonl, a prefix fetch (SmolTalk), serves any stop <= N until a longer
+    fetch replaces it. Files are written whole, then read back, so a problem_of(row) names file:line."""
     if stop is not None and stop < 1:
         return []
     full = hf_cache_path(dataset, config, split)
@@ -385,8 +371,8 @@ def hf_rows(dataset, config, split, stop=None, problem_of=lambda row: None):
 
 
 class HFTask(Task):
-    """A task over one Hugging Face split (config `subset`), labelled by `title`. Evaluation tasks
-    (shuffle=True) load the whole split in nanochat's order; SmolTalk fetches only the prefix it slices."""
+    """One Hugging Face split (config `subset`) labelled `title`. shuffle=True (eval tasks): the whole split in
+    nanochat's order; SmolTalk fetches only the prefix it slices."""
 
     dataset, subset, title, shuffle = "", "", "{subset}/{split}", True
 
@@ -422,10 +408,8 @@ def _missing(row, spec):
 def render_mc(question, letters, choices):
     """nanochat's multiple-choice prompt: the letter after each choice, no space before it,
     so the prompt's letter token is the same token as the answer."""
-    query = f"Multiple Choice question: {question}\n"
-    query += "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
-    query += "\nRespond only with the letter of the correct answer."
-    return query
+    options = "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
+    return f"Multiple Choice question: {question}\n{options}\nRespond only with the letter of the correct answer."
 
 
 class ARC(HFTask):
@@ -453,8 +437,7 @@ class MMLU(HFTask):
     letters = ("A", "B", "C", "D")
 
     def prepare(self, row):
-        # the auxiliary_train config wraps each row in {"train": {...}}
-        return row["train"] if isinstance(row.get("train"), dict) else row
+        return row["train"] if isinstance(row.get("train"), dict) else row  # auxiliary_train: {"train": row}
 
     def row_problem(self, row):
         if not isinstance(row.get("choices"), list) or len(row["choices"]) != 4:
@@ -583,8 +566,7 @@ WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads
 
 
 def cached_file(url):
-    """A file nanochat downloads into its base dir: used from there when a nanochat run left
-    it, else from task_data/, where it is fetched to once."""
+    """A file nanochat downloads into its base dir: used from there if present, else fetched once to task_data/."""
     name = url.rsplit("/", 1)[-1]
     path = os.path.join(get_base_dir(), "task_data", name)
     for found in (os.path.join(get_base_dir(), name), path):
@@ -656,8 +638,7 @@ class SimpleSpelling(SpellingTask):
 
 
 class SpellingBee(SpellingTask):
-    """'How many r are in strawberry?': spelled out and counted by hand, checked with the
-    calculator tool, answered after '#### ' (graded like GSM8K)."""
+    """'How many r are in strawberry?': counted by hand, checked with Python, answered after '#### ' as GSM8K."""
 
     def get_example(self, index):
         rng = self.rng(index)
@@ -666,7 +647,8 @@ class SpellingBee(SpellingTask):
         template = rng.choice(read_lines(SPELLING_TEMPLATES))
         template = template.lower() if rng.random() < 0.3 else template
         letter_quote, word_quote = rng.choice(["", "'", '"']), rng.choice(["", "'", '"'])
-        question = template.format(letter=f"{letter_quote}{letter}{letter_quote}", word=f"{word_quote}{word}{word_quote}")
+        question = template.format(letter=f"{letter_quote}{letter}{letter_quote}",
+                                   word=f"{word_quote}{word}{word_quote}")
         question += "?" if rng.random() < 0.5 else ""
         manual = (f"We are asked to find the number '{letter}' in the word '{word}'. Let me try a manual approach "
                   f"first.\n\nFirst spell the word out:\n{word}:{','.join(word)}\n\nThen count the occurrences of "
