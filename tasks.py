@@ -71,8 +71,7 @@ class Task:
 
 
 class TaskMixture(Task):
-    """Tasks concatenated, each repeated `weight` times, shuffled with random.Random(seed): with all
-    weights 1 and seed 42 exactly nanochat's TaskMixture order."""
+    """Tasks each repeated `weight` times, shuffled by random.Random(seed) (weights 1, seed 42: nanochat's order)."""
 
     label = "mixture"
 
@@ -342,10 +341,9 @@ def _fetch_rows(dataset, config, split, stop):
 
 
 def hf_rows(dataset, config, split, stop=None, problem_of=lambda row: None):
-    """The (first `stop`) rows of a Hugging Face split from the viewer API ($CHIMERA_HF_ROWS_URL, $HF_TOKEN), cached
-    in task_data/{owner}--{name}/{config}/: {split}.jsonl, the whole split, is used when present (how offline users
-    and tests supply rows); {split}.first{N}.jsonl, a prefix fetch (SmolTalk), serves any stop <= N until a longer
-    fetch replaces it. Files are written whole, then read back, so a problem_of(row) names file:line."""
+    """The (first `stop`) rows of a Hugging Face split from the viewer API ($CHIMERA_HF_ROWS_URL, $HF_TOKEN) cached in
+    task_data/{owner}--{name}/{config}/: {split}.jsonl (the whole split; how offline users and tests supply rows) wins;
+    {split}.first{N}.jsonl (a prefix fetch) serves stop <= N. Written whole, then read back: problems name file:line."""
     if stop is not None and stop < 1:
         return []
     full = hf_cache_path(dataset, config, split)
@@ -375,6 +373,7 @@ class HFTask(Task):
     nanochat's order; SmolTalk fetches only the prefix it slices."""
 
     dataset, subset, title, shuffle = "", "", "{subset}/{split}", True
+    required = {"question": str}  # {key: type} every row needs
 
     def __init__(self, subset=None, split="test", **kwargs):
         super().__init__(**kwargs)
@@ -389,16 +388,15 @@ class HFTask(Task):
     def prepare(self, row):
         return row
 
+    def row_problem(self, row):
+        """What is wrong with a row: a required key missing or of another type (a bool is no int)."""
+        for key, typ in self.required.items():
+            if not isinstance(row.get(key), typ) or isinstance(row.get(key), bool):
+                return f"{key!r} missing or not {typ.__name__}"
+        return None
+
     def evaluate(self, conversation, response):  # the categorical tasks' grading: the letter picked is the answer
         return int(response == conversation["messages"][-1]["content"])
-
-
-def _missing(row, spec):
-    """What is wrong with a row, given {key: type}."""
-    for key, typ in spec.items():
-        if not isinstance(row.get(key), typ) or isinstance(row.get(key), bool):
-            return f"{key!r} missing or not {typ.__name__}"
-    return None
 
 
 # -----------------------------------------------------------------------------
@@ -422,7 +420,7 @@ class ARC(HFTask):
             return "'choices' must be {'text': [...], 'label': [...]} of equal length"
         if row.get("answerKey") not in choices["label"]:
             return f"answerKey {row.get('answerKey')!r} is not one of {choices['label']}"
-        return _missing(row, {"question": str})
+        return super().row_problem(row)
 
     def get_example(self, index):
         row = self.rows[index]
@@ -445,7 +443,7 @@ class MMLU(HFTask):
         answer = row.get("answer")
         if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer <= 3:
             return f"'answer' must be 0-3, got {row.get('answer')!r}"
-        return _missing(row, {"question": str})
+        return super().row_problem(row)
 
     def get_example(self, index):
         row = self.rows[index]
@@ -477,9 +475,7 @@ def gsm8k_parts(answer):
 
 class GSM8K(HFTask):
     dataset, subset, title, eval_type = "openai/gsm8k", "main", "GSM8K/{subset}/{split}", "generative"  # or socratic
-
-    def row_problem(self, row):
-        return _missing(row, {"question": str, "answer": str})
+    required = {"question": str, "answer": str}
 
     def get_example(self, index):
         row = self.rows[index]
@@ -492,8 +488,7 @@ class GSM8K(HFTask):
 
 
 def extract_imports(prompt):
-    """The import lines at the top of a HumanEval prompt (comments skipped; stops at the
-    first code line, so a docstring line that starts with 'from ' is not taken)."""
+    """The import lines heading a HumanEval prompt (up to its first code line: a docstring's 'from ' is no import)."""
     imports = []
     for line in map(str.strip, prompt.split("\n")):
         if line.startswith(("import ", "from ")):
@@ -512,9 +507,7 @@ def extract_code(completion):
 class HumanEval(HFTask):
     dataset, subset, title, eval_type = "openai/openai_humaneval", "openai_humaneval", "HumanEval", "generative"
     timeout = 5.0  # seconds per program in the sandbox
-
-    def row_problem(self, row):
-        return _missing(row, {"prompt": str, "canonical_solution": str, "entry_point": str, "test": str})
+    required = {"prompt": str, "canonical_solution": str, "entry_point": str, "test": str}
 
     def get_example(self, index):
         row = self.rows[index]
@@ -523,9 +516,8 @@ class HumanEval(HFTask):
         return {"messages": messages, "entry_point": row["entry_point"], "test": row["test"]}
 
     def evaluate(self, conversation, completion):
-        """1 if the dataset's check() passes. check runs here (with the prompt's helpers, e.g.
-        poly for find_zero) and calls the completion's function in the sandbox, which returns
-        plain values only: exiting early, hooks or tracing there cannot fake a pass."""
+        """1 if the dataset's check() passes. check runs here (with the prompt's helpers, e.g. poly for find_zero),
+        calling the completion's function in the sandbox, which returns plain values: no exit or hook fakes a pass."""
         prompt, name = conversation["messages"][0]["content"], conversation["entry_point"]
         program = extract_imports(prompt) + "\n\n" + extract_code(completion)
         tests, state = {}, random.getstate()  # the tests may use the random module: keep ours as it was
@@ -543,8 +535,7 @@ class HumanEval(HFTask):
 
 
 class SmolTalk(HFTask):
-    """smol-smoltalk conversations (train 460K, test 24K). Only the rows up to `stop` are
-    fetched, so the rows are in the split's stored order, not nanochat's shuffled order."""
+    """smol-smoltalk (train 460K, test 24K): only the rows up to `stop`, in stored order, not nanochat's shuffle."""
 
     dataset, subset, title, shuffle = "HuggingFaceTB/smol-smoltalk", "default", "SmolTalk/{split}", False
 
