@@ -1,13 +1,12 @@
-"""Chimera's datasets as nanochat Tasks: gen.py's persona data (TraderSFT, TraderDPO), the Hugging Face
-datasets nanochat uses (ARC, MMLU, GSM8K, HumanEval, SmolTalk; rows from the dataset viewer API cached as JSONL
-under $NANOCHAT_BASE_DIR/task_data/), nanochat's identity and spelling tasks. All render, order and grade as
-nanochat's do, so numbers compare (also on a --max_problems prefix). gen.py shares the JSONL and HTTP helpers.
+"""Chimera's datasets as nanochat Tasks: gen.py's persona data (TraderSFT, TraderDPO), Hugging Face datasets (ARC,
+MMLU, GSM8K, HumanEval, SmolTalk; viewer rows cached in $NANOCHAT_BASE_DIR/task_data/), nanochat's identity and
+spelling tasks, all rendered, ordered and graded as nanochat's (numbers compare, also on a --max_problems prefix).
 
     python tasks.py                      # fetch and cache everything SFT and eval use
     python tasks.py ARC-Easy GSM8K       # just these (names: see PREFETCH)
 
-Offline: copy a filled task_data/ into $NANOCHAT_BASE_DIR, or write the rows yourself, one
-JSON object per line, to task_data/{owner}--{name}/{config}/{split}.jsonl (see hf_rows).
+Offline: copy a filled task_data/ into $NANOCHAT_BASE_DIR, or write the rows yourself, one JSON object per line,
+to task_data/{owner}--{name}/{config}/{split}.jsonl (see hf_rows).
 """
 
 import contextlib
@@ -104,8 +103,7 @@ class TaskMixture(Task):
 
 
 def conversation_problem(record, strict=True):
-    """None if model.py can render `record` (its check: one for the project), else what is wrong. strict
-    (our own data): every content non-empty text, and the last message the assistant's."""
+    """None if model.py can render `record` (its check), else why not; strict: non-empty texts, the assistant's last."""
     try:
         messages = _check_messages(record)
     except ValueError as e:
@@ -216,7 +214,7 @@ class HTTPGaveUp(Exception):
     """Transient failures (408, 429, 5xx, timeouts, dropped connections) outlasted every retry."""
 
 
-def http_retry(send, retries, backoff, max_wait=120.0, log=None, connect_retries=None):
+def http_retry(send, retries, backoff, max_wait=120.0, log=lambda message: None, connect_retries=None):
     """send() -> requests.Response, retried on 408, 429, 5xx, timeouts and dropped connections (at most
     connect_retries times when nothing answers) with exponential backoff, jitter and Retry-After (seconds or a date).
     Any other response is returned for the caller to judge; a malformed URL raises at once; else HTTPGaveUp."""
@@ -240,8 +238,7 @@ def http_retry(send, retries, backoff, max_wait=120.0, log=None, connect_retries
             wait = float(asked) if asked.strip().replace(".", "", 1).isdigit() else \
                 email.utils.parsedate_to_datetime(asked).timestamp() - time.time()
         wait = min(max_wait, max(0.0, wait))
-        if log:
-            log(f"{reason}; retry {attempt + 1}/{retries} in {wait:.1f}s")
+        log(f"{reason}; retry {attempt + 1}/{retries} in {wait:.1f}s")
         time.sleep(wait)
 
 
@@ -369,8 +366,7 @@ def hf_rows(dataset, config, split, stop=None, problem_of=lambda row: None):
 
 
 class HFTask(Task):
-    """One Hugging Face split (config `subset`) labelled `title`. shuffle=True (eval tasks): the whole split in
-    nanochat's order; SmolTalk fetches only the prefix it slices."""
+    """One Hugging Face split; shuffle=True: all of it in nanochat's order, else (SmolTalk) only the prefix sliced."""
 
     dataset, subset, title, shuffle = "", "", "{subset}/{split}", True
     required = {"question": str}  # {key: type} every row needs
@@ -454,9 +450,7 @@ class MMLU(HFTask):
 
 def extract_gsm8k_answer(text):
     """The number after '#### ' with commas removed, or None."""
-    if not isinstance(text, str):
-        return None
-    m = re.search(r"#### (\-?[0-9\.\,]+)", text)
+    m = isinstance(text, str) and re.search(r"#### (\-?[0-9\.\,]+)", text)
     return m.group(1).strip().replace(",", "") if m else None
 
 
@@ -637,9 +631,8 @@ class SpellingBee(SpellingTask):
         letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(string.ascii_lowercase)
         template = rng.choice(read_lines(SPELLING_TEMPLATES))
         template = template.lower() if rng.random() < 0.3 else template
-        letter_quote, word_quote = rng.choice(["", "'", '"']), rng.choice(["", "'", '"'])
-        question = template.format(letter=f"{letter_quote}{letter}{letter_quote}",
-                                   word=f"{word_quote}{word}{word_quote}")
+        letter_q, word_q = rng.choice(["", "'", '"']), rng.choice(["", "'", '"'])  # quotes around each, or none
+        question = template.format(letter=f"{letter_q}{letter}{letter_q}", word=f"{word_q}{word}{word_q}")
         question += "?" if rng.random() < 0.5 else ""
         manual = (f"We are asked to find the number '{letter}' in the word '{word}'. Let me try a manual approach "
                   f"first.\n\nFirst spell the word out:\n{word}:{','.join(word)}\n\nThen count the occurrences of "
@@ -684,8 +677,7 @@ PREFETCH = {
 
 def main():
     names = sys.argv[1:] or list(PREFETCH)
-    unknown = [n for n in names if n not in PREFETCH]
-    if unknown:
+    if unknown := [n for n in names if n not in PREFETCH]:
         raise UserError(f"unknown task {unknown[0]!r}; known: {', '.join(PREFETCH)}")
     for name in names:
         task = PREFETCH[name]()
