@@ -1,15 +1,12 @@
-"""Chimera's datasets as nanochat Tasks (slicing, mixtures, evaluate): the persona data gen.py
-writes (TraderSFT, TraderDPO); the Hugging Face datasets nanochat uses (ARC, MMLU, GSM8K,
-HumanEval, SmolTalk) as JSON rows from the dataset viewer API, cached as JSONL under
-$NANOCHAT_BASE_DIR/task_data/; nanochat's identity conversations and spelling tasks. All
-render, order and grade as nanochat's do, so numbers compare (also on a --max_problems prefix).
-HumanEval runs model-written code in sandbox.py. gen.py shares the JSONL and HTTP helpers.
+"""Chimera's datasets as nanochat Tasks: gen.py's persona data (TraderSFT, TraderDPO), Hugging Face datasets (ARC,
+MMLU, GSM8K, HumanEval, SmolTalk; viewer rows cached in $NANOCHAT_BASE_DIR/task_data/), nanochat's identity and
+spelling tasks, all rendered, ordered and graded as nanochat's (numbers compare, also on a --max_problems prefix).
 
     python tasks.py                      # fetch and cache everything SFT and eval use
     python tasks.py ARC-Easy GSM8K       # just these (names: see PREFETCH)
 
-Offline: copy a filled task_data/ into $NANOCHAT_BASE_DIR, or write the rows yourself, one
-JSON object per line, to task_data/{owner}--{name}/{config}/{split}.jsonl (see hf_rows).
+Offline: copy a filled task_data/ into $NANOCHAT_BASE_DIR, or write the rows yourself, one JSON object per line,
+to task_data/{owner}--{name}/{config}/{split}.jsonl (see hf_rows).
 """
 
 import contextlib
@@ -39,8 +36,7 @@ from model import _check_messages
 
 
 class Task:
-    """A dataset of conversations: num_examples() and get_example(i) (by default over a list
-    self.rows, examples returned as copies), seen through [start:stop:step] as in nanochat."""
+    """Conversations num_examples() / get_example(i) (default: copies from self.rows) seen through [start:stop:step]."""
 
     label = "Task"  # shown in mixture compositions and logs
     eval_type = None  # evaluation tasks: "categorical" (pick a letter) or "generative" (sample)
@@ -74,9 +70,7 @@ class Task:
 
 
 class TaskMixture(Task):
-    """Tasks concatenated, each task's entries repeated `weight` times (an integer weighted
-    sampler), then shuffled with random.Random(seed). With all weights 1 and seed 42 this is
-    exactly nanochat's TaskMixture order."""
+    """Tasks each repeated `weight` times, shuffled by random.Random(seed) (weights 1, seed 42: nanochat's order)."""
 
     label = "mixture"
 
@@ -105,14 +99,11 @@ class TaskMixture(Task):
 
 
 # -----------------------------------------------------------------------------
-# Persona data from gen.py: JSONL, validated line by line (conversation checks shared with
-# SmolTalk), split by a hash of each record
+# Persona data from gen.py: JSONL validated line by line, split by a hash of each record
 
 
 def conversation_problem(record, strict=True):
-    """None if `record` is a conversation model.py can render (its check, one for the whole
-    project), else what is wrong. strict (our own data): every content non-empty text, at
-    least one exchange, and the last message the assistant's."""
+    """None if model.py can render `record` (its check), else why not; strict: non-empty texts, the assistant's last."""
     try:
         messages = _check_messages(record)
     except ValueError as e:
@@ -138,9 +129,8 @@ def dpo_problem(record):
 
 
 def iter_jsonl(path, problem_of=lambda record: None, advice=""):
-    """The records of a JSONL file, blank lines skipped; a bad line (not UTF-8, not JSON,
-    nested too deep, a number too long, or a problem_of(record)) is a UserError naming
-    file:line, followed by `advice`. Lines are decoded one by one so the line is right."""
+    """The records of a JSONL file, blank lines skipped; a bad line (not UTF-8 or JSON, beyond Python's limits,
+    or a problem_of(record)) is a UserError naming file:line, then `advice`. Decoded per line so the line is right."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             problem = None
@@ -170,8 +160,7 @@ def append_jsonl(path, record):
 
 
 def read_jsonl(path, problem_of, hint="", stop=None):
-    """The records of a JSONL file (the first `stop`), checked by problem_of; a missing or empty
-    file is a UserError."""
+    """The (first `stop`) records of a JSONL file, checked by problem_of; a missing or empty file is a UserError."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: file not found{hint}")
     records = list(itertools.islice(iter_jsonl(path, problem_of), stop))
@@ -225,11 +214,10 @@ class HTTPGaveUp(Exception):
     """Transient failures (408, 429, 5xx, timeouts, dropped connections) outlasted every retry."""
 
 
-def http_retry(send, retries, backoff, max_wait=120.0, log=None, connect_retries=None):
-    """send() -> requests.Response, retried on 408, 429, 5xx, timeouts and dropped connections
-    (at most connect_retries times when nothing answers) with exponential backoff and jitter,
-    Retry-After (seconds or an HTTP date) honoured. Returns any other response: the caller decides
-    what its status means. A malformed URL raises at once; HTTPGaveUp(reason) when retries run out."""
+def http_retry(send, retries, backoff, max_wait=120.0, log=lambda message: None, connect_retries=None):
+    """send() -> requests.Response, retried on 408, 429, 5xx, timeouts and dropped connections (at most
+    connect_retries times when nothing answers) with exponential backoff, jitter and Retry-After (seconds or a date).
+    Any other response is returned for the caller to judge; a malformed URL raises at once; else HTTPGaveUp."""
     for attempt in range(retries + 1):
         response = error = None
         try:
@@ -250,8 +238,7 @@ def http_retry(send, retries, backoff, max_wait=120.0, log=None, connect_retries
             wait = float(asked) if asked.strip().replace(".", "", 1).isdigit() else \
                 email.utils.parsedate_to_datetime(asked).timestamp() - time.time()
         wait = min(max_wait, max(0.0, wait))
-        if log:
-            log(f"{reason}; retry {attempt + 1}/{retries} in {wait:.1f}s")
+        log(f"{reason}; retry {attempt + 1}/{retries} in {wait:.1f}s")
         time.sleep(wait)
 
 
@@ -273,14 +260,12 @@ HF_PAGE = 100  # the viewer's maximum `length` per request
 HF_RETRIES = 6  # retries per page on connection errors, 429 and 5xx
 HF_CONNECT_RETRIES = 2  # a host we cannot connect to at all is retried only briefly
 HF_BACKOFF = 1.0  # seconds before the first retry; doubles each time
-HF_MAX_WAIT = 120.0  # cap on one wait, Retry-After included
 HF_TIMEOUT = 30.0  # seconds per request
 _unreachable = set()  # endpoints that failed to connect in this process: not tried again
 
 
 class DataUnavailable(UserError):
-    """A dataset could not be fetched (offline, gated, missing); the message says where the
-    cache file goes so a user can supply the rows by hand."""
+    """A dataset could not be fetched; the message says where its cache file goes, to supply the rows by hand."""
 
 
 def hf_cache_path(dataset, config, split, first=None):
@@ -305,9 +290,8 @@ def master_first(fn):
 
 
 def _fetch_rows(dataset, config, split, stop):
-    """Rows [0, stop) of a split (all if stop is None), page by page: (rows, total). Anything but
-    a page of rows raises DataUnavailable(why). An endpoint we cannot connect to gets a couple of
-    quick retries, then is written off for the rest of the process, so an offline eval skips each task at once."""
+    """(rows [0, stop) of a split (all if stop is None), total), page by page; else DataUnavailable(why). An endpoint
+    that never connects is written off for the process after quick retries, so an offline eval skips tasks at once."""
     url = (os.environ.get("CHIMERA_HF_ROWS_URL") or HF_ROWS_URL).rstrip("/")
     url = url if url.endswith("/rows") else url + "/rows"
     if offline():
@@ -323,8 +307,8 @@ def _fetch_rows(dataset, config, split, stop):
                       "length": HF_PAGE if target is None else min(HF_PAGE, target - offset)}
             try:
                 response = http_retry(lambda: session.get(url, params=params, headers=headers, timeout=HF_TIMEOUT),
-                                      HF_RETRIES, HF_BACKOFF, HF_MAX_WAIT, lambda m: print0(f"{where}: {m}"),
-                                      HF_CONNECT_RETRIES)
+                                      HF_RETRIES, HF_BACKOFF, log=lambda m: print0(f"{where}: {m}"),
+                                      connect_retries=HF_CONNECT_RETRIES)
             except HTTPGaveUp as e:
                 if isinstance(e.__cause__, requests.ConnectionError):
                     _unreachable.add(url)
@@ -354,12 +338,9 @@ def _fetch_rows(dataset, config, split, stop):
 
 
 def hf_rows(dataset, config, split, stop=None, problem_of=lambda row: None):
-    """The rows (dicts) of a Hugging Face split, the first `stop` if given, from the dataset viewer
-    API ($CHIMERA_HF_ROWS_URL, $HF_TOKEN) cached in task_data/{owner}--{name}/{config}/: {split}.jsonl,
-    the whole split, is always used when present (how offline users and tests supply rows);
-    {split}.first{N}.jsonl, rows [0, N) of a prefix fetch (SmolTalk), serves any stop <= N until a
-    longer fetch replaces it. Rows the viewer truncated are skipped and counted; files are written
-    whole, then read back, so a problem_of(row) names file:line; a failed fetch raises DataUnavailable."""
+    """The (first `stop`) rows of a Hugging Face split from the viewer API ($CHIMERA_HF_ROWS_URL, $HF_TOKEN) cached in
+    task_data/{owner}--{name}/{config}/: {split}.jsonl (the whole split; how offline users and tests supply rows) wins;
+    {split}.first{N}.jsonl (a prefix fetch) serves stop <= N. Written whole, then read back: problems name file:line."""
     if stop is not None and stop < 1:
         return []
     full = hf_cache_path(dataset, config, split)
@@ -385,10 +366,10 @@ def hf_rows(dataset, config, split, stop=None, problem_of=lambda row: None):
 
 
 class HFTask(Task):
-    """A task over one Hugging Face split (config `subset`), labelled by `title`. Evaluation tasks
-    (shuffle=True) load the whole split in nanochat's order; SmolTalk fetches only the prefix it slices."""
+    """One Hugging Face split; shuffle=True: all of it in nanochat's order, else (SmolTalk) only the prefix sliced."""
 
     dataset, subset, title, shuffle = "", "", "{subset}/{split}", True
+    required = {"question": str}  # {key: type} every row needs
 
     def __init__(self, subset=None, split="test", **kwargs):
         super().__init__(**kwargs)
@@ -403,16 +384,15 @@ class HFTask(Task):
     def prepare(self, row):
         return row
 
+    def row_problem(self, row):
+        """What is wrong with a row: a required key missing or of another type (a bool is no int)."""
+        for key, typ in self.required.items():
+            if not isinstance(row.get(key), typ) or isinstance(row.get(key), bool):
+                return f"{key!r} missing or not {typ.__name__}"
+        return None
+
     def evaluate(self, conversation, response):  # the categorical tasks' grading: the letter picked is the answer
         return int(response == conversation["messages"][-1]["content"])
-
-
-def _missing(row, spec):
-    """What is wrong with a row, given {key: type}."""
-    for key, typ in spec.items():
-        if not isinstance(row.get(key), typ) or isinstance(row.get(key), bool):
-            return f"{key!r} missing or not {typ.__name__}"
-    return None
 
 
 # -----------------------------------------------------------------------------
@@ -422,10 +402,8 @@ def _missing(row, spec):
 def render_mc(question, letters, choices):
     """nanochat's multiple-choice prompt: the letter after each choice, no space before it,
     so the prompt's letter token is the same token as the answer."""
-    query = f"Multiple Choice question: {question}\n"
-    query += "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
-    query += "\nRespond only with the letter of the correct answer."
-    return query
+    options = "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
+    return f"Multiple Choice question: {question}\n{options}\nRespond only with the letter of the correct answer."
 
 
 class ARC(HFTask):
@@ -438,7 +416,7 @@ class ARC(HFTask):
             return "'choices' must be {'text': [...], 'label': [...]} of equal length"
         if row.get("answerKey") not in choices["label"]:
             return f"answerKey {row.get('answerKey')!r} is not one of {choices['label']}"
-        return _missing(row, {"question": str})
+        return super().row_problem(row)
 
     def get_example(self, index):
         row = self.rows[index]
@@ -453,8 +431,7 @@ class MMLU(HFTask):
     letters = ("A", "B", "C", "D")
 
     def prepare(self, row):
-        # the auxiliary_train config wraps each row in {"train": {...}}
-        return row["train"] if isinstance(row.get("train"), dict) else row
+        return row["train"] if isinstance(row.get("train"), dict) else row  # auxiliary_train: {"train": row}
 
     def row_problem(self, row):
         if not isinstance(row.get("choices"), list) or len(row["choices"]) != 4:
@@ -462,7 +439,7 @@ class MMLU(HFTask):
         answer = row.get("answer")
         if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer <= 3:
             return f"'answer' must be 0-3, got {row.get('answer')!r}"
-        return _missing(row, {"question": str})
+        return super().row_problem(row)
 
     def get_example(self, index):
         row = self.rows[index]
@@ -473,9 +450,7 @@ class MMLU(HFTask):
 
 def extract_gsm8k_answer(text):
     """The number after '#### ' with commas removed, or None."""
-    if not isinstance(text, str):
-        return None
-    m = re.search(r"#### (\-?[0-9\.\,]+)", text)
+    m = isinstance(text, str) and re.search(r"#### (\-?[0-9\.\,]+)", text)
     return m.group(1).strip().replace(",", "") if m else None
 
 
@@ -494,9 +469,7 @@ def gsm8k_parts(answer):
 
 class GSM8K(HFTask):
     dataset, subset, title, eval_type = "openai/gsm8k", "main", "GSM8K/{subset}/{split}", "generative"  # or socratic
-
-    def row_problem(self, row):
-        return _missing(row, {"question": str, "answer": str})
+    required = {"question": str, "answer": str}
 
     def get_example(self, index):
         row = self.rows[index]
@@ -509,8 +482,7 @@ class GSM8K(HFTask):
 
 
 def extract_imports(prompt):
-    """The import lines at the top of a HumanEval prompt (comments skipped; stops at the
-    first code line, so a docstring line that starts with 'from ' is not taken)."""
+    """The import lines heading a HumanEval prompt (up to its first code line: a docstring's 'from ' is no import)."""
     imports = []
     for line in map(str.strip, prompt.split("\n")):
         if line.startswith(("import ", "from ")):
@@ -529,9 +501,7 @@ def extract_code(completion):
 class HumanEval(HFTask):
     dataset, subset, title, eval_type = "openai/openai_humaneval", "openai_humaneval", "HumanEval", "generative"
     timeout = 5.0  # seconds per program in the sandbox
-
-    def row_problem(self, row):
-        return _missing(row, {"prompt": str, "canonical_solution": str, "entry_point": str, "test": str})
+    required = {"prompt": str, "canonical_solution": str, "entry_point": str, "test": str}
 
     def get_example(self, index):
         row = self.rows[index]
@@ -540,9 +510,8 @@ class HumanEval(HFTask):
         return {"messages": messages, "entry_point": row["entry_point"], "test": row["test"]}
 
     def evaluate(self, conversation, completion):
-        """1 if the dataset's check() passes. check runs here (with the prompt's helpers, e.g.
-        poly for find_zero) and calls the completion's function in the sandbox, which returns
-        plain values only: exiting early, hooks or tracing there cannot fake a pass."""
+        """1 if the dataset's check() passes. check runs here (with the prompt's helpers, e.g. poly for find_zero),
+        calling the completion's function in the sandbox, which returns plain values: no exit or hook fakes a pass."""
         prompt, name = conversation["messages"][0]["content"], conversation["entry_point"]
         program = extract_imports(prompt) + "\n\n" + extract_code(completion)
         tests, state = {}, random.getstate()  # the tests may use the random module: keep ours as it was
@@ -560,8 +529,7 @@ class HumanEval(HFTask):
 
 
 class SmolTalk(HFTask):
-    """smol-smoltalk conversations (train 460K, test 24K). Only the rows up to `stop` are
-    fetched, so the rows are in the split's stored order, not nanochat's shuffled order."""
+    """smol-smoltalk (train 460K, test 24K): only the rows up to `stop`, in stored order, not nanochat's shuffle."""
 
     dataset, subset, title, shuffle = "HuggingFaceTB/smol-smoltalk", "default", "SmolTalk/{split}", False
 
@@ -583,8 +551,7 @@ WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads
 
 
 def cached_file(url):
-    """A file nanochat downloads into its base dir: used from there when a nanochat run left
-    it, else from task_data/, where it is fetched to once."""
+    """A file nanochat downloads into its base dir: used from there if present, else fetched once to task_data/."""
     name = url.rsplit("/", 1)[-1]
     path = os.path.join(get_base_dir(), "task_data", name)
     for found in (os.path.join(get_base_dir(), name), path):
@@ -656,8 +623,7 @@ class SimpleSpelling(SpellingTask):
 
 
 class SpellingBee(SpellingTask):
-    """'How many r are in strawberry?': spelled out and counted by hand, checked with the
-    calculator tool, answered after '#### ' (graded like GSM8K)."""
+    """'How many r are in strawberry?': counted by hand, checked with Python, answered after '#### ' as GSM8K."""
 
     def get_example(self, index):
         rng = self.rng(index)
@@ -665,8 +631,8 @@ class SpellingBee(SpellingTask):
         letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(string.ascii_lowercase)
         template = rng.choice(read_lines(SPELLING_TEMPLATES))
         template = template.lower() if rng.random() < 0.3 else template
-        letter_quote, word_quote = rng.choice(["", "'", '"']), rng.choice(["", "'", '"'])
-        question = template.format(letter=f"{letter_quote}{letter}{letter_quote}", word=f"{word_quote}{word}{word_quote}")
+        letter_q, word_q = rng.choice(["", "'", '"']), rng.choice(["", "'", '"'])  # quotes around each, or none
+        question = template.format(letter=f"{letter_q}{letter}{letter_q}", word=f"{word_q}{word}{word_q}")
         question += "?" if rng.random() < 0.5 else ""
         manual = (f"We are asked to find the number '{letter}' in the word '{word}'. Let me try a manual approach "
                   f"first.\n\nFirst spell the word out:\n{word}:{','.join(word)}\n\nThen count the occurrences of "
@@ -711,8 +677,7 @@ PREFETCH = {
 
 def main():
     names = sys.argv[1:] or list(PREFETCH)
-    unknown = [n for n in names if n not in PREFETCH]
-    if unknown:
+    if unknown := [n for n in names if n not in PREFETCH]:
         raise UserError(f"unknown task {unknown[0]!r}; known: {', '.join(PREFETCH)}")
     for name in names:
         task = PREFETCH[name]()
