@@ -215,8 +215,8 @@ def parse_request(body, defaults, tokenizer, max_n):
         raise APIError(400, "the request body must be a JSON object")
     fields = {  # name: (type, low, high) of each field used; others (response_format, ...) are ignored
         "temperature": (float, 0, 2), "top_p": (float, 0, 1), "top_k": (int, 0, 1 << 30), "n": (int, 1, max_n),
-        "max_tokens": (int, 1, 1 << 30), "max_completion_tokens": (int, 1, 1 << 30), "seed": (int, -(1 << 63), 1 << 64),
-        "stream": (bool,), "model": (str,), "stream_options": (dict,), "stop": ((str, list),)}  # messages: rendered
+        "max_tokens": (int, 1, 1 << 30), "max_completion_tokens": (int, 1, 1 << 30), "stream": (bool,), "model": (str,),
+        "seed": (int, -(1 << 63), (1 << 64) - 1), "stream_options": (dict,), "stop": ((str, list),)}  # messages: below
     for name, (typ, *bounds) in fields.items():
         v, lo, hi = body.get(name), *(bounds or (None, None))
         if not (v is None or (isinstance(v, {int: int, float: (int, float)}.get(typ, typ)) and (typ is bool or not

@@ -104,7 +104,7 @@ def parse_config(cls, argv=None, aliases=None):
         base = next(t for t in typing.get_args(typ) or [typ] if t is not type(None))  # Optional[X] -> X
         parser.add_argument(f"--{f.name}", *(["-" + short[f.name]] if f.name in short else []), metavar=base.__name__,
                             default=f.default, type=functools.partial(_convert, f.name, typ, base),
-                            nargs="?" if typ is bool else None, const=True if typ is bool else None,
+                            nargs="?" if base is bool else None, const=True if base is bool else None,
                             help=f"{comments.get(f.name, '')} (default {f.default!r})".replace("%", "%%"))
     try:
         values, extra = parser.parse_known_args(argv)

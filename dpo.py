@@ -54,7 +54,7 @@ class Config:
     unembedding_lr: float = 0.004  # AdamW lr of the lm_head (scaled by init_lr_frac)
     embedding_lr: float = 0.2  # AdamW lr of the token embedding (scaled by init_lr_frac)
     matrix_lr: float = 0.02  # Muon lr of the transformer matrices (scaled by init_lr_frac)
-    weight_decay: float = 0.0  # AdamW weight decay
+    weight_decay: float = 0.0  # weight decay (Muon in 2026 models, AdamW in Nov 2025 ones)
     init_lr_frac: float = 0.01  # DPO moves gently: every lr starts at this fraction, then decays to 0
     eval_every: int = 50  # steps between held-out evaluations (and at the end); -1 = only at the end
     save_every: int = -1  # steps between checkpoints; -1 = only at the end
@@ -156,9 +156,9 @@ def reference_table(data_path, max_len, policy, pairs, pad_id, c, d):
         print0(f"reference log-probs: reusing {path}")
         return table
     print0(f"reference log-probs: computing {len(pairs)} pairs once -> {path}")
-    ref, logps = freeze(policy), torch.zeros(len(pairs), 2, dtype=torch.float64, device=d.device)
+    logps = torch.zeros(len(pairs), 2, dtype=torch.float64, device=d.device)  # the policy is the reference now
     for idx in my_batches(pairs, c.device_batch_size, d):  # each rank its share, then summed over ranks
-        logps[idx] = torch.stack(batch_logps(ref, pairs, idx, pad_id, d.device)[:2], dim=1).double()
+        logps[idx] = torch.stack(batch_logps(policy, pairs, idx, pad_id, d.device)[:2], dim=1).double()
     logps = torch.tensor(all_reduce_sum(logps.view(-1).tolist(), d.device), dtype=torch.float64).view(-1, 2)
     keys = [key for _, _, key in pairs]
     if d.master:
@@ -228,7 +228,7 @@ def main():
         compile_model(m)
     optimizers = model.setup_optimizers(c.unembedding_lr, c.embedding_lr, c.matrix_lr, c.weight_decay)
     grad_sync = GradSync(model)
-    run = RunDir("dpo", c.out_tag or f"d{model.config.n_layer}", d.master)
+    run = RunDir("dpo", c.out_tag or f"d{model.config.n_layer}", d.master, (c.source, c.model_tag))
 
     def run_eval(step):
         if not val:

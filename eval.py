@@ -276,13 +276,15 @@ def sample_answers(model, tokenizer, prompts, system, c):
 
 
 def judge_verdicts(prompts, answers, others):
-    """+1 / -1 / None per prompt: answers[i] against others[i], judged in both orders and
-    counted only when both agree (position bias cancels out). Requests overlap."""
+    """+1 / -1 / None per prompt: answers[i] vs others[i], kept only when both orders agree (no position bias)."""
     import gen
     client, _, persona = judge_client()
-    with ThreadPoolExecutor(8) as pool:
-        return list(pool.map(lambda i: gen.judge_both_orders(client, persona, prompts[i], answers[i], others[i]),
-                             range(len(prompts))))
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            return list(pool.map(lambda i: gen.judge_both_orders(client, persona, prompts[i], answers[i], others[i]),
+                                 range(len(prompts))))
+    except gen.APIStop as e:  # a key or credit refused mid-run: the judged rows are skipped, the rest stays
+        raise tasks.DataUnavailable(f"the judge is unavailable: {e}") from None
 
 
 def judge_win_rate(model, tokenizer, c, d, meta):

@@ -967,8 +967,10 @@ class RunDir:
     """A stage's output directory holds one run: a new run removes the earlier Chimera run's
     files (and a killed save's .tmp files) and refuses checkpoints Chimera did not write."""
 
-    def __init__(self, stage, tag, master):
+    def __init__(self, stage, tag, master, start):
         self.path, self.stage, self.master = os.path.join(get_base_dir(), SOURCE_DIRS[stage], tag), stage, master
+        if os.path.abspath(self.path) == os.path.abspath(checkpoint_dir_for(*start)):  # clearing it would lose it
+            raise UserError(f"{self.path} holds the checkpoint this run starts from; pass another --out_tag")
         old = [f for pattern in ("model_*.pt", "optim_*.pt", "meta_*.json", "metrics.jsonl", ".*.tmp")
                for f in glob.glob(os.path.join(self.path, pattern))]
         metas = {re.sub(r"(model|optim)_(\d+)\.pt$", r"meta_\2.json", f) for f in old if f.endswith(("pt", "json"))}

@@ -235,7 +235,7 @@ def execute_code(program, timeout=5.0, memory_mb=512, max_output=64 * 1024, guar
         stdout, stderr = _read_capped(out, max_output), _read_capped(err, max_output)
     lines = [line for line in stderr.splitlines() if line.strip()] or [f"exit code {proc.returncode}"]
     if proc.returncode < 0:
-        lines.append(f"killed by {signal.Signals(-proc.returncode).name}")
+        lines.append("killed by " + next((s.name for s in signal.Signals if s == -proc.returncode), "a signal"))
     error = verdict or ("" if serve or not proc.returncode else lines[-1])
     return ExecResult(success=not (error or timed_out), stdout=stdout, stderr=stderr, timed_out=timed_out,
                       error=f"timed out after {timeout:g}s" if timed_out else error, returncode=proc.returncode)

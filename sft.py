@@ -47,7 +47,7 @@ class Config:
     unembedding_lr: float = 0.004  # AdamW lr of the lm_head
     embedding_lr: float = 0.2  # AdamW lr of the token embedding
     matrix_lr: float = 0.02  # Muon lr of the transformer matrices
-    weight_decay: float = 0.0  # AdamW weight decay
+    weight_decay: float = 0.0  # weight decay (Muon in 2026 models, AdamW in Nov 2025 ones)
     init_lr_frac: float = 0.02  # start every lr at this fraction of the above (nanochat's SFT), then decay to 0
     eval_every: int = 100  # steps between val-loss evaluations (and at the end); -1 = only at the end
     eval_batches: int = 25  # val batches per evaluation, per process
@@ -160,7 +160,7 @@ def main():
         compile_model(model)
     optimizers = model.setup_optimizers(c.unembedding_lr, c.embedding_lr, c.matrix_lr, c.weight_decay)
     grad_sync = GradSync(model)
-    run = RunDir("sft", c.out_tag or f"chimera_d{model.config.n_layer}", d.master)
+    run = RunDir("sft", c.out_tag or f"chimera_d{model.config.n_layer}", d.master, (source, c.model_tag))
 
     def evaluate(step):
         losses, n = {}, c.eval_batches * c.device_batch_size * d.world_size

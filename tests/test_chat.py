@@ -179,6 +179,7 @@ def test_the_calculator_tool_runs_and_its_result_is_forced_back(served, monkeypa
     ({"messages": user("hi"), "n": 0}, "n"), ({"messages": user("hi"), "n": 9}, "n"),
     ({"messages": user("hi"), "max_tokens": -1}, "max_tokens"), ({"messages": user("hi"), "top_k": 1.5}, "top_k"),
     ({"messages": user("hi"), "stop": 3}, "stop"), ({"messages": user("hi"), "seed": "x"}, "seed"),
+    ({"messages": user("hi"), "seed": 1 << 64}, "seed"),
     ({"messages": user("hi"), "stream": "yes"}, "stream"), ({"temperature": 0}, "messages"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages"), ([1, 2], None),

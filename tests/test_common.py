@@ -22,6 +22,7 @@ class Cfg:
     num_iterations: int = -1  # steps; -1 = from epochs
     ref_cache: bool = False  # cache reference log-probs
     model_tag: Optional[str] = None  # d<N>
+    compile: Optional[bool] = None  # None = by device
 
 
 def test_both_flag_forms_dashes_and_types():
@@ -31,6 +32,8 @@ def test_both_flag_forms_dashes_and_types():
     assert parse_config(Cfg, ["-i=mid"], aliases={"i": "source"}).source == "mid"
     assert c.ref_cache is False and c.model_tag is None and c.source == "dpo"
     assert parse_config(Cfg, ["--num_iterations", "-1"]).num_iterations == -1
+    assert parse_config(Cfg, ["--compile", "--beta=1"]).compile is True  # a bare Optional[bool] flag too
+    assert parse_config(Cfg, ["--compile=0"]).compile is False and parse_config(Cfg, []).compile is None
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -255,6 +255,21 @@ def test_judge_counts_only_verdicts_that_survive_swapping_the_order():
         server.stop()
 
 
+def test_a_judge_refusing_mid_run_skips_the_judged_rows_not_the_eval(eval_base, monkeypatch):
+    from openrouter_server import FakeOpenRouter
+    server = FakeOpenRouter().start()  # lists its models, then refuses every chat request (a bad key: 401)
+    server.faults.extend(["401"] * 50)
+    monkeypatch.setenv("OPENROUTER_API_KEY", "sk-test")
+    monkeypatch.setenv("OPENROUTER_BASE_URL", server.url)
+    try:
+        run_eval(monkeypatch, "-i", "sft", "-a", "Trader-SFT|Identity", "--max_new_tokens=4")
+    finally:
+        server.stop()
+    _, lines = section(eval_base, "sft")
+    assert float(lines["Trader SFT held-out loss (no system)"]) > 0 and "Identity probe score" not in lines
+    assert lines["Skipped tasks"] == "2" and not any(k.startswith("Judge win rate") for k in lines)  # Identity, Judge
+
+
 def test_judge_win_rate_of_dpo_against_sft(eval_base, monkeypatch):
     from openrouter_server import FakeOpenRouter, judge_parts
     m, _, meta = load_model("sft", "cpu", "eval")

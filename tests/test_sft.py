@@ -214,6 +214,14 @@ def test_a_directory_holds_one_run(trader_base, monkeypatch):
     assert sorted(os.listdir(foreign)) == ["meta_000700.json", "model_000700.pt"]
 
 
+def test_a_run_never_clears_the_directory_it_starts_from(trader_base, monkeypatch):
+    run_sft(monkeypatch, "--sft_dataset=trader", "--num_iterations=1", "--eval_every=-1", *FAST)
+    start = os.path.join(trader_base, "chatsft_checkpoints", "chimera_d2")
+    with pytest.raises(UserError, match="holds the checkpoint this run starts from"):
+        run_sft(monkeypatch, "--source=sft", "--sft_dataset=trader", "--num_iterations=1", *FAST)
+    assert sorted(f for f in os.listdir(start) if f.startswith("model_")) == ["model_000001.pt"]
+
+
 def test_system_prompt_share_is_a_setting(trader_base):
     tok = get_tokenizer()
     task = sft.tasks.TraderSFT(split="train")
