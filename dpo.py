@@ -22,6 +22,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Optional
 
 import torch
@@ -106,14 +107,20 @@ def render_pairs(task, tokenizer, max_len):
     return kept, len(task) - len(kept)
 
 
-def batch_logps(model, pairs, indices, pad_id, device, bucket=False):
-    """(chosen logps [B], rejected logps [B], (real tokens, positions computed)): sums over the
-    answers' tokens, in one forward pass over the chosen conversations, then the rejected ones."""
+def batch_logps(model, pairs, indices, pad_id, device, bucket=False, pair_loss=None):
+    """(chosen logps [B], rejected logps [B], (real tokens, positions computed), loss): sums over the
+    answers' tokens, in one forward pass over the chosen conversations, then the rejected ones. With
+    pair_loss(i, chosen_i, rejected_i), loss is its sum over the pairs, its gradient taken in the
+    forward pass (model.pair_loss); else None."""
     rows = [pairs[i][0] for i in indices] + [pairs[i][1] for i in indices]
     inputs, targets = collate(rows, pad_id, device, bucket)
+    counts = (sum(len(ids) - 1 for ids, _ in rows), inputs.numel())
     with autocast(device):
+        if pair_loss is not None:
+            loss, chosen, rejected = model.pair_loss(inputs, targets, pair_loss)
+            return chosen, rejected, counts, loss
         logps = model.token_logprobs(inputs, targets).sum(dim=-1)
-    return logps[:len(indices)], logps[len(indices):], (sum(len(ids) - 1 for ids, _ in rows), inputs.numel())
+    return logps[:len(indices)], logps[len(indices):], counts, None
 
 
 def my_batches(pairs, batch_size, d):
@@ -174,13 +181,17 @@ STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewar
 
 
 def pair_losses(model, reference, pairs, indices, pad_id, c, d, bucket=False):
-    """A batch's per-pair losses and its sums to be added over micro-batches and ranks: STATS'
-    in order, then its pairs, real tokens and positions computed."""
-    pc, pr, counts = batch_logps(model, pairs, indices, pad_id, d.device, bucket)
-    losses, chosen, rejected = dpo_loss(pc, pr, *reference(pairs, indices), c.beta, c.loss_type, c.label_smoothing)
+    """A batch's summed loss (with its gradient where grad is enabled) and its sums to be added over
+    micro-batches and ranks: STATS' in order, then its pairs, real tokens and positions computed."""
+    ref_chosen, ref_rejected = reference(pairs, indices)
+    loss_fn = partial(dpo_loss, beta=c.beta, loss_type=c.loss_type, label_smoothing=c.label_smoothing)
+    grad = torch.is_grad_enabled()
+    pair_loss = (lambda i, pc, pr: loss_fn(pc, pr, ref_chosen[i], ref_rejected[i])[0]) if grad else None
+    pc, pr, counts, loss = batch_logps(model, pairs, indices, pad_id, d.device, bucket, pair_loss)
+    losses, chosen, rejected = loss_fn(pc, pr, ref_chosen, ref_rejected)
     margins = chosen - rejected
     sums = torch.stack([losses, chosen, rejected, margins, (margins > 0).float(), pc, pr]).detach().double().sum(dim=1)
-    return losses, sums.tolist() + [len(indices), *counts]
+    return losses.sum() if loss is None else loss, sums.tolist() + [len(indices), *counts]
 
 
 def reduce_stats(stat_list, device):
@@ -256,11 +267,11 @@ def main():
         t0 = time.time()  # the device is idle: the last step ended with a synchronize, evaluation with a reduce
         stats, micro, lrm = [], schedule.micro_batches(step, d.rank), schedule.lr_multiplier(step)
         for i, idx in enumerate(micro):
-            losses, sums = pair_losses(model, reference, train, idx, pad_id, c, d, bucket)
+            loss, sums = pair_losses(model, reference, train, idx, pad_id, c, d, bucket)
             if i == len(micro) - 1:
                 grad_sync.arm()  # the last backward all-reduces each bucket as soon as it is ready
             # a fixed number of pairs per step: divide by it and N processes match one
-            (losses.sum() / c.target_examples_per_step).backward()
+            (loss / c.target_examples_per_step).backward()
             stats.append(sums)
         logged, real, positions = reduce_stats(stats, d.device)
         if not math.isfinite(logged["loss"]):

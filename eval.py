@@ -215,7 +215,7 @@ def prefers_share(model, pairs, pad, c, d):
     import dpo
     wins = 0
     for idx in dpo.my_batches(pairs, c.batch_size, d):  # the ranks' batches cover every pair once
-        first, second, _ = dpo.batch_logps(model, pairs, idx, pad, d.device)
+        first, second, *_ = dpo.batch_logps(model, pairs, idx, pad, d.device)
         n = torch.tensor([[sum(pairs[j][k][1][1:]) for k in (0, 1)] for j in idx], device=first.device)  # scored tokens
         wins += (first / n[:, 0] > second / n[:, 1]).sum().item()
     return all_reduce_sum([wins], d.device)[0] / len(pairs)

@@ -18,7 +18,6 @@ import re
 import sys
 from collections import deque
 from dataclasses import asdict, dataclass
-from functools import partial
 from types import SimpleNamespace
 
 import tiktoken
@@ -26,7 +25,6 @@ import torch
 import torch.nn as nn
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from common import UserError, atomic_write, atomic_write_json, autocast, get_base_dir
 
@@ -52,6 +50,7 @@ class GPTConfig:
 
 
 SMEAR_CHANNELS, VE_GATE_CHANNELS = 24, 12  # 2026: the gates read this many leading channels
+SOFTCAP = 15.0  # logits = SOFTCAP * tanh(logits / SOFTCAP), both generations
 
 
 def norm(x):  # parameter-free RMSNorm
@@ -59,7 +58,7 @@ def norm(x):  # parameter-free RMSNorm
 
 
 def softcap(logits):
-    return 15.0 * torch.tanh(logits / 15.0)
+    return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
 
 def apply_rotary(x, cos, sin):
@@ -258,29 +257,61 @@ class GPT(nn.Module):
     def token_logprobs(self, idx, targets, chunk_numel=None, reduction="none"):
         """log p(target) per position, [B, T] float32, 0 where the target is -1 (reduction="sum": their
         sum). Only targets reach the lm_head, in chunks of about `chunk_numel` logits (default 16M on
-        CPU, 128M on CUDA), never B*T*V. "none": chunks are recomputed in backward (checkpointing:
-        DPO). "sum": each token has the same gradient, taken per chunk in the forward (fused CE: SFT)."""
-        chunk_numel = chunk_numel or 1 << (27 if idx.device.type == "cuda" else 24)
-        flat_targets = targets.reshape(-1)
-        rows = (flat_targets != -1).nonzero().squeeze(1)
-        h = self.hidden_states(idx).flatten(0, 1).index_select(0, rows)
-        tgt = flat_targets.index_select(0, rows)
-        chunk = max(1, chunk_numel // self.lm_head.weight.size(0))
-        grad = torch.is_grad_enabled() and h.requires_grad
-        if reduction == "sum" and grad and rows.numel():
-            params = [p for p in self.lm_head.parameters() if p.requires_grad]
-            return _FusedLogprobSum.apply(self._chunk_logprobs, chunk, h, tgt, *params)
-        chunk_fn = partial(checkpoint, self._chunk_logprobs, use_reentrant=False) if grad else self._chunk_logprobs
-        pieces = [chunk_fn(h[i:i + chunk], tgt[i:i + chunk]) for i in range(0, rows.numel(), chunk)]
+        CPU, 128M on CUDA), never B*T*V. With a gradient, "sum" takes it per chunk in the forward (every
+        token's is the same: fused CE, SFT); "none" keeps every chunk's logits for backward (no saving)."""
+        h, tgt, rows, chunk = self._scored(idx, targets, chunk_numel)
+        if reduction == "sum" and torch.is_grad_enabled() and h.requires_grad and rows.numel():
+            return _FusedHead.apply(self, chunk, [[(0, rows.numel())]], None, h, tgt, self.lm_head.weight)[0]
+        pieces = [self._chunk_logprobs(h[i:i + chunk], tgt[i:i + chunk]) for i in range(0, rows.numel(), chunk)]
         # nothing to score: the empty sum keeps the graph so a backward() is still well-defined
         logp = torch.cat(pieces) if pieces else h.sum(-1).float()
         if reduction == "sum":
             return logp.sum()
-        return logp.new_zeros(flat_targets.numel()).index_put((rows,), logp).view_as(targets)
+        return logp.new_zeros(targets.numel()).index_put((rows,), logp).view_as(targets)
+
+    def pair_loss(self, idx, targets, loss_fn, chunk_numel=None):
+        """DPO's training path. idx/targets hold P pairs as rows [chosen..., rejected...]; returns
+        (sum over pairs of loss_fn(i, chosen_i, rejected_i), chosen [P], rejected [P]), a row's value
+        being its summed log p(target) (no gradient). The loss's gradient is taken in the forward,
+        pair by pair once both sums are known: no logits are kept for backward or recomputed."""
+        h, tgt, _, chunk = self._scored(idx, targets, chunk_numel)
+        ends = (targets != -1).sum(1).cumsum(0).tolist()
+        spans, P = list(zip([0] + ends[:-1], ends)), idx.size(0) // 2
+        total, sums = _FusedHead.apply(self, chunk, list(zip(spans[:P], spans[P:])), loss_fn, h, tgt,
+                                       self.lm_head.weight)
+        return total, sums[0::2], sums[1::2]
+
+    def _scored(self, idx, targets, chunk_numel):
+        """The final hidden states of the positions with a target, their targets, those positions in
+        idx.view(-1), and the rows per lm_head chunk."""
+        chunk_numel = chunk_numel or 1 << (27 if idx.device.type == "cuda" else 24)
+        flat_targets = targets.reshape(-1)
+        rows = (flat_targets != -1).nonzero().squeeze(1)
+        h = self.hidden_states(idx).flatten(0, 1).index_select(0, rows)
+        return h, flat_targets.index_select(0, rows), rows, max(1, chunk_numel // self.lm_head.weight.size(0))
 
     def _chunk_logprobs(self, h, targets):
         logits = self.logits(h)
         return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+    def _head_grads(self, h, targets, w, grad_h, grad_w):
+        """The sum of log p(target) over h's rows through the lm_head w (the real vocab's rows); writes
+        its gradient for h into grad_h and adds the one for w to grad_w. By hand, in place: softcapped
+        logits lie in [-15, 15], so their exp cannot overflow and the log-sum-exp needs no max."""
+        t = torch.tanh_(F.linear(h, w).float().div_(SOFTCAP))  # logits = SOFTCAP * t
+        t_target = t.gather(1, targets[:, None])
+        p = t.mul(SOFTCAP).exp_()
+        s = p.sum(1, keepdim=True)
+        logp = (SOFTCAP * t_target - s.log()).sum()
+        # d logp / d(h w^T) = (one_hot - softmax) * (1 - t^2), the softmax being p / s
+        dz = p.addcmul_(p, t.square_(), value=-1).div_(s.neg_())
+        dz.scatter_add_(1, targets[:, None], 1 - t_target.square())
+        grad_h.copy_(dz @ w)
+        if torch.is_autocast_enabled(h.device.type):  # a bf16 product into the float32 gradient
+            grad_w.add_(dz.T @ h)
+        else:
+            grad_w.addmm_(dz.T, h)
+        return logp
 
     # Optimizers
 
@@ -355,29 +386,47 @@ class Muon(torch.optim.Optimizer):
 # The fused log-prob sum; gradient sync and the optimizer step
 
 
-class _FusedLogprobSum(torch.autograd.Function):
-    """token_logprobs(reduction="sum"): each chunk's gradient is taken while its logits exist."""
+class _FusedHead(torch.autograd.Function):
+    """Summed log p(target) with the gradient taken in the forward, chunk by chunk while its logits
+    exist. groups: [[(start, end), ...], ...] spans of h's rows; the output is the sum over groups of
+    loss_fn(group index, *its spans' sums), and the spans' sums (no gradient). loss_fn None: the plain
+    sum, whose gradient is 1 for every token, so chunks add straight into the lm_head's gradient;
+    otherwise each span's goes to a scratch buffer, scaled once the group's loss is known."""
 
     @staticmethod
-    def forward(ctx, logprobs_fn, chunk, h, targets, *params):
-        total, grad_h, grad_params = 0.0, torch.empty_like(h), [None] * len(params)
-        for i in range(0, h.size(0), chunk):
-            hs = h[i:i + chunk].detach().requires_grad_()
+    def forward(ctx, model, chunk, groups, loss_fn, h, targets, weight):
+        w = weight[:model.config.vocab_size]  # padded rows: no logits, zero gradient
+        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight)
+        scratch = [] if loss_fn is None else [torch.empty_like(w, dtype=grad_w.dtype) for _ in groups[0]]
+        total, sums = torch.zeros((), device=h.device), []
+        for g, spans in enumerate(groups):
+            accs = [grad_w[:w.size(0)]] * len(spans) if loss_fn is None else [s.zero_() for s in scratch]
+            part = torch.stack([sum((model._head_grads(h[i:j], targets[i:j], w, grad_h[i:j], acc)
+                                     for i in range(a, b, chunk) for j in [min(i + chunk, b)]), total.new_zeros(()))
+                                for (a, b), acc in zip(spans, accs)])
+            sums.append(part)
+            if loss_fn is None:
+                total += part.sum()
+                continue
             with torch.enable_grad():
-                logp = logprobs_fn(hs, targets[i:i + chunk]).sum()
-                grads = torch.autograd.grad(logp, [hs, *params])
-            total = total + logp.detach()
-            grad_h[i:i + chunk] = grads[0]
-            grad_params = [g if acc is None else acc.add_(g) for acc, g in zip(grad_params, grads[1:])]
-        ctx.grads = [grad_h, *grad_params]  # not saved tensors: backward scales them in place
-        return total
+                part.requires_grad_()
+                loss = loss_fn(g, *part)
+                (scale,) = torch.autograd.grad(loss, part)
+            total += loss.detach()
+            for (a, b), acc, s in zip(spans, accs, scale):
+                grad_h[a:b].mul_(s)
+                grad_w[:w.size(0)].add_(acc.mul_(s))
+        ctx.grads = [grad_h, grad_w]  # not saved tensors: backward scales them in place
+        sums = torch.cat(sums).detach()
+        ctx.mark_non_differentiable(sums)
+        return total, sums
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_total, _):
         grads, ctx.grads = ctx.grads, None
-        assert grads is not None, "token_logprobs(reduction='sum'): backward runs once (no retain_graph)"
-        grad_h, *grad_params = (g.mul_(grad_out) for g in grads)
-        return None, None, grad_h, None, *grad_params
+        assert grads is not None, "a fused log-prob sum runs backward once (no retain_graph)"
+        grad_h, grad_w = (g.mul_(grad_total) for g in grads)
+        return None, None, None, None, grad_h, None, grad_w if ctx.needs_input_grad[6] else None
 
 
 class GradSync:

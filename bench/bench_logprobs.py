@@ -1,13 +1,14 @@
 """
 Time and peak memory of forward+backward through the log-prob path: the plain full-logits
 path (model(x, y, loss_reduction="none")) vs model.token_logprobs, chunked with recompute
-(reduction="none", DPO's path) and fused (reduction="sum", SFT's path).
+(reduction="none"), fused (reduction="sum", SFT's path) and model.pair_loss (DPO's path: the
+rows' halves paired as chosen/rejected, the sigmoid loss; an even batch only).
 
 Times: the modes run interleaved in one process (one warm-up each, then --reps rounds),
 median per mode, so a busy machine slows them alike. Peak memory: each mode in its own
 process (a warm-up run, then the measured one), so peak RSS is its own.
 
-    python bench/bench_logprobs.py                                  # 4x1024 V=32768 and 1x2048 V=65536, C=768, CPU
+    python bench/bench_logprobs.py                                  # 4x1024 V=32768, 1x2048 and 2x2048 V=65536, C=768, CPU
     python bench/bench_logprobs.py --batch 2 --seq 256 --vocab 512  # one quick shape
 """
 
@@ -22,6 +23,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
+import torch.nn.functional as F
 
 from common import synchronize
 from model import GPT, GPTConfig
@@ -46,7 +48,7 @@ def rss_mb(field="VmRSS"):
     raise OSError(f"{field} not in /proc/self/status")
 
 
-SHAPES = [(4, 1024, 32768), (1, 2048, 65536)]  # (batch, seq, vocab)
+SHAPES = [(4, 1024, 32768), (1, 2048, 65536), (2, 2048, 65536)]  # (batch, seq, vocab); 2x2048: DPO's pair
 
 
 def build(batch, seq, vocab, a):
@@ -69,6 +71,8 @@ def run(mode, model, x, y):
         total = (-model(x, y, loss_reduction="none")).sum()
     elif mode == "chunked":
         total = model.token_logprobs(x, y).sum()
+    elif mode == "dpo":
+        total = model.pair_loss(x, y, lambda i, chosen, rejected: -F.logsigmoid(0.1 * (chosen - rejected)))[0]
     else:
         total = model.token_logprobs(x, y, reduction="sum")
     total.backward()
@@ -101,7 +105,7 @@ def main():
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--reps", type=int, default=3, help="timed rounds after one warm-up")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--modes", default="plain,chunked,fused", help="some of plain,chunked,fused")
+    p.add_argument("--modes", default="plain,chunked,fused,dpo", help="some of plain,chunked,fused,dpo")
     p.add_argument("--probe", default=None, help="internal: print one mode's peak memory")
     a = p.parse_args()
     shapes = SHAPES if a.batch is None else [(a.batch, a.seq, a.vocab)]
@@ -113,15 +117,16 @@ def main():
         print(f"B={batch} T={seq} V={vocab} C={a.width} layers={a.layers} device={a.device} "
               f"({torch.get_num_threads()} threads): full fp32 logits alone are {batch * seq * vocab * 4 / 2**20:.0f} MB")
         model, x, y = build(batch, seq, vocab, a)
-        times = {mode: [] for mode in modes}
+        shape_modes = [mode for mode in modes if mode != "dpo" or batch % 2 == 0]
+        times = {mode: [] for mode in shape_modes}
         for rep in range(a.reps + 1):
-            for mode in modes:
+            for mode in shape_modes:
                 dt = run(mode, model, x, y)
                 if rep > 0:
                     times[mode].append(dt)
         del model, x, y
         peaks = {}
-        for mode in modes:
+        for mode in shape_modes:
             # large blocks through mmap: freed memory leaves RSS at once, so peak RSS = peak live
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
             args = ["--batch", str(batch), "--seq", str(seq), "--vocab", str(vocab), "--width", str(a.width),
@@ -129,7 +134,7 @@ def main():
             out = subprocess.run([sys.executable, __file__] + args, capture_output=True, text=True,
                                  check=True, env=env).stdout
             peaks[mode] = json.loads(out.strip().splitlines()[-1])["peak_mb"]
-        for mode in modes:
+        for mode in shape_modes:
             med = statistics.median(times[mode])
             line = (f"  {mode:>8}: fwd+bwd median {med:6.2f} s (runs {', '.join(f'{t:.2f}' for t in times[mode])}), "
                     f"peak +{peaks[mode]:.0f} MB (parameter gradients included)")

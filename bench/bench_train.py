@@ -4,12 +4,13 @@ Training-step benchmarks on one model and one batch of preference pairs:
 - SFT tokens/s (the chosen and rejected answers trained on as plain conversations),
 - DPO step time / SFT step time over the same tokens, with the live frozen reference and
   with cached reference log-probs (goals: <= 1.40 and <= 1.08),
-- peak memory of a DPO step through the chunked log-prob path vs full [B, T, V] logits,
+- peak memory of a DPO step through the fused log-prob path vs full [B, T, V] logits,
 - Muon's step alone (momentum + Newton-Schulz of every block matrix).
 
     python bench/bench_train.py                      # d4 on CPU
     python bench/bench_train.py --depth 2 --width 768  # d12's width, 2 layers
     python bench/bench_train.py --depth 20 --device cuda --batch 8 --seq 2048   # d20 on a GPU
+    python bench/bench_train.py --depth 20 --device cuda --batch 8 --seq 2048 --compile 1
 
 Step times are medians over --steps timed steps after --warmup steps, the three kinds
 of step interleaved.
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 import dpo
 from bench_logprobs import reset_peak_rss, rss_mb
 from common import autocast, synchronize
-from model import GPT, GPTConfig, collate, optimizer_step
+from model import GPT, GPTConfig, collate, compile_model, optimizer_step
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak, for MFU
 
@@ -87,18 +88,18 @@ def sft_step(model, optimizers, inputs, targets):
 def dpo_step(model, optimizers, inputs, targets, reference=None, table=None, full_logits=False):
     n = inputs.size(0) // 2
     with autocast(inputs.device):
-        if full_logits:  # the path chunking replaces: [B, T, V] float32 logits, then log_softmax
-            logp = F.log_softmax(model(inputs), dim=-1).gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
-            logps = (logp * (targets != -1)).sum(-1)
-        else:
-            logps = model.token_logprobs(inputs, targets).sum(dim=-1)
         if table is not None:
             ref = table
         else:
             with torch.no_grad():
                 ref = reference.token_logprobs(inputs, targets).sum(dim=-1)
-    losses, _, _ = dpo.dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta=0.1)
-    losses.mean().backward()
+        if full_logits:  # the path fusing replaces: [B, T, V] float32 logits, then log_softmax
+            logp = F.log_softmax(model(inputs), dim=-1).gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
+            logps = (logp * (targets != -1)).sum(-1)
+            loss = dpo.dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta=0.1)[0].sum()
+        else:  # dpo.py's path
+            loss = model.pair_loss(inputs, targets, lambda i, c, r: dpo.dpo_loss(c, r, ref[i], ref[n + i], beta=0.1)[0])[0]
+    (loss / n).backward()
     optimizer_step(model, optimizers, 1.0)
 
 
@@ -106,7 +107,8 @@ def memory_probe(args):
     """One DPO step in this process; prints its peak memory beyond the model and batch."""
     model = build(args)
     optimizers = model.setup_optimizers()
-    inputs, targets = collate([r for p in make_pairs(args) for r in p], 0, args.device)
+    pairs = make_pairs(args)
+    inputs, targets = collate([p[0] for p in pairs] + [p[1] for p in pairs], 0, args.device)
     reference = dpo.freeze(model)
     if args.device == "cuda":
         torch.cuda.synchronize()
@@ -130,8 +132,9 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--compile", type=int, default=0, help="torch.compile the policy and the reference (as --compile=1)")
     p.add_argument("--memory", type=int, default=1, help="also probe a DPO step's peak memory (0: skip)")
-    p.add_argument("--probe", default=None, help="internal: chunked|full memory probe")
+    p.add_argument("--probe", default=None, help="internal: fused|full memory probe")
     args = p.parse_args()
     if args.probe:
         return memory_probe(args)
@@ -139,6 +142,8 @@ def main():
     model = build(args)
     optimizers = model.setup_optimizers()
     reference = dpo.freeze(model)
+    for m in (model, reference) if args.compile else ():
+        compile_model(m)
     pairs = make_pairs(args)
     # chosen rows then rejected rows, as dpo.py batches them
     inputs, targets = collate([p[0] for p in pairs] + [p[1] for p in pairs], 0, args.device)
@@ -146,7 +151,7 @@ def main():
         table = reference.token_logprobs(inputs, targets).sum(dim=-1)
     tokens = inputs.numel()
     print(f"d{args.depth} (n_embd {model.config.n_embd}), V={args.vocab}, {2 * args.batch} x {args.seq} tokens "
-          f"per step on {args.device} ({torch.get_num_threads()} threads)")
+          f"per step on {args.device} ({torch.get_num_threads()} threads{', compiled' if args.compile else ''})")
 
     t = timed({"sft": lambda: sft_step(model, optimizers, inputs, targets),
                "live": lambda: dpo_step(model, optimizers, inputs, targets, reference=reference),
@@ -167,14 +172,14 @@ def main():
     if not args.memory:
         return
     peaks = {}
-    for probe in ("chunked", "full"):
+    for probe in ("fused", "full"):
         # large blocks through mmap so that freed memory leaves RSS at once: peak RSS = peak live
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
         out = subprocess.run([sys.executable, __file__, "--probe", probe] + sys.argv[1:], env=env,
                              capture_output=True, text=True, check=True).stdout
         peaks[probe] = json.loads(out.strip().splitlines()[-1])["peak_extra_mb"]
-    print(f"DPO step peak memory beyond the model: chunked {peaks['chunked']:.0f} MB, "
-          f"full logits {peaks['full']:.0f} MB ({peaks['chunked'] / peaks['full']:.2f}x)")
+    print(f"DPO step peak memory beyond the model: fused {peaks['fused']:.0f} MB, "
+          f"full logits {peaks['full']:.0f} MB ({peaks['fused'] / peaks['full']:.2f}x)")
 
 
 if __name__ == "__main__":

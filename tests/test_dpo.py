@@ -88,6 +88,39 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
     assert cr.abs().max() == 0 and rj.abs().max() == 0
 
 
+@pytest.mark.parametrize("pattern", [None, "SL"])
+def test_fused_pair_loss_equals_full_logits_path(pattern):
+    """DPO's training path (model.pair_loss: each pair's gradient taken in the forward pass, once
+    both its sums are known) gives the loss, log-probs and gradients of full logits + dpo_loss;
+    2026's padded lm_head rows get a zero gradient."""
+    torch.manual_seed(0)
+    extra = {} if pattern is None else {"window_pattern": pattern}
+    m = GPT(GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, **extra))
+    m.init_weights(zero_out=False)
+    x, y = torch.randint(0, 300, (6, 40)), torch.randint(0, 300, (6, 40))
+    y[:, :8] = -1  # prompts
+    y[1, 30:] = -1  # padding
+    y[4, 12:] = -1
+    ref_chosen, ref_rejected = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    losses = lambda c, r, rc, rr: dpo.dpo_loss(c, r, rc, rr, beta=0.5, label_smoothing=0.1)[0]
+    logps = -m(x, y, loss_reduction="none").view(6, 40).masked_fill(y == -1, 0).sum(1)
+    expected = losses(logps[:3], logps[3:], ref_chosen, ref_rejected).sum()
+    (expected * 0.25).backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad(set_to_none=True)
+
+    loss, chosen, rejected = m.pair_loss(x, y, lambda i, c, r: losses(c, r, ref_chosen[i], ref_rejected[i]),
+                                         chunk_numel=300 * 7)  # 7 rows a chunk: several per row
+    (loss * 0.25).backward()
+    assert torch.allclose(loss.double(), expected, rtol=1e-5)
+    assert torch.allclose(chosen, logps[:3], rtol=1e-5) and torch.allclose(rejected, logps[3:], rtol=1e-5)
+    assert not chosen.requires_grad
+    for n, p in m.named_parameters():
+        assert torch.allclose(p.grad, grads[n], atol=1e-6, rtol=1e-4), n
+    if pattern:
+        assert m.lm_head.weight.size(0) == 320 and (m.lm_head.weight.grad[300:] == 0).all()
+
+
 def test_answer_logps_equal_full_logits_and_hand_masking():
     """DPO's per-sequence log-probs (summed over the chunked lm_head) match the plain path."""
     torch.manual_seed(0)
