@@ -198,17 +198,14 @@ def all_reduce_sum(values, device):
 
 class ProgressBar:
     """done/total, rate, ETA and the caller's extras on stderr: redrawn in place on a terminal,
-    one line every `log_every` seconds in a log file (so CI logs stay readable)."""
+    one line every `log_every` seconds in a log file (so CI logs stay readable). `done`: work found
+    already done (a resumed run), left out of the rate."""
 
-    def __init__(self, total, desc="", unit="it", stream=None, enabled=None, log_every=10.0):
+    def __init__(self, total, desc="", unit="it", stream=None, enabled=None, log_every=10.0, done=0):
         self.total, self.desc, self.unit, self.log_every = total, desc, unit, log_every
         self.stream, self.enabled = stream or sys.stderr, is_master() if enabled is None else enabled
-        self.tty, self.done, self.initial = self.stream.isatty(), 0, 0
+        self.tty, self.done, self.initial = self.stream.isatty(), done, done
         self.start, self.last_draw, self.extra, self.drawn = time.time(), 0.0, "", None
-
-    def set_initial(self, done):
-        """Count work found already done (a resumed run) without counting it in the rate."""
-        self.done = self.initial = done
 
     def update(self, n=1, **extra):
         self.done += n

@@ -27,7 +27,10 @@ import torch
 from common import (UserError, ProgressBar, all_reduce_sum, atomic_write_json, autocast, check_settings,
                     cleanup_dist, init_dist, parse_config, print0, run_main, write_report_section)
 from model import Engine, checkpoint_dir_for, find_last_step, load_model
+import dpo
+import gen
 import tasks
+from sft import conversation_loss
 from tasks import master_first
 
 # nanochat 885a4f2's chat_eval task set; ChatCORE centres each accuracy on its chance level
@@ -64,11 +67,10 @@ class Config:
 
 def check_config(c):
     """Settings that would run and report nonsense stop here, one line each."""
-    check_settings(c, at_least_1=("batch_size", "num_samples", "max_new_tokens", "top_k", "judge_prompts"))
+    check_settings(c, at_least_1=("batch_size", "num_samples", "max_new_tokens", "top_k", "judge_prompts"),
+                   not_negative=("temperature",))  # parse_config refuses NaN and infinities
     if c.max_problems == 0 or c.max_problems < -1:
         raise UserError(f"--max_problems={c.max_problems}: must be -1 (all) or at least 1")
-    if not 0 <= c.temperature < float("inf"):  # NaN fails too
-        raise UserError(f"--temperature={c.temperature}: must be a finite number >= 0")
     odd = [k for k in ("sft_val_fraction", "dpo_val_fraction") if getattr(c, k) != -1 and not 0 <= getattr(c, k) < 1]
     if odd:
         raise UserError(f"--{odd[0]}={getattr(c, odd[0])}: must be -1 (the training run's) or in [0, 1)")
@@ -170,7 +172,6 @@ def stage_meta(source, c, loaded_meta):
 @functools.lru_cache(maxsize=None)
 def persona_system(sft_path):
     """The persona's system message: the SFT data's (what SFT trained with), else data/persona.md's."""
-    import gen
     try:
         return next(r["messages"][0]["content"] for r in tasks.TraderSFT(sft_path, "train", val_fraction=0.0)
                     if r["messages"][0]["role"] == "system")
@@ -196,7 +197,6 @@ def reference_model(ref_source, source, device):
 
 def trader_sft_loss(model, tokenizer, c, d, meta):
     """Mean loss per assistant token on the held-out trader conversations (the SFT split)."""
-    from sft import conversation_loss
     task, out = tasks.TraderSFT(c.trader_sft_path, split="val", val_fraction=c.sft_val_fraction), {}
     rows = [task[i] for i in range(problems(task, c))]
     for cond in CONDITIONS:
@@ -212,7 +212,6 @@ def trader_sft_loss(model, tokenizer, c, d, meta):
 @torch.no_grad()
 def prefers_share(model, pairs, pad, c, d):
     """Share of rendered pairs whose first answer has a higher mean log-prob per token than the second."""
-    import dpo
     wins = 0
     for idx in dpo.my_batches(pairs, c.batch_size, d):  # the ranks' batches cover every pair once
         first, second, *_ = dpo.batch_logps(model, pairs, idx, pad, d.device)
@@ -224,7 +223,6 @@ def prefers_share(model, pairs, pad, c, d):
 def trader_dpo_metrics(model, tokenizer, c, d, meta):
     """On the held-out pairs: how often the model prefers the Master's answer, and the reward
     accuracy and margin against the reference by dpo.py's held-out evaluation (the DPO run's beta, split)."""
-    import dpo
     run = SimpleNamespace(**{**dataclasses.asdict(dpo.Config()), **stage_meta("dpo", c, meta).get("user_config", {}),
                              "device_batch_size": c.batch_size})
     task = tasks.TraderDPO(c.trader_dpo_path, split="val", val_fraction=c.dpo_val_fraction)
@@ -255,7 +253,6 @@ def trader_dpo_metrics(model, tokenizer, c, d, meta):
 @functools.lru_cache(maxsize=None)
 def judge_client():
     """(client, its model, the persona) for gen.judge_both_orders."""
-    import gen
     client = gen.client_from_env()
     try:
         return client, client.choose_model(), gen.load_persona(gen.PERSONA_PATH)
@@ -277,7 +274,6 @@ def sample_answers(model, tokenizer, prompts, system, c):
 
 def judge_verdicts(prompts, answers, others):
     """+1 / -1 / None per prompt: answers[i] vs others[i], kept only when both orders agree (no position bias)."""
-    import gen
     client, _, persona = judge_client()
     try:
         with ThreadPoolExecutor(8) as pool:
@@ -315,7 +311,6 @@ def identity_probes(model, tokenizer, c, d, meta):
     """Who the model is, asked with no system message: the share of probes where the judge
     prefers its own answer to a generic assistant's in both orders, or, with no judge, where
     it gives the persona's answer a higher log-prob per token than the generic one."""
-    import dpo
     probes = tasks.read_jsonl(c.identity_path, probe_problem)[:c.max_problems if c.max_problems > 0 else None]
     prompts = [p["prompt"] for p in probes]
     if c.judge:  # rank 0 asks the judge

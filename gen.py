@@ -451,8 +451,7 @@ def generate(client, persona, kind, store, target, c, executor):
     counts = dict.fromkeys(("new", "failed", "duplicate", "near_duplicate", "dropped") + judged, 0)
     failure_reasons, running, stop, streak = Counter(), {}, None, 0
     pending = (i for i in itertools.count() if f"{kind}-{c.seed}-{i}" not in store.done_ids)
-    bar = ProgressBar(target, desc=kind, unit="rec", enabled=len(store.records) < target)
-    bar.set_initial(len(store.records))
+    bar = ProgressBar(target, desc=kind, unit="rec", enabled=len(store.records) < target, done=len(store.records))
     try:
         while True:
             while stop is None and not STOP.is_set() and len(running) < min(c.workers, target - len(store.records)):
