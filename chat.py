@@ -178,7 +178,7 @@ class Scheduler:
 
 def chat_cli(sched, c, read=input, out=sys.stdout):
     system = c.system or (load_persona(PERSONA_PATH)["system"] if c.persona else "")
-    s, history = Sampling(c.temperature, c.top_k, max_tokens=c.max_tokens), [{"role": "system", "content": system}]
+    history = [{"role": "system", "content": system}]
     out.write("" if c.prompt else "Chat with the model: `clear` starts a new conversation, `quit` (or Ctrl-D) ends.\n")
     lines = takewhile(lambda text: text not in ("quit", "exit"), iter(lambda: read("\nUser: ").strip(), None))
     with suppress(EOFError):  # Ctrl-D ends the chat too
@@ -188,12 +188,12 @@ def chat_cli(sched, c, read=input, out=sys.stdout):
                 out.write("(new conversation)\n")
                 continue
             messages, parts = history[not system:] + [{"role": "user", "content": text}], []
-            ids = sched.tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
-            if len(ids) >= sched.max_len:  # -p: an error; the chat goes on
-                too_long = f"the conversation is {len(ids)} tokens; the model's context is {sched.max_len}"
+            try:  # as the server parses a request, c's temperature, top_k and max_tokens the defaults
+                ids, s, *_ = parse_request({"messages": messages}, c, sched)
+            except APIError as e:  # longer than the model's context: -p fails, the chat goes on
                 if c.prompt:
-                    raise UserError(too_long)
-                out.write(f"({too_long}: `clear` starts over)\n")
+                    raise UserError(str(e)) from None
+                out.write(f"({e}: `clear` starts over)\n")
                 continue
             out.write("" if c.prompt else "Assistant: ")
             sched.wait(sched.submit(ids, s), lambda i, t, f: (parts.append(t), out.write(t), out.flush()))
@@ -206,17 +206,18 @@ def chat_cli(sched, c, read=input, out=sys.stdout):
 
 class APIError(Exception):  # its body is OpenAI's error object
     def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
+        super().__init__(message)
         self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def parse_request(body, defaults, tokenizer, max_n):
+def parse_request(body, defaults, sched):
     """A chat-completions body -> (prompt ids, Sampling, stream, include_usage), or an APIError 400 naming a field."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     fields = {  # name: (type, low, high) of each field used; others (response_format, ...) are ignored
-        "temperature": (float, 0, 2), "top_p": (float, 0, 1), "top_k": (int, 0, 1 << 30), "n": (int, 1, max_n),
-        "max_tokens": (int, 1, 1 << 30), "max_completion_tokens": (int, 1, 1 << 30), "stream": (bool,), "model": (str,),
-        "seed": (int, -(1 << 63), (1 << 64) - 1), "stream_options": (dict,), "stop": ((str, list),)}  # messages: below
+        "temperature": (float, 0, 2), "top_p": (float, 0, 1), "top_k": (int, 0, 1 << 30), "model": (str,),
+        "max_tokens": (int, 1, 1 << 30), "max_completion_tokens": (int, 1, 1 << 30), "n": (int, 1, sched.max_batch),
+        "seed": (int, -(1 << 63), (1 << 64) - 1), "stream": (bool,), "stream_options": (dict,), "stop": ((str, list),)}
     for name, (typ, *bounds) in fields.items():
         v, lo, hi = body.get(name), *(bounds or (None, None))
         if not (v is None or (isinstance(v, {int: int, float: (int, float)}.get(typ, typ)) and (typ is bool or not
@@ -227,12 +228,15 @@ def parse_request(body, defaults, tokenizer, max_n):
     if len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
         raise APIError(400, "'stop' must be a non-empty string or a list of up to 4 of them", "stop")
     text = lambda c: "".join(p.get("text", "") for p in c if isinstance(p, dict)) if isinstance(c, list) else c
-    try:  # OpenAI's content parts become plain text; the roles must alternate as nanochat renders them
+    try:  # messages: OpenAI's content parts become plain text; the roles must alternate as nanochat renders them
         messages = [dict(m, content=text(m.get("content"))) for m in body.get("messages") or []]
-        prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
+        prompt = sched.tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
     except (ValueError, AttributeError, TypeError) as e:
         raise APIError(400, f"'messages' must be system?, user, assistant, user, ... with string contents ({e})",
                        "messages") from None
+    if len(prompt) >= sched.max_len:
+        raise APIError(400, f"the conversation is {len(prompt)} tokens; the model's context is {sched.max_len}",
+                       "messages", "context_length_exceeded")
     get = lambda name, default=None: default if body.get(name) is None else body[name]
     s = Sampling(get("temperature", defaults.temperature), get("top_k", defaults.top_k), get("top_p", 1.0),
                  get("max_tokens", get("max_completion_tokens", defaults.max_tokens)), stop, get("seed"), get("n", 1))
@@ -285,10 +289,7 @@ class Handler(BaseHTTPRequestHandler):
             body = json.loads(self.rfile.read(min(int(self.headers.get("Content-Length", 0)), 1 << 24)) or b"null")
         except ValueError:
             raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
-        prompt, s, stream, include_usage = parse_request(body, srv.defaults, srv.sched.tokenizer, srv.sched.max_batch)
-        if len(prompt) >= srv.sched.max_len:
-            raise APIError(400, f"the prompt is {len(prompt)} tokens; the model's context is {srv.sched.max_len}",
-                           "messages", "context_length_exceeded")
+        prompt, s, stream, include_usage = parse_request(body, srv.defaults, srv.sched)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(t0), "model": srv.model_name}
         chunk, texts = dict(head, object="chat.completion.chunk"), [""] * s.n
         event = lambda obj: (self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n"), self.wfile.flush())
