@@ -64,10 +64,9 @@ def section_metrics(text, names):
 
 def section_timestamp(text, prefix):
     m = re.search(f"^{re.escape(prefix)}(.*)$", text, flags=re.M)
-    try:
+    with contextlib.suppress(ValueError):  # a malformed time is no time
         return datetime.datetime.strptime(m[1].strip(), "%Y-%m-%d %H:%M:%S") if m else None
-    except ValueError:
-        return None
+    return None
 
 
 def summary_table(metrics):
@@ -226,10 +225,9 @@ def generate(out_copy=True):
         parts.append(text.rstrip() + "\n\n")
     seconds = int((end - start).total_seconds()) if start and end and end >= start else None
     clock = f"{seconds // 3600}h{seconds % 3600 // 60}m" if seconds is not None else "unknown"
+    missing = f"\nSections not found (stage not run, skipped): {', '.join(notes)}\n" if notes else ""
     parts += [charts(directory), "## Summary\n\n", bloat + "\n\n" if bloat else "", summary_table(metrics) + "\n",
-              f"Total wall clock time: {clock}\n"]
-    if notes:
-        parts.append("\nSections not found (stage not run, skipped): " + ", ".join(notes) + "\n")
+              f"Total wall clock time: {clock}\n", missing]
     text, report_file = "".join(parts), os.path.join(directory, "chimera-report.md")
     atomic_write_text(report_file, text)
     print(f"wrote {report_file}" + (f" ({len(notes)} sections missing: {', '.join(notes)})" if notes else ""))
@@ -245,8 +243,7 @@ def reset(everything=False):
     """Clear Chimera's sections (all sections with everything=True) and note the start."""
     directory = os.path.join(get_base_dir(), "report")
     os.makedirs(directory, exist_ok=True)
-    names = CHIMERA_FILES + [f"chimera-chat-evaluation-{s}.json" for s in ("sft", "dpo")] + ["chimera-report.md",
-                                                                                        CHIMERA_HEADER]
+    names = CHIMERA_FILES + [f"chimera-chat-evaluation-{s}.json" for s in ("sft", "dpo")] + ["chimera-report.md"]
     if everything:
         names += NANOCHAT_FILES + RL_FILES + [HEADER, "chat-evaluation-mid.json"]
     names += [n for n in os.listdir(directory) if n.endswith(".svg")]  # the charts
