@@ -88,8 +88,7 @@ def build_datasets(c):
             tasks.SpellingBee(size=300, split="train"),
         ], seed=c.seed)
         return train, {"smoltalk": tasks.SmolTalk(split="test", stop=c.val_rows)}
-    trader_train = tasks.TraderSFT(c.trader_data_path, split="train", val_fraction=c.trader_val_fraction)
-    trader_val = tasks.TraderSFT(c.trader_data_path, split="val", val_fraction=c.trader_val_fraction)
+    trader_train, trader_val = (tasks.TraderSFT(c.trader_data_path, s, c.trader_val_fraction) for s in ("train", "val"))
     if c.sft_dataset == "trader":
         return tasks.TaskMixture([trader_train], seed=c.seed), {"trader": trader_val}
     train = tasks.TaskMixture([trader_train, tasks.SmolTalk(split="train", stop=c.smoltalk_rows)],
