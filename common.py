@@ -19,11 +19,9 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-# -----------------------------------------------------------------------------
+
 # Errors a user can cause (one line, exit code 2), files, and configs: a dataclass per stage
 # whose fields are its flags (argparse underneath)
-
-
 class UserError(Exception):
     """A problem with the user's input (a flag, a file, a missing key): shown as one line."""
 
@@ -129,10 +127,7 @@ def check_settings(c, at_least_1=(), positive=(), not_negative=(), steps=(), tag
             raise UserError(f"--{key}={getattr(c, key)!r}: {need}")
 
 
-# -----------------------------------------------------------------------------
 # Devices and torch.distributed: one code path for 1 or N processes
-
-
 @dataclasses.dataclass
 class Dist:
     rank: int
@@ -192,10 +187,7 @@ def all_reduce_sum(values, device):
     return t.tolist()
 
 
-# -----------------------------------------------------------------------------
 # Progress bar and report sections (rank 0)
-
-
 class ProgressBar:
     """done/total, rate, ETA and the caller's extras on stderr: redrawn in place on a terminal,
     one line every `log_every` seconds in a log file (so CI logs stay readable). `done`: work found

@@ -76,10 +76,7 @@ def check_config(c):
                    not_negative=("unembedding_lr", "embedding_lr", "matrix_lr", "weight_decay"))
 
 
-# -----------------------------------------------------------------------------
 # The loss (a small pure function), and the pairs: two rendered conversations sharing the prompt
-
-
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type="sigmoid", label_smoothing=0.0):
     """Per-pair losses and the implicit rewards beta * (log pi - log pi_ref)."""
     logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
@@ -129,10 +126,7 @@ def my_batches(pairs, batch_size, d):
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)][d.rank::d.world_size]
 
 
-# -----------------------------------------------------------------------------
 # Reference log-probs: live from a frozen model, or computed once and cached to disk
-
-
 def freeze(model):
     return copy.deepcopy(model).eval().requires_grad_(False)
 
@@ -173,9 +167,7 @@ def reference_table(data_path, max_len, policy, pairs, pad_id, c, d):
     return dict(zip(keys, logps))
 
 
-# -----------------------------------------------------------------------------
 # Training and evaluation
-
 STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
          "logps/rejected")
 

@@ -99,10 +99,7 @@ def problems(task, c):  # how many of a task's problems to evaluate
     return len(task) if c.max_problems < 0 else min(len(task), c.max_problems)
 
 
-# -----------------------------------------------------------------------------
 # nanochat's chat tasks
-
-
 @torch.no_grad()
 def run_categorical(task, tokenizer, model, c, d, bar):
     """Multiple choice: the answer is the letter whose logit is highest at the position that
@@ -153,10 +150,7 @@ def run_chat_task(name, model, tokenizer, c, d, meta):
     return {name: passed / max(total, 1)}
 
 
-# -----------------------------------------------------------------------------
 # Persona metrics, each without and with the persona's system message
-
-
 def stage_meta(source, c, loaded_meta):
     """A stage's checkpoint meta (split, beta, ...): the loaded one, else its default directory's latest; {} if none."""
     if source == c.source:
@@ -246,10 +240,7 @@ def trader_dpo_metrics(model, tokenizer, c, d, meta):
     return out
 
 
-# -----------------------------------------------------------------------------
 # The LLM judge (gen.py's client), and the identity probes
-
-
 @functools.lru_cache(maxsize=None)
 def judge_client():
     """(client, its model, the persona) for gen.judge_both_orders."""
@@ -325,9 +316,6 @@ def identity_probes(model, tokenizer, c, d, meta):
 RUNS = {**{name: functools.partial(run_chat_task, name) for name in CHAT_TASKS},
         "Trader-SFT": trader_sft_loss, "Trader-DPO": trader_dpo_metrics, "Identity": identity_probes,
         "Judge": judge_win_rate}
-
-
-# -----------------------------------------------------------------------------
 
 
 def main():

@@ -49,10 +49,7 @@ PERSONA_METRICS = [f"{name} ({cond})" for name in ("Trader SFT held-out loss", "
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]  # the charts' lines, in order
 
 
-# -----------------------------------------------------------------------------
 # Reading sections
-
-
 def section_metrics(text, names):
     """{name: value} for `- name: value` lines (also `name metric`/`name accuracy`, as
     nanochat labels CORE and ChatCORE); the last line wins, as in nanochat."""
@@ -85,10 +82,7 @@ def summary_table(metrics):
     return "\n".join(lines) + "\n" + note
 
 
-# -----------------------------------------------------------------------------
 # Header: git, hardware, versions
-
-
 def git(*args):
     try:
         return subprocess.run(["git", *args], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
@@ -115,10 +109,7 @@ def chimera_header(started):
     return "\n".join(lines) + "\n"
 
 
-# -----------------------------------------------------------------------------
 # SVG charts, hand-written: a few lines on shared axes
-
-
 def svg_chart(title, series, width=460, height=220):
     """series: {label: [(x, y), ...]} -> an <svg> line chart with min/max axis labels."""
     series = {k: p for k, v in series.items()  # NaN and infinities are not drawn
@@ -192,10 +183,7 @@ def charts(directory):
     return ("## Training curves\n\n" + "\n\n".join(links) + "\n\n") if links else ""
 
 
-# -----------------------------------------------------------------------------
 # Commands
-
-
 def read_section(directory, name):
     """A section's text with `<` escaped (Markdown goes in, raw HTML never does); None if missing."""
     if os.path.exists(os.path.join(directory, name)):

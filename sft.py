@@ -71,10 +71,7 @@ def check_config(c):  # before anything heavy is loaded
         raise UserError(f"--source={c.source!r}: expected one of {', '.join(SOURCE_DIRS)}")
 
 
-# -----------------------------------------------------------------------------
 # Data
-
-
 def build_datasets(c):
     """(train mixture, {name: val task}) for the chosen dataset mode."""
     if c.sft_dataset == "mixture":  # nanochat's general SFT mixture
@@ -128,10 +125,7 @@ def conversation_loss(model, task, tokenizer, num_rows, batch_size, d, max_len, 
     return total / count
 
 
-# -----------------------------------------------------------------------------
 # Training
-
-
 def main():
     c = parse_config(Config)
     check_config(c)

@@ -31,10 +31,8 @@ import sandbox
 from common import ProgressBar, UserError, atomic_write, get_base_dir, is_master, print0, run_main
 from model import _check_messages
 
-# -----------------------------------------------------------------------------
+
 # Task: a list of conversations with a lightweight start/stop/step view
-
-
 class Task:
     """Conversations num_examples() / get_example(i) (default: copies from self.rows) seen through [start:stop:step]."""
 
@@ -98,10 +96,7 @@ class TaskMixture(Task):
         return [(task.name, n, w, n * w) for task, n, w in zip(self.tasks, self.lengths, self.weights)]
 
 
-# -----------------------------------------------------------------------------
 # Persona data from gen.py: JSONL validated line by line, split by a hash of each record
-
-
 def conversation_problem(record, strict=True):
     """None if model.py can render `record` (its check), else why not; strict: non-empty texts, the assistant's last."""
     try:
@@ -206,10 +201,7 @@ class TraderDPO(TraderData):
     file, problem_of, default_val_fraction = "trader_dpo_data.jsonl", dpo_problem, 0.05
 
 
-# -----------------------------------------------------------------------------
 # HTTP with retries (gen.py's OpenRouter client, the Hugging Face rows below)
-
-
 class HTTPGaveUp(Exception):
     """Transient failures (408, 429, 5xx, timeouts, dropped connections) outlasted every retry."""
 
@@ -252,9 +244,7 @@ def error_text(response, limit=300):
     return str(error)[:limit]
 
 
-# -----------------------------------------------------------------------------
 # Hugging Face rows through the dataset viewer API, cached as JSONL
-
 HF_ROWS_URL = "https://datasets-server.huggingface.co/rows"
 HF_PAGE = 100  # the viewer's maximum `length` per request
 HF_RETRIES = 6  # retries per page on connection errors, 429 and 5xx
@@ -395,10 +385,7 @@ class HFTask(Task):
         return int(response == conversation["messages"][-1]["content"])
 
 
-# -----------------------------------------------------------------------------
 # Evaluation and SFT tasks with nanochat's exact renderings
-
-
 def render_mc(question, letters, choices):
     """nanochat's multiple-choice prompt: the letter after each choice, no space before it,
     so the prompt's letter token is the same token as the answer."""
@@ -543,9 +530,7 @@ class SmolTalk(HFTask):
         return {"messages": copy.deepcopy(self.rows[index]["messages"])}
 
 
-# -----------------------------------------------------------------------------
 # nanochat's identity conversations and spelling tasks (as of 885a4f2): files fetched once
-
 IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 
@@ -661,9 +646,8 @@ TASKS = {
     "SpellingBee": functools.partial(SpellingBee, 256, "test"),
 }
 
-# -----------------------------------------------------------------------------
-# python tasks.py [names]: fill the caches (on a connected machine, before going offline)
 
+# python tasks.py [names]: fill the caches (on a connected machine, before going offline)
 PREFETCH = {
     **TASKS,
     "ARC-Easy/train": functools.partial(ARC, "ARC-Easy", "train"),
