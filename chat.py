@@ -188,7 +188,7 @@ def chat_cli(sched, c, read=input, out=sys.stdout):
                 out.write("(new conversation)\n")
                 continue
             messages, parts = history[not system:] + [{"role": "user", "content": text}], []
-            try:  # as the server parses a request, c's temperature, top_k and max_tokens the defaults
+            try:  # parsed as the server parses a request: c's temperature, top_k and max_tokens are the defaults
                 ids, s, *_ = parse_request({"messages": messages}, c, sched)
             except APIError as e:  # longer than the model's context: -p fails, the chat goes on
                 if c.prompt:
