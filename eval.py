@@ -56,6 +56,8 @@ class Config:
     num_samples: int = 1  # samples per generative problem; a problem passes if any sample does
     max_new_tokens: int = 512  # longest completion sampled
     ref_source: str = ""  # reference of the pair rewards and the judge; "" = the checkpoint this one was trained from
+    ref_tag: Optional[str] = None  # the reference's model tag; None = the one trained from (else the default)
+    ref_step: Optional[int] = None  # the reference's step; None = the one trained from (else the latest)
     trader_sft_path: Optional[str] = None  # SFT JSONL; None = $NANOCHAT_BASE_DIR/datasets/trader_sft_data.jsonl
     trader_dpo_path: Optional[str] = None  # pairs JSONL; None = $NANOCHAT_BASE_DIR/datasets/trader_dpo_data.jsonl
     identity_path: str = IDENTITY_PROBES  # identity probes JSONL: {"prompt", "persona_answer", "generic_answer"}
@@ -184,9 +186,9 @@ def system_of(condition, c):
 
 
 @functools.lru_cache(maxsize=None)
-def reference_model(ref_source, source, device):
+def reference_model(ref_source, source, device, tag, step):
     """The reference of the pair rewards and the judge (loaded once), or None when it is the evaluated model."""
-    return load_model(ref_source, device, phase="eval")[0] if ref_source not in ("", source) else None
+    return None if ref_source in ("", source) else load_model(ref_source, device, "eval", tag, step)[0]
 
 
 def trader_sft_loss(model, tokenizer, c, d, meta):
@@ -221,7 +223,8 @@ def trader_dpo_metrics(model, tokenizer, c, d, meta):
                              "device_batch_size": c.batch_size})
     task = tasks.TraderDPO(c.trader_dpo_path, split="val", val_fraction=c.dpo_val_fraction)
     pad, out = tokenizer.encode_special("<|assistant_end|>"), {}
-    rows, reference = [task[i] for i in range(problems(task, c))], reference_model(c.ref_source, c.source, d.device)
+    rows = [task[i] for i in range(problems(task, c))]
+    reference = reference_model(c.ref_source, c.source, d.device, c.ref_tag, c.ref_step)
     for cond in CONDITIONS:
         system = system_of(cond, c)  # in the prompt exactly as a system message renders: merged, a blank line
         pairs, _ = dpo.render_pairs([dict(r, prompt=f"{system}\n\n{r['prompt']}") if system else r for r in rows],
@@ -276,7 +279,7 @@ def judge_verdicts(prompts, answers, others):
 
 def judge_win_rate(model, tokenizer, c, d, meta):
     """The judge compares the model's answers with the reference's on held-out persona prompts (rank 0)."""
-    if (reference := reference_model(c.ref_source, c.source, d.device)) is None:
+    if (reference := reference_model(c.ref_source, c.source, d.device, c.ref_tag, c.ref_step)) is None:
         raise tasks.DataUnavailable(f"the judge compares -i {c.source} with a reference (--ref_source); none here")
     task = tasks.TraderDPO(c.trader_dpo_path, split="val", val_fraction=c.dpo_val_fraction)
     prompts = [task[i]["prompt"] for i in range(min(len(task), c.judge_prompts))]
@@ -327,7 +330,10 @@ def main():
         cache.cache_clear()
     d = init_dist(c.device_type)
     model, tokenizer, meta = load_model(c.source, d.device, phase="eval", model_tag=c.model_tag, step=c.step)
-    c.ref_source = c.ref_source or meta.get("source") or ("sft" if c.source == "dpo" else "")  # trained from
+    if not c.ref_source and meta.get("source"):  # the very checkpoint it was trained from
+        c.ref_source, c.ref_tag = meta["source"], c.ref_tag or meta.get("source_tag")
+        c.ref_step = meta.get("source_step") if c.ref_step is None else c.ref_step
+    c.ref_source = c.ref_source or ("sft" if c.source == "dpo" else "")
     if c.sft_val_fraction < 0:  # the splits the SFT and DPO runs held out
         c.sft_val_fraction = stage_meta("sft", c, meta).get("user_config", {}).get("trader_val_fraction", 0.1)
     if c.dpo_val_fraction < 0:

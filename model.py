@@ -1018,7 +1018,8 @@ class RunDir:
 
     def __init__(self, stage, tag, master, start):
         self.path, self.stage, self.master = os.path.join(get_base_dir(), SOURCE_DIRS[stage], tag), stage, master
-        if os.path.abspath(self.path) == os.path.abspath(checkpoint_dir_for(*start)):  # clearing it would lose it
+        self.start = checkpoint_dir_for(*start)
+        if os.path.abspath(self.path) == os.path.abspath(self.start):  # clearing it would lose it
             raise UserError(f"{self.path} holds the checkpoint this run starts from; pass another --out_tag")
         old = [f for pattern in ("model_*.pt", "optim_*.pt", "meta_*.json", "metrics.jsonl", ".*.tmp")
                for f in glob.glob(os.path.join(self.path, pattern))]
@@ -1043,9 +1044,10 @@ class RunDir:
                 f.write(json.dumps(record) + "\n")
 
     def save(self, step, model, meta):
-        """model_/meta_{step:06d} marked as this stage's; non-finite weights are never saved."""
+        """model_/meta_{step:06d} marked as this stage's, with the start's tag; non-finite weights are never saved."""
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise UserError(f"step {step}: the weights are not finite (NaN or inf); nothing saved")
         if self.master:
-            save_checkpoint(self.path, step, model.state_dict(), None, {**meta, "chimera": {"stage": self.stage}})
+            save_checkpoint(self.path, step, model.state_dict(), None,
+                            {**meta, "source_tag": os.path.basename(self.start), "chimera": {"stage": self.stage}})
 

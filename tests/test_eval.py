@@ -217,6 +217,22 @@ def test_dpo_checkpoint_gets_pair_metrics_against_sft(eval_base, monkeypatch):
     assert len(held_out) > 0  # the DPO run's split fraction is the one used
 
 
+def test_dpo_reference_is_the_checkpoint_it_was_trained_from(eval_base, monkeypatch):
+    """Not the source's default tag (chimera_d2 is preferred) nor its latest step: the policy here
+    is its reference unchanged, so every reward margin is exactly zero."""
+    m, _, meta = load_model("sft", "cpu", "eval")
+    save_checkpoint(os.path.join(eval_base, "chatdpo_checkpoints", "d2"), 3, m.state_dict(), None,
+                    dict(meta, source="sft", source_tag="d2", source_step=0, user_config={"val_fraction": 0.2}))
+    with torch.no_grad():
+        m.lm_head.weight.mul_(1.5)
+    for tag, step in (("d2", 5), ("chimera_d2", 0)):  # decoys: a later step, the tag chosen by default
+        save_checkpoint(os.path.join(eval_base, "chatsft_checkpoints", tag), step, m.state_dict(), None, meta)
+    run_eval(monkeypatch, "-i", "dpo", "-a", "Trader-DPO")
+    _, lines = section(eval_base, "dpo")
+    for cond in chat_eval.CONDITIONS:
+        assert float(lines[f"DPO reward margin ({cond})"]) == 0.0
+
+
 def test_two_processes_shard_and_reduce_like_one(eval_base):
     env = {"NANOCHAT_BASE_DIR": eval_base, "HF_HUB_OFFLINE": "1"}
     args = [os.path.join(REPO, "eval.py"), "-i", "sft", "-a", "ARC-Easy|MMLU|GSM8K|Trader-SFT|Trader-DPO",

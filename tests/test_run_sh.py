@@ -145,6 +145,7 @@ def test_beside_a_speedrun_chimera_runs_its_own_stages(speedrun):
     assert sft_meta["source"] == "mid" and sft_meta["user_config"]["model_tag"] == "d2"  # 2025: from mid
     dpo_meta = last_meta(os.path.join(base, "chatdpo_checkpoints", "d2"))
     assert dpo_meta["source"] == "sft" and dpo_meta["user_config"]["model_tag"] == "chimera_d2"  # Chimera's SFT
+    assert (sft_meta["source_tag"], dpo_meta["source_tag"]) == ("d2", "chimera_d2")  # eval's references
     for source in ("sft", "dpo"):
         assert os.path.exists(os.path.join(base, "report", f"chimera-chat-evaluation-{source}.json"))
 
