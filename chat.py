@@ -196,8 +196,10 @@ def chat_cli(sched, c, read=input, out=sys.stdout):
                 out.write(f"({e}: `clear` starts over)\n")
                 continue
             out.write("" if c.prompt else "Assistant: ")
-            sched.wait(sched.submit(ids, s), lambda i, t, f: (parts.append(t), out.write(t), out.flush()))
+            finishes = sched.wait(sched.submit(ids, s), lambda i, t, f: (parts.append(t), out.write(t), out.flush()))
             out.write("\n")
+            if "error" in finishes:  # the scheduler printed why
+                raise UserError("the model failed while decoding")
             history += [messages[-1], {"role": "assistant", "content": "".join(parts)}]
 
 
@@ -293,7 +295,8 @@ class Handler(BaseHTTPRequestHandler):
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(t0), "model": srv.model_name}
         chunk, texts = dict(head, object="chat.completion.chunk"), [""] * s.n
         event = lambda obj: (self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n"), self.wfile.flush())
-        delta = lambda i, d, f: event(dict(chunk, choices=[{"index": i, "delta": d, "finish_reason": f}]))
+        choice = lambda i, d, f: {"index": i, "delta": d, "finish_reason": f}
+        delta = lambda i, d, f: f == "error" or event(dict(chunk, choices=[choice(i, d, f)]))
         if stream:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -306,13 +309,14 @@ class Handler(BaseHTTPRequestHandler):
         dt, done = time.time() - t0, req.completion_tokens
         log = f" {len(prompt)} prompt + {done} completion tokens in {dt:.2f}s ({done / dt:.1f} tokens/s)"
         usage = {"prompt_tokens": len(prompt), "completion_tokens": done, "total_tokens": len(prompt) + done}
-        if stream:
-            if include_usage:
-                event(dict(chunk, choices=[], usage=usage))
+        failed = APIError(500, "the model failed while decoding (see the server's log)", kind="server_error")
+        if stream:  # headers are sent: a failure is an error event (OpenAI's), never a finish_reason
+            if "error" in finishes or include_usage:
+                event(failed.body if "error" in finishes else dict(chunk, choices=[], usage=usage))
             self.wfile.write(b"data: [DONE]\n\n")
             print(f"{self.command} {self.path} 200{log}", flush=True)
         elif "error" in finishes:
-            raise APIError(500, "the model failed while decoding (see the server's log)", kind="server_error")
+            raise failed
         else:
             choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
                         "finish_reason": finishes[i]} for i in range(s.n)]

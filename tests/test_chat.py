@@ -174,6 +174,20 @@ def test_the_calculator_tool_runs_and_its_result_is_forced_back(served, monkeypa
     assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == 11 and not script
 
 
+def test_a_model_failing_while_decoding_is_an_openai_error_not_a_finish_reason(served, monkeypatch, capsys):
+    def fail(*args):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(chat, "sample", fail)
+    r = served.post({"messages": user("hi")})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    events = sse_events(served.post({"messages": user("hi"), "stream": True, "n": 2}))
+    assert events[-1]["error"]["type"] == "server_error"
+    assert all(c["finish_reason"] is None for e in events[:-1] for c in e["choices"])
+    with pytest.raises(UserError, match="failed while decoding"):  # -p exits 2, not 0
+        chat.chat_cli(served.sched, chat.Config(prompt="hi"), out=io.StringIO())
+    assert "RuntimeError: out of memory" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("body, param", [
     (b"{not json", None), ({"messages": user("hi"), "temperature": "hot"}, "temperature"),
     ({"messages": user("hi"), "n": 0}, "n"), ({"messages": user("hi"), "n": 9}, "n"),
