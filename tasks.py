@@ -545,11 +545,12 @@ def cached_file(url):
     why = "HF_HUB_OFFLINE is set"
     if not offline():
         try:
-            response = requests.get(url, timeout=HF_TIMEOUT)
+            response = http_retry(lambda: requests.get(url, timeout=HF_TIMEOUT), HF_RETRIES, HF_BACKOFF,
+                                  log=lambda m: print0(f"{name}: {m}"), connect_retries=HF_CONNECT_RETRIES)
             response.raise_for_status()
             atomic_write(path, lambda f: f.write(response.content), binary=True)
             return path
-        except requests.RequestException as e:
+        except (requests.RequestException, HTTPGaveUp) as e:
             why = f"{type(e).__name__} fetching {url}"
     raise DataUnavailable(f"{name} is not cached ({why}); to work offline, put {url} at {path}")
 

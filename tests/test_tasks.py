@@ -553,6 +553,13 @@ def test_rows_retry_500_and_429_retry_after(server, monkeypatch, capsys):
     assert "hf_secret_token_123" not in out.out + out.err
 
 
+def test_cached_file_retries_a_transient_failure(server, base):
+    server.script = [(503, {}, {"error": "busy"}), (200, {}, ["apple", "pear"])]
+    path = tasks.cached_file(server.url + "/words_alpha.txt")
+    assert open(path).read() == json.dumps(["apple", "pear"]) and len(server.requests) == 2
+    assert path == str(base / "task_data" / "words_alpha.txt")
+
+
 def test_rows_truncated_cells_skipped_and_counted(base, monkeypatch, capsys):
     items = [{"row": r, "truncated_cells": ["answer"] if i in (3, 140) else []} for i, r in enumerate(ROWS[:160])]
     srv = RowsServer({("org/big", "default", "train"): items})
