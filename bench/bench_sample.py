@@ -56,6 +56,9 @@ def nanochat_engine(clones, model, tokenizer):
                 theirs = gpt.GPT(gpt.GPTConfig(**{k: v for k, v in asdict(model.config).items() if k in fields}))
             theirs.init_weights()  # as nanochat's loader: its dtypes, then the weights
             theirs.load_state_dict(model.state_dict())
+            with torch.no_grad(), autocast(model.get_device().type):  # the same function as ours?
+                x = torch.arange(16, device=model.get_device())[None]
+                print(f"{clone}: nanochat's logits within {(theirs(x).float() - model(x)).abs().max():.1e} of ours")
             return engine.Engine(theirs.eval(), tokenizer)
     return None
 
