@@ -291,8 +291,11 @@ class GPT(nn.Module):
         return h, flat_targets.index_select(0, rows), rows, max(1, chunk_numel // self.lm_head.weight.size(0))
 
     def _chunk_logprobs(self, h, targets):
-        logits = self.logits(h)
-        return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        """log p(target) per row of h, in place where no gradient is wanted (the DPO reference, eval).
+        Softcapped logits lie in [-15, 15], so their exp needs no max subtracted first."""
+        t, grad = F.linear(h, self.lm_head.weight[:self.config.vocab_size]).float(), torch.is_grad_enabled()
+        logits = t.div_(SOFTCAP).tanh_() * SOFTCAP if grad else t.div_(SOFTCAP).tanh_().mul_(SOFTCAP)
+        return logits.gather(1, targets[:, None]).squeeze(1) - (logits.exp() if grad else logits.exp_()).sum(1).log()
 
     def _head_grads(self, h, targets, w, grad_h, grad_w):
         """The sum of log p(target) over h's rows through the lm_head w (the real vocab's rows); writes
@@ -306,11 +309,8 @@ class GPT(nn.Module):
         # d logp / d(h w^T) = (one_hot - softmax) * (1 - t^2), the softmax being p / s
         dz = p.addcmul_(p, t.square_(), value=-1).div_(s.neg_())
         dz.scatter_add_(1, targets[:, None], 1 - t_target.square())
-        grad_h.copy_(dz @ w)
-        if torch.is_autocast_enabled(h.device.type):  # a bf16 product into the float32 gradient
-            grad_w.add_(dz.T @ h)
-        else:
-            grad_w.addmm_(dz.T, h)
+        grad_h.copy_(dz @ w)  # under autocast a bf16 product is added to the float32 gradient, else in place:
+        grad_w.add_(dz.T @ h) if torch.is_autocast_enabled(h.device.type) else grad_w.addmm_(dz.T, h)
         return logp
 
     # Optimizers
