@@ -415,7 +415,7 @@ class _FusedHead(torch.autograd.Function):
             total += loss.detach()
             for (a, b), acc, s in zip(spans, accs, scale):
                 grad_h[a:b].mul_(s)
-                grad_w[:w.size(0)].add_(acc.mul_(s))
+                grad_w[:w.size(0)].addcmul_(acc, s)  # one pass, no sync for the scale
         ctx.grads = [grad_h, grad_w]  # not saved tensors: backward scales them in place
         sums = torch.cat(sums).detach()
         ctx.mark_non_differentiable(sums)
