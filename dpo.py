@@ -59,7 +59,7 @@ class Config:
     init_lr_frac: float = 0.01  # DPO moves gently: every lr starts at this fraction, then decays to 0
     eval_every: int = 50  # steps between held-out evaluations (and at the end); -1 = only at the end
     save_every: int = -1  # steps between checkpoints; -1 = only at the end
-    compile: Optional[bool] = None  # torch.compile policy and reference (lengths padded to a few buckets); None = on for CUDA
+    compile: Optional[bool] = None  # torch.compile policy and reference (lengths symbolic); None = on for CUDA
     out_tag: Optional[str] = None  # output directory name; None = d{depth}
 
 
@@ -104,13 +104,13 @@ def render_pairs(task, tokenizer, max_len):
     return kept, len(task) - len(kept)
 
 
-def batch_logps(model, pairs, indices, pad_id, device, bucket=False, pair_loss=None):
+def batch_logps(model, pairs, indices, pad_id, device, pair_loss=None):
     """(chosen logps [B], rejected logps [B], (real tokens, positions computed), loss): sums over the
     answers' tokens, in one forward pass over the chosen conversations, then the rejected ones. With
     pair_loss(i, chosen_i, rejected_i), loss is its sum over the pairs, its gradient taken in the
     forward pass (model.pair_loss); else None."""
     rows = [pairs[i][0] for i in indices] + [pairs[i][1] for i in indices]
-    inputs, targets = collate(rows, pad_id, device, bucket)
+    inputs, targets = collate(rows, pad_id, device)
     counts = (sum(len(ids) - 1 for ids, _ in rows), inputs.numel())
     with autocast(device):
         if pair_loss is not None:
@@ -172,14 +172,14 @@ STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewar
          "logps/rejected")
 
 
-def pair_losses(model, reference, pairs, indices, pad_id, c, d, bucket=False):
+def pair_losses(model, reference, pairs, indices, pad_id, c, d):
     """A batch's summed loss (with its gradient where grad is enabled) and its sums to be added over
     micro-batches and ranks: STATS' in order, then its pairs, real tokens and positions computed."""
     ref_chosen, ref_rejected = reference(pairs, indices)
     loss_fn = partial(dpo_loss, beta=c.beta, loss_type=c.loss_type, label_smoothing=c.label_smoothing)
     grad = torch.is_grad_enabled()
     pair_loss = (lambda i, pc, pr: loss_fn(pc, pr, ref_chosen[i], ref_rejected[i])[0]) if grad else None
-    pc, pr, counts, loss = batch_logps(model, pairs, indices, pad_id, d.device, bucket, pair_loss)
+    pc, pr, counts, loss = batch_logps(model, pairs, indices, pad_id, d.device, pair_loss)
     losses, chosen, rejected = loss_fn(pc, pr, ref_chosen, ref_rejected)
     margins = chosen - rejected
     sums = torch.stack([losses, chosen, rejected, margins, (margins > 0).float(), pc, pr]).detach().double().sum(dim=1)
@@ -193,10 +193,10 @@ def reduce_stats(stat_list, device):
 
 
 @torch.no_grad()
-def evaluate(model, reference, val_pairs, pad_id, c, d, bucket=False):
+def evaluate(model, reference, val_pairs, pad_id, c, d):
     """Held-out DPO loss, reward accuracy and margin; reference(pairs, indices) gives its log-probs."""
     model.eval()
-    stats = [pair_losses(model, reference, val_pairs, idx, pad_id, c, d, bucket)[1]
+    stats = [pair_losses(model, reference, val_pairs, idx, pad_id, c, d)[1]
              for idx in my_batches(val_pairs, c.device_batch_size, d)]
     model.train()
     return reduce_stats(stats, d.device)[0]
@@ -218,7 +218,7 @@ def main():
     pad_id = tokenizer.encode_special("<|assistant_end|>")
     schedule = Schedule([max(len(ch[0]), len(rj[0])) for ch, rj, _ in train], c.target_examples_per_step,
                         c.device_batch_size, d.world_size, c.num_epochs, c.num_iterations)
-    steps, bucket = schedule.num_iterations, d.device.type == "cuda" if c.compile is None else c.compile
+    steps, compiled = schedule.num_iterations, d.device.type == "cuda" if c.compile is None else c.compile
     print0(f"DPO on {c.source} step {meta.get('step')}: {len(train)} train / {len(val)} held-out pairs ({dropped} "
            f"dropped), beta {c.beta}, {c.loss_type}, {steps} steps of {c.target_examples_per_step} pairs")
     ref = None if c.ref_cache else freeze(model)  # a frozen copy: no grads, so its passes build no graph
@@ -226,8 +226,8 @@ def main():
         table = reference_table(splits[0].path, max_len, model, train + val, pad_id, c, d)
         reference = lambda pairs, idx: torch.stack([table[pairs[i][2]] for i in idx]).to(d.device, torch.float32).unbind(1)
     else:
-        reference = lambda pairs, idx: batch_logps(ref, pairs, idx, pad_id, d.device, bucket)[:2]
-    for m in filter(None, (model, ref) if bucket else ()):
+        reference = lambda pairs, idx: batch_logps(ref, pairs, idx, pad_id, d.device)[:2]
+    for m in filter(None, (model, ref) if compiled else ()):
         compile_model(m)
     optimizers = model.setup_optimizers(c.unembedding_lr, c.embedding_lr, c.matrix_lr, c.weight_decay)
     grad_sync = GradSync(model)
@@ -236,7 +236,7 @@ def main():
     def run_eval(step):
         if not val:
             return {}
-        held_out = evaluate(model, reference, val, pad_id, c, d, bucket)
+        held_out = evaluate(model, reference, val, pad_id, c, d)
         print0(f"step {step:05d} | held-out loss {held_out['loss']:.4f} | reward accuracy "
                f"{held_out['rewards/accuracies']:.3f} | margin {held_out['rewards/margins']:.4f}")
         run.log({"step": step, **{f"eval/{k}": v for k, v in held_out.items()}})
@@ -259,7 +259,7 @@ def main():
         t0 = time.time()  # the device is idle: the last step ended with a synchronize, evaluation with a reduce
         stats, micro, lrm = [], schedule.micro_batches(step, d.rank), schedule.lr_multiplier(step)
         for i, idx in enumerate(micro):
-            loss, sums = pair_losses(model, reference, train, idx, pad_id, c, d, bucket)
+            loss, sums = pair_losses(model, reference, train, idx, pad_id, c, d)
             if i == len(micro) - 1:
                 grad_sync.arm()  # the last backward all-reduces each bucket as soon as it is ready
             # a fixed number of pairs per step: divide by it and N processes match one

@@ -964,12 +964,10 @@ class Engine:
 WINDOW_STEPS = 16  # steps whose rows are sorted by length together (see Schedule)
 
 
-def collate(rows, pad_id, device, bucket=False):
+def collate(rows, pad_id, device):
     """Pad rendered conversations [(ids, mask)] into inputs and targets [B, W] (-1: not learned), W the
-    longest row - 1; bucket rounds W up to 4 widths per doubling (64, 80, ...): few compiled shapes."""
+    longest row - 1."""
     width = max(len(ids) for ids, _ in rows) - 1
-    step = max(16, 1 << max(0, (width - 1).bit_length() - 3))
-    width = max(64, -(-width // step) * step) if bucket else width
     inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
     targets = torch.full((len(rows), width), -1, dtype=torch.long)
     for i, (ids, mask) in enumerate(rows):
@@ -980,9 +978,9 @@ def collate(rows, pad_id, device, bucket=False):
 
 
 def compile_model(model):
-    """torch.compile the transformer (the chunked lm_head stays eager) for fixed shapes."""
-    torch._dynamo.config.recompile_limit = 64  # one graph per bucketed width and batch size
-    model.hidden_states = torch.compile(model.hidden_states, dynamic=False)
+    """torch.compile the transformer (the chunked lm_head stays eager) with symbolic batch and length:
+    a length that changes every step neither recompiles nor needs padding to a few fixed widths."""
+    model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
 
 
 class Schedule:

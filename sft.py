@@ -53,7 +53,7 @@ class Config:
     eval_batches: int = 25  # val batches per evaluation, per process
     save_every: int = -1  # steps between checkpoints; -1 = only at the end
     seed: int = 42  # shuffling of the training mixture
-    compile: Optional[bool] = None  # torch.compile the model (lengths padded to a few buckets); None = on for CUDA
+    compile: Optional[bool] = None  # torch.compile the model (lengths symbolic: no recompiles); None = on for CUDA
     out_tag: Optional[str] = None  # output directory name; None = chimera_d{depth}
 
 
@@ -107,14 +107,14 @@ def render(task, tokenizer, max_len, system_prompt_frac=1.0, num_rows=None):
 
 
 @torch.no_grad()
-def conversation_loss(model, task, tokenizer, num_rows, batch_size, d, max_len, system_prompt_frac=1.0, bucket=False):
+def conversation_loss(model, task, tokenizer, num_rows, batch_size, d, max_len, system_prompt_frac=1.0):
     """Mean loss per assistant token over the first num_rows conversations (similar lengths batched
     together, batches dealt over ranks); DataUnavailable when truncation leaves no assistant token."""
     rows = sorted(filter(None, render(task, tokenizer, max_len, system_prompt_frac, num_rows)), key=lambda r: len(r[0]))
     was_training, total, count = model.training, 0.0, 0
     model.eval()
     for i in range(d.rank * batch_size, len(rows), batch_size * d.world_size):
-        inputs, targets = collate(rows[i:i + batch_size], tokenizer.encode_special("<|assistant_end|>"), d.device, bucket)
+        inputs, targets = collate(rows[i:i + batch_size], tokenizer.encode_special("<|assistant_end|>"), d.device)
         with autocast(d.device):
             total -= model.token_logprobs(inputs, targets).sum().item()
         count += int((targets != -1).sum())
@@ -143,13 +143,13 @@ def main():
                         + f"; all {dropped} have nothing to learn" * bool(dropped))
     schedule = Schedule([len(ids) for ids, _ in rows], c.target_examples_per_step, c.device_batch_size,
                         d.world_size, c.num_epochs, c.num_iterations)
-    steps, bucket = schedule.num_iterations, d.device.type == "cuda" if c.compile is None else c.compile
+    steps = schedule.num_iterations
     composition = train.composition()
     print0(f"SFT from {source} ({meta.get('model_config')}), dataset {c.sft_dataset}, {d.world_size} process(es)\n"
            + "".join(f"  {name:<24} {n:>7} rows x{w} = {nw:>7}\n" for name, n, w, nw in composition)
            + f"  {len(rows)} rows ({dropped} dropped: nothing to learn within {max_len} tokens); {steps} steps of "
            f"{c.target_examples_per_step} in micro-batches of {c.device_batch_size} per process")
-    if bucket:
+    if (d.device.type == "cuda") if c.compile is None else c.compile:
         compile_model(model)
     optimizers = model.setup_optimizers(c.unembedding_lr, c.embedding_lr, c.matrix_lr, c.weight_decay)
     grad_sync = GradSync(model)
@@ -160,7 +160,7 @@ def main():
         for name, task in vals.items():
             try:
                 losses[name] = conversation_loss(model, task, tokenizer, n, c.device_batch_size, d, max_len,
-                                                 c.system_prompt_frac, bucket)
+                                                 c.system_prompt_frac)
             except tasks.DataUnavailable as e:
                 print0(f"val loss ({name}) skipped: {e}")
         print0(f"step {step:05d} | " + " | ".join(f"val loss ({k}) {v:.4f}" for k, v in losses.items()))
@@ -180,7 +180,7 @@ def main():
             val_losses = evaluate(step)
         t0 = time.time()  # the device is idle: the last step ended with a synchronize, evaluation with a reduce
         micro = [[rows[i] for i in mb] for mb in schedule.micro_batches(step, d.rank)]
-        batches = [collate(mb, tokenizer.encode_special("<|assistant_end|>"), d.device, bucket) for mb in micro]
+        batches = [collate(mb, tokenizer.encode_special("<|assistant_end|>"), d.device) for mb in micro]
         # normalise by the step's assistant tokens on all ranks: N processes step like one on the same batch
         num_tokens, real, positions = all_reduce_sum([sum(int((y != -1).sum()) for _, y in batches),
                                                       sum(len(ids) - 1 for mb in micro for ids, _ in mb),

@@ -1,8 +1,8 @@
 """
 Real-token fraction of SFT and DPO micro-batches: the share of the positions the model
 computes that are real tokens (not padding), with model.Schedule's length-grouped order vs
-the plain order (rows padded to the longest of a micro-batch as they come), and with the
-bucketed widths that --compile uses.
+the plain order (rows padded to the longest of a micro-batch as they come). --compile pads
+nothing more (its lengths are symbolic).
 
     python bench/bench_batching.py                         # demo data + a synthetic long-tailed set
     python bench/bench_batching.py --per_step 32 --batch 4
@@ -25,16 +25,11 @@ import model  # noqa: E402
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
 
-def bucketed(n):
-    return model.collate([([0] * (n + 1), [1] * (n + 1))], 0, "cpu", bucket=True)[0].shape[1]
-
-
-def fraction(lengths, micro_batches, bucket=False, rows_per_item=1):
+def fraction(lengths, micro_batches, rows_per_item=1):
     """lengths: tokens per item (a pair's longer side for DPO, where both rows pad to it)."""
     real = computed = 0
     for mb in micro_batches:
         width = max(lengths[i] for i in mb)
-        width = bucketed(width) if bucket else width
         real += sum(lengths[i] for i in mb) * rows_per_item
         computed += len(mb) * rows_per_item * width
     return real / computed
@@ -47,15 +42,12 @@ def measure(name, lengths, args, real_lengths=None):
     plain = [list(range(i, i + args.batch)) for i in range(0, steps * args.per_step, args.batch)]
     plain = [[i % len(lengths) for i in mb] for mb in plain]
     out = {"set": name, "items": len(lengths), "median_len": sorted(lengths)[len(lengths) // 2],
-           "plain": fraction(lengths, plain), "grouped": fraction(lengths, grouped),
-           "grouped_bucketed": fraction(lengths, grouped, bucket=True)}
+           "plain": fraction(lengths, plain), "grouped": fraction(lengths, grouped)}
     if real_lengths is not None:  # DPO: both rows of a pair pad to the longer one
         out["grouped"] = sum(real_lengths[i] for mb in grouped for i in mb) / sum(
             2 * len(mb) * max(lengths[i] for i in mb) for mb in grouped)
         out["plain"] = sum(real_lengths[i] for mb in plain for i in mb) / sum(
             2 * len(mb) * max(lengths[i] for i in mb) for mb in plain)
-        out["grouped_bucketed"] = sum(real_lengths[i] for mb in grouped for i in mb) / sum(
-            2 * len(mb) * bucketed(max(lengths[i] for i in mb)) for mb in grouped)
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}))
 
 

@@ -157,6 +157,29 @@ def test_chunked_logprobs_equal_plain_path_values_and_gradients():
 
 
 @pytest.mark.parametrize("pattern", [None, "SL"])
+def test_compiled_model_follows_lengths_that_change_every_step(pattern, monkeypatch):
+    """--compile: length-grouped batches change width every step; they share one graph (symbolic
+    shapes: no recompile, no padding) and match the eager model, forward and backward."""
+    from torch._dynamo.utils import counters
+    real_compile = torch.compile  # dynamo's graphs and guards, without inductor's minutes of codegen
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    extra = {} if pattern is None else {"window_pattern": pattern}
+    m = GPT(GPTConfig(sequence_len=64, vocab_size=100, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, **extra))
+    m.init_weights(zero_out=False)
+    eager = m.hidden_states
+    model.compile_model(m)
+    for width in (40, 47, 33, 58, 21, 64):
+        x = torch.randint(0, 100, (3 if width % 2 else 2, width))
+        got = m.hidden_states(x)
+        got.sum().backward()
+        assert torch.allclose(got, eager(x), atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("pattern", [None, "SL"])
 def test_kv_cache_decoding_equals_full_forward(pattern):
     """Chunked prefill and one-token steps through the cache give the full forward's logits,
     past the short window (2026, sequence_len 64: windows 128 > 64 would not bite, so the
