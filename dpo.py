@@ -107,7 +107,7 @@ def render_pairs(task, tokenizer, max_len):
 def batch_logps(model, pairs, indices, pad_id, device, pair_loss=None):
     """(chosen logps [B], rejected logps [B], (real tokens, positions computed), loss): sums over the
     answers' tokens, in one forward pass over the chosen conversations, then the rejected ones. With
-    pair_loss(i, chosen_i, rejected_i), loss is its sum over the pairs, its gradient taken in the
+    pair_loss(i, chosen_i - rejected_i), loss is its sum over the pairs, its gradient taken in the
     forward pass (model.pair_loss); else None."""
     rows = [pairs[i][0] for i in indices] + [pairs[i][1] for i in indices]
     inputs, targets = collate(rows, pad_id, device)
@@ -178,7 +178,8 @@ def pair_losses(model, reference, pairs, indices, pad_id, c, d):
     ref_chosen, ref_rejected = reference(pairs, indices)
     loss_fn = partial(dpo_loss, beta=c.beta, loss_type=c.loss_type, label_smoothing=c.label_smoothing)
     grad = torch.is_grad_enabled()
-    pair_loss = (lambda i, pc, pr: loss_fn(pc, pr, ref_chosen[i], ref_rejected[i])[0]) if grad else None
+    # DPO's loss sees the policy only through the margin log pi(chosen) - log pi(rejected)
+    pair_loss = (lambda i, margin: loss_fn(margin, 0.0, ref_chosen[i], ref_rejected[i])[0]) if grad else None
     pc, pr, counts, loss = batch_logps(model, pairs, indices, pad_id, d.device, pair_loss)
     losses, chosen, rejected = loss_fn(pc, pr, ref_chosen, ref_rejected)
     margins = chosen - rejected

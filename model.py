@@ -261,7 +261,7 @@ class GPT(nn.Module):
         token's is the same: fused CE, SFT); "none" keeps every chunk's logits for backward (no saving)."""
         h, tgt, rows, chunk = self._scored(idx, targets, chunk_numel)
         if reduction == "sum" and torch.is_grad_enabled() and h.requires_grad and rows.numel():
-            return _FusedHead.apply(self, chunk, [[(0, rows.numel())]], None, h, tgt, self.lm_head.weight)[0]
+            return _FusedHead.apply(self, chunk, [[(0, rows.numel(), 1)]], None, h, tgt, self.lm_head.weight)[0]
         pieces = [self._chunk_logprobs(h[i:i + chunk], tgt[i:i + chunk]) for i in range(0, rows.numel(), chunk)]
         # nothing to score: the empty sum keeps the graph so a backward() is still well-defined
         logp = torch.cat(pieces) if pieces else h.sum(-1).float()
@@ -270,15 +270,15 @@ class GPT(nn.Module):
         return logp.new_zeros(targets.numel()).index_put((rows,), logp).view_as(targets)
 
     def pair_loss(self, idx, targets, loss_fn, chunk_numel=None):
-        """DPO's training path. idx/targets hold P pairs as rows [chosen..., rejected...]; returns
-        (sum over pairs of loss_fn(i, chosen_i, rejected_i), chosen [P], rejected [P]), a row's value
-        being its summed log p(target) (no gradient). The loss's gradient is taken in the forward,
-        pair by pair once both sums are known: no logits are kept for backward or recomputed."""
+        """DPO's training path. idx/targets hold P pairs as rows [chosen..., rejected...]; returns (sum
+        over pairs of loss_fn(i, chosen_i - rejected_i), chosen [P], rejected [P]), a row's value being
+        its summed log p(target) (no gradient). The loss's gradient is taken in the forward, pair by
+        pair once the margin is known: no logits are kept for backward or recomputed."""
         h, tgt, _, chunk = self._scored(idx, targets, chunk_numel)
         ends = (targets != -1).sum(1).cumsum(0).tolist()
         spans, P = list(zip([0] + ends[:-1], ends)), idx.size(0) // 2
-        total, sums = _FusedHead.apply(self, chunk, list(zip(spans[:P], spans[P:])), loss_fn, h, tgt,
-                                       self.lm_head.weight)
+        pairs = [[(*chosen, 1), (*rejected, -1)] for chosen, rejected in zip(spans[:P], spans[P:])]
+        total, sums = _FusedHead.apply(self, chunk, pairs, loss_fn, h, tgt, self.lm_head.weight)
         return total, sums[0::2], sums[1::2]
 
     def _scored(self, idx, targets, chunk_numel):
@@ -297,9 +297,9 @@ class GPT(nn.Module):
         logits = t.div_(SOFTCAP).tanh_() * SOFTCAP if grad else t.div_(SOFTCAP).tanh_().mul_(SOFTCAP)
         return logits.gather(1, targets[:, None]).squeeze(1) - (logits.exp() if grad else logits.exp_()).sum(1).log()
 
-    def _head_grads(self, h, targets, w, grad_h, grad_w):
+    def _head_grads(self, h, targets, w, grad_h, grad_w, sign=1):
         """The sum of log p(target) over h's rows through the lm_head w (the real vocab's rows); writes
-        its gradient for h into grad_h and adds the one for w to grad_w. By hand, in place: softcapped
+        its gradient for h into grad_h and adds sign times the one for w to grad_w. By hand, in place: softcapped
         logits lie in [-15, 15], so their exp cannot overflow and the log-sum-exp needs no max."""
         t = torch.tanh_(F.linear(h, w).float().div_(SOFTCAP))  # logits = SOFTCAP * t
         t_target = t.gather(1, targets[:, None])
@@ -310,7 +310,8 @@ class GPT(nn.Module):
         dz = p.addcmul_(p, t.square_(), value=-1).div_(s.neg_())
         dz.scatter_add_(1, targets[:, None], 1 - t_target.square())
         grad_h.copy_(dz @ w)  # under autocast a bf16 product is added to the float32 gradient, else in place:
-        grad_w.add_(dz.T @ h) if torch.is_autocast_enabled(h.device.type) else grad_w.addmm_(dz.T, h)
+        autocast = torch.is_autocast_enabled(h.device.type)
+        grad_w.add_(dz.T @ h, alpha=sign) if autocast else grad_w.addmm_(dz.T, h, alpha=sign)
         return logp
 
     # Optimizers
@@ -388,34 +389,35 @@ class Muon(torch.optim.Optimizer):
 
 class _FusedHead(torch.autograd.Function):
     """Summed log p(target) with the gradient taken in the forward, chunk by chunk while its logits
-    exist. groups: [[(start, end), ...], ...] spans of h's rows; the output is the sum over groups of
-    loss_fn(group index, *its spans' sums), and the spans' sums (no gradient). loss_fn None: the plain
-    sum, whose gradient is 1 for every token, so chunks add straight into the lm_head's gradient;
-    otherwise each span's goes to a scratch buffer, scaled once the group's loss is known."""
+    exist. groups: [[(start, end, sign), ...], ...] spans of h's rows; the output is the sum over groups
+    of loss_fn(group index, the signed sum of its spans' sums), and the spans' sums (no gradient).
+    loss_fn None: the plain sum, whose gradient is 1 for every token, so chunks add straight into the
+    lm_head's gradient; otherwise a group's go (signed) to a scratch buffer, scaled once its loss is known."""
 
     @staticmethod
     def forward(ctx, model, chunk, groups, loss_fn, h, targets, weight):
         w = weight[:model.config.vocab_size]  # padded rows: no logits, zero gradient
         grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight)
-        scratch = [] if loss_fn is None else [torch.empty_like(w, dtype=grad_w.dtype) for _ in groups[0]]
+        scratch = grad_w[:w.size(0)] if loss_fn is None else torch.empty_like(w, dtype=grad_w.dtype)
         total, sums = torch.zeros((), device=h.device), []
         for g, spans in enumerate(groups):
-            accs = [grad_w[:w.size(0)]] * len(spans) if loss_fn is None else [s.zero_() for s in scratch]
-            part = torch.stack([sum((model._head_grads(h[i:j], targets[i:j], w, grad_h[i:j], acc)
+            acc = scratch if loss_fn is None else scratch.zero_()
+            part = torch.stack([sum((model._head_grads(h[i:j], targets[i:j], w, grad_h[i:j], acc, sign)
                                      for i in range(a, b, chunk) for j in [min(i + chunk, b)]), total.new_zeros(()))
-                                for (a, b), acc in zip(spans, accs)])
+                                for a, b, sign in spans])
             sums.append(part)
+            value = sum(sign * s for (_, _, sign), s in zip(spans, part))
             if loss_fn is None:
-                total += part.sum()
+                total += value
                 continue
             with torch.enable_grad():
-                part.requires_grad_()
-                loss = loss_fn(g, *part)
-                (scale,) = torch.autograd.grad(loss, part)
+                value.requires_grad_()
+                loss = loss_fn(g, value)
+                (scale,) = torch.autograd.grad(loss, value)
             total += loss.detach()
-            for (a, b), acc, s in zip(spans, accs, scale):
-                grad_h[a:b].mul_(s)
-                grad_w[:w.size(0)].addcmul_(acc, s)  # one pass, no sync for the scale
+            for a, b, sign in spans:
+                grad_h[a:b].mul_(scale * sign)
+            grad_w[:w.size(0)].addcmul_(acc, scale)  # one pass, no sync for the scale
         ctx.grads = [grad_h, grad_w]  # not saved tensors: backward scales them in place
         sums = torch.cat(sums).detach()
         ctx.mark_non_differentiable(sums)

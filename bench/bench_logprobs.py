@@ -72,7 +72,7 @@ def run(mode, model, x, y):
     elif mode == "chunked":
         total = model.token_logprobs(x, y).sum()
     elif mode == "dpo":
-        total = model.pair_loss(x, y, lambda i, chosen, rejected: -F.logsigmoid(0.1 * (chosen - rejected)))[0]
+        total = model.pair_loss(x, y, lambda i, margin: -F.logsigmoid(0.1 * margin))[0]
     else:
         total = model.token_logprobs(x, y, reduction="sum")
     total.backward()

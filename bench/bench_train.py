@@ -98,7 +98,7 @@ def dpo_step(model, optimizers, inputs, targets, reference=None, table=None, ful
             logps = (logp * (targets != -1)).sum(-1)
             loss = dpo.dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta=0.1)[0].sum()
         else:  # dpo.py's path
-            loss = model.pair_loss(inputs, targets, lambda i, c, r: dpo.dpo_loss(c, r, ref[i], ref[n + i], beta=0.1)[0])[0]
+            loss = model.pair_loss(inputs, targets, lambda i, m: dpo.dpo_loss(m, 0.0, ref[i], ref[n + i], beta=0.1)[0])[0]
     (loss / n).backward()
     optimizer_step(model, optimizers, 1.0)
 

@@ -43,13 +43,10 @@ for step in range(3):
     for i, (x, y) in enumerate(micro_batches):
         if step > 0 and i == len(micro_batches) - 1:
             grad_sync.arm()
-        if i == 0:  # SFT's fused sum, then the per-token path, or DPO's fused pair loss (linear here:
-            # its pairs differ with the number of processes)
+        if i == 0:  # SFT's fused sum, then the per-token path
             loss = -model.token_logprobs(x, y, chunk_numel=64 * 5, reduction="sum") / num_tokens
-        elif step < 2:
-            loss = -model.token_logprobs(x, y, chunk_numel=64 * 5).sum() / num_tokens
         else:
-            loss = -model.pair_loss(x, y, lambda _, chosen, rejected: chosen + rejected, chunk_numel=64 * 5)[0] / num_tokens
+            loss = -model.token_logprobs(x, y, chunk_numel=64 * 5).sum() / num_tokens
         loss.backward()
     if step == 2 and d.world_size > 1:  # armed: every bucket went out during the last backward
         assert len(grad_sync.sent) == len(grad_sync.buckets) > 1

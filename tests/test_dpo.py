@@ -109,7 +109,7 @@ def test_fused_pair_loss_equals_full_logits_path(pattern):
     grads = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad(set_to_none=True)
 
-    loss, chosen, rejected = m.pair_loss(x, y, lambda i, c, r: losses(c, r, ref_chosen[i], ref_rejected[i]),
+    loss, chosen, rejected = m.pair_loss(x, y, lambda i, margin: losses(margin, 0.0, ref_chosen[i], ref_rejected[i]),
                                          chunk_numel=300 * 7)  # 7 rows a chunk: several per row
     (loss * 0.25).backward()
     assert torch.allclose(loss.double(), expected, rtol=1e-5)
