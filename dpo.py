@@ -219,7 +219,7 @@ def main():
     pad_id = tokenizer.encode_special("<|assistant_end|>")
     schedule = Schedule([max(len(ch[0]), len(rj[0])) for ch, rj, _ in train], c.target_examples_per_step,
                         c.device_batch_size, d.world_size, c.num_epochs, c.num_iterations)
-    steps, compiled = schedule.num_iterations, d.device.type == "cuda" if c.compile is None else c.compile
+    steps = schedule.num_iterations
     print0(f"DPO on {c.source} step {meta.get('step')}: {len(train)} train / {len(val)} held-out pairs ({dropped} "
            f"dropped), beta {c.beta}, {c.loss_type}, {steps} steps of {c.target_examples_per_step} pairs")
     ref = None if c.ref_cache else freeze(model)  # a frozen copy: no grads, so its passes build no graph
@@ -228,8 +228,8 @@ def main():
         reference = lambda pairs, idx: torch.stack([table[pairs[i][2]] for i in idx]).to(d.device, torch.float32).unbind(1)
     else:
         reference = lambda pairs, idx: batch_logps(ref, pairs, idx, pad_id, d.device)[:2]
-    for m in filter(None, (model, ref) if compiled else ()):
-        compile_model(m)
+    for m in filter(None, (model, ref)):
+        compile_model(m, c.compile)
     optimizers = model.setup_optimizers(c.unembedding_lr, c.embedding_lr, c.matrix_lr, c.weight_decay)
     grad_sync = GradSync(model)
     run = RunDir("dpo", c.out_tag or f"d{model.config.n_layer}", d.master, (c.source, c.model_tag))

@@ -979,10 +979,11 @@ def collate(rows, pad_id, device):
     return inputs.to(device), targets.to(device)
 
 
-def compile_model(model):
-    """torch.compile the transformer (the chunked lm_head stays eager) with symbolic batch and length:
-    a length that changes every step neither recompiles nor needs padding to a few fixed widths."""
-    model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
+def compile_model(model, flag=True):
+    """torch.compile the transformer if flag (--compile; None: on CUDA) with symbolic batch and length:
+    a length that changes every step neither recompiles nor is padded. The lm_head stays eager."""
+    if (model.get_device().type == "cuda") if flag is None else flag:
+        model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
 
 
 class Schedule:

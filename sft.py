@@ -149,8 +149,7 @@ def main():
            + "".join(f"  {name:<24} {n:>7} rows x{w} = {nw:>7}\n" for name, n, w, nw in composition)
            + f"  {len(rows)} rows ({dropped} dropped: nothing to learn within {max_len} tokens); {steps} steps of "
            f"{c.target_examples_per_step} in micro-batches of {c.device_batch_size} per process")
-    if (d.device.type == "cuda") if c.compile is None else c.compile:
-        compile_model(model)
+    compile_model(model, c.compile)
     optimizers = model.setup_optimizers(c.unembedding_lr, c.embedding_lr, c.matrix_lr, c.weight_decay)
     grad_sync = GradSync(model)
     run = RunDir("sft", c.out_tag or f"chimera_d{model.config.n_layer}", d.master, (source, c.model_tag))
