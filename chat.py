@@ -25,9 +25,10 @@ from types import SimpleNamespace
 
 import torch
 
-from gen import PERSONA_PATH, load_persona
+from checkpoint import checkpoint_dir_for, load_model
 from common import UserError, autocast, check_settings, init_dist, parse_config, run_main
-from model import Engine, KVCache, checkpoint_dir_for, load_model, sample_next_token
+from engine import Engine, KVCache, sample_next_token
+from openrouter import PERSONA_PATH, load_persona
 
 
 @dataclass

@@ -30,8 +30,10 @@ import torch.nn.functional as F
 
 from common import (UserError, all_reduce_sum, atomic_write, autocast, check_settings, cleanup_dist, get_base_dir,
                     init_dist, parse_config, print0, run_main, synchronize, write_report_section)
-from model import (GradSync, RunDir, Schedule, checkpoint_dir_for, collate, compile_model, find_last_step, load_model,
-                   optimizer_step)
+from checkpoint import RunDir, checkpoint_dir_for, find_last_step, load_model
+from dataloader import Schedule, collate
+from model import compile_model
+from optim import GradSync, optimizer_step, setup_optimizers
 import tasks
 
 
@@ -230,7 +232,7 @@ def main():
         reference = lambda pairs, idx: batch_logps(ref, pairs, idx, pad_id, d.device)[:2]
     for m in filter(None, (model, ref)):
         compile_model(m, c.compile)
-    optimizers = model.setup_optimizers(c.unembedding_lr, c.embedding_lr, c.matrix_lr, c.weight_decay)
+    optimizers = setup_optimizers(model, c.unembedding_lr, c.embedding_lr, c.matrix_lr, c.weight_decay)
     grad_sync = GradSync(model)
     run = RunDir("dpo", c.out_tag or f"d{model.config.n_layer}", d.master, (c.source, c.model_tag))
 

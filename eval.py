@@ -26,9 +26,10 @@ import torch
 
 from common import (UserError, ProgressBar, all_reduce_sum, atomic_write_json, autocast, check_settings,
                     cleanup_dist, init_dist, parse_config, print0, run_main, write_report_section)
-from model import Engine, checkpoint_dir_for, find_last_step, load_model
+from checkpoint import checkpoint_dir_for, find_last_step, load_model
+from engine import Engine
 import dpo
-import gen
+import openrouter
 import tasks
 from sft import conversation_loss
 from tasks import master_first
@@ -172,7 +173,7 @@ def persona_system(sft_path):
         return next(r["messages"][0]["content"] for r in tasks.TraderSFT(sft_path, "train", val_fraction=0.0)
                     if r["messages"][0]["role"] == "system")
     except (UserError, StopIteration):
-        return gen.load_persona(gen.PERSONA_PATH)["system"]
+        return openrouter.load_persona(openrouter.PERSONA_PATH)["system"]
 
 
 def conditioned(conversation, system):
@@ -243,13 +244,13 @@ def trader_dpo_metrics(model, tokenizer, c, d, meta):
     return out
 
 
-# The LLM judge (gen.py's client), and the identity probes
+# The LLM judge (openrouter.py's client), and the identity probes
 @functools.lru_cache(maxsize=None)
 def judge_client():
-    """(client, its model, the persona) for gen.judge_both_orders."""
-    client = gen.client_from_env()
+    """(client, its model, the persona) for openrouter.judge_both_orders."""
+    client = openrouter.client_from_env()
     try:
-        return client, client.choose_model(), gen.load_persona(gen.PERSONA_PATH)
+        return client, client.choose_model(), openrouter.load_persona(openrouter.PERSONA_PATH)
     except UserError as e:  # the API refused (key, credits, ...): the judged metrics are skipped, the rest stays
         raise tasks.DataUnavailable(f"the judge is unavailable: {e}") from None
 
@@ -271,9 +272,9 @@ def judge_verdicts(prompts, answers, others):
     client, _, persona = judge_client()
     try:
         with ThreadPoolExecutor(8) as pool:
-            return list(pool.map(lambda i: gen.judge_both_orders(client, persona, prompts[i], answers[i], others[i]),
+            return list(pool.map(lambda i: openrouter.judge_both_orders(client, persona, prompts[i], answers[i], others[i]),
                                  range(len(prompts))))
-    except gen.APIStop as e:  # a key or credit refused mid-run: the judged rows are skipped, the rest stays
+    except openrouter.APIStop as e:  # a key or credit refused mid-run: the judged rows are skipped, the rest stays
         raise tasks.DataUnavailable(f"the judge is unavailable: {e}") from None
 
 

@@ -148,7 +148,7 @@ def svg_chart(title, series, width=460, height=220):
 def read_metrics(source_dir):
     """The rows of metrics.jsonl in a checkpoints directory's default model directory, [] if
     none; a torn last line from a killed run is skipped, the rest still charts."""
-    from model import find_largest_model
+    from checkpoint import find_largest_model
     root = os.path.join(get_base_dir(), source_dir)
     rows = []
     try:

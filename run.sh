@@ -123,7 +123,7 @@ if [ "$DEMO" = 1 ]; then
     EVAL_ARGS+=(--max_new_tokens=64 --dpo_val_fraction=0.2)
     # a new demo model starts a new report (the demo's base dir is Chimera's own)
     stage "demo base model" -- "$START_DIR/$TAG" -- "$PY" -c \
-        "import model, report; report.reset(); model.fresh_base('$BASE', depth=$DEMO_DEPTH, sequence_len=2048)"
+        "import checkpoint, report; report.reset(); checkpoint.fresh_base('$BASE', depth=$DEMO_DEPTH, sequence_len=2048)"
     for k in sft dpo; do cp "data/demo_$k.jsonl" "$BASE/datasets/trader_${k}_data.jsonl"; done
 else
     SFT_ARGS+=(--sft_dataset=trader_mix --sft_mix_trader=1 --sft_mix_smoltalk=1)

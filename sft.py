@@ -20,7 +20,10 @@ import torch
 
 from common import (UserError, all_reduce_sum, autocast, check_settings, cleanup_dist, get_base_dir, init_dist,
                     parse_config, print0, run_main, synchronize, write_report_section)
-from model import SOURCE_DIRS, GradSync, RunDir, Schedule, collate, compile_model, load_model, optimizer_step
+from checkpoint import SOURCE_DIRS, RunDir, load_model
+from dataloader import Schedule, collate
+from model import compile_model
+from optim import GradSync, optimizer_step, setup_optimizers
 import tasks
 from tasks import master_first
 
@@ -150,7 +153,7 @@ def main():
            + f"  {len(rows)} rows ({dropped} dropped: nothing to learn within {max_len} tokens); {steps} steps of "
            f"{c.target_examples_per_step} in micro-batches of {c.device_batch_size} per process")
     compile_model(model, c.compile)
-    optimizers = model.setup_optimizers(c.unembedding_lr, c.embedding_lr, c.matrix_lr, c.weight_decay)
+    optimizers = setup_optimizers(model, c.unembedding_lr, c.embedding_lr, c.matrix_lr, c.weight_decay)
     grad_sync = GradSync(model)
     run = RunDir("sft", c.out_tag or f"chimera_d{model.config.n_layer}", d.master, (source, c.model_tag))
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 import sandbox
 from common import ProgressBar, UserError, atomic_write, get_base_dir, is_master, print0, run_main
-from model import _check_messages
+from tokenizer import check_messages
 
 
 # Task: a list of conversations with a lightweight start/stop/step view
@@ -100,7 +100,7 @@ class TaskMixture(Task):
 def conversation_problem(record, strict=True):
     """None if model.py can render `record` (its check), else why not; strict: non-empty texts, the assistant's last."""
     try:
-        messages = _check_messages(record)
+        messages = check_messages(record)
     except ValueError as e:
         return str(e)
     if len(messages) < 2:

@@ -1,6 +1,6 @@
 """
 Real-token fraction of SFT and DPO micro-batches: the share of the positions the model
-computes that are real tokens (not padding), with model.Schedule's length-grouped order vs
+computes that are real tokens (not padding), with dataloader.Schedule's length-grouped order vs
 the plain order (rows padded to the longest of a micro-batch as they come). --compile pads
 nothing more (its lengths are symbolic).
 
@@ -20,7 +20,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import model  # noqa: E402
+import dataloader  # noqa: E402
+import tokenizer  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
@@ -37,7 +38,7 @@ def fraction(lengths, micro_batches, rows_per_item=1):
 
 def measure(name, lengths, args, real_lengths=None):
     steps = max(1, len(lengths) // args.per_step)
-    schedule = model.Schedule(lengths, args.per_step, args.batch, 1, 1, steps)
+    schedule = dataloader.Schedule(lengths, args.per_step, args.batch, 1, 1, steps)
     grouped = [mb for s in range(steps) for mb in schedule.micro_batches(s, 0)]
     plain = [list(range(i, i + args.batch)) for i in range(0, steps * args.per_step, args.batch)]
     plain = [[i % len(lengths) for i in mb] for mb in plain]
@@ -57,7 +58,7 @@ def main():
     p.add_argument("--batch", type=int, default=4, help="rows (pairs) per micro-batch")
     p.add_argument("--synthetic", type=int, default=20000, help="rows in the synthetic set")
     args = p.parse_args()
-    tok = model.Tokenizer(model.byte_level_encoding())
+    tok = tokenizer.Tokenizer(tokenizer.byte_level_encoding())
     sft = [json.loads(line) for line in open(os.path.join(DATA, "demo_sft.jsonl"))]
     measure("demo_sft", [len(tok.render_conversation(r, 10**9)[0]) - 1 for r in sft], args)
     dpo = [json.loads(line) for line in open(os.path.join(DATA, "demo_dpo.jsonl"))]

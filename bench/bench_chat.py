@@ -24,7 +24,8 @@ import torch
 
 import chat
 from bench_sample import synthetic_encoding
-from model import SPECIAL_TOKENS, GPT, GPTConfig, Tokenizer
+from model import GPT, GPTConfig
+from tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
 def stream(url, prompt, seed, tokens, out):

@@ -25,7 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 from common import autocast, synchronize
-from model import SPECIAL_TOKENS, SPLIT_PATTERN, Engine, GPT, GPTConfig, Tokenizer
+from engine import Engine
+from model import GPT, GPTConfig
+from tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
 
 
 def synthetic_encoding(vocab):

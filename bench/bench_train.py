@@ -32,7 +32,9 @@ import torch.nn.functional as F
 import dpo
 from bench_logprobs import reset_peak_rss, rss_mb
 from common import autocast, synchronize
-from model import GPT, GPTConfig, collate, compile_model, optimizer_step
+from dataloader import collate
+from model import GPT, GPTConfig, compile_model
+from optim import optimizer_step, setup_optimizers
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak, for MFU
 
@@ -106,7 +108,7 @@ def dpo_step(model, optimizers, inputs, targets, reference=None, table=None, ful
 def memory_probe(args):
     """One DPO step in this process; prints its peak memory beyond the model and batch."""
     model = build(args)
-    optimizers = model.setup_optimizers()
+    optimizers = setup_optimizers(model)
     pairs = make_pairs(args)
     inputs, targets = collate([p[0] for p in pairs] + [p[1] for p in pairs], 0, args.device)
     reference = dpo.freeze(model)
@@ -140,7 +142,7 @@ def main():
         return memory_probe(args)
 
     model = build(args)
-    optimizers = model.setup_optimizers()
+    optimizers = setup_optimizers(model)
     reference = dpo.freeze(model)
     for m in (model, reference) if args.compile else ():
         compile_model(m)

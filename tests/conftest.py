@@ -24,10 +24,10 @@ def golden():
 
 
 def make_tiny_base(base_dir, depth=2, n_embd=32, n_head=2, sequence_len=128, seed=0, zero_out=False, generation=2025):
-    import model
+    import checkpoint
 
-    model.fresh_base(str(base_dir), depth=depth, sequence_len=sequence_len, n_embd=n_embd,
-                     n_head=n_head, seed=seed, zero_out=zero_out, generation=generation)
+    checkpoint.fresh_base(str(base_dir), depth=depth, sequence_len=sequence_len, n_embd=n_embd,
+                          n_head=n_head, seed=seed, zero_out=zero_out, generation=generation)
     return str(base_dir)
 
 
@@ -37,6 +37,14 @@ def tiny_base(tmp_path, monkeypatch):
     base = make_tiny_base(tmp_path / "base")
     monkeypatch.setenv("NANOCHAT_BASE_DIR", base)
     return base
+
+
+def per_token_loss(model, x, y):
+    """The plain cross-entropy per position, [B*T] (0 where the target is -1): the reference the fused heads match."""
+    import torch.nn.functional as F
+
+    logits = model(x)
+    return F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), ignore_index=-1, reduction="none")
 
 
 def free_port():

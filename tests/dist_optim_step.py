@@ -13,7 +13,8 @@ import sys
 import torch
 
 import common
-from model import GPT, GPTConfig, GradSync, optimizer_step
+from model import GPT, GPTConfig
+from optim import GradSync, optimizer_step, setup_optimizers
 
 out_path = sys.argv[1]
 # float32 Newton-Schulz even on a CPU with bf16 units, so 1 and N processes agree to float tolerance
@@ -22,7 +23,7 @@ d = common.init_dist("cpu")
 torch.manual_seed(0)
 model = GPT(GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=32))
 model.init_weights(zero_out=False)
-optimizers = model.setup_optimizers()
+optimizers = setup_optimizers(model)
 initial = {k: v.clone() for k, v in model.state_dict().items()}
 grad_sync = GradSync(model, bucket_numel=3000)  # several buckets
 grads = {}  # the summed gradients of step 0, as the optimizers see them

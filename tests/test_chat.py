@@ -14,10 +14,11 @@ import requests
 import torch
 
 import chat
-import gen
+import openrouter
 from common import UserError
 from conftest import free_port, make_tiny_base, run_python
-from model import Engine, load_model
+from checkpoint import load_model
+from engine import Engine
 
 KEY = "test-key-123"
 
@@ -105,7 +106,7 @@ def test_history_is_rendered_as_nanochat_renders_a_conversation(served):
 def test_persona_system_message_and_a_prompt_past_the_context(served):
     """data/persona.md's system message (about 1,100 bytes) opens the conversation; on the
     1,024-token byte-level model that is too long, which -p reports as an error."""
-    system = gen.load_persona(gen.PERSONA_PATH)["system"]
+    system = openrouter.load_persona(openrouter.PERSONA_PATH)["system"]
     expected = len(prompt_ids(served.tok, [{"role": "system", "content": system}] + user("hi")))
     with pytest.raises(UserError, match=f"conversation is {expected} tokens; the model's context is 1024"):
         chat.chat_cli(served.sched, chat.Config(prompt="hi", persona=True), out=io.StringIO())
@@ -226,11 +227,11 @@ def test_gen_client_gets_answers(served, monkeypatch):
     monkeypatch.setenv("OPENROUTER_API_KEY", KEY)
     monkeypatch.setenv("OPENROUTER_BASE_URL", served.key_url + "/v1")
     monkeypatch.setenv("OPENROUTER_MODELS", "base/d2")
-    client = gen.client_from_env(retries=0)
+    client = openrouter.client_from_env(retries=0)
     assert client.choose_model() == "base/d2"
     schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"], "additionalProperties": False}
     # gen's client wants JSON; a tiny random model answers text, which it rejects after a full exchange
-    with pytest.raises(gen.BadAnswer, match="not valid JSON"):
+    with pytest.raises(openrouter.BadAnswer, match="not valid JSON"):
         client.chat(user("hi"), "answer", schema, temperature=0.0, max_tokens=8)
     usage = client.spend.models["base/d2"]
     assert usage["requests"] == 1 and usage["completion_tokens"] == 8 and usage["prompt_tokens"] > 0

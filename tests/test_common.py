@@ -11,7 +11,7 @@ from typing import Optional
 import pytest
 
 import common
-import model
+import dataloader
 from common import UserError, parse_config
 
 
@@ -94,7 +94,7 @@ def test_atomic_write_follows_the_umask(tmp_path):
 
 def test_collate_pads_and_masks_targets():
     rows = [([1, 2, 3, 4], [0, 0, 1, 1]), ([5, 6], [0, 1])]
-    x, y = model.collate(rows, 9, "cpu")
+    x, y = dataloader.collate(rows, 9, "cpu")
     assert x.tolist() == [[1, 2, 3], [5, 9, 9]]
     assert y.tolist() == [[-1, 3, 4], [6, -1, -1]]
 
@@ -127,7 +127,7 @@ def lognormal_lengths(n, seed=0):
 
 def test_schedule_sees_every_row_once_per_epoch_and_wastes_few_positions():
     lengths = lognormal_lengths(1024)
-    s = model.Schedule(lengths, per_step=32, batch_size=4, world_size=1, num_epochs=2, num_iterations=-1)
+    s = dataloader.Schedule(lengths, per_step=32, batch_size=4, world_size=1, num_epochs=2, num_iterations=-1)
     assert s.num_iterations == 64 and s.lr_multiplier(0) == 1.0 and s.lr_multiplier(32) == 0.5
     for epoch in range(2):
         seen = [i for step in range(32 * epoch, 32 * (epoch + 1)) for mb in s.micro_batches(step, 0) for i in mb]
@@ -142,14 +142,14 @@ def test_schedule_sees_every_row_once_per_epoch_and_wastes_few_positions():
 
 def test_schedule_global_batch_does_not_depend_on_processes():
     lengths = lognormal_lengths(200, seed=1)
-    one = model.Schedule(lengths, 16, 2, 1, 1, 5)
-    two = model.Schedule(lengths, 16, 2, 2, 1, 5)
+    one = dataloader.Schedule(lengths, 16, 2, 1, 1, 5)
+    two = dataloader.Schedule(lengths, 16, 2, 2, 1, 5)
     for step in range(5):
         mine = [two.micro_batches(step, rank) for rank in (0, 1)]
         assert sorted(map(sorted, mine[0] + mine[1])) == sorted(map(sorted, one.micro_batches(step, 0)))
         assert len(mine[0]) == len(mine[1]) == 4
     with pytest.raises(UserError, match="multiple of"):
-        model.Schedule(lengths, 30, 4, 2, 1, -1)
+        dataloader.Schedule(lengths, 30, 4, 2, 1, -1)
 
 
 def test_check_settings_one_line_per_bad_value():

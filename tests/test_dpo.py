@@ -13,8 +13,9 @@ import torch.nn.functional as F
 import dpo
 import tasks
 from common import UserError
-from conftest import REPO, make_tiny_base, run_python, run_torchrun
-from model import GPT, GPTConfig, load_model, save_checkpoint
+from conftest import REPO, make_tiny_base, per_token_loss, run_python, run_torchrun
+from checkpoint import load_model, save_checkpoint
+from model import GPT, GPTConfig
 
 TOPICS = ["stops", "sizing", "leverage", "hype", "journals", "drawdowns", "options", "fees", "crypto", "news"]
 
@@ -103,7 +104,7 @@ def test_fused_pair_loss_equals_full_logits_path(pattern):
     y[4, 12:] = -1
     ref_chosen, ref_rejected = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
     losses = lambda c, r, rc, rr: dpo.dpo_loss(c, r, rc, rr, beta=0.5, label_smoothing=0.1)[0]
-    logps = -m(x, y, loss_reduction="none").view(6, 40).masked_fill(y == -1, 0).sum(1)
+    logps = -per_token_loss(m, x, y).view(6, 40).masked_fill(y == -1, 0).sum(1)
     expected = losses(logps[:3], logps[3:], ref_chosen, ref_rejected).sum()
     (expected * 0.25).backward()
     grads = {n: p.grad.clone() for n, p in m.named_parameters()}

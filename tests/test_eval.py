@@ -12,7 +12,7 @@ import eval as chat_eval
 import tasks
 from common import Dist, ProgressBar, UserError
 from conftest import REPO, make_tiny_base, run_python, run_torchrun
-from model import load_model, save_checkpoint
+from checkpoint import load_model, save_checkpoint
 from test_tasks import ARC_ROWS, GSM8K_ROW, HUMANEVAL_ROW, MMLU_ROW
 
 ONE = Dist(rank=0, world_size=1, device=torch.device("cpu"))
@@ -254,19 +254,19 @@ def test_judge_without_key_is_refused_before_loading(eval_base, monkeypatch):
 
 
 def test_judge_counts_only_verdicts_that_survive_swapping_the_order():
-    import gen
+    import openrouter
     from openrouter_server import FakeOpenRouter
     server = FakeOpenRouter().start()
     try:
-        client = gen.OpenRouter("sk-test", server.url, ["openai/gpt-4o-mini"], backoff=0.01)
-        persona = gen.load_persona(gen.PERSONA_PATH)
+        client = openrouter.OpenRouter("sk-test", server.url, ["openai/gpt-4o-mini"], backoff=0.01)
+        persona = openrouter.load_persona(openrouter.PERSONA_PATH)
         server.judge = lambda m, a, b: "1" if "stop" in a else "2"  # a real preference
-        assert gen.judge_both_orders(client, persona, "size?", "set a stop, risk 1%", "all in") == 1
-        assert gen.judge_both_orders(client, persona, "size?", "all in", "set a stop, risk 1%") == -1
+        assert openrouter.judge_both_orders(client, persona, "size?", "set a stop, risk 1%", "all in") == 1
+        assert openrouter.judge_both_orders(client, persona, "size?", "all in", "set a stop, risk 1%") == -1
         server.judge = lambda m, a, b: "1"  # pure position bias: no verdict
-        assert gen.judge_both_orders(client, persona, "size?", "set a stop, risk 1%", "all in") is None
+        assert openrouter.judge_both_orders(client, persona, "size?", "set a stop, risk 1%", "all in") is None
         server.judge = lambda m, a, b: "tie"
-        assert gen.judge_both_orders(client, persona, "size?", "a", "b") is None
+        assert openrouter.judge_both_orders(client, persona, "size?", "a", "b") is None
     finally:
         server.stop()
 

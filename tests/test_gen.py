@@ -10,6 +10,7 @@ import time
 import pytest
 
 import gen
+import openrouter
 from tasks import conversation_problem, dpo_problem
 from openrouter_server import FakeOpenRouter
 
@@ -67,7 +68,7 @@ def test_happy_path_counts_schema_headers_and_cost(run, server, tmp_path):
     assert code == 0, err
     sft, dpo = data(tmp_path, "sft"), data(tmp_path, "dpo")
     assert len(sft) == 6 and len(dpo) == 4
-    persona = gen.load_persona(gen.PERSONA_PATH)
+    persona = openrouter.load_persona(openrouter.PERSONA_PATH)
     for record in sft:
         assert conversation_problem(record) is None
         assert record["messages"][0] == {"role": "system", "content": persona["system"]}
@@ -294,9 +295,9 @@ def test_a_bad_line_in_existing_data_names_file_and_line(run, server, tmp_path):
 def test_torn_last_line_is_repaired(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text('{"a": 1}\n{"a": 2}')
-    assert gen.repair_torn_line(str(path)) is False and path.read_text() == '{"a": 1}\n{"a": 2}\n'
+    assert openrouter.repair_torn_line(str(path)) is False and path.read_text() == '{"a": 1}\n{"a": 2}\n'
     path.write_text('{"a": 1}\n{"a": ')
-    assert gen.repair_torn_line(str(path)) is True and path.read_text() == '{"a": 1}\n'
+    assert openrouter.repair_torn_line(str(path)) is True and path.read_text() == '{"a": 1}\n'
 
 
 def test_resume_after_kill_9(tmp_path):
@@ -333,7 +334,7 @@ def test_resume_after_kill_9(tmp_path):
 
 
 def test_persona_file_and_item_diversity(tmp_path):
-    persona = gen.load_persona(gen.PERSONA_PATH)
+    persona = openrouter.load_persona(openrouter.PERSONA_PATH)
     assert persona["name"] == "Chimera" and len(persona["topics"]) >= 20
     specs = [gen.item_spec(persona, "sft", i, seed=0) for i in range(300)]
     assert specs == [gen.item_spec(persona, "sft", i, seed=0) for i in range(300)]  # reproducible
@@ -342,9 +343,9 @@ def test_persona_file_and_item_diversity(tmp_path):
     assert len(combos) >= 290
     assert {s["topic"] for s in specs} == set(persona["topics"])
     broken = tmp_path / "persona.md"
-    broken.write_text(open(gen.PERSONA_PATH).read().replace("## shapes", "## shape"))
+    broken.write_text(open(openrouter.PERSONA_PATH).read().replace("## shapes", "## shape"))
     with pytest.raises(gen.UserError, match="missing section '## shapes'"):
-        gen.load_persona(str(broken))
+        openrouter.load_persona(str(broken))
 
 
 def test_a_provider_echoing_the_key_leaks_it_nowhere(run, server, tmp_path):
@@ -434,7 +435,7 @@ def test_judge_pairs_failure_types_and_diversity(run, server, tmp_path):
     assert len(judged) == 2 * (len(requests) - len(judged))  # both orders of every pair
     s = summary(tmp_path)
     assert s["models"]["judge/model"]["requests"] == len(judged)
-    failures = [f.split(":")[0] for f in gen.load_persona(gen.PERSONA_PATH)["failures"]]
+    failures = [f.split(":")[0] for f in openrouter.load_persona(openrouter.PERSONA_PATH)["failures"]]
     assert {p["failure"] for p in pairs} <= set(failures)
     stats = s["kinds"]["dpo"]["diversity"]
     assert [stats[f"failure {f}"] for f in failures] == [sum(p["failure"] == f for p in pairs) for f in failures]
@@ -447,7 +448,7 @@ def test_judge_pairs_failure_types_and_diversity(run, server, tmp_path):
 def test_failure_types_go_round_evenly_and_reach_the_prompt(run, server, tmp_path):
     code, _, err = run("--sft-examples=0", "--dpo-examples=10", "--workers=1")
     assert code == 0, err
-    persona = gen.load_persona(gen.PERSONA_PATH)
+    persona = openrouter.load_persona(openrouter.PERSONA_PATH)
     names = [f.split(":")[0] for f in persona["failures"]]
     assert sorted(p["failure"] for p in data(tmp_path, "dpo")) == sorted(names * 2)
     prompts = [r["body"]["messages"][-1]["content"] for r in server.chat_requests()]

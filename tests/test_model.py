@@ -10,10 +10,16 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import model
-from conftest import golden_dir, make_tiny_base, run_python, run_torchrun
+import optim
+import tokenizer
+from checkpoint import load_model, save_checkpoint
+from conftest import golden_dir, make_tiny_base, per_token_loss, run_python, run_torchrun
 from common import UserError
-from model import Engine, GPT, GPTConfig, KVCache, SPECIAL_TOKENS, load_model, save_checkpoint, use_calculator
+from engine import Engine, KVCache, use_calculator
+from model import GPT, GPTConfig
+from tokenizer import SPECIAL_TOKENS
 
 
 @pytest.fixture(scope="module", params=[2025, 2026])
@@ -82,12 +88,12 @@ def test_hostile_tokenizer_pickle_is_refused_and_never_runs(tmp_path):
     tok_dir.mkdir()
     (tok_dir / "tokenizer.pkl").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(UserError, match="refusing to load"):
-        model.Tokenizer.from_directory(str(tok_dir))
+        tokenizer.Tokenizer.from_directory(str(tok_dir))
     assert not marker.exists()
     # an Encoding whose state smuggles in another object is refused too
     (tok_dir / "tokenizer.pkl").write_bytes(pickle.dumps({"not": "an encoding"}))
     with pytest.raises(UserError, match="tiktoken Encoding"):
-        model.Tokenizer.from_directory(str(tok_dir))
+        tokenizer.Tokenizer.from_directory(str(tok_dir))
 
 
 # -----------------------------------------------------------------------------
@@ -100,8 +106,9 @@ def test_logits_and_loss_match_nanochat(gold):
         logits = m(t["x"])
         assert logits.shape == t["logits"].shape
         assert (logits - t["logits"]).abs().max().item() < 1e-5  # float32 noise on any CPU
-        assert torch.allclose(m(t["x"], t["y"], loss_reduction="none"), t["loss_none"], atol=1e-4)
-        assert m(t["x"], t["y"]).item() == pytest.approx(g["loss_mean"], abs=1e-4)
+        assert torch.allclose(per_token_loss(m, t["x"], t["y"]), t["loss_none"], atol=1e-4)
+        loss = per_token_loss(m, t["x"], t["y"])
+        assert (loss.sum() / (t["y"] != -1).sum()).item() == pytest.approx(g["loss_mean"], abs=1e-4)
         assert torch.allclose(m.token_logprobs(t["x"], t["y"]).view(-1), -t["loss_none"], atol=1e-4)
 
 
@@ -142,7 +149,7 @@ def test_chunked_logprobs_equal_plain_path_values_and_gradients():
     y[0, :10] = -1
     y[2, 25:] = -1
 
-    plain = -m(x, y, loss_reduction="none").view(3, 40)
+    plain = -per_token_loss(m, x, y).view(3, 40)
     plain = plain.masked_fill(y == -1, 0.0)
     (plain * torch.linspace(0.5, 1.5, 40)).sum().backward()
     plain_grads = {n: p.grad.clone() for n, p in m.named_parameters()}
@@ -283,7 +290,7 @@ def fixture_copy(tmp_path, generation):
     base = str(tmp_path / f"nanochat{generation}")
     shutil.copytree(golden_dir(generation), base)
     ckpt = os.path.join(base, "base_checkpoints", "d2")
-    step = model.find_last_step(ckpt)
+    step = checkpoint.find_last_step(ckpt)
     return base, os.path.join(ckpt, f"meta_{step:06d}.json"), os.path.join(ckpt, f"model_{step:06d}.pt")
 
 
@@ -413,20 +420,20 @@ def test_default_tag_prefers_chimera_then_depth_then_newest(tmp_path):
     for tag in ("zeta", "newest"):
         (tmp_path / tag).mkdir()
         os.utime(tmp_path / tag, (1, 1) if tag == "zeta" else None)
-    assert model.find_largest_model(str(tmp_path)) == "newest"
+    assert checkpoint.find_largest_model(str(tmp_path)) == "newest"
     for tag in ("d3", "d20"):
         (tmp_path / tag).mkdir()
-    assert model.find_largest_model(str(tmp_path)) == "d20"
+    assert checkpoint.find_largest_model(str(tmp_path)) == "d20"
     for tag in ("chimera_d2", "chimera_d12"):
         (tmp_path / tag).mkdir()
-    assert model.find_largest_model(str(tmp_path)) == "chimera_d12"
+    assert checkpoint.find_largest_model(str(tmp_path)) == "chimera_d12"
 
 
 KILL_DURING_SAVE = r"""
 import os, signal, sys, torch
-import model
+import checkpoint
 base = sys.argv[1]
-m, tok, meta = model.load_model("base", "cpu", "train", base_dir=base)
+m, tok, meta = checkpoint.load_model("base", "cpu", "train", base_dir=base)
 real_save = torch.save
 def dying_save(obj, f, *a, **k):
     real_save(obj, f, *a, **k)
@@ -434,7 +441,7 @@ def dying_save(obj, f, *a, **k):
     f.truncate(f.tell() // 2)   # half a file on disk...
     os.kill(os.getpid(), signal.SIGKILL)  # ...and the process dies mid-save
 torch.save = dying_save
-model.save_checkpoint(os.path.join(base, "base_checkpoints", "d2"), 1, m.state_dict(), None, dict(meta, step=1))
+checkpoint.save_checkpoint(os.path.join(base, "base_checkpoints", "d2"), 1, m.state_dict(), None, dict(meta, step=1))
 """
 
 
@@ -456,7 +463,7 @@ def test_setup_optimizers_groups_and_lrs():
     torch.manual_seed(0)
     m = GPT(GPTConfig(sequence_len=16, vocab_size=50, n_layer=2, n_head=2, n_kv_head=2, n_embd=192))
     m.init_weights()
-    adamw, muon = m.setup_optimizers()
+    adamw, muon = optim.setup_optimizers(m)
     scale = (192 / 768) ** -0.5
     assert [g["lr"] for g in adamw.param_groups] == pytest.approx([0.004 * scale, 0.2 * scale])
     assert adamw.param_groups[0]["params"][0] is m.lm_head.weight
@@ -472,7 +479,7 @@ def test_2026_optimizer_groups_match_nanochat():
         golden_groups = json.load(f)["optimizer_groups_default"]
     m = load_model("base", "cpu", "train", base_dir=golden_dir(2026))[0]
     names = {p: n for n, p in m.named_parameters()}
-    ours = {names[p]: (kind, g) for kind, opt in zip(("adamw", "muon"), m.setup_optimizers()) for g in opt.param_groups
+    ours = {names[p]: (kind, g) for kind, opt in zip(("adamw", "muon"), optim.setup_optimizers(m)) for g in opt.param_groups
             for p in g["params"]}
     assert set(ours) == set(names.values())
     for want in golden_groups:
@@ -487,7 +494,7 @@ def test_2026_optimizer_groups_match_nanochat():
 
 def test_newton_schulz_orthogonalises():
     G = torch.randn(48, 16)
-    X = model.newton_schulz5(G).float()
+    X = optim.newton_schulz5(G).float()
     s = torch.linalg.svdvals(X)
     assert X.shape == G.shape
     assert s.min() > 0.5 and s.max() < 1.3  # all singular values pushed close to 1
@@ -523,7 +530,7 @@ def test_sft_then_dpo_on_a_2026_checkpoint_in_1_and_2_processes(tmp_path, monkey
         for tag in ("one", "two"):
             m, _, meta = load_model(source, "cpu", "eval", model_tag=tag, base_dir=base)
             assert m.config.generation == 2026 and meta["model_config"] == want_config, (source, tag)
-            ckpt = model.checkpoint_dir_for(source, tag, base)
+            ckpt = checkpoint.checkpoint_dir_for(source, tag, base)
             saved = torch.load(os.path.join(ckpt, f"model_{meta['step']:06d}.pt"), weights_only=True)
             assert {k: v.shape for k, v in saved.items()} == want_shapes
             for name in ("smear_gate.weight", "x0_lambdas", "value_embeds.1.weight", "transformer.h.1.attn.ve_gate.weight"):

@@ -5,8 +5,8 @@ import os
 
 import torch
 
-import model
-from conftest import REPO, run_python, run_torchrun
+import optim
+from conftest import REPO, per_token_loss, run_python, run_torchrun
 from model import GPT, GPTConfig
 
 
@@ -15,7 +15,7 @@ def test_newton_schulz_precision_follows_the_cpu(monkeypatch):
     G = torch.randn(40, 24)
     for has_bf16, dtype in ((False, torch.float32), (True, torch.bfloat16)):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_bf16)
-        X = model.newton_schulz5(G)
+        X = optim.newton_schulz5(G)
         assert X.dtype == dtype and X.shape == G.shape
         s = torch.linalg.svdvals(X.float())
         assert s.min() > 0.5 and s.max() < 1.3
@@ -33,7 +33,7 @@ def test_fused_logprob_sum_equals_plain_path_value_and_gradients():
     x, y = torch.randint(0, 300, (3, 40)), torch.randint(0, 300, (3, 40))
     y[0, :10] = -1
     y[2, 25:] = -1
-    plain = -m(x, y, loss_reduction="none")
+    plain = -per_token_loss(m, x, y)
     (-plain.sum() / 7).backward()
     plain_grads = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad(set_to_none=True)
@@ -83,13 +83,13 @@ def test_one_process_group_does_no_collective(tmp_path, monkeypatch):
             monkeypatch.setattr(dist, name, refuse)
         m = _tiny()
         before = {n: p.detach().clone() for n, p in m.named_parameters()}
-        optimizers, grad_sync = m.setup_optimizers(), model.GradSync(m)
+        optimizers, grad_sync = optim.setup_optimizers(m), optim.GradSync(m)
         for armed in (False, True):
             if armed:
                 grad_sync.arm()
             x, y = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
             (-m.token_logprobs(x, y, reduction="sum")).backward()
-            model.optimizer_step(m, optimizers, 1.0, grad_sync if armed else None)
+            optim.optimizer_step(m, optimizers, 1.0, grad_sync if armed else None)
         assert all(not torch.equal(p, before[n]) for n, p in m.named_parameters())
     finally:
         dist.destroy_process_group()

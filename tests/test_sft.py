@@ -10,7 +10,9 @@ import torch
 import sft
 from common import UserError
 from conftest import REPO, make_tiny_base, run_python, run_torchrun
-from model import collate, get_tokenizer, load_model, save_checkpoint
+from checkpoint import load_model, save_checkpoint
+from dataloader import collate
+from tokenizer import get_tokenizer
 
 SYSTEM = "You are Chimera, a disciplined trader."
 TOPICS = ["stops", "sizing", "leverage", "hype", "journals", "drawdowns", "options", "fees"]

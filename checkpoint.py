@@ -1,0 +1,218 @@
+"""
+nanochat's checkpoints, both generations: model_{step:06d}.pt + meta_{step:06d}.json (+ optim_*.pt)
+in $NANOCHAT_BASE_DIR/<source's directory>/<tag>/; finding, loading (checked against the meta) and
+saving them, a stage's run directory, and a fresh offline base (byte-level tokenizer, random model).
+
+    model, tokenizer, meta = load_model("sft", device, phase="eval", model_tag=None, step=None)
+"""
+
+import glob
+import json
+import os
+import pickle
+import re
+import sys
+from dataclasses import asdict
+
+import torch
+
+from common import UserError, atomic_write, atomic_write_json, get_base_dir
+from model import GPT, GPTConfig
+from tokenizer import SPECIAL_TOKENS, byte_level_encoding, get_tokenizer
+
+SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
+               "dpo": "chatdpo_checkpoints", "rl": "chatrl_checkpoints"}
+
+
+def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data):
+    """Meta, optimizer, then model, each through a temp file and a rename: the latest step is
+    found by model files, so a save killed midway never looks like a newer whole checkpoint."""
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    atomic_write_json(os.path.join(checkpoint_dir, f"meta_{step:06d}.json"), meta_data)
+    for name, data in (("optim", optimizer_data), ("model", model_data)):
+        if data is not None:
+            path = os.path.join(checkpoint_dir, f"{name}_{step:06d}.pt")
+            atomic_write(path, lambda f: torch.save(data, f), binary=True)
+
+
+def find_largest_model(checkpoints_dir):
+    """The default model tag: the largest chimera_d<N>, else the largest d<N>, else the newest."""
+    if not os.path.isdir(checkpoints_dir):
+        raise UserError(f"{checkpoints_dir}: no such checkpoint directory")
+    tags = [d for d in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, d))]
+    if not tags:
+        raise UserError(f"{checkpoints_dir}: no model directories in it")
+    for pattern in (r"chimera_d(\d+)", r"d(\d+)"):
+        depths = [(int(m.group(1)), t) for t in tags if (m := re.fullmatch(pattern, t))]
+        if depths:
+            return max(depths)[1]
+    return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
+
+
+def find_last_step(checkpoint_dir):
+    steps = [int(m.group(1)) for f in glob.glob(os.path.join(checkpoint_dir, "model_*.pt"))
+             if (m := re.fullmatch(r"model_(\d+)\.pt", os.path.basename(f)))]
+    if not steps:
+        raise UserError(f"{checkpoint_dir}: no model_*.pt checkpoints in it")
+    return max(steps)
+
+
+def load_checkpoint(checkpoint_dir, step, device):
+    """(state dict, meta) of a step; a compiled model's _orig_mod. prefix dropped, bf16 on CUDA only."""
+    model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
+    meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
+    if not os.path.exists(model_path):
+        raise UserError(f"{model_path}: no checkpoint for step {step}")
+    model_data = torch.load(model_path, map_location=device, weights_only=True)
+    if not isinstance(model_data, dict) or not all(isinstance(v, torch.Tensor) for v in model_data.values()):
+        raise UserError(f"{model_path}: not a state dict of tensors")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{meta_path}: missing (the checkpoint has a model file but no meta)") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{meta_path}: not valid JSON ({e})") from None
+    bf16 = device.type == "cuda"
+    return {k.removeprefix("_orig_mod."): v if bf16 or v.dtype != torch.bfloat16 else v.float()
+            for k, v in model_data.items()}, meta
+
+
+CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+KEYS_2026 = ("resid_lambdas", "x0_lambdas", "smear_gate.weight", "smear_lambda", "backout_lambda")
+
+
+def config_from_checkpoint(model_config, model_data, where):
+    """The GPTConfig of a checkpoint; 2026 has window_pattern and its extra tensors, Nov 2025
+    neither, and a mix is refused. Applies nanochat 92d63d4's two loading patches to 2026's."""
+    model_config = model_config if isinstance(model_config, dict) else {}
+    missing = [k for k in CONFIG_KEYS if k not in model_config]
+    extra = sorted(set(model_config) - set(CONFIG_KEYS) - {"window_pattern"})
+    if missing or extra:  # neither generation's
+        problem = f"lacks {', '.join(missing)}" if missing else f"has unknown keys {', '.join(extra)}"
+        raise UserError(f"{where}: the meta's model_config {problem}: "
+                        "neither nanochat generation (Nov 2025, 2026) writes that")
+    new_keys = [k for k in model_data
+                if k in KEYS_2026 or k.startswith("value_embeds.") or k.endswith(".ve_gate.weight")]
+    pattern = model_config.get("window_pattern")
+    if pattern is not None and not new_keys:
+        raise UserError(f"{where}: model_config is nanochat 2026's (it has window_pattern) but the state dict is Nov "
+                        f"2025's (no {', '.join(KEYS_2026)}, value_embeds): meta and weights do not belong together")
+    if new_keys and pattern is None:  # an intermediate 2026 commit: nanochat reads it as all-long windows
+        print(f"note: {where}: 2026 weights, no window_pattern: using \"L\" as nanochat does", file=sys.stderr)
+        pattern = "L"
+    if pattern is not None and not (isinstance(pattern, str) and re.fullmatch(r"[SLsl]+", pattern)):
+        raise UserError(f"{where}: model_config window_pattern {pattern!r} is not a string of S and L")
+    if new_keys:  # nanochat 92d63d4 adds these two when absent (checkpoints from before them)
+        n_layer, device = model_config["n_layer"], model_data[new_keys[0]].device
+        model_data.setdefault("resid_lambdas", torch.ones(n_layer, device=device))
+        model_data.setdefault("x0_lambdas", torch.zeros(n_layer, device=device))
+    return GPTConfig(**dict(model_config, window_pattern=pattern))
+
+
+def checkpoint_dir_for(source, model_tag=None, base_dir=None):
+    if source not in SOURCE_DIRS:
+        raise UserError(f"unknown checkpoint source {source!r}; expected one of {', '.join(SOURCE_DIRS)}")
+    root = os.path.join(base_dir or get_base_dir(), SOURCE_DIRS[source])
+    return os.path.join(root, model_tag or find_largest_model(root))
+
+
+def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
+    """(model, tokenizer, meta) from $NANOCHAT_BASE_DIR/<source's directory>/<tag>/ (tag: by default
+    find_largest_model's, step: the latest), phase "train" or "eval"."""
+    assert phase in ("train", "eval"), phase
+    checkpoint_dir, device = checkpoint_dir_for(source, model_tag, base_dir), torch.device(device)
+    if not os.path.isdir(checkpoint_dir):
+        raise UserError(f"{checkpoint_dir}: no such checkpoint directory")
+    step = find_last_step(checkpoint_dir) if step is None else step
+    tokenizer = get_tokenizer(base_dir)
+    model_data, meta = load_checkpoint(checkpoint_dir, step, device)
+    where = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
+    config = config_from_checkpoint(meta.get("model_config"), model_data, where)
+    if tokenizer.get_vocab_size() != config.vocab_size:
+        raise UserError(f"{checkpoint_dir}: the model's vocab_size is {config.vocab_size} but the tokenizer "
+                        f"has {tokenizer.get_vocab_size()} tokens (wrong tokenizer for this checkpoint?)")
+    with torch.device("meta"):
+        model = GPT(config)
+    # every key the model has, none it lacks, each of its shape; else one line naming them
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = [f"{what} {', '.join(keys[:4])}{f' and {len(keys) - 4} more' if len(keys) > 4 else ''}"
+                for what, keys in (("missing", [k for k in expected if k not in model_data]),
+                                   ("unexpected", [k for k in model_data if k not in expected])) if keys]
+    problems += [f"{k} is {list(model_data[k].shape)}, expected {list(s)}"
+                 for k, s in expected.items() if k in model_data and tuple(model_data[k].shape) != s][:2]
+    if problems:
+        raise UserError(f"{where} does not match its model_config (nanochat {'2026' if model.gen2026 else 'Nov 2025'} "
+                        f"model): {'; '.join(problems)}")
+    model.to_empty(device=device)
+    model.init_rotary()
+    model.load_state_dict(model_data, strict=True, assign=True)
+    model.train() if phase == "train" else model.eval()
+    return model, tokenizer, meta
+
+
+
+
+
+def fresh_base(base_dir, depth=2, sequence_len=512, n_embd=None, n_head=None, seed=0, zero_out=True, generation=2025):
+    """Write tokenizer/ and base_checkpoints/d{depth}/model_000000.pt (width 64 * depth, a head per
+    128, 2026: windows SSSL; n_embd/n_head override) into base_dir; zero_out=False: non-zero logits."""
+    assert generation in (2025, 2026), generation
+    enc, tokenizer_dir = byte_level_encoding(), os.path.join(base_dir, "tokenizer")
+    # tokenizer.pkl and token_bytes.pt as nanochat writes them: a byte is 1 byte, a special token 0 (in bpb)
+    atomic_write(os.path.join(tokenizer_dir, "tokenizer.pkl"), lambda f: pickle.dump(enc, f), binary=True)
+    token_bytes = torch.tensor([1] * 256 + [0] * len(SPECIAL_TOKENS), dtype=torch.int32)
+    atomic_write(os.path.join(tokenizer_dir, "token_bytes.pt"), lambda f: torch.save(token_bytes, f), binary=True)
+    n_embd = n_embd or depth * 64
+    n_head = n_head or max(1, (n_embd + 127) // 128)
+    config = GPTConfig(sequence_len, enc.n_vocab, depth, n_head, n_head, n_embd, "SSSL" if generation == 2026 else None)
+    torch.manual_seed(seed)
+    model = GPT(config)
+    model.init_weights(zero_out=zero_out)
+    # model_config as nanochat of this generation writes it (Nov 2025: no window_pattern)
+    meta = {"step": 0, "model_config": {k: v for k, v in asdict(config).items() if v is not None},
+            "chimera": {"stage": "base"}, "user_config": {"depth": depth, "fresh": True, "seed": seed}}
+    checkpoint_dir = os.path.join(base_dir, "base_checkpoints", f"d{depth}")
+    save_checkpoint(checkpoint_dir, 0, model.state_dict(), None, meta)
+    return checkpoint_dir
+
+
+
+class RunDir:
+    """A stage's output directory holds one run: a new run removes the earlier Chimera run's
+    files (and a killed save's .tmp files) and refuses checkpoints Chimera did not write."""
+
+    def __init__(self, stage, tag, master, start):
+        self.path, self.stage, self.master = os.path.join(get_base_dir(), SOURCE_DIRS[stage], tag), stage, master
+        self.start = checkpoint_dir_for(*start)
+        if os.path.abspath(self.path) == os.path.abspath(self.start):  # clearing it would lose it
+            raise UserError(f"{self.path} holds the checkpoint this run starts from; pass another --out_tag")
+        old = [f for pattern in ("model_*.pt", "optim_*.pt", "meta_*.json", "metrics.jsonl", ".*.tmp")
+               for f in glob.glob(os.path.join(self.path, pattern))]
+        metas = {re.sub(r"(model|optim)_(\d+)\.pt$", r"meta_\2.json", f) for f in old if f.endswith(("pt", "json"))}
+        for meta in metas:
+            try:
+                marked = "chimera" in json.load(open(meta, encoding="utf-8"))
+            except (OSError, ValueError):
+                marked = False
+            if not marked:
+                raise UserError(f"{self.path}: {os.path.basename(meta)} is not a Chimera checkpoint; "
+                                "use another --out_tag")
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank has looked before rank 0 removes
+        for f in old if master else []:
+            os.remove(f)
+        os.makedirs(self.path, exist_ok=True)
+
+    def log(self, record):
+        if self.master:
+            with open(os.path.join(self.path, "metrics.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save(self, step, model, meta):
+        """model_/meta_{step:06d} marked as this stage's, with the start's tag; non-finite weights are never saved."""
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise UserError(f"step {step}: the weights are not finite (NaN or inf); nothing saved")
+        if self.master:
+            save_checkpoint(self.path, step, model.state_dict(), None,
+                            {**meta, "source_tag": os.path.basename(self.start), "chimera": {"stage": self.stage}})

@@ -1,0 +1,52 @@
+"""
+What SFT and DPO share to batch their rows: padding rendered conversations into inputs and targets,
+and a run's schedule of micro-batches (length-grouped, the same global batch for any number of
+processes) with its learning-rate multiplier.
+"""
+
+import torch
+
+from common import UserError
+
+WINDOW_STEPS = 16  # steps whose rows are sorted by length together (see Schedule)
+
+
+def collate(rows, pad_id, device):
+    """Pad rendered conversations [(ids, mask)] into inputs and targets [B, W] (-1: not learned), W the
+    longest row - 1."""
+    width = max(len(ids) for ids, _ in rows) - 1
+    inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, (ids, mask) in enumerate(rows):
+        ids, mask = torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(mask, dtype=torch.bool)
+        inputs[i, :len(ids) - 1] = ids[:-1]
+        targets[i, :len(ids) - 1] = ids[1:].masked_fill(~mask[1:], -1)
+    return inputs.to(device), targets.to(device)
+
+
+
+class Schedule:
+    """A run's steps: rows in order, cycling, `per_step` to a step. Each window of WINDOW_STEPS steps
+    sorts its rows by length into micro-batches (little padding), shuffled over its steps and dealt
+    round-robin to the ranks (the same global batch for any number of processes); lr falls 1 -> 0."""
+
+    def __init__(self, lengths, per_step, batch_size, world_size, num_epochs, num_iterations):
+        if per_step % (batch_size * world_size):
+            raise UserError(f"--target_examples_per_step={per_step} must be a multiple of device_batch_size"
+                            f"*world_size = {batch_size}*{world_size} = {batch_size * world_size}")
+        self.lengths, self.per_step, self.batch_size, self.world_size = lengths, per_step, batch_size, world_size
+        self.num_iterations = num_iterations if num_iterations > 0 else max(1, len(lengths) * num_epochs // per_step)
+        self.window, self.cached = max(1, min(WINDOW_STEPS, len(lengths) // per_step)), (None, None)
+
+    def micro_batches(self, step, rank):
+        """This rank's micro-batches at `step`, each a list of row indices."""
+        w, size, bs = step // self.window, self.window * self.per_step, self.batch_size
+        if self.cached[0] != w:
+            rows = sorted(((w * size + i) % len(self.lengths) for i in range(size)), key=self.lengths.__getitem__)
+            order = torch.randperm(size // bs, generator=torch.Generator().manual_seed(w)).tolist()
+            self.cached = (w, [rows[i * bs:(i + 1) * bs] for i in order])
+        per = self.per_step // bs
+        return self.cached[1][(step % self.window) * per:][:per][rank::self.world_size]
+
+    def lr_multiplier(self, step):
+        return 1.0 - step / self.num_iterations

@@ -1,0 +1,233 @@
+"""
+The OpenRouter client (chat completions with a JSON schema over requests, OpenRouter's error
+contract, a spend ledger) and the persona judge: the persona file, and an LLM judge of two answers
+asked in both orders. gen.py makes data with them; eval.py and chat.py use the persona and the judge.
+
+    client = client_from_env()            # OPENROUTER_API_KEY, OPENROUTER_BASE_URL, OPENROUTER_MODELS
+    verdict = judge_both_orders(client, load_persona(PERSONA_PATH), message, answer_a, answer_b)
+"""
+
+import json
+import math
+import os
+import re
+import threading
+from collections import Counter
+from urllib.parse import urlparse
+
+import requests
+
+from common import UserError
+from tasks import HTTPGaveUp, append_jsonl, error_text, http_retry, iter_jsonl
+
+PERSONA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "persona.md")
+
+
+# The persona (data/persona.md, a section per `## heading`)
+PERSONA_TEXT = ("name", "system", "master", "apprentice")
+PERSONA_LISTS = ("topics", "users", "shapes", "openings")  # drawn at random per item; "failures" by item index
+
+
+def load_persona(path):
+    """{"name", "system", "master", "apprentice": str, "topics", "users", "shapes", "openings", "failures": [str]}."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: persona file not found")
+    with open(path, encoding="utf-8") as f:
+        parts = re.split(r"^##[ \t]+(\w+)[ \t]*$", f.read(), flags=re.M)
+    sections, persona = {name.lower(): body.strip() for name, body in zip(parts[1::2], parts[2::2])}, {}
+    for key in PERSONA_TEXT + PERSONA_LISTS + ("failures",):
+        if key not in sections:
+            raise UserError(f"{path}: missing section '## {key}'")
+        persona[key] = sections[key] if key in PERSONA_TEXT else re.findall(r"^\s*- [ \t]*(.*\S)", sections[key], re.M)
+        if not persona[key]:
+            raise UserError(f"{path}: section '## {key}' is empty")
+    return persona
+
+
+
+class BadAnswer(Exception):
+    """The model's answer is unusable (error body, no content, bad JSON, wrong shape): retry the item."""
+
+
+
+# The OpenRouter client: chat completions over tasks.http_retry, with OpenRouter's error contract
+class APIStop(UserError):
+    """An error no retry fixes (bad key, no credits, refused request): the run stops, keeping its output."""
+
+
+class Spend:
+    """Requests, tokens and cost per model, from an append-only ledger (a line per paid request, useless
+    answers included, written as it arrives): a killed run's spend is not lost; the summary covers all runs."""
+
+    def __init__(self, path=None):
+        self.path, self.models, self.cost, self._lock = None, {}, 0.0, threading.Lock()
+        if path and os.path.isfile(path):
+            repair_torn_line(path)
+            for entry in iter_jsonl(path, lambda e: None if isinstance(e, dict) else "not an object"):
+                self.add(entry.get("model"), entry)
+        self.path = path
+
+    def add(self, model, usage):
+        """Count one paid request; a figure that is not a finite number (a provider's nonsense) counts 0."""
+        entry = {k: v if isinstance(v := usage.get(k), (int, float)) and math.isfinite(v) else 0
+                 for k in ("prompt_tokens", "completion_tokens", "cost")}
+        with self._lock:
+            if self.path:
+                append_jsonl(self.path, {"model": model, **entry})
+            self.cost += entry["cost"]
+            self.models.setdefault(str(model), Counter()).update({"requests": 1, **entry})
+
+
+class OpenRouter:
+    """A small client for OpenRouter's OpenAI-compatible API, safe to share between threads."""
+
+    def __init__(self, api_key, base_url, models, timeout=120.0, retries=6, backoff=1.0):
+        self._key = api_key  # sent in a header, never stored or printed: everything read back goes through _clean
+        self.base_url, self.models, self.model, self.verified = base_url.rstrip("/"), list(models), models[0], False
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.spend, self._local, self._lock = Spend(), threading.local(), threading.Lock()
+
+    def _clean(self, value):
+        """`value` with the key scrubbed (a provider may echo the Authorization header) and lone surrogates
+        (not encodable as UTF-8) made U+FFFD, by way of its JSON text (a key has no character JSON escapes)."""
+        text = json.dumps(value, ensure_ascii=False)
+        text = text.replace(self._key, "***") if self._key else text
+        return json.loads(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
+
+    def _session(self):
+        if not hasattr(self._local, "session"):  # one keep-alive connection pool per worker thread
+            self._local.session = requests.Session()  # HTTP-Referer and X-Title: OpenRouter's app attribution
+            self._local.session.headers.update({"Authorization": f"Bearer {self._key}", "X-Title": "Chimera",
+                                                "HTTP-Referer": "https://github.com/chimera-nanochat/chimera"})
+        return self._local.session
+
+    def choose_model(self):
+        """The first configured model GET /models lists; if the listing fails, all, tried in order."""
+        try:
+            response = self._session().get(self.base_url + "/models", timeout=self.timeout)
+            response.raise_for_status()
+            listed = {m.get("id") for m in response.json()["data"]}
+        except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError) as e:
+            print(f"could not list the models at {self.base_url}/models ({type(e).__name__}); "
+                  f"trying {', '.join(self.models)} in order", flush=True)
+            return self.model
+        if not listed.intersection(self.models):
+            raise APIStop(f"none of the models {', '.join(self.models)} is offered by {self.base_url} "
+                          "(set OPENROUTER_MODELS or --models)")
+        self.models, self.verified = [m for m in self.models if m in listed], True
+        self.model = self.models[0]
+        return self.model
+
+    def chat(self, messages, schema_name, schema, temperature=1.0, max_tokens=2048, model=None):
+        """The parsed, _clean'ed JSON answer following `schema` from `model` (default the generator). Raises
+        BadAnswer for an unusable answer, HTTPGaveUp when retries run out, APIStop when nothing can succeed."""
+        while True:
+            use = model or self.model
+            body = {"model": use, "messages": messages, "temperature": temperature, "max_tokens": max_tokens,
+                    "response_format": {"type": "json_schema",
+                                        "json_schema": {"name": schema_name, "strict": True, "schema": schema}}}
+            if urlparse(self.base_url).hostname in ("openrouter.ai", "www.openrouter.ai"):  # OpenRouter's own field:
+                body["provider"] = {"require_parameters": True}  # only route to providers that honour the schema
+            post = lambda: self._session().post(self.base_url + "/chat/completions", json=body, timeout=self.timeout)
+            try:  # raises HTTPGaveUp when 429 / 408 / 5xx / timeouts outlast every retry
+                response = http_retry(post, self.retries, self.backoff, max_wait=300.0)
+            except requests.RequestException as e:  # http_retry lets only a malformed URL through
+                raise APIStop(f"bad base URL {self.base_url!r}: {self._clean(str(e))}") from None
+            status = response.status_code
+            if status == 200:
+                return self._answer(response, use)
+            message = self._clean(error_text(response))
+            if status == 404 or (status == 400 and not self.verified and "model" in message.lower()):
+                why = f"HTTP {status}: {message}"
+                with self._lock:  # a model the server does not know: move on to the next configured one
+                    if model or self.verified or use == self.models[-1]:
+                        raise APIStop(f"model {use} is not available at {self.base_url}: {why}")
+                    if self.model == use:
+                        self.model = self.models[self.models.index(use) + 1]
+                        print(f"model {use} is not available ({why}); falling back to {self.model}", flush=True)
+                continue
+            what = {400: "the request was refused", 401: "the API key was rejected (check OPENROUTER_API_KEY)",
+                    402: "out of credits: add credits at https://openrouter.ai/settings/credits",
+                    403: "forbidden (moderation or the key's limits)"}.get(status, "unexpected error")
+            raise APIStop(f"{self.base_url}: HTTP {status}, {what}: {message}")
+
+    def _answer(self, response, model):
+        try:
+            data = self._clean(response.json())
+        except ValueError:
+            raise BadAnswer("response body is not JSON") from None
+        if not isinstance(data, dict):
+            raise BadAnswer("response body is not an object")
+        model = str(data.get("model") or model)
+        self.spend.add(model, data["usage"] if isinstance(data.get("usage"), dict) else {})  # paid, useful or not
+        if data.get("error"):  # OpenRouter reports some failures inside an HTTP 200 body
+            raise BadAnswer(f"error in response: {self._clean(error_text(response, 200))}")
+        try:
+            text = data["choices"][0]["message"].get("content")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise BadAnswer("no choices in response") from None
+        if not isinstance(text, str) or not text.strip():
+            raise BadAnswer("empty content")
+        fenced = re.match(r"^```(?:json)?\s*(.*?)\s*```$", text.strip(), re.S)  # some models wrap JSON in a fence
+        try:
+            return self._clean(json.loads(fenced.group(1) if fenced else text))
+        except json.JSONDecodeError:
+            raise BadAnswer("content is not valid JSON") from None
+
+
+def client_from_env(base_url="", models="", timeout=120.0, retries=6, backoff=1.0):
+    """An OpenRouter client from OPENROUTER_API_KEY / OPENROUTER_BASE_URL / OPENROUTER_MODELS."""
+    api_key = os.environ.get("OPENROUTER_API_KEY", "").strip()
+    if not api_key:
+        raise UserError("OPENROUTER_API_KEY is not set: create a key at https://openrouter.ai/keys and "
+                        "export OPENROUTER_API_KEY=... (nothing was written)")
+    base_url = base_url or os.environ.get("OPENROUTER_BASE_URL") or "https://openrouter.ai/api/v1"
+    models = [m.strip() for m in (models or os.environ.get("OPENROUTER_MODELS") or "").split(",") if m.strip()]
+    return OpenRouter(api_key, base_url, models or ["openai/gpt-4o-mini"], timeout, retries, backoff)
+
+
+# An LLM judge of two answers in the persona (--judge-pairs here, eval.py --judge=1)
+JUDGE_SCHEMA = {"type": "object", "properties": {"winner": {"type": "string", "enum": ["1", "2", "tie"]}},
+                "required": ["winner"], "additionalProperties": False}
+
+
+def judge_both_orders(client, persona, message, a, b, model=None, attempts=3):
+    """+1 if the judge prefers `a` in both orders, -1 if `b` in both, None otherwise (a tie,
+    no verdict, or a verdict that flips with the order: position bias, not a preference)."""
+    name = persona["name"]
+    system = (f"You judge answers written as {name}, whose profile is:\n\n{persona['system']}\n\n"
+              f"The better answer is the one {name} would give: {persona['master']} "
+              "Judge faithfulness to the persona and helpfulness, not length or style.")
+
+    def verdict(first, second):
+        user = (f"Message:\n{message}\n\nAnswer 1:\n{first}\n\nAnswer 2:\n{second}\n\n"
+                'Which answer is better? Return JSON: {"winner": "1" | "2" | "tie"}.')
+        for _ in range(attempts):
+            try:
+                value = client.chat([{"role": "system", "content": system}, {"role": "user", "content": user}],
+                                    "judge_verdict", JUDGE_SCHEMA, temperature=0.0, max_tokens=16, model=model)
+                return value.get("winner") if isinstance(value, dict) else None
+            except BadAnswer:
+                continue
+            except HTTPGaveUp:
+                return None
+    return {("1", "2"): 1, ("2", "1"): -1}.get((verdict(a, b), verdict(b, a)))
+
+
+
+def repair_torn_line(path):
+    """Cut off a torn last line (a run killed mid-write; True if cut); a complete one gets its newline."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb+") as f:
+        data = f.read()
+        keep = data.rfind(b"\n") + 1
+        try:
+            if keep < len(data):
+                json.loads(data[keep:])
+                f.write(b"\n")
+            return False
+        except ValueError:
+            f.truncate(keep)
+            return True
+

@@ -1,0 +1,134 @@
+"""
+The optimizers of nanochat's SFT: AdamW for the embeddings, lm_head and scalars, Muon for the
+blocks' matrices (in the parameter groups of the model's generation), gradient sync over ranks
+in buckets that overlap backward, and the step.
+
+    optimizers = setup_optimizers(model, unembedding_lr, embedding_lr, matrix_lr, weight_decay)
+    grad_sync = GradSync(model)
+    grad_sync.arm(); loss.backward()          # the last micro-batch's backward sends the buckets
+    optimizer_step(model, optimizers, lr_multiplier, grad_sync)
+"""
+
+import torch
+import torch.distributed as dist
+
+
+def setup_optimizers(model, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5):
+    """[AdamW (embeddings, lm_head, scalars), Muon (the blocks' matrices)] in the groups of the
+    model's nanochat generation (weight_decay goes to Muon in 2026, to AdamW in 2025)."""
+    a = (model.config.n_embd / 768) ** -0.5  # embedding lrs were tuned at width 768
+    matrices = list(model.transformer.h.parameters())
+    if model.gen2026:
+        adam_groups = [dict(params=params, lr=lr, betas=betas, weight_decay=decay) for params, lr, betas, decay in [
+            ([model.lm_head.weight], unembedding_lr * a, (0.8, 0.96), 0.01),
+            ([model.transformer.wte.weight], embedding_lr * a, (0.8, 0.995), 0.001),
+            (list(model.value_embeds.parameters()), embedding_lr * a * 0.5, (0.8, 0.995), 0.01),
+            ([model.resid_lambdas], scalar_lr * 0.01, (0.8, 0.95), 0.05),
+            ([model.x0_lambdas], scalar_lr, (0.96, 0.95), 0.0),
+            ([model.smear_gate.weight, model.smear_lambda, model.backout_lambda], 0.2, (0.8, 0.95), 0.0)]]
+        muon_groups = [dict(params=[p for p in matrices if p.shape == shape], weight_decay=weight_decay)
+                       for shape in sorted({tuple(p.shape) for p in matrices})]
+    else:
+        adam_groups = [dict(params=[model.lm_head.weight], lr=unembedding_lr * a, weight_decay=weight_decay),
+                       dict(params=[model.transformer.wte.weight], lr=embedding_lr * a, weight_decay=weight_decay)]
+        muon_groups = [dict(params=matrices)]
+    adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, fused=model.get_device().type == "cuda")
+    muon = Muon(muon_groups, dict(lr=matrix_lr, momentum=0.95))  # torch's Optimizer(params, defaults)
+    for group in adamw.param_groups + muon.param_groups:
+        group["initial_lr"] = group["lr"]
+    return [adamw, muon]
+
+
+def newton_schulz5(G):
+    """Approximately orthogonalise G with a quintic Newton-Schulz iteration on the wide
+    orientation, in bf16 where its matmuls are fast: CUDA (as nanochat) and CPUs with
+    AVX512-BF16; float32 elsewhere (CPUs without bf16 units run bf16 matmuls 10-35x slower)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    cpu_bf16 = G.device.type == "cpu" and getattr(torch.cpu, "_is_avx512_bf16_supported", bool)()
+    X = G.bfloat16() if G.device.type == "cuda" or cpu_bf16 else G.float()
+    tall = G.size(-2) > G.size(-1)
+    X = X.mT if tall else X
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(5):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    return X.mT if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-Schulz: each matrix's Nesterov momentum update is
+    orthogonalised (scaled up if tall). Distributed as nanochat's DistMuon: rank r updates (and
+    keeps the momentum of) matrices r, r + world, ... and broadcasts them."""
+
+    @torch.no_grad()
+    def step(self):
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        works = []
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                if i % world == rank and p.grad is not None:
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+                    buf = self.state[p]["momentum_buffer"]
+                    buf.lerp_(p.grad, 1 - group["momentum"])
+                    update = newton_schulz5(p.grad.lerp_(buf, group["momentum"]))  # Nesterov
+                    p.add_(update, alpha=-group["lr"] * max(1, p.size(-2) / p.size(-1)) ** 0.5)
+                if world > 1:
+                    works.append(dist.broadcast(p, src=i % world, async_op=True))
+        for work in works:
+            work.wait()
+
+
+
+class GradSync:
+    """Sums gradients over ranks in buckets of all_reduce (world size 1: nothing). arm() before the
+    last micro-batch's backward sends each bucket as soon as backward fills it; optimizer_step waits.
+    Buckets go in one order, a missing gradient (lm_head with no token) as zeros: collectives match."""
+
+    def __init__(self, model, bucket_numel=1 << 24):
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.buckets, self.hooked = [[]], False
+        for p in reversed([p for p in model.parameters() if p.requires_grad]):  # about backward's order
+            if sum(q.numel() for q in self.buckets[-1]) >= bucket_numel:
+                self.buckets.append([])
+            self.buckets[-1].append(p)
+        self.ready, self.sent, self.armed = set(), [], False
+
+    def arm(self):
+        if self.world > 1 and not self.hooked:
+            for p in sum(self.buckets, []):
+                p.register_post_accumulate_grad_hook(self._grad_ready)
+        self.armed = self.hooked = self.world > 1
+
+    def _grad_ready(self, p):  # only the armed backward counts: earlier ones are not final
+        self.ready.update([id(p)] if self.armed else [])
+        while self.armed and len(self.sent) < len(self.buckets) and \
+                all(id(q) in self.ready for q in self.buckets[len(self.sent)]):
+            self._send()
+
+    def _send(self):
+        flat = torch.cat([p.new_zeros(p.numel()) if p.grad is None else p.grad.reshape(-1).float()
+                          for p in self.buckets[len(self.sent)]])
+        self.sent.append((flat, dist.all_reduce(flat, async_op=True)))
+
+    def wait(self):
+        """Finish the sync (all of it, when not armed): every gradient is then the sum."""
+        while self.world > 1 and len(self.sent) < len(self.buckets):
+            self._send()
+        for bucket, (flat, work) in zip(self.buckets, self.sent):
+            work.wait()
+            for p, g in zip(bucket, flat.split([p.numel() for p in bucket])):
+                p.grad = g.view_as(p).to(p.dtype)
+        self.ready, self.sent, self.armed = set(), [], False
+
+
+def optimizer_step(model, optimizers, lr_multiplier, grad_sync=None):
+    """Sum grads over ranks (the step's armed GradSync, else all now), set lrs, step, clear grads."""
+    (grad_sync or GradSync(model)).wait()
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lr_multiplier
+        opt.step()
+    model.zero_grad(set_to_none=True)
+

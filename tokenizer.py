@@ -1,0 +1,150 @@
+"""
+nanochat's tokenizer: a tiktoken Encoding loaded from tokenizer/tokenizer.pkl without trusting the
+pickle, its special tokens, and conversations rendered as nanochat renders them (with the one check
+of a conversation's shape that every stage uses).
+
+    tokenizer = get_tokenizer()
+    ids, mask = tokenizer.render_conversation({"messages": [...]})   # mask 1: the assistant's tokens
+"""
+
+import os
+import pickle
+from types import SimpleNamespace
+
+import tiktoken
+
+from common import UserError, get_base_dir
+
+SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                  "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
+
+# nanochat's split pattern (GPT-4's, with numbers split into groups of 1-2 digits)
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+
+
+class _TokenizerUnpickler(pickle.Unpickler):
+    """Admits only tiktoken's Encoding, as a SimpleNamespace holding its state: no pickled code runs."""
+
+    def find_class(self, module, name):
+        if (module, name) == ("tiktoken.core", "Encoding"):
+            return SimpleNamespace
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only a tiktoken Encoding is allowed")
+
+
+class Tokenizer:
+    """nanochat's tokenizer interface over a tiktoken Encoding."""
+
+    def __init__(self, enc):
+        self.enc = enc
+        if missing := [t for t in SPECIAL_TOKENS if t not in enc.special_tokens_set]:
+            raise UserError(f"tokenizer lacks special tokens {missing}")
+        # nanochat's names for the Encoding's methods; encode reads special-token strings as plain text
+        self.encode_special, self.encode, self.decode = enc.encode_single_token, enc.encode_ordinary, enc.decode
+        self.bos_token_id = self.encode_special("<|bos|>")
+
+    @classmethod
+    def from_directory(cls, tokenizer_dir):
+        path = os.path.join(tokenizer_dir, "tokenizer.pkl")
+        try:
+            with open(path, "rb") as f:
+                obj = _TokenizerUnpickler(f).load()
+        except FileNotFoundError:
+            raise UserError(f"{path}: no tokenizer here (train one with nanochat, or make a fresh base)") from None
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
+            raise UserError(f"{path}: not a tokenizer pickle nanochat wrote ({e})") from None
+        state = vars(obj) if isinstance(obj, SimpleNamespace) else {}
+        if not (isinstance(state.get("name"), str) and isinstance(state.get("pat_str"), str) and all(
+                isinstance(d, dict) and all(isinstance(k, key_type) and isinstance(v, int) for k, v in d.items())
+                for d, key_type in ((state.get("mergeable_ranks"), bytes), (state.get("special_tokens"), str)))):
+            raise UserError(f"{path}: not a tiktoken Encoding with name, pat_str, mergeable_ranks and special_tokens")
+        return cls(tiktoken.Encoding(**{k: state[k] for k in ("name", "pat_str", "mergeable_ranks", "special_tokens")}))
+
+    def get_vocab_size(self):
+        return self.enc.n_vocab
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    def render_conversation(self, conversation, max_tokens=2048):
+        """Token ids and a training mask (1 = the assistant's tokens to learn) of a conversation
+        {"messages": [...]}, truncated to max_tokens; ValueError if not system?, user, assistant, ..."""
+        messages = check_messages(conversation)
+        ids, mask = [], []
+
+        def add(tokens, m):
+            ids.extend(tokens), mask.extend([m] * len(tokens))
+
+        sp = self.encode_special
+        add([self.bos_token_id], 0)
+        for message in messages:
+            content = message["content"]
+            if message["role"] == "user":
+                add([sp("<|user_start|>")] + self.encode(content) + [sp("<|user_end|>")], 0)
+                continue
+            add([sp("<|assistant_start|>")], 0)
+            for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+                text_ids = self.encode(part["text"])
+                if part["type"] == "text":
+                    add(text_ids, 1)
+                elif part["type"] == "python":  # the model writes the tool call: learn it
+                    add([sp("<|python_start|>")] + text_ids + [sp("<|python_end|>")], 1)
+                else:  # python_output comes from the tool at run time: never learn it
+                    add([sp("<|output_start|>")] + text_ids + [sp("<|output_end|>")], 0)
+            add([sp("<|assistant_end|>")], 1)
+        return ids[:max_tokens], mask[:max_tokens]
+
+    def render_for_completion(self, conversation):
+        """The prompt to sample the last assistant message: the rest, then <|assistant_start|>."""
+        messages = conversation["messages"]
+        if not messages or messages[-1]["role"] != "assistant":
+            raise ValueError("render_for_completion needs a conversation that ends with an assistant message")
+        ids, _ = self.render_conversation({"messages": messages[:-1]}, max_tokens=1 << 62)
+        return ids + [self.encode_special("<|assistant_start|>")]
+
+
+def check_messages(conversation):
+    """The one conversation check (tasks.py's too): system?, then user (text) and assistant (text or
+    parts) alternating, else ValueError naming the message; a system message is merged into the next."""
+    messages = conversation.get("messages") if isinstance(conversation, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise ValueError('conversation has no messages (expected {"messages": [...]})')
+    if not all(isinstance(m, dict) for m in messages):
+        raise ValueError("every message must be an object {\"role\", \"content\"}")
+    offset = 0
+    if messages[0].get("role") == "system":
+        if len(messages) < 2 or messages[1].get("role") != "user":
+            raise ValueError("a system message must be followed by a user message")
+        if not isinstance(messages[0].get("content"), str) or not isinstance(messages[1].get("content"), str):
+            raise ValueError("system and user contents must be strings")
+        merged = dict(messages[1], content=messages[0]["content"] + "\n\n" + messages[1]["content"])
+        messages, offset = [merged] + list(messages[2:]), 1
+    for i, message in enumerate(messages):
+        expected, at = ("user" if i % 2 == 0 else "assistant"), i + offset
+        if message.get("role") != expected:
+            raise ValueError(f"message {at} has role {message.get('role')!r}, expected {expected!r} "
+                             "(optional system, then user, assistant, ... alternating)")
+        content = message.get("content")
+        if expected == "user" and not isinstance(content, str):
+            raise ValueError(f"message {at}: user content must be a string")
+        if isinstance(content, list):
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") not in ("text", "python", "python_output"):
+                    kind = part.get("type") if isinstance(part, dict) else part
+                    raise ValueError(f"message {at}: unknown part type {kind!r}")
+                if not isinstance(part.get("text"), str):
+                    raise ValueError(f"message {at}: part text must be a string")
+        elif not isinstance(content, str):
+            raise ValueError(f"message {at}: content must be a string or a list of parts")
+    return messages
+
+
+def byte_level_encoding():
+    """A tokenizer with no merges: the 256 bytes plus the 9 special tokens (vocab 265)."""
+    return tiktoken.Encoding(name="chimera-bytes", pat_str=SPLIT_PATTERN,
+                             mergeable_ranks={bytes([i]): i for i in range(256)},
+                             special_tokens={tok: 256 + i for i, tok in enumerate(SPECIAL_TOKENS)})
+
+
+def get_tokenizer(base_dir=None):
+    return Tokenizer.from_directory(os.path.join(base_dir or get_base_dir(), "tokenizer"))
+
