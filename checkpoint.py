@@ -57,8 +57,12 @@ def find_last_step(checkpoint_dir):
     return max(steps)
 
 
-def load_checkpoint(checkpoint_dir, step, device):
-    """(state dict, meta) of a step; a compiled model's _orig_mod. prefix dropped, bf16 on CUDA only."""
+BF16_DEVICES = ("cuda",)  # where a model loaded to evaluate keeps the bf16 tensors nanochat stored (its embeddings)
+
+
+def load_checkpoint(checkpoint_dir, step, device, keep_bf16=False):
+    """(state dict, meta) of a step; a compiled model's _orig_mod. prefix dropped; bf16 tensors made float32
+    unless keep_bf16."""
     model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
     meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
     if not os.path.exists(model_path):
@@ -73,8 +77,7 @@ def load_checkpoint(checkpoint_dir, step, device):
         raise UserError(f"{meta_path}: missing (the checkpoint has a model file but no meta)") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{meta_path}: not valid JSON ({e})") from None
-    bf16 = device.type == "cuda"
-    return {k.removeprefix("_orig_mod."): v if bf16 or v.dtype != torch.bfloat16 else v.float()
+    return {k.removeprefix("_orig_mod."): v if keep_bf16 or v.dtype != torch.bfloat16 else v.float()
             for k, v in model_data.items()}, meta
 
 
@@ -126,7 +129,9 @@ def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
         raise UserError(f"{checkpoint_dir}: no such checkpoint directory")
     step = find_last_step(checkpoint_dir) if step is None else step
     tokenizer = get_tokenizer(base_dir)
-    model_data, meta = load_checkpoint(checkpoint_dir, step, device)
+    # training keeps float32 master weights: fused AdamW writes bf16 back, where DPO's embedding steps (about
+    # 1.5e-3 at d20) are below half an ulp for |w| >= 0.5 and vanish
+    model_data, meta = load_checkpoint(checkpoint_dir, step, device, phase == "eval" and device.type in BF16_DEVICES)
     where = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
     config = config_from_checkpoint(meta.get("model_config"), model_data, where)
     if tokenizer.get_vocab_size() != config.vocab_size:

@@ -136,8 +136,17 @@ class Dist:
     master = property(lambda self: self.rank == 0)
 
 
+def dist_timeout():
+    """How long a collective waits for the slowest rank: $CHIMERA_DIST_TIMEOUT seconds, default 30 minutes
+    (NCCL's own 10 would end a run whose rank 0 saves a d32 checkpoint or waits on a slow provider)."""
+    text = os.environ.get("CHIMERA_DIST_TIMEOUT", "1800")
+    if not re.fullmatch(r"\d+(\.\d*)?", text.strip()) or not float(text) > 0:
+        raise UserError(f"CHIMERA_DIST_TIMEOUT={text!r}: expected a number of seconds > 0")
+    return datetime.timedelta(seconds=float(text))
+
+
 def init_dist(device_type=""):
-    """The device and, under torchrun, the process group (nccl on CUDA, gloo else)."""
+    """The device and, under torchrun, the process group (nccl on CUDA, gloo else) with dist_timeout()."""
     have = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     device_type = device_type or next(k for k, ok in have.items() if ok)
     if not have.get(device_type):
@@ -149,7 +158,7 @@ def init_dist(device_type=""):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None, timeout=dist_timeout())
     return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), device)
 
 
@@ -178,11 +187,12 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def all_reduce_sum(values, device):
-    """Sum a list of numbers over ranks (a no-op on one process)."""
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+def all_reduce_sum(values, device=None):
+    """Sum a list of numbers over ranks (a no-op on one process), in float64: on the CPU, except under NCCL
+    (which reduces CUDA tensors only). MPS has no float64, so nothing here puts one on the device."""
+    nccl = dist.is_initialized() and dist.get_backend() == "nccl"
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device if nccl else "cpu")
     if dist.is_initialized():
-        t = t.cpu() if dist.get_backend() == "gloo" else t
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
 

@@ -32,7 +32,7 @@ import dpo
 import openrouter
 import tasks
 from sft import conversation_loss
-from tasks import master_first
+from tasks import download_lock
 
 # nanochat 885a4f2's chat_eval task set; ChatCORE centres each accuracy on its chance level
 CHAT_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
@@ -144,7 +144,7 @@ def run_generative(task, tokenizer, model, c, d, bar):
 
 
 def run_chat_task(name, model, tokenizer, c, d, meta):
-    task = master_first(tasks.TASKS[name])
+    task = download_lock(tasks.TASKS[name])
     bar = ProgressBar(len(range(d.rank, problems(task, c), d.world_size)), desc=name, unit="problems")
     run = run_categorical if task.eval_type == "categorical" else run_generative
     passed, total = run(task, tokenizer, model, c, d, bar)

@@ -81,18 +81,37 @@ class Muon(torch.optim.Optimizer):
 
 
 
+def ready_order(model):
+    """Parameters in about the order backward finishes their gradients: the lm_head, then the blocks from
+    the last (each with its value embedding), then what the first layer or every layer uses (the token
+    embedding, 2026's residual scalars and smear), which is ready only when backward ends."""
+    blocks = [list(b.parameters()) + list(model.value_embeds[str(i)].parameters() if str(i) in model.value_embeds
+                                          else []) for i, b in enumerate(model.transformer.h)]
+    first = [model.lm_head.weight] + [p for ps in reversed(blocks) for p in ps]
+    seen = set(map(id, first))
+    return [p for p in first + [p for p in model.parameters() if id(p) not in seen] if p.requires_grad]
+
+
 class GradSync:
-    """Sums gradients over ranks in buckets of all_reduce (world size 1: nothing). arm() before the
-    last micro-batch's backward sends each bucket as soon as backward fills it; optimizer_step waits.
-    Buckets go in one order, a missing gradient (lm_head with no token) as zeros: collectives match."""
+    """Sums gradients over ranks in buckets of all_reduce (world size 1: nothing). Under several processes the
+    gradients live in the buckets (each p.grad a view of its bucket, in the parameter's dtype), so syncing adds
+    no copy of them. arm() before the last micro-batch's backward sends each bucket as soon as backward fills it
+    (buckets follow ready_order); wait() finishes. Every rank sends every bucket in one order, a gradient a
+    rank did not produce (lm_head with no token) as the zeros it holds: the collectives match."""
 
     def __init__(self, model, bucket_numel=1 << 24):
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.buckets, self.hooked = [[]], False
-        for p in reversed([p for p in model.parameters() if p.requires_grad]):  # about backward's order
-            if sum(q.numel() for q in self.buckets[-1]) >= bucket_numel:
+        self.world, self.model = (dist.get_world_size() if dist.is_initialized() else 1), model
+        self.buckets, self.flats, self.hooked = [[]], [], False
+        for p in ready_order(model) if self.world > 1 else []:
+            if self.buckets[-1] and (sum(q.numel() for q in self.buckets[-1]) >= bucket_numel
+                                     or p.dtype != self.buckets[-1][0].dtype):
                 self.buckets.append([])
             self.buckets[-1].append(p)
+        for bucket in self.buckets if self.world > 1 else []:
+            flat = torch.zeros(sum(p.numel() for p in bucket), dtype=bucket[0].dtype, device=bucket[0].device)
+            for p, view in zip(bucket, flat.split([p.numel() for p in bucket])):
+                p.grad = view.view_as(p).copy_(p.grad) if p.grad is not None else view.view_as(p)
+            self.flats.append(flat)
         self.ready, self.sent, self.armed = set(), [], False
 
     def arm(self):
@@ -108,27 +127,29 @@ class GradSync:
             self._send()
 
     def _send(self):
-        flat = torch.cat([p.new_zeros(p.numel()) if p.grad is None else p.grad.reshape(-1).float()
-                          for p in self.buckets[len(self.sent)]])
-        self.sent.append((flat, dist.all_reduce(flat, async_op=True)))
+        self.sent.append(dist.all_reduce(self.flats[len(self.sent)], async_op=True))
 
     def wait(self):
         """Finish the sync (all of it, when not armed): every gradient is then the sum."""
         while self.world > 1 and len(self.sent) < len(self.buckets):
             self._send()
-        for bucket, (flat, work) in zip(self.buckets, self.sent):
+        for work in self.sent:
             work.wait()
-            for p, g in zip(bucket, flat.split([p.numel() for p in bucket])):
-                p.grad = g.view_as(p).to(p.dtype)
         self.ready, self.sent, self.armed = set(), [], False
 
+    def zero_grad(self):
+        """Clear the gradients for the next step: the buckets are zeroed and kept (the gradients are their views)."""
+        for flat in self.flats:
+            flat.zero_()
+        if not self.flats:
+            self.model.zero_grad(set_to_none=True)
 
-def optimizer_step(model, optimizers, lr_multiplier, grad_sync=None):
-    """Sum grads over ranks (the step's armed GradSync, else all now), set lrs, step, clear grads."""
-    (grad_sync or GradSync(model)).wait()
+
+def optimizer_step(model, optimizers, lr_multiplier, grad_sync):
+    """Sum grads over ranks (grad_sync, armed or not), set lrs, step, clear grads."""
+    grad_sync.wait()
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lr_multiplier
         opt.step()
-    model.zero_grad(set_to_none=True)
-
+    grad_sync.zero_grad()

@@ -25,7 +25,7 @@ from dataloader import Schedule, collate
 from model import compile_model
 from optim import GradSync, optimizer_step, setup_optimizers
 import tasks
-from tasks import master_first
+from tasks import download_lock
 
 
 @dataclass
@@ -135,7 +135,7 @@ def main():
     mid = os.path.join(get_base_dir(), SOURCE_DIRS["mid"])  # nanochat's SFT starts from mid, else from base
     source = c.source or ("mid" if os.path.isdir(mid) and os.listdir(mid) else "base")
     d = init_dist(c.device_type)
-    train, vals = master_first(lambda: build_datasets(c))  # data errors surface before the model loads
+    train, vals = download_lock(lambda: build_datasets(c))  # data errors surface before the model loads
     model, tokenizer, meta = load_model(source, d.device, phase="train", model_tag=c.model_tag, step=c.step)
     max_len = min(c.max_seq_len or model.config.sequence_len, model.config.sequence_len)
     rendered = [render(task, tokenizer, max_len, c.system_prompt_frac) for task in train.tasks]

@@ -12,6 +12,7 @@ to task_data/{owner}--{name}/{config}/{split}.jsonl (see hf_rows).
 import contextlib
 import copy
 import email.utils
+import fcntl
 import functools
 import hashlib
 import itertools
@@ -25,10 +26,9 @@ import time
 
 import numpy as np
 import requests
-import torch.distributed as dist
 
 import sandbox
-from common import ProgressBar, UserError, atomic_write, get_base_dir, is_master, print0, run_main
+from common import ProgressBar, UserError, atomic_write, get_base_dir, print0, run_main
 from tokenizer import check_messages
 
 
@@ -268,15 +268,15 @@ def offline():
     return any(os.environ.get(v, "0") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def master_first(fn):
-    """fn() on rank 0 first (it may fill a download cache), then on the other ranks."""
-    try:
-        if is_master():
-            return fn()
-    finally:
-        if dist.is_initialized():
-            dist.barrier()
-    return fn()
+def download_lock(fn):
+    """fn() (which may fill the download caches) under an exclusive lock on the base dir's task_data/: the first
+    process fills a cache, the others then read it. A file lock, not a barrier: it holds per node where each node
+    has its own disk as on a shared one, and a long download times no collective out."""
+    folder = os.path.join(get_base_dir(), "task_data")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".download.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return fn()
 
 
 def _fetch_rows(dataset, config, split, stop):

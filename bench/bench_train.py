@@ -34,7 +34,7 @@ from bench_logprobs import reset_peak_rss, rss_mb
 from common import autocast, synchronize
 from dataloader import collate
 from model import GPT, GPTConfig, compile_model
-from optim import optimizer_step, setup_optimizers
+from optim import GradSync, optimizer_step, setup_optimizers
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak, for MFU
 
@@ -84,7 +84,7 @@ def sft_step(model, optimizers, inputs, targets):
     with autocast(inputs.device):
         total = model.token_logprobs(inputs, targets, reduction="sum")
     (-total / (targets != -1).sum()).backward()
-    optimizer_step(model, optimizers, 1.0)
+    optimizer_step(model, optimizers, 1.0, GradSync(model))
 
 
 def dpo_step(model, optimizers, inputs, targets, reference=None, table=None, full_logits=False):
@@ -102,7 +102,7 @@ def dpo_step(model, optimizers, inputs, targets, reference=None, table=None, ful
         else:  # dpo.py's path
             loss = model.pair_loss(inputs, targets, lambda i, m: dpo.dpo_loss(m, 0.0, ref[i], ref[n + i], beta=0.1)[0])[0]
     (loss / n).backward()
-    optimizer_step(model, optimizers, 1.0)
+    optimizer_step(model, optimizers, 1.0, GradSync(model))
 
 
 def memory_probe(args):

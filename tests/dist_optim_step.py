@@ -3,9 +3,9 @@
     python tests/dist_optim_step.py OUT.pt
     torchrun --nproc_per_node=2 tests/dist_optim_step.py OUT.pt
 
-Each step has two micro-batches per process. Step 0 syncs without arming GradSync (the
-fallback), steps 1 and 2 arm it before the last backward (overlapped buckets). In step 1 the
-rows of rank 1 (of 2) have no target at all, so its lm_head gradient is None.
+Each step has two micro-batches per process. Step 0 syncs without arming GradSync (all
+buckets at the step), steps 1 and 2 arm it before the last backward (overlapped buckets). In step 1 the
+rows of rank 1 (of 2) have no target at all, so its lm_head produces no gradient.
 """
 
 import sys
@@ -53,7 +53,7 @@ for step in range(3):
         assert len(grad_sync.sent) == len(grad_sync.buckets) > 1
     if step == 1:
         hook.remove()
-    optimizer_step(model, optimizers, 1.0 - step / 4, grad_sync if step > 0 else None)
+    optimizer_step(model, optimizers, 1.0 - step / 4, grad_sync)
 
 if d.master:
     torch.save({"grads": grads, "initial": initial, "params": model.state_dict()}, out_path)

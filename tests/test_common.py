@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import pytest
+import torch
 
 import common
 import dataloader
@@ -170,3 +171,30 @@ def test_check_settings_one_line_per_bad_value():
     common.check_settings(C(out_tag="chimera_d4"), tags=("out_tag",))
     with pytest.raises(UserError, match="--beta=0.0: must be > 0"):
         common.check_settings(C(beta=0.0), positive=("beta",))
+
+
+def test_dist_timeout_from_the_environment(monkeypatch):
+    monkeypatch.delenv("CHIMERA_DIST_TIMEOUT", raising=False)
+    assert common.dist_timeout().total_seconds() == 1800  # not NCCL's 10 minutes
+    monkeypatch.setenv("CHIMERA_DIST_TIMEOUT", "7200")
+    assert common.dist_timeout().total_seconds() == 7200
+    for bad in ("0", "-5", "soon", "nan"):
+        monkeypatch.setenv("CHIMERA_DIST_TIMEOUT", bad)
+        with pytest.raises(UserError, match="CHIMERA_DIST_TIMEOUT"):
+            common.dist_timeout()
+
+
+def test_sums_never_put_float64_on_the_device():
+    """MPS has no float64: the reduce's float64 lives on the CPU (the meta device stands in for MPS here)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NoFloat64OffCPU(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (list, tuple)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.device.type != "cpu":
+                    raise AssertionError(f"{func} made float64 on {t.device}")
+            return out
+
+    with NoFloat64OffCPU():
+        assert common.all_reduce_sum([1, 2.5], torch.device("meta")) == [1.0, 2.5]

@@ -6,6 +6,8 @@ import http.server
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -626,3 +628,21 @@ def test_malformed_page_is_unavailable_and_caches_nothing(server, base, body, wh
     with pytest.raises(tasks.DataUnavailable, match=why):
         tasks.hf_rows("org/data", "main", "train")
     assert not os.path.exists(tasks.hf_cache_path("org/data", "main", "train"))
+
+
+DOWNLOAD_IN_PROCESS = r"""
+import sys, tasks
+tasks.HF_BACKOFF = 0.01
+rows = tasks.download_lock(lambda: tasks.hf_rows("org/data", "main", "train"))
+print(len(rows))
+"""
+
+
+def test_processes_that_share_a_cache_download_it_once(server, base):
+    """Under torchrun every rank builds its datasets through download_lock: the first fills the cache, the
+    others read it (no barrier on global rank 0, which with per-node disks left every other node's ranks racing)."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", DOWNLOAD_IN_PROCESS], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    assert [p.communicate(timeout=120)[0].strip() for p in procs] == ["250"] * 3
+    assert server.pages() == [(0, 100), (100, 100), (200, 50)]  # one fetch, not three
