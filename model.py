@@ -64,6 +64,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx, window, value_embed):
         super().__init__()
         self.layer_idx, self.window = layer_idx, window  # window None: unlimited (2025)
+        # compiled: a short window always masks, so no branch on the length splits the graph (compile_model)
+        self.always_mask = False
         self.head_dim, self.gqa = config.n_embd // config.n_head, config.n_head != config.n_kv_head
         assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
         kv_dim = config.n_kv_head * self.head_dim
@@ -87,7 +89,8 @@ class CausalSelfAttention(nn.Module):
             k, v, mask = kv_cache.insert(self.layer_idx, k, v, self.window)
         else:
             pos = torch.arange(T, device=x.device)
-            mask = "causal" if self.window is None or self.window >= T - 1 else window_mask(pos, pos, self.window)
+            short = self.window is not None and (self.always_mask or self.window < T - 1)
+            mask = window_mask(pos, pos, self.window) if short else "causal"
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         causal = isinstance(mask, str)  # mask: "causal", None (every key) or a boolean tensor
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
@@ -348,6 +351,11 @@ class _FusedHead(torch.autograd.Function):
 
 def compile_model(model, flag=True):
     """torch.compile the transformer if flag (--compile; None: on CUDA) with symbolic batch and length:
-    a length that changes every step neither recompiles nor is padded. The lm_head stays eager."""
+    a length that changes every step neither recompiles nor is padded, one graph per grad mode. 2026's
+    short-window layers mask at every length (a mask equal to causal below the window): a branch on the
+    length would double the graphs, and policy and reference in two grad modes reach dynamo's limit of 8.
+    The lm_head stays eager."""
     if (model.get_device().type == "cuda") if flag is None else flag:
+        for block in model.transformer.h:
+            block.attn.always_mask = block.attn.window is not None and block.attn.window < model.config.sequence_len
         model.hidden_states = torch.compile(model.hidden_states, dynamic=True)

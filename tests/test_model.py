@@ -589,3 +589,25 @@ def test_training_keeps_float32_weights_where_evaluation_keeps_bf16(tmp_path, mo
     opt.step()
     big = before.abs() >= 0.5
     assert big.any() and (w.detach() != before)[big].all()
+
+
+def test_compiled_windowed_model_keeps_one_graph_per_grad_mode(monkeypatch):
+    """2026 at sequence_len 512: the short window (128) bites from 130 tokens on. Lengths on both sides, with
+    and without a gradient, take one graph each, and match the eager model."""
+    from torch._dynamo.utils import counters
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(sequence_len=512, vocab_size=100, n_layer=2, n_head=2, n_kv_head=2, n_embd=32,
+                      window_pattern="SL"))
+    m.init_weights(zero_out=False)
+    eager = m.hidden_states
+    model.compile_model(m)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            for width in (100, 200, 90, 300, 129, 131):
+                x = torch.randint(0, 100, (2, width))
+                assert torch.allclose(m.hidden_states(x), eager(x), atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 2
