@@ -13,9 +13,11 @@ import torch
 import torch.distributed as dist
 
 
-def setup_optimizers(model, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5):
+def setup_optimizers(model, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5,
+                     rule=None):
     """[AdamW (embeddings, lm_head, scalars), Muon (the blocks' matrices)] in the groups of the
-    model's nanochat generation (weight_decay goes to Muon in 2026, to AdamW in 2025)."""
+    model's nanochat generation (weight_decay goes to Muon in 2026, to AdamW in 2025). Muon's update
+    rule is that generation's nanochat's unless rule ("2025" or "2026") says otherwise."""
     a = (model.config.n_embd / 768) ** -0.5  # embedding lrs were tuned at width 768
     matrices = list(model.transformer.h.parameters())
     if model.gen2026:
@@ -33,19 +35,24 @@ def setup_optimizers(model, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.
                        dict(params=[model.transformer.wte.weight], lr=embedding_lr * a, weight_decay=weight_decay)]
         muon_groups = [dict(params=matrices)]
     adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, fused=model.get_device().type == "cuda")
-    muon = Muon(muon_groups, dict(lr=matrix_lr, momentum=0.95))  # torch's Optimizer(params, defaults)
+    rule = rule or ("2026" if model.gen2026 else "2025")
+    muon = Muon(muon_groups, dict(lr=matrix_lr, momentum=0.95, rule=rule, beta2=0.9, weight_decay=0.0))
     for group in adamw.param_groups + muon.param_groups:
         group["initial_lr"] = group["lr"]
     return [adamw, muon]
 
 
+def use_bf16(G):
+    """Orthogonalise in bf16 where its matmuls are fast: CUDA (as nanochat) and CPUs with AVX512-BF16;
+    float32 elsewhere (CPUs without bf16 units run bf16 matmuls 10-35x slower)."""
+    return G.device.type == "cuda" or (G.device.type == "cpu" and getattr(torch.cpu, "_is_avx512_bf16_supported",
+                                                                          bool)())
+
+
 def newton_schulz5(G):
-    """Approximately orthogonalise G with a quintic Newton-Schulz iteration on the wide
-    orientation, in bf16 where its matmuls are fast: CUDA (as nanochat) and CPUs with
-    AVX512-BF16; float32 elsewhere (CPUs without bf16 units run bf16 matmuls 10-35x slower)."""
+    """Approximately orthogonalise G with a quintic Newton-Schulz iteration on the wide orientation (2025)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    cpu_bf16 = G.device.type == "cpu" and getattr(torch.cpu, "_is_avx512_bf16_supported", bool)()
-    X = G.bfloat16() if G.device.type == "cuda" or cpu_bf16 else G.float()
+    X = G.bfloat16() if use_bf16(G) else G.float()
     tall = G.size(-2) > G.size(-1)
     X = X.mT if tall else X
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
@@ -56,10 +63,53 @@ def newton_schulz5(G):
     return X.mT if tall else X
 
 
+# nanochat 92d63d4's Polar Express coefficients (Amsel et al. 2025, arXiv 2505.16932: 5 steps, safety 2e-2)
+POLAR_EXPRESS = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
+
+
+def polar_express(G, bf16):
+    """2026's orthogonalisation: rows equilibrated to their mean norm (MuonEq), 5 Polar Express steps,
+    the Frobenius norm snapped to sqrt(min(rows, cols)) (Muon+); the op order is nanochat's."""
+    X = G.bfloat16() if bf16 else G
+    target = X.float().norm(dim=(-2, -1), keepdim=True) / (X.size(-2) ** 0.5)
+    X = X * (target / X.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(X.dtype)
+    X, tall = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6), G.size(-2) > G.size(-1)
+    for a, b, c in POLAR_EXPRESS:
+        A = X.mT @ X if tall else X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + (X @ B if tall else B @ X)
+    g = X.to(G.dtype)
+    return g * (min(g.shape[-2:]) ** 0.5 / g.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6)).to(g.dtype)
+
+
+def muon_2026(p, g, state, group, bf16):
+    """nanochat 92d63d4's Muon on one matrix, given its Nesterov update g: Polar Express, NorMuon's variance
+    reduction (a factored second moment per row or column), then cautious weight decay (only where the update
+    and the weight agree in sign). Hyperparameters as float32 0-d tensors, as nanochat's fused kernel has them."""
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32)
+    red = -1 if p.size(-2) >= p.size(-1) else -2
+    if "second_momentum_buffer" not in state:
+        state["second_momentum_buffer"] = p.new_zeros((p.size(-2), 1) if red == -1 else (1, p.size(-1)))
+    g = polar_express(g, bf16)
+    v_mean, n = g.float().square().mean(dim=red, keepdim=True), g.size(red)
+    v_norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * n).sqrt()
+    v = state["second_momentum_buffer"].lerp_(v_mean.to(p.dtype), 1 - f32(group["beta2"]).to(g.dtype))
+    step = v.clamp_min(1e-10).rsqrt()
+    v_norm_new = ((v_mean * n) * step.float().square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+    g = g * (step * (v_norm / v_norm_new.clamp_min(1e-10))).to(g.dtype)
+    lr, wd = f32(group["lr"] * max(1.0, p.size(-2) / p.size(-1)) ** 0.5), f32(group["weight_decay"])
+    p.sub_(lr * g + lr * wd * p * ((g * p) >= 0))
+
+
 class Muon(torch.optim.Optimizer):
-    """MomentUm Orthogonalized by Newton-Schulz: each matrix's Nesterov momentum update is
-    orthogonalised (scaled up if tall). Distributed as nanochat's DistMuon: rank r updates (and
-    keeps the momentum of) matrices r, r + world, ... and broadcasts them."""
+    """MomentUm Orthogonalized by Newton-Schulz: each matrix's Nesterov momentum update is orthogonalised
+    (scaled up if tall); group rule "2025" as nanochat 885a4f2 (Newton-Schulz, no weight decay), "2026" as
+    92d63d4 (muon_2026). Distributed as nanochat's DistMuon: rank r updates (and keeps the state of)
+    matrices r, r + world, ... and broadcasts them."""
 
     @torch.no_grad()
     def step(self):
@@ -68,12 +118,17 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             for i, p in enumerate(group["params"]):
                 if i % world == rank and p.grad is not None:
-                    if "momentum_buffer" not in self.state[p]:
-                        self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
-                    buf = self.state[p]["momentum_buffer"]
-                    buf.lerp_(p.grad, 1 - group["momentum"])
-                    update = newton_schulz5(p.grad.lerp_(buf, group["momentum"]))  # Nesterov
-                    p.add_(update, alpha=-group["lr"] * max(1, p.size(-2) / p.size(-1)) ** 0.5)
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p.grad)
+                    momentum = group["momentum"]  # 2026: a float32 0-d tensor, as nanochat's kernel takes it
+                    momentum = torch.tensor(momentum, dtype=torch.float32) if group["rule"] == "2026" else momentum
+                    buf = state["momentum_buffer"].lerp_(p.grad, 1 - momentum)
+                    g, bf16 = p.grad.lerp_(buf, momentum), use_bf16(p.grad)  # Nesterov
+                    if group["rule"] == "2026":
+                        muon_2026(p, g, state, group, bf16)
+                    else:
+                        p.add_(newton_schulz5(g), alpha=-group["lr"] * max(1, p.size(-2) / p.size(-1)) ** 0.5)
                 if world > 1:
                     works.append(dist.broadcast(p, src=i % world, async_op=True))
         for work in works:

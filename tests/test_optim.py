@@ -146,3 +146,24 @@ def test_gradients_live_in_the_buckets(tmp_path, monkeypatch):
         assert {p.grad.untyped_storage().data_ptr() for p in m.parameters()} == storages
     finally:
         dist.destroy_process_group()
+
+
+def test_2026_optimizer_steps_as_nanochat_92d63d4(monkeypatch):
+    """Two steps with fixed gradients on the 2026 fixture move every tensor as nanochat 92d63d4's MuonAdamW
+    did (golden_optim_step.pt, made by its own code in float32: Polar Express, NorMuon, cautious decay)."""
+    from checkpoint import load_model
+    from conftest import golden_dir
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)  # nanochat's CPU runs float32
+    gold = torch.load(os.path.join(golden_dir(2026), "golden_optim_step.pt"), weights_only=True)
+    m, _, _ = load_model("base", "cpu", "train", base_dir=golden_dir(2026))
+    optimizers = optim.setup_optimizers(m, unembedding_lr=0.004, embedding_lr=0.3, matrix_lr=0.02, weight_decay=0.2)
+    assert optimizers[1].param_groups[0]["rule"] == "2026"
+    sync = optim.GradSync(m)
+    for step, grads in enumerate(gold["grads"]):
+        for name, p in m.named_parameters():
+            p.grad = grads[name].clone()
+        optim.optimizer_step(m, optimizers, 1.0 - 0.25 * step, sync)
+    for name, p in m.named_parameters():
+        want = gold["params"][name]
+        assert torch.allclose(p.detach(), want, rtol=0, atol=1e-6 * max(1.0, want.abs().max().item())), name
