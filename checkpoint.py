@@ -81,6 +81,23 @@ def load_checkpoint(checkpoint_dir, step, device, keep_bf16=False):
             for k, v in model_data.items()}, meta
 
 
+def load_optimizer_shards(checkpoint_dir, step):
+    """nanochat 2026's optimizer state of a step, one state dict per rank that saved it (optim_<step>_rank<r>.pt),
+    or None where there is none (Nov 2025 writes one optim_<step>.pt of another layout: not read)."""
+    paths = sorted(glob.glob(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank*.pt")),
+                   key=lambda f: int(re.search(r"rank(\d+)\.pt$", f)[1]))
+    if [int(re.search(r"rank(\d+)\.pt$", f)[1]) for f in paths] != list(range(len(paths))):
+        raise UserError(f"{checkpoint_dir}: optimizer shards of step {step} are missing ranks: {paths}")
+    try:
+        shards = [torch.load(f, map_location="cpu", weights_only=True) for f in paths]
+    except Exception as e:  # a damaged shard: named, never unpickled beyond weights_only
+        raise UserError(f"{checkpoint_dir}: cannot read optimizer shard ({type(e).__name__}: {e})") from None
+    if not all(isinstance(s, dict) and isinstance(s.get("param_groups"), list) and isinstance(s.get("state"), dict)
+               for s in shards):
+        raise UserError(f"{checkpoint_dir}: optim_{step:06d}_rank*.pt are not optimizer state dicts")
+    return shards or None
+
+
 CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
 KEYS_2026 = ("resid_lambdas", "x0_lambdas", "smear_gate.weight", "smear_lambda", "backout_lambda")
 

@@ -12,6 +12,8 @@ in buckets that overlap backward, and the step.
 import torch
 import torch.distributed as dist
 
+from common import UserError
+
 
 def setup_optimizers(model, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5,
                      rule=None):
@@ -134,6 +136,32 @@ class Muon(torch.optim.Optimizer):
         for work in works:
             work.wait()
 
+
+
+def warm_start(optimizers, shards, where):
+    """Continue from nanochat 92d63d4's optimizer shards (optim_<step>_rank<r>.pt, any number of ranks), as its
+    chat_sft --load-optimizer does: the pretraining's hyperparameters but this run's lrs, AdamW's moments (the row
+    slices of large tensors rejoined) and each Muon group's stacked buffers, split back per matrix."""
+    ours, theirs = optimizers[0].param_groups + optimizers[1].param_groups, shards[0]["param_groups"]
+    if [len(g["params"]) for g in ours] != [len(g.get("params", ())) for g in theirs]:
+        raise UserError(f"{where}: its optimizer groups do not match this model's (another model's optimizer?)")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    for group, saved in zip(ours, theirs):
+        group.update({k: saved[k] for k in ("betas", "eps", "weight_decay", "momentum", "beta2") if k in saved})
+        states = [[s["state"].get(i, {}) for s in shards] for i in saved["params"]]
+        if saved.get("kind") == "muon":  # on the group's first matrix, stacked [chunk per rank, ...]
+            stacks = {k: torch.cat([s[k] for s in states[0] if k in s]) for k in ("momentum_buffer",
+                                                                                  "second_momentum_buffer")}
+            for k, p in enumerate(group["params"]):
+                if k % world == rank:  # the matrices this rank updates
+                    optimizers[1].state[p] = {name: t[k].to(p).clone() for name, t in stacks.items()}
+            continue
+        for p, parts in zip(group["params"], states):
+            joined = parts[0] if len(parts) == 1 or p.numel() < 1024 else \
+                {k: torch.cat([s[k] for s in parts]) for k in ("exp_avg", "exp_avg_sq")}  # row slices
+            step = torch.tensor(float(parts[0]["step"]), device=p.device if group.get("fused") else "cpu")
+            optimizers[0].state[p] = {"step": step, **{k: joined[k].to(p).clone().view_as(p)
+                                                       for k in ("exp_avg", "exp_avg_sq")}}
 
 
 def ready_order(model):

@@ -167,3 +167,31 @@ def test_2026_optimizer_steps_as_nanochat_92d63d4(monkeypatch):
     for name, p in m.named_parameters():
         want = gold["params"][name]
         assert torch.allclose(p.detach(), want, rtol=0, atol=1e-6 * max(1.0, want.abs().max().item())), name
+
+
+def test_2026_warm_start_from_nanochat_optimizer_shards(tmp_path, monkeypatch):
+    """chat_sft --load-optimizer: continuing from the shard nanochat 92d63d4 wrote after one step, our second
+    step lands where nanochat's own second step did."""
+    import shutil
+
+    from checkpoint import load_model, load_optimizer_shards
+    from conftest import golden_dir
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    gold = torch.load(os.path.join(golden_dir(2026), "golden_optim_step.pt"), weights_only=True)
+    base = tmp_path / "base"
+    shutil.copytree(golden_dir(2026), base)
+    torch.save(gold["after_one_step"]["optimizer"], base / "base_checkpoints" / "d2" / "optim_000020_rank0.pt")
+    m, _, _ = load_model("base", "cpu", "train", base_dir=str(base))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_(gold["after_one_step"]["params"][name])
+    optimizers = optim.setup_optimizers(m, unembedding_lr=0.004, embedding_lr=0.3, matrix_lr=0.02, weight_decay=0.0)
+    optim.warm_start(optimizers, load_optimizer_shards(str(base / "base_checkpoints" / "d2"), 20), "shard")
+    assert optimizers[1].param_groups[0]["weight_decay"] == 0.2  # the pretraining's, as nanochat takes it
+    for name, p in m.named_parameters():
+        p.grad = gold["grads"][1][name].clone()
+    optim.optimizer_step(m, optimizers, 0.75, optim.GradSync(m))
+    for name, p in m.named_parameters():
+        want = gold["params"][name]
+        assert torch.allclose(p.detach(), want, rtol=0, atol=1e-6 * max(1.0, want.abs().max().item())), name
