@@ -67,16 +67,25 @@ def load_checkpoint(checkpoint_dir, step, device, keep_bf16=False):
     meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
     if not os.path.exists(model_path):
         raise UserError(f"{model_path}: no checkpoint for step {step}")
-    model_data = torch.load(model_path, map_location=device, weights_only=True)
+    try:  # weights_only: a damaged or hostile file is refused, never run
+        model_data = torch.load(model_path, map_location=device, weights_only=True)
+    except Exception as e:
+        why = (str(e).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"{model_path}: not a readable checkpoint, truncated or damaged? ({type(e).__name__}: {why})") \
+            from None
     if not isinstance(model_data, dict) or not all(isinstance(v, torch.Tensor) for v in model_data.values()):
         raise UserError(f"{model_path}: not a state dict of tensors")
+    if bad := next((k for k, v in model_data.items() if not v.is_floating_point()), None):
+        raise UserError(f"{model_path}: {bad} holds {model_data[bad].dtype} values; a model's weights are floats")
     try:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
     except FileNotFoundError:
         raise UserError(f"{meta_path}: missing (the checkpoint has a model file but no meta)") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{meta_path}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError, OSError) as e:  # bad JSON or UTF-8, nested too deep, a directory
+        raise UserError(f"{meta_path}: not a readable JSON meta ({type(e).__name__}: {str(e)[:160]})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_path}: expected a JSON object, found {type(meta).__name__}")
     return {k.removeprefix("_orig_mod."): v if keep_bf16 or v.dtype != torch.bfloat16 else v.float()
             for k, v in model_data.items()}, meta
 
@@ -99,6 +108,9 @@ def load_optimizer_shards(checkpoint_dir, step):
 
 
 CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+# sane bounds, checked before anything is built (a rotary table holds 10 x sequence_len positions)
+CONFIG_BOUNDS = {"sequence_len": 1 << 16, "vocab_size": 1 << 22, "n_layer": 1024, "n_head": 1024, "n_kv_head": 1024,
+                 "n_embd": 1 << 16}
 KEYS_2026 = ("resid_lambdas", "x0_lambdas", "smear_gate.weight", "smear_lambda", "backout_lambda")
 
 
@@ -112,6 +124,18 @@ def config_from_checkpoint(model_config, model_data, where):
         problem = f"lacks {', '.join(missing)}" if missing else f"has unknown keys {', '.join(extra)}"
         raise UserError(f"{where}: the meta's model_config {problem}: "
                         "neither nanochat generation (Nov 2025, 2026) writes that")
+    for key, most in CONFIG_BOUNDS.items():  # before anything is built or allocated from them
+        if type(model_config[key]) is not int or not 1 <= model_config[key] <= most:
+            raise UserError(f"{where}: the meta's model_config {key}={model_config[key]!r} is not a whole number "
+                            f"from 1 to {most:,}")
+    n_embd, n_head, n_kv_head = model_config["n_embd"], model_config["n_head"], model_config["n_kv_head"]
+    if n_embd % n_head or n_head % n_kv_head or (n_embd // n_head) % 2:
+        raise UserError(f"{where}: the meta's model_config has n_embd={n_embd}, n_head={n_head}, n_kv_head="
+                        f"{n_kv_head}: heads must split n_embd into even halves and n_kv_head divide n_head")
+    blocks = {int(m[1]) for k in model_data if (m := re.match(r"transformer\.h\.(\d+)\.", k))}
+    if blocks != set(range(model_config["n_layer"])):
+        raise UserError(f"{where}: the meta says n_layer={model_config['n_layer']} but the weights hold "
+                        f"{len(blocks)} blocks")
     new_keys = [k for k in model_data
                 if k in KEYS_2026 or k.startswith("value_embeds.") or k.endswith(".ve_gate.weight")]
     pattern = model_config.get("window_pattern")
@@ -166,6 +190,8 @@ def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
     if problems:
         raise UserError(f"{where} does not match its model_config (nanochat {'2026' if model.gen2026 else 'Nov 2025'} "
                         f"model): {'; '.join(problems)}")
+    if bad := next((k for k, v in model_data.items() if not torch.isfinite(v).all()), None):
+        raise UserError(f"{where}: {bad} holds NaN or infinite values; the checkpoint is damaged")
     model.to_empty(device=device)
     model.init_rotary()
     model.load_state_dict(model_data, strict=True, assign=True)

@@ -611,3 +611,55 @@ def test_compiled_windowed_model_keeps_one_graph_per_grad_mode(monkeypatch):
                 x = torch.randint(0, 100, (2, width))
                 assert torch.allclose(m.hidden_states(x), eager(x), atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 2
+
+
+def _damage(base, what):
+    """Damage a copy of the Nov 2025 fixture's checkpoint one way; the files it touches."""
+    d = os.path.join(base, "base_checkpoints", "d2")
+    model_path, meta_path = os.path.join(d, "model_000000.pt"), os.path.join(d, "meta_000000.json")
+    meta = json.load(open(meta_path))
+    data = torch.load(model_path, weights_only=True)
+    if what == "truncated":
+        open(model_path, "r+b").truncate(os.path.getsize(model_path) // 2)
+    elif what == "empty":
+        open(model_path, "wb").close()
+    elif what in ("null", "list", "nested", "latin-1", "directory"):
+        os.remove(meta_path)
+        if what == "directory":
+            os.mkdir(meta_path)
+        else:
+            text = {"null": "null", "list": "[1, 2]", "nested": "[" * 100000 + "]" * 100000,
+                    "latin-1": '{"model_config": "caf\xe9"}'}[what]
+            open(meta_path, "wb").write(text.encode("latin-1"))
+    elif what.startswith("config:"):
+        key, value = what[7:].split("=")
+        meta["model_config"][key] = json.loads(value)
+        json.dump(meta, open(meta_path, "w"))
+    elif what == "int64":
+        data["lm_head.weight"] = data["lm_head.weight"].long()
+        torch.save(data, model_path)
+    elif what == "nan":
+        data["transformer.h.1.mlp.c_fc.weight"][3, 4] = float("nan")
+        torch.save(data, model_path)
+    return model_path, meta_path
+
+
+@pytest.mark.parametrize("what, names, says", [
+    ("truncated", "model", "not a readable checkpoint"), ("empty", "model", "not a readable checkpoint"),
+    ("null", "meta", "expected a JSON object, found NoneType"), ("list", "meta", "found list"),
+    ("nested", "meta", "RecursionError"), ("latin-1", "meta", "UnicodeDecodeError"), ("directory", "meta", "Error"),
+    ("config:n_head=0", "model", "n_head=0 is not a whole number"), ('config:n_head="2"', "model", "n_head='2'"),
+    ("config:n_embd=2048.5", "model", "n_embd=2048.5"), ("config:n_layer=1000000", "model", "n_layer=1000000"),
+    ("config:n_layer=3", "model", "hold 2 blocks"), ("config:sequence_len=1000000000000", "model", "sequence_len"),
+    ("config:n_head=3", "model", "heads must split"), ("int64", "model", "torch.int64"),
+    ("nan", "model", "c_fc.weight holds NaN")])
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, what, names, says):
+    """Before anything is built or allocated from it: a meta is checked against bounds and the weights."""
+    base = str(tmp_path / "base")
+    shutil.copytree(golden_dir(2025), base)
+    model_path, meta_path = _damage(base, what)
+    with pytest.raises(UserError) as e:
+        load_model("base", "cpu", "eval", base_dir=base)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(model_path if names == "model" else meta_path), message
+    assert says in message, message
