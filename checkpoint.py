@@ -4,6 +4,7 @@ in $NANOCHAT_BASE_DIR/<source's directory>/<tag>/; finding, loading (checked aga
 saving them, a stage's run directory, and a fresh offline base (byte-level tokenizer, random model).
 
     model, tokenizer, meta = load_model("sft", device, phase="eval", model_tag=None, step=None)
+    python checkpoint.py start BASE_DIR [mid|base|sft]   # what run.sh asks: SFT's start; `latest DIR`
 """
 
 import contextlib
