@@ -4,13 +4,16 @@ in $NANOCHAT_BASE_DIR/<source's directory>/<tag>/; finding, loading (checked aga
 saving them, a stage's run directory, and a fresh offline base (byte-level tokenizer, random model).
 
     model, tokenizer, meta = load_model("sft", device, phase="eval", model_tag=None, step=None)
+    python checkpoint.py start BASE_DIR [mid|base|sft]   # what run.sh asks: SFT's start; `latest DIR`
 """
 
+import contextlib
 import glob
 import json
 import os
 import pickle
 import re
+import shlex
 import sys
 from dataclasses import asdict
 
@@ -47,6 +50,18 @@ def find_largest_model(checkpoints_dir):
         if depths:
             return max(depths)[1]
     return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
+
+
+def nanochat_tag(checkpoints_dir):
+    """nanochat's default tag there: the largest d<N> with a model file (never Chimera's chimera_d<N>), else None."""
+    depths = [(int(m[1]), m[0]) for f in glob.glob(os.path.join(glob.escape(checkpoints_dir), "d*", "model_*.pt"))
+              if (m := re.fullmatch(r"d(\d+)", os.path.basename(os.path.dirname(f))))]
+    return max(depths)[1] if depths else None
+
+
+def default_start(base_dir):
+    """SFT's start when none is named, as nanochat's: mid if there is one (2025 nanochat), else base (2026 has no mid)."""
+    return "mid" if nanochat_tag(os.path.join(base_dir, SOURCE_DIRS["mid"])) else "base"
 
 
 def find_last_step(checkpoint_dir):
@@ -199,9 +214,6 @@ def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
     return model, tokenizer, meta
 
 
-
-
-
 def fresh_base(base_dir, depth=2, sequence_len=512, n_embd=None, n_head=None, seed=0, zero_out=True, generation=2025):
     """Write tokenizer/ and base_checkpoints/d{depth}/model_000000.pt (width 64 * depth, a head per
     128, 2026: windows SSSL; n_embd/n_head override) into base_dir; zero_out=False: non-zero logits."""
@@ -223,7 +235,6 @@ def fresh_base(base_dir, depth=2, sequence_len=512, n_embd=None, n_head=None, se
     checkpoint_dir = os.path.join(base_dir, "base_checkpoints", f"d{depth}")
     save_checkpoint(checkpoint_dir, 0, model.state_dict(), None, meta)
     return checkpoint_dir
-
 
 
 class RunDir:
@@ -264,3 +275,19 @@ class RunDir:
         if self.master:
             save_checkpoint(self.path, step, model.state_dict(), None,
                             {**meta, "source_tag": os.path.basename(self.start), "chimera": {"stage": self.stage}})
+
+
+if __name__ == "__main__":  # run.sh asks what Python decides: the answer on stdout, a bad CHIMERA_START's line too
+    command, *args = sys.argv[1:] or [""]
+    if command == "start" and len(args) in (1, 2):  # start BASE_DIR [mid|base|sft]: shell lines for START, START_DIR, TAG
+        source = (args + [""])[1] or default_start(args[0])
+        if source not in ("mid", "base", "sft"):
+            print(f"CHIMERA_START={source}: expected mid, base or sft")
+            sys.exit(1)
+        start_dir = f"{args[0]}/{SOURCE_DIRS[source]}"  # joined as run.sh always did: its stamps hold these paths
+        print(f"START={source} START_DIR={shlex.quote(start_dir)} TAG={shlex.quote(nanochat_tag(start_dir) or '')}")
+    elif command == "latest" and len(args) == 1:  # latest DIR: its latest step's model file, nothing if none
+        with contextlib.suppress(UserError):
+            print(os.path.join(args[0], f"model_{find_last_step(args[0]):06d}.pt"))
+    else:
+        sys.exit("usage: python checkpoint.py start BASE_DIR [mid|base|sft] | latest DIR")

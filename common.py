@@ -116,15 +116,19 @@ def parse_config(cls, argv=None, aliases=None):
     return cls(**vars(values))
 
 
-def check_settings(c, at_least_1=(), positive=(), not_negative=(), steps=(), tags=()):
-    """The range checks stages share, each failure one line naming the flag."""
+def check_settings(config, at_least_1=(), positive=(), not_negative=(), steps=(), tags=(), at_most=None):
+    """The range checks stages share, each failure one line naming the flag. at_most: {key: its largest
+    value, or the key of the setting it may not exceed}."""
+    limits = {k: (getattr(config, b), f"--{b}={getattr(config, b)!r}") if isinstance(b, str) else (b, b)
+              for k, b in (at_most or {}).items()}
     for keys, bad, need in ((at_least_1, lambda v: v < 1, "must be at least 1"), (positive, lambda v: v <= 0, "must be > 0"),
                             (not_negative, lambda v: v < 0, "must be >= 0"),
                             (steps, lambda v: v == 0 or v < -1, "expected a number of steps, or -1 for num_epochs' worth"),
                             (tags, lambda v: v is not None and (v in ("", ".", "..") or os.path.basename(v) != v),
-                             "a tag is a plain directory name")):
-        for key in (k for k in keys if bad(getattr(c, k))):
-            raise UserError(f"--{key}={getattr(c, key)!r}: {need}")
+                             "a tag is a plain directory name"),
+                            *(((k,), lambda v, b=b: v > b, f"must be at most {shown}") for k, (b, shown) in limits.items())):
+        for key in (k for k in keys if bad(getattr(config, k))):
+            raise UserError(f"--{key}={getattr(config, key)!r}: {need}")
 
 
 # Devices and torch.distributed: one code path for 1 or N processes

@@ -27,10 +27,12 @@ import zlib
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
-from common import ProgressBar, UserError, atomic_write_json, get_base_dir, parse_config, run_main, write_report_section
+from common import (ProgressBar, UserError, atomic_write_json, check_settings, get_base_dir, parse_config, run_main,
+                    write_report_section)
 from openrouter import (PERSONA_LISTS, PERSONA_PATH, APIStop, BadAnswer, Spend, client_from_env, judge_both_orders,
                         load_persona, repair_torn_line)
 from tasks import HTTPGaveUp, append_jsonl, conversation_problem, dpo_problem, iter_jsonl, record_digest
@@ -141,9 +143,19 @@ def dpo_record(persona, spec, value):
     return dict(record, failure=spec["failure"].split(":")[0].strip())
 
 
-KINDS = {  # kind -> (file name, prompt builder, record builder, schema name, schema, the line check SFT/DPO use)
-    "sft": ("trader_sft_data.jsonl", sft_prompt, sft_record, "persona_conversation", SFT_SCHEMA, conversation_problem),
-    "dpo": ("trader_dpo_data.jsonl", dpo_prompt, dpo_record, "preference_pair", DPO_SCHEMA, dpo_problem),
+@dataclass(frozen=True)
+class Kind:
+    file: str  # its output file in --out-dir
+    prompt: Callable  # (persona, spec) -> the request's messages
+    record: Callable  # (persona, spec, the answer's JSON) -> the record, else BadAnswer or Dropped
+    schema_name: str
+    schema: dict  # the JSON schema the answer follows
+    problem: Callable  # the line check SFT/DPO use: a record -> what is wrong with it, or None
+
+
+KINDS = {
+    "sft": Kind("trader_sft_data.jsonl", sft_prompt, sft_record, "persona_conversation", SFT_SCHEMA, conversation_problem),
+    "dpo": Kind("trader_dpo_data.jsonl", dpo_prompt, dpo_record, "preference_pair", DPO_SCHEMA, dpo_problem),
 }
 
 
@@ -210,23 +222,23 @@ class Store:
         return outcome
 
 
-def make_item(client, persona, kind, spec, c):
+def make_item(client, persona, kind, spec, config):
     """(record or None, outcome, [failure reasons]) for one item."""
-    _, build_prompt, build_record, schema_name, schema, _ = KINDS[kind]
-    reasons = []
-    for _ in range(c.item_attempts):
+    recipe, reasons = KINDS[kind], []
+    for _ in range(config.item_attempts):
         if STOP.is_set():
             break
         try:
-            value = client.chat(build_prompt(persona, spec), schema_name, schema, c.temperature, c.max_tokens)
-            record = build_record(persona, spec, value)
+            value = client.chat(recipe.prompt(persona, spec), recipe.schema_name, recipe.schema, config.temperature,
+                                config.max_tokens)
+            record = recipe.record(persona, spec, value)
         except BadAnswer as e:
             reasons.append(str(e))
             continue
         except (Dropped, HTTPGaveUp) as e:
             return None, "dropped" if isinstance(e, Dropped) else "failed", reasons + [str(e)]
-        if kind == "dpo" and c.judge_pairs:  # the judge must prefer chosen whichever answer it reads first
-            verdict = judge_both_orders(client, persona, *(record[k] for k in PAIR_KEYS), c.judge_model)
+        if kind == "dpo" and config.judge_pairs:  # the judge must prefer chosen whichever answer it reads first
+            verdict = judge_both_orders(client, persona, *(record[k] for k in PAIR_KEYS), config.judge_model)
             if verdict != 1:
                 outcome = "judge_rejected" if verdict == -1 else "judge_no_verdict"
                 return None, outcome, reasons + [outcome.replace("_", " ")]
@@ -234,19 +246,19 @@ def make_item(client, persona, kind, spec, c):
     return None, "failed", reasons
 
 
-def generate(client, persona, kind, store, target, c, executor):
+def generate(client, persona, kind, store, target, config, executor):
     """Top `store` up to `target` records; returns this run's (counts, failure reasons, stop):
     stop is None, "max_cost", "interrupted" or the APIStop, after the requests in flight came back."""
-    judged = ("judge_kept", "judge_rejected", "judge_no_verdict") if kind == "dpo" and c.judge_pairs else ()
+    judged = ("judge_kept", "judge_rejected", "judge_no_verdict") if kind == "dpo" and config.judge_pairs else ()
     counts = dict.fromkeys(("new", "failed", "duplicate", "near_duplicate", "dropped") + judged, 0)
     failure_reasons, running, stop, streak = Counter(), {}, None, 0
-    pending = (i for i in itertools.count() if f"{kind}-{c.seed}-{i}" not in store.done_ids)
+    pending = (i for i in itertools.count() if f"{kind}-{config.seed}-{i}" not in store.done_ids)
     bar = ProgressBar(target, desc=kind, unit="rec", enabled=len(store.records) < target, done=len(store.records))
     try:
         while True:
-            while stop is None and not STOP.is_set() and len(running) < min(c.workers, target - len(store.records)):
-                spec = item_spec(persona, kind, next(pending), c.seed, c.min_turns, c.max_turns)
-                running[executor.submit(make_item, client, persona, kind, spec, c)] = spec
+            while stop is None and not STOP.is_set() and len(running) < min(config.workers, target - len(store.records)):
+                spec = item_spec(persona, kind, next(pending), config.seed, config.min_turns, config.max_turns)
+                running[executor.submit(make_item, client, persona, kind, spec, config)] = spec
             if not running:
                 break
             for future in wait(running, return_when=FIRST_COMPLETED)[0]:
@@ -266,11 +278,11 @@ def generate(client, persona, kind, store, target, c, executor):
                 counts["new" if outcome == "ok" else outcome] += 1
                 bar.update(int(outcome == "ok"), failed=counts["failed"], spend=f"${client.spend.cost:.4f}")
                 streak = 0 if outcome == "ok" else streak + 1
-                if streak >= max(25, 2 * c.workers) and stop is None:  # something is wrong for good
+                if streak >= max(25, 2 * config.workers) and stop is None:  # something is wrong for good
                     top = max(failure_reasons, key=failure_reasons.get) if failure_reasons else outcome
                     stop = APIStop(f"the last {streak} {kind} items all failed (most common reason: {top}); "
                                    "check the model and the server")
-                if c.max_cost and client.spend.cost >= c.max_cost and stop is None:
+                if config.max_cost and client.spend.cost >= config.max_cost and stop is None:
                     stop = "max_cost"
     finally:
         bar.close()
@@ -306,7 +318,7 @@ def diversity(persona, kind, store, seed, counts):
     return stats
 
 
-def write_summary(out_dir, c, persona, stores, targets, runs, spend, wall, model):
+def write_summary(out_dir, config, persona, stores, targets, runs, spend, wall, model):
     """trader_gen_summary.json, the report section and the closing line."""
     summary = {"model": model, "wall_seconds": round(wall, 1), "cost_total": round(spend.cost, 6),
                "models": spend.models, "kinds": {}}
@@ -316,7 +328,7 @@ def write_summary(out_dir, c, persona, stores, targets, runs, spend, wall, model
                  for k in ("prompt_tokens", "completion_tokens")}, "Generation time (s, this run)": round(wall, 1)}]
     for kind, store in stores.items():
         counts, reasons, _ = runs.get(kind, ({}, {}, None))
-        stats = diversity(persona, kind, store, c.seed, counts)
+        stats = diversity(persona, kind, store, config.seed, counts)
         summary["kinds"][kind] = {"file": store.path, "requested": targets[kind], "records": len(store.records),
                                   "this_run": counts, "failure_reasons": reasons, "diversity": stats}
         lines.append({f"{kind.upper()} {k.replace('_', ' ')} (this run)": v for k, v in counts.items()})
@@ -329,21 +341,14 @@ def write_summary(out_dir, c, persona, stores, targets, runs, spend, wall, model
 
 
 def main():
-    c = parse_config(Config)
-    for message, ok in {
-            "--sft-examples must be >= 0": c.sft_examples >= 0, "--dpo-examples must be >= 0": c.dpo_examples >= 0,
-            "--workers must be >= 1": c.workers >= 1, "need 1 <= --min-turns <= --max-turns":
-                1 <= c.min_turns <= c.max_turns,
-            "--item-attempts must be >= 1 and --http-retries >= 0": c.item_attempts >= 1 and c.http_retries >= 0,
-            "--timeout and --max-tokens must be > 0; --backoff and --max-cost >= 0":
-                c.timeout > 0 and c.max_tokens >= 1 and c.backoff >= 0 and c.max_cost >= 0,
-            "--near-dup-threshold must be in (0, 1]": 0.0 < c.near_dup_threshold <= 1.0}.items():
-        if not ok:
-            raise UserError(message)
-    client = client_from_env(c.base_url, c.models, c.timeout, c.http_retries, c.backoff)
-    persona = load_persona(c.persona)
+    config = parse_config(Config)
+    check_settings(config, at_least_1=("workers", "min_turns", "item_attempts", "max_tokens"),
+                   positive=("timeout", "near_dup_threshold"), at_most={"min_turns": "max_turns", "near_dup_threshold": 1},
+                   not_negative=("sft_examples", "dpo_examples", "http_retries", "backoff", "max_cost"))
+    client = client_from_env(config.base_url, config.models, config.timeout, config.http_retries, config.backoff)
+    persona = load_persona(config.persona)
     # the output directory, checked writable, locked (two gen.py would make every item twice)
-    out_dir = c.out_dir or os.path.join(get_base_dir(), "datasets")
+    out_dir = config.out_dir or os.path.join(get_base_dir(), "datasets")
     try:
         os.makedirs(out_dir, exist_ok=True)
         lock = open(os.path.join(out_dir, "trader_gen.lock"), "w")
@@ -358,16 +363,16 @@ def main():
         raise UserError(f"another gen.py is writing to {out_dir} (it holds {lock.name}); "
                         "wait for it to finish, or use another --out-dir") from None
     with lock:
-        targets = {"sft": c.sft_examples, "dpo": c.dpo_examples}
-        stores = {kind: Store(os.path.join(out_dir, name), problem_of, c.near_dup_threshold)
-                  for kind, (name, *_, problem_of) in KINDS.items()}
+        targets = {"sft": config.sft_examples, "dpo": config.dpo_examples}
+        stores = {kind: Store(os.path.join(out_dir, recipe.file), recipe.problem, config.near_dup_threshold)
+                  for kind, recipe in KINDS.items()}
         for kind, store in stores.items():
             note = " (cut off a torn last line left by a killed run)" if store.repaired else ""
             print(f"{kind}: {len(store.records)}/{targets[kind]} records in {store.path}{note}", flush=True)
         if all(len(stores[k].records) >= targets[k] for k in KINDS):
             return print("nothing to generate: both files hold the requested counts")
         client.spend = Spend(os.path.join(out_dir, "trader_gen_spend.jsonl"))
-        print(f"generating with {client.choose_model()} at {client.base_url}, {c.workers} workers", flush=True)
+        print(f"generating with {client.choose_model()} at {client.base_url}, {config.workers} workers", flush=True)
         runs, stop, t0 = {}, None, time.time()
         def on_sigint(*_):
             signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C aborts at once
@@ -376,14 +381,14 @@ def main():
         STOP.clear()
         previous_handler = signal.signal(signal.SIGINT, on_sigint)
         try:
-            with ThreadPoolExecutor(c.workers) as executor:
+            with ThreadPoolExecutor(config.workers) as executor:
                 for kind in KINDS:
                     if stop is None:
-                        runs[kind] = generate(client, persona, kind, stores[kind], targets[kind], c, executor)
+                        runs[kind] = generate(client, persona, kind, stores[kind], targets[kind], config, executor)
                         stop = runs[kind][2]
         finally:
             signal.signal(signal.SIGINT, previous_handler)
-        write_summary(out_dir, c, persona, stores, targets, runs, client.spend, time.time() - t0, client.model)
+        write_summary(out_dir, config, persona, stores, targets, runs, client.spend, time.time() - t0, client.model)
     if isinstance(stop, APIStop):
         raise UserError(f"stopped: {stop} (everything finished so far is kept; re-run to continue)")
     if stop == "interrupted":
@@ -391,7 +396,7 @@ def main():
               "continue", file=sys.stderr, flush=True)
         sys.exit(130)
     if stop == "max_cost":
-        print(f"stopped at --max-cost={c.max_cost}: re-run with a higher limit to top the files up")
+        print(f"stopped at --max-cost={config.max_cost}: re-run with a higher limit to top the files up")
 
 
 if __name__ == "__main__":

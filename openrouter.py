@@ -44,10 +44,8 @@ def load_persona(path):
     return persona
 
 
-
 class BadAnswer(Exception):
     """The model's answer is unusable (error body, no content, bad JSON, wrong shape): retry the item."""
-
 
 
 # The OpenRouter client: chat completions over tasks.http_retry, with OpenRouter's error contract
@@ -212,7 +210,6 @@ def judge_both_orders(client, persona, message, a, b, model=None, attempts=3):
             except HTTPGaveUp:
                 return None
     return {("1", "2"): 1, ("2", "1"): -1}.get((verdict(a, b), verdict(b, a)))
-
 
 
 def repair_torn_line(path):

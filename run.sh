@@ -46,18 +46,10 @@ fi
 # Which run: real (a nanochat checkpoint is there) or the offline demo
 
 BASE=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
-latest() { { compgen -G "$1/model_*.pt" || true; } | sort | tail -n 1; }  # latest DIR: its newest step's model
-largest_tag() {  # largest_tag DIR: nanochat's default tag there, the largest d<N> with a model (never chimera_*)
-    { compgen -G "$1/d*/model_*.pt" || true; } | sed -nE 's|.*/d([0-9]+)/model_[^/]*$|d\1|p' | sort -k1.2n | tail -n 1
-}
-START=${CHIMERA_START:-}
-case "$START" in
-    "") if [ -n "$(largest_tag "$BASE/mid_checkpoints")" ]; then START=mid; else START=base; fi ;;
-    mid|base|sft) ;;  # sft: the user's own nanochat SFT (d<N>, never Chimera's chimera_d<N>)
-    *) die "CHIMERA_START=$START: expected mid, base or sft" ;;
-esac
-START_DIR=$BASE/${START/sft/chatsft}_checkpoints
-TAG=$(largest_tag "$START_DIR")
+latest() { "$PY" checkpoint.py latest "$1"; }  # latest DIR: its latest step's model file ("" if none)
+# SFT's start as checkpoint.py decides it: START, START_DIR and TAG, nanochat's largest d<N> there ("" if none)
+START_VARS=$("$PY" checkpoint.py start "$BASE" "${CHIMERA_START:-}") || die "$START_VARS"
+eval "$START_VARS"
 
 DEMO=${CHIMERA_DEMO:-0}
 if [ "$DEMO" != 1 ] && [ -z "$TAG" ] && [ -n "${OPENROUTER_API_KEY:-}${CHIMERA_START:-}" ]; then
@@ -79,7 +71,7 @@ say "Chimera's SFT starts from $START_DIR/$TAG"
 mkdir -p "$BASE/datasets" "$BASE/report"
 SFT_DATA=$BASE/datasets/trader_sft_data.jsonl DPO_DATA=$BASE/datasets/trader_dpo_data.jsonl
 SFT_TAG=chimera_$TAG  # Chimera's SFT beside nanochat's chatsft_checkpoints/d<N>, never in it
-SFT_DIR=$BASE/chatsft_checkpoints/$SFT_TAG DPO_DIR=$BASE/chatdpo_checkpoints/$TAG R=$BASE/report
+SFT_DIR=$BASE/chatsft_checkpoints/$SFT_TAG DPO_DIR=$BASE/chatdpo_checkpoints/$TAG REPORT_DIR=$BASE/report
 STAMPS=$BASE/chimera  # Chimera's record of the stages it finished
 
 NPROC_PER_NODE=${NPROC_PER_NODE:-$("$PY" -c "import torch; print(max(1, torch.cuda.device_count()))")}
@@ -140,13 +132,13 @@ fi
 
 # shellcheck disable=SC2206  # the extra flags are meant to split on spaces
 SFT_ARGS+=(${SFT_EXTRA_ARGS:-}); DPO_ARGS+=(${DPO_EXTRA_ARGS:-}); EVAL_ARGS+=(${EVAL_EXTRA_ARGS:-})
-stage "SFT (sft.py)" "$SFT_DATA" "$(latest "$START_DIR/$TAG")" -- "$SFT_DIR" "$R" -- launch sft.py "${SFT_ARGS[@]}"
-stage "evaluate SFT (eval.py -i sft)" "$SFT_DATA" "$DPO_DATA" "$(latest "$SFT_DIR")" -- "$R" -- \
+stage "SFT (sft.py)" "$SFT_DATA" "$(latest "$START_DIR/$TAG")" -- "$SFT_DIR" "$REPORT_DIR" -- launch sft.py "${SFT_ARGS[@]}"
+stage "evaluate SFT (eval.py -i sft)" "$SFT_DATA" "$DPO_DATA" "$(latest "$SFT_DIR")" -- "$REPORT_DIR" -- \
     launch eval.py -i sft --model_tag="$SFT_TAG" "${EVAL_ARGS[@]}"
-stage "DPO (dpo.py)" "$DPO_DATA" "$(latest "$SFT_DIR")" -- "$DPO_DIR" "$R" -- \
+stage "DPO (dpo.py)" "$DPO_DATA" "$(latest "$SFT_DIR")" -- "$DPO_DIR" "$REPORT_DIR" -- \
     launch dpo.py --source=sft --model_tag="$SFT_TAG" --out_tag="$TAG" "${DPO_ARGS[@]}"
 stage "evaluate DPO (eval.py -i dpo)" "$SFT_DATA" "$DPO_DATA" "$(latest "$SFT_DIR")" "$(latest "$DPO_DIR")" \
-    -- "$R" -- launch eval.py -i dpo --model_tag="$TAG" "${EVAL_ARGS[@]}"
+    -- "$REPORT_DIR" -- launch eval.py -i dpo --model_tag="$TAG" "${EVAL_ARGS[@]}"
 step "report (report.py generate)" "$PY" report.py generate
 
 say "done: $BASE/report/chimera-report.md (and ./report.md)"

@@ -20,7 +20,7 @@ import torch
 
 from common import (UserError, all_reduce_sum, autocast, check_settings, cleanup_dist, get_base_dir, init_dist,
                     parse_config, print0, run_main, synchronize, write_report_section)
-from checkpoint import SOURCE_DIRS, RunDir, load_model
+from checkpoint import SOURCE_DIRS, RunDir, default_start, load_model
 from dataloader import Schedule, collate
 from model import compile_model
 from optim import GradSync, optimizer_step, setup_optimizers
@@ -132,8 +132,7 @@ def conversation_loss(model, task, tokenizer, num_rows, batch_size, d, max_len, 
 def main():
     c = parse_config(Config)
     check_config(c)
-    mid = os.path.join(get_base_dir(), SOURCE_DIRS["mid"])  # nanochat's SFT starts from mid, else from base
-    source = c.source or ("mid" if os.path.isdir(mid) and os.listdir(mid) else "base")
+    source = c.source or default_start(get_base_dir())  # as nanochat's SFT: mid if there is one, else base
     d = init_dist(c.device_type)
     train, vals = download_lock(lambda: build_datasets(c))  # data errors surface before the model loads
     model, tokenizer, meta = load_model(source, d.device, phase="train", model_tag=c.model_tag, step=c.step)

@@ -171,6 +171,11 @@ def test_check_settings_one_line_per_bad_value():
     common.check_settings(C(out_tag="chimera_d4"), tags=("out_tag",))
     with pytest.raises(UserError, match="--beta=0.0: must be > 0"):
         common.check_settings(C(beta=0.0), positive=("beta",))
+    with pytest.raises(UserError, match="--beta=0.5: must be at most 0.2"):
+        common.check_settings(C(beta=0.5), at_most={"beta": 0.2})
+    with pytest.raises(UserError, match=r"--beta=3.0: must be at most --num_iterations=2"):
+        common.check_settings(C(beta=3.0, num_iterations=2), at_most={"beta": "num_iterations"})
+    common.check_settings(C(beta=0.2, num_iterations=2), at_most={"beta": 0.2, "num_iterations": 2})
 
 
 def test_dist_timeout_from_the_environment(monkeypatch):

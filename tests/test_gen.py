@@ -263,9 +263,13 @@ def test_max_cost_stops_cleanly(run, server, tmp_path):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--sft-examples=-3"], "--sft-examples must be >= 0"),
+    (["--sft-examples=-3"], "--sft_examples=-3: must be >= 0"),
     (["--sft-exampels=3"], "unknown setting --sft_exampels"),
-    (["--workers=0"], "--workers must be >= 1"),
+    (["--workers=0"], "--workers=0: must be at least 1"),
+    (["--min-turns=5", "--max-turns=4"], "--min_turns=5: must be at most --max_turns=4"),
+    (["--near-dup-threshold=0"], "--near_dup_threshold=0.0: must be > 0"),
+    (["--near-dup-threshold=1.5"], "--near_dup_threshold=1.5: must be at most 1"),
+    (["--timeout=0"], "--timeout=0.0: must be > 0"),
 ])
 def test_bad_flags(run, server, tmp_path, flags, message):
     code, _, err = run(*flags)

@@ -64,6 +64,47 @@ def test_a_key_without_a_checkpoint_stops_with_a_message(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# What run.sh asks checkpoint.py: SFT's start and a directory's latest model file
+
+def touch_model(base, source_dir, tag, step=0):
+    os.makedirs(base / source_dir / tag, exist_ok=True)
+    (base / source_dir / tag / f"model_{step:06d}.pt").write_bytes(b"")
+
+
+def test_start_is_mid_if_present_else_base_and_nanochats_largest_tag(tmp_path):
+    import checkpoint
+    base = tmp_path / "base"
+    assert checkpoint.default_start(str(base)) == "base" and checkpoint.nanochat_tag(str(base)) is None
+    assert not base.exists()  # asking creates nothing
+    for tag in ("d2", "d12", "d4", "chimera_d20"):
+        touch_model(base, "base_checkpoints", tag)
+    os.makedirs(base / "base_checkpoints" / "d30")  # no model file: no checkpoint
+    os.makedirs(base / "mid_checkpoints" / "d8")
+    assert checkpoint.nanochat_tag(str(base / "base_checkpoints")) == "d12"  # never Chimera's chimera_d<N>
+    assert checkpoint.default_start(str(base)) == "base"
+    touch_model(base, "mid_checkpoints", "d8")
+    assert checkpoint.default_start(str(base)) == "mid"
+
+
+def test_run_sh_reads_the_start_and_the_latest_model_from_checkpoint_py(tmp_path):
+    base = tmp_path / "a base dir"  # a space: the answer is quoted for the shell
+    for tag in ("d2", "chimera_d2", "d3"):
+        touch_model(base, "chatsft_checkpoints", tag)
+    touch_model(base, "mid_checkpoints", "d3", step=10)
+    touch_model(base, "mid_checkpoints", "d3", step=9)
+    script = os.path.join(REPO, "checkpoint.py")
+    shell = (f'eval "$({sys.executable} {script} start "$0" "$1")"; echo "$START|$START_DIR|$TAG"; '
+             f'{sys.executable} {script} latest "$START_DIR/$TAG"; {sys.executable} {script} latest "$0/nothing"')
+    out = subprocess.run(["bash", "-c", shell, str(base), "sft"], capture_output=True, text=True, check=True).stdout
+    assert out == f"sft|{base}/chatsft_checkpoints|d3\n{base}/chatsft_checkpoints/d3/model_000000.pt\n"
+    out = subprocess.run(["bash", "-c", shell, str(base), ""], capture_output=True, text=True, check=True).stdout
+    assert out == f"mid|{base}/mid_checkpoints|d3\n{base}/mid_checkpoints/d3/model_000010.pt\n"
+    bad = run_sh({"NANOCHAT_BASE_DIR": str(base), "CHIMERA_START": "dpo"}, timeout=60)
+    assert bad.returncode == 1 and bad.stderr == "run.sh: CHIMERA_START=dpo: expected mid, base or sft\n"
+    assert not (base / "nothing").exists()
+
+
+# -----------------------------------------------------------------------------
 # Beside a finished nanochat run
 
 # a real run offline: persona data only (no SmolTalk), no chat benchmarks
