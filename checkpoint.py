@@ -4,10 +4,9 @@ in $NANOCHAT_BASE_DIR/<source's directory>/<tag>/; finding, loading (checked aga
 saving them, a stage's run directory, and a fresh offline base (byte-level tokenizer, random model).
 
     model, tokenizer, meta = load_model("sft", device, phase="eval", model_tag=None, step=None)
-    python checkpoint.py start BASE_DIR [mid|base|sft]   # what run.sh asks: SFT's start; `latest DIR`
+    python checkpoint.py start BASE_DIR [mid|base|sft]   # what run.sh asks: SFT's start
 """
 
-import contextlib
 import glob
 import json
 import os
@@ -286,8 +285,5 @@ if __name__ == "__main__":  # run.sh asks what Python decides: the answer on std
             sys.exit(1)
         start_dir = f"{args[0]}/{SOURCE_DIRS[source]}"  # joined as run.sh always did: its stamps hold these paths
         print(f"START={source} START_DIR={shlex.quote(start_dir)} TAG={shlex.quote(nanochat_tag(start_dir) or '')}")
-    elif command == "latest" and len(args) == 1:  # latest DIR: its latest step's model file, nothing if none
-        with contextlib.suppress(UserError):
-            print(os.path.join(args[0], f"model_{find_last_step(args[0]):06d}.pt"))
     else:
-        sys.exit("usage: python checkpoint.py start BASE_DIR [mid|base|sft] | latest DIR")
+        sys.exit("usage: python checkpoint.py start BASE_DIR [mid|base|sft]")

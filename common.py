@@ -20,8 +20,7 @@ import torch
 import torch.distributed as dist
 
 
-# Errors a user can cause (one line, exit code 2), files, and configs: a dataclass per stage
-# whose fields are its flags (argparse underneath)
+# Errors a user can cause (one line, exit 2), files, and configs: a dataclass per stage, its fields the flags
 class UserError(Exception):
     """A problem with the user's input (a flag, a file, a missing key): shown as one line."""
 
@@ -141,8 +140,7 @@ class Dist:
 
 
 def dist_timeout():
-    """How long a collective waits for the slowest rank: $CHIMERA_DIST_TIMEOUT seconds, default 30 minutes
-    (NCCL's own 10 would end a run whose rank 0 saves a d32 checkpoint or waits on a slow provider)."""
+    """How long a collective waits for the slowest rank: $CHIMERA_DIST_TIMEOUT s, default 30 min (NCCL's is 10)."""
     text = os.environ.get("CHIMERA_DIST_TIMEOUT", "1800")
     if not re.fullmatch(r"\d+(\.\d*)?", text.strip()) or not float(text) > 0:
         raise UserError(f"CHIMERA_DIST_TIMEOUT={text!r}: expected a number of seconds > 0")
@@ -172,7 +170,7 @@ def cleanup_dist():
         dist.destroy_process_group()
 
 
-def is_master():
+def is_master():  # rank 0, or the only process
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
@@ -192,8 +190,7 @@ def synchronize(device):
 
 
 def all_reduce_sum(values, device=None):
-    """Sum a list of numbers over ranks (a no-op on one process), in float64: on the CPU, except under NCCL
-    (which reduces CUDA tensors only). MPS has no float64, so nothing here puts one on the device."""
+    """Sum numbers over ranks in float64, on the CPU but under NCCL (CUDA tensors only): MPS has no float64."""
     nccl = dist.is_initialized() and dist.get_backend() == "nccl"
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device if nccl else "cpu")
     if dist.is_initialized():

@@ -46,7 +46,7 @@ fi
 # Which run: real (a nanochat checkpoint is there) or the offline demo
 
 BASE=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
-latest() { "$PY" checkpoint.py latest "$1"; }  # latest DIR: its latest step's model file ("" if none)
+latest() { { compgen -G "$1/model_*.pt" || true; } | sort | tail -n 1; }  # latest DIR: its newest step's model
 # SFT's start as checkpoint.py decides it: START, START_DIR and TAG, nanochat's largest d<N> there ("" if none)
 START_VARS=$("$PY" checkpoint.py start "$BASE" "${CHIMERA_START:-}") || die "$START_VARS"
 eval "$START_VARS"
