@@ -69,8 +69,8 @@ class StepLog:
         """Step `step` (1-based) took dt seconds; tokens: what the throughput counts."""
         self.real, self.positions = self.real + real, self.positions + positions
         eta = (time.time() - self.start) / step * (self.steps - step)
-        print0(f"step {step:05d}/{self.steps:05d} | {figures} | real {real / positions:.0%} | {tokens / dt:,.0f} tok/s | "
-               f"dt {dt * 1000:.0f}ms | ETA {eta:.0f}s")
+        print0(f"step {step:05d}/{self.steps:05d} | {figures} | real {real / positions:.0%} | "
+               f"{tokens / dt:,.0f} tok/s | dt {dt * 1000:.0f}ms | ETA {eta:.0f}s")
         self.run_dir.log({"step": step, **record, "tokens": int(tokens), "real_token_frac": real / positions,
                           "dt_ms": dt * 1000})
 

@@ -21,7 +21,8 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import asdict, astuple, dataclass
+from collections import namedtuple
+from dataclasses import asdict, dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -92,10 +93,7 @@ class DPOLoss(NamedTuple):
         return (logits - 1 / (2 * beta)) ** 2
 
 
-class Pair(NamedTuple):
-    chosen: tuple  # rendered (ids, mask)
-    rejected: tuple
-    digest: str  # of the pair's record: the cached reference's key
+Pair = namedtuple("Pair", "chosen rejected digest")  # rendered (ids, mask) each; the record's digest (the cache's key)
 
 
 def render_pairs(task, tokenizer, max_len):
@@ -114,17 +112,14 @@ def render_pairs(task, tokenizer, max_len):
     return kept, len(task) - len(kept)
 
 
-class PairLogps(NamedTuple):
-    chosen: torch.Tensor  # [B] log-probs of the chosen answers, summed over their tokens
-    rejected: torch.Tensor  # [B]
-    real_tokens: int  # in the conversations, padding left out
-    positions: int  # computed, padding included
-    loss: Optional[torch.Tensor]  # the sum of pair_loss over the pairs, if given
+# [B] log-probs of the chosen and the rejected answers (sums over their tokens), the tokens (padding left out)
+# and positions (padding included) computed, and the sum of pair_loss over the pairs (None without one)
+PairLogps = namedtuple("PairLogps", "chosen rejected real_tokens positions loss")
 
 
 def batch_logps(model, pairs, indices, pad_id, device, pair_loss=None):
-    """PairLogps of pairs[indices], in one forward pass over the chosen conversations, then the rejected
-    ones. With pair_loss(i, chosen_i - rejected_i), its sum's gradient is taken in the forward pass (model.pair_loss)."""
+    """PairLogps of pairs[indices], in one forward pass over the chosen conversations, then the rejected ones.
+    With pair_loss(i, chosen_i - rejected_i), its sum's gradient is taken in the forward pass (model.pair_loss)."""
     rows = [pairs[i].chosen for i in indices] + [pairs[i].rejected for i in indices]
     inputs, targets = collate(rows, pad_id, device)
     real_tokens, positions = sum(len(ids) - 1 for ids, _ in rows), inputs.numel()
@@ -142,17 +137,17 @@ def my_batches(pairs, batch_size, proc):
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)][proc.rank::proc.world_size]
 
 
-# The reference's log-probs, reference(pairs, indices) -> (chosen, rejected): live from a frozen
-# model, or computed once and cached to disk
+# Reference log-probs: live from a frozen model, or computed once and cached to disk
 def freeze(model):
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
-def live_reference(ref, pad_id, device):
-    def reference(pairs, indices):
-        logps = batch_logps(ref, pairs, indices, pad_id, device)
-        return logps.chosen, logps.rejected
-    return reference
+def reference_logps(reference, pairs, indices, pad_id, device):
+    """(chosen, rejected) log-probs of pairs[indices] by the reference: a frozen model, or a reference_table."""
+    if isinstance(reference, dict):
+        return torch.stack([reference[pairs[i].digest] for i in indices]).to(device, torch.float32).unbind(1)
+    logps = batch_logps(reference, pairs, indices, pad_id, device)
+    return logps.chosen, logps.rejected
 
 
 def file_sha256(path):
@@ -164,11 +159,11 @@ def file_sha256(path):
 
 
 @torch.no_grad()
-def cached_reference(data_path, max_len, policy, pairs, pad_id, config, proc):
-    """The reference's log-probs computed once and cached beside the data in a file named by everything
-    they depend on: the reference weights, the tokenizer, the data (content hashes), the truncation and
-    the rendering. Looked up by the pair's digest, never by its position, so another split or order of
-    the same pairs reads the right values."""
+def reference_table(data_path, max_len, policy, pairs, pad_id, config, proc):
+    """{pair digest: (chosen, rejected) reference log-probs}, computed once and cached beside the
+    data in a file named by everything they depend on: the reference weights, the tokenizer,
+    the data (content hashes), the truncation and the rendering. Looked up by the pair, never by
+    its position, so another split or order of the same pairs reads the right values."""
     checkpoint_dir = checkpoint_dir_for(config.source, config.model_tag)
     step = find_last_step(checkpoint_dir) if config.step is None else config.step
     parts = [file_sha256(os.path.join(checkpoint_dir, f"model_{step:06d}.pt")), file_sha256(data_path), str(max_len),
@@ -179,28 +174,22 @@ def cached_reference(data_path, max_len, policy, pairs, pad_id, config, proc):
     table = dict(zip(cached["keys"], cached["logps"]))
     if all(pair.digest in table for pair in pairs):
         print0(f"reference log-probs: reusing {path}")
-    else:
-        print0(f"reference log-probs: computing {len(pairs)} pairs once -> {path}")
-        logps = torch.zeros(len(pairs), 2, dtype=torch.float64, device=proc.device)  # the policy is the reference now
-        for indices in my_batches(pairs, config.device_batch_size, proc):  # each rank its share, summed over ranks
-            batch = batch_logps(policy, pairs, indices, pad_id, proc.device)
-            logps[indices] = torch.stack([batch.chosen, batch.rejected], dim=1).double()
-        logps = torch.tensor(all_reduce_sum(logps.view(-1).tolist(), proc.device), dtype=torch.float64).view(-1, 2)
-        keys = [pair.digest for pair in pairs]
-        if proc.master:
-            atomic_write(path, lambda f: torch.save({"keys": keys, "logps": logps}, f), binary=True)
-        table = dict(zip(keys, logps))
-
-    def reference(pairs, indices):
-        return torch.stack([table[pairs[i].digest] for i in indices]).to(proc.device, torch.float32).unbind(1)
-    return reference
+        return table
+    print0(f"reference log-probs: computing {len(pairs)} pairs once -> {path}")
+    logps = torch.zeros(len(pairs), 2, dtype=torch.float64, device=proc.device)  # the policy is the reference now
+    for indices in my_batches(pairs, config.device_batch_size, proc):  # each rank its share, then summed over ranks
+        logps[indices] = torch.stack(reference_logps(policy, pairs, indices, pad_id, proc.device), dim=1).double()
+    logps = torch.tensor(all_reduce_sum(logps.view(-1).tolist(), proc.device), dtype=torch.float64).view(-1, 2)
+    keys = [pair.digest for pair in pairs]
+    if proc.master:
+        atomic_write(path, lambda f: torch.save({"keys": keys, "logps": logps}, f), binary=True)
+    return dict(zip(keys, logps))
 
 
 # Training and evaluation
-@dataclass
-class Stats:
-    """Sums over pairs, added up over micro-batches, then over ranks in one reduce of the fields in
-    order (so a rank with no pairs still takes part); means() is what is logged."""
+class Stats(NamedTuple):
+    """Sums over pairs, added up over micro-batches, then over ranks in one reduce of the fields in order
+    (so a rank with no pairs still takes part); means() is what is logged."""
     loss: float = 0.0
     chosen_reward: float = 0.0  # beta * (log pi - log pi_ref) of the chosen answer
     rejected_reward: float = 0.0
@@ -213,10 +202,7 @@ class Stats:
     positions: int = 0
 
     def __add__(self, other):
-        return Stats(*(a + b for a, b in zip(astuple(self), astuple(other))))
-
-    def all_reduce(self, device):
-        return Stats(*all_reduce_sum(astuple(self), device))
+        return Stats(*(a + b for a, b in zip(self, other)))
 
     def means(self):
         n = max(self.pairs, 1)
@@ -227,25 +213,26 @@ class Stats:
 
 def pair_losses(model, reference, pairs, indices, pad_id, dpo_loss, device):
     """A batch's summed loss (its gradient taken in the forward pass; None where grad is disabled) and its Stats."""
-    ref_chosen, ref_rejected = reference(pairs, indices)
-    pair_loss = (lambda i, margin: dpo_loss(margin, ref_chosen[i] - ref_rejected[i])) if torch.is_grad_enabled() else None
-    logps = batch_logps(model, pairs, indices, pad_id, device, pair_loss)
+    ref_chosen, ref_rejected = reference_logps(reference, pairs, indices, pad_id, device)
+    pair_loss = lambda i, margin: dpo_loss(margin, ref_chosen[i] - ref_rejected[i])
+    logps = batch_logps(model, pairs, indices, pad_id, device, pair_loss if torch.is_grad_enabled() else None)
     losses = dpo_loss(logps.chosen - logps.rejected, ref_chosen - ref_rejected)
     chosen, rejected = dpo_loss.beta * (logps.chosen - ref_chosen), dpo_loss.beta * (logps.rejected - ref_rejected)
     margins = chosen - rejected
     sums = torch.stack([losses, chosen, rejected, margins, (margins > 0).float(), logps.chosen, logps.rejected])
-    return logps.loss, Stats(*sums.detach().double().sum(dim=1).tolist(), len(indices), logps.real_tokens, logps.positions)
+    sums = sums.detach().double().sum(dim=1).tolist()
+    return logps.loss, Stats(*sums, pairs=len(indices), real_tokens=logps.real_tokens, positions=logps.positions)
 
 
 @torch.no_grad()
 def evaluate_pairs(model, reference, pairs, pad_id, dpo_loss, batch_size, proc):
-    """Means over all ranks' pairs of the DPO loss, rewards, reward accuracy and margin; the model's mode is kept."""
+    """Stats.means() over all ranks' pairs (reference: a frozen model or a reference_table); keeps the model's mode."""
     was_training, stats = model.training, Stats()
     model.eval()
     for indices in my_batches(pairs, batch_size, proc):
         stats += pair_losses(model, reference, pairs, indices, pad_id, dpo_loss, proc.device)[1]
     model.train(was_training)
-    return stats.all_reduce(proc.device).means()
+    return Stats(*all_reduce_sum(stats, proc.device)).means()
 
 
 def main():
@@ -253,9 +240,8 @@ def main():
     check_config(config)
     proc = init_dist(config.device_type)
     # bad data fails before the model loads
-    splits = [tasks.TraderDPO(config.dpo_data_path, split=s, val_fraction=config.val_fraction) for s in ("train", "val")]
-    model, tokenizer, meta = load_model(config.source, proc.device, phase="train", model_tag=config.model_tag,
-                                        step=config.step)
+    splits = [tasks.TraderDPO(config.dpo_data_path, split, config.val_fraction) for split in ("train", "val")]
+    model, tokenizer, meta = load_model(config.source, proc.device, "train", config.model_tag, config.step)
     max_len = min(config.max_length, model.config.sequence_len)
     (train, dropped), (val, dropped_val) = (render_pairs(task, tokenizer, max_len) for task in splits)
     if not train:
@@ -267,17 +253,20 @@ def main():
                         config.target_examples_per_step, config.device_batch_size, proc.world_size, config.num_epochs,
                         config.num_iterations)
     steps = schedule.num_iterations
-    print0(f"DPO on {config.source} step {meta.get('step')}: {len(train)} train / {len(val)} held-out pairs ({dropped} "
-           f"dropped), beta {config.beta}, {config.loss_type}, {steps} steps of {config.target_examples_per_step} pairs")
-    ref = None if config.ref_cache else freeze(model)  # a frozen copy: no grads, so its passes build no graph
-    reference = (cached_reference(splits[0].path, max_len, model, train + val, pad_id, config, proc) if config.ref_cache
-                 else live_reference(ref, pad_id, proc.device))
-    for m in filter(None, (model, ref)):
-        compile_model(m, config.compile)
+    print0(f"DPO on {config.source} step {meta.get('step')}: {len(train)} train / {len(val)} held-out pairs "
+           f"({dropped} dropped), beta {config.beta}, {config.loss_type}, {steps} steps of "
+           f"{config.target_examples_per_step} pairs")
+    if config.ref_cache:  # the reference's log-probs computed once, looked up by pair digest
+        reference = reference_table(splits[0].path, max_len, model, train + val, pad_id, config, proc)
+    else:  # a frozen copy: no grads, so its passes build no graph
+        reference = freeze(model)
+        compile_model(reference, config.compile)
+    compile_model(model, config.compile)
     optimizers = setup_optimizers(model, config.unembedding_lr, config.embedding_lr, config.matrix_lr,
                                   config.weight_decay)
     grad_sync = GradSync(model)
-    run_dir = RunDir("dpo", config.out_tag or f"d{model.config.n_layer}", proc.master, (config.source, config.model_tag))
+    run_dir = RunDir("dpo", config.out_tag or f"d{model.config.n_layer}", proc.master,
+                     (config.source, config.model_tag))
     step_log = StepLog(run_dir, steps)
     dpo_loss = DPOLoss(config.beta, config.loss_type, config.label_smoothing)
 
@@ -293,8 +282,9 @@ def main():
     def save(step, initial, held_out):
         run_dir.save(step, model, {
             "step": step, "model_config": meta["model_config"], "user_config": asdict(config),
-            "beta": config.beta, "loss_type": config.loss_type, "source": config.source, "source_step": meta.get("step"),
-            "train_pairs": len(train), "val_pairs": len(val), "dropped_pairs": dropped, "conditioning": "no system message",
+            "beta": config.beta, "loss_type": config.loss_type, "source": config.source,
+            "source_step": meta.get("step"), "train_pairs": len(train), "val_pairs": len(val), "dropped_pairs": dropped,
+            "conditioning": "no system message",
             "val_loss": held_out.get("loss"), "val_reward_accuracy": held_out.get("rewards/accuracies"),
             "val_reward_margin": held_out.get("rewards/margins"), "initial_held_out": initial,
             "real_token_frac": step_log.real_token_frac()})
@@ -313,17 +303,16 @@ def main():
             # a fixed number of pairs per step: divide by it and N processes match one
             (loss / config.target_examples_per_step).backward()
             stats += batch_stats
-        stats = stats.all_reduce(proc.device)
-        train_stats = stats.means()
-        if not math.isfinite(train_stats["loss"]):
-            raise UserError(f"step {step + 1}: the DPO loss is {train_stats['loss']}; stopped, nothing saved")
+        stats = Stats(*all_reduce_sum(stats, proc.device))
+        means = stats.means()
+        if not math.isfinite(means["loss"]):
+            raise UserError(f"step {step + 1}: the DPO loss is {means['loss']}; stopped, nothing saved")
         lrm = schedule.lr_multiplier(step)
         optimizer_step(model, optimizers, config.init_lr_frac * lrm, grad_sync)
         synchronize(proc.device)
-        step_log.log(step + 1, time.time() - t0, f"loss {train_stats['loss']:.4f} | acc "
-                     f"{train_stats['rewards/accuracies']:.2f} | margin {train_stats['rewards/margins']:.3f}",
-                     {**train_stats, "lr": optimizers[1].param_groups[0]["lr"], "lr_multiplier": lrm},
-                     stats.real_tokens, stats.real_tokens, stats.positions)
+        step_log.log(step + 1, time.time() - t0, f"loss {means['loss']:.4f} | acc {means['rewards/accuracies']:.2f} | "
+                     f"margin {means['rewards/margins']:.3f}", {**means, "lr": optimizers[1].param_groups[0]["lr"],
+                     "lr_multiplier": lrm}, stats.real_tokens, stats.real_tokens, stats.positions)
         if due(step + 1, config.save_every) and step + 1 < steps:
             save(step + 1, initial, held_out)
 

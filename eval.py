@@ -19,7 +19,7 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -42,7 +42,7 @@ ALIASES = {"i": "source", "a": "task_name"}  # -i, -a as in nanochat's chat_eval
 IDENTITY_PROBES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "identity_probes.jsonl")
 
 
-@dataclasses.dataclass(frozen=True)  # the settings as given; Resolved holds what -1 and "" mean
+@dataclasses.dataclass(frozen=True)  # as given: Resolved holds what its -1 and "" mean
 class Config:
     source: str = "sft"  # checkpoint to evaluate: sft|dpo|mid|base|rl (-i)
     model_tag: Optional[str] = None  # model directory; None = Chimera's chimera_d<N>, else the largest d<N>
@@ -73,7 +73,8 @@ def check_config(config):
                    not_negative=("temperature",))  # parse_config refuses NaN and infinities
     if config.max_problems == 0 or config.max_problems < -1:
         raise UserError(f"--max_problems={config.max_problems}: must be -1 (all) or at least 1")
-    odd = [k for k in ("sft_val_fraction", "dpo_val_fraction") if getattr(config, k) != -1 and not 0 <= getattr(config, k) < 1]
+    odd = [k for k in ("sft_val_fraction", "dpo_val_fraction") if getattr(config, k) != -1
+           and not 0 <= getattr(config, k) < 1]
     if odd:
         raise UserError(f"--{odd[0]}={getattr(config, odd[0])}: must be -1 (the training run's) or in [0, 1)")
     if config.judge not in (-1, 0, 1):
@@ -101,39 +102,34 @@ def problems(task, config):  # how many of a task's problems to evaluate
     return len(task) if config.max_problems < 0 else min(len(task), config.max_problems)
 
 
-# What the settings left to the checkpoints (-1, "") mean for this one, worked out once
-class Judge:
-    """openrouter.py's LLM judge, connected on first use; `model` names it once it has answered."""
-
-    def __init__(self):
-        self.client = self.model = self.persona = None
-
-    def verdicts(self, prompts, answers, others):
-        """+1 / -1 / None per prompt: answers[i] vs others[i], kept only when both orders agree (no position bias)."""
-        if self.client is None:
-            client = openrouter.client_from_env()
-            try:
-                model, persona = client.choose_model(), openrouter.load_persona(openrouter.PERSONA_PATH)
-            except UserError as e:  # the API refused (key, credits, ...): the judged metrics are skipped, the rest stays
-                raise tasks.DataUnavailable(f"the judge is unavailable: {e}") from None
-            self.client, self.model, self.persona = client, model, persona
-        try:
-            with ThreadPoolExecutor(8) as pool:
-                return list(pool.map(lambda i: openrouter.judge_both_orders(self.client, self.persona, prompts[i],
-                                                                            answers[i], others[i]), range(len(prompts))))
-        except openrouter.APIStop as e:  # a key or credit refused mid-run: the judged rows are skipped, the rest stays
-            raise tasks.DataUnavailable(f"the judge is unavailable: {e}") from None
-
-
-@dataclasses.dataclass(frozen=True)
-class Resolved:
+# What the settings left to the checkpoints (-1, "") mean for this one, worked out once in main (the Config
+# as parsed is frozen): the reference, the SFT and DPO runs' splits and loss, and the judge
+class Resolved(NamedTuple):
     ref_source: str  # the reference of the pair rewards and the judge; "" = none
     ref_tag: Optional[str]
     ref_step: Optional[int]
-    sft_val_fraction: float  # the held-out splits of the SFT and DPO runs
+    sft_val_fraction: float
     dpo_val_fraction: float
     dpo_loss: dpo.DPOLoss  # the DPO run's beta, loss type and label smoothing
-    judge: Optional[Judge]  # None = off
+    judge: Optional["Judge"]  # None = off
+
+
+class Judge:
+    """openrouter.py's LLM judge, connected on first use; `model` names it once it has answered."""
+    client = model = persona = None
+
+    def verdicts(self, prompts, answers, others):
+        """+1 / -1 / None per prompt: answers[i] vs others[i], kept only when both orders agree (no position bias)."""
+        client = self.client or openrouter.client_from_env()
+        try:  # the API refusing (a key, credits, ...), first or mid-run, skips the judged metrics, not the rest
+            if self.client is None:
+                self.model, self.persona = client.choose_model(), openrouter.load_persona(openrouter.PERSONA_PATH)
+                self.client = client
+            with ThreadPoolExecutor(8) as pool:
+                return list(pool.map(lambda i: openrouter.judge_both_orders(
+                    client, self.persona, prompts[i], answers[i], others[i]), range(len(prompts))))
+        except UserError as e:
+            raise tasks.DataUnavailable(f"the judge is unavailable: {e}") from None
 
 
 def stage_meta(stage, config, loaded_meta):
@@ -149,8 +145,8 @@ def stage_meta(stage, config, loaded_meta):
 
 
 def resolve(config, meta):
-    """The reference: by default the very checkpoint this one was trained from (its meta's source, tag
-    and step); the splits and the DPO loss of the SFT and DPO runs; the judge when a key is set."""
+    """By default the reference is the very checkpoint this one was trained from (its meta's source, tag and
+    step), the splits and loss those of the SFT and DPO runs, and the judge on when a key is set."""
     trained_from = meta if not config.ref_source and meta.get("source") else {}
     sft_run, dpo_run = (stage_meta(stage, config, meta).get("user_config", {}) for stage in ("sft", "dpo"))
     dpo_run = {**dataclasses.asdict(dpo.Config()), **dpo_run}
@@ -158,7 +154,8 @@ def resolve(config, meta):
         ref_source=config.ref_source or trained_from.get("source") or ("sft" if config.source == "dpo" else ""),
         ref_tag=config.ref_tag or trained_from.get("source_tag"),
         ref_step=trained_from.get("source_step") if config.ref_step is None else config.ref_step,
-        sft_val_fraction=sft_run.get("trader_val_fraction", 0.1) if config.sft_val_fraction < 0 else config.sft_val_fraction,
+        sft_val_fraction=sft_run.get("trader_val_fraction", 0.1) if config.sft_val_fraction < 0
+        else config.sft_val_fraction,
         dpo_val_fraction=dpo_run["val_fraction"] if config.dpo_val_fraction < 0 else config.dpo_val_fraction,
         dpo_loss=dpo.DPOLoss(dpo_run["beta"], dpo_run["loss_type"], dpo_run["label_smoothing"]),
         judge=Judge() if config.judge == 1 or (config.judge == -1 and os.environ.get("OPENROUTER_API_KEY")) else None)
@@ -285,8 +282,7 @@ def trader_dpo_metrics(model, tokenizer, config, resolved, proc):
             continue
         out[f"Persona preference accuracy ({cond})"] = prefers_share(model, pairs, pad_id, config.batch_size, proc)
         if reference is not None:
-            held_out = dpo.evaluate_pairs(model, dpo.live_reference(reference, pad_id, proc.device), pairs, pad_id,
-                                          resolved.dpo_loss, config.batch_size, proc)
+            held_out = dpo.evaluate_pairs(model, reference, pairs, pad_id, resolved.dpo_loss, config.batch_size, proc)
             out[f"DPO reward accuracy ({cond})"] = held_out["rewards/accuracies"]
             out[f"DPO reward margin ({cond})"] = held_out["rewards/margins"]
     if not out:
@@ -335,7 +331,7 @@ def identity_probes(model, tokenizer, config, resolved, proc):
     """Who the model is, asked with no system message: the share of probes where the judge
     prefers its own answer to a generic assistant's in both orders, or, with no judge, where
     it gives the persona's answer a higher log-prob per token than the generic one."""
-    probes = tasks.read_jsonl(config.identity_path, probe_problem)[:config.max_problems if config.max_problems > 0 else None]
+    probes = tasks.read_jsonl(config.identity_path, probe_problem)[:max(config.max_problems, 0) or None]
     prompts = [p["prompt"] for p in probes]
     if resolved.judge:  # rank 0 asks the judge
         verdicts = resolved.judge.verdicts(prompts, sample_answers(model, tokenizer, prompts, None, config),
@@ -359,8 +355,7 @@ def main():
     for cache in (reference_model, persona_system):  # per run (tests call main() again)
         cache.cache_clear()
     proc = init_dist(config.device_type)
-    model, tokenizer, meta = load_model(config.source, proc.device, phase="eval", model_tag=config.model_tag,
-                                        step=config.step)
+    model, tokenizer, meta = load_model(config.source, proc.device, "eval", config.model_tag, config.step)
     resolved = resolve(config, meta)
     print0(f"evaluating {config.source} step {meta.get('step')} on {', '.join(names)} "
            f"(reference: {resolved.ref_source or 'none'})")

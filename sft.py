@@ -113,8 +113,7 @@ def render(task, tokenizer, max_len, system_prompt_frac=1.0, num_rows=None):
 @torch.no_grad()
 def conversation_loss(model, task, tokenizer, num_rows, batch_size, proc, max_len, system_prompt_frac=1.0):
     """Mean loss per assistant token over the first num_rows conversations (similar lengths batched
-    together, batches dealt over ranks); DataUnavailable when truncation leaves no assistant token.
-    The model's mode is kept."""
+    together, batches dealt over ranks); DataUnavailable when truncation leaves no assistant token."""
     rows = sorted(filter(None, render(task, tokenizer, max_len, system_prompt_frac, num_rows)), key=lambda r: len(r[0]))
     was_training, total, count = model.training, 0.0, 0
     model.eval()
@@ -138,7 +137,7 @@ def main():
     source = config.source or ("mid" if os.path.isdir(mid) and os.listdir(mid) else "base")
     proc = init_dist(config.device_type)
     train, vals = master_first(lambda: build_datasets(config))  # data errors surface before the model loads
-    model, tokenizer, meta = load_model(source, proc.device, phase="train", model_tag=config.model_tag, step=config.step)
+    model, tokenizer, meta = load_model(source, proc.device, "train", config.model_tag, config.step)
     max_len = min(config.max_seq_len or model.config.sequence_len, model.config.sequence_len)
     rendered = [render(task, tokenizer, max_len, config.system_prompt_frac) for task in train.tasks]
     rows = [rendered[t][i] for t, i in train.index_map if rendered[t][i] is not None]  # the mixture's order
@@ -151,7 +150,8 @@ def main():
                         proc.world_size, config.num_epochs, config.num_iterations)
     steps = schedule.num_iterations
     composition = train.composition()
-    print0(f"SFT from {source} ({meta.get('model_config')}), dataset {config.sft_dataset}, {proc.world_size} process(es)\n"
+    print0(f"SFT from {source} ({meta.get('model_config')}), dataset {config.sft_dataset}, "
+           f"{proc.world_size} process(es)\n"
            + "".join(f"  {name:<24} {n:>7} rows x{w} = {nw:>7}\n" for name, n, w, nw in composition)
            + f"  {len(rows)} rows ({dropped} dropped: nothing to learn within {max_len} tokens); {steps} steps of "
            f"{config.target_examples_per_step} in micro-batches of {config.device_batch_size} per process")
@@ -159,7 +159,8 @@ def main():
     optimizers = setup_optimizers(model, config.unembedding_lr, config.embedding_lr, config.matrix_lr,
                                   config.weight_decay)
     grad_sync = GradSync(model)
-    run_dir = RunDir("sft", config.out_tag or f"chimera_d{model.config.n_layer}", proc.master, (source, config.model_tag))
+    run_dir = RunDir("sft", config.out_tag or f"chimera_d{model.config.n_layer}", proc.master,
+                     (source, config.model_tag))
     step_log = StepLog(run_dir, steps)
 
     def evaluate(step):

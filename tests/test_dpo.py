@@ -95,7 +95,7 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
     assert dpo.DPOLoss(beta=0.1)(logps - (logps - 1), logps - (logps - 1)).tolist() == pytest.approx([math.log(2)] * 3)
     m, pairs = tiny_pairs()
     with torch.no_grad():
-        loss, stats = dpo.pair_losses(m, dpo.live_reference(m, 0, "cpu"), pairs, [0, 2], 0, dpo.DPOLoss(0.1), "cpu")
+        loss, stats = dpo.pair_losses(m, m, pairs, [0, 2], 0, dpo.DPOLoss(0.1), "cpu")
     assert loss is None and (stats.pairs, stats.real_tokens, stats.positions) == (2, 9 + 11 + 11 + 9, 4 * 11)
     assert stats.loss == pytest.approx(2 * math.log(2)) and stats.margin == stats.correct == 0
     assert stats.chosen_reward == stats.rejected_reward == 0 and stats.chosen_logp < 0
@@ -105,7 +105,7 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
 def test_held_out_evaluation_keeps_the_models_mode(training):
     m, pairs = tiny_pairs()
     m.train(training)
-    means = dpo.evaluate_pairs(m, dpo.live_reference(m, 0, "cpu"), pairs, 0, dpo.DPOLoss(0.1), 2,
+    means = dpo.evaluate_pairs(m, m, pairs, 0, dpo.DPOLoss(0.1), 2,
                                Dist(rank=0, world_size=1, device=torch.device("cpu")))
     assert m.training == training
     assert means["loss"] == pytest.approx(math.log(2)) and means["rewards/margins"] == 0
