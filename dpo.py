@@ -78,7 +78,7 @@ def check_config(config):
                    not_negative=("unembedding_lr", "embedding_lr", "matrix_lr", "weight_decay"))
 
 
-# The loss (a small pure function), and the pairs: two rendered conversations sharing the prompt
+# The loss (a small pure function of a pair's margin), and the pairs: two rendered conversations sharing the prompt
 class DPOLoss(NamedTuple):
     """Per-pair losses from the policy's margin log pi(chosen) - log pi(rejected) and the reference's:
     every variant sees the policy only through that margin."""
