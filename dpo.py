@@ -281,13 +281,12 @@ def main():
 
     def save(step, initial, held_out):
         run_dir.save(step, model, {
-            "step": step, "model_config": meta["model_config"], "user_config": asdict(config),
-            "beta": config.beta, "loss_type": config.loss_type, "source": config.source,
-            "source_step": meta.get("step"), "train_pairs": len(train), "val_pairs": len(val), "dropped_pairs": dropped,
-            "conditioning": "no system message",
-            "val_loss": held_out.get("loss"), "val_reward_accuracy": held_out.get("rewards/accuracies"),
-            "val_reward_margin": held_out.get("rewards/margins"), "initial_held_out": initial,
-            "real_token_frac": step_log.real_token_frac()})
+            "step": step, "model_config": meta["model_config"], "user_config": asdict(config), "beta": config.beta,
+            "loss_type": config.loss_type, "source": config.source, "source_step": meta.get("step"),
+            "train_pairs": len(train), "val_pairs": len(val), "dropped_pairs": dropped,
+            "conditioning": "no system message", "val_loss": held_out.get("loss"),
+            "val_reward_accuracy": held_out.get("rewards/accuracies"), "val_reward_margin": held_out.get("rewards/margins"),
+            "initial_held_out": initial, "real_token_frac": step_log.real_token_frac()})
 
     initial = held_out = {}
     for step in range(steps):

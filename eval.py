@@ -373,7 +373,7 @@ def main():
     if (core := chatcore(results)) is not None:
         results["ChatCORE metric"] = core
     if proc.master:
-        # the settings as this run used them: the ones left to the checkpoints resolved
+        # the settings as run: a flag Resolved holds (by the same name) as resolved
         settings = {k: getattr(resolved, k, v) for k, v in dataclasses.asdict(config).items()}
         settings["judge"] = int(resolved.judge is not None)
         judge = resolved.judge.model if resolved.judge else None  # None: no judge answered
