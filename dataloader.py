@@ -1,12 +1,14 @@
 """
-What SFT and DPO share to batch their rows: padding rendered conversations into inputs and targets,
-and a run's schedule of micro-batches (length-grouped, the same global batch for any number of
-processes) with its learning-rate multiplier.
+What SFT and DPO share to run their steps: padding rendered conversations into inputs and targets,
+a run's schedule of micro-batches (length-grouped, the same global batch for any number of
+processes) with its learning-rate multiplier, the cadence of evaluations and saves, and the step log.
 """
+
+import time
 
 import torch
 
-from common import UserError
+from common import UserError, print0
 
 WINDOW_STEPS = 16  # steps whose rows are sorted by length together (see Schedule)
 
@@ -22,7 +24,6 @@ def collate(rows, pad_id, device):
         inputs[i, :len(ids) - 1] = ids[:-1]
         targets[i, :len(ids) - 1] = ids[1:].masked_fill(~mask[1:], -1)
     return inputs.to(device), targets.to(device)
-
 
 
 class Schedule:
@@ -50,3 +51,28 @@ class Schedule:
 
     def lr_multiplier(self, step):
         return 1.0 - step / self.num_iterations
+
+
+def due(step, every):
+    """Whether an every-N-steps evaluation or save falls on `step` (every = -1: never; the end has its own)."""
+    return every > 0 and step % every == 0
+
+
+class StepLog:
+    """Each step's line on stdout and record in metrics.jsonl: the stage's own figures, then the share of
+    real tokens (not padding), throughput, time and ETA. Also adds up the run's real-token share."""
+
+    def __init__(self, run_dir, steps):
+        self.run_dir, self.steps, self.start, self.real, self.positions = run_dir, steps, time.time(), 0, 0
+
+    def log(self, step, dt, figures, record, tokens, real, positions):
+        """Step `step` (1-based) took dt seconds; tokens: what the throughput counts."""
+        self.real, self.positions = self.real + real, self.positions + positions
+        eta = (time.time() - self.start) / step * (self.steps - step)
+        print0(f"step {step:05d}/{self.steps:05d} | {figures} | real {real / positions:.0%} | "
+               f"{tokens / dt:,.0f} tok/s | dt {dt * 1000:.0f}ms | ETA {eta:.0f}s")
+        self.run_dir.log({"step": step, **record, "tokens": int(tokens), "real_token_frac": real / positions,
+                          "dt_ms": dt * 1000})
+
+    def real_token_frac(self):
+        return self.real / max(self.positions, 1)

@@ -11,7 +11,6 @@ $NANOCHAT_BASE_DIR/chatsft_checkpoints/chimera_d{depth}/model_{step:06d}.pt + me
 """
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -21,7 +20,7 @@ import torch
 from common import (UserError, all_reduce_sum, autocast, check_settings, cleanup_dist, get_base_dir, init_dist,
                     parse_config, print0, run_main, synchronize, write_report_section)
 from checkpoint import SOURCE_DIRS, RunDir, default_start, load_model
-from dataloader import Schedule, collate
+from dataloader import Schedule, StepLog, collate, due
 from model import compile_model
 from optim import GradSync, optimizer_step, setup_optimizers
 import tasks
@@ -60,40 +59,41 @@ class Config:
     out_tag: Optional[str] = None  # output directory name; None = chimera_d{depth}
 
 
-def check_config(c):  # before anything heavy is loaded
-    if c.sft_dataset not in ("mixture", "trader", "trader_mix"):
-        raise UserError(f"--sft_dataset={c.sft_dataset!r}: expected one of mixture, trader, trader_mix")
-    if not (0.0 <= c.trader_val_fraction < 1.0 and 0.0 <= c.system_prompt_frac <= 1.0):
-        raise UserError(f"--trader_val_fraction={c.trader_val_fraction} must be in [0, 1) and "
-                        f"--system_prompt_frac={c.system_prompt_frac} in [0, 1]")
-    check_settings(c, at_least_1=("sft_mix_trader", "sft_mix_smoltalk", "device_batch_size", "target_examples_per_step",
-                                  "num_epochs", "eval_batches", "smoltalk_rows"), positive=("init_lr_frac",),
-                   not_negative=("max_seq_len", "unembedding_lr", "embedding_lr", "matrix_lr", "weight_decay"),
-                   steps=("num_iterations",), tags=("model_tag", "out_tag"))
-    if c.source and c.source not in SOURCE_DIRS:
-        raise UserError(f"--source={c.source!r}: expected one of {', '.join(SOURCE_DIRS)}")
+def check_config(config):  # before anything heavy is loaded
+    if config.sft_dataset not in ("mixture", "trader", "trader_mix"):
+        raise UserError(f"--sft_dataset={config.sft_dataset!r}: expected one of mixture, trader, trader_mix")
+    if not (0.0 <= config.trader_val_fraction < 1.0 and 0.0 <= config.system_prompt_frac <= 1.0):
+        raise UserError(f"--trader_val_fraction={config.trader_val_fraction} must be in [0, 1) and "
+                        f"--system_prompt_frac={config.system_prompt_frac} in [0, 1]")
+    check_settings(config, at_least_1=("sft_mix_trader", "sft_mix_smoltalk", "device_batch_size",
+                                       "target_examples_per_step", "num_epochs", "eval_batches", "smoltalk_rows"),
+                   positive=("init_lr_frac",), steps=("num_iterations",), tags=("model_tag", "out_tag"),
+                   not_negative=("max_seq_len", "unembedding_lr", "embedding_lr", "matrix_lr", "weight_decay"))
+    if config.source and config.source not in SOURCE_DIRS:
+        raise UserError(f"--source={config.source!r}: expected one of {', '.join(SOURCE_DIRS)}")
 
 
 # Data
-def build_datasets(c):
+def build_datasets(config):
     """(train mixture, {name: val task}) for the chosen dataset mode."""
-    if c.sft_dataset == "mixture":  # nanochat's general SFT mixture
+    if config.sft_dataset == "mixture":  # nanochat's general SFT mixture
         train = tasks.TaskMixture([
             tasks.ARC(subset="ARC-Easy", split="train"),
             tasks.ARC(subset="ARC-Challenge", split="train"),
             tasks.GSM8K(subset="main", split="train"),
-            tasks.SmolTalk(split="train", stop=c.smoltalk_rows),
+            tasks.SmolTalk(split="train", stop=config.smoltalk_rows),
             tasks.IdentityConversations(),
             tasks.SimpleSpelling(size=300, split="train"),
             tasks.SpellingBee(size=300, split="train"),
-        ], seed=c.seed)
-        return train, {"smoltalk": tasks.SmolTalk(split="test", stop=c.val_rows)}
-    trader_train, trader_val = (tasks.TraderSFT(c.trader_data_path, s, c.trader_val_fraction) for s in ("train", "val"))
-    if c.sft_dataset == "trader":
-        return tasks.TaskMixture([trader_train], seed=c.seed), {"trader": trader_val}
-    train = tasks.TaskMixture([trader_train, tasks.SmolTalk(split="train", stop=c.smoltalk_rows)],
-                              weights=[c.sft_mix_trader, c.sft_mix_smoltalk], seed=c.seed)
-    return train, {"trader": trader_val, "smoltalk": tasks.SmolTalk(split="test", stop=c.val_rows)}
+        ], seed=config.seed)
+        return train, {"smoltalk": tasks.SmolTalk(split="test", stop=config.val_rows)}
+    trader_train, trader_val = (tasks.TraderSFT(config.trader_data_path, split, config.trader_val_fraction)
+                                for split in ("train", "val"))
+    if config.sft_dataset == "trader":
+        return tasks.TaskMixture([trader_train], seed=config.seed), {"trader": trader_val}
+    train = tasks.TaskMixture([trader_train, tasks.SmolTalk(split="train", stop=config.smoltalk_rows)],
+                              weights=[config.sft_mix_trader, config.sft_mix_smoltalk], seed=config.seed)
+    return train, {"trader": trader_val, "smoltalk": tasks.SmolTalk(split="test", stop=config.val_rows)}
 
 
 def render(task, tokenizer, max_len, system_prompt_frac=1.0, num_rows=None):
@@ -110,18 +110,18 @@ def render(task, tokenizer, max_len, system_prompt_frac=1.0, num_rows=None):
 
 
 @torch.no_grad()
-def conversation_loss(model, task, tokenizer, num_rows, batch_size, d, max_len, system_prompt_frac=1.0):
+def conversation_loss(model, task, tokenizer, num_rows, batch_size, proc, max_len, system_prompt_frac=1.0):
     """Mean loss per assistant token over the first num_rows conversations (similar lengths batched
     together, batches dealt over ranks); DataUnavailable when truncation leaves no assistant token."""
     rows = sorted(filter(None, render(task, tokenizer, max_len, system_prompt_frac, num_rows)), key=lambda r: len(r[0]))
     was_training, total, count = model.training, 0.0, 0
     model.eval()
-    for i in range(d.rank * batch_size, len(rows), batch_size * d.world_size):
-        inputs, targets = collate(rows[i:i + batch_size], tokenizer.encode_special("<|assistant_end|>"), d.device)
-        with autocast(d.device):
+    for i in range(proc.rank * batch_size, len(rows), batch_size * proc.world_size):
+        inputs, targets = collate(rows[i:i + batch_size], tokenizer.encode_special("<|assistant_end|>"), proc.device)
+        with autocast(proc.device):
             total -= model.token_logprobs(inputs, targets).sum().item()
         count += int((targets != -1).sum())
-    total, count = all_reduce_sum([total, count], d.device)
+    total, count = all_reduce_sum([total, count], proc.device)
     model.train(was_training)
     if count == 0:
         raise tasks.DataUnavailable(f"no assistant token within {max_len} tokens")
@@ -130,97 +130,100 @@ def conversation_loss(model, task, tokenizer, num_rows, batch_size, d, max_len, 
 
 # Training
 def main():
-    c = parse_config(Config)
-    check_config(c)
-    source = c.source or default_start(get_base_dir())  # as nanochat's SFT: mid if there is one, else base
-    d = init_dist(c.device_type)
-    train, vals = download_lock(lambda: build_datasets(c))  # data errors surface before the model loads
-    model, tokenizer, meta = load_model(source, d.device, phase="train", model_tag=c.model_tag, step=c.step)
-    max_len = min(c.max_seq_len or model.config.sequence_len, model.config.sequence_len)
-    rendered = [render(task, tokenizer, max_len, c.system_prompt_frac) for task in train.tasks]
+    config = parse_config(Config)
+    check_config(config)
+    source = config.source or default_start(get_base_dir())  # as nanochat's SFT: mid if there is one, else base
+    proc = init_dist(config.device_type)
+    train, vals = download_lock(lambda: build_datasets(config))  # data errors surface before the model loads
+    model, tokenizer, meta = load_model(source, proc.device, "train", config.model_tag, config.step)
+    max_len = min(config.max_seq_len or model.config.sequence_len, model.config.sequence_len)
+    rendered = [render(task, tokenizer, max_len, config.system_prompt_frac) for task in train.tasks]
     rows = [rendered[t][i] for t, i in train.index_map if rendered[t][i] is not None]  # the mixture's order
     dropped = sum(r.count(None) for r in rendered)
     if not rows:
         raise UserError(f"no training conversation has an assistant token within {max_len} tokens (--max_seq_len)"
                         + f"; all {dropped} have nothing to learn" * bool(dropped))
-    schedule = Schedule([len(ids) for ids, _ in rows], c.target_examples_per_step, c.device_batch_size,
-                        d.world_size, c.num_epochs, c.num_iterations)
+    pad_id = tokenizer.encode_special("<|assistant_end|>")
+    schedule = Schedule([len(ids) for ids, _ in rows], config.target_examples_per_step, config.device_batch_size,
+                        proc.world_size, config.num_epochs, config.num_iterations)
     steps = schedule.num_iterations
     composition = train.composition()
-    print0(f"SFT from {source} ({meta.get('model_config')}), dataset {c.sft_dataset}, {d.world_size} process(es)\n"
+    print0(f"SFT from {source} ({meta.get('model_config')}), dataset {config.sft_dataset}, "
+           f"{proc.world_size} process(es)\n"
            + "".join(f"  {name:<24} {n:>7} rows x{w} = {nw:>7}\n" for name, n, w, nw in composition)
            + f"  {len(rows)} rows ({dropped} dropped: nothing to learn within {max_len} tokens); {steps} steps of "
-           f"{c.target_examples_per_step} in micro-batches of {c.device_batch_size} per process")
-    compile_model(model, c.compile)
-    optimizers = setup_optimizers(model, c.unembedding_lr, c.embedding_lr, c.matrix_lr, c.weight_decay)
+           f"{config.target_examples_per_step} in micro-batches of {config.device_batch_size} per process")
+    compile_model(model, config.compile)
+    optimizers = setup_optimizers(model, config.unembedding_lr, config.embedding_lr, config.matrix_lr,
+                                  config.weight_decay)
     grad_sync = GradSync(model)
-    run = RunDir("sft", c.out_tag or f"chimera_d{model.config.n_layer}", d.master, (source, c.model_tag))
+    run_dir = RunDir("sft", config.out_tag or f"chimera_d{model.config.n_layer}", proc.master,
+                     (source, config.model_tag))
+    step_log = StepLog(run_dir, steps)
 
     def evaluate(step):
-        losses, n = {}, c.eval_batches * c.device_batch_size * d.world_size
+        val_losses, num_rows = {}, config.eval_batches * config.device_batch_size * proc.world_size
         for name, task in vals.items():
             try:
-                losses[name] = conversation_loss(model, task, tokenizer, n, c.device_batch_size, d, max_len,
-                                                 c.system_prompt_frac)
+                val_losses[name] = conversation_loss(model, task, tokenizer, num_rows, config.device_batch_size, proc,
+                                                     max_len, config.system_prompt_frac)
             except tasks.DataUnavailable as e:
                 print0(f"val loss ({name}) skipped: {e}")
-        print0(f"step {step:05d} | " + " | ".join(f"val loss ({k}) {v:.4f}" for k, v in losses.items()))
-        run.log({"step": step, **{f"val_loss/{k}": v for k, v in losses.items()}})
-        return losses
+        print0(f"step {step:05d} | " + " | ".join(f"val loss ({k}) {v:.4f}" for k, v in val_losses.items()))
+        run_dir.log({"step": step, **{f"val_loss/{k}": v for k, v in val_losses.items()}})
+        return val_losses
 
-    def save(step):
-        run.save(step, model, {
+    def save(step, val_losses, train_loss):
+        run_dir.save(step, model, {
             "step": step, "val_loss": next(iter(val_losses.values()), None), "val_losses": val_losses,
-            "train_loss": train_loss, "model_config": meta["model_config"], "user_config": asdict(c), "source": source,
-            "source_step": meta.get("step"), "mixture": [list(row) for row in composition], "dropped_rows": dropped,
-            "system_prompt_frac": c.system_prompt_frac, "real_token_frac": real_total / max(positions_total, 1)})
+            "train_loss": train_loss, "model_config": meta["model_config"], "user_config": asdict(config),
+            "source": source, "source_step": meta.get("step"), "mixture": [list(row) for row in composition],
+            "dropped_rows": dropped, "system_prompt_frac": config.system_prompt_frac,
+            "real_token_frac": step_log.real_token_frac()})
 
-    val_losses, train_loss, t_start, real_total, positions_total = {}, float("nan"), time.time(), 0, 0
+    val_losses, train_loss = {}, float("nan")
     for step in range(steps):
-        if c.eval_every > 0 and step % c.eval_every == 0:
+        if due(step, config.eval_every):
             val_losses = evaluate(step)
         t0 = time.time()  # the device is idle: the last step ended with a synchronize, evaluation with a reduce
-        micro = [[rows[i] for i in mb] for mb in schedule.micro_batches(step, d.rank)]
-        batches = [collate(mb, tokenizer.encode_special("<|assistant_end|>"), d.device) for mb in micro]
+        micro = [[rows[i] for i in mb] for mb in schedule.micro_batches(step, proc.rank)]
+        batches = [collate(mb, pad_id, proc.device) for mb in micro]
         # normalise by the step's assistant tokens on all ranks: N processes step like one on the same batch
         num_tokens, real, positions = all_reduce_sum([sum(int((y != -1).sum()) for _, y in batches),
                                                       sum(len(ids) - 1 for mb in micro for ids, _ in mb),
-                                                      sum(x.numel() for x, _ in batches)], d.device)
+                                                      sum(x.numel() for x, _ in batches)], proc.device)
         step_loss = 0.0
         for i, (inputs, targets) in enumerate(batches):
-            with autocast(d.device):
+            with autocast(proc.device):
                 loss = -model.token_logprobs(inputs, targets, reduction="sum") / num_tokens
             if i == len(batches) - 1:
                 grad_sync.arm()  # the last backward all-reduces each bucket as soon as it is ready
             loss.backward()
             step_loss += loss.item()
-        (train_loss,) = all_reduce_sum([step_loss], d.device)
+        (train_loss,) = all_reduce_sum([step_loss], proc.device)
         if not math.isfinite(train_loss):
             raise UserError(f"step {step + 1}: the training loss is {train_loss}; stopped, nothing saved")
         lrm = schedule.lr_multiplier(step)
-        optimizer_step(model, optimizers, c.init_lr_frac * lrm, grad_sync)
-        synchronize(d.device)
-        dt = time.time() - t0
-        real_total, positions_total = real_total + real, positions_total + positions
-        eta = (time.time() - t_start) / (step + 1) * (steps - step - 1)
-        print0(f"step {step + 1:05d}/{steps:05d} | loss {train_loss:.4f} | lrm {lrm:.3f} | tokens {int(num_tokens)} | "
-               f"real {real / positions:.0%} | {num_tokens / dt:,.0f} tok/s | dt {dt * 1000:.0f}ms | ETA {eta:.0f}s")
-        run.log({"step": step + 1, "loss": train_loss, "lr_multiplier": lrm, "lr": optimizers[1].param_groups[0]["lr"],
-                 "tokens": int(num_tokens), "real_token_frac": real / positions, "dt_ms": dt * 1000})
-        if c.save_every > 0 and (step + 1) % c.save_every == 0 and step + 1 < steps:
-            save(step + 1)
+        optimizer_step(model, optimizers, config.init_lr_frac * lrm, grad_sync)
+        synchronize(proc.device)
+        step_log.log(step + 1, time.time() - t0, f"loss {train_loss:.4f} | lrm {lrm:.3f} | tokens {int(num_tokens)}",
+                     {"loss": train_loss, "lr_multiplier": lrm, "lr": optimizers[1].param_groups[0]["lr"]},
+                     num_tokens, real, positions)
+        if due(step + 1, config.save_every) and step + 1 < steps:
+            save(step + 1, val_losses, train_loss)
 
     val_losses = evaluate(steps)
-    save(steps)
-    print0(f"saved {run.path}/model_{steps:06d}.pt")
-    write_report_section("Chat SFT", [asdict(c), {
-        "Source": source, "Dataset": c.sft_dataset, "Mixture": ", ".join(f"{n} {w}x{r}" for n, r, w, _ in composition),
-        "Training rows": len(rows), "Dropped conversations (nothing to learn)": dropped,
-        "System prompt kept (share of trader conversations)": c.system_prompt_frac, "Number of iterations": steps,
-        "Real-token fraction": real_total / positions_total, "Training loss": train_loss,
+    save(steps, val_losses, train_loss)
+    print0(f"saved {run_dir.path}/model_{steps:06d}.pt")
+    write_report_section("Chat SFT", [asdict(config), {
+        "Source": source, "Dataset": config.sft_dataset,
+        "Mixture": ", ".join(f"{n} {w}x{r}" for n, r, w, _ in composition), "Training rows": len(rows),
+        "Dropped conversations (nothing to learn)": dropped,
+        "System prompt kept (share of trader conversations)": config.system_prompt_frac, "Number of iterations": steps,
+        "Real-token fraction": step_log.real_token_frac(), "Training loss": train_loss,
         **{f"Validation loss ({k})": v for k, v in val_losses.items()},
         **({"Validation loss": next(iter(val_losses.values()))} if val_losses else {}),
-        "Training time (s)": round(time.time() - t_start, 1)}])
+        "Training time (s)": round(time.time() - step_log.start, 1)}])
     cleanup_dist()
 
 

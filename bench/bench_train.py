@@ -98,9 +98,9 @@ def dpo_step(model, optimizers, inputs, targets, reference=None, table=None, ful
         if full_logits:  # the path fusing replaces: [B, T, V] float32 logits, then log_softmax
             logp = F.log_softmax(model(inputs), dim=-1).gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
             logps = (logp * (targets != -1)).sum(-1)
-            loss = dpo.dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta=0.1)[0].sum()
+            loss = dpo.DPOLoss(beta=0.1)(logps[:n] - logps[n:], ref[:n] - ref[n:]).sum()
         else:  # dpo.py's path
-            loss = model.pair_loss(inputs, targets, lambda i, m: dpo.dpo_loss(m, 0.0, ref[i], ref[n + i], beta=0.1)[0])[0]
+            loss = model.pair_loss(inputs, targets, lambda i, m: dpo.DPOLoss(beta=0.1)(m, ref[i] - ref[n + i]))[0]
     (loss / n).backward()
     optimizer_step(model, optimizers, 1.0, GradSync(model))
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import dpo
 import tasks
-from common import UserError
+from common import Dist, UserError
 from conftest import REPO, make_tiny_base, per_token_loss, run_python, run_torchrun
 from checkpoint import load_model, save_checkpoint
 from model import GPT, GPTConfig
@@ -72,21 +72,43 @@ def test_dpo_loss_matches_hand_computed_values():
     pc, pr = torch.tensor([-10.0, -20.0]), torch.tensor([-12.0, -15.0])
     rc, rr = torch.tensor([-11.0, -20.0]), torch.tensor([-11.0, -16.0])
     # margins of log-ratios: (-10+12) - (-11+11) = 2 ; (-20+15) - (-20+16) = -1
-    losses, cr, rj = dpo.dpo_loss(pc, pr, rc, rr, beta=0.5)
+    losses = dpo.DPOLoss(beta=0.5)(pc - pr, rc - rr)
     assert losses.tolist() == pytest.approx([math.log(1 + math.exp(-1.0)), math.log(1 + math.exp(0.5))])
-    assert cr.tolist() == pytest.approx([0.5, 0.0]) and rj.tolist() == pytest.approx([-0.5, 0.5])
-    ls = dpo.dpo_loss(pc, pr, rc, rr, beta=0.5, label_smoothing=0.1)[0]
+    ls = dpo.DPOLoss(beta=0.5, label_smoothing=0.1)(pc - pr, rc - rr)
     sig = lambda z: 1 / (1 + math.exp(-z))
     assert ls[0].item() == pytest.approx(-0.9 * math.log(sig(1.0)) - 0.1 * math.log(sig(-1.0)))
-    ipo = dpo.dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="ipo")[0]
+    ipo = dpo.DPOLoss(beta=0.5, loss_type="ipo")(pc - pr, rc - rr)
     assert ipo.tolist() == pytest.approx([(2 - 1) ** 2, (-1 - 1) ** 2])
+
+
+def tiny_pairs(n=3):
+    """n rendered pairs of random tokens (the answers scored from position 4 on) and a tiny GPT."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(sequence_len=32, vocab_size=50, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
+    m.init_weights(zero_out=False)
+    row = lambda length: (torch.randint(1, 50, (length,), dtype=torch.int32), torch.arange(length) >= 4)
+    return m, [dpo.Pair(row(10 + i), row(12 - i), f"pair {i}") for i in range(n)]
 
 
 def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
     logps = torch.tensor([-3.0, -7.5, -1.25])
-    losses, cr, rj = dpo.dpo_loss(logps, logps - 1, logps, logps - 1, beta=0.1)
-    assert losses.tolist() == pytest.approx([math.log(2)] * 3)
-    assert cr.abs().max() == 0 and rj.abs().max() == 0
+    assert dpo.DPOLoss(beta=0.1)(logps - (logps - 1), logps - (logps - 1)).tolist() == pytest.approx([math.log(2)] * 3)
+    m, pairs = tiny_pairs()
+    with torch.no_grad():
+        loss, stats = dpo.pair_losses(m, m, pairs, [0, 2], 0, dpo.DPOLoss(0.1), "cpu")
+    assert loss is None and (stats.pairs, stats.real_tokens, stats.positions) == (2, 9 + 11 + 11 + 9, 4 * 11)
+    assert stats.loss == pytest.approx(2 * math.log(2)) and stats.margin == stats.correct == 0
+    assert stats.chosen_reward == stats.rejected_reward == 0 and stats.chosen_logp < 0
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_held_out_evaluation_keeps_the_models_mode(training):
+    m, pairs = tiny_pairs()
+    m.train(training)
+    means = dpo.evaluate_pairs(m, m, pairs, 0, dpo.DPOLoss(0.1), 2,
+                               Dist(rank=0, world_size=1, device=torch.device("cpu")))
+    assert m.training == training
+    assert means["loss"] == pytest.approx(math.log(2)) and means["rewards/margins"] == 0
 
 
 @pytest.mark.parametrize("pattern", [None, "SL"])
@@ -103,14 +125,14 @@ def test_fused_pair_loss_equals_full_logits_path(pattern):
     y[1, 30:] = -1  # padding
     y[4, 12:] = -1
     ref_chosen, ref_rejected = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
-    losses = lambda c, r, rc, rr: dpo.dpo_loss(c, r, rc, rr, beta=0.5, label_smoothing=0.1)[0]
+    dpo_loss = dpo.DPOLoss(beta=0.5, label_smoothing=0.1)
     logps = -per_token_loss(m, x, y).view(6, 40).masked_fill(y == -1, 0).sum(1)
-    expected = losses(logps[:3], logps[3:], ref_chosen, ref_rejected).sum()
+    expected = dpo_loss(logps[:3] - logps[3:], ref_chosen - ref_rejected).sum()
     (expected * 0.25).backward()
     grads = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad(set_to_none=True)
 
-    loss, chosen, rejected = m.pair_loss(x, y, lambda i, margin: losses(margin, 0.0, ref_chosen[i], ref_rejected[i]),
+    loss, chosen, rejected = m.pair_loss(x, y, lambda i, margin: dpo_loss(margin, ref_chosen[i] - ref_rejected[i]),
                                          chunk_numel=300 * 7)  # 7 rows a chunk: several per row
     (loss * 0.25).backward()
     assert torch.allclose(loss.double(), expected, rtol=1e-5)

@@ -1,6 +1,7 @@
 """eval.py: categorical and generative scoring, ChatCORE, persona metrics, the report
 section, skipping unavailable tasks, and sharding over 2 processes."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -8,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import dpo
 import eval as chat_eval
 import tasks
 from common import Dist, ProgressBar, UserError
@@ -231,6 +233,31 @@ def test_dpo_reference_is_the_checkpoint_it_was_trained_from(eval_base, monkeypa
     _, lines = section(eval_base, "dpo")
     for cond in chat_eval.CONDITIONS:
         assert float(lines[f"DPO reward margin ({cond})"]) == 0.0
+
+
+def test_settings_left_to_the_checkpoints_are_resolved_once_and_the_config_kept(eval_base, monkeypatch):
+    """The reference is the checkpoint the evaluated one was trained from, the splits and the DPO loss
+    those of its runs, the judge on with a key; flags given win; the parsed Config is never changed."""
+    m, _, meta = load_model("sft", "cpu", "eval")
+    dpo_meta = dict(meta, source="sft", source_tag="d2", source_step=0,
+                    user_config={"val_fraction": 0.2, "beta": 0.3, "loss_type": "ipo"})
+    config = cfg("-i", "dpo")
+    resolved = chat_eval.resolve(config, dpo_meta)
+    assert resolved == chat_eval.Resolved("sft", "d2", 0, 0.1, 0.2, dpo.DPOLoss(0.3, "ipo", 0.0), None)
+    assert config == cfg("-i", "dpo")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.ref_source = "sft"
+    given = cfg("-i", "dpo", "--ref_source=base", "--dpo_val_fraction=0.3", "--sft_val_fraction=0.5")
+    assert chat_eval.resolve(given, dpo_meta)[:5] == ("base", None, None, 0.5, 0.3)
+    monkeypatch.setenv("OPENROUTER_API_KEY", "sk-test")
+    assert isinstance(chat_eval.resolve(config, dpo_meta).judge, chat_eval.Judge)
+    assert chat_eval.resolve(cfg("-i", "dpo", "--judge=0"), dpo_meta).judge is None
+    monkeypatch.delenv("OPENROUTER_API_KEY")
+    save_checkpoint(os.path.join(eval_base, "chatdpo_checkpoints", "d2"), 3, m.state_dict(), None, dpo_meta)
+    run_eval(monkeypatch, "-i", "dpo", "-a", "Trader-DPO")  # the report shows the settings as resolved
+    settings = json.load(open(os.path.join(eval_base, "report", "chimera-chat-evaluation-dpo.json")))["config"]
+    assert {k: settings[k] for k in ("ref_source", "ref_tag", "ref_step", "dpo_val_fraction", "judge")} == {
+        "ref_source": "sft", "ref_tag": "d2", "ref_step": 0, "dpo_val_fraction": 0.2, "judge": 0}
 
 
 def test_two_processes_shard_and_reduce_like_one(eval_base):
