@@ -1,5 +1,5 @@
 """The small layer every Chimera stage shares: errors, files, `--key=value` configs,
-torch.distributed, rank-0 printing, bf16 autocast, a progress bar and report sections.
+torch.distributed, rank-0 printing, bf16 autocast and a progress bar.
 Nothing here knows about models or data (JSONL files and HTTP with retries live in tasks.py)."""
 
 import argparse
@@ -164,6 +164,15 @@ def init_dist(device_type=""):
     return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), device)
 
 
+def rank0_value(value):
+    """Rank 0's value on every rank: a decision all must take alike (a file one node sees and another does not
+    would make their collectives stop matching) or work done once (hashing a checkpoint)."""
+    box = [value]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def cleanup_dist():
     if dist.is_initialized():
         dist.barrier()
@@ -198,7 +207,7 @@ def all_reduce_sum(values, device=None):
     return t.tolist()
 
 
-# Progress bar and report sections (rank 0)
+# Progress bar (rank 0)
 class ProgressBar:
     """done/total, rate, ETA and the caller's extras on stderr: redrawn in place on a terminal,
     one line every `log_every` seconds in a log file (so CI logs stay readable). `done`: work found
@@ -233,18 +242,3 @@ class ProgressBar:
             self.draw()
         if self.enabled and self.tty:
             self.stream.write("\n")
-
-
-def write_report_section(section, data, report_dir=None):
-    """report/chimera-<slug>.md in nanochat's Report.log format (`## section`, a timestamp, `- key: value`
-    lines), so both reports read it; the prefix keeps nanochat's own files untouched. `data`: dicts, strings."""
-    if not is_master():
-        return None
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else f"{v:,}" if type(v) is int and v >= 10000 else str(v)
-    out = [f"## {section}\n", f"timestamp: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}\n\n"]
-    for item in filter(None, data):
-        out += [item] if isinstance(item, str) else [f"- {k}: {fmt(v)}\n" for k, v in item.items()]
-    name = "chimera-" + section.lower().replace(" ", "-") + ".md"
-    path = os.path.join(report_dir or os.path.join(get_base_dir(), "report"), name)
-    atomic_write_text(path, "".join(out) + "\n")
-    return path

@@ -4,11 +4,12 @@ a run's schedule of micro-batches (length-grouped, the same global batch for any
 processes) with its learning-rate multiplier, the cadence of evaluations and saves, and the step log.
 """
 
+import hashlib
 import time
 
 import torch
 
-from common import UserError, print0
+from common import UserError, all_reduce_sum, print0, rank0_value
 
 WINDOW_STEPS = 16  # steps whose rows are sorted by length together (see Schedule)
 
@@ -35,6 +36,10 @@ class Schedule:
         if per_step % (batch_size * world_size):
             raise UserError(f"--target_examples_per_step={per_step} must be a multiple of device_batch_size"
                             f"*world_size = {batch_size}*{world_size} = {batch_size * world_size}")
+        digest = hashlib.sha256(repr(list(lengths)).encode()).hexdigest()  # each rank loaded its own files
+        if all_reduce_sum([rank0_value(digest) != digest])[0]:  # every rank stops, none waits in a collective
+            raise UserError("the processes hold different training data (rows other than rank 0's): every node needs "
+                            "the same data files, or its steps and collectives would not match")
         self.lengths, self.per_step, self.batch_size, self.world_size = lengths, per_step, batch_size, world_size
         self.num_iterations = num_iterations if num_iterations > 0 else max(1, len(lengths) * num_epochs // per_step)
         self.window, self.cached = max(1, min(WINDOW_STEPS, len(lengths) // per_step)), (None, None)

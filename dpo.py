@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from common import (UserError, all_reduce_sum, atomic_write, autocast, check_settings, cleanup_dist, get_base_dir,
-                    init_dist, parse_config, print0, run_main, synchronize, write_report_section)
+                    init_dist, parse_config, print0, rank0_value, run_main, synchronize)
 from checkpoint import RunDir, checkpoint_dir_for, find_last_step, load_model
 from dataloader import Schedule, StepLog, collate, due
 from model import compile_model
 from optim import GradSync, optimizer_step, setup_optimizers
+from report import write_report_section
 import tasks
 
 
@@ -139,9 +140,12 @@ def my_batches(pairs, batch_size, proc):
 
 # Reference log-probs: live from a frozen model, or computed once and cached to disk
 def freeze(model):
-    return copy.deepcopy(model).eval().requires_grad_(False)
+    """The frozen reference: a copy without gradients, in bf16 on CUDA (half the memory; it only scores)."""
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    return reference.to(torch.bfloat16) if model.get_device().type == "cuda" else reference
 
 
+@torch.no_grad()  # in place: no logits kept for a backward that never comes
 def reference_logps(reference, pairs, indices, pad_id, device):
     """(chosen, rejected) log-probs of pairs[indices] by the reference: a frozen model, or a reference_table."""
     if isinstance(reference, dict):
@@ -164,24 +168,30 @@ def reference_table(data_path, max_len, policy, pairs, pad_id, config, proc):
     data in a file named by everything they depend on: the reference weights, the tokenizer,
     the data (content hashes), the truncation and the rendering. Looked up by the pair, never by
     its position, so another split or order of the same pairs reads the right values."""
-    checkpoint_dir = checkpoint_dir_for(config.source, config.model_tag)
-    step = find_last_step(checkpoint_dir) if config.step is None else config.step
-    parts = [file_sha256(os.path.join(checkpoint_dir, f"model_{step:06d}.pt")), file_sha256(data_path), str(max_len),
-             file_sha256(os.path.join(get_base_dir(), "tokenizer", "tokenizer.pkl")), "user+assistant, no system"]
-    tag = hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
+    def key():
+        checkpoint_dir = checkpoint_dir_for(config.source, config.model_tag)
+        step = find_last_step(checkpoint_dir) if config.step is None else config.step
+        parts = [file_sha256(os.path.join(checkpoint_dir, f"model_{step:06d}.pt")), file_sha256(data_path),
+                 str(max_len), file_sha256(os.path.join(get_base_dir(), "tokenizer", "tokenizer.pkl")),
+                 "user+assistant, no system"]
+        return hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
+
+    tag = rank0_value(key() if proc.master else None)  # one rank reads the weights (11 GB at d32), not all
     path = os.path.join(os.path.dirname(os.path.abspath(data_path)), "ref_logps", f"{os.path.basename(data_path)}.{tag}.pt")
     cached = torch.load(path, weights_only=True) if os.path.exists(path) else {"keys": [], "logps": []}
     table = dict(zip(cached["keys"], cached["logps"]))
-    if all(pair.digest in table for pair in pairs):
+    # reused only where every rank has it (one node's disk may hold the file and another's not: their
+    # collectives would stop matching); written by each node's first rank
+    if not all_reduce_sum([not all(pair.digest in table for pair in pairs)])[0]:
         print0(f"reference log-probs: reusing {path}")
         return table
     print0(f"reference log-probs: computing {len(pairs)} pairs once -> {path}")
-    logps = torch.zeros(len(pairs), 2, dtype=torch.float64, device=proc.device)  # the policy is the reference now
+    logps = torch.zeros(len(pairs), 2, dtype=torch.float64)  # the policy is the reference now; float64 on the CPU
     for indices in my_batches(pairs, config.device_batch_size, proc):  # each rank its share, then summed over ranks
-        logps[indices] = torch.stack(reference_logps(policy, pairs, indices, pad_id, proc.device), dim=1).double()
+        logps[indices] = torch.stack(reference_logps(policy, pairs, indices, pad_id, proc.device), dim=1).cpu().double()
     logps = torch.tensor(all_reduce_sum(logps.view(-1).tolist(), proc.device), dtype=torch.float64).view(-1, 2)
     keys = [pair.digest for pair in pairs]
-    if proc.master:
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         atomic_write(path, lambda f: torch.save({"keys": keys, "logps": logps}, f), binary=True)
     return dict(zip(keys, logps))
 
@@ -220,7 +230,7 @@ def pair_losses(model, reference, pairs, indices, pad_id, dpo_loss, device):
     chosen, rejected = dpo_loss.beta * (logps.chosen - ref_chosen), dpo_loss.beta * (logps.rejected - ref_rejected)
     margins = chosen - rejected
     sums = torch.stack([losses, chosen, rejected, margins, (margins > 0).float(), logps.chosen, logps.rejected])
-    sums = sums.detach().double().sum(dim=1).tolist()
+    sums = sums.detach().cpu().double().sum(dim=1).tolist()  # float64 on the CPU: MPS has none
     return logps.loss, Stats(*sums, pairs=len(indices), real_tokens=logps.real_tokens, positions=logps.positions)
 
 

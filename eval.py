@@ -24,11 +24,12 @@ from typing import NamedTuple, Optional
 import torch
 
 from common import (UserError, ProgressBar, all_reduce_sum, atomic_write_json, autocast, check_settings,
-                    cleanup_dist, init_dist, parse_config, print0, run_main, write_report_section)
+                    cleanup_dist, init_dist, parse_config, print0, run_main)
 from checkpoint import checkpoint_dir_for, find_last_step, load_model
 from engine import Engine
 import dpo
 import openrouter
+from report import write_report_section
 import tasks
 from sft import conversation_loss
 from tasks import download_lock

@@ -31,10 +31,10 @@ from typing import Callable
 
 import numpy as np
 
-from common import (ProgressBar, UserError, atomic_write_json, check_settings, get_base_dir, parse_config, run_main,
-                    write_report_section)
+from common import ProgressBar, UserError, atomic_write_json, check_settings, get_base_dir, parse_config, run_main
 from openrouter import (PERSONA_LISTS, PERSONA_PATH, APIStop, BadAnswer, Spend, client_from_env, judge_both_orders,
                         load_persona, repair_torn_line)
+from report import write_report_section
 from tasks import HTTPGaveUp, append_jsonl, conversation_problem, dpo_problem, iter_jsonl, record_digest
 
 

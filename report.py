@@ -23,7 +23,7 @@ import re
 import subprocess
 import sys
 
-from common import UserError, atomic_write_text, get_base_dir, run_main
+from common import UserError, atomic_write_text, get_base_dir, is_master, run_main
 
 # nanochat's sections in its order (its own SFT's included, as they are), then Chimera's, which carry a
 # chimera- prefix so that nanochat's files of the same stage are never overwritten
@@ -47,6 +47,22 @@ PERSONA_METRICS = [f"{name} ({cond})" for name in ("Trader SFT held-out loss", "
                                                    "DPO reward accuracy", "DPO reward margin", "Judge win rate")
                    for cond in ("no system", "with system")] + ["Identity probe score"]
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]  # the charts' lines, in order
+
+
+# Writing a section (each stage, rank 0)
+def write_report_section(section, data, report_dir=None):
+    """report/chimera-<slug>.md in nanochat's Report.log format (`## section`, a timestamp, `- key: value`
+    lines), so both reports read it; the prefix keeps nanochat's own files untouched. `data`: dicts, strings."""
+    if not is_master():
+        return None
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else f"{v:,}" if type(v) is int and v >= 10000 else str(v)
+    out = [f"## {section}\n", f"timestamp: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}\n\n"]
+    for item in filter(None, data):
+        out += [item] if isinstance(item, str) else [f"- {k}: {fmt(v)}\n" for k, v in item.items()]
+    name = "chimera-" + section.lower().replace(" ", "-") + ".md"
+    path = os.path.join(report_dir or os.path.join(get_base_dir(), "report"), name)
+    atomic_write_text(path, "".join(out) + "\n")
+    return path
 
 
 # Reading sections

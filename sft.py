@@ -18,11 +18,12 @@ from typing import Optional
 import torch
 
 from common import (UserError, all_reduce_sum, autocast, check_settings, cleanup_dist, get_base_dir, init_dist,
-                    parse_config, print0, run_main, synchronize, write_report_section)
+                    parse_config, print0, run_main, synchronize)
 from checkpoint import SOURCE_DIRS, RunDir, default_start, load_model
 from dataloader import Schedule, StepLog, collate, due
 from model import compile_model
 from optim import GradSync, optimizer_step, setup_optimizers
+from report import write_report_section
 import tasks
 from tasks import download_lock
 

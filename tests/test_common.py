@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+import report
 import dataloader
 from common import UserError, parse_config
 
@@ -101,7 +102,7 @@ def test_collate_pads_and_masks_targets():
 
 
 def test_report_section_is_nanochat_format(tmp_path):
-    path = common.write_report_section("Chat DPO", [{"beta": 0.1, "pairs": 12000, "steps": 3}, "extra text\n"],
+    path = report.write_report_section("Chat DPO", [{"beta": 0.1, "pairs": 12000, "steps": 3}, "extra text\n"],
                                        report_dir=str(tmp_path))
     text = open(path).read()
     assert os.path.basename(path) == "chimera-chat-dpo.md"

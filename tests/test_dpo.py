@@ -303,3 +303,19 @@ def test_two_processes_with_fewer_held_out_pairs_than_processes(tmp_path):
     run_torchrun([os.path.join(REPO, "dpo.py"), *args], env={"NANOCHAT_BASE_DIR": base}, timeout=120)
     meta = load_model("dpo", "cpu", "eval", base_dir=base)[2]
     assert meta["val_pairs"] == 1 and meta["initial_held_out"]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_ranks_that_see_different_files_agree_or_stop_together(tmp_path):
+    """Nodes with their own disks: one sees the reference cache and another not (before: one reused it while
+    the other computed, and their collectives stopped matching until the timeout), or one holds other data
+    (before: different step counts). Now the cache is reused only where every rank has it, and other data
+    stops every rank with one line. A hang fails within CHIMERA_DIST_TIMEOUT."""
+    base = make_sft_base(tmp_path / "base")
+    args = ["--num_iterations=2", "--eval_every=-1", "--device_batch_size=2", "--target_examples_per_step=4",
+            "--max_length=96", "--ref_cache=1"]
+    env = {"NANOCHAT_BASE_DIR": base, "CHIMERA_DIST_TIMEOUT": "60"}
+    views = os.path.join(REPO, "tests", "dist_views.py")
+    run_python([os.path.join(REPO, "dpo.py"), *args], env=env, timeout=120)  # the cache is on disk now
+    run_torchrun([views, os.path.join(REPO, "dpo.py"), *args], env={**env, "VIEW": "no_ref_cache"}, timeout=120)
+    with pytest.raises(AssertionError, match="the processes hold different training data"):
+        run_torchrun([views, os.path.join(REPO, "dpo.py"), *args], env={**env, "VIEW": "fewer_rows"}, timeout=120)

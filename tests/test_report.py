@@ -6,7 +6,7 @@ import os
 import pytest
 
 import report
-from common import write_report_section
+from report import write_report_section
 
 NANOCHAT_HEADER = """# nanochat training report
 
