@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import datetime
 import functools
+import gc
 import inspect
 import json
 import math
@@ -26,13 +27,17 @@ class UserError(Exception):
 
 
 def run_main(main):
-    """Run a stage's main(): a UserError becomes `error: ...` on stderr and exit code 2."""
+    """Run a stage's main(): a UserError becomes `error: ...` on stderr and exit code 2. A process group main()
+    left up is destroyed here, while the interpreter is whole: torn down at exit, gloo's threads can abort it."""
     try:
         main()
     except (UserError, KeyboardInterrupt) as e:
         stopped = isinstance(e, KeyboardInterrupt)
         print(f"error: {'interrupted' if stopped else e}", file=sys.stderr, flush=True)
         sys.exit(130 if stopped else 2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def get_base_dir():
@@ -175,6 +180,7 @@ def rank0_value(value):
 
 def cleanup_dist():
     if dist.is_initialized():
+        gc.collect()  # async works kept alive by reference cycles go now, not in the interpreter's teardown
         dist.barrier()
         dist.destroy_process_group()
 
