@@ -22,12 +22,9 @@ from itertools import takewhile
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import torch
-
 from checkpoint import checkpoint_dir_for, load_model
 from common import UserError, check_settings, init_dist, parse_config, run_main
-import engine
-from engine import Engine
+from engine import Engine, Sampling
 from openrouter import PERSONA_PATH, load_persona
 
 
@@ -51,15 +48,11 @@ class Config:
 
 
 @dataclass
-class Sampling(engine.Sampling):  # a request's: the engine's settings, and
-    stop: list = field(default_factory=list)  # strings that end a reply (left out of it)
-    n: int = 1  # replies, sampled from one prefill
-
-
-@dataclass
-class Request:  # a submitted completion, between the scheduler's thread and wait()
+class Request:  # a chat completion: parsed, then shared by the scheduler's thread and wait()
     prompt: list
     sampling: Sampling
+    stop: list  # strings that end a reply (left out of it)
+    n: int  # replies, sampled from one prefill
     events: queue.Queue = field(default_factory=queue.Queue)  # (choice index, text delta, stop|length|error|None)
     sent: list = field(default_factory=list)  # per choice: the characters sent so far
     cancelled: bool = False
@@ -79,9 +72,9 @@ class Scheduler:
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
 
-    def submit(self, prompt, sampling):
-        """A request of n rows; the scheduler puts (choice index, text delta, stop|length|error|None) on its events."""
-        req = Request(prompt, sampling, sent=[0] * sampling.n)
+    def submit(self, req):
+        """Queues a request; the scheduler puts (choice index, text delta, stop|length|error|None) on its events."""
+        req.sent = [0] * req.n
         with self.cond:
             self.waiting.append(req)
             self.cond.notify()
@@ -89,7 +82,7 @@ class Scheduler:
 
     def wait(self, req, on_delta, client_gone=lambda: False):
         """on_delta(index, text, finish) per event until all choices finish; their finish reasons."""
-        finishes = [None] * req.sampling.n
+        finishes = [None] * req.n
         try:
             while None in finishes:
                 if client_gone():
@@ -112,37 +105,37 @@ class Scheduler:
                 if not self.cond.wait_for(lambda: self.waiting or any(engine.rows), timeout=0.25):
                     continue  # idle: no step, and close() is seen within 0.25 s
                 joining, free = [], engine.rows.count(None)
-                while self.waiting and (self.waiting[0].cancelled or free >= self.waiting[0].sampling.n):
+                while self.waiting and (self.waiting[0].cancelled or free >= self.waiting[0].n):
                     req = self.waiting.popleft()  # oldest first, while it fits
                     if not req.cancelled:
                         joining.append(req)
-                        free -= req.sampling.n
+                        free -= req.n
             try:
                 while joining:  # into the lowest free rows
-                    engine.add(joining[0].prompt, joining[0].sampling, joining[0].sampling.n, owner=joining[0])
+                    engine.add(joining[0].prompt, joining[0].sampling, joining[0].n, owner=joining[0])
                     joining.pop(0)
                 for row in filter(None, engine.rows):
                     if row.owner.cancelled:
-                        engine.free(row.index)
+                        engine.free(row)
                 for event in engine.step():
                     self._send(event)
             except Exception as e:  # a failing model ends the requests in flight, not the server
                 print(f"error while decoding: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-                for req, index in [(r, i) for r in joining for i in range(r.sampling.n)] + \
+                for req, index in [(r, i) for r in joining for i in range(r.n)] + \
                         [(row.owner, row.choice) for row in filter(None, engine.rows)]:
                     req.events.put((index, "", "error"))
                 for row in filter(None, engine.rows):
-                    engine.free(row.index)
+                    engine.free(row)
 
     def _send(self, event):
         """The row's settled text to its request; a stop string in it ends the row."""
         row, req = event.row, event.row.owner
         req.completion_tokens += 1
-        text, stop = self.tokenizer.decode(row.ids), req.sampling.stop
+        text, stop = self.tokenizer.decode(row.ids), req.stop
         cut = min([p for p in map(text.find, stop) if p >= 0], default=len(text))
         finish = "stop" if cut < len(text) else event.finish
-        if finish and row.live:
-            self.engine.free(row.index)
+        if finish:
+            self.engine.free(row)
         hold = max([len(x) - 1 for x in stop], default=0)  # unsettled: the tail may begin a stop string
         text = text[:cut] if finish else text[:max(0, cut - hold)].rstrip("\ufffd")  # or end in half a character
         if len(text) > req.sent[row.choice] or finish:
@@ -167,7 +160,7 @@ def chat_cli(sched, config, read=input, out=sys.stdout):
                 continue
             messages, parts = history[not system:] + [{"role": "user", "content": text}], []
             try:  # parsed as the server parses a request: config's temperature, top_k and max_tokens are the defaults
-                ids, sampling, *_ = parse_request({"messages": messages}, config, sched)
+                req, *_ = parse_request({"messages": messages}, config, sched)
             except APIError as e:  # longer than the model's context: -p fails, the chat goes on
                 if config.prompt:
                     raise UserError(str(e)) from None
@@ -175,7 +168,7 @@ def chat_cli(sched, config, read=input, out=sys.stdout):
                 continue
             out.write("" if config.prompt else "Assistant: ")
             write = lambda index, text, finish: (parts.append(text), out.write(text), out.flush())
-            finishes = sched.wait(sched.submit(ids, sampling), write)
+            finishes = sched.wait(sched.submit(req), write)
             out.write("\n")
             if "error" in finishes:  # the scheduler printed why
                 raise UserError("the model failed while decoding")
@@ -192,7 +185,7 @@ class APIError(Exception):  # its body is OpenAI's error object
 
 
 def parse_request(body, defaults, sched):
-    """A chat-completions body -> (prompt ids, Sampling, stream, include_usage), or an APIError 400 naming a field."""
+    """A chat-completions body -> (Request, stream, include_usage), or an APIError 400 naming a field."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     fields = {  # name: (type, low, high) of each field used; others (response_format, ...) are ignored
@@ -221,9 +214,9 @@ def parse_request(body, defaults, sched):
                        "messages", "context_length_exceeded")
     get = lambda name, default=None: default if body.get(name) is None else body[name]
     sampling = Sampling(get("temperature", defaults.temperature), get("top_k", defaults.top_k), get("top_p", 1.0),
-                        get("max_tokens", get("max_completion_tokens", defaults.max_tokens)), get("seed"),
-                        stop, get("n", 1))
-    return prompt, sampling, bool(body.get("stream")), bool((body.get("stream_options") or {}).get("include_usage"))
+                        get("max_tokens", get("max_completion_tokens", defaults.max_tokens)), get("seed"))
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    return Request(prompt, sampling, stop, get("n", 1)), bool(body.get("stream")), include_usage
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -272,9 +265,9 @@ class Handler(BaseHTTPRequestHandler):
             body = json.loads(self.rfile.read(min(int(self.headers.get("Content-Length", 0)), 1 << 24)) or b"null")
         except ValueError:
             raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
-        prompt, sampling, stream, include_usage = parse_request(body, srv.defaults, srv.sched)
+        req, stream, include_usage = parse_request(body, srv.defaults, srv.sched)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(t0), "model": srv.model_name}
-        chunk, texts = dict(head, object="chat.completion.chunk"), [""] * sampling.n
+        chunk, texts = dict(head, object="chat.completion.chunk"), [""] * req.n
         event = lambda obj: (self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n"), self.wfile.flush())
         choice = lambda i, d, f: {"index": i, "delta": d, "finish_reason": f}
         delta = lambda i, d, f: f == "error" or event(dict(chunk, choices=[choice(i, d, f)]))
@@ -282,14 +275,14 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.end_headers()
-            for i in range(sampling.n):
+            for i in range(req.n):
                 delta(i, {"role": "assistant", "content": ""}, None)
-        req = srv.sched.submit(prompt, sampling)
+        srv.sched.submit(req)
         finishes = srv.sched.wait(req, lambda i, t, f: delta(i, {"content": t} if t else {}, f) if stream else
                                   texts.__setitem__(i, texts[i] + t), self._client_gone)
-        dt, done = time.time() - t0, req.completion_tokens
-        log = f" {len(prompt)} prompt + {done} completion tokens in {dt:.2f}s ({done / dt:.1f} tokens/s)"
-        usage = {"prompt_tokens": len(prompt), "completion_tokens": done, "total_tokens": len(prompt) + done}
+        dt, given, done = time.time() - t0, len(req.prompt), req.completion_tokens
+        log = f" {given} prompt + {done} completion tokens in {dt:.2f}s ({done / dt:.1f} tokens/s)"
+        usage = {"prompt_tokens": given, "completion_tokens": done, "total_tokens": given + done}
         failed = APIError(500, "the model failed while decoding (see the server's log)", kind="server_error")
         if stream:  # headers are sent: a failure is an error event (OpenAI's), never a finish_reason
             if "error" in finishes or include_usage:
@@ -300,7 +293,7 @@ class Handler(BaseHTTPRequestHandler):
             raise failed
         else:
             choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
-                        "finish_reason": finishes[i]} for i in range(sampling.n)]
+                        "finish_reason": finishes[i]} for i in range(req.n)]
             self._send(200, dict(head, object="chat.completion", usage=usage, choices=choices), log=log)
 
 

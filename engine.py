@@ -118,11 +118,9 @@ class Sampling:  # one prompt's settings: temperature 0 = greedy, top_k 0 = all,
     seed: int | None = None  # None: torch's global RNG
 
 
-@torch.inference_mode()
 def sample(logits, sampling, rng):
-    """[B, V] raw logits -> [B] token ids: top_k, then the softcap (it keeps their order: a tanh over k logits,
-    not the vocab), temperature and top_p. Every row draws from the one rng, so a row's samples do not depend on
-    whether the others are still decoding."""
+    """[B, V] raw logits -> [B] token ids: top_k, then the softcap (it keeps their order: a tanh over k logits, not
+    the vocab), temperature and top_p. A row's draws do not depend on the other rows' logits (one rng for all)."""
     if sampling.temperature == 0.0:
         return softcap(logits).argmax(-1)
     idx = None
@@ -200,8 +198,7 @@ class Engine:
         free = [i for i, row in enumerate(self.rows) if row is None][:n]
         if len(free) < n:
             raise ValueError(f"{n} rows asked of the engine, {len(free)} free")
-        for i in free:
-            self.cache.reset(i)
+        self.cache.reset(free[0])
         logits = self._forward([prompt], self.cache.view(slice(free[0], free[0] + 1)))
         for i in free[1:]:
             self.cache.copy_row(free[0], i)
@@ -213,11 +210,11 @@ class Engine:
         self.groups.append(group)
         return group.rows
 
-    def free(self, index):
-        row, self.rows[index] = self.rows[index], None
-        row.live = False
-        if not any(r.live for r in row.group.rows):
-            self.groups.remove(row.group)
+    def free(self, row):  # a no-op for a row already ended
+        if row.live:
+            self.rows[row.index], row.live = None, False
+            if not any(r.live for r in row.group.rows):
+                self.groups.remove(row.group)
 
     @torch.inference_mode()
     def step(self):
@@ -235,7 +232,7 @@ class Engine:
                 full = len(row.ids) >= group.sampling.max_tokens or int(self.cache.pos[row.index]) + 1 >= self.max_len
                 events.append(Event(row, token, forced, "stop" if token in self.stops else "length" if full else None))
                 if events[-1].finish:
-                    self.free(row.index)
+                    self.free(row)
         live = [row.index for row in self.rows if row]
         if live:  # free rows among them decode at a live row's position: level rows keep the cache's fast path
             self.cache.pos[[i for i in range(live[-1]) if self.rows[i] is None]] = int(self.cache.pos[live[0]])

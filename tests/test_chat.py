@@ -30,7 +30,7 @@ class Served:
         self.sched = chat.Scheduler(self.model, self.tok, max_batch=8)
         self.submitted = []
         submit = self.sched.submit
-        self.sched.submit = lambda prompt, sampling: self.submitted.append(submit(prompt, sampling)) or self.submitted[-1]
+        self.sched.submit = lambda req: self.submitted.append(req) or submit(req)
         defaults = chat.Sampling(temperature=0.0, top_k=0, max_tokens=24)
         self.servers = [chat.make_server(self.sched, "base/d2", defaults, port=free_port(), api_key=k) for k in ("", KEY)]
         for server in self.servers:
