@@ -1,11 +1,11 @@
 """
-Sampling from a GPT: the KV cache, the calculator tool, and the Engine: the one decoding loop (eval's
-samples, the judge's probes and chat's server all step it), rows of many prompts decoding together.
+Sampling from a GPT: the KV cache, the calculator tool, and the Engine, the one decoding loop (eval's samples,
+the judge's probes and chat's server all run on it): rows of many prompts decode together.
 
     engine = Engine(model, tokenizer, max_batch=8)
     sequences, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=256, temperature=0.8)
-    rows = engine.add(prompt_ids, Sampling(temperature=0.6, top_p=0.9, seed=1), n=2)  # or a prompt at a time:
-    events = engine.step()  # a token for every row in flight: [Event(row, token, forced, finish)]
+    rows = engine.add(prompt_ids, Sampling(temperature=0.6, top_p=0.9, seed=1), n=2)  # or step by step:
+    events = engine.step()  # a token for every active row: [Event(row, token, forced, finish)]
 """
 
 import ast
