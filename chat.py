@@ -121,10 +121,11 @@ class Scheduler:
                     self._send(event)
             except Exception as e:  # a failing model ends the requests in flight, not the server
                 print(f"error while decoding: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-                for req, index in [(r, i) for r in joining for i in range(r.n)] + \
-                        [(row.owner, row.choice) for row in filter(None, engine.rows)]:
-                    req.events.put((index, "", "error"))
+                for req in joining:  # not in the engine yet: all its choices
+                    for index in range(req.n):
+                        req.events.put((index, "", "error"))
                 for row in filter(None, engine.rows):
+                    row.owner.events.put((row.choice, "", "error"))
                     engine.free(row)
 
     def _send(self, event):

@@ -189,6 +189,8 @@ def test_a_model_failing_while_decoding_is_an_openai_error_not_a_finish_reason(s
     with pytest.raises(UserError, match="failed while decoding"):  # -p exits 2, not 0
         chat.chat_cli(served.sched, chat.Config(prompt="hi"), out=io.StringIO())
     assert "RuntimeError: out of memory" in capsys.readouterr().err
+    monkeypatch.setattr(served.sched.engine, "_forward", fail)  # a failing prefill ends its request too
+    assert served.post({"messages": user("hi"), "n": 2}).status_code == 500
 
 
 @pytest.mark.parametrize("body, param", [
