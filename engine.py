@@ -120,7 +120,8 @@ class Sampling:  # one prompt's settings: temperature 0 = greedy, top_k 0 = all,
 
 def sample(logits, sampling, rng):
     """[B, V] raw logits -> [B] token ids: top_k, then the softcap (it keeps their order: a tanh over k logits, not
-    the vocab), temperature and top_p. A row's draws do not depend on the other rows' logits (one rng for all)."""
+    the vocab), temperature and top_p. Each row draws its own part of the rng's stream: its token is the same
+    whatever the other rows' logits."""
     if sampling.temperature == 0.0:
         return softcap(logits).argmax(-1)
     idx = None
