@@ -21,13 +21,10 @@ from contextlib import suppress
 from itertools import takewhile
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import SimpleNamespace
-
-import torch
 
 from checkpoint import checkpoint_dir_for, load_model
-from common import UserError, autocast, check_settings, init_dist, parse_config, run_main
-from engine import Engine, KVCache, sample_next_token
+from common import UserError, check_settings, init_dist, parse_config, run_main
+from engine import Engine, Sampling
 from openrouter import PERSONA_PATH, load_persona
 
 
@@ -51,48 +48,33 @@ class Config:
 
 
 @dataclass
-class Sampling:  # one request's settings: top_k 0 = all, seed None = random, n replies
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    max_tokens: int = 512
-    stop: list = field(default_factory=list)  # strings that end a reply (left out of it)
-    seed: int | None = None
-    n: int = 1
-
-
-def sample(logits, s, rng):
-    """A token id from [V] logits: top_p (0: only the top token) on top of the engine's sampler."""
-    if s.top_p < 1.0 and s.temperature > 0:
-        probs, order = (logits / s.temperature).softmax(-1).sort(descending=True)
-        logits = logits.index_fill(0, order[probs.cumsum(-1) - probs > s.top_p], -float("inf"))
-    return int(sample_next_token(logits[None], rng, s.temperature, s.top_k)[0, 0])
+class Request:  # a chat completion: parsed, then shared by the scheduler's thread and wait()
+    prompt: list
+    sampling: Sampling
+    stop: list  # strings that end a reply (left out of it)
+    n: int  # replies, sampled from one prefill
+    events: queue.Queue = field(default_factory=queue.Queue)  # (choice index, text delta, stop|length|error|None)
+    sent: list = field(default_factory=list)  # per choice: the characters sent so far
+    cancelled: bool = False
+    completion_tokens: int = 0
 
 
 # --- The scheduler: all requests in flight decode together -------------------
 
 
 class Scheduler:
-    """Owns the model and a KV cache of max_batch rows in one thread. Waiting requests join free
-    rows between steps (each row prefilled on its own); a step samples a token per active row,
-    then one forward pass advances them all, each at its own position."""
+    """The model's thread: waiting requests join the engine's free rows between its steps, and each
+    step's tokens go to their requests as text (held back while it may begin a stop string)."""
 
     def __init__(self, model, tokenizer, max_batch=8):
-        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
-        self.device, self.max_len = model.get_device(), model.config.sequence_len
-        self.cache = KVCache.for_model(model, max_batch, self.max_len)
-        self.engine = Engine(model, tokenizer)  # for its calculator-tool logic
-        self.tools = [tokenizer.encode_special(f"<|{t}_{e}|>") for t in ("python", "output") for e in ("start", "end")]
-        self.stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
-        self.slots, self.logits = [None] * max_batch, [None] * max_batch  # a row's request and next-token logits
+        self.tokenizer, self.engine = tokenizer, Engine(model, tokenizer, max_batch, model.config.sequence_len)
         self.waiting, self.cond, self.closed = deque(), threading.Condition(), False
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
 
-    def submit(self, prompt, s):
-        """A request of n rows; the scheduler puts (choice index, text delta, stop|length|error|None) on its events."""
-        rng = None if s.seed is None else torch.Generator(self.device).manual_seed(s.seed)  # None: torch's own
-        req = SimpleNamespace(prompt=prompt, s=s, rng=rng, events=queue.Queue(), cancelled=False, completion_tokens=0)
+    def submit(self, req):
+        """Queues a request; the scheduler puts (choice index, text delta, stop|length|error|None) on its events."""
+        req.sent = [0] * req.n
         with self.cond:
             self.waiting.append(req)
             self.cond.notify()
@@ -100,7 +82,7 @@ class Scheduler:
 
     def wait(self, req, on_delta, client_gone=lambda: False):
         """on_delta(index, text, finish) per event until all choices finish; their finish reasons."""
-        finishes = [None] * req.s.n
+        finishes = [None] * req.n
         try:
             while None in finishes:
                 if client_gone():
@@ -116,88 +98,78 @@ class Scheduler:
         self.closed = True  # the loop ends after its current step
         self.thread.join()
 
-    @torch.inference_mode()
     def _loop(self):
+        engine = self.engine
         while not self.closed:
             with self.cond:
-                if not self.cond.wait_for(lambda: self.waiting or any(self.slots), timeout=0.25):
+                if not self.cond.wait_for(lambda: self.waiting or any(engine.rows), timeout=0.25):
                     continue  # idle: no step, and close() is seen within 0.25 s
-                while self.waiting and (self.waiting[0].cancelled or self.slots.count(None) >= self.waiting[0].s.n):
-                    req = self.waiting.popleft()  # oldest first, into the lowest free rows, while it fits
-                    free = [i for i, slot in enumerate(self.slots) if slot is None and not req.cancelled]
-                    for index, row in zip(range(req.s.n), free):
-                        self.slots[row] = SimpleNamespace(req=req, index=index, ids=[], sent=0, forced=deque(),
-                                                          in_python=False, python_tokens=[])  # + the tool's state
-                        self.logits[row] = None  # prefilled at the start of the next step
+                joining, free = [], engine.rows.count(None)
+                while self.waiting and (self.waiting[0].cancelled or free >= self.waiting[0].n):
+                    req = self.waiting.popleft()  # oldest first, while it fits
+                    if not req.cancelled:
+                        joining.append(req)
+                        free -= req.n
             try:
-                self._step()
+                while joining:  # into the lowest free rows
+                    engine.add(joining[0].prompt, joining[0].sampling, joining[0].n, owner=joining[0])
+                    joining.pop(0)
+                for row in filter(None, engine.rows):
+                    if row.owner.cancelled:
+                        engine.free(row)
+                for event in engine.step():
+                    self._send(event)
             except Exception as e:  # a failing model ends the requests in flight, not the server
                 print(f"error while decoding: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-                for slot in filter(None, self.slots):
-                    slot.req.events.put((slot.index, "", "error"))
-                self.slots = [None] * self.max_batch
+                for req in joining:  # not in the engine yet: all its choices
+                    for index in range(req.n):
+                        req.events.put((index, "", "error"))
+                for row in filter(None, engine.rows):
+                    row.owner.events.put((row.choice, "", "error"))
+                    engine.free(row)
 
-    def _forward(self, ids, cache):  # the last position's logits: only it meets the lm_head
-        with autocast(self.device):
-            return self.model.logits(self.model.hidden_states(torch.tensor(ids, device=self.device), cache)[:, -1])
-
-    def _step(self):
-        for row in [r for r, slot in enumerate(self.slots) if slot and self.logits[r] is None]:  # joined rows
-            self.cache.reset(row)
-            self.logits[row] = self._forward([self.slots[row].req.prompt], self.cache.row(row))[0]
-        tokens = [0] * self.max_batch  # free rows decode a dummy token, each step from position 0
-        for row, slot in enumerate(self.slots):
-            if not slot or slot.req.cancelled or self._advance(row, slot, tokens):
-                self.slots[row] = None
-                self.cache.reset(row)
-        if any(self.slots):  # the rows up to the last active one: a view of the cache, one forward pass
-            m, c = max(row for row, slot in enumerate(self.slots) if slot) + 1, self.cache
-            logits = self._forward([[t] for t in tokens[:m]], KVCache(c.k[:, :m], c.v[:, :m], c.pos[:m], c.prev[:m]))
-            self.logits[:m] = logits.unbind(0)
-
-    def _advance(self, row, slot, tokens):
-        """tokens[row] = the row's next token (sampled, or the tool's); send its settled text; the finish or None."""
-        req, s = slot.req, slot.req.s
-        token = tokens[row] = slot.forced.popleft() if slot.forced else sample(self.logits[row], s, req.rng)
-        self.engine.track_tool(slot, token, *self.tools)
+    def _send(self, event):
+        """The row's settled text to its request; a stop string in it ends the row."""
+        row, req = event.row, event.row.owner
         req.completion_tokens += 1
-        slot.ids += [] if token in self.stops else [token]
-        text = self.tokenizer.decode(slot.ids)
-        cut = min([p for p in map(text.find, s.stop) if p >= 0], default=len(text))
-        finish = "stop" if token in self.stops or cut < len(text) else (
-            "length" if len(slot.ids) >= s.max_tokens or int(self.cache.pos[row]) + 1 >= self.max_len else None)
-        hold = max([len(x) - 1 for x in s.stop], default=0)  # unsettled: the tail may begin a stop string
+        text, stop = self.tokenizer.decode(row.ids), req.stop
+        cut = min([p for p in map(text.find, stop) if p >= 0], default=len(text))
+        finish = "stop" if cut < len(text) else event.finish
+        if finish:
+            self.engine.free(row)
+        hold = max([len(x) - 1 for x in stop], default=0)  # unsettled: the tail may begin a stop string
         text = text[:cut] if finish else text[:max(0, cut - hold)].rstrip("\ufffd")  # or end in half a character
-        if len(text) > slot.sent or finish:
-            req.events.put((slot.index, text[slot.sent:], finish))
-            slot.sent = max(len(text), slot.sent)
-        return finish
+        if len(text) > req.sent[row.choice] or finish:
+            req.events.put((row.choice, text[req.sent[row.choice]:], finish))
+            req.sent[row.choice] = max(len(text), req.sent[row.choice])
 
 
 # --- Terminal chat -----------------------------------------------------------
 
 
-def chat_cli(sched, c, read=input, out=sys.stdout):
-    system = c.system or (load_persona(PERSONA_PATH)["system"] if c.persona else "")
+def chat_cli(sched, config, read=input, out=sys.stdout):
+    system = config.system or (load_persona(PERSONA_PATH)["system"] if config.persona else "")
     history = [{"role": "system", "content": system}]
-    out.write("" if c.prompt else "Chat with the model: `clear` starts a new conversation, `quit` (or Ctrl-D) ends.\n")
+    if not config.prompt:
+        out.write("Chat with the model: `clear` starts a new conversation, `quit` (or Ctrl-D) ends.\n")
     lines = takewhile(lambda text: text not in ("quit", "exit"), iter(lambda: read("\nUser: ").strip(), None))
     with suppress(EOFError):  # Ctrl-D ends the chat too
-        for text in filter(None, [c.prompt] if c.prompt else lines):
+        for text in filter(None, [config.prompt] if config.prompt else lines):
             if text == "clear":
                 del history[1:]
                 out.write("(new conversation)\n")
                 continue
             messages, parts = history[not system:] + [{"role": "user", "content": text}], []
-            try:  # parsed as the server parses a request: c's temperature, top_k and max_tokens are the defaults
-                ids, s, *_ = parse_request({"messages": messages}, c, sched)
+            try:  # parsed as the server parses a request: config's temperature, top_k and max_tokens are the defaults
+                req, *_ = parse_request({"messages": messages}, config, sched)
             except APIError as e:  # longer than the model's context: -p fails, the chat goes on
-                if c.prompt:
+                if config.prompt:
                     raise UserError(str(e)) from None
                 out.write(f"({e}: `clear` starts over)\n")
                 continue
-            out.write("" if c.prompt else "Assistant: ")
-            finishes = sched.wait(sched.submit(ids, s), lambda i, t, f: (parts.append(t), out.write(t), out.flush()))
+            out.write("" if config.prompt else "Assistant: ")
+            write = lambda index, text, finish: (parts.append(text), out.write(text), out.flush())
+            finishes = sched.wait(sched.submit(req), write)
             out.write("\n")
             if "error" in finishes:  # the scheduler printed why
                 raise UserError("the model failed while decoding")
@@ -214,12 +186,13 @@ class APIError(Exception):  # its body is OpenAI's error object
 
 
 def parse_request(body, defaults, sched):
-    """A chat-completions body -> (prompt ids, Sampling, stream, include_usage), or an APIError 400 naming a field."""
+    """A chat-completions body -> (Request, stream, include_usage), or an APIError 400 naming a field."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     fields = {  # name: (type, low, high) of each field used; others (response_format, ...) are ignored
         "temperature": (float, 0, 2), "top_p": (float, 0, 1), "top_k": (int, 0, 1 << 30), "model": (str,),
-        "max_tokens": (int, 1, 1 << 30), "max_completion_tokens": (int, 1, 1 << 30), "n": (int, 1, sched.max_batch),
+        "max_tokens": (int, 1, 1 << 30), "max_completion_tokens": (int, 1, 1 << 30),
+        "n": (int, 1, sched.engine.max_batch),
         "seed": (int, -(1 << 63), (1 << 64) - 1), "stream": (bool,), "stream_options": (dict,), "stop": ((str, list),)}
     for name, (typ, *bounds) in fields.items():
         v, lo, hi = body.get(name), *(bounds or (None, None))
@@ -237,13 +210,14 @@ def parse_request(body, defaults, sched):
     except (ValueError, AttributeError, TypeError) as e:
         raise APIError(400, f"'messages' must be system?, user, assistant, user, ... with string contents ({e})",
                        "messages") from None
-    if len(prompt) >= sched.max_len:
-        raise APIError(400, f"the conversation is {len(prompt)} tokens; the model's context is {sched.max_len}",
+    if len(prompt) >= sched.engine.max_len:
+        raise APIError(400, f"the conversation is {len(prompt)} tokens; the model's context is {sched.engine.max_len}",
                        "messages", "context_length_exceeded")
     get = lambda name, default=None: default if body.get(name) is None else body[name]
-    s = Sampling(get("temperature", defaults.temperature), get("top_k", defaults.top_k), get("top_p", 1.0),
-                 get("max_tokens", get("max_completion_tokens", defaults.max_tokens)), stop, get("seed"), get("n", 1))
-    return prompt, s, bool(body.get("stream")), bool((body.get("stream_options") or {}).get("include_usage"))
+    sampling = Sampling(get("temperature", defaults.temperature), get("top_k", defaults.top_k), get("top_p", 1.0),
+                        get("max_tokens", get("max_completion_tokens", defaults.max_tokens)), get("seed"))
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    return Request(prompt, sampling, stop, get("n", 1)), bool(body.get("stream")), include_usage
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -292,9 +266,9 @@ class Handler(BaseHTTPRequestHandler):
             body = json.loads(self.rfile.read(min(int(self.headers.get("Content-Length", 0)), 1 << 24)) or b"null")
         except ValueError:
             raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
-        prompt, s, stream, include_usage = parse_request(body, srv.defaults, srv.sched)
+        req, stream, include_usage = parse_request(body, srv.defaults, srv.sched)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(t0), "model": srv.model_name}
-        chunk, texts = dict(head, object="chat.completion.chunk"), [""] * s.n
+        chunk, texts = dict(head, object="chat.completion.chunk"), [""] * req.n
         event = lambda obj: (self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n"), self.wfile.flush())
         choice = lambda i, d, f: {"index": i, "delta": d, "finish_reason": f}
         delta = lambda i, d, f: f == "error" or event(dict(chunk, choices=[choice(i, d, f)]))
@@ -302,14 +276,14 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.end_headers()
-            for i in range(s.n):
+            for i in range(req.n):
                 delta(i, {"role": "assistant", "content": ""}, None)
-        req = srv.sched.submit(prompt, s)
+        srv.sched.submit(req)
         finishes = srv.sched.wait(req, lambda i, t, f: delta(i, {"content": t} if t else {}, f) if stream else
                                   texts.__setitem__(i, texts[i] + t), self._client_gone)
-        dt, done = time.time() - t0, req.completion_tokens
-        log = f" {len(prompt)} prompt + {done} completion tokens in {dt:.2f}s ({done / dt:.1f} tokens/s)"
-        usage = {"prompt_tokens": len(prompt), "completion_tokens": done, "total_tokens": len(prompt) + done}
+        dt, given, done = time.time() - t0, len(req.prompt), req.completion_tokens
+        log = f" {given} prompt + {done} completion tokens in {dt:.2f}s ({done / dt:.1f} tokens/s)"
+        usage = {"prompt_tokens": given, "completion_tokens": done, "total_tokens": given + done}
         failed = APIError(500, "the model failed while decoding (see the server's log)", kind="server_error")
         if stream:  # headers are sent: a failure is an error event (OpenAI's), never a finish_reason
             if "error" in finishes or include_usage:
@@ -320,7 +294,7 @@ class Handler(BaseHTTPRequestHandler):
             raise failed
         else:
             choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
-                        "finish_reason": finishes[i]} for i in range(s.n)]
+                        "finish_reason": finishes[i]} for i in range(req.n)]
             self._send(200, dict(head, object="chat.completion", usage=usage, choices=choices), log=log)
 
 
@@ -360,21 +334,22 @@ input.onkeydown = e => { if (e.key == "Enter" && !e.shiftKey) { e.preventDefault
 
 
 def main():
-    c = parse_config(Config, aliases={"i": "source", "p": "prompt"})
-    check_settings(c, at_least_1=("max_batch", "max_tokens"), not_negative=("temperature", "top_k"))
-    shown = dict(asdict(c), api_key="***" if c.api_key else "")  # the key never reaches a log
+    config = parse_config(Config, aliases={"i": "source", "p": "prompt"})
+    check_settings(config, at_least_1=("max_batch", "max_tokens"), not_negative=("temperature", "top_k"))
+    shown = dict(asdict(config), api_key="***" if config.api_key else "")  # the key never reaches a log
     print(", ".join(f"{k}={v}" for k, v in shown.items() if v not in (None, "")), file=sys.stderr)
-    model, tokenizer, meta = load_model(c.source, init_dist(c.device_type).device, "eval", c.model_tag, c.step)
-    name = f"{c.source}/{os.path.basename(checkpoint_dir_for(c.source, c.model_tag))}"
-    sched = Scheduler(model, tokenizer, c.max_batch)
+    device = init_dist(config.device_type).device
+    model, tokenizer, meta = load_model(config.source, device, "eval", config.model_tag, config.step)
+    name = f"{config.source}/{os.path.basename(checkpoint_dir_for(config.source, config.model_tag))}"
+    sched = Scheduler(model, tokenizer, config.max_batch)
     try:
-        if not c.serve:
-            return chat_cli(sched, c)
+        if not config.serve:
+            return chat_cli(sched, config)
         try:  # the config's temperature, top_k and max_tokens are the requests' defaults
-            server = make_server(sched, name, c, c.host, c.port, c.api_key)
+            server = make_server(sched, name, config, config.host, config.port, config.api_key)
         except OSError as e:
-            raise UserError(f"--host={c.host} --port={c.port}: cannot listen there ({e.strerror})") from None
-        url = f"http://{c.host}:{server.server_port}"
+            raise UserError(f"--host={config.host} --port={config.port}: cannot listen there ({e.strerror})") from None
+        url = f"http://{config.host}:{server.server_port}"
         print(f"serving {name} (step {meta.get('step')}) at {url}/ (OpenAI API: {url}/v1)", flush=True)
         server.serve_forever()
     finally:

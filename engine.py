@@ -1,28 +1,33 @@
 """
-Sampling from a GPT: the KV cache, the calculator tool, and the Engine that decodes rows together.
+Sampling from a GPT: the KV cache, the calculator tool, and the Engine, the one decoding loop (eval's samples,
+the judge's probes and chat's server all run on it): rows of many prompts decode together.
 
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, max_batch=8)
     sequences, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=256, temperature=0.8)
+    rows = engine.add(prompt_ids, Sampling(temperature=0.6, top_p=0.9, seed=1), n=2)  # or step by step:
+    events = engine.step()  # a token for every active row: [Event(row, token, forced, finish)]
 """
 
 import ast
 from collections import deque
-from types import SimpleNamespace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from common import autocast
-from model import GPT, softcap, window_mask
+from model import softcap, window_mask
+
 
 class KVCache:
     """Keys and values [layers, B, max_len, H_kv, D]; each row is a sequence of its own length `pos`
     (CPU LongTensor [B]) and last normalised embedding `prev` (2026's smear): requests decode together.
 
         cache = KVCache.for_model(model, batch_size, max_len)
-        model(prompt[None], kv_cache=cache.row(i))  # prefill one row (a view of the cache)
-        model(ids, kv_cache=cache)                  # ids [B, T]: T more tokens for every row
-        cache.reset(i)                              # row i empty again
+        model(prompt[None], kv_cache=cache.view(slice(i, i + 1)))  # prefill row i (a view of the cache)
+        cache.copy_row(i, j)                                       # row j continues as row i does
+        model(ids, kv_cache=cache)                                 # ids [B, T]: T more tokens for every row
+        cache.reset(i)                                             # row i empty again
     """
 
     def __init__(self, k, v, pos, prev):
@@ -36,17 +41,18 @@ class KVCache:
         return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
                    torch.zeros(batch_size, dtype=torch.long), torch.zeros(batch_size, c.n_embd, device=device))
 
-    def row(self, i):
-        return KVCache(self.k[:, i:i + 1], self.v[:, i:i + 1], self.pos[i:i + 1], self.prev[i:i + 1])
+    def view(self, rows):
+        """The rows of a slice, in this cache's memory: a forward through the view moves their positions here."""
+        return KVCache(self.k[:, rows], self.v[:, rows], self.pos[rows], self.prev[rows])
 
     def reset(self, i):
         self.pos[i], self.prev[i] = 0, 0
 
-    def copy_row_to_all(self, i):
-        """Every row becomes a copy of row i (one prompt prefilled once, sampled many times)."""
-        n = int(self.pos[i])
-        self.k[:, :, :n], self.v[:, :, :n] = self.k[:, i:i + 1, :n], self.v[:, i:i + 1, :n]
-        self.pos[:], self.prev[:] = n, self.prev[i:i + 1]
+    def copy_row(self, src, dst):
+        """Row dst becomes a copy of row src (one prompt prefilled once, sampled many times)."""
+        n = int(self.pos[src])
+        self.k[:, dst, :n], self.v[:, dst, :n] = self.k[:, src, :n], self.v[:, src, :n]
+        self.pos[dst], self.prev[dst] = n, self.prev[src]
 
     def begin(self, T, cos, sin):
         """Plan a forward of T new tokens per row; its rotary tables (sliced if rows are level)."""
@@ -103,88 +109,161 @@ def use_calculator(expr, max_len=200):
     return result
 
 
-@torch.inference_mode()
-def sample_next_token(logits, rng, temperature=1.0, top_k=None, capped=True):
-    """[B, V] logits -> [B, 1] ids (temperature 0: greedy). capped=False: raw logits, softcapped here
-    after top-k (the cap keeps their order), which saves a tanh over the vocab."""
+@dataclass
+class Sampling:  # one prompt's settings: temperature 0 = greedy, top_k 0 = all, top_p 0 = the top token only
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_tokens: int = 512  # tokens per sample, the tool's included
+    seed: int | None = None  # None: torch's global RNG
+
+
+def sample(logits, sampling, rng):
+    """[B, V] raw logits -> [B] token ids: top_k, then the softcap (it keeps their order: a tanh over k logits, not
+    the vocab), temperature and top_p. Each row draws its own part of the rng's stream: its token is the same
+    whatever the other rows' logits."""
+    if sampling.temperature == 0.0:
+        return softcap(logits).argmax(-1)
     idx = None
-    if top_k is not None and top_k > 0 and temperature != 0.0:
-        logits, idx = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
-    logits = logits if capped else softcap(logits)
-    if temperature == 0.0:
-        return torch.argmax(logits, dim=-1, keepdim=True)
-    choice = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
-    return choice if idx is None else idx.gather(1, choice)
+    if sampling.top_k > 0:
+        logits, idx = torch.topk(logits, min(sampling.top_k, logits.size(-1)), dim=-1)
+    probs = F.softmax(softcap(logits) / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:  # the most likely tokens whose probabilities sum past top_p (multinomial rescales)
+        top, order = probs.sort(dim=-1, descending=True)
+        probs = probs.scatter(-1, order, top.masked_fill(top.cumsum(-1) - top > sampling.top_p, 0.0))
+    choice = torch.multinomial(probs, 1, generator=rng)
+    return (choice if idx is None else idx.gather(1, choice))[:, 0]
+
+
+@dataclass
+class ToolState:  # a row's calculator: the call being read, and the result forced in before sampling resumes
+    forced: deque = field(default_factory=deque)
+    in_python: bool = False
+    python_tokens: list = field(default_factory=list)
+
+
+@dataclass(eq=False)  # a row is itself, not its fields
+class Row:  # one sample decoding in the cache's row `index`
+    index: int
+    group: "Group"
+    choice: int  # which of its prompt's n samples
+    owner: object = None  # the caller's, as add() was given it
+    ids: list = field(default_factory=list)  # the tokens so far, the stop token left out
+    mask: list = field(default_factory=list)  # per token: 1 sampled, 0 forced by the tool
+    tool: ToolState = field(default_factory=ToolState)
+    live: bool = True  # False once finished or freed
+
+
+@dataclass(eq=False)
+class Group:  # the rows one add() started: one prompt's samples, drawn together from one rng
+    sampling: Sampling
+    rng: torch.Generator | None
+    logits: torch.Tensor  # [n, V] raw next-token logits; a finished row's are a live sibling's (drawn, unused)
+    rows: list = field(default_factory=list)
+
+
+@dataclass
+class Event:  # what step() did to a row
+    row: Row
+    token: int
+    forced: bool  # the tool's, not sampled
+    finish: str | None  # "stop" (<|assistant_end|> or <|bos|>), "length" (max_tokens, or the cache is full), None
 
 
 class Engine:
-    """Samples continuations of one prompt, forcing the calculator's result on <|python_start|>...
-    <|python_end|> as <|output_start|>...<|output_end|>; a row stops after <|assistant_end|> or <|bos|>."""
+    """A KV cache of max_batch rows of max_len positions. add() prefills a prompt once for its n samples;
+    step() gives every live row a token (the calculator's result forced in after <|python_end|>, between
+    <|output_start|> and <|output_end|>), frees the rows it finishes and runs one forward pass; free() ends
+    a row early (a stop string, a cancelled client)."""
 
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model, tokenizer, max_batch=1, max_len=None):
+        self.model, self.tokenizer, self.device = model, tokenizer, model.get_device()
         self.stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+        self.tool_tokens = [tokenizer.encode_special(f"<|{t}|>") for t in
+                            ("python_start", "python_end", "output_start", "output_end")]
+        self.allocate(max_batch, max_len or model.config.sequence_len)
+
+    def allocate(self, max_batch, max_len):  # a new, empty cache
+        self.max_batch, self.max_len = max_batch, max_len
+        self.cache = KVCache.for_model(self.model, max_batch, max_len)
+        self.rows, self.groups = [None] * max_batch, []  # a cache row's Row; the groups with live rows
+
+    def _forward(self, ids, cache):  # the last position's raw logits: only it meets the lm_head, uncapped
+        with autocast(self.device):
+            h = self.model.hidden_states(torch.tensor(ids, dtype=torch.long, device=self.device), cache)[:, -1]
+            return self.model.lm_head(h)[:, :self.model.config.vocab_size].float()
 
     @torch.inference_mode()
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
-        """Yields a (tokens, masks) column per step (mask 0: tool-forced); finished rows get junk tokens."""
-        model, tok, device = self.model, self.tokenizer, self.model.get_device()
-        rng = torch.Generator(device=device).manual_seed(seed)
-        py_start, py_end, out_start, out_end = (tok.encode_special(f"<|{t}|>") for t in
-                                                ("python_start", "python_end", "output_start", "output_end"))
-        max_new = model.config.sequence_len if max_tokens is None else max_tokens
-        max_len = min(len(tokens) + max_new, model.cos.size(1))
-        cache = KVCache.for_model(model, num_samples, max_len)
-        capped = not isinstance(model, GPT)  # a GPT: only the last position meets the lm_head, uncapped
+    def add(self, prompt, sampling, n=1, owner=None):
+        """n samples of a prompt in the lowest free rows: one prefill, its cache row copied to the others. Its Rows."""
+        free = [i for i, row in enumerate(self.rows) if row is None][:n]
+        if len(free) < n:
+            raise ValueError(f"{n} rows asked of the engine, {len(free)} free")
+        self.cache.reset(free[0])
+        logits = self._forward([prompt], self.cache.view(slice(free[0], free[0] + 1)))
+        for i in free[1:]:
+            self.cache.copy_row(free[0], i)
+        rng = None if sampling.seed is None else torch.Generator(self.device).manual_seed(sampling.seed)
+        group = Group(sampling, rng, logits.expand(n, -1))
+        group.rows = [Row(i, group, choice, owner) for choice, i in enumerate(free)]
+        for row in group.rows:
+            self.rows[row.index] = row
+        self.groups.append(group)
+        return group.rows
 
-        def last_logits(ids, cache):
-            with autocast(device):
-                if capped:
-                    return model(ids, kv_cache=cache)[:, -1, :]
-                return model.lm_head(model.hidden_states(ids, cache)[:, -1])[:, :model.config.vocab_size].float()
+    def free(self, row):  # a no-op for a row already ended
+        if row.live:
+            self.rows[row.index], row.live = None, False
+            if not any(r.live for r in row.group.rows):
+                self.groups.remove(row.group)
 
-        # prefill once, then every row starts from the prompt's cache
-        logits = last_logits(torch.tensor([tokens], dtype=torch.long, device=device), cache.row(0))
-        logits = logits.expand(num_samples, -1)
-        cache.copy_row_to_all(0)
-        # per row: tokens the tool forces (emitted before sampling resumes), the tool call being read
-        rows = [SimpleNamespace(forced=deque(), in_python=False, python_tokens=[], done=False)
-                for _ in range(num_samples)]
-        generated = 0
-        while True:
-            ids = sample_next_token(logits, rng, temperature, top_k, capped)
-            column, masks = ids[:, 0].tolist(), [1] * num_samples
-            for i, row in enumerate(rows):
-                if row.forced:
-                    column[i], masks[i] = row.forced.popleft(), 0
-                self.track_tool(row, column[i], py_start, py_end, out_start, out_end)
-                row.done = row.done or column[i] in self.stops
-            yield column, masks
-            generated += 1
-            if all(r.done for r in rows) or generated == max_tokens or len(tokens) + generated >= max_len:
-                return
-            if 0 in masks:  # a tool-forced token replaces the sampled one
-                ids = torch.tensor(column, dtype=torch.long, device=device)[:, None]
-            logits = last_logits(ids, cache)
+    @torch.inference_mode()
+    def step(self):
+        """A token for every live row, its Event; then one forward pass over the rows up to the last live one."""
+        events, tokens = [], [0] * self.max_batch  # free rows decode a dummy token
+        for group in list(self.groups):  # a group's rows are sampled in one call, even its finished ones
+            for row, token in zip(group.rows, sample(group.logits, group.sampling, group.rng).tolist()):
+                if not row.live:
+                    continue
+                forced = bool(row.tool.forced)
+                token = tokens[row.index] = row.tool.forced.popleft() if forced else token
+                self._track_tool(row.tool, token)
+                if token not in self.stops:
+                    row.ids.append(token), row.mask.append(int(not forced))
+                full = len(row.ids) >= group.sampling.max_tokens or int(self.cache.pos[row.index]) + 1 >= self.max_len
+                events.append(Event(row, token, forced, "stop" if token in self.stops else "length" if full else None))
+                if events[-1].finish:
+                    self.free(row)
+        live = [row.index for row in self.rows if row]
+        if live:  # free rows among them decode at a live row's position: level rows keep the cache's fast path
+            self.cache.pos[[i for i in range(live[-1]) if self.rows[i] is None]] = int(self.cache.pos[live[0]])
+            logits = self._forward([[t] for t in tokens[:live[-1] + 1]], self.cache.view(slice(0, live[-1] + 1)))
+            for group in self.groups:
+                sibling = next(row for row in group.rows if row.live)
+                group.logits = logits[[(row if row.live else sibling).index for row in group.rows]]
+        return events
 
-    def track_tool(self, row, token, py_start, py_end, out_start, out_end):
+    def _track_tool(self, tool, token):
+        py_start, py_end, out_start, out_end = self.tool_tokens
         if token == py_start:
-            row.in_python, row.python_tokens = True, []
-        elif token == py_end and row.in_python:
-            row.in_python = False
-            result = use_calculator(self.tokenizer.decode(row.python_tokens)) if row.python_tokens else None
+            tool.in_python, tool.python_tokens = True, []
+        elif token == py_end and tool.in_python:
+            tool.in_python = False
+            result = use_calculator(self.tokenizer.decode(tool.python_tokens)) if tool.python_tokens else None
             if result is not None:
-                row.forced.extend([out_start] + self.tokenizer.encode(str(result)) + [out_end])
-        elif row.in_python:
-            row.python_tokens.append(token)
+                tool.forced.extend([out_start] + self.tokenizer.encode(str(result)) + [out_end])
+        elif tool.in_python:
+            tool.python_tokens.append(token)
 
-    def generate_batch(self, tokens, num_samples=1, **kwargs):
-        """Whole sequences (prompt + completion, stop token excluded) and their masks."""
-        sequences, masks = [list(tokens) for _ in range(num_samples)], [[0] * len(tokens) for _ in range(num_samples)]
-        done = [False] * num_samples
-        for column, mask_column in self.generate(tokens, num_samples, **kwargs):  # ends when every row is done
-            for i, (token, m) in enumerate(zip(column, mask_column)):
-                done[i] = done[i] or token in self.stops
-                if not done[i]:
-                    sequences[i].append(token), masks[i].append(m)
-        return sequences, masks
+    def generate_batch(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+        """num_samples completions of a prompt: whole sequences (prompt + completion, the stop token left out)
+        and their masks (0: the prompt and the tool's tokens). max_tokens None: the model's sequence_len."""
+        max_tokens = self.model.config.sequence_len if max_tokens is None else max_tokens
+        max_len = min(len(tokens) + max_tokens, self.model.cos.size(1))  # past sequence_len, up to the rotary tables
+        if num_samples > self.max_batch or max_len > self.max_len:  # grows to the largest call (no row is live)
+            self.allocate(max(num_samples, self.max_batch), max(max_len, self.max_len))
+        sampling = Sampling(temperature, top_k or 0, max_tokens=max_tokens, seed=seed)
+        rows = self.add(tokens, sampling, num_samples)
+        while any(row.live for row in rows):
+            self.step()
+        return [list(tokens) + row.ids for row in rows], [[0] * len(tokens) + row.mask for row in rows]

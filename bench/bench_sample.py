@@ -93,7 +93,7 @@ def main():
         model.eval()
         with torch.no_grad():  # no row may stop early: the special tokens' logits are pushed down
             model.lm_head.weight[args.vocab - len(SPECIAL_TOKENS):] = 0.0
-        engines[str(generation)] = Engine(model, tokenizer)
+        engines[str(generation)] = Engine(model, tokenizer, args.batch, args.prompt + args.tokens)  # one cache
         theirs = nanochat_engine(args.nanochat, model, tokenizer)
         if theirs is not None:
             engines[f"{generation} nanochat"] = theirs
@@ -103,8 +103,12 @@ def main():
         t0 = time.time()
         # nanochat's 2025 scripts sample under bf16 autocast on CUDA; its 2026 model casts by itself
         with autocast(args.device) if name == "2025 nanochat" else nullcontext():
-            steps = sum(1 for _ in engine.generate(prompt, num_samples=args.batch, max_tokens=n, temperature=1.0,
-                                                   top_k=50))
+            if isinstance(engine, Engine):
+                sequences, _ = engine.generate_batch(prompt, args.batch, max_tokens=n, temperature=1.0, top_k=50)
+                steps = len(sequences[0]) - len(prompt)
+            else:
+                steps = sum(1 for _ in engine.generate(prompt, num_samples=args.batch, max_tokens=n, temperature=1.0,
+                                                       top_k=50))
         synchronize(args.device)
         return steps, time.time() - t0
 

@@ -18,6 +18,7 @@ import openrouter
 from common import UserError
 from conftest import free_port, make_tiny_base, run_python
 from checkpoint import load_model
+import engine
 from engine import Engine
 
 KEY = "test-key-123"
@@ -29,7 +30,7 @@ class Served:
         self.sched = chat.Scheduler(self.model, self.tok, max_batch=8)
         self.submitted = []
         submit = self.sched.submit
-        self.sched.submit = lambda prompt, s: self.submitted.append(submit(prompt, s)) or self.submitted[-1]
+        self.sched.submit = lambda req: self.submitted.append(req) or submit(req)
         defaults = chat.Sampling(temperature=0.0, top_k=0, max_tokens=24)
         self.servers = [chat.make_server(self.sched, "base/d2", defaults, port=free_port(), api_key=k) for k in ("", KEY)]
         for server in self.servers:
@@ -169,7 +170,8 @@ def test_stop_strings_end_the_reply_before_them(served):
 def test_the_calculator_tool_runs_and_its_result_is_forced_back(served, monkeypatch):
     sp = served.tok.encode_special
     script = [sp("<|python_start|>")] + served.tok.encode("12*3") + [sp("<|python_end|>"), sp("<|assistant_end|>")]
-    monkeypatch.setattr(chat, "sample", lambda logits, s, rng: script.pop(0))  # the model "writes" a tool call
+    scripted = lambda logits, sampling, rng: torch.tensor([script.pop(0) if script else sp("<|assistant_end|>")])
+    monkeypatch.setattr(engine, "sample", scripted)  # the model "writes" a tool call (its result is forced, not drawn)
     r = served.post({"messages": user("What is 12*3?")}).json()
     assert r["choices"][0]["message"]["content"] == "<|python_start|>12*3<|python_end|><|output_start|>36<|output_end|>"
     assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == 11 and not script
@@ -178,7 +180,7 @@ def test_the_calculator_tool_runs_and_its_result_is_forced_back(served, monkeypa
 def test_a_model_failing_while_decoding_is_an_openai_error_not_a_finish_reason(served, monkeypatch, capsys):
     def fail(*args):
         raise RuntimeError("out of memory")
-    monkeypatch.setattr(chat, "sample", fail)
+    monkeypatch.setattr(engine, "sample", fail)
     r = served.post({"messages": user("hi")})
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     events = sse_events(served.post({"messages": user("hi"), "stream": True, "n": 2}))
@@ -187,6 +189,8 @@ def test_a_model_failing_while_decoding_is_an_openai_error_not_a_finish_reason(s
     with pytest.raises(UserError, match="failed while decoding"):  # -p exits 2, not 0
         chat.chat_cli(served.sched, chat.Config(prompt="hi"), out=io.StringIO())
     assert "RuntimeError: out of memory" in capsys.readouterr().err
+    monkeypatch.setattr(served.sched.engine, "_forward", fail)  # a failing prefill ends its request too
+    assert served.post({"messages": user("hi"), "n": 2}).status_code == 500
 
 
 @pytest.mark.parametrize("body, param", [
@@ -250,10 +254,10 @@ def test_eight_concurrent_requests_match_their_solo_replies_and_models_stays_res
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
-    while not any(s for s in served.sched.slots):
+    while not any(s for s in served.sched.engine.rows):
         time.sleep(0.005)
     assert requests.get(served.url + "/v1/models", timeout=30).json()["data"][0]["id"] == "base/d2"
-    answered, busy = time.time(), sum(1 for s in served.sched.slots if s)
+    answered, busy = time.time(), sum(1 for s in served.sched.engine.rows if s)
     for t in threads:
         t.join()
     assert together == alone and busy >= 1 and answered < max(finished)
@@ -283,9 +287,9 @@ def disconnect_midway(served):
         time.sleep(0.01)
     req = served.submitted[-1]
     deadline = time.time() + 30
-    while not (req.cancelled and not any(served.sched.slots)) and time.time() < deadline:
+    while not (req.cancelled and not any(served.sched.engine.rows)) and time.time() < deadline:
         time.sleep(0.01)
-    assert not any(served.sched.slots) and req.cancelled and req.completion_tokens < 1000
+    assert not any(served.sched.engine.rows) and req.cancelled and req.completion_tokens < 1000
 
 
 def test_2026_generation_decodes_together_as_the_engine_alone(tmp_path):
@@ -360,8 +364,8 @@ class DevTools:
 
 @pytest.mark.skipif(BROWSER is None, reason="no chromium installed")
 def test_the_page_streams_a_reply_in_a_headless_browser(served, tmp_path):
-    browser, forward = DevTools(BROWSER, tmp_path / "profile"), served.sched._forward
-    served.sched._forward = lambda ids, cache: (time.sleep(0.02), forward(ids, cache))[1]  # a model slow enough to watch
+    browser, forward = DevTools(BROWSER, tmp_path / "profile"), served.sched.engine._forward
+    served.sched.engine._forward = lambda ids, cache: (time.sleep(0.02), forward(ids, cache))[1]  # slow enough to watch
     try:
         target = browser.call("Target.createTarget", url=served.url + "/")["targetId"]
         browser.session = browser.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
@@ -385,5 +389,5 @@ def test_the_page_streams_a_reply_in_a_headless_browser(served, tmp_path):
         browser.js("document.getElementById('new').click()")
         assert browser.js("document.getElementById('log').children.length") == 0
     finally:
-        served.sched._forward = forward
+        served.sched.engine._forward = forward
         browser.close()

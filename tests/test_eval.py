@@ -104,27 +104,27 @@ def test_categorical_scoring_follows_the_preferred_letter(eval_base):
 
 
 class Says(torch.nn.Module):
-    """A 'model' whose greedy completion is a fixed text, then <|assistant_end|>."""
+    """A 'model' whose greedy completion is a fixed text, then <|assistant_end|>: its last hidden state is
+    the next token's one-hot vector, which its lm_head (the identity) passes on as logits."""
 
     def __init__(self, tok, text, config):
         super().__init__()
         self.script = tok.encode(text) + [tok.encode_special("<|assistant_end|>")]
-        self.config, self.vocab = config, tok.get_vocab_size()
-        self.cos = torch.zeros(1, 10 * config.sequence_len, 1, 1)
-        self.lm_head = torch.nn.Linear(1, 1)
+        self.config, self.cos = config, torch.zeros(1, 10 * config.sequence_len, 1, 1)
+        self.lm_head = torch.nn.Linear(config.vocab_size, config.vocab_size, bias=False)
+        torch.nn.init.eye_(self.lm_head.weight)
 
     def get_device(self):
         return torch.device("cpu")
 
-    def forward(self, ids, kv_cache=None):
-        if kv_cache.pos == 0:  # the prompt: answer with the script's first token
+    def hidden_states(self, ids, kv_cache):
+        if int(kv_cache.pos) == 0:  # the prompt: answer with the script's first token
             self.prompt_len, emitted = ids.size(1), 0
         else:  # one fed-back token: answer with the next one
-            emitted = kv_cache.pos - self.prompt_len + 1
+            emitted = int(kv_cache.pos) - self.prompt_len + 1
         kv_cache.advance(ids.size(1))
-        logits = torch.zeros(ids.size(0), ids.size(1), self.vocab)
-        logits[:, -1, self.script[min(emitted, len(self.script) - 1)]] = 1.0
-        return logits
+        nxt = torch.full(ids.shape, self.script[min(emitted, len(self.script) - 1)])
+        return torch.nn.functional.one_hot(nxt, self.config.vocab_size).float()
 
 
 def test_generative_scoring_grades_the_final_answer(eval_base):

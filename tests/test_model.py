@@ -17,7 +17,8 @@ import tokenizer
 from checkpoint import load_model, save_checkpoint
 from conftest import golden_dir, make_tiny_base, per_token_loss, run_python, run_torchrun
 from common import UserError
-from engine import Engine, KVCache, use_calculator
+import engine
+from engine import Engine, KVCache, Sampling, use_calculator
 from model import GPT, GPTConfig
 from tokenizer import SPECIAL_TOKENS
 
@@ -132,10 +133,12 @@ def test_greedy_decoding_matches_nanochat(gold, case):
         for _ in range(case["max_tokens"]):
             ids.append(m(torch.tensor([ids]))[0, -1].argmax().item())
     assert ids[len(case["prompt_ids"]):] == case["naive_generated"]
-    engine = Engine(m, tok)
-    got = [col[0] for col, _ in engine.generate(case["prompt_ids"], max_tokens=case["max_tokens"], temperature=0.0)]
-    assert got == case["engine_generated"]  # stops after <|assistant_end|>, which is yielded
-    seqs, _ = engine.generate_batch(case["prompt_ids"], num_samples=3, max_tokens=case["max_tokens"], temperature=0.0)
+    eng = Engine(m, tok)
+    row, got = eng.add(case["prompt_ids"], Sampling(temperature=0.0, max_tokens=case["max_tokens"]))[0], []
+    while row.live:
+        got += [event.token for event in eng.step()]
+    assert got == case["engine_generated"]  # stops after <|assistant_end|>, which is an event's token
+    seqs, _ = eng.generate_batch(case["prompt_ids"], num_samples=3, max_tokens=case["max_tokens"], temperature=0.0)
     end = [t for t in case["engine_generated"] if t != tok.encode_special("<|assistant_end|>")]
     assert all(s[len(case["prompt_ids"]):] == end for s in seqs)
 
@@ -210,7 +213,7 @@ def test_kv_cache_decoding_equals_full_forward(pattern):
         # rows at different positions decode independently: row 1 restarts, gets its 12-token
         # prompt alone (a row view), then both rows take one token per forward together
         kv.reset(1)
-        m(ids[1:, :12], kv_cache=kv.row(1))
+        m(ids[1:, :12], kv_cache=kv.view(slice(1, 2)))
         assert kv.pos.tolist() == [30, 12]
         steps = [m(torch.tensor([[7], [ids[1, t].item()]]), kv_cache=kv) for t in range(12, 20)]
         row1 = torch.cat([s[1:] for s in steps], dim=1)
@@ -222,9 +225,9 @@ def test_kv_cache_decoding_equals_full_forward(pattern):
 def test_sampling_is_seeded_and_respects_top_k(gold):
     _, _, m, tok, _ = gold
     prompt = gold[0]["greedy"]["prompt_ids"]
-    engine = Engine(m, tok)
-    a, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=8, temperature=1.0, top_k=5, seed=3)
-    b, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=8, temperature=1.0, top_k=5, seed=3)
+    eng = Engine(m, tok)
+    a, _ = eng.generate_batch(prompt, num_samples=4, max_tokens=8, temperature=1.0, top_k=5, seed=3)
+    b, _ = eng.generate_batch(prompt, num_samples=4, max_tokens=8, temperature=1.0, top_k=5, seed=3)
     assert a == b
     with torch.no_grad():
         top5 = set(m(torch.tensor([prompt]))[0, -1].topk(5).indices.tolist())
@@ -247,38 +250,42 @@ def test_calculator_does_arithmetic_and_nothing_else():
     assert use_calculator("9" * 400) is None
 
 
-def test_engine_runs_the_calculator_and_forces_its_output(gold):
-    _, _, _, tok, _ = gold
+def test_engine_runs_the_calculator_and_forces_its_output(gold, monkeypatch):
+    _, _, m, tok, _ = gold
     sp = tok.encode_special
     script = [sp("<|python_start|>")] + tok.encode("6*7") + [sp("<|python_end|>")]
-
-    class Scripted(torch.nn.Module):
-        """Emits `script`, then <|assistant_end|>, whatever the input."""
-        config = GPTConfig(sequence_len=64, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=1, n_kv_head=1, n_embd=8)
-        cos = torch.zeros(1, 640, 1, 4)
-
-        def __init__(self):
-            super().__init__()
-            self.lm_head = torch.nn.Linear(1, 1)
-            self.emitted = 0
-
-        def get_device(self):
-            return torch.device("cpu")
-
-        def forward(self, ids, kv_cache=None):
-            kv_cache.advance(ids.size(1))
-            nxt = script[self.emitted] if self.emitted < len(script) else sp("<|assistant_end|>")
-            self.emitted += 1
-            logits = torch.full((ids.size(0), ids.size(1), self.config.vocab_size), -1e9)
-            logits[:, -1, nxt] = 0.0
-            return logits
-
-    seqs, masks = Engine(Scripted(), tok).generate_batch([tok.get_bos_token_id()], max_tokens=40, temperature=0.0)
+    # the model "writes" the tool call, then <|assistant_end|>; while the tool's output is forced, draws are unused
+    scripted = lambda logits, sampling, rng: torch.tensor([script.pop(0) if script else sp("<|assistant_end|>")])
+    monkeypatch.setattr(engine, "sample", scripted)
+    written = list(script)
+    seqs, masks = Engine(m, tok).generate_batch([tok.get_bos_token_id()], max_tokens=40, temperature=0.0)
     out = seqs[0][1:]
     forced = [sp("<|output_start|>")] + tok.encode("42") + [sp("<|output_end|>")]
-    assert out[:len(script)] == script
-    assert out[len(script):len(script) + len(forced)] == forced
-    assert masks[0][1 + len(script):1 + len(script) + len(forced)] == [0] * len(forced)
+    assert out == written + forced
+    assert masks[0] == [0] + [1] * len(written) + [0] * len(forced)
+
+
+def test_a_prompts_samples_share_one_prefill_and_rows_decode_as_alone(gold, monkeypatch):
+    """n samples: one forward over the prompt, its cache row copied. Prompts with their own settings
+    decoding together (each at its own position, sampled with its own rng) give what each gives alone."""
+    _, _, m, tok, _ = gold
+    prompts = [tok.encode("The market"), tok.encode("A stop-loss order is an order to sell"), tok.encode("Risk")]
+    settings = [Sampling(temperature=0.0, max_tokens=12), Sampling(temperature=1.0, top_k=20, seed=5, max_tokens=9),
+                Sampling(temperature=0.8, top_p=0.5, seed=7, max_tokens=15)]
+
+    def decode(eng, jobs):
+        rows = [eng.add(prompt, sampling, n) for prompt, sampling, n in jobs]
+        while any(row.live for group in rows for row in group):
+            eng.step()
+        return [[row.ids for row in group] for group in rows]
+
+    alone = [decode(Engine(m, tok, max_batch=2), [(p, s, 2)])[0] for p, s in zip(prompts, settings)]
+    eng, forwards = Engine(m, tok, max_batch=6), []
+    monkeypatch.setattr(eng, "_forward", lambda ids, cache, forward=eng._forward: (forwards.append(len(ids[0])),
+                                                                                     forward(ids, cache))[1])
+    assert decode(eng, [(p, s, 2) for p, s in zip(prompts, settings)]) == alone
+    assert forwards[:3] == [len(p) for p in prompts] and set(forwards[3:]) == {1}  # a prefill per prompt, then steps
+    assert alone[0][0] == alone[0][1] and alone[1][0] != alone[1][1]  # greedy twins; sampled rows differ
 
 
 # -----------------------------------------------------------------------------
