@@ -274,6 +274,7 @@ class RunDir:
         if self.master:
             save_checkpoint(self.path, step, model.state_dict(), None,
                             {**meta, "source_tag": os.path.basename(self.start), "chimera": {"stage": self.stage}})
+            print(f"saved {self.path}/model_{step:06d}.pt", flush=True)
 
 
 if __name__ == "__main__":  # run.sh asks what Python decides: the answer on stdout, a bad CHIMERA_START's line too

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from common import (UserError, all_reduce_sum, atomic_write, autocast, check_settings, cleanup_dist, get_base_dir,
-                    init_dist, parse_config, print0, rank0_value, run_main, synchronize)
+                    init_dist, parse_config, print0, rank0_value, run_main)
 from checkpoint import RunDir, checkpoint_dir_for, find_last_step, load_model
 from dataloader import Schedule, StepLog, collate, due
 from model import compile_model
@@ -299,10 +299,15 @@ def main():
             "initial_held_out": initial, "real_token_frac": step_log.real_token_frac()})
 
     initial = held_out = {}
-    for step in range(steps):
-        if step == 0 or due(step, config.eval_every):  # always at 0: the meta and the report show the start
+    for step in range(steps + 1):  # evaluate and save at the top of a step; the last one does only that
+        last = step == steps
+        if last or step == 0 or due(step, config.eval_every):  # always at 0: the meta and the report show the start
             held_out = evaluate(step)
             initial = held_out if step == 0 else initial
+        if last or (step and due(step, config.save_every)):
+            save(step, initial, held_out)
+        if last:
+            break
         t0 = time.time()  # the device is idle: the last step ended with a synchronize, evaluation with a reduce
         micro, stats = schedule.micro_batches(step, proc.rank), Stats()
         for i, indices in enumerate(micro):
@@ -318,16 +323,10 @@ def main():
             raise UserError(f"step {step + 1}: the DPO loss is {means['loss']}; stopped, nothing saved")
         lrm = schedule.lr_multiplier(step)
         optimizer_step(model, optimizers, config.init_lr_frac * lrm, grad_sync)
-        synchronize(proc.device)
         step_log.log(step + 1, time.time() - t0, f"loss {means['loss']:.4f} | acc {means['rewards/accuracies']:.2f} | "
                      f"margin {means['rewards/margins']:.3f}", {**means, "lr": optimizers[1].param_groups[0]["lr"],
                      "lr_multiplier": lrm}, stats.real_tokens, stats.real_tokens, stats.positions)
-        if due(step + 1, config.save_every) and step + 1 < steps:
-            save(step + 1, initial, held_out)
 
-    held_out = evaluate(steps)
-    save(steps, initial, held_out)
-    print0(f"saved {run_dir.path}/model_{steps:06d}.pt")
     write_report_section("Chat DPO", [asdict(config), {
         "Source": f"{config.source} step {meta.get('step')}", "Training pairs": len(train), "Held-out pairs": len(val),
         "Dropped pairs": dropped, "Number of iterations": steps, "Beta": config.beta, "Loss type": config.loss_type,

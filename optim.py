@@ -12,7 +12,7 @@ in buckets that overlap backward, and the step.
 import torch
 import torch.distributed as dist
 
-from common import UserError
+from common import UserError, synchronize
 
 
 def setup_optimizers(model, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5,
@@ -229,10 +229,12 @@ class GradSync:
 
 
 def optimizer_step(model, optimizers, lr_multiplier, grad_sync):
-    """Sum grads over ranks (grad_sync, armed or not), set lrs, step, clear grads."""
+    """Sum grads over ranks (grad_sync, armed or not), set lrs, step, clear grads, and wait for the device: the
+    step's work is done when it returns (its time is real)."""
     grad_sync.wait()
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lr_multiplier
         opt.step()
     grad_sync.zero_grad()
+    synchronize(model.get_device())

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from common import (UserError, all_reduce_sum, autocast, check_settings, cleanup_dist, get_base_dir, init_dist,
-                    parse_config, print0, run_main, synchronize)
+                    parse_config, print0, run_main)
 from checkpoint import SOURCE_DIRS, RunDir, default_start, load_model
 from dataloader import Schedule, StepLog, collate, due
 from model import compile_model
@@ -183,9 +183,14 @@ def main():
             "real_token_frac": step_log.real_token_frac()})
 
     val_losses, train_loss = {}, float("nan")
-    for step in range(steps):
-        if due(step, config.eval_every):
+    for step in range(steps + 1):  # evaluate and save at the top of a step; the last one does only that
+        last = step == steps
+        if last or due(step, config.eval_every):
             val_losses = evaluate(step)
+        if last or (step and due(step, config.save_every)):
+            save(step, val_losses, train_loss)
+        if last:
+            break
         t0 = time.time()  # the device is idle: the last step ended with a synchronize, evaluation with a reduce
         micro = [[rows[i] for i in mb] for mb in schedule.micro_batches(step, proc.rank)]
         batches = [collate(mb, pad_id, proc.device) for mb in micro]
@@ -206,16 +211,10 @@ def main():
             raise UserError(f"step {step + 1}: the training loss is {train_loss}; stopped, nothing saved")
         lrm = schedule.lr_multiplier(step)
         optimizer_step(model, optimizers, config.init_lr_frac * lrm, grad_sync)
-        synchronize(proc.device)
         step_log.log(step + 1, time.time() - t0, f"loss {train_loss:.4f} | lrm {lrm:.3f} | tokens {int(num_tokens)}",
                      {"loss": train_loss, "lr_multiplier": lrm, "lr": optimizers[1].param_groups[0]["lr"]},
                      num_tokens, real, positions)
-        if due(step + 1, config.save_every) and step + 1 < steps:
-            save(step + 1, val_losses, train_loss)
 
-    val_losses = evaluate(steps)
-    save(steps, val_losses, train_loss)
-    print0(f"saved {run_dir.path}/model_{steps:06d}.pt")
     write_report_section("Chat SFT", [asdict(config), {
         "Source": source, "Dataset": config.sft_dataset,
         "Mixture": ", ".join(f"{n} {w}x{r}" for n, r, w, _ in composition), "Training rows": len(rows),
