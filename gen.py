@@ -9,7 +9,7 @@ a fluent apprentice failing in one typed way) for DPO. The persona is data/perso
     python gen.py --judge-pairs=1 --judge-model=anthropic/claude-3.5-sonnet   # keep only pairs a judge confirms
 
 Writes to $NANOCHAT_BASE_DIR/datasets/: trader_sft_data.jsonl, trader_dpo_data.jsonl, a ledger
-of finished items beside each, trader_gen_spend.jsonl (a line per paid request) and
+of finished items beside each, trader_gen_spend.jsonl (a line as a request goes, one as it returns) and
 trader_gen_summary.json; and report/chimera-synthetic-data.md. Items are drawn from RNGs seeded by
 (seed, kind, index), so a re-run tops the files up. One gen.py per output directory at a time.
 """
@@ -50,7 +50,7 @@ class Config:
     seed: int = 0  # seeds each item's topic/user/shape draw
     temperature: float = 1.0  # sampling temperature of the generator model
     max_tokens: int = 2048  # completion token cap per request
-    timeout: float = 120.0  # seconds per HTTP request
+    timeout: float = 120.0  # seconds per HTTP request, all of it (a slower one is retried)
     http_retries: int = 6  # retries of one request on 429, 408, 5xx, timeouts and dropped connections
     item_attempts: int = 3  # requests per item when the answer is unusable (error body, bad JSON, wrong shape)
     backoff: float = 1.0  # seconds before the first HTTP retry; doubles each time, with jitter

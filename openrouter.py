@@ -7,11 +7,12 @@ asked in both orders. gen.py makes data with them; eval.py and chat.py use the p
     verdict = judge_both_orders(client, load_persona(PERSONA_PATH), message, answer_a, answer_b)
 """
 
+import contextlib
 import json
-import math
 import os
 import re
 import threading
+import time
 from collections import Counter
 from urllib.parse import urlparse
 
@@ -53,27 +54,46 @@ class APIStop(UserError):
     """An error no retry fixes (bad key, no credits, refused request): the run stops, keeping its output."""
 
 
+# a request's figures past these (no request has cost $1000 or used 10^8 tokens) are nonsense and count 0, as negative
+MOST = {"prompt_tokens": 1e8, "completion_tokens": 1e8, "cost": 1000.0}
+UNKNOWN_PRICES = (15e-6, 75e-6)  # USD per prompt / completion token of a model /models prices not: the dearest's
+MAX_BODY = 8 << 20  # bytes of a response, as decoded (gzip inflated): far above an answer or the /models listing
+
+
 class Spend:
-    """Requests, tokens and cost per model, from an append-only ledger (a line per paid request, useless
-    answers included, written as it arrives): a killed run's spend is not lost; the summary covers all runs."""
+    """Requests, tokens and cost per model, all runs, from an append-only ledger: a line as a request is sent (its
+    most) and one as it returns (its usage, if paid); a request in flight when a run was killed counts at its most."""
 
     def __init__(self, path=None):
-        self.path, self.models, self.cost, self._lock = None, {}, 0.0, threading.Lock()
+        self.path, self.models, self.cost, self._lock, opened = None, {}, 0.0, threading.Lock(), {}
         if path and os.path.isfile(path):
             repair_torn_line(path)
             for entry in iter_jsonl(path, lambda e: None if isinstance(e, dict) else "not an object"):
-                self.add(entry.get("model"), entry)
+                if "open" in entry:
+                    opened[str(entry["open"])] = entry
+                    continue
+                opened.pop(str(entry.get("close")), None)
+                self.close(None, entry.get("model"), entry)  # with a model: paid (an older ledger's lines too)
+            for entry in opened.values():  # in flight when its run was killed: paid, at most this much
+                self.close(None, entry.get("model"), {"cost": entry.get("max_cost")})
         self.path = path
 
-    def add(self, model, usage):
-        """Count one paid request; a figure that is not a finite number (a provider's nonsense) counts 0."""
-        entry = {k: v if isinstance(v := usage.get(k), (int, float)) and math.isfinite(v) else 0
-                 for k in ("prompt_tokens", "completion_tokens", "cost")}
+    def open(self, model, most):
+        """A request about to be sent: its ticket, ledgered at `most` until close(ticket) says what it cost."""
+        ticket = os.urandom(8).hex()
+        if self.path:
+            append_jsonl(self.path, {"open": ticket, "model": model, "max_cost": most})
+        return ticket
+
+    def close(self, ticket, model=None, usage=None):
+        """A request came back: paid (by `model`, its `usage` counted within MOST) or, with no model, not."""
+        entry = {k: v if isinstance(v := (usage or {}).get(k), (int, float)) and 0 <= v <= MOST[k] else 0 for k in MOST}
         with self._lock:
             if self.path:
-                append_jsonl(self.path, {"model": model, **entry})
-            self.cost += entry["cost"]
-            self.models.setdefault(str(model), Counter()).update({"requests": 1, **entry})
+                append_jsonl(self.path, {"close": ticket, **({"model": model, **entry} if model else {})})
+            if model:
+                self.cost += entry["cost"]
+                self.models.setdefault(str(model), Counter()).update({"requests": 1, **entry})
 
 
 class OpenRouter:
@@ -82,7 +102,7 @@ class OpenRouter:
     def __init__(self, api_key, base_url, models, timeout=120.0, retries=6, backoff=1.0):
         self._key = api_key  # sent in a header, never stored or printed: everything read back goes through _clean
         self.base_url, self.models, self.model, self.verified = base_url.rstrip("/"), list(models), models[0], False
-        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.timeout, self.retries, self.backoff, self.prices = timeout, retries, backoff, {}
         self.spend, self._local, self._lock = Spend(), threading.local(), threading.Lock()
 
     def _clean(self, value):
@@ -99,20 +119,62 @@ class OpenRouter:
                                                 "HTTP-Referer": "https://github.com/chimera-nanochat/chimera"})
         return self._local.session
 
+    def _request(self, method, path, **kwargs):
+        """The response, read whole within --timeout of its start (a provider trickling a byte a second times out;
+        connect and each header read have --timeout each) and MAX_BODY decoded bytes (more is a BadAnswer, unread)."""
+        deadline = time.monotonic() + self.timeout
+        response = self._session().request(method, self.base_url + path, stream=True, timeout=self.timeout, **kwargs)
+        watchdog = threading.Timer(deadline - time.monotonic(), cut_off, (response,))  # ends a read in progress
+        watchdog.start()
+        body = bytearray()
+        try:
+            for chunk in response.iter_content(1 << 16):  # urllib3 inflates at most this much a chunk
+                body += chunk
+                if len(body) > MAX_BODY:
+                    raise BadAnswer(f"response body over {MAX_BODY >> 20} MiB")
+        except requests.RequestException:
+            if time.monotonic() < deadline:
+                raise
+            raise requests.Timeout(f"no whole response within --timeout={self.timeout:g}s") from None
+        finally:
+            watchdog.cancel()
+            response.close()
+        response._content = bytes(body)  # what .json() and .text read
+        return response
+
+    def _post(self, body):
+        """One POST /chat/completions, in the ledger before it is sent, at its most (each byte of the messages a
+        prompt token, max_tokens of completion), and after: here if unpaid (not a 200), else in _answer."""
+        prompt, completion = self.prices.get(body["model"], UNKNOWN_PRICES)
+        most = len(json.dumps(body["messages"]).encode()) * prompt + body["max_tokens"] * completion
+        response, ticket = None, self.spend.open(body["model"], most)
+        try:
+            response = self._request("POST", "/chat/completions", json=body)
+        finally:
+            if response is None or response.status_code != 200:
+                self.spend.close(ticket)
+        response.ticket = ticket
+        return response
+
     def choose_model(self):
         """The first configured model GET /models lists; if the listing fails, all, tried in order."""
         try:
-            response = self._session().get(self.base_url + "/models", timeout=self.timeout)
+            response = self._request("GET", "/models")
             response.raise_for_status()
-            listed = {m.get("id") for m in response.json()["data"]}
-        except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError) as e:
+            listed = {m.get("id"): m.get("pricing") for m in response.json()["data"]}
+        except (requests.RequestException, BadAnswer, RecursionError,  # too large or too deep is unusable too
+                ValueError, LookupError, TypeError, AttributeError) as e:
             print(f"could not list the models at {self.base_url}/models ({type(e).__name__}); "
                   f"trying {', '.join(self.models)} in order", flush=True)
             return self.model
-        if not listed.intersection(self.models):
+        if not set(listed).intersection(self.models):
             raise APIStop(f"none of the models {', '.join(self.models)} is offered by {self.base_url} "
                           "(set OPENROUTER_MODELS or --models)")
         self.models, self.verified = [m for m in self.models if m in listed], True
+        for model in self.models:  # USD per token, as strings; a price that is not a small number is unknown
+            with contextlib.suppress(TypeError, ValueError, KeyError):
+                prices = float(listed[model]["prompt"]), float(listed[model]["completion"])
+                self.prices[model] = prices if all(0 <= p < 1 for p in prices) else UNKNOWN_PRICES
         self.model = self.models[0]
         return self.model
 
@@ -126,9 +188,8 @@ class OpenRouter:
                                         "json_schema": {"name": schema_name, "strict": True, "schema": schema}}}
             if urlparse(self.base_url).hostname in ("openrouter.ai", "www.openrouter.ai"):  # OpenRouter's own field:
                 body["provider"] = {"require_parameters": True}  # only route to providers that honour the schema
-            post = lambda: self._session().post(self.base_url + "/chat/completions", json=body, timeout=self.timeout)
             try:  # raises HTTPGaveUp when 429 / 408 / 5xx / timeouts outlast every retry
-                response = http_retry(post, self.retries, self.backoff, max_wait=300.0)
+                response = http_retry(lambda: self._post(body), self.retries, self.backoff, max_wait=300.0)
             except requests.RequestException as e:  # http_retry lets only a malformed URL through
                 raise APIStop(f"bad base URL {self.base_url!r}: {self._clean(str(e))}") from None
             status = response.status_code
@@ -152,12 +213,13 @@ class OpenRouter:
     def _answer(self, response, model):
         try:
             data = self._clean(response.json())
-        except ValueError:
-            raise BadAnswer("response body is not JSON") from None
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python parses
+            data = None
         if not isinstance(data, dict):
-            raise BadAnswer("response body is not an object")
+            self.spend.close(response.ticket)  # not an answer: unpaid
+            raise BadAnswer("response body is not a JSON object")
         model = str(data.get("model") or model)
-        self.spend.add(model, data["usage"] if isinstance(data.get("usage"), dict) else {})  # paid, useful or not
+        self.spend.close(response.ticket, model, data.get("usage") if isinstance(data.get("usage"), dict) else {})
         if data.get("error"):  # OpenRouter reports some failures inside an HTTP 200 body
             raise BadAnswer(f"error in response: {self._clean(error_text(response, 200))}")
         try:
@@ -169,7 +231,7 @@ class OpenRouter:
         fenced = re.match(r"^```(?:json)?\s*(.*?)\s*```$", text.strip(), re.S)  # some models wrap JSON in a fence
         try:
             return self._clean(json.loads(fenced.group(1) if fenced else text))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             raise BadAnswer("content is not valid JSON") from None
 
 
@@ -210,6 +272,11 @@ def judge_both_orders(client, persona, message, a, b, model=None, attempts=3):
             except HTTPGaveUp:
                 return None
     return {("1", "2"): 1, ("2", "1"): -1}.get((verdict(a, b), verdict(b, a)))
+
+
+def cut_off(response):  # from another thread: the read in progress ends; a response read meanwhile is let be
+    with contextlib.suppress(Exception):
+        response.raw.shutdown()
 
 
 def repair_torn_line(path):

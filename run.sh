@@ -24,7 +24,8 @@
 #
 # A stage is skipped only if Chimera's stamp of it (chimera/<stage>.stamp: command line, sha256 of its inputs and
 # of the files it wrote) matches the command, the inputs and the files now. So a re-run resumes after a failure,
-# and a changed setting or input redoes what depends on it.
+# and a changed setting or input redoes what depends on it. An evaluation that skipped a task for now (no judge
+# answered, a dataset not reachable) is not stamped: the next run redoes it. One run.sh per base dir at a time.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -68,11 +69,15 @@ if [ "$DEMO" = 1 ]; then
 fi
 export NANOCHAT_BASE_DIR=$BASE
 say "Chimera's SFT starts from $START_DIR/$TAG"
-mkdir -p "$BASE/datasets" "$BASE/report"
+STAMPS=$BASE/chimera  # Chimera's record of the stages it finished, and the lock of the run on this base dir
+mkdir -p "$BASE/datasets" "$BASE/report" "$STAMPS"
+exec 9>>"$STAMPS/run.lock"  # locked on the open file, so held until this run and its stages have all exited
+"$PY" -c 'import fcntl; fcntl.flock(9, fcntl.LOCK_EX | fcntl.LOCK_NB)' 2>/dev/null ||
+    die "another run.sh is running on $BASE ($(cat "$STAMPS/run.lock"), or a stage it started): wait for it or stop it"
+echo "pid $$, started $(date '+%F %T')" >"$STAMPS/run.lock"
 SFT_DATA=$BASE/datasets/trader_sft_data.jsonl DPO_DATA=$BASE/datasets/trader_dpo_data.jsonl
 SFT_TAG=chimera_$TAG  # Chimera's SFT beside nanochat's chatsft_checkpoints/d<N>, never in it
 SFT_DIR=$BASE/chatsft_checkpoints/$SFT_TAG DPO_DIR=$BASE/chatdpo_checkpoints/$TAG REPORT_DIR=$BASE/report
-STAMPS=$BASE/chimera  # Chimera's record of the stages it finished
 
 NPROC_PER_NODE=${NPROC_PER_NODE:-$("$PY" -c "import torch; print(max(1, torch.cuda.device_count()))")}
 launch() {  # launch SCRIPT ARGS...: torchrun over the GPUs, plain python on one process
@@ -96,16 +101,24 @@ stage() {  # stage NAME INPUT_FILE... -- OUTPUT_DIR... -- COMMAND...: skip it wh
         sed '1,/^outputs:$/d' "$stamp" | "${SHA[@]}" -c --status 2>/dev/null; then
         say "$name: finished before with these settings and inputs, skipped (CHIMERA_REDO=1 to redo)"; return
     fi
-    mkdir -p "$STAMPS" && rm -f "$stamp" && touch "$STAMPS/started"
+    rm -f "$stamp" && touch "$STAMPS/started" && FOR_NOW=
     step "$name" "$@"
+    [ -z "$FOR_NOW" ] || { say "$name: not stamped ($FOR_NOW skipped for now): the next run redoes it"; return; }
     { printf '%s\noutputs:\n' "$key"  # then a sha256 line per file the stage wrote (but optimizer states)
       { find "${outs[@]}" -type f -newer "$STAMPS/started" ! -name 'optim_*' -print0 2>/dev/null || true; } |
           sort -z | xargs -0 -r "${SHA[@]}"; } >"$stamp.tmp" && mv "$stamp.tmp" "$stamp"
 }
+evaluate() {  # evaluate SOURCE ARGS...: eval.py -i SOURCE; FOR_NOW names what it skipped for now (not when offline)
+    launch eval.py -i "$@" || return
+    FOR_NOW=$("$PY" -c 'import json, sys; print(", ".join(task for task, why in json.load(open(sys.argv[1]))
+        .get("skipped", {}).items() if ("unavailable" in why or "fetch" in why) and "HF_HUB_OFFLINE" not in why))' \
+        "$REPORT_DIR/chimera-chat-evaluation-$1.json")
+}
 
 # The stages
 
-SFT_ARGS=(--source="$START" --model_tag="$TAG" --out_tag="$SFT_TAG") DPO_ARGS=() EVAL_ARGS=()
+JUDGE=0; [ -z "${OPENROUTER_API_KEY:-}" ] || JUDGE=1  # on the eval stages' command line: a new judge redoes them
+SFT_ARGS=(--source="$START" --model_tag="$TAG" --out_tag="$SFT_TAG") DPO_ARGS=() EVAL_ARGS=(--judge=$JUDGE)
 if [ "$DEMO" = 1 ]; then
     # the demo's settings, in one place: a tiny model, a short SFT, a strong DPO (cached reference)
     SFT_ARGS+=(--sft_dataset=trader --trader_val_fraction=0.1 --num_epochs=2 --device_batch_size=4
@@ -134,11 +147,11 @@ fi
 SFT_ARGS+=(${SFT_EXTRA_ARGS:-}); DPO_ARGS+=(${DPO_EXTRA_ARGS:-}); EVAL_ARGS+=(${EVAL_EXTRA_ARGS:-})
 stage "SFT (sft.py)" "$SFT_DATA" "$(latest "$START_DIR/$TAG")" -- "$SFT_DIR" "$REPORT_DIR" -- launch sft.py "${SFT_ARGS[@]}"
 stage "evaluate SFT (eval.py -i sft)" "$SFT_DATA" "$DPO_DATA" "$(latest "$SFT_DIR")" -- "$REPORT_DIR" -- \
-    launch eval.py -i sft --model_tag="$SFT_TAG" "${EVAL_ARGS[@]}"
+    evaluate sft --model_tag="$SFT_TAG" "${EVAL_ARGS[@]}"
 stage "DPO (dpo.py)" "$DPO_DATA" "$(latest "$SFT_DIR")" -- "$DPO_DIR" "$REPORT_DIR" -- \
     launch dpo.py --source=sft --model_tag="$SFT_TAG" --out_tag="$TAG" "${DPO_ARGS[@]}"
 stage "evaluate DPO (eval.py -i dpo)" "$SFT_DATA" "$DPO_DATA" "$(latest "$SFT_DIR")" "$(latest "$DPO_DIR")" \
-    -- "$REPORT_DIR" -- launch eval.py -i dpo --model_tag="$TAG" "${EVAL_ARGS[@]}"
+    -- "$REPORT_DIR" -- evaluate dpo --model_tag="$TAG" "${EVAL_ARGS[@]}"
 step "report (report.py generate)" "$PY" report.py generate
 
 say "done: $BASE/report/chimera-report.md (and ./report.md)"

@@ -239,7 +239,7 @@ def error_text(response, limit=300):
     try:
         error = response.json().get("error", "")
         error = error.get("message", error) if isinstance(error, dict) else error
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         error = response.text
     return str(error)[:limit]
 

@@ -13,8 +13,10 @@ import json
 import random
 import re
 import socket
+import struct
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 WORDS = ("risk stop size entry exit plan loss gain account market trade price level volume trend range "
@@ -26,7 +28,27 @@ WORDS = ("risk stop size entry exit plan loss gain account market trade price le
 FAULTS = ("429", "408", "500", "502", "503", "400", "401", "402", "403", "404", "timeout", "body_error",
           "empty_choices", "null_content", "bad_json", "schema", "identical", "lopsided", "duplicate",
           "echo_key",  # a hostile provider: the Authorization header back in `model`, the key inside the content
-          "surrogate")  # an escaped lone surrogate ("\\ud800") inside the answer
+          "surrogate",  # an escaped lone surrogate ("\\ud800") inside the answer
+          # a hostile provider's bodies: 1 GiB (streamed), a 1 MiB gzip inflating to 1 GiB, one byte per
+          # trickle_interval, an answer's content or the whole body nested 100,000 deep
+          "huge", "gzip_bomb", "trickle", "deep", "deep_body")
+# and "cost=X" / "tokens=X": usage.cost / prompt and completion tokens X (-5, 1e308, nan, inf)
+HUGE = 1 << 30
+_bomb = []
+
+
+def gzip_bomb():
+    """A valid one-member gzip of HUGE spaces, about 1 MiB: a 1 MiB block deflated after a full flush (which resets
+    the compressor) comes out the same every time, so the middle is one segment repeated."""
+    if not _bomb:
+        block, deflate, crc = b" " * (1 << 20), zlib.compressobj(9, zlib.DEFLATED, 31), 0
+        first = deflate.compress(block) + deflate.flush(zlib.Z_FULL_FLUSH)
+        segment = deflate.compress(block) + deflate.flush(zlib.Z_FULL_FLUSH)
+        for _ in range(HUGE // len(block)):
+            crc = zlib.crc32(block, crc)
+        last = deflate.flush()[:-8]  # the empty final block, less the trailer of two blocks
+        _bomb.append(first + segment * (HUGE // len(block) - 1) + last + struct.pack("<II", crc, HUGE % 2**32))
+    return _bomb[0]
 
 
 def longer_wins(message, first, second):
@@ -48,7 +70,8 @@ class FakeOpenRouter:
         self.list_status, self.missing_models = list_status, set(missing_models)
         self.faults, self.requests, self.lock = [], [], threading.Lock()
         self.rng, self.counter, self.last_answer = random.Random(seed), 0, None
-        self.retry_after = "0"
+        self.retry_after, self.trickle_interval = "0", 0.2
+        self.pricing = {"prompt": "0.000001", "completion": "0.000002"}  # USD per token, as OpenRouter lists them
         self.judge = longer_wins  # (message, first, second) -> "1" | "2" | "tie" for judge requests
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self.httpd.daemon_threads = True
@@ -124,6 +147,19 @@ class FakeOpenRouter:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _stream(self, chunks, length, headers=None):
+                """Send a body of `length` bytes as `chunks` come, until the client hangs up."""
+                self.send_response(200)
+                for k, v in {"Content-Type": "application/json", "Content-Length": str(length), **(headers or {})}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                try:
+                    for chunk in chunks:
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
+                except OSError:
+                    pass
+
             def _record(self, body=None):
                 with server.lock:
                     server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
@@ -134,7 +170,7 @@ class FakeOpenRouter:
                     return self._send(404, {"error": {"code": 404, "message": "no such route"}})
                 if server.list_status != 200:
                     return self._send(server.list_status, {"error": {"code": server.list_status, "message": "down"}})
-                self._send(200, {"data": [{"id": m, "name": m} for m in server.models]})
+                self._send(200, {"data": [{"id": m, "name": m, "pricing": server.pricing} for m in server.models]})
 
             def do_POST(self):
                 length = int(self.headers.get("Content-Length") or 0)
@@ -157,6 +193,19 @@ class FakeOpenRouter:
                     headers = {"Retry-After": server.retry_after} if code == 429 else None
                     return self._send(code, {"error": {"code": code, "message": f"injected {fault}"}}, headers)
                 usage = {"prompt_tokens": 100, "completion_tokens": 200, "total_tokens": 300, "cost": server.cost}
+                if fault and fault.startswith(("cost=", "tokens=")):
+                    value = float(fault.split("=")[1])
+                    usage.update({"cost": value} if fault.startswith("cost") else
+                                 {"prompt_tokens": value, "completion_tokens": value})
+                if fault == "huge":
+                    block = b" " * (1 << 20)
+                    return self._stream((block for _ in range(HUGE // len(block))), HUGE)
+                if fault == "gzip_bomb":
+                    bomb = gzip_bomb()
+                    return self._stream((bomb[i:i + 65536] for i in range(0, len(bomb), 65536)), len(bomb),
+                                        {"Content-Encoding": "gzip"})
+                if fault == "deep_body":
+                    return self._send(200, b"[" * 100_000 + b"]" * 100_000)
                 if fault == "body_error":
                     return self._send(200, {"error": {"code": 502, "message": "provider returned error"}})
                 if fault == "empty_choices":
@@ -175,10 +224,16 @@ class FakeOpenRouter:
                     model = self.headers["Authorization"]
                 if fault == "surrogate":  # at the end of the answer's last string
                     content = content[:content.rindex('"')] + "\\ud800" + content[content.rindex('"'):]
-                self._send(200, {"id": f"gen-{server.counter}", "model": model, "object": "chat.completion",
-                                 "choices": [{"index": 0, "finish_reason": "stop",
-                                              "message": {"role": "assistant", "content": content}}],
-                                 "usage": usage})
+                if fault == "deep":
+                    content = "[" * 100_000 + "]" * 100_000
+                answer = {"id": f"gen-{server.counter}", "model": model, "object": "chat.completion",
+                          "choices": [{"index": 0, "finish_reason": "stop",
+                                       "message": {"role": "assistant", "content": content}}], "usage": usage}
+                if fault == "trickle":  # a whole answer, one byte at a time
+                    body = json.dumps(answer).encode()
+                    return self._stream((time.sleep(server.trickle_interval) or body[i:i + 1] for i in range(len(body))),
+                                        len(body))
+                self._send(200, answer)
 
         return Handler
 

@@ -305,7 +305,7 @@ def test_torn_last_line_is_repaired(tmp_path):
 
 
 def test_resume_after_kill_9(tmp_path):
-    server = FakeOpenRouter(latency=0.05, cost=0.001).start()
+    server = FakeOpenRouter(latency=0.2, cost=0.001).start()  # most of a request's time in flight
     try:
         env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path), OPENROUTER_API_KEY=KEY,
                    OPENROUTER_BASE_URL=server.url, PYTHONPATH=gen.__file__.rsplit("/", 1)[0])
@@ -331,8 +331,15 @@ def test_resume_after_kill_9(tmp_path):
         # finished items were not asked for again: only the ones in flight at the kill are redone
         served = len(server.chat_requests())
         assert served <= 60 + 4
-        # the spend of the killed run is in the summary (all but the answers in flight at the kill)
-        assert served - 4 <= summary(tmp_path)["models"]["openai/gpt-4o-mini"]["requests"] <= served
+        # every request the provider served is in the summary, the ones in flight at the kill at their most
+        s = summary(tmp_path)
+        assert served <= s["models"]["openai/gpt-4o-mini"]["requests"] <= served + 4
+        assert s["cost_total"] >= served * 0.001
+        # those: opened in the ledger before they were sent, never closed, counted at their most
+        ledger = [json.loads(line) for line in open(tmp_path / "datasets" / "trader_gen_spend.jsonl")]
+        closed = {e.get("close") for e in ledger}
+        in_flight = [e["max_cost"] for e in ledger if "open" in e and e["open"] not in closed]
+        assert 1 <= len(in_flight) <= 4 and all(m > 0.001 for m in in_flight)
     finally:
         server.stop()
 
@@ -457,3 +464,67 @@ def test_failure_types_go_round_evenly_and_reach_the_prompt(run, server, tmp_pat
     assert sorted(p["failure"] for p in data(tmp_path, "dpo")) == sorted(names * 2)
     prompts = [r["body"]["messages"][-1]["content"] for r in server.chat_requests()]
     assert all(any(f in p for f in persona["failures"]) for p in prompts)
+
+
+# -----------------------------------------------------------------------------
+# A hostile provider: what it sends costs an item at most, never the run
+
+def peak_rss_mb(tmp_path, server, *flags):
+    """(exit code, peak RSS in MB) of gen.py run in a process of its own (its parent measures only it)."""
+    cmd, env = gen_subprocess(tmp_path, server, "--backoff=0.01", *flags)
+    measure = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+               "print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024)")
+    out = subprocess.run([sys.executable, "-c", measure, *cmd], env=env, capture_output=True, text=True, timeout=120)
+    code, mb = out.stdout.split()[-2:]
+    return int(code), int(mb)
+
+
+def test_a_huge_or_gzip_bomb_body_is_an_unusable_answer_in_bounded_memory(tmp_path, server):
+    flags = ("--sft-examples=3", "--dpo-examples=0", "--workers=2")
+    code, baseline = peak_rss_mb(tmp_path / "plain", server, *flags)
+    assert code == 0
+    for fault in ("huge", "gzip_bomb"):  # a 1 GiB body; a 1 MiB gzip of 1 GiB, two at once
+        server.faults.extend([fault, fault])
+        code, mb = peak_rss_mb(tmp_path / fault, server, *flags)
+        assert code == 0 and len(data(tmp_path / fault)) == 3
+        assert mb < baseline + 100, f"peak RSS {mb} MB, {baseline} MB without the {fault}"
+        assert summary(tmp_path / fault)["kinds"]["sft"]["failure_reasons"] == {"response body over 8 MiB": 2}
+
+
+def test_a_provider_trickling_its_answer_times_out_per_request(run, server, tmp_path):
+    server.faults.append("trickle")  # a byte every 0.2 s: each read is quick, the request never ends
+    t0 = time.time()
+    code, out, err = run("--sft-examples=3", "--dpo-examples=0", "--workers=1", "--timeout=1", "--http-retries=0")
+    assert code == 0, err
+    assert time.time() - t0 < 6 and len(data(tmp_path)) == 3
+    assert summary(tmp_path)["kinds"]["sft"]["this_run"]["failed"] == 1  # that item, after its one try; the run went on
+    server.faults.append("trickle")
+    code, out, err = run("--sft-examples=4", "--dpo-examples=0", "--workers=1", "--timeout=1")
+    assert code == 0 and len(data(tmp_path)) == 4 and summary(tmp_path)["kinds"]["sft"]["this_run"]["failed"] == 0
+
+
+def test_deeply_nested_answers_are_retried(run, server, tmp_path):
+    server.faults.extend(["deep", "deep_body"])
+    code, out, err = run("--sft-examples=2", "--dpo-examples=0", "--workers=1")
+    assert code == 0 and len(data(tmp_path)) == 2, err
+    assert summary(tmp_path)["kinds"]["sft"]["failure_reasons"] == {"content is not valid JSON": 1,
+                                                                    "response body is not a JSON object": 1}
+
+
+def test_nonsense_costs_and_token_counts_count_nothing(run, server, tmp_path):
+    nonsense = ["cost=-5", "cost=1e308", "cost=1e308", "cost=nan", "cost=inf", "tokens=1e308", "tokens=-3", "tokens=nan"]
+    server.faults.extend(nonsense)
+    code, out, err = run("--sft-examples=10", "--dpo-examples=0", "--workers=1")
+    assert code == 0, err
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the summary"))
+    s = strict((tmp_path / "datasets" / "trader_gen_summary.json").read_text())
+    usage = s["models"]["openai/gpt-4o-mini"]
+    assert usage["requests"] == 10 and s["cost_total"] == pytest.approx((10 - 5) * 0.01)
+    assert usage["prompt_tokens"] == (10 - 3) * 100 and usage["completion_tokens"] == (10 - 3) * 200
+    report = (tmp_path / "report" / "chimera-synthetic-data.md").read_text()
+    assert "Cost (USD, all runs): 0.05" in report and "inf" not in report.lower()
+    for line in open(tmp_path / "datasets" / "trader_gen_spend.jsonl"):  # the ledger: what counted, nothing else
+        strict(line)
+    code, out, err = run("--sft-examples=12", "--dpo-examples=0", "--workers=1", "--max-cost=1")  # a later run goes on
+    assert code == 0 and len(data(tmp_path)) == 12 and "stopped at --max-cost" not in out

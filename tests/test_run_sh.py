@@ -7,8 +7,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -23,7 +25,7 @@ SMALLEST = {  # the smallest settings that still train on real tokens (demo rows
 
 def run_sh(env, timeout=400):
     full = {k: v for k, v in os.environ.items() if k not in ("OPENROUTER_API_KEY", "CHIMERA_DEMO")}
-    full.update(CHIMERA_PYTHON=sys.executable, OMP_NUM_THREADS="1", **env)
+    full.update({"CHIMERA_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **env})
     return subprocess.run(["bash", os.path.join(REPO, "run.sh")], env=full, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -61,6 +63,90 @@ def test_a_checkpoint_without_key_or_data_stops_with_a_message(tmp_path):
 def test_a_key_without_a_checkpoint_stops_with_a_message(tmp_path):
     proc = run_sh({"NANOCHAT_BASE_DIR": str(tmp_path), "OPENROUTER_API_KEY": "sk-or-x"}, timeout=60)
     assert proc.returncode != 0 and "no nanochat checkpoint" in proc.stderr
+
+
+# -----------------------------------------------------------------------------
+# One run per base dir; evaluations stamped only when nothing was skipped for now. Cheap: the stages are stand-ins
+
+STAND_IN = """#!{python}
+# Python for run.sh with its stages stood in for: each leaves only what run.sh looks at ($FAKE_SKIPPED: eval.py's
+# skips; $FAKE_SLEEP: sft.py's seconds); its own one-liners run for real
+import json, os, sys, time
+base, args = os.environ.get("NANOCHAT_BASE_DIR", ""), sys.argv[1:]  # run.sh's, once it has chosen it
+with open(os.environ["FAKE_LOG"], "a") as log:
+    log.write(" ".join(args) + "\\n")
+flags = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+if args[0] in ("sft.py", "dpo.py") or "fresh_base" in args[-1]:
+    folder = {{"sft.py": "chatsft_checkpoints", "dpo.py": "chatdpo_checkpoints"}}.get(args[0], "base_checkpoints")
+    os.makedirs(os.path.join(base, folder, flags.get("out_tag", "d1")), exist_ok=True)
+    open(os.path.join(base, folder, flags.get("out_tag", "d1"), "model_000001.pt"), "w").write(args[0])
+    time.sleep(float(os.environ.get("FAKE_SLEEP", 0)) if args[0] == "sft.py" else 0)
+elif args[0] == "eval.py":
+    with open(os.path.join(base, "report", f"chimera-chat-evaluation-{{args[2]}}.json"), "w") as f:
+        json.dump({{"results": {{}}, "skipped": json.loads(os.environ.get("FAKE_SKIPPED", "{{}}"))}}, f)
+elif args[0] == "checkpoint.py":  # no nanochat checkpoint: the demo's own
+    print("START=base START_DIR=none TAG=")
+elif args[0] != "report.py" and "import torch" not in args[-1]:  # the venv's packages are there
+    os.execv({python!r}, [{python!r}, *args])
+"""
+
+
+@pytest.fixture
+def stand_in(tmp_path):
+    """run(**env) -> run.sh's demo on base dir tmp_path/demo, stages stood in for (logged in tmp_path/stages.log);
+    and the base dir."""
+    python = tmp_path / "python"
+    python.write_text(STAND_IN.format(python=sys.executable))
+    python.chmod(0o755)
+    env = {"CHIMERA_PYTHON": str(python), "CHIMERA_DEMO": "1", "CHIMERA_DEMO_DIR": str(tmp_path / "demo"),
+           "CHIMERA_DEMO_DEPTH": "1", "NPROC_PER_NODE": "1", "FAKE_LOG": str(tmp_path / "stages.log")}
+    (tmp_path / "stages.log").write_text("")
+    return lambda **more: run_sh({**env, **more}, timeout=120), tmp_path / "demo"
+
+
+def test_a_second_run_on_the_same_base_dir_stops_at_once_naming_the_first(stand_in, tmp_path):
+    run, base = stand_in
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENROUTER_API_KEY", "CHIMERA_DEMO")}
+    env.update({"CHIMERA_PYTHON": str(tmp_path / "python"), "CHIMERA_DEMO": "1", "CHIMERA_DEMO_DIR": str(base),
+                "CHIMERA_DEMO_DEPTH": "1", "NPROC_PER_NODE": "1", "FAKE_SLEEP": "60", "FAKE_LOG": str(tmp_path / "stages.log")})
+    first = subprocess.Popen(["bash", os.path.join(REPO, "run.sh")], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and "sft.py" not in (tmp_path / "stages.log").read_text():
+            time.sleep(0.1)  # the first run is in its SFT stage
+        t0 = time.time()
+        second = run()
+        assert second.returncode == 1 and time.time() - t0 < 30
+        assert second.stderr.startswith(f"run.sh: another run.sh is running on {base} (pid {first.pid}, started ")
+        assert second.stderr.count("\n") == 1 and "sft.py" not in second.stdout
+        assert (tmp_path / "stages.log").read_text().count("sft.py") == 1  # the second ran no stage
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    third = run()  # the lock ends with the run (here a kill -9 of it and its stage)
+    assert third.returncode == 0, third.stderr
+
+
+def test_an_evaluation_skipped_for_now_is_not_stamped_and_a_judge_redoes_it(stand_in, tmp_path):
+    run, base = stand_in
+    offline = json.dumps({"ARC-Easy": "allenai/ai2_arc is not cached and could not be fetched: HF_HUB_OFFLINE is set",
+                          "Trader-SFT": "no held-out trader conversation to score (the val split is empty)"})
+    evals = lambda: [line for line in (tmp_path / "stages.log").read_text().splitlines() if line.startswith("eval.py")]
+    first = run(FAKE_SKIPPED=offline)  # no key: skips for good are done
+    assert first.returncode == 0, first.stderr
+    assert len(evals()) == 2 and all("--judge=0" in line for line in evals())
+    for_now = json.dumps({"Judge": "the judge is unavailable: HTTP 402, out of credits", "GSM8K":
+                          "openai/gsm8k (main/test) is not cached and could not be fetched: talking to https://x"})
+    second = run(FAKE_SKIPPED=for_now, OPENROUTER_API_KEY="sk-or-x")  # a judge now: the evaluations are redone
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.count(", skipped") == 3 and len(evals()) == 4 and "--judge=1" in evals()[-1]
+    assert second.stdout.count("not stamped (Judge, GSM8K skipped for now): the next run redoes it") == 2
+    third = run(FAKE_SKIPPED=offline, OPENROUTER_API_KEY="sk-or-x")  # and again, until no skip is for now
+    assert third.stdout.count(", skipped") == 3 and len(evals()) == 6 and "not stamped" not in third.stdout
+    fourth = run(FAKE_SKIPPED=offline, OPENROUTER_API_KEY="sk-or-x")
+    assert fourth.stdout.count(", skipped") == 5 and len(evals()) == 6
+    assert "sk-or-x" not in "".join(p.read_text() for p in (base / "chimera").iterdir())  # the key is no stamp's
 
 
 # -----------------------------------------------------------------------------
