@@ -221,12 +221,11 @@ def test_pull_refuses_a_second_tokenizer_and_a_different_model(fake, tmp_path):
 def test_pull_picks_by_source_tag_and_step_and_reads_the_token_file(fake, tmp_path):
     files = repo_files(2025, "flat")
     meta = json.loads(files["meta_000000.json"])
-    del meta["user_config"]  # a stage the meta does not tell
+    del meta["user_config"]  # no base_train --depth
     fake.add("someone/gated-d2", dict(files, **{"meta_000000.json": json.dumps(meta).encode(), "model_000005.pt": b"x"}))
     os.makedirs(tmp_path / "hf_home")
     (tmp_path / "hf_home" / "token").write_text(TOKEN + "\n")  # as `hf auth login` leaves it
-    with pytest.raises(UserError, match="does not say which stage wrote it: pass --source"):
-        pull("someone/gated-d2")
+    assert pull("someone/gated-d2") == ("sft", "d2", 0)  # not base_train's meta: a chat model, SFT's
     with pytest.raises(UserError, match=r"no nanochat checkpoint .* with --source=mid --step=3; it holds README.md"):
         pull("someone/gated-d2", "--source=mid", "--step=3")
     assert pull("someone/gated-d2", "--source=mid", "--model_tag=d7", "--step=0") == ("mid", "d7", 0)
