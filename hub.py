@@ -5,11 +5,10 @@ folder that transformers loads (publish it with the Hub's own CLI: hf upload USE
     python hub.py pull karpathy/nanochat-d32  [--revision=main] [--source=base|mid|sft] [--model_tag=d<N>] [--step=N]
     python hub.py export -i dpo --out=DIR     [--model_tag=d<N>] [--step=N]
 
-pull: the Hub's HTTP API at $HF_ENDPOINT (default https://huggingface.co); $HF_TOKEN or `hf auth login`'s token for gated
-and private repos (to the Hub's host only). Repos of model_<step>.pt + meta_<step>.json + tokenizer.pkl + token_bytes.pt
-(at the root or in tokenizer/), or of a nanochat base dir, land in <source>_checkpoints/d<N>/ and tokenizer/ (the stage
-the repo names, else base for base_train's meta, sft for any other; d<n_layer>; the last step); downloads resume, are
-checked (sha256, git blob id) and renamed into place once whole: a re-run downloads nothing.
+pull: the Hub's API at $HF_ENDPOINT (default https://huggingface.co), $HF_TOKEN or `hf auth login`'s token (to the Hub's
+host only). model_<step>.pt + meta_<step>.json + tokenizer.pkl/token_bytes.pt (root or tokenizer/), or a nanochat base
+dir, land in <source>_checkpoints/d<N>/ and tokenizer/ (source: the repo's, else base for base_train's meta, else sft).
+Downloads resume, are checked (sha256, git blob id) and renamed into place once whole: a re-run downloads nothing.
 export: Nov 2025 checkpoints as transformers' NanoChatForCausalLM (float32 rotary tables where nanochat 885a4f2 rounds
 them to bf16), 2026 ones losslessly as remote code (model.py as it is + a thin wrapper). No pickle in the folder.
 """
@@ -44,32 +43,29 @@ class Config:
     backoff: float = 1.0  # pull: the first wait between tries, seconds (it doubles)
 
 
-# pull
-STAGES = {d: s for s, d in SOURCE_DIRS.items()}  # base_checkpoints -> base, ...
-PREFERRED = {"mid": 3, "base": 2, "sft": 1}  # a base-dir repo's default stage: Chimera starts from mid, else base
+STAGES = {d: s for s, d in SOURCE_DIRS.items()}  # pull: base_checkpoints -> base, ...
 
 
 class Hub:
     """GETs on the Hub with retries, redirects followed by hand: the token goes to the Hub's host only."""
 
     def __init__(self, repo, c):  # the token: $HF_TOKEN, else the file of `hf auth login` ($HF_HOME/token)
-        home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
-        self.repo, self.c, self._token = repo, c, os.environ.get("HF_TOKEN", "").strip()  # sent, never shown or stored
-        with contextlib.suppress(OSError), open(os.environ.get("HF_TOKEN_PATH") or os.path.expanduser(f"{home}/token")) as f:
+        env, self.repo, self.c, self._token = os.environ.get, repo, c, os.environ.get("HF_TOKEN", "").strip()
+        path = env("HF_TOKEN_PATH") or os.path.expanduser(env("HF_HOME") or "~/.cache/huggingface") + "/token"
+        with contextlib.suppress(OSError), open(path) as f:  # the token is sent, never shown or stored
             self._token = self._token or f.read().strip()
-        self.endpoint, rev = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/"), quote(c.revision, "")
-        self.session, self.url = requests.Session(), lambda path: f"{self.endpoint}/{repo}/resolve/{rev}/{quote(path)}"
+        self.endpoint, rev = (env("HF_ENDPOINT") or "https://huggingface.co").rstrip("/"), quote(c.revision, "")
+        self.url = lambda path: f"{self.endpoint}/{repo}/resolve/{rev}/{quote(path)}"
         self.tree_url = f"{self.endpoint}/api/models/{repo}/tree/{rev}?recursive=true"
 
-    def get(self, url, headers=None, stream=False):
+    def get(self, url, headers=None, stream=False, hop=None):
         """(final response, the Hub's redirect if any: it carries X-Linked-Etag); an error status: one line."""
-        hop = None
         for _ in range(8):
-            auth = {"Authorization": f"Bearer {self._token}"} if self._token and \
-                urlparse(url).netloc == urlparse(self.endpoint).netloc else {}
+            h = {**(headers or {}), **({"Authorization": f"Bearer {self._token}"} if self._token and
+                                        urlparse(url).netloc == urlparse(self.endpoint).netloc else {})}
             try:
-                r = http_retry(lambda: self.session.get(url, headers={**(headers or {}), **auth}, stream=stream,
-                                                        allow_redirects=False, timeout=60), self.c.retries, self.c.backoff)
+                r = http_retry(lambda: requests.get(url, headers=h, stream=stream, allow_redirects=False, timeout=60),
+                               self.c.retries, self.c.backoff)
             except HTTPGaveUp as e:
                 raise UserError(f"{self.repo}: {urlparse(url).netloc} did not answer: {e}") from None
             if r.status_code in (301, 302, 303, 307, 308) and "Location" in r.headers:
@@ -107,8 +103,8 @@ def download(hub, path, entry, dest):
     for _ in range(hub.c.retries + 1):
         have = os.path.getsize(part) if os.path.exists(part) else 0
         try:  # a whole .part (a run stopped before its check) is only checked
-            r, hop = hub.get(hub.url(path), {"Range": f"bytes={have}-"} if have else {}, True) if have < size else [None] * 2
-            etag = (hop or r).headers.get("X-Linked-Etag", "").removeprefix("W/").strip('"') if r else ""
+            r, hop = hub.get(hub.url(path), {"Range": f"bytes={have}-"}, True) if have < size else (None, None)
+            etag = (hop or r).headers.get("X-Linked-Etag", "").strip('"') if r else ""  # the sha256 of an LFS file
             sha = sha or (etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None)
             have = have if r is None or r.status_code == 206 else 0  # a server that ignores Range sends it all
             bar = ProgressBar(-(-size // 2**20), desc=path, unit="MiB", enabled=size >= 1 << 20, done=have >> 20)
@@ -148,34 +144,29 @@ def pull(repo, c):
         what = " with " + " ".join(f"--{k}={v}" for k, v in asked.items() if v is not None) if found else ""
         raise UserError(f"{repo}@{c.revision}: no nanochat checkpoint (model_<step>.pt + meta_<step>.json){what}; "
                         f"it holds {held or 'no files'}")
-    depth = lambda t: int(t[1:]) if re.fullmatch(r"d\d+", t or "") else -1
-    stage, tag, step, path = max(picked, key=lambda f: (PREFERRED.get(f[0], 0), depth(f[1]), f[2]))
+    order = lambda f: ({"mid": 2, "base": 1}.get(f[0], 0), int("0" + re.sub(r"\D", "", f[1] or "")), f[2])
+    stage, tag, step, path = max(picked, key=order)  # a base dir's default: mid, else base; the deepest, the last
     name, base, meta_path = f"_{step:06d}", get_base_dir(), meta_of(path)
     here = [p for p in glob.glob(os.path.join(base, "*_checkpoints", "*", f"meta{name}.json"))
             if matches(p, files[meta_path])]  # a meta pulled before is read where it lies: a re-run downloads nothing
-    try:
-        meta = json.loads(open(here[0], "rb").read() if here else hub.get(hub.url(meta_path))[0].content)
-        n_layer = meta["model_config"]["n_layer"]
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"{repo}: {meta_path} is not a nanochat meta with model_config.n_layer") from None
+    meta = json.loads(open(here[0], "rb").read() if here else hub.get(hub.url(meta_path))[0].content)
     # base_train's meta has its --depth; the other stages' (mid, SFT, RL) have not: a chat model, taken as SFT's
     stage, tag = stage or c.source or ("base" if "depth" in (meta.get("user_config") or {}) else "sft"), \
-        tag or c.model_tag or f"d{n_layer}"
+        tag or c.model_tag or f"d{meta['model_config']['n_layer']}"
     todo = [(meta_path, os.path.join(SOURCE_DIRS[stage], tag, f"meta{name}.json")),
             (path, os.path.join(SOURCE_DIRS[stage], tag, f"model{name}.pt"))]
     for want in ("token_bytes.pt", "tokenizer.pkl"):  # the pkl first; the one nearest the repo's root
         hits = sorted((p for p in files if p.split("/")[-1] == want), key=lambda p: p.count("/"))
         if not hits and want == "tokenizer.pkl":
-            raise UserError(f"{repo}: no tokenizer.pkl beside the checkpoint (at the root or in tokenizer/); it holds {held}")
+            raise UserError(f"{repo}: no tokenizer.pkl at its root or in tokenizer/; it holds {held}")
         todo[:0] = [(hits[0], os.path.join("tokenizer", want))] if hits else []
     for src, rel in todo:  # nothing is downloaded before every file already in the base dir is known to be the repo's
         if os.path.exists(dest := os.path.join(base, rel)) and not matches(dest, files[src]):
-            hint = ("a base dir holds one tokenizer: set NANOCHAT_BASE_DIR to another directory for this model"
-                    if rel.startswith("tokenizer") else "move it away, or pull with another --model_tag")
-            raise UserError(f"{dest} is already there and differs from {repo}'s {src}: {hint}")
+            raise UserError(f"{dest} is already there and differs from {repo}'s {src}: move it away, or set "
+                            "NANOCHAT_BASE_DIR to another directory for this model (a base dir holds one tokenizer)")
     missing = [(s, r) for s, r in todo if not os.path.exists(os.path.join(base, r))]
     total = sum((files[s].get("lfs") or files[s])["size"] for s, _ in missing)
-    print(f"{repo}@{c.revision}: {stage} {tag} step {step}: " + (f"{len(missing)} files, {total / 2**20:,.1f} MiB, into "
+    print(f"{repo}@{c.revision}: {stage} {tag} step {step}: " + (f"{len(missing)} files, {total / 2**20:,.1f} MiB, to "
           f"{base}" if missing else f"every file is already in {base}, verified: nothing to download"))
     for src, rel in missing:
         download(hub, src, files[src], os.path.join(base, rel))
@@ -183,21 +174,20 @@ def pull(repo, c):
     return stage, tag, step
 
 
-# export
-DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64", torch.int32: "I32"}
-HF_NAMES = {"wte": "embed_tokens", "attn.c_q": "self_attn.q_proj", "attn.c_k": "self_attn.k_proj", "mlp.c_fc": "mlp.fc1",
-            "attn.c_v": "self_attn.v_proj", "attn.c_proj": "self_attn.o_proj", "mlp.c_proj": "mlp.fc2"}  # Nov 2025
-# nanochat's rendering: a system message merged into the first user message, the turns and their special tokens
-CHAT_TEMPLATE = (
-    "{% set ns = namespace(m=messages) %}{% if messages and messages[0].role == 'system' %}{% set ns.m = [{'role': "
-    "'user', 'content': messages[0].content + '\\n\\n' + messages[1].content}] + messages[2:] %}{% endif %}<|bos|>{% for "
-    "m in ns.m %}{% if m.role == 'user' %}<|user_start|>{{ m.content }}<|user_end|>{% else %}<|assistant_start|>{% for "
-    "p in ([{'type': 'text', 'text': m.content}] if m.content is string else m.content) %}{% if p.type == 'python' %}"
-    "<|python_start|>{{ p.text }}<|python_end|>{% elif p.type == 'python_output' %}<|output_start|>{{ p.text }}"
-    "<|output_end|>{% else %}{{ p.text }}{% endif %}{% endfor %}<|assistant_end|>{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant_start|>{% endif %}")
-WRAPPER = '''"""transformers wrapper of nanochat's GPT (model.py beside it, Chimera's, as it is): trust_remote_code=True.
-Generation recomputes the whole sequence at every step (no KV cache); rows have equal lengths (no padding)."""
+DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}  # export
+HF_NAMES = {"wte": "embed_tokens", "attn.c_proj": "self_attn.o_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+            **{f"attn.c_{x}": f"self_attn.{x}_proj" for x in "qkv"}}  # Nov 2025's names -> NanoChatForCausalLM's
+HF_KEYS = {"num_hidden_layers": "n_layer", "hidden_size": "n_embd", "num_attention_heads": "n_head",  # GPTConfig's
+           "num_key_value_heads": "n_kv_head", "max_position_embeddings": "sequence_len"}
+CHAT_TEMPLATE = (  # nanochat's rendering: a system message merged into the first user's, the turns, the specials
+    "{% set ns = namespace(m=messages) %}{% if messages and messages[0].role == 'system' %}{% set ns.m = "
+    "[{'role': 'user', 'content': messages[0].content + '\\n\\n' + messages[1].content}] + messages[2:] %}{% endif %}"
+    "<|bos|>{% for m in ns.m %}{% if m.role == 'user' %}<|user_start|>{{ m.content }}<|user_end|>{% else %}"
+    "<|assistant_start|>{% for p in ([{'type': 'text', 'text': m.content}] if m.content is string else m.content) %}"
+    "{% if p.type == 'python' %}<|python_start|>{{ p.text }}<|python_end|>{% elif p.type == 'python_output' %}"
+    "<|output_start|>{{ p.text }}<|output_end|>{% else %}{{ p.text }}{% endif %}{% endfor %}<|assistant_end|>"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant_start|>{% endif %}")
+WRAPPER = '''"""transformers wrapper of nanochat's GPT (model.py beside it): trust_remote_code=True; no KV cache"""
 from transformers import GenerationMixin, PreTrainedModel, PretrainedConfig
 from transformers.modeling_outputs import CausalLMOutput
 from .model import GPT, GPTConfig
@@ -205,12 +195,11 @@ from .model import GPT, GPTConfig
 
 class NanoChatGPTConfig(PretrainedConfig):  # GPTConfig's fields under their own names
     model_type = "nanochat_gpt"
-    attribute_map = {"num_hidden_layers": "n_layer", "hidden_size": "n_embd", "num_attention_heads": "n_head",
-                     "num_key_value_heads": "n_kv_head", "max_position_embeddings": "sequence_len"}
+    attribute_map = HF_KEYS
 
 
 class NanoChatGPTForCausalLM(PreTrainedModel, GenerationMixin):
-    config_class, base_model_prefix = NanoChatGPTConfig, "gpt"
+    config_class = NanoChatGPTConfig
 
     def __init__(self, config):
         super().__init__(config)
@@ -234,34 +223,27 @@ class NanoChatGPTForCausalLM(PreTrainedModel, GenerationMixin):
 def write_safetensors(path, tensors, metadata):
     """safetensors: an 8-byte little-endian header length, the JSON header {name: {dtype, shape, data_offsets},
     "__metadata__": {str: str}} padded to 8 bytes, then each tensor's raw little-endian bytes (this host's) in order."""
-    header, offset = {"__metadata__": metadata}, 0
+    header, at = {"__metadata__": metadata}, 0
     for name, t in tensors.items():
         n = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
+        header[name], at = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + n]}, at + n
+    text = (raw := json.dumps(header).encode()) + b" " * (-len(raw) % 8)
     atomic_write(path, lambda f: [f.write(len(text).to_bytes(8, "little") + text)] + [
         f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()) for t in tensors.values()], True)
-
-
-def bpe_parts(ranks, token):
-    """How tiktoken builds `token`: BPE over its bytes with the ranks below its own; two parts make its merge."""
-    parts, limit = [bytes([b]) for b in token], ranks[token]
-    while len(parts) > 2:
-        rank, i = min((ranks.get(a + b, limit), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
-        if rank >= limit:
-            break
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
-    return parts
 
 
 def tokenizer_json(enc):
     """tokenizer.json of a tiktoken Encoding: byte-level BPE over GPT-2's byte-to-unicode alphabet, merges recovered
     from the ranks, its split pattern, its special tokens; a piece in the vocab is taken whole, as tiktoken does."""
-    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    def bpe_parts(token):  # how tiktoken builds it: BPE over its bytes with the ranks below its own (2 parts: a merge)
+        parts, limit = [bytes([b]) for b in token], ranks[token]
+        while len(parts) > 2 and (best := min((ranks.get(a + b, limit), i)
+                                              for i, (a, b) in enumerate(zip(parts, parts[1:]))))[0] < limit:
+            parts[best[1]:best[1] + 2] = [parts[best[1]] + parts[best[1] + 1]]
+        return parts
+    keep, ranks = [*range(33, 127), *range(161, 173), *range(174, 256)], enc._mergeable_ranks
     alphabet = {b: chr(b) for b in keep} | {b: chr(256 + i) for i, b in enumerate(sorted(set(range(256)) - set(keep)))}
-    text, ranks, no = lambda token: "".join(alphabet[b] for b in token), enc._mergeable_ranks, False
+    text, no = lambda token: "".join(alphabet[b] for b in token), False
     byte_level = {"type": "ByteLevel", "add_prefix_space": no, "trim_offsets": True, "use_regex": no}
     split = {"type": "Split", "pattern": {"Regex": enc._pat_str}, "behavior": "Isolated", "invert": no}
     return {"added_tokens": [{"id": i, "content": s, "single_word": no, "lstrip": no, "rstrip": no, "normalized": no,
@@ -269,11 +251,11 @@ def tokenizer_json(enc):
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [split, byte_level]}, "decoder": byte_level,
             "model": {"type": "BPE", "ignore_merges": True, "vocab": {text(t): r for t, r in ranks.items()}, "merges": [
                 [text(p[0]), text(p[1])] for t in sorted(ranks, key=ranks.get) if len(t) > 1
-                for p in [bpe_parts(ranks, t)] if len(p) == 2]}}
+                for p in [bpe_parts(t)] if len(p) == 2]}}
 
 
 def model_card(source, meta, cfg, out):
-    """README.md: the persona's name, the data, the report's figures (when the run left them), how to load it."""
+    """README.md from data/model_card.md: the persona's name, the data, the report's figures (if the run left them)."""
     from openrouter import PERSONA_PATH, load_persona
     path, name, figures, remote = lambda *p: os.path.join(get_base_dir(), *p), "Chimera", "", cfg.generation == 2026
     with contextlib.suppress(UserError):
@@ -281,36 +263,17 @@ def model_card(source, meta, cfg, out):
     data = [f"{sum(map(bool, open(f, encoding='utf-8').read().split(chr(10)))):,} {k.upper()} examples" for k in
             ("sft", "dpo") if os.path.isfile(f := path("datasets", f"trader_{k}_data.jsonl"))]
     with contextlib.suppress(OSError, TypeError):  # the report's summary table, else the evaluation's own figures
-        figures = re.search(r"^## Summary\n(.*?)(?=^## |\Z)", open(path("report", "chimera-report.md")).read(), re.M | re.S)[1]
+        figures = re.search(r"^## Summary\n(.*?)(?=^## |\Z)", open(path("report", "chimera-report.md")).read(),
+                            re.M | re.S)[1]
     with contextlib.suppress(OSError, ValueError, KeyError, AttributeError):
         figures = figures or "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v:.4f} |\n" for k, v in json.load(
             open(path("report", f"chimera-chat-evaluation-{source}.json")))["results"].items())
-    load = f'"{os.path.basename(os.path.abspath(out))}"' + (", trust_remote_code=True" if remote else "")
-    return f"""---
-library_name: transformers
-tags: [nanochat, chimera, text-generation]
----
-# {name}
-
-A nanochat model ({"2026" if remote else "Nov 2025"} generation, {cfg.n_layer} layers, {cfg.n_embd} wide) given the \
-persona **{name}** by Chimera (SFT on synthetic persona conversations, then DPO), from its `{source}` checkpoint at step \
-{meta.get("step")}.{" Its code is nanochat's own model (model.py), run as remote code." if remote else ""}
-
-## Data
-{"; ".join(data) or "Chimera's persona data (data/persona.md)"}.
-
-## Results
-{figures.strip() or "No Chimera report was found beside the checkpoint."}
-
-## Use
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-tok, model = AutoTokenizer.from_pretrained({load}), AutoModelForCausalLM.from_pretrained({load})
-ids = tok.apply_chat_template([{{"role": "user", "content": "Hi"}}], add_generation_prompt=True, return_dict=True,
-                              return_tensors="pt")["input_ids"]
-print(tok.decode(model.generate(ids, max_new_tokens=128)[0, ids.size(1):]))  # stops at <|assistant_end|>
-```
-"""
+    with open(os.path.join(os.path.dirname(PERSONA_PATH), "model_card.md"), encoding="utf-8") as f:
+        return f.read().format(**{k: getattr(cfg, k) for k in ("n_layer", "n_embd", "vocab_size")}, name=name,
+                               generation=2026 if remote else "Nov 2025", source=source, step=meta.get("step"),
+                               data="; ".join(data) or "Chimera's persona data", results=figures.strip() or "(none)",
+                               remote=" Its code is nanochat's own (model.py), run as remote code." if remote else "",
+                               path=os.path.basename(os.path.abspath(out)), trust=", trust_remote_code=True" * remote)
 
 
 def export(c):
@@ -329,16 +292,14 @@ def export(c):
         tensors = {re.sub(r"^transformer\.(h\.(\d+)\.)?(wte|\w+\.c_\w+)\.", lambda m: "model." + (
             f"layers.{m[2]}." if m[1] else "") + HF_NAMES[m[3]] + ".", k): v for k, v in state.items()}
         config = {"architectures": ["NanoChatForCausalLM"], "model_type": "nanochat", "vocab_size": cfg.vocab_size,
-                  "hidden_size": cfg.n_embd, "intermediate_size": 4 * cfg.n_embd, "num_hidden_layers": cfg.n_layer,
-                  "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "hidden_act": "relu2",
-                  "max_position_embeddings": cfg.sequence_len, "rms_norm_eps": torch.finfo(torch.float32).eps,
+                  **{k: getattr(cfg, v) for k, v in HF_KEYS.items()}, "intermediate_size": 4 * cfg.n_embd,
+                  "hidden_act": "relu2", "rms_norm_eps": torch.finfo(torch.float32).eps,
                   "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "rope_theta": 10000.0,
                   "final_logit_softcapping": 15.0, "attention_bias": False, "tie_word_embeddings": False}
     os.makedirs(out, exist_ok=True)
     if remote:
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "model.py"), "rb") as f:
-            atomic_write(os.path.join(out, "model.py"), lambda g: g.write(f.read()), binary=True)
-        atomic_write_text(os.path.join(out, "modeling_nanochat_gpt.py"), WRAPPER)
+        atomic_write_text(f"{out}/model.py", open(os.path.join(os.path.dirname(__file__), "model.py")).read())
+        atomic_write_text(os.path.join(out, "modeling_nanochat_gpt.py"), WRAPPER.replace("HF_KEYS", repr(HF_KEYS)))
     write_safetensors(os.path.join(out, "model.safetensors"), tensors, {"format": "pt", "step": str(meta.get("step"))})
     ids = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos}  # a pad in eos: generate never masks a prompt
     for name, obj in {"config.json": {**config, **ids, "dtype": "float32"},
@@ -350,9 +311,7 @@ def export(c):
                                                 "clean_up_tokenization_spaces": False}}.items():
         atomic_write_json(os.path.join(out, name), obj)
     atomic_write_text(os.path.join(out, "README.md"), model_card(source, meta, cfg, out))
-    kind = "2026: remote code" if remote else "Nov 2025: NanoChatForCausalLM"
-    print(f"exported {source} step {meta.get('step')} ({kind}, {sum(t.numel() for t in tensors.values()):,} parameters "
-          f"in {len(tensors)} tensors) to {out}")
+    print(f"exported {source} step {meta.get('step')} as {config['architectures'][0]}, {len(tensors)} tensors: {out}")
 
 
 def main(argv=None):
