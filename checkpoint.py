@@ -59,8 +59,9 @@ def nanochat_tag(checkpoints_dir):
 
 
 def default_start(base_dir):
-    """SFT's start when none is named, as nanochat's: mid if there is one (2025 nanochat), else base (2026 has no mid)."""
-    return "mid" if nanochat_tag(os.path.join(base_dir, SOURCE_DIRS["mid"])) else "base"
+    """SFT's start when none is named, as nanochat's: mid if there is one (2025 nanochat), else base (2026 has no
+    mid), else a nanochat SFT alone (a chat model pulled from the Hub)."""
+    return next((s for s in ("mid", "base", "sft") if nanochat_tag(os.path.join(base_dir, SOURCE_DIRS[s]))), "base")
 
 
 def find_last_step(checkpoint_dir):

@@ -14,7 +14,9 @@
 #   NANOCHAT_BASE_DIR   nanochat's base dir (checkpoints, tokenizer, datasets, report)
 #   OPENROUTER_API_KEY  for gen.py; OPENROUTER_MODELS picks the model(s)
 #   NPROC_PER_NODE      processes per stage (default: the number of GPUs, 1 on CPU)
-#   CHIMERA_START       mid|base|sft: SFT's start (default mid if present, else base; sft: chatsft_checkpoints/d<N>)
+#   CHIMERA_START       mid|base|sft: SFT's start (default mid if present, else base, else nanochat's sft d<N>)
+#   CHIMERA_FROM        a Hugging Face repo id: pull that nanochat model first (hub.py pull) and start from it;
+#                       CHIMERA_FROM_ARGS adds pull flags (--revision=..., --source=...)
 #   CHIMERA_DEMO=1      run the offline demo even when a checkpoint or key is present
 #   CHIMERA_REDO=1      redo every stage instead of skipping the ones Chimera finished
 #   SFT_EXAMPLES, DPO_EXAMPLES   how many conversations / pairs gen.py makes (5000 / 10000)
@@ -31,6 +33,36 @@ cd "$(dirname "$0")"
 
 say() { printf '\n=== %s ===\n' "$*"; }
 die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
+if command -v sha256sum >/dev/null; then SHA=(sha256sum); else SHA=(shasum -a 256); fi
+step() {  # step NAME COMMAND...: run it, time it, stop the run if it fails
+    local name=$1 t0=$SECONDS; shift; say "$name"
+    "$@" || die "stage '$name' failed (exit $?). Fix the cause and run 'bash run.sh' again: finished stages are skipped."
+    printf '%s done in %ss\n' "$name" $((SECONDS - t0))
+}
+stage() {  # stage NAME INPUT_FILE... -- OUTPUT_DIR... -- COMMAND...: skip it when Chimera's stamp matches
+    local name=$1 ins=() outs=() stamp key f; shift
+    while [ "$1" != -- ]; do ins+=("$1"); shift; done; shift
+    while [ "$1" != -- ]; do outs+=("$1"); shift; done; shift
+    stamp=$STAMPS/$(printf %s "${name%% (*}" | tr -c 'A-Za-z0-9' _).stamp
+    key=$(printf 'command:'; printf ' %q' "$@"; echo  # then a sha256 line per input file (missing ones say so)
+          for f in ${ins[@]+"${ins[@]}"}; do if [ -f "$f" ]; then "${SHA[@]}" "$f"; else echo "missing $f"; fi; done)
+    if [ "${CHIMERA_REDO:-0}" != 1 ] && [ -s "$stamp" ] && [ "$(sed '/^outputs:$/,$d' "$stamp")" = "$key" ] &&
+        sed '1,/^outputs:$/d' "$stamp" | "${SHA[@]}" -c --status 2>/dev/null; then
+        say "$name: finished before with these settings and inputs, skipped (CHIMERA_REDO=1 to redo)"; return
+    fi
+    rm -f "$stamp" && touch "$STAMPS/started" && FOR_NOW=
+    step "$name" "$@"
+    [ -z "$FOR_NOW" ] || { say "$name: not stamped ($FOR_NOW skipped for now): the next run redoes it"; return; }
+    { printf '%s\noutputs:\n' "$key"  # then a sha256 line per file the stage wrote (but optimizer states)
+      { find "${outs[@]}" -type f -newer "$STAMPS/started" ! -name 'optim_*' -print0 2>/dev/null || true; } |
+          sort -z | xargs -0 -r "${SHA[@]}"; } >"$stamp.tmp" && mv "$stamp.tmp" "$stamp"
+}
+evaluate() {  # evaluate SOURCE ARGS...: eval.py -i SOURCE; FOR_NOW names what it skipped for now (not when offline)
+    launch eval.py -i "$@" || return
+    FOR_NOW=$("$PY" -c 'import json, sys; print(", ".join(task for task, why in json.load(open(sys.argv[1]))
+        .get("skipped", {}).items() if ("unavailable" in why or "fetch" in why) and "HF_HUB_OFFLINE" not in why))' \
+        "$REPORT_DIR/chimera-chat-evaluation-$1.json")
+}
 
 # Python environment: a venv beside the code, with the project installed into it
 
@@ -47,6 +79,12 @@ fi
 # Which run: real (a nanochat checkpoint is there) or the offline demo
 
 BASE=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
+if [ -n "${CHIMERA_FROM:-}" ]; then  # start from a published nanochat model: pull it into $BASE first
+    STAMPS=$BASE/chimera && mkdir -p "$STAMPS"
+    # shellcheck disable=SC2086  # CHIMERA_FROM_ARGS: more pull flags (--revision=..., --source=...)
+    stage "pull $CHIMERA_FROM (hub.py pull)" -- "$BASE"/{tokenizer,base_checkpoints,mid_checkpoints,chatsft_checkpoints} \
+        -- "$PY" hub.py pull "$CHIMERA_FROM" ${CHIMERA_FROM_ARGS:-}
+fi
 latest() { { compgen -G "$1/model_*.pt" || true; } | sort | tail -n 1; }  # latest DIR: its newest step's model
 # SFT's start as checkpoint.py decides it: START, START_DIR and TAG, nanochat's largest d<N> there ("" if none)
 START_VARS=$("$PY" checkpoint.py start "$BASE" "${CHIMERA_START:-}") || die "$START_VARS"
@@ -84,37 +122,6 @@ launch() {  # launch SCRIPT ARGS...: torchrun over the GPUs, plain python on one
     [ "$NPROC_PER_NODE" -gt 1 ] && set -- -m torch.distributed.run --standalone --nproc_per_node="$NPROC_PER_NODE" "$@"
     "$PY" "$@"
 }
-if command -v sha256sum >/dev/null; then SHA=(sha256sum); else SHA=(shasum -a 256); fi
-step() {  # step NAME COMMAND...: run it, time it, stop the run if it fails
-    local name=$1 t0=$SECONDS; shift; say "$name"
-    "$@" || die "stage '$name' failed (exit $?). Fix the cause and run 'bash run.sh' again: finished stages are skipped."
-    printf '%s done in %ss\n' "$name" $((SECONDS - t0))
-}
-stage() {  # stage NAME INPUT_FILE... -- OUTPUT_DIR... -- COMMAND...: skip it when Chimera's stamp matches
-    local name=$1 ins=() outs=() stamp key f; shift
-    while [ "$1" != -- ]; do ins+=("$1"); shift; done; shift
-    while [ "$1" != -- ]; do outs+=("$1"); shift; done; shift
-    stamp=$STAMPS/$(printf %s "${name%% (*}" | tr -c 'A-Za-z0-9' _).stamp
-    key=$(printf 'command:'; printf ' %q' "$@"; echo  # then a sha256 line per input file (missing ones say so)
-          for f in ${ins[@]+"${ins[@]}"}; do if [ -f "$f" ]; then "${SHA[@]}" "$f"; else echo "missing $f"; fi; done)
-    if [ "${CHIMERA_REDO:-0}" != 1 ] && [ -s "$stamp" ] && [ "$(sed '/^outputs:$/,$d' "$stamp")" = "$key" ] &&
-        sed '1,/^outputs:$/d' "$stamp" | "${SHA[@]}" -c --status 2>/dev/null; then
-        say "$name: finished before with these settings and inputs, skipped (CHIMERA_REDO=1 to redo)"; return
-    fi
-    rm -f "$stamp" && touch "$STAMPS/started" && FOR_NOW=
-    step "$name" "$@"
-    [ -z "$FOR_NOW" ] || { say "$name: not stamped ($FOR_NOW skipped for now): the next run redoes it"; return; }
-    { printf '%s\noutputs:\n' "$key"  # then a sha256 line per file the stage wrote (but optimizer states)
-      { find "${outs[@]}" -type f -newer "$STAMPS/started" ! -name 'optim_*' -print0 2>/dev/null || true; } |
-          sort -z | xargs -0 -r "${SHA[@]}"; } >"$stamp.tmp" && mv "$stamp.tmp" "$stamp"
-}
-evaluate() {  # evaluate SOURCE ARGS...: eval.py -i SOURCE; FOR_NOW names what it skipped for now (not when offline)
-    launch eval.py -i "$@" || return
-    FOR_NOW=$("$PY" -c 'import json, sys; print(", ".join(task for task, why in json.load(open(sys.argv[1]))
-        .get("skipped", {}).items() if ("unavailable" in why or "fetch" in why) and "HF_HUB_OFFLINE" not in why))' \
-        "$REPORT_DIR/chimera-chat-evaluation-$1.json")
-}
-
 # The stages
 
 JUDGE=0; [ -z "${OPENROUTER_API_KEY:-}" ] || JUDGE=1  # on the eval stages' command line: a new judge redoes them

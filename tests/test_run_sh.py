@@ -318,3 +318,22 @@ def test_start_checkpoint_for_both_generations(tmp_path, layout, start, expected
     proc = run_sh({"NANOCHAT_BASE_DIR": str(tmp_path), "CHIMERA_START": start}, timeout=60)
     assert f"Chimera's SFT starts from {tmp_path}/{expected} ===" in proc.stdout
     assert proc.returncode != 0 and "no OPENROUTER_API_KEY" in proc.stderr  # and stops: no data, no key
+
+
+def test_chimera_from_pulls_a_published_model_once_and_starts_from_it(tmp_path):
+    """CHIMERA_FROM=REPO_ID: hub.py pull is a stamped stage before anything else, and the pulled model (the fixture's
+    meta says base_train wrote it) becomes SFT's start; a re-run skips the pull."""
+    from test_hub import FakeHub, repo_files
+
+    hub = FakeHub()
+    hub.add("karpathy/nanochat-d2", repo_files(2025, "flat"))
+    try:
+        env = {"NANOCHAT_BASE_DIR": str(tmp_path / "base"), "CHIMERA_FROM": "karpathy/nanochat-d2",
+               "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": ""}
+        for run in (1, 2):
+            proc = run_sh(env, timeout=120)
+            assert "found a base checkpoint" in proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+            assert ("pull karpathy/nanochat-d2 (hub.py pull): finished before" in proc.stdout) == (run == 2)
+        assert "SFT starts from " + str(tmp_path / "base" / "base_checkpoints" / "d2") in proc.stdout
+    finally:
+        hub.close()
