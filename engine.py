@@ -255,6 +255,19 @@ class Engine:
         elif tool.in_python:
             tool.python_tokens.append(token)
 
+    def complete(self, prompts, samplings, n=1):
+        """n completions (token ids, the stop token left out) of each prompt, decoded together max_batch rows at
+        a time: a prompt joins as rows free up, each with its own Sampling (seed included), so a prompt's samples
+        do not depend on the others'. max_batch must hold n rows; max_len a prompt and its max_tokens."""
+        out, waiting = [[None] * n for _ in prompts], list(range(len(prompts)))
+        while waiting or any(self.rows):
+            while waiting and self.rows.count(None) >= n:
+                i = waiting.pop(0)
+                self.add(prompts[i], samplings[i], n, owner=i)
+            for event in self.step():
+                out[event.row.owner][event.row.choice] = event.row.ids if event.finish else None
+        return out
+
     def generate_batch(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """num_samples completions of a prompt: whole sequences (prompt + completion, the stop token left out)
         and their masks (0: the prompt and the tool's tokens). max_tokens None: the model's sequence_len."""

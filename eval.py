@@ -26,7 +26,7 @@ import torch
 from common import (UserError, ProgressBar, all_reduce_sum, atomic_write_json, autocast, check_settings,
                     cleanup_dist, init_dist, parse_config, print0, run_main)
 from checkpoint import checkpoint_dir_for, find_last_step, load_model
-from engine import Engine
+from engine import Engine, Sampling
 import dpo
 import openrouter
 from report import write_report_section
@@ -292,20 +292,35 @@ def trader_dpo_metrics(model, tokenizer, config, resolved, proc):
 
 
 # The LLM judge, and the identity probes
-def sample_answers(model, tokenizer, prompts, system, config):
-    """The model's answer to each prompt (after `system`, if any), seeded per prompt."""
-    engine, answers = Engine(model, tokenizer), []
-    for i, prompt in enumerate(prompts):
-        ids = tokenizer.render_for_completion(conditioned({"messages": [
-            {"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]}, system))
-        sequences, _ = engine.generate_batch(ids, num_samples=1, max_tokens=config.max_new_tokens,
-                                             temperature=config.temperature, top_k=config.top_k, seed=42 + i)
-        answers.append(tokenizer.decode(sequences[0][len(ids):]).strip())
-    return answers
+def sample_answers(model, tokenizer, prompts, seeds, system, config):
+    """The model's answer to each prompt (after `system`, if any), decoded together, seeded per prompt."""
+    ids = [tokenizer.render_for_completion(conditioned({"messages": [
+        {"role": "user", "content": p}, {"role": "assistant", "content": ""}]}, system)) for p in prompts]
+    max_len = min(max(map(len, ids), default=0) + config.max_new_tokens, model.cos.size(1))
+    samplings = [Sampling(config.temperature, config.top_k, max_tokens=config.max_new_tokens, seed=s) for s in seeds]
+    done = Engine(model, tokenizer, config.batch_size, max_len).complete(ids, samplings)
+    return [tokenizer.decode(answer).strip() for (answer,) in done]
+
+
+def judged(judge, prompts, answers, others, proc):
+    """(wins, losses) of answers(prompts, seeds) over others(...) summed over ranks, each rank sampling and judging
+    its share (no rank waits on one that does it all); DataUnavailable on every rank if the judge failed on any."""
+    mine = list(range(proc.rank, len(prompts), proc.world_size))
+    counts, why = [0, 0, 0], ""
+    try:
+        picked, seeds = [prompts[i] for i in mine], [42 + i for i in mine]
+        verdicts = judge.verdicts(picked, answers(picked, seeds), others(picked, seeds)) if mine else []
+        counts[:2] = verdicts.count(1), verdicts.count(-1)
+    except tasks.DataUnavailable as e:
+        counts[2], why = 1, str(e)
+    wins, losses, failed = all_reduce_sum(counts, proc.device)
+    if failed:
+        raise tasks.DataUnavailable(why or "the judge is unavailable (on another rank)")
+    return int(wins), int(losses)
 
 
 def judge_win_rate(model, tokenizer, config, resolved, proc):
-    """The judge compares the model's answers with the reference's on held-out persona prompts (rank 0)."""
+    """The judge compares the model's answers with the reference's on held-out persona prompts."""
     if (reference := reference_model(config, resolved, proc.device)) is None:
         raise tasks.DataUnavailable(f"the judge compares -i {config.source} with a reference (--ref_source); none here")
     task = tasks.TraderDPO(config.trader_dpo_path, split="val", val_fraction=resolved.dpo_val_fraction)
@@ -313,10 +328,10 @@ def judge_win_rate(model, tokenizer, config, resolved, proc):
     if not prompts:
         raise tasks.DataUnavailable("no held-out persona prompts (the DPO val split is empty)")
     out = {}
-    for cond in CONDITIONS if proc.master else ():
-        verdicts = resolved.judge.verdicts(prompts, *(sample_answers(m, tokenizer, prompts, system_of(cond, config),
-                                                                     config) for m in (model, reference)))
-        wins, losses = verdicts.count(1), verdicts.count(-1)
+    for cond in CONDITIONS:
+        answers, others = (functools.partial(sample_answers, m, tokenizer, system=system_of(cond, config),
+                                             config=config) for m in (model, reference))
+        wins, losses = judged(resolved.judge, prompts, answers, others, proc)
         out[f"Judge agreeing pairs ({cond})"] = wins + losses
         if wins + losses:
             out[f"Judge win rate ({cond})"] = wins / (wins + losses)
@@ -334,10 +349,12 @@ def identity_probes(model, tokenizer, config, resolved, proc):
     it gives the persona's answer a higher log-prob per token than the generic one."""
     probes = tasks.read_jsonl(config.identity_path, probe_problem)[:max(config.max_problems, 0) or None]
     prompts = [p["prompt"] for p in probes]
-    if resolved.judge:  # rank 0 asks the judge
-        verdicts = resolved.judge.verdicts(prompts, sample_answers(model, tokenizer, prompts, None, config),
-                                           [p["generic_answer"] for p in probes]) if proc.master else []
-        return {"Identity probe score": verdicts.count(1) / len(probes)} if proc.master else {}
+    if resolved.judge:  # its answer against a generic assistant's, judged
+        generic = {p["prompt"]: p["generic_answer"] for p in probes}
+        wins, _ = judged(resolved.judge, prompts, functools.partial(
+            sample_answers, model, tokenizer, system=None, config=config), lambda picked, _: [generic[p] for p in picked],
+            proc)
+        return {"Identity probe score": wins / len(probes)}
     pairs, _ = dpo.render_pairs([{"prompt": p["prompt"], "chosen": p["persona_answer"], "rejected": p["generic_answer"]}
                                  for p in probes], tokenizer, model.config.sequence_len)
     pad_id = tokenizer.encode_special("<|assistant_end|>")

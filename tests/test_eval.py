@@ -378,3 +378,28 @@ def test_identity_probes_by_log_likelihood(eval_base, monkeypatch, tmp_path):
         scores.append(float(lines["Identity probe score"]))
         assert lines["Judge"].startswith("none")
     assert scores[0] + scores[1] == pytest.approx(1.0)
+
+
+def test_the_judged_work_is_shared_by_the_ranks_and_fails_on_all_together():
+    """With 8 GPUs, rank 0 sampling and judging everything (about 220 answers, 240 judge calls) while the others
+    waited in a barrier outlived NCCL's timeout. Each rank now takes every world_size-th prompt (seeded by its
+    index, so the answers do not depend on the number of ranks), and a judge failing on one fails on all."""
+    class Judge:
+        def __init__(self, fail=False):
+            self.fail, self.seen = fail, []
+
+        def verdicts(self, prompts, answers, others):
+            if self.fail:
+                raise tasks.DataUnavailable("the judge is unavailable: HTTP 402")
+            self.seen += prompts
+            return [1 if a > o else -1 for a, o in zip(answers, others)]
+
+    prompts = [f"p{i}" for i in range(7)]
+    answers = lambda picked, seeds: seeds  # 42 + the prompt's index
+    others = lambda picked, seeds: [45] * len(picked)
+    judge = Judge()
+    proc = Dist(rank=1, world_size=3, device=torch.device("cpu"))  # one process: the sums are this rank's
+    assert chat_eval.judged(judge, prompts, answers, others, proc) == (1, 1)  # seeds 43 and 46 against 45
+    assert judge.seen == ["p1", "p4"]
+    with pytest.raises(tasks.DataUnavailable, match="402"):
+        chat_eval.judged(Judge(fail=True), prompts, answers, others, proc)

@@ -670,3 +670,16 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, what, names,
     message = str(e.value)
     assert "\n" not in message and message.startswith(model_path if names == "model" else meta_path), message
     assert says in message, message
+
+
+def test_engine_completes_many_prompts_as_each_alone(tmp_path):
+    """Engine.complete: prompts join as rows free up (here 2 rows for 3 prompts of different lengths) and each
+    gets what decoding it alone gives, greedy and seeded (eval's judged answers, on-policy samples)."""
+    from engine import Sampling
+    m, tok, _ = load_model("base", "cpu", "eval", base_dir=make_tiny_base(tmp_path / "b", sequence_len=128))
+    prompts = [tok.encode(t) for t in ("a", "a longer prompt here", "mid size")]
+    for temperature in (0.0, 1.0):
+        samplings = [Sampling(temperature, 0, max_tokens=12, seed=7 + i) for i in range(3)]
+        together = Engine(m, tok, max_batch=2, max_len=40).complete(prompts, samplings)
+        alone = [Engine(m, tok, max_batch=1, max_len=40).complete([p], [s])[0] for p, s in zip(prompts, samplings)]
+        assert together == alone and all(len(ids) == 12 for (ids,) in together)
