@@ -57,9 +57,7 @@ class Task:
         return copy.deepcopy(self.rows[index])
 
     def __len__(self):
-        n = self.num_examples()
-        stop = n if self.stop is None else min(self.stop, n)  # a stop past the end is capped
-        return max(0, -(-(stop - self.start) // self.step))
+        return len(range(self.num_examples())[self.start:self.stop:self.step])  # a stop past the end is capped
 
     def __getitem__(self, index):
         if not 0 <= index < len(self):
@@ -79,9 +77,8 @@ class TaskMixture(Task):
         if not tasks or len(weights) != len(tasks) or any(type(w) is not int or w < 1 for w in weights):
             raise ValueError(f"a mixture needs tasks and a positive integer weight each, got {weights}")
         self.tasks, self.weights = tasks, weights
-        self.lengths = [len(task) for task in tasks]
-        self.index_map = [(t, i) for t, (n, w) in enumerate(zip(self.lengths, self.weights))
-                          for _ in range(w) for i in range(n)]
+        self.index_map = [(t, i) for t, (task, w) in enumerate(zip(tasks, weights))
+                          for _ in range(w) for i in range(len(task))]
         random.Random(seed).shuffle(self.index_map)
 
     def num_examples(self):
@@ -93,7 +90,7 @@ class TaskMixture(Task):
 
     def composition(self):
         """[(task name, rows before weighting, weight, rows after weighting)] for logs/meta."""
-        return [(task.name, n, w, n * w) for task, n, w in zip(self.tasks, self.lengths, self.weights)]
+        return [(task.name, len(task), w, len(task) * w) for task, w in zip(self.tasks, self.weights)]
 
 
 # Persona data from gen.py: JSONL validated line by line, split by a hash of each record
@@ -258,10 +255,8 @@ class DataUnavailable(UserError):
     """A dataset could not be fetched; the message says where its cache file goes, to supply the rows by hand."""
 
 
-def hf_cache_path(dataset, config, split, first=None):
-    """task_data/{owner}--{name}/{config}/{split}.jsonl, or {split}.first{N}.jsonl for a prefix."""
-    name = f"{split}.jsonl" if first is None else f"{split}.first{first}.jsonl"
-    return os.path.join(get_base_dir(), "task_data", dataset.replace("/", "--"), config, name)
+def hf_cache_path(dataset, config, split):
+    return os.path.join(get_base_dir(), "task_data", dataset.replace("/", "--"), config, f"{split}.jsonl")
 
 
 def offline():
@@ -290,7 +285,7 @@ def _fetch_rows(dataset, config, split, stop):
         raise DataUnavailable(f"{url} was unreachable earlier in this run")
     where, token = f"{dataset} {config}/{split}", os.environ.get("HF_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    rows, skipped, offset, target, bar = [], 0, 0, stop, None
+    rows, offset, target, bar = [], 0, stop, None
     with requests.Session() as session:
         while bar is None or offset < target:
             params = {"dataset": dataset, "config": config, "split": split, "offset": offset,
@@ -312,18 +307,17 @@ def _fetch_rows(dataset, config, split, stop):
                     target = total if stop is None else min(stop, total)
                     bar = ProgressBar(target, desc=f"fetch {where}", unit="rows")
                 items = page["rows"][: target - offset]
-                kept = [item["row"] for item in items if not item.get("truncated_cells")]
+                rows += [item["row"] for item in items if not item.get("truncated_cells")]
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise DataUnavailable(f"unexpected response from {url} (no rows/num_rows_total)") from None
             if not items:
                 raise DataUnavailable(f"the server returned no rows at offset {offset} of {target}" if target
                                    else "the split has no rows")
-            rows += kept
-            skipped, offset = skipped + len(items) - len(kept), offset + len(items)
+            offset += len(items)
             bar.update(len(items))
     bar.close()
-    if skipped:
-        print0(f"{where}: skipped {skipped} rows with truncated cells (too large for the viewer API)")
+    if offset > len(rows):
+        print0(f"{where}: skipped {offset - len(rows)} rows with truncated cells (too large for the viewer API)")
     return rows, total
 
 
@@ -345,12 +339,10 @@ def hf_rows(dataset, config, split, stop=None, problem_of=lambda row: None):
         except DataUnavailable as e:
             raise DataUnavailable(f"{dataset} ({config}/{split}) is not cached and could not be fetched: {e}. To work "
                                   f"offline, put its rows, one JSON object per line, in {full}") from None
-        complete = stop is None or stop >= total
-        path = full if complete else hf_cache_path(dataset, config, split, first=stop)
+        path = full if stop is None or stop >= total else os.path.join(folder, f"{split}.first{stop}.jsonl")
         atomic_write(path, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-        for n, old in prefixes.items():  # superseded prefixes
-            if complete or n < stop:
-                os.remove(old)
+        for old in prefixes.values():  # all shorter than stop (else one was usable): superseded
+            os.remove(old)
     return read_jsonl(path, lambda r: problem_of(r) if isinstance(r, dict) else "expected one JSON object (a row)",
                       hint=" (delete it to fetch again)", stop=stop)
 
@@ -470,13 +462,9 @@ class GSM8K(HFTask):
 
 def extract_imports(prompt):
     """The import lines heading a HumanEval prompt (up to its first code line: a docstring's 'from ' is no import)."""
-    imports = []
-    for line in map(str.strip, prompt.split("\n")):
-        if line.startswith(("import ", "from ")):
-            imports.append(line)
-        elif line and not line.startswith("#"):
-            break
-    return "\n".join(imports)
+    head = itertools.takewhile(lambda line: not line or line.startswith(("import ", "from ", "#")),
+                               map(str.strip, prompt.split("\n")))
+    return "\n".join(line for line in head if line.startswith(("import ", "from ")))
 
 
 def extract_code(completion):
