@@ -1,12 +1,9 @@
 """Chimera's datasets as nanochat Tasks: gen.py's persona data (TraderSFT, TraderDPO), Hugging Face datasets (ARC,
-MMLU, GSM8K, HumanEval, SmolTalk; viewer rows cached in $NANOCHAT_BASE_DIR/task_data/), nanochat's identity and
-spelling tasks, all rendered, ordered and graded as nanochat's (numbers compare, also on a --max_problems prefix).
+MMLU, GSM8K, HumanEval, SmolTalk; rows cached in $NANOCHAT_BASE_DIR/task_data/, offline too: see hf_rows),
+nanochat's identity and spelling tasks, rendered, ordered and graded as nanochat's (numbers compare, also on a prefix).
 
     python tasks.py                      # fetch and cache everything SFT and eval use
     python tasks.py ARC-Easy GSM8K       # just these (names: see PREFETCH)
-
-Offline: copy a filled task_data/ into $NANOCHAT_BASE_DIR, or write the rows yourself, one JSON object per line,
-to task_data/{owner}--{name}/{config}/{split}.jsonl (see hf_rows).
 """
 
 import contextlib
@@ -121,8 +118,7 @@ def dpo_problem(record):
 
 
 def iter_jsonl(path, problem_of=lambda record: None, advice=""):
-    """The records of a JSONL file, blank lines skipped; a bad line (not UTF-8 or JSON, beyond Python's limits,
-    or a problem_of(record)) is a UserError naming file:line, then `advice`. Decoded per line so the line is right."""
+    """The records of a JSONL file, blank lines skipped; a bad line is a UserError naming file:line, then `advice`."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             problem = None
@@ -264,9 +260,8 @@ def offline():
 
 
 def download_lock(fn):
-    """fn() (which may fill the download caches) under an exclusive lock on the base dir's task_data/: the first
-    process fills a cache, the others then read it. A file lock, not a barrier: it holds per node where each node
-    has its own disk as on a shared one, and a long download times no collective out."""
+    """fn() under a file lock on task_data/: the first process fills the caches, the others then read them. Not a
+    barrier: it holds with a disk per node as with a shared one, and a long download times no collective out."""
     folder = os.path.join(get_base_dir(), "task_data")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, ".download.lock"), "a") as lock:
@@ -379,8 +374,7 @@ class HFTask(Task):
 
 # Evaluation and SFT tasks with nanochat's exact renderings
 def render_mc(question, letters, choices):
-    """nanochat's multiple-choice prompt: the letter after each choice, no space before it,
-    so the prompt's letter token is the same token as the answer."""
+    """nanochat's multiple-choice prompt: "=letter" after each choice, so its letter token is the answer's token."""
     options = "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
     return f"Multiple Choice question: {question}\n{options}\nRespond only with the letter of the correct answer."
 
