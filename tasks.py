@@ -515,6 +515,8 @@ class SmolTalk(HFTask):
 # nanochat's identity conversations and spelling tasks (as of 885a4f2): files fetched once
 IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
+# nanochat's SpellingBee user messages, verbatim, one per line: the same seeds give the same conversations
+SPELLING_TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "spellingbee_templates.txt")
 
 
 def cached_file(url):
@@ -554,11 +556,6 @@ def read_lines(path):
         return tuple(line.strip() for line in f)
 
 
-SPELLING_TEST_OFFSET = 10_000_000  # test example i is drawn with seed offset + i, past every train seed
-# nanochat's SpellingBee user messages, verbatim, one per line: the same seeds give the same conversations
-SPELLING_TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "spellingbee_templates.txt")
-
-
 class SpellingTask(Task):
     """Synthetic examples over nanochat's word list: example i comes from random.Random(i)."""
 
@@ -572,8 +569,8 @@ class SpellingTask(Task):
     def num_examples(self):
         return self.size
 
-    def rng(self, index):
-        return random.Random(index if self.split == "train" else SPELLING_TEST_OFFSET + index)
+    def rng(self, index):  # test example i has seed 10,000,000 + i, past every train seed
+        return random.Random(index if self.split == "train" else 10_000_000 + index)
 
 
 class SimpleSpelling(SpellingTask):
