@@ -1,6 +1,4 @@
-"""
-The sandbox that runs model-written code (HumanEval), Linux only; README.md (eval.py) says
-what it contains and what it does not.
+"""The sandbox for model-written code (HumanEval), Linux only; README.md (eval.py) says what it contains, what not.
 
     execute_code(program)                        # run it: exit status, stdout, stderr
     execute_code(program, serve=(name, driver))  # driver(call) runs here, call(*a) runs name(*a) there

@@ -1,12 +1,9 @@
 """Chimera's datasets as nanochat Tasks: gen.py's persona data (TraderSFT, TraderDPO), Hugging Face datasets (ARC,
-MMLU, GSM8K, HumanEval, SmolTalk; viewer rows cached in $NANOCHAT_BASE_DIR/task_data/), nanochat's identity and
-spelling tasks, all rendered, ordered and graded as nanochat's (numbers compare, also on a --max_problems prefix).
+MMLU, GSM8K, HumanEval, SmolTalk; rows cached in $NANOCHAT_BASE_DIR/task_data/, offline too: see hf_rows),
+nanochat's identity and spelling tasks, rendered, ordered and graded as nanochat's (numbers compare, also on a prefix).
 
     python tasks.py                      # fetch and cache everything SFT and eval use
     python tasks.py ARC-Easy GSM8K       # just these (names: see PREFETCH)
-
-Offline: copy a filled task_data/ into $NANOCHAT_BASE_DIR, or write the rows yourself, one JSON object per line,
-to task_data/{owner}--{name}/{config}/{split}.jsonl (see hf_rows).
 """
 
 import contextlib
@@ -57,9 +54,7 @@ class Task:
         return copy.deepcopy(self.rows[index])
 
     def __len__(self):
-        n = self.num_examples()
-        stop = n if self.stop is None else min(self.stop, n)  # a stop past the end is capped
-        return max(0, -(-(stop - self.start) // self.step))
+        return len(range(self.num_examples())[self.start:self.stop:self.step])  # a stop past the end is capped
 
     def __getitem__(self, index):
         if not 0 <= index < len(self):
@@ -79,9 +74,8 @@ class TaskMixture(Task):
         if not tasks or len(weights) != len(tasks) or any(type(w) is not int or w < 1 for w in weights):
             raise ValueError(f"a mixture needs tasks and a positive integer weight each, got {weights}")
         self.tasks, self.weights = tasks, weights
-        self.lengths = [len(task) for task in tasks]
-        self.index_map = [(t, i) for t, (n, w) in enumerate(zip(self.lengths, self.weights))
-                          for _ in range(w) for i in range(n)]
+        self.index_map = [(t, i) for t, (task, w) in enumerate(zip(tasks, weights))
+                          for _ in range(w) for i in range(len(task))]
         random.Random(seed).shuffle(self.index_map)
 
     def num_examples(self):
@@ -93,7 +87,7 @@ class TaskMixture(Task):
 
     def composition(self):
         """[(task name, rows before weighting, weight, rows after weighting)] for logs/meta."""
-        return [(task.name, n, w, n * w) for task, n, w in zip(self.tasks, self.lengths, self.weights)]
+        return [(task.name, len(task), w, len(task) * w) for task, w in zip(self.tasks, self.weights)]
 
 
 # Persona data from gen.py: JSONL validated line by line, split by a hash of each record
@@ -124,8 +118,7 @@ def dpo_problem(record):
 
 
 def iter_jsonl(path, problem_of=lambda record: None, advice=""):
-    """The records of a JSONL file, blank lines skipped; a bad line (not UTF-8 or JSON, beyond Python's limits,
-    or a problem_of(record)) is a UserError naming file:line, then `advice`. Decoded per line so the line is right."""
+    """The records of a JSONL file, blank lines skipped; a bad line is a UserError naming file:line, then `advice`."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             problem = None
@@ -258,10 +251,8 @@ class DataUnavailable(UserError):
     """A dataset could not be fetched; the message says where its cache file goes, to supply the rows by hand."""
 
 
-def hf_cache_path(dataset, config, split, first=None):
-    """task_data/{owner}--{name}/{config}/{split}.jsonl, or {split}.first{N}.jsonl for a prefix."""
-    name = f"{split}.jsonl" if first is None else f"{split}.first{first}.jsonl"
-    return os.path.join(get_base_dir(), "task_data", dataset.replace("/", "--"), config, name)
+def hf_cache_path(dataset, config, split):
+    return os.path.join(get_base_dir(), "task_data", dataset.replace("/", "--"), config, f"{split}.jsonl")
 
 
 def offline():
@@ -269,9 +260,8 @@ def offline():
 
 
 def download_lock(fn):
-    """fn() (which may fill the download caches) under an exclusive lock on the base dir's task_data/: the first
-    process fills a cache, the others then read it. A file lock, not a barrier: it holds per node where each node
-    has its own disk as on a shared one, and a long download times no collective out."""
+    """fn() under a file lock on task_data/: the first process fills the caches, the others then read them. Not a
+    barrier: it holds with a disk per node as with a shared one, and a long download times no collective out."""
     folder = os.path.join(get_base_dir(), "task_data")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, ".download.lock"), "a") as lock:
@@ -290,7 +280,7 @@ def _fetch_rows(dataset, config, split, stop):
         raise DataUnavailable(f"{url} was unreachable earlier in this run")
     where, token = f"{dataset} {config}/{split}", os.environ.get("HF_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    rows, skipped, offset, target, bar = [], 0, 0, stop, None
+    rows, offset, target, bar = [], 0, stop, None
     with requests.Session() as session:
         while bar is None or offset < target:
             params = {"dataset": dataset, "config": config, "split": split, "offset": offset,
@@ -312,18 +302,17 @@ def _fetch_rows(dataset, config, split, stop):
                     target = total if stop is None else min(stop, total)
                     bar = ProgressBar(target, desc=f"fetch {where}", unit="rows")
                 items = page["rows"][: target - offset]
-                kept = [item["row"] for item in items if not item.get("truncated_cells")]
+                rows += [item["row"] for item in items if not item.get("truncated_cells")]
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise DataUnavailable(f"unexpected response from {url} (no rows/num_rows_total)") from None
             if not items:
                 raise DataUnavailable(f"the server returned no rows at offset {offset} of {target}" if target
                                    else "the split has no rows")
-            rows += kept
-            skipped, offset = skipped + len(items) - len(kept), offset + len(items)
+            offset += len(items)
             bar.update(len(items))
     bar.close()
-    if skipped:
-        print0(f"{where}: skipped {skipped} rows with truncated cells (too large for the viewer API)")
+    if offset > len(rows):
+        print0(f"{where}: skipped {offset - len(rows)} rows with truncated cells (too large for the viewer API)")
     return rows, total
 
 
@@ -345,12 +334,10 @@ def hf_rows(dataset, config, split, stop=None, problem_of=lambda row: None):
         except DataUnavailable as e:
             raise DataUnavailable(f"{dataset} ({config}/{split}) is not cached and could not be fetched: {e}. To work "
                                   f"offline, put its rows, one JSON object per line, in {full}") from None
-        complete = stop is None or stop >= total
-        path = full if complete else hf_cache_path(dataset, config, split, first=stop)
+        path = full if stop is None or stop >= total else os.path.join(folder, f"{split}.first{stop}.jsonl")
         atomic_write(path, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-        for n, old in prefixes.items():  # superseded prefixes
-            if complete or n < stop:
-                os.remove(old)
+        for old in prefixes.values():  # all shorter than stop (else one was usable): superseded
+            os.remove(old)
     return read_jsonl(path, lambda r: problem_of(r) if isinstance(r, dict) else "expected one JSON object (a row)",
                       hint=" (delete it to fetch again)", stop=stop)
 
@@ -387,8 +374,7 @@ class HFTask(Task):
 
 # Evaluation and SFT tasks with nanochat's exact renderings
 def render_mc(question, letters, choices):
-    """nanochat's multiple-choice prompt: the letter after each choice, no space before it,
-    so the prompt's letter token is the same token as the answer."""
+    """nanochat's multiple-choice prompt: "=letter" after each choice, so its letter token is the answer's token."""
     options = "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
     return f"Multiple Choice question: {question}\n{options}\nRespond only with the letter of the correct answer."
 
@@ -470,13 +456,9 @@ class GSM8K(HFTask):
 
 def extract_imports(prompt):
     """The import lines heading a HumanEval prompt (up to its first code line: a docstring's 'from ' is no import)."""
-    imports = []
-    for line in map(str.strip, prompt.split("\n")):
-        if line.startswith(("import ", "from ")):
-            imports.append(line)
-        elif line and not line.startswith("#"):
-            break
-    return "\n".join(imports)
+    head = itertools.takewhile(lambda line: not line or line.startswith(("import ", "from ", "#")),
+                               map(str.strip, prompt.split("\n")))
+    return "\n".join(line for line in head if line.startswith(("import ", "from ")))
 
 
 def extract_code(completion):
@@ -533,6 +515,8 @@ class SmolTalk(HFTask):
 # nanochat's identity conversations and spelling tasks (as of 885a4f2): files fetched once
 IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
+# nanochat's SpellingBee user messages, verbatim, one per line: the same seeds give the same conversations
+SPELLING_TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "spellingbee_templates.txt")
 
 
 def cached_file(url):
@@ -572,11 +556,6 @@ def read_lines(path):
         return tuple(line.strip() for line in f)
 
 
-SPELLING_TEST_OFFSET = 10_000_000  # test example i is drawn with seed offset + i, past every train seed
-# nanochat's SpellingBee user messages, verbatim, one per line: the same seeds give the same conversations
-SPELLING_TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "spellingbee_templates.txt")
-
-
 class SpellingTask(Task):
     """Synthetic examples over nanochat's word list: example i comes from random.Random(i)."""
 
@@ -590,8 +569,8 @@ class SpellingTask(Task):
     def num_examples(self):
         return self.size
 
-    def rng(self, index):
-        return random.Random(index if self.split == "train" else SPELLING_TEST_OFFSET + index)
+    def rng(self, index):  # test example i has seed 10,000,000 + i, past every train seed
+        return random.Random(index if self.split == "train" else 10_000_000 + index)
 
 
 class SimpleSpelling(SpellingTask):
