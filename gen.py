@@ -1,17 +1,15 @@
 """
-Synthetic persona data through OpenRouter: multi-turn SFT conversations in the persona's
-voice, and Master/Apprentice preference pairs (chosen = the disciplined persona, rejected =
-a fluent apprentice failing in one typed way) for DPO. The persona is data/persona.md.
+Synthetic persona data through OpenRouter: multi-turn SFT conversations in the voice of data/persona.md, and
+Master/Apprentice preference pairs for DPO (chosen = the disciplined persona, rejected = a fluent apprentice
+failing in one typed way).
 
-    export OPENROUTER_API_KEY=sk-or-...
-    python gen.py --sft-examples 5000 --dpo-examples 10000
-    OPENROUTER_MODELS=openai/gpt-4o-mini,anthropic/claude-3.5-haiku python gen.py --workers 32 --max-cost 5
+    python gen.py --sft-examples 5000 --dpo-examples 10000   # with OPENROUTER_API_KEY set
     python gen.py --judge-pairs=1 --judge-model=anthropic/claude-3.5-sonnet   # keep only pairs a judge confirms
 
-Writes to $NANOCHAT_BASE_DIR/datasets/: trader_sft_data.jsonl, trader_dpo_data.jsonl, a ledger
-of finished items beside each, trader_gen_spend.jsonl (a line as a request goes, one as it returns) and
-trader_gen_summary.json; and report/chimera-synthetic-data.md. Items are drawn from RNGs seeded by
-(seed, kind, index), so a re-run tops the files up. One gen.py per output directory at a time.
+Writes to $NANOCHAT_BASE_DIR/datasets/: trader_{sft,dpo}_data.jsonl, a ledger of finished items beside each,
+trader_gen_spend.jsonl (a line as a request goes, one as it returns) and trader_gen_summary.json; and
+report/chimera-synthetic-data.md. Items are drawn from RNGs seeded by (seed, kind, index), so a re-run tops the
+files up. One gen.py per output directory at a time.
 """
 
 import fcntl
@@ -24,10 +22,9 @@ import sys
 import threading
 import time
 import zlib
-from collections import Counter
+from collections import Counter, namedtuple
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -143,16 +140,10 @@ def dpo_record(persona, spec, value):
     return dict(record, failure=spec["failure"].split(":")[0].strip())
 
 
-@dataclass(frozen=True)
-class Kind:
-    file: str  # its output file in --out-dir
-    prompt: Callable  # (persona, spec) -> the request's messages
-    record: Callable  # (persona, spec, the answer's JSON) -> the record, else BadAnswer or Dropped
-    schema_name: str
-    schema: dict  # the JSON schema the answer follows
-    problem: Callable  # the line check SFT/DPO use: a record -> what is wrong with it, or None
-
-
+# per kind: its output file, its request's messages (persona, spec), the record made of the answer (persona, spec,
+# its JSON; else BadAnswer or Dropped), the name of the JSON schema the answer follows, the schema, the line check
+# SFT/DPO use (a record -> what is wrong with it, or None)
+Kind = namedtuple("Kind", "file prompt record schema_name schema problem")
 KINDS = {
     "sft": Kind("trader_sft_data.jsonl", sft_prompt, sft_record, "persona_conversation", SFT_SCHEMA, conversation_problem),
     "dpo": Kind("trader_dpo_data.jsonl", dpo_prompt, dpo_record, "preference_pair", DPO_SCHEMA, dpo_problem),

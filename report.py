@@ -5,11 +5,9 @@ The training report card, nanochat-compatible, with a DPO column.
     python report.py reset --all     # also clear nanochat's sections (tokenizer, base, mid, ...)
     python report.py generate        # assemble report/*.md into report/chimera-report.md (+ report.md in the cwd)
 
-Each Chimera stage writes $NANOCHAT_BASE_DIR/report/chimera-<slug>.md (nanochat's `## Title`, `timestamp:`,
-`- key: value` lines; the prefix keeps nanochat's own files untouched). `generate` orders them as nanochat does,
+Each Chimera stage writes its section with write_report_section. `generate` orders the sections as nanochat does,
 Chimera's after SFT, with a header (git, hardware, versions), training charts (.svg files beside the report,
 linked as images) and a summary table BASE/MID/SFT/DPO/RL.
-A section's `<` is escaped: no raw HTML.
 """
 
 import contextlib
@@ -137,10 +135,6 @@ def svg_chart(title, series, width=460, height=220):
     y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
     left, right, top, bottom = 52, 12, 28, 34
     pw, ph = width - left - right, height - top - bottom
-
-    def xy(x, y):  # data to pixels
-        return f"{left + (x - x0) / (x1 - x0) * pw:.1f}", f"{top + (1 - (y - y0) / (y1 - y0)) * ph:.1f}"
-
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
              f'<rect width="{width}" height="{height}" fill="white"/>',
@@ -151,8 +145,9 @@ def svg_chart(title, series, width=460, height=220):
                  (left, top + ph + 14, "middle", f"{x0:.3g}"), (left + pw, top + ph + 14, "middle", f"{x1:.3g}"),
                  (left + pw / 2, height - 4, "middle", "step")))]
     for i, (label, points) in enumerate(series.items()):
-        color, pixels = COLORS[i % len(COLORS)], [xy(x, y) for x, y in points]
-        path = " ".join(map(",".join, pixels))
+        pixels = [(f"{left + (x - x0) / (x1 - x0) * pw:.1f}", f"{top + (1 - (y - y0) / (y1 - y0)) * ph:.1f}")
+                  for x, y in points]  # data to pixels
+        color, path = COLORS[i % len(COLORS)], " ".join(map(",".join, pixels))
         # a one-point polyline draws nothing; the legend sits in the title row, so it never covers the curves
         parts += [f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{path}"/>',
                   f'<text x="{width - right - 90 * (len(series) - 1 - i)}" y="16" text-anchor="end" '
@@ -162,7 +157,7 @@ def svg_chart(title, series, width=460, height=220):
 
 
 def read_metrics(source_dir):
-    """The rows of metrics.jsonl in a checkpoints directory's default model directory, [] if
+    """The rows with a step of metrics.jsonl in a checkpoints directory's default model directory, [] if
     none; a torn last line from a killed run is skipped, the rest still charts."""
     from checkpoint import find_largest_model
     root = os.path.join(get_base_dir(), source_dir)
@@ -174,12 +169,11 @@ def read_metrics(source_dir):
                     rows.append(json.loads(line))
     except (UserError, OSError):
         return []
-    return [row for row in rows if isinstance(row, dict)]
+    return [row for row in rows if isinstance(row, dict) and isinstance(row.get("step"), (int, float))]
 
 
 def series(rows, key):
-    return [(r.get("step"), r[key]) for r in rows if isinstance(r.get(key), (int, float))
-            and isinstance(r.get("step"), (int, float))]
+    return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
 
 
 def charts(directory):
