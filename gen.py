@@ -176,33 +176,28 @@ class Store:
 
     def __init__(self, path, problem_of, threshold):
         self.path, self.ledger_path = path, re.sub(r"(\.jsonl)?$", ".ledger.jsonl", path, 1)
-        self.threshold, self.hashes, self.done_ids, self.ok_ids, self.records = threshold, set(), set(), [], []
-        self.signatures = np.zeros((1024, MINHASH.shape[1]), dtype=np.uint64)
+        self.threshold, self.done_ids, self.ok_ids = threshold, set(), []
         self.repaired = repair_torn_line(path) + repair_torn_line(self.ledger_path)
-        for record in iter_jsonl(path, problem_of, "; fix or remove that line") if os.path.isfile(path) else ():
-            self.keep(record, record_digest(record).hex(), minhash(record))
+        self.records = list(iter_jsonl(path, problem_of, "; fix or remove that line")) if os.path.isfile(path) else []
+        self.hashes = {record_digest(record).hex() for record in self.records}
+        self.signatures = np.array([minhash(r) for r in self.records], dtype=np.uint64).reshape(-1, MINHASH.shape[1])
         for entry in iter_jsonl(self.ledger_path) if os.path.isfile(self.ledger_path) else ():
             ok = isinstance(entry, dict) and entry.get("outcome") == "ok"
             if isinstance(entry, dict) and "id" in entry and (not ok or entry.get("hash") in self.hashes):
                 self.done_ids.add(entry["id"])
                 self.ok_ids += [entry["id"]] if ok else []
 
-    def keep(self, record, digest, signature):
-        if len(self.records) == len(self.signatures):  # room for twice as many
-            self.signatures = np.concatenate([self.signatures, np.zeros_like(self.signatures)])
-        self.signatures[len(self.records)] = signature
-        self.hashes.add(digest)
-        self.records.append(record)
-
     def add(self, item_id, record):
         digest, signature = record_digest(record).hex(), minhash(record)
         if digest in self.hashes:
             return self.mark(item_id, "duplicate")
-        if self.records and (self.signatures[:len(self.records)] == signature).mean(axis=1).max() >= self.threshold:
+        if self.records and (self.signatures == signature).mean(axis=1).max() >= self.threshold:
             return self.mark(item_id, "near_duplicate")
         append_jsonl(self.ledger_path, {"id": item_id, "outcome": "ok", "hash": digest})
         append_jsonl(self.path, record)
-        self.keep(record, digest, signature)
+        self.records.append(record)
+        self.hashes.add(digest)
+        self.signatures = np.vstack([self.signatures, signature])
         self.ok_ids.append(item_id)
         return "ok"
 

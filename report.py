@@ -196,9 +196,8 @@ def charts(directory):
 # Commands
 def read_section(directory, name):
     """A section's text with `<` escaped (Markdown goes in, raw HTML never does); None if missing."""
-    if os.path.exists(os.path.join(directory, name)):
-        with open(os.path.join(directory, name), encoding="utf-8") as f:
-            return f.read().replace("<", "&lt;")
+    with contextlib.suppress(FileNotFoundError), open(os.path.join(directory, name), encoding="utf-8") as f:
+        return f.read().replace("<", "&lt;")
     return None
 
 
