@@ -120,7 +120,8 @@ class OpenRouter:
             self._local.session.headers.update({"Authorization": f"Bearer {self._key}", "X-Title": "Chimera",
                                                 "HTTP-Referer": "https://github.com/chimera-nanochat/chimera"})
         deadline = time.monotonic() + self.timeout
-        response = self._local.session.request(method, self.base_url + path, stream=True, timeout=self.timeout, **kwargs)
+        response = self._local.session.request(method, self.base_url + path, stream=True, timeout=self.timeout,
+                                               **kwargs)
         watchdog = threading.Timer(deadline - time.monotonic(), cut_off, (response,))  # ends a read in progress
         watchdog.start()
         body = bytearray()

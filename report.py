@@ -81,17 +81,17 @@ def section_timestamp(text, prefix):
 
 
 def summary_table(metrics):
-    """Markdown table: one row per metric, one column per stage, '-' where missing; then
+    """Markdown table of {stage: {metric: value}}: one row per metric, one column per stage, '-' where missing; then
     which tasks each stage's ChatCORE averaged (nanochat computes it only when all ran)."""
     rows = [m for m in ["CORE"] + CHAT_METRICS[:-1] + PERSONA_METRICS + ["ChatCORE"]
-            if any(m in metrics.get(stage, {}) for stage in STAGES)]
-    table = [["Metric"] + [s.upper() for s in STAGES]] + [[r] + [str(metrics.get(s, {}).get(r, "-")) for s in STAGES]
-                                                          for r in rows]
-    widths = [max(8, *(len(row[i]) for row in table)) for i in range(len(STAGES) + 1)]
+            if any(m in metrics[stage] for stage in STAGES)]
+    header = ["Metric"] + [s.upper() for s in STAGES]
+    table = [header] + [[r] + [str(metrics[s].get(r, "-")) for s in STAGES] for r in rows]
+    widths = [max(8, *map(len, column)) for column in zip(*table)]
     lines = ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in table]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     averaged = [f"{s.upper()}: {', '.join(m for m in CHAT_METRICS[:-1] if m in metrics[s])}"
-                for s in STAGES if "ChatCORE" in metrics.get(s, {})]
+                for s in STAGES if "ChatCORE" in metrics[s]]
     note = f"\nChatCORE averaged the tasks shown: {'; '.join(averaged)}.\n" if averaged else ""
     return "\n".join(lines) + "\n" + note
 
@@ -209,7 +209,7 @@ def generate(out_copy=True):
     start, end = section_timestamp(nanochat, "Run started:") or started, None
     bloat = (re.search(r"### Bloat\n(.*?)\n\n", nanochat, re.DOTALL) or [None, ""])[1]
     parts = [nanochat.rstrip() + "\n\n" if nanochat else "# Chimera training report\n\n", chimera_header(started)]
-    metrics, notes = {}, []
+    metrics, notes = {stage: {} for stage in STAGES}, []
     for name in EXPECTED_FILES:
         text = read_section(directory, name)
         if text is None:
