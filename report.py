@@ -156,14 +156,13 @@ def svg_chart(title, series, width=460, height=220):
     return "".join(parts) + "</svg>"
 
 
-def read_metrics(source_dir):
-    """The rows with a step of metrics.jsonl in a checkpoints directory's default model directory, [] if
+def read_metrics(source):
+    """The rows with a step of metrics.jsonl in a source's default model directory ("sft", "dpo"), [] if
     none; a torn last line from a killed run is skipped, the rest still charts."""
-    from checkpoint import find_largest_model
-    root = os.path.join(get_base_dir(), source_dir)
+    from checkpoint import checkpoint_dir_for
     rows = []
     try:
-        with open(os.path.join(root, find_largest_model(root), "metrics.jsonl"), encoding="utf-8") as f:
+        with open(os.path.join(checkpoint_dir_for(source), "metrics.jsonl"), encoding="utf-8") as f:
             for line in f:
                 with contextlib.suppress(ValueError):
                     rows.append(json.loads(line))
@@ -178,7 +177,7 @@ def series(rows, key):
 
 def charts(directory):
     """Write the SFT and DPO training charts as .svg files into `directory`; return their image links."""
-    sft, dpo = read_metrics("chatsft_checkpoints"), read_metrics("chatdpo_checkpoints")
+    sft, dpo = read_metrics("sft"), read_metrics("dpo")
     val = sorted({k for r in sft for k in r if k.startswith("val_loss/")})
     lines = {"SFT loss": {"train": series(sft, "loss"), **{f"val ({k.split('/')[1]})": series(sft, k) for k in val}}}
     for title, key in (("DPO loss", "loss"), ("DPO reward margin", "rewards/margins"),
