@@ -1,17 +1,15 @@
 """
-Synthetic persona data through OpenRouter: multi-turn SFT conversations in the persona's
-voice, and Master/Apprentice preference pairs (chosen = the disciplined persona, rejected =
-a fluent apprentice failing in one typed way) for DPO. The persona is data/persona.md.
+Synthetic persona data through OpenRouter: multi-turn SFT conversations in the voice of data/persona.md, and
+Master/Apprentice preference pairs for DPO (chosen = the disciplined persona, rejected = a fluent apprentice
+failing in one typed way).
 
-    export OPENROUTER_API_KEY=sk-or-...
-    python gen.py --sft-examples 5000 --dpo-examples 10000
-    OPENROUTER_MODELS=openai/gpt-4o-mini,anthropic/claude-3.5-haiku python gen.py --workers 32 --max-cost 5
+    python gen.py --sft-examples 5000 --dpo-examples 10000   # with OPENROUTER_API_KEY set
     python gen.py --judge-pairs=1 --judge-model=anthropic/claude-3.5-sonnet   # keep only pairs a judge confirms
 
-Writes to $NANOCHAT_BASE_DIR/datasets/: trader_sft_data.jsonl, trader_dpo_data.jsonl, a ledger
-of finished items beside each, trader_gen_spend.jsonl (a line as a request goes, one as it returns) and
-trader_gen_summary.json; and report/chimera-synthetic-data.md. Items are drawn from RNGs seeded by
-(seed, kind, index), so a re-run tops the files up. One gen.py per output directory at a time.
+Writes to $NANOCHAT_BASE_DIR/datasets/: trader_{sft,dpo}_data.jsonl, a ledger of finished items beside each,
+trader_gen_spend.jsonl (a line as a request goes, one as it returns) and trader_gen_summary.json; and
+report/chimera-synthetic-data.md. Items are drawn from RNGs seeded by (seed, kind, index), so a re-run tops the
+files up. One gen.py per output directory at a time.
 """
 
 import fcntl
@@ -24,10 +22,9 @@ import sys
 import threading
 import time
 import zlib
-from collections import Counter
+from collections import Counter, namedtuple
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -143,16 +140,10 @@ def dpo_record(persona, spec, value):
     return dict(record, failure=spec["failure"].split(":")[0].strip())
 
 
-@dataclass(frozen=True)
-class Kind:
-    file: str  # its output file in --out-dir
-    prompt: Callable  # (persona, spec) -> the request's messages
-    record: Callable  # (persona, spec, the answer's JSON) -> the record, else BadAnswer or Dropped
-    schema_name: str
-    schema: dict  # the JSON schema the answer follows
-    problem: Callable  # the line check SFT/DPO use: a record -> what is wrong with it, or None
-
-
+# per kind: its output file, its request's messages (persona, spec), the record made of the answer (persona, spec,
+# its JSON; else BadAnswer or Dropped), the name of the JSON schema the answer follows, the schema, the line check
+# SFT/DPO use (a record -> what is wrong with it, or None)
+Kind = namedtuple("Kind", "file prompt record schema_name schema problem")
 KINDS = {
     "sft": Kind("trader_sft_data.jsonl", sft_prompt, sft_record, "persona_conversation", SFT_SCHEMA, conversation_problem),
     "dpo": Kind("trader_dpo_data.jsonl", dpo_prompt, dpo_record, "preference_pair", DPO_SCHEMA, dpo_problem),
@@ -185,33 +176,28 @@ class Store:
 
     def __init__(self, path, problem_of, threshold):
         self.path, self.ledger_path = path, re.sub(r"(\.jsonl)?$", ".ledger.jsonl", path, 1)
-        self.threshold, self.hashes, self.done_ids, self.ok_ids, self.records = threshold, set(), set(), [], []
-        self.signatures = np.zeros((1024, MINHASH.shape[1]), dtype=np.uint64)
+        self.threshold, self.done_ids, self.ok_ids = threshold, set(), []
         self.repaired = repair_torn_line(path) + repair_torn_line(self.ledger_path)
-        for record in iter_jsonl(path, problem_of, "; fix or remove that line") if os.path.isfile(path) else ():
-            self.keep(record, record_digest(record).hex(), minhash(record))
+        self.records = list(iter_jsonl(path, problem_of, "; fix or remove that line")) if os.path.isfile(path) else []
+        self.hashes = {record_digest(record).hex() for record in self.records}
+        self.signatures = np.array([minhash(r) for r in self.records], dtype=np.uint64).reshape(-1, MINHASH.shape[1])
         for entry in iter_jsonl(self.ledger_path) if os.path.isfile(self.ledger_path) else ():
             ok = isinstance(entry, dict) and entry.get("outcome") == "ok"
             if isinstance(entry, dict) and "id" in entry and (not ok or entry.get("hash") in self.hashes):
                 self.done_ids.add(entry["id"])
                 self.ok_ids += [entry["id"]] if ok else []
 
-    def keep(self, record, digest, signature):
-        if len(self.records) == len(self.signatures):  # room for twice as many
-            self.signatures = np.concatenate([self.signatures, np.zeros_like(self.signatures)])
-        self.signatures[len(self.records)] = signature
-        self.hashes.add(digest)
-        self.records.append(record)
-
     def add(self, item_id, record):
         digest, signature = record_digest(record).hex(), minhash(record)
         if digest in self.hashes:
             return self.mark(item_id, "duplicate")
-        if self.records and (self.signatures[:len(self.records)] == signature).mean(axis=1).max() >= self.threshold:
+        if self.records and (self.signatures == signature).mean(axis=1).max() >= self.threshold:
             return self.mark(item_id, "near_duplicate")
         append_jsonl(self.ledger_path, {"id": item_id, "outcome": "ok", "hash": digest})
         append_jsonl(self.path, record)
-        self.keep(record, digest, signature)
+        self.records.append(record)
+        self.hashes.add(digest)
+        self.signatures = np.vstack([self.signatures, signature])
         self.ok_ids.append(item_id)
         return "ok"
 

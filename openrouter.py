@@ -112,18 +112,16 @@ class OpenRouter:
         text = text.replace(self._key, "***") if self._key else text
         return json.loads(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
 
-    def _session(self):
+    def _request(self, method, path, **kwargs):
+        """The response, read whole within --timeout of its start (a provider trickling a byte a second times out;
+        connect and each header read have --timeout each) and MAX_BODY decoded bytes (more is a BadAnswer, unread)."""
         if not hasattr(self._local, "session"):  # one keep-alive connection pool per worker thread
             self._local.session = requests.Session()  # HTTP-Referer and X-Title: OpenRouter's app attribution
             self._local.session.headers.update({"Authorization": f"Bearer {self._key}", "X-Title": "Chimera",
                                                 "HTTP-Referer": "https://github.com/chimera-nanochat/chimera"})
-        return self._local.session
-
-    def _request(self, method, path, **kwargs):
-        """The response, read whole within --timeout of its start (a provider trickling a byte a second times out;
-        connect and each header read have --timeout each) and MAX_BODY decoded bytes (more is a BadAnswer, unread)."""
         deadline = time.monotonic() + self.timeout
-        response = self._session().request(method, self.base_url + path, stream=True, timeout=self.timeout, **kwargs)
+        response = self._local.session.request(method, self.base_url + path, stream=True, timeout=self.timeout,
+                                               **kwargs)
         watchdog = threading.Timer(deadline - time.monotonic(), cut_off, (response,))  # ends a read in progress
         watchdog.start()
         body = bytearray()

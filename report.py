@@ -5,11 +5,9 @@ The training report card, nanochat-compatible, with a DPO column.
     python report.py reset --all     # also clear nanochat's sections (tokenizer, base, mid, ...)
     python report.py generate        # assemble report/*.md into report/chimera-report.md (+ report.md in the cwd)
 
-Each Chimera stage writes $NANOCHAT_BASE_DIR/report/chimera-<slug>.md (nanochat's `## Title`, `timestamp:`,
-`- key: value` lines; the prefix keeps nanochat's own files untouched). `generate` orders them as nanochat does,
+Each Chimera stage writes its section with write_report_section. `generate` orders the sections as nanochat does,
 Chimera's after SFT, with a header (git, hardware, versions), training charts (.svg files beside the report,
 linked as images) and a summary table BASE/MID/SFT/DPO/RL.
-A section's `<` is escaped: no raw HTML.
 """
 
 import contextlib
@@ -83,17 +81,17 @@ def section_timestamp(text, prefix):
 
 
 def summary_table(metrics):
-    """Markdown table: one row per metric, one column per stage, '-' where missing; then
+    """Markdown table of {stage: {metric: value}}: one row per metric, one column per stage, '-' where missing; then
     which tasks each stage's ChatCORE averaged (nanochat computes it only when all ran)."""
     rows = [m for m in ["CORE"] + CHAT_METRICS[:-1] + PERSONA_METRICS + ["ChatCORE"]
-            if any(m in metrics.get(stage, {}) for stage in STAGES)]
-    table = [["Metric"] + [s.upper() for s in STAGES]] + [[r] + [str(metrics.get(s, {}).get(r, "-")) for s in STAGES]
-                                                          for r in rows]
-    widths = [max(8, *(len(row[i]) for row in table)) for i in range(len(STAGES) + 1)]
+            if any(m in metrics[stage] for stage in STAGES)]
+    header = ["Metric"] + [s.upper() for s in STAGES]
+    table = [header] + [[r] + [str(metrics[s].get(r, "-")) for s in STAGES] for r in rows]
+    widths = [max(8, *map(len, column)) for column in zip(*table)]
     lines = ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in table]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     averaged = [f"{s.upper()}: {', '.join(m for m in CHAT_METRICS[:-1] if m in metrics[s])}"
-                for s in STAGES if "ChatCORE" in metrics.get(s, {})]
+                for s in STAGES if "ChatCORE" in metrics[s]]
     note = f"\nChatCORE averaged the tasks shown: {'; '.join(averaged)}.\n" if averaged else ""
     return "\n".join(lines) + "\n" + note
 
@@ -137,10 +135,6 @@ def svg_chart(title, series, width=460, height=220):
     y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
     left, right, top, bottom = 52, 12, 28, 34
     pw, ph = width - left - right, height - top - bottom
-
-    def xy(x, y):  # data to pixels
-        return f"{left + (x - x0) / (x1 - x0) * pw:.1f}", f"{top + (1 - (y - y0) / (y1 - y0)) * ph:.1f}"
-
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
              f'<rect width="{width}" height="{height}" fill="white"/>',
@@ -151,8 +145,9 @@ def svg_chart(title, series, width=460, height=220):
                  (left, top + ph + 14, "middle", f"{x0:.3g}"), (left + pw, top + ph + 14, "middle", f"{x1:.3g}"),
                  (left + pw / 2, height - 4, "middle", "step")))]
     for i, (label, points) in enumerate(series.items()):
-        color, pixels = COLORS[i % len(COLORS)], [xy(x, y) for x, y in points]
-        path = " ".join(map(",".join, pixels))
+        pixels = [(f"{left + (x - x0) / (x1 - x0) * pw:.1f}", f"{top + (1 - (y - y0) / (y1 - y0)) * ph:.1f}")
+                  for x, y in points]  # data to pixels
+        color, path = COLORS[i % len(COLORS)], " ".join(map(",".join, pixels))
         # a one-point polyline draws nothing; the legend sits in the title row, so it never covers the curves
         parts += [f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{path}"/>',
                   f'<text x="{width - right - 90 * (len(series) - 1 - i)}" y="16" text-anchor="end" '
@@ -161,30 +156,28 @@ def svg_chart(title, series, width=460, height=220):
     return "".join(parts) + "</svg>"
 
 
-def read_metrics(source_dir):
-    """The rows of metrics.jsonl in a checkpoints directory's default model directory, [] if
+def read_metrics(source):
+    """The rows with a step of metrics.jsonl in a source's default model directory ("sft", "dpo"), [] if
     none; a torn last line from a killed run is skipped, the rest still charts."""
-    from checkpoint import find_largest_model
-    root = os.path.join(get_base_dir(), source_dir)
+    from checkpoint import checkpoint_dir_for
     rows = []
     try:
-        with open(os.path.join(root, find_largest_model(root), "metrics.jsonl"), encoding="utf-8") as f:
+        with open(os.path.join(checkpoint_dir_for(source), "metrics.jsonl"), encoding="utf-8") as f:
             for line in f:
                 with contextlib.suppress(ValueError):
                     rows.append(json.loads(line))
     except (UserError, OSError):
         return []
-    return [row for row in rows if isinstance(row, dict)]
+    return [row for row in rows if isinstance(row, dict) and isinstance(row.get("step"), (int, float))]
 
 
 def series(rows, key):
-    return [(r.get("step"), r[key]) for r in rows if isinstance(r.get(key), (int, float))
-            and isinstance(r.get("step"), (int, float))]
+    return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
 
 
 def charts(directory):
     """Write the SFT and DPO training charts as .svg files into `directory`; return their image links."""
-    sft, dpo = read_metrics("chatsft_checkpoints"), read_metrics("chatdpo_checkpoints")
+    sft, dpo = read_metrics("sft"), read_metrics("dpo")
     val = sorted({k for r in sft for k in r if k.startswith("val_loss/")})
     lines = {"SFT loss": {"train": series(sft, "loss"), **{f"val ({k.split('/')[1]})": series(sft, k) for k in val}}}
     for title, key in (("DPO loss", "loss"), ("DPO reward margin", "rewards/margins"),
@@ -202,9 +195,8 @@ def charts(directory):
 # Commands
 def read_section(directory, name):
     """A section's text with `<` escaped (Markdown goes in, raw HTML never does); None if missing."""
-    if os.path.exists(os.path.join(directory, name)):
-        with open(os.path.join(directory, name), encoding="utf-8") as f:
-            return f.read().replace("<", "&lt;")
+    with contextlib.suppress(FileNotFoundError), open(os.path.join(directory, name), encoding="utf-8") as f:
+        return f.read().replace("<", "&lt;")
     return None
 
 
@@ -216,7 +208,7 @@ def generate(out_copy=True):
     start, end = section_timestamp(nanochat, "Run started:") or started, None
     bloat = (re.search(r"### Bloat\n(.*?)\n\n", nanochat, re.DOTALL) or [None, ""])[1]
     parts = [nanochat.rstrip() + "\n\n" if nanochat else "# Chimera training report\n\n", chimera_header(started)]
-    metrics, notes = {}, []
+    metrics, notes = {stage: {} for stage in STAGES}, []
     for name in EXPECTED_FILES:
         text = read_section(directory, name)
         if text is None:
