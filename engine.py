@@ -138,7 +138,6 @@ def sample(logits, sampling, rng):
 @dataclass(eq=False)  # a row is itself, not its fields
 class Row:  # one sample decoding in the cache's row `index`
     index: int
-    group: "Group"
     choice: int  # which of its prompt's n samples
     owner: object = None  # the caller's, as add() was given it
     ids: list = field(default_factory=list)  # the tokens so far, the stop token left out
@@ -153,7 +152,7 @@ class Group:  # the rows one add() started: one prompt's samples, drawn together
     sampling: Sampling
     rng: torch.Generator | None
     logits: torch.Tensor  # [n, V] raw next-token logits; a finished row's are a live sibling's (drawn, unused)
-    rows: list = field(default_factory=list)
+    rows: list
 
 
 @dataclass
@@ -164,10 +163,9 @@ class Event:  # what step() did to a row
 
 
 class Engine:
-    """A KV cache of max_batch rows of max_len positions. add() prefills a prompt once for its n samples;
-    step() gives every live row a token (the calculator's result forced in after <|python_end|>, between
-    <|output_start|> and <|output_end|>), frees the rows it finishes and runs one forward pass; free() ends
-    a row early (a stop string, a cancelled client)."""
+    """A KV cache of max_batch rows of max_len positions and their rows' samples, the calculator's result forced in
+    after <|python_end|>, between <|output_start|> and <|output_end|>; free() ends a row early (a stop string, a
+    cancelled client)."""
 
     def __init__(self, model, tokenizer, max_batch=1, max_len=None):
         self.model, self.tokenizer, self.device = model, tokenizer, model.get_device()
@@ -197,22 +195,20 @@ class Engine:
         for i in free[1:]:
             self.cache.copy_row(free[0], i)
         rng = None if sampling.seed is None else torch.Generator(self.device).manual_seed(sampling.seed)
-        group = Group(sampling, rng, logits.expand(n, -1))
-        group.rows = [Row(i, group, choice, owner) for choice, i in enumerate(free)]
-        for row in group.rows:
+        rows = [Row(i, choice, owner) for choice, i in enumerate(free)]
+        for row in rows:
             self.rows[row.index] = row
-        self.groups.append(group)
-        return group.rows
+        self.groups.append(Group(sampling, rng, logits.expand(n, -1), rows))
+        return rows
 
     def free(self, row):  # a no-op for a row already ended
         if row.live:
             self.rows[row.index], row.live = None, False
-            if not any(r.live for r in row.group.rows):
-                self.groups.remove(row.group)
+            self.groups = [group for group in self.groups if any(r.live for r in group.rows)]
 
     @torch.inference_mode()
     def step(self):
-        """A token for every live row, its Event; then one forward pass over the rows up to the last live one."""
+        """A token for each live row, its Event (finished rows are freed); then one forward up to the last live row."""
         events, tokens = [], [0] * self.max_batch  # free rows decode a dummy token
         for group in list(self.groups):  # a group's rows are sampled in one call, even its finished ones
             for row, token in zip(group.rows, sample(group.logits, group.sampling, group.rng).tolist()):
@@ -240,13 +236,13 @@ class Engine:
         py_start, py_end, out_start, out_end = self.tool_tokens
         if token == py_start:
             row.python = []
-        elif row.python is not None and token != py_end:
-            row.python.append(token)
-        elif row.python is not None:
+        elif row.python is not None and token == py_end:
             result = use_calculator(self.tokenizer.decode(row.python)) if row.python else None
             if result is not None:
                 row.forced.extend([out_start] + self.tokenizer.encode(str(result)) + [out_end])
             row.python = None
+        elif row.python is not None:
+            row.python.append(token)
 
     def complete(self, prompts, samplings, n=1):
         """n completions (token ids, the stop token left out) of each prompt, decoded together max_batch rows at
