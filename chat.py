@@ -60,8 +60,6 @@ class Request:  # a chat completion: parsed, then shared by the scheduler's thre
 
 
 # --- The scheduler: all requests in flight decode together -------------------
-
-
 class Scheduler:
     """The model's thread: waiting requests join the engine's free rows between its steps, and each
     step's tokens go to their requests as text (held back while it may begin a stop string)."""
@@ -73,7 +71,6 @@ class Scheduler:
         self.thread.start()
 
     def submit(self, req):
-        """Queues a request; the scheduler puts (choice index, text delta, stop|length|error|None) on its events."""
         req.sent = [0] * req.n
         with self.cond:
             self.waiting.append(req)
@@ -145,8 +142,6 @@ class Scheduler:
 
 
 # --- Terminal chat -----------------------------------------------------------
-
-
 def chat_cli(sched, config, read=input, out=sys.stdout):
     system = config.system or (load_persona(PERSONA_PATH)["system"] if config.persona else "")
     history = [{"role": "system", "content": system}]
@@ -177,8 +172,6 @@ def chat_cli(sched, config, read=input, out=sys.stdout):
 
 
 # --- The OpenAI-compatible server --------------------------------------------
-
-
 class APIError(Exception):  # its body is OpenAI's error object
     def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
         super().__init__(message)

@@ -122,8 +122,7 @@ def load_optimizer_shards(checkpoint_dir, step):
     return shards or None
 
 
-CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
-# sane bounds, checked before anything is built (a rotary table holds 10 x sequence_len positions)
+# model_config's keys but window_pattern, with sane bounds checked before anything is built (rotary: 10 x sequence_len)
 CONFIG_BOUNDS = {"sequence_len": 1 << 16, "vocab_size": 1 << 22, "n_layer": 1024, "n_head": 1024, "n_kv_head": 1024,
                  "n_embd": 1 << 16}
 KEYS_2026 = ("resid_lambdas", "x0_lambdas", "smear_gate.weight", "smear_lambda", "backout_lambda")
@@ -133,8 +132,8 @@ def config_from_checkpoint(model_config, model_data, where):
     """The GPTConfig of a checkpoint; 2026 has window_pattern and its extra tensors, Nov 2025
     neither, and a mix is refused. Applies nanochat 92d63d4's two loading patches to 2026's."""
     model_config = model_config if isinstance(model_config, dict) else {}
-    missing = [k for k in CONFIG_KEYS if k not in model_config]
-    extra = sorted(set(model_config) - set(CONFIG_KEYS) - {"window_pattern"})
+    missing = [k for k in CONFIG_BOUNDS if k not in model_config]
+    extra = sorted(set(model_config) - set(CONFIG_BOUNDS) - {"window_pattern"})
     if missing or extra:  # neither generation's
         problem = f"lacks {', '.join(missing)}" if missing else f"has unknown keys {', '.join(extra)}"
         raise UserError(f"{where}: the meta's model_config {problem}: "
@@ -280,7 +279,7 @@ class RunDir:
 
 if __name__ == "__main__":  # run.sh asks what Python decides: the answer on stdout, a bad CHIMERA_START's line too
     command, *args = sys.argv[1:] or [""]
-    if command == "start" and len(args) in (1, 2):  # start BASE_DIR [mid|base|sft]: shell lines for START, START_DIR, TAG
+    if command == "start" and len(args) in (1, 2):  # shell lines for START, START_DIR and TAG
         source = (args + [""])[1] or default_start(args[0])
         if source not in ("mid", "base", "sft"):
             print(f"CHIMERA_START={source}: expected mid, base or sft")

@@ -5,7 +5,7 @@ the judge's probes and chat's server all run on it): rows of many prompts decode
     engine = Engine(model, tokenizer, max_batch=8)
     sequences, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=256, temperature=0.8)
     rows = engine.add(prompt_ids, Sampling(temperature=0.6, top_p=0.9, seed=1), n=2)  # or step by step:
-    events = engine.step()  # a token for every active row: [Event(row, token, forced, finish)]
+    events = engine.step()  # a token for every active row: [Event(row, token, finish)]
 """
 
 import ast
@@ -135,22 +135,15 @@ def sample(logits, sampling, rng):
     return (choice if idx is None else idx.gather(1, choice))[:, 0]
 
 
-@dataclass
-class ToolState:  # a row's calculator: the call being read, and the result forced in before sampling resumes
-    forced: deque = field(default_factory=deque)
-    in_python: bool = False
-    python_tokens: list = field(default_factory=list)
-
-
 @dataclass(eq=False)  # a row is itself, not its fields
 class Row:  # one sample decoding in the cache's row `index`
     index: int
-    group: "Group"
     choice: int  # which of its prompt's n samples
     owner: object = None  # the caller's, as add() was given it
     ids: list = field(default_factory=list)  # the tokens so far, the stop token left out
     mask: list = field(default_factory=list)  # per token: 1 sampled, 0 forced by the tool
-    tool: ToolState = field(default_factory=ToolState)
+    python: list | None = None  # the calculator call being read, from <|python_start|> to <|python_end|>
+    forced: deque = field(default_factory=deque)  # its result, forced in before sampling resumes
     live: bool = True  # False once finished or freed
 
 
@@ -159,22 +152,20 @@ class Group:  # the rows one add() started: one prompt's samples, drawn together
     sampling: Sampling
     rng: torch.Generator | None
     logits: torch.Tensor  # [n, V] raw next-token logits; a finished row's are a live sibling's (drawn, unused)
-    rows: list = field(default_factory=list)
+    rows: list
 
 
 @dataclass
 class Event:  # what step() did to a row
     row: Row
-    token: int
-    forced: bool  # the tool's, not sampled
+    token: int  # sampled, or forced by the tool (row.mask says which)
     finish: str | None  # "stop" (<|assistant_end|> or <|bos|>), "length" (max_tokens, or the cache is full), None
 
 
 class Engine:
-    """A KV cache of max_batch rows of max_len positions. add() prefills a prompt once for its n samples;
-    step() gives every live row a token (the calculator's result forced in after <|python_end|>, between
-    <|output_start|> and <|output_end|>), frees the rows it finishes and runs one forward pass; free() ends
-    a row early (a stop string, a cancelled client)."""
+    """A KV cache of max_batch rows of max_len positions and their rows' samples, the calculator's result forced in
+    after <|python_end|>, between <|output_start|> and <|output_end|>; free() ends a row early (a stop string, a
+    cancelled client)."""
 
     def __init__(self, model, tokenizer, max_batch=1, max_len=None):
         self.model, self.tokenizer, self.device = model, tokenizer, model.get_device()
@@ -204,34 +195,32 @@ class Engine:
         for i in free[1:]:
             self.cache.copy_row(free[0], i)
         rng = None if sampling.seed is None else torch.Generator(self.device).manual_seed(sampling.seed)
-        group = Group(sampling, rng, logits.expand(n, -1))
-        group.rows = [Row(i, group, choice, owner) for choice, i in enumerate(free)]
-        for row in group.rows:
+        rows = [Row(i, choice, owner) for choice, i in enumerate(free)]
+        for row in rows:
             self.rows[row.index] = row
-        self.groups.append(group)
-        return group.rows
+        self.groups.append(Group(sampling, rng, logits.expand(n, -1), rows))
+        return rows
 
     def free(self, row):  # a no-op for a row already ended
         if row.live:
             self.rows[row.index], row.live = None, False
-            if not any(r.live for r in row.group.rows):
-                self.groups.remove(row.group)
+            self.groups = [group for group in self.groups if any(r.live for r in group.rows)]
 
     @torch.inference_mode()
     def step(self):
-        """A token for every live row, its Event; then one forward pass over the rows up to the last live one."""
+        """A token for each live row, its Event (finished rows are freed); then one forward up to the last live row."""
         events, tokens = [], [0] * self.max_batch  # free rows decode a dummy token
         for group in list(self.groups):  # a group's rows are sampled in one call, even its finished ones
             for row, token in zip(group.rows, sample(group.logits, group.sampling, group.rng).tolist()):
                 if not row.live:
                     continue
-                forced = bool(row.tool.forced)
-                token = tokens[row.index] = row.tool.forced.popleft() if forced else token
-                self._track_tool(row.tool, token)
+                forced = bool(row.forced)
+                token = tokens[row.index] = row.forced.popleft() if forced else token
+                self._track_tool(row, token)
                 if token not in self.stops:
                     row.ids.append(token), row.mask.append(int(not forced))
                 full = len(row.ids) >= group.sampling.max_tokens or int(self.cache.pos[row.index]) + 1 >= self.max_len
-                events.append(Event(row, token, forced, "stop" if token in self.stops else "length" if full else None))
+                events.append(Event(row, token, "stop" if token in self.stops else "length" if full else None))
                 if events[-1].finish:
                     self.free(row)
         live = [row.index for row in self.rows if row]
@@ -243,30 +232,28 @@ class Engine:
                 group.logits = logits[[(row if row.live else sibling).index for row in group.rows]]
         return events
 
-    def _track_tool(self, tool, token):
+    def _track_tool(self, row, token):
         py_start, py_end, out_start, out_end = self.tool_tokens
         if token == py_start:
-            tool.in_python, tool.python_tokens = True, []
-        elif token == py_end and tool.in_python:
-            tool.in_python = False
-            result = use_calculator(self.tokenizer.decode(tool.python_tokens)) if tool.python_tokens else None
+            row.python = []
+        elif row.python is not None and token == py_end:
+            result = use_calculator(self.tokenizer.decode(row.python)) if row.python else None
             if result is not None:
-                tool.forced.extend([out_start] + self.tokenizer.encode(str(result)) + [out_end])
-        elif tool.in_python:
-            tool.python_tokens.append(token)
+                row.forced.extend([out_start] + self.tokenizer.encode(str(result)) + [out_end])
+            row.python = None
+        elif row.python is not None:
+            row.python.append(token)
 
     def complete(self, prompts, samplings, n=1):
         """n completions (token ids, the stop token left out) of each prompt, decoded together max_batch rows at
         a time: a prompt joins as rows free up, each with its own Sampling (seed included), so a prompt's samples
         do not depend on the others'. max_batch must hold n rows; max_len a prompt and its max_tokens."""
-        out, waiting = [[None] * n for _ in prompts], list(range(len(prompts)))
+        groups, waiting = [], list(zip(prompts, samplings))
         while waiting or any(self.rows):
             while waiting and self.rows.count(None) >= n:
-                i = waiting.pop(0)
-                self.add(prompts[i], samplings[i], n, owner=i)
-            for event in self.step():
-                out[event.row.owner][event.row.choice] = event.row.ids if event.finish else None
-        return out
+                groups.append(self.add(*waiting.pop(0), n))
+            self.step()
+        return [[row.ids for row in rows] for rows in groups]
 
     def generate_batch(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """num_samples completions of a prompt: whole sequences (prompt + completion, the stop token left out)

@@ -283,11 +283,14 @@ def export(c):
     model, tok, meta = load_model(source, "cpu", "eval", c.model_tag, c.step)
     cfg, remote, state = model.config, model.config.generation == 2026, model.state_dict()
     bos, eos = tok.encode_special("<|bos|>"), tok.encode_special("<|assistant_end|>")
-    if remote:  # nanochat's own model: every tensor under its own name
+    os.makedirs(out, exist_ok=True)
+    if remote:  # nanochat's own model, every tensor under its own name: model.py as it is and a wrapper
         tensors = {"gpt." + k: v for k, v in state.items()}
         config = {"architectures": ["NanoChatGPTForCausalLM"], "model_type": "nanochat_gpt", **dataclasses.asdict(cfg),
                   "auto_map": {"AutoConfig": "modeling_nanochat_gpt.NanoChatGPTConfig",
                                "AutoModelForCausalLM": "modeling_nanochat_gpt.NanoChatGPTForCausalLM"}}
+        atomic_write_text(f"{out}/model.py", open(os.path.join(os.path.dirname(__file__), "model.py")).read())
+        atomic_write_text(os.path.join(out, "modeling_nanochat_gpt.py"), WRAPPER.replace("HF_KEYS", repr(HF_KEYS)))
     else:  # transformers' names for the same tensors; its RMSNorm eps is made F.rms_norm's (float32's)
         tensors = {re.sub(r"^transformer\.(h\.(\d+)\.)?(wte|\w+\.c_\w+)\.", lambda m: "model." + (
             f"layers.{m[2]}." if m[1] else "") + HF_NAMES[m[3]] + ".", k): v for k, v in state.items()}
@@ -296,10 +299,6 @@ def export(c):
                   "hidden_act": "relu2", "rms_norm_eps": torch.finfo(torch.float32).eps,
                   "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "rope_theta": 10000.0,
                   "final_logit_softcapping": 15.0, "attention_bias": False, "tie_word_embeddings": False}
-    os.makedirs(out, exist_ok=True)
-    if remote:
-        atomic_write_text(f"{out}/model.py", open(os.path.join(os.path.dirname(__file__), "model.py")).read())
-        atomic_write_text(os.path.join(out, "modeling_nanochat_gpt.py"), WRAPPER.replace("HF_KEYS", repr(HF_KEYS)))
     write_safetensors(os.path.join(out, "model.safetensors"), tensors, {"format": "pt", "step": str(meta.get("step"))})
     ids = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos}  # a pad in eos: generate never masks a prompt
     for name, obj in {"config.json": {**config, **ids, "dtype": "float32"},

@@ -1,8 +1,9 @@
 """
-The GPT of both nanochat generations (Nov 2025, commit 885a4f2, and 2026, commit 92d63d4; told
-apart by the checkpoint's model_config) and its log-prob heads: per-token log-probs without
-[B, T, V] logits, and the SFT/DPO losses with the lm_head's gradient fused into the forward.
-Depends on torch and the standard library only, so an export can ship this file as it is.
+The GPT of both nanochat generations (Nov 2025, commit 885a4f2, and 2026, commit 92d63d4) and its log-prob heads:
+per-token log-probs without [B, T, V] logits, and the SFT/DPO losses with the lm_head's gradient fused into the forward.
+The checkpoint's model_config tells them apart: window_pattern None is Nov 2025's model; a pattern of S/L switches on
+2026's value embeddings, residual/x0 scalars, smear, backout, sliding windows, padded vocab, rotary base 100000 and the
+x1.2 q/k scale. Depends on torch and the standard library only, so an export can ship this file as it is.
 
     from checkpoint import load_model
     model, tokenizer, meta = load_model("sft", device, phase="eval")
@@ -15,11 +16,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-# The GPT, both generations: window_pattern None is Nov 2025's model; a pattern of S/L
-# switches on 2026's value embeddings, residual/x0 scalars, smear, backout, sliding windows,
-# padded vocab, rotary base 100000 and the x1.2 q/k scale.
-
 
 @dataclass
 class GPTConfig:
@@ -64,8 +60,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx, window, value_embed):
         super().__init__()
         self.layer_idx, self.window = layer_idx, window  # window None: unlimited (2025)
-        # compiled: a short window always masks, so no branch on the length splits the graph (compile_model)
-        self.always_mask = False
+        self.always_mask = False  # compile_model: a short window masks at every length (no graph split on it)
         self.head_dim, self.gqa = config.n_embd // config.n_head, config.n_head != config.n_kv_head
         assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
         kv_dim = config.n_kv_head * self.head_dim
@@ -235,8 +230,6 @@ class GPT(nn.Module):
         """Softcapped float32 logits [B, T, V] (the stages score through token_logprobs/pair_loss instead)."""
         return self.logits(self.hidden_states(idx, kv_cache))
 
-    # Per-token log-probs without materialising [B, T, V] float32 logits
-
     def token_logprobs(self, idx, targets, chunk_numel=None, reduction="none"):
         """log p(target) per position, [B, T] float32, 0 where the target is -1 (reduction="sum": their
         sum). Only targets reach the lm_head, in chunks of about `chunk_numel` logits (default 16M on
@@ -350,11 +343,10 @@ class _FusedHead(torch.autograd.Function):
 
 
 def compile_model(model, flag=True):
-    """torch.compile the transformer if flag (--compile; None: on CUDA) with symbolic batch and length:
-    a length that changes every step neither recompiles nor is padded, one graph per grad mode. 2026's
-    short-window layers mask at every length (a mask equal to causal below the window): a branch on the
-    length would double the graphs, and policy and reference in two grad modes reach dynamo's limit of 8.
-    The lm_head stays eager."""
+    """torch.compile the transformer if flag (--compile; None: on CUDA) with symbolic batch and length: a length that
+    changes every step neither recompiles nor is padded, one graph per grad mode. 2026's short-window layers mask at
+    every length (a mask equal to causal below the window): a branch on the length would double the graphs, and policy
+    and reference in two grad modes reach dynamo's limit of 8. The lm_head stays eager."""
     if (model.get_device().type == "cuda") if flag is None else flag:
         for block in model.transformer.h:
             block.attn.always_mask = block.attn.window is not None and block.attn.window < model.config.sequence_len

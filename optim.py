@@ -73,10 +73,10 @@ POLAR_EXPRESS = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
                  (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
 
 
-def polar_express(G, bf16):
+def polar_express(G):
     """2026's orthogonalisation: rows equilibrated to their mean norm (MuonEq), 5 Polar Express steps,
     the Frobenius norm snapped to sqrt(min(rows, cols)) (Muon+); the op order is nanochat's."""
-    X = G.bfloat16() if bf16 else G
+    X = G.bfloat16() if use_bf16(G) else G
     target = X.float().norm(dim=(-2, -1), keepdim=True) / (X.size(-2) ** 0.5)
     X = X * (target / X.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(X.dtype)
     X, tall = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6), G.size(-2) > G.size(-1)
@@ -88,7 +88,7 @@ def polar_express(G, bf16):
     return g * (min(g.shape[-2:]) ** 0.5 / g.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6)).to(g.dtype)
 
 
-def muon_2026(p, g, state, group, bf16):
+def muon_2026(p, g, state, group):
     """nanochat 92d63d4's Muon on one matrix, given its Nesterov update g: Polar Express, NorMuon's variance
     reduction (a factored second moment per row or column), then cautious weight decay (only where the update
     and the weight agree in sign). Hyperparameters as float32 0-d tensors, as nanochat's fused kernel has them."""
@@ -96,7 +96,7 @@ def muon_2026(p, g, state, group, bf16):
     red = -1 if p.size(-2) >= p.size(-1) else -2
     if "second_momentum_buffer" not in state:
         state["second_momentum_buffer"] = p.new_zeros((p.size(-2), 1) if red == -1 else (1, p.size(-1)))
-    g = polar_express(g, bf16)
+    g = polar_express(g)
     v_mean, n = g.float().square().mean(dim=red, keepdim=True), g.size(red)
     v_norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * n).sqrt()
     v = state["second_momentum_buffer"].lerp_(v_mean.to(p.dtype), 1 - f32(group["beta2"]).to(g.dtype))
@@ -126,16 +126,15 @@ class Muon(torch.optim.Optimizer):
                     momentum = group["momentum"]  # 2026: a float32 0-d tensor, as nanochat's kernel takes it
                     momentum = torch.tensor(momentum, dtype=torch.float32) if group["rule"] == "2026" else momentum
                     buf = state["momentum_buffer"].lerp_(p.grad, 1 - momentum)
-                    g, bf16 = p.grad.lerp_(buf, momentum), use_bf16(p.grad)  # Nesterov
+                    g = p.grad.lerp_(buf, momentum)  # Nesterov
                     if group["rule"] == "2026":
-                        muon_2026(p, g, state, group, bf16)
+                        muon_2026(p, g, state, group)
                     else:
                         p.add_(newton_schulz5(g), alpha=-group["lr"] * max(1, p.size(-2) / p.size(-1)) ** 0.5)
                 if world > 1:
                     works.append(dist.broadcast(p, src=i % world, async_op=True))
         for work in works:
             work.wait()
-
 
 
 def warm_start(optimizers, shards, where):
@@ -184,7 +183,7 @@ class GradSync:
 
     def __init__(self, model, bucket_numel=1 << 24):
         self.world, self.model = (dist.get_world_size() if dist.is_initialized() else 1), model
-        self.buckets, self.flats, self.hooked = [[]], [], False
+        self.buckets, self.flats = [[]], []
         for p in ready_order(model) if self.world > 1 else []:
             if self.buckets[-1] and (sum(q.numel() for q in self.buckets[-1]) >= bucket_numel
                                      or p.dtype != self.buckets[-1][0].dtype):
@@ -194,14 +193,12 @@ class GradSync:
             flat = torch.zeros(sum(p.numel() for p in bucket), dtype=bucket[0].dtype, device=bucket[0].device)
             for p, view in zip(bucket, flat.split([p.numel() for p in bucket])):
                 p.grad = view.view_as(p).copy_(p.grad) if p.grad is not None else view.view_as(p)
+                p.register_post_accumulate_grad_hook(self._grad_ready)
             self.flats.append(flat)
         self.ready, self.sent, self.armed = set(), [], False
 
     def arm(self):
-        if self.world > 1 and not self.hooked:
-            for p in sum(self.buckets, []):
-                p.register_post_accumulate_grad_hook(self._grad_ready)
-        self.armed = self.hooked = self.world > 1
+        self.armed = self.world > 1
 
     def _grad_ready(self, p):  # only the armed backward counts: earlier ones are not final
         self.ready.update([id(p)] if self.armed else [])
