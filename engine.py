@@ -9,6 +9,8 @@ the judge's probes and chat's server all run on it): rows of many prompts decode
 """
 
 import ast
+import operator
+import string
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -85,28 +87,37 @@ class KVCache:
         self.pos += T  # in place: a row view moves its parent's row
 
 
-_CALC_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Constant, ast.Add, ast.Sub, ast.Mult,
-               ast.Div, ast.FloorDiv, ast.Mod, ast.USub, ast.UAdd)
+CALC_MATH, CALC_TEXT = set("0123456789*+-/.() "), set(string.ascii_letters + string.digits + "'\"()._ ")
+CALC_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+            ast.FloorDiv: operator.floordiv, ast.USub: operator.neg, ast.UAdd: operator.pos}
 
 
-def use_calculator(expr, max_len=200):
-    """Plain arithmetic (numbers, + - * / // %, parentheses: no powers, names or calls, checked on
-    the syntax tree; length bounded, so neither result nor time explodes), else None."""
-    expr = expr.replace(",", "").strip()
+def use_calculator(expr, max_len=1000):
+    """nanochat's calculator (the same at 885a4f2 and 92d63d4), its results and refusals: arithmetic of digits,
+    + - * / // and parentheses (no ** and no %), or a string literal's .count(literal); None where it gives none.
+    Evaluated on the syntax tree, never by eval(): nothing else can run, and without powers a bounded
+    expression cannot blow up. The engine inserts str(result): "24.0" for 48/2, as nanochat's models saw."""
+    expr = expr.replace(",", "")
+    if len(expr) > max_len or (set(expr) <= CALC_MATH and "**" in expr) or not (set(expr) <= CALC_MATH or (
+            set(expr) <= CALC_TEXT and ".count(" in expr and "__" not in expr)):
+        return None
+
+    def value(node):
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float, str):
+            return node.value
+        if isinstance(node, (ast.BinOp, ast.UnaryOp)) and type(node.op) in CALC_OPS:
+            operands = (node.left, node.right) if isinstance(node, ast.BinOp) else (node.operand,)
+            return CALC_OPS[type(node.op)](*map(value, operands))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "count" and \
+                isinstance(node.func.value, ast.Constant) and isinstance(node.func.value.value, str) and \
+                not node.keywords and all(isinstance(a, ast.Constant) and isinstance(a.value, str) for a in node.args):
+            return node.func.value.value.count(*(a.value for a in node.args))
+        raise TypeError("not the calculator's")
+
     try:
-        tree = ast.parse(expr, mode="eval")
-        nodes = list(ast.walk(tree))
-        if len(expr) > max_len or not all(isinstance(n, _CALC_NODES) for n in nodes) or \
-                any(isinstance(n, ast.Constant) and type(n.value) not in (int, float) for n in nodes):
-            return None
-        result = eval(compile(tree, "<calculator>", "eval"), {"__builtins__": {}})
-    except (SyntaxError, ValueError, ArithmeticError):
+        return value(ast.parse(expr.strip(), mode="eval").body)
+    except (SyntaxError, ArithmeticError, TypeError, ValueError, RecursionError):
         return None
-    if not abs(result) <= 1e30:  # also NaN
-        return None
-    if isinstance(result, float):  # "24", as GSM8K's answers write it, not "24.0"
-        result = int(result) if result.is_integer() else round(result, 6)
-    return result
 
 
 @dataclass

@@ -238,16 +238,18 @@ def test_sampling_is_seeded_and_respects_top_k(gold):
 # Calculator tool
 
 
-def test_calculator_does_arithmetic_and_nothing_else():
-    assert use_calculator("12*7") == 84
-    assert use_calculator("1,200 + 34") == 1234
-    assert use_calculator("48/2") == 24 and str(use_calculator("48/2")) == "24"
-    assert use_calculator("(3 - 5) * 2.5") == -5
-    assert use_calculator("1/0") is None
-    assert use_calculator("2**10") is None  # powers can take forever: refused
-    assert use_calculator("__import__('os').system('true')") is None
-    assert use_calculator("open('x')") is None
-    assert use_calculator("9" * 400) is None
+def test_calculator_answers_as_nanochats_and_runs_nothing_else():
+    """The text the engine inserts (str of the result) and the refusals of nanochat's own use_calculator, on
+    expressions of both kinds (golden outputs made by nanochat's function: tests/fixtures/calculator_golden.json):
+    models trained by nanochat saw "24.0" for 48/2 and a count for SpellingBee's .count( calls."""
+    with open(os.path.join(os.path.dirname(__file__), "fixtures", "calculator_golden.json")) as f:
+        cases = json.load(f)["cases"]
+    assert len(cases) > 30 and any(want is None for _, want in cases) and any("count" in e for e, _ in cases)
+    for expr, want in cases:
+        got = use_calculator(expr)
+        assert (None if got is None else str(got)) == want, expr
+    assert use_calculator("9" * 2000) is None  # longer than any tool call a model writes: no huge numbers
+    assert use_calculator("''.__class__.count('a')") is None and use_calculator("'a'.count.__self__") is None
 
 
 def test_engine_runs_the_calculator_and_forces_its_output(gold, monkeypatch):
