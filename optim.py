@@ -136,6 +136,11 @@ class Muon(torch.optim.Optimizer):
         for work in works:
             work.wait()
 
+    def owners(self):
+        """{matrix: the rank that updates it}: only that rank needs its summed gradient (GradSync reduces it there)."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        return {p: i % world for group in self.param_groups for i, p in enumerate(group["params"])}
+
 
 def warm_start(optimizers, shards, where):
     """Continue from nanochat 92d63d4's optimizer shards (optim_<step>_rank<r>.pt, any number of ranks), as its
@@ -175,20 +180,24 @@ def ready_order(model):
 
 
 class GradSync:
-    """Sums gradients over ranks in buckets of all_reduce (world size 1: nothing). Under several processes the
-    gradients live in the buckets (each p.grad a view of its bucket, in the parameter's dtype), so syncing adds
-    no copy of them. arm() before the last micro-batch's backward sends each bucket as soon as backward fills it
-    (buckets follow ready_order); wait() finishes. Every rank sends every bucket in one order, a gradient a
-    rank did not produce (lm_head with no token) as the zeros it holds: the collectives match."""
+    """Sums gradients over ranks in buckets of all_reduce (world size 1: nothing); a matrix in `owners` (Muon's:
+    {param: rank}) is summed on its owner only, which updates and broadcasts it (the model crosses the wire twice
+    a step, not three times). Under several processes the gradients live in the buckets (each p.grad a view of
+    its bucket, in the parameter's dtype), so syncing adds no copy of them. arm() before the last micro-batch's
+    backward sends each bucket as soon as backward fills it (buckets follow ready_order); wait() finishes. Every
+    rank sends every bucket in one order, a gradient a rank did not produce (lm_head with no token) as the zeros
+    it holds: the collectives match."""
 
-    def __init__(self, model, bucket_numel=1 << 24):
-        self.world, self.model = (dist.get_world_size() if dist.is_initialized() else 1), model
+    def __init__(self, model, bucket_numel=1 << 24, owners=None):
+        self.world, self.model, owners = (dist.get_world_size() if dist.is_initialized() else 1), model, owners or {}
         self.buckets, self.flats = [[]], []
         for p in ready_order(model) if self.world > 1 else []:
-            if self.buckets[-1] and (sum(q.numel() for q in self.buckets[-1]) >= bucket_numel
-                                     or p.dtype != self.buckets[-1][0].dtype):
+            last = self.buckets[-1]
+            if last and (p in owners or last[0] in owners or sum(q.numel() for q in last) >= bucket_numel
+                         or p.dtype != last[0].dtype):
                 self.buckets.append([])
             self.buckets[-1].append(p)
+        self.owners = [owners.get(bucket[0]) if bucket else None for bucket in self.buckets]
         for bucket in self.buckets if self.world > 1 else []:
             flat = torch.zeros(sum(p.numel() for p in bucket), dtype=bucket[0].dtype, device=bucket[0].device)
             for p, view in zip(bucket, flat.split([p.numel() for p in bucket])):
@@ -207,7 +216,9 @@ class GradSync:
             self._send()
 
     def _send(self):
-        self.sent.append(dist.all_reduce(self.flats[len(self.sent)], async_op=True))
+        flat, owner = self.flats[len(self.sent)], self.owners[len(self.sent)]
+        self.sent.append(dist.all_reduce(flat, async_op=True) if owner is None else
+                         dist.reduce(flat, dst=owner, async_op=True))
 
     def wait(self):
         """Finish the sync (all of it, when not armed): every gradient is then the sum."""

@@ -25,13 +25,22 @@ model = GPT(GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_
 model.init_weights(zero_out=False)
 optimizers = setup_optimizers(model)
 initial = {k: v.clone() for k, v in model.state_dict().items()}
-grad_sync = GradSync(model, bucket_numel=3000)  # several buckets
-grads = {}  # the summed gradients of step 0, as the optimizers see them
-hook = optimizers[0].register_step_pre_hook(
-    lambda *_: grads.update({name: p.grad.clone() for name, p in model.named_parameters()}))
+owners = optimizers[1].owners()  # Muon's matrices: summed on the rank that updates them
+grad_sync = GradSync(model, bucket_numel=3000, owners=owners)  # several buckets
+grads = {}  # the summed gradients of step 0 this rank holds, as the optimizers see them
+hook = optimizers[0].register_step_pre_hook(lambda *_: grads.update(
+    {name: p.grad.clone() for name, p in model.named_parameters() if owners.get(p, d.rank) == d.rank}))
+# what crosses the wire per step, in a ring's terms: an all_reduce sends its tensor twice, reduce and broadcast once
+wire, weight = [], {"all_reduce": 2, "reduce": 1, "broadcast": 1}
+for name in weight:
+    def counted(tensor, *args, _name=name, _real=getattr(torch.distributed, name), **kwargs):
+        wire[-1] += weight[_name] * tensor.numel() * tensor.element_size()
+        return _real(tensor, *args, **kwargs)
+    setattr(torch.distributed, name, counted)
 
 g = torch.Generator().manual_seed(1)
 for step in range(3):
+    wire.append(0)
     inputs = torch.randint(0, 64, (8, 16), generator=g)
     targets = torch.randint(0, 64, (8, 16), generator=g)
     targets[torch.rand(8, 16, generator=g) < 0.3] = -1  # masked positions, unevenly spread
@@ -56,5 +65,6 @@ for step in range(3):
     optimizer_step(model, optimizers, 1.0 - step / 4, grad_sync)
 
 if d.master:
-    torch.save({"grads": grads, "initial": initial, "params": model.state_dict()}, out_path)
+    torch.save({"grads": grads, "initial": initial, "params": model.state_dict(), "wire": wire,
+                "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}, out_path)
 common.cleanup_dist()
