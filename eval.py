@@ -32,7 +32,6 @@ import openrouter
 from report import write_report_section
 import tasks
 from sft import conversation_loss
-from tasks import download_lock
 
 # nanochat 885a4f2's chat_eval task set; ChatCORE centres each accuracy on its chance level
 CHAT_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
@@ -199,7 +198,7 @@ def run_generative(task, tokenizer, model, config, proc, bar):
 
 
 def chat_task(name, model, tokenizer, config, resolved, proc):
-    task = download_lock(tasks.TASKS[name])
+    task = tasks.download_lock(tasks.TASKS[name])
     bar = ProgressBar(len(range(proc.rank, problems(task, config), proc.world_size)), desc=name, unit="problems")
     score = run_categorical if task.eval_type == "categorical" else run_generative
     passed, total = score(task, tokenizer, model, config, proc, bar)
