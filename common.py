@@ -1,6 +1,5 @@
-"""The small layer every Chimera stage shares: errors, files, `--key=value` configs,
-torch.distributed, rank-0 printing, bf16 autocast and a progress bar.
-Nothing here knows about models or data (JSONL files and HTTP with retries live in tasks.py)."""
+"""The small layer every Chimera stage shares: errors, files, `--key=value` configs, torch.distributed,
+rank-0 printing, bf16 autocast and a progress bar; nothing about models or data (JSONL and HTTP: tasks.py)."""
 
 import argparse
 import dataclasses
@@ -48,8 +47,7 @@ def get_base_dir():
 
 
 def atomic_write(path, write_fn, binary=False):
-    """Write through `.{name}.{pid}.tmp` beside the file and a rename, so a killed process
-    leaves the old file or the new one, never half of one. The file follows the umask."""
+    """Write `.{name}.{pid}.tmp` beside the file, then rename: a killed process leaves the old file or the new one."""
     directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
@@ -215,9 +213,8 @@ def all_reduce_sum(values, device=None):
 
 # Progress bar (rank 0)
 class ProgressBar:
-    """done/total, rate, ETA and the caller's extras on stderr: redrawn in place on a terminal,
-    one line every `log_every` seconds in a log file (so CI logs stay readable). `done`: work found
-    already done (a resumed run), left out of the rate."""
+    """done/total, rate, ETA and the caller's extras on stderr: redrawn in place on a terminal, one line every
+    `log_every` seconds in a log file (so CI logs stay readable). `done`: work found done (resumed), not in the rate."""
 
     def __init__(self, total, desc="", unit="it", stream=None, enabled=None, log_every=10.0, done=0):
         self.total, self.desc, self.unit, self.log_every = total, desc, unit, log_every

@@ -1,8 +1,5 @@
-"""
-What SFT and DPO share to run their steps: padding rendered conversations into inputs and targets,
-a run's schedule of micro-batches (length-grouped, the same global batch for any number of
-processes) with its learning-rate multiplier, the cadence of evaluations and saves, and the step log.
-"""
+"""What SFT and DPO share to run their steps: padding conversations into inputs and targets, the schedule
+of micro-batches and learning rate, the cadence of evaluations and saves, and the step log."""
 
 import hashlib
 import time
@@ -15,8 +12,7 @@ WINDOW_STEPS = 16  # steps whose rows are sorted by length together (see Schedul
 
 
 def collate(rows, pad_id, device):
-    """Pad rendered conversations [(ids, mask)] into inputs and targets [B, W] (-1: not learned), W the
-    longest row - 1."""
+    """Pad rendered conversations [(ids, mask)] into inputs and targets [B, longest - 1] (-1: not learned)."""
     width = max(len(ids) for ids, _ in rows) - 1
     inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
     targets = torch.full((len(rows), width), -1, dtype=torch.long)

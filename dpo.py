@@ -7,13 +7,12 @@ the Master (chosen) / Apprentice (rejected) pairs that gen.py writes.
     torchrun --standalone --nproc_per_node=8 dpo.py --ref_cache=1   # reference log-probs once, to disk
 
 Reads $NANOCHAT_BASE_DIR/chatsft_checkpoints and datasets/trader_dpo_data.jsonl, writes
-$NANOCHAT_BASE_DIR/chatdpo_checkpoints/d{depth}/model_{step:06d}.pt + meta + metrics.jsonl
-and the report section report/chimera-chat-dpo.md.
+$NANOCHAT_BASE_DIR/chatdpo_checkpoints/d{depth}/model_{step:06d}.pt + meta + metrics.jsonl and the report section
+report/chimera-chat-dpo.md.
 
-The loss (Rafailov et al., 2023): with r = beta * (log pi(y|x) - log pi_ref(y|x)) summed over
-the answer's tokens, loss = -log sigmoid(r_chosen - r_rejected); `ipo` (Azar et al., 2023)
-regresses the log-ratio margin to 1/(2 beta) instead; label smoothing is the conservative
-DPO of Mitchell (2023).
+The loss (Rafailov et al., 2023): with r = beta * (log pi(y|x) - log pi_ref(y|x)) summed over the answer's tokens,
+loss = -log sigmoid(r_chosen - r_rejected); `ipo` (Azar et al., 2023) regresses the log-ratio margin to 1/(2 beta)
+instead; label smoothing is the conservative DPO of Mitchell (2023).
 """
 
 import copy
@@ -150,8 +149,7 @@ def reference_logps(reference, pairs, indices, pad_id, device):
     """(chosen, rejected) log-probs of pairs[indices] by the reference: a frozen model, or a reference_table."""
     if isinstance(reference, dict):
         return torch.stack([reference[pairs[i].digest] for i in indices]).to(device, torch.float32).unbind(1)
-    logps = batch_logps(reference, pairs, indices, pad_id, device)
-    return logps.chosen, logps.rejected
+    return batch_logps(reference, pairs, indices, pad_id, device)[:2]  # chosen, rejected
 
 
 def file_sha256(path):
@@ -164,10 +162,9 @@ def file_sha256(path):
 
 @torch.no_grad()
 def reference_table(data_path, max_len, policy, pairs, pad_id, config, proc):
-    """{pair digest: (chosen, rejected) reference log-probs}, computed once and cached beside the
-    data in a file named by everything they depend on: the reference weights, the tokenizer,
-    the data (content hashes), the truncation and the rendering. Looked up by the pair, never by
-    its position, so another split or order of the same pairs reads the right values."""
+    """{pair digest: (chosen, rejected) reference log-probs}, computed once and cached beside the data in a file
+    named by everything they depend on: the reference weights, the tokenizer, the data (content hashes), the
+    truncation and the rendering. Looked up by the pair, not its position: any split or order reads the right ones."""
     def key():
         checkpoint_dir = checkpoint_dir_for(config.source, config.model_tag)
         step = find_last_step(checkpoint_dir) if config.step is None else config.step

@@ -32,13 +32,11 @@ import openrouter
 from report import write_report_section
 import tasks
 from sft import conversation_loss
-from tasks import download_lock
 
 # nanochat 885a4f2's chat_eval task set; ChatCORE centres each accuracy on its chance level
 CHAT_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
 CONDITIONS = ("no system", "with system")  # the persona metrics without / with the persona's system message
-PROBE_KEYS = ("prompt", "persona_answer", "generic_answer")  # one identity probe per line of its JSONL
 ALIASES = {"i": "source", "a": "task_name"}  # -i, -a as in nanochat's chat_eval
 IDENTITY_PROBES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "identity_probes.jsonl")
 
@@ -74,10 +72,9 @@ def check_config(config):
                    not_negative=("temperature",))  # parse_config refuses NaN and infinities
     if config.max_problems == 0 or config.max_problems < -1:
         raise UserError(f"--max_problems={config.max_problems}: must be -1 (all) or at least 1")
-    odd = [k for k in ("sft_val_fraction", "dpo_val_fraction") if getattr(config, k) != -1
-           and not 0 <= getattr(config, k) < 1]
-    if odd:
-        raise UserError(f"--{odd[0]}={getattr(config, odd[0])}: must be -1 (the training run's) or in [0, 1)")
+    for key in ("sft_val_fraction", "dpo_val_fraction"):
+        if getattr(config, key) != -1 and not 0 <= getattr(config, key) < 1:
+            raise UserError(f"--{key}={getattr(config, key)}: must be -1 (the training run's) or in [0, 1)")
     if config.judge not in (-1, 0, 1):
         raise UserError(f"--judge={config.judge}: expected 1 (on), 0 (off) or -1 (on when OPENROUTER_API_KEY is set)")
     if config.judge == 1 and not os.environ.get("OPENROUTER_API_KEY"):
@@ -103,8 +100,7 @@ def problems(task, config):  # how many of a task's problems to evaluate
     return len(task) if config.max_problems < 0 else min(len(task), config.max_problems)
 
 
-# What the settings left to the checkpoints (-1, "") mean for this one, worked out once in main (the Config
-# as parsed is frozen): the reference, the SFT and DPO runs' splits and loss, and the judge
+# What the settings left to the checkpoints (-1, "") mean for this one, worked out once in main (Config is frozen)
 class Resolved(NamedTuple):
     ref_source: str  # the reference of the pair rewards and the judge; "" = none
     ref_tag: Optional[str]
@@ -165,8 +161,7 @@ def resolve(config, meta):
 # nanochat's chat tasks
 @torch.no_grad()
 def run_categorical(task, tokenizer, model, config, proc, bar):
-    """Multiple choice: the answer is the letter whose logit is highest at the position that
-    follows <|assistant_start|>; batches of prompts padded on the right, sharded by rank."""
+    """Multiple choice: the letter with the highest logit after <|assistant_start|>; right-padded batches."""
     n, bos, batch_size = problems(task, config), tokenizer.get_bos_token_id(), config.batch_size
     passed = total = 0
     for b in range(proc.rank, -(-n // batch_size), proc.world_size):  # every world_size-th batch; summed over ranks
@@ -188,8 +183,7 @@ def run_categorical(task, tokenizer, model, config, proc, bar):
 
 @torch.no_grad()
 def run_generative(task, tokenizer, model, config, proc, bar):
-    """Sample num_samples completions per problem with the KV-cache engine (the calculator
-    tool included); a problem passes when any sample passes."""
+    """num_samples completions per problem by the KV-cache engine (calculator included); any one may pass it."""
     engine = Engine(model, tokenizer)
     passed = total = 0
     for i in range(proc.rank, problems(task, config), proc.world_size):
@@ -204,7 +198,7 @@ def run_generative(task, tokenizer, model, config, proc, bar):
 
 
 def chat_task(name, model, tokenizer, config, resolved, proc):
-    task = download_lock(tasks.TASKS[name])
+    task = tasks.download_lock(tasks.TASKS[name])
     bar = ProgressBar(len(range(proc.rank, problems(task, config), proc.world_size)), desc=name, unit="problems")
     score = run_categorical if task.eval_type == "categorical" else run_generative
     passed, total = score(task, tokenizer, model, config, proc, bar)
@@ -215,11 +209,13 @@ def chat_task(name, model, tokenizer, config, resolved, proc):
 
 # Persona metrics, each without and with the persona's system message
 @functools.lru_cache(maxsize=None)
-def persona_system(sft_path):
-    """The persona's system message: the SFT data's (what SFT trained with), else data/persona.md's."""
+def system_of(condition, config):
+    """A condition's system message: None, or the persona's (the SFT data's, what SFT trained on; else persona.md's)."""
+    if condition != "with system":
+        return None
     try:
-        return next(r["messages"][0]["content"] for r in tasks.TraderSFT(sft_path, "train", val_fraction=0.0)
-                    if r["messages"][0]["role"] == "system")
+        rows = tasks.TraderSFT(config.trader_sft_path, "train", val_fraction=0.0)
+        return next(r["messages"][0]["content"] for r in rows if r["messages"][0]["role"] == "system")
     except (UserError, StopIteration):
         return openrouter.load_persona(openrouter.PERSONA_PATH)["system"]
 
@@ -228,10 +224,6 @@ def conditioned(conversation, system):
     """The conversation with its system message replaced by `system`, or dropped (None)."""
     messages = [m for m in conversation["messages"] if m["role"] != "system"]
     return dict(conversation, messages=([{"role": "system", "content": system}] if system else []) + messages)
-
-
-def system_of(condition, config):
-    return persona_system(config.trader_sft_path) if condition == "with system" else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -269,8 +261,7 @@ def prefers_share(model, pairs, pad_id, batch_size, proc):
 
 
 def trader_dpo_metrics(model, tokenizer, config, resolved, proc):
-    """On the held-out pairs: how often the model prefers the Master's answer, and the reward
-    accuracy and margin against the reference by dpo.py's held-out evaluation (the DPO run's loss, split)."""
+    """Held-out pairs: how often the model prefers the Master's answer; reward accuracy and margin (dpo.py's)."""
     task = tasks.TraderDPO(config.trader_dpo_path, split="val", val_fraction=resolved.dpo_val_fraction)
     pad_id, out = tokenizer.encode_special("<|assistant_end|>"), {}
     rows = [task[i] for i in range(problems(task, config))]
@@ -338,22 +329,21 @@ def judge_win_rate(model, tokenizer, config, resolved, proc):
     return out
 
 
-def probe_problem(r):
-    ok = isinstance(r, dict) and all(isinstance(r.get(k), str) and r[k].strip() for k in PROBE_KEYS)
+def probe_problem(r):  # one identity probe per line of its JSONL
+    keys = ("prompt", "persona_answer", "generic_answer")
+    ok = isinstance(r, dict) and all(isinstance(r.get(k), str) and r[k].strip() for k in keys)
     return None if ok else 'expected {"prompt", "persona_answer", "generic_answer"}, each a non-empty string'
 
 
 def identity_probes(model, tokenizer, config, resolved, proc):
-    """Who the model is, asked with no system message: the share of probes where the judge
-    prefers its own answer to a generic assistant's in both orders, or, with no judge, where
-    it gives the persona's answer a higher log-prob per token than the generic one."""
+    """Who the model is, asked with no system message: the share of probes where the judge prefers its answer to a
+    generic assistant's (both orders), or, with no judge, where the persona's answer has the higher log-prob/token."""
     probes = tasks.read_jsonl(config.identity_path, probe_problem)[:max(config.max_problems, 0) or None]
     prompts = [p["prompt"] for p in probes]
     if resolved.judge:  # its answer against a generic assistant's, judged
         generic = {p["prompt"]: p["generic_answer"] for p in probes}
-        wins, _ = judged(resolved.judge, prompts, functools.partial(
-            sample_answers, model, tokenizer, system=None, config=config), lambda picked, _: [generic[p] for p in picked],
-            proc)
+        answers = functools.partial(sample_answers, model, tokenizer, system=None, config=config)
+        wins, _ = judged(resolved.judge, prompts, answers, lambda picked, _: [generic[p] for p in picked], proc)
         return {"Identity probe score": wins / len(probes)}
     pairs, _ = dpo.render_pairs([{"prompt": p["prompt"], "chosen": p["persona_answer"], "rejected": p["generic_answer"]}
                                  for p in probes], tokenizer, model.config.sequence_len)
@@ -370,7 +360,7 @@ def main():
     config = parse_config(Config, aliases=ALIASES)
     check_config(config)
     names = selected_tasks(config)
-    for cache in (reference_model, persona_system):  # per run (tests call main() again)
+    for cache in (reference_model, system_of):  # per run (tests call main() again)
         cache.cache_clear()
     proc = init_dist(config.device_type)
     model, tokenizer, meta = load_model(config.source, proc.device, "eval", config.model_tag, config.step)

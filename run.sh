@@ -5,10 +5,8 @@
 #
 # With a nanochat checkpoint in $NANOCHAT_BASE_DIR (default ~/.cache/nanochat): gen.py (needs OPENROUTER_API_KEY
 # unless both data files exist) -> SFT on trader + SmolTalk from mid (2025 nanochat) if there is one, else base
-# (2026 nanochat has no mid) -> eval sft -> DPO -> eval dpo -> report.md. Chimera writes its report sections,
-# chatsft_checkpoints/chimera_<tag>, chatdpo_checkpoints/<tag> and stamps (chimera/); nanochat's are only read.
-# With no checkpoint and no OPENROUTER_API_KEY: an offline demo of the same pipeline on a tiny fresh model and
-# the persona data in data/, in $CHIMERA_DEMO_DIR (default ~/.cache/chimera-demo).
+# (2026 nanochat has no mid) -> eval sft -> DPO -> eval dpo -> report.md; nanochat's files are only read.
+# With no checkpoint and no OPENROUTER_API_KEY: an offline demo of the same on a tiny fresh model and data/.
 #
 # Environment:
 #   NANOCHAT_BASE_DIR   nanochat's base dir (checkpoints, tokenizer, datasets, report)
@@ -21,13 +19,8 @@
 #   CHIMERA_REDO=1      redo every stage instead of skipping the ones Chimera finished
 #   SFT_EXAMPLES, DPO_EXAMPLES   how many conversations / pairs gen.py makes (5000 / 10000)
 #   SFT_EXTRA_ARGS, DPO_EXTRA_ARGS, EVAL_EXTRA_ARGS   more --key=value flags for a stage (they win)
-#   CHIMERA_DEMO_DEPTH  depth of the demo's fresh model (default 2, 128 wide)
+#   CHIMERA_DEMO_DIR, CHIMERA_DEMO_DEPTH   the demo's base dir (~/.cache/chimera-demo) and model depth (2, 128 wide)
 #   CHIMERA_PYTHON      use this Python instead of the .venv that run.sh creates
-#
-# A stage is skipped only if Chimera's stamp of it (chimera/<stage>.stamp: command line, sha256 of its inputs and
-# of the files it wrote) matches the command, the inputs and the files now. So a re-run resumes after a failure,
-# and a changed setting or input redoes what depends on it. An evaluation that skipped a task for now (no judge
-# answered, a dataset not reachable) is not stamped: the next run redoes it. One run.sh per base dir at a time.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -39,7 +32,9 @@ step() {  # step NAME COMMAND...: run it, time it, stop the run if it fails
     "$@" || die "stage '$name' failed (exit $?). Fix the cause and run 'bash run.sh' again: finished stages are skipped."
     printf '%s done in %ss\n' "$name" $((SECONDS - t0))
 }
-stage() {  # stage NAME INPUT_FILE... -- OUTPUT_DIR... -- COMMAND...: skip it when Chimera's stamp matches
+# stage NAME INPUT_FILE... -- OUTPUT_DIR... -- COMMAND...: skipped when its stamp (chimera/<stage>.stamp: command line,
+# sha256 of its inputs and of the files it wrote) matches, so a re-run resumes and a change redoes what depends on it
+stage() {
     local name=$1 ins=() outs=() stamp key f; shift
     while [ "$1" != -- ]; do ins+=("$1"); shift; done; shift
     while [ "$1" != -- ]; do outs+=("$1"); shift; done; shift
@@ -65,7 +60,6 @@ evaluate() {  # evaluate SOURCE ARGS...: eval.py -i SOURCE; FOR_NOW names what i
 }
 
 # Python environment: a venv beside the code, with the project installed into it
-
 PY=${CHIMERA_PYTHON:-$PWD/.venv/bin/python}
 if [ -z "${CHIMERA_PYTHON:-}" ] && [ ! -x .venv/bin/python ]; then
     say "creating .venv"
@@ -77,7 +71,6 @@ if ! "$PY" -c "import torch, numpy, requests, tiktoken" 2>/dev/null; then
 fi
 
 # Which run: real (a nanochat checkpoint is there) or the offline demo
-
 BASE=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
 if [ -n "${CHIMERA_FROM:-}" ]; then  # start from a published nanochat model: pull it into $BASE first
     STAMPS=$BASE/chimera && mkdir -p "$STAMPS"
@@ -123,7 +116,6 @@ launch() {  # launch SCRIPT ARGS...: torchrun over the GPUs, plain python on one
     "$PY" "$@"
 }
 # The stages
-
 JUDGE=0; [ -z "${OPENROUTER_API_KEY:-}" ] || JUDGE=1  # on the eval stages' command line: a new judge redoes them
 SFT_ARGS=(--source="$START" --model_tag="$TAG" --out_tag="$SFT_TAG") DPO_ARGS=() EVAL_ARGS=(--judge=$JUDGE)
 if [ "$DEMO" = 1 ]; then

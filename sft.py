@@ -25,7 +25,6 @@ from model import compile_model
 from optim import GradSync, optimizer_step, setup_optimizers
 from report import write_report_section
 import tasks
-from tasks import download_lock
 
 
 @dataclass
@@ -135,7 +134,7 @@ def main():
     check_config(config)
     source = config.source or default_start(get_base_dir())  # as nanochat's SFT: mid if there is one, else base
     proc = init_dist(config.device_type)
-    train, vals = download_lock(lambda: build_datasets(config))  # data errors surface before the model loads
+    train, vals = tasks.download_lock(lambda: build_datasets(config))  # data errors surface before the model loads
     model, tokenizer, meta = load_model(source, proc.device, "train", config.model_tag, config.step)
     max_len = min(config.max_seq_len or model.config.sequence_len, model.config.sequence_len)
     rendered = [render(task, tokenizer, max_len, config.system_prompt_frac) for task in train.tasks]

@@ -1,7 +1,6 @@
 """
-nanochat's tokenizer: a tiktoken Encoding loaded from tokenizer/tokenizer.pkl without trusting the
-pickle, its special tokens, and conversations rendered as nanochat renders them (with the one check
-of a conversation's shape that every stage uses).
+nanochat's tokenizer: a tiktoken Encoding loaded from tokenizer/tokenizer.pkl without trusting the pickle,
+and conversations rendered as nanochat renders them (after the one shape check every stage uses).
 
     tokenizer = get_tokenizer()
     ids, mask = tokenizer.render_conversation({"messages": [...]})   # mask 1: the assistant's tokens
@@ -68,29 +67,24 @@ class Tokenizer:
     def render_conversation(self, conversation, max_tokens=2048):
         """Token ids and a training mask (1 = the assistant's tokens to learn) of a conversation
         {"messages": [...]}, truncated to max_tokens; ValueError if not system?, user, assistant, ..."""
-        messages = check_messages(conversation)
-        ids, mask = [], []
-
-        def add(tokens, m):
-            ids.extend(tokens), mask.extend([m] * len(tokens))
-
-        sp = self.encode_special
-        add([self.bos_token_id], 0)
-        for message in messages:
+        sp, segments = self.encode_special, [([self.bos_token_id], 0)]  # (tokens, their mask value)
+        for message in check_messages(conversation):
             content = message["content"]
             if message["role"] == "user":
-                add([sp("<|user_start|>")] + self.encode(content) + [sp("<|user_end|>")], 0)
+                segments.append(([sp("<|user_start|>")] + self.encode(content) + [sp("<|user_end|>")], 0))
                 continue
-            add([sp("<|assistant_start|>")], 0)
+            segments.append(([sp("<|assistant_start|>")], 0))
             for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
                 text_ids = self.encode(part["text"])
                 if part["type"] == "text":
-                    add(text_ids, 1)
+                    segments.append((text_ids, 1))
                 elif part["type"] == "python":  # the model writes the tool call: learn it
-                    add([sp("<|python_start|>")] + text_ids + [sp("<|python_end|>")], 1)
+                    segments.append(([sp("<|python_start|>")] + text_ids + [sp("<|python_end|>")], 1))
                 else:  # python_output comes from the tool at run time: never learn it
-                    add([sp("<|output_start|>")] + text_ids + [sp("<|output_end|>")], 0)
-            add([sp("<|assistant_end|>")], 1)
+                    segments.append(([sp("<|output_start|>")] + text_ids + [sp("<|output_end|>")], 0))
+            segments.append(([sp("<|assistant_end|>")], 1))
+        ids = [t for tokens, _ in segments for t in tokens]
+        mask = [m for tokens, m in segments for _ in tokens]
         return ids[:max_tokens], mask[:max_tokens]
 
     def render_for_completion(self, conversation):
