@@ -271,7 +271,7 @@ def main():
     compile_model(model, config.compile)
     optimizers = setup_optimizers(model, config.unembedding_lr, config.embedding_lr, config.matrix_lr,
                                   config.weight_decay)
-    grad_sync = GradSync(model)
+    grad_sync = GradSync(model, owners=optimizers[1].owners())
     run_dir = RunDir("dpo", config.out_tag or f"d{model.config.n_layer}", proc.master,
                      (config.source, config.model_tag))
     step_log = StepLog(run_dir, steps)

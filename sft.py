@@ -19,10 +19,10 @@ import torch
 
 from common import (UserError, all_reduce_sum, autocast, check_settings, cleanup_dist, get_base_dir, init_dist,
                     parse_config, print0, run_main)
-from checkpoint import SOURCE_DIRS, RunDir, default_start, load_model
+from checkpoint import SOURCE_DIRS, RunDir, checkpoint_dir_for, default_start, load_model, load_optimizer_shards
 from dataloader import Schedule, StepLog, collate, due
 from model import compile_model
-from optim import GradSync, optimizer_step, setup_optimizers
+from optim import GradSync, optimizer_step, setup_optimizers, warm_start
 from report import write_report_section
 import tasks
 
@@ -55,6 +55,7 @@ class Config:
     eval_batches: int = 25  # val batches per evaluation, per process
     save_every: int = -1  # steps between checkpoints; -1 = only at the end
     seed: int = 42  # shuffling of the training mixture
+    load_optimizer: bool = True  # continue from the start's nanochat 2026 optimizer shards where it has them
     compile: Optional[bool] = None  # torch.compile the model (lengths symbolic: no recompiles); None = on for CUDA
     out_tag: Optional[str] = None  # output directory name; None = chimera_d{depth}
 
@@ -156,7 +157,11 @@ def main():
     compile_model(model, config.compile)
     optimizers = setup_optimizers(model, config.unembedding_lr, config.embedding_lr, config.matrix_lr,
                                   config.weight_decay)
-    grad_sync = GradSync(model)
+    start_dir = checkpoint_dir_for(source, config.model_tag)  # nanochat 2026's chat_sft continues base's optimizer
+    if config.load_optimizer and (shards := load_optimizer_shards(start_dir, meta.get("step", -1))):
+        warm_start(optimizers, shards, start_dir)
+        print0(f"optimizer: continuing from {start_dir}'s {len(shards)} shard(s) of step {meta['step']}")
+    grad_sync = GradSync(model, owners=optimizers[1].owners())
     run_dir = RunDir("sft", config.out_tag or f"chimera_d{model.config.n_layer}", proc.master,
                      (source, config.model_tag))
     step_log = StepLog(run_dir, steps)

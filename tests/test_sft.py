@@ -244,3 +244,21 @@ def test_two_processes_survive_rows_with_nothing_to_learn(tmp_path):
     proc = run_torchrun([os.path.join(REPO, "sft.py"), *args], env={"NANOCHAT_BASE_DIR": base}, timeout=120)
     assert "dropped" in proc.stdout
     assert load_model("sft", "cpu", "eval", base_dir=base)[2]["step"] == 3
+
+
+def test_sft_from_a_2026_base_continues_its_optimizer_shards(tmp_path, monkeypatch, capsys):
+    """nanochat 92d63d4's chat_sft loads the base's optimizer shards by default: so does sft.py from a 2026 base
+    that has them (the shard here is nanochat's own, after one step); --load_optimizer=0 starts fresh."""
+    import shutil
+
+    from conftest import golden_dir
+
+    base = tmp_path / "base"
+    shutil.copytree(golden_dir(2026), base)
+    gold = torch.load(os.path.join(golden_dir(2026), "golden_optim_step.pt"), weights_only=True)
+    torch.save(gold["after_one_step"]["optimizer"], base / "base_checkpoints" / "d2" / "optim_000020_rank0.pt")
+    write_jsonl(str(base / "datasets" / "trader_sft_data.jsonl"), [trader_conversation(i) for i in range(40)])
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    for flag, continued in (("--load_optimizer=1", True), ("--load_optimizer=0", False)):
+        run_sft(monkeypatch, "--sft_dataset=trader", "--num_iterations=1", "--eval_every=-1", flag, *FAST)
+        assert ("optimizer: continuing from" in capsys.readouterr().out) == continued
