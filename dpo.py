@@ -11,8 +11,10 @@ $NANOCHAT_BASE_DIR/chatdpo_checkpoints/d{depth}/model_{step:06d}.pt + meta + met
 report/chimera-chat-dpo.md.
 
 The loss (Rafailov et al., 2023): with r = beta * (log pi(y|x) - log pi_ref(y|x)) summed over the answer's tokens,
-loss = -log sigmoid(r_chosen - r_rejected); `ipo` (Azar et al., 2023) regresses the log-ratio margin to 1/(2 beta)
-instead; label smoothing is the conservative DPO of Mitchell (2023).
+loss = -log sigmoid(r_chosen - r_rejected); `ipo` (Azar et al., 2023) regresses the log-ratio margin of the summed
+log-probs to 1/(2 beta); `ipo_per_token` is TRL's IPO, on log-probs averaged over each answer's tokens (TRL's beta
+values transfer to it, not to `ipo`); label smoothing is the conservative DPO of Mitchell (2023), TRL's "sigmoid"
+with label_smoothing (not the "robust" loss TRL >= 0.29 names so).
 """
 
 import copy
@@ -46,8 +48,8 @@ class Config:
     dpo_data_path: Optional[str] = None  # pairs JSONL; None = $NANOCHAT_BASE_DIR/datasets/trader_dpo_data.jsonl
     val_fraction: float = 0.05  # share of pairs held out (by content hash)
     beta: float = 0.1  # strength of the pull towards the reference (DPO's beta)
-    loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo
-    label_smoothing: float = 0.0  # sigmoid only: assumed rate of flipped preference labels
+    loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo (on summed log-probs) | ipo_per_token (TRL's, on token means)
+    label_smoothing: float = 0.0  # sigmoid only, conservative DPO: the assumed rate of flipped preference labels
     max_length: int = 1024  # truncate each conversation to min(this, the model's sequence_len) tokens
     ref_cache: bool = False  # compute reference log-probs once, cache them beside the data, free the reference
     device_batch_size: int = 4  # pairs per forward pass per process (2x conversations)
@@ -66,8 +68,8 @@ class Config:
 
 
 def check_config(config):
-    if config.loss_type not in ("sigmoid", "ipo"):
-        raise UserError(f"--loss_type={config.loss_type!r}: expected one of sigmoid, ipo")
+    if config.loss_type not in ("sigmoid", "ipo", "ipo_per_token"):
+        raise UserError(f"--loss_type={config.loss_type!r}: expected one of sigmoid, ipo, ipo_per_token")
     if not 0.0 <= config.label_smoothing < 0.5 or (config.label_smoothing and config.loss_type != "sigmoid"):
         raise UserError(f"--label_smoothing={config.label_smoothing}: expected a value in [0, 0.5), and only with "
                         "--loss_type=sigmoid")
@@ -117,15 +119,16 @@ def render_pairs(task, tokenizer, max_len):
 PairLogps = namedtuple("PairLogps", "chosen rejected real_tokens positions loss")
 
 
-def batch_logps(model, pairs, indices, pad_id, device, pair_loss=None):
+def batch_logps(model, pairs, indices, pad_id, device, pair_loss=None, weights=None):
     """PairLogps of pairs[indices], in one forward pass over the chosen conversations, then the rejected ones.
-    With pair_loss(i, chosen_i - rejected_i), its sum's gradient is taken in the forward pass (model.pair_loss)."""
+    With pair_loss(i, w_c chosen_i - w_r rejected_i), its sum's gradient is taken in the forward pass
+    (model.pair_loss; weights [(w_c, w_r)] per pair, default 1)."""
     rows = [pairs[i].chosen for i in indices] + [pairs[i].rejected for i in indices]
     inputs, targets = collate(rows, pad_id, device)
     real_tokens, positions = sum(len(ids) - 1 for ids, _ in rows), inputs.numel()
     with autocast(device):
         if pair_loss is not None:
-            loss, chosen, rejected = model.pair_loss(inputs, targets, pair_loss)
+            loss, chosen, rejected = model.pair_loss(inputs, targets, pair_loss, weights=weights)
             return PairLogps(chosen, rejected, real_tokens, positions, loss)
         logps = model.token_logprobs(inputs, targets).sum(dim=-1)
     return PairLogps(logps[:len(indices)], logps[len(indices):], real_tokens, positions, None)
@@ -221,9 +224,14 @@ class Stats(NamedTuple):
 def pair_losses(model, reference, pairs, indices, pad_id, dpo_loss, device):
     """A batch's summed loss (its gradient taken in the forward pass; None where grad is disabled) and its Stats."""
     ref_chosen, ref_rejected = reference_logps(reference, pairs, indices, pad_id, device)
-    pair_loss = lambda i, margin: dpo_loss(margin, ref_chosen[i] - ref_rejected[i])
-    logps = batch_logps(model, pairs, indices, pad_id, device, pair_loss if torch.is_grad_enabled() else None)
-    losses = dpo_loss(logps.chosen - logps.rejected, ref_chosen - ref_rejected)
+    # the loss's margins: of sums, or of per-token means (1 / each answer's scored tokens)
+    weights = [(1 / int(pairs[i].chosen[1][1:].sum()), 1 / int(pairs[i].rejected[1][1:].sum())) if
+               dpo_loss.loss_type == "ipo_per_token" else (1, 1) for i in indices]
+    w_c, w_r = (torch.tensor(w, device=ref_chosen.device) for w in zip(*weights))
+    ref_margin = w_c * ref_chosen - w_r * ref_rejected
+    pair_loss = lambda i, margin: dpo_loss(margin, ref_margin[i])
+    logps = batch_logps(model, pairs, indices, pad_id, device, pair_loss if torch.is_grad_enabled() else None, weights)
+    losses = dpo_loss(w_c * logps.chosen - w_r * logps.rejected, ref_margin)
     chosen, rejected = dpo_loss.beta * (logps.chosen - ref_chosen), dpo_loss.beta * (logps.rejected - ref_rejected)
     margins = chosen - rejected
     sums = torch.stack([losses, chosen, rejected, margins, (margins > 0).float(), logps.chosen, logps.rejected])

@@ -246,15 +246,17 @@ class GPT(nn.Module):
             return logp.sum()
         return logp.new_zeros(targets.numel()).index_put((rows,), logp).view_as(targets)
 
-    def pair_loss(self, idx, targets, loss_fn, chunk_numel=None):
+    def pair_loss(self, idx, targets, loss_fn, chunk_numel=None, weights=None):
         """DPO's training path. idx/targets hold P pairs as rows [chosen..., rejected...]; returns (sum
-        over pairs of loss_fn(i, chosen_i - rejected_i), chosen [P], rejected [P]), a row's value being
-        its summed log p(target) (no gradient). The loss's gradient is taken in the forward, pair by
-        pair once the margin is known: no logits are kept for backward or recomputed."""
+        over pairs of loss_fn(i, w_c chosen_i - w_r rejected_i), chosen [P], rejected [P]), a row's value being
+        its summed log p(target) (no gradient); weights: [(w_c, w_r)] per pair, default 1 (per-token means:
+        1 / the answer's tokens). The loss's gradient is taken in the forward, pair by pair once the margin is
+        known: no logits are kept for backward or recomputed."""
         h, tgt, _, chunk = self._scored(idx, targets, chunk_numel)
         ends = (targets != -1).sum(1).cumsum(0).tolist()
         spans, P = list(zip([0] + ends[:-1], ends)), idx.size(0) // 2
-        pairs = [[(*chosen, 1), (*rejected, -1)] for chosen, rejected in zip(spans[:P], spans[P:])]
+        pairs = [[(*chosen, w_c), (*rejected, -w_r)] for chosen, rejected, (w_c, w_r)
+                 in zip(spans[:P], spans[P:], weights or [(1, 1)] * P)]
         total, sums = _FusedHead.apply(self, chunk, pairs, loss_fn, h, tgt, self.lm_head.weight)
         return total, sums[0::2], sums[1::2]
 

@@ -144,6 +144,35 @@ def test_fused_pair_loss_equals_full_logits_path(pattern):
         assert m.lm_head.weight.size(0) == 320 and (m.lm_head.weight.grad[300:] == 0).all()
 
 
+def test_ipo_per_token_is_trls_form_on_token_means():
+    """--loss_type=ipo_per_token: IPO on each answer's mean log-prob per token (TRL's), its fused gradient equal to
+    autograd's through full logits; `ipo` stays on sums (beta values do not carry between the two)."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(sequence_len=64, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    m.init_weights(zero_out=False)
+    x, y = torch.randint(0, 300, (4, 30)), torch.randint(0, 300, (4, 30))
+    y[:, :6] = -1
+    y[1, 20:] = -1
+    n = (y != -1).sum(1).float()
+    ref = torch.randn(4, dtype=torch.float64)
+    dpo_loss = dpo.DPOLoss(beta=0.2, loss_type="ipo_per_token")
+    logps = -per_token_loss(m, x, y).view(4, 30).masked_fill(y == -1, 0).sum(1)
+    means, ref_means = logps / n, ref / n
+    expected = dpo_loss(means[:2] - means[2:], ref_means[:2] - ref_means[2:]).sum()
+    assert not torch.isclose(expected, dpo.DPOLoss(beta=0.2, loss_type="ipo")(
+        logps[:2] - logps[2:], ref[:2] - ref[2:]).sum())
+    expected.backward()
+    grads = {k: p.grad.clone() for k, p in m.named_parameters()}
+    m.zero_grad(set_to_none=True)
+    weights = [(1 / n[i].item(), 1 / n[2 + i].item()) for i in range(2)]
+    ref_margin = [ref[i] / n[i] - ref[2 + i] / n[2 + i] for i in range(2)]
+    loss = m.pair_loss(x, y, lambda i, margin: dpo_loss(margin, ref_margin[i]), weights=weights)[0]
+    loss.backward()
+    assert torch.allclose(loss.double(), expected, rtol=1e-5)
+    for k, p in m.named_parameters():
+        assert torch.allclose(p.grad, grads[k], atol=1e-6, rtol=1e-4), k
+
+
 def test_answer_logps_equal_full_logits_and_hand_masking():
     """DPO's per-sequence log-probs (summed over the chunked lm_head) match the plain path."""
     torch.manual_seed(0)
