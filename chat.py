@@ -31,8 +31,7 @@ from openrouter import PERSONA_PATH, load_persona
 
 @dataclass
 class Config:
-    """Talk to a checkpoint of $NANOCHAT_BASE_DIR: a terminal chat, one answer (-p), or an OpenAI-compatible server
-    (--serve) whose key may come from $CHIMERA_API_KEY."""
+    """Talk to a checkpoint: a terminal chat, one answer (-p), or an OpenAI-compatible server (--serve)."""
     source: str = "sft"  # checkpoint to talk to: base|mid|sft|dpo|rl, in $NANOCHAT_BASE_DIR (-i)
     model_tag: str | None = None  # model directory (d<N>, chimera_d<N>); None = the default (-g)
     step: int | None = None  # checkpoint step; None = the latest (-s)
@@ -125,13 +124,12 @@ class Scheduler:
                 for event in engine.step():
                     self._send(event)
             except Exception as e:  # a failing forward ends the requests in flight (none can go on), not the server
-                for row in filter(None, engine.rows):
-                    engine.free(row)
                 self._fail(running, f"{type(e).__name__}: {e}")
 
     def _fail(self, reqs, why):
         print(f"error while decoding: {why}", file=sys.stderr, flush=True)
         for req in reqs:
+            req.cancelled = True  # its rows are freed before the next step
             for index in range(req.n):
                 req.events.put((index, "", "error"))
 
@@ -190,7 +188,7 @@ class APIError(Exception):  # its body is OpenAI's error object
         self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def parse_request(body, defaults, sched):
+def parse_request(body, config, sched):
     """A chat-completions body -> (Request, stream, include_usage), or an APIError 400 naming a field."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
@@ -219,10 +217,9 @@ def parse_request(body, defaults, sched):
         raise APIError(400, f"the conversation is {len(prompt)} tokens; the model's context is {sched.engine.max_len}",
                        "messages", "context_length_exceeded")
     get = lambda name, default=None: default if body.get(name) is None else body[name]
-    temperature = get("temperature", defaults.temperature)  # below 1e-4 is greedy (1e-300 would sample NaN)
-    sampling = Sampling(temperature * (temperature >= 1e-4), get("top_k", defaults.top_k), get("top_p", 1.0),
-                        get("max_tokens", get("max_completion_tokens", defaults.max_tokens)),
-                        get("seed", defaults.seed))
+    temperature = get("temperature", config.temperature)  # below 1e-4 is greedy (1e-300 would sample NaN)
+    sampling = Sampling(temperature * (temperature >= 1e-4), get("top_k", config.top_k), get("top_p", 1.0),
+                        get("max_tokens", get("max_completion_tokens", config.max_tokens)), get("seed", config.seed))
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     return Request(prompt, sampling, stop, get("n", 1)), bool(body.get("stream")), include_usage
 
@@ -230,13 +227,13 @@ def parse_request(body, defaults, sched):
 class Handler(BaseHTTPRequestHandler):
     ROUTES = {"/": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST"}
     log_message = lambda self, *args: None  # the server prints its own line per request
-    cors = None  # the allowed other origin a request came from
+    cors = None  # the other web origin a request came from, when allowed
 
     def handle(self):  # a connection past --max_connections is answered 503 at once, unread
         if not self.server.slots.acquire(blocking=False):
-            body = json.dumps(APIError(503, "too many connections; try again", kind="server_error").body).encode()
+            error = json.dumps(APIError(503, "too many connections", kind="server_error").body).encode()
             return self.wfile.write(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                                    b"\r\n%s" % error)
         try:
             super().handle()
         finally:
@@ -271,12 +268,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def _route(self, path, srv):
         host, origin = self.headers.get("Host", ""), self.headers.get("Origin")
-        if srv.loopback and re.sub(r":\d+$", "", host) not in ("", "localhost", "127.0.0.1", "[::1]", srv.host):
+        if srv.loopback and re.sub(r":\d+$", "", host) not in ("", "localhost", "127.0.0.1", "[::1]", srv.config.host):
             raise APIError(403, f"this server answers to localhost, not to Host {host!r}", code="host_not_allowed")
-        if origin and origin != f"http://{host}":  # a page of another site: only if --allow_origin names it
-            if not {"*", origin} & srv.origins:
-                raise APIError(403, f"pages of {origin} may not call this server (--allow_origin)", code="bad_origin")
-            self.cors = origin
+        other = origin if origin and origin != f"http://{host}" else None  # a page of another site
+        if other and not {"*", other} & srv.origins:
+            raise APIError(403, f"pages of {origin} may not call this server (--allow_origin)", code="bad_origin")
+        self.cors = other
         if self.command == "OPTIONS":  # a browser's preflight for an allowed origin
             return self._send(204, b"", "text/plain")
         if path not in self.ROUTES:
@@ -284,8 +281,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.ROUTES[path] != self.command:
             raise APIError(405, f"{path} takes {self.ROUTES[path]}, not {self.command}", code="method_not_allowed")
         scheme, _, sent = self.headers.get("Authorization", "").partition(" ")
-        if srv.api_key and path != "/" and not (scheme.lower() == "bearer" and
-                                                hmac.compare_digest(sent.strip().encode(), srv.api_key.encode())):
+        sent = sent.strip() if scheme.lower() == "bearer" else ""  # the scheme is case-insensitive
+        if srv.config.api_key and path != "/" and not hmac.compare_digest(sent.encode(), srv.config.api_key.encode()):
             raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key")
         if path == "/":
             self._send(200, PAGE.encode(), "text/html; charset=utf-8")
@@ -298,13 +295,13 @@ class Handler(BaseHTTPRequestHandler):
     def _complete(self, srv, t0):
         size = self.headers.get("Content-Length", "0")
         if not size.isdigit() or int(size) > srv.max_body:  # before anything is read
-            raise APIError(413 if size.isdigit() else 400, f"the body must be at most {srv.max_body} bytes "
-                           "(its Content-Length)", code="request_too_large")
+            raise APIError(413 if size.isdigit() else 400, f"Content-Length must be 0 to {srv.max_body}",
+                           code="request_too_large")
         try:
             body = json.loads(self.rfile.read(int(size)) or b"null")
         except (ValueError, RecursionError):
             raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
-        req, stream, include_usage = parse_request(body, srv.defaults, srv.sched)
+        req, stream, include_usage = parse_request(body, srv.config, srv.sched)
         if body.get("model") not in (None, srv.model_name, srv.model_name.split("/")[0]):  # OpenAI's answer
             raise APIError(404, f"The model `{body['model']}` does not exist", code="model_not_found")
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(t0), "model": srv.model_name}
@@ -336,16 +333,16 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, dict(head, object="chat.completion", usage=usage, choices=choices), log=log)
 
 
-def make_server(sched, name, defaults, host="127.0.0.1", port=8000, api_key="", allow_origin="", timeout=30.0,
-                max_connections=64):
-    server = ThreadingHTTPServer((host, port), type("Handler", (Handler,), {"timeout": timeout}))  # daemon threads
-    loopback = ipaddress.ip_address(server.server_address[0]).is_loopback
-    vars(server).update(sched=sched, model_name=name, defaults=defaults, api_key=api_key, created=int(time.time()),
-                        host=host, loopback=loopback, origins={o.strip().rstrip("/") for o in allow_origin.split(",")},
-                        slots=threading.BoundedSemaphore(max_connections), max_body=32 * sched.engine.max_len + 65536)
+def make_server(sched, name, config):
+    server = ThreadingHTTPServer((config.host, config.port), type("Handler", (Handler,), {"timeout": config.timeout}))
+    vars(server).update(sched=sched, model_name=name, config=config, created=int(time.time()),
+                        loopback=ipaddress.ip_address(server.server_address[0]).is_loopback,
+                        origins={o.strip().rstrip("/") for o in config.allow_origin.split(",")},
+                        slots=threading.BoundedSemaphore(config.max_connections),
+                        max_body=32 * sched.engine.max_len + 65536)  # bytes: what a full context can be, and room
     server.handle_error = lambda request, address: print(f"{address}: {sys.exc_info()[1]!r}", file=sys.stderr)
-    if not (loopback or api_key):
-        print(f"warning: {host} is reachable beyond this machine and no API key is set", file=sys.stderr, flush=True)
+    if not (server.loopback or config.api_key):
+        print(f"warning: {config.host} is reachable beyond this machine and no API key is set", file=sys.stderr)
     return server
 
 
@@ -380,8 +377,7 @@ input.onkeydown = e => { if (e.key == "Enter" && !e.shiftKey) { e.preventDefault
 """
 
 
-def api_key(config):
-    """--api_key, else the first line of --api_key_file, else $CHIMERA_API_KEY; "" = no key."""
+def api_key(config):  # --api_key, else the first line of --api_key_file, else $CHIMERA_API_KEY; "" = none
     if config.api_key or not config.api_key_file:
         return config.api_key or os.environ.get("CHIMERA_API_KEY", "")
     with suppress(OSError, ValueError), open(config.api_key_file, encoding="utf-8") as f:
@@ -391,13 +387,13 @@ def api_key(config):
 
 
 def main():
-    config = parse_config(Config, aliases={"i": "source", "g": "model_tag", "s": "step", "t": "temperature",
-                                           "k": "top_k", "p": "prompt"})
+    config = parse_config(Config, aliases=dict(i="source", g="model_tag", s="step", t="temperature", k="top_k",
+                                               p="prompt"))
     check_settings(config, at_least_1=("max_batch", "max_tokens", "max_connections"), positive=("timeout",),
                    not_negative=("temperature", "top_k", "port"), at_most={"port": 65535, "max_batch": 1024})
     shown = dict(asdict(config), api_key="***" if config.api_key else "")  # the key never reaches a log
     print(", ".join(f"{k}={v}" for k, v in shown.items() if v not in (None, "")), file=sys.stderr)
-    key = api_key(config)
+    config.api_key = api_key(config)
     device = init_dist(config.device_type).device
     model, tokenizer, meta = load_model(config.source, device, "eval", config.model_tag, config.step)
     name = f"{config.source}/{os.path.basename(checkpoint_dir_for(config.source, config.model_tag))}"
@@ -409,8 +405,7 @@ def main():
         if not config.serve:
             return chat_cli(sched, config)
         try:  # the config's temperature, top_k, seed and max_tokens are the requests' defaults
-            server = make_server(sched, name, config, config.host, config.port, key, config.allow_origin,
-                                 config.timeout, config.max_connections)
+            server = make_server(sched, name, config)
         except OSError as e:
             raise UserError(f"--host={config.host} --port={config.port}: cannot listen there ({e.strerror})") from None
         url = f"http://{config.host}:{server.server_port}"

@@ -27,18 +27,20 @@ KEY = "test-key-123"
 
 
 class Served:
-    def __init__(self, base, **server_settings):
+    def __init__(self, base):
         self.model, self.tok, _ = load_model("base", "cpu", "eval", base_dir=base)
         self.sched = chat.Scheduler(self.model, self.tok, max_batch=8)
         self.submitted = []
         submit = self.sched.submit
         self.sched.submit = lambda req: self.submitted.append(req) or submit(req)
-        defaults = chat.Sampling(temperature=0.0, top_k=0, max_tokens=24)
-        self.servers = [chat.make_server(self.sched, "base/d2", defaults, port=free_port(), api_key=k, **server_settings)
-                        for k in ("", KEY)]
+        self.servers = [self.server(api_key=k) for k in ("", KEY)]
         for server in self.servers:
             threading.Thread(target=server.serve_forever, daemon=True).start()
         self.url, self.key_url = (f"http://127.0.0.1:{s.server_port}" for s in self.servers)
+
+    def server(self, **settings):  # greedy replies of 24 tokens unless asked otherwise
+        config = chat.Config(temperature=0.0, top_k=0, max_tokens=24, port=free_port(), **settings)
+        return chat.make_server(self.sched, "base/d2", config)
 
     def post(self, body, url=None, **kw):
         return requests.post((url or self.url) + "/v1/chat/completions", json=body, timeout=60, **kw)
@@ -286,8 +288,7 @@ def test_a_tiny_temperature_is_greedy_and_a_failing_row_ends_only_its_request(se
 
 
 def test_timeouts_and_caps_on_connections_and_bodies(served):
-    server = chat.make_server(served.sched, "base/d2", served.servers[0].defaults, port=free_port(), timeout=1,
-                              max_connections=3)
+    server = served.server(timeout=1, max_connections=3)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_port
     try:
@@ -329,8 +330,7 @@ def test_pages_of_other_origins_and_foreign_hosts_are_refused(served, monkeypatc
     assert served.post({"messages": user("hi")}, headers={"Host": f"localhost:{port}"}).ok
 
     for allowed, origin in (("http://a.example, http://b.example", "http://b.example"), ("*", "http://c.example")):
-        server = chat.make_server(served.sched, "base/d2", served.servers[0].defaults, port=free_port(),
-                                  allow_origin=allowed)
+        server = served.server(allow_origin=allowed)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{server.server_port}/v1/chat/completions"
         try:
@@ -346,7 +346,7 @@ def test_pages_of_other_origins_and_foreign_hosts_are_refused(served, monkeypatc
 
     capsys.readouterr()
     for key in ("", KEY):  # beyond loopback without a key: one line of warning
-        chat.make_server(served.sched, "base/d2", served.servers[0].defaults, "0.0.0.0", free_port(), key).server_close()
+        served.server(host="0.0.0.0", api_key=key).server_close()
         err = capsys.readouterr().err
         assert (err.count("warning") == 1 and "no API key" in err) if not key else err == ""
 
