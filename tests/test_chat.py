@@ -270,7 +270,7 @@ def test_a_tiny_temperature_is_greedy_and_a_failing_row_ends_only_its_request(se
     def slow_forward(ids, cache):  # and another's prefill fails
         if len(ids[0]) > 1 and "BREAK" in served.tok.decode(ids[0]):
             raise RuntimeError("out of memory")
-        return (time.sleep(0.01), forward(ids, cache))[1]
+        return (time.sleep(0.02), forward(ids, cache))[1]
 
     monkeypatch.setattr(engine, "sample", sample_failing_at_1_5)
     monkeypatch.setattr(served.sched.engine, "_forward", slow_forward)
@@ -292,13 +292,13 @@ def test_timeouts_and_caps_on_connections_and_bodies(served):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_port
     try:
+        t0 = time.time()
         silent = [socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(3)]
-        time.sleep(0.1)
+        time.sleep(0.3)
         reply = raw_request(port, post_head(2), b"{}")  # a fourth: refused at once
         assert reply.startswith(b"HTTP/1.0 503") and b"too many connections" in reply
-        t0 = time.time()
         assert all(sock.recv(1) == b"" for sock in silent)  # closed after the 1 s timeout
-        assert 0.5 < time.time() - t0 < 5
+        assert 0.9 < time.time() - t0 < 5
         for sock in silent:
             sock.close()
         t0 = time.time()  # a body that never comes: the connection ends after the timeout
