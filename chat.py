@@ -8,10 +8,11 @@ Talk to a checkpoint: a terminal chat, a one-shot answer, or an OpenAI-compatibl
 """
 
 import hmac
+import ipaddress
 import json
 import os
 import queue
-import socket
+import re
 import sys
 import threading
 import time
@@ -30,20 +31,26 @@ from openrouter import PERSONA_PATH, load_persona
 
 @dataclass
 class Config:
-    source: str = "sft"  # checkpoint to talk to: base|mid|sft|dpo|rl (-i)
-    model_tag: str | None = None  # model directory (d<N>, chimera_d<N>); None = the default
-    step: int | None = None  # checkpoint step; None = the latest
+    """Talk to a checkpoint: a terminal chat, one answer (-p), or an OpenAI-compatible server (--serve)."""
+    source: str = "sft"  # checkpoint to talk to: base|mid|sft|dpo|rl, in $NANOCHAT_BASE_DIR (-i)
+    model_tag: str | None = None  # model directory (d<N>, chimera_d<N>); None = the default (-g)
+    step: int | None = None  # checkpoint step; None = the latest (-s)
     device_type: str = ""  # cuda|mps|cpu; "" = autodetect
     prompt: str = ""  # answer this one prompt and exit (-p)
     system: str = ""  # system message opening each conversation of the terminal chat
     persona: bool = False  # open with data/persona.md's system message (when --system is empty)
-    temperature: float = 0.6  # sampling temperature, 0 = greedy (also the server's default)
-    top_k: int = 50  # sample among the k most likely tokens, 0 = all (also the server's default)
+    temperature: float = 0.6  # sampling temperature, 0 (or below 1e-4) = greedy (also the server's default) (-t)
+    top_k: int = 50  # sample among the k most likely tokens, 0 = all (also the server's default) (-k)
+    seed: int | None = None  # sampling seed; None = random (also the server's default)
     max_tokens: int = 512  # longest reply (also the server's default)
     serve: bool = False  # run the HTTP server instead of the terminal chat
     host: str = "127.0.0.1"  # address the server binds
     port: int = 8000  # port the server listens on
-    api_key: str = ""  # when set, /v1/ requests need "Authorization: Bearer <key>"
+    api_key: str = ""  # when set, /v1/ requests need "Authorization: Bearer <key>"; else $CHIMERA_API_KEY
+    api_key_file: str = ""  # a file holding the key (kept out of `ps`), read when --api_key is empty
+    allow_origin: str = ""  # other web origins whose pages may call the server: a comma list, or *
+    timeout: float = 30.0  # seconds a client may take over each read of its request and each write of the reply
+    max_connections: int = 64  # connections served at once; more are answered 503
     max_batch: int = 8  # KV-cache rows: the most replies decoded together
 
 
@@ -77,16 +84,13 @@ class Scheduler:
             self.cond.notify()
         return req
 
-    def wait(self, req, on_delta, client_gone=lambda: False):
-        """on_delta(index, text, finish) per event until all choices finish; their finish reasons."""
+    def wait(self, req, on_delta):
+        """on_delta(index, text, finish) per event until all choices finish; their finish reasons (it may raise)."""
         finishes = [None] * req.n
         try:
             while None in finishes:
-                if client_gone():
-                    raise ConnectionError("client disconnected")
-                with suppress(queue.Empty):
-                    index, text, finishes[index] = event = req.events.get(timeout=0.25)
-                    on_delta(*event)
+                index, text, finishes[index] = event = req.events.get()
+                on_delta(*event)
             return finishes
         finally:
             req.cancelled = True  # a no-op once finished; else the scheduler frees its rows before its next step
@@ -107,27 +111,33 @@ class Scheduler:
                     if not req.cancelled:
                         joining.append(req)
                         free -= req.n
-            try:
-                while joining:  # into the lowest free rows
-                    engine.add(joining[0].prompt, joining[0].sampling, joining[0].n, owner=joining[0])
-                    joining.pop(0)
-                for row in filter(None, engine.rows):
-                    if row.owner.cancelled:
-                        engine.free(row)
+            for req in joining:  # into the lowest free rows; a failing prefill ends its own request
+                try:
+                    engine.add(req.prompt, req.sampling, req.n, owner=req)
+                except Exception as e:
+                    self._fail([req], f"{type(e).__name__}: {e}")
+            for row in filter(None, engine.rows):
+                if row.owner.cancelled:
+                    engine.free(row)
+            running = list({id(row.owner): row.owner for row in engine.rows if row}.values())
+            try:  # a row that cannot be sampled ends its request alone (an "error" event)
                 for event in engine.step():
                     self._send(event)
-            except Exception as e:  # a failing model ends the requests in flight, not the server
-                print(f"error while decoding: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-                for req in joining:  # not in the engine yet: all its choices
-                    for index in range(req.n):
-                        req.events.put((index, "", "error"))
-                for row in filter(None, engine.rows):
-                    row.owner.events.put((row.choice, "", "error"))
-                    engine.free(row)
+            except Exception as e:  # a failing forward ends the requests in flight (none can go on), not the server
+                self._fail(running, f"{type(e).__name__}: {e}")
+
+    def _fail(self, reqs, why):
+        print(f"error while decoding: {why}", file=sys.stderr, flush=True)
+        for req in reqs:
+            req.cancelled = True  # its rows are freed before the next step
+            for index in range(req.n):
+                req.events.put((index, "", "error"))
 
     def _send(self, event):
         """The row's settled text to its request; a stop string in it ends the row."""
         row, req = event.row, event.row.owner
+        if event.finish == "error":
+            return self._fail([req], "a reply could not be sampled (NaN in its logits?): its request fails alone")
         req.completion_tokens += 1
         text, stop = self.tokenizer.decode(row.ids), req.stop
         cut = min([p for p in map(text.find, stop) if p >= 0], default=len(text))
@@ -178,7 +188,7 @@ class APIError(Exception):  # its body is OpenAI's error object
         self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def parse_request(body, defaults, sched):
+def parse_request(body, config, sched):
     """A chat-completions body -> (Request, stream, include_usage), or an APIError 400 naming a field."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
@@ -207,8 +217,9 @@ def parse_request(body, defaults, sched):
         raise APIError(400, f"the conversation is {len(prompt)} tokens; the model's context is {sched.engine.max_len}",
                        "messages", "context_length_exceeded")
     get = lambda name, default=None: default if body.get(name) is None else body[name]
-    sampling = Sampling(get("temperature", defaults.temperature), get("top_k", defaults.top_k), get("top_p", 1.0),
-                        get("max_tokens", get("max_completion_tokens", defaults.max_tokens)), get("seed"))
+    temperature = get("temperature", config.temperature)  # below 1e-4 is greedy (1e-300 would sample NaN)
+    sampling = Sampling(temperature * (temperature >= 1e-4), get("top_k", config.top_k), get("top_p", 1.0),
+                        get("max_tokens", get("max_completion_tokens", config.max_tokens)), get("seed", config.seed))
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     return Request(prompt, sampling, stop, get("n", 1)), bool(body.get("stream")), include_usage
 
@@ -216,64 +227,95 @@ def parse_request(body, defaults, sched):
 class Handler(BaseHTTPRequestHandler):
     ROUTES = {"/": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST"}
     log_message = lambda self, *args: None  # the server prints its own line per request
+    cors = None  # the other web origin a request came from, when allowed
+
+    def handle(self):  # a connection past --max_connections is answered 503 at once, unread
+        if not self.server.slots.acquire(blocking=False):
+            error = json.dumps(APIError(503, "too many connections", kind="server_error").body).encode()
+            return self.wfile.write(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                    b"\r\n%s" % error)
+        try:
+            super().handle()
+        finally:
+            self.server.slots.release()
+
+    def _start(self, status, content_type, length=None):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        if length is not None:
+            self.send_header("Content-Length", str(length))
+        if self.cors:
+            self.send_header("Access-Control-Allow-Origin", self.cors)
+            self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+        self.end_headers()
 
     def _send(self, status, obj, content_type="application/json", log=""):
         data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
+        self._start(status, content_type, len(data))
         self.wfile.write(data)
         print(f"{self.command} {self.path} {status}{log}", flush=True)
 
     def do_GET(self):
-        path, srv = self.path.split("?")[0], self.server
         try:
-            if path not in self.ROUTES:
-                raise APIError(404, f"no route {self.command} {path}", code="not_found")
-            if self.ROUTES[path] != self.command:
-                raise APIError(405, f"{path} takes {self.ROUTES[path]}, not {self.command}", code="method_not_allowed")
-            sent = self.headers.get("Authorization", "").encode()
-            if srv.api_key and path != "/" and not hmac.compare_digest(sent, f"Bearer {srv.api_key}".encode()):
-                raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key")
-            if path == "/":
-                self._send(200, PAGE.encode(), "text/html; charset=utf-8")
-            elif path == "/v1/models":
-                self._send(200, {"object": "list", "data": [
-                    {"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "chimera"}]})
-            else:
-                self._complete(srv, time.time())
-        except APIError as e:
-            self._send(e.status, e.body)
-        except ConnectionError:  # BrokenPipeError included
-            print(f"{self.command} {self.path} client disconnected", flush=True)
+            try:
+                self._route(self.path.split("?")[0], self.server)
+            except APIError as e:
+                self._send(e.status, e.body)
+        except OSError as e:  # a failed write or read: the client left, or was too slow (--timeout)
+            print(f"{self.command} {self.path} client gone ({type(e).__name__})", flush=True)
 
-    do_POST = do_GET
+    do_POST = do_OPTIONS = do_GET
 
-    def _client_gone(self):  # a peek that cannot block reads nothing: the client closed its end
-        with suppress(BlockingIOError):  # no data yet: still there (a reset connection raises ConnectionError)
-            return not self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    def _route(self, path, srv):
+        host, origin = self.headers.get("Host", ""), self.headers.get("Origin")
+        if srv.loopback and re.sub(r":\d+$", "", host) not in ("", "localhost", "127.0.0.1", "[::1]", srv.config.host):
+            raise APIError(403, f"this server answers to localhost, not to Host {host!r}", code="host_not_allowed")
+        other = origin if origin and origin != f"http://{host}" else None  # a page of another site
+        if other and not {"*", other} & srv.origins:
+            raise APIError(403, f"pages of {origin} may not call this server (--allow_origin)", code="bad_origin")
+        self.cors = other
+        if self.command == "OPTIONS":  # a browser's preflight for an allowed origin
+            return self._send(204, b"", "text/plain")
+        if path not in self.ROUTES:
+            raise APIError(404, f"no route {self.command} {path}", code="not_found")
+        if self.ROUTES[path] != self.command:
+            raise APIError(405, f"{path} takes {self.ROUTES[path]}, not {self.command}", code="method_not_allowed")
+        scheme, _, sent = self.headers.get("Authorization", "").partition(" ")
+        sent = sent.strip() if scheme.lower() == "bearer" else ""  # the scheme is case-insensitive
+        if srv.config.api_key and path != "/" and not hmac.compare_digest(sent.encode(), srv.config.api_key.encode()):
+            raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key")
+        if path == "/":
+            self._send(200, PAGE.encode(), "text/html; charset=utf-8")
+        elif path == "/v1/models":
+            self._send(200, {"object": "list", "data": [
+                {"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "chimera"}]})
+        else:
+            self._complete(srv, time.time())
 
     def _complete(self, srv, t0):
+        size = self.headers.get("Content-Length", "0")
+        if not size.isdigit() or int(size) > srv.max_body:  # before anything is read
+            raise APIError(413 if size.isdigit() else 400, f"Content-Length must be 0 to {srv.max_body}",
+                           code="request_too_large")
         try:
-            body = json.loads(self.rfile.read(min(int(self.headers.get("Content-Length", 0)), 1 << 24)) or b"null")
-        except ValueError:
+            body = json.loads(self.rfile.read(int(size)) or b"null")
+        except (ValueError, RecursionError):
             raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
-        req, stream, include_usage = parse_request(body, srv.defaults, srv.sched)
+        req, stream, include_usage = parse_request(body, srv.config, srv.sched)
+        if body.get("model") not in (None, srv.model_name, srv.model_name.split("/")[0]):  # OpenAI's answer
+            raise APIError(404, f"The model `{body['model']}` does not exist", code="model_not_found")
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(t0), "model": srv.model_name}
         chunk, texts = dict(head, object="chat.completion.chunk"), [""] * req.n
         event = lambda obj: (self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n"), self.wfile.flush())
         choice = lambda i, d, f: {"index": i, "delta": d, "finish_reason": f}
         delta = lambda i, d, f: f == "error" or event(dict(chunk, choices=[choice(i, d, f)]))
         if stream:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.end_headers()
+            self._start(200, "text/event-stream")
             for i in range(req.n):
                 delta(i, {"role": "assistant", "content": ""}, None)
         srv.sched.submit(req)
         finishes = srv.sched.wait(req, lambda i, t, f: delta(i, {"content": t} if t else {}, f) if stream else
-                                  texts.__setitem__(i, texts[i] + t), self._client_gone)
+                                  texts.__setitem__(i, texts[i] + t))
         dt, given, done = time.time() - t0, len(req.prompt), req.completion_tokens
         log = f" {given} prompt + {done} completion tokens in {dt:.2f}s ({done / dt:.1f} tokens/s)"
         usage = {"prompt_tokens": given, "completion_tokens": done, "total_tokens": given + done}
@@ -291,9 +333,16 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, dict(head, object="chat.completion", usage=usage, choices=choices), log=log)
 
 
-def make_server(sched, name, defaults, host="127.0.0.1", port=8000, api_key=""):
-    server = ThreadingHTTPServer((host, port), Handler)  # its handler threads are daemons
-    vars(server).update(sched=sched, model_name=name, defaults=defaults, api_key=api_key, created=int(time.time()))
+def make_server(sched, name, config):
+    server = ThreadingHTTPServer((config.host, config.port), type("Handler", (Handler,), {"timeout": config.timeout}))
+    vars(server).update(sched=sched, model_name=name, config=config, created=int(time.time()),
+                        loopback=ipaddress.ip_address(server.server_address[0]).is_loopback,
+                        origins={o.strip().rstrip("/") for o in config.allow_origin.split(",")},
+                        slots=threading.BoundedSemaphore(config.max_connections),
+                        max_body=32 * sched.engine.max_len + 65536)  # bytes: what a full context can be, and room
+    server.handle_error = lambda request, address: print(f"{address}: {sys.exc_info()[1]!r}", file=sys.stderr)
+    if not (server.loopback or config.api_key):
+        print(f"warning: {config.host} is reachable beyond this machine and no API key is set", file=sys.stderr)
     return server
 
 
@@ -313,8 +362,10 @@ async function send() {
     if (!r.ok) throw new Error((await r.json()).error.message);
     for (let reader = r.body.getReader(), dec = new TextDecoder(), c; !(c = await reader.read()).done;) {
       const events = (buf += dec.decode(c.value, {stream: true})).split("\\n\\n"); buf = events.pop();
-      for (const e of events.map(e => e.slice(6)).filter(e => e != "[DONE]"))
-        out.textContent = (reply += JSON.parse(e).choices[0]?.delta?.content || "");
+      for (const e of events.map(e => e.slice(6)).filter(e => e != "[DONE]").map(e => JSON.parse(e))) {
+        if (e.error) throw new Error(e.error.message);  // a failure mid-stream: OpenAI's error event
+        out.textContent = (reply += e.choices[0]?.delta?.content || "");
+      }
     }
     messages.push({role: "assistant", content: reply});
   } catch (e) { messages.pop(); out.textContent = "error: " + e.message; }
@@ -326,20 +377,35 @@ input.onkeydown = e => { if (e.key == "Enter" && !e.shiftKey) { e.preventDefault
 """
 
 
+def api_key(config):  # --api_key, else the first line of --api_key_file, else $CHIMERA_API_KEY; "" = none
+    if config.api_key or not config.api_key_file:
+        return config.api_key or os.environ.get("CHIMERA_API_KEY", "")
+    with suppress(OSError, ValueError), open(config.api_key_file, encoding="utf-8") as f:
+        if key := f.readline().strip():
+            return key
+    raise UserError(f"--api_key_file={config.api_key_file}: no key on its first line (a missing or unreadable file?)")
+
+
 def main():
-    config = parse_config(Config, aliases={"i": "source", "p": "prompt"})
-    check_settings(config, at_least_1=("max_batch", "max_tokens"), not_negative=("temperature", "top_k"))
+    config = parse_config(Config, aliases=dict(i="source", g="model_tag", s="step", t="temperature", k="top_k",
+                                               p="prompt"))
+    check_settings(config, at_least_1=("max_batch", "max_tokens", "max_connections"), positive=("timeout",),
+                   not_negative=("temperature", "top_k", "port"), at_most={"port": 65535, "max_batch": 1024})
     shown = dict(asdict(config), api_key="***" if config.api_key else "")  # the key never reaches a log
     print(", ".join(f"{k}={v}" for k, v in shown.items() if v not in (None, "")), file=sys.stderr)
+    config.api_key = api_key(config)
     device = init_dist(config.device_type).device
     model, tokenizer, meta = load_model(config.source, device, "eval", config.model_tag, config.step)
     name = f"{config.source}/{os.path.basename(checkpoint_dir_for(config.source, config.model_tag))}"
-    sched = Scheduler(model, tokenizer, config.max_batch)
+    try:
+        sched = Scheduler(model, tokenizer, config.max_batch)
+    except (RuntimeError, MemoryError) as e:  # torch's out of memory is a RuntimeError
+        raise UserError(f"--max_batch={config.max_batch}: no memory for its KV cache ({str(e)[:200]})") from None
     try:
         if not config.serve:
             return chat_cli(sched, config)
-        try:  # the config's temperature, top_k and max_tokens are the requests' defaults
-            server = make_server(sched, name, config, config.host, config.port, config.api_key)
+        try:  # the config's temperature, top_k, seed and max_tokens are the requests' defaults
+            server = make_server(sched, name, config)
         except OSError as e:
             raise UserError(f"--host={config.host} --port={config.port}: cannot listen there ({e.strerror})") from None
         url = f"http://{config.host}:{server.server_port}"

@@ -170,7 +170,7 @@ class Group:  # the rows one add() started: one prompt's samples, drawn together
 class Event:  # what step() did to a row
     row: Row
     token: int  # sampled, or forced by the tool (row.mask says which)
-    finish: str | None  # "stop" (<|assistant_end|> or <|bos|>), "length" (max_tokens, or the cache is full), None
+    finish: str | None  # "stop" (<|assistant_end|> or <|bos|>), "length" (max_tokens or a full cache), "error", None
 
 
 class Engine:
@@ -222,7 +222,14 @@ class Engine:
         """A token for each live row, its Event (finished rows are freed); then one forward up to the last live row."""
         events, tokens = [], [0] * self.max_batch  # free rows decode a dummy token
         for group in list(self.groups):  # a group's rows are sampled in one call, even its finished ones
-            for row, token in zip(group.rows, sample(group.logits, group.sampling, group.rng).tolist()):
+            try:
+                drawn = sample(group.logits, group.sampling, group.rng).tolist()
+            except RuntimeError:  # its logits or settings cannot be sampled (NaN): its rows end, no other's
+                events += [Event(row, None, "error") for row in group.rows if row.live]
+                for row in group.rows:
+                    self.free(row)
+                continue
+            for row, token in zip(group.rows, drawn):
                 if not row.live:
                     continue
                 forced = bool(row.forced)

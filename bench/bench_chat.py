@@ -67,7 +67,7 @@ def main():
     with torch.no_grad():  # no reply may stop early
         model.lm_head.weight[args.vocab - len(SPECIAL_TOKENS):] = 0.0
     sched = chat.Scheduler(model, Tokenizer(synthetic_encoding(args.vocab)), max_batch=8)
-    server = chat.make_server(sched, "bench", chat.Sampling(), port=0)
+    server = chat.make_server(sched, "bench", chat.Config(port=0))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}"
     sys.stdout = open(os.devnull, "w")  # the server's line per request

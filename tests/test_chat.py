@@ -5,7 +5,9 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
+import sys
 import threading
 import time
 
@@ -15,7 +17,7 @@ import torch
 
 import chat
 import openrouter
-from common import UserError
+from common import UserError, parse_config
 from conftest import free_port, make_tiny_base, run_python
 from checkpoint import load_model
 import engine
@@ -31,11 +33,14 @@ class Served:
         self.submitted = []
         submit = self.sched.submit
         self.sched.submit = lambda req: self.submitted.append(req) or submit(req)
-        defaults = chat.Sampling(temperature=0.0, top_k=0, max_tokens=24)
-        self.servers = [chat.make_server(self.sched, "base/d2", defaults, port=free_port(), api_key=k) for k in ("", KEY)]
+        self.servers = [self.server(api_key=k) for k in ("", KEY)]
         for server in self.servers:
             threading.Thread(target=server.serve_forever, daemon=True).start()
         self.url, self.key_url = (f"http://127.0.0.1:{s.server_port}" for s in self.servers)
+
+    def server(self, **settings):  # greedy replies of 24 tokens unless asked otherwise
+        config = chat.Config(temperature=0.0, top_k=0, max_tokens=24, port=free_port(), **settings)
+        return chat.make_server(self.sched, "base/d2", config)
 
     def post(self, body, url=None, **kw):
         return requests.post((url or self.url) + "/v1/chat/completions", json=body, timeout=60, **kw)
@@ -80,7 +85,8 @@ def sse_events(response):
 
 def test_prompt_answers_once_through_a_tiny_model(tmp_path):
     base = make_tiny_base(tmp_path / "base")
-    proc = run_python(["chat.py", "-i", "base", "-p", "What is a stop?", "--temperature=0", "--max_tokens=12"],
+    proc = run_python(["chat.py", "-i", "base", "-g", "d2", "-s", "0", "-k", "5", "-t", "0", "-p", "What is a stop?",
+                       "--max_tokens=12"],
                       env={"NANOCHAT_BASE_DIR": base, "PYTHONIOENCODING": "utf-8"})
     model, tok, _ = load_model("base", "cpu", "eval", base_dir=base)
     prompt = prompt_ids(tok, user("What is a stop?"))
@@ -180,7 +186,7 @@ def test_the_calculator_tool_runs_and_its_result_is_forced_back(served, monkeypa
 def test_a_model_failing_while_decoding_is_an_openai_error_not_a_finish_reason(served, monkeypatch, capsys):
     def fail(*args):
         raise RuntimeError("out of memory")
-    monkeypatch.setattr(engine, "sample", fail)
+    monkeypatch.setattr(engine, "sample", fail)  # a row that cannot be sampled: an error event
     r = served.post({"messages": user("hi")})
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     events = sse_events(served.post({"messages": user("hi"), "stream": True, "n": 2}))
@@ -188,9 +194,10 @@ def test_a_model_failing_while_decoding_is_an_openai_error_not_a_finish_reason(s
     assert all(c["finish_reason"] is None for e in events[:-1] for c in e["choices"])
     with pytest.raises(UserError, match="failed while decoding"):  # -p exits 2, not 0
         chat.chat_cli(served.sched, chat.Config(prompt="hi"), out=io.StringIO())
-    assert "RuntimeError: out of memory" in capsys.readouterr().err
+    assert "could not be sampled" in capsys.readouterr().err
     monkeypatch.setattr(served.sched.engine, "_forward", fail)  # a failing prefill ends its request too
     assert served.post({"messages": user("hi"), "n": 2}).status_code == 500
+    assert "RuntimeError: out of memory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("body, param", [
@@ -225,6 +232,173 @@ def test_error_statuses(served):
     assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
     assert requests.get(served.key_url + "/v1/models", timeout=30).status_code == 401
     assert served.post({"messages": user("hi")}, url=served.key_url, headers={"Authorization": f"Bearer {KEY}"}).ok
+
+
+def raw_request(port, head, body=b"", half_close=False):
+    """A request sent by hand; the raw reply (b"" if the server closed without one)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(head.encode() + body)
+        if half_close:  # as `nc -N` does: done sending, still reading
+            sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+        return reply
+
+
+def post_head(length, extra=""):
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{extra}"
+            f"Content-Length: {length}\r\n\r\n")
+
+
+def test_a_tiny_temperature_is_greedy_and_a_failing_row_ends_only_its_request(served, monkeypatch):
+    greedy = served.engine_text(user("hi"))
+    r = served.post({"messages": user("hi"), "temperature": 1e-300})  # softcap(logits) / 1e-300 was NaN
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == greedy
+    out = io.StringIO()  # `--temperature 1e-300` at start: the defaults of every request
+    chat.chat_cli(served.sched, chat.Config(prompt="hi", temperature=1e-300, max_tokens=24), out=out)
+    assert out.getvalue() == greedy + "\n"
+
+    sample, forward, live_at_failure = engine.sample, served.sched.engine._forward, []
+
+    def sample_failing_at_1_5(logits, sampling, rng):  # one request's row cannot be sampled
+        if sampling.temperature == 1.5:
+            live_at_failure.append(sum(1 for row in served.sched.engine.rows if row))
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return sample(logits, sampling, rng)
+
+    def slow_forward(ids, cache):  # and another's prefill fails
+        if len(ids[0]) > 1 and "BREAK" in served.tok.decode(ids[0]):
+            raise RuntimeError("out of memory")
+        return (time.sleep(0.02), forward(ids, cache))[1]
+
+    monkeypatch.setattr(engine, "sample", sample_failing_at_1_5)
+    monkeypatch.setattr(served.sched.engine, "_forward", slow_forward)
+    long = {"messages": user("a long answer"), "max_tokens": 60, "temperature": 0}
+    expected = served.engine_text(user("a long answer"), max_tokens=60)
+    with requests.post(served.url + "/v1/chat/completions", json=dict(long, stream=True), stream=True, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(l for l in lines if l)  # the long reply is under way
+        assert served.post({"messages": user("hot"), "temperature": 1.5, "n": 2}).status_code == 500
+        assert served.post({"messages": user("BREAK")}).status_code == 500
+        events = [json.loads(l[6:]) for l in lines if l and l != b"data: [DONE]"]
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+    assert text == expected and events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert live_at_failure and live_at_failure[0] == 3  # it failed beside the long reply's row, which went on
+
+
+def test_timeouts_and_caps_on_connections_and_bodies(served):
+    server = served.server(timeout=1, max_connections=3)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_port
+    try:
+        t0 = time.time()
+        silent = [socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(3)]
+        time.sleep(0.3)
+        reply = raw_request(port, post_head(2), b"{}")  # a fourth: refused at once
+        assert reply.startswith(b"HTTP/1.0 503") and b"too many connections" in reply
+        assert all(sock.recv(1) == b"" for sock in silent)  # closed after the 1 s timeout
+        assert 0.9 < time.time() - t0 < 5
+        for sock in silent:
+            sock.close()
+        t0 = time.time()  # a body that never comes: the connection ends after the timeout
+        assert raw_request(port, post_head(100), b'{"messages": ') == b"" and time.time() - t0 < 5
+        reply = raw_request(port, post_head(10 ** 12), b'{"messages": []}')  # refused before reading a byte
+        assert reply.startswith(b"HTTP/1.0 413") and b"request_too_large" in reply
+        assert raw_request(port, post_head(-5), b"{}").startswith(b"HTTP/1.0 400")
+        body = json.dumps({"messages": user("hi"), "max_tokens": 2}).encode()
+        assert raw_request(port, post_head(len(body)), body).startswith(b"HTTP/1.0 200")  # and all is well
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_client_that_half_closes_gets_its_reply(served):
+    body = json.dumps({"messages": user("hi"), "max_tokens": 5}).encode()
+    reply = raw_request(served.servers[0].server_port, post_head(len(body)), body, half_close=True)
+    assert reply.startswith(b"HTTP/1.0 200") and json.loads(reply.split(b"\r\n\r\n", 1)[1])["usage"]
+
+
+def test_pages_of_other_origins_and_foreign_hosts_are_refused(served, monkeypatch, capsys):
+    port, n0 = served.servers[0].server_port, len(served.submitted)
+    evil = served.post({"messages": user("hi")}, headers={"Origin": "http://evil.example"})
+    assert evil.status_code == 403 and evil.json()["error"]["code"] == "bad_origin"
+    rebound = requests.get(served.url + "/v1/models", headers={"Host": f"evil.example:{port}"}, timeout=30)
+    assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "host_not_allowed"
+    assert len(served.submitted) == n0  # nothing was generated for them
+    assert served.post({"messages": user("hi")}, headers={"Origin": f"http://127.0.0.1:{port}"}).ok  # the page's own
+    assert served.post({"messages": user("hi")}, headers={"Host": f"localhost:{port}"}).ok
+
+    for allowed, origin in (("http://a.example, http://b.example", "http://b.example"), ("*", "http://c.example")):
+        server = served.server(allow_origin=allowed)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_port}/v1/chat/completions"
+        try:
+            r = requests.post(url, json={"messages": user("hi")}, headers={"Origin": origin}, timeout=30)
+            assert r.ok and r.headers["Access-Control-Allow-Origin"] == origin
+            preflight = requests.options(url, headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
+            assert preflight.status_code == 204 and preflight.headers["Access-Control-Allow-Origin"] == origin
+            other = requests.post(url, json={"messages": user("hi")}, headers={"Origin": "http://d.example"})
+            assert other.status_code == (200 if allowed == "*" else 403)
+        finally:
+            server.shutdown()
+            server.server_close()
+
+    capsys.readouterr()
+    for key in ("", KEY):  # beyond loopback without a key: one line of warning
+        served.server(host="0.0.0.0", api_key=key).server_close()
+        err = capsys.readouterr().err
+        assert (err.count("warning") == 1 and "no API key" in err) if not key else err == ""
+
+
+def test_the_key_comes_from_the_flag_a_file_or_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHIMERA_API_KEY", "from-env")
+    (tmp_path / "key").write_text("from-file\nnot this line\n")
+    assert chat.api_key(chat.Config()) == "from-env"
+    assert chat.api_key(chat.Config(api_key_file=str(tmp_path / "key"))) == "from-file"
+    assert chat.api_key(chat.Config(api_key="flag", api_key_file=str(tmp_path / "key"))) == "flag"
+    for bad in ("missing", "empty"):
+        (tmp_path / "empty").write_text("\n")
+        with pytest.raises(UserError, match=f"--api_key_file=.*{bad}: no key"):
+            chat.api_key(chat.Config(api_key_file=str(tmp_path / bad)))
+    monkeypatch.delenv("CHIMERA_API_KEY")
+    assert chat.api_key(chat.Config()) == ""
+
+
+def test_one_line_answers_instead_of_tracebacks(served, monkeypatch, capsys):
+    r = requests.post(served.url + "/v1/chat/completions", data="[" * 20000, timeout=30)  # RecursionError
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    headers = {"Authorization": f"bearer {KEY}"}  # the scheme is case-insensitive
+    assert served.post({"messages": user("hi"), "max_tokens": 2}, url=served.key_url, headers=headers).ok
+
+    def slow_refusal(*args):
+        time.sleep(0.5)
+        raise chat.APIError(400, "too late")
+    monkeypatch.setattr(chat, "parse_request", slow_refusal)
+    capsys.readouterr()
+    with socket.create_connection(("127.0.0.1", served.servers[0].server_port)) as sock:  # leaves before the reply
+        sock.sendall(post_head(2).encode() + b"{}")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # closes with a reset
+    time.sleep(1.5)
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "client gone" in captured.out
+
+    for argv, message in ((["--port", "99999"], "--port=99999: must be at most 65535"),
+                          (["--max_batch", "1000000"], "--max_batch=1000000: must be at most 1024")):
+        monkeypatch.setattr(sys, "argv", ["chat.py", "--serve"] + argv)
+        with pytest.raises(UserError, match=message):
+            chat.main()
+
+
+def test_unknown_models_are_404_and_nanochat_flags_and_help(served):
+    r = served.post({"messages": user("hi"), "model": "gpt-4o"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert all(served.post({"messages": user("hi"), "model": m, "max_tokens": 2}).ok for m in ("base/d2", "base"))
+    config = parse_config(chat.Config, ["--seed", "7", "-t", "1e-300"], aliases={"t": "temperature"})
+    req, *_ = chat.parse_request({"messages": user("hi")}, config, served.sched)
+    assert req.sampling.seed == 7 and req.sampling.temperature == 0.0
+    helped = run_python(["chat.py", "--help"])
+    assert all(x in helped.stdout for x in ("-g", "-s", "-t", "-k", "--seed", "NANOCHAT_BASE_DIR", "CHIMERA_API_KEY"))
 
 
 def test_gen_client_gets_answers(served, monkeypatch):
@@ -278,7 +452,7 @@ def disconnect_midway(served):
     assert served.post({"messages": user("go on"), "max_tokens": 1000}).json()["usage"]["completion_tokens"] == 1000
     body = json.dumps({"messages": user("go on"), "max_tokens": 1000, "stream": True}).encode()
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
         received = b""
         while b"data: " not in received:
@@ -391,3 +565,21 @@ def test_the_page_streams_a_reply_in_a_headless_browser(served, tmp_path):
     finally:
         served.sched.engine._forward = forward
         browser.close()
+
+
+NODE = shutil.which("node")
+
+
+@pytest.mark.skipif(NODE is None, reason="no node installed")
+def test_the_page_shows_the_message_of_an_error_event(served, monkeypatch):
+    """The page's script in node, on a stub document, against the server: a failure mid-stream shows its message."""
+    def fail(*args):
+        raise RuntimeError("nan")
+    monkeypatch.setattr(engine, "sample", fail)
+    script = chat.PAGE.split("<script>")[1].split("</script>")[0]
+    stub = ("const els = {}, el = () => ({value: '', children: [], appendChild(c) { this.children.push(c); return c; },"
+            " focus() {}}); globalThis.document = {getElementById: id => els[id] ??= el(), createElement: el};"
+            f" const real = fetch; globalThis.fetch = (u, o) => real('{served.url}' + u, o);")
+    run = "$('input').value = 'hi'; send().then(() => console.log($('log').children[1].textContent));"
+    proc = subprocess.run([NODE, "-e", stub + script + run], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "error: the model failed while decoding (see the server's log)", proc.stderr
