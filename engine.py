@@ -270,8 +270,12 @@ class Engine:
         while waiting or any(self.rows):
             while waiting and self.rows.count(None) >= n:
                 groups.append(self.add(*waiting.pop(0), n))
-            self.step()
+            self._step_or_raise()
         return [[row.ids for row in rows] for rows in groups]
+
+    def _step_or_raise(self):  # for callers that want whole answers: a row that failed is an error, not a short one
+        if any(event.finish == "error" for event in self.step()):
+            raise RuntimeError("the model's next-token distribution could not be sampled (NaN logits?)")
 
     def generate_batch(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """num_samples completions of a prompt: whole sequences (prompt + completion, the stop token left out)
@@ -283,5 +287,5 @@ class Engine:
         sampling = Sampling(temperature, top_k or 0, max_tokens=max_tokens, seed=seed)
         rows = self.add(tokens, sampling, num_samples)
         while any(row.live for row in rows):
-            self.step()
+            self._step_or_raise()
         return [list(tokens) + row.ids for row in rows], [[0] * len(tokens) + row.mask for row in rows]
