@@ -25,3 +25,14 @@ def test_help_says_what_it_does_and_does_nothing_else(script, tmp_path):
     if script.endswith(".py") and script not in ("report.py", "tasks.py"):
         assert "--model_tag" in text or "--sft_examples" in text  # its settings
     assert os.listdir(tmp_path) == []  # nothing made: no base dir, no cache, no report
+
+
+def test_a_missing_checkpoint_is_named_before_any_download_and_nothing_is_made(tmp_path):
+    env = {**os.environ, "HOME": str(tmp_path), "CHIMERA_HF_ROWS_URL": "http://127.0.0.1:9"}  # a fetch would fail
+    env.pop("NANOCHAT_BASE_DIR", None)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "sft.py")], env=env, cwd=tmp_path,  # mixture
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "retry" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().endswith("base_checkpoints: no such checkpoint directory; "
+                                        f"{tmp_path}/.cache/nanochat holds none")
+    assert os.listdir(tmp_path) == []  # no empty ~/.cache/nanochat
