@@ -37,10 +37,17 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data)
             atomic_write(path, lambda f: torch.save(data, f), binary=True)
 
 
+def missing(path, what="checkpoint directory", pattern=r".+"):
+    """The UserError for a path that is not there: it names what its directory holds (the names matching pattern)."""
+    parent = os.path.dirname(path)
+    names = sorted(n for n in (os.listdir(parent) if os.path.isdir(parent) else []) if re.fullmatch(pattern, n))
+    return UserError(f"{path}: no such {what}; {parent} holds " + (", ".join(names) if names else "none"))
+
+
 def find_largest_model(checkpoints_dir):
     """The default model tag: the largest chimera_d<N>, else the largest d<N>, else the newest."""
     if not os.path.isdir(checkpoints_dir):
-        raise UserError(f"{checkpoints_dir}: no such checkpoint directory")
+        raise missing(checkpoints_dir, pattern=r".+_checkpoints")
     tags = [d for d in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, d))]
     if not tags:
         raise UserError(f"{checkpoints_dir}: no model directories in it")
@@ -65,6 +72,8 @@ def default_start(base_dir):
 
 
 def find_last_step(checkpoint_dir):
+    if not os.path.isdir(checkpoint_dir):
+        raise missing(checkpoint_dir)
     steps = [int(m.group(1)) for f in glob.glob(os.path.join(checkpoint_dir, "model_*.pt"))
              if (m := re.fullmatch(r"model_(\d+)\.pt", os.path.basename(f)))]
     if not steps:
@@ -81,7 +90,7 @@ def load_checkpoint(checkpoint_dir, step, device, keep_bf16=False):
     model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
     meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
     if not os.path.exists(model_path):
-        raise UserError(f"{model_path}: no checkpoint for step {step}")
+        raise missing(model_path, f"checkpoint for step {step}", r"model_\d+\.pt")
     try:  # weights_only: a damaged or hostile file is refused, never run
         model_data = torch.load(model_path, map_location=device, weights_only=True)
     except Exception as e:
@@ -180,9 +189,8 @@ def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
     find_largest_model's, step: the latest), phase "train" or "eval"."""
     assert phase in ("train", "eval"), phase
     checkpoint_dir, device = checkpoint_dir_for(source, model_tag, base_dir), torch.device(device)
-    if not os.path.isdir(checkpoint_dir):
-        raise UserError(f"{checkpoint_dir}: no such checkpoint directory")
-    step = find_last_step(checkpoint_dir) if step is None else step
+    last = find_last_step(checkpoint_dir)  # also: a missing directory's error names the tags there
+    step = last if step is None else step
     tokenizer = get_tokenizer(base_dir)
     # training keeps float32 master weights: fused AdamW writes bf16 back, where DPO's embedding steps (about
     # 1.5e-3 at d20) are below half an ulp for |w| >= 0.5 and vanish

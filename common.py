@@ -39,11 +39,16 @@ def run_main(main):
             dist.destroy_process_group()
 
 
-def get_base_dir():
-    """nanochat's base directory: $NANOCHAT_BASE_DIR, default ~/.cache/nanochat."""
-    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
-    os.makedirs(base, exist_ok=True)
-    return base
+def get_base_dir():  # nanochat's: $NANOCHAT_BASE_DIR, default ~/.cache/nanochat (made by what writes into it)
+    return os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+
+
+def about(module):  # --help: what a module does (its doc's first paragraph), the environment its modules read
+    here, doc = os.path.dirname(os.path.abspath(__file__)), (sys.modules[module].__doc__ or "").strip()
+    files = {os.path.join(here, n + ".py") for n in sys.modules} | {os.path.abspath(sys.argv[0] or "/")}
+    sources = [open(f, encoding="utf-8").read() for f in files if os.path.isfile(f) and os.path.dirname(f) == here]
+    names = set(re.findall(r'(?<!replace\()"((?:NANOCHAT|OPENROUTER|HF|CHIMERA)_[A-Z_]+)"', "".join(sources)))
+    return " ".join(doc.split("\n\n")[0].split()), "environment: " + ", ".join(sorted(names))
 
 
 def atomic_write(path, write_fn, binary=False):
@@ -97,8 +102,8 @@ def parse_config(cls, argv=None, aliases=None):
         source = ""
     comments = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", source, re.M))
     short, hints = {v: k for k, v in (aliases or {}).items()}, typing.get_type_hints(cls)
-    parser = argparse.ArgumentParser(allow_abbrev=False, exit_on_error=False,
-                                     description="settings (--key=value or --key value):")
+    summary, environment = about(cls.__module__)  # settings: --key=value or --key value
+    parser = argparse.ArgumentParser(allow_abbrev=False, exit_on_error=False, epilog=environment, description=summary)
     for f in dataclasses.fields(cls):
         typ = hints[f.name]
         base = next(t for t in typing.get_args(typ) or [typ] if t is not type(None))  # Optional[X] -> X
@@ -119,8 +124,7 @@ def parse_config(cls, argv=None, aliases=None):
 
 
 def check_settings(config, at_least_1=(), positive=(), not_negative=(), steps=(), tags=(), at_most=None):
-    """The range checks stages share, each failure one line naming the flag. at_most: {key: its largest
-    value, or the key of the setting it may not exceed}."""
+    """The stages' range checks, one line naming the flag. at_most: {key: its largest value, or another key}."""
     limits = {k: (getattr(config, b), f"--{b}={getattr(config, b)!r}") if isinstance(b, str) else (b, b)
               for k, b in (at_most or {}).items()}
     for keys, bad, need in ((at_least_1, lambda v: v < 1, "must be at least 1"), (positive, lambda v: v <= 0, "must be > 0"),
@@ -168,8 +172,7 @@ def init_dist(device_type=""):
 
 
 def rank0_value(value):
-    """Rank 0's value on every rank: a decision all must take alike (a file one node sees and another does not
-    would make their collectives stop matching) or work done once (hashing a checkpoint)."""
+    """Rank 0's value on every rank: a decision all must take alike (else collectives stop matching), or work once."""
     box = [value]
     if dist.is_initialized():
         dist.broadcast_object_list(box, src=0)

@@ -4,6 +4,7 @@ The training report card, nanochat-compatible, with a DPO column.
     python report.py reset           # start a run: clear Chimera's sections, note the start time
     python report.py reset --all     # also clear nanochat's sections (tokenizer, base, mid, ...)
     python report.py generate        # assemble report/*.md into report/chimera-report.md (+ report.md in the cwd)
+    python report.py --help          # this text
 
 Each Chimera stage writes its section with write_report_section. `generate` orders the sections as nanochat does,
 Chimera's after SFT, with a header (git, hardware, versions), training charts (.svg files beside the report,
@@ -21,7 +22,7 @@ import re
 import subprocess
 import sys
 
-from common import UserError, atomic_write_text, get_base_dir, is_master, run_main
+from common import UserError, about, atomic_write_text, get_base_dir, is_master, run_main
 
 # nanochat's sections in its order (its own SFT's included, as they are), then Chimera's, which carry a
 # chimera- prefix so that nanochat's files of the same stage are never overwritten
@@ -253,6 +254,8 @@ def reset(everything=False):
 
 def main():
     argv = sys.argv[1:]
+    if argv in (["-h"], ["--help"]):
+        return print(__doc__.strip() + "\n\n" + about("__main__")[1])
     if argv not in (["generate"], ["reset"], ["reset", "--all"]):
         raise UserError("usage: python report.py generate | reset [--all]")
     generate() if argv[0] == "generate" else reset(everything=argv[1:] == ["--all"])

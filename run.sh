@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Chimera: the whole post-training pipeline in one command.
 #
-#   bash run.sh
+#   bash run.sh            (bash run.sh --help: this text)
 #
 # With a nanochat checkpoint in $NANOCHAT_BASE_DIR (default ~/.cache/nanochat): gen.py (needs OPENROUTER_API_KEY
 # unless both data files exist) -> SFT on trader + SmolTalk from mid (2025 nanochat) if there is one, else base
-# (2026 nanochat has no mid) -> eval sft -> DPO -> eval dpo -> report.md; nanochat's files are only read.
+# (2026 nanochat has no mid) -> eval sft -> DPO -> eval dpo -> the report; nanochat's files are only read. It ends by
+# printing the command that chats with the model it made, and the report's path (a copy: report.md in the cwd).
 # With no checkpoint and no OPENROUTER_API_KEY: an offline demo of the same on a tiny fresh model and data/.
 #
 # Environment:
@@ -22,6 +23,10 @@
 #   CHIMERA_DEMO_DIR, CHIMERA_DEMO_DEPTH   the demo's base dir (~/.cache/chimera-demo) and model depth (2, 128 wide)
 #   CHIMERA_PYTHON      use this Python instead of the .venv that run.sh creates
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0;; esac
+[ $# -eq 0 ] || { echo "run.sh takes no arguments; its settings are environment variables (bash run.sh --help)" >&2
+                  exit 2; }
+CALLER=$PWD  # report.md's copy goes here
 cd "$(dirname "$0")"
 
 say() { printf '\n=== %s ===\n' "$*"; }
@@ -151,6 +156,10 @@ stage "DPO (dpo.py)" "$DPO_DATA" "$(latest "$SFT_DIR")" -- "$DPO_DIR" "$REPORT_D
     launch dpo.py --source=sft --model_tag="$SFT_TAG" --out_tag="$TAG" "${DPO_ARGS[@]}"
 stage "evaluate DPO (eval.py -i dpo)" "$SFT_DATA" "$DPO_DATA" "$(latest "$SFT_DIR")" "$(latest "$DPO_DIR")" \
     -- "$REPORT_DIR" -- evaluate dpo --model_tag="$TAG" "${EVAL_ARGS[@]}"
-step "report (report.py generate)" "$PY" report.py generate
+in_dir() { (cd "$1" && shift && "$@"); }  # in_dir DIR COMMAND...
+step "report (report.py generate)" in_dir "$CALLER" "$PY" "$PWD/report.py" generate
 
-say "done: $BASE/report/chimera-report.md (and ./report.md)"
+say "done"  # what to do next, each on its own line to copy
+echo "Chat with the DPO model (add -p \"hello\" for one answer; --serve for a web page):"
+printf '%q ' "NANOCHAT_BASE_DIR=$BASE" "$PY" "$PWD/chat.py" -i dpo --model_tag="$TAG" | sed 's/ $/\n/'
+printf 'The report:\n%s\n' "$BASE/report/chimera-report.md"

@@ -19,7 +19,8 @@ import torch
 
 from common import (UserError, all_reduce_sum, autocast, check_settings, cleanup_dist, get_base_dir, init_dist,
                     parse_config, print0, run_main)
-from checkpoint import SOURCE_DIRS, RunDir, checkpoint_dir_for, default_start, load_model, load_optimizer_shards
+from checkpoint import (SOURCE_DIRS, RunDir, checkpoint_dir_for, default_start, find_last_step, load_model,
+                        load_optimizer_shards)
 from dataloader import Schedule, StepLog, collate, due
 from model import compile_model
 from optim import GradSync, optimizer_step, setup_optimizers, warm_start
@@ -135,6 +136,7 @@ def main():
     check_config(config)
     source = config.source or default_start(get_base_dir())  # as nanochat's SFT: mid if there is one, else base
     proc = init_dist(config.device_type)
+    find_last_step(checkpoint_dir_for(source, config.model_tag))  # a missing checkpoint is found before any download
     train, vals = tasks.download_lock(lambda: build_datasets(config))  # data errors surface before the model loads
     model, tokenizer, meta = load_model(source, proc.device, "train", config.model_tag, config.step)
     max_len = min(config.max_seq_len or model.config.sequence_len, model.config.sequence_len)

@@ -4,6 +4,7 @@ nanochat's identity and spelling tasks, rendered, ordered and graded as nanochat
 
     python tasks.py                      # fetch and cache everything SFT and eval use
     python tasks.py ARC-Easy GSM8K       # just these (names: see PREFETCH)
+    python tasks.py --help               # this text
 """
 
 import contextlib
@@ -25,7 +26,7 @@ import numpy as np
 import requests
 
 import sandbox
-from common import ProgressBar, UserError, atomic_write, get_base_dir, print0, run_main
+from common import ProgressBar, UserError, about, atomic_write, get_base_dir, print0, run_main
 from tokenizer import check_messages
 
 
@@ -641,6 +642,8 @@ PREFETCH = {
 
 def main():
     names = sys.argv[1:] or list(PREFETCH)
+    if names[0] in ("-h", "--help"):
+        return print(__doc__.strip() + "\n\n" + about("__main__")[1])
     if unknown := [n for n in names if n not in PREFETCH]:
         raise UserError(f"unknown task {unknown[0]!r}; known: {', '.join(PREFETCH)}")
     for name in names:

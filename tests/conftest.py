@@ -18,6 +18,20 @@ def golden_dir(generation=2025):
     return os.path.join(FIXTURES, GENERATIONS[generation])
 
 
+def clone_status():
+    """What `git status` shows in the clone (untracked and ignored included), Python's bytecode caches aside."""
+    out = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=REPO, capture_output=True, text=True)
+    return {line for line in out.stdout.splitlines() if "__pycache__" not in line}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_written_into_the_clone():
+    """Tests write into their temporary directories only: neither the clone nor the working directory changes."""
+    before, cwd = clone_status(), set(os.listdir("."))
+    yield
+    assert clone_status() - before == set() and set(os.listdir(".")) - cwd == set()
+
+
 @pytest.fixture(scope="session")
 def golden():
     return golden_dir(2025)

@@ -398,9 +398,11 @@ def test_save_load_round_trip_with_bf16_and_orig_mod_prefix(tmp_path):
 
 def test_load_errors_are_one_clear_line(tmp_path):
     base = make_tiny_base(tmp_path)
-    with pytest.raises(UserError, match="no such checkpoint directory"):
+    with pytest.raises(UserError, match="mid_checkpoints: no such checkpoint directory; .* holds base_checkpoints$"):
         load_model("mid", "cpu", "eval", base_dir=base)
-    with pytest.raises(UserError, match="no checkpoint for step 7"):
+    with pytest.raises(UserError, match="d9: no such checkpoint directory; .*base_checkpoints holds d2$"):
+        load_model("base", "cpu", "eval", model_tag="d9", base_dir=base)
+    with pytest.raises(UserError, match=r"no such checkpoint for step 7; .* holds model_000000\.pt$"):
         load_model("base", "cpu", "eval", step=7, base_dir=base)
     with pytest.raises(UserError, match="unknown checkpoint source"):
         load_model("nope", "cpu", "eval", base_dir=base)

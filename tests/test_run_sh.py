@@ -3,6 +3,7 @@ finished nanochat speedrun (Chimera's own stages, nanochat's files untouched, sk
 Chimera's stamps), the start checkpoint of both nanochat generations, and the clear stops when
 a real run lacks what it needs."""
 
+import functools
 import hashlib
 import json
 import os
@@ -23,11 +24,16 @@ SMALLEST = {  # the smallest settings that still train on real tokens (demo rows
 }
 
 
-def run_sh(env, timeout=400):
+@pytest.fixture(autouse=True)
+def elsewhere(tmp_path, monkeypatch):  # run.sh copies report.md into the cwd: here a test's own directory
+    monkeypatch.chdir(tmp_path)
+
+
+def run_sh(env, timeout=400, args=(), cwd=None):
     full = {k: v for k, v in os.environ.items() if k not in ("OPENROUTER_API_KEY", "CHIMERA_DEMO")}
     full.update({"CHIMERA_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **env})
-    return subprocess.run(["bash", os.path.join(REPO, "run.sh")], env=full, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(["bash", os.path.join(REPO, "run.sh"), *args], env=full, capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
 
 
 def test_demo_profile_end_to_end_then_resumes(tmp_path):
@@ -35,9 +41,15 @@ def test_demo_profile_end_to_end_then_resumes(tmp_path):
     env = {
         "CHIMERA_DEMO_DIR": str(demo), "NANOCHAT_BASE_DIR": str(tmp_path / "real"), "CHIMERA_DEMO_DEPTH": "1",
         **SMALLEST}
-    proc = run_sh(env)
+    proc = run_sh(env, cwd=tmp_path)  # report.md's copy goes to the cwd
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "OFFLINE DEMO" in proc.stdout
+    assert "OFFLINE DEMO" in proc.stdout and (tmp_path / "report.md").exists()
+    lines = proc.stdout.splitlines()  # it ends with the command that chats with the DPO model, then the report
+    chat = lines[lines.index("=== done ===") + 2]
+    assert lines[-1] == str(demo / "report" / "chimera-report.md") and "chat.py -i dpo --model_tag=d1" in chat
+    answer = subprocess.run(["bash", "-c", chat + ' -p "hello" --max_tokens=8'], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr[-2000:]
     for directory in ("base_checkpoints/d1", "chatsft_checkpoints/chimera_d1", "chatdpo_checkpoints/d1"):
         assert any(n.startswith("model_") for n in os.listdir(demo / directory)), directory
     assert not (tmp_path / "real").exists()  # the demo never touches the real base dir
@@ -47,9 +59,17 @@ def test_demo_profile_end_to_end_then_resumes(tmp_path):
     row = next(line for line in report.splitlines() if line.startswith("| Persona preference accuracy"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[3] != "-" and cells[4] != "-"  # measured after SFT and after DPO
-    again = run_sh(env)
+    again = run_sh(env, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count(", skipped") == 5  # base, sft, eval sft, dpo, eval dpo
+
+
+def test_help_says_what_it_does_and_starts_nothing(tmp_path):
+    proc = run_sh({"NANOCHAT_BASE_DIR": str(tmp_path / "base"), "CHIMERA_DEMO_DIR": str(tmp_path / "demo")},
+                  timeout=30, args=["--help"], cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith("Chimera: the whole post-training pipeline")
+    assert "CHIMERA_DEMO_DIR" in proc.stdout and "NANOCHAT_BASE_DIR" in proc.stdout and not os.listdir(tmp_path)
+    assert run_sh({}, timeout=30, args=["--demo"], cwd=tmp_path).returncode == 2 and not os.listdir(tmp_path)
 
 
 def test_a_checkpoint_without_key_or_data_stops_with_a_message(tmp_path):
@@ -86,7 +106,7 @@ elif args[0] == "eval.py":
         json.dump({{"results": {{}}, "skipped": json.loads(os.environ.get("FAKE_SKIPPED", "{{}}"))}}, f)
 elif args[0] == "checkpoint.py":  # no nanochat checkpoint: the demo's own
     print("START=base START_DIR=none TAG=")
-elif args[0] != "report.py" and "import torch" not in args[-1]:  # the venv's packages are there
+elif not args[0].endswith("report.py") and "import torch" not in args[-1]:  # the venv's packages are there
     os.execv({python!r}, [{python!r}, *args])
 """
 
@@ -250,7 +270,8 @@ def speedrun(tmp_path_factory):
     base = str(tmp_path_factory.mktemp("speedrun"))
     speedrun_base_dir(base)
     before = file_hashes(base)
-    env = {"NANOCHAT_BASE_DIR": base, **REAL_OFFLINE}
+    env, cwd = {"NANOCHAT_BASE_DIR": base, **REAL_OFFLINE}, tmp_path_factory.mktemp("cwd")
+    run_sh = functools.partial(globals()["run_sh"], cwd=cwd)  # report.md's copy goes there
     first = run_sh(env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     after_first = file_hashes(base)
