@@ -89,11 +89,13 @@ def selected_tasks(config):
     return names
 
 
-def chatcore(results):
-    """Mean of the centred accuracies, only when every chat task has a result (nanochat)."""
-    if not all(isinstance(results.get(name), float) for name in CHAT_TASKS):
+def chatcore(results, generation=2025):
+    """Mean of the centred accuracies over the generation's chat_eval task set, only when every one of them has
+    a result (nanochat): 885a4f2's six tasks; 92d63d4 dropped SpellingBee from ChatCORE."""
+    names = [n for n in CHAT_TASKS if generation == 2025 or n != "SpellingBee"]
+    if not all(isinstance(results.get(name), float) for name in names):
         return None
-    return sum((results[n] - BASELINES[n]) / (1.0 - BASELINES[n]) for n in CHAT_TASKS) / len(CHAT_TASKS)
+    return sum((results[n] - BASELINES[n]) / (1.0 - BASELINES[n]) for n in names) / len(names)
 
 
 def problems(task, config):  # how many of a task's problems to evaluate
@@ -378,7 +380,7 @@ def main():
             continue
         results.update(new)
         print0(f"{name}: {', '.join(f'{k} {v:.4f}' for k, v in new.items())} ({time.time() - start:.1f}s)")
-    if (core := chatcore(results)) is not None:
+    if (core := chatcore(results, model.config.generation)) is not None:
         results["ChatCORE metric"] = core
     if proc.master:
         # the settings as run: a flag Resolved holds (by the same name) as resolved
