@@ -110,6 +110,7 @@ class Resolved(NamedTuple):
     sft_val_fraction: float
     dpo_val_fraction: float
     dpo_loss: dpo.DPOLoss  # the DPO run's beta, loss type and label smoothing
+    dpo_max_length: int  # the DPO run's truncation: its held-out figures and eval's agree
     judge: Optional["Judge"]  # None = off
 
 
@@ -157,6 +158,7 @@ def resolve(config, meta):
         else config.sft_val_fraction,
         dpo_val_fraction=dpo_run["val_fraction"] if config.dpo_val_fraction < 0 else config.dpo_val_fraction,
         dpo_loss=dpo.DPOLoss(dpo_run["beta"], dpo_run["loss_type"], dpo_run["label_smoothing"]),
+        dpo_max_length=dpo_run["max_length"],
         judge=Judge() if config.judge == 1 or (config.judge == -1 and os.environ.get("OPENROUTER_API_KEY")) else None)
 
 
@@ -270,9 +272,11 @@ def trader_dpo_metrics(model, tokenizer, config, resolved, proc):
     reference = reference_model(config, resolved, proc.device)
     for cond in CONDITIONS:
         system = system_of(cond, config)  # in the prompt exactly as a system message renders: merged, a blank line
+        # truncated as DPO truncates (its held-out figures and these agree), the system message on top of that
+        budget = resolved.dpo_max_length + (len(tokenizer.encode(f"{system}\n\n")) if system else 0)
         pairs, _ = dpo.render_pairs([dict(r, prompt=f"{system}\n\n{r['prompt']}") if system else r for r in rows],
-                                    tokenizer, model.config.sequence_len)  # the whole context, not DPO's max_length:
-        if not pairs:  # the system message must fit. None left: the val split is empty, or no answer fits
+                                    tokenizer, min(budget, model.config.sequence_len))
+        if not pairs:  # none left: the val split is empty, or no answer fits
             continue
         out[f"Persona preference accuracy ({cond})"] = prefers_share(model, pairs, pad_id, config.batch_size, proc)
         if reference is not None:

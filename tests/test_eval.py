@@ -220,6 +220,12 @@ def test_dpo_checkpoint_gets_pair_metrics_against_sft(eval_base, monkeypatch):
     assert lines["Persona reference"] == "sft"
     held_out = tasks.TraderDPO(split="val", val_fraction=0.2)
     assert len(held_out) > 0  # the DPO run's split fraction is the one used
+    # the pairs are truncated at the DPO run's max_length, as dpo.py's own held-out evaluation truncates them
+    reference, tok, _ = load_model("sft", "cpu", "eval")
+    pairs = dpo.render_pairs(held_out, tok, 64)[0]  # the DPO run's beta is the default 0.1 here
+    figures = dpo.evaluate_pairs(m, reference, pairs, tok.encode_special("<|assistant_end|>"), dpo.DPOLoss(0.1), 8,
+                                 Dist(0, 1, torch.device("cpu")))
+    assert float(lines["DPO reward margin (no system)"]) == pytest.approx(figures["rewards/margins"], abs=1e-4)
 
 
 def test_dpo_reference_is_the_checkpoint_it_was_trained_from(eval_base, monkeypatch):
@@ -246,7 +252,7 @@ def test_settings_left_to_the_checkpoints_are_resolved_once_and_the_config_kept(
                     user_config={"val_fraction": 0.2, "beta": 0.3, "loss_type": "ipo"})
     config = cfg("-i", "dpo")
     resolved = chat_eval.resolve(config, dpo_meta)
-    assert resolved == chat_eval.Resolved("sft", "d2", 0, 0.1, 0.2, dpo.DPOLoss(0.3, "ipo", 0.0), None)
+    assert resolved == chat_eval.Resolved("sft", "d2", 0, 0.1, 0.2, dpo.DPOLoss(0.3, "ipo", 0.0), 1024, None)
     assert config == cfg("-i", "dpo")
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.ref_source = "sft"
