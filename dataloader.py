@@ -50,8 +50,11 @@ class Schedule:
         per = self.per_step // bs
         return self.cached[1][(step % self.window) * per:][:per][rank::self.world_size]
 
-    def lr_multiplier(self, step):
-        return 1.0 - step / self.num_iterations
+    def lr_multiplier(self, step, warmdown=1.0):
+        """1 until the run's last `warmdown` share, then linearly to 0 (1.0: from the first step, as nanochat
+        885a4f2's SFT; 0.5: flat, then down over the second half, as 92d63d4's)."""
+        progress = step / self.num_iterations
+        return 1.0 if progress <= 1 - warmdown else (1 - progress) / warmdown
 
 
 def due(step, every):

@@ -51,7 +51,8 @@ class Config:
     embedding_lr: float = 0.2  # AdamW lr of the token embedding
     matrix_lr: float = 0.02  # Muon lr of the transformer matrices
     weight_decay: float = 0.0  # weight decay (Muon in 2026 models, AdamW in Nov 2025 ones)
-    init_lr_frac: float = 0.02  # start every lr at this fraction of the above (nanochat's SFT), then decay to 0
+    init_lr_frac: float = -1.0  # every lr is this fraction of the above; -1 = the generation's SFT: 0.02 / 0.8 (2026)
+    warmdown_ratio: float = -1.0  # the last share of steps where lr falls to 0; -1 = 1 (Nov 2025: all) / 0.5 (2026)
     eval_every: int = 100  # steps between val-loss evaluations (and at the end); -1 = only at the end
     eval_batches: int = 25  # val batches per evaluation, per process
     save_every: int = -1  # steps between checkpoints; -1 = only at the end
@@ -69,8 +70,12 @@ def check_config(config):  # before anything heavy is loaded
                         f"--system_prompt_frac={config.system_prompt_frac} in [0, 1]")
     check_settings(config, at_least_1=("sft_mix_trader", "sft_mix_smoltalk", "device_batch_size",
                                        "target_examples_per_step", "num_epochs", "eval_batches", "smoltalk_rows"),
-                   positive=("init_lr_frac",), steps=("num_iterations",), tags=("model_tag", "out_tag"),
+                   steps=("num_iterations",), tags=("model_tag", "out_tag"),
                    not_negative=("max_seq_len", "unembedding_lr", "embedding_lr", "matrix_lr", "weight_decay"))
+    if config.init_lr_frac != -1 and not config.init_lr_frac > 0:
+        raise UserError(f"--init_lr_frac={config.init_lr_frac}: must be > 0, or -1 for the checkpoint generation's")
+    if config.warmdown_ratio != -1 and not 0 <= config.warmdown_ratio <= 1:
+        raise UserError(f"--warmdown_ratio={config.warmdown_ratio}: must be in [0, 1], or -1 for the generation's")
     if config.source and config.source not in SOURCE_DIRS:
         raise UserError(f"--source={config.source!r}: expected one of {', '.join(SOURCE_DIRS)}")
 
@@ -147,6 +152,9 @@ def main():
         raise UserError(f"no training conversation has an assistant token within {max_len} tokens (--max_seq_len)"
                         + f"; all {dropped} have nothing to learn" * bool(dropped))
     pad_id = tokenizer.encode_special("<|assistant_end|>")
+    gen2026 = model.config.generation == 2026  # the recipe of the checkpoint's nanochat: 92d63d4's, else 885a4f2's
+    init_lr_frac = config.init_lr_frac if config.init_lr_frac != -1 else 0.8 if gen2026 else 0.02
+    warmdown = config.warmdown_ratio if config.warmdown_ratio != -1 else 0.5 if gen2026 else 1.0
     schedule = Schedule([len(ids) for ids, _ in rows], config.target_examples_per_step, config.device_batch_size,
                         proc.world_size, config.num_epochs, config.num_iterations)
     steps = schedule.num_iterations
@@ -185,7 +193,8 @@ def main():
             "step": step, "val_loss": next(iter(val_losses.values()), None), "val_losses": val_losses,
             "train_loss": train_loss, "model_config": meta["model_config"], "user_config": asdict(config),
             "source": source, "source_step": meta.get("step"), "mixture": [list(row) for row in composition],
-            "dropped_rows": dropped, "system_prompt_frac": config.system_prompt_frac,
+            "dropped_rows": dropped, "system_prompt_frac": config.system_prompt_frac, "init_lr_frac": init_lr_frac,
+            "warmdown_ratio": warmdown,
             "real_token_frac": step_log.real_token_frac()})
 
     val_losses, train_loss = {}, float("nan")
@@ -215,8 +224,10 @@ def main():
         (train_loss,) = all_reduce_sum([step_loss], proc.device)
         if not math.isfinite(train_loss):
             raise UserError(f"step {step + 1}: the training loss is {train_loss}; stopped, nothing saved")
-        lrm = schedule.lr_multiplier(step)
-        optimizer_step(model, optimizers, config.init_lr_frac * lrm, grad_sync)
+        lrm = schedule.lr_multiplier(step, warmdown)
+        for group in optimizers[1].param_groups if gen2026 else ():  # 92d63d4 warms Muon's momentum up over 300
+            group["momentum"] = (1 - min(step / 300, 1)) * 0.85 + min(step / 300, 1) * 0.95
+        optimizer_step(model, optimizers, init_lr_frac * lrm, grad_sync)
         step_log.log(step + 1, time.time() - t0, f"loss {train_loss:.4f} | lrm {lrm:.3f} | tokens {int(num_tokens)}",
                      {"loss": train_loss, "lr_multiplier": lrm, "lr": optimizers[1].param_groups[0]["lr"]},
                      num_tokens, real, positions)
@@ -229,6 +240,7 @@ def main():
         "Real-token fraction": step_log.real_token_frac(), "Training loss": train_loss,
         **{f"Validation loss ({k})": v for k, v in val_losses.items()},
         **({"Validation loss": next(iter(val_losses.values()))} if val_losses else {}),
+        "LR schedule": f"{init_lr_frac} x the lrs, down to 0 over the last {warmdown:.0%} of the steps",
         "Training time (s)": round(time.time() - step_log.start, 1)}])
     cleanup_dist()
 

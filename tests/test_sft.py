@@ -262,3 +262,25 @@ def test_sft_from_a_2026_base_continues_its_optimizer_shards(tmp_path, monkeypat
     for flag, continued in (("--load_optimizer=1", True), ("--load_optimizer=0", False)):
         run_sft(monkeypatch, "--sft_dataset=trader", "--num_iterations=1", "--eval_every=-1", flag, *FAST)
         assert ("optimizer: continuing from" in capsys.readouterr().out) == continued
+
+
+@pytest.mark.parametrize("generation, lrms, frac", [(2025, [1.0, 0.75, 0.5, 0.25], 0.02),
+                                                    (2026, [1.0, 1.0, 1.0, 0.5], 0.8)])
+def test_sft_schedule_follows_the_generation_of_the_checkpoint(tmp_path, monkeypatch, generation, lrms, frac):
+    """Nov 2025 checkpoints get 885a4f2's SFT schedule (lrs x 0.02, down to 0 from the first step); 2026 ones
+    92d63d4's (x 0.8, flat for half the steps, then down to 0; Muon's momentum warming up from 0.85)."""
+    import shutil
+
+    from conftest import golden_dir
+
+    base = tmp_path / "base"
+    shutil.copytree(golden_dir(generation), base)
+    write_jsonl(str(base / "datasets" / "trader_sft_data.jsonl"), [trader_conversation(i) for i in range(40)])
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    run_sft(monkeypatch, "--sft_dataset=trader", "--num_iterations=4", "--eval_every=-1", *FAST)
+    ckpt = base / "chatsft_checkpoints" / "chimera_d2"
+    steps = [json.loads(line) for line in open(ckpt / "metrics.jsonl") if '"loss"' in line]
+    assert [s["lr_multiplier"] for s in steps] == lrms
+    assert [s["lr"] for s in steps] == pytest.approx([0.02 * frac * m for m in lrms])  # Muon's matrix lr
+    meta = json.load(open(ckpt / "meta_000004.json"))
+    assert (meta["init_lr_frac"], meta["warmdown_ratio"]) == (frac, 0.5 if generation == 2026 else 1.0)
