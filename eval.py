@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Optional
@@ -24,7 +25,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from common import (UserError, ProgressBar, all_reduce_sum, atomic_write_json, autocast, check_settings,
-                    cleanup_dist, init_dist, parse_config, print0, run_main)
+                    cleanup_dist, get_base_dir, init_dist, parse_config, print0, run_main)
 from checkpoint import checkpoint_dir_for, find_last_step, load_model
 from engine import Engine, Sampling
 import dpo
@@ -373,17 +374,30 @@ def main():
     resolved = resolve(config, meta)
     print0(f"evaluating {config.source} step {meta.get('step')} on {', '.join(names)} "
            f"(reference: {resolved.ref_source or 'none'})")
-    results, skipped, t0 = {}, {}, time.time()
+    by_task, skipped, t0 = {}, {}, time.time()
     for name in names + (["Judge"] if resolved.judge else []):
         start = time.time()
         try:
-            new = EVALUATIONS[name](model, tokenizer, config, resolved, proc)
-        except tasks.DataUnavailable as e:  # no data, or no judge: say so, keep the rest
+            by_task[name] = EVALUATIONS[name](model, tokenizer, config, resolved, proc)
+        except tasks.DataUnavailable as e:  # no data, or no judge: said once per cause below, the rest kept
             skipped[name] = str(e)
-            print0(f"{name}: skipped ({e})")
             continue
-        results.update(new)
-        print0(f"{name}: {', '.join(f'{k} {v:.4f}' for k, v in new.items())} ({time.time() - start:.1f}s)")
+        print0(f"{name}: {', '.join(f'{k} {v:.4f}' for k, v in by_task[name].items())} ({time.time() - start:.1f}s)")
+    causes = {}  # a skip's long message (its cache path) comes down to its cause: one line per cause
+    for name, why in skipped.items():
+        cause = re.search(r"not cached(?: and could not be fetched: | \()(.*?)(?:\. To work|\); to work)", why)
+        causes.setdefault(cause[1] if cause else why, []).append(name)
+    for cause, skipped_names in causes.items():
+        print0(f"skipped ({cause}): {', '.join(skipped_names)}" + " (where its data goes: the json beside the "
+               "report section)" * any(n in CHAT_TASKS for n in skipped_names))
+    section_json = os.path.join(get_base_dir(), "report", f"chimera-chat-evaluation-{config.source}.json")
+    if config.task_name and os.path.exists(section_json):  # -a: these tasks updated, the others kept
+        with open(section_json, encoding="utf-8") as f:
+            earlier = json.load(f)
+        if earlier.get("step") == meta.get("step") and isinstance(earlier.get("by_task"), dict):
+            by_task = {**{k: v for k, v in earlier["by_task"].items() if k not in skipped}, **by_task}
+            skipped = {**{k: v for k, v in earlier.get("skipped", {}).items() if k not in by_task}, **skipped}
+    results = {k: v for figures in by_task.values() for k, v in figures.items()}
     if (core := chatcore(results, model.config.generation)) is not None:
         results["ChatCORE metric"] = core
     if proc.master:
@@ -391,14 +405,14 @@ def main():
         settings = {k: getattr(resolved, k, v) for k, v in dataclasses.asdict(config).items()}
         settings["judge"] = int(resolved.judge is not None)
         judge = resolved.judge.model if resolved.judge else None  # None: no judge answered
-        info = {"Skipped tasks": len(skipped), "Evaluation time (s)": round(time.time() - t0, 1),
+        info = {"Skipped tasks": ", ".join(skipped) or "none", "Evaluation time (s)": round(time.time() - t0, 1),
                 "Persona reference": resolved.ref_source or "none",
                 "Judge": f"{judge} (both orders)" if judge else "none (identity probes by log-likelihood)"}
         section_path = write_report_section(f"Chat evaluation {config.source}", [
             {k: v for k, v in settings.items() if k != "task_name"}, results, info])
         atomic_write_json(section_path[:-3] + ".json", {
             "source": config.source, "step": meta.get("step"), "results": results, "skipped": skipped,
-            "config": settings})
+            "by_task": by_task, "config": settings})
     cleanup_dist()
 
 

@@ -4,6 +4,7 @@ section, skipping unavailable tasks, and sharding over 2 processes."""
 import dataclasses
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -185,7 +186,7 @@ def test_missing_task_is_skipped_and_chatcore_omitted(eval_base, monkeypatch, ca
     os.remove(tasks.hf_cache_path("openai/openai_humaneval", "openai_humaneval", "test"))
     run_eval(monkeypatch, "-i", "sft", "--max_new_tokens=4", "-a", "ARC-Easy|HumanEval|Trader-DPO")
     out = capsys.readouterr().out
-    assert out.count("HumanEval: skipped (") == 1
+    assert len([line for line in out.splitlines() if line.startswith("skipped (") and "HumanEval" in line]) == 1
     _, lines = section(eval_base, "sft")
     assert "ARC-Easy" in lines and "HumanEval" not in lines and "ChatCORE metric" not in lines
     data = json.load(open(os.path.join(eval_base, "report", "chimera-chat-evaluation-sft.json")))
@@ -203,7 +204,7 @@ def test_condition_truncated_away_is_left_out_not_the_task(eval_base, monkeypatc
     run_eval(monkeypatch, "-i", "sft", "-a", "Trader-SFT")
     _, lines = section(eval_base, "sft")
     assert float(lines["Trader SFT held-out loss (no system)"]) > 0
-    assert "Trader SFT held-out loss (with system)" not in lines and lines["Skipped tasks"] == "0"
+    assert "Trader SFT held-out loss (with system)" not in lines and lines["Skipped tasks"] == "none"
 
 
 def test_dpo_checkpoint_gets_pair_metrics_against_sft(eval_base, monkeypatch):
@@ -319,7 +320,7 @@ def test_a_judge_refusing_mid_run_skips_the_judged_rows_not_the_eval(eval_base, 
         server.stop()
     _, lines = section(eval_base, "sft")
     assert float(lines["Trader SFT held-out loss (no system)"]) > 0 and "Identity probe score" not in lines
-    assert lines["Skipped tasks"] == "2" and not any(k.startswith("Judge win rate") for k in lines)  # Identity, Judge
+    assert lines["Skipped tasks"] == "Identity, Judge" and not any(k.startswith("Judge win rate") for k in lines)  # Identity, Judge
 
 
 def test_judge_win_rate_of_dpo_against_sft(eval_base, monkeypatch):
@@ -412,3 +413,23 @@ def test_the_judged_work_is_shared_by_the_ranks_and_fails_on_all_together():
     assert judge.seen == ["p1", "p4"]
     with pytest.raises(tasks.DataUnavailable, match="402"):
         chat_eval.judged(Judge(fail=True), prompts, answers, others, proc)
+
+
+def test_a_partial_eval_updates_its_tasks_and_keeps_the_others(eval_base, monkeypatch, capsys):
+    """-a Identity after a run of other tasks: the section holds both (the earlier figures kept, the run's
+    updated); skipped tasks are named and said once per cause, not one long line each."""
+    run_eval(monkeypatch, "-i", "sft", "-a", "Trader-SFT")
+    run_eval(monkeypatch, "-i", "sft", "-a", "Identity")
+    _, lines = section(eval_base, "sft")
+    assert "Trader SFT held-out loss (no system)" in lines and "Identity probe score" in lines
+    for name in ("openai/openai_humaneval", "allenai/ai2_arc"):
+        shutil.rmtree(os.path.dirname(os.path.dirname(tasks.hf_cache_path(name, "x", "x"))), ignore_errors=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    capsys.readouterr()
+    run_eval(monkeypatch, "-i", "sft", "-a", "ARC-Easy|ARC-Challenge|HumanEval")
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if "skipped" in line] == [
+        "skipped (HF_HUB_OFFLINE is set): ARC-Easy, ARC-Challenge, HumanEval (where its data goes: the json beside "
+        "the report section)"]
+    _, lines = section(eval_base, "sft")
+    assert lines["Skipped tasks"] == "ARC-Easy, ARC-Challenge, HumanEval" and "Identity probe score" in lines
