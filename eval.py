@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Optional
@@ -130,7 +129,7 @@ class Judge:
                 return list(pool.map(lambda i: openrouter.judge_both_orders(
                     client, self.persona, prompts[i], answers[i], others[i]), range(len(prompts))))
         except UserError as e:
-            raise tasks.DataUnavailable(f"the judge is unavailable: {e}") from None
+            raise tasks.DataUnavailable(f"the judge is unavailable: {e}", for_now=True) from None
 
 
 def stage_meta(stage, config, loaded_meta):
@@ -304,7 +303,7 @@ def judged(judge, prompts, answers, others, proc):
     """(wins, losses) of answers(prompts, seeds) over others(...) summed over ranks, each rank sampling and judging
     its share (no rank waits on one that does it all); DataUnavailable on every rank if the judge failed on any."""
     mine = list(range(proc.rank, len(prompts), proc.world_size))
-    counts, why = [0, 0, 0], ""
+    counts, why = [0, 0, 0], "the judge is unavailable (on another rank)"
     try:
         picked, seeds = [prompts[i] for i in mine], [42 + i for i in mine]
         verdicts = judge.verdicts(picked, answers(picked, seeds), others(picked, seeds)) if mine else []
@@ -313,7 +312,7 @@ def judged(judge, prompts, answers, others, proc):
         counts[2], why = 1, str(e)
     wins, losses, failed = all_reduce_sum(counts, proc.device)
     if failed:
-        raise tasks.DataUnavailable(why or "the judge is unavailable (on another rank)")
+        raise tasks.DataUnavailable(why, for_now=True)
     return int(wins), int(losses)
 
 
@@ -374,20 +373,18 @@ def main():
     resolved = resolve(config, meta)
     print0(f"evaluating {config.source} step {meta.get('step')} on {', '.join(names)} "
            f"(reference: {resolved.ref_source or 'none'})")
-    by_task, skipped, t0 = {}, {}, time.time()
+    by_task, skipped, causes, for_now, t0 = {}, {}, {}, [], time.time()
     for name in names + (["Judge"] if resolved.judge else []):
         start = time.time()
         try:
             by_task[name] = EVALUATIONS[name](model, tokenizer, config, resolved, proc)
         except tasks.DataUnavailable as e:  # no data, or no judge: said once per cause below, the rest kept
             skipped[name] = str(e)
+            causes.setdefault(e.cause, []).append(name)
+            for_now += [name] if e.for_now else []
             continue
         print0(f"{name}: {', '.join(f'{k} {v:.4f}' for k, v in by_task[name].items())} ({time.time() - start:.1f}s)")
-    causes = {}  # a skip's long message (its cache path) comes down to its cause: one line per cause
-    for name, why in skipped.items():
-        cause = re.search(r"not cached(?: and could not be fetched: | \()(.*?)(?:\. To work|\); to work)", why)
-        causes.setdefault(cause[1] if cause else why, []).append(name)
-    for cause, skipped_names in causes.items():
+    for cause, skipped_names in causes.items():  # not a long line (a cache path) per task
         print0(f"skipped ({cause}): {', '.join(skipped_names)}" + " (where its data goes: the json beside the "
                "report section)" * any(n in CHAT_TASKS for n in skipped_names))
     section_json = os.path.join(get_base_dir(), "report", f"chimera-chat-evaluation-{config.source}.json")
@@ -412,6 +409,7 @@ def main():
             {k: v for k, v in settings.items() if k != "task_name"}, results, info])
         atomic_write_json(section_path[:-3] + ".json", {
             "source": config.source, "step": meta.get("step"), "results": results, "skipped": skipped,
+            "skipped_for_now": for_now,
             "by_task": by_task, "config": settings})
     cleanup_dist()
 

@@ -59,8 +59,7 @@ stage() {
 }
 evaluate() {  # evaluate SOURCE ARGS...: eval.py -i SOURCE; FOR_NOW names what it skipped for now (not when offline)
     launch eval.py -i "$@" || return
-    FOR_NOW=$("$PY" -c 'import json, sys; print(", ".join(task for task, why in json.load(open(sys.argv[1]))
-        .get("skipped", {}).items() if ("unavailable" in why or "fetch" in why) and "HF_HUB_OFFLINE" not in why))' \
+    FOR_NOW=$("$PY" -c 'import json, sys; print(", ".join(json.load(open(sys.argv[1])).get("skipped_for_now", [])))' \
         "$REPORT_DIR/chimera-chat-evaluation-$1.json")
 }
 

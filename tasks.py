@@ -249,7 +249,12 @@ _unreachable = set()  # endpoints that failed to connect in this process: not tr
 
 
 class DataUnavailable(UserError):
-    """A dataset could not be fetched; the message says where its cache file goes, to supply the rows by hand."""
+    """Data (or the judge) could not be had; the message says where a cache file goes, to supply it by hand.
+    cause: the message's gist, for logs that group skips; for_now: a later run may get it (not offline)."""
+
+    def __init__(self, message, cause=None, for_now=False):
+        super().__init__(message)
+        self.cause, self.for_now = cause or message, for_now
 
 
 def hf_cache_path(dataset, config, split):
@@ -334,7 +339,8 @@ def hf_rows(dataset, config, split, stop=None, problem_of=lambda row: None):
             rows, total = _fetch_rows(dataset, config, split, stop)
         except DataUnavailable as e:
             raise DataUnavailable(f"{dataset} ({config}/{split}) is not cached and could not be fetched: {e}. To work "
-                                  f"offline, put its rows, one JSON object per line, in {full}") from None
+                                  f"offline, put its rows, one JSON object per line, in {full}", str(e),
+                                  not offline()) from None
         path = full if stop is None or stop >= total else os.path.join(folder, f"{split}.first{stop}.jsonl")
         atomic_write(path, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         for old in prefixes.values():  # all shorter than stop (else one was usable): superseded
@@ -537,7 +543,7 @@ def cached_file(url):
             return path
         except (requests.RequestException, HTTPGaveUp) as e:
             why = f"{type(e).__name__} fetching {url}"
-    raise DataUnavailable(f"{name} is not cached ({why}); to work offline, put {url} at {path}")
+    raise DataUnavailable(f"{name} is not cached ({why}); to work offline, put {url} at {path}", why, not offline())
 
 
 class IdentityConversations(Task):

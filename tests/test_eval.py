@@ -433,3 +433,5 @@ def test_a_partial_eval_updates_its_tasks_and_keeps_the_others(eval_base, monkey
         "the report section)"]
     _, lines = section(eval_base, "sft")
     assert lines["Skipped tasks"] == "ARC-Easy, ARC-Challenge, HumanEval" and "Identity probe score" in lines
+    data = json.load(open(os.path.join(eval_base, "report", "chimera-chat-evaluation-sft.json")))
+    assert data["skipped_for_now"] == []  # offline is for good: run.sh stamps it

@@ -103,7 +103,8 @@ if args[0] in ("sft.py", "dpo.py") or "fresh_base" in args[-1]:
     time.sleep(float(os.environ.get("FAKE_SLEEP", 0)) if args[0] == "sft.py" else 0)
 elif args[0] == "eval.py":
     with open(os.path.join(base, "report", f"chimera-chat-evaluation-{{args[2]}}.json"), "w") as f:
-        json.dump({{"results": {{}}, "skipped": json.loads(os.environ.get("FAKE_SKIPPED", "{{}}"))}}, f)
+        json.dump({{"results": {{}}, "skipped": json.loads(os.environ.get("FAKE_SKIPPED", "{{}}")),
+                   "skipped_for_now": json.loads(os.environ.get("FAKE_FOR_NOW", "[]"))}}, f)
 elif args[0] == "checkpoint.py":  # no nanochat checkpoint: the demo's own
     print("START=base START_DIR=none TAG=")
 elif not args[0].endswith("report.py") and "import torch" not in args[-1]:  # the venv's packages are there
@@ -158,7 +159,7 @@ def test_an_evaluation_skipped_for_now_is_not_stamped_and_a_judge_redoes_it(stan
     assert len(evals()) == 2 and all("--judge=0" in line for line in evals())
     for_now = json.dumps({"Judge": "the judge is unavailable: HTTP 402, out of credits", "GSM8K":
                           "openai/gsm8k (main/test) is not cached and could not be fetched: talking to https://x"})
-    second = run(FAKE_SKIPPED=for_now, OPENROUTER_API_KEY="sk-or-x")  # a judge now: the evaluations are redone
+    second = run(FAKE_SKIPPED=for_now, FAKE_FOR_NOW='["Judge", "GSM8K"]', OPENROUTER_API_KEY="sk-or-x")  # a judge now: the evaluations are redone
     assert second.returncode == 0, second.stderr
     assert second.stdout.count(", skipped") == 3 and len(evals()) == 4 and "--judge=1" in evals()[-1]
     assert second.stdout.count("not stamped (Judge, GSM8K skipped for now): the next run redoes it") == 2

@@ -585,6 +585,7 @@ def test_rows_unavailable_names_the_cache(base, monkeypatch):
     expected = os.path.join(str(base), "task_data", "org--data", "main", "train.jsonl")
     assert "org/data (main/train)" in str(e.value) and expected in str(e.value)
     assert isinstance(e.value, UserError) and not os.path.exists(expected)
+    assert e.value.for_now and "org/data" not in e.value.cause  # a later run may reach it; the cause, no path
     # an eval task without cache or network says the same, in one line
     monkeypatch.setattr(tasks, "HF_RETRIES", 0)
     with pytest.raises(tasks.DataUnavailable, match="ARC-Challenge/test.*task_data.*allenai--ai2_arc"):
@@ -593,9 +594,9 @@ def test_rows_unavailable_names_the_cache(base, monkeypatch):
 
 def test_offline_env_fails_at_once_without_a_request(server, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(tasks.DataUnavailable, match="HF_HUB_OFFLINE.*org--data"):
+    with pytest.raises(tasks.DataUnavailable, match="HF_HUB_OFFLINE.*org--data") as e:
         tasks.hf_rows("org/data", "main", "train")
-    assert server.requests == []
+    assert server.requests == [] and not e.value.for_now and e.value.cause == "HF_HUB_OFFLINE is set"
 
 
 def test_unreachable_endpoint_is_written_off_for_the_run(base, monkeypatch):
