@@ -28,7 +28,6 @@ from common import UserError, check_settings, init_dist, parse_config, run_main
 from engine import Engine, Sampling
 from openrouter import PERSONA_PATH, load_persona
 
-
 @dataclass
 class Config:
     """Talk to a checkpoint: a terminal chat, one answer (-p), or an OpenAI-compatible server (--serve)."""
@@ -53,7 +52,6 @@ class Config:
     max_connections: int = 64  # connections served at once; more are answered 503
     max_batch: int = 8  # KV-cache rows: the most replies decoded together
 
-
 @dataclass
 class Request:  # a chat completion: parsed, then shared by the scheduler's thread and wait()
     prompt: list
@@ -64,7 +62,6 @@ class Request:  # a chat completion: parsed, then shared by the scheduler's thre
     sent: list = field(default_factory=list)  # per choice: the characters sent so far
     cancelled: bool = False
     completion_tokens: int = 0
-
 
 # --- The scheduler: all requests in flight decode together -------------------
 class Scheduler:
@@ -150,7 +147,6 @@ class Scheduler:
             req.events.put((row.choice, text[req.sent[row.choice]:], finish))
             req.sent[row.choice] = max(len(text), req.sent[row.choice])
 
-
 # --- Terminal chat -----------------------------------------------------------
 def chat_cli(sched, config, read=input, out=sys.stdout):
     system = config.system or (load_persona(PERSONA_PATH)["system"] if config.persona else "")
@@ -180,13 +176,11 @@ def chat_cli(sched, config, read=input, out=sys.stdout):
                 raise UserError("the model failed while decoding")
             history += [messages[-1], {"role": "assistant", "content": "".join(parts)}]
 
-
 # --- The OpenAI-compatible server --------------------------------------------
 class APIError(Exception):  # its body is OpenAI's error object
     def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
         super().__init__(message)
         self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
 
 def parse_request(body, config, sched):
     """A chat-completions body -> (Request, stream, include_usage), or an APIError 400 naming a field."""
@@ -222,7 +216,6 @@ def parse_request(body, config, sched):
                         get("max_tokens", get("max_completion_tokens", config.max_tokens)), get("seed", config.seed))
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     return Request(prompt, sampling, stop, get("n", 1)), bool(body.get("stream")), include_usage
-
 
 class Handler(BaseHTTPRequestHandler):
     ROUTES = {"/": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST"}
@@ -332,7 +325,6 @@ class Handler(BaseHTTPRequestHandler):
                         "finish_reason": finishes[i]} for i in range(req.n)]
             self._send(200, dict(head, object="chat.completion", usage=usage, choices=choices), log=log)
 
-
 def make_server(sched, name, config):
     server = ThreadingHTTPServer((config.host, config.port), type("Handler", (Handler,), {"timeout": config.timeout}))
     vars(server).update(sched=sched, model_name=name, config=config, created=int(time.time()),
@@ -344,7 +336,6 @@ def make_server(sched, name, config):
     if not (server.loopback or config.api_key):
         print(f"warning: {config.host} is reachable beyond this machine and no API key is set", file=sys.stderr)
     return server
-
 
 PAGE = """<!doctype html><meta charset="utf-8"><title>Chat</title><style>body{font:15px sans-serif;max-width:46em;
 margin:auto}textarea{width:100%}#log div{white-space:pre-wrap;padding:.5em}.user{background:#e6edfb}</style>
@@ -376,7 +367,6 @@ input.onkeydown = e => { if (e.key == "Enter" && !e.shiftKey) { e.preventDefault
 </script>
 """
 
-
 def api_key(config):  # --api_key, else the first line of --api_key_file, else $CHIMERA_API_KEY; "" = none
     if config.api_key or not config.api_key_file:
         return config.api_key or os.environ.get("CHIMERA_API_KEY", "")
@@ -384,7 +374,6 @@ def api_key(config):  # --api_key, else the first line of --api_key_file, else $
         if key := f.readline().strip():
             return key
     raise UserError(f"--api_key_file={config.api_key_file}: no key on its first line (a missing or unreadable file?)")
-
 
 def main():
     config = parse_config(Config, aliases=dict(i="source", g="model_tag", s="step", t="temperature", k="top_k",
@@ -413,7 +402,6 @@ def main():
         server.serve_forever()
     finally:
         sched.close()  # the decoding thread ends before the interpreter does
-
 
 if __name__ == "__main__":
     run_main(main)

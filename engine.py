@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from common import autocast
 from model import softcap, window_mask
 
-
 class KVCache:
     """Keys and values [layers, B, max_len, H_kv, D]; each row is a sequence of its own length `pos`
     (CPU LongTensor [B]) and last normalised embedding `prev` (2026's smear): requests decode together.
@@ -86,11 +85,9 @@ class KVCache:
     def advance(self, T):
         self.pos += T  # in place: a row view moves its parent's row
 
-
 CALC_MATH, CALC_TEXT = set("0123456789*+-/.() "), set(string.ascii_letters + string.digits + "'\"()._ ")
 CALC_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
             ast.FloorDiv: operator.floordiv, ast.USub: operator.neg, ast.UAdd: operator.pos}
-
 
 def use_calculator(expr, max_len=1000):
     """nanochat's calculator (the same at 885a4f2 and 92d63d4), its results and refusals: arithmetic of digits,
@@ -119,7 +116,6 @@ def use_calculator(expr, max_len=1000):
     except (SyntaxError, ArithmeticError, TypeError, ValueError, RecursionError):
         return None
 
-
 @dataclass
 class Sampling:  # one prompt's settings: temperature 0 = greedy, top_k 0 = all, top_p 0 = the top token only
     temperature: float = 1.0
@@ -127,7 +123,6 @@ class Sampling:  # one prompt's settings: temperature 0 = greedy, top_k 0 = all,
     top_p: float = 1.0
     max_tokens: int = 512  # tokens per sample, the tool's included
     seed: int | None = None  # None: torch's global RNG
-
 
 def sample(logits, sampling, rng):
     """[B, V] raw logits -> [B] token ids: top_k, then the softcap (it keeps their order: a tanh over k logits, not
@@ -145,7 +140,6 @@ def sample(logits, sampling, rng):
     choice = torch.multinomial(probs, 1, generator=rng)
     return (choice if idx is None else idx.gather(1, choice))[:, 0]
 
-
 @dataclass(eq=False)  # a row is itself, not its fields
 class Row:  # one sample decoding in the cache's row `index`
     index: int
@@ -157,7 +151,6 @@ class Row:  # one sample decoding in the cache's row `index`
     forced: deque = field(default_factory=deque)  # its result, forced in before sampling resumes
     live: bool = True  # False once finished or freed
 
-
 @dataclass(eq=False)
 class Group:  # the rows one add() started: one prompt's samples, drawn together from one rng
     sampling: Sampling
@@ -165,13 +158,11 @@ class Group:  # the rows one add() started: one prompt's samples, drawn together
     logits: torch.Tensor  # [n, V] raw next-token logits; a finished row's are a live sibling's (drawn, unused)
     rows: list
 
-
 @dataclass
 class Event:  # what step() did to a row
     row: Row
     token: int  # sampled, or forced by the tool (row.mask says which)
     finish: str | None  # "stop" (<|assistant_end|> or <|bos|>), "length" (max_tokens or a full cache), "error", None
-
 
 class Engine:
     """A KV cache of max_batch rows of max_len positions and their rows' samples, the calculator's result forced in
