@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from collections import deque
+from collections import defaultdict, deque
 from contextlib import suppress
 from itertools import takewhile
 from dataclasses import asdict, dataclass, field
@@ -30,7 +30,6 @@ from openrouter import PERSONA_PATH, load_persona
 
 @dataclass
 class Config:
-    """Talk to a checkpoint: a terminal chat, one answer (-p), or an OpenAI-compatible server (--serve)."""
     source: str = "sft"  # checkpoint to talk to: base|mid|sft|dpo|rl, in $NANOCHAT_BASE_DIR (-i)
     model_tag: str | None = None  # model directory (d<N>, chimera_d<N>); None = the default (-g)
     step: int | None = None  # checkpoint step; None = the latest (-s)
@@ -52,14 +51,14 @@ class Config:
     max_connections: int = 64  # connections served at once; more are answered 503
     max_batch: int = 8  # KV-cache rows: the most replies decoded together
 
-@dataclass
+@dataclass(eq=False)  # a request is itself, not its fields
 class Request:  # a chat completion: parsed, then shared by the scheduler's thread and wait()
     prompt: list
     sampling: Sampling
     stop: list  # strings that end a reply (left out of it)
     n: int  # replies, sampled from one prefill
     events: queue.Queue = field(default_factory=queue.Queue)  # (choice index, text delta, stop|length|error|None)
-    sent: list = field(default_factory=list)  # per choice: the characters sent so far
+    texts: defaultdict = field(default_factory=lambda: defaultdict(str))  # per choice: the text sent so far
     cancelled: bool = False
     completion_tokens: int = 0
 
@@ -75,14 +74,14 @@ class Scheduler:
         self.thread.start()
 
     def submit(self, req):
-        req.sent = [0] * req.n
         with self.cond:
             self.waiting.append(req)
             self.cond.notify()
         return req
 
     def wait(self, req, on_delta):
-        """on_delta(index, text, finish) per event until all choices finish; their finish reasons (it may raise)."""
+        """on_delta(index, text, finish) per event until all choices finish (req.texts: their replies); their finish
+        reasons. It may raise."""
         finishes = [None] * req.n
         try:
             while None in finishes:
@@ -99,24 +98,20 @@ class Scheduler:
     def _loop(self):
         engine = self.engine
         while not self.closed:
-            with self.cond:
-                if not self.cond.wait_for(lambda: self.waiting or any(engine.rows), timeout=0.25):
-                    continue  # idle: no step, and close() is seen within 0.25 s
-                joining, free = [], engine.rows.count(None)
-                while self.waiting and (self.waiting[0].cancelled or free >= self.waiting[0].n):
-                    req = self.waiting.popleft()  # oldest first, while it fits
-                    if not req.cancelled:
-                        joining.append(req)
-                        free -= req.n
-            for req in joining:  # into the lowest free rows; a failing prefill ends its own request
-                try:
-                    engine.add(req.prompt, req.sampling, req.n, owner=req)
-                except Exception as e:
-                    self._fail([req], f"{type(e).__name__}: {e}")
             for row in filter(None, engine.rows):
                 if row.owner.cancelled:
                     engine.free(row)
-            running = list({id(row.owner): row.owner for row in engine.rows if row}.values())
+            with self.cond:  # submit() waits out a prefill: it only queues
+                if not self.cond.wait_for(lambda: self.waiting or any(engine.rows), timeout=0.25):
+                    continue  # idle: no step, and close() is seen within 0.25 s
+                while self.waiting and (self.waiting[0].cancelled or engine.rows.count(None) >= self.waiting[0].n):
+                    req = self.waiting.popleft()  # oldest first, while it fits, into the lowest free rows
+                    try:
+                        if not req.cancelled:
+                            engine.add(req.prompt, req.sampling, req.n, owner=req)
+                    except Exception as e:  # a failing prefill ends its own request
+                        self._fail([req], f"{type(e).__name__}: {e}")
+            running = {row.owner for row in engine.rows if row}
             try:  # a row that cannot be sampled ends its request alone (an "error" event)
                 for event in engine.step():
                     self._send(event)
@@ -136,31 +131,31 @@ class Scheduler:
         if event.finish == "error":
             return self._fail([req], "a reply could not be sampled (NaN in its logits?): its request fails alone")
         req.completion_tokens += 1
-        text, stop = self.tokenizer.decode(row.ids), req.stop
+        text, stop, sent = self.tokenizer.decode(row.ids), req.stop, req.texts[row.choice]
         cut = min([p for p in map(text.find, stop) if p >= 0], default=len(text))
         finish = "stop" if cut < len(text) else event.finish
         if finish:
             self.engine.free(row)
         hold = max([len(x) - 1 for x in stop], default=0)  # unsettled: the tail may begin a stop string
         text = text[:cut] if finish else text[:max(0, cut - hold)].rstrip("\ufffd")  # or end in half a character
-        if len(text) > req.sent[row.choice] or finish:
-            req.events.put((row.choice, text[req.sent[row.choice]:], finish))
-            req.sent[row.choice] = max(len(text), req.sent[row.choice])
+        if len(text) > len(sent) or finish:
+            req.texts[row.choice] = max(text, sent, key=len)
+            req.events.put((row.choice, text[len(sent):], finish))
 
 # --- Terminal chat -----------------------------------------------------------
 def chat_cli(sched, config, read=input, out=sys.stdout):
     system = config.system or (load_persona(PERSONA_PATH)["system"] if config.persona else "")
-    history = [{"role": "system", "content": system}]
+    history = [{"role": "system", "content": system}] if system else []
     if not config.prompt:
         out.write("Chat with the model: `clear` starts a new conversation, `quit` (or Ctrl-D) ends.\n")
     lines = takewhile(lambda text: text not in ("quit", "exit"), iter(lambda: read("\nUser: ").strip(), None))
     with suppress(EOFError):  # Ctrl-D ends the chat too
         for text in filter(None, [config.prompt] if config.prompt else lines):
             if text == "clear":
-                del history[1:]
+                del history[bool(system):]
                 out.write("(new conversation)\n")
                 continue
-            messages, parts = history[not system:] + [{"role": "user", "content": text}], []
+            messages = history + [{"role": "user", "content": text}]
             try:  # parsed as the server parses a request: config's temperature, top_k and max_tokens are the defaults
                 req, *_ = parse_request({"messages": messages}, config, sched)
             except APIError as e:  # longer than the model's context: -p fails, the chat goes on
@@ -169,12 +164,11 @@ def chat_cli(sched, config, read=input, out=sys.stdout):
                 out.write(f"({e}: `clear` starts over)\n")
                 continue
             out.write("" if config.prompt else "Assistant: ")
-            write = lambda index, text, finish: (parts.append(text), out.write(text), out.flush())
-            finishes = sched.wait(sched.submit(req), write)
+            finishes = sched.wait(sched.submit(req), lambda index, text, finish: (out.write(text), out.flush()))
             out.write("\n")
             if "error" in finishes:  # the scheduler printed why
                 raise UserError("the model failed while decoding")
-            history += [messages[-1], {"role": "assistant", "content": "".join(parts)}]
+            history += [messages[-1], {"role": "assistant", "content": req.texts[0]}]
 
 # --- The OpenAI-compatible server --------------------------------------------
 class APIError(Exception):  # its body is OpenAI's error object
@@ -298,17 +292,15 @@ class Handler(BaseHTTPRequestHandler):
         if body.get("model") not in (None, srv.model_name, srv.model_name.split("/")[0]):  # OpenAI's answer
             raise APIError(404, f"The model `{body['model']}` does not exist", code="model_not_found")
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(t0), "model": srv.model_name}
-        chunk, texts = dict(head, object="chat.completion.chunk"), [""] * req.n
+        chunk = dict(head, object="chat.completion.chunk")
         event = lambda obj: (self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n"), self.wfile.flush())
-        choice = lambda i, d, f: {"index": i, "delta": d, "finish_reason": f}
-        delta = lambda i, d, f: f == "error" or event(dict(chunk, choices=[choice(i, d, f)]))
+        delta = lambda i, d, f: event(dict(chunk, choices=[{"index": i, "delta": d, "finish_reason": f}]))
         if stream:
             self._start(200, "text/event-stream")
             for i in range(req.n):
                 delta(i, {"role": "assistant", "content": ""}, None)
-        srv.sched.submit(req)
-        finishes = srv.sched.wait(req, lambda i, t, f: delta(i, {"content": t} if t else {}, f) if stream else
-                                  texts.__setitem__(i, texts[i] + t))
+        on_delta = lambda i, text, f: stream and f != "error" and delta(i, {"content": text} if text else {}, f)
+        finishes = srv.sched.wait(srv.sched.submit(req), on_delta)
         dt, given, done = time.time() - t0, len(req.prompt), req.completion_tokens
         log = f" {given} prompt + {done} completion tokens in {dt:.2f}s ({done / dt:.1f} tokens/s)"
         usage = {"prompt_tokens": given, "completion_tokens": done, "total_tokens": given + done}
@@ -321,7 +313,7 @@ class Handler(BaseHTTPRequestHandler):
         elif "error" in finishes:
             raise failed
         else:
-            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
+            choices = [{"index": i, "message": {"role": "assistant", "content": req.texts[i]}, "logprobs": None,
                         "finish_reason": finishes[i]} for i in range(req.n)]
             self._send(200, dict(head, object="chat.completion", usage=usage, choices=choices), log=log)
 

@@ -147,7 +147,7 @@ class Row:  # one sample decoding in the cache's row `index`
     owner: object = None  # the caller's, as add() was given it
     ids: list = field(default_factory=list)  # the tokens so far, the stop token left out
     mask: list = field(default_factory=list)  # per token: 1 sampled, 0 forced by the tool
-    python: list | None = None  # the calculator call being read, from <|python_start|> to <|python_end|>
+    python: int | None = None  # where in ids the calculator call being read begins (after <|python_start|>)
     forced: deque = field(default_factory=deque)  # its result, forced in before sampling resumes
     live: bool = True  # False once finished or freed
 
@@ -225,9 +225,9 @@ class Engine:
                     continue
                 forced = bool(row.forced)
                 token = tokens[row.index] = row.forced.popleft() if forced else token
-                self._track_tool(row, token)
                 if token not in self.stops:
                     row.ids.append(token), row.mask.append(int(not forced))
+                    self._run_tool(row, token)
                 full = len(row.ids) >= group.sampling.max_tokens or int(self.cache.pos[row.index]) + 1 >= self.max_len
                 events.append(Event(row, token, "stop" if token in self.stops else "length" if full else None))
                 if events[-1].finish:
@@ -241,32 +241,30 @@ class Engine:
                 group.logits = logits[[(row if row.live else sibling).index for row in group.rows]]
         return events
 
-    def _track_tool(self, row, token):
+    def _run_tool(self, row, token):  # token has just joined row.ids
         py_start, py_end, out_start, out_end = self.tool_tokens
         if token == py_start:
-            row.python = []
-        elif row.python is not None and token == py_end:
-            result = use_calculator(self.tokenizer.decode(row.python)) if row.python else None
+            row.python = len(row.ids)
+        elif token == py_end and row.python is not None:  # the call's result is forced in next
+            result = use_calculator(self.tokenizer.decode(row.ids[row.python:-1]))
             if result is not None:
                 row.forced.extend([out_start] + self.tokenizer.encode(str(result)) + [out_end])
             row.python = None
-        elif row.python is not None:
-            row.python.append(token)
 
     def complete(self, prompts, samplings, n=1):
         """n completions (token ids, the stop token left out) of each prompt, decoded together max_batch rows at
         a time: a prompt joins as rows free up, each with its own Sampling (seed included), so a prompt's samples
         do not depend on the others'. max_batch must hold n rows; max_len a prompt and its max_tokens."""
+        return [[row.ids for row in rows] for rows in self._decode(prompts, samplings, n)]
+
+    def _decode(self, prompts, samplings, n):  # each prompt's Rows, all ended
         groups, waiting = [], list(zip(prompts, samplings))
         while waiting or any(self.rows):
             while waiting and self.rows.count(None) >= n:
                 groups.append(self.add(*waiting.pop(0), n))
-            self._step_or_raise()
-        return [[row.ids for row in rows] for rows in groups]
-
-    def _step_or_raise(self):  # for callers that want whole answers: a row that failed is an error, not a short one
-        if any(event.finish == "error" for event in self.step()):
-            raise RuntimeError("the model's next-token distribution could not be sampled (NaN logits?)")
+            if any(event.finish == "error" for event in self.step()):  # whole answers or none, never a short one
+                raise RuntimeError("the model's next-token distribution could not be sampled (NaN logits?)")
+        return groups
 
     def generate_batch(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """num_samples completions of a prompt: whole sequences (prompt + completion, the stop token left out)
@@ -276,7 +274,5 @@ class Engine:
         if num_samples > self.max_batch or max_len > self.max_len:  # grows to the largest call (no row is live)
             self.allocate(max(num_samples, self.max_batch), max(max_len, self.max_len))
         sampling = Sampling(temperature, top_k or 0, max_tokens=max_tokens, seed=seed)
-        rows = self.add(tokens, sampling, num_samples)
-        while any(row.live for row in rows):
-            self._step_or_raise()
+        (rows,) = self._decode([tokens], [sampling], num_samples)
         return [list(tokens) + row.ids for row in rows], [[0] * len(tokens) + row.mask for row in rows]
