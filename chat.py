@@ -80,8 +80,7 @@ class Scheduler:
         return req
 
     def wait(self, req, on_delta):
-        """on_delta(index, text, finish) per event until all choices finish (req.texts: their replies); their finish
-        reasons. It may raise."""
+        """on_delta(index, text, finish) per event until all choices finish; their finish reasons (texts: req.texts)."""
         finishes = [None] * req.n
         try:
             while None in finishes:
@@ -277,9 +276,10 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, {"object": "list", "data": [
                 {"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "chimera"}]})
         else:
-            self._complete(srv, time.time())
+            self._complete(srv)
 
-    def _complete(self, srv, t0):
+    def _complete(self, srv):
+        t0 = time.time()
         size = self.headers.get("Content-Length", "0")
         if not size.isdigit() or int(size) > srv.max_body:  # before anything is read
             raise APIError(413 if size.isdigit() else 400, f"Content-Length must be 0 to {srv.max_body}",
