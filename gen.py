@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from common import ProgressBar, atomic_write_json, check_settings, get_base_dir, parse_config, run_main
-from openrouter import (PERSONA_LISTS, PERSONA_PATH, STOP, APIStop, BadAnswer, Spend, Store, client_from_env, end_run,
-                        judge_both_orders, load_persona, one_writer, record_text, stop_on_ctrl_c)
+from openrouter import (PERSONA_LISTS, PERSONA_PATH, SPEND_FILE, STOP, APIStop, BadAnswer, Spend, Store,
+                        client_from_env, end_run, judge_both_orders, load_persona, one_writer, record_text,
+                        stop_on_ctrl_c)
 from report import write_report_section
 from tasks import HTTPGaveUp, conversation_problem, dpo_problem
 
@@ -271,7 +272,7 @@ def main():
             print(f"{kind}: {len(store.records)}/{targets[kind]} records in {store.path}{note}", flush=True)
         if all(len(stores[k].records) >= targets[k] for k in KINDS):
             return print("nothing to generate: both files hold the requested counts")
-        client.spend = Spend(os.path.join(out_dir, "trader_gen_spend.jsonl"))
+        client.spend = Spend(os.path.join(out_dir, SPEND_FILE))
         print(f"generating with {client.choose_model()} at {client.base_url}, {config.workers} workers", flush=True)
         runs, stop, t0 = {}, None, time.time()
         with stop_on_ctrl_c(), ThreadPoolExecutor(config.workers) as executor:

@@ -59,6 +59,7 @@ class APIStop(UserError):
 MOST = {"prompt_tokens": 1e8, "completion_tokens": 1e8, "cost": 1000.0}
 UNKNOWN_PRICES = (15e-6, 75e-6)  # USD per prompt / completion token of a model /models prices not: the dearest's
 MAX_BODY = 8 << 20  # bytes of a response, as decoded (gzip inflated): far above an answer or the /models listing
+SPEND_FILE = "trader_gen_spend.jsonl"  # the ledger in a datasets directory: every data stage's spend, one --max-cost
 
 class Spend:
     """Requests, tokens and cost per model, all runs, from an append-only ledger: a line as a request is sent (its
