@@ -16,6 +16,7 @@ import itertools
 import os
 import random
 import re
+import sys
 import time
 from collections import Counter, namedtuple
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -23,10 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common import ProgressBar, atomic_write_json, check_settings, get_base_dir, parse_config, run_main
+from common import ProgressBar, UserError, atomic_write_json, check_settings, get_base_dir, parse_config, run_main
 from openrouter import (PERSONA_LISTS, PERSONA_PATH, SPEND_FILE, STOP, APIStop, BadAnswer, Spend, Store,
-                        client_from_env, end_run, judge_both_orders, load_persona, one_writer, record_text,
-                        stop_on_ctrl_c)
+                        client_from_env, hold_lock, judge_both_orders, load_persona, record_text, stop_on_sigint)
 from report import write_report_section
 from tasks import HTTPGaveUp, conversation_problem, dpo_problem
 
@@ -263,7 +263,10 @@ def main():
     client = client_from_env(config.base_url, config.models, config.timeout, config.http_retries, config.backoff)
     persona = load_persona(config.persona)
     out_dir = config.out_dir or os.path.join(get_base_dir(), "datasets")
-    with one_writer(out_dir, "gen"):
+    with hold_lock(os.path.join(out_dir, "trader_gen.lock"), "gen.py", "--out-dir"):  # two would make each item twice
+        for path in [os.path.join(out_dir, name) for name in os.listdir(out_dir) if name.startswith("trader_")]:
+            if not os.access(path, os.W_OK):
+                raise UserError(f"{path} is not writable")
         targets = {"sft": config.sft_examples, "dpo": config.dpo_examples}
         stores = {kind: Store(os.path.join(out_dir, recipe.file), recipe.problem, config.near_dup_threshold)
                   for kind, recipe in KINDS.items()}
@@ -275,13 +278,21 @@ def main():
         client.spend = Spend(os.path.join(out_dir, SPEND_FILE))
         print(f"generating with {client.choose_model()} at {client.base_url}, {config.workers} workers", flush=True)
         runs, stop, t0 = {}, None, time.time()
-        with stop_on_ctrl_c(), ThreadPoolExecutor(config.workers) as executor:
+        with (stop_on_sigint("finishing the requests in flight, then the summary"),
+              ThreadPoolExecutor(config.workers) as executor):
             for kind in KINDS:
                 if stop is None:
                     runs[kind] = generate(client, persona, kind, stores[kind], targets[kind], config, executor)
                     stop = runs[kind].stop
         write_summary(out_dir, config, persona, stores, targets, runs, client.spend, time.time() - t0, client.model)
-    end_run(stop, config.max_cost)
+    if isinstance(stop, APIStop):
+        raise UserError(f"stopped: {stop} (everything finished so far is kept; re-run to continue)")
+    if stop == "interrupted":
+        print("error: interrupted: the answers already received are kept and the summary is written; re-run to "
+              "continue", file=sys.stderr, flush=True)
+        sys.exit(130)
+    if stop == "max_cost":
+        print(f"stopped at --max-cost={config.max_cost}: re-run with a higher limit to top the files up")
 
 if __name__ == "__main__":
     run_main(main)

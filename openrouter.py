@@ -1,7 +1,7 @@
 """
 The OpenRouter client (chat completions with a JSON schema over requests, OpenRouter's error contract, a spend
 ledger), the persona judge (the persona file, an LLM judge of two answers asked in both orders) and what a stage
-making data with them shares: one writer per directory, output that resumes and drops duplicates, Ctrl-C that keeps
+making data with them shares: one writer per output, output that resumes and drops duplicates, Ctrl-C that keeps
 what was paid for. gen.py makes data with them; eval.py and chat.py use the persona and the judge.
 
     client = client_from_env()            # OPENROUTER_API_KEY, OPENROUTER_BASE_URL, OPENROUTER_MODELS
@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import sys
 import threading
 import time
 import zlib
@@ -270,25 +269,23 @@ def judge_both_orders(client, persona, message, a, b, model=None, attempts=3):
                 return None
     return {("1", "2"): 1, ("2", "1"): -1}.get((verdict(a, b), verdict(b, a)))
 
-# What a data stage shares (gen.py, onpolicy.py): one writer per directory, output that resumes, Ctrl-C, the end
-@contextlib.contextmanager
-def one_writer(out_dir, stage):
-    """`out_dir`, made and checked writable, held by this `stage`.py: a second would make every item twice."""
+# What a data stage shares (gen.py, onpolicy.py): one writer per output, output that resumes, Ctrl-C
+def hold_lock(path, who, flag=""):
+    """The lock file `path` (its directory made) held until closed: a second writer (`who`) stops at once with one
+    line, naming `flag` (the option that writes elsewhere)."""
+    directory = os.path.dirname(path) or "."
     try:
-        os.makedirs(out_dir, exist_ok=True)
-        lock = open(os.path.join(out_dir, f"trader_{stage}.lock"), "w")
+        os.makedirs(directory, exist_ok=True)
+        lock = open(path, "a")
     except OSError as e:
-        raise UserError(f"cannot create the output directory {out_dir} or write in it: {e.strerror}") from None
-    with lock:
-        for path in [os.path.join(out_dir, name) for name in os.listdir(out_dir) if name.startswith("trader_")]:
-            if not os.access(path, os.W_OK):
-                raise UserError(f"{path} is not writable")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise UserError(f"another {stage}.py is writing to {out_dir} (it holds {lock.name}); "
-                            "wait for it to finish, or use another --out-dir") from None
-        yield
+        raise UserError(f"cannot create the output directory {directory} or write in it: {e.strerror}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise UserError(f"another {who} is writing to {directory} (it holds {path}); wait for it to finish"
+                        + (f", or use another {flag}" if flag else "")) from None
+    return lock
 
 def repair_torn_line(path):
     """Cut off a torn last line (a run killed mid-write; True if cut); a complete one gets its newline."""
@@ -359,29 +356,18 @@ class Store:
         self.done_ids.add(item_id)
         return outcome
 
-STOP = threading.Event()  # set by Ctrl-C in stop_on_ctrl_c(): no new item or attempt starts, those in flight finish
+STOP = threading.Event()  # set by Ctrl-C in stop_on_sigint(): no new request starts, those in flight finish
 
 @contextlib.contextmanager
-def stop_on_ctrl_c():
-    """Ctrl-C within the block sets STOP, so what is paid for is kept and written; a second Ctrl-C aborts at once."""
+def stop_on_sigint(what):
+    """Within: the first Ctrl-C sets STOP (saying `what` happens now: what was paid for is kept), a second aborts."""
     def on_sigint(*_):
         signal.signal(signal.SIGINT, signal.default_int_handler)
         STOP.set()  # os.write: print() here could re-enter a write the handler interrupted
-        os.write(2, b"\ninterrupted: finishing the requests in flight, then the summary (Ctrl-C again to abort)\n")
+        os.write(2, f"\ninterrupted: {what} (Ctrl-C again to abort)\n".encode())
     STOP.clear()
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        yield
+        yield STOP
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
-
-def end_run(stop, max_cost):
-    """A data stage's last word, its output kept: exit 2 for an APIStop, 130 for "interrupted", a note at "max_cost"."""
-    if isinstance(stop, APIStop):
-        raise UserError(f"stopped: {stop} (everything finished so far is kept; re-run to continue)")
-    if stop == "interrupted":
-        print("error: interrupted: the answers already received are kept and the summary is written; re-run to "
-              "continue", file=sys.stderr, flush=True)
-        sys.exit(130)
-    if stop == "max_cost":
-        print(f"stopped at --max-cost={max_cost}: re-run with a higher limit to top the files up")
+        signal.signal(signal.SIGINT, previous)
