@@ -12,16 +12,12 @@ report/chimera-synthetic-data.md. Items are drawn from RNGs seeded by (seed, kin
 files up. One gen.py per output directory at a time.
 """
 
-import fcntl
 import itertools
 import os
 import random
 import re
-import signal
 import sys
-import threading
 import time
-import zlib
 from collections import Counter, namedtuple
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -29,11 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from common import ProgressBar, UserError, atomic_write_json, check_settings, get_base_dir, parse_config, run_main
-from openrouter import (PERSONA_LISTS, PERSONA_PATH, APIStop, BadAnswer, Spend, client_from_env, judge_both_orders,
-                        load_persona, repair_torn_line)
+from openrouter import (PERSONA_LISTS, PERSONA_PATH, SPEND_FILE, STOP, APIStop, BadAnswer, Spend, Store,
+                        client_from_env, hold_lock, judge_both_orders, load_persona, record_text, stop_on_sigint)
 from report import write_report_section
-from tasks import HTTPGaveUp, append_jsonl, conversation_problem, dpo_problem, iter_jsonl, record_digest
-
+from tasks import HTTPGaveUp, conversation_problem, dpo_problem
 
 @dataclass
 class Config:
@@ -58,7 +53,6 @@ class Config:
     judge_pairs: bool = False  # keep a pair only when a judge prefers chosen in both orders (2+ requests a pair)
     judge_model: str = ""  # the judge of --judge-pairs; "" = the generator model
 
-
 # The prompts and schemas, the records made
 def item_spec(persona, kind, index, seed, min_turns=2, max_turns=4):
     rng = random.Random(f"{seed}:{kind}:{index}")
@@ -78,7 +72,6 @@ DPO_SCHEMA = {"type": "object", "properties": {k: {"type": "string"} for k in PA
               "required": list(PAIR_KEYS), "additionalProperties": False}
 MAX_LENGTH_RATIO = 2.0  # chosen and rejected must be "similar length": the longer at most this many times the shorter
 
-
 def sft_prompt(persona, spec):
     name = persona["name"]
     system = (f"You write training conversations for a chat model that plays {name}. {name}'s profile, "
@@ -91,9 +84,9 @@ def sft_prompt(persona, spec):
             f"- Exactly {spec['turns']} user messages, each followed by {name}'s reply; the last message is {name}'s.\n"
             f"- {name}'s replies follow the profile exactly, a few short paragraphs at most; no stock openers "
             "such as 'Great question'.\n"
-            'Return JSON: {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]}.')
+            'Return JSON: {"messages": [{"role": "user", "content": ...}, '
+            '{"role": "assistant", "content": ...}, ...]}.')
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
-
 
 def dpo_prompt(persona, spec):
     name = persona["name"]
@@ -108,10 +101,8 @@ def dpo_prompt(persona, spec):
             'Return JSON: {"prompt": ..., "chosen": ..., "rejected": ...}.')
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
-
 class Dropped(Exception):
     """The answer is well-formed but carries no preference (chosen == rejected, or one is empty)."""
-
 
 def sft_record(persona, spec, value):
     turns = value["messages"] if isinstance(value, dict) and isinstance(value.get("messages"), list) else []
@@ -123,7 +114,6 @@ def sft_record(persona, spec, value):
     if user_turns < min(2, spec["turns"]):
         raise BadAnswer(f"conversation: {user_turns} user turn(s), asked for {spec['turns']}")
     return record
-
 
 def dpo_record(persona, spec, value):
     if not isinstance(value, dict) or not all(isinstance(value.get(k), str) for k in PAIR_KEYS):
@@ -139,75 +129,14 @@ def dpo_record(persona, spec, value):
                         f"{len(record['rejected'])} characters)")
     return dict(record, failure=spec["failure"].split(":")[0].strip())
 
-
 # per kind: its output file, its request's messages (persona, spec), the record made of the answer (persona, spec,
-# its JSON; else BadAnswer or Dropped), the name of the JSON schema the answer follows, the schema, the line check
-# SFT/DPO use (a record -> what is wrong with it, or None)
+# its JSON; else BadAnswer or Dropped), the JSON schema's name and the schema, the line check SFT/DPO use
 Kind = namedtuple("Kind", "file prompt record schema_name schema problem")
-KINDS = {
-    "sft": Kind("trader_sft_data.jsonl", sft_prompt, sft_record, "persona_conversation", SFT_SCHEMA, conversation_problem),
-    "dpo": Kind("trader_dpo_data.jsonl", dpo_prompt, dpo_record, "preference_pair", DPO_SCHEMA, dpo_problem),
-}
+KINDS = {"sft": Kind("trader_sft_data.jsonl", sft_prompt, sft_record, "persona_conversation", SFT_SCHEMA,
+                     conversation_problem),
+         "dpo": Kind("trader_dpo_data.jsonl", dpo_prompt, dpo_record, "preference_pair", DPO_SCHEMA, dpo_problem)}
 
-
-# Output files (whole-line appends, a ledger, exact and near duplicates); items, asked again while unusable
-MINHASH = np.random.default_rng(1234).integers(1, 2**31 - 1, (2, 64), dtype=np.uint64)  # 64 hashes (a*x+b) mod p
-STOP = threading.Event()  # set by Ctrl-C: no new item or attempt starts, the ones in flight finish
-
-
-def record_text(record):
-    """The text that makes a record what it is (the shared system prompt left out)."""
-    messages = record.get("messages") or [{"role": "user", "content": record[k]} for k in ("prompt", "chosen")]
-    return "\n".join(m["content"] for m in messages if m["role"] != "system")
-
-
-def minhash(record):
-    """MinHash of the word trigrams: the share of equal slots of two signatures estimates Jaccard similarity."""
-    words = re.findall(r"\w+", record_text(record).lower())
-    grams = {" ".join(words[i:i + 3]) for i in range(max(1, len(words) - 2))}
-    x = np.array([zlib.crc32(g.encode("utf-8")) for g in grams], dtype=np.uint64)[:, None]
-    return ((x * MINHASH[0] + MINHASH[1]) % np.uint64(2**31 - 1)).min(axis=0)  # x, a, b < 2**32: no wrap-around
-
-
-class Store:
-    """One output JSONL and its ledger (`<name>.ledger.jsonl`, a line per finished item id). The data file is
-    the truth: a ledger "ok" counts only if its record is in the data, so a kill between the two appends
-    redoes that item rather than losing or doubling it. New records are checked by digest and MinHash."""
-
-    def __init__(self, path, problem_of, threshold):
-        self.path, self.ledger_path = path, re.sub(r"(\.jsonl)?$", ".ledger.jsonl", path, 1)
-        self.threshold, self.done_ids, self.ok_ids = threshold, set(), []
-        self.repaired = repair_torn_line(path) + repair_torn_line(self.ledger_path)
-        self.records = list(iter_jsonl(path, problem_of, "; fix or remove that line")) if os.path.isfile(path) else []
-        self.hashes = {record_digest(record).hex() for record in self.records}
-        self.signatures = np.array([minhash(r) for r in self.records], dtype=np.uint64).reshape(-1, MINHASH.shape[1])
-        for entry in iter_jsonl(self.ledger_path) if os.path.isfile(self.ledger_path) else ():
-            ok = isinstance(entry, dict) and entry.get("outcome") == "ok"
-            if isinstance(entry, dict) and "id" in entry and (not ok or entry.get("hash") in self.hashes):
-                self.done_ids.add(entry["id"])
-                self.ok_ids += [entry["id"]] if ok else []
-
-    def add(self, item_id, record):
-        digest, signature = record_digest(record).hex(), minhash(record)
-        if digest in self.hashes:
-            return self.mark(item_id, "duplicate")
-        if self.records and (self.signatures == signature).mean(axis=1).max() >= self.threshold:
-            return self.mark(item_id, "near_duplicate")
-        append_jsonl(self.ledger_path, {"id": item_id, "outcome": "ok", "hash": digest})
-        append_jsonl(self.path, record)
-        self.records.append(record)
-        self.hashes.add(digest)
-        self.signatures = np.vstack([self.signatures, signature])
-        self.ok_ids.append(item_id)
-        return "ok"
-
-    def mark(self, item_id, outcome):
-        """Record a final outcome without data (duplicate, dropped, judged) so a re-run does not pay for it again."""
-        append_jsonl(self.ledger_path, {"id": item_id, "outcome": outcome})
-        self.done_ids.add(item_id)
-        return outcome
-
-
+# Items, asked again while unusable
 def make_item(client, persona, kind, spec, config):
     """(record or None, outcome, [failure reasons]) for one item."""
     recipe, reasons = KINDS[kind], []
@@ -231,10 +160,11 @@ def make_item(client, persona, kind, spec, config):
         return record, "ok", reasons
     return None, "failed", reasons
 
+Run = namedtuple("Run", "counts reasons stop")  # a kind's outcomes this run, its failure reasons, why it stopped
 
 def generate(client, persona, kind, store, target, config, executor):
-    """Top `store` up to `target` records; returns this run's (counts, failure reasons, stop):
-    stop is None, "max_cost", "interrupted" or the APIStop, after the requests in flight came back."""
+    """Top `store` up to `target` records, then a Run whose stop is None, "max_cost", "interrupted" or the APIStop
+    (after the requests in flight came back)."""
     judged = ("judge_kept", "judge_rejected", "judge_no_verdict") if kind == "dpo" and config.judge_pairs else ()
     counts = dict.fromkeys(("new", "failed", "duplicate", "near_duplicate", "dropped") + judged, 0)
     failure_reasons, running, stop, streak = Counter(), {}, None, 0
@@ -242,7 +172,8 @@ def generate(client, persona, kind, store, target, config, executor):
     bar = ProgressBar(target, desc=kind, unit="rec", enabled=len(store.records) < target, done=len(store.records))
     try:
         while True:
-            while stop is None and not STOP.is_set() and len(running) < min(config.workers, target - len(store.records)):
+            wanted = min(config.workers, target - len(store.records))  # in flight: no more than could be kept
+            while stop is None and not STOP.is_set() and len(running) < wanted:
                 spec = item_spec(persona, kind, next(pending), config.seed, config.min_turns, config.max_turns)
                 running[executor.submit(make_item, client, persona, kind, spec, config)] = spec
             if not running:
@@ -272,8 +203,7 @@ def generate(client, persona, kind, store, target, config, executor):
                     stop = "max_cost"
     finally:
         bar.close()
-    return counts, failure_reasons, stop or ("interrupted" if STOP.is_set() else None)
-
+    return Run(counts, failure_reasons, stop or ("interrupted" if STOP.is_set() else None))
 
 # Summary: counts, spend and diversity, as JSON beside the data and as a report section
 def diversity(persona, kind, store, seed, counts):
@@ -303,7 +233,6 @@ def diversity(persona, kind, store, seed, counts):
         stats[f"failure {name}"] = sum(r.get("failure", "untyped") == name for r in records)
     return stats
 
-
 def write_summary(out_dir, config, persona, stores, targets, runs, spend, wall, model):
     """trader_gen_summary.json, the report section and the closing line."""
     summary = {"model": model, "wall_seconds": round(wall, 1), "cost_total": round(spend.cost, 6),
@@ -313,7 +242,7 @@ def write_summary(out_dir, config, persona, stores, targets, runs, spend, wall, 
               **{f"{k.split('_')[0].capitalize()} tokens": sum(v[k] for v in spend.models.values())
                  for k in ("prompt_tokens", "completion_tokens")}, "Generation time (s, this run)": round(wall, 1)}]
     for kind, store in stores.items():
-        counts, reasons, _ = runs.get(kind, ({}, {}, None))
+        counts, reasons, _ = runs.get(kind, Run({}, {}, None))
         stats = diversity(persona, kind, store, config.seed, counts)
         summary["kinds"][kind] = {"file": store.path, "requested": targets[kind], "records": len(store.records),
                                   "this_run": counts, "failure_reasons": reasons, "diversity": stats}
@@ -325,30 +254,19 @@ def write_summary(out_dir, config, persona, stores, targets, runs, spend, wall, 
     print(f"spent ${spend.cost:.4f} in all runs; " + ", ".join(f"{k}: {len(stores[k].records)}/{targets[k]}"
                                                               for k in stores) + f"; summary: {path}", flush=True)
 
-
 def main():
     config = parse_config(Config)
     check_settings(config, at_least_1=("workers", "min_turns", "item_attempts", "max_tokens"),
-                   positive=("timeout", "near_dup_threshold"), at_most={"min_turns": "max_turns", "near_dup_threshold": 1},
-                   not_negative=("sft_examples", "dpo_examples", "http_retries", "backoff", "max_cost"))
+                   positive=("timeout", "near_dup_threshold"),
+                   not_negative=("sft_examples", "dpo_examples", "http_retries", "backoff", "max_cost"),
+                   at_most={"min_turns": "max_turns", "near_dup_threshold": 1})
     client = client_from_env(config.base_url, config.models, config.timeout, config.http_retries, config.backoff)
     persona = load_persona(config.persona)
-    # the output directory, checked writable, locked (two gen.py would make every item twice)
     out_dir = config.out_dir or os.path.join(get_base_dir(), "datasets")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        lock = open(os.path.join(out_dir, "trader_gen.lock"), "w")
-    except OSError as e:
-        raise UserError(f"cannot create the output directory {out_dir} or write in it: {e.strerror}") from None
-    for path in [os.path.join(out_dir, name) for name in os.listdir(out_dir) if name.startswith("trader_")]:
-        if not os.access(path, os.W_OK):
-            raise UserError(f"{path} is not writable")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise UserError(f"another gen.py is writing to {out_dir} (it holds {lock.name}); "
-                        "wait for it to finish, or use another --out-dir") from None
-    with lock:
+    with hold_lock(os.path.join(out_dir, "trader_gen.lock"), "gen.py", "--out-dir"):  # two would make each item twice
+        for path in [os.path.join(out_dir, name) for name in os.listdir(out_dir) if name.startswith("trader_")]:
+            if not os.access(path, os.W_OK):
+                raise UserError(f"{path} is not writable")
         targets = {"sft": config.sft_examples, "dpo": config.dpo_examples}
         stores = {kind: Store(os.path.join(out_dir, recipe.file), recipe.problem, config.near_dup_threshold)
                   for kind, recipe in KINDS.items()}
@@ -357,23 +275,15 @@ def main():
             print(f"{kind}: {len(store.records)}/{targets[kind]} records in {store.path}{note}", flush=True)
         if all(len(stores[k].records) >= targets[k] for k in KINDS):
             return print("nothing to generate: both files hold the requested counts")
-        client.spend = Spend(os.path.join(out_dir, "trader_gen_spend.jsonl"))
+        client.spend = Spend(os.path.join(out_dir, SPEND_FILE))
         print(f"generating with {client.choose_model()} at {client.base_url}, {config.workers} workers", flush=True)
         runs, stop, t0 = {}, None, time.time()
-        def on_sigint(*_):
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C aborts at once
-            STOP.set()  # os.write: print() here could re-enter a write the handler interrupted
-            os.write(2, b"\ninterrupted: finishing the requests in flight, then the summary (Ctrl-C again to abort)\n")
-        STOP.clear()
-        previous_handler = signal.signal(signal.SIGINT, on_sigint)
-        try:
-            with ThreadPoolExecutor(config.workers) as executor:
-                for kind in KINDS:
-                    if stop is None:
-                        runs[kind] = generate(client, persona, kind, stores[kind], targets[kind], config, executor)
-                        stop = runs[kind][2]
-        finally:
-            signal.signal(signal.SIGINT, previous_handler)
+        with (stop_on_sigint("finishing the requests in flight, then the summary"),
+              ThreadPoolExecutor(config.workers) as executor):
+            for kind in KINDS:
+                if stop is None:
+                    runs[kind] = generate(client, persona, kind, stores[kind], targets[kind], config, executor)
+                    stop = runs[kind].stop
         write_summary(out_dir, config, persona, stores, targets, runs, client.spend, time.time() - t0, client.model)
     if isinstance(stop, APIStop):
         raise UserError(f"stopped: {stop} (everything finished so far is kept; re-run to continue)")
@@ -383,7 +293,6 @@ def main():
         sys.exit(130)
     if stop == "max_cost":
         print(f"stopped at --max-cost={config.max_cost}: re-run with a higher limit to top the files up")
-
 
 if __name__ == "__main__":
     run_main(main)

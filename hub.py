@@ -31,7 +31,6 @@ from common import ProgressBar, UserError, atomic_write, atomic_write_json, atom
 from common import parse_config, run_main
 from tasks import HTTPGaveUp, http_retry
 
-
 @dataclasses.dataclass
 class Config:
     source: str | None = None  # pull: base|mid|sft, where it lands (default: the repo's); export (-i): default dpo
@@ -42,9 +41,7 @@ class Config:
     retries: int = 5  # pull: tries per request, and per file (each resuming what arrived)
     backoff: float = 1.0  # pull: the first wait between tries, seconds (it doubles)
 
-
 STAGES = {d: s for s, d in SOURCE_DIRS.items()}  # pull: base_checkpoints -> base, ...
-
 
 class Hub:
     """GETs on the Hub with retries, redirects followed by hand: the token goes to the Hub's host only."""
@@ -83,7 +80,6 @@ class Hub:
                 if code == "GatedRepo" or status in (401, 403) else f"HTTP {status} for {urlparse(r.url).path}"))
         raise UserError(f"{self.repo}: too many redirects")
 
-
 def matches(path, entry, sha256=None):
     """Whether the file at path is the repo's: its size, then its sha256 (large files) or its git blob id."""
     size, want = (entry.get("lfs") or entry).get("size"), sha256 or (entry.get("lfs") or {}).get("oid")
@@ -94,7 +90,6 @@ def matches(path, entry, sha256=None):
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest() == (want or entry.get("oid"))
-
 
 def download(hub, path, entry, dest):
     """The repo's file to dest through dest.part: resumed after a dropped connection, renamed once verified."""
@@ -121,7 +116,6 @@ def download(hub, path, entry, dest):
         os.remove(part)  # wrong bytes are neither kept nor resumed from
         print(f"{path}: the download does not match the repo's size and sha256; fetching it again", file=sys.stderr)
     raise UserError(f"{hub.repo}: {path}: no verified copy after {hub.c.retries + 1} tries")
-
 
 def pull(repo, c):
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo or ""):
@@ -172,7 +166,6 @@ def pull(repo, c):
         download(hub, src, files[src], os.path.join(base, rel))
     print(f"pulled: --source={stage} --model_tag={tag} --step={step}")
     return stage, tag, step
-
 
 DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}  # export
 HF_NAMES = {"wte": "embed_tokens", "attn.c_proj": "self_attn.o_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
@@ -231,7 +224,6 @@ def write_safetensors(path, tensors, metadata):
     atomic_write(path, lambda f: [f.write(len(text).to_bytes(8, "little") + text)] + [
         f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()) for t in tensors.values()], True)
 
-
 def tokenizer_json(enc):
     """tokenizer.json of a tiktoken Encoding: byte-level BPE over GPT-2's byte-to-unicode alphabet, merges recovered
     from the ranks, its split pattern, its special tokens; a piece in the vocab is taken whole, as tiktoken does."""
@@ -253,7 +245,6 @@ def tokenizer_json(enc):
                 [text(p[0]), text(p[1])] for t in sorted(ranks, key=ranks.get) if len(t) > 1
                 for p in [bpe_parts(t)] if len(p) == 2]}}
 
-
 def model_card(source, meta, cfg, out):
     """README.md from data/model_card.md: the persona's name, the data, the report's figures (if the run left them)."""
     from openrouter import PERSONA_PATH, load_persona
@@ -274,7 +265,6 @@ def model_card(source, meta, cfg, out):
                                data="; ".join(data) or "Chimera's persona data", results=figures.strip() or "(none)",
                                remote=" Its code is nanochat's own (model.py), run as remote code." if remote else "",
                                path=os.path.basename(os.path.abspath(out)), trust=", trust_remote_code=True" * remote)
-
 
 def export(c):
     if not c.out:
@@ -312,7 +302,6 @@ def export(c):
     atomic_write_text(os.path.join(out, "README.md"), model_card(source, meta, cfg, out))
     print(f"exported {source} step {meta.get('step')} as {config['architectures'][0]}, {len(tensors)} tensors: {out}")
 
-
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] not in (["pull"], ["export"], ["-h"], ["--help"]):
@@ -323,7 +312,6 @@ def main(argv=None):
     if c.source not in (None, *SOURCE_DIRS):
         raise UserError(f"--source={c.source!r}: expected one of {', '.join(SOURCE_DIRS)}")
     return pull(repo, c) if command == "pull" else export(c)
-
 
 if __name__ == "__main__":
     run_main(main)

@@ -1,33 +1,36 @@
 """
-The OpenRouter client (chat completions with a JSON schema over requests, OpenRouter's error
-contract, a spend ledger) and the persona judge: the persona file, and an LLM judge of two answers
-asked in both orders. gen.py makes data with them; eval.py and chat.py use the persona and the judge.
+The OpenRouter client (chat completions with a JSON schema over requests, OpenRouter's error contract, a spend
+ledger), the persona judge (the persona file, an LLM judge of two answers asked in both orders) and what a stage
+making data with them shares: one writer per output, output that resumes and drops duplicates, Ctrl-C that keeps
+what was paid for. gen.py makes data with them; eval.py and chat.py use the persona and the judge.
 
     client = client_from_env()            # OPENROUTER_API_KEY, OPENROUTER_BASE_URL, OPENROUTER_MODELS
     verdict = judge_both_orders(client, load_persona(PERSONA_PATH), message, answer_a, answer_b)
 """
 
 import contextlib
+import fcntl
 import json
 import os
 import re
+import signal
 import threading
 import time
+import zlib
 from collections import Counter
 from urllib.parse import urlparse
 
+import numpy as np
 import requests
 
 from common import UserError
-from tasks import HTTPGaveUp, append_jsonl, error_text, http_retry, iter_jsonl
+from tasks import HTTPGaveUp, append_jsonl, error_text, http_retry, iter_jsonl, record_digest
 
 PERSONA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "persona.md")
-
 
 # The persona (data/persona.md, a section per `## heading`)
 PERSONA_TEXT = ("name", "system", "master", "apprentice")
 PERSONA_LISTS = ("topics", "users", "shapes", "openings")  # drawn at random per item; "failures" by item index
-
 
 def load_persona(path):
     """{"name", "system", "master", "apprentice": str, "topics", "users", "shapes", "openings", "failures": [str]}."""
@@ -44,21 +47,18 @@ def load_persona(path):
             raise UserError(f"{path}: section '## {key}' is empty")
     return persona
 
-
+# The OpenRouter client: chat completions over tasks.http_retry, with OpenRouter's error contract
 class BadAnswer(Exception):
     """The model's answer is unusable (error body, no content, bad JSON, wrong shape): retry the item."""
 
-
-# The OpenRouter client: chat completions over tasks.http_retry, with OpenRouter's error contract
 class APIStop(UserError):
     """An error no retry fixes (bad key, no credits, refused request): the run stops, keeping its output."""
-
 
 # a request's figures past these (no request has cost $1000 or used 10^8 tokens) are nonsense and count 0, as negative
 MOST = {"prompt_tokens": 1e8, "completion_tokens": 1e8, "cost": 1000.0}
 UNKNOWN_PRICES = (15e-6, 75e-6)  # USD per prompt / completion token of a model /models prices not: the dearest's
 MAX_BODY = 8 << 20  # bytes of a response, as decoded (gzip inflated): far above an answer or the /models listing
-
+SPEND_FILE = "trader_gen_spend.jsonl"  # the ledger in a datasets directory: every data stage's spend, one --max-cost
 
 class Spend:
     """Requests, tokens and cost per model, all runs, from an append-only ledger: a line as a request is sent (its
@@ -71,9 +71,9 @@ class Spend:
             for entry in iter_jsonl(path, lambda e: None if isinstance(e, dict) else "not an object"):
                 if "open" in entry:
                     opened[str(entry["open"])] = entry
-                    continue
-                opened.pop(str(entry.get("close")), None)
-                self.close(None, entry.get("model"), entry)  # with a model: paid (an older ledger's lines too)
+                else:  # with a model: paid (an older ledger's lines too)
+                    opened.pop(str(entry.get("close")), None)
+                    self.close(None, entry.get("model"), entry)
             for entry in opened.values():  # in flight when its run was killed: paid, at most this much
                 self.close(None, entry.get("model"), {"cost": entry.get("max_cost")})
         self.path = path
@@ -87,14 +87,14 @@ class Spend:
 
     def close(self, ticket, model=None, usage=None):
         """A request came back: paid (by `model`, its `usage` counted within MOST) or, with no model, not."""
-        entry = {k: v if isinstance(v := (usage or {}).get(k), (int, float)) and 0 <= v <= MOST[k] else 0 for k in MOST}
+        usage = usage if isinstance(usage, dict) else {}
+        entry = {k: v if isinstance(v := usage.get(k), (int, float)) and 0 <= v <= MOST[k] else 0 for k in MOST}
         with self._lock:
             if self.path:
                 append_jsonl(self.path, {"close": ticket, **({"model": model, **entry} if model else {})})
             if model:
                 self.cost += entry["cost"]
                 self.models.setdefault(str(model), Counter()).update({"requests": 1, **entry})
-
 
 class OpenRouter:
     """A small client for OpenRouter's OpenAI-compatible API, safe to share between threads."""
@@ -141,17 +141,21 @@ class OpenRouter:
         return response
 
     def _post(self, body):
-        """One POST /chat/completions, in the ledger before it is sent, at its most (each byte of the messages a
-        prompt token, max_tokens of completion), and after: here if unpaid (not a 200), else in _answer."""
+        """One POST /chat/completions, its JSON object in `.data`, ledgered before it is sent at its most (each byte
+        of the messages a prompt token, max_tokens of completion), and after: paid if it answered, else unpaid."""
         prompt, completion = self.prices.get(body["model"], UNKNOWN_PRICES)
         most = len(json.dumps(body["messages"]).encode()) * prompt + body["max_tokens"] * completion
-        response, ticket = None, self.spend.open(body["model"], most)
+        ticket, response, data = self.spend.open(body["model"], most), None, None
         try:
             response = self._request("POST", "/chat/completions", json=body)
+            with contextlib.suppress(ValueError, RecursionError):  # RecursionError: nested deeper than Python parses
+                data = self._clean(response.json()) if response.status_code == 200 else None
         finally:
-            if response is None or response.status_code != 200:
+            if isinstance(data, dict):
+                self.spend.close(ticket, str(data.get("model") or body["model"]), data.get("usage"))
+            else:
                 self.spend.close(ticket)
-        response.ticket = ticket
+        response.data = data if isinstance(data, dict) else None
         return response
 
     def choose_model(self):
@@ -192,7 +196,7 @@ class OpenRouter:
                 raise APIStop(f"bad base URL {self.base_url!r}: {self._clean(str(e))}") from None
             status = response.status_code
             if status == 200:
-                return self._answer(response, use)
+                return self._answer(response)
             message = self._clean(error_text(response))
             if status == 404 or (status == 400 and not self.verified and "model" in message.lower()):
                 why = f"HTTP {status}: {message}"
@@ -208,20 +212,13 @@ class OpenRouter:
                     403: "forbidden (moderation or the key's limits)"}.get(status, "unexpected error")
             raise APIStop(f"{self.base_url}: HTTP {status}, {what}: {message}")
 
-    def _answer(self, response, model):
-        try:
-            data = self._clean(response.json())
-        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python parses
-            data = None
-        if not isinstance(data, dict):
-            self.spend.close(response.ticket)  # not an answer: unpaid
+    def _answer(self, response):
+        if response.data is None:
             raise BadAnswer("response body is not a JSON object")
-        model = str(data.get("model") or model)
-        self.spend.close(response.ticket, model, data.get("usage") if isinstance(data.get("usage"), dict) else {})
-        if data.get("error"):  # OpenRouter reports some failures inside an HTTP 200 body
+        if response.data.get("error"):  # OpenRouter reports some failures inside an HTTP 200 body
             raise BadAnswer(f"error in response: {self._clean(error_text(response, 200))}")
         try:
-            text = data["choices"][0]["message"].get("content")
+            text = response.data["choices"][0]["message"].get("content")
         except (KeyError, IndexError, TypeError, AttributeError):
             raise BadAnswer("no choices in response") from None
         if not isinstance(text, str) or not text.strip():
@@ -231,7 +228,6 @@ class OpenRouter:
             return self._clean(json.loads(fenced.group(1) if fenced else text))
         except (ValueError, RecursionError):
             raise BadAnswer("content is not valid JSON") from None
-
 
 def client_from_env(base_url="", models="", timeout=120.0, retries=6, backoff=1.0):
     """An OpenRouter client from OPENROUTER_API_KEY / OPENROUTER_BASE_URL / OPENROUTER_MODELS."""
@@ -243,11 +239,13 @@ def client_from_env(base_url="", models="", timeout=120.0, retries=6, backoff=1.
     models = [m.strip() for m in (models or os.environ.get("OPENROUTER_MODELS") or "").split(",") if m.strip()]
     return OpenRouter(api_key, base_url, models or ["openai/gpt-4o-mini"], timeout, retries, backoff)
 
+def cut_off(response):  # from another thread: the read in progress ends; a response read meanwhile is let be
+    with contextlib.suppress(Exception):
+        response.raw.shutdown()
 
-# An LLM judge of two answers in the persona (--judge-pairs here, eval.py --judge=1)
+# An LLM judge of two answers in the persona (gen.py --judge-pairs, eval.py --judge=1)
 JUDGE_SCHEMA = {"type": "object", "properties": {"winner": {"type": "string", "enum": ["1", "2", "tie"]}},
                 "required": ["winner"], "additionalProperties": False}
-
 
 def judge_both_orders(client, persona, message, a, b, model=None, attempts=3):
     """+1 if the judge prefers `a` in both orders, -1 if `b` in both, None otherwise (a tie,
@@ -271,11 +269,23 @@ def judge_both_orders(client, persona, message, a, b, model=None, attempts=3):
                 return None
     return {("1", "2"): 1, ("2", "1"): -1}.get((verdict(a, b), verdict(b, a)))
 
-
-def cut_off(response):  # from another thread: the read in progress ends; a response read meanwhile is let be
-    with contextlib.suppress(Exception):
-        response.raw.shutdown()
-
+# What a data stage shares (gen.py, onpolicy.py): one writer per output, output that resumes, Ctrl-C
+def hold_lock(path, who, flag=""):
+    """The lock file `path` (its directory made) held until closed: a second writer (`who`) stops at once with one
+    line, naming `flag` (the option that writes elsewhere)."""
+    directory = os.path.dirname(path) or "."
+    try:
+        os.makedirs(directory, exist_ok=True)
+        lock = open(path, "a")
+    except OSError as e:
+        raise UserError(f"cannot create the output directory {directory} or write in it: {e.strerror}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise UserError(f"another {who} is writing to {directory} (it holds {path}); wait for it to finish"
+                        + (f", or use another {flag}" if flag else "")) from None
+    return lock
 
 def repair_torn_line(path):
     """Cut off a torn last line (a run killed mid-write; True if cut); a complete one gets its newline."""
@@ -293,3 +303,71 @@ def repair_torn_line(path):
             f.truncate(keep)
             return True
 
+MINHASH = np.random.default_rng(1234).integers(1, 2**31 - 1, (2, 64), dtype=np.uint64)  # 64 hashes (a*x+b) mod p
+
+def record_text(record):
+    """The text that makes a record what it is (the shared system prompt left out)."""
+    messages = record.get("messages") or [{"role": "user", "content": record[k]} for k in ("prompt", "chosen")]
+    return "\n".join(m["content"] for m in messages if m["role"] != "system")
+
+def minhash(record):
+    """MinHash of the word trigrams: the share of equal slots of two signatures estimates Jaccard similarity."""
+    words = re.findall(r"\w+", record_text(record).lower())
+    grams = {" ".join(words[i:i + 3]) for i in range(max(1, len(words) - 2))}
+    x = np.array([zlib.crc32(g.encode("utf-8")) for g in grams], dtype=np.uint64)[:, None]
+    return ((x * MINHASH[0] + MINHASH[1]) % np.uint64(2**31 - 1)).min(axis=0)  # x, a, b < 2**32: no wrap-around
+
+class Store:
+    """One output JSONL and its ledger (`<name>.ledger.jsonl`, a line per finished item id). The data file is
+    the truth: a ledger "ok" counts only if its record is in the data, so a kill between the two appends
+    redoes that item rather than losing or doubling it. New records are checked by digest and MinHash."""
+
+    def __init__(self, path, problem_of, threshold):
+        self.path, self.ledger_path = path, re.sub(r"(\.jsonl)?$", ".ledger.jsonl", path, 1)
+        self.threshold, self.done_ids, self.ok_ids = threshold, set(), []
+        self.repaired = repair_torn_line(path) + repair_torn_line(self.ledger_path)
+        self.records = list(iter_jsonl(path, problem_of, "; fix or remove that line")) if os.path.isfile(path) else []
+        self.hashes = {record_digest(record).hex() for record in self.records}
+        self.signatures = np.array([minhash(r) for r in self.records], dtype=np.uint64).reshape(-1, MINHASH.shape[1])
+        for entry in iter_jsonl(self.ledger_path) if os.path.isfile(self.ledger_path) else ():
+            ok = isinstance(entry, dict) and entry.get("outcome") == "ok"
+            if isinstance(entry, dict) and "id" in entry and (not ok or entry.get("hash") in self.hashes):
+                self.done_ids.add(entry["id"])
+                self.ok_ids += [entry["id"]] if ok else []
+
+    def add(self, item_id, record):
+        """"ok" (the record appended), "duplicate" or "near_duplicate" (not, and the item done)."""
+        digest, signature = record_digest(record).hex(), minhash(record)
+        if digest in self.hashes:
+            return self.mark(item_id, "duplicate")
+        if self.records and (self.signatures == signature).mean(axis=1).max() >= self.threshold:
+            return self.mark(item_id, "near_duplicate")
+        append_jsonl(self.ledger_path, {"id": item_id, "outcome": "ok", "hash": digest})
+        append_jsonl(self.path, record)
+        self.records.append(record)
+        self.hashes.add(digest)
+        self.signatures = np.vstack([self.signatures, signature])
+        self.ok_ids.append(item_id)
+        return "ok"
+
+    def mark(self, item_id, outcome):
+        """Record a final outcome without data (duplicate, dropped, judged) so a re-run does not pay for it again."""
+        append_jsonl(self.ledger_path, {"id": item_id, "outcome": outcome})
+        self.done_ids.add(item_id)
+        return outcome
+
+STOP = threading.Event()  # set by Ctrl-C in stop_on_sigint(): no new request starts, those in flight finish
+
+@contextlib.contextmanager
+def stop_on_sigint(what):
+    """Within: the first Ctrl-C sets STOP (saying `what` happens now: what was paid for is kept), a second aborts."""
+    def on_sigint(*_):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        STOP.set()  # os.write: print() here could re-enter a write the handler interrupted
+        os.write(2, f"\ninterrupted: {what} (Ctrl-C again to abort)\n".encode())
+    STOP.clear()
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield STOP
+    finally:
+        signal.signal(signal.SIGINT, previous)

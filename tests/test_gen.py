@@ -186,7 +186,7 @@ def test_exact_duplicates_are_dropped(run, server, tmp_path):
 
 
 def test_near_duplicates_are_dropped(tmp_path):
-    store = gen.Store(str(tmp_path / "d.jsonl"), dpo_problem, threshold=0.8)
+    store = openrouter.Store(str(tmp_path / "d.jsonl"), dpo_problem, threshold=0.8)
     words = [f"w{i % 37} x{i % 11}" for i in range(120)]
     base = {"prompt": "How big should my position be?", "chosen": " ".join(words), "rejected": "all in"}
     assert store.add("dpo-0-0", base) == "ok"
@@ -194,7 +194,7 @@ def test_near_duplicates_are_dropped(tmp_path):
     assert store.add("dpo-0-1", near) == "near_duplicate"
     other = dict(base, prompt="Should I average down?", chosen=" ".join(reversed(words)) + " unrelated")
     assert store.add("dpo-0-2", other) == "ok"
-    again = gen.Store(store.path, dpo_problem, threshold=0.8)
+    again = openrouter.Store(store.path, dpo_problem, threshold=0.8)
     assert len(again.records) == 2 and again.done_ids == {"dpo-0-0", "dpo-0-1", "dpo-0-2"}
 
 
@@ -355,7 +355,7 @@ def test_persona_file_and_item_diversity(tmp_path):
     assert {s["topic"] for s in specs} == set(persona["topics"])
     broken = tmp_path / "persona.md"
     broken.write_text(open(openrouter.PERSONA_PATH).read().replace("## shapes", "## shape"))
-    with pytest.raises(gen.UserError, match="missing section '## shapes'"):
+    with pytest.raises(openrouter.UserError, match="missing section '## shapes'"):
         openrouter.load_persona(str(broken))
 
 
