@@ -25,7 +25,6 @@ from tokenizer import SPECIAL_TOKENS, byte_level_encoding, get_tokenizer
 SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
                "dpo": "chatdpo_checkpoints", "rl": "chatrl_checkpoints"}
 
-
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data):
     """Meta, optimizer, then model, each through a temp file and a rename: the latest step is
     found by model files, so a save killed midway never looks like a newer whole checkpoint."""
@@ -36,13 +35,11 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data)
             path = os.path.join(checkpoint_dir, f"{name}_{step:06d}.pt")
             atomic_write(path, lambda f: torch.save(data, f), binary=True)
 
-
 def missing(path, what="checkpoint directory", pattern=r".+"):
     """The UserError for a path that is not there: it names what its directory holds (the names matching pattern)."""
     parent = os.path.dirname(path)
     names = sorted(n for n in (os.listdir(parent) if os.path.isdir(parent) else []) if re.fullmatch(pattern, n))
     return UserError(f"{path}: no such {what}; {parent} holds " + (", ".join(names) if names else "none"))
-
 
 def find_largest_model(checkpoints_dir):
     """The default model tag: the largest chimera_d<N>, else the largest d<N>, else the newest."""
@@ -57,19 +54,16 @@ def find_largest_model(checkpoints_dir):
             return max(depths)[1]
     return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
 
-
 def nanochat_tag(checkpoints_dir):
     """nanochat's default tag there: the largest d<N> with a model file (never Chimera's chimera_d<N>), else None."""
     depths = [(int(m[1]), m[0]) for f in glob.glob(os.path.join(glob.escape(checkpoints_dir), "d*", "model_*.pt"))
               if (m := re.fullmatch(r"d(\d+)", os.path.basename(os.path.dirname(f))))]
     return max(depths)[1] if depths else None
 
-
 def default_start(base_dir):
     """SFT's start when none is named, as nanochat's: mid if there is one (2025 nanochat), else base (2026 has no
     mid), else a nanochat SFT alone (a chat model pulled from the Hub)."""
     return next((s for s in ("mid", "base", "sft") if nanochat_tag(os.path.join(base_dir, SOURCE_DIRS[s]))), "base")
-
 
 def find_last_step(checkpoint_dir):
     if not os.path.isdir(checkpoint_dir):
@@ -80,9 +74,7 @@ def find_last_step(checkpoint_dir):
         raise UserError(f"{checkpoint_dir}: no model_*.pt checkpoints in it")
     return max(steps)
 
-
 BF16_DEVICES = ("cuda",)  # where a model loaded to evaluate keeps the bf16 tensors nanochat stored (its embeddings)
-
 
 def load_checkpoint(checkpoint_dir, step, device, keep_bf16=False):
     """(state dict, meta) of a step; a compiled model's _orig_mod. prefix dropped; bf16 tensors made float32
@@ -113,7 +105,6 @@ def load_checkpoint(checkpoint_dir, step, device, keep_bf16=False):
     return {k.removeprefix("_orig_mod."): v if keep_bf16 or v.dtype != torch.bfloat16 else v.float()
             for k, v in model_data.items()}, meta
 
-
 def load_optimizer_shards(checkpoint_dir, step):
     """nanochat 2026's optimizer state of a step, one state dict per rank that saved it (optim_<step>_rank<r>.pt),
     or None where there is none (Nov 2025 writes one optim_<step>.pt of another layout: not read)."""
@@ -130,12 +121,10 @@ def load_optimizer_shards(checkpoint_dir, step):
         raise UserError(f"{checkpoint_dir}: optim_{step:06d}_rank*.pt are not optimizer state dicts")
     return shards or None
 
-
 # model_config's keys but window_pattern, with sane bounds checked before anything is built (rotary: 10 x sequence_len)
 CONFIG_BOUNDS = {"sequence_len": 1 << 16, "vocab_size": 1 << 22, "n_layer": 1024, "n_head": 1024, "n_kv_head": 1024,
                  "n_embd": 1 << 16}
 KEYS_2026 = ("resid_lambdas", "x0_lambdas", "smear_gate.weight", "smear_lambda", "backout_lambda")
-
 
 def config_from_checkpoint(model_config, model_data, where):
     """The GPTConfig of a checkpoint; 2026 has window_pattern and its extra tensors, Nov 2025
@@ -176,13 +165,11 @@ def config_from_checkpoint(model_config, model_data, where):
         model_data.setdefault("x0_lambdas", torch.zeros(n_layer, device=device))
     return GPTConfig(**dict(model_config, window_pattern=pattern))
 
-
 def checkpoint_dir_for(source, model_tag=None, base_dir=None):
     if source not in SOURCE_DIRS:
         raise UserError(f"unknown checkpoint source {source!r}; expected one of {', '.join(SOURCE_DIRS)}")
     root = os.path.join(base_dir or get_base_dir(), SOURCE_DIRS[source])
     return os.path.join(root, model_tag or find_largest_model(root))
-
 
 def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
     """(model, tokenizer, meta) from $NANOCHAT_BASE_DIR/<source's directory>/<tag>/ (tag: by default
@@ -220,7 +207,6 @@ def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
     model.train() if phase == "train" else model.eval()
     return model, tokenizer, meta
 
-
 def fresh_base(base_dir, depth=2, sequence_len=512, n_embd=None, n_head=None, seed=0, zero_out=True, generation=2025):
     """Write tokenizer/ and base_checkpoints/d{depth}/model_000000.pt (width 64 * depth, a head per
     128, 2026: windows SSSL; n_embd/n_head override) into base_dir; zero_out=False: non-zero logits."""
@@ -242,7 +228,6 @@ def fresh_base(base_dir, depth=2, sequence_len=512, n_embd=None, n_head=None, se
     checkpoint_dir = os.path.join(base_dir, "base_checkpoints", f"d{depth}")
     save_checkpoint(checkpoint_dir, 0, model.state_dict(), None, meta)
     return checkpoint_dir
-
 
 class RunDir:
     """A stage's output directory holds one run: a new run removes the earlier Chimera run's
@@ -283,7 +268,6 @@ class RunDir:
             save_checkpoint(self.path, step, model.state_dict(), None,
                             {**meta, "source_tag": os.path.basename(self.start), "chimera": {"stage": self.stage}})
             print(f"saved {self.path}/model_{step:06d}.pt", flush=True)
-
 
 if __name__ == "__main__":  # run.sh asks what Python decides: the answer on stdout, a bad CHIMERA_START's line too
     command, *args = sys.argv[1:] or [""]

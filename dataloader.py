@@ -10,7 +10,6 @@ from common import UserError, all_reduce_sum, print0, rank0_value
 
 WINDOW_STEPS = 16  # steps whose rows are sorted by length together (see Schedule)
 
-
 def collate(rows, pad_id, device):
     """Pad rendered conversations [(ids, mask)] into inputs and targets [B, longest - 1] (-1: not learned)."""
     width = max(len(ids) for ids, _ in rows) - 1
@@ -21,7 +20,6 @@ def collate(rows, pad_id, device):
         inputs[i, :len(ids) - 1] = ids[:-1]
         targets[i, :len(ids) - 1] = ids[1:].masked_fill(~mask[1:], -1)
     return inputs.to(device), targets.to(device)
-
 
 class Schedule:
     """A run's steps: rows in order, cycling, `per_step` to a step. Each window of WINDOW_STEPS steps
@@ -56,11 +54,9 @@ class Schedule:
         progress = step / self.num_iterations
         return 1.0 if progress <= 1 - warmdown else (1 - progress) / warmdown
 
-
 def due(step, every):
     """Whether an every-N-steps evaluation or save falls on `step` (every = -1: never; the end has its own)."""
     return every > 0 and step % every == 0
-
 
 class StepLog:
     """Each step's line on stdout and record in metrics.jsonl: the stage's own figures, then the share of

@@ -31,30 +31,24 @@ class GPTConfig:
     def generation(self):
         return 2025 if self.window_pattern is None else 2026
 
-
 SMEAR_CHANNELS, VE_GATE_CHANNELS = 24, 12  # 2026: the gates read this many leading channels
 SOFTCAP = 15.0  # logits = SOFTCAP * tanh(logits / SOFTCAP), both generations
-
 
 def norm(x):  # parameter-free RMSNorm
     return F.rms_norm(x, (x.size(-1),))
 
-
 def softcap(logits):
     return SOFTCAP * torch.tanh(logits / SOFTCAP)
-
 
 def apply_rotary(x, cos, sin):
     """Rotate the two halves (x1, x2) of each head to (x1 c + x2 s, x2 c - x1 s): x is [B, T, H, D], cos/sin
     are [1 or B, T, 1, D] tables (c, c) and (s, -s), so it takes 3 ops (nanochat's numbers, bit for bit)."""
     return x * cos + x.roll(x.size(3) // 2, 3) * sin
 
-
 def window_mask(q_pos, k_pos, window):
     """Key j is visible to query i iff 0 <= i - j <= window (positions are absolute)."""
     d = q_pos[..., :, None] - k_pos[..., None, :]
     return d >= 0 if window is None else (d >= 0) & (d <= window)
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx, window, value_embed):
@@ -92,7 +86,6 @@ class CausalSelfAttention(nn.Module):
                                            enable_gqa=self.gqa)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, -1))
 
-
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -101,7 +94,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.c_proj(F.relu(self.c_fc(x)).square())
-
 
 class Block(nn.Module):
     def __init__(self, config, layer_idx, window, value_embed):
@@ -113,7 +105,6 @@ class Block(nn.Module):
         x = x + self.attn(norm(x), ve, cos_sin, kv_cache)
         return x + self.mlp(norm(x))
 
-
 def layer_windows(config):
     """Left attention window per layer (None: unlimited). 2026: S is a quarter of
     sequence_len rounded up to a multiple of 128, L is sequence_len, the last layer is L."""
@@ -122,7 +113,6 @@ def layer_windows(config):
         return [None] * n
     short = 128 * -(-long // 512)
     return [short if pattern.upper()[i % len(pattern)] == "S" and i < n - 1 else long for i in range(n)]
-
 
 class GPT(nn.Module):
     def __init__(self, config):
@@ -293,12 +283,10 @@ class GPT(nn.Module):
         grad_w.add_(dz.T @ h, alpha=sign) if autocast else grad_w.addmm_(dz.T, h, alpha=sign)
         return logp
 
-
 def head_weight(w, device_type):
     """The lm_head rows w in autocast's dtype, cast once per call: a slice of the weight misses autocast's
     cache of cast weights, so each chunk would cast all V x C again (about a quarter of DPO's head time)."""
     return w.to(torch.get_autocast_dtype(device_type)) if torch.is_autocast_enabled(device_type) else w
-
 
 class _FusedHead(torch.autograd.Function):
     """Summed log p(target) with the gradient taken in the forward, chunk by chunk while its logits
@@ -342,7 +330,6 @@ class _FusedHead(torch.autograd.Function):
         assert grads is not None, "a fused log-prob sum runs backward once (no retain_graph)"
         grad_h, grad_w = (g.mul_(grad_total) for g in grads)
         return None, None, None, None, grad_h, None, grad_w if ctx.needs_input_grad[6] else None
-
 
 def compile_model(model, flag=True):
     """torch.compile the transformer if flag (--compile; None: on CUDA) with symbolic batch and length: a length that

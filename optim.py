@@ -14,7 +14,6 @@ import torch.distributed as dist
 
 from common import UserError, synchronize
 
-
 def setup_optimizers(model, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5,
                      rule=None):
     """[AdamW (embeddings, lm_head, scalars), Muon (the blocks' matrices)] in the groups of the
@@ -43,13 +42,11 @@ def setup_optimizers(model, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.
         group["initial_lr"] = group["lr"]
     return [adamw, muon]
 
-
 def use_bf16(G):
     """Orthogonalise in bf16 where its matmuls are fast: CUDA (as nanochat) and CPUs with AVX512-BF16;
     float32 elsewhere (CPUs without bf16 units run bf16 matmuls 10-35x slower)."""
     return G.device.type == "cuda" or (G.device.type == "cpu" and getattr(torch.cpu, "_is_avx512_bf16_supported",
                                                                           bool)())
-
 
 def newton_schulz5(G):
     """Approximately orthogonalise G with a quintic Newton-Schulz iteration on the wide orientation (2025)."""
@@ -64,14 +61,12 @@ def newton_schulz5(G):
         X = a * X + B @ X
     return X.mT if tall else X
 
-
 # nanochat 92d63d4's Polar Express coefficients (Amsel et al. 2025, arXiv 2505.16932: 5 steps, safety 2e-2)
 POLAR_EXPRESS = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
                  (4.042929935166739, -2.808917465908714, 0.5000178451051316),
                  (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
                  (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
                  (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
-
 
 def polar_express(G):
     """2026's orthogonalisation: rows equilibrated to their mean norm (MuonEq), 5 Polar Express steps,
@@ -86,7 +81,6 @@ def polar_express(G):
         X = a * X + (X @ B if tall else B @ X)
     g = X.to(G.dtype)
     return g * (min(g.shape[-2:]) ** 0.5 / g.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6)).to(g.dtype)
-
 
 def muon_2026(p, g, state, group):
     """nanochat 92d63d4's Muon on one matrix, given its Nesterov update g: Polar Express, NorMuon's variance
@@ -105,7 +99,6 @@ def muon_2026(p, g, state, group):
     g = g * (step * (v_norm / v_norm_new.clamp_min(1e-10))).to(g.dtype)
     lr, wd = f32(group["lr"] * max(1.0, p.size(-2) / p.size(-1)) ** 0.5), f32(group["weight_decay"])
     p.sub_(lr * g + lr * wd * p * ((g * p) >= 0))
-
 
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz: each matrix's Nesterov momentum update is orthogonalised
@@ -141,7 +134,6 @@ class Muon(torch.optim.Optimizer):
         world = dist.get_world_size() if dist.is_initialized() else 1
         return {p: i % world for group in self.param_groups for i, p in enumerate(group["params"])}
 
-
 def warm_start(optimizers, shards, where):
     """Continue from nanochat 92d63d4's optimizer shards (optim_<step>_rank<r>.pt, any number of ranks), as its
     chat_sft --load-optimizer does: the pretraining's hyperparameters but this run's lrs, AdamW's moments (the row
@@ -167,7 +159,6 @@ def warm_start(optimizers, shards, where):
             optimizers[0].state[p] = {"step": step, **{k: joined[k].to(p).clone().view_as(p)
                                                        for k in ("exp_avg", "exp_avg_sq")}}
 
-
 def ready_order(model):
     """Parameters in about the order backward finishes their gradients: the lm_head, then the blocks from
     the last (each with its value embedding), then what the first layer or every layer uses (the token
@@ -177,7 +168,6 @@ def ready_order(model):
     first = [model.lm_head.weight] + [p for ps in reversed(blocks) for p in ps]
     seen = set(map(id, first))
     return [p for p in first + [p for p in model.parameters() if id(p) not in seen] if p.requires_grad]
-
 
 class GradSync:
     """Sums gradients over ranks in buckets of all_reduce (world size 1: nothing); a matrix in `owners` (Muon's:
@@ -234,7 +224,6 @@ class GradSync:
             flat.zero_()
         if not self.flats:
             self.model.zero_grad(set_to_none=True)
-
 
 def optimizer_step(model, optimizers, lr_multiplier, grad_sync):
     """Sum grads over ranks (grad_sync, armed or not), set lrs, step, clear grads, and wait for the device: the

@@ -20,7 +20,6 @@ SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_star
 # nanochat's split pattern (GPT-4's, with numbers split into groups of 1-2 digits)
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
-
 class _TokenizerUnpickler(pickle.Unpickler):
     """Admits only tiktoken's Encoding, as a SimpleNamespace holding its state: no pickled code runs."""
 
@@ -28,7 +27,6 @@ class _TokenizerUnpickler(pickle.Unpickler):
         if (module, name) == ("tiktoken.core", "Encoding"):
             return SimpleNamespace
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only a tiktoken Encoding is allowed")
-
 
 class Tokenizer:
     """nanochat's tokenizer interface over a tiktoken Encoding."""
@@ -95,7 +93,6 @@ class Tokenizer:
         ids, _ = self.render_conversation({"messages": messages[:-1]}, max_tokens=1 << 62)
         return ids + [self.encode_special("<|assistant_start|>")]
 
-
 def check_messages(conversation):
     """The one conversation check (tasks.py's too): system?, then user (text) and assistant (text or
     parts) alternating, else ValueError naming the message; a system message is merged into the next."""
@@ -131,13 +128,11 @@ def check_messages(conversation):
             raise ValueError(f"message {at}: content must be a string or a list of parts")
     return messages
 
-
 def byte_level_encoding():
     """A tokenizer with no merges: the 256 bytes plus the 9 special tokens (vocab 265)."""
     return tiktoken.Encoding(name="chimera-bytes", pat_str=SPLIT_PATTERN,
                              mergeable_ranks={bytes([i]): i for i in range(256)},
                              special_tokens={tok: 256 + i for i, tok in enumerate(SPECIAL_TOKENS)})
-
 
 def get_tokenizer(base_dir=None):
     return Tokenizer.from_directory(os.path.join(base_dir or get_base_dir(), "tokenizer"))
