@@ -310,7 +310,7 @@ def test_save_then_load_round_trip_keeps_the_generation(tmp_path, generation):
     base, meta_path, model_path = fixture_copy(tmp_path, generation)
     m, tok, meta = load_model("base", "cpu", "train", base_dir=base)
     out = os.path.join(base, "chatsft_checkpoints", "chimera_d2")
-    save_checkpoint(out, 3, m.state_dict(), None, dict(meta, step=3, chimera={"stage": "sft"}))
+    save_checkpoint(out, 3, m.state_dict(), dict(meta, step=3, chimera={"stage": "sft"}))
     m2, _, meta2 = load_model("sft", "cpu", "eval", base_dir=base)
     assert m2.config == m.config and meta2["chimera"] == {"stage": "sft"}
     assert meta2["model_config"] == json.load(open(meta_path))["model_config"]
@@ -384,8 +384,8 @@ def test_save_load_round_trip_with_bf16_and_orig_mod_prefix(tmp_path):
     sd = {"_orig_mod." + k: v for k, v in m.state_dict().items()}
     sd["_orig_mod.transformer.wte.weight"] = sd["_orig_mod.transformer.wte.weight"].bfloat16()
     ckpt = os.path.join(base, "chatsft_checkpoints", "d2")
-    save_checkpoint(ckpt, 5, sd, None, dict(meta, step=5))
-    save_checkpoint(ckpt, 12, sd, None, dict(meta, step=12))
+    save_checkpoint(ckpt, 5, sd, dict(meta, step=5))
+    save_checkpoint(ckpt, 12, sd, dict(meta, step=12))
     m2, tok2, meta2 = load_model("sft", "cpu", "eval", base_dir=base)
     assert meta2["step"] == 12 and not m2.training
     assert m2.transformer.wte.weight.dtype == torch.float32
@@ -452,7 +452,7 @@ def dying_save(obj, f, *a, **k):
     f.truncate(f.tell() // 2)   # half a file on disk...
     os.kill(os.getpid(), signal.SIGKILL)  # ...and the process dies mid-save
 torch.save = dying_save
-checkpoint.save_checkpoint(os.path.join(base, "base_checkpoints", "d2"), 1, m.state_dict(), None, dict(meta, step=1))
+checkpoint.save_checkpoint(os.path.join(base, "base_checkpoints", "d2"), 1, m.state_dict(), dict(meta, step=1))
 """
 
 
