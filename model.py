@@ -105,8 +105,8 @@ class Block(nn.Module):
         return x + self.mlp(norm(x))
 
 def layer_windows(config):
-    """Left attention window per layer (None: unlimited). 2026: S is a quarter of
-    sequence_len rounded up to a multiple of 128, L is sequence_len, the last layer is L."""
+    """Left window per layer (None: unlimited); 2026: S is sequence_len / 4 up to a multiple of 128, L (and the last
+    layer) is sequence_len."""
     pattern, n, long = config.window_pattern, config.n_layer, config.sequence_len
     if pattern is None:
         return [None] * n
@@ -301,17 +301,16 @@ class _FusedHead(torch.autograd.Function):
                                 for a, b, sign in spans])
             sums.append(part)
             value = sum(sign * s for (_, _, sign), s in zip(spans, part))
-            if loss_fn is None:
-                total += value
-                continue
-            with torch.enable_grad():
-                value.requires_grad_()
-                loss = loss_fn(g, value)
-                (scale,) = torch.autograd.grad(loss, value)
-            total += loss.detach()
-            for a, b, sign in spans:
-                grad_h[a:b].mul_(scale * sign)
-            grad_w[:w.size(0)].addcmul_(acc, scale)  # one pass, no sync for the scale
+            if loss_fn is not None:
+                with torch.enable_grad():
+                    value.requires_grad_()
+                    loss = loss_fn(g, value)
+                    (scale,) = torch.autograd.grad(loss, value)
+                value = loss.detach()
+                for a, b, sign in spans:
+                    grad_h[a:b].mul_(scale * sign)
+                grad_w[:w.size(0)].addcmul_(acc, scale)  # one pass, no sync for the scale
+            total += value
         ctx.grads = [grad_h, grad_w]  # not saved tensors: backward scales them in place
         sums = torch.cat(sums).detach()
         ctx.mark_non_differentiable(sums)
