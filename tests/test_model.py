@@ -687,3 +687,23 @@ def test_engine_completes_many_prompts_as_each_alone(tmp_path):
         together = Engine(m, tok, max_batch=2, max_len=40).complete(prompts, samplings)
         alone = [Engine(m, tok, max_batch=1, max_len=40).complete([p], [s])[0] for p, s in zip(prompts, samplings)]
         assert together == alone and all(len(ids) == 12 for (ids,) in together)
+
+
+def test_a_damaged_optimizer_shard_or_run_meta_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    """The optimizer shards are read as the model file is; a run directory's meta that is not a JSON object
+    (null here) is not Chimera's: neither is a traceback."""
+    base = str(tmp_path / "base")
+    shutil.copytree(golden_dir(2026), base)
+    ckpt = os.path.join(base, "base_checkpoints", "d2")
+    shard = os.path.join(ckpt, "optim_000020_rank0.pt")
+    open(shard, "wb").write(b"\x00" * 10)
+    with pytest.raises(UserError) as e:
+        checkpoint.load_optimizer_shards(ckpt, 20)
+    assert str(e.value).startswith(f"{shard}: not a readable checkpoint") and "\n" not in str(e.value)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", base)
+    out = os.path.join(base, "chatsft_checkpoints", "x")
+    os.makedirs(out)
+    open(os.path.join(out, "model_000001.pt"), "wb").close()
+    open(os.path.join(out, "meta_000001.json"), "w").write("null")
+    with pytest.raises(UserError, match="meta_000001.json is not a Chimera checkpoint"):
+        checkpoint.RunDir("sft", "x", True, ("base", None))
