@@ -65,8 +65,7 @@ def default_start(base_dir):
 def find_last_step(checkpoint_dir):
     if not os.path.isdir(checkpoint_dir):
         raise missing(checkpoint_dir)
-    steps = [int(m.group(1)) for f in glob.glob(os.path.join(checkpoint_dir, "model_*.pt"))
-             if (m := re.fullmatch(r"model_(\d+)\.pt", os.path.basename(f)))]
+    steps = [int(m[1]) for name in os.listdir(checkpoint_dir) if (m := re.fullmatch(r"model_(\d+)\.pt", name))]
     if not steps:
         raise UserError(f"{checkpoint_dir}: no model_*.pt checkpoints in it")
     return max(steps)
