@@ -25,24 +25,18 @@ from tokenizer import SPECIAL_TOKENS, byte_level_encoding, get_tokenizer
 SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
                "dpo": "chatdpo_checkpoints", "rl": "chatrl_checkpoints"}
 
-
-def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data):
-    """Meta, optimizer, then model, each through a temp file and a rename: the latest step is
-    found by model files, so a save killed midway never looks like a newer whole checkpoint."""
+def save_checkpoint(checkpoint_dir, step, model_data, meta_data):
+    """Meta, then model, each through a temp file and a rename: the latest step is found by model
+    files, so a save killed midway never looks like a newer whole checkpoint."""
     os.makedirs(checkpoint_dir, exist_ok=True)
     atomic_write_json(os.path.join(checkpoint_dir, f"meta_{step:06d}.json"), meta_data)
-    for name, data in (("optim", optimizer_data), ("model", model_data)):
-        if data is not None:
-            path = os.path.join(checkpoint_dir, f"{name}_{step:06d}.pt")
-            atomic_write(path, lambda f: torch.save(data, f), binary=True)
-
+    atomic_write(os.path.join(checkpoint_dir, f"model_{step:06d}.pt"), lambda f: torch.save(model_data, f), binary=True)
 
 def missing(path, what="checkpoint directory", pattern=r".+"):
     """The UserError for a path that is not there: it names what its directory holds (the names matching pattern)."""
     parent = os.path.dirname(path)
     names = sorted(n for n in (os.listdir(parent) if os.path.isdir(parent) else []) if re.fullmatch(pattern, n))
     return UserError(f"{path}: no such {what}; {parent} holds " + (", ".join(names) if names else "none"))
-
 
 def find_largest_model(checkpoints_dir):
     """The default model tag: the largest chimera_d<N>, else the largest d<N>, else the newest."""
@@ -57,85 +51,78 @@ def find_largest_model(checkpoints_dir):
             return max(depths)[1]
     return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
 
-
 def nanochat_tag(checkpoints_dir):
     """nanochat's default tag there: the largest d<N> with a model file (never Chimera's chimera_d<N>), else None."""
     depths = [(int(m[1]), m[0]) for f in glob.glob(os.path.join(glob.escape(checkpoints_dir), "d*", "model_*.pt"))
               if (m := re.fullmatch(r"d(\d+)", os.path.basename(os.path.dirname(f))))]
     return max(depths)[1] if depths else None
 
-
 def default_start(base_dir):
     """SFT's start when none is named, as nanochat's: mid if there is one (2025 nanochat), else base (2026 has no
     mid), else a nanochat SFT alone (a chat model pulled from the Hub)."""
     return next((s for s in ("mid", "base", "sft") if nanochat_tag(os.path.join(base_dir, SOURCE_DIRS[s]))), "base")
 
-
 def find_last_step(checkpoint_dir):
     if not os.path.isdir(checkpoint_dir):
         raise missing(checkpoint_dir)
-    steps = [int(m.group(1)) for f in glob.glob(os.path.join(checkpoint_dir, "model_*.pt"))
-             if (m := re.fullmatch(r"model_(\d+)\.pt", os.path.basename(f)))]
+    steps = [int(m[1]) for name in os.listdir(checkpoint_dir) if (m := re.fullmatch(r"model_(\d+)\.pt", name))]
     if not steps:
         raise UserError(f"{checkpoint_dir}: no model_*.pt checkpoints in it")
     return max(steps)
 
-
 BF16_DEVICES = ("cuda",)  # where a model loaded to evaluate keeps the bf16 tensors nanochat stored (its embeddings)
 
+def read_pt(path, device):
+    """torch.load with weights_only: a damaged or hostile file is one line naming it, never run."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+        raise UserError(f"{path}: not a readable checkpoint, truncated or damaged? ({why})") from None
+
+def read_meta(path):
+    """A checkpoint's meta: a JSON object, else one line naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing (the checkpoint has a model file but no meta)") from None
+    except (ValueError, RecursionError, OSError) as e:  # bad JSON or UTF-8, nested too deep, a directory
+        raise UserError(f"{path}: not a readable JSON meta ({type(e).__name__}: {str(e)[:160]})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(meta).__name__}")
+    return meta
 
 def load_checkpoint(checkpoint_dir, step, device, keep_bf16=False):
-    """(state dict, meta) of a step; a compiled model's _orig_mod. prefix dropped; bf16 tensors made float32
-    unless keep_bf16."""
+    """(state dict, meta) of a step: a compiled model's _orig_mod. dropped, bf16 made float32 unless keep_bf16."""
     model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
-    meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
     if not os.path.exists(model_path):
         raise missing(model_path, f"checkpoint for step {step}", r"model_\d+\.pt")
-    try:  # weights_only: a damaged or hostile file is refused, never run
-        model_data = torch.load(model_path, map_location=device, weights_only=True)
-    except Exception as e:
-        why = (str(e).strip().splitlines() or [""])[0][:160]
-        raise UserError(f"{model_path}: not a readable checkpoint, truncated or damaged? ({type(e).__name__}: {why})") \
-            from None
+    model_data = read_pt(model_path, device)
     if not isinstance(model_data, dict) or not all(isinstance(v, torch.Tensor) for v in model_data.values()):
         raise UserError(f"{model_path}: not a state dict of tensors")
     if bad := next((k for k, v in model_data.items() if not v.is_floating_point()), None):
         raise UserError(f"{model_path}: {bad} holds {model_data[bad].dtype} values; a model's weights are floats")
-    try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{meta_path}: missing (the checkpoint has a model file but no meta)") from None
-    except (ValueError, RecursionError, OSError) as e:  # bad JSON or UTF-8, nested too deep, a directory
-        raise UserError(f"{meta_path}: not a readable JSON meta ({type(e).__name__}: {str(e)[:160]})") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{meta_path}: expected a JSON object, found {type(meta).__name__}")
     return {k.removeprefix("_orig_mod."): v if keep_bf16 or v.dtype != torch.bfloat16 else v.float()
-            for k, v in model_data.items()}, meta
-
+            for k, v in model_data.items()}, read_meta(os.path.join(checkpoint_dir, f"meta_{step:06d}.json"))
 
 def load_optimizer_shards(checkpoint_dir, step):
     """nanochat 2026's optimizer state of a step, one state dict per rank that saved it (optim_<step>_rank<r>.pt),
     or None where there is none (Nov 2025 writes one optim_<step>.pt of another layout: not read)."""
-    paths = sorted(glob.glob(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank*.pt")),
-                   key=lambda f: int(re.search(r"rank(\d+)\.pt$", f)[1]))
-    if [int(re.search(r"rank(\d+)\.pt$", f)[1]) for f in paths] != list(range(len(paths))):
-        raise UserError(f"{checkpoint_dir}: optimizer shards of step {step} are missing ranks: {paths}")
-    try:
-        shards = [torch.load(f, map_location="cpu", weights_only=True) for f in paths]
-    except Exception as e:  # a damaged shard: named, never unpickled beyond weights_only
-        raise UserError(f"{checkpoint_dir}: cannot read optimizer shard ({type(e).__name__}: {e})") from None
+    paths = {int(m[1]): f for f in glob.glob(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank*.pt"))
+             if (m := re.search(r"rank(\d+)\.pt$", f))}
+    if sorted(paths) != list(range(len(paths))):
+        raise UserError(f"{checkpoint_dir}: optimizer shards of step {step} miss ranks: {sorted(paths.values())}")
+    shards = [read_pt(paths[rank], "cpu") for rank in range(len(paths))]
     if not all(isinstance(s, dict) and isinstance(s.get("param_groups"), list) and isinstance(s.get("state"), dict)
                for s in shards):
         raise UserError(f"{checkpoint_dir}: optim_{step:06d}_rank*.pt are not optimizer state dicts")
     return shards or None
 
-
 # model_config's keys but window_pattern, with sane bounds checked before anything is built (rotary: 10 x sequence_len)
 CONFIG_BOUNDS = {"sequence_len": 1 << 16, "vocab_size": 1 << 22, "n_layer": 1024, "n_head": 1024, "n_kv_head": 1024,
                  "n_embd": 1 << 16}
 KEYS_2026 = ("resid_lambdas", "x0_lambdas", "smear_gate.weight", "smear_lambda", "backout_lambda")
-
 
 def config_from_checkpoint(model_config, model_data, where):
     """The GPTConfig of a checkpoint; 2026 has window_pattern and its extra tensors, Nov 2025
@@ -176,13 +163,11 @@ def config_from_checkpoint(model_config, model_data, where):
         model_data.setdefault("x0_lambdas", torch.zeros(n_layer, device=device))
     return GPTConfig(**dict(model_config, window_pattern=pattern))
 
-
 def checkpoint_dir_for(source, model_tag=None, base_dir=None):
     if source not in SOURCE_DIRS:
         raise UserError(f"unknown checkpoint source {source!r}; expected one of {', '.join(SOURCE_DIRS)}")
     root = os.path.join(base_dir or get_base_dir(), SOURCE_DIRS[source])
     return os.path.join(root, model_tag or find_largest_model(root))
-
 
 def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
     """(model, tokenizer, meta) from $NANOCHAT_BASE_DIR/<source's directory>/<tag>/ (tag: by default
@@ -220,7 +205,6 @@ def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
     model.train() if phase == "train" else model.eval()
     return model, tokenizer, meta
 
-
 def fresh_base(base_dir, depth=2, sequence_len=512, n_embd=None, n_head=None, seed=0, zero_out=True, generation=2025):
     """Write tokenizer/ and base_checkpoints/d{depth}/model_000000.pt (width 64 * depth, a head per
     128, 2026: windows SSSL; n_embd/n_head override) into base_dir; zero_out=False: non-zero logits."""
@@ -240,9 +224,8 @@ def fresh_base(base_dir, depth=2, sequence_len=512, n_embd=None, n_head=None, se
     meta = {"step": 0, "model_config": {k: v for k, v in asdict(config).items() if v is not None},
             "chimera": {"stage": "base"}, "user_config": {"depth": depth, "fresh": True, "seed": seed}}
     checkpoint_dir = os.path.join(base_dir, "base_checkpoints", f"d{depth}")
-    save_checkpoint(checkpoint_dir, 0, model.state_dict(), None, meta)
+    save_checkpoint(checkpoint_dir, 0, model.state_dict(), meta)
     return checkpoint_dir
-
 
 class RunDir:
     """A stage's output directory holds one run: a new run removes the earlier Chimera run's
@@ -258,8 +241,8 @@ class RunDir:
         metas = {re.sub(r"(model|optim)_(\d+)\.pt$", r"meta_\2.json", f) for f in old if f.endswith(("pt", "json"))}
         for meta in metas:
             try:
-                marked = "chimera" in json.load(open(meta, encoding="utf-8"))
-            except (OSError, ValueError):
+                marked = "chimera" in read_meta(meta)
+            except UserError:  # missing or damaged: not Chimera's either
                 marked = False
             if not marked:
                 raise UserError(f"{self.path}: {os.path.basename(meta)} is not a Chimera checkpoint; "
@@ -280,10 +263,9 @@ class RunDir:
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise UserError(f"step {step}: the weights are not finite (NaN or inf); nothing saved")
         if self.master:
-            save_checkpoint(self.path, step, model.state_dict(), None,
-                            {**meta, "source_tag": os.path.basename(self.start), "chimera": {"stage": self.stage}})
+            marked = {**meta, "source_tag": os.path.basename(self.start), "chimera": {"stage": self.stage}}
+            save_checkpoint(self.path, step, model.state_dict(), marked)
             print(f"saved {self.path}/model_{step:06d}.pt", flush=True)
-
 
 if __name__ == "__main__":  # run.sh asks what Python decides: the answer on stdout, a bad CHIMERA_START's line too
     command, *args = sys.argv[1:] or [""]

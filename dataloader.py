@@ -10,18 +10,15 @@ from common import UserError, all_reduce_sum, print0, rank0_value
 
 WINDOW_STEPS = 16  # steps whose rows are sorted by length together (see Schedule)
 
-
 def collate(rows, pad_id, device):
     """Pad rendered conversations [(ids, mask)] into inputs and targets [B, longest - 1] (-1: not learned)."""
     width = max(len(ids) for ids, _ in rows) - 1
-    inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    targets = torch.full((len(rows), width), -1, dtype=torch.long)
+    inputs, targets = (torch.full((len(rows), width), fill, dtype=torch.long) for fill in (pad_id, -1))
     for i, (ids, mask) in enumerate(rows):
         ids, mask = torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(mask, dtype=torch.bool)
         inputs[i, :len(ids) - 1] = ids[:-1]
         targets[i, :len(ids) - 1] = ids[1:].masked_fill(~mask[1:], -1)
     return inputs.to(device), targets.to(device)
-
 
 class Schedule:
     """A run's steps: rows in order, cycling, `per_step` to a step. Each window of WINDOW_STEPS steps
@@ -51,16 +48,14 @@ class Schedule:
         return self.cached[1][(step % self.window) * per:][:per][rank::self.world_size]
 
     def lr_multiplier(self, step, warmdown=1.0):
-        """1 until the run's last `warmdown` share, then linearly to 0 (1.0: from the first step, as nanochat
-        885a4f2's SFT; 0.5: flat, then down over the second half, as 92d63d4's)."""
+        """1 until the run's last warmdown share, then linearly to 0 (1.0: from the first step, as nanochat 885a4f2's
+        SFT; 0.5: flat, then down over the second half, as 92d63d4's)."""
         progress = step / self.num_iterations
         return 1.0 if progress <= 1 - warmdown else (1 - progress) / warmdown
-
 
 def due(step, every):
     """Whether an every-N-steps evaluation or save falls on `step` (every = -1: never; the end has its own)."""
     return every > 0 and step % every == 0
-
 
 class StepLog:
     """Each step's line on stdout and record in metrics.jsonl: the stage's own figures, then the share of

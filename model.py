@@ -31,30 +31,24 @@ class GPTConfig:
     def generation(self):
         return 2025 if self.window_pattern is None else 2026
 
-
 SMEAR_CHANNELS, VE_GATE_CHANNELS = 24, 12  # 2026: the gates read this many leading channels
 SOFTCAP = 15.0  # logits = SOFTCAP * tanh(logits / SOFTCAP), both generations
-
 
 def norm(x):  # parameter-free RMSNorm
     return F.rms_norm(x, (x.size(-1),))
 
-
 def softcap(logits):
     return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
-
 def apply_rotary(x, cos, sin):
-    """Rotate the two halves (x1, x2) of each head to (x1 c + x2 s, x2 c - x1 s): x is [B, T, H, D], cos/sin
-    are [1 or B, T, 1, D] tables (c, c) and (s, -s), so it takes 3 ops (nanochat's numbers, bit for bit)."""
+    """Rotate each head's halves (x1, x2) to (x1 c + x2 s, x2 c - x1 s): x is [B, T, H, D], cos/sin [1 or B, T, 1, D]
+    tables (c, c) and (s, -s), so it takes 3 ops (nanochat's numbers, bit for bit)."""
     return x * cos + x.roll(x.size(3) // 2, 3) * sin
-
 
 def window_mask(q_pos, k_pos, window):
     """Key j is visible to query i iff 0 <= i - j <= window (positions are absolute)."""
     d = q_pos[..., :, None] - k_pos[..., None, :]
     return d >= 0 if window is None else (d >= 0) & (d <= window)
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx, window, value_embed):
@@ -76,10 +70,9 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:  # value embedding, mixed in by a per-head gate in (0, 3)
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate.unsqueeze(-1) * ve.view_as(v)
-        # rotary in the compute dtype (bf16 under CUDA autocast; the tables already are float32 on CPU)
+        # rotary in the compute dtype (bf16 under CUDA autocast; the tables already are float32 on CPU), then QK norm
         cos, sin = (t.to(q.dtype) for t in cos_sin)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k = norm(q) * self.qk_scale, norm(k) * self.qk_scale  # QK norm comes after rotary, as in nanochat
+        q, k = (norm(apply_rotary(t, cos, sin)) * self.qk_scale for t in (q, k))
         if kv_cache is not None:  # k, v become every cached key and value the new tokens may see
             k, v, mask = kv_cache.insert(self.layer_idx, k, v, self.window)
         else:
@@ -92,7 +85,6 @@ class CausalSelfAttention(nn.Module):
                                            enable_gqa=self.gqa)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, -1))
 
-
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -101,7 +93,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.c_proj(F.relu(self.c_fc(x)).square())
-
 
 class Block(nn.Module):
     def __init__(self, config, layer_idx, window, value_embed):
@@ -113,16 +104,14 @@ class Block(nn.Module):
         x = x + self.attn(norm(x), ve, cos_sin, kv_cache)
         return x + self.mlp(norm(x))
 
-
 def layer_windows(config):
-    """Left attention window per layer (None: unlimited). 2026: S is a quarter of
-    sequence_len rounded up to a multiple of 128, L is sequence_len, the last layer is L."""
+    """Left window per layer (None: unlimited); 2026: S is sequence_len / 4 up to a multiple of 128, L (and the last
+    layer) is sequence_len."""
     pattern, n, long = config.window_pattern, config.n_layer, config.sequence_len
     if pattern is None:
         return [None] * n
     short = 128 * -(-long // 512)
     return [short if pattern.upper()[i % len(pattern)] == "S" and i < n - 1 else long for i in range(n)]
-
 
 class GPT(nn.Module):
     def __init__(self, config):
@@ -158,7 +147,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, zero_out=True):
-        """nanochat's init; zero_out=False: random (not zero/tiny) residual projections and lm_head."""
+        """nanochat's init, every weight float32 (AdamW needs the small updates that bf16 would round away);
+        zero_out=False: random (not zero/tiny) residual projections and lm_head."""
         if not self.gen2026:  # N(0, 1) embedding, fan-in scaled linears, zero lm_head and residual projections
             for module in self.modules():
                 if isinstance(module, nn.Linear):
@@ -185,7 +175,6 @@ class GPT(nn.Module):
             frac = torch.arange(L, dtype=torch.float32) / max(L - 1, 1)
             self.resid_lambdas.copy_(1.15 - 0.10 * frac), self.x0_lambdas.copy_(0.20 - 0.15 * frac)
             self.smear_lambda.zero_(), self.backout_lambda.fill_(0.2), self.smear_gate.weight.uniform_(0.0, 0.02)
-        self.init_rotary()  # every weight float32: AdamW needs the small updates that bf16 would round away
 
     def get_device(self):
         return self.transformer.wte.weight.device
@@ -231,12 +220,11 @@ class GPT(nn.Module):
         return self.logits(self.hidden_states(idx, kv_cache))
 
     def token_logprobs(self, idx, targets, chunk_numel=None, reduction="none"):
-        """log p(target) per position, [B, T] float32, 0 where the target is -1 (reduction="sum": their
-        sum). Only targets reach the lm_head, in chunks of about `chunk_numel` logits (default 16M on
-        CPU, 128M on CUDA), never B*T*V. With a gradient, "sum" takes it per chunk in the forward (every
-        token's is the same: fused CE, SFT); "none" keeps every chunk's logits for backward (no saving)."""
+        """log p(target) per position, [B, T] float32, 0 where the target is -1 (reduction="sum": their sum). Only
+        targets reach the lm_head, in chunks of about chunk_numel logits (default 16M on CPU, 128M on CUDA). With a
+        gradient, "sum" takes it in the forward (fused CE, SFT); "none" keeps each chunk's logits for backward."""
         h, tgt, rows, chunk = self._scored(idx, targets, chunk_numel)
-        if reduction == "sum" and torch.is_grad_enabled() and h.requires_grad and rows.numel():
+        if reduction == "sum" and h.requires_grad and rows.numel():
             return _FusedHead.apply(self, chunk, [[(0, rows.numel(), 1)]], None, h, tgt, self.lm_head.weight)[0]
         w = head_weight(self.lm_head.weight[:self.config.vocab_size], h.device.type)
         pieces = [self._chunk_logprobs(h[i:i + chunk], tgt[i:i + chunk], w) for i in range(0, rows.numel(), chunk)]
@@ -247,11 +235,9 @@ class GPT(nn.Module):
         return logp.new_zeros(targets.numel()).index_put((rows,), logp).view_as(targets)
 
     def pair_loss(self, idx, targets, loss_fn, chunk_numel=None, weights=None):
-        """DPO's training path. idx/targets hold P pairs as rows [chosen..., rejected...]; returns (sum
-        over pairs of loss_fn(i, w_c chosen_i - w_r rejected_i), chosen [P], rejected [P]), a row's value being
-        its summed log p(target) (no gradient); weights: [(w_c, w_r)] per pair, default 1 (per-token means:
-        1 / the answer's tokens). The loss's gradient is taken in the forward, pair by pair once the margin is
-        known: no logits are kept for backward or recomputed."""
+        """DPO's training path: idx/targets hold P pairs as rows [chosen..., rejected...]; returns (the sum over pairs
+        of loss_fn(i, w_c chosen_i - w_r rejected_i), chosen [P], rejected [P]), a row's value being its summed log
+        p(target); weights [(w_c, w_r)] per pair, default 1. The gradient is taken in the forward, pair by pair."""
         h, tgt, _, chunk = self._scored(idx, targets, chunk_numel)
         ends = (targets != -1).sum(1).cumsum(0).tolist()
         spans, P = list(zip([0] + ends[:-1], ends)), idx.size(0) // 2
@@ -261,8 +247,7 @@ class GPT(nn.Module):
         return total, sums[0::2], sums[1::2]
 
     def _scored(self, idx, targets, chunk_numel):
-        """The final hidden states of the positions with a target, their targets, those positions in
-        idx.view(-1), and the rows per lm_head chunk."""
+        """(hidden states and targets of the positions with a target, those flat positions, rows per lm_head chunk)"""
         chunk_numel = chunk_numel or 1 << (27 if idx.device.type == "cuda" else 24)
         flat_targets = targets.reshape(-1)
         rows = (flat_targets != -1).nonzero().squeeze(1)
@@ -277,9 +262,8 @@ class GPT(nn.Module):
         return logits.gather(1, targets[:, None]).squeeze(1) - (logits.exp() if grad else logits.exp_()).sum(1).log()
 
     def _head_grads(self, h, targets, w, grad_h, grad_w, sign=1):
-        """The sum of log p(target) over h's rows through the lm_head w (the real vocab's rows); writes
-        its gradient for h into grad_h and adds sign times the one for w to grad_w. By hand, in place: softcapped
-        logits lie in [-15, 15], so their exp cannot overflow and the log-sum-exp needs no max."""
+        """The sum of log p(target) over h's rows through the lm_head rows w; writes its gradient for h into grad_h
+        and adds sign times w's to grad_w. By hand, in place, with no max in the log-sum-exp (as _chunk_logprobs)."""
         t = torch.tanh_(F.linear(h, w).float().div_(SOFTCAP))  # logits = SOFTCAP * t
         t_target = t.gather(1, targets[:, None])
         p = t.mul(SOFTCAP).exp_()
@@ -293,19 +277,16 @@ class GPT(nn.Module):
         grad_w.add_(dz.T @ h, alpha=sign) if autocast else grad_w.addmm_(dz.T, h, alpha=sign)
         return logp
 
-
 def head_weight(w, device_type):
     """The lm_head rows w in autocast's dtype, cast once per call: a slice of the weight misses autocast's
     cache of cast weights, so each chunk would cast all V x C again (about a quarter of DPO's head time)."""
     return w.to(torch.get_autocast_dtype(device_type)) if torch.is_autocast_enabled(device_type) else w
 
-
 class _FusedHead(torch.autograd.Function):
-    """Summed log p(target) with the gradient taken in the forward, chunk by chunk while its logits
-    exist. groups: [[(start, end, sign), ...], ...] spans of h's rows; the output is the sum over groups
-    of loss_fn(group index, the signed sum of its spans' sums), and the spans' sums (no gradient).
-    loss_fn None: the plain sum, whose gradient is 1 for every token, so chunks add straight into the
-    lm_head's gradient; otherwise a group's go (signed) to a scratch buffer, scaled once its loss is known."""
+    """Summed log p(target) with the gradient taken in the forward, chunk by chunk while its logits exist. groups:
+    [[(start, end, sign), ...], ...] spans of h's rows; returns the sum over groups of loss_fn(group index, the signed
+    sum of its spans' sums), and the spans' sums. loss_fn None: the plain sum (gradient 1 for every token: chunks add
+    straight into the lm_head's gradient); else a group's go to a scratch buffer, scaled once its loss is known."""
 
     @staticmethod
     def forward(ctx, model, chunk, groups, loss_fn, h, targets, weight):
@@ -320,17 +301,16 @@ class _FusedHead(torch.autograd.Function):
                                 for a, b, sign in spans])
             sums.append(part)
             value = sum(sign * s for (_, _, sign), s in zip(spans, part))
-            if loss_fn is None:
-                total += value
-                continue
-            with torch.enable_grad():
-                value.requires_grad_()
-                loss = loss_fn(g, value)
-                (scale,) = torch.autograd.grad(loss, value)
-            total += loss.detach()
-            for a, b, sign in spans:
-                grad_h[a:b].mul_(scale * sign)
-            grad_w[:w.size(0)].addcmul_(acc, scale)  # one pass, no sync for the scale
+            if loss_fn is not None:
+                with torch.enable_grad():
+                    value.requires_grad_()
+                    loss = loss_fn(g, value)
+                    (scale,) = torch.autograd.grad(loss, value)
+                value = loss.detach()
+                for a, b, sign in spans:
+                    grad_h[a:b].mul_(scale * sign)
+                grad_w[:w.size(0)].addcmul_(acc, scale)  # one pass, no sync for the scale
+            total += value
         ctx.grads = [grad_h, grad_w]  # not saved tensors: backward scales them in place
         sums = torch.cat(sums).detach()
         ctx.mark_non_differentiable(sums)
@@ -342,7 +322,6 @@ class _FusedHead(torch.autograd.Function):
         assert grads is not None, "a fused log-prob sum runs backward once (no retain_graph)"
         grad_h, grad_w = (g.mul_(grad_total) for g in grads)
         return None, None, None, None, grad_h, None, grad_w if ctx.needs_input_grad[6] else None
-
 
 def compile_model(model, flag=True):
     """torch.compile the transformer if flag (--compile; None: on CUDA) with symbolic batch and length: a length that

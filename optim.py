@@ -1,10 +1,9 @@
 """
-The optimizers of nanochat's SFT: AdamW for the embeddings, lm_head and scalars, Muon for the
-blocks' matrices (in the parameter groups of the model's generation), gradient sync over ranks
-in buckets that overlap backward, and the step.
+The optimizers of nanochat's SFT: AdamW for the embeddings, lm_head and scalars, Muon for the blocks' matrices (in
+the parameter groups of the model's generation), gradient sync over ranks in buckets that overlap backward, the step.
 
     optimizers = setup_optimizers(model, unembedding_lr, embedding_lr, matrix_lr, weight_decay)
-    grad_sync = GradSync(model)
+    grad_sync = GradSync(model, owners=optimizers[1].owners())
     grad_sync.arm(); loss.backward()          # the last micro-batch's backward sends the buckets
     optimizer_step(model, optimizers, lr_multiplier, grad_sync)
 """
@@ -14,12 +13,9 @@ import torch.distributed as dist
 
 from common import UserError, synchronize
 
-
-def setup_optimizers(model, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5,
-                     rule=None):
-    """[AdamW (embeddings, lm_head, scalars), Muon (the blocks' matrices)] in the groups of the
-    model's nanochat generation (weight_decay goes to Muon in 2026, to AdamW in 2025). Muon's update
-    rule is that generation's nanochat's unless rule ("2025" or "2026") says otherwise."""
+def setup_optimizers(model, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5):
+    """[AdamW (embeddings, lm_head, scalars), Muon (the blocks' matrices)] in the groups and with the Muon rule of the
+    model's nanochat generation (weight_decay goes to Muon in 2026, to AdamW in 2025)."""
     a = (model.config.n_embd / 768) ** -0.5  # embedding lrs were tuned at width 768
     matrices = list(model.transformer.h.parameters())
     if model.gen2026:
@@ -37,19 +33,17 @@ def setup_optimizers(model, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.
                        dict(params=[model.transformer.wte.weight], lr=embedding_lr * a, weight_decay=weight_decay)]
         muon_groups = [dict(params=matrices)]
     adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, fused=model.get_device().type == "cuda")
-    rule = rule or ("2026" if model.gen2026 else "2025")
-    muon = Muon(muon_groups, dict(lr=matrix_lr, momentum=0.95, rule=rule, beta2=0.9, weight_decay=0.0))
+    muon = Muon(muon_groups, dict(lr=matrix_lr, momentum=0.95, rule="2026" if model.gen2026 else "2025", beta2=0.9,
+                                  weight_decay=0.0))
     for group in adamw.param_groups + muon.param_groups:
         group["initial_lr"] = group["lr"]
     return [adamw, muon]
 
-
 def use_bf16(G):
     """Orthogonalise in bf16 where its matmuls are fast: CUDA (as nanochat) and CPUs with AVX512-BF16;
     float32 elsewhere (CPUs without bf16 units run bf16 matmuls 10-35x slower)."""
-    return G.device.type == "cuda" or (G.device.type == "cpu" and getattr(torch.cpu, "_is_avx512_bf16_supported",
-                                                                          bool)())
-
+    cpu_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", bool)
+    return G.device.type == "cuda" or (G.device.type == "cpu" and cpu_bf16())
 
 def newton_schulz5(G):
     """Approximately orthogonalise G with a quintic Newton-Schulz iteration on the wide orientation (2025)."""
@@ -64,14 +58,12 @@ def newton_schulz5(G):
         X = a * X + B @ X
     return X.mT if tall else X
 
-
 # nanochat 92d63d4's Polar Express coefficients (Amsel et al. 2025, arXiv 2505.16932: 5 steps, safety 2e-2)
 POLAR_EXPRESS = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
                  (4.042929935166739, -2.808917465908714, 0.5000178451051316),
                  (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
                  (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
                  (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
-
 
 def polar_express(G):
     """2026's orthogonalisation: rows equilibrated to their mean norm (MuonEq), 5 Polar Express steps,
@@ -86,7 +78,6 @@ def polar_express(G):
         X = a * X + (X @ B if tall else B @ X)
     g = X.to(G.dtype)
     return g * (min(g.shape[-2:]) ** 0.5 / g.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6)).to(g.dtype)
-
 
 def muon_2026(p, g, state, group):
     """nanochat 92d63d4's Muon on one matrix, given its Nesterov update g: Polar Express, NorMuon's variance
@@ -106,12 +97,10 @@ def muon_2026(p, g, state, group):
     lr, wd = f32(group["lr"] * max(1.0, p.size(-2) / p.size(-1)) ** 0.5), f32(group["weight_decay"])
     p.sub_(lr * g + lr * wd * p * ((g * p) >= 0))
 
-
 class Muon(torch.optim.Optimizer):
-    """MomentUm Orthogonalized by Newton-Schulz: each matrix's Nesterov momentum update is orthogonalised
-    (scaled up if tall); group rule "2025" as nanochat 885a4f2 (Newton-Schulz, no weight decay), "2026" as
-    92d63d4 (muon_2026). Distributed as nanochat's DistMuon: rank r updates (and keeps the state of)
-    matrices r, r + world, ... and broadcasts them."""
+    """MomentUm Orthogonalized by Newton-Schulz: each matrix's Nesterov momentum update is orthogonalised (scaled up if
+    tall); group rule "2025" as nanochat 885a4f2 (Newton-Schulz, no weight decay), "2026" as 92d63d4 (muon_2026). As
+    nanochat's DistMuon, rank r updates (and keeps the state of) matrices r, r + world, ... and broadcasts them."""
 
     @torch.no_grad()
     def step(self):
@@ -141,7 +130,6 @@ class Muon(torch.optim.Optimizer):
         world = dist.get_world_size() if dist.is_initialized() else 1
         return {p: i % world for group in self.param_groups for i, p in enumerate(group["params"])}
 
-
 def warm_start(optimizers, shards, where):
     """Continue from nanochat 92d63d4's optimizer shards (optim_<step>_rank<r>.pt, any number of ranks), as its
     chat_sft --load-optimizer does: the pretraining's hyperparameters but this run's lrs, AdamW's moments (the row
@@ -161,32 +149,27 @@ def warm_start(optimizers, shards, where):
                     optimizers[1].state[p] = {name: t[k].to(p).clone() for name, t in stacks.items()}
             continue
         for p, parts in zip(group["params"], states):
-            joined = parts[0] if len(parts) == 1 or p.numel() < 1024 else \
-                {k: torch.cat([s[k] for s in parts]) for k in ("exp_avg", "exp_avg_sq")}  # row slices
+            sliced = len(parts) > 1 and p.numel() >= 1024  # a large tensor's moments: row slices, one per rank
+            moments = {k: (torch.cat([s[k] for s in parts]) if sliced else parts[0][k]).to(p).clone().view_as(p)
+                       for k in ("exp_avg", "exp_avg_sq")}
             step = torch.tensor(float(parts[0]["step"]), device=p.device if group.get("fused") else "cpu")
-            optimizers[0].state[p] = {"step": step, **{k: joined[k].to(p).clone().view_as(p)
-                                                       for k in ("exp_avg", "exp_avg_sq")}}
-
+            optimizers[0].state[p] = {"step": step, **moments}
 
 def ready_order(model):
-    """Parameters in about the order backward finishes their gradients: the lm_head, then the blocks from
-    the last (each with its value embedding), then what the first layer or every layer uses (the token
-    embedding, 2026's residual scalars and smear), which is ready only when backward ends."""
+    """Parameters in about the order backward finishes their gradients: lm_head, the blocks from the last (each with its
+    value embedding), then what the first or every layer uses (wte, 2026's scalars and smear: ready at the end)."""
     blocks = [list(b.parameters()) + list(model.value_embeds[str(i)].parameters() if str(i) in model.value_embeds
                                           else []) for i, b in enumerate(model.transformer.h)]
     first = [model.lm_head.weight] + [p for ps in reversed(blocks) for p in ps]
     seen = set(map(id, first))
     return [p for p in first + [p for p in model.parameters() if id(p) not in seen] if p.requires_grad]
 
-
 class GradSync:
-    """Sums gradients over ranks in buckets of all_reduce (world size 1: nothing); a matrix in `owners` (Muon's:
-    {param: rank}) is summed on its owner only, which updates and broadcasts it (the model crosses the wire twice
-    a step, not three times). Under several processes the gradients live in the buckets (each p.grad a view of
-    its bucket, in the parameter's dtype), so syncing adds no copy of them. arm() before the last micro-batch's
-    backward sends each bucket as soon as backward fills it (buckets follow ready_order); wait() finishes. Every
-    rank sends every bucket in one order, a gradient a rank did not produce (lm_head with no token) as the zeros
-    it holds: the collectives match."""
+    """Sums gradients over ranks in buckets of all_reduce (world size 1: nothing); a matrix in owners (Muon's {param:
+    rank}) is summed on its owner only, which updates and broadcasts it (the model crosses the wire twice a step, not
+    three times). Under several processes each p.grad is a view of its bucket: syncing adds no copy. arm() before the
+    last micro-batch's backward sends each bucket once backward fills it (buckets follow ready_order); wait() finishes.
+    Every rank sends every bucket in one order (a gradient it did not produce as its zeros): the collectives match."""
 
     def __init__(self, model, bucket_numel=1 << 24, owners=None):
         self.world, self.model, owners = (dist.get_world_size() if dist.is_initialized() else 1), model, owners or {}
@@ -210,10 +193,10 @@ class GradSync:
         self.armed = self.world > 1
 
     def _grad_ready(self, p):  # only the armed backward counts: earlier ones are not final
-        self.ready.update([id(p)] if self.armed else [])
-        while self.armed and len(self.sent) < len(self.buckets) and \
-                all(id(q) in self.ready for q in self.buckets[len(self.sent)]):
-            self._send()
+        if self.armed:
+            self.ready.add(id(p))
+            while len(self.sent) < len(self.buckets) and all(id(q) in self.ready for q in self.buckets[len(self.sent)]):
+                self._send()
 
     def _send(self):
         flat, owner = self.flats[len(self.sent)], self.owners[len(self.sent)]
@@ -234,7 +217,6 @@ class GradSync:
             flat.zero_()
         if not self.flats:
             self.model.zero_grad(set_to_none=True)
-
 
 def optimizer_step(model, optimizers, lr_multiplier, grad_sync):
     """Sum grads over ranks (grad_sync, armed or not), set lrs, step, clear grads, and wait for the device: the

@@ -17,9 +17,12 @@ from common import UserError, get_base_dir
 SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
                   "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
 
+# an assistant message's parts: (the special tokens around it, whether the model learns it); a python_output comes
+# from the tool at run time: never learned
+PARTS = {"text": (None, 1), "python": ("python", 1), "python_output": ("output", 0)}
+
 # nanochat's split pattern (GPT-4's, with numbers split into groups of 1-2 digits)
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
-
 
 class _TokenizerUnpickler(pickle.Unpickler):
     """Admits only tiktoken's Encoding, as a SimpleNamespace holding its state: no pickled code runs."""
@@ -28,7 +31,6 @@ class _TokenizerUnpickler(pickle.Unpickler):
         if (module, name) == ("tiktoken.core", "Encoding"):
             return SimpleNamespace
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only a tiktoken Encoding is allowed")
-
 
 class Tokenizer:
     """nanochat's tokenizer interface over a tiktoken Encoding."""
@@ -68,20 +70,16 @@ class Tokenizer:
         """Token ids and a training mask (1 = the assistant's tokens to learn) of a conversation
         {"messages": [...]}, truncated to max_tokens; ValueError if not system?, user, assistant, ..."""
         sp, segments = self.encode_special, [([self.bos_token_id], 0)]  # (tokens, their mask value)
+        wrap = lambda name, text: [sp(f"<|{name}_start|>")] + self.encode(text) + [sp(f"<|{name}_end|>")]
         for message in check_messages(conversation):
             content = message["content"]
             if message["role"] == "user":
-                segments.append(([sp("<|user_start|>")] + self.encode(content) + [sp("<|user_end|>")], 0))
+                segments.append((wrap("user", content), 0))
                 continue
             segments.append(([sp("<|assistant_start|>")], 0))
             for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
-                text_ids = self.encode(part["text"])
-                if part["type"] == "text":
-                    segments.append((text_ids, 1))
-                elif part["type"] == "python":  # the model writes the tool call: learn it
-                    segments.append(([sp("<|python_start|>")] + text_ids + [sp("<|python_end|>")], 1))
-                else:  # python_output comes from the tool at run time: never learn it
-                    segments.append(([sp("<|output_start|>")] + text_ids + [sp("<|output_end|>")], 0))
+                name, learn = PARTS[part["type"]]
+                segments.append((wrap(name, part["text"]) if name else self.encode(part["text"]), learn))
             segments.append(([sp("<|assistant_end|>")], 1))
         ids = [t for tokens, _ in segments for t in tokens]
         mask = [m for tokens, m in segments for _ in tokens]
@@ -95,7 +93,6 @@ class Tokenizer:
         ids, _ = self.render_conversation({"messages": messages[:-1]}, max_tokens=1 << 62)
         return ids + [self.encode_special("<|assistant_start|>")]
 
-
 def check_messages(conversation):
     """The one conversation check (tasks.py's too): system?, then user (text) and assistant (text or
     parts) alternating, else ValueError naming the message; a system message is merged into the next."""
@@ -104,14 +101,13 @@ def check_messages(conversation):
         raise ValueError('conversation has no messages (expected {"messages": [...]})')
     if not all(isinstance(m, dict) for m in messages):
         raise ValueError("every message must be an object {\"role\", \"content\"}")
-    offset = 0
-    if messages[0].get("role") == "system":
+    offset = int(messages[0].get("role") == "system")
+    if offset:
         if len(messages) < 2 or messages[1].get("role") != "user":
             raise ValueError("a system message must be followed by a user message")
-        if not isinstance(messages[0].get("content"), str) or not isinstance(messages[1].get("content"), str):
+        if not all(isinstance(m.get("content"), str) for m in messages[:2]):
             raise ValueError("system and user contents must be strings")
-        merged = dict(messages[1], content=messages[0]["content"] + "\n\n" + messages[1]["content"])
-        messages, offset = [merged] + list(messages[2:]), 1
+        messages = [dict(messages[1], content=messages[0]["content"] + "\n\n" + messages[1]["content"])] + messages[2:]
     for i, message in enumerate(messages):
         expected, at = ("user" if i % 2 == 0 else "assistant"), i + offset
         if message.get("role") != expected:
@@ -122,7 +118,7 @@ def check_messages(conversation):
             raise ValueError(f"message {at}: user content must be a string")
         if isinstance(content, list):
             for part in content:
-                if not isinstance(part, dict) or part.get("type") not in ("text", "python", "python_output"):
+                if not isinstance(part, dict) or part.get("type") not in PARTS:
                     kind = part.get("type") if isinstance(part, dict) else part
                     raise ValueError(f"message {at}: unknown part type {kind!r}")
                 if not isinstance(part.get("text"), str):
@@ -131,13 +127,11 @@ def check_messages(conversation):
             raise ValueError(f"message {at}: content must be a string or a list of parts")
     return messages
 
-
 def byte_level_encoding():
     """A tokenizer with no merges: the 256 bytes plus the 9 special tokens (vocab 265)."""
     return tiktoken.Encoding(name="chimera-bytes", pat_str=SPLIT_PATTERN,
                              mergeable_ranks={bytes([i]): i for i in range(256)},
                              special_tokens={tok: 256 + i for i, tok in enumerate(SPECIAL_TOKENS)})
-
 
 def get_tokenizer(base_dir=None):
     return Tokenizer.from_directory(os.path.join(base_dir or get_base_dir(), "tokenizer"))

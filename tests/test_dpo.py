@@ -44,7 +44,7 @@ def make_sft_base(base_dir, n_pairs=96):
     """A tiny base copied to chatsft_checkpoints (DPO's default source) plus pair data."""
     base = make_tiny_base(base_dir)
     m, _, meta = load_model("base", "cpu", "eval", base_dir=base)
-    save_checkpoint(os.path.join(base, "chatsft_checkpoints", "d2"), 0, m.state_dict(), None, meta)
+    save_checkpoint(os.path.join(base, "chatsft_checkpoints", "d2"), 0, m.state_dict(), meta)
     write_jsonl(os.path.join(base, "datasets", "trader_dpo_data.jsonl"), pairs(n_pairs))
     return base
 

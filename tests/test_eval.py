@@ -53,7 +53,7 @@ def eval_base(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing beyond the seeded caches
     monkeypatch.delenv("OPENROUTER_API_KEY", raising=False)  # no judge unless a test asks
     m, _, meta = load_model("base", "cpu", "eval", base_dir=base)
-    save_checkpoint(os.path.join(base, "chatsft_checkpoints", "d2"), 0, m.state_dict(), None, dict(meta, source="base"))
+    save_checkpoint(os.path.join(base, "chatsft_checkpoints", "d2"), 0, m.state_dict(), dict(meta, source="base"))
     seed_all(base)
     os.makedirs(os.path.join(base, "datasets"))
     with open(os.path.join(base, "datasets", "trader_sft_data.jsonl"), "w") as f:
@@ -211,7 +211,7 @@ def test_dpo_checkpoint_gets_pair_metrics_against_sft(eval_base, monkeypatch):
     m, _, meta = load_model("sft", "cpu", "eval")
     with torch.no_grad():
         m.lm_head.weight.mul_(1.5)  # any change: the "DPO" model now differs from its reference
-    save_checkpoint(os.path.join(eval_base, "chatdpo_checkpoints", "d2"), 3, m.state_dict(), None,
+    save_checkpoint(os.path.join(eval_base, "chatdpo_checkpoints", "d2"), 3, m.state_dict(),
                     dict(meta, source="sft", beta=0.2, user_config={"val_fraction": 0.2, "max_length": 64}))
     run_eval(monkeypatch, "-i", "dpo", "-a", "Trader-DPO")
     _, lines = section(eval_base, "dpo")
@@ -233,12 +233,12 @@ def test_dpo_reference_is_the_checkpoint_it_was_trained_from(eval_base, monkeypa
     """Not the source's default tag (chimera_d2 is preferred) nor its latest step: the policy here
     is its reference unchanged, so every reward margin is exactly zero."""
     m, _, meta = load_model("sft", "cpu", "eval")
-    save_checkpoint(os.path.join(eval_base, "chatdpo_checkpoints", "d2"), 3, m.state_dict(), None,
+    save_checkpoint(os.path.join(eval_base, "chatdpo_checkpoints", "d2"), 3, m.state_dict(),
                     dict(meta, source="sft", source_tag="d2", source_step=0, user_config={"val_fraction": 0.2}))
     with torch.no_grad():
         m.lm_head.weight.mul_(1.5)
     for tag, step in (("d2", 5), ("chimera_d2", 0)):  # decoys: a later step, the tag chosen by default
-        save_checkpoint(os.path.join(eval_base, "chatsft_checkpoints", tag), step, m.state_dict(), None, meta)
+        save_checkpoint(os.path.join(eval_base, "chatsft_checkpoints", tag), step, m.state_dict(), meta)
     run_eval(monkeypatch, "-i", "dpo", "-a", "Trader-DPO")
     _, lines = section(eval_base, "dpo")
     for cond in chat_eval.CONDITIONS:
@@ -263,7 +263,7 @@ def test_settings_left_to_the_checkpoints_are_resolved_once_and_the_config_kept(
     assert isinstance(chat_eval.resolve(config, dpo_meta).judge, chat_eval.Judge)
     assert chat_eval.resolve(cfg("-i", "dpo", "--judge=0"), dpo_meta).judge is None
     monkeypatch.delenv("OPENROUTER_API_KEY")
-    save_checkpoint(os.path.join(eval_base, "chatdpo_checkpoints", "d2"), 3, m.state_dict(), None, dpo_meta)
+    save_checkpoint(os.path.join(eval_base, "chatdpo_checkpoints", "d2"), 3, m.state_dict(), dpo_meta)
     run_eval(monkeypatch, "-i", "dpo", "-a", "Trader-DPO")  # the report shows the settings as resolved
     settings = json.load(open(os.path.join(eval_base, "report", "chimera-chat-evaluation-dpo.json")))["config"]
     assert {k: settings[k] for k in ("ref_source", "ref_tag", "ref_step", "dpo_val_fraction", "judge")} == {
@@ -328,7 +328,7 @@ def test_judge_win_rate_of_dpo_against_sft(eval_base, monkeypatch):
     m, _, meta = load_model("sft", "cpu", "eval")
     with torch.no_grad():
         m.lm_head.weight.mul_(3.0)
-    save_checkpoint(os.path.join(eval_base, "chatdpo_checkpoints", "d2"), 3, m.state_dict(), None,
+    save_checkpoint(os.path.join(eval_base, "chatdpo_checkpoints", "d2"), 3, m.state_dict(),
                     dict(meta, source="sft", user_config={"val_fraction": 0.2}))
     server = FakeOpenRouter().start()  # its judge prefers the longer answer, whatever the order
     monkeypatch.setenv("OPENROUTER_API_KEY", "sk-test")

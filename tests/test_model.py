@@ -310,7 +310,7 @@ def test_save_then_load_round_trip_keeps_the_generation(tmp_path, generation):
     base, meta_path, model_path = fixture_copy(tmp_path, generation)
     m, tok, meta = load_model("base", "cpu", "train", base_dir=base)
     out = os.path.join(base, "chatsft_checkpoints", "chimera_d2")
-    save_checkpoint(out, 3, m.state_dict(), None, dict(meta, step=3, chimera={"stage": "sft"}))
+    save_checkpoint(out, 3, m.state_dict(), dict(meta, step=3, chimera={"stage": "sft"}))
     m2, _, meta2 = load_model("sft", "cpu", "eval", base_dir=base)
     assert m2.config == m.config and meta2["chimera"] == {"stage": "sft"}
     assert meta2["model_config"] == json.load(open(meta_path))["model_config"]
@@ -384,8 +384,8 @@ def test_save_load_round_trip_with_bf16_and_orig_mod_prefix(tmp_path):
     sd = {"_orig_mod." + k: v for k, v in m.state_dict().items()}
     sd["_orig_mod.transformer.wte.weight"] = sd["_orig_mod.transformer.wte.weight"].bfloat16()
     ckpt = os.path.join(base, "chatsft_checkpoints", "d2")
-    save_checkpoint(ckpt, 5, sd, None, dict(meta, step=5))
-    save_checkpoint(ckpt, 12, sd, None, dict(meta, step=12))
+    save_checkpoint(ckpt, 5, sd, dict(meta, step=5))
+    save_checkpoint(ckpt, 12, sd, dict(meta, step=12))
     m2, tok2, meta2 = load_model("sft", "cpu", "eval", base_dir=base)
     assert meta2["step"] == 12 and not m2.training
     assert m2.transformer.wte.weight.dtype == torch.float32
@@ -452,7 +452,7 @@ def dying_save(obj, f, *a, **k):
     f.truncate(f.tell() // 2)   # half a file on disk...
     os.kill(os.getpid(), signal.SIGKILL)  # ...and the process dies mid-save
 torch.save = dying_save
-checkpoint.save_checkpoint(os.path.join(base, "base_checkpoints", "d2"), 1, m.state_dict(), None, dict(meta, step=1))
+checkpoint.save_checkpoint(os.path.join(base, "base_checkpoints", "d2"), 1, m.state_dict(), dict(meta, step=1))
 """
 
 
@@ -687,3 +687,23 @@ def test_engine_completes_many_prompts_as_each_alone(tmp_path):
         together = Engine(m, tok, max_batch=2, max_len=40).complete(prompts, samplings)
         alone = [Engine(m, tok, max_batch=1, max_len=40).complete([p], [s])[0] for p, s in zip(prompts, samplings)]
         assert together == alone and all(len(ids) == 12 for (ids,) in together)
+
+
+def test_a_damaged_optimizer_shard_or_run_meta_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    """The optimizer shards are read as the model file is; a run directory's meta that is not a JSON object
+    (null here) is not Chimera's: neither is a traceback."""
+    base = str(tmp_path / "base")
+    shutil.copytree(golden_dir(2026), base)
+    ckpt = os.path.join(base, "base_checkpoints", "d2")
+    shard = os.path.join(ckpt, "optim_000020_rank0.pt")
+    open(shard, "wb").write(b"\x00" * 10)
+    with pytest.raises(UserError) as e:
+        checkpoint.load_optimizer_shards(ckpt, 20)
+    assert str(e.value).startswith(f"{shard}: not a readable checkpoint") and "\n" not in str(e.value)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", base)
+    out = os.path.join(base, "chatsft_checkpoints", "x")
+    os.makedirs(out)
+    open(os.path.join(out, "model_000001.pt"), "wb").close()
+    open(os.path.join(out, "meta_000001.json"), "w").write("null")
+    with pytest.raises(UserError, match="meta_000001.json is not a Chimera checkpoint"):
+        checkpoint.RunDir("sft", "x", True, ("base", None))

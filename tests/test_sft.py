@@ -210,7 +210,7 @@ def test_a_directory_holds_one_run(trader_base, monkeypatch):
     assert meta["step"] == 1 and meta["chimera"] == {"stage": "sft"}
     foreign = os.path.join(trader_base, "chatsft_checkpoints", "d2")  # nanochat's own SFT
     m, _, base_meta = load_model("base", "cpu", "eval")
-    save_checkpoint(foreign, 700, m.state_dict(), None, {k: v for k, v in base_meta.items() if k != "chimera"})
+    save_checkpoint(foreign, 700, m.state_dict(), {k: v for k, v in base_meta.items() if k != "chimera"})
     with pytest.raises(UserError, match="meta_000700.json is not a Chimera checkpoint"):
         run_sft(monkeypatch, "--sft_dataset=trader", "--num_iterations=1", "--out_tag=d2", *FAST)
     assert sorted(os.listdir(foreign)) == ["meta_000700.json", "model_000700.pt"]
