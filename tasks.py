@@ -469,6 +469,24 @@ class HumanEval(HFTask):
             random.setstate(state)
         return int(result.success)
 
+class NanochatHumanEval(HumanEval):
+    """HumanEval graded as nanochat's chat_eval of `generation` grades it: imports, code, tests and check(entry point)
+    run as one program in the sandbox, exit and quit None, no prompt helpers, any returned value compared. It passes
+    when the program exits 0 (92d63d4) or, for 885a4f2, runs to its end, with __name__ not "__main__" (exec in {})."""
+
+    def __init__(self, generation, **kwargs):
+        super().__init__(**kwargs)
+        self.generation = generation
+
+    def evaluate(self, conversation, completion):
+        program = (extract_imports(conversation["messages"][0]["content"]) + "\n\n" + extract_code(completion) + "\n\n"
+                   + conversation["test"] + "\n" + f"check({conversation['entry_point']})")
+        run = f"exec(compile({program!r}, '<llm>', 'exec'), {{'__name__': '__main__'}})"
+        if self.generation == 2025:  # exiting early fails, even with status 0 (os._exit: a failed call, as there)
+            run = f"os._exit = None\ntry:\n    exec({program!r}, {{}})\nexcept SystemExit:\n    raise SystemExit(1)"
+        prelude = "import builtins, os\nbuiltins.exit = builtins.quit = None\n"
+        return int(sandbox.execute_code(prelude + run, timeout=self.timeout, memory_mb=256).success)
+
 class SmolTalk(HFTask):
     """smol-smoltalk (train 460K, test 24K): only the rows up to `stop`, in stored order, not nanochat's shuffle."""
 
@@ -536,8 +554,9 @@ class SpellingTask(Task):
     def num_examples(self):
         return self.size
 
-    def rng(self, index):  # test example i has seed 10,000,000 + i, past every train seed
-        return random.Random(index if self.split == "train" else 10_000_000 + index)
+    def rng(self, index):  # Chimera's test example i has seed 10,000,000 + i, past every train seed; nanochat's
+        # (split "nanochat-test") has -(i + 1), which Random takes as i + 1: nanochat tests on train example i + 1
+        return random.Random({"train": index, "test": 10_000_000 + index, "nanochat-test": -(index + 1)}[self.split])
 
 class SimpleSpelling(SpellingTask):
     """'Spell the word: apple' -> 'apple:a,p,p,l,e'."""
@@ -588,6 +607,14 @@ TASKS = {
     "GSM8K": functools.partial(GSM8K, "main", "test"),
     "HumanEval": HumanEval,
     "SpellingBee": functools.partial(SpellingBee, 256, "test"),
+}
+
+# nanochat's figure per generation where Chimera scores otherwise on purpose (eval.py shows it beside Chimera's):
+# SpellingBee on nanochat's test problems (885a4f2; 92d63d4 has none), HumanEval graded as nanochat grades it
+NANOCHAT_TASKS = {
+    2025: {"HumanEval": functools.partial(NanochatHumanEval, 2025),
+           "SpellingBee": functools.partial(SpellingBee, 256, "nanochat-test")},
+    2026: {"HumanEval": functools.partial(NanochatHumanEval, 2026)},
 }
 
 # python tasks.py [names]: fill the caches (on a connected machine, before going offline)
