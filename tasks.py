@@ -611,11 +611,9 @@ TASKS = {
 
 # nanochat's figure per generation where Chimera scores otherwise on purpose (eval.py shows it beside Chimera's):
 # SpellingBee on nanochat's test problems (885a4f2; 92d63d4 has none), HumanEval graded as nanochat grades it
-NANOCHAT_TASKS = {
-    2025: {"HumanEval": functools.partial(NanochatHumanEval, 2025),
-           "SpellingBee": functools.partial(SpellingBee, 256, "nanochat-test")},
-    2026: {"HumanEval": functools.partial(NanochatHumanEval, 2026)},
-}
+NANOCHAT_TASKS = {2025: {"HumanEval": functools.partial(NanochatHumanEval, 2025),
+                         "SpellingBee": functools.partial(SpellingBee, 256, "nanochat-test")},
+                  2026: {"HumanEval": functools.partial(NanochatHumanEval, 2026)}}
 
 # python tasks.py [names]: fill the caches (on a connected machine, before going offline)
 PREFETCH = {
