@@ -202,13 +202,17 @@ def run_generative(task, tokenizer, model, config, proc, bar):
 
 
 def chat_task(name, model, tokenizer, config, resolved, proc):
-    task = tasks.download_lock(tasks.TASKS[name])
-    bar = ProgressBar(len(range(proc.rank, problems(task, config), proc.world_size)), desc=name, unit="problems")
-    score = run_categorical if task.eval_type == "categorical" else run_generative
-    passed, total = score(task, tokenizer, model, config, proc, bar)
-    bar.close()
-    passed, total = all_reduce_sum([passed, total], proc.device)
-    return {name: passed / max(total, 1)}
+    """The task's accuracy; where Chimera scores it otherwise on purpose, also nanochat's ("<name> (nanochat)")."""
+    out, nanochat = {}, tasks.NANOCHAT_TASKS[model.config.generation].get(name)
+    for key, make in [(name, tasks.TASKS[name])] + [(f"{name} (nanochat)", nanochat)] * bool(nanochat):
+        task = tasks.download_lock(make)
+        bar = ProgressBar(len(range(proc.rank, problems(task, config), proc.world_size)), desc=key, unit="problems")
+        score = run_categorical if task.eval_type == "categorical" else run_generative
+        passed, total = score(task, tokenizer, model, config, proc, bar)
+        bar.close()
+        passed, total = all_reduce_sum([passed, total], proc.device)
+        out[key] = passed / max(total, 1)
+    return out
 
 
 # Persona metrics, each without and with the persona's system message
@@ -395,8 +399,11 @@ def main():
             by_task = {**{k: v for k, v in earlier["by_task"].items() if k not in skipped}, **by_task}
             skipped = {**{k: v for k, v in earlier.get("skipped", {}).items() if k not in by_task}, **skipped}
     results = {k: v for figures in by_task.values() for k, v in figures.items()}
-    if (core := chatcore(results, model.config.generation)) is not None:
-        results["ChatCORE metric"] = core
+    variants = tasks.NANOCHAT_TASKS[model.config.generation]  # nanochat's figures where Chimera's differ on purpose
+    as_nanochat = {k: results.get(f"{k} (nanochat)") if k in variants else v for k, v in results.items()}
+    for key, figures in (("ChatCORE metric", results), ("ChatCORE (nanochat)", as_nanochat)):
+        if (core := chatcore(figures, model.config.generation)) is not None:
+            results[key] = core
     if proc.master:
         # the settings as run: a flag Resolved holds (by the same name) as resolved
         settings = {k: getattr(resolved, k, v) for k, v in dataclasses.asdict(config).items()}

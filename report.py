@@ -41,6 +41,7 @@ SECTION_STAGE = {"base-model-evaluation.md": "base", "chat-evaluation-mid.md": "
                  "chat-evaluation-sft.md": "sft", "chimera-chat-evaluation-sft.md": "sft",  # over nanochat's
                  "chimera-chat-evaluation-dpo.md": "dpo", "chat-evaluation-rl.md": "rl"}
 CHAT_METRICS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
+NANOCHAT_FIGURES = [f"{m} (nanochat)" for m in CHAT_METRICS]  # eval.py's, where Chimera scores otherwise on purpose
 # eval.py's persona rows, each without and with the persona's system message
 PERSONA_METRICS = [f"{name} ({cond})" for name in ("Trader SFT held-out loss", "Persona preference accuracy",
                                                    "DPO reward accuracy", "DPO reward margin", "Judge win rate")
@@ -87,13 +88,19 @@ def summary_table(metrics):
     rows = [m for m in ["CORE"] + CHAT_METRICS[:-1] + PERSONA_METRICS + ["ChatCORE"]
             if any(m in metrics[stage] for stage in STAGES)]
     header = ["Metric"] + [s.upper() for s in STAGES]
-    table = [header] + [[r] + [str(metrics[s].get(r, "-")) for s in STAGES] for r in rows]
+    def cell(stage, row):  # nanochat's figure beside Chimera's where they differ on purpose
+        nanochat = metrics[stage].get(f"{row} (nanochat)")
+        return str(metrics[stage].get(row, "-")) + (f" (nanochat: {nanochat})" if nanochat else "")
+    table = [header] + [[r] + [cell(s, r) for s in STAGES] for r in rows]
     widths = [max(8, *map(len, column)) for column in zip(*table)]
     lines = ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in table]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     averaged = [f"{s.upper()}: {', '.join(m for m in CHAT_METRICS[:-1] if m in metrics[s])}"
                 for s in STAGES if "ChatCORE" in metrics[s]]
     note = f"\nChatCORE averaged the tasks shown: {'; '.join(averaged)}.\n" if averaged else ""
+    if any(f in metrics[s] for s in STAGES for f in NANOCHAT_FIGURES):
+        note += ("\n(nanochat: x) is nanochat's own figure where Chimera scores a task otherwise on purpose "
+                 "(README: where Chimera and nanochat differ).\n")
     return "\n".join(lines) + "\n" + note
 
 
@@ -218,7 +225,8 @@ def generate(out_copy=True):
         if name not in RL_FILES:  # nanochat leaves experimental RL out of the wall clock too
             end = section_timestamp(text, "timestamp:") or end
         if stage := SECTION_STAGE.get(name):
-            metrics[stage] = section_metrics(text, ["CORE"] if stage == "base" else CHAT_METRICS + PERSONA_METRICS)
+            metrics[stage] = section_metrics(text, ["CORE"] if stage == "base" else
+                                             CHAT_METRICS + NANOCHAT_FIGURES + PERSONA_METRICS)
         parts.append(text.rstrip() + "\n\n")
     seconds = int((end - start).total_seconds()) if start and end and end >= start else None
     clock = f"{seconds // 3600}h{seconds % 3600 // 60}m" if seconds is not None else "unknown"

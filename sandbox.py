@@ -78,7 +78,17 @@ for name, value in config["limits"].items():
     hard = resource.getrlimit(which)[1]  # RLIM_INFINITY is -1
     resource.setrlimit(which, (value if hard < 0 else min(value, hard),) * 2)
 channel.sendall(json.dumps(missing).encode() + b"\n")
-exec(config["guard"], {})
+if config["guard"]:  # defence in depth only (a program can undo it): destructive and escape functions raise
+    import posix, shutil
+    def disabled(name):
+        def refuse(*args, **kwargs):
+            raise PermissionError(name + " is disabled in the sandbox")
+        return refuse
+    for name in ("system popen kill killpg fork forkpty setsid execv execve remove unlink rmdir removedirs rename "
+                 "renames replace truncate chmod fchmod lchmod chown fchown lchown link symlink").split():
+        for module in (os, posix):
+            hasattr(module, name) and setattr(module, name, disabled("os." + name))
+    shutil.rmtree, shutil.move = disabled("shutil.rmtree"), disabled("shutil.move")
 exec(compile(source, "program.py", "exec"), namespace := {"__name__": "__main__"})
 if config["serve"]:
     for line in reader:
@@ -90,28 +100,11 @@ if config["serve"]:
         channel.sendall(json.dumps(reply).encode() + b"\n")
 """
 
-# Defence in depth only (a program can undo it): destructive and escape functions raise.
-_GUARD = r"""
-import os, posix, shutil
-def _disabled(name):
-    def disabled(*args, **kwargs):
-        raise PermissionError(name + " is disabled in the sandbox")
-    return disabled
-for _name in ("system popen kill killpg fork forkpty setsid execv execve remove unlink rmdir removedirs rename "
-              "renames replace truncate chmod fchmod lchmod chown fchown lchown link symlink").split():
-    for _module in (os, posix):
-        hasattr(_module, _name) and setattr(_module, _name, _disabled("os." + _name))
-shutil.rmtree, shutil.move = _disabled("shutil.rmtree"), _disabled("shutil.move")
-"""
-
-
 class SandboxUnavailable(UserError):
     pass
 
-
 class CallFailed(Exception):
     """A call into the program raised, returned something not a plain value, or got no reply."""
-
 
 @dataclasses.dataclass
 class ExecResult:
@@ -121,7 +114,6 @@ class ExecResult:
     timed_out: bool = False
     error: str = ""  # one line: why it failed
     returncode: int | None = None
-
 
 def _sandbox_identity():
     """A throwaway (uid, gid) that this user namespace maps when we are root, else None."""
@@ -135,10 +127,8 @@ def _sandbox_identity():
     raise SandboxUnavailable("running as root but no free uid range to drop privileges to "
                              "(/proc/self/uid_map); run evaluation as an ordinary user")
 
-
 def _as_user(identity):
     return {} if identity is None else dict(user=identity[0], group=identity[1], extra_groups=[], umask=0o077)
-
 
 @functools.cache
 def _sandbox_python(identity):
@@ -146,16 +136,13 @@ def _sandbox_python(identity):
     wanted = os.environ.get("CHIMERA_SANDBOX_PYTHON")
     candidates = [wanted] if wanted else [sys.executable, "/usr/local/bin/python3", "/usr/bin/python3"]
     for exe in candidates:
-        try:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
             if subprocess.run([exe, "-I", "-c", "import sys; assert sys.version_info >= (3, 9)"], cwd="/",
                               env={}, capture_output=True, timeout=60, **_as_user(identity)).returncode == 0:
                 return exe
-        except (OSError, subprocess.SubprocessError):
-            pass
     who = f"uid {identity[0]}" if identity else "this user"
     raise SandboxUnavailable(f"no Python {who} can run for the code sandbox (tried {', '.join(candidates)}); "
                              "set CHIMERA_SANDBOX_PYTHON to a python3 (3.9+) every user can execute")
-
 
 def _receive(sock, reader, deadline):  # the next JSON line from the sandbox, waiting until the deadline at most
     sock.settimeout(max(deadline - time.monotonic(), 1e-3))
@@ -164,12 +151,10 @@ def _receive(sock, reader, deadline):  # the next JSON line from the sandbox, wa
         raise CallFailed("reply too long" if line else "the program stopped")
     return json.loads(line)
 
-
 def _read_capped(f, max_output):
     f.seek(0)
     data = f.read(max_output + 1)
     return data[:max_output].decode("utf-8", "replace") + ("\n[output truncated]" if len(data) > max_output else "")
-
 
 def execute_code(program, timeout=5.0, memory_mb=512, max_output=64 * 1024, guard=True, serve=None):
     """Run a Python program in the sandbox and report what happened (never raises for its faults).
@@ -179,7 +164,7 @@ def execute_code(program, timeout=5.0, memory_mb=512, max_output=64 * 1024, guar
     limits = {"RLIMIT_AS": memory_mb << 20, "RLIMIT_CPU": math.ceil(timeout) + 1, "RLIMIT_NPROC": 0,
               "RLIMIT_FSIZE": SANDBOX_FILE_BYTES, "RLIMIT_NOFILE": 64, "RLIMIT_CORE": 0}
     ours, theirs = socket.socketpair()
-    config = {"fd": theirs.fileno(), "limits": limits, "guard": _GUARD if guard else "",
+    config = {"fd": theirs.fileno(), "limits": limits, "guard": guard,
               "serve": serve[0] if serve else None, "tmpfs": SANDBOX_FILE_BYTES}
     timed_out, verdict = False, ""
     with (ours, theirs, tempfile.TemporaryDirectory(prefix="chimera-sandbox-", ignore_cleanup_errors=True) as workdir,

@@ -149,6 +149,20 @@ def test_chatcore_centres_on_chance_and_needs_every_task():
     assert chat_eval.chatcore(results) is None
 
 
+@pytest.mark.parametrize("generation, figures", [
+    (2025, {"HumanEval", "HumanEval (nanochat)", "SpellingBee", "SpellingBee (nanochat)"}),
+    (2026, {"HumanEval", "HumanEval (nanochat)", "SpellingBee"})])  # 92d63d4's chat_eval has no SpellingBee
+def test_nanochat_figures_follow_the_checkpoints_generation(tmp_path, monkeypatch, generation, figures):
+    base = make_tiny_base(tmp_path / "base", generation=generation)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", base)
+    seed_all(base)
+    model, tok, _ = load_model("base", "cpu", "eval", base_dir=base)
+    config = cfg("--max_problems=2", "--max_new_tokens=4")
+    out = {k: v for name in ("HumanEval", "SpellingBee") for k, v in
+           chat_eval.chat_task(name, model, tok, config, None, ONE).items()}
+    assert set(out) == figures and all(0.0 <= v <= 1.0 for v in out.values())
+
+
 def test_unknown_task_is_a_clear_error():
     with pytest.raises(UserError, match="unknown task 'ARC'"):
         chat_eval.selected_tasks(cfg("-a", "ARC|GSM8K"))
@@ -180,6 +194,10 @@ def test_full_run_writes_nanochat_section_with_chatcore(eval_base, monkeypatch):
     data = json.load(open(os.path.join(eval_base, "report", "chimera-chat-evaluation-sft.json")))
     assert data["skipped"] == {} and set(chat_eval.CHAT_TASKS) <= set(data["results"])
     assert data["results"]["ChatCORE metric"] == pytest.approx(chat_eval.chatcore(data["results"]))
+    # 885a4f2's figures where Chimera scores otherwise on purpose (tasks.NANOCHAT_TASKS), and their ChatCORE
+    as_nanochat = {k: data["results"].get(f"{k} (nanochat)", v) for k, v in data["results"].items()}
+    assert {"HumanEval (nanochat)", "SpellingBee (nanochat)"} <= set(lines) and "GSM8K (nanochat)" not in lines
+    assert data["results"]["ChatCORE (nanochat)"] == pytest.approx(chat_eval.chatcore(as_nanochat))
 
 
 def test_missing_task_is_skipped_and_chatcore_omitted(eval_base, monkeypatch, capsys):

@@ -54,7 +54,8 @@ def report_base(tmp_path, monkeypatch):
         "ARC-Easy": 0.3901, "ARC-Challenge": 0.2790, "MMLU": 0.3140, "GSM8K": 0.0470, "HumanEval": 0.0793,
         "SpellingBee": 0.52, "Trader SFT held-out loss (no system)": 1.2, "Persona preference accuracy (no system)": 0.81,
         "DPO reward accuracy (no system)": 0.9, "DPO reward margin (with system)": 0.35,
-        "Judge win rate (no system)": 0.6, "Identity probe score": 0.55, "ChatCORE metric": 0.0871}],
+        "Judge win rate (no system)": 0.6, "Identity probe score": 0.55, "ChatCORE metric": 0.0871,
+        "HumanEval (nanochat)": 0.0732, "SpellingBee (nanochat)": 0.61, "ChatCORE (nanochat)": 0.0902}],
         report_dir=rd)
     return base
 
@@ -79,7 +80,10 @@ def test_generate_orders_sections_and_fills_the_dpo_column(report_base, tmp_path
     assert header == ["Metric", "BASE", "MID", "SFT", "DPO", "RL"]
     assert rows["CORE"] == ["0.2219", "-", "-", "-", "-"]
     assert rows["ARC-Easy"] == ["-", "0.3561", "0.3876", "0.3901", "-"]
-    assert rows["ChatCORE"] == ["-", "0.0730", "0.0884", "0.0871", "-"]
+    # nanochat's own figure beside Chimera's where it scores otherwise on purpose, said on the row
+    assert rows["ChatCORE"] == ["-", "0.0730", "0.0884", "0.0871 (nanochat: 0.0902)", "-"]
+    assert rows["HumanEval"] == ["-", "0.0671", "0.0854", "0.0793 (nanochat: 0.0732)", "-"]
+    assert rows["SpellingBee"][3] == "0.5200 (nanochat: 0.6100)" and "(nanochat: x) is nanochat's own figure" in text
     assert rows["Persona preference accuracy (no system)"] == ["-", "-", "0.6200", "0.8100", "-"]
     assert rows["Persona preference accuracy (with system)"] == ["-", "-", "0.7000", "-", "-"]
     for row, dpo in (("DPO reward accuracy (no system)", "0.9000"), ("DPO reward margin (with system)", "0.3500"),

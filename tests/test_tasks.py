@@ -388,6 +388,41 @@ def test_spelling_tasks_render_and_grade_like_nanochat(base):
     assert spell[0]["messages"][1]["content"] == f"{word}:{','.join(word)}"
 
 
+with open(os.path.join(os.path.dirname(__file__), "fixtures", "eval_golden.json"), encoding="utf-8") as f:
+    GOLDEN = json.load(f)  # nanochat's own spelling examples and grades, HumanEval verdicts per generation
+
+
+def test_spelling_examples_and_grades_are_nanochats_on_its_train_and_test_seeds(base):
+    seed_words(base, GOLDEN["words"])
+    nanochat = GOLDEN["spellingbee_885a4f2"]
+    train, test = tasks.SpellingBee(300, "train"), tasks.NANOCHAT_TASKS[2025]["SpellingBee"]()
+    assert len(test) == 256 and [test[i] for i in range(len(nanochat["test_size256"]))] == nanochat["test_size256"]
+    assert [train[i] for i in range(len(nanochat["train_size300"]))] == nanochat["train_size300"]
+    assert test[0] == train[1] and test[6] == train[7]  # nanochat's test example i is its train example i + 1
+    simple = tasks.SimpleSpelling(300, "train")
+    assert [simple[i] for i in range(len(nanochat["simplespelling_train_size300"]))] == \
+        nanochat["simplespelling_train_size300"]
+    assert [test.evaluate(test[i], completion) for i, completion, _ in nanochat["grades"]] == \
+        [grade for _, _, grade in nanochat["grades"]]
+    assert "SpellingBee" not in tasks.NANOCHAT_TASKS[2026]  # 92d63d4's chat_eval has no SpellingBee
+
+
+@pytest.mark.parametrize("generation, commit", [(2025, "885a4f2"), (2026, "92d63d4")])
+def test_nanochat_humaneval_grades_as_that_generations_chat_eval(base, generation, commit):
+    problems, cases = GOLDEN["humaneval"]["problems"], GOLDEN["humaneval"]["cases"]
+    seed_cache("openai/openai_humaneval", "openai_humaneval", "test", problems)
+    task = tasks.NANOCHAT_TASKS[generation]["HumanEval"]()
+    problem = {ex["entry_point"]: ex for ex in task}
+    conversation = lambda p: problem[problems[p]["entry_point"]]
+    # a __name__ == "__main__" block runs on 2026 only; exiting with status 0 passes 2026, fails 2025
+    assert [task.evaluate(conversation(p), completion) for p, completion, _ in cases] == \
+        [grades[commit] for _, _, grades in cases]
+    # Chimera grades otherwise on purpose: the prompt's helpers are there, only literals come back (no Counter)
+    (_, no_helper, grades), (_, counter, counter_grades) = cases[11], cases[13]
+    assert grades[commit] == 0 and tasks.TASKS["HumanEval"]().evaluate(conversation(1), no_helper) == 1
+    assert counter_grades[commit] == 1 and tasks.TASKS["HumanEval"]().evaluate(conversation(2), counter) == 0
+
+
 def test_mixture_is_nanochat_885a4f2s_and_says_where_missing_files_go(base, monkeypatch):
     import sft
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
