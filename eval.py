@@ -1,15 +1,16 @@
 """
 Chat evaluation of an SFT/DPO checkpoint: nanochat's tasks and their ChatCORE, identity probes, and
 persona metrics with and without the persona's system message (held-out trader loss, preference for
-the Master's answers, DPO reward accuracy and margin, an LLM judge's win rate, all against the reference).
+the Master's answers; DPO reward accuracy and margin and an LLM judge's win rate, against the reference).
 
     python eval.py -i sft                        # everything, one process
     python eval.py -i dpo -a "ARC-Easy|GSM8K" --max_problems=100
     torchrun --standalone --nproc_per_node=8 eval.py -i dpo
     OPENROUTER_API_KEY=... python eval.py -i dpo -a "Trader-DPO|Identity"   # the judge joins in
 
-Writes $NANOCHAT_BASE_DIR/report/chimera-chat-evaluation-{source}.md (one `- Task: value` line
-per metric, as nanochat's report reads them) and chimera-chat-evaluation-{source}.json beside it.
+Writes $NANOCHAT_BASE_DIR/report/chimera-chat-evaluation-{source}.md (one `- Task: value (measured on)` line
+per metric, as nanochat's report reads them) and chimera-chat-evaluation-{source}.json beside it, which also
+keeps a few held-out answers for the report to show side by side.
 """
 
 import contextlib
@@ -39,7 +40,7 @@ BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0
 CONDITIONS = ("no system", "with system")  # the persona metrics without / with the persona's system message
 ALIASES = {"i": "source", "a": "task_name"}  # -i, -a as in nanochat's chat_eval
 IDENTITY_PROBES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "identity_probes.jsonl")
-
+ANSWERS_KEPT = 3  # held-out prompts whose answers the json keeps for the report
 
 @dataclasses.dataclass(frozen=True)  # as given: Resolved holds what its -1 and "" mean
 class Config:
@@ -65,7 +66,6 @@ class Config:
     judge: int = -1  # LLM judge (OpenRouter): 1 = on (needs OPENROUTER_API_KEY), 0 = off, -1 = on when the key is set
     judge_prompts: int = 50  # held-out persona prompts the judge sees
 
-
 def check_config(config):
     """Settings that would run and report nonsense stop here, one line each."""
     check_settings(config, at_least_1=("batch_size", "num_samples", "max_new_tokens", "top_k", "judge_prompts"),
@@ -80,14 +80,12 @@ def check_config(config):
     if config.judge == 1 and not os.environ.get("OPENROUTER_API_KEY"):
         raise UserError("--judge=1 needs OPENROUTER_API_KEY in the environment")
 
-
 def selected_tasks(config):
     known = [name for name in EVALUATIONS if name != "Judge"]  # the judge joins by --judge, not by name
     names = [n.strip() for n in config.task_name.split("|") if n.strip()] or known
     if unknown := [n for n in names if n not in known]:
         raise UserError(f"-a: unknown task {unknown[0]!r}; known: {'|'.join(known)}")
     return names
-
 
 def chatcore(results, generation=2025):
     """Mean of the centred accuracies over the generation's chat_eval task set, only when every one of them has
@@ -97,10 +95,19 @@ def chatcore(results, generation=2025):
         return None
     return sum((results[n] - BASELINES[n]) / (1.0 - BASELINES[n]) for n in names) / len(names)
 
-
 def problems(task, config):  # how many of a task's problems to evaluate
     return len(task) if config.max_problems < 0 else min(len(task), config.max_problems)
 
+class Figure(NamedTuple):  # a metric as the report shows it: "0.4444 (4 of 9 held-out pairs)"
+    value: object  # a float, or "undefined"
+    measured_on: str = ""  # on what (and against what), and how many
+
+    def __str__(self):
+        value = f"{self.value:.4f}" if isinstance(self.value, float) else str(self.value)
+        return f"{value} ({self.measured_on})" if self.measured_on else value
+
+def share(k, n, items):  # k of n items; undefined when there is none
+    return Figure(k / n, f"{k} of {n} {items}") if n else Figure("undefined", f"no {items}")
 
 # What the settings left to the checkpoints (-1, "") mean for this one, worked out once in main (Config is frozen)
 class Resolved(NamedTuple):
@@ -113,6 +120,10 @@ class Resolved(NamedTuple):
     dpo_max_length: int  # the DPO run's truncation: its held-out figures and eval's agree
     judge: Optional["Judge"]  # None = off
 
+    @property
+    def reference_name(self):  # "sft chimera_d2 step 14"; a tag or step left to the defaults is not named
+        step = None if self.ref_step is None else f"step {self.ref_step}"
+        return " ".join(filter(None, (self.ref_source, self.ref_tag, step))) or "none"
 
 class Judge:
     """openrouter.py's LLM judge, connected on first use; `model` names it once it has answered."""
@@ -131,7 +142,6 @@ class Judge:
         except UserError as e:
             raise tasks.DataUnavailable(f"the judge is unavailable: {e}", for_now=True) from None
 
-
 def stage_meta(stage, config, loaded_meta):
     """A stage's checkpoint meta (split, beta, ...): the loaded one, else its default directory's latest; {} if none."""
     if stage == config.source:
@@ -142,7 +152,6 @@ def stage_meta(stage, config, loaded_meta):
             return json.load(f)
     except (UserError, OSError, ValueError):
         return {}
-
 
 def resolve(config, meta):
     """By default the reference is the very checkpoint this one was trained from (its meta's source, tag and
@@ -160,7 +169,6 @@ def resolve(config, meta):
         dpo_loss=dpo.DPOLoss(dpo_run["beta"], dpo_run["loss_type"], dpo_run["label_smoothing"]),
         dpo_max_length=dpo_run["max_length"],
         judge=Judge() if config.judge == 1 or (config.judge == -1 and os.environ.get("OPENROUTER_API_KEY")) else None)
-
 
 # nanochat's chat tasks
 @torch.no_grad()
@@ -184,7 +192,6 @@ def run_categorical(task, tokenizer, model, config, proc, bar):
         bar.update(len(conversations))
     return passed, total
 
-
 @torch.no_grad()
 def run_generative(task, tokenizer, model, config, proc, bar):
     """num_samples completions per problem by the KV-cache engine (calculator included); any one may pass it."""
@@ -200,7 +207,6 @@ def run_generative(task, tokenizer, model, config, proc, bar):
         bar.update(1, passed=passed)
     return passed, total
 
-
 def chat_task(name, model, tokenizer, config, resolved, proc):
     """The task's accuracy; where Chimera scores it otherwise on purpose, also nanochat's ("<name> (nanochat)")."""
     out, nanochat = {}, tasks.NANOCHAT_TASKS[model.config.generation].get(name)
@@ -211,9 +217,8 @@ def chat_task(name, model, tokenizer, config, resolved, proc):
         passed, total = score(task, tokenizer, model, config, proc, bar)
         bar.close()
         passed, total = all_reduce_sum([passed, total], proc.device)
-        out[key] = passed / max(total, 1)
+        out[key] = share(int(passed), int(total), "problems")
     return out
-
 
 # Persona metrics, each without and with the persona's system message
 @functools.lru_cache(maxsize=None)
@@ -227,12 +232,10 @@ def system_of(condition, config):
     except (UserError, StopIteration):
         return openrouter.load_persona(openrouter.PERSONA_PATH)["system"]
 
-
 def conditioned(conversation, system):
     """The conversation with its system message replaced by `system`, or dropped (None)."""
     messages = [m for m in conversation["messages"] if m["role"] != "system"]
     return dict(conversation, messages=([{"role": "system", "content": system}] if system else []) + messages)
-
 
 @functools.lru_cache(maxsize=None)
 def reference_model(config, resolved, device):
@@ -241,32 +244,29 @@ def reference_model(config, resolved, device):
         return None
     return load_model(resolved.ref_source, device, "eval", resolved.ref_tag, resolved.ref_step)[0]
 
-
 def trader_sft_loss(model, tokenizer, config, resolved, proc):
     """Mean loss per assistant token on the held-out trader conversations (the SFT split)."""
     task, out = tasks.TraderSFT(config.trader_sft_path, split="val", val_fraction=resolved.sft_val_fraction), {}
     rows = [task[i] for i in range(problems(task, config))]
     for cond in CONDITIONS:
         with contextlib.suppress(tasks.DataUnavailable):  # no answer token left after truncation: condition left out
-            out[f"Trader SFT held-out loss ({cond})"] = conversation_loss(
+            out[f"Trader SFT held-out loss ({cond})"] = Figure(conversation_loss(
                 model, [conditioned(r, system_of(cond, config)) for r in rows], tokenizer, len(rows), config.batch_size,
-                proc, model.config.sequence_len)
+                proc, model.config.sequence_len), f"per answer token, {len(rows)} conversations")
     if not out:
         raise tasks.DataUnavailable("no held-out trader conversation to score (the val split is empty or truncated)")
     return out
 
-
 @torch.no_grad()
-def prefers_share(model, pairs, pad_id, batch_size, proc):
-    """Share of rendered pairs whose first answer has a higher mean log-prob per token than the second."""
+def preferred(model, pairs, pad_id, batch_size, proc, items):
+    """The share of rendered pairs (items) whose first answer has a higher mean log-prob per token than the second."""
     wins = 0
     for indices in dpo.my_batches(pairs, batch_size, proc):  # the ranks' batches cover every pair once
         logps = dpo.batch_logps(model, pairs, indices, pad_id, proc.device)
         scored = torch.tensor([[sum(mask[1:]) for _, mask in (pairs[i].chosen, pairs[i].rejected)] for i in indices],
                               device=logps.chosen.device)  # the answers' tokens
         wins += (logps.chosen / scored[:, 0] > logps.rejected / scored[:, 1]).sum().item()
-    return all_reduce_sum([wins], proc.device)[0] / len(pairs)
-
+    return share(int(all_reduce_sum([wins], proc.device)[0]), len(pairs), items)
 
 def trader_dpo_metrics(model, tokenizer, config, resolved, proc):
     """Held-out pairs: how often the model prefers the Master's answer; reward accuracy and margin (dpo.py's)."""
@@ -282,15 +282,18 @@ def trader_dpo_metrics(model, tokenizer, config, resolved, proc):
                                     tokenizer, min(budget, model.config.sequence_len))
         if not pairs:  # none left: the val split is empty, or no answer fits
             continue
-        out[f"Persona preference accuracy ({cond})"] = prefers_share(model, pairs, pad_id, config.batch_size, proc)
+        out[f"Persona preference accuracy ({cond})"] = preferred(model, pairs, pad_id, config.batch_size, proc,
+                                                                 "held-out pairs")
         if reference is not None:
             held_out = dpo.evaluate_pairs(model, reference, pairs, pad_id, resolved.dpo_loss, config.batch_size, proc)
-            out[f"DPO reward accuracy ({cond})"] = held_out["rewards/accuracies"]
-            out[f"DPO reward margin ({cond})"] = held_out["rewards/margins"]
+            accuracy, margin, n = held_out["rewards/accuracies"], held_out["rewards/margins"], len(pairs)
+            against = f"held-out pairs, against {resolved.reference_name}"
+            out[f"DPO reward accuracy ({cond})"] = share(round(accuracy * n), n, against) if accuracy or margin else \
+                Figure("undefined", f"every reward margin is 0, the model scoring as its reference; {n} {against}")
+            out[f"DPO reward margin ({cond})"] = Figure(margin, f"mean of {n} {against}")
     if not out:
         raise tasks.DataUnavailable("no held-out DPO pairs (the val split is empty)")
     return out
-
 
 # The LLM judge, and the identity probes
 def sample_answers(model, tokenizer, prompts, seeds, system, config):
@@ -301,7 +304,6 @@ def sample_answers(model, tokenizer, prompts, seeds, system, config):
     samplings = [Sampling(config.temperature, config.top_k, max_tokens=config.max_new_tokens, seed=s) for s in seeds]
     done = Engine(model, tokenizer, config.batch_size, max_len).complete(ids, samplings)
     return [tokenizer.decode(answer).strip() for (answer,) in done]
-
 
 def judged(judge, prompts, answers, others, proc):
     """(wins, losses) of answers(prompts, seeds) over others(...) summed over ranks, each rank sampling and judging
@@ -319,7 +321,6 @@ def judged(judge, prompts, answers, others, proc):
         raise tasks.DataUnavailable(why, for_now=True)
     return int(wins), int(losses)
 
-
 def judge_win_rate(model, tokenizer, config, resolved, proc):
     """The judge compares the model's answers with the reference's on held-out persona prompts."""
     if (reference := reference_model(config, resolved, proc.device)) is None:
@@ -333,17 +334,14 @@ def judge_win_rate(model, tokenizer, config, resolved, proc):
         answers, others = (functools.partial(sample_answers, m, tokenizer, system=system_of(cond, config),
                                              config=config) for m in (model, reference))
         wins, losses = judged(resolved.judge, prompts, answers, others, proc)
-        out[f"Judge agreeing pairs ({cond})"] = wins + losses
-        if wins + losses:
-            out[f"Judge win rate ({cond})"] = wins / (wins + losses)
+        out[f"Judge win rate ({cond})"] = share(wins, wins + losses, f"verdicts that held in both orders, against "
+                                                                     f"{resolved.reference_name}")
     return out
-
 
 def probe_problem(r):  # one identity probe per line of its JSONL
     keys = ("prompt", "persona_answer", "generic_answer")
     ok = isinstance(r, dict) and all(isinstance(r.get(k), str) and r[k].strip() for k in keys)
     return None if ok else 'expected {"prompt", "persona_answer", "generic_answer"}, each a non-empty string'
-
 
 def identity_probes(model, tokenizer, config, resolved, proc):
     """Who the model is, asked with no system message: the share of probes where the judge prefers its answer to a
@@ -354,17 +352,22 @@ def identity_probes(model, tokenizer, config, resolved, proc):
         generic = {p["prompt"]: p["generic_answer"] for p in probes}
         answers = functools.partial(sample_answers, model, tokenizer, system=None, config=config)
         wins, _ = judged(resolved.judge, prompts, answers, lambda picked, _: [generic[p] for p in picked], proc)
-        return {"Identity probe score": wins / len(probes)}
+        return {"Identity probe score": share(wins, len(probes), "identity probes, judged")}
     pairs, _ = dpo.render_pairs([{"prompt": p["prompt"], "chosen": p["persona_answer"], "rejected": p["generic_answer"]}
                                  for p in probes], tokenizer, model.config.sequence_len)
     pad_id = tokenizer.encode_special("<|assistant_end|>")
-    return {"Identity probe score": prefers_share(model, pairs, pad_id, config.batch_size, proc)}
+    return {"Identity probe score": preferred(model, pairs, pad_id, config.batch_size, proc, "identity probes")}
 
+def held_out_answers(model, tokenizer, config, resolved):
+    """{prompt: the model's answer} for a few held-out persona prompts (no system message, seeded as the judge's
+    are), for the report to show the SFT and DPO answers side by side."""
+    task = tasks.TraderDPO(config.trader_dpo_path, split="val", val_fraction=resolved.dpo_val_fraction)
+    prompts = [task[i]["prompt"] for i in range(min(len(task), ANSWERS_KEPT))]
+    return dict(zip(prompts, sample_answers(model, tokenizer, prompts, range(42, 42 + len(prompts)), None, config)))
 
 EVALUATIONS = {**{name: functools.partial(chat_task, name) for name in CHAT_TASKS},
                "Trader-SFT": trader_sft_loss, "Trader-DPO": trader_dpo_metrics, "Identity": identity_probes,
                "Judge": judge_win_rate}
-
 
 def main():
     config = parse_config(Config, aliases=ALIASES)
@@ -376,50 +379,54 @@ def main():
     model, tokenizer, meta = load_model(config.source, proc.device, "eval", config.model_tag, config.step)
     resolved = resolve(config, meta)
     print0(f"evaluating {config.source} step {meta.get('step')} on {', '.join(names)} "
-           f"(reference: {resolved.ref_source or 'none'})")
-    by_task, skipped, causes, for_now, t0 = {}, {}, {}, [], time.time()
+           f"(reference: {resolved.reference_name})")
+    figures, skipped, t0 = {}, {}, time.time()  # {task: {metric: Figure}}, {task: DataUnavailable}
     for name in names + (["Judge"] if resolved.judge else []):
         start = time.time()
         try:
-            by_task[name] = EVALUATIONS[name](model, tokenizer, config, resolved, proc)
+            figures[name] = EVALUATIONS[name](model, tokenizer, config, resolved, proc)
         except tasks.DataUnavailable as e:  # no data, or no judge: said once per cause below, the rest kept
-            skipped[name] = str(e)
-            causes.setdefault(e.cause, []).append(name)
-            for_now += [name] if e.for_now else []
+            skipped[name] = e
             continue
-        print0(f"{name}: {', '.join(f'{k} {v:.4f}' for k, v in by_task[name].items())} ({time.time() - start:.1f}s)")
-    for cause, skipped_names in causes.items():  # not a long line (a cache path) per task
-        print0(f"skipped ({cause}): {', '.join(skipped_names)}" + " (where its data goes: the json beside the "
-               "report section)" * any(n in CHAT_TASKS for n in skipped_names))
+        print0(f"{name}: {', '.join(f'{k} {f}' for k, f in figures[name].items())} ({time.time() - start:.1f}s)")
+    for cause in dict.fromkeys(e.cause for e in skipped.values()):  # not a long line (a cache path) per task
+        these = [n for n, e in skipped.items() if e.cause == cause]
+        print0(f"skipped ({cause}): {', '.join(these)}" + " (where its data goes: the json beside the report "
+               "section)" * any(n in CHAT_TASKS for n in these))
+    record = {"source": config.source, "step": meta.get("step"), "figures": figures,
+              "skipped": {n: str(e) for n, e in skipped.items()},
+              "skipped_for_now": [n for n, e in skipped.items() if e.for_now],
+              "answers": held_out_answers(model, tokenizer, config, resolved) if "Trader-DPO" in figures else {}}
     section_json = os.path.join(get_base_dir(), "report", f"chimera-chat-evaluation-{config.source}.json")
     if config.task_name and os.path.exists(section_json):  # -a: these tasks updated, the others kept
         with open(section_json, encoding="utf-8") as f:
             earlier = json.load(f)
-        if earlier.get("step") == meta.get("step") and isinstance(earlier.get("by_task"), dict):
-            by_task = {**{k: v for k, v in earlier["by_task"].items() if k not in skipped}, **by_task}
-            skipped = {**{k: v for k, v in earlier.get("skipped", {}).items() if k not in by_task}, **skipped}
-    results = {k: v for figures in by_task.values() for k, v in figures.items()}
+        if earlier.get("step") == meta.get("step") and isinstance(earlier.get("figures"), dict):
+            for key in ("figures", "skipped"):  # a task run now replaces its earlier figures or skip
+                record[key] = {**{k: v for k, v in earlier[key].items() if k not in {**figures, **skipped}},
+                               **record[key]}
+            record["answers"] = record["answers"] or earlier["answers"]
+    results = {k: Figure(*f) for by_metric in record["figures"].values() for k, f in by_metric.items()}
+    values = {k: f.value for k, f in results.items()}
     variants = tasks.NANOCHAT_TASKS[model.config.generation]  # nanochat's figures where Chimera's differ on purpose
-    as_nanochat = {k: results.get(f"{k} (nanochat)") if k in variants else v for k, v in results.items()}
-    for key, figures in (("ChatCORE metric", results), ("ChatCORE (nanochat)", as_nanochat)):
-        if (core := chatcore(figures, model.config.generation)) is not None:
-            results[key] = core
+    as_nanochat = {k: values.get(f"{k} (nanochat)") if k in variants else v for k, v in values.items()}
+    for key, by_name in (("ChatCORE metric", values), ("ChatCORE (nanochat)", as_nanochat)):
+        if (core := chatcore(by_name, model.config.generation)) is not None:
+            results[key] = Figure(core)
     if proc.master:
         # the settings as run: a flag Resolved holds (by the same name) as resolved
         settings = {k: getattr(resolved, k, v) for k, v in dataclasses.asdict(config).items()}
         settings["judge"] = int(resolved.judge is not None)
+        unused = {"task_name", "top_k" if config.temperature == 0 else "", "" if resolved.judge else "judge_prompts"}
         judge = resolved.judge.model if resolved.judge else None  # None: no judge answered
-        info = {"Skipped tasks": ", ".join(skipped) or "none", "Evaluation time (s)": round(time.time() - t0, 1),
-                "Persona reference": resolved.ref_source or "none",
+        info = {"Skipped tasks": ", ".join(record["skipped"]) or "none",
+                "Evaluation time (s)": round(time.time() - t0, 1), "Persona reference": resolved.reference_name,
                 "Judge": f"{judge} (both orders)" if judge else "none (identity probes by log-likelihood)"}
         section_path = write_report_section(f"Chat evaluation {config.source}", [
-            {k: v for k, v in settings.items() if k != "task_name"}, results, info])
-        atomic_write_json(section_path[:-3] + ".json", {
-            "source": config.source, "step": meta.get("step"), "results": results, "skipped": skipped,
-            "skipped_for_now": for_now,
-            "by_task": by_task, "config": settings})
+            {k: v for k, v in settings.items() if k not in unused}, {k: str(f) for k, f in results.items()}, info])
+        atomic_write_json(section_path[:-3] + ".json", {**record, "config": settings, "results": {
+            k: f.value for k, f in results.items() if isinstance(f.value, float)}})  # the undefined: in figures
     cleanup_dist()
-
 
 if __name__ == "__main__":
     run_main(main)

@@ -8,7 +8,7 @@ The training report card, nanochat-compatible, with a DPO column.
 
 Each Chimera stage writes its section with write_report_section. `generate` orders the sections as nanochat does,
 Chimera's after SFT, with a header (git, hardware, versions), training charts (.svg files beside the report,
-linked as images) and a summary table BASE/MID/SFT/DPO/RL.
+linked as images), a summary table BASE/MID/SFT/DPO/RL and a few held-out prompts with the SFT and DPO answers.
 """
 
 import contextlib
@@ -42,38 +42,39 @@ SECTION_STAGE = {"base-model-evaluation.md": "base", "chat-evaluation-mid.md": "
                  "chimera-chat-evaluation-dpo.md": "dpo", "chat-evaluation-rl.md": "rl"}
 CHAT_METRICS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
 NANOCHAT_FIGURES = [f"{m} (nanochat)" for m in CHAT_METRICS]  # eval.py's, where Chimera scores otherwise on purpose
-# eval.py's persona rows, each without and with the persona's system message
-PERSONA_METRICS = [f"{name} ({cond})" for name in ("Trader SFT held-out loss", "Persona preference accuracy",
-                                                   "DPO reward accuracy", "DPO reward margin", "Judge win rate")
-                   for cond in ("no system", "with system")] + ["Identity probe score"]
-COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]  # the charts' lines, in order
-
+# eval.py's persona rows, each without and with the persona's system message. The DPO reward and judge rows are
+# measured against each checkpoint's own reference (the one it was trained from): listed apart, never side by side
+PERSONA_METRICS, AGAINST_REFERENCE = ([f"{name} ({cond})" for name in names for cond in ("no system", "with system")]
+                                      for names in (("Trader SFT held-out loss", "Persona preference accuracy"),
+                                                    ("DPO reward accuracy", "DPO reward margin", "Judge win rate")))
+PERSONA_METRICS.append("Identity probe score")
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]  # the charts' series, in order
+ANSWER_CHARS = 300  # where an answer shown side by side is cut
 
 # Writing a section (each stage, rank 0)
 def write_report_section(section, data, report_dir=None):
     """report/chimera-<slug>.md in nanochat's Report.log format (`## section`, a timestamp, `- key: value`
-    lines), so both reports read it; the prefix keeps nanochat's own files untouched. `data`: dicts, strings."""
+    lines), so both reports read it; the prefix keeps nanochat's own files untouched. `data`: dicts, whose
+    unset values (None, "") are left out, and strings."""
     if not is_master():
         return None
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else f"{v:,}" if type(v) is int and v >= 10000 else str(v)
     out = [f"## {section}\n", f"timestamp: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}\n\n"]
     for item in filter(None, data):
-        out += [item] if isinstance(item, str) else [f"- {k}: {fmt(v)}\n" for k, v in item.items()]
+        out += [item] if isinstance(item, str) else [f"- {k}: {fmt(v)}\n" for k, v in item.items()
+                                                     if v not in (None, "")]
     name = "chimera-" + section.lower().replace(" ", "-") + ".md"
     path = os.path.join(report_dir or os.path.join(get_base_dir(), "report"), name)
     atomic_write_text(path, "".join(out) + "\n")
     return path
 
-
 # Reading sections
 def section_metrics(text, names):
-    """{name: value} for `- name: value` lines (also `name metric`/`name accuracy`, as
-    nanochat labels CORE and ChatCORE); the last line wins, as in nanochat."""
+    """{name: value} of `- name: value` lines (also `name metric`/`name accuracy`, nanochat's CORE, ChatCORE)."""
     out = {}
     for key, value in re.findall(r"^-\s+(.+?)[ \t]*:[ \t]*(.*)$", text, flags=re.M):
         out.update({name: value.strip() for name in names if key in (name, f"{name} metric", f"{name} accuracy")})
     return out
-
 
 def section_timestamp(text, prefix):
     m = re.search(f"^{re.escape(prefix)}(.*)$", text, flags=re.M)
@@ -81,28 +82,32 @@ def section_timestamp(text, prefix):
         return datetime.datetime.strptime(m[1].strip(), "%Y-%m-%d %H:%M:%S") if m else None
     return None
 
+def markdown_table(rows):
+    widths = [max(8, *map(len, column)) for column in zip(*rows)]
+    lines = ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in rows]
+    return "\n".join(lines[:1] + ["|" + "|".join("-" * (w + 2) for w in widths) + "|"] + lines[1:]) + "\n"
 
 def summary_table(metrics):
-    """Markdown table of {stage: {metric: value}}: one row per metric, one column per stage, '-' where missing; then
-    which tasks each stage's ChatCORE averaged (nanochat computes it only when all ran)."""
+    """{stage: {metric: value}} as a table, a row per metric measured alike in every column, '-' where missing;
+    which tasks each ChatCORE averaged (nanochat computes it only when all ran); then, per stage, the rows
+    measured against its own reference."""
     rows = [m for m in ["CORE"] + CHAT_METRICS[:-1] + PERSONA_METRICS + ["ChatCORE"]
             if any(m in metrics[stage] for stage in STAGES)]
-    header = ["Metric"] + [s.upper() for s in STAGES]
-    def cell(stage, row):  # nanochat's figure beside Chimera's where they differ on purpose
+    def cell(stage, row):  # nanochat's own figure beside Chimera's where they differ on purpose
         nanochat = metrics[stage].get(f"{row} (nanochat)")
-        return str(metrics[stage].get(row, "-")) + (f" (nanochat: {nanochat})" if nanochat else "")
-    table = [header] + [[r] + [cell(s, r) for s in STAGES] for r in rows]
-    widths = [max(8, *map(len, column)) for column in zip(*table)]
-    lines = ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in table]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        return metrics[stage].get(row, "-") + (f" (nanochat: {nanochat.split(' (')[0]})" if nanochat else "")
+    table = [["Metric"] + [s.upper() for s in STAGES]] + [[r] + [cell(s, r) for s in STAGES] for r in rows]
+    text = markdown_table(table)
     averaged = [f"{s.upper()}: {', '.join(m for m in CHAT_METRICS[:-1] if m in metrics[s])}"
                 for s in STAGES if "ChatCORE" in metrics[s]]
-    note = f"\nChatCORE averaged the tasks shown: {'; '.join(averaged)}.\n" if averaged else ""
+    text += f"\nChatCORE averaged the tasks shown: {'; '.join(averaged)}.\n" if averaged else ""
     if any(f in metrics[s] for s in STAGES for f in NANOCHAT_FIGURES):
-        note += ("\n(nanochat: x) is nanochat's own figure where Chimera scores a task otherwise on purpose "
+        text += ("\n(nanochat: x) is nanochat's own figure where Chimera scores a task otherwise on purpose "
                  "(README: where Chimera and nanochat differ).\n")
-    return "\n".join(lines) + "\n" + note
-
+    against = [f"- {s.upper()}\n" + "".join(f"  - {m}: {metrics[s][m]}\n" for m in AGAINST_REFERENCE if m in metrics[s])
+               for s in STAGES if any(m in metrics[s] for m in AGAINST_REFERENCE)]
+    return text + ("\nMeasured against the checkpoint each was trained from, so not comparable between "
+                   "checkpoints:\n\n" + "".join(against) if against else "")
 
 # Header: git, hardware, versions
 def git(*args):
@@ -111,7 +116,6 @@ def git(*args):
                               text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
-
 
 def chimera_header(started):
     """Our header: when the Chimera run started (a datetime or None), code, hardware, versions."""
@@ -130,75 +134,101 @@ def chimera_header(started):
         lines += [f"### {title}"] + [f"- {k}: {v}" for k, v in info.items()] + [""]
     return "\n".join(lines) + "\n"
 
+# SVG charts, hand-written: training as a line, the held-out evaluations as marked points
+def ticks(lo, hi, whole=False):
+    """Round axis values, 1, 2 or 5 x 10^k apart (about five steps), from lo to hi (a hair past a value counts as
+    on it: a margin of -1e-6 does not stretch the axis a step down), and the decimals they need."""
+    lo, hi = (lo - (abs(lo) / 10 or 1), hi + (abs(hi) / 10 or 1)) if hi == lo else (lo, hi)
+    step = 10 ** math.floor(math.log10((hi - lo) / 5))
+    step = max(next(m * step for m in (1, 2, 5, 10) if m * step * 5 >= hi - lo), 1 if whole else 0)
+    first = math.floor(lo / step + 0.01)
+    values = [(first + i) * step for i in range(math.ceil(hi / step - 0.01) - first + 1)]
+    return values, max(0, -math.floor(math.log10(step) + 1e-9))
 
-# SVG charts, hand-written: a few lines on shared axes
-def svg_chart(title, series, width=460, height=220):
-    """series: {label: [(x, y), ...]} -> an <svg> line chart with min/max axis labels."""
+def svg_chart(title, series, y_span=(), width=460, height=220):
+    """series: {label: [(x, y), ...]} -> an <svg> chart on round axes that take in y_span: "train" a line, the
+    others (held-out evaluations) marked points, labelled with their values when there are a few."""
     series = {k: p for k, v in series.items()  # NaN and infinities are not drawn
               if (p := [(float(x), float(y)) for x, y in v if math.isfinite(x) and math.isfinite(y)])}
     if not series:
         return ""
     xs, ys = zip(*(p for v in series.values() for p in v))
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+    (x_ticks, _), (y_ticks, digits) = ticks(min(xs), max(xs), whole=True), ticks(min(ys + y_span), max(ys + y_span))
     left, right, top, bottom = 52, 12, 28, 34
     pw, ph = width - left - right, height - top - bottom
+    px = lambda x: left + (x - x_ticks[0]) / (x_ticks[-1] - x_ticks[0]) * pw
+    py = lambda y: top + (y_ticks[-1] - y) / (y_ticks[-1] - y_ticks[0]) * ph
+    text = lambda x, y, s, anchor="middle", color="black": (f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" '
+                                                            f'fill="{color}">{html.escape(s)}</text>')
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
-             f'<rect width="{width}" height="{height}" fill="white"/>',
-             f'<text x="{left}" y="16" font-size="13">{html.escape(title)}</text>',
-             f'<polyline points="{left},{top} {left},{top + ph} {left + pw},{top + ph}" fill="none" stroke="#444"/>',
-             *(f'<text x="{x}" y="{y}" text-anchor="{anchor}">{text}</text>' for x, y, anchor, text in (
-                 (left - 4, top + 4, "end", f"{y1:.3g}"), (left - 4, top + ph, "end", f"{y0:.3g}"),
-                 (left, top + ph + 14, "middle", f"{x0:.3g}"), (left + pw, top + ph + 14, "middle", f"{x1:.3g}"),
-                 (left + pw / 2, height - 4, "middle", "step")))]
+             f'<rect width="{width}" height="{height}" fill="white"/>', text(left, 16, title, "start"),
+             *(f'<line x1="{left}" x2="{left + pw}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#ddd"/>'
+               + text(left - 4, py(y) + 4, f"{round(y, digits) + 0.0:.{digits}f}", "end") for y in y_ticks),
+             *(text(px(x), top + ph + 14, f"{x:.0f}") for x in x_ticks), text(left + pw / 2, height - 4, "step")]
     for i, (label, points) in enumerate(series.items()):
-        pixels = [(f"{left + (x - x0) / (x1 - x0) * pw:.1f}", f"{top + (1 - (y - y0) / (y1 - y0)) * ph:.1f}")
-                  for x, y in points]  # data to pixels
-        color, path = COLORS[i % len(COLORS)], " ".join(map(",".join, pixels))
-        # a one-point polyline draws nothing; the legend sits in the title row, so it never covers the curves
-        parts += [f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{path}"/>',
-                  f'<text x="{width - right - 90 * (len(series) - 1 - i)}" y="16" text-anchor="end" '
-                  f'fill="{color}">{html.escape(label)}</text>']
-        parts += [f'<circle cx="{x}" cy="{y}" r="2" fill="{color}"/>' for x, y in pixels if len(pixels) <= 40]
+        color, pixels = COLORS[i % len(COLORS)], [(px(x), py(y)) for x, y in points]
+        if label == "train":  # every step: a line, its points dotted when they are few enough to see
+            path = " ".join(f"{x:.1f},{y:.1f}" for x, y in pixels)
+            parts += [f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{path}"/>']
+        parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{2 if label == "train" else 4}" fill="{color}"/>'
+                  for x, y in pixels if label != "train" or len(pixels) <= 40]
+        # a few: each with its value, above it (below at the top), inside the plot, two decimals past the axis's
+        parts += [text(min(max(x, left + 16), left + pw - 16), y + 15 if y < top + 12 else y - 7,
+                       f"{round(v, digits + 2) + 0.0:.{digits + 2}f}", color=color)
+                  for (x, y), (_, v) in zip(pixels, points) if label != "train" and len(points) <= 6]
+        # the legend sits in the title row, so it never covers the data
+        parts.append(text(width - right - 90 * (len(series) - 1 - i), 16, label, "end", color))
     return "".join(parts) + "</svg>"
-
 
 def read_metrics(source):
     """The rows with a step of metrics.jsonl in a source's default model directory ("sft", "dpo"), [] if
     none; a torn last line from a killed run is skipped, the rest still charts."""
     from checkpoint import checkpoint_dir_for
     rows = []
-    try:
-        with open(os.path.join(checkpoint_dir_for(source), "metrics.jsonl"), encoding="utf-8") as f:
-            for line in f:
-                with contextlib.suppress(ValueError):
-                    rows.append(json.loads(line))
-    except (UserError, OSError):
-        return []
+    with contextlib.suppress(UserError, OSError), open(os.path.join(checkpoint_dir_for(source), "metrics.jsonl"),
+                                                       encoding="utf-8") as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                rows.append(json.loads(line))
     return [row for row in rows if isinstance(row, dict) and isinstance(row.get("step"), (int, float))]
-
-
-def series(rows, key):
-    return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-
 
 def charts(directory):
     """Write the SFT and DPO training charts as .svg files into `directory`; return their image links."""
     sft, dpo = read_metrics("sft"), read_metrics("dpo")
+    series = lambda rows, key, after=-1: [(r["step"], r[key]) for r in rows
+                                          if isinstance(r.get(key), (int, float)) and r["step"] > after]
     val = sorted({k for r in sft for k in r if k.startswith("val_loss/")})
-    lines = {"SFT loss": {"train": series(sft, "loss"), **{f"val ({k.split('/')[1]})": series(sft, k) for k in val}}}
+    lines = {"SFT loss": {"train": series(sft, "loss"), **{f"val ({k[9:]})": series(sft, k) for k in val}}}
     for title, key in (("DPO loss", "loss"), ("DPO reward margin", "rewards/margins"),
                        ("DPO reward accuracy", "rewards/accuracies")):
-        lines[title] = {"train": series(dpo, key), "held-out": series(dpo, f"eval/{key}")}
+        # at step 0 the policy is its reference: every margin is 0 but for rounding, the accuracy undefined
+        held_out = series(dpo, f"eval/{key}", after=0 if key == "rewards/accuracies" else -1)
+        lines[title] = {"train": series(dpo, key), "held-out": held_out}
     links = []
-    for title, svg in ((t, svg_chart(t, s)) for t, s in lines.items()):
-        if svg:  # '' when there is nothing to draw
+    for title, lines_of in lines.items():
+        if svg := svg_chart(title, lines_of, (0, 1) if "accuracy" in title else ()):  # '' when there is nothing
             name = title.lower().replace(" ", "-") + ".svg"
             atomic_write_text(os.path.join(directory, name), svg + "\n")
             links.append(f"![{title}]({name})")
-    return ("## Training curves\n\n" + "\n\n".join(links) + "\n\n") if links else ""
+    note = "\n\nThe held-out reward accuracy at step 0 is undefined (the policy is its reference) and not drawn."
+    return ("## Training curves\n\n" + "\n\n".join(links) + note * any("accuracy" in l for l in links) + "\n\n"
+            if links else "")
 
+def answers_side_by_side(directory):
+    """A few held-out prompts with the SFT and DPO answers that eval.py keeps in its json, a table row each: a cell
+    is one line, cut at a word, with no HTML or column break of its own."""
+    answers = {}
+    for stage in ("sft", "dpo"):
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError), open(os.path.join(
+                directory, f"chimera-chat-evaluation-{stage}.json"), encoding="utf-8") as f:
+            answers[stage.upper()] = dict(json.load(f).get("answers") or {})
+    prompts = list(dict.fromkeys(p for by_prompt in answers.values() for p in by_prompt))
+    cut = lambda text: text if len(text) <= ANSWER_CHARS else text[:ANSWER_CHARS].rsplit(" ", 1)[0] + " …"
+    cell = lambda text: html.escape(cut(" ".join(str(text).split())) or "(empty)", quote=False).replace("|", "\\|")
+    table = [["Prompt", *answers]] + [[cell(p), *(cell(a.get(p, "-")) for a in answers.values())] for p in prompts]
+    return (f"## Answers side by side\n\nHeld-out prompts and each checkpoint's answer (no system message, as "
+            f"eval.py sampled it), cut at {ANSWER_CHARS} characters:\n\n{markdown_table(table)}\n" if prompts else "")
 
 # Commands
 def read_section(directory, name):
@@ -206,7 +236,6 @@ def read_section(directory, name):
     with contextlib.suppress(FileNotFoundError), open(os.path.join(directory, name), encoding="utf-8") as f:
         return f.read().replace("<", "&lt;")
     return None
-
 
 def generate(out_copy=True):
     directory = os.path.join(get_base_dir(), "report")
@@ -226,13 +255,13 @@ def generate(out_copy=True):
             end = section_timestamp(text, "timestamp:") or end
         if stage := SECTION_STAGE.get(name):
             metrics[stage] = section_metrics(text, ["CORE"] if stage == "base" else
-                                             CHAT_METRICS + NANOCHAT_FIGURES + PERSONA_METRICS)
+                                             CHAT_METRICS + NANOCHAT_FIGURES + PERSONA_METRICS + AGAINST_REFERENCE)
         parts.append(text.rstrip() + "\n\n")
     seconds = int((end - start).total_seconds()) if start and end and end >= start else None
     clock = f"{seconds // 3600}h{seconds % 3600 // 60}m" if seconds is not None else "unknown"
     missing = f"\nSections not found (stage not run, skipped): {', '.join(notes)}\n" if notes else ""
     parts += [charts(directory), "## Summary\n\n", bloat + "\n\n" if bloat else "", summary_table(metrics) + "\n",
-              f"Total wall clock time: {clock}\n", missing]
+              f"Total wall clock time: {clock}\n", missing, "\n" + answers_side_by_side(directory)]
     text, report_file = "".join(parts), os.path.join(directory, "chimera-report.md")
     atomic_write_text(report_file, text)
     print(f"wrote {report_file}" + (f" ({len(notes)} sections missing: {', '.join(notes)})" if notes else ""))
@@ -242,7 +271,6 @@ def generate(out_copy=True):
                                               text, flags=re.M))
         print("copied report.md to the current directory")
     return report_file
-
 
 def reset(everything=False):
     """Clear Chimera's sections (all sections with everything=True) and note the start."""
@@ -259,7 +287,6 @@ def reset(everything=False):
     atomic_write_text(os.path.join(directory, CHIMERA_HEADER), f"Run started: {now}\n")
     print(f"reset {directory}: removed {len(removed)} file(s)" + ("" if everything else "; nanochat's sections kept"))
 
-
 def main():
     argv = sys.argv[1:]
     if argv in (["-h"], ["--help"]):
@@ -267,7 +294,6 @@ def main():
     if argv not in (["generate"], ["reset"], ["reset", "--all"]):
         raise UserError("usage: python report.py generate | reset [--all]")
     generate() if argv[0] == "generate" else reset(everything=argv[1:] == ["--all"])
-
 
 if __name__ == "__main__":
     run_main(main)

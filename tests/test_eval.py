@@ -160,7 +160,9 @@ def test_nanochat_figures_follow_the_checkpoints_generation(tmp_path, monkeypatc
     config = cfg("--max_problems=2", "--max_new_tokens=4")
     out = {k: v for name in ("HumanEval", "SpellingBee") for k, v in
            chat_eval.chat_task(name, model, tok, config, None, ONE).items()}
-    assert set(out) == figures and all(0.0 <= v <= 1.0 for v in out.values())
+    assert set(out) == figures and all(0.0 <= f.value <= 1.0 and f.measured_on.endswith((" of 1 problems",
+                                                                                         " of 2 problems"))
+                                       for f in out.values())  # HumanEval's cache holds one
 
 
 def test_unknown_task_is_a_clear_error():
@@ -180,15 +182,34 @@ def section(base, source):
     return text, lines
 
 
+def figure(lines, name):
+    """A metric's value from its line, `value (what it is measured on)`: a number (ValueError if it is not)."""
+    return float(lines[name].split(" (")[0])
+
+
 def test_full_run_writes_nanochat_section_with_chatcore(eval_base, monkeypatch):
     run_eval(monkeypatch, "-i", "sft", "--max_new_tokens=8", "--batch_size=4", "--max_problems=8")
     text, lines = section(eval_base, "sft")
     assert text.startswith("## Chat evaluation sft\n")
     persona = [f"{m} ({cond})" for m in ("Trader SFT held-out loss", "Persona preference accuracy",
-                                         "DPO reward accuracy", "DPO reward margin") for cond in chat_eval.CONDITIONS]
+                                         "DPO reward margin") for cond in chat_eval.CONDITIONS]
     for name in chat_eval.CHAT_TASKS + ["ChatCORE metric", "Identity probe score"] + persona:
-        float(lines[name])  # present and numeric
+        figure(lines, name)  # present and numeric
     assert lines["Persona reference"] == "base"  # what the SFT checkpoint was trained from
+    # each figure says what it is measured on, and how many: the share as k of n
+    assert lines["MMLU"] == f"{figure(lines, 'MMLU'):.4f} ({round(figure(lines, 'MMLU') * 8)} of 8 problems)"
+    assert lines["Trader SFT held-out loss (no system)"].endswith(" (per answer token, 3 conversations)")
+    assert lines["Persona preference accuracy (no system)"].endswith(" of 4 held-out pairs)")
+    assert lines["DPO reward margin (no system)"] == "0.0000 (mean of 4 held-out pairs, against base)"
+    # the SFT checkpoint here is its base unchanged: every reward margin is 0, the reward accuracy undefined
+    for cond in chat_eval.CONDITIONS:
+        assert lines[f"DPO reward accuracy ({cond})"].startswith("undefined (every reward margin is 0")
+    assert "DPO reward accuracy (no system)" not in json.load(open(
+        os.path.join(eval_base, "report", "chimera-chat-evaluation-sft.json")))["results"]
+    # settings left unset (the latest step, the device detected) or that do not apply (greedy: no top_k; no
+    # judge: no judge_prompts) are left out
+    assert lines["temperature"] == "0.0000" and lines["batch_size"] == "4"
+    assert not {"step", "device_type", "top_k", "judge_prompts", "task_name", "trader_sft_path"} & set(lines)
     # the persona's system message changes what the model sees, so the two conditions differ
     assert lines["Trader SFT held-out loss (no system)"] != lines["Trader SFT held-out loss (with system)"]
     data = json.load(open(os.path.join(eval_base, "report", "chimera-chat-evaluation-sft.json")))
@@ -221,7 +242,7 @@ def test_condition_truncated_away_is_left_out_not_the_task(eval_base, monkeypatc
                                              {"role": "assistant", "content": f"Risk 1% on idea {i}."}]}) + "\n")
     run_eval(monkeypatch, "-i", "sft", "-a", "Trader-SFT")
     _, lines = section(eval_base, "sft")
-    assert float(lines["Trader SFT held-out loss (no system)"]) > 0
+    assert figure(lines, "Trader SFT held-out loss (no system)") > 0
     assert "Trader SFT held-out loss (with system)" not in lines and lines["Skipped tasks"] == "none"
 
 
@@ -234,8 +255,8 @@ def test_dpo_checkpoint_gets_pair_metrics_against_sft(eval_base, monkeypatch):
     run_eval(monkeypatch, "-i", "dpo", "-a", "Trader-DPO")
     _, lines = section(eval_base, "dpo")
     for cond in chat_eval.CONDITIONS:
-        acc = float(lines[f"DPO reward accuracy ({cond})"])
-        assert 0.0 <= acc <= 1.0 and float(lines[f"DPO reward margin ({cond})"]) != 0.0
+        acc = figure(lines, f"DPO reward accuracy ({cond})")
+        assert 0.0 <= acc <= 1.0 and figure(lines, f"DPO reward margin ({cond})") != 0.0
     assert lines["Persona reference"] == "sft"
     held_out = tasks.TraderDPO(split="val", val_fraction=0.2)
     assert len(held_out) > 0  # the DPO run's split fraction is the one used
@@ -244,12 +265,13 @@ def test_dpo_checkpoint_gets_pair_metrics_against_sft(eval_base, monkeypatch):
     pairs = dpo.render_pairs(held_out, tok, 64)[0]  # the DPO run's beta is the default 0.1 here
     figures = dpo.evaluate_pairs(m, reference, pairs, tok.encode_special("<|assistant_end|>"), dpo.DPOLoss(0.1), 8,
                                  Dist(0, 1, torch.device("cpu")))
-    assert float(lines["DPO reward margin (no system)"]) == pytest.approx(figures["rewards/margins"], abs=1e-4)
+    assert figure(lines, "DPO reward margin (no system)") == pytest.approx(figures["rewards/margins"], abs=1e-4)
+    assert lines["DPO reward accuracy (no system)"].endswith(f" of {len(pairs)} held-out pairs, against sft)")
 
 
 def test_dpo_reference_is_the_checkpoint_it_was_trained_from(eval_base, monkeypatch):
     """Not the source's default tag (chimera_d2 is preferred) nor its latest step: the policy here
-    is its reference unchanged, so every reward margin is exactly zero."""
+    is its reference unchanged, so every reward margin is exactly zero and the reward accuracy undefined."""
     m, _, meta = load_model("sft", "cpu", "eval")
     save_checkpoint(os.path.join(eval_base, "chatdpo_checkpoints", "d2"), 3, m.state_dict(),
                     dict(meta, source="sft", source_tag="d2", source_step=0, user_config={"val_fraction": 0.2}))
@@ -260,7 +282,9 @@ def test_dpo_reference_is_the_checkpoint_it_was_trained_from(eval_base, monkeypa
     run_eval(monkeypatch, "-i", "dpo", "-a", "Trader-DPO")
     _, lines = section(eval_base, "dpo")
     for cond in chat_eval.CONDITIONS:
-        assert float(lines[f"DPO reward margin ({cond})"]) == 0.0
+        assert figure(lines, f"DPO reward margin ({cond})") == 0.0
+        assert lines[f"DPO reward accuracy ({cond})"].startswith("undefined (")
+        assert lines[f"DPO reward accuracy ({cond})"].endswith(" held-out pairs, against sft d2 step 0)")
 
 
 def test_settings_left_to_the_checkpoints_are_resolved_once_and_the_config_kept(eval_base, monkeypatch):
@@ -337,7 +361,7 @@ def test_a_judge_refusing_mid_run_skips_the_judged_rows_not_the_eval(eval_base, 
     finally:
         server.stop()
     _, lines = section(eval_base, "sft")
-    assert float(lines["Trader SFT held-out loss (no system)"]) > 0 and "Identity probe score" not in lines
+    assert figure(lines, "Trader SFT held-out loss (no system)") > 0 and "Identity probe score" not in lines
     assert lines["Skipped tasks"] == "Identity, Judge" and not any(k.startswith("Judge win rate") for k in lines)  # Identity, Judge
 
 
@@ -363,7 +387,7 @@ def test_judge_win_rate_of_dpo_against_sft(eval_base, monkeypatch):
     requests = [r["body"] for r in server.chat_requests()]
     assert len(requests) == 3 * 2 + 6 * 2 * 2  # probes, then six prompts x both orders x both conditions
     _, lines = section(eval_base, "dpo")
-    assert float(lines["Identity probe score"]) == 0.0 and "openai/gpt-4o-mini" in lines["Judge"]
+    assert figure(lines, "Identity probe score") == 0.0 and "openai/gpt-4o-mini" in lines["Judge"]
     requests = requests[6:6 + 12]  # the no-system condition
     forward = {}
     for body in requests:  # the first request of each prompt puts the DPO answer first
@@ -371,10 +395,11 @@ def test_judge_win_rate_of_dpo_against_sft(eval_base, monkeypatch):
         forward.setdefault(message, (first, second))
     wins = sum(len(a) > len(b) for a, b in forward.values())
     losses = sum(len(a) < len(b) for a, b in forward.values())
-    assert int(lines["Judge agreeing pairs (no system)"]) == wins + losses
     assert wins + losses > 0  # seeded sampling: some answers differ in length
-    assert float(lines["Judge win rate (no system)"]) == pytest.approx(wins / (wins + losses))
-    assert 0.0 <= float(lines.get("Judge win rate (with system)", 0.0)) <= 1.0
+    assert lines["Judge win rate (no system)"] == (f"{wins / (wins + losses):.4f} ({wins} of {wins + losses} verdicts "
+                                                   "that held in both orders, against sft)")
+    with_system = lines["Judge win rate (with system)"]  # undefined (saying why) when no verdict held
+    assert with_system.startswith("undefined (no verdicts") or 0.0 <= figure(lines, "Judge win rate (with system)") <= 1
 
 
 @pytest.mark.parametrize("flag", ["--max_problems=0", "--temperature=-1", "--temperature=nan", "--batch_size=0",
@@ -403,7 +428,7 @@ def test_identity_probes_by_log_likelihood(eval_base, monkeypatch, tmp_path):
     for path in (chat_eval.IDENTITY_PROBES, str(swapped)):
         run_eval(monkeypatch, "-i", "sft", "-a", "Identity", "--identity_path", path)
         _, lines = section(eval_base, "sft")
-        scores.append(float(lines["Identity probe score"]))
+        scores.append(figure(lines, "Identity probe score"))
         assert lines["Judge"].startswith("none")
     assert scores[0] + scores[1] == pytest.approx(1.0)
 
@@ -431,6 +456,22 @@ def test_the_judged_work_is_shared_by_the_ranks_and_fails_on_all_together():
     assert judge.seen == ["p1", "p4"]
     with pytest.raises(tasks.DataUnavailable, match="402"):
         chat_eval.judged(Judge(fail=True), prompts, answers, others, proc)
+
+
+def test_a_few_held_out_answers_are_kept_for_the_report(eval_base, monkeypatch):
+    """Trader-DPO keeps the model's answers to the first held-out prompts (no system message, seeded as the
+    judge's are), for the report to set the SFT and DPO answers side by side; an -a of other tasks keeps them."""
+    run_eval(monkeypatch, "-i", "sft", "-a", "Trader-DPO", "--max_new_tokens=6", "--dpo_val_fraction=0.2")
+    path = os.path.join(eval_base, "report", "chimera-chat-evaluation-sft.json")
+    answers = json.load(open(path))["answers"]
+    held_out = tasks.TraderDPO(split="val", val_fraction=0.2)
+    prompts = [held_out[i]["prompt"] for i in range(3)]
+    assert list(answers) == prompts
+    model, tok, _ = load_model("sft", "cpu", "eval")
+    assert list(answers.values()) == chat_eval.sample_answers(model, tok, prompts, [42, 43, 44], None,
+                                                              cfg("--max_new_tokens=6"))
+    run_eval(monkeypatch, "-i", "sft", "-a", "Identity")
+    assert json.load(open(path))["answers"] == answers
 
 
 def test_a_partial_eval_updates_its_tasks_and_keeps_the_others(eval_base, monkeypatch, capsys):
