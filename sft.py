@@ -232,7 +232,9 @@ def main():
                      {"loss": train_loss, "lr_multiplier": lrm, "lr": optimizers[1].param_groups[0]["lr"]},
                      num_tokens, real, positions)
 
-    write_report_section("Chat SFT", [asdict(config), {
+    unused = {"trader": ("sft_mix_", "smoltalk_rows", "val_rows"),  # the settings of datasets not used: unreported
+              "mixture": ("trader_", "system_prompt_frac", "sft_mix_")}.get(config.sft_dataset, ())
+    write_report_section("Chat SFT", [{k: v for k, v in asdict(config).items() if not k.startswith(unused)}, {
         "Source": source, "Dataset": config.sft_dataset,
         "Mixture": ", ".join(f"{n} {w}x{r}" for n, r, w, _ in composition), "Training rows": len(rows),
         "Dropped conversations (nothing to learn)": dropped,

@@ -101,6 +101,8 @@ def test_training_lowers_loss_and_checkpoint_loads_back(trader_base, monkeypatch
     assert meta["mixture"][0][1] == len(sft.tasks.TraderSFT(split="train"))
     report = open(os.path.join(trader_base, "report", "chimera-chat-sft.md")).read()
     assert report.startswith("## Chat SFT\n") and "- Validation loss:" in report
+    assert "- trader_val_fraction: " in report  # no SmolTalk here: its settings, and those unset, are left out
+    assert not [k for k in ("smoltalk_rows", "sft_mix_trader", "val_rows", "step", "device_type") if f"- {k}:" in report]
 
 
 def test_trader_mix_duplicates_rows_by_weight(trader_base, monkeypatch):
