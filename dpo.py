@@ -338,7 +338,7 @@ def main():
         "Reference": "cached" if config.ref_cache else "live", "Conditioning": "no system message (the chat condition)",
         "Real-token fraction": step_log.real_token_frac(),
         **({"Held-out loss (start)": initial["loss"], "Held-out loss": held_out["loss"],
-            "Held-out reward accuracy (start)": initial["rewards/accuracies"], "Held-out reward accuracy":
+            "Held-out reward accuracy (start)": "undefined (the policy is its reference)", "Held-out reward accuracy":
             held_out["rewards/accuracies"], "Held-out reward margin": held_out["rewards/margins"]} if val else {}),
         "Training time (s)": round(time.time() - step_log.start, 1)}])
     cleanup_dist()

@@ -224,6 +224,7 @@ def test_training_raises_held_out_reward_accuracy_and_margin(sft_base, monkeypat
     assert [l["step"] for l in lines if "eval/loss" in l] == [0, 12]
     report = open(os.path.join(sft_base, "report", "chimera-chat-dpo.md")).read()
     assert report.startswith("## Chat DPO\n") and "- Held-out reward accuracy:" in report
+    assert "- Held-out reward accuracy (start): undefined (the policy is its reference)\n" in report
 
 
 def test_cached_reference_equals_live_and_is_reused(sft_base, monkeypatch):
