@@ -85,7 +85,7 @@ def check_config(config):  # before anything heavy is loaded; a -1 (the recipe's
 def checkpoint_generation(checkpoint_dir, step):
     """2026 if the checkpoint's meta has a window_pattern (as model.py decides), else 2025: read before the weights
     load, so that data problems show first (an unreadable meta counts as 2025 here; load_model then says why)."""
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(OSError, ValueError, LookupError, TypeError, RecursionError):
         with open(os.path.join(checkpoint_dir, f"meta_{step:06d}.json"), encoding="utf-8") as f:
             return 2026 if "window_pattern" in json.load(f)["model_config"] else 2025
     return 2025
