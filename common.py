@@ -2,6 +2,7 @@
 rank-0 printing, bf16 autocast and a progress bar; nothing about models or data (JSONL and HTTP: tasks.py)."""
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -14,16 +15,13 @@ import re
 import sys
 import time
 import typing
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
-
 # Errors a user can cause (one line, exit 2), files, and configs: a dataclass per stage, its fields the flags
 class UserError(Exception):
     """A problem with the user's input (a flag, a file, a missing key): shown as one line."""
-
 
 def run_main(main):
     """Run a stage's main(): a UserError becomes `error: ...` on stderr and exit code 2. A process group main()
@@ -38,10 +36,8 @@ def run_main(main):
         if dist.is_initialized():
             dist.destroy_process_group()
 
-
 def get_base_dir():  # nanochat's: $NANOCHAT_BASE_DIR, default ~/.cache/nanochat (made by what writes into it)
     return os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
-
 
 def about(module):  # --help: what a module does (its doc's first paragraph), the environment its modules read
     here, doc = os.path.dirname(os.path.abspath(__file__)), (sys.modules[module].__doc__ or "").strip()
@@ -49,7 +45,6 @@ def about(module):  # --help: what a module does (its doc's first paragraph), th
     sources = [open(f, encoding="utf-8").read() for f in files if os.path.isfile(f) and os.path.dirname(f) == here]
     names = set(re.findall(r'(?<!replace\()"((?:NANOCHAT|OPENROUTER|HF|CHIMERA)_[A-Z_]+)"', "".join(sources)))
     return " ".join(doc.split("\n\n")[0].split()), "environment: " + ", ".join(sorted(names))
-
 
 def atomic_write(path, write_fn, binary=False):
     """Write `.{name}.{pid}.tmp` beside the file, then rename: a killed process leaves the old file or the new one."""
@@ -67,14 +62,11 @@ def atomic_write(path, write_fn, binary=False):
         os.remove(tmp)
         raise
 
-
 def atomic_write_text(path, text):
     atomic_write(path, lambda f: f.write(text))
 
-
 def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
 
 def _convert(key, typ, base, text):
     """Command-line text -> the field's type ("none" for an Optional), else a UserError."""
@@ -89,18 +81,15 @@ def _convert(key, typ, base, text):
         raise UserError(f"--{key}={text}: must be a finite number")
     return value
 
-
 def parse_config(cls, argv=None, aliases=None):
     """The dataclass `cls` from its defaults and the command line: `--key=value` or `--key value`,
     dashes or underscores, a bare `--flag` for booleans, short aliases ({"i": "source"}: `-i sft`);
     --help lists each field, its default and its end-of-line comment. Bad input: a one-line UserError."""
     argv = [re.sub(r"^--[\w-]+", lambda m: "--" + m[0][2:].replace("-", "_"), a)
             for a in (sys.argv[1:] if argv is None else argv)]
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):  # no source file (python -c ...): --help without the comments
-        source = ""
-    comments = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", source, re.M))
+    comments = {}  # each field's end-of-line comment: its --help
+    with contextlib.suppress(OSError, TypeError):  # no source file (python -c ...): --help without the comments
+        comments = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
     short, hints = {v: k for k, v in (aliases or {}).items()}, typing.get_type_hints(cls)
     summary, environment = about(cls.__module__)  # settings: --key=value or --key value
     parser = argparse.ArgumentParser(allow_abbrev=False, exit_on_error=False, epilog=environment, description=summary)
@@ -122,20 +111,24 @@ def parse_config(cls, argv=None, aliases=None):
                         + ", ".join(f.name for f in dataclasses.fields(cls)))
     return cls(**vars(values))
 
-
-def check_settings(config, at_least_1=(), positive=(), not_negative=(), steps=(), tags=(), at_most=None):
-    """The stages' range checks, one line naming the flag. at_most: {key: its largest value, or another key}."""
-    limits = {k: (getattr(config, b), f"--{b}={getattr(config, b)!r}") if isinstance(b, str) else (b, b)
-              for k, b in (at_most or {}).items()}
-    for keys, bad, need in ((at_least_1, lambda v: v < 1, "must be at least 1"), (positive, lambda v: v <= 0, "must be > 0"),
-                            (not_negative, lambda v: v < 0, "must be >= 0"),
-                            (steps, lambda v: v == 0 or v < -1, "expected a number of steps, or -1 for num_epochs' worth"),
-                            (tags, lambda v: v is not None and (v in ("", ".", "..") or os.path.basename(v) != v),
-                             "a tag is a plain directory name"),
-                            *(((k,), lambda v, b=b: v > b, f"must be at most {shown}") for k, (b, shown) in limits.items())):
+def check_settings(config, at_least_1=(), positive=(), not_negative=(), steps=(), tags=(), at_most=None, one_of=None):
+    """The stages' range checks, one line naming the flag. at_most: {key: its largest value, or the key that holds
+    it}; one_of: {key: the values it may take}."""
+    rules = [(at_least_1, lambda v: v < 1, "must be at least 1"), (positive, lambda v: v <= 0, "must be > 0"),
+             (not_negative, lambda v: v < 0, "must be >= 0"),
+             (steps, lambda v: v == 0 or v < -1, "expected a number of steps, or -1 for num_epochs' worth"),
+             (tags, lambda v: v is not None and (v in ("", ".", "..") or os.path.basename(v) != v),
+              "a tag is a plain directory name")]
+    for key, most in (at_most or {}).items():
+        limit = getattr(config, most) if isinstance(most, str) else most
+        shown = f"--{most}={limit!r}" if isinstance(most, str) else most
+        rules.append(([key], lambda v, limit=limit: v > limit, f"must be at most {shown}"))
+    for key, values in (one_of or {}).items():
+        rules.append(([key], lambda v, values=values: v not in values,
+                      "expected one of " + ", ".join(str(v) for v in values if v != "")))
+    for keys, bad, need in rules:
         for key in (k for k in keys if bad(getattr(config, k))):
             raise UserError(f"--{key}={getattr(config, key)!r}: {need}")
-
 
 # Devices and torch.distributed: one code path for 1 or N processes
 @dataclasses.dataclass
@@ -145,14 +138,12 @@ class Dist:
     device: torch.device
     master = property(lambda self: self.rank == 0)
 
-
 def dist_timeout():
     """How long a collective waits for the slowest rank: $CHIMERA_DIST_TIMEOUT s, default 30 min (NCCL's is 10)."""
     text = os.environ.get("CHIMERA_DIST_TIMEOUT", "1800")
     if not re.fullmatch(r"\d+(\.\d*)?", text.strip()) or not float(text) > 0:
         raise UserError(f"CHIMERA_DIST_TIMEOUT={text!r}: expected a number of seconds > 0")
     return datetime.timedelta(seconds=float(text))
-
 
 def init_dist(device_type=""):
     """The device and, under torchrun, the process group (nccl on CUDA, gloo else) with dist_timeout()."""
@@ -170,7 +161,6 @@ def init_dist(device_type=""):
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None, timeout=dist_timeout())
     return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), device)
 
-
 def rank0_value(value):
     """Rank 0's value on every rank: a decision all must take alike (else collectives stop matching), or work once."""
     box = [value]
@@ -178,32 +168,27 @@ def rank0_value(value):
         dist.broadcast_object_list(box, src=0)
     return box[0]
 
-
 def cleanup_dist():
     if dist.is_initialized():
         gc.collect()  # async works kept alive by reference cycles go now, not in the interpreter's teardown
         dist.barrier()
         dist.destroy_process_group()
 
-
 def is_master():  # rank 0, or the only process
     return not dist.is_initialized() or dist.get_rank() == 0
-
 
 def print0(*args, **kwargs):
     if is_master():
         print(*args, **kwargs, flush=True)
 
-
 def autocast(device):
     """bf16 autocast on CUDA; full float32 elsewhere (CPU bf16 is slow and not what users run)."""
-    return torch.amp.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
-
+    cuda = torch.device(device).type == "cuda"
+    return torch.amp.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
 def synchronize(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-
 
 def all_reduce_sum(values, device=None):
     """Sum numbers over ranks in float64, on the CPU but under NCCL (CUDA tensors only): MPS has no float64."""
@@ -212,7 +197,6 @@ def all_reduce_sum(values, device=None):
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
-
 
 # Progress bar (rank 0)
 class ProgressBar:

@@ -38,7 +38,6 @@ from optim import GradSync, optimizer_step, setup_optimizers
 from report import write_report_section
 import tasks
 
-
 @dataclass
 class Config:
     source: str = "sft"  # checkpoint to align (and the frozen reference): sft|mid|base|...
@@ -66,19 +65,16 @@ class Config:
     compile: Optional[bool] = None  # torch.compile policy and reference (lengths symbolic); None = on for CUDA
     out_tag: Optional[str] = None  # output directory name; None = d{depth}
 
-
 def check_config(config):
-    if config.loss_type not in ("sigmoid", "ipo", "ipo_per_token"):
-        raise UserError(f"--loss_type={config.loss_type!r}: expected one of sigmoid, ipo, ipo_per_token")
+    check_settings(config, at_least_1=("max_length", "device_batch_size", "target_examples_per_step", "num_epochs"),
+                   positive=("beta", "init_lr_frac"), steps=("num_iterations",), tags=("model_tag", "out_tag"),
+                   not_negative=("unembedding_lr", "embedding_lr", "matrix_lr", "weight_decay"),
+                   one_of={"loss_type": ("sigmoid", "ipo", "ipo_per_token")})
     if not 0.0 <= config.label_smoothing < 0.5 or (config.label_smoothing and config.loss_type != "sigmoid"):
         raise UserError(f"--label_smoothing={config.label_smoothing}: expected a value in [0, 0.5), and only with "
                         "--loss_type=sigmoid")
     if not 0.0 <= config.val_fraction < 1.0:
         raise UserError(f"--val_fraction={config.val_fraction}: expected a fraction in [0, 1)")
-    check_settings(config, at_least_1=("max_length", "device_batch_size", "target_examples_per_step", "num_epochs"),
-                   positive=("beta", "init_lr_frac"), steps=("num_iterations",), tags=("model_tag", "out_tag"),
-                   not_negative=("unembedding_lr", "embedding_lr", "matrix_lr", "weight_decay"))
-
 
 # The loss (a small pure function of a pair's margin), and the pairs: two rendered conversations sharing the prompt
 class DPOLoss(NamedTuple):
@@ -94,9 +90,7 @@ class DPOLoss(NamedTuple):
             return -F.logsigmoid(beta * logits) * (1 - smoothing) - F.logsigmoid(-beta * logits) * smoothing
         return (logits - 1 / (2 * beta)) ** 2
 
-
 Pair = namedtuple("Pair", "chosen rejected digest")  # rendered (ids, mask) each; the record's digest (the cache's key)
-
 
 def render_pairs(task, tokenizer, max_len):
     """[Pair] for every pair still a real preference after truncation, and how many were dropped.
@@ -104,8 +98,8 @@ def render_pairs(task, tokenizer, max_len):
     kept = []
     for pair in task:
         rendered = [tokenizer.render_conversation({"messages": [{"role": "user", "content": pair["prompt"]},
-                                                                {"role": "assistant", "content": answer}]},
-                                                  max_tokens=max_len + 1) for answer in (pair["chosen"], pair["rejected"])]
+                                                                {"role": "assistant", "content": pair[answer]}]},
+                                                  max_tokens=max_len + 1) for answer in ("chosen", "rejected")]
         (chosen_ids, chosen_mask), (rejected_ids, rejected_mask) = rendered
         # the shifted mask (what collate turns into targets) decides what is scored
         if chosen_ids != rejected_ids and any(chosen_mask[1:]) and any(rejected_mask[1:]):
@@ -113,11 +107,9 @@ def render_pairs(task, tokenizer, max_len):
             kept.append(Pair(chosen, rejected, tasks.record_digest(pair).hex()))
     return kept, len(task) - len(kept)
 
-
 # [B] log-probs of the chosen and the rejected answers (sums over their tokens), the tokens (padding left out)
 # and positions (padding included) computed, and the sum of pair_loss over the pairs (None without one)
 PairLogps = namedtuple("PairLogps", "chosen rejected real_tokens positions loss")
-
 
 def batch_logps(model, pairs, indices, pad_id, device, pair_loss=None, weights=None):
     """PairLogps of pairs[indices], in one forward pass over the chosen conversations, then the rejected ones.
@@ -133,19 +125,16 @@ def batch_logps(model, pairs, indices, pad_id, device, pair_loss=None, weights=N
         logps = model.token_logprobs(inputs, targets).sum(dim=-1)
     return PairLogps(logps[:len(indices)], logps[len(indices):], real_tokens, positions, None)
 
-
 def my_batches(pairs, batch_size, proc):
     """This rank's share of all pairs in batches of similar length (little padding)."""
     order = sorted(range(len(pairs)), key=lambda i: max(len(pairs[i].chosen[0]), len(pairs[i].rejected[0])))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)][proc.rank::proc.world_size]
-
 
 # Reference log-probs: live from a frozen model, or computed once and cached to disk
 def freeze(model):
     """The frozen reference: a copy without gradients, in bf16 on CUDA (half the memory; it only scores)."""
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     return reference.to(torch.bfloat16) if model.get_device().type == "cuda" else reference
-
 
 @torch.no_grad()  # in place: no logits kept for a backward that never comes
 def reference_logps(reference, pairs, indices, pad_id, device):
@@ -154,14 +143,12 @@ def reference_logps(reference, pairs, indices, pad_id, device):
         return torch.stack([reference[pairs[i].digest] for i in indices]).to(device, torch.float32).unbind(1)
     return batch_logps(reference, pairs, indices, pad_id, device)[:2]  # chosen, rejected
 
-
 def file_sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
 
 @torch.no_grad()
 def reference_table(data_path, max_len, policy, pairs, pad_id, config, proc):
@@ -177,7 +164,8 @@ def reference_table(data_path, max_len, policy, pairs, pad_id, config, proc):
         return hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
 
     tag = rank0_value(key() if proc.master else None)  # one rank reads the weights (11 GB at d32), not all
-    path = os.path.join(os.path.dirname(os.path.abspath(data_path)), "ref_logps", f"{os.path.basename(data_path)}.{tag}.pt")
+    folder, name = os.path.split(os.path.abspath(data_path))
+    path = os.path.join(folder, "ref_logps", f"{name}.{tag}.pt")
     cached = torch.load(path, weights_only=True) if os.path.exists(path) else {"keys": [], "logps": []}
     table = dict(zip(cached["keys"], cached["logps"]))
     # reused only where every rank has it (one node's disk may hold the file and another's not: their
@@ -194,7 +182,6 @@ def reference_table(data_path, max_len, policy, pairs, pad_id, config, proc):
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         atomic_write(path, lambda f: torch.save({"keys": keys, "logps": logps}, f), binary=True)
     return dict(zip(keys, logps))
-
 
 # Training and evaluation
 class Stats(NamedTuple):
@@ -220,7 +207,6 @@ class Stats(NamedTuple):
                 self.rejected_reward / n, "rewards/margins": self.margin / n, "rewards/accuracies": self.correct / n,
                 "logps/chosen": self.chosen_logp / n, "logps/rejected": self.rejected_logp / n}
 
-
 def pair_losses(model, reference, pairs, indices, pad_id, dpo_loss, device):
     """A batch's summed loss (its gradient taken in the forward pass; None where grad is disabled) and its Stats."""
     ref_chosen, ref_rejected = reference_logps(reference, pairs, indices, pad_id, device)
@@ -238,7 +224,6 @@ def pair_losses(model, reference, pairs, indices, pad_id, dpo_loss, device):
     sums = sums.detach().cpu().double().sum(dim=1).tolist()  # float64 on the CPU: MPS has none
     return logps.loss, Stats(*sums, pairs=len(indices), real_tokens=logps.real_tokens, positions=logps.positions)
 
-
 @torch.no_grad()
 def evaluate_pairs(model, reference, pairs, pad_id, dpo_loss, batch_size, proc):
     """Stats.means() over all ranks' pairs (reference: a frozen model or a reference_table); keeps the model's mode."""
@@ -248,7 +233,6 @@ def evaluate_pairs(model, reference, pairs, pad_id, dpo_loss, batch_size, proc):
         stats += pair_losses(model, reference, pairs, indices, pad_id, dpo_loss, proc.device)[1]
     model.train(was_training)
     return Stats(*all_reduce_sum(stats, proc.device)).means()
-
 
 def main():
     config = parse_config(Config)
@@ -300,8 +284,9 @@ def main():
             "loss_type": config.loss_type, "source": config.source, "source_step": meta.get("step"),
             "train_pairs": len(train), "val_pairs": len(val), "dropped_pairs": dropped,
             "conditioning": "no system message", "val_loss": held_out.get("loss"),
-            "val_reward_accuracy": held_out.get("rewards/accuracies"), "val_reward_margin": held_out.get("rewards/margins"),
-            "initial_held_out": initial, "real_token_frac": step_log.real_token_frac()})
+            "val_reward_accuracy": held_out.get("rewards/accuracies"),
+            "val_reward_margin": held_out.get("rewards/margins"), "initial_held_out": initial,
+            "real_token_frac": step_log.real_token_frac()})
 
     initial = held_out = {}
     for step in range(steps + 1):  # evaluate and save at the top of a step; the last one does only that
@@ -342,7 +327,6 @@ def main():
             held_out["rewards/accuracies"], "Held-out reward margin": held_out["rewards/margins"]} if val else {}),
         "Training time (s)": round(time.time() - step_log.start, 1)}])
     cleanup_dist()
-
 
 if __name__ == "__main__":
     run_main(main)

@@ -34,7 +34,8 @@ die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
 if command -v sha256sum >/dev/null; then SHA=(sha256sum); else SHA=(shasum -a 256); fi
 step() {  # step NAME COMMAND...: run it, time it, stop the run if it fails
     local name=$1 t0=$SECONDS; shift; say "$name"
-    "$@" || die "stage '$name' failed (exit $?). Fix the cause and run 'bash run.sh' again: finished stages are skipped."
+    "$@" || die "stage '$name' failed (exit $?). Fix the cause and run 'bash run.sh' again:" \
+                "finished stages are skipped."
     printf '%s done in %ss\n' "$name" $((SECONDS - t0))
 }
 # stage NAME INPUT_FILE... -- OUTPUT_DIR... -- COMMAND...: skipped when its stamp (chimera/<stage>.stamp: command line,
@@ -79,8 +80,8 @@ BASE=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
 if [ -n "${CHIMERA_FROM:-}" ]; then  # start from a published nanochat model: pull it into $BASE first
     STAMPS=$BASE/chimera && mkdir -p "$STAMPS"
     # shellcheck disable=SC2086  # CHIMERA_FROM_ARGS: more pull flags (--revision=..., --source=...)
-    stage "pull $CHIMERA_FROM (hub.py pull)" -- "$BASE"/{tokenizer,base_checkpoints,mid_checkpoints,chatsft_checkpoints} \
-        -- "$PY" hub.py pull "$CHIMERA_FROM" ${CHIMERA_FROM_ARGS:-}
+    stage "pull $CHIMERA_FROM (hub.py pull)" -- "$BASE"/{tokenizer,{base,mid,chatsft}_checkpoints} -- \
+        "$PY" hub.py pull "$CHIMERA_FROM" ${CHIMERA_FROM_ARGS:-}
 fi
 latest() { { compgen -G "$1/model_*.pt" || true; } | sort | tail -n 1; }  # latest DIR: its newest step's model
 # SFT's start as checkpoint.py decides it: START, START_DIR and TAG, nanochat's largest d<N> there ("" if none)
@@ -97,7 +98,8 @@ fi
 if [ "$DEMO" = 1 ]; then
     BASE=${CHIMERA_DEMO_DIR:-$HOME/.cache/chimera-demo} DEMO_DEPTH=${CHIMERA_DEMO_DEPTH:-2}
     START=base START_DIR=$BASE/base_checkpoints TAG=d$DEMO_DEPTH
-    printf '\n%s\n%s\n%s\n' "OFFLINE DEMO: no nanochat checkpoint and no OPENROUTER_API_KEY, so the whole pipeline runs" \
+    printf '\n%s\n%s\n%s\n' \
+        "OFFLINE DEMO: no nanochat checkpoint and no OPENROUTER_API_KEY, so the whole pipeline runs" \
         "on a tiny fresh model (byte-level tokenizer, random init) and the hand-written persona data in" \
         "data/, in its own base dir $BASE. Your checkpoints are not touched; a real run: README.md."
     export HF_HUB_OFFLINE=1  # the demo never fetches datasets: the chat benchmarks are skipped
@@ -131,7 +133,7 @@ if [ "$DEMO" = 1 ]; then
     EVAL_ARGS+=(--max_new_tokens=64 --dpo_val_fraction=0.2)
     # a new demo model starts a new report (the demo's base dir is Chimera's own)
     stage "demo base model" -- "$START_DIR/$TAG" -- "$PY" -c \
-        "import checkpoint, report; report.reset(); checkpoint.fresh_base('$BASE', depth=$DEMO_DEPTH, sequence_len=2048)"
+    "import checkpoint, report; report.reset(); checkpoint.fresh_base('$BASE', depth=$DEMO_DEPTH, sequence_len=2048)"
     for k in sft dpo; do cp "data/demo_$k.jsonl" "$BASE/datasets/trader_${k}_data.jsonl"; done
 else
     SFT_ARGS+=(--sft_dataset=trader_mix --sft_mix_trader=1 --sft_mix_smoltalk=1)
@@ -148,7 +150,8 @@ fi
 
 # shellcheck disable=SC2206  # the extra flags are meant to split on spaces
 SFT_ARGS+=(${SFT_EXTRA_ARGS:-}); DPO_ARGS+=(${DPO_EXTRA_ARGS:-}); EVAL_ARGS+=(${EVAL_EXTRA_ARGS:-})
-stage "SFT (sft.py)" "$SFT_DATA" "$(latest "$START_DIR/$TAG")" -- "$SFT_DIR" "$REPORT_DIR" -- launch sft.py "${SFT_ARGS[@]}"
+stage "SFT (sft.py)" "$SFT_DATA" "$(latest "$START_DIR/$TAG")" -- "$SFT_DIR" "$REPORT_DIR" -- \
+    launch sft.py "${SFT_ARGS[@]}"
 stage "evaluate SFT (eval.py -i sft)" "$SFT_DATA" "$DPO_DATA" "$(latest "$SFT_DIR")" -- "$REPORT_DIR" -- \
     evaluate sft --model_tag="$SFT_TAG" "${EVAL_ARGS[@]}"
 stage "DPO (dpo.py)" "$DPO_DATA" "$(latest "$SFT_DIR")" -- "$DPO_DIR" "$REPORT_DIR" -- \

@@ -8,11 +8,15 @@ trader data mixed with SmolTalk, or nanochat's general SFT mixture.
 Reads $NANOCHAT_BASE_DIR/{mid,base}_checkpoints, writes
 $NANOCHAT_BASE_DIR/chatsft_checkpoints/chimera_d{depth}/model_{step:06d}.pt + meta + metrics.jsonl
 (nanochat's own SFT keeps chatsft_checkpoints/d{depth}) and the report section report/chimera-chat-sft.md.
+Settings left at -1 and `mixture` follow the SFT of the checkpoint's nanochat generation (885a4f2, 92d63d4).
 """
 
+import contextlib
+import json
 import math
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import torch
@@ -27,32 +31,32 @@ from optim import GradSync, optimizer_step, setup_optimizers, warm_start
 from report import write_report_section
 import tasks
 
-
 @dataclass
 class Config:
     source: str = ""  # checkpoint to start from: base|mid|sft|...; "" = mid if present, else base
     model_tag: Optional[str] = None  # d<N> directory; None = the largest
     step: Optional[int] = None  # checkpoint step; None = the latest
     device_type: str = ""  # cuda|mps|cpu; "" = autodetect
-    sft_dataset: str = "mixture"  # mixture (nanochat's) | trader | trader_mix
+    recipe: int = 0  # whose nanochat SFT the -1 settings and `mixture` follow: 2025 | 2026; 0 = the checkpoint's
+    sft_dataset: str = "mixture"  # mixture (nanochat's, of the recipe) | trader | trader_mix
     trader_data_path: Optional[str] = None  # SFT JSONL; None = $NANOCHAT_BASE_DIR/datasets/trader_sft_data.jsonl
     trader_val_fraction: float = 0.1  # share of trader conversations held out (by content hash)
     system_prompt_frac: float = 0.2  # share of trader conversations that keep their system message (by content hash)
     sft_mix_trader: int = 1  # trader_mix: copies of each trader conversation
     sft_mix_smoltalk: int = 1  # trader_mix: copies of each SmolTalk conversation
-    smoltalk_rows: int = 10_000  # SmolTalk conversations used by trader_mix and mixture
+    smoltalk_rows: int = 10_000  # SmolTalk conversations used by trader_mix and 2025's mixture (2026's takes all)
     val_rows: int = 500  # held-out SmolTalk conversations for the val loss (trader_mix, mixture)
-    max_seq_len: int = 0  # truncate conversations to this many tokens; 0 = the model's sequence_len
-    device_batch_size: int = 4  # conversations per forward pass per process
+    max_seq_len: int = 0  # truncate conversations to this many tokens; 0 = the model's sequence_len (as both recipes)
+    device_batch_size: int = -1  # conversations per forward pass per process; -1 = 4 (2025) / the base's (2026)
     num_epochs: int = 1  # passes over the training rows (when num_iterations is -1)
     num_iterations: int = -1  # optimizer steps; -1 = from num_epochs
-    target_examples_per_step: int = 32  # conversations per optimizer step, all processes together
-    unembedding_lr: float = 0.004  # AdamW lr of the lm_head
-    embedding_lr: float = 0.2  # AdamW lr of the token embedding
-    matrix_lr: float = 0.02  # Muon lr of the transformer matrices
+    target_examples_per_step: int = -1  # conversations a step, all processes; -1 = 32 / the base's tokens a step
+    unembedding_lr: float = -1.0  # AdamW lr of the lm_head; -1 = 0.004 (2025) / the base's (2026)
+    embedding_lr: float = -1.0  # AdamW lr of the token embedding; -1 = 0.2 (2025) / the base's (2026)
+    matrix_lr: float = -1.0  # Muon lr of the transformer matrices; -1 = 0.02 (2025) / the base's (2026)
     weight_decay: float = 0.0  # weight decay (Muon in 2026 models, AdamW in Nov 2025 ones)
-    init_lr_frac: float = -1.0  # every lr is this fraction of the above; -1 = the generation's SFT: 0.02 / 0.8 (2026)
-    warmdown_ratio: float = -1.0  # the last share of steps where lr falls to 0; -1 = 1 (Nov 2025: all) / 0.5 (2026)
+    init_lr_frac: float = -1.0  # every lr is this fraction of the above; -1 = 0.02 (2025) / 0.8 (2026)
+    warmdown_ratio: float = -1.0  # the last share of steps where lr falls to 0; -1 = 1 (2025: all) / 0.5 (2026)
     eval_every: int = 100  # steps between val-loss evaluations (and at the end); -1 = only at the end
     eval_batches: int = 25  # val batches per evaluation, per process
     save_every: int = -1  # steps between checkpoints; -1 = only at the end
@@ -61,47 +65,69 @@ class Config:
     compile: Optional[bool] = None  # torch.compile the model (lengths symbolic: no recompiles); None = on for CUDA
     out_tag: Optional[str] = None  # output directory name; None = chimera_d{depth}
 
+NOV_2025 = dict(unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, device_batch_size=4,  # 885a4f2's SFT
+                target_examples_per_step=32, init_lr_frac=0.02, warmdown_ratio=1.0)
 
-def check_config(config):  # before anything heavy is loaded
-    if config.sft_dataset not in ("mixture", "trader", "trader_mix"):
-        raise UserError(f"--sft_dataset={config.sft_dataset!r}: expected one of mixture, trader, trader_mix")
+def check_config(config):  # before anything heavy is loaded; a -1 (the recipe's) passes as valid
+    given = replace(config, **{k: 1 for k in NOV_2025 if getattr(config, k) == -1})
+    check_settings(given, at_least_1=("sft_mix_trader", "sft_mix_smoltalk", "device_batch_size",
+                                      "target_examples_per_step", "num_epochs", "eval_batches", "smoltalk_rows"),
+                   steps=("num_iterations",), tags=("model_tag", "out_tag"), positive=("init_lr_frac",),
+                   not_negative=("max_seq_len", "unembedding_lr", "embedding_lr", "matrix_lr", "weight_decay",
+                                 "warmdown_ratio"), at_most={"warmdown_ratio": 1},
+                   one_of={"sft_dataset": ("mixture", "trader", "trader_mix"), "recipe": (0, 2025, 2026),
+                           "source": ("", *SOURCE_DIRS)})
     if not (0.0 <= config.trader_val_fraction < 1.0 and 0.0 <= config.system_prompt_frac <= 1.0):
         raise UserError(f"--trader_val_fraction={config.trader_val_fraction} must be in [0, 1) and "
                         f"--system_prompt_frac={config.system_prompt_frac} in [0, 1]")
-    check_settings(config, at_least_1=("sft_mix_trader", "sft_mix_smoltalk", "device_batch_size",
-                                       "target_examples_per_step", "num_epochs", "eval_batches", "smoltalk_rows"),
-                   steps=("num_iterations",), tags=("model_tag", "out_tag"),
-                   not_negative=("max_seq_len", "unembedding_lr", "embedding_lr", "matrix_lr", "weight_decay"))
-    if config.init_lr_frac != -1 and not config.init_lr_frac > 0:
-        raise UserError(f"--init_lr_frac={config.init_lr_frac}: must be > 0, or -1 for the checkpoint generation's")
-    if config.warmdown_ratio != -1 and not 0 <= config.warmdown_ratio <= 1:
-        raise UserError(f"--warmdown_ratio={config.warmdown_ratio}: must be in [0, 1], or -1 for the generation's")
-    if config.source and config.source not in SOURCE_DIRS:
-        raise UserError(f"--source={config.source!r}: expected one of {', '.join(SOURCE_DIRS)}")
 
+# The recipe: the SFT of the checkpoint's nanochat generation, unless --recipe names the other
+def checkpoint_generation(checkpoint_dir, step):
+    """2026 if the checkpoint's meta has a window_pattern (as model.py decides), else 2025: read before the weights
+    load, so that data problems show first (an unreadable meta counts as 2025 here; load_model then says why)."""
+    with contextlib.suppress(OSError, ValueError, LookupError, TypeError, RecursionError):
+        with open(os.path.join(checkpoint_dir, f"meta_{step:06d}.json"), encoding="utf-8") as f:
+            return 2026 if "window_pattern" in json.load(f)["model_config"] else 2025
+    return 2025
+
+def follow_recipe(config, recipe, meta, lengths, world_size):
+    """config with each -1 setting the recipe's: 885a4f2's, or 92d63d4's, which inherits the rates and batch of the
+    start's meta (the pretraining's; its fallbacks where that has none). Its batch is total_batch_size tokens:
+    here as many conversations of the rows' mean length, in whole micro-batches."""
+    pretrain = meta.get("user_config") or {}
+    inherit = lambda where, key, fallback: fallback if where.get(key) is None else where[key]
+    settings = NOV_2025 if recipe == 2025 else dict(
+        init_lr_frac=0.8, warmdown_ratio=0.5, device_batch_size=inherit(meta, "device_batch_size", 32),
+        unembedding_lr=inherit(pretrain, "unembedding_lr", 0.004), embedding_lr=inherit(pretrain, "embedding_lr", 0.3),
+        matrix_lr=inherit(pretrain, "matrix_lr", 0.02))
+    config = replace(config, recipe=recipe, **{k: v for k, v in settings.items() if getattr(config, k) == -1})
+    if config.target_examples_per_step == -1:
+        per_pass = config.device_batch_size * world_size
+        per_step = inherit(meta, "total_batch_size", 524288) * len(lengths) / sum(lengths) / per_pass
+        config = replace(config, target_examples_per_step=per_pass * max(1, round(per_step)))
+    return config
 
 # Data
-def build_datasets(config):
-    """(train mixture, {name: val task}) for the chosen dataset mode."""
-    if config.sft_dataset == "mixture":  # nanochat's general SFT mixture
-        train = tasks.TaskMixture([
-            tasks.ARC(subset="ARC-Easy", split="train"),
-            tasks.ARC(subset="ARC-Challenge", split="train"),
-            tasks.GSM8K(subset="main", split="train"),
-            tasks.SmolTalk(split="train", stop=config.smoltalk_rows),
-            tasks.IdentityConversations(),
-            tasks.SimpleSpelling(size=300, split="train"),
-            tasks.SpellingBee(size=300, split="train"),
-        ], seed=config.seed)
-        return train, {"smoltalk": tasks.SmolTalk(split="test", stop=config.val_rows)}
+def build_datasets(config, recipe):
+    """(train mixture, {name: val task}) for the chosen dataset mode; `mixture` is the recipe's nanochat SFT's."""
+    if config.sft_dataset == "mixture":
+        if recipe == 2026:  # 92d63d4's: all of SmolTalk (in nanochat's order), MMLU's auxiliary_train x3, GSM8K x4
+            parts, weights = [tasks.SmolTalkShuffled("train"), tasks.MMLU("all", "auxiliary_train"),
+                              tasks.GSM8K("main", "train")], [1, 3, 4]
+        else:  # 885a4f2's
+            parts, weights = [tasks.ARC("ARC-Easy", "train"), tasks.ARC("ARC-Challenge", "train"),
+                              tasks.GSM8K("main", "train"), tasks.SmolTalk("train", stop=config.smoltalk_rows),
+                              tasks.IdentityConversations(), tasks.SimpleSpelling(300, "train"),
+                              tasks.SpellingBee(300, "train")], None
+        return (tasks.TaskMixture(parts, weights, seed=config.seed),
+                {"smoltalk": tasks.SmolTalk("test", stop=config.val_rows)})
     trader_train, trader_val = (tasks.TraderSFT(config.trader_data_path, split, config.trader_val_fraction)
                                 for split in ("train", "val"))
     if config.sft_dataset == "trader":
         return tasks.TaskMixture([trader_train], seed=config.seed), {"trader": trader_val}
-    train = tasks.TaskMixture([trader_train, tasks.SmolTalk(split="train", stop=config.smoltalk_rows)],
+    train = tasks.TaskMixture([trader_train, tasks.SmolTalk("train", stop=config.smoltalk_rows)],
                               weights=[config.sft_mix_trader, config.sft_mix_smoltalk], seed=config.seed)
-    return train, {"trader": trader_val, "smoltalk": tasks.SmolTalk(split="test", stop=config.val_rows)}
-
+    return train, {"trader": trader_val, "smoltalk": tasks.SmolTalk("test", stop=config.val_rows)}
 
 def render(task, tokenizer, max_len, system_prompt_frac=1.0, num_rows=None):
     """(ids, mask) per conversation, truncated to max_len + 1 tokens, or None where no assistant token
@@ -114,7 +140,6 @@ def render(task, tokenizer, max_len, system_prompt_frac=1.0, num_rows=None):
         ids, mask = tokenizer.render_conversation(conversation, max_tokens=max_len + 1)
         out.append((torch.tensor(ids, dtype=torch.int32), torch.tensor(mask)) if any(mask[1:]) else None)
     return out
-
 
 @torch.no_grad()
 def conversation_loss(model, task, tokenizer, num_rows, batch_size, proc, max_len, system_prompt_frac=1.0):
@@ -134,15 +159,16 @@ def conversation_loss(model, task, tokenizer, num_rows, batch_size, proc, max_le
         raise tasks.DataUnavailable(f"no assistant token within {max_len} tokens")
     return total / count
 
-
 # Training
 def main():
     config = parse_config(Config)
     check_config(config)
     source = config.source or default_start(get_base_dir())  # as nanochat's SFT: mid if there is one, else base
     proc = init_dist(config.device_type)
-    find_last_step(checkpoint_dir_for(source, config.model_tag))  # a missing checkpoint is found before any download
-    train, vals = tasks.download_lock(lambda: build_datasets(config))  # data errors surface before the model loads
+    start_dir = checkpoint_dir_for(source, config.model_tag)
+    latest = find_last_step(start_dir)  # a missing checkpoint is found before any download
+    recipe = config.recipe or checkpoint_generation(start_dir, latest if config.step is None else config.step)
+    train, vals = tasks.download_lock(lambda: build_datasets(config, recipe))  # data errors surface before the model
     model, tokenizer, meta = load_model(source, proc.device, "train", config.model_tag, config.step)
     max_len = min(config.max_seq_len or model.config.sequence_len, model.config.sequence_len)
     rendered = [render(task, tokenizer, max_len, config.system_prompt_frac) for task in train.tasks]
@@ -151,25 +177,22 @@ def main():
     if not rows:
         raise UserError(f"no training conversation has an assistant token within {max_len} tokens (--max_seq_len)"
                         + f"; all {dropped} have nothing to learn" * bool(dropped))
-    pad_id = tokenizer.encode_special("<|assistant_end|>")
-    gen2026 = model.config.generation == 2026  # the recipe of the checkpoint's nanochat: 92d63d4's, else 885a4f2's
-    init_lr_frac = config.init_lr_frac if config.init_lr_frac != -1 else 0.8 if gen2026 else 0.02
-    warmdown = config.warmdown_ratio if config.warmdown_ratio != -1 else 0.5 if gen2026 else 1.0
-    schedule = Schedule([len(ids) for ids, _ in rows], config.target_examples_per_step, config.device_batch_size,
-                        proc.world_size, config.num_epochs, config.num_iterations)
-    steps = schedule.num_iterations
-    composition = train.composition()
-    print0(f"SFT from {source} ({meta.get('model_config')}), dataset {config.sft_dataset}, "
+    lengths, pad_id = [len(ids) for ids, _ in rows], tokenizer.encode_special("<|assistant_end|>")
+    config = follow_recipe(config, recipe, meta, lengths, proc.world_size)
+    schedule = Schedule(lengths, config.target_examples_per_step, config.device_batch_size, proc.world_size,
+                        config.num_epochs, config.num_iterations)
+    steps, composition = schedule.num_iterations, train.composition()
+    print0(f"SFT from {source} ({meta.get('model_config')}), dataset {config.sft_dataset}, nanochat {recipe}'s recipe, "
            f"{proc.world_size} process(es)\n"
            + "".join(f"  {name:<24} {n:>7} rows x{w} = {nw:>7}\n" for name, n, w, nw in composition)
            + f"  {len(rows)} rows ({dropped} dropped: nothing to learn within {max_len} tokens); {steps} steps of "
-           f"{config.target_examples_per_step} in micro-batches of {config.device_batch_size} per process")
+           f"{config.target_examples_per_step} in micro-batches of {config.device_batch_size} per process; lrs "
+           f"{config.unembedding_lr}, {config.embedding_lr}, {config.matrix_lr} x {config.init_lr_frac}")
     compile_model(model, config.compile)
     optimizers = setup_optimizers(model, config.unembedding_lr, config.embedding_lr, config.matrix_lr,
                                   config.weight_decay)
-    start_dir = checkpoint_dir_for(source, config.model_tag)  # nanochat 2026's chat_sft continues base's optimizer
     if config.load_optimizer and (shards := load_optimizer_shards(start_dir, meta.get("step", -1))):
-        warm_start(optimizers, shards, start_dir)
+        warm_start(optimizers, shards, start_dir)  # as nanochat 2026's chat_sft
         print0(f"optimizer: continuing from {start_dir}'s {len(shards)} shard(s) of step {meta['step']}")
     grad_sync = GradSync(model, owners=optimizers[1].owners())
     run_dir = RunDir("sft", config.out_tag or f"chimera_d{model.config.n_layer}", proc.master,
@@ -193,8 +216,8 @@ def main():
             "step": step, "val_loss": next(iter(val_losses.values()), None), "val_losses": val_losses,
             "train_loss": train_loss, "model_config": meta["model_config"], "user_config": asdict(config),
             "source": source, "source_step": meta.get("step"), "mixture": [list(row) for row in composition],
-            "dropped_rows": dropped, "system_prompt_frac": config.system_prompt_frac, "init_lr_frac": init_lr_frac,
-            "warmdown_ratio": warmdown,
+            "dropped_rows": dropped, "system_prompt_frac": config.system_prompt_frac,
+            "init_lr_frac": config.init_lr_frac, "warmdown_ratio": config.warmdown_ratio,
             "real_token_frac": step_log.real_token_frac()})
 
     val_losses, train_loss = {}, float("nan")
@@ -224,10 +247,10 @@ def main():
         (train_loss,) = all_reduce_sum([step_loss], proc.device)
         if not math.isfinite(train_loss):
             raise UserError(f"step {step + 1}: the training loss is {train_loss}; stopped, nothing saved")
-        lrm = schedule.lr_multiplier(step, warmdown)
-        for group in optimizers[1].param_groups if gen2026 else ():  # 92d63d4 warms Muon's momentum up over 300
+        lrm = schedule.lr_multiplier(step, config.warmdown_ratio)
+        for group in optimizers[1].param_groups if recipe == 2026 else ():  # 92d63d4 warms Muon's momentum up
             group["momentum"] = (1 - min(step / 300, 1)) * 0.85 + min(step / 300, 1) * 0.95
-        optimizer_step(model, optimizers, init_lr_frac * lrm, grad_sync)
+        optimizer_step(model, optimizers, config.init_lr_frac * lrm, grad_sync)
         step_log.log(step + 1, time.time() - t0, f"loss {train_loss:.4f} | lrm {lrm:.3f} | tokens {int(num_tokens)}",
                      {"loss": train_loss, "lr_multiplier": lrm, "lr": optimizers[1].param_groups[0]["lr"]},
                      num_tokens, real, positions)
@@ -242,10 +265,10 @@ def main():
         "Real-token fraction": step_log.real_token_frac(), "Training loss": train_loss,
         **{f"Validation loss ({k})": v for k, v in val_losses.items()},
         **({"Validation loss": next(iter(val_losses.values()))} if val_losses else {}),
-        "LR schedule": f"{init_lr_frac} x the lrs, down to 0 over the last {warmdown:.0%} of the steps",
+        "LR schedule": f"{config.init_lr_frac} x the lrs, down to 0 over the last {config.warmdown_ratio:.0%} "
+                       "of the steps",
         "Training time (s)": round(time.time() - step_log.start, 1)}])
     cleanup_dist()
-
 
 if __name__ == "__main__":
     run_main(main)

@@ -626,6 +626,10 @@ PREFETCH = {
     "Identity": IdentityConversations,
 }
 
+class SmolTalkShuffled(SmolTalk):
+    """A whole SmolTalk split in nanochat's order (its seed-42 shuffle), as 92d63d4's SFT mixture takes it."""
+    shuffle = True
+
 def main():
     names = sys.argv[1:] or list(PREFETCH)
     if names[0] in ("-h", "--help"):

@@ -177,6 +177,9 @@ def test_check_settings_one_line_per_bad_value():
     with pytest.raises(UserError, match=r"--beta=3.0: must be at most --num_iterations=2"):
         common.check_settings(C(beta=3.0, num_iterations=2), at_most={"beta": "num_iterations"})
     common.check_settings(C(beta=0.2, num_iterations=2), at_most={"beta": 0.2, "num_iterations": 2})
+    with pytest.raises(UserError, match=r"--out_tag='x': expected one of a, b$"):
+        common.check_settings(C(out_tag="x"), one_of={"out_tag": ("", "a", "b")})  # "" (a default) is not listed
+    common.check_settings(C(out_tag=""), one_of={"out_tag": ("", "a", "b")})
 
 
 def test_dist_timeout_from_the_environment(monkeypatch):

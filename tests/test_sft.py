@@ -117,7 +117,8 @@ def test_trader_mix_duplicates_rows_by_weight(trader_base, monkeypatch):
     assert (t_rows, t_w, t_total) == (trader_rows, 3, 3 * trader_rows)
     assert (s_rows, s_w, s_total) == (30, 1, 30)
     assert set(meta["val_losses"]) == {"trader", "smoltalk"}
-    train, _ = sft.build_datasets(sft.parse_config(sft.Config, ["--sft_dataset=trader_mix", "--sft_mix_trader=3"]))
+    config = sft.parse_config(sft.Config, ["--sft_dataset=trader_mix", "--sft_mix_trader=3"])
+    train, _ = sft.build_datasets(config, 2025)
     firsts = [train[i]["messages"][-1]["content"] for i in range(len(train))]
     assert len(train) == 3 * trader_rows + 30
     assert sum(f.startswith("train hi") for f in firsts) == 30
@@ -286,3 +287,111 @@ def test_sft_schedule_follows_the_generation_of_the_checkpoint(tmp_path, monkeyp
     assert [s["lr"] for s in steps] == pytest.approx([0.02 * frac * m for m in lrms])  # Muon's matrix lr
     meta = json.load(open(ckpt / "meta_000004.json"))
     assert (meta["init_lr_frac"], meta["warmdown_ratio"]) == (frac, 0.5 if generation == 2026 else 1.0)
+
+
+# -----------------------------------------------------------------------------
+# Each generation's nanochat SFT (issue 26): 885a4f2's settings and mixture, or 92d63d4's inherited ones
+
+def fill_caches(base):
+    """Hugging Face rows as tasks.py caches them (row i of each names itself: s<i>, m<i>, g<i>, e<i>, c<i>), and
+    nanochat's identity conversations and word list: enough for both generations' mixtures, offline."""
+    def put(dataset, subset, split, rows):
+        write_jsonl(os.path.join(base, "task_data", dataset.replace("/", "--"), subset, f"{split}.jsonl"), rows)
+
+    put("HuggingFaceTB/smol-smoltalk", "default", "train", [{"messages": [{"role": "user", "content": f"s{i}"}, {
+        "role": "assistant", "content": f"hello {i}"}]} for i in range(20)])
+    put("HuggingFaceTB/smol-smoltalk", "default", "test", smoltalk_rows(5, "test"))
+    put("cais/mmlu", "all", "auxiliary_train", [{"train": {"question": f"m{i}", "choices": ["a", "b", "c", "d"],
+                                                          "answer": i % 4, "subject": ""}} for i in range(6)])
+    put("openai/gsm8k", "main", "train", [{"question": f"g{i}", "answer": f"2+{i}=<<2+{i}={2 + i}>>\n#### {2 + i}"}
+                                          for i in range(5)])
+    for subset, tag in (("ARC-Easy", "e"), ("ARC-Challenge", "c")):
+        put("allenai/ai2_arc", subset, "train", [{"question": f"{tag}{i}", "answerKey": "B", "choices": {
+            "text": ["x", "y"], "label": ["A", "B"]}} for i in range(4)])
+    write_jsonl(os.path.join(base, "identity_conversations.jsonl"), [smoltalk_rows(1, f"who {i}")[0]["messages"]
+                                                                      for i in range(3)])
+    with open(os.path.join(base, "words_alpha.txt"), "w") as f:
+        f.write("apple\nbanana\ncherry\n")
+
+
+def golden_base(tmp_path, monkeypatch, generation):
+    import shutil
+
+    from conftest import golden_dir
+
+    base = tmp_path / "base"
+    shutil.copytree(golden_dir(generation), base)
+    write_jsonl(str(base / "datasets" / "trader_sft_data.jsonl"), [trader_conversation(i) for i in range(40)])
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    return base
+
+
+NOV_2025 = {"unembedding_lr": 0.004, "embedding_lr": 0.2, "matrix_lr": 0.02, "device_batch_size": 4,
+            "target_examples_per_step": 32, "init_lr_frac": 0.02, "warmdown_ratio": 1.0}
+
+
+@pytest.mark.parametrize("generation, args, expected", [
+    (2025, [], NOV_2025),
+    # the 2026 fixture's base_train ran with --unembedding-lr=0.008 --device-batch-size=2 --total-batch-size=512
+    (2026, [], {"unembedding_lr": 0.008, "embedding_lr": 0.3, "matrix_lr": 0.02, "device_batch_size": 2,
+                "init_lr_frac": 0.8, "warmdown_ratio": 0.5}),
+    (2026, ["--unembedding_lr=0.001", "--device_batch_size=4", "--init_lr_frac=0.5"],
+     {"unembedding_lr": 0.001, "embedding_lr": 0.3, "device_batch_size": 4, "init_lr_frac": 0.5}),
+    (2026, ["--recipe=2025"], NOV_2025),
+])
+def test_sft_settings_follow_the_generation_of_the_checkpoint(tmp_path, monkeypatch, generation, args, expected):
+    """Settings left at -1 are nanochat 885a4f2's SFT's on Nov 2025 checkpoints; on 2026 ones 92d63d4's, which
+    inherits the learning rates and the batch from the base's meta (its step: total_batch_size tokens, here as
+    many conversations of the rows' mean length); a flag wins, and --recipe picks the other generation's."""
+    base = golden_base(tmp_path, monkeypatch, generation)
+    used = {}
+
+    def setup_optimizers(model, *lrs):
+        used["lrs"] = lrs[:3]
+        return real(model, *lrs)
+    real = sft.setup_optimizers
+    monkeypatch.setattr(sft, "setup_optimizers", setup_optimizers)
+    run_sft(monkeypatch, "--sft_dataset=trader", "--num_iterations=1", "--eval_every=-1", "--eval_batches=1", *args)
+    config = load_model("sft", "cpu", "eval")[2]["user_config"]
+    assert {k: config[k] for k in expected} == expected
+    assert used["lrs"] == (config["unembedding_lr"], config["embedding_lr"], config["matrix_lr"])
+    if "target_examples_per_step" not in expected:  # the base's 512 tokens a step, in whole micro-batches
+        tok = get_tokenizer()
+        rows = [r for r in sft.render(sft.tasks.TraderSFT(split="train"), tok, 256, 0.2) if r is not None]
+        mean, per_step, batch = sum(len(ids) for ids, _ in rows) / len(rows), config["target_examples_per_step"], \
+            config["device_batch_size"]
+        assert per_step % batch == 0 and abs(per_step * mean - 512) <= batch * mean / 2
+
+
+@pytest.mark.parametrize("generation, mixture", [
+    (2025, [["ARC-Easy/train", 4, 1, 4], ["ARC-Challenge/train", 4, 1, 4], ["GSM8K/main/train", 5, 1, 5],
+            ["SmolTalk/train[0:10000]", 20, 1, 20], ["Identity", 3, 1, 3], ["SimpleSpelling/train", 300, 1, 300],
+            ["SpellingBee/train", 300, 1, 300]]),  # 885a4f2's
+    (2026, [["SmolTalk/train", 20, 1, 20], ["MMLU/all/auxiliary_train", 6, 3, 18],
+            ["GSM8K/main/train", 5, 4, 20]]),  # 92d63d4's: all of SmolTalk, 3 epochs of MMLU, 4 of GSM8K
+])
+def test_the_default_mixture_is_that_of_the_checkpoints_generation(tmp_path, monkeypatch, generation, mixture):
+    base = golden_base(tmp_path, monkeypatch, generation)
+    fill_caches(str(base))
+    run_sft(monkeypatch, "--num_iterations=1", "--eval_every=-1", "--eval_batches=1")
+    meta = load_model("sft", "cpu", "eval")[2]
+    assert meta["mixture"] == mixture and meta["user_config"]["recipe"] == generation
+
+
+def test_the_2026_mixture_is_in_92d63d4s_order(tmp_path, monkeypatch):
+    """nanochat 92d63d4 mixes SmolTalk, MMLU x3 and GSM8K x4 as eight tasks, each in datasets' seed-42 order, their
+    (task, row) pairs shuffled by random.Random(42): the same rows in the same order here."""
+    import random
+    import re
+
+    import numpy as np
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    fill_caches(str(tmp_path))
+    train, vals = sft.build_datasets(sft.parse_config(sft.Config, []), 2026)
+    sources = [("s", 20)] + [("m", 6)] * 3 + [("g", 5)] * 4
+    index_map = [(t, i) for t, (_, n) in enumerate(sources) for i in range(n)]
+    random.Random(42).shuffle(index_map)
+    expected = [f"{sources[t][0]}{np.random.default_rng(42).permutation(sources[t][1])[i]}" for t, i in index_map]
+    got = [re.search(r"\b[smg]\d+\b", train[k]["messages"][0]["content"])[0] for k in range(len(train))]
+    assert got == expected and list(vals) == ["smoltalk"]
