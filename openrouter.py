@@ -8,9 +8,11 @@ asked in both orders. gen.py makes data with them; eval.py and chat.py use the p
 """
 
 import contextlib
+import fcntl
 import json
 import os
 import re
+import signal
 import threading
 import time
 from collections import Counter
@@ -252,10 +254,7 @@ JUDGE_SCHEMA = {"type": "object", "properties": {"winner": {"type": "string", "e
 def judge_both_orders(client, persona, message, a, b, model=None, attempts=3):
     """+1 if the judge prefers `a` in both orders, -1 if `b` in both, None otherwise (a tie,
     no verdict, or a verdict that flips with the order: position bias, not a preference)."""
-    name = persona["name"]
-    system = (f"You judge answers written as {name}, whose profile is:\n\n{persona['system']}\n\n"
-              f"The better answer is the one {name} would give: {persona['master']} "
-              "Judge faithfulness to the persona and helpfulness, not length or style.")
+    system = judge_system(persona)
 
     def verdict(first, second):
         user = (f"Message:\n{message}\n\nAnswer 1:\n{first}\n\nAnswer 2:\n{second}\n\n"
@@ -293,3 +292,42 @@ def repair_torn_line(path):
             f.truncate(keep)
             return True
 
+
+
+# Shared by the stages that call the judge or write data files (onpolicy.py; gen.py has its own copies yet)
+def judge_system(persona):
+    name = persona["name"]
+    return (f"You judge answers written as {name}, whose profile is:\n\n{persona['system']}\n\n"
+            f"The better answer is the one {name} would give: {persona['master']} "
+            "Judge faithfulness to the persona and helpfulness, not length or style.")
+
+
+def hold_lock(path, who):
+    """The lock file `path` (and its directory) made, locked until closed: one writer per output; else a UserError."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        lock = open(path, "a")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UserError(f"another {who} is writing there (it holds {path}); wait for it to finish") from None
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+    return lock
+
+
+STOP = threading.Event()  # set by Ctrl-C under stop_on_sigint: no new request starts, the ones in flight finish
+
+
+@contextlib.contextmanager
+def stop_on_sigint(what):
+    """Within: the first Ctrl-C sets STOP (saying `what` happens now), a second one raises KeyboardInterrupt."""
+    def on_sigint(*_):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        STOP.set()  # os.write: print() here could re-enter a write the handler interrupted
+        os.write(2, f"\ninterrupted: {what} (Ctrl-C again to abort)\n".encode())
+    STOP.clear()
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield STOP
+    finally:
+        signal.signal(signal.SIGINT, previous)
