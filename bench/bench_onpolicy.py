@@ -8,6 +8,8 @@ together, prompts in turn) and one answer at a time.
 
 A random model (its special tokens pushed down, so no answer ends early: every way makes the same tokens) over the
 demo data's prompts, rendered as onpolicy.py renders them; the best of --repeat runs per way, the ways interleaved.
+On the shared 2-core CPU of its writing (defaults, --repeat 3, about 9 minutes): 1,523 answer tokens/s batched, 665 a
+prompt at a time (0.44x), 265 an answer at a time (0.17x).
 """
 
 import argparse
