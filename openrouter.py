@@ -247,13 +247,16 @@ def cut_off(response):  # from another thread: the read in progress ends; a resp
 JUDGE_SCHEMA = {"type": "object", "properties": {"winner": {"type": "string", "enum": ["1", "2", "tie"]}},
                 "required": ["winner"], "additionalProperties": False}
 
+def judge_system(persona):
+    name = persona["name"]
+    return (f"You judge answers written as {name}, whose profile is:\n\n{persona['system']}\n\n"
+            f"The better answer is the one {name} would give: {persona['master']} "
+            "Judge faithfulness to the persona and helpfulness, not length or style.")
+
 def judge_both_orders(client, persona, message, a, b, model=None, attempts=3):
     """+1 if the judge prefers `a` in both orders, -1 if `b` in both, None otherwise (a tie,
     no verdict, or a verdict that flips with the order: position bias, not a preference)."""
-    name = persona["name"]
-    system = (f"You judge answers written as {name}, whose profile is:\n\n{persona['system']}\n\n"
-              f"The better answer is the one {name} would give: {persona['master']} "
-              "Judge faithfulness to the persona and helpfulness, not length or style.")
+    system = judge_system(persona)
 
     def verdict(first, second):
         user = (f"Message:\n{message}\n\nAnswer 1:\n{first}\n\nAnswer 2:\n{second}\n\n"

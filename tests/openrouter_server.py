@@ -1,7 +1,8 @@
 """
 A fake OpenRouter on 127.0.0.1 for the tests and bench/bench_gen.py: GET /models and
 POST /chat/completions in OpenRouter's shape (usage.cost included), answering the JSON
-schema gen.py asks for with varied made-up text, and injecting faults on demand.
+schema gen.py asks for with varied made-up text, judging (two answers, or scores for several: onpolicy.py) by
+a rule a test sets, and injecting faults on demand.
 
     server = FakeOpenRouter(latency=0.2).start()   # server.url -> http://127.0.0.1:PORT/api/v1
     server.faults.extend(["429", "bad_json"])      # the next two chat requests fail that way
@@ -55,6 +56,23 @@ def longer_wins(message, first, second):
     return "1" if len(first) > len(second) else "2" if len(second) > len(first) else "tie"
 
 
+def by_text(message, answers):
+    """A consistent judge: each answer's score (1-10) follows from its text alone, whatever the order shown."""
+    return [1 + zlib.crc32(a.encode()) % 10 for a in answers]
+
+
+def by_position(message, answers):
+    """A judge with position bias: the first answer shown scores highest, whatever it says."""
+    return list(range(10, 10 - len(answers), -1))
+
+
+def scores_parts(body):
+    """(message, [answers]) of a scoring request, as onpolicy.score_answers lays it out."""
+    text = body["messages"][-1]["content"]
+    message, *answers = re.split(r"\n\nAnswer \d+:\n", text[len("Message:\n"):text.rindex("\n\nScore each answer")])
+    return message, answers
+
+
 JUDGE_RE = re.compile(r"Message:\n(.*)\n\nAnswer 1:\n(.*)\n\nAnswer 2:\n(.*)\n\nWhich answer is better", re.S)
 
 
@@ -73,6 +91,7 @@ class FakeOpenRouter:
         self.retry_after, self.trickle_interval = "0", 0.2
         self.pricing = {"prompt": "0.000001", "completion": "0.000002"}  # USD per token, as OpenRouter lists them
         self.judge = longer_wins  # (message, first, second) -> "1" | "2" | "tie" for judge requests
+        self.scorer = by_text  # (message, [answers]) -> [score per answer] for scoring requests
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self.httpd.daemon_threads = True
 
@@ -213,6 +232,8 @@ class FakeOpenRouter:
                 schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("name", "")
                 if schema == "judge_verdict":
                     content = json.dumps({"winner": server.judge(*judge_parts(body))})
+                elif schema == "judge_scores":
+                    content = json.dumps({"scores": server.scorer(*scores_parts(body))})
                 else:
                     content = None if fault == "null_content" else server._answer(schema, fault)
                 if fault == "bad_json":

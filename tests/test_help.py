@@ -8,7 +8,7 @@ import pytest
 
 from conftest import REPO
 
-SCRIPTS = ["gen.py", "sft.py", "dpo.py", "eval.py", "report.py", "hub.py", "tasks.py", "chat.py", "run.sh"]
+SCRIPTS = ["gen.py", "sft.py", "dpo.py", "onpolicy.py", "eval.py", "report.py", "hub.py", "tasks.py", "chat.py", "run.sh"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
