@@ -434,11 +434,11 @@ def test_mixture_is_nanochat_885a4f2s_and_says_where_missing_files_go(base, monk
     seed_words(base)
     config = sft.parse_config(sft.Config, ["--sft_dataset=mixture"])
     with pytest.raises(tasks.DataUnavailable) as e:  # offline, no identity conversations anywhere
-        sft.build_datasets(config)
+        sft.build_datasets(config, 2025)
     assert str(base / "task_data" / "identity_conversations.jsonl") in str(e.value) and tasks.IDENTITY_URL in str(e.value)
     identity = [[{"role": "user", "content": "who are you?"}, {"role": "assistant", "content": "nanochat"}]] * 3
     (base / "identity_conversations.jsonl").write_text("".join(json.dumps(m) + "\n" for m in identity))  # nanochat's place
-    train, _ = sft.build_datasets(config)
+    train, _ = sft.build_datasets(config, 2025)
     assert [(name, rows) for name, rows, _, _ in train.composition()] == [
         ("ARC-Easy/train", 5), ("ARC-Challenge/train", 2), ("GSM8K/main/train", 1), ("SmolTalk/train[0:10000]", 2),
         ("Identity", 3), ("SimpleSpelling/train", 300), ("SpellingBee/train", 300)]
