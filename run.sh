@@ -136,7 +136,8 @@ if [ "$DEMO" = 1 ]; then
     "import checkpoint, report; report.reset(); checkpoint.fresh_base('$BASE', depth=$DEMO_DEPTH, sequence_len=2048)"
     for k in sft dpo; do cp "data/demo_$k.jsonl" "$BASE/datasets/trader_${k}_data.jsonl"; done
 else
-    SFT_ARGS+=(--sft_dataset=trader_mix --sft_mix_trader=1 --sft_mix_smoltalk=1)
+    # 32 conversations a step on both generations: a 2026 base's token batch would give the persona mix ~10 steps
+    SFT_ARGS+=(--sft_dataset=trader_mix --sft_mix_trader=1 --sft_mix_smoltalk=1 --target_examples_per_step=32)
     if [ -z "${OPENROUTER_API_KEY:-}" ] && ! { [ -s "$SFT_DATA" ] && [ -s "$DPO_DATA" ]; }; then
         die "found a $START checkpoint in $BASE but no OPENROUTER_API_KEY to generate the persona data, and
 $SFT_DATA / $DPO_DATA are not both there. Export OPENROUTER_API_KEY (https://openrouter.ai/keys) or supply
