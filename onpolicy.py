@@ -25,8 +25,8 @@ import torch.distributed as dist
 
 import tasks
 from checkpoint import checkpoint_dir_for, load_model
-from common import (ProgressBar, UserError, all_reduce_sum, check_settings, get_base_dir, init_dist, parse_config,
-                    print0, rank0_value, run_main)
+from common import (ProgressBar, UserError, all_reduce_sum, check_settings, cleanup_dist, get_base_dir, init_dist,
+                    parse_config, print0, rank0_value, run_main)
 from engine import Engine, Sampling
 from openrouter import (PERSONA_PATH, STOP, APIStop, BadAnswer, Spend, client_from_env, hold_lock, judge_system,
                         load_persona, repair_torn_line, stop_on_sigint)
@@ -226,6 +226,7 @@ def main():
     print0(f"round {config.round}: {sum(counts.values())} prompts judged, {counts['kept'] + counts['anchored']} pairs "
            f"kept ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}); judge {client.model}, "
            f"${client.spend.cost - spent:.4f} this run; {output}")
+    cleanup_dist()  # every rank is here: the group goes down whole, before any exit
     if api_stop:
         raise UserError(f"stopped: {api_stop} (the pairs judged so far are kept; re-run to continue)")
     if interrupted:  # run_main: "error: interrupted", exit 130
