@@ -49,6 +49,9 @@ class Config:
     beta: float = 0.1  # strength of the pull towards the reference (DPO's beta)
     loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo (on summed log-probs) | ipo_per_token (TRL's, on token means)
     label_smoothing: float = 0.0  # sigmoid only, conservative DPO: the assumed rate of flipped preference labels
+    # RPO (Pang et al. 2024): + alpha * the chosen answer's NLL per token, per pair as the paper (length-normalised);
+    # TRL's rpo_alpha takes one token mean over a micro-batch's chosen answers (equal when the lengths are)
+    rpo_alpha: float = 0.0
     max_length: int = 1024  # truncate each conversation to min(this, the model's sequence_len) tokens
     ref_cache: bool = False  # compute reference log-probs once, cache them beside the data, free the reference
     device_batch_size: int = 4  # pairs per forward pass per process (2x conversations)
@@ -68,7 +71,7 @@ class Config:
 def check_config(config):
     check_settings(config, at_least_1=("max_length", "device_batch_size", "target_examples_per_step", "num_epochs"),
                    positive=("beta", "init_lr_frac"), steps=("num_iterations",), tags=("model_tag", "out_tag"),
-                   not_negative=("unembedding_lr", "embedding_lr", "matrix_lr", "weight_decay"),
+                   not_negative=("unembedding_lr", "embedding_lr", "matrix_lr", "weight_decay", "rpo_alpha"),
                    one_of={"loss_type": ("sigmoid", "ipo", "ipo_per_token")})
     if not 0.0 <= config.label_smoothing < 0.5 or (config.label_smoothing and config.loss_type != "sigmoid"):
         raise UserError(f"--label_smoothing={config.label_smoothing}: expected a value in [0, 0.5), and only with "
@@ -83,6 +86,7 @@ class DPOLoss(NamedTuple):
     beta: float
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0  # the chosen answers' NLL term's weight: pair_losses trains on it (no function of the margin)
 
     def __call__(self, margin, ref_margin):
         logits, beta, smoothing = margin - ref_margin, self.beta, self.label_smoothing
@@ -111,16 +115,17 @@ def render_pairs(task, tokenizer, max_len):
 # and positions (padding included) computed, and the sum of pair_loss over the pairs (None without one)
 PairLogps = namedtuple("PairLogps", "chosen rejected real_tokens positions loss")
 
-def batch_logps(model, pairs, indices, pad_id, device, pair_loss=None, weights=None):
+def batch_logps(model, pairs, indices, pad_id, device, pair_loss=None, weights=None, chosen_coefs=None):
     """PairLogps of pairs[indices], in one forward pass over the chosen conversations, then the rejected ones.
-    With pair_loss(i, w_c chosen_i - w_r rejected_i), its sum's gradient is taken in the forward pass
-    (model.pair_loss; weights [(w_c, w_r)] per pair, default 1)."""
+    With pair_loss(i, w_c chosen_i - w_r rejected_i), its sum's gradient (+ chosen_coefs[i] chosen_i) is taken in the
+    forward pass (model.pair_loss; weights [(w_c, w_r)] per pair, default 1)."""
     rows = [pairs[i].chosen for i in indices] + [pairs[i].rejected for i in indices]
     inputs, targets = collate(rows, pad_id, device)
     real_tokens, positions = sum(len(ids) - 1 for ids, _ in rows), inputs.numel()
     with autocast(device):
         if pair_loss is not None:
-            loss, chosen, rejected = model.pair_loss(inputs, targets, pair_loss, weights=weights)
+            loss, chosen, rejected = model.pair_loss(inputs, targets, pair_loss, weights=weights,
+                                                     chosen_coefs=chosen_coefs)
             return PairLogps(chosen, rejected, real_tokens, positions, loss)
         logps = model.token_logprobs(inputs, targets).sum(dim=-1)
     return PairLogps(logps[:len(indices)], logps[len(indices):], real_tokens, positions, None)
@@ -194,6 +199,7 @@ class Stats(NamedTuple):
     correct: float = 0.0  # pairs whose margin is positive
     chosen_logp: float = 0.0
     rejected_logp: float = 0.0
+    nll: float = 0.0  # the chosen answer's NLL per token, with --rpo_alpha (trained on: loss + alpha * nll)
     pairs: int = 0
     real_tokens: int = 0
     positions: int = 0
@@ -205,22 +211,28 @@ class Stats(NamedTuple):
         n = max(self.pairs, 1)
         return {"loss": self.loss / n, "rewards/chosen": self.chosen_reward / n, "rewards/rejected":
                 self.rejected_reward / n, "rewards/margins": self.margin / n, "rewards/accuracies": self.correct / n,
-                "logps/chosen": self.chosen_logp / n, "logps/rejected": self.rejected_logp / n}
+                "logps/chosen": self.chosen_logp / n, "logps/rejected": self.rejected_logp / n,
+                **({"nll": self.nll / n} if self.nll else {})}
 
 def pair_losses(model, reference, pairs, indices, pad_id, dpo_loss, device):
     """A batch's summed loss (its gradient taken in the forward pass; None where grad is disabled) and its Stats."""
     ref_chosen, ref_rejected = reference_logps(reference, pairs, indices, pad_id, device)
     # the loss's margins: of sums, or of per-token means (1 / each answer's scored tokens)
-    weights = [(1 / int(pairs[i].chosen[1][1:].sum()), 1 / int(pairs[i].rejected[1][1:].sum())) if
-               dpo_loss.loss_type == "ipo_per_token" else (1, 1) for i in indices]
+    tokens = [(int(pairs[i].chosen[1][1:].sum()), int(pairs[i].rejected[1][1:].sum())) for i in indices]
+    weights = [(1 / c, 1 / r) if dpo_loss.loss_type == "ipo_per_token" else (1, 1) for c, r in tokens]
     w_c, w_r = (torch.tensor(w, device=ref_chosen.device) for w in zip(*weights))
     ref_margin = w_c * ref_chosen - w_r * ref_rejected
     pair_loss = lambda i, margin: dpo_loss(margin, ref_margin[i])
-    logps = batch_logps(model, pairs, indices, pad_id, device, pair_loss if torch.is_grad_enabled() else None, weights)
+    # RPO's alpha * NLL per token, -alpha * chosen / its tokens, is linear in chosen: model.pair_loss adds its gradient
+    alpha = dpo_loss.rpo_alpha
+    coefs = [-alpha / c for c, _ in tokens] if alpha else None
+    logps = batch_logps(model, pairs, indices, pad_id, device, pair_loss if torch.is_grad_enabled() else None, weights,
+                        coefs)
     losses = dpo_loss(w_c * logps.chosen - w_r * logps.rejected, ref_margin)
+    nll = -logps.chosen / torch.tensor([c for c, _ in tokens], device=device) if alpha else torch.zeros_like(losses)
     chosen, rejected = dpo_loss.beta * (logps.chosen - ref_chosen), dpo_loss.beta * (logps.rejected - ref_rejected)
     margins = chosen - rejected
-    sums = torch.stack([losses, chosen, rejected, margins, (margins > 0).float(), logps.chosen, logps.rejected])
+    sums = torch.stack([losses, chosen, rejected, margins, (margins > 0).float(), logps.chosen, logps.rejected, nll])
     sums = sums.detach().cpu().double().sum(dim=1).tolist()  # float64 on the CPU: MPS has none
     return logps.loss, Stats(*sums, pairs=len(indices), real_tokens=logps.real_tokens, positions=logps.positions)
 
@@ -267,7 +279,7 @@ def main():
     run_dir = RunDir("dpo", config.out_tag or f"d{model.config.n_layer}", proc.master,
                      (config.source, config.model_tag))
     step_log = StepLog(run_dir, steps)
-    dpo_loss = DPOLoss(config.beta, config.loss_type, config.label_smoothing)
+    dpo_loss = DPOLoss(config.beta, config.loss_type, config.label_smoothing, config.rpo_alpha)
 
     def evaluate(step):
         if not val:
@@ -313,8 +325,9 @@ def main():
             raise UserError(f"step {step + 1}: the DPO loss is {means['loss']}; stopped, nothing saved")
         lrm = schedule.lr_multiplier(step)
         optimizer_step(model, optimizers, config.init_lr_frac * lrm, grad_sync)
+        nll = f" | nll {means['nll']:.4f}" if "nll" in means else ""
         step_log.log(step + 1, time.time() - t0, f"loss {means['loss']:.4f} | acc {means['rewards/accuracies']:.2f} | "
-                     f"margin {means['rewards/margins']:.3f}", {**means, "lr": optimizers[1].param_groups[0]["lr"],
+                     f"margin {means['rewards/margins']:.3f}{nll}", {**means, "lr": optimizers[1].param_groups[0]["lr"],
                      "lr_multiplier": lrm}, stats.real_tokens, stats.real_tokens, stats.positions)
 
     write_report_section("Chat DPO", [asdict(config), {

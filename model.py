@@ -225,7 +225,7 @@ class GPT(nn.Module):
         gradient, "sum" takes it in the forward (fused CE, SFT); "none" keeps each chunk's logits for backward."""
         h, tgt, rows, chunk = self._scored(idx, targets, chunk_numel)
         if reduction == "sum" and h.requires_grad and rows.numel():
-            return _FusedHead.apply(self, chunk, [[(0, rows.numel(), 1)]], None, h, tgt, self.lm_head.weight)[0]
+            return _FusedHead.apply(self, chunk, [[(0, rows.numel(), 1, 0)]], None, h, tgt, self.lm_head.weight)[0]
         w = head_weight(self.lm_head.weight[:self.config.vocab_size], h.device.type)
         pieces = [self._chunk_logprobs(h[i:i + chunk], tgt[i:i + chunk], w) for i in range(0, rows.numel(), chunk)]
         # nothing to score: the empty sum keeps the graph so a backward() is still well-defined
@@ -234,15 +234,16 @@ class GPT(nn.Module):
             return logp.sum()
         return logp.new_zeros(targets.numel()).index_put((rows,), logp).view_as(targets)
 
-    def pair_loss(self, idx, targets, loss_fn, chunk_numel=None, weights=None):
+    def pair_loss(self, idx, targets, loss_fn, chunk_numel=None, weights=None, chosen_coefs=None):
         """DPO's training path: idx/targets hold P pairs as rows [chosen..., rejected...]; returns (the sum over pairs
-        of loss_fn(i, w_c chosen_i - w_r rejected_i), chosen [P], rejected [P]), a row's value being its summed log
-        p(target); weights [(w_c, w_r)] per pair, default 1. The gradient is taken in the forward, pair by pair."""
+        of loss_fn(i, w_c chosen_i - w_r rejected_i) + chosen_coefs[i] chosen_i, chosen [P], rejected [P]), a row's
+        value being its summed log p(target); weights [(w_c, w_r)] per pair, default 1; chosen_coefs default 0 (RPO's
+        NLL term: -alpha / the answer's tokens). The gradient is taken in the forward, pair by pair."""
         h, tgt, _, chunk = self._scored(idx, targets, chunk_numel)
         ends = (targets != -1).sum(1).cumsum(0).tolist()
         spans, P = list(zip([0] + ends[:-1], ends)), idx.size(0) // 2
-        pairs = [[(*chosen, w_c), (*rejected, -w_r)] for chosen, rejected, (w_c, w_r)
-                 in zip(spans[:P], spans[P:], weights or [(1, 1)] * P)]
+        pairs = [[(*chosen, w_c, coef), (*rejected, -w_r, 0)] for chosen, rejected, (w_c, w_r), coef
+                 in zip(spans[:P], spans[P:], weights or [(1, 1)] * P, chosen_coefs or [0] * P)]
         total, sums = _FusedHead.apply(self, chunk, pairs, loss_fn, h, tgt, self.lm_head.weight)
         return total, sums[0::2], sums[1::2]
 
@@ -284,9 +285,11 @@ def head_weight(w, device_type):
 
 class _FusedHead(torch.autograd.Function):
     """Summed log p(target) with the gradient taken in the forward, chunk by chunk while its logits exist. groups:
-    [[(start, end, sign), ...], ...] spans of h's rows; returns the sum over groups of loss_fn(group index, the signed
-    sum of its spans' sums), and the spans' sums. loss_fn None: the plain sum (gradient 1 for every token: chunks add
-    straight into the lm_head's gradient); else a group's go to a scratch buffer, scaled once its loss is known."""
+    [[(start, end, sign, linear), ...], ...] spans of h's rows; returns the sum over groups of loss_fn(group index, the
+    signed sum of its spans' sums) + linear * each span's sum, and the spans' sums. loss_fn None: the plain sum
+    (gradient 1 for every token: chunks add straight into the lm_head's gradient); else a group's go to a scratch
+    buffer, scaled once its loss is known. Only a group's first span may have a linear term (its lm_head gradient is
+    taken from the scratch while that holds the span alone)."""
 
     @staticmethod
     def forward(ctx, model, chunk, groups, loss_fn, h, targets, weight):
@@ -295,20 +298,23 @@ class _FusedHead(torch.autograd.Function):
         scratch = grad_w[:w.size(0)] if loss_fn is None else torch.empty_like(w, dtype=grad_w.dtype)
         total, sums = torch.zeros((), device=h.device), []
         for g, spans in enumerate(groups):
-            acc = scratch if loss_fn is None else scratch.zero_()
-            part = torch.stack([sum((model._head_grads(h[i:j], targets[i:j], w, grad_h[i:j], acc, sign)
-                                     for i in range(a, b, chunk) for j in [min(i + chunk, b)]), total.new_zeros(()))
-                                for a, b, sign in spans])
+            acc, part = scratch if loss_fn is None else scratch.zero_(), []
+            for a, b, sign, linear in spans:
+                part.append(sum((model._head_grads(h[i:j], targets[i:j], w, grad_h[i:j], acc, sign)
+                                 for i in range(a, b, chunk) for j in [min(i + chunk, b)]), total.new_zeros(())))
+                if linear:  # its lm_head gradient, linear times the span's: acc holds sign times it
+                    grad_w[:w.size(0)].add_(acc, alpha=linear / sign)
+            part = torch.stack(part)
             sums.append(part)
-            value = sum(sign * s for (_, _, sign), s in zip(spans, part))
+            value = sum(sign * s for (_, _, sign, _), s in zip(spans, part))
             if loss_fn is not None:
                 with torch.enable_grad():
                     value.requires_grad_()
                     loss = loss_fn(g, value)
                     (scale,) = torch.autograd.grad(loss, value)
-                value = loss.detach()
-                for a, b, sign in spans:
-                    grad_h[a:b].mul_(scale * sign)
+                value = sum((linear * s for (*_, linear), s in zip(spans, part) if linear), loss.detach())
+                for a, b, sign, linear in spans:
+                    grad_h[a:b].mul_(scale * sign + linear if linear else scale * sign)
                 grad_w[:w.size(0)].addcmul_(acc, scale)  # one pass, no sync for the scale
             total += value
         ctx.grads = [grad_h, grad_w]  # not saved tensors: backward scales them in place

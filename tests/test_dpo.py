@@ -1,5 +1,6 @@
 """dpo.py: the loss, sequence log-probs, training, the reference cache, 1 vs 2 processes."""
 
+import copy
 import json
 import math
 import os
@@ -173,6 +174,69 @@ def test_ipo_per_token_is_trls_form_on_token_means():
         assert torch.allclose(p.grad, grads[k], atol=1e-6, rtol=1e-4), k
 
 
+@pytest.mark.parametrize("loss_type, pattern", [("sigmoid", None), ("ipo_per_token", "SL")])
+def test_rpo_alpha_adds_the_chosen_answers_nll_per_token(loss_type, pattern):
+    """--rpo_alpha=A: each pair's loss gains A * the chosen answer's NLL per token (-A chosen / its tokens), its
+    gradient added in the fused forward (the chosen row only) equal to autograd's through full logits, for the
+    lm_head and the body; A = 0 is today's computation bit for bit."""
+    torch.manual_seed(0)
+    extra = {} if pattern is None else {"window_pattern": pattern}
+    m = GPT(GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, **extra))
+    m.init_weights(zero_out=False)
+    reference = copy.deepcopy(m).requires_grad_(False)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    row = lambda length: (torch.randint(1, 300, (length,), dtype=torch.int32), torch.arange(length) >= 5)
+    pairs = [dpo.Pair(row(20 + 3 * i), row(26 - 2 * i), f"pair {i}") for i in range(3)]
+    indices, alpha = [0, 1, 2], 0.7
+
+    def fused(rpo_alpha):
+        m.zero_grad(set_to_none=True)
+        loss, stats = dpo.pair_losses(m, reference, pairs, indices, 0, dpo.DPOLoss(0.3, loss_type, 0.0, rpo_alpha),
+                                      "cpu")
+        (loss / 8).backward()
+        return loss.detach(), stats, {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    # autograd through full logits: the DPO loss plus alpha * -chosen / its tokens
+    m.zero_grad(set_to_none=True)
+    x, y = dpo.collate([pairs[i].chosen for i in indices] + [pairs[i].rejected for i in indices], 0, "cpu")
+    logps = -per_token_loss(m, x, y).view(6, -1).sum(1)
+    n = (y != -1).sum(1).double()
+    with torch.no_grad():
+        ref = -per_token_loss(reference, x, y).view(6, -1).sum(1).double()
+    w = 1 / n if loss_type == "ipo_per_token" else torch.ones(6, dtype=torch.float64)
+    margin, ref_margin = w[:3] * logps[:3] - w[3:] * logps[3:], w[:3] * ref[:3] - w[3:] * ref[3:]
+    nll = -logps[:3] / n[:3]
+    expected = dpo.DPOLoss(0.3, loss_type)(margin, ref_margin).sum() + alpha * nll.sum()
+    (expected / 8).backward()
+    want = {k: p.grad.clone() for k, p in m.named_parameters()}
+
+    loss, stats, grads = fused(alpha)
+    assert torch.allclose(loss.double(), expected, rtol=1e-5)
+    assert stats.nll == pytest.approx(nll.sum().item(), rel=1e-5)
+    assert stats.loss == pytest.approx(expected.item() - alpha * nll.sum().item(), rel=1e-5)  # DPO's, comparable
+    assert stats.means()["nll"] == pytest.approx(nll.mean().item(), rel=1e-5)
+    for k, p in m.named_parameters():  # the lm_head (fused) and the body (through grad_h)
+        assert torch.allclose(grads[k], want[k], atol=1e-6, rtol=1e-4), k
+    # alpha = 0: bit for bit the plain DPO path (model.pair_loss without the term), and no nll metric
+    plain_loss, plain_stats, plain = fused(0.0)
+    assert "nll" not in plain_stats.means() and plain_stats.nll == 0
+    m.zero_grad(set_to_none=True)
+    weights = [(w[i].item(), w[3 + i].item()) for i in range(3)]
+    ref_chosen, ref_rejected = dpo.reference_logps(reference, pairs, indices, 0, "cpu")
+    w_c, w_r = (torch.tensor(v) for v in zip(*weights))
+    ref_margin = w_c * ref_chosen - w_r * ref_rejected
+    before = m.pair_loss(x, y, lambda i, margin: dpo.DPOLoss(0.3, loss_type)(margin, ref_margin[i]),
+                         weights=weights)[0]
+    (before / 8).backward()
+    assert torch.equal(before.detach(), plain_loss)
+    for k, p in m.named_parameters():
+        assert torch.equal(p.grad, plain[k]), k
+    # the term moves the chosen row's gradient by alpha / its tokens: the lm_head's changes, not only its scale
+    assert not torch.allclose(grads["lm_head.weight"], plain["lm_head.weight"], atol=1e-6)
+
+
 def test_answer_logps_equal_full_logits_and_hand_masking():
     """DPO's per-sequence log-probs (summed over the chunked lm_head) match the plain path."""
     torch.manual_seed(0)
@@ -227,6 +291,27 @@ def test_training_raises_held_out_reward_accuracy_and_margin(sft_base, monkeypat
     assert "- Held-out reward accuracy (start): undefined (the policy is its reference)\n" in report
 
 
+def test_rpo_alpha_is_logged_and_keeps_the_chosen_answers_likely(sft_base, monkeypatch, capsys):
+    """--rpo_alpha: the chosen answers' NLL per token is in the step log, metrics.jsonl and the held-out evaluation
+    beside DPO's loss (comparable between runs, as eval.py computes it); the chosen answers end more likely than
+    under plain DPO."""
+    args = ["--num_iterations=8", "--eval_every=-1", "--init_lr_frac=0.5", *FAST]
+    run_dpo(monkeypatch, *args, "--out_tag=dpo")
+    run_dpo(monkeypatch, *args, "--out_tag=rpo", "--rpo_alpha=2")
+    assert " | nll " in capsys.readouterr().out
+    metrics = {tag: [json.loads(l) for l in open(os.path.join(sft_base, "chatdpo_checkpoints", tag, "metrics.jsonl"))]
+               for tag in ("dpo", "rpo")}
+    assert not any("nll" in l or "eval/nll" in l for l in metrics["dpo"])
+    steps = [l for l in metrics["rpo"] if "loss" in l]
+    assert len(steps) == 8 and all(l["nll"] > 0 for l in steps)
+    start, end = (l for l in metrics["rpo"] if "eval/loss" in l)
+    assert start["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference
+    assert end["eval/nll"] < start["eval/nll"]
+    dpo_end = [l for l in metrics["dpo"] if "eval/loss" in l][-1]
+    assert end["eval/logps/chosen"] > dpo_end["eval/logps/chosen"]
+    assert load_model("dpo", "cpu", "eval", model_tag="rpo")[2]["user_config"]["rpo_alpha"] == 2
+
+
 def test_cached_reference_equals_live_and_is_reused(sft_base, monkeypatch):
     run_dpo(monkeypatch, "--num_iterations=3", "--eval_every=-1", "--out_tag=live", *FAST)
     run_dpo(monkeypatch, "--num_iterations=3", "--eval_every=-1", "--out_tag=cached", "--ref_cache=1", *FAST)
@@ -275,6 +360,7 @@ def test_two_processes_train_like_one(tmp_path):
     (["--beta=0"], "--beta=0.0: must be > 0"),
     (["--beta=-1"], "must be > 0"),
     (["--loss_type=kto"], "--loss_type='kto'"),
+    (["--rpo_alpha=-0.5"], "--rpo_alpha=-0.5: must be >= 0"),
     (["--dpo_data_path=/nonexistent/pairs.jsonl"], "/nonexistent/pairs.jsonl"),
 ])
 def test_bad_config_fails_before_training(sft_base, monkeypatch, args, message):
@@ -316,7 +402,7 @@ def test_cached_reference_follows_the_pairs_not_their_positions(sft_base, monkey
 
 
 @pytest.mark.parametrize("flag", ["--beta=inf", "--beta=nan", "--init_lr_frac=nan", "--num_iterations=0",
-                                  "--out_tag=../.."])
+                                  "--out_tag=../..", "--rpo_alpha=nan", "--rpo_alpha=inf"])
 def test_non_finite_or_nonsense_settings_are_refused(sft_base, monkeypatch, flag):
     monkeypatch.setattr(dpo, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(UserError, match=flag.split("=")[0]):
