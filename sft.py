@@ -116,7 +116,7 @@ def build_datasets(config, recipe):
                               tasks.GSM8K("main", "train")], [1, 3, 4]
         else:  # 885a4f2's
             parts, weights = [tasks.ARC("ARC-Easy", "train"), tasks.ARC("ARC-Challenge", "train"),
-                              tasks.GSM8K("main", "train"), tasks.SmolTalk("train", stop=config.smoltalk_rows),
+                              tasks.GSM8K("main", "train"), tasks.SmolTalkShuffled("train", stop=config.smoltalk_rows),
                               tasks.IdentityConversations(), tasks.SimpleSpelling(300, "train"),
                               tasks.SpellingBee(300, "train")], None
         return (tasks.TaskMixture(parts, weights, seed=config.seed),

@@ -627,7 +627,7 @@ PREFETCH = {
 }
 
 class SmolTalkShuffled(SmolTalk):
-    """A whole SmolTalk split in nanochat's order (its seed-42 shuffle), as 92d63d4's SFT mixture takes it."""
+    """SmolTalk in nanochat's order (the whole split, seed-42 shuffle), as its SFT mixtures take it (885a4f2: 10K)."""
     shuffle = True
 
 def main():

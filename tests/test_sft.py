@@ -395,3 +395,16 @@ def test_the_2026_mixture_is_in_92d63d4s_order(tmp_path, monkeypatch):
     expected = [f"{sources[t][0]}{np.random.default_rng(42).permutation(sources[t][1])[i]}" for t, i in index_map]
     got = [re.search(r"\b[smg]\d+\b", train[k]["messages"][0]["content"])[0] for k in range(len(train))]
     assert got == expected and list(vals) == ["smoltalk"]
+
+
+def test_the_2025_mixture_takes_smoltalks_rows_in_885a4f2s_order(tmp_path, monkeypatch):
+    """nanochat 885a4f2 takes its 10K SmolTalk rows from the whole split shuffled by datasets' seed 42, not the
+    stored prefix: the first --smoltalk_rows of numpy's default_rng(42) permutation."""
+    import numpy as np
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    fill_caches(str(tmp_path))
+    train, _ = sft.build_datasets(sft.parse_config(sft.Config, ["--smoltalk_rows=5"]), 2025)
+    smoltalk = next(task for task in train.tasks if task.label.startswith("SmolTalk"))
+    got = [smoltalk[i]["messages"][0]["content"] for i in range(len(smoltalk))]
+    assert got == [f"s{i}" for i in np.random.default_rng(42).permutation(20)[:5]]
