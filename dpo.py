@@ -285,8 +285,9 @@ def main():
         if not val:
             return {}
         held_out = evaluate_pairs(model, reference, val, pad_id, dpo_loss, config.device_batch_size, proc)
-        print0(f"step {step:05d} | held-out loss {held_out['loss']:.4f} | reward accuracy "
-               f"{held_out['rewards/accuracies']:.3f} | margin {held_out['rewards/margins']:.4f}")
+        accuracy = "undefined" if step == 0 else f"{held_out['rewards/accuracies']:.3f}"  # 0: every margin is ~0
+        print0(f"step {step:05d} | held-out loss {held_out['loss']:.4f} | reward accuracy {accuracy} | margin "
+               f"{held_out['rewards/margins']:.4f}")
         run_dir.log({"step": step, **{f"eval/{k}": v for k, v in held_out.items()}})
         return held_out
 

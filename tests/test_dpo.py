@@ -270,8 +270,9 @@ def test_truncated_pairs_that_become_identical_are_dropped(sft_base):
 # The training run
 
 
-def test_training_raises_held_out_reward_accuracy_and_margin(sft_base, monkeypatch):
+def test_training_raises_held_out_reward_accuracy_and_margin(sft_base, monkeypatch, capsys):
     run_dpo(monkeypatch, "--num_iterations=12", "--eval_every=-1", "--init_lr_frac=0.5", *FAST)
+    assert "step 00000 | held-out loss 0.6931 | reward accuracy undefined | margin " in capsys.readouterr().out
     model, _, meta = load_model("dpo", "cpu", "eval")
     assert meta["step"] == 12 and meta["beta"] == 0.1
     start = meta["initial_held_out"]
