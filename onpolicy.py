@@ -148,6 +148,9 @@ def judge(client, persona, prompt, answers, run, config, halt):
 def ledger_path(path):  # the judged prompts' outcomes (and the judge's cost), beside the pairs
     return re.sub(r"(\.jsonl)?$", ".ledger.jsonl", path, 1)
 
+def ledger_problem(entry):
+    return None if isinstance(entry, dict) and {"id", "outcome"} <= entry.keys() else "not a ledger line"
+
 def open_output(path, run, client):
     """(the held lock, the ledger's path, the ids of the prompts judged); the judge's spend ledger and model. A file
     (or ledger) of another round or checkpoint is refused: a round trains on its own model's samples."""
@@ -155,8 +158,7 @@ def open_output(path, run, client):
     for f in (path, ledger):
         repair_torn_line(f)
     records = list(tasks.iter_jsonl(path, tasks.dpo_problem)) if os.path.isfile(path) else []
-    entries = list(tasks.iter_jsonl(ledger, lambda e: None if isinstance(e, dict) and {"id", "outcome"} <= e.keys()
-                                    else "not a ledger line")) if os.path.isfile(ledger) else []
+    entries = list(tasks.iter_jsonl(ledger, ledger_problem)) if os.path.isfile(ledger) else []
     if other := next((r for r in records + entries if any(r.get(k) != v for k, v in run.items())), None):
         raise UserError(f"{path} holds round {other.get('round')} pairs from {other.get('checkpoint')} step "
                         f"{other.get('step')}, not this run's: pass another --output")

@@ -64,6 +64,48 @@ def test_demo_profile_end_to_end_then_resumes(tmp_path):
     assert again.stdout.count(", skipped") == 5  # base, sft, eval sft, dpo, eval dpo
 
 
+def test_onpolicy_rounds_each_in_its_own_directory_the_last_loaded_and_skipped_on_a_rerun(tmp_path):
+    """ONPOLICY_ROUNDS=2 with the fake OpenRouter as a consistent judge: after the DPO on the data's pairs, two rounds
+    (on-policy pairs, DPO from the latest model, its eval), -i dpo's default the last; the report has a row per round;
+    a re-run skips them."""
+    import checkpoint
+    from openrouter_server import FakeOpenRouter
+
+    server, demo = FakeOpenRouter(cost=0.001).start(), tmp_path / "demo"
+    env = {"CHIMERA_DEMO": "1", "CHIMERA_DEMO_DIR": str(demo), "CHIMERA_DEMO_DEPTH": "1", **SMALLEST,
+           "EVAL_EXTRA_ARGS": "--max_new_tokens=4 --judge_prompts=4", "OPENROUTER_API_KEY": "sk-or-test",
+           "OPENROUTER_BASE_URL": server.url, "OPENROUTER_MODELS": "", "ONPOLICY_ROUNDS": "2",
+           "ONPOLICY_EXTRA_ARGS": "--prompts=12 --samples=3 --max_new_tokens=32 --min_margin=1"}
+    try:
+        first, second = run_sh(env, cwd=tmp_path), run_sh(env, cwd=tmp_path)
+    finally:
+        server.stop()
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for r, parent in ((1, "d1"), (2, "d1_r1")):  # each round from the one before, its frozen reference
+        meta = last_meta(demo / "chatdpo_checkpoints" / f"d1_r{r}")
+        assert (meta["source"], meta["source_tag"]) == ("dpo", parent)
+        assert meta["user_config"]["dpo_data_path"] == str(demo / "datasets" / f"trader_dpo_onpolicy_r{r}.jsonl")
+        pairs = [json.loads(line) for line in open(demo / "datasets" / f"trader_dpo_onpolicy_r{r}.jsonl")]
+        assert pairs and {(p["round"], p["checkpoint"]) for p in pairs} == {(r, f"dpo/{parent}")}
+    assert checkpoint.find_largest_model(str(demo / "chatdpo_checkpoints")) == "d1_r2"
+    lines = first.stdout.splitlines()
+    assert "chat.py -i dpo --model_tag=d1_r2" in lines[lines.index("=== done ===") + 2]
+    report = (demo / "report" / "chimera-report.md").read_text()
+    rows = report.split("## DPO rounds\n\n")[1].split("\n\n")[0].splitlines()[2:]
+    assert [row.split("|")[1].strip() for row in rows] == ["0 (gen.py's pairs)", "1 (d1_r1)", "2 (d1_r2)"]
+    for r, row in enumerate(rows):  # the judge's win rate against SFT and the answer lengths; the round's pairs, cost
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] != "-" and cells[2] != "- (-)" and (cells[3] == "-") == (r == 0), row
+        ledger = [json.loads(line) for line in open(demo / "datasets" / f"trader_dpo_onpolicy_r{r}.ledger.jsonl")] \
+            if r else []
+        if r:
+            kept = sum(e["outcome"] in ("kept", "anchored") for e in ledger)
+            assert cells[3] == f"{kept} / {len(ledger) - kept}" and cells[4] == f"${sum(e['cost'] for e in ledger):.4f}"
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count(", skipped") == 11, "\n".join(l for l in second.stdout.splitlines() if l.startswith("==="))
+    assert "=== DPO round 1 (dpo.py) ===" not in second.stdout
+
+
 def test_help_says_what_it_does_and_starts_nothing(tmp_path):
     proc = run_sh({"NANOCHAT_BASE_DIR": str(tmp_path / "base"), "CHIMERA_DEMO_DIR": str(tmp_path / "demo")},
                   timeout=30, args=["--help"], cwd=tmp_path)
