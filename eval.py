@@ -342,7 +342,7 @@ def judge_win_rate(model, tokenizer, config, resolved, proc):
         out[f"Judge win rate ({cond})"] = share(wins, wins + losses, f"verdicts that held in both orders, against "
                                                                      f"{resolved.reference_name}")
         # beside it, as judges favour longer answers
-        out[f"Answer length ({cond})"] = Figure(chars, f"mean characters, {len(prompts)} judged answers")
+        out[f"Answer length ({cond})"] = Figure(chars, f"mean characters, {len(prompts)} held-out prompts")
         out[f"Reference answer length ({cond})"] = Figure(reference_chars, f"{resolved.reference_name}'s")
     return out
 

@@ -128,9 +128,9 @@ def rounds_table(directory):
             figures = {m: figure for by_metric in record["figures"].values() for m, figure in by_metric.items()}
             win, length, other = (figures.get(f"{m} (no system)", ["-", ""]) for m in
                                   ("Judge win rate", "Answer length", "Reference answer length"))
-            pairs = record.get("onpolicy")
+            pairs, k_of_n = record.get("onpolicy"), win[1].split(" verdicts")[0]  # "5 of 8", or "no"
             rows.append([f"{k} ({name[28:-3]})" if k else "0 (gen.py's pairs)",
-                         f"{show(win, '.2f')} ({win[1].split(' verdicts')[0]})" if win[1] else "-",
+                         show(win, ".2f") + (f" ({k_of_n})" if " of " in k_of_n else ""),
                          f"{show(length, '.0f')} ({show(other, '.0f')})",
                          f"{pairs['kept']} / {sum(pairs['rejected'].values())}" if pairs else "-",
                          f"${pairs['judge_cost']:.4f}" if pairs else "-"])

@@ -95,15 +95,19 @@ def test_onpolicy_rounds_each_in_its_own_directory_the_last_loaded_and_skipped_o
     assert [row.split("|")[1].strip() for row in rows] == ["0 (gen.py's pairs)", "1 (d1_r1)", "2 (d1_r2)"]
     for r, row in enumerate(rows):  # the judge's win rate against SFT and the answer lengths; the round's pairs, cost
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[1] != "-" and cells[2] != "- (-)" and (cells[3] == "-") == (r == 0), row
+        section = json.load(open(demo / "report" / f"chimera-chat-evaluation-dpo{r and f'-d1_r{r}' or ''}.json"))
+        win, length, sft = (section["figures"]["Judge"][f"{m} (no system)"]
+                            for m in ("Judge win rate", "Answer length", "Reference answer length"))
+        assert "against sft chimera_d1" in win[1] and cells[2] == f"{length[0]:.0f} ({sft[0]:.0f})", row
+        assert cells[1] == "undefined" if win[0] == "undefined" else cells[1].startswith(f"{win[0]:.2f} (")
+        assert (cells[3] == "-") == (r == 0), row
         ledger = [json.loads(line) for line in open(demo / "datasets" / f"trader_dpo_onpolicy_r{r}.ledger.jsonl")] \
             if r else []
         if r:
             kept = sum(e["outcome"] in ("kept", "anchored") for e in ledger)
             assert cells[3] == f"{kept} / {len(ledger) - kept}" and cells[4] == f"${sum(e['cost'] for e in ledger):.4f}"
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count(", skipped") == 11, "\n".join(l for l in second.stdout.splitlines() if l.startswith("==="))
-    assert "=== DPO round 1 (dpo.py) ===" not in second.stdout
+    assert second.stdout.count(", skipped") == 11 and "=== DPO round 1 (dpo.py) ===" not in second.stdout
 
 
 def test_help_says_what_it_does_and_starts_nothing(tmp_path):
