@@ -54,8 +54,9 @@ stage() {
         sed '1,/^outputs:$/d' "$stamp" | "${SHA[@]}" -c --status 2>/dev/null; then
         say "$name: finished before with these settings and inputs, skipped (CHIMERA_REDO=1 to redo)"; return
     fi
-    rm -f "$stamp" && touch "$STAMPS/started" && FOR_NOW= STALE=1  # STALE: what it left is of other inputs (or REDO)
-    [ "${CHIMERA_REDO:-0}" = 1 ] || [ "$(cat "$stamp.inputs" 2>/dev/null)" != "$key" ] || STALE=
+    rm -f "$stamp" && touch "$STAMPS/started" && FOR_NOW=
+    [ "${CHIMERA_REDO:-0}" != 1 ] && [ "$(cat "$stamp.inputs" 2>/dev/null)" = "$key" ] ||  # other inputs (or REDO):
+        for f in "${outs[@]}"; do [ ! -f "$f" ] || rm "$f"; done  # its output files go, not topped up (a kill's stay)
     printf '%s\n' "$key" >"$stamp.inputs"
     step "$name" "$@"
     [ -z "$FOR_NOW" ] || { say "$name: not stamped ($FOR_NOW skipped for now): the next run redoes it"; return; }
@@ -72,10 +73,6 @@ dpo_round() {  # dpo_round TAG ARGS...: dpo.py --out_tag=TAG, its section chimer
     local section=$REPORT_DIR/chimera-chat-dpo.md
     cp -p "$section" "$section.round0" && launch dpo.py --out_tag="$1" "${@:2}" || return
     mv "$section" "${section%.md}-$1.md" && mv "$section.round0" "$section"
-}
-sample_round() {  # sample_round PAIRS ARGS...: onpolicy.py into PAIRS.jsonl; those of other inputs go, a killed run's
-    [ -z "$STALE" ] || rm -f "$1".{,ledger.}jsonl  # resume
-    launch onpolicy.py --output="$1.jsonl" "${@:2}"
 }
 
 # Python environment: a venv beside the code, with the project installed into it
@@ -182,7 +179,7 @@ FROM=$TAG  # on-policy rounds: each samples FROM (the latest DPO model), then tr
 for r in $(seq 1 "$ROUNDS"); do
     PAIRS=$BASE/datasets/trader_dpo_onpolicy_r$r FROM_MODEL=$(latest "${DPO_DIR%/*}/$FROM")
     stage "on-policy pairs, round $r (onpolicy.py)" "$SFT_DATA" "$DPO_DATA" "$FROM_MODEL" -- "$PAIRS".{,ledger.}jsonl \
-        -- sample_round "$PAIRS" --source=dpo --model_tag="$FROM" --round="$r" "${ONPOLICY_ARGS[@]}"
+        -- launch onpolicy.py --output="$PAIRS.jsonl" --source=dpo --model_tag="$FROM" --round=$r "${ONPOLICY_ARGS[@]}"
     stage "DPO round $r (dpo.py)" "$PAIRS.jsonl" "$FROM_MODEL" -- "${DPO_DIR}_r$r" "$REPORT_DIR" -- dpo_round \
         "${TAG}_r$r" --source=dpo --model_tag="$FROM" --dpo_data_path="$PAIRS.jsonl" "${DPO_ARGS[@]}"
     FROM=${TAG}_r$r  # its eval: the judge against SFT, as round 0's; the round's pairs kept and their cost

@@ -145,10 +145,16 @@ flags = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in 
 if args[0] in ("sft.py", "dpo.py") or "fresh_base" in args[-1]:
     folder = {{"sft.py": "chatsft_checkpoints", "dpo.py": "chatdpo_checkpoints"}}.get(args[0], "base_checkpoints")
     os.makedirs(os.path.join(base, folder, flags.get("out_tag", "d1")), exist_ok=True)
-    open(os.path.join(base, folder, flags.get("out_tag", "d1"), "model_000001.pt"), "w").write(args[0])
+    open(os.path.join(base, folder, flags.get("out_tag", "d1"), "model_000001.pt"), "w").write(" ".join(args))
     time.sleep(float(os.environ.get("FAKE_SLEEP", 0)) if args[0] == "sft.py" else 0)
+    if args[0] == "dpo.py":
+        open(os.path.join(base, "report", "chimera-chat-dpo.md"), "w").write(" ".join(args))
+elif args[0] == "onpolicy.py":  # a line more in the pairs and the ledger
+    for path in (flags["output"], flags["output"][:-6] + ".ledger.jsonl"):
+        open(path, "a").write(json.dumps({{"round": flags["round"]}}) + "\\n")
 elif args[0] == "eval.py":
-    with open(os.path.join(base, "report", f"chimera-chat-evaluation-{{args[2]}}.json"), "w") as f:
+    name = args[2] + ("-" + flags["model_tag"]) * ("_r" in flags.get("model_tag", ""))  # a DPO round's: by tag
+    with open(os.path.join(base, "report", f"chimera-chat-evaluation-{{name}}.json"), "w") as f:
         json.dump({{"results": {{}}, "skipped": json.loads(os.environ.get("FAKE_SKIPPED", "{{}}")),
                    "skipped_for_now": json.loads(os.environ.get("FAKE_FOR_NOW", "[]"))}}, f)
 elif args[0] == "checkpoint.py":  # no nanochat checkpoint: the demo's own
@@ -214,6 +220,21 @@ def test_an_evaluation_skipped_for_now_is_not_stamped_and_a_judge_redoes_it(stan
     fourth = run(FAKE_SKIPPED=offline, OPENROUTER_API_KEY="sk-or-x")
     assert fourth.stdout.count(", skipped") == 5 and len(evals()) == 6
     assert "sk-or-x" not in "".join(p.read_text() for p in (base / "chimera").iterdir())  # the key is no stamp's
+
+
+def test_a_rounds_pairs_resume_after_a_kill_and_start_afresh_when_its_inputs_change(stand_in, tmp_path):
+    run, base = stand_in
+    pairs = lambda r: (base / "datasets" / f"trader_dpo_onpolicy_r{r}.jsonl").read_text().count("\n")
+    assert run(ONPOLICY_ROUNDS="2").stderr == "run.sh: ONPOLICY_ROUNDS=2 needs OPENROUTER_API_KEY\n"
+    assert run(ONPOLICY_ROUNDS="x", OPENROUTER_API_KEY="sk-or-x").returncode == 1 and not base.exists()
+    env = {"ONPOLICY_ROUNDS": "2", "OPENROUTER_API_KEY": "sk-or-x"}
+    assert run(**env).returncode == 0 and (pairs(1), pairs(2)) == (1, 1)
+    assert run(**env).stdout.count(", skipped") == 11 and (pairs(1), pairs(2)) == (1, 1)
+    os.remove(base / "chimera" / "on_policy_pairs__round_2.stamp")  # killed before its stamp: resumed, topped up
+    assert run(**env).returncode == 0 and (pairs(1), pairs(2)) == (1, 2)
+    changed = run(DPO_EXTRA_ARGS="--beta=0.2", **env)  # round 0's model changed: each round's pairs anew
+    assert changed.returncode == 0 and (pairs(1), pairs(2)) == (1, 1) and ", skipped" not in changed.stdout.split(
+        "=== DPO (dpo.py) ===")[1]
 
 
 # -----------------------------------------------------------------------------
