@@ -33,7 +33,7 @@ from engine import Engine, Sampling
 import dpo
 import onpolicy
 import openrouter
-from report import write_report_section
+from report import PAIRS_KEY, write_report_section
 import tasks
 from sft import conversation_loss
 
@@ -444,8 +444,9 @@ def main():
                 "Evaluation time (s)": round(time.time() - t0, 1), "Persona reference": resolved.reference_name,
                 "Judge": f"{judge} (both orders)" if judge else "none (identity probes by log-likelihood)"}
         if pairs := record["onpolicy"]:
-            info["On-policy pairs (onpolicy.py)"] = (f"{pairs['kept']} kept, {sum(pairs['rejected'].values())} "
-                                                     f"rejected {pairs['rejected']}, judge ${pairs['judge_cost']:.4f}")
+            rejected = ", ".join(f"{k} {v}" for k, v in sorted(pairs["rejected"].items()))
+            info[PAIRS_KEY] = (f"{pairs['kept']} kept, {sum(pairs['rejected'].values())} rejected "
+                               f"({rejected or 'none'}), judge ${pairs['judge_cost']:.4f}")
         section_path = write_report_section(f"Chat evaluation {name}", [
             {k: v for k, v in settings.items() if k not in unused}, {k: str(f) for k, f in results.items()}, info])
         atomic_write_json(section_path[:-3] + ".json", {**record, "config": settings, "results": {

@@ -51,6 +51,7 @@ PERSONA_METRICS, AGAINST_REFERENCE = ([f"{name} ({cond})" for name in names for 
 PERSONA_METRICS.append("Identity probe score")
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]  # the charts' series, in order
 ANSWER_CHARS = 300  # where an answer shown side by side is cut
+PAIRS_KEY = "On-policy pairs (onpolicy.py)"  # eval.py's line of a DPO round's pairs: kept, rejected, the judge's cost
 
 # Writing a section (each stage, rank 0)
 def write_report_section(section, data, report_dir=None):
@@ -117,23 +118,15 @@ def round_files(directory, section="chat-evaluation-dpo"):
     return [(0, f"chimera-{section}.md")] + sorted(rounds)
 
 def rounds_table(directory):
-    """A row per DPO round from eval.py's json: the judge's win rate against SFT (no system message, as onpolicy.py
-    samples) with the mean answer lengths beside it, as judges favour length; the pairs the judge kept, its cost."""
-    rows = [["Round", "Judge win rate vs SFT", "Answer length (SFT's)", "Pairs kept / rejected", "Judge cost"]]
-    show = lambda figure, fmt: format(figure[0], fmt) if isinstance(figure[0], float) else str(figure[0])
+    """A row per DPO round from eval.py's sections: the judge's win rate against SFT with no system message (as
+    onpolicy.py samples), the mean answer lengths beside it (judges favour length), the judge's pairs and cost."""
+    names = [f"{m} (no system)" for m in ("Judge win rate", "Answer length", "Reference answer length")]
+    rows = [["Round", "Judge win rate vs SFT", "Answer length", "SFT's", PAIRS_KEY]]
     for k, name in round_files(directory):
-        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, LookupError), open(
-                os.path.join(directory, name[:-3] + ".json"), encoding="utf-8") as f:
-            record = json.load(f)
-            figures = {m: figure for by_metric in record["figures"].values() for m, figure in by_metric.items()}
-            win, length, other = (figures.get(f"{m} (no system)", ["-", ""]) for m in
-                                  ("Judge win rate", "Answer length", "Reference answer length"))
-            pairs, k_of_n = record.get("onpolicy"), win[1].split(" verdicts")[0]  # "5 of 8", or "no"
-            rows.append([f"{k} ({name[28:-3]})" if k else "0 (gen.py's pairs)",
-                         show(win, ".2f") + (f" ({k_of_n})" if " of " in k_of_n else ""),
-                         f"{show(length, '.0f')} ({show(other, '.0f')})",
-                         f"{pairs['kept']} / {sum(pairs['rejected'].values())}" if pairs else "-",
-                         f"${pairs['judge_cost']:.4f}" if pairs else "-"])
+        found = section_metrics(read_section(directory, name) or "", names + [PAIRS_KEY])
+        win, length, sft, pairs = (found.get(n, "-") for n in names + [PAIRS_KEY])
+        rows.append([f"{k} ({name[28:-3]})" if k else "0 (gen.py's pairs)", re.sub(r" verdicts.*", ")", win).replace(" (no)", ""),
+                     length.split(" (")[0], sft.split(" (")[0], pairs])
     return f"## DPO rounds\n\n{markdown_table(rows)}\n" if len(rows) > 2 else ""
 
 # Header: git, hardware, versions
