@@ -125,8 +125,9 @@ def rounds_table(directory):
     for k, name in round_files(directory):
         found = section_metrics(read_section(directory, name) or "", names + [PAIRS_KEY])
         win, length, sft, pairs = (found.get(n, "-") for n in names + [PAIRS_KEY])
-        rows.append([f"{k} ({name[28:-3]})" if k else "0 (gen.py's pairs)", re.sub(r" verdicts.*", ")", win).replace(" (no)", ""),
-                     length.split(" (")[0], sft.split(" (")[0], pairs])
+        win = re.sub(r" verdicts.*", ")", win).replace(" (no)", "")  # "0.6250 (5 of 8)"
+        rows.append([f"{k} ({name[28:-3]})" if k else "0 (gen.py's pairs)", win, length.split(" (")[0],
+                     sft.split(" (")[0], pairs])
     return f"## DPO rounds\n\n{markdown_table(rows)}\n" if len(rows) > 2 else ""
 
 # Header: git, hardware, versions
