@@ -39,16 +39,17 @@ def missing(path, what="checkpoint directory", pattern=r".+"):
     return UserError(f"{path}: no such {what}; {parent} holds " + (", ".join(names) if names else "none"))
 
 def find_largest_model(checkpoints_dir):
-    """The default model tag: the largest chimera_d<N>, else the largest d<N>, else the newest."""
+    """The default model tag: the largest chimera_d<N>, else the largest d<N>, else the newest; of the largest depth,
+    the last on-policy DPO round (d<N>_r<k>: run.sh's rounds, each in its own directory)."""
     if not os.path.isdir(checkpoints_dir):
         raise missing(checkpoints_dir, pattern=r".+_checkpoints")
     tags = [d for d in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, d))]
     if not tags:
         raise UserError(f"{checkpoints_dir}: no model directories in it")
     for pattern in (r"chimera_d(\d+)", r"d(\d+)"):
-        depths = [(int(m.group(1)), t) for t in tags if (m := re.fullmatch(pattern, t))]
+        depths = [(int(m[1]), int(m[2] or 0), t) for t in tags if (m := re.fullmatch(pattern + r"(?:_r(\d+))?", t))]
         if depths:
-            return max(depths)[1]
+            return max(depths)[2]
     return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
 
 def nanochat_tag(checkpoints_dir):

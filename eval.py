@@ -18,7 +18,9 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Optional
 
@@ -29,8 +31,9 @@ from common import (UserError, ProgressBar, all_reduce_sum, atomic_write_json, a
 from checkpoint import checkpoint_dir_for, find_last_step, load_model
 from engine import Engine, Sampling
 import dpo
+import onpolicy
 import openrouter
-from report import write_report_section
+from report import PAIRS_KEY, write_report_section
 import tasks
 from sft import conversation_loss
 
@@ -306,20 +309,22 @@ def sample_answers(model, tokenizer, prompts, seeds, system, config):
     return [tokenizer.decode(answer).strip() for (answer,) in done]
 
 def judged(judge, prompts, answers, others, proc):
-    """(wins, losses) of answers(prompts, seeds) over others(...) summed over ranks, each rank sampling and judging
-    its share (no rank waits on one that does it all); DataUnavailable on every rank if the judge failed on any."""
+    """(wins, losses, the answers' and the others' mean length in characters) of answers(prompts, seeds) over
+    others(...) summed over ranks, each rank sampling and judging its share (no rank waits on one that does it all);
+    DataUnavailable on every rank if the judge failed on any."""
     mine = list(range(proc.rank, len(prompts), proc.world_size))
-    counts, why = [0, 0, 0], "the judge is unavailable (on another rank)"
+    counts, why = [0, 0, 0, 0, 0], "the judge is unavailable (on another rank)"
     try:
         picked, seeds = [prompts[i] for i in mine], [42 + i for i in mine]
-        verdicts = judge.verdicts(picked, answers(picked, seeds), others(picked, seeds)) if mine else []
-        counts[:2] = verdicts.count(1), verdicts.count(-1)
+        mine_a, mine_b = (answers(picked, seeds), others(picked, seeds)) if mine else ([], [])
+        verdicts = judge.verdicts(picked, mine_a, mine_b) if mine else []
+        counts[:4] = verdicts.count(1), verdicts.count(-1), sum(map(len, mine_a)), sum(map(len, mine_b))
     except tasks.DataUnavailable as e:
-        counts[2], why = 1, str(e)
-    wins, losses, failed = all_reduce_sum(counts, proc.device)
+        counts[4], why = 1, str(e)
+    wins, losses, chars, other_chars, failed = all_reduce_sum(counts, proc.device)
     if failed:
         raise tasks.DataUnavailable(why, for_now=True)
-    return int(wins), int(losses)
+    return int(wins), int(losses), chars / max(len(prompts), 1), other_chars / max(len(prompts), 1)
 
 def judge_win_rate(model, tokenizer, config, resolved, proc):
     """The judge compares the model's answers with the reference's on held-out persona prompts."""
@@ -333,9 +338,12 @@ def judge_win_rate(model, tokenizer, config, resolved, proc):
     for cond in CONDITIONS:
         answers, others = (functools.partial(sample_answers, m, tokenizer, system=system_of(cond, config),
                                              config=config) for m in (model, reference))
-        wins, losses = judged(resolved.judge, prompts, answers, others, proc)
+        wins, losses, chars, reference_chars = judged(resolved.judge, prompts, answers, others, proc)
         out[f"Judge win rate ({cond})"] = share(wins, wins + losses, f"verdicts that held in both orders, against "
                                                                      f"{resolved.reference_name}")
+        # beside it, as judges favour longer answers
+        out[f"Answer length ({cond})"] = Figure(chars, f"mean characters, {len(prompts)} held-out prompts")
+        out[f"Reference answer length ({cond})"] = Figure(reference_chars, f"{resolved.reference_name}'s")
     return out
 
 def probe_problem(r):  # one identity probe per line of its JSONL
@@ -351,7 +359,7 @@ def identity_probes(model, tokenizer, config, resolved, proc):
     if resolved.judge:  # its answer against a generic assistant's, judged
         generic = {p["prompt"]: p["generic_answer"] for p in probes}
         answers = functools.partial(sample_answers, model, tokenizer, system=None, config=config)
-        wins, _ = judged(resolved.judge, prompts, answers, lambda picked, _: [generic[p] for p in picked], proc)
+        wins, *_ = judged(resolved.judge, prompts, answers, lambda picked, _: [generic[p] for p in picked], proc)
         return {"Identity probe score": share(wins, len(probes), "identity probes, judged")}
     pairs, _ = dpo.render_pairs([{"prompt": p["prompt"], "chosen": p["persona_answer"], "rejected": p["generic_answer"]}
                                  for p in probes], tokenizer, model.config.sequence_len)
@@ -364,6 +372,17 @@ def held_out_answers(model, tokenizer, config, resolved):
     task = tasks.TraderDPO(config.trader_dpo_path, split="val", val_fraction=resolved.dpo_val_fraction)
     prompts = [task[i]["prompt"] for i in range(min(len(task), ANSWERS_KEPT))]
     return dict(zip(prompts, sample_answers(model, tokenizer, prompts, range(42, 42 + len(prompts)), None, config)))
+
+def onpolicy_pairs(meta):
+    """What the judge made of the on-policy prompts this DPO run trained on (onpolicy.py's ledger beside its pairs):
+    pairs kept, prompts rejected by outcome, the judge's cost; None for other data."""
+    path = (meta.get("user_config") or {}).get("dpo_data_path")
+    if not path or not os.path.isfile(ledger := onpolicy.ledger_path(path)):
+        return None
+    entries = list(tasks.iter_jsonl(ledger, onpolicy.ledger_problem))
+    outcomes = Counter(e["outcome"] for e in entries)
+    kept = outcomes.pop("kept", 0) + outcomes.pop("anchored", 0)
+    return {"kept": kept, "rejected": dict(outcomes), "judge_cost": sum(e.get("cost", 0.0) for e in entries)}
 
 EVALUATIONS = {**{name: functools.partial(chat_task, name) for name in CHAT_TASKS},
                "Trader-SFT": trader_sft_loss, "Trader-DPO": trader_dpo_metrics, "Identity": identity_probes,
@@ -393,11 +412,13 @@ def main():
         these = [n for n, e in skipped.items() if e.cause == cause]
         print0(f"skipped ({cause}): {', '.join(these)}" + " (where its data goes: the json beside the report "
                "section)" * any(n in CHAT_TASKS for n in these))
-    record = {"source": config.source, "step": meta.get("step"), "figures": figures,
+    tag = os.path.basename(checkpoint_dir_for(config.source, config.model_tag))
+    name = f"{config.source}-{tag}" if re.fullmatch(r".+_r\d+", tag) else config.source  # a DPO round: by its tag
+    record = {"source": config.source, "step": meta.get("step"), "figures": figures, "onpolicy": onpolicy_pairs(meta),
               "skipped": {n: str(e) for n, e in skipped.items()},
               "skipped_for_now": [n for n, e in skipped.items() if e.for_now],
               "answers": held_out_answers(model, tokenizer, config, resolved) if "Trader-DPO" in figures else {}}
-    section_json = os.path.join(get_base_dir(), "report", f"chimera-chat-evaluation-{config.source}.json")
+    section_json = os.path.join(get_base_dir(), "report", f"chimera-chat-evaluation-{name}.json")
     if config.task_name and os.path.exists(section_json):  # -a: these tasks updated, the others kept
         with open(section_json, encoding="utf-8") as f:
             earlier = json.load(f)
@@ -422,7 +443,11 @@ def main():
         info = {"Skipped tasks": ", ".join(record["skipped"]) or "none",
                 "Evaluation time (s)": round(time.time() - t0, 1), "Persona reference": resolved.reference_name,
                 "Judge": f"{judge} (both orders)" if judge else "none (identity probes by log-likelihood)"}
-        section_path = write_report_section(f"Chat evaluation {config.source}", [
+        if pairs := record["onpolicy"]:
+            rejected = ", ".join(f"{k} {v}" for k, v in sorted(pairs["rejected"].items()))
+            info[PAIRS_KEY] = (f"{pairs['kept']} kept, {sum(pairs['rejected'].values())} rejected "
+                               f"({rejected or 'none'}), judge ${pairs['judge_cost']:.4f}")
+        section_path = write_report_section(f"Chat evaluation {name}", [
             {k: v for k, v in settings.items() if k not in unused}, {k: str(f) for k, f in results.items()}, info])
         atomic_write_json(section_path[:-3] + ".json", {**record, "config": settings, "results": {
             k: f.value for k, f in results.items() if isinstance(f.value, float)}})  # the undefined: in figures

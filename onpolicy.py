@@ -10,7 +10,8 @@ twice (the second time in reverse order), and where both asks agree, the best an
 Prompts: the training splits of datasets/trader_dpo_data.jsonl and trader_sft_data.jsonl (first user messages), none
 that a held-out split holds. Answers are sampled without a system message, seeded by the prompt: 1 and N processes write
 the same pairs. Writes --output in trader_dpo_data.jsonl's format (dpo.py --dpo_data_path=... trains on it), a ledger
-of judged prompts beside it, and the judge's spend to gen.py's trader_gen_spend.jsonl there. A re-run resumes.
+of judged prompts beside it (each one's outcome and judge cost), and the judge's spend to gen.py's
+trader_gen_spend.jsonl there. A re-run resumes.
 """
 
 import hashlib
@@ -122,35 +123,42 @@ def pick(asks, texts, choosable, anchored, min_margin):
     return None, None, "close" if len(worst) == 1 else "disagree"
 
 def judge(client, persona, prompt, answers, run, config, halt):
-    """(record or None, outcome) for a prompt; the outcome None when it was not judged."""
+    """(record or None, outcome, the judge's cost) for a prompt; the outcome None when it was not judged."""
     samples = [a for a in answers if a.text]  # an empty answer has no place in trader_dpo_data.jsonl's format
     texts = [a.text for a in samples] + ([prompt.apprentice] if prompt.apprentice else [])
     if len(texts) < 2:
-        return None, "too_few_answers"
+        return None, "too_few_answers", 0.0
     if halt():
-        return None, None
+        return None, None, 0.0
+    spent = getattr(client.spend.thread, "cost", 0.0)  # this worker judges one prompt at a time
     try:
         asks = score_answers(client, persona, prompt.text, texts)
     except tasks.HTTPGaveUp:
-        return None, None
+        return None, None, 0.0
+    cost = getattr(client.spend.thread, "cost", 0.0) - spent
     choosable = [i for i, a in enumerate(samples) if not a.cut]
     chosen, rejected, outcome = pick(asks, texts, choosable, bool(prompt.apprentice), config.min_margin)
     if chosen is None:
-        return None, outcome
+        return None, outcome, cost
     return {"prompt": prompt.text, "chosen": texts[chosen], "rejected": texts[rejected], "source": "on-policy", **run,
             "anchor": outcome == "anchored", "judge": client.model, "scores": asks, "picked": [chosen, rejected],
-            "tokens": [a.tokens for a in samples]}, outcome
+            "tokens": [a.tokens for a in samples]}, outcome, cost
 
 # The output: one writer, resumed from its records and ledger
+def ledger_path(path):  # the judged prompts' outcomes (and the judge's cost), beside the pairs
+    return re.sub(r"(\.jsonl)?$", ".ledger.jsonl", path, 1)
+
+def ledger_problem(entry):
+    return None if isinstance(entry, dict) and {"id", "outcome"} <= entry.keys() else "not a ledger line"
+
 def open_output(path, run, client):
     """(the held lock, the ledger's path, the ids of the prompts judged); the judge's spend ledger and model. A file
     (or ledger) of another round or checkpoint is refused: a round trains on its own model's samples."""
-    lock, ledger = hold_lock(path + ".lock", "onpolicy.py"), re.sub(r"(\.jsonl)?$", ".ledger.jsonl", path, 1)
+    lock, ledger = hold_lock(path + ".lock", "onpolicy.py"), ledger_path(path)
     for f in (path, ledger):
         repair_torn_line(f)
     records = list(tasks.iter_jsonl(path, tasks.dpo_problem)) if os.path.isfile(path) else []
-    entries = list(tasks.iter_jsonl(ledger, lambda e: None if isinstance(e, dict) and {"id", "outcome"} <= e.keys()
-                                    else "not a ledger line")) if os.path.isfile(ledger) else []
+    entries = list(tasks.iter_jsonl(ledger, ledger_problem)) if os.path.isfile(ledger) else []
     if other := next((r for r in records + entries if any(r.get(k) != v for k, v in run.items())), None):
         raise UserError(f"{path} holds round {other.get('round')} pairs from {other.get('checkpoint')} step "
                         f"{other.get('step')}, not this run's: pass another --output")
@@ -196,14 +204,14 @@ def main():
         while jobs and (wait or jobs[0][1].done()):
             prompt, future = jobs.pop(0)
             try:
-                record, outcome = future.result()
+                record, outcome, cost = future.result()
             except APIStop as e:
                 api_stop.append(e)
                 continue
             if record:
                 tasks.append_jsonl(output, record)
             if outcome:  # else not judged (a stop, the API gave up): a re-run asks
-                tasks.append_jsonl(ledger, {"id": prompt.id, **run, "outcome": outcome})
+                tasks.append_jsonl(ledger, {"id": prompt.id, **run, "outcome": outcome, "cost": cost})
                 counts[outcome] += 1
                 bar.update(1, kept=counts["kept"] + counts["anchored"], spend=f"${client.spend.cost - spent:.4f}")
 

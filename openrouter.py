@@ -66,6 +66,7 @@ class Spend:
 
     def __init__(self, path=None):
         self.path, self.models, self.cost, self._lock, opened = None, {}, 0.0, threading.Lock(), {}
+        self.thread = threading.local()  # .cost: what this thread's requests cost, a caller's share of a shared client
         if path and os.path.isfile(path):
             repair_torn_line(path)
             for entry in iter_jsonl(path, lambda e: None if isinstance(e, dict) else "not an object"):
@@ -94,6 +95,7 @@ class Spend:
                 append_jsonl(self.path, {"close": ticket, **({"model": model, **entry} if model else {})})
             if model:
                 self.cost += entry["cost"]
+                self.thread.cost = getattr(self.thread, "cost", 0.0) + entry["cost"]
                 self.models.setdefault(str(model), Counter()).update({"requests": 1, **entry})
 
 class OpenRouter:

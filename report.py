@@ -46,10 +46,12 @@ NANOCHAT_FIGURES = [f"{m} (nanochat)" for m in CHAT_METRICS]  # eval.py's, where
 # measured against each checkpoint's own reference (the one it was trained from): listed apart, never side by side
 PERSONA_METRICS, AGAINST_REFERENCE = ([f"{name} ({cond})" for name in names for cond in ("no system", "with system")]
                                       for names in (("Trader SFT held-out loss", "Persona preference accuracy"),
-                                                    ("DPO reward accuracy", "DPO reward margin", "Judge win rate")))
+                                                    ("DPO reward accuracy", "DPO reward margin", "Judge win rate",
+                                                     "Answer length", "Reference answer length")))
 PERSONA_METRICS.append("Identity probe score")
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]  # the charts' series, in order
 ANSWER_CHARS = 300  # where an answer shown side by side is cut
+PAIRS_KEY = "On-policy pairs (onpolicy.py)"  # eval.py's line of a DPO round's pairs: kept, rejected, the judge's cost
 
 # Writing a section (each stage, rank 0)
 def write_report_section(section, data, report_dir=None):
@@ -108,6 +110,25 @@ def summary_table(metrics):
                for s in STAGES if any(m in metrics[s] for m in AGAINST_REFERENCE)]
     return text + ("\nMeasured against the checkpoint each was trained from, so not comparable between "
                    "checkpoints:\n\n" + "".join(against) if against else "")
+
+def round_files(directory, section="chat-evaluation-dpo"):
+    """[(round, its section file)]: 0, DPO on gen.py's pairs, then the on-policy rounds' (by tag, d<N>_r<k>)."""
+    rounds = [(int(m[1]), n) for n in os.listdir(directory)
+              if (m := re.fullmatch(rf"chimera-{section}-.+_r(\d+)\.md", n))]
+    return [(0, f"chimera-{section}.md")] + sorted(rounds)
+
+def rounds_table(directory):
+    """A row per DPO round from eval.py's sections: the judge's win rate against SFT with no system message (as
+    onpolicy.py samples), the mean answer lengths beside it (judges favour length), the judge's pairs and cost."""
+    names = [f"{m} (no system)" for m in ("Judge win rate", "Answer length", "Reference answer length")]
+    rows = [["Round", "Judge win rate vs SFT", "Answer length", "SFT's", PAIRS_KEY]]
+    for k, name in round_files(directory):
+        found = section_metrics(read_section(directory, name) or "", names + [PAIRS_KEY])
+        win, length, sft, pairs = (found.get(n, "-") for n in names + [PAIRS_KEY])
+        win = re.sub(r" verdicts.*", ")", win).replace(" (no)", "")  # "0.6250 (5 of 8)"
+        rows.append([f"{k} ({name[28:-3]})" if k else "0 (gen.py's pairs)", win, length.split(" (")[0],
+                     sft.split(" (")[0], pairs])
+    return f"## DPO rounds\n\n{markdown_table(rows)}\n" if len(rows) > 2 else ""
 
 # Header: git, hardware, versions
 def git(*args):
@@ -246,7 +267,8 @@ def generate(out_copy=True):
     bloat = (re.search(r"### Bloat\n(.*?)\n\n", nanochat, re.DOTALL) or [None, ""])[1]
     parts = [nanochat.rstrip() + "\n\n" if nanochat else "# Chimera training report\n\n", chimera_header(started)]
     metrics, notes = {stage: {} for stage in STAGES}, []
-    for name in EXPECTED_FILES:
+    rounds = sorted((k, n) for s in ("chat-dpo", "chat-evaluation-dpo") for k, n in round_files(directory, s) if k)
+    for name in EXPECTED_FILES + [n for _, n in rounds]:  # the on-policy rounds' last: no column of the summary
         text = read_section(directory, name)
         if text is None:
             notes.append(name)
@@ -261,6 +283,7 @@ def generate(out_copy=True):
     clock = f"{seconds // 3600}h{seconds % 3600 // 60}m" if seconds is not None else "unknown"
     missing = f"\nSections not found (stage not run, skipped): {', '.join(notes)}\n" if notes else ""
     parts += [charts(directory), "## Summary\n\n", bloat + "\n\n" if bloat else "", summary_table(metrics) + "\n",
+              rounds_table(directory),
               f"Total wall clock time: {clock}\n", missing, "\n" + answers_side_by_side(directory)]
     text, report_file = "".join(parts), os.path.join(directory, "chimera-report.md")
     atomic_write_text(report_file, text)
@@ -279,7 +302,9 @@ def reset(everything=False):
     names = CHIMERA_FILES + [f"chimera-chat-evaluation-{s}.json" for s in ("sft", "dpo")] + ["chimera-report.md"]
     if everything:
         names += NANOCHAT_FILES + RL_FILES + [HEADER, "chat-evaluation-mid.json"]
-    names += [n for n in os.listdir(directory) if n.endswith(".svg")]  # the charts
+    names += [n for n in os.listdir(directory) if n.endswith(".svg")]  # the charts, the DPO rounds' evaluations
+    names += [n[:-3] + ext for s in ("chat-dpo", "chat-evaluation-dpo") for k, n in round_files(directory, s) if k
+              for ext in (".md", ".json")]
     removed = [n for n in names if os.path.exists(os.path.join(directory, n))]
     for n in removed:
         os.remove(os.path.join(directory, n))

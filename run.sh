@@ -5,8 +5,9 @@
 #
 # With a nanochat checkpoint in $NANOCHAT_BASE_DIR (default ~/.cache/nanochat): gen.py (needs OPENROUTER_API_KEY
 # unless both data files exist) -> SFT on trader + SmolTalk from mid (2025 nanochat) if there is one, else base
-# (2026 nanochat has no mid) -> eval sft -> DPO -> eval dpo -> the report; nanochat's files are only read. It ends by
-# printing the command that chats with the model it made, and the report's path (a copy: report.md in the cwd).
+# (2026 nanochat has no mid) -> eval sft -> DPO -> eval dpo -> on-policy DPO rounds (each: onpolicy.py -> DPO -> eval)
+# -> the report; nanochat's files are only read. It ends by printing the command that chats with the model it made
+# (the last round's), and the report's path (a copy: report.md in the cwd).
 # With no checkpoint and no OPENROUTER_API_KEY: an offline demo of the same on a tiny fresh model and data/.
 #
 # Environment:
@@ -19,7 +20,9 @@
 #   CHIMERA_DEMO=1      run the offline demo even when a checkpoint or key is present
 #   CHIMERA_REDO=1      redo every stage instead of skipping the ones Chimera finished
 #   SFT_EXAMPLES, DPO_EXAMPLES   how many conversations / pairs gen.py makes (5000 / 10000)
-#   SFT_EXTRA_ARGS, DPO_EXTRA_ARGS, EVAL_EXTRA_ARGS   more --key=value flags for a stage (they win)
+#   ONPOLICY_ROUNDS     rounds of on-policy DPO (1 with OPENROUTER_API_KEY, else 0 as in the demo): onpolicy.py pairs
+#                       from the latest DPO model, DPO from it into chatdpo_checkpoints/d<N>_r<round> (README)
+#   SFT_EXTRA_ARGS, DPO_EXTRA_ARGS, EVAL_EXTRA_ARGS, ONPOLICY_EXTRA_ARGS   more --key=value flags for a stage (they win)
 #   CHIMERA_DEMO_DIR, CHIMERA_DEMO_DEPTH   the demo's base dir (~/.cache/chimera-demo) and model depth (2, 128 wide)
 #   CHIMERA_PYTHON      use this Python instead of the .venv that run.sh creates
 set -euo pipefail
@@ -52,16 +55,24 @@ stage() {
         say "$name: finished before with these settings and inputs, skipped (CHIMERA_REDO=1 to redo)"; return
     fi
     rm -f "$stamp" && touch "$STAMPS/started" && FOR_NOW=
+    [ "${CHIMERA_REDO:-0}" != 1 ] && [ "$(cat "$stamp.inputs" 2>/dev/null)" = "$key" ] ||  # other inputs (or REDO):
+        for f in "${outs[@]}"; do [ ! -f "$f" ] || rm "$f"; done  # its output files go, not topped up (a kill's stay)
+    printf '%s\n' "$key" >"$stamp.inputs"
     step "$name" "$@"
     [ -z "$FOR_NOW" ] || { say "$name: not stamped ($FOR_NOW skipped for now): the next run redoes it"; return; }
     { printf '%s\noutputs:\n' "$key"  # then a sha256 line per file the stage wrote (but optimizer states)
       { find "${outs[@]}" -type f -newer "$STAMPS/started" ! -name 'optim_*' -print0 2>/dev/null || true; } |
           sort -z | xargs -0 -r "${SHA[@]}"; } >"$stamp.tmp" && mv "$stamp.tmp" "$stamp"
 }
-evaluate() {  # evaluate SOURCE ARGS...: eval.py -i SOURCE; FOR_NOW names what it skipped for now (not when offline)
-    launch eval.py -i "$@" || return
+evaluate() {  # evaluate NAME SOURCE ARGS...: eval.py -i SOURCE, its json chimera-chat-evaluation-NAME.json; FOR_NOW
+    launch eval.py -i "${@:2}" || return  # names what it skipped for now (not when offline)
     FOR_NOW=$("$PY" -c 'import json, sys; print(", ".join(json.load(open(sys.argv[1])).get("skipped_for_now", [])))' \
         "$REPORT_DIR/chimera-chat-evaluation-$1.json")
+}
+dpo_round() {  # dpo_round TAG ARGS...: dpo.py --out_tag=TAG, its section chimera-chat-dpo-TAG.md (round 0's stays)
+    local section=$REPORT_DIR/chimera-chat-dpo.md
+    cp -p "$section" "$section.round0" && launch dpo.py --out_tag="$1" "${@:2}" || return
+    mv "$section" "${section%.md}-$1.md" && mv "$section.round0" "$section"
 }
 
 # Python environment: a venv beside the code, with the project installed into it
@@ -94,6 +105,9 @@ if [ "$DEMO" != 1 ] && [ -z "$TAG" ] && [ -n "${OPENROUTER_API_KEY:-}${CHIMERA_S
 published one there), set NANOCHAT_BASE_DIR to its base dir, or run the offline demo with CHIMERA_DEMO=1."
 elif [ -z "$TAG" ]; then DEMO=1
 fi
+ROUNDS=${ONPOLICY_ROUNDS:-$([ "$DEMO" != 1 ] && [ -n "${OPENROUTER_API_KEY:-}" ] && echo 1 || echo 0)}
+[[ $ROUNDS =~ ^(0|[1-9][0-9]?)$ ]] || die "ONPOLICY_ROUNDS=$ROUNDS: expected a number of rounds from 0 to 99"
+[ "$ROUNDS" = 0 ] || [ -n "${OPENROUTER_API_KEY:-}" ] || die "ONPOLICY_ROUNDS=$ROUNDS needs OPENROUTER_API_KEY"
 
 if [ "$DEMO" = 1 ]; then
     BASE=${CHIMERA_DEMO_DIR:-$HOME/.cache/chimera-demo} DEMO_DEPTH=${CHIMERA_DEMO_DEPTH:-2}
@@ -124,13 +138,14 @@ launch() {  # launch SCRIPT ARGS...: torchrun over the GPUs, plain python on one
 # The stages
 JUDGE=0; [ -z "${OPENROUTER_API_KEY:-}" ] || JUDGE=1  # on the eval stages' command line: a new judge redoes them
 SFT_ARGS=(--source="$START" --model_tag="$TAG" --out_tag="$SFT_TAG") DPO_ARGS=() EVAL_ARGS=(--judge=$JUDGE)
+ONPOLICY_ARGS=()
 if [ "$DEMO" = 1 ]; then
     # the demo's settings, in one place: a tiny model, a short SFT, a strong DPO (cached reference)
     SFT_ARGS+=(--sft_dataset=trader --trader_val_fraction=0.1 --num_epochs=2 --device_batch_size=4
                --target_examples_per_step=8 --init_lr_frac=1.0 --eval_every=-1)
     DPO_ARGS+=(--val_fraction=0.2 --num_epochs=4 --device_batch_size=4 --target_examples_per_step=8
               --init_lr_frac=0.6 --ref_cache=1 --eval_every=-1)
-    EVAL_ARGS+=(--max_new_tokens=64 --dpo_val_fraction=0.2)
+    EVAL_ARGS+=(--max_new_tokens=64 --dpo_val_fraction=0.2) ONPOLICY_ARGS+=(--dpo_val_fraction=0.2 --max_new_tokens=64)
     # a new demo model starts a new report (the demo's base dir is Chimera's own)
     stage "demo base model" -- "$START_DIR/$TAG" -- "$PY" -c \
     "import checkpoint, report; report.reset(); checkpoint.fresh_base('$BASE', depth=$DEMO_DEPTH, sequence_len=2048)"
@@ -151,18 +166,31 @@ fi
 
 # shellcheck disable=SC2206  # the extra flags are meant to split on spaces
 SFT_ARGS+=(${SFT_EXTRA_ARGS:-}); DPO_ARGS+=(${DPO_EXTRA_ARGS:-}); EVAL_ARGS+=(${EVAL_EXTRA_ARGS:-})
+ONPOLICY_ARGS+=(${ONPOLICY_EXTRA_ARGS:-})
 stage "SFT (sft.py)" "$SFT_DATA" "$(latest "$START_DIR/$TAG")" -- "$SFT_DIR" "$REPORT_DIR" -- \
     launch sft.py "${SFT_ARGS[@]}"
 stage "evaluate SFT (eval.py -i sft)" "$SFT_DATA" "$DPO_DATA" "$(latest "$SFT_DIR")" -- "$REPORT_DIR" -- \
-    evaluate sft --model_tag="$SFT_TAG" "${EVAL_ARGS[@]}"
+    evaluate sft sft --model_tag="$SFT_TAG" "${EVAL_ARGS[@]}"
 stage "DPO (dpo.py)" "$DPO_DATA" "$(latest "$SFT_DIR")" -- "$DPO_DIR" "$REPORT_DIR" -- \
     launch dpo.py --source=sft --model_tag="$SFT_TAG" --out_tag="$TAG" "${DPO_ARGS[@]}"
 stage "evaluate DPO (eval.py -i dpo)" "$SFT_DATA" "$DPO_DATA" "$(latest "$SFT_DIR")" "$(latest "$DPO_DIR")" \
-    -- "$REPORT_DIR" -- evaluate dpo --model_tag="$TAG" "${EVAL_ARGS[@]}"
+    -- "$REPORT_DIR" -- evaluate dpo dpo --model_tag="$TAG" "${EVAL_ARGS[@]}"
+FROM=$TAG  # on-policy rounds: each samples FROM (the latest DPO model), then trains from it, its frozen reference
+for r in $(seq 1 "$ROUNDS"); do
+    PAIRS=$BASE/datasets/trader_dpo_onpolicy_r$r FROM_MODEL=$(latest "${DPO_DIR%/*}/$FROM")
+    stage "on-policy pairs, round $r (onpolicy.py)" "$SFT_DATA" "$DPO_DATA" "$FROM_MODEL" -- "$PAIRS".{,ledger.}jsonl \
+        -- launch onpolicy.py --output="$PAIRS.jsonl" --source=dpo --model_tag="$FROM" --round=$r "${ONPOLICY_ARGS[@]}"
+    stage "DPO round $r (dpo.py)" "$PAIRS.jsonl" "$FROM_MODEL" -- "${DPO_DIR}_r$r" "$REPORT_DIR" -- dpo_round \
+        "${TAG}_r$r" --source=dpo --model_tag="$FROM" --dpo_data_path="$PAIRS.jsonl" "${DPO_ARGS[@]}"
+    FROM=${TAG}_r$r  # its eval: the judge against SFT, as round 0's; the round's pairs kept and their cost
+    stage "evaluate DPO round $r (eval.py -i dpo)" "$SFT_DATA" "$DPO_DATA" "$PAIRS.ledger.jsonl" \
+        "$(latest "$SFT_DIR")" "$(latest "${DPO_DIR}_r$r")" -- "$REPORT_DIR" -- \
+        evaluate "dpo-$FROM" dpo --model_tag="$FROM" --ref_source=sft --ref_tag="$SFT_TAG" "${EVAL_ARGS[@]}"
+done
 in_dir() { (cd "$1" && shift && "$@"); }  # in_dir DIR COMMAND...
 step "report (report.py generate)" in_dir "$CALLER" "$PY" "$PWD/report.py" generate
 
 say "done"  # what to do next, each on its own line to copy
 echo "Chat with the DPO model (add -p \"hello\" for one answer; --serve for a web page):"
-printf '%q ' "NANOCHAT_BASE_DIR=$BASE" "$PY" "$PWD/chat.py" -i dpo --model_tag="$TAG" | sed 's/ $/\n/'
+printf '%q ' "NANOCHAT_BASE_DIR=$BASE" "$PY" "$PWD/chat.py" -i dpo --model_tag="$FROM" | sed 's/ $/\n/'
 printf 'The report:\n%s\n' "$BASE/report/chimera-report.md"

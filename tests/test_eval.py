@@ -445,14 +445,15 @@ def test_the_judged_work_is_shared_by_the_ranks_and_fails_on_all_together():
             if self.fail:
                 raise tasks.DataUnavailable("the judge is unavailable: HTTP 402")
             self.seen += prompts
-            return [1 if a > o else -1 for a, o in zip(answers, others)]
+            return [1 if len(a) > len(o) else -1 for a, o in zip(answers, others)]
 
     prompts = [f"p{i}" for i in range(7)]
-    answers = lambda picked, seeds: seeds  # 42 + the prompt's index
-    others = lambda picked, seeds: [45] * len(picked)
+    answers = lambda picked, seeds: ["x" * s for s in seeds]  # 42 + the prompt's index characters
+    others = lambda picked, seeds: ["y" * 45] * len(picked)
     judge = Judge()
     proc = Dist(rank=1, world_size=3, device=torch.device("cpu"))  # one process: the sums are this rank's
-    assert chat_eval.judged(judge, prompts, answers, others, proc) == (1, 1)  # seeds 43 and 46 against 45
+    # seeds 43 and 46 against 45; the mean lengths beside: the ranks' sums over all 7 prompts
+    assert chat_eval.judged(judge, prompts, answers, others, proc) == (1, 1, (43 + 46) / 7, 90 / 7)
     assert judge.seen == ["p1", "p4"]
     with pytest.raises(tasks.DataUnavailable, match="402"):
         chat_eval.judged(Judge(fail=True), prompts, answers, others, proc)

@@ -435,6 +435,9 @@ def test_default_tag_prefers_chimera_then_depth_then_newest(tmp_path):
     for tag in ("d3", "d20"):
         (tmp_path / tag).mkdir()
     assert checkpoint.find_largest_model(str(tmp_path)) == "d20"
+    for tag in ("d3_r9", "d20_r2", "d20_r10", "d20_rx"):  # run.sh's on-policy rounds: the last of the largest depth
+        (tmp_path / tag).mkdir()
+    assert checkpoint.find_largest_model(str(tmp_path)) == "d20_r10"
     for tag in ("chimera_d2", "chimera_d12"):
         (tmp_path / tag).mkdir()
     assert checkpoint.find_largest_model(str(tmp_path)) == "chimera_d12"

@@ -118,6 +118,8 @@ def test_pairs_are_the_models_own_samples_judged_in_both_orders(run, base, serve
     assert len(ledger) == 12 and len({e["id"] for e in ledger}) == 12 and records
     assert sum(e["outcome"] in ("kept", "anchored") for e in ledger) == len(records)
     assert f"{len(records)} pairs kept" in out
+    # each judged prompt's line has what its asks cost (the fake server's $0.001 a request): the rounds' report reads it
+    assert sum(e["cost"] for e in ledger) == pytest.approx(0.001 * len(server.chat_requests()))
     assert len(tasks.TraderDPO(str(base / "datasets" / "trader_dpo_onpolicy.jsonl"), "train", 0.0)) == len(records)
     model, tokenizer, _ = load_model("base", "cpu", "eval")
     engine = Engine(model, tokenizer, max_batch=4, max_len=256)

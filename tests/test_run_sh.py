@@ -64,6 +64,51 @@ def test_demo_profile_end_to_end_then_resumes(tmp_path):
     assert again.stdout.count(", skipped") == 5  # base, sft, eval sft, dpo, eval dpo
 
 
+def test_onpolicy_rounds_each_in_its_own_directory_the_last_loaded_and_skipped_on_a_rerun(tmp_path):
+    """ONPOLICY_ROUNDS=2 with the fake OpenRouter as a consistent judge: after the DPO on the data's pairs, two rounds
+    (on-policy pairs, DPO from the latest model, its eval), -i dpo's default the last; the report has a row per round;
+    a re-run skips them."""
+    import checkpoint
+    from openrouter_server import FakeOpenRouter
+
+    server, demo = FakeOpenRouter(cost=0.001).start(), tmp_path / "demo"
+    env = {"CHIMERA_DEMO": "1", "CHIMERA_DEMO_DIR": str(demo), "CHIMERA_DEMO_DEPTH": "1", **SMALLEST,
+           "EVAL_EXTRA_ARGS": "--max_new_tokens=4 --judge_prompts=4", "OPENROUTER_API_KEY": "sk-or-test",
+           "OPENROUTER_BASE_URL": server.url, "OPENROUTER_MODELS": "", "ONPOLICY_ROUNDS": "2",
+           "ONPOLICY_EXTRA_ARGS": "--prompts=12 --samples=3 --max_new_tokens=32 --min_margin=1"}
+    try:
+        first, second = run_sh(env, cwd=tmp_path), run_sh(env, cwd=tmp_path)
+    finally:
+        server.stop()
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for r, parent in ((1, "d1"), (2, "d1_r1")):  # each round from the one before, its frozen reference
+        meta = last_meta(demo / "chatdpo_checkpoints" / f"d1_r{r}")
+        assert (meta["source"], meta["source_tag"]) == ("dpo", parent)
+        assert meta["user_config"]["dpo_data_path"] == str(demo / "datasets" / f"trader_dpo_onpolicy_r{r}.jsonl")
+        pairs = [json.loads(line) for line in open(demo / "datasets" / f"trader_dpo_onpolicy_r{r}.jsonl")]
+        assert pairs and {(p["round"], p["checkpoint"]) for p in pairs} == {(r, f"dpo/{parent}")}
+    assert checkpoint.find_largest_model(str(demo / "chatdpo_checkpoints")) == "d1_r2"
+    lines = first.stdout.splitlines()
+    assert "chat.py -i dpo --model_tag=d1_r2" in lines[lines.index("=== done ===") + 2]
+    report = (demo / "report" / "chimera-report.md").read_text()
+    rows = report.split("## DPO rounds\n\n")[1].split("\n\n")[0].splitlines()[2:]
+    assert [row.split("|")[1].strip() for row in rows] == ["0 (gen.py's pairs)", "1 (d1_r1)", "2 (d1_r2)"]
+    for r, row in enumerate(rows):  # the judge's win rate against SFT and the answer lengths; the round's pairs, cost
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        section = json.load(open(demo / "report" / f"chimera-chat-evaluation-dpo{r and f'-d1_r{r}' or ''}.json"))
+        win, length, sft = (section["figures"]["Judge"][f"{m} (no system)"]
+                            for m in ("Judge win rate", "Answer length", "Reference answer length"))
+        assert "against sft chimera_d1" in win[1] and cells[2:4] == [f"{length[0]:.4f}", f"{sft[0]:.4f}"], row
+        assert cells[1] == ("undefined" if win[0] == "undefined" else f"{win[0]:.4f} ({win[1].split(' verd')[0]})")
+        ledger = [json.loads(line) for line in open(demo / "datasets" / f"trader_dpo_onpolicy_r{r}.ledger.jsonl")] \
+            if r else []
+        kept = sum(e["outcome"] in ("kept", "anchored") for e in ledger)
+        assert cells[4] == "-" if r == 0 else cells[4].startswith(f"{kept} kept, {len(ledger) - kept} rejected (") \
+            and cells[4].endswith(f"), judge ${sum(e['cost'] for e in ledger):.4f}"), row
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count(", skipped") == 11 and "=== DPO round 1 (dpo.py) ===" not in second.stdout
+
+
 def test_help_says_what_it_does_and_starts_nothing(tmp_path):
     proc = run_sh({"NANOCHAT_BASE_DIR": str(tmp_path / "base"), "CHIMERA_DEMO_DIR": str(tmp_path / "demo")},
                   timeout=30, args=["--help"], cwd=tmp_path)
@@ -99,10 +144,16 @@ flags = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in 
 if args[0] in ("sft.py", "dpo.py") or "fresh_base" in args[-1]:
     folder = {{"sft.py": "chatsft_checkpoints", "dpo.py": "chatdpo_checkpoints"}}.get(args[0], "base_checkpoints")
     os.makedirs(os.path.join(base, folder, flags.get("out_tag", "d1")), exist_ok=True)
-    open(os.path.join(base, folder, flags.get("out_tag", "d1"), "model_000001.pt"), "w").write(args[0])
+    open(os.path.join(base, folder, flags.get("out_tag", "d1"), "model_000001.pt"), "w").write(" ".join(args))
     time.sleep(float(os.environ.get("FAKE_SLEEP", 0)) if args[0] == "sft.py" else 0)
+    if args[0] == "dpo.py":
+        open(os.path.join(base, "report", "chimera-chat-dpo.md"), "w").write(" ".join(args))
+elif args[0] == "onpolicy.py":  # a line more in the pairs and the ledger
+    for path in (flags["output"], flags["output"][:-6] + ".ledger.jsonl"):
+        open(path, "a").write(json.dumps({{"round": flags["round"]}}) + "\\n")
 elif args[0] == "eval.py":
-    with open(os.path.join(base, "report", f"chimera-chat-evaluation-{{args[2]}}.json"), "w") as f:
+    name = args[2] + ("-" + flags["model_tag"]) * ("_r" in flags.get("model_tag", ""))  # a DPO round's: by tag
+    with open(os.path.join(base, "report", f"chimera-chat-evaluation-{{name}}.json"), "w") as f:
         json.dump({{"results": {{}}, "skipped": json.loads(os.environ.get("FAKE_SKIPPED", "{{}}")),
                    "skipped_for_now": json.loads(os.environ.get("FAKE_FOR_NOW", "[]"))}}, f)
 elif args[0] == "checkpoint.py":  # no nanochat checkpoint: the demo's own
@@ -168,6 +219,21 @@ def test_an_evaluation_skipped_for_now_is_not_stamped_and_a_judge_redoes_it(stan
     fourth = run(FAKE_SKIPPED=offline, OPENROUTER_API_KEY="sk-or-x")
     assert fourth.stdout.count(", skipped") == 5 and len(evals()) == 6
     assert "sk-or-x" not in "".join(p.read_text() for p in (base / "chimera").iterdir())  # the key is no stamp's
+
+
+def test_a_rounds_pairs_resume_after_a_kill_and_start_afresh_when_its_inputs_change(stand_in, tmp_path):
+    run, base = stand_in
+    pairs = lambda r: (base / "datasets" / f"trader_dpo_onpolicy_r{r}.jsonl").read_text().count("\n")
+    assert run(ONPOLICY_ROUNDS="2").stderr == "run.sh: ONPOLICY_ROUNDS=2 needs OPENROUTER_API_KEY\n"
+    assert run(ONPOLICY_ROUNDS="x", OPENROUTER_API_KEY="sk-or-x").returncode == 1 and not base.exists()
+    env = {"ONPOLICY_ROUNDS": "2", "OPENROUTER_API_KEY": "sk-or-x"}
+    assert run(**env).returncode == 0 and (pairs(1), pairs(2)) == (1, 1)
+    assert run(**env).stdout.count(", skipped") == 11 and (pairs(1), pairs(2)) == (1, 1)
+    os.remove(base / "chimera" / "on_policy_pairs__round_2.stamp")  # killed before its stamp: resumed, topped up
+    assert run(**env).returncode == 0 and (pairs(1), pairs(2)) == (1, 2)
+    changed = run(DPO_EXTRA_ARGS="--beta=0.2", **env)  # round 0's model changed: each round's pairs anew
+    assert changed.returncode == 0 and (pairs(1), pairs(2)) == (1, 1) and ", skipped" not in changed.stdout.split(
+        "=== DPO (dpo.py) ===")[1]
 
 
 # -----------------------------------------------------------------------------
