@@ -21,6 +21,7 @@ import copy
 import hashlib
 import math
 import os
+import re
 import time
 from collections import namedtuple
 from dataclasses import asdict, dataclass
@@ -331,7 +332,8 @@ def main():
                      f"margin {means['rewards/margins']:.3f}{nll}", {**means, "lr": optimizers[1].param_groups[0]["lr"],
                      "lr_multiplier": lrm}, stats.real_tokens, stats.real_tokens, stats.positions)
 
-    write_report_section("Chat DPO", [asdict(config), {
+    round_tag = config.out_tag if re.fullmatch(r".+_r\d+", config.out_tag or "") else None  # on-policy: its own
+    write_report_section(f"Chat DPO {round_tag}" if round_tag else "Chat DPO", [asdict(config), {
         "Source": f"{config.source} step {meta.get('step')}", "Training pairs": len(train), "Held-out pairs": len(val),
         "Dropped pairs": dropped, "Number of iterations": steps, "Beta": config.beta, "Loss type": config.loss_type,
         "Reference": "cached" if config.ref_cache else "live", "Conditioning": "no system message (the chat condition)",

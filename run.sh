@@ -69,11 +69,6 @@ evaluate() {  # evaluate NAME SOURCE ARGS...: eval.py -i SOURCE, its json chimer
     FOR_NOW=$("$PY" -c 'import json, sys; print(", ".join(json.load(open(sys.argv[1])).get("skipped_for_now", [])))' \
         "$REPORT_DIR/chimera-chat-evaluation-$1.json")
 }
-dpo_round() {  # dpo_round TAG ARGS...: dpo.py --out_tag=TAG, its section chimera-chat-dpo-TAG.md (round 0's stays)
-    local section=$REPORT_DIR/chimera-chat-dpo.md
-    cp -p "$section" "$section.round0" && launch dpo.py --out_tag="$1" "${@:2}" || return
-    mv "$section" "${section%.md}-$1.md" && mv "$section.round0" "$section"
-}
 
 # Python environment: a venv beside the code, with the project installed into it
 PY=${CHIMERA_PYTHON:-$PWD/.venv/bin/python}
@@ -180,8 +175,8 @@ for r in $(seq 1 "$ROUNDS"); do
     PAIRS=$BASE/datasets/trader_dpo_onpolicy_r$r FROM_MODEL=$(latest "${DPO_DIR%/*}/$FROM")
     stage "on-policy pairs, round $r (onpolicy.py)" "$SFT_DATA" "$DPO_DATA" "$FROM_MODEL" -- "$PAIRS".{,ledger.}jsonl \
         -- launch onpolicy.py --output="$PAIRS.jsonl" --source=dpo --model_tag="$FROM" --round=$r "${ONPOLICY_ARGS[@]}"
-    stage "DPO round $r (dpo.py)" "$PAIRS.jsonl" "$FROM_MODEL" -- "${DPO_DIR}_r$r" "$REPORT_DIR" -- dpo_round \
-        "${TAG}_r$r" --source=dpo --model_tag="$FROM" --dpo_data_path="$PAIRS.jsonl" "${DPO_ARGS[@]}"
+    stage "DPO round $r (dpo.py)" "$PAIRS.jsonl" "$FROM_MODEL" -- "${DPO_DIR}_r$r" "$REPORT_DIR" -- launch dpo.py \
+        --out_tag="${TAG}_r$r" --source=dpo --model_tag="$FROM" --dpo_data_path="$PAIRS.jsonl" "${DPO_ARGS[@]}"
     FROM=${TAG}_r$r  # its eval: the judge against SFT, as round 0's; the round's pairs kept and their cost
     stage "evaluate DPO round $r (eval.py -i dpo)" "$SFT_DATA" "$DPO_DATA" "$PAIRS.ledger.jsonl" \
         "$(latest "$SFT_DIR")" "$(latest "${DPO_DIR}_r$r")" -- "$REPORT_DIR" -- \

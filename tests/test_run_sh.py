@@ -147,7 +147,9 @@ if args[0] in ("sft.py", "dpo.py") or "fresh_base" in args[-1]:
     open(os.path.join(base, folder, flags.get("out_tag", "d1"), "model_000001.pt"), "w").write(" ".join(args))
     time.sleep(float(os.environ.get("FAKE_SLEEP", 0)) if args[0] == "sft.py" else 0)
     if args[0] == "dpo.py":
-        open(os.path.join(base, "report", "chimera-chat-dpo.md"), "w").write(" ".join(args))
+        tag = flags.get("out_tag", "")  # a DPO round's section: by its tag
+        open(os.path.join(base, "report", "chimera-chat-dpo" + ("-" + tag) * ("_r" in tag) + ".md"), "w").write(
+            " ".join(args))
 elif args[0] == "onpolicy.py":  # a line more in the pairs and the ledger
     for path in (flags["output"], flags["output"][:-6] + ".ledger.jsonl"):
         open(path, "a").write(json.dumps({{"round": flags["round"]}}) + "\\n")
