@@ -207,8 +207,8 @@ def read_metrics(source):
     none; a torn last line from a killed run is skipped, the rest still charts."""
     from checkpoint import checkpoint_dir_for
     rows = []
-    with contextlib.suppress(UserError, OSError), open(os.path.join(checkpoint_dir_for(source), "metrics.jsonl"),
-                                                       encoding="utf-8") as f:
+    with contextlib.suppress(UserError, OSError), open(os.path.join(re.sub(  # round 0's, as the summary's column
+            r"_r\d+$", "", checkpoint_dir_for(source)), "metrics.jsonl"), encoding="utf-8") as f:
         for line in f:
             with contextlib.suppress(ValueError):
                 rows.append(json.loads(line))

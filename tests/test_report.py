@@ -253,3 +253,13 @@ def test_cli_rejects_unknown_command(report_base, capsys):
     finally:
         sys.argv = sys_argv
     assert e.value.code == 2 and "usage: python report.py generate | reset" in capsys.readouterr().err
+
+
+def test_dpo_charts_are_round_0s_like_the_summarys_dpo_column(tmp_path, monkeypatch):
+    """After on-policy rounds, `-i dpo` finds the last round (d2_r1), but the charts beside the summary's DPO column
+    (DPO on gen.py's pairs) come from that run's metrics, not the round's."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    for tag, loss in (("d2", 0.5), ("d2_r1", 0.1)):
+        os.makedirs(tmp_path / "chatdpo_checkpoints" / tag)
+        (tmp_path / "chatdpo_checkpoints" / tag / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": loss}))
+    assert report.read_metrics("dpo") == [{"step": 1, "loss": 0.5}]
