@@ -87,7 +87,7 @@ class DPOLoss(NamedTuple):
     beta: float
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
-    rpo_alpha: float = 0.0  # the weight of the chosen answers' NLL term (pair_losses adds it; not a function of the margin)
+    rpo_alpha: float = 0.0  # weight of the chosen answers' NLL per token (RPO; not a function of the margin)
 
     def __call__(self, margin, ref_margin):
         logits, beta, smoothing = margin - ref_margin, self.beta, self.label_smoothing
