@@ -79,6 +79,8 @@ def check_config(config):
                         "--loss_type=sigmoid")
     if not 0.0 <= config.val_fraction < 1.0:
         raise UserError(f"--val_fraction={config.val_fraction}: expected a fraction in [0, 1)")
+    if config.source == "dpo" and not config.out_tag:  # its default d<N> may be the DPO run that round 1 started from
+        raise UserError("--source=dpo: pass --out_tag, a directory of its own (run.sh's rounds use d<N>_r<k>)")
 
 # The loss (a small pure function of a pair's margin), and the pairs: two rendered conversations sharing the prompt
 class DPOLoss(NamedTuple):

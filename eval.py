@@ -380,6 +380,8 @@ def onpolicy_pairs(meta):
     if not path or not os.path.isfile(ledger := onpolicy.ledger_path(path)):
         return None
     entries = list(tasks.iter_jsonl(ledger, onpolicy.ledger_problem))
+    if not entries or any("round" not in e for e in entries):  # gen.py's ledger of the data it wrote, not onpolicy's
+        return None
     outcomes = Counter(e["outcome"] for e in entries)
     kept = outcomes.pop("kept", 0) + outcomes.pop("anchored", 0)
     return {"kept": kept, "rejected": dict(outcomes), "judge_cost": sum(e.get("cost", 0.0) for e in entries)}

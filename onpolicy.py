@@ -200,8 +200,8 @@ def main():
     halt = lambda: bool(STOP.is_set() or api_stop or (config.max_cost and client.spend.cost >= config.max_cost))
     bar = ProgressBar(len(prompts), desc=f"round {config.round}", unit="prompt", done=len(prompts) - len(todo))
 
-    def write(wait):  # rank 0: the judgements finished, in prompt order
-        while jobs and (wait or jobs[0][1].done()):
+    def write(wait):  # rank 0: the judgements finished, in prompt order; at most a chunk behind (the others wait)
+        while jobs and (wait or len(jobs) > chunk or jobs[0][1].done()):
             prompt, future = jobs.pop(0)
             try:
                 record, outcome, cost = future.result()

@@ -55,9 +55,9 @@ stage() {
         say "$name: finished before with these settings and inputs, skipped (CHIMERA_REDO=1 to redo)"; return
     fi
     rm -f "$stamp" && touch "$STAMPS/started" && FOR_NOW=
-    [ "${CHIMERA_REDO:-0}" != 1 ] && [ "$(cat "$stamp.inputs" 2>/dev/null)" = "$key" ] ||  # other inputs (or REDO):
-        for f in "${outs[@]}"; do [ ! -f "$f" ] || rm "$f"; done  # its output files go, not topped up (a kill's stay)
-    printf '%s\n' "$key" >"$stamp.inputs"
+    [ "${CHIMERA_REDO:-0}" != 1 ] && [ "$(cat "$stamp.inputs" 2>/dev/null)" = "$(sed 1d <<<"$key")" ] ||
+        for f in "${outs[@]}"; do [ ! -f "$f" ] || rm "$f"; done  # other inputs (not flags), or REDO: its output
+    sed 1d <<<"$key" >"$stamp.inputs"  # files go, not topped up; a kill's, or a raised --max_cost's, are resumed
     step "$name" "$@"
     [ -z "$FOR_NOW" ] || { say "$name: not stamped ($FOR_NOW skipped for now): the next run redoes it"; return; }
     { printf '%s\noutputs:\n' "$key"  # then a sha256 line per file the stage wrote (but optimizer states)
@@ -181,6 +181,10 @@ for r in $(seq 1 "$ROUNDS"); do
     stage "evaluate DPO round $r (eval.py -i dpo)" "$SFT_DATA" "$DPO_DATA" "$PAIRS.ledger.jsonl" \
         "$(latest "$SFT_DIR")" "$(latest "${DPO_DIR}_r$r")" -- "$REPORT_DIR" -- \
         evaluate "dpo-$FROM" dpo --model_tag="$FROM" --ref_source=sft --ref_tag="$SFT_TAG" "${EVAL_ARGS[@]}"
+done
+for d in "$DPO_DIR"_r*; do  # rounds an earlier run made past this one's: neither what -i dpo loads nor in the report
+    k=${d##*_r}; [[ $k =~ ^[0-9]+$ ]] && [ "$k" -gt "$ROUNDS" ] || continue
+    rm -rf "$d" "$REPORT_DIR"/chimera-chat-{dpo,evaluation-dpo}-"${TAG}_r$k".*
 done
 in_dir() { (cd "$1" && shift && "$@"); }  # in_dir DIR COMMAND...
 step "report (report.py generate)" in_dir "$CALLER" "$PY" "$PWD/report.py" generate

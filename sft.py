@@ -100,6 +100,10 @@ def follow_recipe(config, recipe, meta, lengths, world_size):
         init_lr_frac=0.8, warmdown_ratio=0.5, device_batch_size=inherit(meta, "device_batch_size", 32),
         unembedding_lr=inherit(pretrain, "unembedding_lr", 0.004), embedding_lr=inherit(pretrain, "embedding_lr", 0.3),
         matrix_lr=inherit(pretrain, "matrix_lr", 0.02))
+    if config.device_batch_size == -1 and config.target_examples_per_step > 0:  # micro-batches that fill a given step
+        fits = [d for d in range(1, settings["device_batch_size"] + 1)
+                if config.target_examples_per_step % (d * world_size) == 0]
+        settings = {**settings, "device_batch_size": max(fits, default=settings["device_batch_size"])}
     config = replace(config, recipe=recipe, **{k: v for k, v in settings.items() if getattr(config, k) == -1})
     if config.target_examples_per_step == -1:
         per_pass = config.device_batch_size * world_size

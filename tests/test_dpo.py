@@ -362,6 +362,7 @@ def test_two_processes_train_like_one(tmp_path):
     (["--beta=-1"], "must be > 0"),
     (["--loss_type=kto"], "--loss_type='kto'"),
     (["--rpo_alpha=-0.5"], "--rpo_alpha=-0.5: must be >= 0"),
+    (["--source=dpo"], "--source=dpo: pass --out_tag"),  # else d<N>, maybe the run round 1 started from, is cleared
     (["--dpo_data_path=/nonexistent/pairs.jsonl"], "/nonexistent/pairs.jsonl"),
 ])
 def test_bad_config_fails_before_training(sft_base, monkeypatch, args, message):

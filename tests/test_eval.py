@@ -495,3 +495,15 @@ def test_a_partial_eval_updates_its_tasks_and_keeps_the_others(eval_base, monkey
     assert lines["Skipped tasks"] == "ARC-Easy, ARC-Challenge, HumanEval" and "Identity probe score" in lines
     data = json.load(open(os.path.join(eval_base, "report", "chimera-chat-evaluation-sft.json")))
     assert data["skipped_for_now"] == []  # offline is for good: run.sh stamps it
+
+
+def test_a_dpo_run_on_gen_pys_pairs_has_no_on_policy_figures(tmp_path):
+    """gen.py's Store keeps a ledger beside its data too ({"id", "outcome": "ok"}): it is not onpolicy.py's, whose
+    lines name their round, so a DPO run on gen.py's pairs shows no "On-policy pairs" line."""
+    data = tmp_path / "trader_dpo_data.jsonl"
+    meta = {"user_config": {"dpo_data_path": str(data)}}
+    (tmp_path / "trader_dpo_data.ledger.jsonl").write_text('{"id": "a1", "outcome": "ok", "hash": "x"}\n')
+    assert chat_eval.onpolicy_pairs(meta) is None
+    (tmp_path / "trader_dpo_data.ledger.jsonl").write_text(
+        '{"id": 1, "round": 1, "outcome": "kept", "cost": 0.25}\n{"id": 2, "round": 1, "outcome": "close", "cost": 0.5}\n')
+    assert chat_eval.onpolicy_pairs(meta) == {"kept": 1, "rejected": {"close": 1}, "judge_cost": 0.75}

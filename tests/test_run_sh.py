@@ -236,6 +236,12 @@ def test_a_rounds_pairs_resume_after_a_kill_and_start_afresh_when_its_inputs_cha
     changed = run(DPO_EXTRA_ARGS="--beta=0.2", **env)  # round 0's model changed: each round's pairs anew
     assert changed.returncode == 0 and (pairs(1), pairs(2)) == (1, 1) and ", skipped" not in changed.stdout.split(
         "=== DPO (dpo.py) ===")[1]
+    flags = run(DPO_EXTRA_ARGS="--beta=0.2", ONPOLICY_EXTRA_ARGS="--max_cost=5", **env)  # a raised budget: resumed
+    assert flags.returncode == 0 and (pairs(1), pairs(2)) == (2, 2)
+    dpo_dir = base / "chatdpo_checkpoints"
+    fewer = run(DPO_EXTRA_ARGS="--beta=0.2", ONPOLICY_EXTRA_ARGS="--max_cost=5", **{**env, "ONPOLICY_ROUNDS": "1"})
+    assert fewer.returncode == 0 and sorted(os.listdir(dpo_dir)) == ["d1", "d1_r1"]  # round 2 is an earlier run's
+    assert not list((base / "report").glob("*d1_r2*")) and "--model_tag=d1_r1" in fewer.stdout.splitlines()[-3]
 
 
 # -----------------------------------------------------------------------------

@@ -408,3 +408,12 @@ def test_the_2025_mixture_takes_smoltalks_rows_in_885a4f2s_order(tmp_path, monke
     smoltalk = next(task for task in train.tasks if task.label.startswith("SmolTalk"))
     got = [smoltalk[i]["messages"][0]["content"] for i in range(len(smoltalk))]
     assert got == [f"s{i}" for i in np.random.default_rng(42).permutation(20)[:5]]
+
+
+@pytest.mark.parametrize("world_size, target, batch", [(8, 32, 4), (2, 32, 16), (1, 32, 32), (8, -1, 32)])
+def test_a_given_step_on_2026_takes_micro_batches_that_fill_it(world_size, target, batch):
+    """run.sh gives the persona mix 32 conversations a step; a 2026 base's inherited device batch (32) would not
+    divide it on 2 or 8 GPUs: the largest micro-batch that does is taken (unless --device_batch_size is given)."""
+    config = sft.parse_config(sft.Config, [f"--target_examples_per_step={target}"])
+    got = sft.follow_recipe(config, 2026, {"device_batch_size": 32}, [100] * 10, world_size)
+    assert got.device_batch_size == batch and got.target_examples_per_step % (batch * world_size) == 0
