@@ -183,8 +183,8 @@ def main():
     output = config.output or os.path.join(get_base_dir(), "datasets", "trader_dpo_onpolicy.jsonl")
     try:  # rank 0 writes and asks the judge
         lock, ledger, done = open_output(output, run, client) if proc.master else (None, None, None)
-    except UserError as e:
-        done = e
+    except (UserError, OSError) as e:  # shared: the other ranks stop too, rather than wait in a collective
+        done = e if isinstance(e, UserError) else UserError(f"{output}: {e.strerror or e}")
     if isinstance(done := rank0_value(done), UserError):
         raise done
     rendered = {p.id: tokenizer.render_for_completion({"messages": [{"role": "user", "content": p.text},
@@ -203,15 +203,16 @@ def main():
     def write(wait):  # rank 0: the judgements finished, in prompt order; at most a chunk behind (the others wait)
         while jobs and (wait or len(jobs) > chunk or jobs[0][1].done()):
             prompt, future = jobs.pop(0)
-            try:
+            try:  # a failure here (the API stopped, a full disk) stops every rank at the next chunk, with one line
                 record, outcome, cost = future.result()
-            except APIStop as e:
+                if record:
+                    tasks.append_jsonl(output, record)
+                if outcome:  # else not judged (a stop, the API gave up): a re-run asks
+                    tasks.append_jsonl(ledger, {"id": prompt.id, **run, "outcome": outcome, "cost": cost})
+            except (APIStop, OSError) as e:
                 api_stop.append(e)
                 continue
-            if record:
-                tasks.append_jsonl(output, record)
-            if outcome:  # else not judged (a stop, the API gave up): a re-run asks
-                tasks.append_jsonl(ledger, {"id": prompt.id, **run, "outcome": outcome, "cost": cost})
+            if outcome:
                 counts[outcome] += 1
                 bar.update(1, kept=counts["kept"] + counts["anchored"], spend=f"${client.spend.cost - spent:.4f}")
 

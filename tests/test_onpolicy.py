@@ -191,6 +191,29 @@ def test_one_writer_and_one_round_per_file(run, base, server):
     assert {r["round"] for r in lines(base / "r2.jsonl")} <= {2} and len(lines(base / "r2.ledger.jsonl")) == 4
 
 
+def test_a_full_disk_stops_with_one_line_and_whole_lines(run, base, server, monkeypatch):
+    """An append that fails (ENOSPC) on the writing rank stops the stage with one line (its peers stop at the next
+    chunk, not at the dist timeout); what was written is whole lines, and a re-run resumes it."""
+    real, calls = tasks.append_jsonl, []
+
+    def append(path, record):
+        calls.append(path)
+        if len(calls) > 6:
+            raise OSError(28, "No space left on device", path)
+        real(path, record)
+
+    monkeypatch.setattr(tasks, "append_jsonl", append)
+    code, out, err = run("--prompts=20", "--workers=1")
+    assert code == 2 and "Traceback" not in err  # stderr: the progress bar, then one line
+    assert err.splitlines()[-1].startswith("error: stopped: [Errno 28] No space left on device")
+    assert 0 < len(pairs(base)[0]) + len(pairs(base)[1]) <= 6  # pairs.jsonl / ledger: whole lines (pairs() checks)
+    monkeypatch.setattr(tasks, "append_jsonl", real)
+    assert run("--prompts=20", "--workers=1")[0] == 0
+    kept, ledger = pairs(base)
+    judged = {onpolicy.draw(r["prompt"]) for r in kept} | {e["id"] for e in ledger}
+    assert len(judged) == 20 and len({r["prompt"] for r in kept}) == len(kept)
+
+
 def test_max_cost_stops_cleanly_in_gens_ledger(run, base, server):
     code, out, err = run("--prompts=40", "--max_cost=0.01", "--workers=1")
     assert code == 0 and "stopped at --max_cost" in out, err
