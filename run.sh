@@ -21,7 +21,8 @@
 #   CHIMERA_REDO=1      redo every stage instead of skipping the ones Chimera finished
 #   SFT_EXAMPLES, DPO_EXAMPLES   how many conversations / pairs gen.py makes (5000 / 10000)
 #   ONPOLICY_ROUNDS     rounds of on-policy DPO (1 with OPENROUTER_API_KEY, else 0 as in the demo): onpolicy.py pairs
-#                       from the latest DPO model, DPO from it into chatdpo_checkpoints/d<N>_r<round> (README)
+#                       from the latest DPO model, DPO from it into chatdpo_checkpoints/d<N>_r<round> (README);
+#                       a round that keeps no pairs ends them
 #   SFT_EXTRA_ARGS, DPO_EXTRA_ARGS, EVAL_EXTRA_ARGS, ONPOLICY_EXTRA_ARGS   more --key=value flags for a stage (they win)
 #   CHIMERA_DEMO_DIR, CHIMERA_DEMO_DEPTH   the demo's base dir (~/.cache/chimera-demo) and model depth (2, 128 wide)
 #   CHIMERA_PYTHON      use this Python instead of the .venv that run.sh creates
@@ -175,6 +176,9 @@ for r in $(seq 1 "$ROUNDS"); do
     PAIRS=$BASE/datasets/trader_dpo_onpolicy_r$r FROM_MODEL=$(latest "${DPO_DIR%/*}/$FROM")
     stage "on-policy pairs, round $r (onpolicy.py)" "$SFT_DATA" "$DPO_DATA" "$FROM_MODEL" -- "$PAIRS".{,ledger.}jsonl \
         -- launch onpolicy.py --output="$PAIRS.jsonl" --source=dpo --model_tag="$FROM" --round=$r "${ONPOLICY_ARGS[@]}"
+    if [ ! -s "$PAIRS.jsonl" ]; then  # no answer clearly better, or no budget: nothing for DPO, so the rounds end
+        say "round $r kept no pairs: the rounds end with round $((r - 1))"; ROUNDS=$((r - 1)); break
+    fi
     stage "DPO round $r (dpo.py)" "$PAIRS.jsonl" "$FROM_MODEL" -- "${DPO_DIR}_r$r" "$REPORT_DIR" -- launch dpo.py \
         --out_tag="${TAG}_r$r" --source=dpo --model_tag="$FROM" --dpo_data_path="$PAIRS.jsonl" "${DPO_ARGS[@]}"
     FROM=${TAG}_r$r  # its eval: the judge against SFT, as round 0's; the round's pairs kept and their cost

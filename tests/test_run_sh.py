@@ -150,8 +150,9 @@ if args[0] in ("sft.py", "dpo.py") or "fresh_base" in args[-1]:
         tag = flags.get("out_tag", "")  # a DPO round's section: by its tag
         open(os.path.join(base, "report", "chimera-chat-dpo" + ("-" + tag) * ("_r" in tag) + ".md"), "w").write(
             " ".join(args))
-elif args[0] == "onpolicy.py":  # a line more in the pairs and the ledger
-    for path in (flags["output"], flags["output"][:-6] + ".ledger.jsonl"):
+elif args[0] == "onpolicy.py":  # a line more in the pairs (none in round $FAKE_NO_PAIRS) and the ledger
+    none = flags["round"] == os.environ.get("FAKE_NO_PAIRS")
+    for path in [flags["output"]] * (not none) + [flags["output"][:-6] + ".ledger.jsonl"]:
         open(path, "a").write(json.dumps({{"round": flags["round"]}}) + "\\n")
 elif args[0] == "eval.py":
     name = args[2] + ("-" + flags["model_tag"]) * ("_r" in flags.get("model_tag", ""))  # a DPO round's: by tag
@@ -242,6 +243,21 @@ def test_a_rounds_pairs_resume_after_a_kill_and_start_afresh_when_its_inputs_cha
     fewer = run(DPO_EXTRA_ARGS="--beta=0.2", ONPOLICY_EXTRA_ARGS="--max_cost=5", **{**env, "ONPOLICY_ROUNDS": "1"})
     assert fewer.returncode == 0 and sorted(os.listdir(dpo_dir)) == ["d1", "d1_r1"]  # round 2 is an earlier run's
     assert not list((base / "report").glob("*d1_r2*")) and "--model_tag=d1_r1" in fewer.stdout.splitlines()[-3]
+
+
+def test_a_round_that_keeps_no_pairs_ends_the_rounds_and_the_run_goes_on(stand_in, tmp_path):
+    run, base = stand_in
+    env = {"ONPOLICY_ROUNDS": "3", "OPENROUTER_API_KEY": "sk-or-x"}
+    assert run(**env).returncode == 0 and len(os.listdir(base / "chatdpo_checkpoints")) == 4
+    ended = run(FAKE_NO_PAIRS="2", DPO_EXTRA_ARGS="--beta=0.2", **env)  # round 0 anew: each round's pairs anew
+    assert ended.returncode == 0, ended.stderr
+    assert "=== round 2 kept no pairs: the rounds end with round 1 ===" in ended.stdout
+    assert "DPO round 2" not in ended.stdout and "=== report (report.py generate) ===" in ended.stdout
+    assert sorted(os.listdir(base / "chatdpo_checkpoints")) == ["d1", "d1_r1"]  # the earlier rounds 2, 3 removed
+    assert not list((base / "report").glob("*d1_r[23]*")) and "--model_tag=d1_r1" in ended.stdout.splitlines()[-3]
+    again = run(FAKE_NO_PAIRS="2", DPO_EXTRA_ARGS="--beta=0.2", **env)
+    assert again.returncode == 0 and again.stdout.count(", skipped") == 9 and "the rounds end with round 1" in \
+        again.stdout
 
 
 # -----------------------------------------------------------------------------
