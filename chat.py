@@ -28,6 +28,8 @@ from common import UserError, check_settings, init_dist, parse_config, run_main
 from engine import Engine, Sampling
 from openrouter import PERSONA_PATH, load_persona
 
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "chat.html")  # served at /, as nanochat's ui.html
+
 @dataclass
 class Config:
     source: str = "sft"  # checkpoint to talk to: base|mid|sft|dpo|rl, in $NANOCHAT_BASE_DIR (-i)
@@ -271,7 +273,8 @@ class Handler(BaseHTTPRequestHandler):
         if srv.config.api_key and path != "/" and not hmac.compare_digest(sent.encode(), srv.config.api_key.encode()):
             raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key")
         if path == "/":
-            self._send(200, PAGE.encode(), "text/html; charset=utf-8")
+            with open(PAGE, "rb") as f:
+                self._send(200, f.read(), "text/html; charset=utf-8")
         elif path == "/v1/models":
             self._send(200, {"object": "list", "data": [
                 {"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "chimera"}]})
@@ -328,36 +331,6 @@ def make_server(sched, name, config):
     if not (server.loopback or config.api_key):
         print(f"warning: {config.host} is reachable beyond this machine and no API key is set", file=sys.stderr)
     return server
-
-PAGE = """<!doctype html><meta charset="utf-8"><title>Chat</title><style>body{font:15px sans-serif;max-width:46em;
-margin:auto}textarea{width:100%}#log div{white-space:pre-wrap;padding:.5em}.user{background:#e6edfb}</style>
-<div id="log"></div><textarea id="input" rows="3" placeholder="Enter sends, Shift+Enter is a new line"></textarea>
-<button id="send">Send</button> <button id="new">New chat</button><script>
-let messages = []; const $ = id => document.getElementById(id), input = $("input"), log = $("log");
-const add = (c, t) => log.appendChild(Object.assign(document.createElement("div"), {className: c, textContent: t}));
-async function send() {
-  const text = input.value.trim(), out = text && !$("send").disabled && (add("user", text), add("assistant", ""));
-  if (!out) return;
-  input.value = ""; $("send").disabled = true; messages.push({role: "user", content: text});
-  let reply = "", buf = "";
-  try {  // the reply streams in as server-sent events: "data: {chunk}" blocks, then "data: [DONE]"
-    const r = await fetch("/v1/chat/completions", {method: "POST", body: JSON.stringify({messages, stream: true})});
-    if (!r.ok) throw new Error((await r.json()).error.message);
-    for (let reader = r.body.getReader(), dec = new TextDecoder(), c; !(c = await reader.read()).done;) {
-      const events = (buf += dec.decode(c.value, {stream: true})).split("\\n\\n"); buf = events.pop();
-      for (const e of events.map(e => e.slice(6)).filter(e => e != "[DONE]").map(e => JSON.parse(e))) {
-        if (e.error) throw new Error(e.error.message);  // a failure mid-stream: OpenAI's error event
-        out.textContent = (reply += e.choices[0]?.delta?.content || "");
-      }
-    }
-    messages.push({role: "assistant", content: reply});
-  } catch (e) { messages.pop(); out.textContent = "error: " + e.message; }
-  $("send").disabled = false; input.focus();
-}
-$("send").onclick = send; $("new").onclick = () => { messages = []; log.textContent = ""; input.focus(); };
-input.onkeydown = e => { if (e.key == "Enter" && !e.shiftKey) { e.preventDefault(); send(); } };
-</script>
-"""
 
 def api_key(config):  # --api_key, else the first line of --api_key_file, else $CHIMERA_API_KEY; "" = none
     if config.api_key or not config.api_key_file:

@@ -576,7 +576,7 @@ def test_the_page_shows_the_message_of_an_error_event(served, monkeypatch):
     def fail(*args):
         raise RuntimeError("nan")
     monkeypatch.setattr(engine, "sample", fail)
-    script = chat.PAGE.split("<script>")[1].split("</script>")[0]
+    script = open(chat.PAGE, encoding="utf-8").read().split("<script>")[1].split("</script>")[0]
     stub = ("const els = {}, el = () => ({value: '', children: [], appendChild(c) { this.children.push(c); return c; },"
             " focus() {}}); globalThis.document = {getElementById: id => els[id] ??= el(), createElement: el};"
             f" const real = fetch; globalThis.fetch = (u, o) => real('{served.url}' + u, o);")
