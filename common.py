@@ -191,9 +191,11 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 def all_reduce_sum(values, device=None):
-    """Sum numbers over ranks in float64, on the CPU but under NCCL (CUDA tensors only): MPS has no float64."""
+    """Sum numbers over ranks in float64, on the CPU but under NCCL (CUDA tensors only; `device`, else this rank's
+    GPU): MPS has no float64."""
     nccl = dist.is_initialized() and dist.get_backend() == "nccl"
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device if nccl else "cpu")
+    device = (device or torch.device("cuda", torch.cuda.current_device())) if nccl else "cpu"
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()

@@ -207,3 +207,19 @@ def test_sums_never_put_float64_on_the_device():
 
     with NoFloat64OffCPU():
         assert common.all_reduce_sum([1, 2.5], torch.device("meta")) == [1.0, 2.5]
+
+
+def test_sums_under_nccl_go_on_this_ranks_gpu_also_when_no_device_is_given(monkeypatch):
+    """NCCL reduces CUDA tensors only: a sum asked without a device (the data check of every SFT/DPO run, the
+    reference cache's vote, onpolicy's stop vote) goes on the GPU init_dist set, not the CPU (a traceback on each
+    rank of every multi-GPU run). No GPU here: torch.tensor stands in, saying where it was asked to put the sum."""
+    asked, real = [], torch.tensor
+    monkeypatch.setattr(common.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(common.dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(common.dist, "all_reduce", lambda t, op: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch, "tensor", lambda data, dtype, device: asked.append(torch.device(device)) or real(
+        data, dtype=dtype))
+    assert common.all_reduce_sum([1, 2.5]) == [1.0, 2.5]
+    assert common.all_reduce_sum([1], torch.device("cuda", 1)) == [1.0]
+    assert asked == [torch.device("cuda", 3), torch.device("cuda", 1)]
