@@ -130,16 +130,18 @@ class Muon(torch.optim.Optimizer):
         world = dist.get_world_size() if dist.is_initialized() else 1
         return {p: i % world for group in self.param_groups for i, p in enumerate(group["params"])}
 
-def warm_start(optimizers, shards, where):
+def warm_start(optimizers, shards, where, keep=()):
     """Continue from nanochat 92d63d4's optimizer shards (optim_<step>_rank<r>.pt, any number of ranks), as its
-    chat_sft --load-optimizer does: the pretraining's hyperparameters but this run's lrs, AdamW's moments (the row
-    slices of large tensors rejoined) and each Muon group's stacked buffers, split back per matrix."""
+    chat_sft --load-optimizer does: the pretraining's hyperparameters (but this run's lrs, and those named in `keep`),
+    AdamW's moments (the row slices of large tensors rejoined) and each Muon group's stacked buffers, split back per
+    matrix."""
     ours, theirs = optimizers[0].param_groups + optimizers[1].param_groups, shards[0]["param_groups"]
     if [len(g["params"]) for g in ours] != [len(g.get("params", ())) for g in theirs]:
         raise UserError(f"{where}: its optimizer groups do not match this model's (another model's optimizer?)")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     for group, saved in zip(ours, theirs):
-        group.update({k: saved[k] for k in ("betas", "eps", "weight_decay", "momentum", "beta2") if k in saved})
+        group.update({k: saved[k] for k in ("betas", "eps", "weight_decay", "momentum", "beta2") if k in saved
+                      and k not in keep})
         states = [[s["state"].get(i, {}) for s in shards] for i in saved["params"]]
         if saved.get("kind") == "muon":  # on the group's first matrix, stacked [chunk per rank, ...]
             stacks = {k: torch.cat([s[k] for s in states[0] if k in s]) for k in ("momentum_buffer",

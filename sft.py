@@ -54,7 +54,7 @@ class Config:
     unembedding_lr: float = -1.0  # AdamW lr of the lm_head; -1 = 0.004 (2025) / the base's (2026)
     embedding_lr: float = -1.0  # AdamW lr of the token embedding; -1 = 0.2 (2025) / the base's (2026)
     matrix_lr: float = -1.0  # Muon lr of the transformer matrices; -1 = 0.02 (2025) / the base's (2026)
-    weight_decay: float = 0.0  # weight decay (Muon in 2026 models, AdamW in Nov 2025 ones)
+    weight_decay: float = -1.0  # Muon's (2026) or AdamW's (2025); -1 = 0, or the 2026 base's shards' when continued
     init_lr_frac: float = -1.0  # every lr is this fraction of the above; -1 = 0.02 (2025) / 0.8 (2026)
     warmdown_ratio: float = -1.0  # the last share of steps where lr falls to 0; -1 = 1 (2025: all) / 0.5 (2026)
     eval_every: int = 100  # steps between val-loss evaluations (and at the end); -1 = only at the end
@@ -66,7 +66,7 @@ class Config:
     out_tag: Optional[str] = None  # output directory name; None = chimera_d{depth}
 
 NOV_2025 = dict(unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, device_batch_size=4,  # 885a4f2's SFT
-                target_examples_per_step=32, init_lr_frac=0.02, warmdown_ratio=1.0)
+                target_examples_per_step=32, init_lr_frac=0.02, warmdown_ratio=1.0, weight_decay=0.0)
 
 def check_config(config):  # before anything heavy is loaded; a -1 (the recipe's) passes as valid
     given = replace(config, **{k: 1 for k in NOV_2025 if getattr(config, k) == -1})
@@ -97,7 +97,8 @@ def follow_recipe(config, recipe, meta, lengths, world_size):
     pretrain = meta.get("user_config") or {}
     inherit = lambda where, key, fallback: fallback if where.get(key) is None else where[key]
     settings = NOV_2025 if recipe == 2025 else dict(
-        init_lr_frac=0.8, warmdown_ratio=0.5, device_batch_size=inherit(meta, "device_batch_size", 32),
+        init_lr_frac=0.8, warmdown_ratio=0.5, weight_decay=0.0,
+        device_batch_size=inherit(meta, "device_batch_size", 32),
         unembedding_lr=inherit(pretrain, "unembedding_lr", 0.004), embedding_lr=inherit(pretrain, "embedding_lr", 0.3),
         matrix_lr=inherit(pretrain, "matrix_lr", 0.02))
     if config.device_batch_size == -1 and config.target_examples_per_step > 0:  # micro-batches that fill a given step
@@ -182,6 +183,7 @@ def main():
         raise UserError(f"no training conversation has an assistant token within {max_len} tokens (--max_seq_len)"
                         + f"; all {dropped} have nothing to learn" * bool(dropped))
     lengths, pad_id = [len(ids) for ids, _ in rows], tokenizer.encode_special("<|assistant_end|>")
+    decay_given = config.weight_decay != -1  # else a warm start takes the shards' (nanochat 92d63d4's)
     config = follow_recipe(config, recipe, meta, lengths, proc.world_size)
     schedule = Schedule(lengths, config.target_examples_per_step, config.device_batch_size, proc.world_size,
                         config.num_epochs, config.num_iterations)
@@ -196,7 +198,8 @@ def main():
     optimizers = setup_optimizers(model, config.unembedding_lr, config.embedding_lr, config.matrix_lr,
                                   config.weight_decay)
     if config.load_optimizer and (shards := load_optimizer_shards(start_dir, meta.get("step", -1))):
-        warm_start(optimizers, shards, start_dir)  # as nanochat 2026's chat_sft
+        warm_start(optimizers, shards, start_dir, keep=("weight_decay",) * decay_given)  # as nanochat 2026's chat_sft
+        config = replace(config, weight_decay=optimizers[1].param_groups[0]["weight_decay"])  # as used
         print0(f"optimizer: continuing from {start_dir}'s {len(shards)} shard(s) of step {meta['step']}")
     grad_sync = GradSync(model, owners=optimizers[1].owners())
     run_dir = RunDir("sft", config.out_tag or f"chimera_d{model.config.n_layer}", proc.master,

@@ -262,9 +262,12 @@ def test_sft_from_a_2026_base_continues_its_optimizer_shards(tmp_path, monkeypat
     torch.save(gold["after_one_step"]["optimizer"], base / "base_checkpoints" / "d2" / "optim_000020_rank0.pt")
     write_jsonl(str(base / "datasets" / "trader_sft_data.jsonl"), [trader_conversation(i) for i in range(40)])
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
-    for flag, continued in (("--load_optimizer=1", True), ("--load_optimizer=0", False)):
-        run_sft(monkeypatch, "--sft_dataset=trader", "--num_iterations=1", "--eval_every=-1", flag, *FAST)
+    meta = lambda: json.load(open(base / "chatsft_checkpoints" / "chimera_d2" / "meta_000001.json"))["user_config"]
+    for flags, continued, decay in ((["--load_optimizer=1"], True, 0.2), (["--load_optimizer=0"], False, 0.0),
+                                    (["--load_optimizer=1", "--weight_decay=0.1"], True, 0.1)):
+        run_sft(monkeypatch, "--sft_dataset=trader", "--num_iterations=1", "--eval_every=-1", *flags, *FAST)
         assert ("optimizer: continuing from" in capsys.readouterr().out) == continued
+        assert meta()["weight_decay"] == decay  # the shards' (as nanochat's chat_sft), unless --weight_decay is given
 
 
 @pytest.mark.parametrize("generation, lrms, frac", [(2025, [1.0, 0.75, 0.5, 0.25], 0.02),
