@@ -39,9 +39,11 @@ class Schedule:
 
     def micro_batches(self, step, rank):
         """This rank's micro-batches at `step`, each a list of row indices."""
-        w, size, bs = step // self.window, self.window * self.per_step, self.batch_size
+        w, bs = step // self.window, self.batch_size
+        size = min(self.window, self.num_iterations - w * self.window) * self.per_step  # the last: the steps left
         if self.cached[0] != w:
-            rows = sorted(((w * size + i) % len(self.lengths) for i in range(size)), key=self.lengths.__getitem__)
+            start = w * self.window * self.per_step
+            rows = sorted(((start + i) % len(self.lengths) for i in range(size)), key=self.lengths.__getitem__)
             order = torch.randperm(size // bs, generator=torch.Generator().manual_seed(w)).tolist()
             self.cached = (w, [rows[i * bs:(i + 1) * bs] for i in order])
         per = self.per_step // bs

@@ -142,6 +142,15 @@ def test_schedule_sees_every_row_once_per_epoch_and_wastes_few_positions():
     assert real / computed >= 0.9
 
 
+def test_an_epoch_that_ends_inside_a_window_sees_no_row_twice():
+    """1,000 rows, 32 a step: 31 steps, the last window of 16 cut at 15; its rows are those 15 steps' (once each),
+    not a full window's wrapped to the first rows and shuffled over steps that never run."""
+    s = dataloader.Schedule(lognormal_lengths(1000), per_step=32, batch_size=4, world_size=1, num_epochs=1,
+                            num_iterations=-1)
+    seen = [i for step in range(s.num_iterations) for mb in s.micro_batches(step, 0) for i in mb]
+    assert s.num_iterations == 31 and sorted(seen) == list(range(992))
+
+
 def test_schedule_global_batch_does_not_depend_on_processes():
     lengths = lognormal_lengths(200, seed=1)
     one = dataloader.Schedule(lengths, 16, 2, 1, 1, 5)
