@@ -88,14 +88,18 @@ class KVCache:
 CALC_MATH, CALC_TEXT = set("0123456789*+-/.() "), set(string.ascii_letters + string.digits + "'\"()._ ")
 CALC_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
             ast.FloorDiv: operator.floordiv, ast.USub: operator.neg, ast.UAdd: operator.pos}
+CALC_REFUSED = ("__", "import", "exec", "eval", "compile", "open", "file", "input", "globals", "locals", "vars", "dir",
+                "getattr", "setattr", "delattr", "hasattr")  # nanochat's words (any case) that get a text no answer
+CALC_METHODS = {"count", "upper", "lower", "strip", "lstrip", "rstrip", "title", "capitalize", "casefold", "swapcase"}
 
 def use_calculator(expr, max_len=1000):
     """nanochat's calculator (the same at 885a4f2 and 92d63d4), its results and refusals: arithmetic of digits,
-    + - * / // and parentheses (no ** and no %), or a string literal's .count(literal); None where it gives none.
-    Evaluated on the syntax tree, never by eval(): nothing else can run, and without powers a bounded
-    expression cannot blow up. The engine inserts str(result): "24.0" for 48/2, as nanochat's models saw."""
+    + - * / // and parentheses (no ** and no %), or text with a .count( (string literals' methods, chained) and none
+    of nanochat's refused words; None where it gives none. Evaluated on the syntax tree, never by eval(): nothing
+    else can run, and without powers a bounded expression cannot blow up. The engine inserts str(result): "24.0" for 48/2, as nanochat's models saw."""
     expr, chars = expr.replace(",", ""), set(expr) - {","}
-    if len(expr) > max_len or not (chars <= CALC_MATH or chars <= CALC_TEXT and ".count(" in expr and "__" not in expr):
+    text = chars <= CALC_TEXT and ".count(" in expr and not any(word in expr.lower() for word in CALC_REFUSED)
+    if len(expr) > max_len or not (chars <= CALC_MATH or text):
         return None  # ** is refused as the syntax tree meets it
 
     def value(node):
@@ -104,10 +108,11 @@ def use_calculator(expr, max_len=1000):
         if isinstance(node, (ast.BinOp, ast.UnaryOp)) and type(node.op) in CALC_OPS:
             operands = (node.left, node.right) if isinstance(node, ast.BinOp) else (node.operand,)
             return CALC_OPS[type(node.op)](*map(value, operands))
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "count" and \
-                isinstance(node.func.value, ast.Constant) and isinstance(node.func.value.value, str) and \
-                not node.keywords and all(isinstance(a, ast.Constant) and isinstance(a.value, str) for a in node.args):
-            return node.func.value.value.count(*(a.value for a in node.args))
+        if isinstance(node, ast.Tuple) and not node.elts:  # "()": nanochat's eval answers ()
+            return ()
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in CALC_METHODS \
+                and not node.keywords and isinstance(target := value(node.func.value), str):
+            return getattr(target, node.func.attr)(*map(value, node.args))
         raise TypeError("not the calculator's")
 
     try:
