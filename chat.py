@@ -28,7 +28,7 @@ from common import UserError, check_settings, init_dist, parse_config, run_main
 from engine import Engine, Sampling
 from openrouter import PERSONA_PATH, load_persona
 
-PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "chat.html")  # served at /, as nanochat's ui.html
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "chat.html")  # at /, as nanochat's ui.html
 
 @dataclass
 class Config:
@@ -206,8 +206,7 @@ def parse_request(body, config, sched):
         raise APIError(400, f"the conversation is {len(prompt)} tokens; the model's context is {sched.engine.max_len}",
                        "messages", "context_length_exceeded")
     get = lambda name, default=None: default if body.get(name) is None else body[name]
-    temperature = get("temperature", config.temperature)  # below 1e-4 is greedy (1e-300 would sample NaN)
-    sampling = Sampling(temperature * (temperature >= 1e-4), get("top_k", config.top_k), get("top_p", 1.0),
+    sampling = Sampling(get("temperature", config.temperature), get("top_k", config.top_k), get("top_p", 1.0),
                         get("max_tokens", get("max_completion_tokens", config.max_tokens)), get("seed", config.seed))
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     return Request(prompt, sampling, stop, get("n", 1)), bool(body.get("stream")), include_usage

@@ -96,7 +96,8 @@ def use_calculator(expr, max_len=1000):
     """nanochat's calculator (the same at 885a4f2 and 92d63d4), its results and refusals: arithmetic of digits,
     + - * / // and parentheses (no ** and no %), or text with a .count( (string literals' methods, chained) and none
     of nanochat's refused words; None where it gives none. Evaluated on the syntax tree, never by eval(): nothing
-    else can run, and without powers a bounded expression cannot blow up. The engine inserts str(result): "24.0" for 48/2, as nanochat's models saw."""
+    else can run, and without powers a bounded expression cannot blow up. The engine inserts str(result): "24.0"
+    for 48/2, as nanochat's models saw."""
     expr, chars = expr.replace(",", ""), set(expr) - {","}
     text = chars <= CALC_TEXT and ".count(" in expr and not any(word in expr.lower() for word in CALC_REFUSED)
     if len(expr) > max_len or not (chars <= CALC_MATH or text):
@@ -121,7 +122,7 @@ def use_calculator(expr, max_len=1000):
         return None
 
 @dataclass
-class Sampling:  # one prompt's settings: temperature 0 = greedy, top_k 0 = all, top_p 0 = the top token only
+class Sampling:  # one prompt's settings: temperature 0 (below 1e-4) = greedy, top_k 0 = all, top_p 0 = the top token
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -132,7 +133,7 @@ def sample(logits, sampling, rng):
     """[B, V] raw logits -> [B] token ids: top_k, then the softcap (it keeps their order: a tanh over k logits, not
     the vocab), temperature and top_p. Each row draws its own part of the rng's stream: its token is the same
     whatever the other rows' logits."""
-    if sampling.temperature == 0.0:
+    if sampling.temperature < 1e-4:  # greedy: a tinier temperature (1e-300) overflows the softmax into NaN
         return softcap(logits).argmax(-1)
     idx = None
     if sampling.top_k > 0:

@@ -252,6 +252,14 @@ def test_calculator_answers_as_nanochats_and_runs_nothing_else():
     assert use_calculator("''.__class__.count('a')") is None and use_calculator("'a'.count.__self__") is None
 
 
+def test_a_tiny_temperature_samples_greedily_for_every_caller():
+    """eval.py, onpolicy.py and the server share engine.sample: 1e-300 (a valid flag) would overflow the softmax into
+    NaN and stop the run with a traceback; below 1e-4 it is greedy."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    tiny = engine.sample(logits, Sampling(temperature=1e-300), torch.Generator().manual_seed(1))
+    assert torch.equal(tiny, engine.sample(logits, Sampling(temperature=0.0), None))
+
+
 def test_engine_runs_the_calculator_and_forces_its_output(gold, monkeypatch):
     _, _, m, tok, _ = gold
     sp = tok.encode_special
