@@ -45,14 +45,15 @@ step() {  # step NAME COMMAND...: run it, time it, stop the run if it fails
 # stage NAME INPUT_FILE... -- OUTPUT_DIR... -- COMMAND...: skipped when its stamp (chimera/<stage>.stamp: command line,
 # sha256 of its inputs and of the files it wrote) matches, so a re-run resumes and a change redoes what depends on it
 stage() {
-    local name=$1 ins=() outs=() stamp key f; shift
+    local name=$1 ins=() outs=() stamp key written f; shift
     while [ "$1" != -- ]; do ins+=("$1"); shift; done; shift
     while [ "$1" != -- ]; do outs+=("$1"); shift; done; shift
     stamp=$STAMPS/$(printf %s "${name%% (*}" | tr -c 'A-Za-z0-9' _).stamp
     key=$(printf 'command:'; printf ' %q' "$@"; echo  # then a sha256 line per input file (missing ones say so)
           for f in ${ins[@]+"${ins[@]}"}; do if [ -f "$f" ]; then "${SHA[@]}" "$f"; else echo "missing $f"; fi; done)
+    written=$(sed '1,/^outputs:$/d' "$stamp" 2>/dev/null || true)  # none: it wrote nothing (a pull found it all)
     if [ "${CHIMERA_REDO:-0}" != 1 ] && [ -s "$stamp" ] && [ "$(sed '/^outputs:$/,$d' "$stamp")" = "$key" ] &&
-        sed '1,/^outputs:$/d' "$stamp" | "${SHA[@]}" -c --status 2>/dev/null; then
+        { [ -z "$written" ] || "${SHA[@]}" -c --status <<<"$written" 2>/dev/null; }; then
         say "$name: finished before with these settings and inputs, skipped (CHIMERA_REDO=1 to redo)"; return
     fi
     rm -f "$stamp" && touch "$STAMPS/started" && FOR_NOW=
@@ -82,10 +83,21 @@ if ! "$PY" -c "import torch, numpy, requests, tiktoken" 2>/dev/null; then
     "$PY" -m pip install -q --disable-pip-version-check -e . || die "pip install failed"
 fi
 
+STAMPS=
+lock_base() {  # STAMPS: Chimera's record of the stages it finished in $BASE, and the lock of the run on it
+    [ "${STAMPS:-}" != "$BASE/chimera" ] || return 0  # held since the pull
+    STAMPS=$BASE/chimera && mkdir -p "$STAMPS"
+    exec 9>>"$STAMPS/run.lock"  # locked on the open file, so held until this run and its stages have all exited
+    "$PY" -c 'import fcntl; fcntl.flock(9, fcntl.LOCK_EX | fcntl.LOCK_NB)' 2>/dev/null ||
+        die "another run.sh is running on $BASE ($(cat "$STAMPS/run.lock"), or a stage it started):" \
+            "wait for it or stop it"
+    echo "pid $$, started $(date '+%F %T')" >"$STAMPS/run.lock"
+}
+
 # Which run: real (a nanochat checkpoint is there) or the offline demo
 BASE=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
 if [ -n "${CHIMERA_FROM:-}" ]; then  # start from a published nanochat model: pull it into $BASE first
-    STAMPS=$BASE/chimera && mkdir -p "$STAMPS"
+    lock_base
     # shellcheck disable=SC2086  # CHIMERA_FROM_ARGS: more pull flags (--revision=..., --source=...)
     stage "pull $CHIMERA_FROM (hub.py pull)" -- "$BASE"/{tokenizer,{base,mid,chatsft}_checkpoints} -- \
         "$PY" hub.py pull "$CHIMERA_FROM" ${CHIMERA_FROM_ARGS:-}
@@ -116,12 +128,10 @@ if [ "$DEMO" = 1 ]; then
 fi
 export NANOCHAT_BASE_DIR=$BASE
 say "Chimera's SFT starts from $START_DIR/$TAG"
-STAMPS=$BASE/chimera  # Chimera's record of the stages it finished, and the lock of the run on this base dir
-mkdir -p "$BASE/datasets" "$BASE/report" "$STAMPS"
-exec 9>>"$STAMPS/run.lock"  # locked on the open file, so held until this run and its stages have all exited
-"$PY" -c 'import fcntl; fcntl.flock(9, fcntl.LOCK_EX | fcntl.LOCK_NB)' 2>/dev/null ||
-    die "another run.sh is running on $BASE ($(cat "$STAMPS/run.lock"), or a stage it started): wait for it or stop it"
-echo "pid $$, started $(date '+%F %T')" >"$STAMPS/run.lock"
+lock_base
+mkdir -p "$BASE/datasets" "$BASE/report"
+HEADER=$BASE/report/chimera-header.md  # when Chimera's first run here started: the report's wall clock (a new demo
+[ -s "$HEADER" ] || echo "Run started: $(date '+%F %T')" >"$HEADER"  # model starts anew: report.reset)
 SFT_DATA=$BASE/datasets/trader_sft_data.jsonl DPO_DATA=$BASE/datasets/trader_dpo_data.jsonl
 SFT_TAG=chimera_$TAG  # Chimera's SFT beside nanochat's chatsft_checkpoints/d<N>, never in it
 SFT_DIR=$BASE/chatsft_checkpoints/$SFT_TAG DPO_DIR=$BASE/chatdpo_checkpoints/$TAG REPORT_DIR=$BASE/report
@@ -189,6 +199,9 @@ done
 for d in "$DPO_DIR"_r*; do  # rounds an earlier run made past this one's: neither what -i dpo loads nor in the report
     k=${d##*_r}; [[ $k =~ ^[0-9]+$ ]] && [ "$k" -gt "$ROUNDS" ] || continue
     rm -rf "$d" "$REPORT_DIR"/chimera-chat-{dpo,evaluation-dpo}-"${TAG}_r$k".*
+done
+for f in "$REPORT_DIR"/chimera-chat-{dpo,evaluation-dpo}-*_r*.*; do  # another depth's rounds: this run replaced its
+    [[ $f == *-"$TAG"_r* ]] || rm -f "$f"  # round 0, so they are no longer in the report
 done
 in_dir() { (cd "$1" && shift && "$@"); }  # in_dir DIR COMMAND...
 step "report (report.py generate)" in_dir "$CALLER" "$PY" "$PWD/report.py" generate

@@ -159,6 +159,8 @@ elif args[0] == "eval.py":
     with open(os.path.join(base, "report", f"chimera-chat-evaluation-{{name}}.json"), "w") as f:
         json.dump({{"results": {{}}, "skipped": json.loads(os.environ.get("FAKE_SKIPPED", "{{}}")),
                    "skipped_for_now": json.loads(os.environ.get("FAKE_FOR_NOW", "[]"))}}, f)
+elif args[0] == "hub.py":  # a pull that finds every file there already: it writes nothing
+    pass
 elif args[0] == "checkpoint.py":  # no nanochat checkpoint: the demo's own
     print("START=base START_DIR=none TAG=")
 elif not args[0].endswith("report.py") and "import torch" not in args[-1]:  # the venv's packages are there
@@ -183,7 +185,8 @@ def test_a_second_run_on_the_same_base_dir_stops_at_once_naming_the_first(stand_
     run, base = stand_in
     env = {k: v for k, v in os.environ.items() if k not in ("OPENROUTER_API_KEY", "CHIMERA_DEMO")}
     env.update({"CHIMERA_PYTHON": str(tmp_path / "python"), "CHIMERA_DEMO": "1", "CHIMERA_DEMO_DIR": str(base),
-                "CHIMERA_DEMO_DEPTH": "1", "NPROC_PER_NODE": "1", "FAKE_SLEEP": "60", "FAKE_LOG": str(tmp_path / "stages.log")})
+                "CHIMERA_DEMO_DEPTH": "1", "NPROC_PER_NODE": "1", "FAKE_SLEEP": "60", "FAKE_LOG": str(tmp_path / "stages.log"),
+                "CHIMERA_FROM": "karpathy/nanochat-d2", "NANOCHAT_BASE_DIR": str(base)})  # locked before the pull
     first = subprocess.Popen(["bash", os.path.join(REPO, "run.sh")], env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -191,11 +194,12 @@ def test_a_second_run_on_the_same_base_dir_stops_at_once_naming_the_first(stand_
         while time.time() < deadline and "sft.py" not in (tmp_path / "stages.log").read_text():
             time.sleep(0.1)  # the first run is in its SFT stage
         t0 = time.time()
-        second = run()
+        second = run(CHIMERA_FROM="karpathy/nanochat-d2", NANOCHAT_BASE_DIR=str(base))
         assert second.returncode == 1 and time.time() - t0 < 30
         assert second.stderr.startswith(f"run.sh: another run.sh is running on {base} (pid {first.pid}, started ")
         assert second.stderr.count("\n") == 1 and "sft.py" not in second.stdout
-        assert (tmp_path / "stages.log").read_text().count("sft.py") == 1  # the second ran no stage
+        log = (tmp_path / "stages.log").read_text()
+        assert log.count("sft.py") == 1 and log.count("hub.py pull") == 1  # the second ran no stage, not even its pull
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
@@ -258,6 +262,28 @@ def test_a_round_that_keeps_no_pairs_ends_the_rounds_and_the_run_goes_on(stand_i
     again = run(FAKE_NO_PAIRS="2", DPO_EXTRA_ARGS="--beta=0.2", **env)
     assert again.returncode == 0 and again.stdout.count(", skipped") == 9 and "the rounds end with round 1" in \
         again.stdout
+
+
+def test_a_stage_that_wrote_nothing_is_done_and_another_depths_rounds_leave_the_report(stand_in, tmp_path):
+    """A pull that found every file there writes nothing: stamped done all the same (it listed the repo and hashed
+    the checkpoint on every run, and failed offline). Round sections of another depth an earlier run left are not
+    this run's (its round 0 replaced theirs). A real run's report knows when Chimera started (no nanochat header)."""
+    run, base = stand_in
+    report = base / "report"
+    report.mkdir(parents=True)
+    for name in ("chimera-chat-evaluation-dpo-d26_r1.md", "chimera-chat-dpo-d26_r1.md", "chimera-chat-dpo-d1_r1.md"):
+        (report / name).write_text("an earlier run's\n")
+    env = {"CHIMERA_FROM": "karpathy/nanochat-d2", "NANOCHAT_BASE_DIR": str(base), "ONPOLICY_ROUNDS": "1",
+           "OPENROUTER_API_KEY": "sk-or-x"}
+    first, second = run(**env), run(**env)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert "=== pull karpathy/nanochat-d2 (hub.py pull): finished before with these settings and inputs, skipped" \
+        in second.stdout
+    assert (tmp_path / "stages.log").read_text().count("hub.py pull") == 1
+    assert not list(report.glob("*d26_r1*"))
+    assert (report / "chimera-chat-dpo-d1_r1.md").read_text() != "an earlier run's\n"  # this depth's: this run's
+    started = (report / "chimera-header.md").read_text()
+    assert started.startswith("Run started: 20") and second.stdout.count(", skipped") == 9  # pull, base, 4 + 3 round
 
 
 # -----------------------------------------------------------------------------
