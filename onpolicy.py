@@ -65,12 +65,18 @@ def draw(*parts):  # a 48-bit number fixed by the parts: the same on every rank 
 
 def training_prompts(config):
     """The training splits' prompts, each once, in an order drawn by --seed, capped at --prompts."""
-    def prompts(split):
-        return [(r["prompt"], r["rejected"]) for r in tasks.TraderDPO(None, split, config.dpo_val_fraction)] + [
-            (next(m["content"] for m in r["messages"] if m["role"] == "user"), None)
-            for r in tasks.TraderSFT(None, split, config.sft_val_fraction)]
-    held_out = {text for text, _ in prompts("val")}
-    found = {text: apprentice for text, apprentice in prompts("train")[::-1] if text not in held_out}  # the first's
+    def prompts(split):  # (text, apprentice, file)
+        dpo = tasks.TraderDPO(None, split, config.dpo_val_fraction)
+        sft = tasks.TraderSFT(None, split, config.sft_val_fraction)
+        return [(r["prompt"], r["rejected"], dpo.path) for r in dpo] + [
+            (next(m["content"] for m in r["messages"] if m["role"] == "user"), None, sft.path) for r in sft]
+    held_out = {text for text, _, _ in prompts("val")}
+    train = [p for p in prompts("train") if p[0] not in held_out]
+    # a lone surrogate (half an emoji) passes the data checks, but no UTF-8 file can hold a pair made of it
+    if bad := next((p for p in train if re.search("[\ud800-\udfff]", p[0] + (p[1] or ""))), None):
+        raise UserError(f"{bad[2]}: the line of {bad[0][:40]!r}... holds a lone surrogate (half an emoji, not "
+                        "UTF-8 text): fix or drop it")
+    found = {text: apprentice for text, apprentice, _ in train[::-1]}  # the first's
     order = sorted(found, key=lambda text: draw(config.seed, "order", text))[:config.prompts or None]
     return [Prompt(draw(text), text, draw(config.seed, text), found[text] if
                    found[text] and draw(config.seed, "anchor", text) < config.anchor_frac * 2**48 else None)

@@ -177,6 +177,16 @@ def test_no_key_exits_2_with_one_line_and_writes_nothing(run, base, server):
     assert sorted(os.listdir(base / "datasets")) == before and not server.requests
 
 
+def test_a_lone_surrogate_in_the_data_stops_with_one_line(run, base, server):
+    path = base / "datasets" / "trader_dpo_data.jsonl"
+    with open(path, "a") as f:  # half an emoji, as in scraped text: valid JSON, but no UTF-8 file can hold it
+        f.writelines(json.dumps(dict(r, prompt=r["prompt"] + " \ud83d")) + "\n" for r in lines(path)[:3])
+    before = sorted(os.listdir(base / "datasets"))
+    code, _, err = run("--prompts=4")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and f"error: {path}: " in err and "surrogate" in err
+    assert sorted(os.listdir(base / "datasets")) == before and not server.requests
+
+
 def test_one_writer_and_one_round_per_file(run, base, server):
     with open(base / "datasets" / "trader_dpo_onpolicy.jsonl.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
