@@ -93,18 +93,21 @@ def sample(engine, rendered, prompts, config):
 # The judge: a score for every answer, asked in both orders; the pair both asks agree on
 def score_answers(client, persona, message, answers, attempts=3):
     """The judge's 1-10 score of each answer, in the answers' order, from each of two asks (the second shows them
-    reversed: a verdict that flips with the order is position bias); None when an ask has no usable answer."""
+    reversed: a verdict that flips with the order is position bias); None when an ask's answers are unusable. No
+    answer at all (BadAnswer: an error inside an HTTP 200, ...) from the last attempt is raised: that is transient."""
     asks = []
     for shown in (answers, answers[::-1]):
         user = (f"Message:\n{message}\n\n" + "".join(f"Answer {i}:\n{a}\n\n" for i, a in enumerate(shown, 1)) +
                 f'Score each answer from 1 (worst) to 10 (best). Return JSON: {{"scores": [{len(shown)} integers, '
                 "one per answer, in order]}.")
-        for _ in range(attempts):
+        for attempt in range(attempts):
             try:
                 value = client.chat([{"role": "system", "content": judge_system(persona)},
                                      {"role": "user", "content": user}], "judge_scores", SCORES_SCHEMA, 0.0, 64)
             except BadAnswer:
-                continue
+                if attempt + 1 < attempts:
+                    continue
+                raise
             scores = value.get("scores") if isinstance(value, dict) else None
             if isinstance(scores, list) and len(scores) == len(shown) and all(type(s) is int for s in scores):
                 asks.append(scores if shown is answers else scores[::-1])
@@ -139,7 +142,7 @@ def judge(client, persona, prompt, answers, run, config, halt):
     spent = getattr(client.spend.thread, "cost", 0.0)  # this worker judges one prompt at a time
     try:
         asks = score_answers(client, persona, prompt.text, texts)
-    except tasks.HTTPGaveUp:
+    except (BadAnswer, tasks.HTTPGaveUp):  # transient: no ledger line, a re-run asks again
         return None, None, 0.0
     cost = getattr(client.spend.thread, "cost", 0.0) - spent
     choosable = [i for i, a in enumerate(samples) if not a.cut]
@@ -202,18 +205,19 @@ def main():
     longest = max(map(len, rendered.values()), default=0)  # a long prompt is sampled too, as DPO truncates it
     engine = Engine(model, tokenizer, config.batch_size, min(longest + config.max_new_tokens + 1, model.cos.size(1)))
     chunk = proc.world_size * 4 * (config.batch_size // config.samples)  # 4 engine-fulls a rank: rows end unevenly
-    spent, api_stop, jobs, counts = client.spend.cost, [], [], Counter()
+    spent, api_stop, jobs, counts, unjudged = client.spend.cost, [], [], Counter(), 0
     halt = lambda: bool(STOP.is_set() or api_stop or (config.max_cost and client.spend.cost >= config.max_cost))
     bar = ProgressBar(len(prompts), desc=f"round {config.round}", unit="prompt", done=len(prompts) - len(todo))
 
     def write(wait):  # rank 0: the judgements finished, in prompt order; at most a chunk behind (the others wait)
+        nonlocal unjudged
         while jobs and (wait or len(jobs) > chunk or jobs[0][1].done()):
             prompt, future = jobs.pop(0)
             try:  # a failure here (the API stopped, a full disk) stops every rank at the next chunk, with one line
                 record, outcome, cost = future.result()
                 if record:
                     tasks.append_jsonl(output, record)
-                if outcome:  # else not judged (a stop, the API gave up): a re-run asks
+                if outcome:  # else not judged (a stop, the judge failed): a re-run asks
                     tasks.append_jsonl(ledger, {"id": prompt.id, **run, "outcome": outcome, "cost": cost})
             except (APIStop, OSError) as e:
                 api_stop.append(e)
@@ -221,6 +225,8 @@ def main():
             if outcome:
                 counts[outcome] += 1
                 bar.update(1, kept=counts["kept"] + counts["anchored"], spend=f"${client.spend.cost - spent:.4f}")
+            else:
+                unjudged += 1
 
     with stop_on_sigint("finishing the judge requests under way"), ThreadPoolExecutor(config.workers) as pool:
         for start in range(0, len(todo), chunk):
@@ -239,7 +245,8 @@ def main():
     bar.close()
     interrupted, api_stop = rank0_value((STOP.is_set(), str(api_stop[0]) if api_stop else None))
     print0(f"round {config.round}: {sum(counts.values())} prompts judged, {counts['kept'] + counts['anchored']} pairs "
-           f"kept ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}); judge {client.model}, "
+           f"kept ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})"
+           f"{f', {unjudged} not judged (re-run to ask again)' if unjudged else ''}; judge {client.model}, "
            f"${client.spend.cost - spent:.4f} this run; {output}")
     cleanup_dist()  # every rank is here: the group goes down whole, before any exit
     if api_stop:

@@ -170,6 +170,16 @@ def test_a_judge_that_flips_with_the_order_keeps_nothing(run, base, server):
     assert len(server.chat_requests()) >= 12
 
 
+def test_a_failing_judge_leaves_the_prompt_to_a_rerun(run, base, server):
+    server.faults.extend(["body_error"] * 3)  # OpenRouter's error inside an HTTP 200, on each attempt of one ask
+    code, out, err = run("--prompts=3", "--workers=1")
+    assert code == 0 and "1 not judged (re-run to ask again)" in out, err
+    assert len(pairs(base)[1]) == 2  # no ledger line, as for a verdict: the failure was the API's, not the answers'
+    served = len(server.chat_requests())
+    assert run("--prompts=3", "--workers=1")[0] == 0
+    assert len(pairs(base)[1]) == 3 and len(server.chat_requests()) - served == 2  # asked again, both orders
+
+
 def test_no_key_exits_2_with_one_line_and_writes_nothing(run, base, server):
     before = sorted(os.listdir(base / "datasets"))
     code, _, err = run("--prompts=4", env={"OPENROUTER_API_KEY": None})
