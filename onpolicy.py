@@ -186,6 +186,10 @@ def main():
     persona = load_persona(PERSONA_PATH)
     proc = init_dist(config.device_type)
     prompts = training_prompts(config)  # bad data fails before the model loads
+    digest = hashlib.sha256(repr(prompts).encode()).hexdigest()  # each rank read its own files
+    if all_reduce_sum([rank0_value(digest) != digest])[0]:  # every rank stops, none waits in a collective
+        raise UserError("the processes read different training prompts (data files other than rank 0's): every node "
+                        "needs the same datasets/trader_*_data.jsonl, or pairs would get answers to other prompts")
     model, tokenizer, meta = load_model(config.source, proc.device, "eval", config.model_tag, config.step)
     run = {"checkpoint": f"{config.source}/{os.path.basename(checkpoint_dir_for(config.source, config.model_tag))}",
            "step": meta.get("step", config.step), "round": config.round}

@@ -252,6 +252,17 @@ def test_two_processes_write_the_same_file_as_one(base, server, tmp_path):
     assert pairs(base)[0]
 
 
+def test_processes_that_read_other_prompts_stop_together(base, server):
+    """A node with an older copy of the data (or gen.py appending between the ranks' reads): rank 0 would pair its
+    prompts with answers rank 1 sampled for others. Every rank stops with one line, before the model loads."""
+    views = os.path.join(REPO, "tests", "dist_views.py")
+    with pytest.raises(AssertionError) as failed:
+        run_torchrun([views, "onpolicy.py", *FLAGS, "--prompts=0"], timeout=120,
+                     env={**environment(base, server), "VIEW": "fewer_rows", "CHIMERA_DIST_TIMEOUT": "60"})
+    assert str(failed.value).count("\nerror: the processes read different training prompts") == 2  # a line a rank
+    assert not os.path.exists(base / "datasets" / "trader_dpo_onpolicy.jsonl") and not server.requests
+
+
 def wait_for_ledger(base, n, timeout=120):
     ledger, deadline = base / "datasets" / "trader_dpo_onpolicy.ledger.jsonl", time.time() + timeout
     while time.time() < deadline and (not ledger.exists() or len(ledger.read_text().splitlines()) < n):
