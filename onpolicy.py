@@ -19,13 +19,13 @@ import os
 import re
 from collections import Counter, namedtuple
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch.distributed as dist
 
 import tasks
-from checkpoint import checkpoint_dir_for, load_model
+from checkpoint import checkpoint_dir_for, find_last_step, held_out_fractions, load_model, read_meta
 from common import (ProgressBar, UserError, all_reduce_sum, check_settings, cleanup_dist, get_base_dir, init_dist,
                     parse_config, print0, rank0_value, run_main)
 from engine import Engine, Sampling
@@ -40,8 +40,8 @@ class Config:
     device_type: str = ""  # cuda|mps|cpu; "" = autodetect
     round: int = 1  # recorded in each record: a file holds one round's pairs from one checkpoint
     output: str = ""  # the pairs; "" = $NANOCHAT_BASE_DIR/datasets/trader_dpo_onpolicy.jsonl
-    dpo_val_fraction: float = 0.05  # the pairs held out by hash, as dpo.py --val_fraction (eval scores them)
-    sft_val_fraction: float = 0.1  # the conversations held out, as sft.py --trader_val_fraction
+    dpo_val_fraction: float = -1.0  # the pairs held out by hash (eval scores them); -1 = the DPO run's, as eval.py
+    sft_val_fraction: float = -1.0  # the conversations held out; -1 = the SFT run's (sft.py --trader_val_fraction)
     prompts: int = 0  # most prompts to use (in an order drawn by --seed); 0 = all
     samples: int = 4  # answers per prompt
     max_new_tokens: int = 256  # tokens per answer; one cut here can be rejected, never chosen
@@ -178,13 +178,21 @@ def open_output(path, run, client):
 
 def main():
     config = parse_config(Config)
-    fractions = {"anchor_frac": 1, "dpo_val_fraction": 0.99, "sft_val_fraction": 0.99}
     check_settings(config, at_least_1=("round", "samples", "max_new_tokens", "batch_size", "workers"),
-                   positive=("min_margin",), not_negative=("prompts", "temperature", "top_k", "max_cost", *fractions),
-                   at_most={**fractions, "samples": "batch_size"}, tags=("model_tag",))
+                   not_negative=("prompts", "temperature", "top_k", "max_cost", "anchor_frac"), tags=("model_tag",),
+                   positive=("min_margin",), at_most={"anchor_frac": 1, "samples": "batch_size"})
+    for key in ("dpo_val_fraction", "sft_val_fraction"):
+        if getattr(config, key) != -1 and not 0 <= getattr(config, key) <= 0.99:
+            raise UserError(f"--{key}={getattr(config, key)}: must be -1 (the training run's) or in [0, 0.99]")
     client = client_from_env(models=config.judge_model)  # no key: exit 2, nothing written
     persona = load_persona(PERSONA_PATH)
     proc = init_dist(config.device_type)
+    directory = checkpoint_dir_for(config.source, config.model_tag)  # its runs' held-out prompts, as eval.py's
+    step = find_last_step(directory) if config.step is None else config.step
+    meta_path = os.path.join(directory, f"meta_{step:06d}.json")
+    sft_held, dpo_held = held_out_fractions(config.source, read_meta(meta_path), config.sft_val_fraction,
+                                            config.dpo_val_fraction)
+    config = replace(config, sft_val_fraction=sft_held, dpo_val_fraction=dpo_held)
     prompts = training_prompts(config)  # bad data fails before the model loads
     digest = hashlib.sha256(repr(prompts).encode()).hexdigest()  # each rank read its own files
     if all_reduce_sum([rank0_value(digest) != digest])[0]:  # every rank stops, none waits in a collective
@@ -205,7 +213,8 @@ def main():
                 for p in prompts}
     todo = [p for p in prompts if p.id not in done]
     print0(f"{run['checkpoint']} step {run['step']}, round {run['round']}: {len(todo)} of {len(prompts)} training "
-           f"prompts to sample, {config.samples} answers each -> {output}")
+           f"prompts (held out: --sft_val_fraction={sft_held} --dpo_val_fraction={dpo_held}) to sample, "
+           f"{config.samples} answers each -> {output}")
     longest = max(map(len, rendered.values()), default=0)  # a long prompt is sampled too, as DPO truncates it
     engine = Engine(model, tokenizer, config.batch_size, min(longest + config.max_new_tokens + 1, model.cos.size(1)))
     chunk = proc.world_size * 4 * (config.batch_size // config.samples)  # 4 engine-fulls a rank: rows end unevenly

@@ -13,7 +13,7 @@ import pytest
 
 import onpolicy
 import tasks
-from checkpoint import load_model
+from checkpoint import SOURCE_DIRS, load_model, save_checkpoint
 from conftest import REPO, make_tiny_base, run_torchrun
 from engine import Engine
 from openrouter_server import FakeOpenRouter, by_position, scores_parts
@@ -91,23 +91,47 @@ def pairs(base, name="trader_dpo_onpolicy"):
     return lines(base / "datasets" / f"{name}.jsonl"), lines(base / "datasets" / f"{name}.ledger.jsonl")
 
 
-def data_prompts(base, kind, split):
-    fraction = {"dpo": 0.05, "sft": 0.1}[kind]
+def data_prompts(base, kind, split, fraction=None):
+    fraction = {"dpo": 0.05, "sft": 0.1}[kind] if fraction is None else fraction
     task = (tasks.TraderDPO if kind == "dpo" else tasks.TraderSFT)(None, split, fraction)
     return [r["prompt"] if kind == "dpo" else next(m["content"] for m in r["messages"] if m["role"] == "user")
             for r in task]
 
 
+def settings(**kwargs):  # the held-out shares main() finds without an SFT or DPO run: sft.py's and dpo.py's defaults
+    return onpolicy.Config(**{"sft_val_fraction": 0.1, "dpo_val_fraction": 0.05, **kwargs})
+
+
 def test_prompts_come_from_the_training_splits_only(base):
-    config = onpolicy.Config(anchor_frac=1.0)
+    config = settings(anchor_frac=1.0)
     prompts = onpolicy.training_prompts(config)
     train = set(data_prompts(base, "dpo", "train") + data_prompts(base, "sft", "train"))
     held_out = set(data_prompts(base, "dpo", "val") + data_prompts(base, "sft", "val"))
     assert held_out and {p.text for p in prompts} == train - held_out and len(prompts) == len(train - held_out)
     apprentice = {r["prompt"]: r["rejected"] for r in tasks.TraderDPO(None, "train", 0.05)}
     assert all(p.apprentice == apprentice.get(p.text) for p in prompts)  # every DPO prompt anchored at 1.0
-    assert [p.text for p in onpolicy.training_prompts(onpolicy.Config(prompts=7))] == [p.text for p in prompts[:7]]
-    assert sum(p.apprentice is not None for p in onpolicy.training_prompts(onpolicy.Config())) < len(apprentice) / 2
+    assert [p.text for p in onpolicy.training_prompts(settings(prompts=7))] == [p.text for p in prompts[:7]]
+    assert sum(p.apprentice is not None for p in onpolicy.training_prompts(settings())) < len(apprentice) / 2
+
+
+def test_the_held_out_prompts_are_those_of_the_checkpoints_runs(run, base, server):
+    """SFT and DPO ran with other held-out shares than their defaults: the round samples none of the prompts eval.py
+    holds out for the checkpoint (it trained on some before); flags given win."""
+    model, _, meta = load_model("base", "cpu", "eval")
+    for stage, run_config in (("sft", {"trader_val_fraction": 0.25}), ("dpo", {"val_fraction": 0.3})):
+        save_checkpoint(str(base / SOURCE_DIRS[stage] / "d2"), 3, model.state_dict(),
+                        dict(meta, step=3, user_config=run_config))
+    code, out, err = run("--source=dpo", "--prompts=12")
+    assert code == 0 and "--sft_val_fraction=0.25 --dpo_val_fraction=0.3" in out, err
+    judged = {e["id"] for e in pairs(base)[1]}
+    expected = onpolicy.training_prompts(settings(prompts=12, sft_val_fraction=0.25, dpo_val_fraction=0.3))
+    held_out = data_prompts(base, "dpo", "val", 0.3) + data_prompts(base, "sft", "val", 0.25)
+    assert judged == {p.id for p in expected} and not judged & {onpolicy.draw(text) for text in held_out}
+    code, _, err = run("--source=dpo", "--prompts=12", "--dpo_val_fraction=0.05", "--sft_val_fraction=0.1",
+                       f"--output={base}/given.jsonl")
+    assert code == 0, err
+    given = {e["id"] for e in lines(base / "given.ledger.jsonl")}
+    assert given == {p.id for p in onpolicy.training_prompts(settings(prompts=12))}
 
 
 def test_pairs_are_the_models_own_samples_judged_in_both_orders(run, base, server):
