@@ -18,7 +18,7 @@ import hashlib
 import os
 import re
 from collections import Counter, namedtuple
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -57,6 +57,7 @@ class Config:
 
 Prompt = namedtuple("Prompt", "id text seed apprentice")  # apprentice: gen.py's rejected answer if anchored
 Answer = namedtuple("Answer", "text tokens cut")  # cut: stopped by --max_new_tokens
+HEARTBEAT = 5.0  # seconds between the ranks' meetings while rank 0 waits on the judge: no collective waits longer
 SCORES_SCHEMA = {"type": "object", "properties": {"scores": {"type": "array", "items": {"type": "integer"}}},
                  "required": ["scores"], "additionalProperties": False}
 
@@ -222,11 +223,11 @@ def main():
     halt = lambda: bool(STOP.is_set() or api_stop or (config.max_cost and client.spend.cost >= config.max_cost))
     bar = ProgressBar(len(prompts), desc=f"round {config.round}", unit="prompt", done=len(prompts) - len(todo))
 
-    def write(wait):  # rank 0: the judgements finished, in prompt order; at most a chunk behind (the others wait)
+    def write():  # rank 0: the judgements finished, in prompt order
         nonlocal unjudged
-        while jobs and (wait or len(jobs) > chunk or jobs[0][1].done()):
+        while jobs and jobs[0][1].done():
             prompt, future = jobs.pop(0)
-            try:  # a failure here (the API stopped, a full disk) stops every rank at the next chunk, with one line
+            try:  # a failure here (the API stopped, a full disk) stops every rank at their next meeting, with one line
                 record, outcome, cost = future.result()
                 if record:
                     tasks.append_jsonl(output, record)
@@ -241,9 +242,22 @@ def main():
             else:
                 unjudged += 1
 
+    def settle(drain):
+        """Every rank: rank 0 writes what the judge finished. While it is more than a chunk behind (draining: until
+        nothing is left) the ranks meet every HEARTBEAT seconds, so no collective waits on the judge: a slow one, or a
+        429 storm's Retry-After, would outlast CHIMERA_DIST_TIMEOUT. True when the run stops."""
+        while True:
+            write()
+            behind, stop = all_reduce_sum([bool(jobs) and (drain or len(jobs) > chunk),
+                                           STOP.is_set() or (proc.master and halt())])
+            if not behind or (stop and not drain):
+                return bool(stop)
+            if jobs:
+                wait([jobs[0][1]], timeout=HEARTBEAT)
+
     with stop_on_sigint("finishing the judge requests under way"), ThreadPoolExecutor(config.workers) as pool:
         for start in range(0, len(todo), chunk):
-            if all_reduce_sum([STOP.is_set() or (proc.master and halt())])[0]:
+            if settle(drain=False):
                 break
             part = todo[start:start + chunk]
             answers = [sample(engine, rendered, part[proc.rank::proc.world_size], config)]
@@ -253,8 +267,7 @@ def main():
             for i, prompt in enumerate(part if proc.master else []):
                 answer = answers[i % proc.world_size][i // proc.world_size]
                 jobs.append((prompt, pool.submit(judge, client, persona, prompt, answer, run, config, halt)))
-            write(wait=False)
-        write(wait=True)
+        settle(drain=True)
     bar.close()
     interrupted, api_stop = rank0_value((STOP.is_set(), str(api_stop[0]) if api_stop else None))
     print0(f"round {config.round}: {sum(counts.values())} prompts judged, {counts['kept'] + counts['anchored']} pairs "
