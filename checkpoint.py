@@ -206,6 +206,25 @@ def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
     model.train() if phase == "train" else model.eval()
     return model, tokenizer, meta
 
+def stage_meta(stage, source, loaded_meta):
+    """A stage's checkpoint meta (split, beta, ...): the loaded one (of `source`) if it is that stage's, else the
+    stage's default directory's latest; {} if none."""
+    if stage == source:
+        return loaded_meta
+    try:
+        directory = checkpoint_dir_for(stage)
+        return read_meta(os.path.join(directory, f"meta_{find_last_step(directory):06d}.json"))
+    except UserError:
+        return {}
+
+def held_out_fractions(source, meta, sft_val_fraction=-1.0, dpo_val_fraction=-1.0):
+    """(SFT's, DPO's) held-out shares of the trader data: a given one (>= 0), else the one the SFT or DPO run behind
+    a checkpoint of `source` (its `meta`) used, else sft.py's or dpo.py's default. eval.py scores these prompts;
+    onpolicy.py samples none of them."""
+    sft_run, dpo_run = (stage_meta(stage, source, meta).get("user_config", {}) for stage in ("sft", "dpo"))
+    return (sft_run.get("trader_val_fraction", 0.1) if sft_val_fraction < 0 else sft_val_fraction,
+            dpo_run.get("val_fraction", 0.05) if dpo_val_fraction < 0 else dpo_val_fraction)
+
 def fresh_base(base_dir, depth=2, sequence_len=512, n_embd=None, n_head=None, seed=0, zero_out=True, generation=2025):
     """Write tokenizer/ and base_checkpoints/d{depth}/model_000000.pt (width 64 * depth, a head per
     128, 2026: windows SSSL; n_embd/n_head override) into base_dir; zero_out=False: non-zero logits."""

@@ -28,7 +28,7 @@ import torch
 
 from common import (UserError, ProgressBar, all_reduce_sum, atomic_write_json, autocast, check_settings,
                     cleanup_dist, get_base_dir, init_dist, parse_config, print0, run_main)
-from checkpoint import checkpoint_dir_for, find_last_step, load_model
+from checkpoint import checkpoint_dir_for, held_out_fractions, load_model, stage_meta
 from engine import Engine, Sampling
 import dpo
 import onpolicy
@@ -145,30 +145,18 @@ class Judge:
         except UserError as e:
             raise tasks.DataUnavailable(f"the judge is unavailable: {e}", for_now=True) from None
 
-def stage_meta(stage, config, loaded_meta):
-    """A stage's checkpoint meta (split, beta, ...): the loaded one, else its default directory's latest; {} if none."""
-    if stage == config.source:
-        return loaded_meta
-    try:
-        directory = checkpoint_dir_for(stage)
-        with open(os.path.join(directory, f"meta_{find_last_step(directory):06d}.json")) as f:
-            return json.load(f)
-    except (UserError, OSError, ValueError):
-        return {}
-
 def resolve(config, meta):
     """By default the reference is the very checkpoint this one was trained from (its meta's source, tag and
     step), the splits and loss those of the SFT and DPO runs, and the judge on when a key is set."""
     trained_from = meta if not config.ref_source and meta.get("source") else {}
-    sft_run, dpo_run = (stage_meta(stage, config, meta).get("user_config", {}) for stage in ("sft", "dpo"))
-    dpo_run = {**dataclasses.asdict(dpo.Config()), **dpo_run}
+    dpo_run = {**dataclasses.asdict(dpo.Config()), **stage_meta("dpo", config.source, meta).get("user_config", {})}
+    sft_val_fraction, dpo_val_fraction = held_out_fractions(config.source, meta, config.sft_val_fraction,
+                                                            config.dpo_val_fraction)
     return Resolved(
         ref_source=config.ref_source or trained_from.get("source") or ("sft" if config.source == "dpo" else ""),
         ref_tag=config.ref_tag or trained_from.get("source_tag"),
         ref_step=trained_from.get("source_step") if config.ref_step is None else config.ref_step,
-        sft_val_fraction=sft_run.get("trader_val_fraction", 0.1) if config.sft_val_fraction < 0
-        else config.sft_val_fraction,
-        dpo_val_fraction=dpo_run["val_fraction"] if config.dpo_val_fraction < 0 else config.dpo_val_fraction,
+        sft_val_fraction=sft_val_fraction, dpo_val_fraction=dpo_val_fraction,
         dpo_loss=dpo.DPOLoss(dpo_run["beta"], dpo_run["loss_type"], dpo_run["label_smoothing"]),
         dpo_max_length=dpo_run["max_length"],
         judge=Judge() if config.judge == 1 or (config.judge == -1 and os.environ.get("OPENROUTER_API_KEY")) else None)

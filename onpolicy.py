@@ -18,14 +18,14 @@ import hashlib
 import os
 import re
 from collections import Counter, namedtuple
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch.distributed as dist
 
 import tasks
-from checkpoint import checkpoint_dir_for, load_model
+from checkpoint import checkpoint_dir_for, find_last_step, held_out_fractions, load_model, read_meta
 from common import (ProgressBar, UserError, all_reduce_sum, check_settings, cleanup_dist, get_base_dir, init_dist,
                     parse_config, print0, rank0_value, run_main)
 from engine import Engine, Sampling
@@ -40,8 +40,8 @@ class Config:
     device_type: str = ""  # cuda|mps|cpu; "" = autodetect
     round: int = 1  # recorded in each record: a file holds one round's pairs from one checkpoint
     output: str = ""  # the pairs; "" = $NANOCHAT_BASE_DIR/datasets/trader_dpo_onpolicy.jsonl
-    dpo_val_fraction: float = 0.05  # the pairs held out by hash, as dpo.py --val_fraction (eval scores them)
-    sft_val_fraction: float = 0.1  # the conversations held out, as sft.py --trader_val_fraction
+    dpo_val_fraction: float = -1.0  # the pairs held out by hash (eval scores them); -1 = the DPO run's, as eval.py
+    sft_val_fraction: float = -1.0  # the conversations held out; -1 = the SFT run's (sft.py --trader_val_fraction)
     prompts: int = 0  # most prompts to use (in an order drawn by --seed); 0 = all
     samples: int = 4  # answers per prompt
     max_new_tokens: int = 256  # tokens per answer; one cut here can be rejected, never chosen
@@ -57,6 +57,7 @@ class Config:
 
 Prompt = namedtuple("Prompt", "id text seed apprentice")  # apprentice: gen.py's rejected answer if anchored
 Answer = namedtuple("Answer", "text tokens cut")  # cut: stopped by --max_new_tokens
+HEARTBEAT = 5.0  # seconds between the ranks' meetings while rank 0 waits on the judge: no collective waits longer
 SCORES_SCHEMA = {"type": "object", "properties": {"scores": {"type": "array", "items": {"type": "integer"}}},
                  "required": ["scores"], "additionalProperties": False}
 
@@ -65,12 +66,18 @@ def draw(*parts):  # a 48-bit number fixed by the parts: the same on every rank 
 
 def training_prompts(config):
     """The training splits' prompts, each once, in an order drawn by --seed, capped at --prompts."""
-    def prompts(split):
-        return [(r["prompt"], r["rejected"]) for r in tasks.TraderDPO(None, split, config.dpo_val_fraction)] + [
-            (next(m["content"] for m in r["messages"] if m["role"] == "user"), None)
-            for r in tasks.TraderSFT(None, split, config.sft_val_fraction)]
-    held_out = {text for text, _ in prompts("val")}
-    found = {text: apprentice for text, apprentice in prompts("train")[::-1] if text not in held_out}  # the first's
+    def prompts(split):  # (text, apprentice, file)
+        dpo = tasks.TraderDPO(None, split, config.dpo_val_fraction)
+        sft = tasks.TraderSFT(None, split, config.sft_val_fraction)
+        return [(r["prompt"], r["rejected"], dpo.path) for r in dpo] + [
+            (next(m["content"] for m in r["messages"] if m["role"] == "user"), None, sft.path) for r in sft]
+    held_out = {text for text, _, _ in prompts("val")}
+    train = [p for p in prompts("train") if p[0] not in held_out]
+    # a lone surrogate (half an emoji) passes the data checks, but no UTF-8 file can hold a pair made of it
+    if bad := next((p for p in train if re.search("[\ud800-\udfff]", p[0] + (p[1] or ""))), None):
+        raise UserError(f"{bad[2]}: the line of {bad[0][:40]!r}... holds a lone surrogate (half an emoji, not "
+                        "UTF-8 text): fix or drop it")
+    found = {text: apprentice for text, apprentice, _ in train[::-1]}  # the first's
     order = sorted(found, key=lambda text: draw(config.seed, "order", text))[:config.prompts or None]
     return [Prompt(draw(text), text, draw(config.seed, text), found[text] if
                    found[text] and draw(config.seed, "anchor", text) < config.anchor_frac * 2**48 else None)
@@ -87,18 +94,21 @@ def sample(engine, rendered, prompts, config):
 # The judge: a score for every answer, asked in both orders; the pair both asks agree on
 def score_answers(client, persona, message, answers, attempts=3):
     """The judge's 1-10 score of each answer, in the answers' order, from each of two asks (the second shows them
-    reversed: a verdict that flips with the order is position bias); None when an ask has no usable answer."""
+    reversed: a verdict that flips with the order is position bias); None when an ask's answers are unusable. No
+    answer at all (BadAnswer: an error inside an HTTP 200, ...) from the last attempt is raised: that is transient."""
     asks = []
     for shown in (answers, answers[::-1]):
         user = (f"Message:\n{message}\n\n" + "".join(f"Answer {i}:\n{a}\n\n" for i, a in enumerate(shown, 1)) +
                 f'Score each answer from 1 (worst) to 10 (best). Return JSON: {{"scores": [{len(shown)} integers, '
                 "one per answer, in order]}.")
-        for _ in range(attempts):
+        for attempt in range(attempts):
             try:
                 value = client.chat([{"role": "system", "content": judge_system(persona)},
                                      {"role": "user", "content": user}], "judge_scores", SCORES_SCHEMA, 0.0, 64)
             except BadAnswer:
-                continue
+                if attempt + 1 < attempts:
+                    continue
+                raise
             scores = value.get("scores") if isinstance(value, dict) else None
             if isinstance(scores, list) and len(scores) == len(shown) and all(type(s) is int for s in scores):
                 asks.append(scores if shown is answers else scores[::-1])
@@ -133,7 +143,7 @@ def judge(client, persona, prompt, answers, run, config, halt):
     spent = getattr(client.spend.thread, "cost", 0.0)  # this worker judges one prompt at a time
     try:
         asks = score_answers(client, persona, prompt.text, texts)
-    except tasks.HTTPGaveUp:
+    except (BadAnswer, tasks.HTTPGaveUp):  # transient: no ledger line, a re-run asks again
         return None, None, 0.0
     cost = getattr(client.spend.thread, "cost", 0.0) - spent
     choosable = [i for i, a in enumerate(samples) if not a.cut]
@@ -169,14 +179,26 @@ def open_output(path, run, client):
 
 def main():
     config = parse_config(Config)
-    fractions = {"anchor_frac": 1, "dpo_val_fraction": 0.99, "sft_val_fraction": 0.99}
     check_settings(config, at_least_1=("round", "samples", "max_new_tokens", "batch_size", "workers"),
-                   positive=("min_margin",), not_negative=("prompts", "temperature", "top_k", "max_cost", *fractions),
-                   at_most={**fractions, "samples": "batch_size"}, tags=("model_tag",))
+                   not_negative=("prompts", "temperature", "top_k", "max_cost", "anchor_frac"), tags=("model_tag",),
+                   positive=("min_margin",), at_most={"anchor_frac": 1, "samples": "batch_size"})
+    for key in ("dpo_val_fraction", "sft_val_fraction"):
+        if getattr(config, key) != -1 and not 0 <= getattr(config, key) <= 0.99:
+            raise UserError(f"--{key}={getattr(config, key)}: must be -1 (the training run's) or in [0, 0.99]")
     client = client_from_env(models=config.judge_model)  # no key: exit 2, nothing written
     persona = load_persona(PERSONA_PATH)
     proc = init_dist(config.device_type)
+    directory = checkpoint_dir_for(config.source, config.model_tag)  # its runs' held-out prompts, as eval.py's
+    step = find_last_step(directory) if config.step is None else config.step
+    meta_path = os.path.join(directory, f"meta_{step:06d}.json")
+    sft_held, dpo_held = held_out_fractions(config.source, read_meta(meta_path), config.sft_val_fraction,
+                                            config.dpo_val_fraction)
+    config = replace(config, sft_val_fraction=sft_held, dpo_val_fraction=dpo_held)
     prompts = training_prompts(config)  # bad data fails before the model loads
+    digest = hashlib.sha256(repr(prompts).encode()).hexdigest()  # each rank read its own files
+    if all_reduce_sum([rank0_value(digest) != digest])[0]:  # every rank stops, none waits in a collective
+        raise UserError("the processes read different training prompts (data files other than rank 0's): every node "
+                        "needs the same datasets/trader_*_data.jsonl, or pairs would get answers to other prompts")
     model, tokenizer, meta = load_model(config.source, proc.device, "eval", config.model_tag, config.step)
     run = {"checkpoint": f"{config.source}/{os.path.basename(checkpoint_dir_for(config.source, config.model_tag))}",
            "step": meta.get("step", config.step), "round": config.round}
@@ -192,22 +214,24 @@ def main():
                 for p in prompts}
     todo = [p for p in prompts if p.id not in done]
     print0(f"{run['checkpoint']} step {run['step']}, round {run['round']}: {len(todo)} of {len(prompts)} training "
-           f"prompts to sample, {config.samples} answers each -> {output}")
+           f"prompts (held out: --sft_val_fraction={sft_held} --dpo_val_fraction={dpo_held}) to sample, "
+           f"{config.samples} answers each -> {output}")
     longest = max(map(len, rendered.values()), default=0)  # a long prompt is sampled too, as DPO truncates it
     engine = Engine(model, tokenizer, config.batch_size, min(longest + config.max_new_tokens + 1, model.cos.size(1)))
     chunk = proc.world_size * 4 * (config.batch_size // config.samples)  # 4 engine-fulls a rank: rows end unevenly
-    spent, api_stop, jobs, counts = client.spend.cost, [], [], Counter()
+    spent, api_stop, jobs, counts, unjudged = client.spend.cost, [], [], Counter(), 0
     halt = lambda: bool(STOP.is_set() or api_stop or (config.max_cost and client.spend.cost >= config.max_cost))
     bar = ProgressBar(len(prompts), desc=f"round {config.round}", unit="prompt", done=len(prompts) - len(todo))
 
-    def write(wait):  # rank 0: the judgements finished, in prompt order; at most a chunk behind (the others wait)
-        while jobs and (wait or len(jobs) > chunk or jobs[0][1].done()):
+    def write():  # rank 0: the judgements finished, in prompt order
+        nonlocal unjudged
+        while jobs and jobs[0][1].done():
             prompt, future = jobs.pop(0)
-            try:  # a failure here (the API stopped, a full disk) stops every rank at the next chunk, with one line
+            try:  # a failure here (the API stopped, a full disk) stops every rank at their next meeting, with one line
                 record, outcome, cost = future.result()
                 if record:
                     tasks.append_jsonl(output, record)
-                if outcome:  # else not judged (a stop, the API gave up): a re-run asks
+                if outcome:  # else not judged (a stop, the judge failed): a re-run asks
                     tasks.append_jsonl(ledger, {"id": prompt.id, **run, "outcome": outcome, "cost": cost})
             except (APIStop, OSError) as e:
                 api_stop.append(e)
@@ -215,10 +239,25 @@ def main():
             if outcome:
                 counts[outcome] += 1
                 bar.update(1, kept=counts["kept"] + counts["anchored"], spend=f"${client.spend.cost - spent:.4f}")
+            else:
+                unjudged += 1
+
+    def settle(drain):
+        """Every rank: rank 0 writes what the judge finished. While it is more than a chunk behind (draining: until
+        nothing is left) the ranks meet every HEARTBEAT seconds, so no collective waits on the judge: a slow one, or a
+        429 storm's Retry-After, would outlast CHIMERA_DIST_TIMEOUT. True when the run stops."""
+        while True:
+            write()
+            behind, stop = all_reduce_sum([bool(jobs) and (drain or len(jobs) > chunk),
+                                           STOP.is_set() or (proc.master and halt())])
+            if not behind or (stop and not drain):
+                return bool(stop)
+            if jobs:
+                wait([jobs[0][1]], timeout=HEARTBEAT)
 
     with stop_on_sigint("finishing the judge requests under way"), ThreadPoolExecutor(config.workers) as pool:
         for start in range(0, len(todo), chunk):
-            if all_reduce_sum([STOP.is_set() or (proc.master and halt())])[0]:
+            if settle(drain=False):
                 break
             part = todo[start:start + chunk]
             answers = [sample(engine, rendered, part[proc.rank::proc.world_size], config)]
@@ -228,12 +267,12 @@ def main():
             for i, prompt in enumerate(part if proc.master else []):
                 answer = answers[i % proc.world_size][i // proc.world_size]
                 jobs.append((prompt, pool.submit(judge, client, persona, prompt, answer, run, config, halt)))
-            write(wait=False)
-        write(wait=True)
+        settle(drain=True)
     bar.close()
     interrupted, api_stop = rank0_value((STOP.is_set(), str(api_stop[0]) if api_stop else None))
     print0(f"round {config.round}: {sum(counts.values())} prompts judged, {counts['kept'] + counts['anchored']} pairs "
-           f"kept ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}); judge {client.model}, "
+           f"kept ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})"
+           f"{f', {unjudged} not judged (re-run to ask again)' if unjudged else ''}; judge {client.model}, "
            f"${client.spend.cost - spent:.4f} this run; {output}")
     cleanup_dist()  # every rank is here: the group goes down whole, before any exit
     if api_stop:

@@ -13,7 +13,7 @@ import pytest
 
 import onpolicy
 import tasks
-from checkpoint import load_model
+from checkpoint import SOURCE_DIRS, load_model, save_checkpoint
 from conftest import REPO, make_tiny_base, run_torchrun
 from engine import Engine
 from openrouter_server import FakeOpenRouter, by_position, scores_parts
@@ -91,23 +91,47 @@ def pairs(base, name="trader_dpo_onpolicy"):
     return lines(base / "datasets" / f"{name}.jsonl"), lines(base / "datasets" / f"{name}.ledger.jsonl")
 
 
-def data_prompts(base, kind, split):
-    fraction = {"dpo": 0.05, "sft": 0.1}[kind]
+def data_prompts(base, kind, split, fraction=None):
+    fraction = {"dpo": 0.05, "sft": 0.1}[kind] if fraction is None else fraction
     task = (tasks.TraderDPO if kind == "dpo" else tasks.TraderSFT)(None, split, fraction)
     return [r["prompt"] if kind == "dpo" else next(m["content"] for m in r["messages"] if m["role"] == "user")
             for r in task]
 
 
+def settings(**kwargs):  # the held-out shares main() finds without an SFT or DPO run: sft.py's and dpo.py's defaults
+    return onpolicy.Config(**{"sft_val_fraction": 0.1, "dpo_val_fraction": 0.05, **kwargs})
+
+
 def test_prompts_come_from_the_training_splits_only(base):
-    config = onpolicy.Config(anchor_frac=1.0)
+    config = settings(anchor_frac=1.0)
     prompts = onpolicy.training_prompts(config)
     train = set(data_prompts(base, "dpo", "train") + data_prompts(base, "sft", "train"))
     held_out = set(data_prompts(base, "dpo", "val") + data_prompts(base, "sft", "val"))
     assert held_out and {p.text for p in prompts} == train - held_out and len(prompts) == len(train - held_out)
     apprentice = {r["prompt"]: r["rejected"] for r in tasks.TraderDPO(None, "train", 0.05)}
     assert all(p.apprentice == apprentice.get(p.text) for p in prompts)  # every DPO prompt anchored at 1.0
-    assert [p.text for p in onpolicy.training_prompts(onpolicy.Config(prompts=7))] == [p.text for p in prompts[:7]]
-    assert sum(p.apprentice is not None for p in onpolicy.training_prompts(onpolicy.Config())) < len(apprentice) / 2
+    assert [p.text for p in onpolicy.training_prompts(settings(prompts=7))] == [p.text for p in prompts[:7]]
+    assert sum(p.apprentice is not None for p in onpolicy.training_prompts(settings())) < len(apprentice) / 2
+
+
+def test_the_held_out_prompts_are_those_of_the_checkpoints_runs(run, base, server):
+    """SFT and DPO ran with other held-out shares than their defaults: the round samples none of the prompts eval.py
+    holds out for the checkpoint (it trained on some before); flags given win."""
+    model, _, meta = load_model("base", "cpu", "eval")
+    for stage, run_config in (("sft", {"trader_val_fraction": 0.25}), ("dpo", {"val_fraction": 0.3})):
+        save_checkpoint(str(base / SOURCE_DIRS[stage] / "d2"), 3, model.state_dict(),
+                        dict(meta, step=3, user_config=run_config))
+    code, out, err = run("--source=dpo", "--prompts=12")
+    assert code == 0 and "--sft_val_fraction=0.25 --dpo_val_fraction=0.3" in out, err
+    judged = {e["id"] for e in pairs(base)[1]}
+    expected = onpolicy.training_prompts(settings(prompts=12, sft_val_fraction=0.25, dpo_val_fraction=0.3))
+    held_out = data_prompts(base, "dpo", "val", 0.3) + data_prompts(base, "sft", "val", 0.25)
+    assert judged == {p.id for p in expected} and not judged & {onpolicy.draw(text) for text in held_out}
+    code, _, err = run("--source=dpo", "--prompts=12", "--dpo_val_fraction=0.05", "--sft_val_fraction=0.1",
+                       f"--output={base}/given.jsonl")
+    assert code == 0, err
+    given = {e["id"] for e in lines(base / "given.ledger.jsonl")}
+    assert given == {p.id for p in onpolicy.training_prompts(settings(prompts=12))}
 
 
 def test_pairs_are_the_models_own_samples_judged_in_both_orders(run, base, server):
@@ -170,10 +194,30 @@ def test_a_judge_that_flips_with_the_order_keeps_nothing(run, base, server):
     assert len(server.chat_requests()) >= 12
 
 
+def test_a_failing_judge_leaves_the_prompt_to_a_rerun(run, base, server):
+    server.faults.extend(["body_error"] * 3)  # OpenRouter's error inside an HTTP 200, on each attempt of one ask
+    code, out, err = run("--prompts=3", "--workers=1")
+    assert code == 0 and "1 not judged (re-run to ask again)" in out, err
+    assert len(pairs(base)[1]) == 2  # no ledger line, as for a verdict: the failure was the API's, not the answers'
+    served = len(server.chat_requests())
+    assert run("--prompts=3", "--workers=1")[0] == 0
+    assert len(pairs(base)[1]) == 3 and len(server.chat_requests()) - served == 2  # asked again, both orders
+
+
 def test_no_key_exits_2_with_one_line_and_writes_nothing(run, base, server):
     before = sorted(os.listdir(base / "datasets"))
     code, _, err = run("--prompts=4", env={"OPENROUTER_API_KEY": None})
     assert code == 2 and "OPENROUTER_API_KEY" in err and len(err.strip().splitlines()) == 1
+    assert sorted(os.listdir(base / "datasets")) == before and not server.requests
+
+
+def test_a_lone_surrogate_in_the_data_stops_with_one_line(run, base, server):
+    path = base / "datasets" / "trader_dpo_data.jsonl"
+    with open(path, "a") as f:  # half an emoji, as in scraped text: valid JSON, but no UTF-8 file can hold it
+        f.writelines(json.dumps(dict(r, prompt=r["prompt"] + " \ud83d")) + "\n" for r in lines(path)[:3])
+    before = sorted(os.listdir(base / "datasets"))
+    code, _, err = run("--prompts=4")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and f"error: {path}: " in err and "surrogate" in err
     assert sorted(os.listdir(base / "datasets")) == before and not server.requests
 
 
@@ -230,6 +274,31 @@ def test_two_processes_write_the_same_file_as_one(base, server, tmp_path):
     for name in ("trader_dpo_onpolicy.jsonl", "trader_dpo_onpolicy.ledger.jsonl"):
         assert (base / "datasets" / name).read_text() == (tmp_path / "two" / "datasets" / name).read_text()
     assert pairs(base)[0]
+
+
+def test_two_processes_wait_out_a_judge_slower_than_the_dist_timeout(base):
+    """Rank 0 drains the judge's queue while rank 1 waits: they meet every few seconds, so a judge slower than
+    CHIMERA_DIST_TIMEOUT (a 429 storm's Retry-After) stops nothing, and every verdict paid for is ledgered."""
+    server = FakeOpenRouter(latency=2.0, cost=0.001).start()
+    try:
+        run_torchrun(["onpolicy.py", *FLAGS, "--prompts=4", "--workers=1"], timeout=180,
+                     env={**environment(base, server), "CHIMERA_DIST_TIMEOUT": "12"})  # the judge: 2 s an ask, 16 s
+        ledger = pairs(base)[1]
+        judged = sum(e["outcome"] != "too_few_answers" for e in ledger)
+        assert len(ledger) == 4 and len(server.chat_requests()) == 2 * judged == 8
+    finally:
+        server.stop()
+
+
+def test_processes_that_read_other_prompts_stop_together(base, server):
+    """A node with an older copy of the data (or gen.py appending between the ranks' reads): rank 0 would pair its
+    prompts with answers rank 1 sampled for others. Every rank stops with one line, before the model loads."""
+    views = os.path.join(REPO, "tests", "dist_views.py")
+    with pytest.raises(AssertionError) as failed:
+        run_torchrun([views, "onpolicy.py", *FLAGS, "--prompts=0"], timeout=120,
+                     env={**environment(base, server), "VIEW": "fewer_rows", "CHIMERA_DIST_TIMEOUT": "60"})
+    assert str(failed.value).count("\nerror: the processes read different training prompts") == 2  # a line a rank
+    assert not os.path.exists(base / "datasets" / "trader_dpo_onpolicy.jsonl") and not server.requests
 
 
 def wait_for_ledger(base, n, timeout=120):
