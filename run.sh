@@ -5,7 +5,7 @@
 #
 # With a nanochat checkpoint in $NANOCHAT_BASE_DIR (default ~/.cache/nanochat): gen.py (needs OPENROUTER_API_KEY
 # unless both data files exist) -> SFT on trader + SmolTalk from mid (2025 nanochat) if there is one, else base
-# (2026 nanochat has no mid) -> eval sft -> DPO -> eval dpo -> on-policy DPO rounds (each: onpolicy.py -> DPO -> eval)
+# (2026 nanochat has no mid) -> DPO -> eval sft, eval dpo -> on-policy DPO rounds (each: onpolicy.py -> DPO -> eval)
 # -> the report; nanochat's files are only read. It ends by printing the command that chats with the model it made
 # (the last round's), and the report's path (a copy: report.md in the cwd).
 # With no checkpoint and no OPENROUTER_API_KEY: an offline demo of the same on a tiny fresh model and data/.
@@ -151,7 +151,7 @@ if [ "$DEMO" = 1 ]; then
                --target_examples_per_step=8 --init_lr_frac=1.0 --eval_every=-1)
     DPO_ARGS+=(--val_fraction=0.2 --num_epochs=4 --device_batch_size=4 --target_examples_per_step=8
               --init_lr_frac=0.6 --ref_cache=1 --eval_every=-1)
-    EVAL_ARGS+=(--max_new_tokens=64 --dpo_val_fraction=0.2) ONPOLICY_ARGS+=(--dpo_val_fraction=0.2 --max_new_tokens=64)
+    EVAL_ARGS+=(--max_new_tokens=64) ONPOLICY_ARGS+=(--max_new_tokens=64)  # the held-out shares: from the metas
     # a new demo model starts a new report (the demo's base dir is Chimera's own)
     stage "demo base model" -- "$START_DIR/$TAG" -- "$PY" -c \
     "import checkpoint, report; report.reset(); checkpoint.fresh_base('$BASE', depth=$DEMO_DEPTH, sequence_len=2048)"
@@ -175,10 +175,11 @@ SFT_ARGS+=(${SFT_EXTRA_ARGS:-}); DPO_ARGS+=(${DPO_EXTRA_ARGS:-}); EVAL_ARGS+=(${
 ONPOLICY_ARGS+=(${ONPOLICY_EXTRA_ARGS:-})
 stage "SFT (sft.py)" "$SFT_DATA" "$(latest "$START_DIR/$TAG")" -- "$SFT_DIR" "$REPORT_DIR" -- \
     launch sft.py "${SFT_ARGS[@]}"
-stage "evaluate SFT (eval.py -i sft)" "$SFT_DATA" "$DPO_DATA" "$(latest "$SFT_DIR")" -- "$REPORT_DIR" -- \
-    evaluate sft sft --model_tag="$SFT_TAG" "${EVAL_ARGS[@]}"
 stage "DPO (dpo.py)" "$DPO_DATA" "$(latest "$SFT_DIR")" -- "$DPO_DIR" "$REPORT_DIR" -- \
     launch dpo.py --source=sft --model_tag="$SFT_TAG" --out_tag="$TAG" "${DPO_ARGS[@]}"
+# SFT's eval after DPO: it holds out the pairs DPO held out (its --val_fraction, read from its meta), as DPO's eval
+stage "evaluate SFT (eval.py -i sft)" "$SFT_DATA" "$DPO_DATA" "$(latest "$SFT_DIR")" "$(latest "$DPO_DIR")" -- \
+    "$REPORT_DIR" -- evaluate sft sft --model_tag="$SFT_TAG" "${EVAL_ARGS[@]}"
 stage "evaluate DPO (eval.py -i dpo)" "$SFT_DATA" "$DPO_DATA" "$(latest "$SFT_DIR")" "$(latest "$DPO_DIR")" \
     -- "$REPORT_DIR" -- evaluate dpo dpo --model_tag="$TAG" "${EVAL_ARGS[@]}"
 FROM=$TAG  # on-policy rounds: each samples FROM (the latest DPO model), then trains from it, its frozen reference

@@ -58,7 +58,8 @@ def test_demo_profile_end_to_end_then_resumes(tmp_path):
     assert [c.strip() for c in header.strip("|").split("|")] == ["Metric", "BASE", "MID", "SFT", "DPO", "RL"]
     row = next(line for line in report.splitlines() if line.startswith("| Persona preference accuracy"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[3] != "-" and cells[4] != "-"  # measured after SFT and after DPO
+    assert cells[3] != "-" and cells[4] != "-"  # measured after SFT and after DPO, on the pairs DPO held out
+    assert cells[3].split(" of ")[1] == cells[4].split(" of ")[1] == "9 held-out pairs)", row  # 0.2 of the data
     again = run_sh(env, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count(", skipped") == 5  # base, sft, eval sft, dpo, eval dpo
