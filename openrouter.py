@@ -199,7 +199,7 @@ class OpenRouter:
             status = response.status_code
             if status == 200:
                 return self._answer(response)
-            message = self._clean(error_text(response))
+            message = self._clean(error_text(response, 300, self._key))
             if status == 404 or (status == 400 and not self.verified and "model" in message.lower()):
                 why = f"HTTP {status}: {message}"
                 with self._lock:  # a model the server does not know: move on to the next configured one
@@ -218,7 +218,7 @@ class OpenRouter:
         if response.data is None:
             raise BadAnswer("response body is not a JSON object")
         if response.data.get("error"):  # OpenRouter reports some failures inside an HTTP 200 body
-            raise BadAnswer(f"error in response: {self._clean(error_text(response, 200))}")
+            raise BadAnswer(f"error in response: {self._clean(error_text(response, 200, self._key))}")
         try:
             text = response.data["choices"][0]["message"].get("content")
         except (KeyError, IndexError, TypeError, AttributeError):

@@ -212,14 +212,16 @@ def http_retry(send, retries, backoff, max_wait=120.0, log=lambda message: None,
         log(f"{reason}; retry {attempt + 1}/{retries} in {wait:.1f}s")
         time.sleep(wait)
 
-def error_text(response, limit=300):
-    """The error message of an API response ({"error": {"message": ...}} or {"error": ...}) or its body."""
+def error_text(response, limit=300, secret=None):
+    """The error message of an API response ({"error": {"message": ...}} or {"error": ...}) or its body, `secret`
+    (a token the server may echo) scrubbed before the cut: a key across it would leave its start."""
     try:
         error = response.json().get("error", "")
         error = error.get("message", error) if isinstance(error, dict) else error
     except (ValueError, AttributeError, RecursionError):
         error = response.text
-    return str(error)[:limit]
+    error = str(error)
+    return (error.replace(secret, "***") if secret else error)[:limit]
 
 # Hugging Face rows through the dataset viewer API, cached as JSONL
 HF_ROWS_URL = "https://datasets-server.huggingface.co/rows"
@@ -278,7 +280,7 @@ def _fetch_rows(dataset, config, split, stop):
                     _unreachable.add(url)
                 raise DataUnavailable(f"talking to {url}: {e}") from None
             if response.status_code != 200:
-                raise DataUnavailable(f"HTTP {response.status_code} from {url}: {error_text(response, 200)}")
+                raise DataUnavailable(f"HTTP {response.status_code} from {url}: {error_text(response, 200, token)}")
             try:
                 page = response.json()
                 if bar is None:

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import requests
 
 import gen
 import openrouter
@@ -369,6 +370,21 @@ def test_a_provider_echoing_the_key_leaks_it_nowhere(run, server, tmp_path):
             text = open(os.path.join(root, name), "rb").read().decode("utf-8")
             assert KEY[1:] not in text and KEY[1:] not in json.dumps(text), name  # not even \u-escaped
     assert len(data(tmp_path)) == 2 and "***" in json.dumps(data(tmp_path))
+
+
+def test_a_key_echoed_across_the_cut_of_an_error_message_leaves_none_of_it(monkeypatch):
+    """An error message is cut to 300 characters (200 inside an HTTP 200 body): the key is scrubbed before the cut,
+    so one straddling it leaves no prefix behind."""
+    key = "sk-or-v1-" + "0123456789abcdef" * 4
+    client = openrouter.OpenRouter(key, "http://127.0.0.1:9/api/v1", ["m"], retries=0)
+    for status, cut, error in ((401, 300, openrouter.APIStop), (200, 200, openrouter.BadAnswer)):
+        response = requests.Response()
+        response.status_code, body = status, {"error": {"message": "x" * (cut - 30) + " header was: " + key}}
+        response._content, response.data = json.dumps(body).encode(), body
+        monkeypatch.setattr(client, "_post", lambda body: response)
+        with pytest.raises(error) as e:
+            client.chat([{"role": "user", "content": "hi"}], "x", {"type": "object"})
+        assert "header was: ***" in str(e.value) and key[:12] not in str(e.value)
 
 
 def test_a_lone_surrogate_in_an_answer_is_cleaned_not_fatal(run, server, tmp_path):

@@ -590,6 +590,14 @@ def test_rows_retry_500_and_429_retry_after(server, monkeypatch, capsys):
     assert "hf_secret_token_123" not in out.out + out.err
 
 
+def test_a_token_echoed_across_the_cut_of_an_error_message_leaves_none_of_it(server, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token_123")
+    server.script = [(403, {}, {"error": "x" * 180 + " header: Bearer hf_secret_token_123"})]  # across the 200th
+    with pytest.raises(tasks.DataUnavailable) as e:
+        tasks.hf_rows("org/data", "main", "train")
+    assert "Bearer ***" in str(e.value) and "hf_secret" not in str(e.value)
+
+
 def test_cached_file_retries_a_transient_failure(server, base):
     server.script = [(503, {}, {"error": "busy"}), (200, {}, ["apple", "pear"])]
     path = tasks.cached_file(server.url + "/words_alpha.txt")
