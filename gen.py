@@ -137,11 +137,14 @@ KINDS = {"sft": Kind("trader_sft_data.jsonl", sft_prompt, sft_record, "persona_c
          "dpo": Kind("trader_dpo_data.jsonl", dpo_prompt, dpo_record, "preference_pair", DPO_SCHEMA, dpo_problem)}
 
 # Items, asked again while unusable
+def spent_out(client, config):  # checked before every request an item starts: none once --max-cost is reached
+    return bool(config.max_cost) and client.spend.cost >= config.max_cost
+
 def make_item(client, persona, kind, spec, config):
     """(record or None, outcome, [failure reasons]) for one item."""
     recipe, reasons = KINDS[kind], []
     for _ in range(config.item_attempts):
-        if STOP.is_set():
+        if STOP.is_set() or spent_out(client, config):
             break
         try:
             value = client.chat(recipe.prompt(persona, spec), recipe.schema_name, recipe.schema, config.temperature,
@@ -172,6 +175,7 @@ def generate(client, persona, kind, store, target, config, executor):
     bar = ProgressBar(target, desc=kind, unit="rec", enabled=len(store.records) < target, done=len(store.records))
     try:
         while True:
+            stop = stop or ("max_cost" if spent_out(client, config) else None)  # a re-run's budget may be gone
             wanted = min(config.workers, target - len(store.records))  # in flight: no more than could be kept
             while stop is None and not STOP.is_set() and len(running) < wanted:
                 spec = item_spec(persona, kind, next(pending), config.seed, config.min_turns, config.max_turns)
@@ -199,8 +203,6 @@ def generate(client, persona, kind, store, target, config, executor):
                     top = max(failure_reasons, key=failure_reasons.get) if failure_reasons else outcome
                     stop = APIStop(f"the last {streak} {kind} items all failed (most common reason: {top}); "
                                    "check the model and the server")
-                if config.max_cost and client.spend.cost >= config.max_cost and stop is None:
-                    stop = "max_cost"
     finally:
         bar.close()
     return Run(counts, failure_reasons, stop or ("interrupted" if STOP.is_set() else None))

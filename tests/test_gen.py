@@ -263,6 +263,16 @@ def test_max_cost_stops_cleanly(run, server, tmp_path):
     assert 5 <= len(data(tmp_path)) < 50 and data(tmp_path, "dpo") == []
 
 
+def test_a_budget_already_spent_starts_no_request(run, server, tmp_path):
+    code, out, err = run("--sft-examples=3", "--dpo-examples=0", "--workers=1", "--max-cost=0.02")
+    assert code == 0 and "stopped at --max-cost" in out and len(data(tmp_path)) == 2, err
+    served = len(server.chat_requests())
+    for flags in (("--sft-examples=20", "--dpo-examples=0"), ("--sft-examples=2", "--dpo-examples=5")):
+        code, out, err = run(*flags, "--workers=8", "--max-cost=0.02")  # a re-run; the SFT file done, DPO's turn
+        assert code == 0 and "stopped at --max-cost" in out, err
+    assert len(server.chat_requests()) == served and data(tmp_path, "dpo") == []
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--sft-examples=-3"], "--sft_examples=-3: must be >= 0"),
     (["--sft-exampels=3"], "unknown setting --sft_exampels"),
