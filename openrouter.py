@@ -86,10 +86,13 @@ class Spend:
             append_jsonl(self.path, {"open": ticket, "model": model, "max_cost": most})
         return ticket
 
-    def close(self, ticket, model=None, usage=None):
-        """A request came back: paid (by `model`, its `usage` counted within MOST) or, with no model, not."""
+    def close(self, ticket, model=None, usage=None, prices=None):
+        """A request came back: paid (by `model`, its `usage` counted within MOST) or, with no model, not. A usage
+        without a cost (OpenAI, Together, Groq, ...) is charged its tokens at `prices` (prompt, completion)."""
         usage = usage if isinstance(usage, dict) else {}
         entry = {k: v if isinstance(v := usage.get(k), (int, float)) and 0 <= v <= MOST[k] else 0 for k in MOST}
+        if usage.get("cost") is None and prices:
+            entry["cost"] = entry["prompt_tokens"] * prices[0] + entry["completion_tokens"] * prices[1]
         with self._lock:
             if self.path:
                 append_jsonl(self.path, {"close": ticket, **({"model": model, **entry} if model else {})})
@@ -154,7 +157,8 @@ class OpenRouter:
                 data = self._clean(response.json()) if response.status_code == 200 else None
         finally:
             if isinstance(data, dict):
-                self.spend.close(ticket, str(data.get("model") or body["model"]), data.get("usage"))
+                self.spend.close(ticket, str(data.get("model") or body["model"]), data.get("usage"),
+                                 (prompt, completion))
             else:
                 self.spend.close(ticket)
         response.data = data if isinstance(data, dict) else None

@@ -273,6 +273,17 @@ def test_a_budget_already_spent_starts_no_request(run, server, tmp_path):
     assert len(server.chat_requests()) == served and data(tmp_path, "dpo") == []
 
 
+def test_a_usage_without_cost_is_charged_its_tokens_at_the_listed_prices(run, server, tmp_path):
+    server.cost = None  # OpenAI, Together, Groq, ...: tokens, no cost; listed at $1 / $2 per million tokens
+    code, out, err = run("--sft-examples=12", "--dpo-examples=0", "--workers=1", "--max-cost=0.001")
+    assert code == 0 and "stopped at --max-cost" in out, err
+    assert len(server.chat_requests()) == 2 and summary(tmp_path)["cost_total"] == pytest.approx(2 * 0.0005)
+    server.list_status = 500  # no prices listed: the dearest model's, $15 / $75 per million
+    code, out, err = run("--sft-examples=12", "--dpo-examples=0", "--workers=1", "--max-cost=0.03")
+    assert code == 0 and "stopped at --max-cost" in out, err
+    assert len(server.chat_requests()) == 4 and summary(tmp_path)["cost_total"] == pytest.approx(0.001 + 2 * 0.0165)
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--sft-examples=-3"], "--sft_examples=-3: must be >= 0"),
     (["--sft-exampels=3"], "unknown setting --sft_exampels"),
