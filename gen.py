@@ -156,7 +156,10 @@ def make_item(client, persona, kind, spec, config):
         except (Dropped, HTTPGaveUp) as e:
             return None, "dropped" if isinstance(e, Dropped) else "failed", reasons + [str(e)]
         if kind == "dpo" and config.judge_pairs:  # the judge must prefer chosen whichever answer it reads first
-            verdict = judge_both_orders(client, persona, *(record[k] for k in PAIR_KEYS), config.judge_model)
+            try:
+                verdict = judge_both_orders(client, persona, *(record[k] for k in PAIR_KEYS), config.judge_model)
+            except (BadAnswer, HTTPGaveUp) as e:  # no verdict had: the item is not final, a re-run asks again
+                return None, "failed", reasons + [f"judge failed: {e}"]
             if verdict != 1:
                 outcome = "judge_rejected" if verdict == -1 else "judge_no_verdict"
                 return None, outcome, reasons + [outcome.replace("_", " ")]

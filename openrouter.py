@@ -24,7 +24,7 @@ import numpy as np
 import requests
 
 from common import UserError
-from tasks import HTTPGaveUp, append_jsonl, error_text, http_retry, iter_jsonl, record_digest
+from tasks import append_jsonl, error_text, http_retry, iter_jsonl, record_digest
 
 PERSONA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "persona.md")
 
@@ -260,8 +260,9 @@ def judge_system(persona):
             "Judge faithfulness to the persona and helpfulness, not length or style.")
 
 def judge_both_orders(client, persona, message, a, b, model=None, attempts=3):
-    """+1 if the judge prefers `a` in both orders, -1 if `b` in both, None otherwise (a tie,
-    no verdict, or a verdict that flips with the order: position bias, not a preference)."""
+    """+1 if the judge prefers `a` in both orders, -1 if `b` in both, None otherwise (a tie, or a verdict that flips
+    with the order: position bias, not a preference). No verdict had is no verdict given: HTTPGaveUp, or BadAnswer
+    after `attempts` unusable answers to one order, goes to the caller (a later run may ask again)."""
     system = judge_system(persona)
 
     def verdict(first, second):
@@ -271,11 +272,13 @@ def judge_both_orders(client, persona, message, a, b, model=None, attempts=3):
             try:
                 value = client.chat([{"role": "system", "content": system}, {"role": "user", "content": user}],
                                     "judge_verdict", JUDGE_SCHEMA, temperature=0.0, max_tokens=16, model=model)
-                return value.get("winner") if isinstance(value, dict) else None
-            except BadAnswer:
+            except BadAnswer as e:
+                error = e
                 continue
-            except HTTPGaveUp:
-                return None
+            if isinstance(value, dict) and value.get("winner") in ("1", "2", "tie"):
+                return value["winner"]
+            error = BadAnswer('no "winner" of "1", "2" or "tie" in the judge\'s answer')
+        raise error
     return {("1", "2"): 1, ("2", "1"): -1}.get((verdict(a, b), verdict(b, a)))
 
 # What a data stage shares (gen.py, onpolicy.py): one writer per output, output that resumes, Ctrl-C

@@ -493,6 +493,21 @@ def test_judge_pairs_failure_types_and_diversity(run, server, tmp_path):
     assert "- DPO judge rejected (this run):" in section and "- DPO failure overconfident:" in section
 
 
+def test_a_judge_that_gives_no_answer_fails_the_item_for_a_rerun(run, server, tmp_path):
+    server.judge = lambda message, first, second: "1" if len(first.split()) > len(second.split()) else "2"  # chosen
+    server.faults.extend([None, "503", None, "bad_json", "bad_json", "bad_json"])  # pair 0: a 503; 1: unusable x3
+    flags = ("--sft-examples=0", "--judge-pairs=1", "--workers=1", "--http-retries=0")
+    code, _, err = run("--dpo-examples=1", *flags)
+    assert code == 0, err
+    ledger = tmp_path / "datasets" / "trader_dpo_data.ledger.jsonl"
+    assert [json.loads(line)["id"] for line in open(ledger)] == ["dpo-0-2"]  # no verdict had is not a final one
+    run_summary = summary(tmp_path)["kinds"]["dpo"]
+    assert run_summary["this_run"]["failed"] == 2 and run_summary["failure_reasons"] == {"judge failed": 2}
+    code, _, err = run("--dpo-examples=3", *flags)
+    assert code == 0 and len(data(tmp_path, "dpo")) == 3, err
+    assert sorted(json.loads(line)["id"] for line in open(ledger)) == ["dpo-0-0", "dpo-0-1", "dpo-0-2"]
+
+
 def test_failure_types_go_round_evenly_and_reach_the_prompt(run, server, tmp_path):
     code, _, err = run("--sft-examples=0", "--dpo-examples=10", "--workers=1")
     assert code == 0, err
