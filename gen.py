@@ -50,7 +50,7 @@ class Config:
     near_dup_threshold: float = 0.8  # drop a record whose word-trigram similarity to an earlier one reaches this
     min_turns: int = 2  # fewest user turns per SFT conversation
     max_turns: int = 4  # most user turns per SFT conversation
-    judge_pairs: bool = False  # keep a pair only when a judge prefers chosen in both orders (2+ requests a pair)
+    judge_pairs: bool = False  # keep a pair only when a judge prefers chosen in both orders (2 requests; 1 on a tie)
     judge_model: str = ""  # the judge of --judge-pairs; "" = the generator model
 
 # The prompts and schemas, the records made

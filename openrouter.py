@@ -279,7 +279,10 @@ def judge_both_orders(client, persona, message, a, b, model=None, attempts=3):
                 return value["winner"]
             error = BadAnswer('no "winner" of "1", "2" or "tie" in the judge\'s answer')
         raise error
-    return {("1", "2"): 1, ("2", "1"): -1}.get((verdict(a, b), verdict(b, a)))
+    first = verdict(a, b)
+    if first == "tie":  # no preference to confirm: the other order is not paid for
+        return None
+    return {("1", "2"): 1, ("2", "1"): -1}.get((first, verdict(b, a)))
 
 # What a data stage shares (gen.py, onpolicy.py): one writer per output, output that resumes, Ctrl-C
 def hold_lock(path, who, flag=""):

@@ -508,6 +508,19 @@ def test_a_judge_that_gives_no_answer_fails_the_item_for_a_rerun(run, server, tm
     assert sorted(json.loads(line)["id"] for line in open(ledger)) == ["dpo-0-0", "dpo-0-1", "dpo-0-2"]
 
 
+def test_a_tie_in_the_first_order_is_not_asked_in_the_second(run, server, tmp_path):
+    asked = []
+    def judge(message, first, second):  # a tie on the first 3 asks, then the chosen answer (40 words to 38) wins
+        asked.append(first)
+        return "tie" if len(asked) <= 3 else "1" if len(first.split()) > len(second.split()) else "2"
+    server.judge = judge
+    code, _, err = run("--sft-examples=0", "--dpo-examples=1", "--judge-pairs=1", "--workers=1")
+    assert code == 0 and len(data(tmp_path, "dpo")) == 1, err
+    counts = summary(tmp_path)["kinds"]["dpo"]["this_run"]
+    assert (counts["judge_no_verdict"], counts["judge_kept"]) == (3, 1)
+    assert len(server.chat_requests()) == 4 + 3 + 2  # 4 pairs made, a judge request for each tie, 2 for the last
+
+
 def test_failure_types_go_round_evenly_and_reach_the_prompt(run, server, tmp_path):
     code, _, err = run("--sft-examples=0", "--dpo-examples=10", "--workers=1")
     assert code == 0, err
