@@ -169,8 +169,8 @@ def make_item(client, persona, kind, spec, config):
 Run = namedtuple("Run", "counts reasons stop")  # a kind's outcomes this run, its failure reasons, why it stopped
 
 def generate(client, persona, kind, store, target, config, executor):
-    """Top `store` up to `target` records, then a Run whose stop is None, "max_cost", "interrupted" or the APIStop
-    (after the requests in flight came back)."""
+    """Top `store` up to `target` records, then a Run whose stop is None, "max_cost", "interrupted", the APIStop or
+    the OSError (after the requests in flight came back)."""
     judged = ("judge_kept", "judge_rejected", "judge_no_verdict") if kind == "dpo" and config.judge_pairs else ()
     counts = dict.fromkeys(("new", "failed", "duplicate", "near_duplicate", "dropped") + judged, 0)
     failure_reasons, running, stop, streak = Counter(), {}, None, 0
@@ -189,16 +189,16 @@ def generate(client, persona, kind, store, target, config, executor):
                 spec = running.pop(future)
                 try:
                     record, outcome, reasons = future.result()
-                except APIStop as e:
+                    failure_reasons.update(r.split(" (")[0].split(":")[0] for r in reasons)  # the kind, no details
+                    if outcome == "ok" and judged:
+                        counts["judge_kept"] += 1
+                    if outcome == "ok":
+                        outcome = store.add(spec["id"], record)
+                    elif outcome != "failed":  # a final outcome: a re-run does not pay for this item again
+                        store.mark(spec["id"], outcome)
+                except (APIStop, OSError) as e:  # OSError: a full disk, say (each line written is whole)
                     stop = stop or e
                     continue
-                failure_reasons.update(r.split(" (")[0].split(":")[0] for r in reasons)  # the kind, not the details
-                if outcome == "ok" and judged:
-                    counts["judge_kept"] += 1
-                if outcome == "ok":
-                    outcome = store.add(spec["id"], record)
-                elif outcome != "failed":  # a final outcome: a re-run does not pay for this item again
-                    store.mark(spec["id"], outcome)
                 counts["new" if outcome == "ok" else outcome] += 1
                 bar.update(int(outcome == "ok"), failed=counts["failed"], spend=f"${client.spend.cost:.4f}")
                 streak = 0 if outcome == "ok" else streak + 1
@@ -289,7 +289,13 @@ def main():
                 if stop is None:
                     runs[kind] = generate(client, persona, kind, stores[kind], targets[kind], config, executor)
                     stop = runs[kind].stop
-        write_summary(out_dir, config, persona, stores, targets, runs, client.spend, time.time() - t0, client.model)
+        try:
+            write_summary(out_dir, config, persona, stores, targets, runs, client.spend, time.time() - t0, client.model)
+        except OSError as e:  # a full disk: a re-run writes it
+            stop = stop if isinstance(stop, OSError) else e
+    if isinstance(stop, OSError):
+        where = f"{stop.filename}: {stop.strerror}" if stop.filename else str(stop)
+        raise UserError(f"stopped: cannot write {where} (every line written is whole; make room and re-run)")
     if isinstance(stop, APIStop):
         raise UserError(f"stopped: {stop} (everything finished so far is kept; re-run to continue)")
     if stop == "interrupted":

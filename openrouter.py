@@ -83,7 +83,8 @@ class Spend:
         """A request about to be sent: its ticket, ledgered at `most` until close(ticket) says what it cost."""
         ticket = os.urandom(8).hex()
         if self.path:
-            append_jsonl(self.path, {"open": ticket, "model": model, "max_cost": most})
+            with self._lock:  # one append at a time: a failed one cuts the file back to where it began
+                append_jsonl(self.path, {"open": ticket, "model": model, "max_cost": most})
         return ticket
 
     def close(self, ticket, model=None, usage=None, prices=None):
@@ -94,12 +95,12 @@ class Spend:
         if usage.get("cost") is None and prices:
             entry["cost"] = entry["prompt_tokens"] * prices[0] + entry["completion_tokens"] * prices[1]
         with self._lock:
-            if self.path:
-                append_jsonl(self.path, {"close": ticket, **({"model": model, **entry} if model else {})})
-            if model:
+            if model:  # counted before it is ledgered: paid, even if the ledger line fails (a full disk)
                 self.cost += entry["cost"]
                 self.thread.cost = getattr(self.thread, "cost", 0.0) + entry["cost"]
                 self.models.setdefault(str(model), Counter()).update({"requests": 1, **entry})
+            if self.path:
+                append_jsonl(self.path, {"close": ticket, **({"model": model, **entry} if model else {})})
 
 class OpenRouter:
     """A small client for OpenRouter's OpenAI-compatible API, safe to share between threads."""

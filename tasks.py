@@ -10,6 +10,7 @@ nanochat's identity and spelling tasks, rendered, ordered and graded as nanochat
 import contextlib
 import copy
 import email.utils
+import errno
 import fcntl
 import functools
 import hashlib
@@ -134,11 +135,19 @@ def iter_jsonl(path, problem_of=lambda record: None, advice=""):
             yield record
 
 def append_jsonl(path, record):
-    """Append one record as one whole line (a single write), flushed to disk."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one record as one whole line (a single write), synced to disk; if it fails (a full disk), the file is
+    cut back to its whole lines and the OSError names it."""
+    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    with open(path, "ab", buffering=0) as f:  # unbuffered: nothing left to flush at close after a failure
+        end = f.seek(0, os.SEEK_END)
+        try:
+            if f.write(line) < len(line):  # a short write: the disk or a size limit is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(f.fileno())
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                f.truncate(end)
+            raise OSError(e.errno, e.strerror, path) from e
 
 def read_jsonl(path, problem_of, hint="", stop=None):
     """The (first `stop`) records of a JSONL file, checked by problem_of; a missing or empty file is a UserError."""

@@ -464,6 +464,18 @@ def test_ctrl_c_keeps_paid_answers_and_writes_the_summary(tmp_path):
         server.stop()
 
 
+def test_a_full_disk_stops_with_one_line_keeping_whole_lines_and_the_summary(tmp_path, server):
+    """A file size limit stands in for a full disk: the data file fills first (its records carry the persona)."""
+    import resource
+    cmd, env = gen_subprocess(tmp_path, server, "--backoff=0.01", "--sft-examples=20", "--dpo-examples=0")
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))  # noqa: E731
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    path = tmp_path / "datasets" / "trader_sft_data.jsonl"
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: stopped: cannot write {path}: ")
+    assert 0 < len(data(tmp_path)) < 20 and summary(tmp_path)["kinds"]["sft"]["records"] == len(data(tmp_path))
+
+
 def test_judge_pairs_failure_types_and_diversity(run, server, tmp_path):
     import itertools
     # pair by pair (chosen is Answer 1 in the first order): agrees chosen wins, agrees it loses, flips with the order

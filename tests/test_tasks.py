@@ -167,6 +167,18 @@ def test_hostile_line_is_one_clear_error_on_its_own_line(tmp_path, raw, why):
     assert str(e.value).startswith(f"{path}:3001:") and (why is None or why in str(e.value))
 
 
+def test_an_append_the_disk_cuts_short_leaves_whole_lines_and_names_the_file(tmp_path):
+    """A file size limit stands in for a full disk: the write stops part-way, the file is cut back to its lines."""
+    path = tmp_path / "data.jsonl"
+    script = ("import resource, sys, tasks\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))  # Python ignores SIGXFSZ: writes fail\n"
+              "tasks.append_jsonl(sys.argv[1], {'a': 'x' * 50})\n"
+              "try:\n    tasks.append_jsonl(sys.argv[1], {'b': 'y' * 50})\n"
+              "except OSError as e:\n    print(e.filename, e.strerror)\n")
+    out = run_python(["-c", script, str(path)]).stdout
+    assert out.startswith(f"{path} ") and path.read_text() == json.dumps({"a": "x" * 50}) + "\n"
+
+
 def test_trader_files_empty_or_missing(tmp_path, base):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
