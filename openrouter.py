@@ -242,6 +242,10 @@ def client_from_env(base_url="", models="", timeout=120.0, retries=6, backoff=1.
     if not api_key:
         raise UserError("OPENROUTER_API_KEY is not set: create a key at https://openrouter.ai/keys and "
                         "export OPENROUTER_API_KEY=... (nothing was written)")
+    if bad := re.search(r"[^\x21-\x7e]", api_key):  # goes in an HTTP header; never printed, so its place only
+        raise UserError(f"OPENROUTER_API_KEY has a character that is not printable ASCII (a space, or a zero-width "
+                        f"or non-breaking one from a copy-paste?) at position {bad.start() + 1} of {len(api_key)}: "
+                        "set it again (nothing was written)")
     base_url = base_url or os.environ.get("OPENROUTER_BASE_URL") or "https://openrouter.ai/api/v1"
     models = [m.strip() for m in (models or os.environ.get("OPENROUTER_MODELS") or "").split(",") if m.strip()]
     return OpenRouter(api_key, base_url, models or ["openai/gpt-4o-mini"], timeout, retries, backoff)

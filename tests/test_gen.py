@@ -243,6 +243,13 @@ def test_missing_key_writes_nothing(run, server, tmp_path):
     assert not (tmp_path / "datasets").exists() and not server.requests
 
 
+@pytest.mark.parametrize("bad", ["\u200b", "\u00a0", " ", "\x7f"])
+def test_a_key_with_a_pasted_invisible_character_is_one_line_that_does_not_print_it(run, server, tmp_path, bad):
+    code, out, err = run("--sft-examples=2", "--dpo-examples=0", env={"OPENROUTER_API_KEY": KEY[:10] + bad + KEY[10:]})
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "not printable ASCII" in err, err
+    assert KEY[12:] not in out + err and not (tmp_path / "datasets").exists() and not server.requests
+
+
 def test_key_never_reaches_a_file_or_the_output(run, server, tmp_path):
     server.faults.extend(["429", "body_error", "duplicate"])
     outputs = run("--sft-examples=3", "--dpo-examples=2")
