@@ -282,13 +282,19 @@ def main():
             return print("nothing to generate: both files hold the requested counts")
         client.spend = Spend(os.path.join(out_dir, SPEND_FILE))
         print(f"generating with {client.choose_model()} at {client.base_url}, {config.workers} workers", flush=True)
-        runs, stop, t0 = {}, None, time.time()
-        with (stop_on_sigint("finishing the requests in flight, then the summary"),
-              ThreadPoolExecutor(config.workers) as executor):
-            for kind in KINDS:
-                if stop is None:
-                    runs[kind] = generate(client, persona, kind, stores[kind], targets[kind], config, executor)
-                    stop = runs[kind].stop
+        runs, stop, t0, executor = {}, None, time.time(), ThreadPoolExecutor(config.workers)
+        try:
+            with stop_on_sigint("finishing the requests in flight, then the summary"):
+                for kind in KINDS:
+                    if stop is None:
+                        runs[kind] = generate(client, persona, kind, stores[kind], targets[kind], config, executor)
+                        stop = runs[kind].stop
+        except KeyboardInterrupt:  # a second Ctrl-C: out now, not after the requests in flight (ledgered at their most)
+            with client.spend.lock:  # no spend line half-written; the data and ledgers are written by this thread
+                print("error: interrupted twice: aborted without the summary; re-run to continue", file=sys.stderr,
+                      flush=True)
+                os._exit(130)
+        executor.shutdown()
         try:
             write_summary(out_dir, config, persona, stores, targets, runs, client.spend, time.time() - t0, client.model)
         except OSError as e:  # a full disk: a re-run writes it

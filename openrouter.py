@@ -65,7 +65,8 @@ class Spend:
     most) and one as it returns (its usage, if paid); a request in flight when a run was killed counts at its most."""
 
     def __init__(self, path=None):
-        self.path, self.models, self.cost, self._lock, opened = None, {}, 0.0, threading.Lock(), {}
+        self.path, self.models, self.cost, opened = None, {}, 0.0, {}
+        self.lock = threading.Lock()  # held while a ledger line is written
         self.thread = threading.local()  # .cost: what this thread's requests cost, a caller's share of a shared client
         if path and os.path.isfile(path):
             repair_torn_line(path)
@@ -83,7 +84,7 @@ class Spend:
         """A request about to be sent: its ticket, ledgered at `most` until close(ticket) says what it cost."""
         ticket = os.urandom(8).hex()
         if self.path:
-            with self._lock:  # one append at a time: a failed one cuts the file back to where it began
+            with self.lock:  # one append at a time: a failed one cuts the file back to where it began
                 append_jsonl(self.path, {"open": ticket, "model": model, "max_cost": most})
         return ticket
 
@@ -94,7 +95,7 @@ class Spend:
         entry = {k: v if isinstance(v := usage.get(k), (int, float)) and 0 <= v <= MOST[k] else 0 for k in MOST}
         if usage.get("cost") is None and prices:
             entry["cost"] = entry["prompt_tokens"] * prices[0] + entry["completion_tokens"] * prices[1]
-        with self._lock:
+        with self.lock:
             if model:  # counted before it is ledgered: paid, even if the ledger line fails (a full disk)
                 self.cost += entry["cost"]
                 self.thread.cost = getattr(self.thread, "cost", 0.0) + entry["cost"]
@@ -197,8 +198,8 @@ class OpenRouter:
                                         "json_schema": {"name": schema_name, "strict": True, "schema": schema}}}
             if urlparse(self.base_url).hostname in ("openrouter.ai", "www.openrouter.ai"):  # OpenRouter's own field:
                 body["provider"] = {"require_parameters": True}  # only route to providers that honour the schema
-            try:  # raises HTTPGaveUp when 429 / 408 / 5xx / timeouts outlast every retry
-                response = http_retry(lambda: self._post(body), self.retries, self.backoff, max_wait=300.0)
+            try:  # raises HTTPGaveUp when 429 / 408 / 5xx / timeouts outlast every retry, or Ctrl-C ends them
+                response = http_retry(lambda: self._post(body), self.retries, self.backoff, 300.0, stop=STOP)
             except requests.RequestException as e:  # http_retry lets only a malformed URL through
                 raise APIStop(f"bad base URL {self.base_url!r}: {self._clean(str(e))}") from None
             status = response.status_code

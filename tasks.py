@@ -194,10 +194,11 @@ class TraderDPO(TraderData):
 class HTTPGaveUp(Exception):
     """Transient failures (408, 429, 5xx, timeouts, dropped connections) outlasted every retry."""
 
-def http_retry(send, retries, backoff, max_wait=120.0, log=lambda message: None, connect_retries=None):
+def http_retry(send, retries, backoff, max_wait=120.0, log=lambda message: None, connect_retries=None, stop=None):
     """send() -> requests.Response, retried on 408, 429, 5xx, timeouts and dropped connections (at most
     connect_retries times when nothing answers) with exponential backoff, jitter and Retry-After (seconds or a date).
-    Any other response is returned for the caller to judge; a malformed URL raises at once; else HTTPGaveUp."""
+    Any other response is returned for the caller to judge; a malformed URL raises at once; else HTTPGaveUp, also
+    as soon as the threading.Event `stop` is set (Ctrl-C) while it waits to retry."""
     for attempt in range(retries + 1):
         response = error = None
         try:
@@ -219,7 +220,10 @@ def http_retry(send, retries, backoff, max_wait=120.0, log=lambda message: None,
                 email.utils.parsedate_to_datetime(asked).timestamp() - time.time()
         wait = min(max_wait, max(0.0, wait))
         log(f"{reason}; retry {attempt + 1}/{retries} in {wait:.1f}s")
-        time.sleep(wait)
+        if stop is None:
+            time.sleep(wait)
+        elif stop.wait(wait):
+            raise HTTPGaveUp(f"{reason} (stopped before retry {attempt + 1})") from error
 
 def error_text(response, limit=300, secret=None):
     """The error message of an API response ({"error": {"message": ...}} or {"error": ...}) or its body, `secret`

@@ -483,6 +483,40 @@ def test_a_full_disk_stops_with_one_line_keeping_whole_lines_and_the_summary(tmp
     assert 0 < len(data(tmp_path)) < 20 and summary(tmp_path)["kinds"]["sft"]["records"] == len(data(tmp_path))
 
 
+def test_ctrl_c_ends_the_waits_to_retry_and_a_second_one_aborts_at_once(tmp_path):
+    server, procs = FakeOpenRouter(cost=0.001).start(), []
+    try:
+        server.retry_after = "60"
+        server.faults.extend(["429"] * 8)  # each worker's request: a 429 asking for a minute's wait
+        cmd, env = gen_subprocess(tmp_path / "retry", server, "--sft-examples=4", "--dpo-examples=0", "--workers=2")
+        procs.append(proc := subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        while len(server.chat_requests()) < 2:
+            time.sleep(0.02)
+        t0 = time.time()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and time.time() - t0 < 10, err
+        assert len(server.chat_requests()) == 2  # no retry after Ctrl-C; both items failed, for a re-run
+        assert summary(tmp_path / "retry")["kinds"]["sft"]["this_run"]["failed"] == 2
+        server.latency = 30.0  # now the second Ctrl-C comes while two requests are under way
+        cmd, env = gen_subprocess(tmp_path / "abort", server, "--sft-examples=4", "--dpo-examples=0", "--workers=2")
+        procs.append(proc := subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        while len(server.chat_requests()) < 4:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        t0 = time.time()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and time.time() - t0 < 5, err
+        assert [line for line in err.splitlines() if line.startswith("error:")] == [
+            "error: interrupted twice: aborted without the summary; re-run to continue"]
+    finally:
+        for proc in procs:
+            proc.kill()
+        server.stop()
+
+
 def test_judge_pairs_failure_types_and_diversity(run, server, tmp_path):
     import itertools
     # pair by pair (chosen is Answer 1 in the first order): agrees chosen wins, agrees it loses, flips with the order

@@ -13,6 +13,7 @@ import time
 import urllib.parse
 
 import pytest
+import requests
 
 import tasks
 from common import UserError
@@ -608,6 +609,17 @@ def test_a_token_echoed_across_the_cut_of_an_error_message_leaves_none_of_it(ser
     with pytest.raises(tasks.DataUnavailable) as e:
         tasks.hf_rows("org/data", "main", "train")
     assert "Bearer ***" in str(e.value) and "hf_secret" not in str(e.value)
+
+
+def test_a_retry_wait_ends_when_stop_is_set():
+    """Ctrl-C (gen.py's STOP) ends a wait to retry at once, whatever Retry-After asked for."""
+    response, stop = requests.Response(), threading.Event()
+    response.status_code, response.headers["Retry-After"] = 429, "60"
+    threading.Timer(0.2, stop.set).start()
+    t0 = time.time()
+    with pytest.raises(tasks.HTTPGaveUp, match=r"HTTP 429 \(stopped before retry 1\)"):
+        tasks.http_retry(lambda: response, 6, 1.0, max_wait=300.0, stop=stop)
+    assert time.time() - t0 < 5
 
 
 def test_cached_file_retries_a_transient_failure(server, base):
