@@ -256,8 +256,9 @@ class DataUnavailable(UserError):
 def hf_cache_path(dataset, config, split):
     return os.path.join(get_base_dir(), "task_data", dataset.replace("/", "--"), config, f"{split}.jsonl")
 
-def offline():
-    return any(os.environ.get(v, "0") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+def offline():  # as huggingface_hub reads them: only 1 / ON / YES / TRUE (any case) are set
+    flags = (os.environ.get(v, "").upper() for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(flag in ("1", "ON", "YES", "TRUE") for flag in flags)
 
 def download_lock(fn):
     """fn() under a file lock on task_data/: the first process fills the caches, the others then read them. Not a

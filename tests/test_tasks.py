@@ -659,11 +659,19 @@ def test_rows_unavailable_names_the_cache(base, monkeypatch):
         tasks.ARC("ARC-Challenge", "test")
 
 
-def test_offline_env_fails_at_once_without_a_request(server, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.mark.parametrize("value", ["1", "true", "Yes", "ON"])
+def test_offline_env_fails_at_once_without_a_request(server, monkeypatch, value):
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
     with pytest.raises(tasks.DataUnavailable, match="HF_HUB_OFFLINE.*org--data") as e:
         tasks.hf_rows("org/data", "main", "train")
     assert server.requests == [] and not e.value.for_now and e.value.cause == "HF_HUB_OFFLINE is set"
+
+
+@pytest.mark.parametrize("value", ["0", "false", "No", "off", ""])
+def test_offline_env_set_to_false_is_online(server, monkeypatch, value):
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", value)
+    assert tasks.hf_rows("org/data", "main", "train", stop=10) == ROWS[:10] and len(server.requests) == 1
 
 
 def test_unreachable_endpoint_is_written_off_for_the_run(base, monkeypatch):
