@@ -142,7 +142,7 @@ class Judge:
             with ThreadPoolExecutor(8) as pool:
                 return list(pool.map(lambda i: openrouter.judge_both_orders(
                     client, self.persona, prompts[i], answers[i], others[i]), range(len(prompts))))
-        except UserError as e:
+        except (UserError, openrouter.BadAnswer, tasks.HTTPGaveUp) as e:  # the last two: no verdict had, for now
             raise tasks.DataUnavailable(f"the judge is unavailable: {e}", for_now=True) from None
 
 def resolve(config, meta):

@@ -50,7 +50,7 @@ class Config:
     near_dup_threshold: float = 0.8  # drop a record whose word-trigram similarity to an earlier one reaches this
     min_turns: int = 2  # fewest user turns per SFT conversation
     max_turns: int = 4  # most user turns per SFT conversation
-    judge_pairs: bool = False  # keep a pair only when a judge prefers chosen in both orders (2+ requests a pair)
+    judge_pairs: bool = False  # keep a pair only when a judge prefers chosen in both orders (2 requests; 1 on a tie)
     judge_model: str = ""  # the judge of --judge-pairs; "" = the generator model
 
 # The prompts and schemas, the records made
@@ -137,11 +137,14 @@ KINDS = {"sft": Kind("trader_sft_data.jsonl", sft_prompt, sft_record, "persona_c
          "dpo": Kind("trader_dpo_data.jsonl", dpo_prompt, dpo_record, "preference_pair", DPO_SCHEMA, dpo_problem)}
 
 # Items, asked again while unusable
+def spent_out(client, config):  # checked before every request an item starts: none once --max-cost is reached
+    return bool(config.max_cost) and client.spend.cost >= config.max_cost
+
 def make_item(client, persona, kind, spec, config):
     """(record or None, outcome, [failure reasons]) for one item."""
     recipe, reasons = KINDS[kind], []
     for _ in range(config.item_attempts):
-        if STOP.is_set():
+        if STOP.is_set() or spent_out(client, config):
             break
         try:
             value = client.chat(recipe.prompt(persona, spec), recipe.schema_name, recipe.schema, config.temperature,
@@ -153,7 +156,10 @@ def make_item(client, persona, kind, spec, config):
         except (Dropped, HTTPGaveUp) as e:
             return None, "dropped" if isinstance(e, Dropped) else "failed", reasons + [str(e)]
         if kind == "dpo" and config.judge_pairs:  # the judge must prefer chosen whichever answer it reads first
-            verdict = judge_both_orders(client, persona, *(record[k] for k in PAIR_KEYS), config.judge_model)
+            try:
+                verdict = judge_both_orders(client, persona, *(record[k] for k in PAIR_KEYS), config.judge_model)
+            except (BadAnswer, HTTPGaveUp) as e:  # no verdict had: the item is not final, a re-run asks again
+                return None, "failed", reasons + [f"judge failed: {e}"]
             if verdict != 1:
                 outcome = "judge_rejected" if verdict == -1 else "judge_no_verdict"
                 return None, outcome, reasons + [outcome.replace("_", " ")]
@@ -163,8 +169,8 @@ def make_item(client, persona, kind, spec, config):
 Run = namedtuple("Run", "counts reasons stop")  # a kind's outcomes this run, its failure reasons, why it stopped
 
 def generate(client, persona, kind, store, target, config, executor):
-    """Top `store` up to `target` records, then a Run whose stop is None, "max_cost", "interrupted" or the APIStop
-    (after the requests in flight came back)."""
+    """Top `store` up to `target` records, then a Run whose stop is None, "max_cost", "interrupted", the APIStop or
+    the OSError (after the requests in flight came back)."""
     judged = ("judge_kept", "judge_rejected", "judge_no_verdict") if kind == "dpo" and config.judge_pairs else ()
     counts = dict.fromkeys(("new", "failed", "duplicate", "near_duplicate", "dropped") + judged, 0)
     failure_reasons, running, stop, streak = Counter(), {}, None, 0
@@ -172,6 +178,7 @@ def generate(client, persona, kind, store, target, config, executor):
     bar = ProgressBar(target, desc=kind, unit="rec", enabled=len(store.records) < target, done=len(store.records))
     try:
         while True:
+            stop = stop or ("max_cost" if spent_out(client, config) else None)  # a re-run's budget may be gone
             wanted = min(config.workers, target - len(store.records))  # in flight: no more than could be kept
             while stop is None and not STOP.is_set() and len(running) < wanted:
                 spec = item_spec(persona, kind, next(pending), config.seed, config.min_turns, config.max_turns)
@@ -182,16 +189,16 @@ def generate(client, persona, kind, store, target, config, executor):
                 spec = running.pop(future)
                 try:
                     record, outcome, reasons = future.result()
-                except APIStop as e:
+                    failure_reasons.update(r.split(" (")[0].split(":")[0] for r in reasons)  # the kind, no details
+                    if outcome == "ok" and judged:
+                        counts["judge_kept"] += 1
+                    if outcome == "ok":
+                        outcome = store.add(spec["id"], record)
+                    elif outcome != "failed":  # a final outcome: a re-run does not pay for this item again
+                        store.mark(spec["id"], outcome)
+                except (APIStop, OSError) as e:  # OSError: a full disk, say (each line written is whole)
                     stop = stop or e
                     continue
-                failure_reasons.update(r.split(" (")[0].split(":")[0] for r in reasons)  # the kind, not the details
-                if outcome == "ok" and judged:
-                    counts["judge_kept"] += 1
-                if outcome == "ok":
-                    outcome = store.add(spec["id"], record)
-                elif outcome != "failed":  # a final outcome: a re-run does not pay for this item again
-                    store.mark(spec["id"], outcome)
                 counts["new" if outcome == "ok" else outcome] += 1
                 bar.update(int(outcome == "ok"), failed=counts["failed"], spend=f"${client.spend.cost:.4f}")
                 streak = 0 if outcome == "ok" else streak + 1
@@ -199,8 +206,6 @@ def generate(client, persona, kind, store, target, config, executor):
                     top = max(failure_reasons, key=failure_reasons.get) if failure_reasons else outcome
                     stop = APIStop(f"the last {streak} {kind} items all failed (most common reason: {top}); "
                                    "check the model and the server")
-                if config.max_cost and client.spend.cost >= config.max_cost and stop is None:
-                    stop = "max_cost"
     finally:
         bar.close()
     return Run(counts, failure_reasons, stop or ("interrupted" if STOP.is_set() else None))
@@ -277,14 +282,26 @@ def main():
             return print("nothing to generate: both files hold the requested counts")
         client.spend = Spend(os.path.join(out_dir, SPEND_FILE))
         print(f"generating with {client.choose_model()} at {client.base_url}, {config.workers} workers", flush=True)
-        runs, stop, t0 = {}, None, time.time()
-        with (stop_on_sigint("finishing the requests in flight, then the summary"),
-              ThreadPoolExecutor(config.workers) as executor):
-            for kind in KINDS:
-                if stop is None:
-                    runs[kind] = generate(client, persona, kind, stores[kind], targets[kind], config, executor)
-                    stop = runs[kind].stop
-        write_summary(out_dir, config, persona, stores, targets, runs, client.spend, time.time() - t0, client.model)
+        runs, stop, t0, executor = {}, None, time.time(), ThreadPoolExecutor(config.workers)
+        try:
+            with stop_on_sigint("finishing the requests in flight, then the summary"):
+                for kind in KINDS:
+                    if stop is None:
+                        runs[kind] = generate(client, persona, kind, stores[kind], targets[kind], config, executor)
+                        stop = runs[kind].stop
+        except KeyboardInterrupt:  # a second Ctrl-C: out now, not after the requests in flight (ledgered at their most)
+            with client.spend.lock:  # no spend line half-written; the data and ledgers are written by this thread
+                print("error: interrupted twice: aborted without the summary; re-run to continue", file=sys.stderr,
+                      flush=True)
+                os._exit(130)
+        executor.shutdown()
+        try:
+            write_summary(out_dir, config, persona, stores, targets, runs, client.spend, time.time() - t0, client.model)
+        except OSError as e:  # a full disk: a re-run writes it
+            stop = stop if isinstance(stop, OSError) else e
+    if isinstance(stop, OSError):
+        where = f"{stop.filename}: {stop.strerror}" if stop.filename else str(stop)
+        raise UserError(f"stopped: cannot write {where} (every line written is whole; make room and re-run)")
     if isinstance(stop, APIStop):
         raise UserError(f"stopped: {stop} (everything finished so far is kept; re-run to continue)")
     if stop == "interrupted":

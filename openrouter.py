@@ -24,7 +24,7 @@ import numpy as np
 import requests
 
 from common import UserError
-from tasks import HTTPGaveUp, append_jsonl, error_text, http_retry, iter_jsonl, record_digest
+from tasks import append_jsonl, error_text, http_retry, iter_jsonl, record_digest
 
 PERSONA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "persona.md")
 
@@ -65,7 +65,8 @@ class Spend:
     most) and one as it returns (its usage, if paid); a request in flight when a run was killed counts at its most."""
 
     def __init__(self, path=None):
-        self.path, self.models, self.cost, self._lock, opened = None, {}, 0.0, threading.Lock(), {}
+        self.path, self.models, self.cost, opened = None, {}, 0.0, {}
+        self.lock = threading.Lock()  # held while a ledger line is written
         self.thread = threading.local()  # .cost: what this thread's requests cost, a caller's share of a shared client
         if path and os.path.isfile(path):
             repair_torn_line(path)
@@ -83,20 +84,24 @@ class Spend:
         """A request about to be sent: its ticket, ledgered at `most` until close(ticket) says what it cost."""
         ticket = os.urandom(8).hex()
         if self.path:
-            append_jsonl(self.path, {"open": ticket, "model": model, "max_cost": most})
+            with self.lock:  # one append at a time: a failed one cuts the file back to where it began
+                append_jsonl(self.path, {"open": ticket, "model": model, "max_cost": most})
         return ticket
 
-    def close(self, ticket, model=None, usage=None):
-        """A request came back: paid (by `model`, its `usage` counted within MOST) or, with no model, not."""
+    def close(self, ticket, model=None, usage=None, prices=None):
+        """A request came back: paid (by `model`, its `usage` counted within MOST) or, with no model, not. A usage
+        without a cost (OpenAI, Together, Groq, ...) is charged its tokens at `prices` (prompt, completion)."""
         usage = usage if isinstance(usage, dict) else {}
         entry = {k: v if isinstance(v := usage.get(k), (int, float)) and 0 <= v <= MOST[k] else 0 for k in MOST}
-        with self._lock:
-            if self.path:
-                append_jsonl(self.path, {"close": ticket, **({"model": model, **entry} if model else {})})
-            if model:
+        if usage.get("cost") is None and prices:
+            entry["cost"] = entry["prompt_tokens"] * prices[0] + entry["completion_tokens"] * prices[1]
+        with self.lock:
+            if model:  # counted before it is ledgered: paid, even if the ledger line fails (a full disk)
                 self.cost += entry["cost"]
                 self.thread.cost = getattr(self.thread, "cost", 0.0) + entry["cost"]
                 self.models.setdefault(str(model), Counter()).update({"requests": 1, **entry})
+            if self.path:
+                append_jsonl(self.path, {"close": ticket, **({"model": model, **entry} if model else {})})
 
 class OpenRouter:
     """A small client for OpenRouter's OpenAI-compatible API, safe to share between threads."""
@@ -154,7 +159,8 @@ class OpenRouter:
                 data = self._clean(response.json()) if response.status_code == 200 else None
         finally:
             if isinstance(data, dict):
-                self.spend.close(ticket, str(data.get("model") or body["model"]), data.get("usage"))
+                self.spend.close(ticket, str(data.get("model") or body["model"]), data.get("usage"),
+                                 (prompt, completion))
             else:
                 self.spend.close(ticket)
         response.data = data if isinstance(data, dict) else None
@@ -192,14 +198,14 @@ class OpenRouter:
                                         "json_schema": {"name": schema_name, "strict": True, "schema": schema}}}
             if urlparse(self.base_url).hostname in ("openrouter.ai", "www.openrouter.ai"):  # OpenRouter's own field:
                 body["provider"] = {"require_parameters": True}  # only route to providers that honour the schema
-            try:  # raises HTTPGaveUp when 429 / 408 / 5xx / timeouts outlast every retry
-                response = http_retry(lambda: self._post(body), self.retries, self.backoff, max_wait=300.0)
+            try:  # raises HTTPGaveUp when 429 / 408 / 5xx / timeouts outlast every retry, or Ctrl-C ends them
+                response = http_retry(lambda: self._post(body), self.retries, self.backoff, 300.0, stop=STOP)
             except requests.RequestException as e:  # http_retry lets only a malformed URL through
                 raise APIStop(f"bad base URL {self.base_url!r}: {self._clean(str(e))}") from None
             status = response.status_code
             if status == 200:
                 return self._answer(response)
-            message = self._clean(error_text(response))
+            message = self._clean(error_text(response, 300, self._key))
             if status == 404 or (status == 400 and not self.verified and "model" in message.lower()):
                 why = f"HTTP {status}: {message}"
                 with self._lock:  # a model the server does not know: move on to the next configured one
@@ -218,7 +224,7 @@ class OpenRouter:
         if response.data is None:
             raise BadAnswer("response body is not a JSON object")
         if response.data.get("error"):  # OpenRouter reports some failures inside an HTTP 200 body
-            raise BadAnswer(f"error in response: {self._clean(error_text(response, 200))}")
+            raise BadAnswer(f"error in response: {self._clean(error_text(response, 200, self._key))}")
         try:
             text = response.data["choices"][0]["message"].get("content")
         except (KeyError, IndexError, TypeError, AttributeError):
@@ -237,6 +243,10 @@ def client_from_env(base_url="", models="", timeout=120.0, retries=6, backoff=1.
     if not api_key:
         raise UserError("OPENROUTER_API_KEY is not set: create a key at https://openrouter.ai/keys and "
                         "export OPENROUTER_API_KEY=... (nothing was written)")
+    if bad := re.search(r"[^\x21-\x7e]", api_key):  # goes in an HTTP header; never printed, so its place only
+        raise UserError(f"OPENROUTER_API_KEY has a character that is not printable ASCII (a space, or a zero-width "
+                        f"or non-breaking one from a copy-paste?) at position {bad.start() + 1} of {len(api_key)}: "
+                        "set it again (nothing was written)")
     base_url = base_url or os.environ.get("OPENROUTER_BASE_URL") or "https://openrouter.ai/api/v1"
     models = [m.strip() for m in (models or os.environ.get("OPENROUTER_MODELS") or "").split(",") if m.strip()]
     return OpenRouter(api_key, base_url, models or ["openai/gpt-4o-mini"], timeout, retries, backoff)
@@ -256,8 +266,9 @@ def judge_system(persona):
             "Judge faithfulness to the persona and helpfulness, not length or style.")
 
 def judge_both_orders(client, persona, message, a, b, model=None, attempts=3):
-    """+1 if the judge prefers `a` in both orders, -1 if `b` in both, None otherwise (a tie,
-    no verdict, or a verdict that flips with the order: position bias, not a preference)."""
+    """+1 if the judge prefers `a` in both orders, -1 if `b` in both, None otherwise (a tie, or a verdict that flips
+    with the order: position bias, not a preference). No verdict had is no verdict given: HTTPGaveUp, or BadAnswer
+    after `attempts` unusable answers to one order, goes to the caller (a later run may ask again)."""
     system = judge_system(persona)
 
     def verdict(first, second):
@@ -267,12 +278,17 @@ def judge_both_orders(client, persona, message, a, b, model=None, attempts=3):
             try:
                 value = client.chat([{"role": "system", "content": system}, {"role": "user", "content": user}],
                                     "judge_verdict", JUDGE_SCHEMA, temperature=0.0, max_tokens=16, model=model)
-                return value.get("winner") if isinstance(value, dict) else None
-            except BadAnswer:
+            except BadAnswer as e:
+                error = e
                 continue
-            except HTTPGaveUp:
-                return None
-    return {("1", "2"): 1, ("2", "1"): -1}.get((verdict(a, b), verdict(b, a)))
+            if isinstance(value, dict) and value.get("winner") in ("1", "2", "tie"):
+                return value["winner"]
+            error = BadAnswer('no "winner" of "1", "2" or "tie" in the judge\'s answer')
+        raise error
+    first = verdict(a, b)
+    if first == "tie":  # no preference to confirm: the other order is not paid for
+        return None
+    return {("1", "2"): 1, ("2", "1"): -1}.get((first, verdict(b, a)))
 
 # What a data stage shares (gen.py, onpolicy.py): one writer per output, output that resumes, Ctrl-C
 def hold_lock(path, who, flag=""):

@@ -10,6 +10,7 @@ nanochat's identity and spelling tasks, rendered, ordered and graded as nanochat
 import contextlib
 import copy
 import email.utils
+import errno
 import fcntl
 import functools
 import hashlib
@@ -134,11 +135,19 @@ def iter_jsonl(path, problem_of=lambda record: None, advice=""):
             yield record
 
 def append_jsonl(path, record):
-    """Append one record as one whole line (a single write), flushed to disk."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one record as one whole line (a single write), synced to disk; if it fails (a full disk), the file is
+    cut back to its whole lines and the OSError names it."""
+    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    with open(path, "ab", buffering=0) as f:  # unbuffered: nothing left to flush at close after a failure
+        end = f.seek(0, os.SEEK_END)
+        try:
+            if f.write(line) < len(line):  # a short write: the disk or a size limit is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(f.fileno())
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                f.truncate(end)
+            raise OSError(e.errno, e.strerror, path) from e
 
 def read_jsonl(path, problem_of, hint="", stop=None):
     """The (first `stop`) records of a JSONL file, checked by problem_of; a missing or empty file is a UserError."""
@@ -185,10 +194,11 @@ class TraderDPO(TraderData):
 class HTTPGaveUp(Exception):
     """Transient failures (408, 429, 5xx, timeouts, dropped connections) outlasted every retry."""
 
-def http_retry(send, retries, backoff, max_wait=120.0, log=lambda message: None, connect_retries=None):
+def http_retry(send, retries, backoff, max_wait=120.0, log=lambda message: None, connect_retries=None, stop=None):
     """send() -> requests.Response, retried on 408, 429, 5xx, timeouts and dropped connections (at most
     connect_retries times when nothing answers) with exponential backoff, jitter and Retry-After (seconds or a date).
-    Any other response is returned for the caller to judge; a malformed URL raises at once; else HTTPGaveUp."""
+    Any other response is returned for the caller to judge; a malformed URL raises at once; else HTTPGaveUp, also
+    as soon as the threading.Event `stop` is set (Ctrl-C) while it waits to retry."""
     for attempt in range(retries + 1):
         response = error = None
         try:
@@ -210,16 +220,21 @@ def http_retry(send, retries, backoff, max_wait=120.0, log=lambda message: None,
                 email.utils.parsedate_to_datetime(asked).timestamp() - time.time()
         wait = min(max_wait, max(0.0, wait))
         log(f"{reason}; retry {attempt + 1}/{retries} in {wait:.1f}s")
-        time.sleep(wait)
+        if stop is None:
+            time.sleep(wait)
+        elif stop.wait(wait):
+            raise HTTPGaveUp(f"{reason} (stopped before retry {attempt + 1})") from error
 
-def error_text(response, limit=300):
-    """The error message of an API response ({"error": {"message": ...}} or {"error": ...}) or its body."""
+def error_text(response, limit=300, secret=None):
+    """The error message of an API response ({"error": {"message": ...}} or {"error": ...}) or its body, `secret`
+    (a token the server may echo) scrubbed before the cut: a key across it would leave its start."""
     try:
         error = response.json().get("error", "")
         error = error.get("message", error) if isinstance(error, dict) else error
     except (ValueError, AttributeError, RecursionError):
         error = response.text
-    return str(error)[:limit]
+    error = str(error)
+    return (error.replace(secret, "***") if secret else error)[:limit]
 
 # Hugging Face rows through the dataset viewer API, cached as JSONL
 HF_ROWS_URL = "https://datasets-server.huggingface.co/rows"
@@ -241,8 +256,9 @@ class DataUnavailable(UserError):
 def hf_cache_path(dataset, config, split):
     return os.path.join(get_base_dir(), "task_data", dataset.replace("/", "--"), config, f"{split}.jsonl")
 
-def offline():
-    return any(os.environ.get(v, "0") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+def offline():  # as huggingface_hub reads them: only 1 / ON / YES / TRUE (any case) are set
+    flags = (os.environ.get(v, "").upper() for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(flag in ("1", "ON", "YES", "TRUE") for flag in flags)
 
 def download_lock(fn):
     """fn() under a file lock on task_data/: the first process fills the caches, the others then read them. Not a
@@ -278,7 +294,7 @@ def _fetch_rows(dataset, config, split, stop):
                     _unreachable.add(url)
                 raise DataUnavailable(f"talking to {url}: {e}") from None
             if response.status_code != 200:
-                raise DataUnavailable(f"HTTP {response.status_code} from {url}: {error_text(response, 200)}")
+                raise DataUnavailable(f"HTTP {response.status_code} from {url}: {error_text(response, 200, token)}")
             try:
                 page = response.json()
                 if bar is None:

@@ -372,7 +372,8 @@ def test_judge_win_rate_of_dpo_against_sft(eval_base, monkeypatch):
         m.lm_head.weight.mul_(3.0)
     save_checkpoint(os.path.join(eval_base, "chatdpo_checkpoints", "d2"), 3, m.state_dict(),
                     dict(meta, source="sft", user_config={"val_fraction": 0.2}))
-    server = FakeOpenRouter().start()  # its judge prefers the longer answer, whatever the order
+    server = FakeOpenRouter().start()  # its judge prefers the longer answer, whatever the order; of two as long, the
+    server.judge = lambda message, a, b: "1" if (len(a), a) > (len(b), b) else "2"  # later in text: no tie, 2 asks
     monkeypatch.setenv("OPENROUTER_API_KEY", "sk-test")
     monkeypatch.setenv("OPENROUTER_BASE_URL", server.url)
     try:
@@ -393,8 +394,8 @@ def test_judge_win_rate_of_dpo_against_sft(eval_base, monkeypatch):
     for body in requests:  # the first request of each prompt puts the DPO answer first
         message, first, second = judge_parts(body)
         forward.setdefault(message, (first, second))
-    wins = sum(len(a) > len(b) for a, b in forward.values())
-    losses = sum(len(a) < len(b) for a, b in forward.values())
+    wins = sum((len(a), a) > (len(b), b) for a, b in forward.values())
+    losses = sum((len(a), a) < (len(b), b) for a, b in forward.values())
     assert wins + losses > 0  # seeded sampling: some answers differ in length
     assert lines["Judge win rate (no system)"] == (f"{wins / (wins + losses):.4f} ({wins} of {wins + losses} verdicts "
                                                    "that held in both orders, against sft)")

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import requests
 
 import gen
 import openrouter
@@ -242,6 +243,13 @@ def test_missing_key_writes_nothing(run, server, tmp_path):
     assert not (tmp_path / "datasets").exists() and not server.requests
 
 
+@pytest.mark.parametrize("bad", ["\u200b", "\u00a0", " ", "\x7f"])
+def test_a_key_with_a_pasted_invisible_character_is_one_line_that_does_not_print_it(run, server, tmp_path, bad):
+    code, out, err = run("--sft-examples=2", "--dpo-examples=0", env={"OPENROUTER_API_KEY": KEY[:10] + bad + KEY[10:]})
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "not printable ASCII" in err, err
+    assert KEY[12:] not in out + err and not (tmp_path / "datasets").exists() and not server.requests
+
+
 def test_key_never_reaches_a_file_or_the_output(run, server, tmp_path):
     server.faults.extend(["429", "body_error", "duplicate"])
     outputs = run("--sft-examples=3", "--dpo-examples=2")
@@ -260,6 +268,27 @@ def test_max_cost_stops_cleanly(run, server, tmp_path):
     s = summary(tmp_path)
     assert 0.05 <= s["cost_total"] <= 0.05 + 2 * 0.01 + 1e-9  # at most the requests in flight on top
     assert 5 <= len(data(tmp_path)) < 50 and data(tmp_path, "dpo") == []
+
+
+def test_a_budget_already_spent_starts_no_request(run, server, tmp_path):
+    code, out, err = run("--sft-examples=3", "--dpo-examples=0", "--workers=1", "--max-cost=0.02")
+    assert code == 0 and "stopped at --max-cost" in out and len(data(tmp_path)) == 2, err
+    served = len(server.chat_requests())
+    for flags in (("--sft-examples=20", "--dpo-examples=0"), ("--sft-examples=2", "--dpo-examples=5")):
+        code, out, err = run(*flags, "--workers=8", "--max-cost=0.02")  # a re-run; the SFT file done, DPO's turn
+        assert code == 0 and "stopped at --max-cost" in out, err
+    assert len(server.chat_requests()) == served and data(tmp_path, "dpo") == []
+
+
+def test_a_usage_without_cost_is_charged_its_tokens_at_the_listed_prices(run, server, tmp_path):
+    server.cost = None  # OpenAI, Together, Groq, ...: tokens, no cost; listed at $1 / $2 per million tokens
+    code, out, err = run("--sft-examples=12", "--dpo-examples=0", "--workers=1", "--max-cost=0.001")
+    assert code == 0 and "stopped at --max-cost" in out, err
+    assert len(server.chat_requests()) == 2 and summary(tmp_path)["cost_total"] == pytest.approx(2 * 0.0005)
+    server.list_status = 500  # no prices listed: the dearest model's, $15 / $75 per million
+    code, out, err = run("--sft-examples=12", "--dpo-examples=0", "--workers=1", "--max-cost=0.03")
+    assert code == 0 and "stopped at --max-cost" in out, err
+    assert len(server.chat_requests()) == 4 and summary(tmp_path)["cost_total"] == pytest.approx(0.001 + 2 * 0.0165)
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -371,6 +400,21 @@ def test_a_provider_echoing_the_key_leaks_it_nowhere(run, server, tmp_path):
     assert len(data(tmp_path)) == 2 and "***" in json.dumps(data(tmp_path))
 
 
+def test_a_key_echoed_across_the_cut_of_an_error_message_leaves_none_of_it(monkeypatch):
+    """An error message is cut to 300 characters (200 inside an HTTP 200 body): the key is scrubbed before the cut,
+    so one straddling it leaves no prefix behind."""
+    key = "sk-or-v1-" + "0123456789abcdef" * 4
+    client = openrouter.OpenRouter(key, "http://127.0.0.1:9/api/v1", ["m"], retries=0)
+    for status, cut, error in ((401, 300, openrouter.APIStop), (200, 200, openrouter.BadAnswer)):
+        response = requests.Response()
+        response.status_code, body = status, {"error": {"message": "x" * (cut - 30) + " header was: " + key}}
+        response._content, response.data = json.dumps(body).encode(), body
+        monkeypatch.setattr(client, "_post", lambda body: response)
+        with pytest.raises(error) as e:
+            client.chat([{"role": "user", "content": "hi"}], "x", {"type": "object"})
+        assert "header was: ***" in str(e.value) and key[:12] not in str(e.value)
+
+
 def test_a_lone_surrogate_in_an_answer_is_cleaned_not_fatal(run, server, tmp_path):
     server.faults.extend(["surrogate", None, "surrogate"])
     code, _, err = run("--sft-examples=2", "--dpo-examples=1", "--workers=1")
@@ -427,6 +471,52 @@ def test_ctrl_c_keeps_paid_answers_and_writes_the_summary(tmp_path):
         server.stop()
 
 
+def test_a_full_disk_stops_with_one_line_keeping_whole_lines_and_the_summary(tmp_path, server):
+    """A file size limit stands in for a full disk: the data file fills first (its records carry the persona)."""
+    import resource
+    cmd, env = gen_subprocess(tmp_path, server, "--backoff=0.01", "--sft-examples=20", "--dpo-examples=0")
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))  # noqa: E731
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    path = tmp_path / "datasets" / "trader_sft_data.jsonl"
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: stopped: cannot write {path}: ")
+    assert 0 < len(data(tmp_path)) < 20 and summary(tmp_path)["kinds"]["sft"]["records"] == len(data(tmp_path))
+
+
+def test_ctrl_c_ends_the_waits_to_retry_and_a_second_one_aborts_at_once(tmp_path):
+    server, procs = FakeOpenRouter(cost=0.001).start(), []
+    try:
+        server.retry_after = "60"
+        server.faults.extend(["429"] * 8)  # each worker's request: a 429 asking for a minute's wait
+        cmd, env = gen_subprocess(tmp_path / "retry", server, "--sft-examples=4", "--dpo-examples=0", "--workers=2")
+        procs.append(proc := subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        while len(server.chat_requests()) < 2:
+            time.sleep(0.02)
+        t0 = time.time()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and time.time() - t0 < 10, err
+        assert len(server.chat_requests()) == 2  # no retry after Ctrl-C; both items failed, for a re-run
+        assert summary(tmp_path / "retry")["kinds"]["sft"]["this_run"]["failed"] == 2
+        server.latency = 30.0  # now the second Ctrl-C comes while two requests are under way
+        cmd, env = gen_subprocess(tmp_path / "abort", server, "--sft-examples=4", "--dpo-examples=0", "--workers=2")
+        procs.append(proc := subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        while len(server.chat_requests()) < 4:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        t0 = time.time()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and time.time() - t0 < 5, err
+        assert [line for line in err.splitlines() if line.startswith("error:")] == [
+            "error: interrupted twice: aborted without the summary; re-run to continue"]
+    finally:
+        for proc in procs:
+            proc.kill()
+        server.stop()
+
+
 def test_judge_pairs_failure_types_and_diversity(run, server, tmp_path):
     import itertools
     # pair by pair (chosen is Answer 1 in the first order): agrees chosen wins, agrees it loses, flips with the order
@@ -454,6 +544,34 @@ def test_judge_pairs_failure_types_and_diversity(run, server, tmp_path):
     assert stats["near-duplicate rate (this run)"] == 0
     section = (tmp_path / "report" / "chimera-synthetic-data.md").read_text()
     assert "- DPO judge rejected (this run):" in section and "- DPO failure overconfident:" in section
+
+
+def test_a_judge_that_gives_no_answer_fails_the_item_for_a_rerun(run, server, tmp_path):
+    server.judge = lambda message, first, second: "1" if len(first.split()) > len(second.split()) else "2"  # chosen
+    server.faults.extend([None, "503", None, "bad_json", "bad_json", "bad_json"])  # pair 0: a 503; 1: unusable x3
+    flags = ("--sft-examples=0", "--judge-pairs=1", "--workers=1", "--http-retries=0")
+    code, _, err = run("--dpo-examples=1", *flags)
+    assert code == 0, err
+    ledger = tmp_path / "datasets" / "trader_dpo_data.ledger.jsonl"
+    assert [json.loads(line)["id"] for line in open(ledger)] == ["dpo-0-2"]  # no verdict had is not a final one
+    run_summary = summary(tmp_path)["kinds"]["dpo"]
+    assert run_summary["this_run"]["failed"] == 2 and run_summary["failure_reasons"] == {"judge failed": 2}
+    code, _, err = run("--dpo-examples=3", *flags)
+    assert code == 0 and len(data(tmp_path, "dpo")) == 3, err
+    assert sorted(json.loads(line)["id"] for line in open(ledger)) == ["dpo-0-0", "dpo-0-1", "dpo-0-2"]
+
+
+def test_a_tie_in_the_first_order_is_not_asked_in_the_second(run, server, tmp_path):
+    asked = []
+    def judge(message, first, second):  # a tie on the first 3 asks, then the chosen answer (40 words to 38) wins
+        asked.append(first)
+        return "tie" if len(asked) <= 3 else "1" if len(first.split()) > len(second.split()) else "2"
+    server.judge = judge
+    code, _, err = run("--sft-examples=0", "--dpo-examples=1", "--judge-pairs=1", "--workers=1")
+    assert code == 0 and len(data(tmp_path, "dpo")) == 1, err
+    counts = summary(tmp_path)["kinds"]["dpo"]["this_run"]
+    assert (counts["judge_no_verdict"], counts["judge_kept"]) == (3, 1)
+    assert len(server.chat_requests()) == 4 + 3 + 2  # 4 pairs made, a judge request for each tie, 2 for the last
 
 
 def test_failure_types_go_round_evenly_and_reach_the_prompt(run, server, tmp_path):

@@ -13,6 +13,7 @@ import time
 import urllib.parse
 
 import pytest
+import requests
 
 import tasks
 from common import UserError
@@ -165,6 +166,18 @@ def test_hostile_line_is_one_clear_error_on_its_own_line(tmp_path, raw, why):
     with pytest.raises(UserError) as e:
         tasks.TraderSFT(str(path))
     assert str(e.value).startswith(f"{path}:3001:") and (why is None or why in str(e.value))
+
+
+def test_an_append_the_disk_cuts_short_leaves_whole_lines_and_names_the_file(tmp_path):
+    """A file size limit stands in for a full disk: the write stops part-way, the file is cut back to its lines."""
+    path = tmp_path / "data.jsonl"
+    script = ("import resource, sys, tasks\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))  # Python ignores SIGXFSZ: writes fail\n"
+              "tasks.append_jsonl(sys.argv[1], {'a': 'x' * 50})\n"
+              "try:\n    tasks.append_jsonl(sys.argv[1], {'b': 'y' * 50})\n"
+              "except OSError as e:\n    print(e.filename, e.strerror)\n")
+    out = run_python(["-c", script, str(path)]).stdout
+    assert out.startswith(f"{path} ") and path.read_text() == json.dumps({"a": "x" * 50}) + "\n"
 
 
 def test_trader_files_empty_or_missing(tmp_path, base):
@@ -590,6 +603,25 @@ def test_rows_retry_500_and_429_retry_after(server, monkeypatch, capsys):
     assert "hf_secret_token_123" not in out.out + out.err
 
 
+def test_a_token_echoed_across_the_cut_of_an_error_message_leaves_none_of_it(server, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token_123")
+    server.script = [(403, {}, {"error": "x" * 180 + " header: Bearer hf_secret_token_123"})]  # across the 200th
+    with pytest.raises(tasks.DataUnavailable) as e:
+        tasks.hf_rows("org/data", "main", "train")
+    assert "Bearer ***" in str(e.value) and "hf_secret" not in str(e.value)
+
+
+def test_a_retry_wait_ends_when_stop_is_set():
+    """Ctrl-C (gen.py's STOP) ends a wait to retry at once, whatever Retry-After asked for."""
+    response, stop = requests.Response(), threading.Event()
+    response.status_code, response.headers["Retry-After"] = 429, "60"
+    threading.Timer(0.2, stop.set).start()
+    t0 = time.time()
+    with pytest.raises(tasks.HTTPGaveUp, match=r"HTTP 429 \(stopped before retry 1\)"):
+        tasks.http_retry(lambda: response, 6, 1.0, max_wait=300.0, stop=stop)
+    assert time.time() - t0 < 5
+
+
 def test_cached_file_retries_a_transient_failure(server, base):
     server.script = [(503, {}, {"error": "busy"}), (200, {}, ["apple", "pear"])]
     path = tasks.cached_file(server.url + "/words_alpha.txt")
@@ -627,11 +659,19 @@ def test_rows_unavailable_names_the_cache(base, monkeypatch):
         tasks.ARC("ARC-Challenge", "test")
 
 
-def test_offline_env_fails_at_once_without_a_request(server, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.mark.parametrize("value", ["1", "true", "Yes", "ON"])
+def test_offline_env_fails_at_once_without_a_request(server, monkeypatch, value):
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
     with pytest.raises(tasks.DataUnavailable, match="HF_HUB_OFFLINE.*org--data") as e:
         tasks.hf_rows("org/data", "main", "train")
     assert server.requests == [] and not e.value.for_now and e.value.cause == "HF_HUB_OFFLINE is set"
+
+
+@pytest.mark.parametrize("value", ["0", "false", "No", "off", ""])
+def test_offline_env_set_to_false_is_online(server, monkeypatch, value):
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", value)
+    assert tasks.hf_rows("org/data", "main", "train", stop=10) == ROWS[:10] and len(server.requests) == 1
 
 
 def test_unreachable_endpoint_is_written_off_for_the_run(base, monkeypatch):
