@@ -396,7 +396,7 @@ def test_unknown_models_are_404_and_nanochat_flags_and_help(served):
     assert all(served.post({"messages": user("hi"), "model": m, "max_tokens": 2}).ok for m in ("base/d2", "base"))
     config = parse_config(chat.Config, ["--seed", "7", "-t", "1e-300"], aliases={"t": "temperature"})
     req, *_ = chat.parse_request({"messages": user("hi")}, config, served.sched)
-    assert req.sampling.seed == 7 and req.sampling.temperature == 0.0
+    assert req.sampling.seed == 7 and req.sampling.temperature == 1e-300  # the requests' default: greedy (engine)
     helped = run_python(["chat.py", "--help"])
     assert all(x in helped.stdout for x in ("-g", "-s", "-t", "-k", "--seed", "NANOCHAT_BASE_DIR", "CHIMERA_API_KEY"))
 
