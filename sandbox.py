@@ -144,11 +144,24 @@ def _sandbox_python(identity):
     raise SandboxUnavailable(f"no Python {who} can run for the code sandbox (tried {', '.join(candidates)}); "
                              "set CHIMERA_SANDBOX_PYTHON to a python3 (3.9+) every user can execute")
 
-def _receive(sock, reader, deadline):  # the next JSON line from the sandbox, waiting until the deadline at most
-    sock.settimeout(max(deadline - time.monotonic(), 1e-3))
-    line = reader.readline(REPLY_BYTES)
-    if not line.endswith(b"\n"):
-        raise CallFailed("reply too long" if line else "the program stopped")
+def _time_left(deadline):  # one deadline for the whole exchange: a socket timeout restarts at every recv
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left
+
+def _receive(sock, pending, deadline):
+    """The next JSON line from the sandbox by the deadline, however it trickles in; pending: what came after it."""
+    while (end := pending.find(b"\n")) < 0:
+        if len(pending) > REPLY_BYTES:
+            raise CallFailed("reply too long")
+        sock.settimeout(_time_left(deadline))
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            raise CallFailed("the program stopped")
+        pending += chunk
+    line = bytes(pending[:end])
+    del pending[:end + 1]
     return json.loads(line)
 
 def _read_capped(f, max_output):
@@ -176,16 +189,20 @@ def execute_code(program, timeout=5.0, memory_mb=512, max_output=64 * 1024, guar
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, pass_fds=[theirs.fileno()],
                                 start_new_session=True, **_as_user(identity))
         theirs.close()
-        reader, deadline = ours.makefile("rb"), time.monotonic() + timeout
-        ours.settimeout(timeout)
+        pending, deadline = bytearray(), time.monotonic() + timeout
 
         def call(*args, **kwargs):
             """The driver's call: the program's function's value, as a Python literal."""
+            nonlocal timed_out
             try:
+                ours.settimeout(_time_left(deadline))
                 ours.sendall(repr((args, kwargs)).encode() + b"\n")
-                status, text = _receive(ours, reader, deadline)
+                status, text = _receive(ours, pending, deadline)
             except ConnectionError as e:
                 raise CallFailed("the program stopped") from e
+            except TimeoutError:
+                timed_out = True  # also when the driver catches it
+                raise
             if status != "ok":
                 raise CallFailed(text)
             try:
@@ -193,8 +210,9 @@ def execute_code(program, timeout=5.0, memory_mb=512, max_output=64 * 1024, guar
             except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
                 raise CallFailed(f"not a plain Python value: {text[:200]}") from e
         try:
+            ours.settimeout(timeout)
             ours.sendall(json.dumps(program).encode() + b"\n")
-            for missing in set(_receive(ours, reader, deadline)) - _warned:  # sent before the program ran
+            for missing in set(_receive(ours, pending, deadline)) - _warned:  # sent before the program ran
                 _warned.add(missing)
                 print(f"warning: code sandbox: {missing}", file=sys.stderr, flush=True)
             if serve:
@@ -206,7 +224,6 @@ def execute_code(program, timeout=5.0, memory_mb=512, max_output=64 * 1024, guar
         except Exception as e:  # the driver's verdict (AssertionError, CallFailed, ...)
             verdict = (type(e).__name__ + (f": {e}" if str(e) else "")).splitlines()[0]
         finally:
-            reader.close()
             ours.close()  # the program's serving loop ends
             # let it end by itself (keeping its exit status), else SIGTERM (the top process then kills
             # the pid namespace's first process, and with it the rest), else SIGKILL

@@ -102,6 +102,26 @@ def test_timeout_kills_an_infinite_loop():
     assert r.timed_out and not r.success and "timed out" in r.error and time.time() - t < 4
 
 
+def test_timeout_holds_for_a_reply_sent_a_byte_at_a_time():
+    """The timeout bounds the whole exchange: a program sleeping (no CPU) between bytes, each gap shorter than the
+    timeout, times out at it, also when the driver catches the error."""
+    program = ("import json, socket, sys, time\nchannel = socket.socket(fileno=json.loads(sys.argv[1])['fd'])\n"
+               "def f(x):\n    for _ in range(8):\n        channel.send(b' ')\n        time.sleep(0.4)\n    return x\n")
+
+    def check(call):
+        assert call(3) == 3
+
+    def check_swallowing(call):
+        try:
+            call(3)
+        except Exception:
+            pass
+    for driver in (check, check_swallowing):
+        t = time.time()
+        r = sandbox.execute_code(program, timeout=1.0, serve=("f", driver))
+        assert r.timed_out and not r.success and time.time() - t < 2.5, (r, time.time() - t)
+
+
 def test_output_flood_is_bounded():
     t = time.time()
     r = sandbox.execute_code("while True:\n    print('x' * 10000)", timeout=10.0, max_output=4096)
