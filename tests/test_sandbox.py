@@ -156,10 +156,31 @@ def test_files_cannot_be_changed(isolated, victim):
         assert intact(victim)
 
 
+def test_home_base_dir_and_hf_cache_look_empty(isolated, victim, monkeypatch):
+    """The base dir's task_data holds HumanEval's solutions, the home and HF cache tokens: the sandbox sees them empty,
+    but for the Python it runs (here a home holding it), whose standard library still imports."""
+    for name in ("base", "home", "hf"):
+        os.mkdir(os.path.join(victim, name))
+        with open(os.path.join(victim, name, "secret"), "w") as f:
+            f.write("canonical_solution")
+    for variable, name in (("NANOCHAT_BASE_DIR", "base"), ("HOME", "home"), ("HF_HOME", "hf")):
+        monkeypatch.setenv(variable, os.path.join(victim, name))
+    code = f"import os\nfor name in ('base', 'home', 'hf'):\n    print(os.listdir(os.path.join({victim!r}, name)))\n"
+    r = sandbox.execute_code(code)
+    assert r.success and r.stdout.split() == ["[]"] * 3 and "canonical_solution" not in r.stdout, r
+    python = sandbox._sandbox_python(sandbox._sandbox_identity())
+    prefix = subprocess.run([python, "-I", "-c", "import os, sys; print(os.path.realpath(sys.base_prefix))"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    monkeypatch.setenv("HOME", prefix)
+    r = sandbox.execute_code("import fractions, decimal, statistics\nprint(statistics.mean([1, 2]))")
+    assert r.success and r.stdout == "1.5\n", r
+
+
 NORMAL_USER = """
 import json, os, sys, types
 common = types.ModuleType("common")  # sandbox.py needs only UserError; this python may lack torch
 common.UserError = type("UserError", (Exception,), {})
+common.get_base_dir = lambda: os.environ.get("NANOCHAT_BASE_DIR", "/nonexistent")
 sys.modules["common"] = common
 import sandbox
 program = sys.argv[1].replace("PARENT", str(os.getpid()))
