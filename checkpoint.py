@@ -110,7 +110,7 @@ def load_checkpoint(checkpoint_dir, step, device, keep_bf16=False):
 def load_optimizer_shards(checkpoint_dir, step):
     """nanochat 2026's optimizer state of a step, one state dict per rank that saved it (optim_<step>_rank<r>.pt),
     or None where there is none (Nov 2025 writes one optim_<step>.pt of another layout: not read)."""
-    paths = {int(m[1]): f for f in glob.glob(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank*.pt"))
+    paths = {int(m[1]): f for f in glob.glob(os.path.join(glob.escape(checkpoint_dir), f"optim_{step:06d}_rank*.pt"))
              if (m := re.search(r"rank(\d+)\.pt$", f))}
     if sorted(paths) != list(range(len(paths))):
         raise UserError(f"{checkpoint_dir}: optimizer shards of step {step} miss ranks: {sorted(paths.values())}")
@@ -257,7 +257,7 @@ class RunDir:
         if os.path.abspath(self.path) == os.path.abspath(self.start):  # clearing it would lose it
             raise UserError(f"{self.path} holds the checkpoint this run starts from; pass another --out_tag")
         old = [f for pattern in ("model_*.pt", "optim_*.pt", "meta_*.json", "metrics.jsonl", ".*.tmp")
-               for f in glob.glob(os.path.join(self.path, pattern))]
+               for f in glob.glob(os.path.join(glob.escape(self.path), pattern))]
         metas = {re.sub(r"(model|optim)_(\d+)\.pt$", r"meta_\2.json", f) for f in old if f.endswith(("pt", "json"))}
         for meta in metas:
             try:

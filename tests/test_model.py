@@ -700,6 +700,25 @@ def test_engine_completes_many_prompts_as_each_alone(tmp_path):
         assert together == alone and all(len(ids) == 12 for (ids,) in together)
 
 
+def test_a_base_dir_or_tag_with_glob_characters_is_a_name(tmp_path, monkeypatch):
+    """[ and ] in a path are no pattern: the optimizer shards are found, and a run directory's earlier Chimera run is
+    cleared and a nanochat checkpoint there refused (unseen, it was neither)."""
+    base = str(tmp_path / "base[1]")
+    shutil.copytree(golden_dir(2026), base)
+    ckpt = os.path.join(base, "base_checkpoints", "d2")
+    for rank in (0, 1):
+        torch.save({"param_groups": [], "state": {}}, os.path.join(ckpt, f"optim_000020_rank{rank}.pt"))
+    assert len(checkpoint.load_optimizer_shards(ckpt, 20)) == 2
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", base)
+    out = os.path.join(base, "chatsft_checkpoints", "x[y]")
+    checkpoint.save_checkpoint(out, 1, {}, {"step": 1, "chimera": {"stage": "sft"}})
+    checkpoint.RunDir("sft", "x[y]", True, ("base", None))
+    assert os.listdir(out) == []
+    checkpoint.save_checkpoint(out, 1, {}, {"step": 1})
+    with pytest.raises(UserError, match="meta_000001.json is not a Chimera checkpoint"):
+        checkpoint.RunDir("sft", "x[y]", True, ("base", None))
+
+
 def test_a_damaged_optimizer_shard_or_run_meta_is_one_line_naming_the_file(tmp_path, monkeypatch):
     """The optimizer shards are read as the model file is; a run directory's meta that is not a JSON object
     (null here) is not Chimera's: neither is a traceback."""
