@@ -95,15 +95,22 @@ def read_meta(path):
     return meta
 
 def load_checkpoint(checkpoint_dir, step, device, keep_bf16=False):
-    """(state dict, meta) of a step: a compiled model's _orig_mod. dropped, bf16 made float32 unless keep_bf16."""
+    """(state dict, meta) of a step: a compiled model's _orig_mod. dropped, bf16 made float32 unless keep_bf16.
+    Checked before anything is built from it: float tensors, each with the values it claims."""
     model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
     if not os.path.exists(model_path):
         raise missing(model_path, f"checkpoint for step {step}", r"model_\d+\.pt")
     model_data = read_pt(model_path, device)
     if not isinstance(model_data, dict) or not all(isinstance(v, torch.Tensor) for v in model_data.values()):
         raise UserError(f"{model_path}: not a state dict of tensors")
-    if bad := next((k for k, v in model_data.items() if not v.is_floating_point()), None):
-        raise UserError(f"{model_path}: {bad} holds {model_data[bad].dtype} values; a model's weights are floats")
+    for key, v in model_data.items():
+        if not v.is_floating_point():
+            problem = f"{v.dtype} values; a model's weights are floats"
+        elif v.untyped_storage().nbytes() < v.numel() * v.element_size():  # a stride-0 view: a tiny file, huge tensors
+            problem = f"{v.numel():,} values in a storage of {v.untyped_storage().nbytes():,} bytes (an expanded view)"
+        else:
+            continue
+        raise UserError(f"{model_path}: {key} holds {problem}")
     return {k.removeprefix("_orig_mod."): v if keep_bf16 or v.dtype != torch.bfloat16 else v.float()
             for k, v in model_data.items()}, read_meta(os.path.join(checkpoint_dir, f"meta_{step:06d}.json"))
 
@@ -123,6 +130,7 @@ def load_optimizer_shards(checkpoint_dir, step):
 # model_config's keys but window_pattern, with sane bounds checked before anything is built (rotary: 10 x sequence_len)
 CONFIG_BOUNDS = {"sequence_len": 1 << 16, "vocab_size": 1 << 22, "n_layer": 1024, "n_head": 1024, "n_kv_head": 1024,
                  "n_embd": 1 << 16}
+ROTARY_VALUES = 1 << 28  # each rotary table (10 x sequence_len x head size floats): 65536 x 256 fits
 KEYS_2026 = ("resid_lambdas", "x0_lambdas", "smear_gate.weight", "smear_lambda", "backout_lambda")
 
 def config_from_checkpoint(model_config, model_data, where):
@@ -143,6 +151,10 @@ def config_from_checkpoint(model_config, model_data, where):
     if n_embd % n_head or n_head % n_kv_head or (n_embd // n_head) % 2:
         raise UserError(f"{where}: the meta's model_config has n_embd={n_embd}, n_head={n_head}, n_kv_head="
                         f"{n_kv_head}: heads must split n_embd into even halves and n_kv_head divide n_head")
+    if (rotary := 10 * model_config["sequence_len"] * (n_embd // n_head)) > ROTARY_VALUES:
+        raise UserError(f"{where}: the meta's model_config has sequence_len={model_config['sequence_len']} and "
+                        f"heads of {n_embd // n_head}: rotary tables of {rotary:,} values (10 x both), "
+                        f"more than {ROTARY_VALUES:,}")
     blocks = {int(m[1]) for k in model_data if (m := re.match(r"transformer\.h\.(\d+)\.", k))}
     if blocks != set(range(model_config["n_layer"])):
         raise UserError(f"{where}: the meta says n_layer={model_config['n_layer']} but the weights hold "

@@ -654,11 +654,13 @@ def _damage(base, what):
                     "latin-1": '{"model_config": "caf\xe9"}'}[what]
             open(meta_path, "wb").write(text.encode("latin-1"))
     elif what.startswith("config:"):
-        key, value = what[7:].split("=")
-        meta["model_config"][key] = json.loads(value)
+        for item in what[7:].split(","):
+            key, value = item.split("=")
+            meta["model_config"][key] = json.loads(value)
         json.dump(meta, open(meta_path, "w"))
-    elif what == "int64":
-        data["lm_head.weight"] = data["lm_head.weight"].long()
+    elif what in ("int64", "expanded"):
+        weight = data["lm_head.weight"]
+        data["lm_head.weight"] = {"int64": weight.long(), "expanded": torch.zeros(1).expand(weight.shape)}[what]
         torch.save(data, model_path)
     elif what == "nan":
         data["transformer.h.1.mlp.c_fc.weight"][3, 4] = float("nan")
@@ -674,6 +676,8 @@ def _damage(base, what):
     ("config:n_embd=2048.5", "model", "n_embd=2048.5"), ("config:n_layer=1000000", "model", "n_layer=1000000"),
     ("config:n_layer=3", "model", "hold 2 blocks"), ("config:sequence_len=1000000000000", "model", "sequence_len"),
     ("config:n_head=3", "model", "heads must split"), ("int64", "model", "torch.int64"),
+    ("config:sequence_len=16384,n_embd=2048,n_head=1,n_kv_head=1", "model", "rotary tables of 335,544,320 values"),
+    ("expanded", "model", "lm_head.weight holds 32,768 values in a storage of 4 bytes"),
     ("nan", "model", "c_fc.weight holds NaN")])
 def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, what, names, says):
     """Before anything is built or allocated from it: a meta is checked against bounds and the weights."""
