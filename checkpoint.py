@@ -95,23 +95,27 @@ def read_meta(path):
     return meta
 
 def load_checkpoint(checkpoint_dir, step, device, keep_bf16=False):
-    """(state dict, meta) of a step: a compiled model's _orig_mod. dropped, bf16 made float32 unless keep_bf16.
-    Checked before anything is built from it: float tensors, each with the values it claims."""
+    """(state dict, meta) of a step: a compiled model's _orig_mod. dropped, floats made float32 (bf16 kept if
+    keep_bf16). Checked before anything is built from it: dense float tensors, each with the values it claims."""
     model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
     if not os.path.exists(model_path):
         raise missing(model_path, f"checkpoint for step {step}", r"model_\d+\.pt")
     model_data = read_pt(model_path, device)
-    if not isinstance(model_data, dict) or not all(isinstance(v, torch.Tensor) for v in model_data.values()):
-        raise UserError(f"{model_path}: not a state dict of tensors")
+    if not isinstance(model_data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                   for k, v in model_data.items()):
+        raise UserError(f"{model_path}: not a state dict of tensors by name")
     for key, v in model_data.items():
-        if not v.is_floating_point():
+        if v.layout != torch.strided:
+            problem = f"a {v.layout} tensor; a model's weights are dense"
+        elif not v.is_floating_point():
             problem = f"{v.dtype} values; a model's weights are floats"
         elif v.untyped_storage().nbytes() < v.numel() * v.element_size():  # a stride-0 view: a tiny file, huge tensors
             problem = f"{v.numel():,} values in a storage of {v.untyped_storage().nbytes():,} bytes (an expanded view)"
         else:
             continue
         raise UserError(f"{model_path}: {key} holds {problem}")
-    return {k.removeprefix("_orig_mod."): v if keep_bf16 or v.dtype != torch.bfloat16 else v.float()
+    keep = (torch.float32, torch.bfloat16) if keep_bf16 else (torch.float32,)
+    return {k.removeprefix("_orig_mod."): v if v.dtype in keep else v.float()
             for k, v in model_data.items()}, read_meta(os.path.join(checkpoint_dir, f"meta_{step:06d}.json"))
 
 def load_optimizer_shards(checkpoint_dir, step):

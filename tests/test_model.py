@@ -386,11 +386,13 @@ def test_fresh_2026_base_is_nanochat_2026(tmp_path):
     assert "window_pattern" not in m25["model_config"] and m25["chimera"] == {"stage": "base"}
 
 
-def test_save_load_round_trip_with_bf16_and_orig_mod_prefix(tmp_path):
+def test_save_load_round_trip_with_bf16_other_floats_and_orig_mod_prefix(tmp_path):
     base = make_tiny_base(tmp_path)
     m, tok, meta = load_model("base", "cpu", "train", base_dir=base)
     sd = {"_orig_mod." + k: v for k, v in m.state_dict().items()}
     sd["_orig_mod.transformer.wte.weight"] = sd["_orig_mod.transformer.wte.weight"].bfloat16()
+    sd["_orig_mod.lm_head.weight"] = sd["_orig_mod.lm_head.weight"].double()  # other floats load as float32
+    sd["_orig_mod.transformer.h.0.attn.c_q.weight"] = sd["_orig_mod.transformer.h.0.attn.c_q.weight"].half()
     ckpt = os.path.join(base, "chatsft_checkpoints", "d2")
     save_checkpoint(ckpt, 5, sd, dict(meta, step=5))
     save_checkpoint(ckpt, 12, sd, dict(meta, step=12))
@@ -399,6 +401,8 @@ def test_save_load_round_trip_with_bf16_and_orig_mod_prefix(tmp_path):
     assert m2.transformer.wte.weight.dtype == torch.float32
     assert torch.equal(m2.transformer.wte.weight, m.transformer.wte.weight.bfloat16().float())
     assert torch.equal(m2.lm_head.weight, m.lm_head.weight)
+    assert torch.equal(m2.transformer.h[0].attn.c_q.weight, m.transformer.h[0].attn.c_q.weight.half().float())
+    assert {p.dtype for p in m2.parameters()} == {torch.float32} and m2(torch.tensor([[1, 2, 3]])).isfinite().all()
     assert load_model("sft", "cpu", "eval", step=5, base_dir=base)[2]["step"] == 5
     x = torch.randint(0, tok.get_vocab_size(), (1, 10))
     assert torch.allclose(m2(x), load_model("sft", "cpu", "eval", base_dir=base)[0](x))
@@ -658,9 +662,11 @@ def _damage(base, what):
             key, value = item.split("=")
             meta["model_config"][key] = json.loads(value)
         json.dump(meta, open(meta_path, "w"))
-    elif what in ("int64", "expanded"):
+    elif what in ("int64", "sparse", "expanded", "int key"):
         weight = data["lm_head.weight"]
-        data["lm_head.weight"] = {"int64": weight.long(), "expanded": torch.zeros(1).expand(weight.shape)}[what]
+        data["lm_head.weight"] = {"int64": weight.long(), "sparse": weight.to_sparse(),
+                                  "expanded": torch.zeros(1).expand(weight.shape), "int key": weight}[what]
+        data.update({7: weight} if what == "int key" else {})
         torch.save(data, model_path)
     elif what == "nan":
         data["transformer.h.1.mlp.c_fc.weight"][3, 4] = float("nan")
@@ -678,6 +684,7 @@ def _damage(base, what):
     ("config:n_head=3", "model", "heads must split"), ("int64", "model", "torch.int64"),
     ("config:sequence_len=16384,n_embd=2048,n_head=1,n_kv_head=1", "model", "rotary tables of 335,544,320 values"),
     ("expanded", "model", "lm_head.weight holds 32,768 values in a storage of 4 bytes"),
+    ("sparse", "model", "lm_head.weight holds a torch.sparse_coo tensor"), ("int key", "model", "tensors by name"),
     ("nan", "model", "c_fc.weight holds NaN")])
 def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, what, names, says):
     """Before anything is built or allocated from it: a meta is checked against bounds and the weights."""
