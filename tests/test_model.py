@@ -97,6 +97,28 @@ def test_hostile_tokenizer_pickle_is_refused_and_never_runs(tmp_path):
         tokenizer.Tokenizer.from_directory(str(tok_dir))
 
 
+BYTES = {bytes([i]): i for i in range(256)}
+
+
+@pytest.mark.parametrize("damage", [{"pat_str": "("}, {"mergeable_ranks": {}},
+                                    {"mergeable_ranks": {**BYTES, b"ab": 1 << 40}}])
+def test_a_damaged_tokenizer_pickle_is_one_line_naming_the_file(tmp_path, damage):
+    import copyreg
+    import tiktoken
+    enc = tokenizer.byte_level_encoding()
+
+    class Damaging(pickle.Pickler):  # the Encoding as nanochat pickles it, with a damaged state
+        def reducer_override(self, obj):
+            if obj is not enc:
+                return NotImplemented
+            return copyreg.__newobj__, (tiktoken.Encoding,), {**enc.__getstate__(), **damage}
+    with open(tmp_path / "tokenizer.pkl", "wb") as f:
+        Damaging(f).dump(enc)
+    with pytest.raises(UserError) as e:
+        tokenizer.Tokenizer.from_directory(str(tmp_path))
+    assert str(e.value).startswith(f"{tmp_path}/tokenizer.pkl: not a usable tiktoken Encoding") and "\n" not in str(e.value)
+
+
 # -----------------------------------------------------------------------------
 # Model numerics
 
