@@ -121,6 +121,8 @@ def load_checkpoint(checkpoint_dir, step, device, keep_bf16=False):
 def load_optimizer_shards(checkpoint_dir, step):
     """nanochat 2026's optimizer state of a step, one state dict per rank that saved it (optim_<step>_rank<r>.pt),
     or None where there is none (Nov 2025 writes one optim_<step>.pt of another layout: not read)."""
+    if type(step) is not int:  # the step of the model's meta
+        raise UserError(f"{checkpoint_dir}: the meta's step is {step!r}, not a whole number")
     paths = {int(m[1]): f for f in glob.glob(os.path.join(glob.escape(checkpoint_dir), f"optim_{step:06d}_rank*.pt"))
              if (m := re.search(r"rank(\d+)\.pt$", f))}
     if sorted(paths) != list(range(len(paths))):
@@ -237,9 +239,17 @@ def held_out_fractions(source, meta, sft_val_fraction=-1.0, dpo_val_fraction=-1.
     """(SFT's, DPO's) held-out shares of the trader data: a given one (>= 0), else the one the SFT or DPO run behind
     a checkpoint of `source` (its `meta`) used, else sft.py's or dpo.py's default. eval.py scores these prompts;
     onpolicy.py samples none of them."""
-    sft_run, dpo_run = (stage_meta(stage, source, meta).get("user_config", {}) for stage in ("sft", "dpo"))
-    return (sft_run.get("trader_val_fraction", 0.1) if sft_val_fraction < 0 else sft_val_fraction,
-            dpo_run.get("val_fraction", 0.05) if dpo_val_fraction < 0 else dpo_val_fraction)
+    def share(stage, key, default, given):
+        if given >= 0:
+            return given
+        run = stage_meta(stage, source, meta).get("user_config")
+        value = run.get(key, default) if isinstance(run, dict) else default
+        if type(value) not in (int, float) or not 0 <= value < 1:
+            raise UserError(f"the {stage.upper()} run's meta has user_config {key}={value!r}, not a share in [0, 1): "
+                            f"pass --{stage}_val_fraction")
+        return value
+    return (share("sft", "trader_val_fraction", 0.1, sft_val_fraction),
+            share("dpo", "val_fraction", 0.05, dpo_val_fraction))
 
 def fresh_base(base_dir, depth=2, sequence_len=512, n_embd=None, n_head=None, seed=0, zero_out=True, generation=2025):
     """Write tokenizer/ and base_checkpoints/d{depth}/model_000000.pt (width 64 * depth, a head per

@@ -752,6 +752,20 @@ def test_a_base_dir_or_tag_with_glob_characters_is_a_name(tmp_path, monkeypatch)
         checkpoint.RunDir("sft", "x[y]", True, ("base", None))
 
 
+def test_held_out_fractions_of_a_damaged_run_meta(tmp_path, monkeypatch):
+    """A run meta's user_config that is no object is none (the defaults); a share that is no share in [0, 1) is one
+    line naming the flag that overrides it."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    for run in (None, [1], "x"):
+        assert checkpoint.held_out_fractions("sft", {"user_config": run}) == (0.1, 0.05)
+    assert checkpoint.held_out_fractions("dpo", {"user_config": {"val_fraction": 0.2}}) == (0.1, 0.2)
+    for value in ("0.2", None, True, float("nan"), 1.5):
+        meta = {"user_config": {"trader_val_fraction": value}}
+        with pytest.raises(UserError, match="SFT run's meta has user_config trader_val_fraction=.*--sft_val_fraction"):
+            checkpoint.held_out_fractions("sft", meta)
+        assert checkpoint.held_out_fractions("sft", meta, sft_val_fraction=0.3) == (0.3, 0.05)
+
+
 def test_a_damaged_optimizer_shard_or_run_meta_is_one_line_naming_the_file(tmp_path, monkeypatch):
     """The optimizer shards are read as the model file is; a run directory's meta that is not a JSON object
     (null here) is not Chimera's: neither is a traceback."""
@@ -763,6 +777,9 @@ def test_a_damaged_optimizer_shard_or_run_meta_is_one_line_naming_the_file(tmp_p
     with pytest.raises(UserError) as e:
         checkpoint.load_optimizer_shards(ckpt, 20)
     assert str(e.value).startswith(f"{shard}: not a readable checkpoint") and "\n" not in str(e.value)
+    for step in (None, 20.0, "20"):  # the model meta's step
+        with pytest.raises(UserError, match=f"{ckpt}: the meta's step is {step!r}, not a whole number"):
+            checkpoint.load_optimizer_shards(ckpt, step)
     monkeypatch.setenv("NANOCHAT_BASE_DIR", base)
     out = os.path.join(base, "chatsft_checkpoints", "x")
     os.makedirs(out)
