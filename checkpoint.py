@@ -95,22 +95,35 @@ def read_meta(path):
     return meta
 
 def load_checkpoint(checkpoint_dir, step, device, keep_bf16=False):
-    """(state dict, meta) of a step: a compiled model's _orig_mod. dropped, bf16 made float32 unless keep_bf16."""
+    """(state dict, meta) of a step: a compiled model's _orig_mod. dropped, floats made float32 (bf16 kept if
+    keep_bf16). Checked before anything is built from it: dense float tensors, each with the values it claims."""
     model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
     if not os.path.exists(model_path):
         raise missing(model_path, f"checkpoint for step {step}", r"model_\d+\.pt")
     model_data = read_pt(model_path, device)
-    if not isinstance(model_data, dict) or not all(isinstance(v, torch.Tensor) for v in model_data.values()):
-        raise UserError(f"{model_path}: not a state dict of tensors")
-    if bad := next((k for k, v in model_data.items() if not v.is_floating_point()), None):
-        raise UserError(f"{model_path}: {bad} holds {model_data[bad].dtype} values; a model's weights are floats")
-    return {k.removeprefix("_orig_mod."): v if keep_bf16 or v.dtype != torch.bfloat16 else v.float()
+    if not isinstance(model_data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                   for k, v in model_data.items()):
+        raise UserError(f"{model_path}: not a state dict of tensors by name")
+    for key, v in model_data.items():
+        if v.layout != torch.strided:
+            problem = f"a {v.layout} tensor; a model's weights are dense"
+        elif not v.is_floating_point():
+            problem = f"{v.dtype} values; a model's weights are floats"
+        elif v.untyped_storage().nbytes() < v.numel() * v.element_size():  # a stride-0 view: a tiny file, huge tensors
+            problem = f"{v.numel():,} values in a storage of {v.untyped_storage().nbytes():,} bytes (an expanded view)"
+        else:
+            continue
+        raise UserError(f"{model_path}: {key} holds {problem}")
+    keep = (torch.float32, torch.bfloat16) if keep_bf16 else (torch.float32,)
+    return {k.removeprefix("_orig_mod."): v if v.dtype in keep else v.float()
             for k, v in model_data.items()}, read_meta(os.path.join(checkpoint_dir, f"meta_{step:06d}.json"))
 
 def load_optimizer_shards(checkpoint_dir, step):
     """nanochat 2026's optimizer state of a step, one state dict per rank that saved it (optim_<step>_rank<r>.pt),
     or None where there is none (Nov 2025 writes one optim_<step>.pt of another layout: not read)."""
-    paths = {int(m[1]): f for f in glob.glob(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank*.pt"))
+    if type(step) is not int:  # the step of the model's meta
+        raise UserError(f"{checkpoint_dir}: the meta's step is {step!r}, not a whole number")
+    paths = {int(m[1]): f for f in glob.glob(os.path.join(glob.escape(checkpoint_dir), f"optim_{step:06d}_rank*.pt"))
              if (m := re.search(r"rank(\d+)\.pt$", f))}
     if sorted(paths) != list(range(len(paths))):
         raise UserError(f"{checkpoint_dir}: optimizer shards of step {step} miss ranks: {sorted(paths.values())}")
@@ -123,6 +136,7 @@ def load_optimizer_shards(checkpoint_dir, step):
 # model_config's keys but window_pattern, with sane bounds checked before anything is built (rotary: 10 x sequence_len)
 CONFIG_BOUNDS = {"sequence_len": 1 << 16, "vocab_size": 1 << 22, "n_layer": 1024, "n_head": 1024, "n_kv_head": 1024,
                  "n_embd": 1 << 16}
+ROTARY_VALUES = 1 << 28  # each rotary table (10 x sequence_len x head size floats): 65536 x 256 fits
 KEYS_2026 = ("resid_lambdas", "x0_lambdas", "smear_gate.weight", "smear_lambda", "backout_lambda")
 
 def config_from_checkpoint(model_config, model_data, where):
@@ -143,6 +157,10 @@ def config_from_checkpoint(model_config, model_data, where):
     if n_embd % n_head or n_head % n_kv_head or (n_embd // n_head) % 2:
         raise UserError(f"{where}: the meta's model_config has n_embd={n_embd}, n_head={n_head}, n_kv_head="
                         f"{n_kv_head}: heads must split n_embd into even halves and n_kv_head divide n_head")
+    if (rotary := 10 * model_config["sequence_len"] * (n_embd // n_head)) > ROTARY_VALUES:
+        raise UserError(f"{where}: the meta's model_config has sequence_len={model_config['sequence_len']} and "
+                        f"heads of {n_embd // n_head}: rotary tables of {rotary:,} values (10 x both), "
+                        f"more than {ROTARY_VALUES:,}")
     blocks = {int(m[1]) for k in model_data if (m := re.match(r"transformer\.h\.(\d+)\.", k))}
     if blocks != set(range(model_config["n_layer"])):
         raise UserError(f"{where}: the meta says n_layer={model_config['n_layer']} but the weights hold "
@@ -221,9 +239,17 @@ def held_out_fractions(source, meta, sft_val_fraction=-1.0, dpo_val_fraction=-1.
     """(SFT's, DPO's) held-out shares of the trader data: a given one (>= 0), else the one the SFT or DPO run behind
     a checkpoint of `source` (its `meta`) used, else sft.py's or dpo.py's default. eval.py scores these prompts;
     onpolicy.py samples none of them."""
-    sft_run, dpo_run = (stage_meta(stage, source, meta).get("user_config", {}) for stage in ("sft", "dpo"))
-    return (sft_run.get("trader_val_fraction", 0.1) if sft_val_fraction < 0 else sft_val_fraction,
-            dpo_run.get("val_fraction", 0.05) if dpo_val_fraction < 0 else dpo_val_fraction)
+    def share(stage, key, default, given):
+        if given >= 0:
+            return given
+        run = stage_meta(stage, source, meta).get("user_config")
+        value = run.get(key, default) if isinstance(run, dict) else default
+        if type(value) not in (int, float) or not 0 <= value < 1:
+            raise UserError(f"the {stage.upper()} run's meta has user_config {key}={value!r}, not a share in [0, 1): "
+                            f"pass --{stage}_val_fraction")
+        return value
+    return (share("sft", "trader_val_fraction", 0.1, sft_val_fraction),
+            share("dpo", "val_fraction", 0.05, dpo_val_fraction))
 
 def fresh_base(base_dir, depth=2, sequence_len=512, n_embd=None, n_head=None, seed=0, zero_out=True, generation=2025):
     """Write tokenizer/ and base_checkpoints/d{depth}/model_000000.pt (width 64 * depth, a head per
@@ -257,7 +283,7 @@ class RunDir:
         if os.path.abspath(self.path) == os.path.abspath(self.start):  # clearing it would lose it
             raise UserError(f"{self.path} holds the checkpoint this run starts from; pass another --out_tag")
         old = [f for pattern in ("model_*.pt", "optim_*.pt", "meta_*.json", "metrics.jsonl", ".*.tmp")
-               for f in glob.glob(os.path.join(self.path, pattern))]
+               for f in glob.glob(os.path.join(glob.escape(self.path), pattern))]
         metas = {re.sub(r"(model|optim)_(\d+)\.pt$", r"meta_\2.json", f) for f in old if f.endswith(("pt", "json"))}
         for meta in metas:
             try:

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from common import UserError
+from common import UserError, get_base_dir
 
 SANDBOX_FILE_BYTES = 16 << 20  # RLIMIT_FSIZE and /tmp size: the most the program may write
 REPLY_BYTES = 1 << 20  # longest reply the driver parses (literal_eval's tree is many times the text)
@@ -53,10 +53,26 @@ else:
         check("mount_setattr", libc.syscall(442, -100, b"/", 0x8000, (ctypes.c_uint64 * 4)(1), ctypes.c_size_t(32)))
     except OSError as e:
         missing.append(f"no read-only file system ({e}): the code can write wherever the user running it can")
-    try:  # empty tmpfs over these, read-only (MS_RDONLY) but /tmp, all MS_NOSUID | MS_NODEV | MS_NOEXEC
+    options = f"size={config['tmpfs']},nr_inodes=4096,mode=1777".encode()
+    try:  # empty read-only tmpfs (MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC) over the user's own (home, base dir,
+        # HF cache), where a copy of this Python's own files, if there, is put back
+        prefix = os.path.realpath(sys.base_prefix)
+        for path in config["hide"]:
+            if os.path.isdir(path) and not os.path.islink(path):
+                inside = os.path.commonpath([path, prefix]) == path
+                if inside:  # open_tree (428): OPEN_TREE_CLONE | AT_RECURSIVE, a detached copy
+                    check("copying " + prefix, min(copy := libc.syscall(428, -100, prefix.encode(), 0x8001), 0))
+                check("tmpfs on " + path, libc.mount(b"tmpfs", path.encode(), b"tmpfs", 14 | (not inside), options))
+                if inside:  # read-only (MS_REMOUNT | MS_BIND) once it holds the copy's mount point, then move_mount
+                    os.makedirs(prefix, exist_ok=True)  # (429): MOVE_MOUNT_F_EMPTY_PATH
+                    check("read-only " + path, libc.mount(None, path.encode(), None, 0x1020 | 15, None))
+                    check("keeping " + prefix, libc.syscall(429, copy, b"", -100, prefix.encode(), 4))
+                    os.close(copy)
+    except OSError as e:
+        missing.append(f"your home and base dir not hidden ({e}): the code can read them, HumanEval's solutions too")
+    try:  # empty tmpfs over these, read-only but /tmp, all MS_NOSUID | MS_NODEV | MS_NOEXEC
         for path in ("/tmp", "/var/tmp", "/dev/shm", "/run", "/proc"):
             if os.path.isdir(path) and not os.path.islink(path):
-                options = f"size={config['tmpfs']},nr_inodes=4096,mode=1777".encode()
                 check("tmpfs on " + path, libc.mount(b"tmpfs", path.encode(), b"tmpfs", (path != "/tmp") | 14, options))
         os.chdir("/tmp")
     except OSError as e:
@@ -144,11 +160,30 @@ def _sandbox_python(identity):
     raise SandboxUnavailable(f"no Python {who} can run for the code sandbox (tried {', '.join(candidates)}); "
                              "set CHIMERA_SANDBOX_PYTHON to a python3 (3.9+) every user can execute")
 
-def _receive(sock, reader, deadline):  # the next JSON line from the sandbox, waiting until the deadline at most
-    sock.settimeout(max(deadline - time.monotonic(), 1e-3))
-    line = reader.readline(REPLY_BYTES)
-    if not line.endswith(b"\n"):
-        raise CallFailed("reply too long" if line else "the program stopped")
+def _time_left(deadline):  # one deadline for the whole exchange: a socket timeout restarts at every recv
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left
+
+def _hidden_dirs():
+    """What the sandbox sees empty: the base dir (task_data holds HumanEval's solutions), the user's home and the
+    Hugging Face cache (its token), as real paths; never / (a home of /)."""
+    hf = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return sorted({os.path.realpath(os.path.expanduser(p)) for p in (get_base_dir(), "~", hf)} - {"/"})
+
+def _receive(sock, pending, deadline):
+    """The next JSON line from the sandbox by the deadline, however it trickles in; pending: what came after it."""
+    while (end := pending.find(b"\n")) < 0:
+        if len(pending) > REPLY_BYTES:
+            raise CallFailed("reply too long")
+        sock.settimeout(_time_left(deadline))
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            raise CallFailed("the program stopped")
+        pending += chunk
+    line = bytes(pending[:end])
+    del pending[:end + 1]
     return json.loads(line)
 
 def _read_capped(f, max_output):
@@ -164,7 +199,7 @@ def execute_code(program, timeout=5.0, memory_mb=512, max_output=64 * 1024, guar
     limits = {"RLIMIT_AS": memory_mb << 20, "RLIMIT_CPU": math.ceil(timeout) + 1, "RLIMIT_NPROC": 0,
               "RLIMIT_FSIZE": SANDBOX_FILE_BYTES, "RLIMIT_NOFILE": 64, "RLIMIT_CORE": 0}
     ours, theirs = socket.socketpair()
-    config = {"fd": theirs.fileno(), "limits": limits, "guard": guard,
+    config = {"fd": theirs.fileno(), "limits": limits, "guard": guard, "hide": _hidden_dirs(),
               "serve": serve[0] if serve else None, "tmpfs": SANDBOX_FILE_BYTES}
     timed_out, verdict = False, ""
     with (ours, theirs, tempfile.TemporaryDirectory(prefix="chimera-sandbox-", ignore_cleanup_errors=True) as workdir,
@@ -176,16 +211,20 @@ def execute_code(program, timeout=5.0, memory_mb=512, max_output=64 * 1024, guar
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, pass_fds=[theirs.fileno()],
                                 start_new_session=True, **_as_user(identity))
         theirs.close()
-        reader, deadline = ours.makefile("rb"), time.monotonic() + timeout
-        ours.settimeout(timeout)
+        pending, deadline = bytearray(), time.monotonic() + timeout
 
         def call(*args, **kwargs):
             """The driver's call: the program's function's value, as a Python literal."""
+            nonlocal timed_out
             try:
+                ours.settimeout(_time_left(deadline))
                 ours.sendall(repr((args, kwargs)).encode() + b"\n")
-                status, text = _receive(ours, reader, deadline)
+                status, text = _receive(ours, pending, deadline)
             except ConnectionError as e:
                 raise CallFailed("the program stopped") from e
+            except TimeoutError:
+                timed_out = True  # also when the driver catches it
+                raise
             if status != "ok":
                 raise CallFailed(text)
             try:
@@ -193,8 +232,9 @@ def execute_code(program, timeout=5.0, memory_mb=512, max_output=64 * 1024, guar
             except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
                 raise CallFailed(f"not a plain Python value: {text[:200]}") from e
         try:
+            ours.settimeout(timeout)
             ours.sendall(json.dumps(program).encode() + b"\n")
-            for missing in set(_receive(ours, reader, deadline)) - _warned:  # sent before the program ran
+            for missing in set(_receive(ours, pending, deadline)) - _warned:  # sent before the program ran
                 _warned.add(missing)
                 print(f"warning: code sandbox: {missing}", file=sys.stderr, flush=True)
             if serve:
@@ -206,7 +246,6 @@ def execute_code(program, timeout=5.0, memory_mb=512, max_output=64 * 1024, guar
         except Exception as e:  # the driver's verdict (AssertionError, CallFailed, ...)
             verdict = (type(e).__name__ + (f": {e}" if str(e) else "")).splitlines()[0]
         finally:
-            reader.close()
             ours.close()  # the program's serving loop ends
             # let it end by itself (keeping its exit status), else SIGTERM (the top process then kills
             # the pid namespace's first process, and with it the rest), else SIGKILL

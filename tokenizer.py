@@ -58,7 +58,12 @@ class Tokenizer:
                 isinstance(d, dict) and all(isinstance(k, key_type) and isinstance(v, int) for k, v in d.items())
                 for d, key_type in ((state.get("mergeable_ranks"), bytes), (state.get("special_tokens"), str)))):
             raise UserError(f"{path}: not a tiktoken Encoding with name, pat_str, mergeable_ranks and special_tokens")
-        return cls(tiktoken.Encoding(**{k: state[k] for k in ("name", "pat_str", "mergeable_ranks", "special_tokens")}))
+        try:  # a bad pattern, no ranks, a rank past 32 bits: tiktoken's ValueError or OverflowError
+            enc = tiktoken.Encoding(**{k: state[k] for k in ("name", "pat_str", "mergeable_ranks", "special_tokens")})
+        except (ValueError, OverflowError, TypeError) as e:
+            why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+            raise UserError(f"{path}: not a usable tiktoken Encoding ({why})") from None
+        return cls(enc)
 
     def get_vocab_size(self):
         return self.enc.n_vocab

@@ -97,6 +97,28 @@ def test_hostile_tokenizer_pickle_is_refused_and_never_runs(tmp_path):
         tokenizer.Tokenizer.from_directory(str(tok_dir))
 
 
+BYTES = {bytes([i]): i for i in range(256)}
+
+
+@pytest.mark.parametrize("damage", [{"pat_str": "("}, {"mergeable_ranks": {}},
+                                    {"mergeable_ranks": {**BYTES, b"ab": 1 << 40}}])
+def test_a_damaged_tokenizer_pickle_is_one_line_naming_the_file(tmp_path, damage):
+    import copyreg
+    import tiktoken
+    enc = tokenizer.byte_level_encoding()
+
+    class Damaging(pickle.Pickler):  # the Encoding as nanochat pickles it, with a damaged state
+        def reducer_override(self, obj):
+            if obj is not enc:
+                return NotImplemented
+            return copyreg.__newobj__, (tiktoken.Encoding,), {**enc.__getstate__(), **damage}
+    with open(tmp_path / "tokenizer.pkl", "wb") as f:
+        Damaging(f).dump(enc)
+    with pytest.raises(UserError) as e:
+        tokenizer.Tokenizer.from_directory(str(tmp_path))
+    assert str(e.value).startswith(f"{tmp_path}/tokenizer.pkl: not a usable tiktoken Encoding") and "\n" not in str(e.value)
+
+
 # -----------------------------------------------------------------------------
 # Model numerics
 
@@ -386,11 +408,13 @@ def test_fresh_2026_base_is_nanochat_2026(tmp_path):
     assert "window_pattern" not in m25["model_config"] and m25["chimera"] == {"stage": "base"}
 
 
-def test_save_load_round_trip_with_bf16_and_orig_mod_prefix(tmp_path):
+def test_save_load_round_trip_with_bf16_other_floats_and_orig_mod_prefix(tmp_path):
     base = make_tiny_base(tmp_path)
     m, tok, meta = load_model("base", "cpu", "train", base_dir=base)
     sd = {"_orig_mod." + k: v for k, v in m.state_dict().items()}
     sd["_orig_mod.transformer.wte.weight"] = sd["_orig_mod.transformer.wte.weight"].bfloat16()
+    sd["_orig_mod.lm_head.weight"] = sd["_orig_mod.lm_head.weight"].double()  # other floats load as float32
+    sd["_orig_mod.transformer.h.0.attn.c_q.weight"] = sd["_orig_mod.transformer.h.0.attn.c_q.weight"].half()
     ckpt = os.path.join(base, "chatsft_checkpoints", "d2")
     save_checkpoint(ckpt, 5, sd, dict(meta, step=5))
     save_checkpoint(ckpt, 12, sd, dict(meta, step=12))
@@ -399,6 +423,8 @@ def test_save_load_round_trip_with_bf16_and_orig_mod_prefix(tmp_path):
     assert m2.transformer.wte.weight.dtype == torch.float32
     assert torch.equal(m2.transformer.wte.weight, m.transformer.wte.weight.bfloat16().float())
     assert torch.equal(m2.lm_head.weight, m.lm_head.weight)
+    assert torch.equal(m2.transformer.h[0].attn.c_q.weight, m.transformer.h[0].attn.c_q.weight.half().float())
+    assert {p.dtype for p in m2.parameters()} == {torch.float32} and m2(torch.tensor([[1, 2, 3]])).isfinite().all()
     assert load_model("sft", "cpu", "eval", step=5, base_dir=base)[2]["step"] == 5
     x = torch.randint(0, tok.get_vocab_size(), (1, 10))
     assert torch.allclose(m2(x), load_model("sft", "cpu", "eval", base_dir=base)[0](x))
@@ -654,11 +680,15 @@ def _damage(base, what):
                     "latin-1": '{"model_config": "caf\xe9"}'}[what]
             open(meta_path, "wb").write(text.encode("latin-1"))
     elif what.startswith("config:"):
-        key, value = what[7:].split("=")
-        meta["model_config"][key] = json.loads(value)
+        for item in what[7:].split(","):
+            key, value = item.split("=")
+            meta["model_config"][key] = json.loads(value)
         json.dump(meta, open(meta_path, "w"))
-    elif what == "int64":
-        data["lm_head.weight"] = data["lm_head.weight"].long()
+    elif what in ("int64", "sparse", "expanded", "int key"):
+        weight = data["lm_head.weight"]
+        data["lm_head.weight"] = {"int64": weight.long(), "sparse": weight.to_sparse(),
+                                  "expanded": torch.zeros(1).expand(weight.shape), "int key": weight}[what]
+        data.update({7: weight} if what == "int key" else {})
         torch.save(data, model_path)
     elif what == "nan":
         data["transformer.h.1.mlp.c_fc.weight"][3, 4] = float("nan")
@@ -674,6 +704,9 @@ def _damage(base, what):
     ("config:n_embd=2048.5", "model", "n_embd=2048.5"), ("config:n_layer=1000000", "model", "n_layer=1000000"),
     ("config:n_layer=3", "model", "hold 2 blocks"), ("config:sequence_len=1000000000000", "model", "sequence_len"),
     ("config:n_head=3", "model", "heads must split"), ("int64", "model", "torch.int64"),
+    ("config:sequence_len=16384,n_embd=2048,n_head=1,n_kv_head=1", "model", "rotary tables of 335,544,320 values"),
+    ("expanded", "model", "lm_head.weight holds 32,768 values in a storage of 4 bytes"),
+    ("sparse", "model", "lm_head.weight holds a torch.sparse_coo tensor"), ("int key", "model", "tensors by name"),
     ("nan", "model", "c_fc.weight holds NaN")])
 def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, what, names, says):
     """Before anything is built or allocated from it: a meta is checked against bounds and the weights."""
@@ -700,6 +733,39 @@ def test_engine_completes_many_prompts_as_each_alone(tmp_path):
         assert together == alone and all(len(ids) == 12 for (ids,) in together)
 
 
+def test_a_base_dir_or_tag_with_glob_characters_is_a_name(tmp_path, monkeypatch):
+    """[ and ] in a path are no pattern: the optimizer shards are found, and a run directory's earlier Chimera run is
+    cleared and a nanochat checkpoint there refused (unseen, it was neither)."""
+    base = str(tmp_path / "base[1]")
+    shutil.copytree(golden_dir(2026), base)
+    ckpt = os.path.join(base, "base_checkpoints", "d2")
+    for rank in (0, 1):
+        torch.save({"param_groups": [], "state": {}}, os.path.join(ckpt, f"optim_000020_rank{rank}.pt"))
+    assert len(checkpoint.load_optimizer_shards(ckpt, 20)) == 2
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", base)
+    out = os.path.join(base, "chatsft_checkpoints", "x[y]")
+    checkpoint.save_checkpoint(out, 1, {}, {"step": 1, "chimera": {"stage": "sft"}})
+    checkpoint.RunDir("sft", "x[y]", True, ("base", None))
+    assert os.listdir(out) == []
+    checkpoint.save_checkpoint(out, 1, {}, {"step": 1})
+    with pytest.raises(UserError, match="meta_000001.json is not a Chimera checkpoint"):
+        checkpoint.RunDir("sft", "x[y]", True, ("base", None))
+
+
+def test_held_out_fractions_of_a_damaged_run_meta(tmp_path, monkeypatch):
+    """A run meta's user_config that is no object is none (the defaults); a share that is no share in [0, 1) is one
+    line naming the flag that overrides it."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    for run in (None, [1], "x"):
+        assert checkpoint.held_out_fractions("sft", {"user_config": run}) == (0.1, 0.05)
+    assert checkpoint.held_out_fractions("dpo", {"user_config": {"val_fraction": 0.2}}) == (0.1, 0.2)
+    for value in ("0.2", None, True, float("nan"), 1.5):
+        meta = {"user_config": {"trader_val_fraction": value}}
+        with pytest.raises(UserError, match="SFT run's meta has user_config trader_val_fraction=.*--sft_val_fraction"):
+            checkpoint.held_out_fractions("sft", meta)
+        assert checkpoint.held_out_fractions("sft", meta, sft_val_fraction=0.3) == (0.3, 0.05)
+
+
 def test_a_damaged_optimizer_shard_or_run_meta_is_one_line_naming_the_file(tmp_path, monkeypatch):
     """The optimizer shards are read as the model file is; a run directory's meta that is not a JSON object
     (null here) is not Chimera's: neither is a traceback."""
@@ -711,6 +777,9 @@ def test_a_damaged_optimizer_shard_or_run_meta_is_one_line_naming_the_file(tmp_p
     with pytest.raises(UserError) as e:
         checkpoint.load_optimizer_shards(ckpt, 20)
     assert str(e.value).startswith(f"{shard}: not a readable checkpoint") and "\n" not in str(e.value)
+    for step in (None, 20.0, "20"):  # the model meta's step
+        with pytest.raises(UserError, match=f"{ckpt}: the meta's step is {step!r}, not a whole number"):
+            checkpoint.load_optimizer_shards(ckpt, step)
     monkeypatch.setenv("NANOCHAT_BASE_DIR", base)
     out = os.path.join(base, "chatsft_checkpoints", "x")
     os.makedirs(out)

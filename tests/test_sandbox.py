@@ -102,6 +102,26 @@ def test_timeout_kills_an_infinite_loop():
     assert r.timed_out and not r.success and "timed out" in r.error and time.time() - t < 4
 
 
+def test_timeout_holds_for_a_reply_sent_a_byte_at_a_time():
+    """The timeout bounds the whole exchange: a program sleeping (no CPU) between bytes, each gap shorter than the
+    timeout, times out at it, also when the driver catches the error."""
+    program = ("import json, socket, sys, time\nchannel = socket.socket(fileno=json.loads(sys.argv[1])['fd'])\n"
+               "def f(x):\n    for _ in range(8):\n        channel.send(b' ')\n        time.sleep(0.4)\n    return x\n")
+
+    def check(call):
+        assert call(3) == 3
+
+    def check_swallowing(call):
+        try:
+            call(3)
+        except Exception:
+            pass
+    for driver in (check, check_swallowing):
+        t = time.time()
+        r = sandbox.execute_code(program, timeout=1.0, serve=("f", driver))
+        assert r.timed_out and not r.success and time.time() - t < 2.5, (r, time.time() - t)
+
+
 def test_output_flood_is_bounded():
     t = time.time()
     r = sandbox.execute_code("while True:\n    print('x' * 10000)", timeout=10.0, max_output=4096)
@@ -136,10 +156,31 @@ def test_files_cannot_be_changed(isolated, victim):
         assert intact(victim)
 
 
+def test_home_base_dir_and_hf_cache_look_empty(isolated, victim, monkeypatch):
+    """The base dir's task_data holds HumanEval's solutions, the home and HF cache tokens: the sandbox sees them empty,
+    but for the Python it runs (here a home holding it), whose standard library still imports."""
+    for name in ("base", "home", "hf"):
+        os.mkdir(os.path.join(victim, name))
+        with open(os.path.join(victim, name, "secret"), "w") as f:
+            f.write("canonical_solution")
+    for variable, name in (("NANOCHAT_BASE_DIR", "base"), ("HOME", "home"), ("HF_HOME", "hf")):
+        monkeypatch.setenv(variable, os.path.join(victim, name))
+    code = f"import os\nfor name in ('base', 'home', 'hf'):\n    print(os.listdir(os.path.join({victim!r}, name)))\n"
+    r = sandbox.execute_code(code)
+    assert r.success and r.stdout.split() == ["[]"] * 3 and "canonical_solution" not in r.stdout, r
+    python = sandbox._sandbox_python(sandbox._sandbox_identity())
+    prefix = subprocess.run([python, "-I", "-c", "import os, sys; print(os.path.realpath(sys.base_prefix))"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    monkeypatch.setenv("HOME", prefix)
+    r = sandbox.execute_code("import fractions, decimal, statistics\nprint(statistics.mean([1, 2]))")
+    assert r.success and r.stdout == "1.5\n", r
+
+
 NORMAL_USER = """
 import json, os, sys, types
 common = types.ModuleType("common")  # sandbox.py needs only UserError; this python may lack torch
 common.UserError = type("UserError", (Exception,), {})
+common.get_base_dir = lambda: os.environ.get("NANOCHAT_BASE_DIR", "/nonexistent")
 sys.modules["common"] = common
 import sandbox
 program = sys.argv[1].replace("PARENT", str(os.getpid()))
