@@ -224,16 +224,17 @@ def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
     model.train() if phase == "train" else model.eval()
     return model, tokenizer, meta
 
-def stage_meta(stage, source, loaded_meta):
-    """A stage's checkpoint meta (split, beta, ...): the loaded one (of `source`) if it is that stage's, else the
-    stage's default directory's latest; {} if none."""
-    if stage == source:
-        return loaded_meta
-    try:
-        directory = checkpoint_dir_for(stage)
-        return read_meta(os.path.join(directory, f"meta_{find_last_step(directory):06d}.json"))
-    except UserError:
-        return {}
+def stage_config(stage, source, loaded_meta):
+    """The settings (meta's user_config: split, beta, ...) of a stage's run: the loaded checkpoint's (of `source`)
+    if it is that stage's, else the stage's default directory's latest; {} if none (or not an object)."""
+    meta = loaded_meta
+    if stage != source:
+        try:
+            directory = checkpoint_dir_for(stage)
+            meta = read_meta(os.path.join(directory, f"meta_{find_last_step(directory):06d}.json"))
+        except UserError:
+            return {}
+    return meta["user_config"] if isinstance(meta.get("user_config"), dict) else {}
 
 def held_out_fractions(source, meta, sft_val_fraction=-1.0, dpo_val_fraction=-1.0):
     """(SFT's, DPO's) held-out shares of the trader data: a given one (>= 0), else the one the SFT or DPO run behind
@@ -242,8 +243,7 @@ def held_out_fractions(source, meta, sft_val_fraction=-1.0, dpo_val_fraction=-1.
     def share(stage, key, default, given):
         if given >= 0:
             return given
-        run = stage_meta(stage, source, meta).get("user_config")
-        value = run.get(key, default) if isinstance(run, dict) else default
+        value = stage_config(stage, source, meta).get(key, default)
         if type(value) not in (int, float) or not 0 <= value < 1:
             raise UserError(f"the {stage.upper()} run's meta has user_config {key}={value!r}, not a share in [0, 1): "
                             f"pass --{stage}_val_fraction")

@@ -28,7 +28,7 @@ import torch
 
 from common import (UserError, ProgressBar, all_reduce_sum, atomic_write_json, autocast, check_settings,
                     cleanup_dist, get_base_dir, init_dist, parse_config, print0, run_main)
-from checkpoint import checkpoint_dir_for, held_out_fractions, load_model, stage_meta
+from checkpoint import checkpoint_dir_for, held_out_fractions, load_model, stage_config
 from engine import Engine, Sampling
 import dpo
 import onpolicy
@@ -149,7 +149,7 @@ def resolve(config, meta):
     """By default the reference is the very checkpoint this one was trained from (its meta's source, tag and
     step), the splits and loss those of the SFT and DPO runs, and the judge on when a key is set."""
     trained_from = meta if not config.ref_source and meta.get("source") else {}
-    dpo_run = {**dataclasses.asdict(dpo.Config()), **stage_meta("dpo", config.source, meta).get("user_config", {})}
+    dpo_run = {**dataclasses.asdict(dpo.Config()), **stage_config("dpo", config.source, meta)}
     sft_val_fraction, dpo_val_fraction = held_out_fractions(config.source, meta, config.sft_val_fraction,
                                                             config.dpo_val_fraction)
     return Resolved(

@@ -141,7 +141,7 @@ def pull(repo, c):
     order = lambda f: ({"mid": 2, "base": 1}.get(f[0], 0), int("0" + re.sub(r"\D", "", f[1] or "")), f[2])
     stage, tag, step, path = max(picked, key=order)  # a base dir's default: mid, else base; the deepest, the last
     name, base, meta_path = f"_{step:06d}", get_base_dir(), meta_of(path)
-    here = [p for p in glob.glob(os.path.join(base, "*_checkpoints", "*", f"meta{name}.json"))
+    here = [p for p in glob.glob(os.path.join(glob.escape(base), "*_checkpoints", "*", f"meta{name}.json"))
             if matches(p, files[meta_path])]  # a meta pulled before is read where it lies: a re-run downloads nothing
     meta = json.loads(open(here[0], "rb").read() if here else hub.get(hub.url(meta_path))[0].content)
     # base_train's meta has its --depth; the other stages' (mid, SFT, RL) have not: a chat model, taken as SFT's

@@ -297,7 +297,8 @@ def test_processes_that_read_other_prompts_stop_together(base, server):
     with pytest.raises(AssertionError) as failed:
         run_torchrun([views, "onpolicy.py", *FLAGS, "--prompts=0"], timeout=120,
                      env={**environment(base, server), "VIEW": "fewer_rows", "CHIMERA_DIST_TIMEOUT": "60"})
-    assert str(failed.value).count("\nerror: the processes read different training prompts") == 2  # a line a rank
+    # each rank says it, unless torchrun ends the other first, as soon as one has exited
+    assert "\nerror: the processes read different training prompts" in str(failed.value)
     assert not os.path.exists(base / "datasets" / "trader_dpo_onpolicy.jsonl") and not server.requests
 
 
