@@ -279,10 +279,10 @@ def test_two_processes_write_the_same_file_as_one(base, server, tmp_path):
 def test_two_processes_wait_out_a_judge_slower_than_the_dist_timeout(base):
     """Rank 0 drains the judge's queue while rank 1 waits: they meet every few seconds, so a judge slower than
     CHIMERA_DIST_TIMEOUT (a 429 storm's Retry-After) stops nothing, and every verdict paid for is ledgered."""
-    server = FakeOpenRouter(latency=2.0, cost=0.001).start()
+    server = FakeOpenRouter(latency=3.0, cost=0.001).start()
     try:
         run_torchrun(["onpolicy.py", *FLAGS, "--prompts=4", "--workers=1"], timeout=180,
-                     env={**environment(base, server), "CHIMERA_DIST_TIMEOUT": "12"})  # the judge: 2 s an ask, 16 s
+                     env={**environment(base, server), "CHIMERA_DIST_TIMEOUT": "20"})  # the judge: 3 s an ask, 24 s
         ledger = pairs(base)[1]
         judged = sum(e["outcome"] != "too_few_answers" for e in ledger)
         assert len(ledger) == 4 and len(server.chat_requests()) == 2 * judged == 8
