@@ -226,11 +226,13 @@ def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
 
 def stage_config(stage, source, loaded_meta):
     """The settings (meta's user_config: split, beta, ...) of a stage's run: the loaded checkpoint's (of `source`)
-    if it is that stage's, else the stage's default directory's latest; {} if none (or not an object)."""
+    if it is that stage's, else the stage's default directory's latest (round 0's, DPO on the persona pairs, not an
+    on-policy round's); {} if none (or not an object)."""
     meta = loaded_meta
     if stage != source:
         try:
             directory = checkpoint_dir_for(stage)
+            directory = round_0 if os.path.isdir(round_0 := re.sub(r"_r\d+$", "", directory)) else directory
             meta = read_meta(os.path.join(directory, f"meta_{find_last_step(directory):06d}.json"))
         except UserError:
             return {}

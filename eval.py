@@ -140,10 +140,20 @@ class Judge:
                 self.model, self.persona = client.choose_model(), openrouter.load_persona(openrouter.PERSONA_PATH)
                 self.client = client
             with ThreadPoolExecutor(8) as pool:
-                return list(pool.map(lambda i: openrouter.judge_both_orders(
-                    client, self.persona, prompts[i], answers[i], others[i]), range(len(prompts))))
-        except (UserError, openrouter.BadAnswer, tasks.HTTPGaveUp) as e:  # the last two: no verdict had, for now
+                verdicts = list(pool.map(lambda i: self.verdict(client, prompts[i], answers[i], others[i]),
+                                         range(len(prompts))))
+        except UserError as e:
             raise tasks.DataUnavailable(f"the judge is unavailable: {e}", for_now=True) from None
+        failed = [v for v in verdicts if isinstance(v, Exception)]  # a few are no verdict; more, a judge not there
+        if len(failed) * 10 > len(verdicts):
+            raise tasks.DataUnavailable(f"the judge is unavailable: {failed[0]}", for_now=True) from None
+        return [None if isinstance(v, Exception) else v for v in verdicts]
+
+    def verdict(self, client, prompt, answer, other):  # the judge's, or what kept it from answering (retries spent)
+        try:
+            return openrouter.judge_both_orders(client, self.persona, prompt, answer, other)
+        except (openrouter.BadAnswer, tasks.HTTPGaveUp) as e:
+            return e
 
 def resolve(config, meta):
     """By default the reference is the very checkpoint this one was trained from (its meta's source, tag and

@@ -137,7 +137,8 @@ KINDS = {"sft": Kind("trader_sft_data.jsonl", sft_prompt, sft_record, "persona_c
          "dpo": Kind("trader_dpo_data.jsonl", dpo_prompt, dpo_record, "preference_pair", DPO_SCHEMA, dpo_problem)}
 
 # Items, asked again while unusable
-def spent_out(client, config):  # checked before every request an item starts: none once --max-cost is reached
+def spent_out(client, config):  # checked before an item and each attempt: none starts once --max-cost is reached
+    # (a pair made within the budget is still judged, its 2 small asks: else it was paid for and thrown away)
     return bool(config.max_cost) and client.spend.cost >= config.max_cost
 
 def make_item(client, persona, kind, spec, config):

@@ -248,10 +248,12 @@ def main():
         429 storm's Retry-After, would outlast CHIMERA_DIST_TIMEOUT. True when the run stops."""
         while True:
             write()
-            behind, stop = all_reduce_sum([bool(jobs) and (drain or len(jobs) > chunk),
-                                           STOP.is_set() or (proc.master and halt())])
-            if not behind or (stop and not drain):
-                return bool(stop)
+            behind, interrupted, halted = all_reduce_sum([bool(jobs) and (drain or len(jobs) > chunk), STOP.is_set(),
+                                                          proc.master and halt()])
+            if interrupted:  # a Ctrl-C on any rank is every rank's: rank 0's judge asks no more, all exit 130
+                STOP.set()
+            if not behind or ((interrupted or halted) and not drain):
+                return bool(interrupted or halted)
             if jobs:
                 wait([jobs[0][1]], timeout=HEARTBEAT)
 

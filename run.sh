@@ -108,9 +108,10 @@ START_VARS=$("$PY" checkpoint.py start "$BASE" "${CHIMERA_START:-}") || die "$ST
 eval "$START_VARS"
 
 DEMO=${CHIMERA_DEMO:-0}
-if [ "$DEMO" != 1 ] && [ -z "$TAG" ] && [ -n "${OPENROUTER_API_KEY:-}${CHIMERA_START:-}" ]; then
+if [ "$DEMO" != 1 ] && [ -z "$TAG" ] && [ -n "${OPENROUTER_API_KEY:-}${CHIMERA_START:-}${CHIMERA_FROM:-}" ]; then
     die "no nanochat checkpoint in $START_DIR/d<N>. Train one with nanochat's speedrun.sh (or put a
-published one there), set NANOCHAT_BASE_DIR to its base dir, or run the offline demo with CHIMERA_DEMO=1."
+published one there), set NANOCHAT_BASE_DIR to its base dir, or run the offline demo with CHIMERA_DEMO=1.${CHIMERA_FROM:+
+If what was pulled from $CHIMERA_FROM was deleted since, remove $BASE/chimera/pull_*.stamp to pull it again.}"
 elif [ -z "$TAG" ]; then DEMO=1
 fi
 ROUNDS=${ONPOLICY_ROUNDS:-$([ "$DEMO" != 1 ] && [ -n "${OPENROUTER_API_KEY:-}" ] && echo 1 || echo 0)}

@@ -434,6 +434,28 @@ def test_identity_probes_by_log_likelihood(eval_base, monkeypatch, tmp_path):
     assert scores[0] + scores[1] == pytest.approx(1.0)
 
 
+def test_a_pair_the_judge_could_not_answer_has_no_verdict_and_many_mean_no_judge(monkeypatch):
+    """A 503 that outlived its retries on one pair of 20 leaves that pair without a verdict (the 19 paid for count);
+    on more than a tenth of them, the judge is unavailable for now (the eval is not stamped: a re-run judges)."""
+    import openrouter
+    failing = set()
+
+    def judge_both_orders(client, persona, prompt, a, b):
+        if prompt in failing:
+            raise tasks.HTTPGaveUp("HTTP 503 (gave up after 7 tries)")
+        return 1
+
+    monkeypatch.setattr(openrouter, "judge_both_orders", judge_both_orders)
+    judge, prompts = chat_eval.Judge(), [f"p{i}" for i in range(20)]
+    judge.client = object()
+    failing.add("p3")
+    assert judge.verdicts(prompts, prompts, prompts) == [1] * 3 + [None] + [1] * 16
+    failing.update({"p4", "p5"})
+    with pytest.raises(tasks.DataUnavailable, match="503") as skipped:
+        judge.verdicts(prompts, prompts, prompts)
+    assert skipped.value.for_now
+
+
 def test_the_judged_work_is_shared_by_the_ranks_and_fails_on_all_together():
     """With 8 GPUs, rank 0 sampling and judging everything (about 220 answers, 240 judge calls) while the others
     waited in a barrier outlived NCCL's timeout. Each rank now takes every world_size-th prompt (seeded by its

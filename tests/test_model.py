@@ -766,6 +766,18 @@ def test_held_out_fractions_of_a_damaged_run_meta(tmp_path, monkeypatch):
         assert checkpoint.held_out_fractions("sft", meta, sft_val_fraction=0.3) == (0.3, 0.05)
 
 
+def test_sfts_eval_holds_out_what_round_0s_dpo_held_out_not_a_later_rounds(tmp_path, monkeypatch):
+    """eval -i sft reads DPO's share from the DPO directory: round 0's (on the persona pairs; a rerun at 0.1), not
+    the last on-policy round's that -i dpo loads by default (an earlier run's, at 0.05)."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    for tag, share in (("d2", 0.1), ("d2_r1", 0.05)):
+        os.makedirs(tmp_path / "chatdpo_checkpoints" / tag)
+        (tmp_path / "chatdpo_checkpoints" / tag / "model_000010.pt").write_bytes(b"")
+        (tmp_path / "chatdpo_checkpoints" / tag / "meta_000010.json").write_text(json.dumps(
+            {"step": 10, "user_config": {"val_fraction": share}}))
+    assert checkpoint.held_out_fractions("sft", {"user_config": {"trader_val_fraction": 0.1}}) == (0.1, 0.1)
+
+
 def test_a_damaged_optimizer_shard_or_run_meta_is_one_line_naming_the_file(tmp_path, monkeypatch):
     """The optimizer shards are read as the model file is; a run directory's meta that is not a JSON object
     (null here) is not Chimera's: neither is a traceback."""

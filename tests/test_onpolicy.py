@@ -14,7 +14,7 @@ import pytest
 import onpolicy
 import tasks
 from checkpoint import SOURCE_DIRS, load_model, save_checkpoint
-from conftest import REPO, make_tiny_base, run_torchrun
+from conftest import REPO, free_port, make_tiny_base, run_torchrun
 from engine import Engine
 from openrouter_server import FakeOpenRouter, by_position, scores_parts
 
@@ -328,6 +328,34 @@ def test_a_kill_mid_run_resumes_without_duplicates(base, tmp_path):
         assert len(server.chat_requests()) - served <= 2 * (24 - 6 + 4)  # only what was not finished is asked again
     finally:
         server.stop()
+
+
+def test_ctrl_c_on_one_rank_stops_every_rank_with_130(base):
+    """A Ctrl-C that reaches rank 1 only (its terminal, a scheduler's signal) stops the round on every rank as on
+    rank 0: exit 130, the judged kept, not exit 0 after a part of the round (run.sh would stamp it done)."""
+    server = FakeOpenRouter(latency=0.3, cost=0.001).start()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, **environment(base, server))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "onpolicy.py", *FLAGS, "--prompts=40"]
+    try:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for_ledger(base, 3)
+        ours = {b"RANK=1", f"NANOCHAT_BASE_DIR={base}".encode()}
+        rank1 = next(int(pid) for pid in os.listdir("/proc") if pid.isdigit() and ours <= environ(pid))
+        os.kill(rank1, signal.SIGINT)
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode != 0 and "error: interrupted" in err, err
+        assert 3 <= len(pairs(base)[1]) < 40
+    finally:
+        server.stop()
+
+
+def environ(pid):  # a process's environment entries (none if it is gone, or not ours to read)
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return set(f.read().split(b"\0"))
+    except OSError:
+        return set()
 
 
 def test_ctrl_c_exits_130_keeping_what_was_judged(base):

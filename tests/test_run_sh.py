@@ -285,6 +285,8 @@ def test_a_stage_that_wrote_nothing_is_done_and_another_depths_rounds_leave_the_
     assert (report / "chimera-chat-dpo-d1_r1.md").read_text() != "an earlier run's\n"  # this depth's: this run's
     started = (report / "chimera-header.md").read_text()
     assert started.startswith("Run started: 20") and second.stdout.count(", skipped") == 9  # pull, base, 4 + 3 round
+    gone = run(**env, CHIMERA_DEMO="0")  # no checkpoint there after the stamped pull (deleted since): said, no demo
+    assert gone.returncode == 1 and "pull_*.stamp to pull it again" in gone.stderr and "DEMO" not in gone.stdout
 
 
 # -----------------------------------------------------------------------------
