@@ -140,9 +140,15 @@ def my_batches(pairs, batch_size, proc):
 
 # Reference log-probs: live from a frozen model, or computed once and cached to disk
 def freeze(model):
-    """The frozen reference: a copy without gradients, in bf16 on CUDA (half the memory; it only scores)."""
+    """The frozen reference: a copy without gradients. On CUDA its matrices are bf16, as autocast hands the policy's
+    to its matmuls; the token embedding and scalars stay float32 as the policy's, so a Nov 2025 reference scores
+    exactly as the policy (a whole bf16 copy drifted ~0.3 nats a 200-token sequence: rewards not 0 at step 0).
+    2026's value embeddings are bf16 too (half its weights at d32, 4 GB a rank): about half that drift remains."""
     reference = copy.deepcopy(model).eval().requires_grad_(False)
-    return reference.to(torch.bfloat16) if model.get_device().type == "cuda" else reference
+    for module in reference.modules() if model.get_device().type == "cuda" else ():
+        if isinstance(module, torch.nn.Linear) or module is reference.value_embeds:
+            module.to(torch.bfloat16)
+    return reference
 
 @torch.no_grad()  # in place: no logits kept for a backward that never comes
 def reference_logps(reference, pairs, indices, pad_id, device):

@@ -8,7 +8,7 @@ the gradient-sync buffers, as the code was before the 8-GPU review and as it is 
 
 Before: the reference a float32 copy of the policy, every gradient copied into float32 buckets beside
 itself while syncing, nanochat's bf16 embeddings (the bug that froze them). Now: float32 master weights,
-a bf16 reference (no gradient), gradients that are views of their buckets.
+a reference with bf16 matrices and value embeddings (no gradient), gradients that are views of their buckets.
 """
 
 import argparse
@@ -47,9 +47,12 @@ def accounting(model, world):
     muon_params = [p for g in muon.param_groups for p in g["params"]]
     muon_numel = sum(p.numel() for i, p in enumerate(muon_params) if i % world == 0)  # rank 0's momentum share
     optimizer = 4 * (2 * adam_numel + muon_numel)
+    halved = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) + sum(
+        p.numel() for p in model.value_embeds.parameters())
+    reference = 2 * halved + 4 * (numel - halved)  # dpo.freeze on CUDA: matrices and value embeddings bf16
     return {
         "weights": (before_weights, fp32),
-        "live reference": (before_weights, 2 * numel),  # a deepcopy of the policy / a bf16 copy
+        "live reference": (before_weights, reference),  # a deepcopy of the policy / its matrices bf16, the rest fp32
         "gradients": (before_weights, fp32),
         "optimizer state": (optimizer, optimizer),
         "gradient-sync buffers": (fp32 if world > 1 else 0, 0),  # float32 buckets beside the grads / the grads

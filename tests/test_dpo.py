@@ -102,6 +102,21 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
     assert stats.chosen_reward == stats.rejected_reward == 0 and stats.chosen_logp < 0
 
 
+def test_the_live_reference_on_a_gpu_scores_as_the_policy_under_autocast(tmp_path):
+    """On CUDA the reference keeps its matrices in bf16 (autocast hands the policy's to the matmuls in bf16 anyway)
+    and the token embedding float32: at step 0 it scores exactly as the policy (a whole bf16 copy drifted ~0.3 nats
+    a sequence, so rewards were not 0). CPU bf16 autocast stands in for CUDA's."""
+    from checkpoint import fresh_base
+    fresh_base(str(tmp_path), depth=2, zero_out=False)
+    model, _, _ = load_model("base", "cpu", "train", base_dir=str(tmp_path))
+    model.get_device = lambda: torch.device("cuda")  # what freeze asks
+    reference = dpo.freeze(model)
+    assert reference.lm_head.weight.dtype == torch.bfloat16 and reference.transformer.wte.weight.dtype == torch.float32
+    ids, targets = (torch.randint(0, 256, (4, 120), generator=torch.Generator().manual_seed(s)) for s in (0, 1))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(reference.token_logprobs(ids, targets), model.token_logprobs(ids, targets))
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_held_out_evaluation_keeps_the_models_mode(training):
     m, pairs = tiny_pairs()
