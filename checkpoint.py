@@ -77,6 +77,8 @@ def read_pt(path, device):
     """torch.load with weights_only: a damaged or hostile file is one line naming it, never run."""
     try:
         return torch.load(path, map_location=device, weights_only=True)
+    except torch.OutOfMemoryError:  # a full GPU, not a damaged file
+        raise
     except Exception as e:
         why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
         raise UserError(f"{path}: not a readable checkpoint, truncated or damaged? ({why})") from None

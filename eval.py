@@ -212,7 +212,12 @@ def chat_task(name, model, tokenizer, config, resolved, proc):
     """The task's accuracy; where Chimera scores it otherwise on purpose, also nanochat's ("<name> (nanochat)")."""
     out, nanochat = {}, tasks.NANOCHAT_TASKS[model.config.generation].get(name)
     for key, make in [(name, tasks.TASKS[name])] + [(f"{name} (nanochat)", nanochat)] * bool(nanochat):
-        task = tasks.download_lock(make)
+        try:  # each rank fetches alone: one that cannot (its retries spent) must not leave the others' sums unmatched
+            task, failed = tasks.download_lock(make), None
+        except tasks.DataUnavailable as e:
+            failed = e
+        if all_reduce_sum([failed is not None], proc.device)[0]:
+            raise failed or tasks.DataUnavailable(f"{key} is unavailable on another rank", for_now=True)
         bar = ProgressBar(len(range(proc.rank, problems(task, config), proc.world_size)), desc=key, unit="problems")
         score = run_categorical if task.eval_type == "categorical" else run_generative
         passed, total = score(task, tokenizer, model, config, proc, bar)

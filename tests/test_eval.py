@@ -456,6 +456,28 @@ def test_a_pair_the_judge_could_not_answer_has_no_verdict_and_many_mean_no_judge
     assert skipped.value.for_now
 
 
+def test_a_task_one_rank_could_not_fetch_is_skipped_by_every_rank(monkeypatch):
+    """Each rank fetches a task alone (under the cache's lock): one whose fetch failed skipped the task while the
+    others scored it, and their sums stopped matching (one task's counts added to the next's, then a hang). Now
+    a failure anywhere skips the task on every rank, for now. One process here: the sum says another rank failed."""
+    from types import SimpleNamespace
+    model = SimpleNamespace(config=SimpleNamespace(generation=2026))
+    proc = Dist(rank=0, world_size=2, device=torch.device("cpu"))
+    monkeypatch.setattr(chat_eval, "all_reduce_sum", lambda values, device=None: [1.0])  # another rank's failure
+    monkeypatch.setattr(tasks, "download_lock", lambda make: object())  # fetched here
+    monkeypatch.setattr(chat_eval, "run_categorical", lambda *args: pytest.fail("a rank scored it alone"))
+    with pytest.raises(tasks.DataUnavailable, match="ARC-Easy is unavailable on another rank") as skipped:
+        chat_eval.chat_task("ARC-Easy", model, None, None, None, proc)
+    assert skipped.value.for_now
+
+    def unreachable(make):
+        raise tasks.DataUnavailable("allenai/ai2_arc: HTTP 429 (gave up after 7 tries)", for_now=True)
+
+    monkeypatch.setattr(tasks, "download_lock", unreachable)  # this rank's own failure: its own words
+    with pytest.raises(tasks.DataUnavailable, match="429"):
+        chat_eval.chat_task("ARC-Easy", model, None, None, None, proc)
+
+
 def test_the_judged_work_is_shared_by_the_ranks_and_fails_on_all_together():
     """With 8 GPUs, rank 0 sampling and judging everything (about 220 answers, 240 judge calls) while the others
     waited in a barrier outlived NCCL's timeout. Each rank now takes every world_size-th prompt (seeded by its

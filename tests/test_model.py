@@ -752,6 +752,17 @@ def test_a_base_dir_or_tag_with_glob_characters_is_a_name(tmp_path, monkeypatch)
         checkpoint.RunDir("sft", "x[y]", True, ("base", None))
 
 
+def test_a_full_gpu_is_not_called_a_damaged_checkpoint(tmp_path, monkeypatch):
+    """torch.load onto a GPU with no room raises OutOfMemoryError: that is said as such, not as "truncated or
+    damaged?" about a good file (every other failure to read it is)."""
+    def full(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch, "load", full)
+    with pytest.raises(torch.OutOfMemoryError):
+        checkpoint.read_pt(str(tmp_path / "model_000001.pt"), "cpu")
+
+
 def test_held_out_fractions_of_a_damaged_run_meta(tmp_path, monkeypatch):
     """A run meta's user_config that is no object is none (the defaults); a share that is no share in [0, 1) is one
     line naming the flag that overrides it."""
