@@ -7,6 +7,7 @@ import dataclasses
 import datetime
 import functools
 import gc
+import hashlib
 import inspect
 import json
 import math
@@ -167,6 +168,12 @@ def rank0_value(value):
     if dist.is_initialized():
         dist.broadcast_object_list(box, src=0)
     return box[0]
+
+def differs_from_rank0(value):
+    """Whether any rank's value (by its repr's digest: data each rank read itself) is not rank 0's, said on every
+    rank, so all stop together and none waits in a collective."""
+    digest = hashlib.sha256(repr(value).encode()).hexdigest()
+    return bool(all_reduce_sum([rank0_value(digest) != digest])[0])
 
 def cleanup_dist():
     if dist.is_initialized():

@@ -1,12 +1,11 @@
 """What SFT and DPO share to run their steps: padding conversations into inputs and targets, the schedule
 of micro-batches and learning rate, the cadence of evaluations and saves, and the step log."""
 
-import hashlib
 import time
 
 import torch
 
-from common import UserError, all_reduce_sum, print0, rank0_value
+from common import UserError, differs_from_rank0, print0
 
 WINDOW_STEPS = 16  # steps whose rows are sorted by length together (see Schedule)
 
@@ -29,8 +28,7 @@ class Schedule:
         if per_step % (batch_size * world_size):
             raise UserError(f"--target_examples_per_step={per_step} must be a multiple of device_batch_size"
                             f"*world_size = {batch_size}*{world_size} = {batch_size * world_size}")
-        digest = hashlib.sha256(repr(list(lengths)).encode()).hexdigest()  # each rank loaded its own files
-        if all_reduce_sum([rank0_value(digest) != digest])[0]:  # every rank stops, none waits in a collective
+        if differs_from_rank0(list(lengths)):  # each rank loaded its own files
             raise UserError("the processes hold different training data (rows other than rank 0's): every node needs "
                             "the same data files, or its steps and collectives would not match")
         self.lengths, self.per_step, self.batch_size, self.world_size = lengths, per_step, batch_size, world_size

@@ -26,8 +26,8 @@ import torch.distributed as dist
 
 import tasks
 from checkpoint import checkpoint_dir_for, find_last_step, held_out_fractions, load_model, read_meta
-from common import (ProgressBar, UserError, all_reduce_sum, check_settings, cleanup_dist, get_base_dir, init_dist,
-                    parse_config, print0, rank0_value, run_main)
+from common import (ProgressBar, UserError, all_reduce_sum, check_settings, cleanup_dist, differs_from_rank0,
+                    get_base_dir, init_dist, parse_config, print0, rank0_value, run_main)
 from engine import Engine, Sampling
 from openrouter import (PERSONA_PATH, STOP, APIStop, BadAnswer, Spend, client_from_env, hold_lock, judge_system,
                         load_persona, repair_torn_line, stop_on_sigint)
@@ -195,8 +195,7 @@ def main():
                                             config.dpo_val_fraction)
     config = replace(config, sft_val_fraction=sft_held, dpo_val_fraction=dpo_held)
     prompts = training_prompts(config)  # bad data fails before the model loads
-    digest = hashlib.sha256(repr(prompts).encode()).hexdigest()  # each rank read its own files
-    if all_reduce_sum([rank0_value(digest) != digest])[0]:  # every rank stops, none waits in a collective
+    if differs_from_rank0(prompts):  # each rank read its own files
         raise UserError("the processes read different training prompts (data files other than rank 0's): every node "
                         "needs the same datasets/trader_*_data.jsonl, or pairs would get answers to other prompts")
     model, tokenizer, meta = load_model(config.source, proc.device, "eval", config.model_tag, config.step)
